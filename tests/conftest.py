@@ -1,0 +1,174 @@
+"""Shared test helpers: the real daemon, always inside its own PID namespace.
+
+A daemon may kill Python processes (``gpu_stop``), so every test daemon runs under
+``unshare --pid --fork --mount-proc``: it can only see and signal processes of its own test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DAEMON = REPO / "perpetual_motion.py"
+sys.path.insert(0, str(REPO))
+
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+
+def namespaces_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run([*UNSHARE, "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_namespace = pytest.mark.skipif(not namespaces_available(),
+                                     reason="needs unshare --pid (root)")
+
+
+def read_fields(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class DaemonHandle:
+    """A daemon started by ``start_daemon``; ``proc`` is the ``unshare`` process around it."""
+
+    def __init__(self, proc: subprocess.Popen, queue_root: Path, job_id: str, node_rank: int,
+                 log_path: Path, started: float):
+        self.proc = proc
+        self.queue_root = queue_root
+        self.job_id = job_id
+        self.node_rank = node_rank
+        self.log_path = log_path
+        self.started = started
+
+    @property
+    def instance(self) -> Path:
+        return self.queue_root / self.job_id
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def state(self) -> dict[str, str]:
+        path = self.instance / "nodes" / f"node-{self.node_rank}.state"
+        try:
+            return read_fields(path)
+        except FileNotFoundError:
+            return {}
+
+    def alive(self) -> bool:
+        state = self.state()
+        return (state.get("status") == "running" and "Keep-alive:" in self.output()
+                and float(state.get("started") or 0) >= self.started - 1)
+
+    def wait_alive(self, timeout: float = 15.0) -> DaemonHandle:
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited early ({self.proc.returncode}):\n"
+                                     f"{self.output()}")
+            return self.alive()
+        wait_for(ready, timeout, what=f"daemon {self.job_id} to start")
+        return self
+
+    def daemon_process(self) -> psutil.Process | None:
+        """The daemon's Python process, seen from outside its namespace."""
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                if any(arg.endswith("perpetual_motion.py") for arg in child.cmdline()):
+                    return child
+        except psutil.NoSuchProcess:
+            pass
+        return None
+
+    def signal(self, sig: int) -> None:
+        process = self.daemon_process()
+        assert process is not None, "the daemon process is gone"
+        process.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"daemon did not exit within {timeout} s:\n"
+                                 f"{self.output()}") from exc
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM to the daemon (a graceful shutdown); its exit code."""
+        if self.proc.poll() is None:
+            process = self.daemon_process()
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # --kill-child takes the namespace down with it
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def queue_root(tmp_path: Path) -> Path:
+    root = tmp_path / "queue root"  # a space, on purpose
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path):
+    """Start real daemons in PID namespaces; all are stopped when the test ends.
+
+    ``start_daemon(queue_root, job_id, *extra_args, env=None, node_rank=0)``; the daemon gets a
+    short poll interval, keep-alive off and a short stop grace unless ``extra_args`` say otherwise.
+    """
+    handles: list[DaemonHandle] = []
+
+    def start(queue_root: Path, job_id: str, *extra: str, env: dict[str, str] | None = None,
+              node_rank: int = 0, wait: bool = True) -> DaemonHandle:
+        log_path = tmp_path / f"daemon-{job_id}-{node_rank}-{len(handles)}.log"
+        args = [sys.executable, str(DAEMON), "--job-id", job_id, "--queue-root", str(queue_root),
+                "--poll-interval", "0.1", "--no-keepalive", "--stop-grace", "2", *extra]
+        if "--node-rank" not in extra and node_rank:
+            args += ["--node-rank", str(node_rank)]
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([*UNSHARE, *args], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=full_env, cwd=tmp_path)
+        handle = DaemonHandle(proc, queue_root, job_id, node_rank, log_path, time.time())
+        handles.append(handle)
+        if wait:
+            handle.wait_alive()
+        return handle
+
+    yield start
+    for handle in handles:
+        if handle.proc.poll() is None:
+            try:
+                handle.stop(timeout=15)
+            except AssertionError:
+                handle.kill()

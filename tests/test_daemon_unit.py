@@ -1,0 +1,246 @@
+"""The daemon's pieces, imported as a module, in simulated time where time matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from queue_files import command, submit
+
+import perpetual_motion as pm
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_daemon(root: Path, clock: FakeClock, job_id: str = "unit", **overrides) -> pm.Daemon:
+    config = pm.Config(job_id=job_id, queue_root=root, poll_interval=0.1, hours=1.0,
+                       keepalive=False, kill_scope="none", stop_grace=0.5, **overrides)
+    return pm.Daemon(config, clock=clock, sleep=clock.sleep)
+
+
+# Records and names ############################################################################
+
+
+def test_fields_round_trip_and_reject_garbage():
+    fields = {"id": "x", "cwd": "/a b/c=d", "empty": ""}
+    assert pm.parse_fields(pm.format_fields(fields)) == fields
+    with pytest.raises(ValueError):
+        pm.parse_fields("id=x\nthis is not a record\n")
+    with pytest.raises(ValueError):
+        pm.parse_fields("Bad Key=1\n")
+
+
+@pytest.mark.parametrize("job_id,ok", [
+    ("train-exp1", True), ("a", True), ("A.b_c-9", True), ("x" * 64, True),
+    ("", False), ("../x", False), ("a/b", False), (".hidden", False), ("-x", False),
+    ("x" * 65, False), ("sp ace", False), ("é", False),
+])
+def test_job_id_rule(job_id, ok):
+    assert pm.valid_job_id(job_id) is ok
+
+
+def test_task_ids_sort_by_priority_then_time():
+    ids = [pm.task_id_for("b.sh", 500), pm.task_id_for("a.sh", 500), pm.task_id_for("c", 1)]
+    assert all(pm.TASK_ID_RE.fullmatch(i) for i in ids)
+    assert sorted(ids) == [ids[2], ids[0], ids[1]]
+    assert pm.short_name(ids[0]) == "b.sh"
+    assert pm.short_name("train.sh") == "train.sh"
+    assert pm.task_id_for("we ird/name.sh").endswith("-we_ird_name.sh")
+
+
+def test_node_rank_from_environment_in_order_of_preference():
+    assert pm.node_from_environment({}) == (0, 1)
+    assert pm.node_from_environment({"SLURM_NODEID": "1", "SLURM_NNODES": "2"}) == (1, 2)
+    assert pm.node_from_environment({"RANK": "2", "WORLD_SIZE": "4", "SLURM_NODEID": "1"}) == (2, 4)
+    env = {"SENSECORE_PYTORCH_NODE_RANK": "3", "SENSECORE_PYTORCH_NNODES": "4", "RANK": "0"}
+    assert pm.node_from_environment(env) == (3, 4)
+
+
+def test_bad_arguments_are_refused_with_a_message():
+    assert "invalid JOB_ID" in pm.config_from_args(pm.parse_args(["--job-id", "../x"]))
+    assert "positive" in pm.config_from_args(pm.parse_args(["--hours", "0"]))
+    assert "does not fit" in pm.config_from_args(
+        pm.parse_args(["--node-rank", "2", "--num-nodes", "2"]))
+    config = pm.config_from_args(pm.parse_args(["--job-id", "ok", "--hours", "0.002"]))
+    assert config.hours == 0.002
+
+
+def test_publish_is_atomic_and_leaves_no_staging(tmp_path):
+    folder = pm.QueueFolder(tmp_path / "inst")
+    folder.create("inst")
+    target = folder.dir("nodes") / "node-0.state"
+    folder.publish(target, "a=1\n")
+    folder.publish(target, "a=2\n")
+    assert target.read_text() == "a=2\n"
+    assert os.listdir(folder.dir(".staging")) == []
+    assert json.loads((folder.root / "control.json").read_text()) == {"protocol": 1,
+                                                                      "job_id": "inst"}
+
+
+# The daemon in simulated time ##################################################################
+
+
+def run_until(daemon: pm.Daemon, clock: FakeClock, predicate, limit: float = 30.0) -> None:
+    """Tick in simulated time; real task processes get real time to end between ticks."""
+    import time
+
+    deadline = clock.now + limit
+    while not predicate():
+        assert clock.now < deadline, "condition not reached in simulated time"
+        daemon.tick()
+        clock.sleep(0.1)
+        time.sleep(0.01)
+
+
+def test_auto_shutdown_happens_at_the_configured_hour(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    assert daemon.start() is None
+    clock.sleep(3599)
+    daemon.tick()
+    assert not daemon.finished
+    clock.sleep(1.5)
+    daemon.tick()
+    assert daemon.finished and "auto-shutdown" in daemon.stopping
+
+
+def test_tasks_run_in_name_order_and_hidden_or_odd_entries_are_skipped(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    out = tmp_path / "order.txt"
+    late = submit(inst, "late.sh", f"echo late >> '{out}'\n", priority=900)
+    early = submit(inst, "early.sh", f"echo early >> '{out}'\n", priority=100)
+    (inst / "pending" / ".staging-file.sh").write_text(f"echo hidden >> '{out}'\n")
+    (inst / "pending" / "a-directory").mkdir()
+    run_until(daemon, clock, lambda: (inst / "done" / late).exists())
+    assert out.read_text() == "early\nlate\n"
+    assert (inst / "done" / early).exists()
+    assert (inst / "pending" / ".staging-file.sh").exists()
+    assert (inst / "pending" / "a-directory").is_dir()
+
+
+def test_commands_cancel_pending_and_bad_commands_get_an_error_reply(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    blocker = submit(inst, "block.sh", "sleep 30\n", priority=1)
+    run_until(daemon, clock, lambda: daemon.runner.current is not None)
+    queued = submit(inst, "queued.sh", "true\n")
+    cancel = command(inst, "stop", queued)
+    missing = command(inst, "stop", "500-nope")
+    (inst / "commands" / "zz-garbage.cmd").write_bytes(b"\xff\xfe not a record \x00\n")
+    unknown = command(inst, "explode")
+    daemon.tick()
+    reply = {n: pm.parse_fields((inst / "replies" / f"{n}.reply").read_text())
+             for n in (cancel, missing, unknown, "zz-garbage")}
+    assert reply[cancel]["result"] == "cancelled"
+    assert reply[missing]["result"] == "not_found"
+    assert reply[unknown]["result"] == "error"
+    assert reply["zz-garbage"]["result"] == "error"
+    assert os.listdir(inst / "commands") == []
+    assert (inst / "failed" / queued).exists()
+    result = pm.parse_fields((inst / "records" / f"{queued}.result").read_text())
+    assert result["state"] == "cancelled"
+    stop = command(inst, "stop", blocker)
+    run_until(daemon, clock, lambda: (inst / "failed" / blocker).exists())
+    assert pm.parse_fields((inst / "replies" / f"{stop}.reply").read_text())["result"] == "stopped"
+    result = pm.parse_fields((inst / "records" / f"{blocker}.result").read_text())
+    assert (result["state"], result["signal"]) == ("stopped", "15")
+
+
+def test_a_live_heartbeat_elsewhere_blocks_a_second_daemon_and_a_stale_one_does_not(tmp_path):
+    clock = FakeClock()
+    first = make_daemon(tmp_path, clock)
+    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    first.start()
+    second = make_daemon(tmp_path, clock)
+    assert second.start() == pm.EXIT_ALREADY_RUNNING
+    clock.sleep(pm.HEARTBEAT_STALE_SECONDS + 1)
+    assert second.start() is None
+
+
+def test_same_host_owner_is_judged_by_its_pid_not_by_the_heartbeat(tmp_path):
+    clock = FakeClock()
+    here = pm.Identity.here()
+    first = make_daemon(tmp_path, clock)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        first.identity = pm.Identity(here.host, sleeper.pid, here.boot_id, here.pid_ns)
+        first.start()
+        # The recorded PID runs, but it is no daemon: the instance is free at once.
+        assert make_daemon(tmp_path, clock).live_owner() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_recovery_finishes_a_half_done_move_and_fails_an_orphan_as_interrupted(tmp_path):
+    clock = FakeClock()
+    inst = tmp_path / "unit"
+    folder = pm.QueueFolder(inst)
+    folder.create("unit")
+    half = pm.task_id_for("half.sh")
+    orphan = pm.task_id_for("orphan.sh")
+    for task_id in (half, orphan):
+        (inst / "running" / task_id).write_text("true\n")
+    (inst / "records" / f"{half}.result").write_text("id=x\nstate=done\n")
+    (inst / "records" / f"{orphan}.run").write_text("started=1799999990.0\nattempt=1\n")
+    daemon = make_daemon(tmp_path, clock)
+    assert daemon.start() is None
+    assert (inst / "done" / half).exists()
+    assert (inst / "failed" / orphan).exists()
+    result = pm.parse_fields((inst / "records" / f"{orphan}.result").read_text())
+    assert (result["state"], result["reason"]) == ("interrupted", "daemon died")
+    assert float(result["duration"]) == pytest.approx(10.0)
+    assert os.listdir(inst / "running") == []
+
+
+def test_a_full_disk_at_finish_is_retried_and_nothing_is_lost(tmp_path, monkeypatch):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    task = submit(inst, "t.sh", "true\n")
+    real_publish = pm.QueueFolder.publish
+    failures = {"left": 3}
+
+    def flaky(self, target, text):
+        if target.name.endswith(".result") and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(28, "No space left on device")
+        return real_publish(self, target, text)
+
+    monkeypatch.setattr(pm.QueueFolder, "publish", flaky)
+    run_until(daemon, clock, lambda: (inst / "done" / task).exists())
+    assert failures["left"] == 0
+    assert pm.parse_fields((inst / "records" / f"{task}.result").read_text())["state"] == "done"
+
+
+def test_missing_cwd_and_non_executable_tasks_fail_with_a_reason(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    gone = submit(inst, "gone.sh", "true\n", cwd=str(tmp_path / "no-such-dir"))
+    plain = submit(inst, "plain.bin", "true\n")
+    run_until(daemon, clock, lambda: (inst / "failed" / plain).exists())
+    assert (inst / "failed" / gone).exists()
+    assert pm.parse_fields((inst / "records" / f"{gone}.result").read_text())["reason"] \
+        == "missing-cwd"
+    assert "not executable" in (inst / "logs" / f"{plain}.log").read_text()
