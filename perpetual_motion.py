@@ -443,6 +443,25 @@ def python_pids_to_kill(job_id: str, scope: str) -> list[int]:
     return victims
 
 
+def reap_orphans(keep: int | None) -> None:
+    """Reap exited children that are not ``keep`` (the task, which Popen reaps itself).
+
+    Only needed when the daemon is PID 1 of a container or namespace: orphans of tasks are
+    re-parented to it and would stay zombies.
+    """
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid == keep:
+            return
+        try:
+            os.waitpid(info.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+
+
 def pid_is_daemon(pid: int) -> bool:
     """True when ``pid`` runs on this host and looks like a daemon of ours."""
     import psutil
@@ -976,6 +995,9 @@ class Daemon:
             self.last_leader_check = now
             self.follow_leader()
         self.keepalive.tick(now, self.runner.current is not None)
+        if self.identity.pid == 1:
+            current = self.runner.current
+            reap_orphans(current.proc.pid if current else None)
         if self.stopping and self.runner.current is None:
             self.finished = True
             return
