@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Queue benchmark: submit-to-start latency, drain rate, idle CPU. Prints JSON.
+
+    python3 bench/queue_bench.py [--samples 20] [--drain 500] [--idle-seconds 30]
+
+The daemon runs for real (keep-alive off, kill scope none) inside its own PID namespace when
+``unshare`` allows it, on a temporary queue root. Tasks are published the way the client does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from queue_files import submit  # noqa: E402
+
+import perpetual_motion as pm  # noqa: E402
+
+
+def start_daemon(root: Path, job_id: str, poll: float, log: Path) -> subprocess.Popen:
+    args = [sys.executable, str(REPO / "perpetual_motion.py"), "--job-id", job_id,
+            "--queue-root", str(root), "--poll-interval", str(poll), "--no-keepalive",
+            "--kill-scope", "none"]
+    prefix = []
+    if shutil.which("unshare") and subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+            capture_output=True).returncode == 0:
+        prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(prefix + args, stdout=out, stderr=subprocess.STDOUT)
+    state = root / job_id / "nodes" / "node-0.state"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if state.exists() and "Keep-alive:" in log.read_text():
+            return proc
+        time.sleep(0.05)
+    raise SystemExit(f"daemon did not start:\n{log.read_text()}")
+
+
+def daemon_process(proc: subprocess.Popen) -> psutil.Process:
+    me = psutil.Process(proc.pid)
+    for p in [me, *me.children(recursive=True)]:
+        cmdline = p.cmdline()
+        if "python" in os.path.basename(cmdline[0]) and str(REPO / "perpetual_motion.py") \
+                in cmdline:
+            return p
+    raise SystemExit("daemon process not found")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        daemon_process(proc).terminate()
+        proc.wait(30)
+    except (SystemExit, psutil.Error, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+
+
+def wait_done(inst: Path, task_id: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not (inst / "done" / task_id).exists():
+        if time.time() > deadline:
+            raise SystemExit(f"{task_id} did not finish")
+        time.sleep(0.005)
+
+
+def latency(root: Path, samples: int, poll: float, log: Path) -> dict:
+    inst = root / "latency"
+    proc = start_daemon(root, "latency", poll, log)
+    delays = []
+    try:
+        for i in range(samples):
+            time.sleep(random.uniform(0, poll))  # land anywhere in the poll cycle
+            stamp = root / f"start-{i}"
+            submitted = time.time()
+            task_id = submit(inst, f"t{i}.sh", f"date +%s.%N > '{stamp}'\n")
+            wait_done(inst, task_id)
+            delays.append(float(stamp.read_text()) - submitted)
+    finally:
+        stop(proc)
+    delays.sort()
+    return {"poll_interval_s": poll, "samples": samples,
+            "p50_s": round(statistics.median(delays), 4),
+            "p95_s": round(delays[min(len(delays) - 1, int(0.95 * len(delays)))], 4),
+            "target_p50_s": poll / 2 + 0.05}
+
+
+def drain(root: Path, count: int, log: Path) -> dict:
+    inst = root / "drain"
+    ids = [submit(inst, f"d{i}.sh", "true\n") for i in range(count)]
+    proc = start_daemon(root, "drain", pm.POLL_INTERVAL, log)
+    try:
+        wait_done(inst, ids[-1], timeout=300)
+    finally:
+        stop(proc)
+    results = [pm.parse_fields((inst / "records" / f"{t}.result").read_text()) for t in ids]
+    first = min(float(r["started"]) for r in results)
+    last = max(float(r["ended"]) for r in results)
+    return {"tasks": count, "seconds": round(last - first, 3),
+            "tasks_per_s": round(count / (last - first), 1), "target_tasks_per_s": 50}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process to the nanosecond (schedstat), not in 10 ms clock ticks."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def idle_cpu(root: Path, finished: int, seconds: float, log: Path) -> dict:
+    inst = root / "idle"
+    folder = pm.QueueFolder(inst)
+    folder.create("idle")
+    for i in range(finished):
+        task_id = pm.task_id_for(f"old{i}.sh")
+        (inst / "done" / task_id).write_text("true\n")
+        (inst / "records" / f"{task_id}.result").write_text(f"id={task_id}\nstate=done\n")
+    proc = start_daemon(root, "idle", pm.POLL_INTERVAL, log)
+    try:
+        daemon = daemon_process(proc)
+        time.sleep(2)  # past start-up
+        before = cpu_seconds(daemon.pid)
+        t0 = time.time()
+        time.sleep(seconds)
+        used = cpu_seconds(daemon.pid) - before
+        elapsed = time.time() - t0
+    finally:
+        stop(proc)
+    return {"finished_tasks": finished, "seconds": round(elapsed, 1),
+            "cpu_percent_of_one_core": round(100 * used / elapsed, 4), "target_percent": 1.0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--drain", type=int, default=500)
+    parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--finished", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
+        root = Path(tmp)
+        log = root / "daemon.log"
+        report = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+                       f"Python {platform.python_version()}",
+            "latency": latency(root, args.samples, pm.POLL_INTERVAL, log),
+            "drain": drain(root, args.drain, log),
+            "idle": idle_cpu(root, args.finished, args.idle_seconds, log),
+        }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
