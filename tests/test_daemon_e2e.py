@@ -129,7 +129,9 @@ def test_a_task_that_ignores_sigterm_is_killed_after_the_grace(queue_root, start
     assert result(inst, task)["signal"] == "9"
 
 
-def test_stop_all_cancels_pending_stops_running_and_kills_other_python(queue_root, tmp_path):
+@pytest.mark.parametrize("scope,stray", [("user-python", "stray-gone"), ("task", "stray-alive")])
+def test_stop_all_cancels_pending_stops_running_and_kills_other_python(queue_root, tmp_path,
+                                                                       scope, stray):
     """The seed's `gpu_stop all`, with a stray Python process beside the daemon."""
     inst = queue_root / "all"
     ready = tmp_path / "ready"
@@ -138,7 +140,7 @@ def test_stop_all_cancels_pending_stops_running_and_kills_other_python(queue_roo
     log = tmp_path / "daemon.log"
     script = (f"{sys.executable} -c 'import time; time.sleep(120)' & stray=$!; "
               f"{sys.executable} {DAEMON} --job-id all --queue-root '{queue_root}' "
-              f"--poll-interval 0.1 --no-keepalive --stop-grace 1 & "
+              f"--poll-interval 0.1 --no-keepalive --stop-grace 1 --kill-scope {scope} & "
               f"wait $!; echo daemon-exit=$?; "
               f"if kill -0 $stray 2>/dev/null; then echo stray-alive; else echo stray-gone; fi")
     with open(log, "wb") as out:
@@ -154,11 +156,12 @@ def test_stop_all_cancels_pending_stops_running_and_kills_other_python(queue_roo
         for task_id in queued:
             assert finished(inst, task_id) == "failed"
             assert result(inst, task_id)["state"] == "cancelled"
-        wait_for(lambda: "Ended 1 other Python" in log.read_text(), 10, what="python kill")
+        if scope == "user-python":
+            wait_for(lambda: "Ended 1 other Python" in log.read_text(), 10, what="python kill")
         command(inst, "shutdown")
         proc.wait(20)
         text = log.read_text()
-        assert "daemon-exit=0" in text and "stray-gone" in text
+        assert "daemon-exit=0" in text and stray in text
     finally:
         if proc.poll() is None:
             proc.kill()
