@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Client benchmark: `gpu_status` and friends on an instance of many finished tasks. Prints JSON.
+
+    python3 bench/status_bench.py [--finished 10000] [--runs 7]
+
+The instance folder is built directly, as a long-lived daemon would have left it: every finished
+task has its submit, run and result records and its log, with the result records' times spread
+over the past days; a live node state, one running task and 20 pending tasks. Each command runs in
+a fresh `bash -c` / `zsh -f -c` that sources client.sh, timed from outside (the shell's start-up
+included). No daemon is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENT = REPO / "client.sh"
+SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-c"], "zsh": ["zsh", "-f", "-c"]}
+
+
+def task_id(n: int, name: str = "train.sh", priority: int = 500, base: float = 1.8e9) -> str:
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(base + n))
+    return f"{priority:03d}-{stamp}_{n % 1_000_000_000:09d}-{n % 0xFFFFFFFF:08x}-{name}"
+
+
+def write(path: Path, fields: dict[str, object], mtime: float | None = None) -> None:
+    path.write_text("".join(f"{k}={v}\n" for k, v in fields.items()))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def build_instance(root: Path, job_id: str, finished: int, now: float | None = None,
+                   pending: int = 20, distinct: int | None = None) -> dict[str, list[str]]:
+    """Build ``root/job_id`` with ``finished`` finished tasks (every 10th failed); the ids.
+
+    ``distinct``: only the newest that many finished tasks get files of their own; the files of
+    older ones are hard links to one file of each kind (ended before all the others). The folder
+    lists and stats the same, and builds ten times faster (for the tests).
+    """
+    now = time.time() if now is None else now
+    distinct = finished if distinct is None else distinct
+    inst = root / job_id
+    for folder in ("pending", "running", "done", "failed", "records", "logs", "commands",
+                   "replies", "nodes", ".staging"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    (inst / "control.json").write_text(f'{{\n  "protocol": 1,\n  "job_id": "{job_id}"\n}}\n')
+    ids: dict[str, list[str]] = {"done": [], "failed": [], "pending": [], "running": []}
+    records = inst / "records"
+    shared = inst / ".staging"  # the linked files live where no reader looks
+    old = now - (finished + 1) * 10.0
+    for kind in ("body", "submit", "run", "result", "log"):
+        write(shared / kind, {"id": "old", "state": "done", "exit_code": 0, "duration": "5.000",
+                              "ended": f"{old:.3f}"}, mtime=old)
+    for n in range(finished):
+        tid = task_id(n, f"task{n}.sh")
+        folder = "failed" if n % 10 == 9 else "done"
+        ids[folder].append(tid)
+        if n < finished - distinct:
+            for kind, path in (("body", inst / folder / tid),
+                               ("submit", records / f"{tid}.submit"),
+                               ("run", records / f"{tid}.run"),
+                               ("result", records / f"{tid}.result"),
+                               ("log", inst / "logs" / f"{tid}.log")):
+                os.link(shared / kind, path)
+            continue
+        ended = now - (finished - n) * 10.0  # task n ended before task n+1
+        (inst / folder / tid).write_text("echo hi\n")
+        write(records / f"{tid}.submit", {"id": tid, "name": f"task{n}.sh", "priority": "500",
+                                          "cwd": "/tmp", "submitted": f"{ended - 9:.3f}"})
+        write(records / f"{tid}.run", {"id": tid, "host": "node-a", "started": f"{ended - 5:.3f}"})
+        write(records / f"{tid}.result",
+              {"id": tid, "state": folder, "exit_code": 1 if folder == "failed" else 0,
+               "signal": "", "reason": "exit status", "started": f"{ended - 5:.3f}",
+               "ended": f"{ended:.3f}", "duration": "5.000", "host": "node-a",
+               "node_rank": 0, "attempt": 1}, mtime=ended)
+        log = inst / "logs" / f"{tid}.log"
+        log.write_text(f"[perpetual-motion] task: {tid}\nhi\n")
+        os.utime(log, (ended, ended))
+    running = task_id(finished, "running.sh")
+    ids["running"].append(running)
+    (inst / "running" / running).write_text("sleep 1000\n")
+    write(records / f"{running}.run",
+          {"id": running, "host": "node-a", "started": f"{now - 65:.3f}"})
+    for n in range(pending):
+        tid = task_id(finished + 1 + n, f"next{n}.sh", priority=100 + n)
+        ids["pending"].append(tid)
+        (inst / "pending" / tid).write_text("echo next\n")
+    gpus = {}
+    for i in range(8):
+        gpus.update({f"gpu.{i}.name": "NVIDIA H200", f"gpu.{i}.util": 75,
+                     f"gpu.{i}.mem_used_mib": 80000, f"gpu.{i}.mem_total_mib": 143771,
+                     f"gpu.{i}.state": "holding", f"gpu.{i}.reason": ""})
+    write(inst / "nodes" / "node-0.state", {
+        "protocol": 1, "job_id": job_id, "node_rank": 0, "num_nodes": 1, "host": "node-a",
+        "pid": 4242, "status": "running", "started": f"{now - 3600:.3f}",
+        "shutdown": f"{now + 20 * 3600:.3f}", "heartbeat": f"{now - 1:.3f}",
+        "poll_interval": 1, "current_task": running, "current_task_started": f"{now - 65:.3f}",
+        "keepalive": "on", "gpu_count": 8, **gpus})
+    return ids
+
+
+def time_command(shell: str, command: str, root: Path, job_id: str, runs: int) -> dict:
+    argv = [*SHELLS[shell], f'source "$CLIENT" && {command} >/dev/null']
+    env = dict(os.environ, CLIENT=str(CLIENT), QUEUE_ROOT=str(root), JOB_ID=job_id)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise SystemExit(f"{shell}: {command} failed ({proc.returncode}): {proc.stderr}")
+    return {"median_s": round(statistics.median(times), 4), "best_s": round(min(times), 4),
+            "worst_s": round(max(times), 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--finished", type=int, default=10_000, help="finished tasks (10000)")
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per command (7)")
+    args = parser.parse_args(argv)
+    shells = [name for name in SHELLS if shutil.which(name)]
+    with tempfile.TemporaryDirectory(prefix="status-bench-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        build_instance(root, "bench", args.finished)
+        built = time.perf_counter() - start
+        os.sync()  # time the reads, not the write-back of the 50,000 files just made
+        report: dict[str, object] = {
+            "benchmark": "client gpu_status on a large instance",
+            "finished_tasks": args.finished, "pending_tasks": 20, "gpus": 8,
+            "runs": args.runs, "build_s": round(built, 2),
+            "host": platform.node(), "cpus": os.cpu_count(), "limit_s": 0.3,
+        }
+        for shell in shells:
+            report[shell] = {cmd: time_command(shell, cmd, root, "bench", args.runs)
+                             for cmd in ("gpu_status", "gpu_logs", "gpu_list", "gpu_use")}
+        report["within_limit"] = all(report[s]["gpu_status"]["median_s"] <= 0.3 for s in shells)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1177 @@
+"""client.sh, sourced into real bash and zsh processes.
+
+The first part needs no daemon: it checks what the client writes (docs/protocol.md) and what it
+prints for queue folders built by hand. The second part runs against the real daemon, always in
+its own PID namespace (the ``start_daemon`` fixture of conftest.py), since a stop makes the daemon
+kill Python processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO, needs_namespace, read_fields, wait_for
+
+sys.path.insert(0, str(REPO / "bench"))
+from status_bench import build_instance  # noqa: E402
+
+CLIENT = REPO / "client.sh"
+SHELL_ARGV = {"bash": ["bash", "--norc", "--noprofile", "-c"], "zsh": ["zsh", "-f", "-c"]}
+SHELLS = [pytest.param(name, marks=pytest.mark.skipif(shutil.which(name) is None,
+                                                      reason=f"{name} is not installed"))
+          for name in SHELL_ARGV]
+ID_RE = re.compile(r"^([0-9]{3})-([0-9]{8}_[0-9]{6}_[0-9]{9})-([0-9a-f]{8})"
+                   r"-([A-Za-z0-9._-]{1,80})$")
+EPOCH = 1_800_000_000.0  # fixed times for records built by hand
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+def shell_env(root: Path, job_id: str | None, home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JOB_ID", "QUEUE_ROOT", "GPU_REPLY_TIMEOUT")}
+    env.update(CLIENT=str(CLIENT), QUEUE_ROOT=str(root), HOME=str(home), TZ="UTC")
+    if job_id is not None:
+        env["JOB_ID"] = job_id
+    env.update(extra)
+    return env
+
+
+class Shell:
+    """Runs scripts in a fresh ``bash``/``zsh`` that has sourced client.sh."""
+
+    def __init__(self, name: str, root: Path, home: Path, cwd: Path):
+        self.name, self.root, self.home, self.cwd = name, root, home, cwd
+
+    def argv(self, script: str, source: bool = True) -> list[str]:
+        return [*SHELL_ARGV[self.name], ('source "$CLIENT"\n' if source else "") + script]
+
+    def env(self, job_id: str | None = "exp1", **extra: str) -> dict[str, str]:
+        return shell_env(self.root, job_id, self.home, **extra)
+
+    def run(self, script: str, job_id: str | None = "exp1", cwd: Path | None = None,
+            source: bool = True, timeout: float = 30, **extra: str) -> Result:
+        proc = subprocess.run(self.argv(script, source), env=self.env(job_id, **extra),
+                              cwd=cwd or self.cwd, capture_output=True, text=True,
+                              timeout=timeout)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def popen(self, script: str, job_id: str | None = "exp1", **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(script), env=self.env(job_id), cwd=self.cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **kwargs)
+
+
+@pytest.fixture(params=SHELLS)
+def sh(request, tmp_path) -> Shell:
+    root = tmp_path / "queue root"  # a space, on purpose
+    root.mkdir(exist_ok=True)
+    work = tmp_path / "work dir"
+    work.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    return Shell(request.param, root, home, work)
+
+
+def submitted_id(result: Result) -> str:
+    assert result.rc == 0, result.err
+    match = re.fullmatch(r"Submitted (\S+)\n", result.out)
+    assert match, result.out
+    assert ID_RE.match(match.group(1)), match.group(1)
+    return match.group(1)
+
+
+def tree(path: Path) -> dict[str, bytes | None]:
+    """Every file (with its content) and folder under path: to show that nothing was written."""
+    found: dict[str, bytes | None] = {}
+    for p in sorted(path.rglob("*")):
+        found[str(p.relative_to(path))] = p.read_bytes() if p.is_file() else None
+    return found
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def write_fields(path: Path, fields: dict[str, object], mtime: float | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}={v}\n" for k, v in fields.items()))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def tid(n: int, name: str, priority: str = "500") -> str:
+    return f"{priority}-20270115_0800{n:02d}_{n:09d}-{n:08x}-{name}"
+
+
+def local_minute(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))  # tests run with TZ=UTC
+
+
+# A queue folder built by hand #####################################################################
+
+
+@dataclass
+class Sample:
+    inst: Path
+    now: float
+    running: str
+    pending: list[str]
+    done: list[str]
+    failed: list[str]
+
+
+def build_sample(root: Path, job_id: str = "exp1", alive: bool = True) -> Sample:
+    """An instance as a daemon leaves it: a node state, one running, three pending, four ended."""
+    now = time.time()
+    inst = root / job_id
+    for folder in ("pending", "running", "done", "failed", "records", "logs", "commands",
+                   "replies", "nodes", ".staging"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    (inst / "control.json").write_text(f'{{"protocol": 1, "job_id": "{job_id}"}}\n')
+    write_fields(inst / "nodes" / "node-0.state", {
+        "protocol": 1, "job_id": job_id, "node_rank": 0, "num_nodes": 1, "host": "node-a",
+        "pid": 4242, "status": "running", "started": f"{now - 3600:.3f}",
+        "shutdown": f"{now + 23 * 3600:.3f}", "heartbeat": f"{now - (2 if alive else 600):.3f}",
+        "poll_interval": 1, "keepalive": "on", "gpu_count": 2,
+        "gpu.0.name": "NVIDIA H200", "gpu.0.util": 75, "gpu.0.mem_used_mib": 80000,
+        "gpu.0.mem_total_mib": 143771, "gpu.0.state": "holding", "gpu.0.reason": "",
+        "gpu.1.name": "NVIDIA H200", "gpu.1.util": 3, "gpu.1.mem_used_mib": 1000,
+        "gpu.1.mem_total_mib": 143771, "gpu.1.state": "released", "gpu.1.reason": "task running",
+    })
+    running = tid(1, "train.sh")
+    (inst / "running" / running).write_text("sleep 1000\n")
+    write_fields(inst / "records" / f"{running}.run",
+                 {"id": running, "host": "node-a", "started": f"{now - 7205:.3f}"})
+    (inst / "logs" / f"{running}.log").write_text("[perpetual-motion] task: x\nepoch 1\n")
+    pending = [tid(2, "eval.sh", "001"), tid(3, "train.sh"), "zz_manual.sh"]
+    for name in pending:
+        (inst / "pending" / name).write_text("echo next\n")
+    ended = now - 3 * 86400 - 100
+    done = [tid(4, "prep.py"), tid(5, "train.sh")]
+    failed = [tid(6, "train.sh"), tid(7, "bad.sh")]
+    results = [  # oldest first
+        (done[0], {"state": "done", "exit_code": 0, "signal": "", "duration": "12.400"}),
+        (failed[1], {"state": "failed", "exit_code": 3, "signal": "", "duration": "0.250"}),
+        (done[1], {"state": "done", "exit_code": 0, "signal": "", "duration": "3725.000"}),
+        (failed[0], {"state": "stopped", "exit_code": "", "signal": 15, "duration": "75.000"}),
+    ]
+    for n, (task, fields) in enumerate(results):
+        folder = "done" if task in done else "failed"
+        (inst / folder / task).write_text("echo old\n")
+        write_fields(inst / "records" / f"{task}.result",
+                     {"id": task, **fields, "reason": "x", "ended": f"{ended + n:.3f}"},
+                     mtime=ended + n)
+        log = inst / "logs" / f"{task}.log"
+        log.write_text(f"log of {task}\n" + "x" * 100 * n)
+        os.utime(log, (ended + n, ended + n))
+    cancelled = tid(8, "never.sh")
+    (inst / "failed" / cancelled).write_text("echo never\n")
+    write_fields(inst / "records" / f"{cancelled}.result",
+                 {"id": cancelled, "state": "cancelled", "exit_code": "", "signal": "",
+                  "started": "", "duration": "", "ended": f"{ended + 10:.3f}"}, mtime=ended + 10)
+    failed.append(cancelled)
+    return Sample(inst, now, running, pending, done, failed)
+
+
+# Submitting #######################################################################################
+
+
+def test_submit_publishes_a_copy_with_its_record(sh):
+    script = sh.cwd / "train.sh"
+    script.write_text("echo original\n")
+    script.chmod(0o755)
+    before = time.time()
+    res = sh.run("gpu_submit train.sh")
+    task = submitted_id(res)
+    assert res.err == (f"gpu_submit: created the instance exp1 in {sh.root}; no daemon is running "
+                       "for it yet: the task waits in pending/ until one starts\n")
+    prio, stamp, _, name = ID_RE.match(task).groups()
+    assert (prio, name) == ("500", "train.sh")
+    assert abs(time.mktime(time.strptime(stamp[:15], "%Y%m%d_%H%M%S")) - time.timezone
+               - before) < 5
+    inst = sh.root / "exp1"
+    script.write_text("echo edited later\n")
+    copy = inst / "pending" / task
+    assert copy.read_text() == "echo original\n"
+    assert stat.S_IMODE(copy.stat().st_mode) & 0o111 == 0o111  # the mode bits are kept
+    record = read_fields(inst / "records" / f"{task}.submit")
+    assert float(record.pop("submitted")) == pytest.approx(before, abs=5)
+    assert record.pop("submitted_by").endswith("@" + os.uname().nodename)
+    assert record == {"id": task, "name": "train.sh", "priority": "500",
+                      "source": str(script), "command": "", "cwd": str(sh.cwd)}
+    assert json.loads((inst / "control.json").read_text()) == {"protocol": 1, "job_id": "exp1"}
+    assert listing(inst / ".staging") == []
+    assert listing(inst) == [".staging", "control.json", "pending", "records"]
+
+
+def test_priority_orders_the_queue_and_ties_are_first_in_first_out(sh):
+    for name in ("a.sh", "b.sh", "c.sh", "d.sh"):
+        (sh.cwd / name).write_text(f"echo {name}\n")
+    ids = [submitted_id(sh.run(f"gpu_submit {name} {prio}"))
+           for name, prio in (("a.sh", "500"), ("b.sh", "7"), ("c.sh", ""), ("d.sh", "007"))]
+    assert [i[:3] for i in ids] == ["500", "007", "500", "007"]
+    order = listing(sh.root / "exp1" / "pending")  # the daemon's run order: byte order of ids
+    assert order == [ids[1], ids[3], ids[0], ids[2]]
+
+
+def test_the_same_script_twice_gives_two_tasks(sh):
+    (sh.cwd / "train.sh").write_text("echo hi\n")
+    res = sh.run("gpu_submit train.sh; gpu_submit train.sh")
+    assert res.rc == 0
+    ids = re.findall(r"^Submitted (\S+)$", res.out, re.M)
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert listing(sh.root / "exp1" / "pending") == sorted(ids)
+    assert res.err.splitlines()[1] == ("gpu_submit: no daemon has started for exp1 yet: the task "
+                                       "waits in pending/ until one starts")
+
+
+def test_submit_says_why_no_daemon_will_run_the_task_yet(sh):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    build_sample(sh.root, alive=False)
+    res = sh.run("gpu_submit job.sh")
+    assert re.fullmatch(r"gpu_submit: no daemon is alive for exp1 \(last heartbeat 10m0\ds ago\): "
+                        r"the task waits in pending/ until one starts\n", res.err), res.err
+    waiting = sh.root / "waiting"
+    waiting.mkdir()  # what submit.sh leaves while the cluster job waits for GPUs
+    write_fields(waiting / "job_id.txt", {"backend": "sco", "cluster_job_id": "pt-abc123"})
+    res = sh.run("gpu_submit job.sh", job_id="waiting")
+    assert res.err == ("gpu_submit: no daemon has started for waiting yet (its cluster job "
+                       "pt-abc123 may be waiting): the task waits in pending/ until one starts\n")
+
+
+def test_resubmitting_a_failed_task_keeps_its_name(sh):
+    sample = build_sample(sh.root)
+    old = sample.failed[1]
+    task = submitted_id(sh.run(f"gpu_submit '{sample.inst}/failed/{old}' 20"))
+    assert task.startswith("020-") and task.endswith("-bad.sh")
+
+
+def test_gpu_run_queues_a_script_of_the_command(sh):
+    res = sh.run("gpu_run 'python train.py --epochs 10'")
+    task = submitted_id(res)
+    assert ID_RE.match(task).group(4) == "run_python_train.py_--epochs_10.sh"
+    inst = sh.root / "exp1"
+    body = (inst / "pending" / task).read_text().splitlines()
+    assert body[0] == "#!/usr/bin/env bash"
+    assert body[1].startswith("# queued with gpu_run by ") and body[1].endswith(f"from {sh.cwd}")
+    assert body[2:] == ["python train.py --epochs 10"]
+    record = read_fields(inst / "records" / f"{task}.submit")
+    assert (record["name"], record["priority"], record["source"], record["command"],
+            record["cwd"]) == ("run_python_train.py_--epochs_10.sh", "500", "",
+                               "python train.py --epochs 10", str(sh.cwd))
+
+
+@pytest.mark.parametrize("command,name", [
+    ("echo hi", "run_echo_hi.sh"),
+    ("  CUDA_VISIBLE_DEVICES=0,1 swift sft --model 'Qwen/Qwen2.5-7B'  ",
+     "run_CUDA_VISIBLE_DEVICES_0_1_swift_sft_--model_Qwen_Qwen2.5-7B.sh"),
+    ("cd /data && ./run.sh | tee log.txt", "run_cd_data_._run.sh_tee_log.txt.sh"),
+    ("x" * 200, "run_" + "x" * 73 + ".sh"),
+    ("'$'", "run_command.sh"),
+])
+def test_gpu_run_names_the_task_from_the_command(sh, command, name):
+    quoted = command.replace("'", "'\\''")
+    task = submitted_id(sh.run(f"gpu_run '{quoted}'"))
+    assert ID_RE.match(task).group(4) == name
+    assert len(name) <= 80
+
+
+def test_gpu_run_joins_unquoted_words(sh):
+    task = submitted_id(sh.run("gpu_run python train.py --lr 1e-4"))
+    assert task.endswith("-run_python_train.py_--lr_1e-4.sh")
+    body = (sh.root / "exp1" / "pending" / task).read_text()
+    assert body.endswith("\npython train.py --lr 1e-4\n")
+
+
+def test_file_names_are_made_safe_and_keep_their_extension(sh):
+    odd = sh.cwd / "my train (v2)+é.sh"
+    odd.write_text("echo\n")
+    long = sh.cwd / ("L" * 120 + ".py")
+    long.write_text("print()\n")
+    first = submitted_id(sh.run(f"gpu_submit '{odd.name}'"))
+    second = submitted_id(sh.run(f"gpu_submit {long.name}"))
+    assert ID_RE.match(first).group(4) == "my_train__v2____.sh"  # ")+é": é is two bytes
+    assert ID_RE.match(second).group(4) == "L" * 77 + ".py"
+
+
+BAD_INPUTS = [  # (script, rc, the message on stderr)
+    ("gpu_submit missing.sh", 2, "gpu_submit: no such file: missing.sh\n"),
+    ("gpu_submit subdir", 2, "gpu_submit: subdir is a directory, not a script\n"),
+    ("gpu_submit /dev/null", 2, "gpu_submit: /dev/null is not a regular file\n"),
+    ("gpu_submit job.sh high", 2,
+     "gpu_submit: PRIORITY must be a number from 0 to 999 (smaller runs first): 'high'\n"),
+    ("gpu_submit job.sh 1000", 2,
+     "gpu_submit: PRIORITY must be a number from 0 to 999 (smaller runs first): '1000'\n"),
+    ("gpu_submit job.sh -1", 2,
+     "gpu_submit: PRIORITY must be a number from 0 to 999 (smaller runs first): '-1'\n"),
+    ("gpu_submit", 2, "gpu_submit: usage: gpu_submit FILE [PRIORITY]\n"),
+    ("gpu_submit job.sh 1 2", 2, "gpu_submit: usage: gpu_submit FILE [PRIORITY]\n"),
+    ("gpu_run", 2, "gpu_run: usage: gpu_run 'COMMAND'\n"),
+    ("gpu_run '  '", 2, "gpu_run: usage: gpu_run 'COMMAND'\n"),
+    ("gpu_run 'echo a\necho b'", 2,
+     "gpu_run: the command has a newline: put it in a script and use gpu_submit\n"),
+    ("JOB_ID=../x gpu_submit job.sh", 2,
+     "gpu_submit: '../x' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not starting with "
+     ". or -)\n"),
+    ("JOB_ID=../x gpu_run 'echo hi'", 2,
+     "gpu_run: '../x' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not starting with "
+     ". or -)\n"),
+    ("JOB_ID=a/b gpu_status", 2,
+     "gpu_status: 'a/b' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not starting with "
+     ". or -)\n"),
+    ("JOB_ID=.hidden gpu_stop all", 2,
+     "gpu_stop: '.hidden' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not starting with "
+     ". or -)\n"),
+    ("JOB_ID=" + "x" * 65 + " gpu_logs", 2,
+     "gpu_logs: '" + "x" * 65 + "' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not "
+     "starting with . or -)\n"),
+    ("unset JOB_ID; gpu_submit job.sh", 2,
+     "gpu_submit: JOB_ID is not set: choose an instance with gpu_use ID (gpu_list shows them)\n"),
+    ("JOB_ID= gpu_run 'echo hi'", 2,
+     "gpu_run: JOB_ID is not set: choose an instance with gpu_use ID (gpu_list shows them)\n"),
+    ("QUEUE_ROOT=$QUEUE_ROOT/typo gpu_submit job.sh", 1,
+     "gpu_submit: the queue root {root}/typo does not exist (shared storage not mounted? set "
+     "QUEUE_ROOT)\n"),
+    ("QUEUE_ROOT=$QUEUE_ROOT/typo gpu_list", 1,
+     "gpu_list: the queue root {root}/typo does not exist (shared storage not mounted? set "
+     "QUEUE_ROOT)\n"),
+    ("gpu_stop nosuch", 1, "gpu_stop: no such task: nosuch (gpu_status lists the tasks)\n"),
+    ("gpu_stop ../pending/x", 1, "gpu_stop: no such task: ../pending/x\n"),
+    ("gpu_stop", 2, "gpu_stop: usage: gpu_stop NAME|all\n"),
+    ("gpu_logs nosuch", 1, "gpu_logs: no such task: nosuch (gpu_logs lists the logs)\n"),
+    ("gpu_tail nosuch", 1, "gpu_logs: no such task: nosuch (gpu_logs lists the logs)\n"
+     .replace("gpu_logs:", "gpu_tail:")),
+    ("gpu_tail", 1, "gpu_tail: no task is running in exp1; gpu_tail NAME follows a given task\n"),
+    ("JOB_ID=other gpu_status", 1, "gpu_status: no instance other under {root} (gpu_list shows "
+     "them)\n"),
+    ("gpu_status extra", 2, "gpu_status: usage: gpu_status\n"),
+    ("gpu_use a b", 2, "gpu_use: usage: gpu_use [ID]\n"),
+    ("gpu_use ../x", 2, "gpu_use: '../x' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not "
+     "starting with . or -)\n"),
+    ("gpu_help nope", 127, "gpu_help: no command gpu_nope (gpu_help lists them)\n"),
+]
+
+
+@pytest.mark.parametrize("script,rc,message", BAD_INPUTS, ids=[b[0][:40] for b in BAD_INPUTS])
+def test_bad_input_is_refused_with_a_message_and_nothing_written(sh, script, rc, message):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    (sh.cwd / "subdir").mkdir()
+    (sh.root / "exp1" / "pending").mkdir(parents=True)  # an instance without tasks
+    top = sh.root.parent
+    before = tree(top)
+    res = sh.run(script + "\necho \"rc=$?\"")
+    assert (res.out, res.err) == (f"rc={rc}\n", message.format(root=sh.root))
+    assert tree(top) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run the shell as another user")
+def test_an_unreadable_file_is_refused(sh, tmp_path):
+    secret = sh.cwd / "secret.sh"
+    secret.write_text("echo secret\n")
+    secret.chmod(0o600)
+    for path in (tmp_path, sh.cwd, sh.root, sh.home):
+        path.chmod(0o777)
+    before = tree(sh.root)
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            *sh.argv("gpu_submit secret.sh; echo \"rc=$?\"")]
+    proc = subprocess.run(argv, env=sh.env(), cwd=sh.cwd, capture_output=True, text=True)
+    assert (proc.stdout, proc.stderr) == ("rc=2\n", "gpu_submit: cannot read secret.sh\n")
+    assert tree(sh.root) == before
+
+
+def test_fifty_concurrent_gpu_run_publish_fifty_tasks(tmp_path):
+    shells = [name for name in SHELL_ARGV if shutil.which(name)]
+    root = tmp_path / "root"
+    root.mkdir()
+    procs = []
+    for n in range(50):
+        shell = Shell(shells[n % len(shells)], root, tmp_path, tmp_path)
+        procs.append(shell.popen(f"gpu_run 'echo task-{n}'"))
+    ids = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        ids.append(submitted_id(Result(0, out, err)))
+    inst = root / "exp1"
+    assert len(set(ids)) == 50
+    assert listing(inst / "pending") == sorted(ids)
+    assert listing(inst / "records") == sorted(f"{i}.submit" for i in ids)
+    bodies = sorted((inst / "pending" / i).read_text().splitlines()[-1] for i in ids)
+    assert bodies == sorted(f"echo task-{n}" for n in range(50))
+    assert listing(inst / ".staging") == []
+
+
+# Reading the queue ################################################################################
+
+
+def test_status_shows_daemon_gpus_running_pending_recent_and_totals(sh):
+    s = build_sample(sh.root)
+    res = sh.run("gpu_status")
+    assert res.rc == 0 and res.err == ""
+    lines = res.out.splitlines()
+    heartbeat = lines[2]
+    assert re.fullmatch(rf"          started {local_minute(s.now - 3600)}, auto-shutdown at "
+                        rf"{local_minute(s.now + 23 * 3600)}, heartbeat [234]\.?\d?s ago",
+                        heartbeat), heartbeat
+    p = s.pending
+    assert lines[:2] + lines[3:] == [
+        f"Instance: exp1 ({s.inst})",
+        "Daemon:   alive on node-a, pid 4242",
+        "          keep-alive: on",
+        "          GPU 0 NVIDIA H200  util 75%  mem 80000/143771 MiB  keep-alive holding",
+        "          GPU 1 NVIDIA H200  util 3%  mem 1000/143771 MiB  keep-alive released "
+        "(task running)",
+        f"Running:  {s.running}, for 2h00m on node-a",
+        "Pending:  3, in run order:",
+        f"          001  {p[0]}",
+        f"          500  {p[1]}",
+        f"          ---  {p[2]}",
+        "Recent:   STATE        EXIT  DURATION  ENDED       TASK",
+        f"          stopped     sig15     1m15s  3d00h ago   {s.failed[0]}",
+        f"          done            0     1h02m  3d00h ago   {s.done[1]}",
+        f"          failed          3      0.2s  3d00h ago   {s.failed[1]}",
+        f"          done            0     12.4s  3d00h ago   {s.done[0]}",
+        "Totals:   1 running, 3 pending, 2 done, 3 failed or stopped",
+    ]
+
+
+def test_status_tells_a_dead_daemon_a_stopped_one_and_none(sh):
+    s = build_sample(sh.root, alive=False)
+    out = sh.run("gpu_status").out.splitlines()
+    assert out[1] == "Daemon:   NOT ALIVE (no heartbeat for over 60 s) on node-a, pid 4242"
+    assert re.fullmatch(rf"          started {local_minute(s.now - 3600)}, heartbeat 10m0\ds ago",
+                        out[2]), out[2]
+    assert out[6] == (f"Running:  {s.running}, for 2h00m on node-a (its daemon is not alive: a "
+                      "new daemon marks it interrupted)")
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(state.read_text() + f"status=stopped\nstopped={s.now - 60}\n"
+                     "stop_reason=shutdown asked by me@here\n")
+    out = sh.run("gpu_status").out.splitlines()
+    assert out[1] == (f"Daemon:   stopped {local_minute(s.now - 60)} (shutdown asked by "
+                      "me@here) on node-a, pid 4242")
+    shutil.rmtree(s.inst / "nodes")
+    out = sh.run("gpu_status").out.splitlines()
+    assert out[1] == "Daemon:   none has started for this instance yet; tasks wait in pending/"
+
+
+def test_status_lists_every_node_of_a_multi_node_instance(sh):
+    s = build_sample(sh.root)
+    for rank in (0, 1):
+        path = s.inst / "nodes" / f"node-{rank}.state"
+        write_fields(path, {"node_rank": rank, "num_nodes": 2, "host": f"node-{rank}",
+                            "pid": 10 + rank, "status": "running", "heartbeat": s.now,
+                            "started": s.now - 60, "shutdown": s.now + 60, "gpu_count": 0})
+    out = sh.run("gpu_status").out
+    assert "\nNode 0:   alive on node-0, pid 10\n" in out
+    assert "\nNode 1:   alive on node-1, pid 11\n" in out
+
+
+@pytest.fixture(scope="module")
+def big_instance(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("big") / "queue root"
+    build_instance(root, "big", 10_000, distinct=100)  # bench/status_bench.py: all distinct
+    return root
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_status_stays_fast_with_ten_thousand_finished_tasks(shell, big_instance, tmp_path):
+    argv = [*SHELL_ARGV[shell], 'source "$CLIENT"; gpu_status']
+    env = shell_env(big_instance, "big", tmp_path)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - start)
+    assert proc.returncode == 0, proc.stderr
+    assert "Totals:   1 running, 20 pending, 9000 done, 1000 failed or stopped" in proc.stdout
+    recent = re.findall(r" ago +(\S+)$", proc.stdout, re.M)
+    assert [r.split("-")[-1] for r in recent] == [f"task{n}.sh" for n in range(9999, 9989, -1)]
+    assert min(times) <= 0.3, times
+
+
+def test_use_shows_and_switches_the_instance(sh):
+    build_sample(sh.root)
+    res = sh.run("gpu_use; gpu_use fresh; echo \"JOB_ID=$JOB_ID\"; gpu_use")
+    assert res.rc == 0, res.err
+    assert res.out == (
+        "exp1: daemon alive on node-a (pid 4242, up 1h00m); 1 running, 3 pending, 2 done, "
+        "3 failed\n"
+        f"Using fresh: no folder yet under {sh.root} (no task queued, no daemon started)\n"
+        "JOB_ID=fresh\n"
+        f"fresh: no folder yet under {sh.root} (no task queued, no daemon started)\n")
+    res = sh.run("gpu_use '../x'; echo \"rc=$? JOB_ID=$JOB_ID\"")
+    assert res.out == "rc=2 JOB_ID=exp1\n"
+    res = sh.run("gpu_use; echo \"rc=$?\"", job_id=None)
+    assert res.out == "rc=1\n"
+    assert res.err == ("gpu_use: no instance in use (JOB_ID is not set): gpu_use ID switches to "
+                       "one, gpu_list shows them\n")
+
+
+def test_use_exports_job_id_to_child_processes(sh):
+    res = sh.run("gpu_use other >/dev/null; sh -c 'echo \"child sees $JOB_ID\"'", job_id=None)
+    assert res.out == "child sees other\n"
+
+
+def test_list_shows_every_instance_with_its_daemon_and_counts(sh):
+    s = build_sample(sh.root)
+    write_fields(s.inst / "job_id.txt", {"backend": "sco", "cluster_job_id": "pt-abc123"})
+    (sh.root / "queued-only" / "pending").mkdir(parents=True)
+    (sh.root / "queued-only" / "pending" / "a.sh").write_text("")
+    (sh.root / "launched" / ".staging").mkdir(parents=True)  # as submit.sh leaves it
+    write_fields(sh.root / "launched" / "job_id.txt", {"backend": "slurm", "cluster_job_id": 7})
+    (sh.root / "not an instance").mkdir()
+    (sh.root / "no-instance").mkdir()
+    (sh.root / "stray-file").write_text("")
+    dead = build_sample(sh.root, "older", alive=False)
+    res = sh.run("gpu_list")
+    assert res.rc == 0, res.err
+    started, shutdown = local_minute(s.now - 3600), local_minute(s.now + 23 * 3600)
+    dead_started = local_minute(dead.now - 3600)
+    dead_shutdown = local_minute(dead.now + 23 * 3600)
+    assert res.out == (
+        "  JOB_ID       DAEMON    HOST             STARTED          AUTO-SHUTDOWN     RUN  PEND"
+        "  DONE  FAIL  CLUSTER JOB\n"
+        f"* exp1         alive     node-a           {started} {shutdown}    1     3     2     3"
+        "  pt-abc123\n"
+        "  launched     none      -                -                -                   0     0"
+        "     0     0  7\n"
+        f"  older        dead      node-a           {dead_started} {dead_shutdown}    1     3"
+        "     2     3  -\n"
+        "  queued-only  none      -                -                -                   0     1"
+        "     0     0  -\n")
+    empty = sh.root.parent / "empty root"
+    empty.mkdir()
+    res = sh.run("gpu_list", QUEUE_ROOT=str(empty))
+    assert res.out == f"No instances under {empty} (gpu_submit creates one; so does the daemon).\n"
+
+
+def test_logs_lists_newest_first_and_shows_a_tasks_newest_log(sh):
+    s = build_sample(sh.root)
+    res = sh.run("gpu_logs")
+    assert res.rc == 0, res.err
+    rows = res.out.splitlines()
+    assert rows[0] == "  SIZE  MODIFIED          TASK"
+    names = [row.split()[-1] if not row.endswith("(running)") else row.split()[-2]
+             for row in rows[1:]]
+    assert names == [s.running, s.failed[0], s.done[1], s.failed[1], s.done[0]]
+    assert rows[1].endswith(f"{s.running} (running)")
+    assert re.fullmatch(rf" +\d+  {local_minute(s.now - 3 * 86400 - 97)}  {s.failed[0]}",
+                        rows[2]), rows[2]
+    # train.sh names three tasks: the newest log is the running one's; by id, the old one
+    assert sh.run("gpu_logs train").out == "[perpetual-motion] task: x\nepoch 1\n"
+    assert sh.run("gpu_logs train.sh").out == "[perpetual-motion] task: x\nepoch 1\n"
+    assert sh.run(f"gpu_logs {s.done[1]}").out == f"log of {s.done[1]}\n" + "x" * 200
+    assert sh.run("gpu_logs prep").out == f"log of {s.done[0]}\n"
+    res = sh.run("gpu_logs eval; echo \"rc=$?\"")
+    assert res.out == "rc=1\n"
+    assert res.err == ("gpu_logs: task eval is still pending: it has no log yet (gpu_tail eval "
+                       "waits for it)\n")
+    res = sh.run("gpu_logs never.sh; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=1\n", "gpu_logs: task never.sh has no log: it never ran "
+                                            "(cancelled)\n")
+
+
+def test_logs_shows_the_newest_twenty_unless_all(sh):
+    logs = sh.root / "exp1" / "logs"
+    logs.mkdir(parents=True)
+    for n in range(25):
+        log = logs / f"{tid(n, 'job.sh')}.log"
+        log.write_text("x" * n)
+        os.utime(log, (EPOCH + n, EPOCH + n))
+    rows = sh.run("gpu_logs").out.splitlines()
+    assert len(rows) == 22
+    assert rows[1] == f"    24  {local_minute(EPOCH)}  {tid(24, 'job.sh')}"
+    assert rows[-1] == "(the newest 20 of 25 logs; gpu_logs --all lists all)"
+    assert len(sh.run("gpu_logs --all").out.splitlines()) == 26
+
+
+# Stopping and shutting down #######################################################################
+
+
+def test_stop_without_a_live_daemon_cancels_pending_tasks_itself(sh):
+    s = build_sample(sh.root, alive=False)
+    res = sh.run("gpu_stop train; echo \"rc=$?\"")
+    assert res.out == f"cancelled {s.pending[1]} (it was pending)\nrc=1\n"
+    assert res.err == (
+        "gpu_stop: no daemon is alive for exp1: only pending tasks can be cancelled\n"
+        f"gpu_stop: {s.running} is in running/ but its daemon is not alive: a new daemon marks "
+        "it interrupted (and ends what is left of it on that host)\n")
+    assert (s.inst / "failed" / s.pending[1]).exists()
+    assert (s.inst / "running" / s.running).exists()
+    result = read_fields(s.inst / "records" / f"{s.pending[1]}.result")
+    assert float(result.pop("ended")) == pytest.approx(time.time(), abs=10)
+    assert result.pop("reason").startswith("cancelled by user (no daemon alive; by ")
+    assert result == {"id": s.pending[1], "state": "cancelled", "exit_code": "", "signal": "",
+                      "started": "", "duration": "", "host": os.uname().nodename,
+                      "node_rank": "", "attempt": "1"}
+    res = sh.run("gpu_stop zz_manual; echo \"rc=$?\"")
+    assert res.out == "cancelled zz_manual.sh (it was pending)\nrc=0\n"
+    res = sh.run("gpu_stop all; echo \"rc=$?\"")
+    assert res.out == (f"cancelled {s.pending[0]} (it was pending)\n"
+                       "cancelled 1 pending task(s)\nrc=1\n")
+    assert listing(s.inst / "pending") == []
+    assert listing(s.inst / "commands") == []  # nothing left for a daemon that starts later
+    res = sh.run("gpu_stop bad; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=1\n", "gpu_stop: task bad is no longer pending or running: "
+                                            "it has finished\n")
+
+
+def test_a_task_queued_before_any_daemon_can_be_cancelled(sh):
+    (sh.cwd / "train.sh").write_text("echo hi\n")
+    task = submitted_id(sh.run("gpu_submit train.sh"))
+    inst = sh.root / "exp1"
+    res = sh.run("gpu_stop train; echo \"rc=$?\"")
+    assert (res.out, res.err) == (
+        f"cancelled {task} (it was pending)\nrc=0\n",
+        "gpu_stop: no daemon is alive for exp1: only pending tasks can be cancelled\n")
+    assert listing(inst) == [".staging", "control.json", "failed", "pending", "records"]
+    assert listing(inst / "failed") == [task]
+    assert read_fields(inst / "records" / f"{task}.result")["state"] == "cancelled"
+    assert "Totals:   0 running, 0 pending, 0 done, 1 failed or stopped" in sh.run("gpu_status").out
+
+
+def test_tail_of_a_pending_task_waits_for_its_log(sh):
+    s = build_sample(sh.root)
+    tail = sh.popen("gpu_tail eval", start_new_session=True)
+    try:
+        time.sleep(0.5)
+        (s.inst / "logs" / f"{s.pending[0]}.log").write_text("[perpetual-motion] task: eval\n")
+        assert tail.stdout.readline() == "[perpetual-motion] task: eval\n"
+    finally:
+        os.killpg(tail.pid, signal.SIGINT)
+        tail.wait(10)
+    err = tail.stderr.read()
+    assert err.startswith(f"gpu_tail: task {s.pending[0]} is pending: waiting for it to start\n"
+                          f"gpu_tail: following {s.inst}/logs/{s.pending[0]}.log (Ctrl-C to "
+                          "stop)\n")
+    res = sh.run("gpu_tail zz_manual; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=1\n", "gpu_tail: task zz_manual.sh was put into pending/ "
+                                            "by hand: its log is named when it starts\n")
+
+
+def test_stop_without_a_reply_says_so_and_leaves_the_command(sh):
+    s = build_sample(sh.root)  # looks alive, but nobody answers
+    start = time.monotonic()
+    res = sh.run("gpu_stop eval; echo \"rc=$?\"", GPU_REPLY_TIMEOUT="1")
+    assert 1 <= time.monotonic() - start < 10
+    commands = listing(s.inst / "commands")
+    assert len(commands) == 1 and commands[0].endswith(".cmd")
+    assert re.fullmatch(r"[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}\.cmd", commands[0])
+    assert res.out == "rc=1\n"
+    assert res.err == (f"gpu_stop: no reply from the daemon within 1 s; the command stays queued "
+                       f"as commands/{commands[0]} and runs when the daemon reads it\n")
+    fields = read_fields(s.inst / "commands" / commands[0])
+    assert float(fields.pop("sent")) == pytest.approx(time.time(), abs=10)
+    assert fields.pop("sent_by").endswith("@" + os.uname().nodename)
+    assert fields == {"action": "stop", "task": s.pending[0]}
+    assert listing(s.inst / ".staging") == []
+
+
+@pytest.mark.parametrize("backend,lines", [
+    ("sco", ["Cluster job: pt-abc123 (sco)", "Delete it to release the GPUs:",
+             "  sco acp jobs delete --workspace-name=share-space pt-abc123"]),
+    ("sco+profile", ["Cluster job: pt-abc123 (sco)", "Delete it to release the GPUs:",
+                     "  sco --profile=lab acp jobs delete --workspace-name=share-space pt-abc123"]),
+    ("slurm", ["Cluster job: 4711 (slurm)", "Delete it to release the GPUs:", "  scancel 4711"]),
+    ("local", ["Cluster job: local-999 (local)", "It ends with the daemon; if it does not:",
+               "  kill 999"]),
+    ("local+host", ["Cluster job: local-999 (local)",
+                    "It ends with the daemon; if it does not (on login-3):", "  kill 999"]),
+    (None, ["No job_id.txt in {inst}: the daemon was not started with submit.sh.",
+            "If it runs as a cluster job, delete that job to release the GPUs."]),
+])
+def test_shutdown_prints_the_cluster_job_and_how_to_delete_it(sh, backend, lines):
+    s = build_sample(sh.root, alive=False)
+    job = {"sco": "pt-abc123", "slurm": "4711", "local": "local-999"}  # +variant: one more key
+    if backend:
+        fields = {"backend": backend.split("+")[0], "cluster_job_id": job[backend.split("+")[0]],
+                  "job_name": "ydj-exp1", "workspace": "share-space", "pid": 999}
+        if backend.endswith("+profile"):
+            fields["profile"] = "lab"
+        if backend.endswith("+host"):
+            fields["host"] = "login-3"
+        write_fields(s.inst / "job_id.txt", fields)
+    res = sh.run("gpu_shutdown; echo \"rc=$?\"")
+    assert res.err == "gpu_shutdown: no daemon is alive for exp1: nothing to shut down\n"
+    assert res.out.splitlines() == [line.format(inst=s.inst) for line in lines] + ["rc=1"]
+    assert listing(s.inst / "commands") == []
+
+
+# The library in the user's shell ##################################################################
+
+
+def test_help_lists_every_command(sh):
+    res = sh.run("gpu_help")
+    assert res.rc == 0 and res.err == ""
+    for command in ("gpu_use [ID]", "gpu_list", "gpu_submit FILE [PRIORITY]", "gpu_run 'CMD'",
+                    "gpu_status", "gpu_logs [NAME]", "gpu_tail [NAME]", "gpu_stop NAME",
+                    "gpu_stop all", "gpu_shutdown", "gpu_help [COMMAND]"):
+        assert re.search(rf"^  {re.escape(command)} +\S", res.out, re.M), command
+    assert "Return codes: 0 ok, 1 failed" in res.out
+    assert "QUEUE_ROOT=" + str(sh.root) in res.out
+    assert sh.run("gpu_help submit").out == (
+        "  gpu_submit FILE [PRIORITY]  queue a copy of FILE (*.sh: bash, *.py: python)\n")
+    assert sh.run("gpu_help gpu_stop").out == (
+        "  gpu_stop NAME               stop task NAME, or cancel it if it is pending\n"
+        "  gpu_stop all                cancel every pending task, stop the running one\n")
+    assert max(len(line) for line in res.out.splitlines()) <= 100
+
+
+@pytest.mark.parametrize("command", ["gpu_list x", "gpu_status x", "gpu_shutdown x",
+                                     "gpu_logs a b", "gpu_tail a b", "gpu_stop a b",
+                                     "gpu_help a b"])
+def test_extra_arguments_are_usage_errors(sh, command):
+    res = sh.run(command + "\necho \"rc=$?\"")
+    assert res.out == "rc=2\n"
+    assert res.err.startswith(f"gpu_{command.split()[0][4:]}: usage: ")
+
+
+STRICT = {
+    "bash": "set -euo pipefail\nopts() { set +o; shopt -p; }\n",
+    "zsh": "setopt nounset errexit pipefail\nopts() { setopt; }\n",
+}
+
+
+def test_sourcing_and_commands_under_strict_options(sh):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    build_sample(sh.root)
+    script = STRICT[sh.name] + """
+opts > "$HOME/before"
+source "$CLIENT"
+gpu_help >/dev/null
+gpu_submit job.sh 010 >/dev/null 2>&1
+gpu_run 'echo hi' >/dev/null 2>&1
+gpu_status >/dev/null
+gpu_list >/dev/null
+gpu_logs >/dev/null
+gpu_logs train >/dev/null
+gpu_use >/dev/null
+gpu_use exp1 >/dev/null
+if gpu_stop nosuch 2>/dev/null; then echo "stop of nothing succeeded"; fi
+gpu_submit missing.sh 2>/dev/null || echo "missing: $?"
+JOB_ID='../x' gpu_status 2>/dev/null || echo "bad id: $?"
+opts > "$HOME/after"
+cmp -s "$HOME/before" "$HOME/after" && echo "options kept"
+echo "survived"
+"""
+    res = sh.run(script, source=False)
+    assert (res.rc, res.out) == (0, "missing: 2\nbad id: 2\noptions kept\nsurvived\n"), res.err
+
+
+LEAK_CHECK = {
+    "bash": r"""
+snapshot() {
+  declare -p | grep -Ev '^declare -[-a-zA-Z]* (_|BASH_.*|BASHPID|PIPESTATUS|RANDOM|SRANDOM'\
+'|SECONDS|LINENO|EPOCHSECONDS|EPOCHREALTIME|FUNCNAME|OLDPWD)='
+  declare -F; alias; trap -p; set +o; shopt -p
+}
+""",
+    "zsh": r"""
+snapshot() {
+  local name
+  for name in ${(ko)parameters}; do
+    case ${parameters[$name]} in *special*|*local*) continue ;; esac
+    typeset -p $name
+  done
+  print -l ${(ko)functions}; alias; alias -g; trap; setopt
+}
+""",
+}
+
+
+def test_nothing_leaks_into_the_shell_but_job_id_and_the_functions(sh):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    build_sample(sh.root)
+    script = LEAK_CHECK[sh.name] + r"""
+snapshot >/dev/null  # zsh loads some modules' parameters on first sight
+snapshot > "$HOME/before"
+source "$CLIENT"
+gpu_help >/dev/null; gpu_submit job.sh 2>/dev/null; gpu_run 'echo x' 2>/dev/null
+gpu_status >/dev/null; gpu_list >/dev/null; gpu_logs >/dev/null; gpu_logs train >/dev/null
+gpu_stop nosuch 2>/dev/null; gpu_stop eval 2>/dev/null; gpu_shutdown >/dev/null 2>&1
+gpu_use x1 >/dev/null
+snapshot > "$HOME/after"
+"""
+    res = sh.run(script, job_id=None, source=False, GPU_REPLY_TIMEOUT="0")
+    assert res.rc == 0, res.err
+    before = (sh.home / "before").read_text().splitlines()
+    after = (sh.home / "after").read_text().splitlines()
+    added = [line for line in after if line not in before]
+    removed = [line for line in before if line not in after]
+    assert removed == []
+    job_id = [line for line in added if "JOB_ID" in line]
+    others = [line for line in added if "JOB_ID" not in line]
+    assert len(job_id) == 1 and "x1" in job_id[0]
+    functions = [name.removeprefix("declare -f ") for name in others]
+    assert functions and all(re.fullmatch(r"_?gpu_\w+", name) for name in functions), others
+
+
+def test_user_aliases_and_functions_do_not_change_the_commands(sh):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    s = build_sample(sh.root, alive=False)
+    prelude = {
+        "bash": "shopt -s expand_aliases\n",
+        "zsh": "alias -g L='| less' G='| grep x' H='| head -1' N='>/dev/null'\n",
+    }[sh.name]
+    script = prelude + """
+alias ls='ls -F --color=always' rm='rm -i' cp='cp -i' mv='mv -i' sort='sort -r' cat='echo CAT'
+alias sed='sed --posix' head='echo HEAD' date='echo DATE' local='echo LOCAL' printf='echo P'
+wc() { echo 12345; }
+tail() { echo TAIL; }
+source "$CLIENT"
+gpu_submit job.sh 001 | command sed 's/-[0-9_]*-[0-9a-f]*-/-ID-/'
+gpu_status | command sed -n 's/^Totals: *//p'
+gpu_stop eval 2>/dev/null
+gpu_logs prep
+alias ls
+"""
+    if sh.name == "bash":
+        script += "shopt -q expand_aliases && echo 'aliases still on'\n"
+    else:
+        script += "[[ -o aliases ]] && echo 'aliases still on'\n"
+    res = sh.run(script, source=False)
+    assert res.out == (
+        "Submitted 001-ID-job.sh\n"
+        "1 running, 4 pending, 2 done, 3 failed or stopped\n"
+        f"cancelled {s.pending[0]} (it was pending)\n"
+        f"log of {s.done[0]}\n"
+        + ("alias ls='ls -F --color=always'\n" if sh.name == "bash"
+           else "ls='ls -F --color=always'\n")
+        + "aliases still on\n"), res.err
+
+
+def test_bash_completes_task_names_and_instances(tmp_path):
+    shell = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
+    s = build_sample(shell.root)
+    build_sample(shell.root, "exp2")
+    script = """
+complete -p gpu_stop gpu_logs gpu_tail gpu_use
+c() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _gpu_complete_bash
+      echo "$* -> ${COMPREPLY[*]}"; }
+c gpu_stop ""
+c gpu_stop tr
+c gpu_logs pr
+c gpu_tail 500-20270115_080004
+c gpu_use ex
+c gpu_stop train.sh ""
+"""
+    res = shell.run(script)
+    assert res.rc == 0, res.err
+    assert res.out.splitlines() == [
+        "complete -F _gpu_complete_bash gpu_stop",
+        "complete -F _gpu_complete_bash gpu_logs",
+        "complete -F _gpu_complete_bash gpu_tail",
+        "complete -F _gpu_complete_bash gpu_use",
+        f"gpu_stop  -> {s.pending[0]} {s.running} {s.pending[1]} all eval.sh train.sh "
+        "zz_manual.sh",
+        "gpu_stop tr -> train.sh",
+        "gpu_logs pr -> prep.py",
+        f"gpu_tail 500-20270115_080004 -> {s.done[0]}",
+        "gpu_use ex -> exp1 exp2",
+        "gpu_stop train.sh  -> ",
+    ]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completes_task_names_and_instances(tmp_path):
+    shell = Shell("zsh", tmp_path / "root", tmp_path, tmp_path)
+    s = build_sample(shell.root)
+    script = """
+autoload -Uz compinit && compinit -u -D
+source "$CLIENT"
+print -r -- "$_comps[gpu_stop] $_comps[gpu_logs] $_comps[gpu_tail] $_comps[gpu_use]"
+compadd() { print -r -- "${(P)2}"; }
+words=(gpu_stop ''); _gpu_complete_zsh
+words=(gpu_use ''); _gpu_complete_zsh
+"""
+    res = shell.run(script, source=False)
+    assert res.rc == 0, res.err
+    assert res.out.splitlines() == [
+        "_gpu_complete_zsh _gpu_complete_zsh _gpu_complete_zsh _gpu_complete_zsh",
+        f"{s.pending[0]} {s.running} {s.pending[1]} all eval.sh train.sh zz_manual.sh",
+        "exp1",
+    ]
+
+
+def test_shellcheck_is_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    res = subprocess.run(["shellcheck", "-s", "bash", str(CLIENT)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_file_parses_and_sources_silently(shell, tmp_path):
+    check = subprocess.run([shell, "-n", str(CLIENT)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    res = subprocess.run([*SHELL_ARGV[shell], 'source "$CLIENT"; echo "rc=$?"'],
+                         env=shell_env(tmp_path / "none", None, tmp_path), capture_output=True,
+                         text=True)
+    assert (res.stdout, res.stderr) == ("rc=0\n", "")
+
+
+# Following a log in an interactive shell ##########################################################
+
+
+class Terminal:
+    """An interactive shell on a pseudo-terminal, driven like a person would."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the shell
+            os.chdir(cwd)
+            os.execvpe(argv[0], argv, env)
+        self.buffer = b""
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def expect(self, pattern: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern.encode(), self.buffer)
+            if match:
+                self.buffer = self.buffer[match.end():]
+                return match.group(0).decode()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{pattern!r} not seen; the terminal shows {self.buffer!r}")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.1))
+            if ready:
+                try:
+                    self.buffer += os.read(self.fd, 65536)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+INTERACTIVE = {"bash": ["bash", "--norc", "--noprofile", "-i"], "zsh": ["zsh", "-f", "-i"]}
+
+
+def test_tail_follows_live_and_ctrl_c_returns_to_the_shell(sh):
+    s = build_sample(sh.root)
+    log = s.inst / "logs" / f"{s.running}.log"
+    env = sh.env(PS1="$ ", PROMPT="$ ", TERM="dumb")
+    term = Terminal(INTERACTIVE[sh.name], env, sh.cwd)
+    try:
+        term.send('source "$CLIENT"; gpu_tail\r')
+        term.expect("epoch 1")
+        with log.open("a") as out:
+            out.write("epoch 2\n")
+        term.expect("epoch 2")
+        term.send("\x03")
+        term.send("echo back $((6 * 7)) in $JOB_ID\r")
+        term.expect("back 42 in exp1")
+    finally:
+        term.close()
+
+
+# Against the real daemon ##########################################################################
+
+
+def wait_finished(inst: Path, task: str, timeout: float = 20.0) -> str:
+    def where():
+        for folder in ("done", "failed"):
+            if (inst / folder / task).exists() and (inst / "records" / f"{task}.result").exists():
+                return folder
+        return None
+    return wait_for(where, timeout, what=f"{task} to finish")
+
+
+def wait_running(inst: Path, task: str, timeout: float = 20.0) -> None:
+    wait_for(lambda: (inst / "running" / task).exists()
+             and (inst / "records" / f"{task}.run").exists(), timeout, what=f"{task} to start")
+
+
+@needs_namespace
+def test_e2e_queue_before_the_daemon_then_run_inspect_and_list(sh, start_daemon):
+    (sh.cwd / "train.sh").write_text('echo "ran in $PWD as $TASK_SHORT_NAME"\nexit 3\n')
+    first = submitted_id(sh.run("gpu_submit train.sh"))
+    second = submitted_id(sh.run("gpu_run 'echo hello from gpu_run'"))
+    daemon = start_daemon(sh.root, "exp1")
+    inst = sh.root / "exp1"
+    assert wait_finished(inst, first) == "failed"
+    assert wait_finished(inst, second) == "done"
+    log = sh.run("gpu_logs train").out.splitlines()
+    assert log[0] == f"[perpetual-motion] task: {first}"
+    assert f"ran in {sh.cwd} as train.sh" in log
+    assert log[-1].startswith("[perpetual-motion] exited with status 3 after ")
+    assert "hello from gpu_run" in sh.run("gpu_logs run_echo_hello_from_gpu_run").out
+    status = sh.run("gpu_status")
+    assert status.rc == 0, status.err
+    pid = daemon.state()["pid"]
+    assert f"\nDaemon:   alive on {os.uname().nodename}, pid {pid}\n" in status.out
+    assert re.search(rf"^          failed          3 +\S+ +\S+ ago +{first}$", status.out, re.M)
+    assert re.search(rf"^          done            0 +\S+ +\S+ ago +{second}$", status.out, re.M)
+    assert status.out.endswith("Totals:   0 running, 0 pending, 1 done, 1 failed or stopped\n")
+    listed = sh.run("gpu_list").out.splitlines()[1]
+    assert re.match(rf"\* exp1    alive     {re.escape(os.uname().nodename[:16])}", listed)
+    assert sh.run("gpu_submit train.sh").err == ""  # a live daemon: no note
+
+
+@needs_namespace
+def test_e2e_stop_running_pending_finished_and_unknown(sh, start_daemon):
+    inst = sh.root / "exp1"
+    start_daemon(sh.root, "exp1", "--kill-scope", "task")
+    (sh.cwd / "train.sh").write_text("echo started; sleep 60\n")
+    first = submitted_id(sh.run("gpu_submit train.sh 100"))
+    second = submitted_id(sh.run("gpu_submit train.sh 200"))
+    wait_running(inst, first)
+    res = sh.run(f"gpu_stop {second}")  # named by id: the pending one
+    assert (res.rc, res.out, res.err) == (0, f"cancelled {second} (it was pending)\n", "")
+    res = sh.run("gpu_stop train")  # now it names only the running one
+    assert (res.rc, res.err) == (0, "")
+    assert res.out == f"stopped {first} (SIGTERM sent, SIGKILL after 2 s)\n"
+    assert wait_finished(inst, first) == "failed"
+    assert read_fields(inst / "records" / f"{first}.result")["state"] == "stopped"
+    assert read_fields(inst / "records" / f"{second}.result")["state"] == "cancelled"
+    assert "killed by signal 15 (SIGTERM)" in sh.run(f"gpu_logs {first}").out
+    res = sh.run("gpu_stop train.sh; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=1\n", "gpu_stop: task train.sh is no longer pending or "
+                                            "running: it has finished\n")
+    assert listing(inst / "replies") == []
+    wait_for(lambda: listing(inst / "commands") == [], 5, what="the daemon to drop the commands")
+
+
+@needs_namespace
+def test_e2e_stop_all_and_shutdown(sh, start_daemon):
+    inst = sh.root / "exp1"
+    daemon = start_daemon(sh.root, "exp1", "--kill-scope", "task")
+    write_fields(inst / "job_id.txt", {"backend": "local", "cluster_job_id": "local-31337",
+                                       "pid": 31337})
+    (sh.cwd / "long.sh").write_text("sleep 60\n")
+    running = submitted_id(sh.run("gpu_submit long.sh 000"))
+    wait_running(inst, running)
+    pending = [submitted_id(sh.run(f"gpu_run 'echo {n}'")) for n in range(3)]
+    res = sh.run("gpu_stop all")
+    assert (res.rc, res.err) == (0, "")
+    assert res.out == f"cancelled 3 pending task(s)\nstopped {running}\n"
+    assert wait_finished(inst, running) == "failed"
+    assert all((inst / "failed" / p).exists() for p in pending)
+    res = sh.run("gpu_shutdown")
+    assert (res.rc, res.err) == (0, "")
+    assert res.out.splitlines() == [
+        "The daemon of exp1 is shutting down: it stops the running task and exits;",
+        "pending tasks stay queued for the next daemon.",
+        "Cluster job: local-31337 (local)",
+        "It ends with the daemon; if it does not:",
+        "  kill 31337",
+    ]
+    assert daemon.wait_exit() == 0
+    assert daemon.state()["status"] == "stopped"
+    assert sh.run("gpu_status").out.splitlines()[1].startswith("Daemon:   stopped ")
+
+
+@needs_namespace
+def test_e2e_the_same_script_twice_runs_twice_and_each_is_named(start_daemon, tmp_path):
+    shell = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
+    shell.root.mkdir()
+    (tmp_path / "train.sh").write_text('echo "run of $TASK_NAME"\n')
+    ids = [submitted_id(shell.run("gpu_submit train.sh")) for _ in range(2)]
+    inst = shell.root / "exp1"
+    start_daemon(shell.root, "exp1")
+    for task in ids:
+        assert wait_finished(inst, task) == "done"
+        assert f"run of {task}\n" in shell.run(f"gpu_logs {task}").out
+        res = shell.run(f"gpu_stop {task}; echo \"rc=$?\"")
+        assert res.out == "rc=1\n" and "it has finished" in res.err
+    assert f"run of {ids[1]}\n" in shell.run("gpu_logs train").out  # the newest
+
+
+@needs_namespace
+def test_e2e_fifty_concurrent_gpu_run_each_run_once(start_daemon, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    ran = tmp_path / "ran.txt"
+    start_daemon(root, "exp1", "--kill-scope", "none")
+    shells = [name for name in SHELL_ARGV if shutil.which(name)]
+    procs = [Shell(shells[n % len(shells)], root, tmp_path, tmp_path)
+             .popen(f"gpu_run 'echo \"$TASK_NAME\" >> \"{ran}\"'") for n in range(50)]
+    ids = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        ids.append(submitted_id(Result(proc.returncode, out, err)))
+    inst = root / "exp1"
+    wait_for(lambda: len(listing(inst / "done")) == 50, 60, what="50 tasks to run")
+    assert sorted(ran.read_text().splitlines()) == sorted(ids)  # each one, once
+    assert listing(inst / "failed") == [] and listing(inst / "pending") == []
+
+
+@needs_namespace
+def test_e2e_ten_concurrent_stops_are_all_honoured(start_daemon, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    inst = root / "exp1"
+    start_daemon(root, "exp1", "--kill-scope", "none")
+    shell = Shell("bash", root, tmp_path, tmp_path)
+    (tmp_path / "block.sh").write_text("sleep 60\n")
+    blocker = submitted_id(shell.run("gpu_submit block.sh 000"))
+    wait_running(inst, blocker)
+    for n in range(10):
+        (tmp_path / f"job{n}.sh").write_text("echo should not run\n")
+    ids = [submitted_id(shell.run(f"gpu_submit job{n}.sh")) for n in range(10)]
+    shells = [name for name in SHELL_ARGV if shutil.which(name)]
+    procs = [Shell(shells[n % len(shells)], root, tmp_path, tmp_path).popen(f"gpu_stop job{n}")
+             for n in range(10)]
+    for n, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, out, err) == (0, f"cancelled {ids[n]} (it was pending)\n", "")
+    for task in ids:
+        assert (inst / "failed" / task).exists()
+        assert read_fields(inst / "records" / f"{task}.result")["state"] == "cancelled"
+    assert (inst / "running" / blocker).exists()
+    assert shell.run("gpu_stop block").out.startswith(f"stopped {blocker} ")
+
+
+@needs_namespace
+def test_e2e_tail_follows_the_running_task_by_default(start_daemon, tmp_path):
+    shell = Shell("zsh" if shutil.which("zsh") else "bash", tmp_path / "root", tmp_path,
+                  tmp_path)
+    shell.root.mkdir()
+    inst = shell.root / "exp1"
+    start_daemon(shell.root, "exp1", "--kill-scope", "none")
+    (tmp_path / "ticker.sh").write_text("for i in 1 2 3 4 5 6 7 8 9; do echo tick $i; sleep 0.3;"
+                                        " done; sleep 30\n")
+    task = submitted_id(shell.run("gpu_submit ticker.sh"))
+    wait_running(inst, task)
+    tail = shell.popen("gpu_tail", start_new_session=True)
+    try:
+        seen = []
+        deadline = time.monotonic() + 20
+        while "tick 9" not in seen and time.monotonic() < deadline:
+            seen.append(tail.stdout.readline().strip())
+        assert seen[0] == f"[perpetual-motion] task: {task}"
+        assert "tick 9" in seen  # printed after gpu_tail started: it follows
+    finally:
+        os.killpg(tail.pid, signal.SIGINT)
+        tail.wait(10)
+    assert tail.stderr.read().startswith(f"gpu_tail: following {inst}/logs/{task}.log (Ctrl-C ")
+    shell.run(f"gpu_stop {task}")
