@@ -56,6 +56,7 @@ DEFAULT_PRIORITY = 500  # priority given to tasks dropped into pending/ by hand
 RELEASE_TIMEOUT_SECONDS = 30.0  # longest wait for keep-alive to free the GPUs before a task
 STAGING_MAX_AGE_SECONDS = 86400.0  # leftover staging files and old replies are removed after this
 WARNING_REPEAT_SECONDS = 60.0  # the same warning is logged at most once per this many seconds
+COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
 
 PROTOCOL_VERSION = 1
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
@@ -1066,6 +1067,11 @@ class Daemon:
         action, task_id = fields.get("action", ""), fields.get("task", "")
         reply: dict[str, object] = {"action": action, "task": task_id}
         current = self.runner.current
+        sent = as_float(fields.get("sent"))
+        if sent is not None and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS:
+            # Left over from an earlier daemon: a stale shutdown must not end this one.
+            reply.update(result="error", message="sent before this daemon started; ignored")
+            return reply
         if action == "stop":
             if not task_id:
                 raise ValueError("stop without a task")

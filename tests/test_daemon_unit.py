@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ import perpetual_motion as pm
 
 
 class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0):
-        self.now = start
+    """Simulated time, starting at the real time (commands carry real send times)."""
+
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
 
     def __call__(self) -> float:
         return self.now
@@ -95,8 +98,6 @@ def test_publish_is_atomic_and_leaves_no_staging(tmp_path):
 
 def run_until(daemon: pm.Daemon, clock: FakeClock, predicate, limit: float = 30.0) -> None:
     """Tick in simulated time; real task processes get real time to end between ticks."""
-    import time
-
     deadline = clock.now + limit
     while not predicate():
         assert clock.now < deadline, "condition not reached in simulated time"
@@ -200,7 +201,7 @@ def test_recovery_finishes_a_half_done_move_and_fails_an_orphan_as_interrupted(t
     for task_id in (half, orphan):
         (inst / "running" / task_id).write_text("true\n")
     (inst / "records" / f"{half}.result").write_text("id=x\nstate=done\n")
-    (inst / "records" / f"{orphan}.run").write_text("started=1799999990.0\nattempt=1\n")
+    (inst / "records" / f"{orphan}.run").write_text(f"started={clock.now - 10}\nattempt=1\n")
     daemon = make_daemon(tmp_path, clock)
     assert daemon.start() is None
     assert (inst / "done" / half).exists()
@@ -244,3 +245,20 @@ def test_missing_cwd_and_non_executable_tasks_fail_with_a_reason(tmp_path):
     assert pm.parse_fields((inst / "records" / f"{gone}.result").read_text())["reason"] \
         == "missing-cwd"
     assert "not executable" in (inst / "logs" / f"{plain}.log").read_text()
+
+
+def test_a_command_left_over_from_an_earlier_daemon_is_not_carried_out(tmp_path):
+    clock = FakeClock()
+    inst = tmp_path / "unit"
+    pm.QueueFolder(inst).create("unit")
+    (inst / "commands" / "old.cmd").write_text(
+        f"action=shutdown\nsent={clock.now - 3600:.3f}\n")
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    daemon.tick()
+    answer = pm.parse_fields((inst / "replies" / "old.reply").read_text())
+    assert answer["result"] == "error" and "before this daemon started" in answer["message"]
+    assert not daemon.stopping
+    command(inst, "shutdown")
+    daemon.tick()
+    assert daemon.stopping
