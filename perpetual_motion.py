@@ -569,25 +569,24 @@ class TaskRunner:
             if submission.submitted_by:
                 header.insert(2, f"submitted by: {submission.submitted_by}")
             self._log_lines(log, header)
-            problem = None
+            reason = message = ""  # why the task cannot run, short and for people
             if isinstance(command, str):
-                problem = command
+                reason = message = command
             elif not os.path.isdir(cwd):
-                problem = f"missing-cwd: the working directory {cwd} does not exist on this node"
+                reason = "missing-cwd"
+                message = f"the working directory {cwd} does not exist on this node"
             proc = None
-            if problem is None:
+            if not reason:
                 try:
                     proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, close_fds=True)
                 except OSError as exc:
-                    problem = f"cannot start: {exc.strerror or exc}"
+                    reason = message = f"cannot start: {exc.strerror or exc}"
             if proc is None:
-                self._log_lines(log, [f"not run: {problem}"])
-                self._finish(TaskResult(task_id, TaskState.FAILED, problem.split(":")[0]
-                                        if problem.startswith("missing-cwd") else problem,
-                                        now, self.clock(), self.identity.host,
-                                        self.config.node_rank))
+                self._log_lines(log, [f"not run: {message}"])
+                self._finish(TaskResult(task_id, TaskState.FAILED, reason, now, self.clock(),
+                                        self.identity.host, self.config.node_rank))
                 return None
         run_fields = {"id": task_id, "host": self.identity.host,
                       "node_rank": self.config.node_rank, "pid": proc.pid, "pgid": proc.pid,
@@ -665,9 +664,11 @@ class TaskRunner:
             return None
         self.current = None
         ended = self.clock()
-        signal_group(task.proc.pid, signal.SIGKILL)  # the rest of its process group
+        # What the task left behind: its process group, and whatever carries its marker.
+        signal_group(task.proc.pid, signal.SIGTERM)
         leftovers = terminate(marked_pids(f"{self.config.job_id}/{task.task_id}"),
                               self.config.stop_grace)
+        signal_group(task.proc.pid, signal.SIGKILL)
         exit_code, signum = (None, -code) if code < 0 else (code, None)
         if task.stop_state is not None:
             state, reason = task.stop_state, task.stop_reason
@@ -1014,8 +1015,6 @@ class Daemon:
                 return
             self.state_dirty = True
             self.keepalive.task_finished()
-            if self.kill_python_after_task:
-                self.kill_python()
         else:
             self.runner.retry_unfinished()
         if self.kill_python_after_task:
