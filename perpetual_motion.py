@@ -879,7 +879,10 @@ class GpuKeepAlive(KeepAlive):
         ours = 0
         if slot.worker is not None:
             ours += 1
-        if slot.last_exit is not None and now - slot.last_exit < _EXIT_GRACE:
+        # a worker that just exited may linger in NVML's lists for a moment; but after a yield
+        # to foreign work, an extra entry is that work, not our worker
+        lingering = slot.last_exit is not None and now - slot.last_exit < _EXIT_GRACE
+        if lingering and slot.foreign_at is None:
             ours += 1
         if reading.processes is not None and len(reading.processes) > ours:
             others = len(reading.processes) - ours

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 import types
@@ -231,6 +232,21 @@ def test_holdoff_is_respected_to_the_tick(log):
     assert spawned_at is not None
     assert spawned_at - last_seen >= pm.KEEPALIVE_HOLDOFF_SECONDS
     assert spawned_at - last_seen <= pm.KEEPALIVE_HOLDOFF_SECONDS + 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("worker_watch", [False, True])
+def test_no_return_while_the_foreign_job_is_still_there(log, worker_watch):
+    """Our departed worker's lingering entry must not hide the job that made it leave."""
+    node = sim.scenario_idle_gpu()
+    node.worker_watch = worker_watch
+    ka = start(node, log, holdoff=2.0)
+    sim.run(node, ka, 10)
+    job = node.foreign(0, start=node.now + 0.05, end=node.now + 12)
+    sim.run(node, ka, 11.5)
+    assert len(node.workers) == 1, "taken again while the job ran"
+    assert field(ka, 0, "state") == "yielded"
+    sim.run(node, ka, 3)
+    assert len(node.workers) == 2 and node.workers[1].started >= job.end - 0.1 + 2.0
 
 
 def test_holdoff_starts_again_when_foreign_work_returns(log):
@@ -703,17 +719,19 @@ class ScriptedControl:
 def test_worker_loop_keeps_its_duty_on_the_cpu():
     tiles = pm.calibrate_tiles(lambda n: pm.TorchTiles(torch, n, "cpu"), 0.002, n=64, step=32,
                                n_max=512, element_size=4)
-    assert tiles.n >= 64 and tiles.estimate > 0
+    assert 32 <= tiles.n <= 512 and tiles.estimate > 0
     reports = []
-    control = ScriptedControl([(1.6, "duty 0.2"), (3.2, "stop")])
+    control = ScriptedControl([(3.1, "duty 0.2"), (6.2, "stop")])
     begin = time.monotonic()
     code = pm.run_worker_loop(tiles, control, duty=0.6, report=reports.append, period=0.05)
-    assert code == 0 and time.monotonic() - begin < 4.0
+    assert code == 0 and time.monotonic() - begin < 7.5
     stats = [pm.parse_message(r)[1] for r in reports if r.startswith("stats")]
     early = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.6]
     late = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.2]
-    assert early and late
-    assert abs(early[0] - 0.6) < 0.2 and abs(late[-1] - 0.2) < 0.12
+    assert len(early) >= 2 and len(late) >= 2, stats
+    # a loaded test machine stretches the idle part of some periods: medians, with margins
+    assert 0.42 <= statistics.median(early) <= 0.72, early
+    assert 0.1 <= statistics.median(late) <= 0.28, late
     assert reports[-1].startswith("exit reason=stop")
 
 
