@@ -716,6 +716,65 @@ class ScriptedControl:
         return []
 
 
+class ClockedTiles:
+    """Tiles of a fixed length on a simulated clock (what the duty accounting sees)."""
+
+    def __init__(self, clock, seconds):
+        self.clock = clock
+        self.seconds = seconds
+        self.n = 1
+        self.estimate = seconds
+        self.pending = []
+        self.most_in_flight = 0
+
+    @property
+    def in_flight(self):
+        return len(self.pending)
+
+    def launch(self):
+        self.pending.append(self.seconds)
+        self.most_in_flight = max(self.most_in_flight, len(self.pending))
+
+    def wait_one(self):
+        seconds = self.pending.pop(0)
+        self.clock.now += seconds  # the GPU's time, spent while the worker waits
+        return seconds
+
+
+class ClockedControl:
+    """Commands at simulated times; waiting moves the simulated clock."""
+
+    def __init__(self, clock, script):
+        self.clock = clock
+        self.script = sorted(script)
+
+    def poll(self, timeout):
+        due = [c for t, c in self.script if t <= self.clock.now]
+        if due:
+            self.script = self.script[len(due):]
+            return due
+        upcoming = self.script[0][0] if self.script else self.clock.now + timeout
+        self.clock.now = min(self.clock.now + timeout, max(self.clock.now, upcoming))
+        return []
+
+
+@pytest.mark.parametrize("tile", [0.004, 0.011, 0.023])
+def test_worker_loop_busy_share_follows_the_duty(tile):
+    clock = types.SimpleNamespace(now=0.0)
+    reports = []
+    control = ClockedControl(clock, [(20.0, "duty 0.3"), (40.0, "duty 0.9"), (60.0, "stop")])
+    tiles = ClockedTiles(clock, tile)
+    code = pm.run_worker_loop(tiles, control, duty=0.75, report=reports.append, period=0.15,
+                              clock=lambda: clock.now)
+    assert code == 0
+    assert tiles.most_in_flight == pm.KEEPALIVE_MAX_IN_FLIGHT  # a stop waits for two at most
+    stats = [pm.parse_message(r)[1] for r in reports if r.startswith("stats")]
+    for duty in ("0.750", "0.300", "0.900"):
+        busy = [float(s["busy"]) for s in stats if s["duty"] == duty][2:]  # settled
+        assert busy and all(abs(b - float(duty)) < 0.03 for b in busy), (duty, busy)
+    assert abs(clock.now - 60.0) < 0.2  # the stop is obeyed at once
+
+
 def test_worker_loop_keeps_its_duty_on_the_cpu():
     tiles = pm.calibrate_tiles(lambda n: pm.TorchTiles(torch, n, "cpu"), 0.002, n=64, step=32,
                                n_max=512, element_size=4)
@@ -729,9 +788,11 @@ def test_worker_loop_keeps_its_duty_on_the_cpu():
     early = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.6]
     late = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.2]
     assert len(early) >= 2 and len(late) >= 2, stats
-    # a loaded test machine stretches the idle part of some periods: medians, with margins
-    assert 0.42 <= statistics.median(early) <= 0.72, early
-    assert 0.1 <= statistics.median(late) <= 0.28, late
+    # real time on a shared machine: a stalled process stretches some periods, so the exact
+    # shares are checked on the simulated clock above; here, that busy time is measured at all
+    # and follows the duty
+    assert statistics.median(early) > statistics.median(late) > 0.05, (early, late)
+    assert statistics.median(early) <= 0.7
     assert reports[-1].startswith("exit reason=stop")
 
 
@@ -895,3 +956,39 @@ def test_engine_relays_a_failing_workers_message_and_backs_off(log, caplog):
         assert "GPU 0 worker:" in caplog.text and "CUDA" in caplog.text
     finally:
         ka.stop()
+
+
+# The benchmark, as far as it runs without a GPU #############################################
+
+
+@pytest.mark.skipif(nvml_works_here(), reason="this machine has an NVIDIA driver")
+def test_benchmark_without_a_gpu_says_so_and_exits_2():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "keepalive_bench.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "needs an NVIDIA GPU" in done.stderr
+
+
+def test_benchmark_summary_checks_the_targets():
+    sys.path.insert(0, str(REPO / "bench"))
+    import keepalive_bench as kb
+
+    report = {
+        "band": {"share_in_band": 0.95, "mean": 77.0, "cpu_daemon_percent_of_core": 0.5,
+                 "cpu_worker_percent_of_core": 1.0},
+        "yields": [{"memory_freed_after_context_seen_s": 0.2, "memory_freed_s": 0.3},
+                   {"memory_freed_after_context_seen_s": 0.7, "memory_freed_s": 0.8},
+                   {"memory_freed_after_context_seen_s": 0.25, "memory_freed_s": 0.35}],
+        "probe_slowdown": 0.03,
+        "queue_task": {"share_of_free_before_daemon": 0.97, "claim_to_start_s": 0.4},
+    }
+    summary = kb.summary(report)
+    assert summary["band_share"]["met"] is True
+    assert summary["memory_freed_after_context_seen_s"]["value"] == 0.25
+    assert summary["probe_slowdown"]["met"] is False
+    assert summary["cpu_percent_of_core_per_gpu"]["value"] == 1.5
+    assert summary["task_share_of_free_before_daemon"]["met"] is True
+    assert kb.summary({})["band_share"] == {"value": None, "target": ">= 0.9", "met": None}
