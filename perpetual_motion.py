@@ -276,6 +276,7 @@ class Nvml:
         self._sample_ts: dict[int, int] = {}
         self._putil_ts: dict[int, int] = {}
         self._no_samples: set[int] = set()
+        self._no_putil: set[int] = set()
         self._throttle = _Throttle()
 
     @classmethod
@@ -384,13 +385,20 @@ class Nvml:
         return processes
 
     def process_util(self, gpu: GpuInfo) -> list[tuple[int, int]] | None:
-        """New (pid, SM util %) samples since the last call."""
+        """New (pid, SM util %) samples since the last call; None where not supported."""
+        if gpu.index in self._no_putil:
+            return None
         try:
             last = self._putil_ts.get(gpu.index, 0)
             raw = self._nv.nvmlDeviceGetProcessUtilization(self._handle(gpu.index), last)
         except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
             if self._is_not_found(exc):
                 return []
+            if isinstance(exc, getattr(self._nv, "NVMLError_NotSupported", ())):
+                self._no_putil.add(gpu.index)
+                self._log.info("GPU %d has no per-process utilisation in NVML; foreign work is "
+                               "seen by its processes and memory", gpu.index)
+                return None
             self._failed("per-process utilisation", gpu.index, exc)
             return None
         fresh = [s for s in raw if int(s.timeStamp) > last]
@@ -564,6 +572,8 @@ class WorkerProcess:
             pass
 
     def kill(self) -> None:
+        if self.proc.poll() is not None:
+            return  # reaped: its pid may belong to somebody else by now
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -1441,6 +1451,7 @@ def _worker(argv: list[str]) -> int:
         ballast: list = []
         held = tiles.nbytes // MIB
         if cuda:
+            torch.cuda.empty_cache()  # the sizes tried while calibrating
             ballast, held = _take_ballast(torch, args.memory_mib)
         watch = None
         if cuda and args.mode == WorkerMode.HOLD.value and not args.no_watch:

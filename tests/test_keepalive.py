@@ -680,6 +680,19 @@ def test_nvml_wrapper_reads_and_survives_failures(caplog):
     assert nvml.memory(info) == (3 * GIB, 80 * GIB)
     assert [p.pid for p in nvml.compute_processes(info)] == [11, 12]
     assert nvml.process_util(info) == []
+    unsupported = stub_pynvml(gpus)
+
+    def no_putil(h, last):
+        unsupported.calls.append("putil")
+        raise NVMLError_NotSupported()
+
+    unsupported.nvmlDeviceGetProcessUtilization = no_putil
+    quiet = pm.Nvml(unsupported, log)
+    with caplog.at_level(logging.INFO, logger="test-nvml"):
+        assert [quiet.process_util(info) for _ in range(3)] == [None, None, None]
+    assert unsupported.calls.count("putil") == 1  # asked once, then left alone
+    assert "no per-process utilisation" in caplog.text
+    caplog.clear()
     broken = pm.Nvml(stub_pynvml(gpus, fail={"memory", "processes", "samples"}), log)
     with caplog.at_level(logging.WARNING, logger="test-nvml"):
         for _ in range(3):
@@ -855,6 +868,18 @@ def test_real_worker_leaves_when_the_daemon_goes():
         assert worker.exit_code() == 0
     finally:
         worker.kill()
+
+
+def test_killing_a_reaped_worker_signals_nobody(monkeypatch):
+    worker = pm.WorkerProcess([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while worker.exit_code() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    sent = []
+    monkeypatch.setattr(pm.os, "killpg", lambda *args: sent.append(args))
+    worker.kill()
+    assert sent == []  # its pid may have been given to another process
 
 
 def test_worker_main_reports_bad_arguments():
