@@ -808,6 +808,8 @@ class GpuKeepAlive(KeepAlive):
         )
         if reading.samples:
             slot.window.add(reading.samples)
+        elif reading.samples is None:
+            slot.window = UtilWindow()  # no stale figure while NVML does not answer
         if memory:
             slot.memory_used, slot.memory_total = memory
         if reading.failed:

@@ -475,6 +475,7 @@ def test_nvml_failing_on_one_gpu_lets_it_go_and_keeps_the_other(log):
     assert field(ka, 1, "state") == "holding"  # short failures are sat out
     sim.run(node, ka, 10)
     assert field(ka, 1, "state") == "yielded" and field(ka, 1, "reason") == "NVML not answering"
+    assert field(ka, 1, "util") == "" and field(ka, 0, "util") != ""
     assert node.workers_on(1)[0].stop_at is not None
     assert field(ka, 0, "state") == "holding"
     sim.run(node, ka, 20)  # NVML is back
