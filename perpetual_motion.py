@@ -839,7 +839,9 @@ class GpuKeepAlive(KeepAlive):
         if worker.stop_at is not None:
             self.log.info("%s%s: keep-alive worker gone (%s) %.2f s after the stop",
                           self.prefix, slot.label, worker.stop_reason, now - worker.stop_at)
-        elif code == EXIT_FOREIGN:
+        elif code == EXIT_FOREIGN or worker.exit_reason.startswith("foreign"):
+            # (its own exit line counts too: a daemon that reaps orphans as PID 1 may have
+            # taken the exit status, which then reads 0)
             slot.foreign_at = now
             slot.foreign_reason = worker.exit_reason or "foreign work"
             self._set(slot, GpuState.YIELDED, slot.foreign_reason)

@@ -151,6 +151,7 @@ class FakeWorker:
         self.crash_at: float | None = None
         self.crash_code = 1
         self.stuck = False  # ignores "stop"
+        self.status_lost = False  # another waitpid() took its exit status: it reads 0
         self.watch = node.worker_watch and spec.mode is pm.WorkerMode.HOLD
         self.sent: list[tuple[float, str]] = []
         self.delivered: set[str] = set()
@@ -241,7 +242,9 @@ class FakeWorker:
 
     def exit_code(self) -> int | None:
         end, code = self.exit_time()
-        return code if self.node.now >= end else None
+        if self.node.now < end:
+            return None
+        return 0 if self.status_lost else code
 
     def stop(self) -> None:
         self.send("stop")

@@ -217,6 +217,19 @@ def test_the_workers_own_check_yields_before_the_tick(log):
     assert "foreign" in field(ka, 0, "reason")
 
 
+def test_the_workers_exit_line_counts_when_its_status_is_lost(log):
+    """A daemon that is PID 1 reaps orphans, and may take a worker's exit status first."""
+    node = sim.scenario_foreign_process_appears(at=20.02)
+    node.worker_watch = True
+    node.on_spawn = lambda worker: setattr(worker, "status_lost", True)
+    ka = start(node, log)
+    sim.run(node, ka, 21, poll=1.0)  # the daemon's pace: the worker leaves between two ticks
+    assert node.workers[0].stop_at is None and node.workers[0].exit_code() == 0
+    assert field(ka, 0, "state") == "yielded"
+    assert "hold-off" in field(ka, 0, "reason") or "foreign" in field(ka, 0, "reason")
+    assert ka.slots[0].crashes == 0 and ka.slots[0].foreign_at is not None
+
+
 def test_holdoff_is_respected_to_the_tick(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
