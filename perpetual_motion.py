@@ -688,8 +688,11 @@ class GpuKeepAlive(KeepAlive):
                 self._set(slot, GpuState.OFF, "starting at the next tick")
 
     def tick(self, now: float, task_running: bool) -> None:
+        """``now`` is the daemon's clock, which may be the wall clock. The engine keeps time by
+        its own ``timefunc`` (monotonic), the one ``release()`` and ``task_finished()`` use."""
         if not self._started:
             return
+        now = self.timefunc()
         for slot in self.slots:
             try:
                 self._tick_slot(slot, now, task_running)

@@ -323,6 +323,26 @@ def test_workers_stay_off_during_the_task_and_return_after(log):
     assert len(node.workers) == 2 and field(ka, 0, "state") == "holding"
 
 
+def test_the_engine_keeps_its_own_clock_whatever_the_daemon_passes(log):
+    """The daemon may pass the wall clock; release() and task_finished() have no ``now``."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log, filler=False)
+
+    def tick_wall(seconds, task_running=False):
+        for _ in range(round(seconds / 0.1)):
+            node.sleep(0.1)
+            ka.tick(node.time() + 1.8e9, task_running)  # epoch seconds, not the engine's clock
+
+    tick_wall(10)
+    ka.release(timeout=30)
+    tick_wall(5, task_running=True)
+    ka.task_finished()
+    tick_wall(pm.KEEPALIVE_RESUME_AFTER_TASK - 0.5)
+    assert len(node.workers) == 1  # the resume delay is kept
+    tick_wall(3)
+    assert len(node.workers) == 2 and field(ka, 0, "state") == "holding"
+
+
 def test_release_of_a_stuck_worker_kills_it_at_the_timeout(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
