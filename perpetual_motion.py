@@ -17,13 +17,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import enum
 import errno
 import fcntl
+import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -36,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 # Settings (edit these) #####################################################################
 
@@ -57,6 +61,26 @@ RELEASE_TIMEOUT_SECONDS = 30.0  # longest wait for keep-alive to free the GPUs b
 STAGING_MAX_AGE_SECONDS = 86400.0  # leftover staging files and old replies are removed after this
 WARNING_REPEAT_SECONDS = 60.0  # the same warning is logged at most once per this many seconds
 COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
+
+# Keep-alive tuning (docs/keepalive.md explains each one)
+KEEPALIVE_PERIOD = 0.15  # s, a worker's duty cycle: busy for duty x period, then idle
+KEEPALIVE_TILE_MS = 10.0  # ms, length of one matmul tile, calibrated on each GPU
+KEEPALIVE_MAX_IN_FLIGHT = 2  # tiles queued on a GPU at once: a stop waits for at most these
+KEEPALIVE_START_DUTY = 0.75  # share of each period a new worker keeps the GPU busy
+KEEPALIVE_UTIL_WINDOW = 1.5  # s of NVML utilisation samples that the controller averages
+KEEPALIVE_HOLDOFF_SECONDS = 60.0  # s a GPU must stay free of foreign work before it is taken again
+KEEPALIVE_HEADROOM = 0.1  # share of each GPU's memory that keep-alive always leaves free
+KEEPALIVE_FOREIGN_MEMORY_MIB = 256  # growth of memory not ours (MiB) that counts as foreign work
+KEEPALIVE_FOREIGN_UTIL = 5  # % SM utilisation of a process not ours that counts as foreign work
+KEEPALIVE_FILLER = True  # during a queue task, top up GPUs that the task leaves idle
+KEEPALIVE_FILLER_AFTER_SECONDS = 60.0  # s below GPU_UTIL_THRESHOLD during a task before filling
+KEEPALIVE_FILLER_MIB = 1024  # MiB of matmul tiles the filler may use (it holds no ballast)
+KEEPALIVE_RESUME_AFTER_TASK = 5.0  # s after a queue task ends before the GPUs are taken again
+KEEPALIVE_RESTART_SECONDS = 5.0  # wait before restarting a crashed worker; doubles per crash
+KEEPALIVE_RESTART_MAX_SECONDS = 300.0  # longest wait between restarts of a crashing worker
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 PROTOCOL_VERSION = 1
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
@@ -444,8 +468,9 @@ def python_pids_to_kill(job_id: str, scope: str) -> list[int]:
     return victims
 
 
-def reap_orphans(keep: int | None) -> None:
-    """Reap exited children that are not ``keep`` (the task, which Popen reaps itself).
+def reap_orphans(keep: set[int]) -> None:
+    """Reap exited children that are not in ``keep`` (the task and the keep-alive workers,
+    which their Popen objects reap).
 
     Only needed when the daemon is PID 1 of a container or namespace: orphans of tasks are
     re-parented to it and would stay zombies.
@@ -455,7 +480,7 @@ def reap_orphans(keep: int | None) -> None:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if info is None or info.si_pid == keep:
+        if info is None or info.si_pid in keep:
             return
         try:
             os.waitpid(info.si_pid, os.WNOHANG)
@@ -787,17 +812,49 @@ class TaskRunner:
 
 
 # Keep-alive #################################################################################
+#
+# The daemon holds every idle GPU of the node in the band GPU_UTIL_TARGET..GPU_UTIL_HIGH and gives
+# it up at once to real work. Two knobs are kept apart: the memory held (a ballast of
+# MEMORY_USAGE_TARGET of the GPU, released on demand) and the compute grain (matmul tiles of about
+# KEEPALIVE_TILE_MS, at most KEEPALIVE_MAX_IN_FLIGHT queued, so a stop waits for two tiles at most).
+# The daemon itself reads NVML only and never creates a CUDA context; one worker process per GPU
+# (this file, run as ``perpetual_motion.py --worker <GPU UUID>``) holds the context, the ballast
+# and the duty cycle. docs/keepalive.md has the design and the measurements to make.
+
+_DUTY_MIN = 0.05  # the controller never asks a worker for less (nor stops it for the bands)
+_DUTY_MAX = 0.95  # nor for more
+_GAIN_FAST = 0.8  # share of the error to the band's middle corrected per step below the threshold
+_GAIN = 0.5  # the same, within reach of the band: no overshoot while the plant's gain is below 2
+_MIN_STEP = 0.02  # smallest duty step outside the band
+_FILLER_START_DUTY = 0.5  # a filler starts gently: the task may come back to work any moment
+_SETTLE_LAG = 0.3  # s from a duty change to the first utilisation sample that reflects it
+_EXIT_GRACE = 3.0  # s a departed worker still counts as ours in NVML's lists
+_KILL_GRACE = 0.5  # s from "stop" to SIGKILL for a worker that does not exit
+_NVML_FAIL_SECONDS = 10.0  # s of unanswered NVML queries after which a GPU is let go
+_RELEASE_POLL = 0.01  # s between looks at the memory while release() waits
+_CONTEXT_MIB = 600  # MiB a worker's CUDA context and cuBLAS workspace take beside its tensors
+_STABLE_SECONDS = 600.0  # a worker that held its GPU this long forgets earlier crashes
+_BALLAST_CHUNK_MIB = 1024  # the ballast is allocated in pieces this big: keep what fits
+_REPORT_SECONDS = 1.0  # a worker reports its measured busy share this often
+_WARN_EVERY = 300.0  # s between two warnings about the same failing NVML query
+
+EXIT_FOREIGN = 3  # a worker's exit status: it saw foreign work on its GPU and left
+EXIT_SETUP = 4  # a worker's exit status: no device, or no memory for its tiles
 
 
 class KeepAlive:
     """The seam between the daemon loop and the GPUs.
 
     This base class is keep-alive switched off: the queue runs, the GPUs are left alone.
+    ``why`` says why it is off, for the state file.
     """
+
+    def __init__(self, why: str = "disabled") -> None:
+        self.why = why
 
     def describe(self) -> str:
         """``on``, or ``off: <why>``, for the state file."""
-        return "off: disabled"
+        return f"off: {self.why}"
 
     def start(self) -> None:
         """Start holding the idle GPUs."""
@@ -819,19 +876,1372 @@ class KeepAlive:
     def stop(self) -> None:
         """Stop every worker and free the GPUs."""
 
+    def child_pids(self) -> set[int]:
+        """PIDs of the worker processes (the daemon as PID 1 must not reap them itself)."""
+        return set()
+
+
+# Keep-alive: records and sizing #############################################################
+
+
+class GpuState(enum.Enum):
+    """What keep-alive does with one GPU (``gpu.<i>.state``)."""
+
+    OFF = "off"  # not ours to hold: MIG, not started, stopped, or a crashed worker waiting
+    STARTING = "starting"  # a worker is calibrating its tiles and taking its memory
+    HOLDING = "holding"  # a worker holds the ballast and keeps utilisation in the band
+    FILLING = "filling"  # during a queue task: a small worker tops an idle GPU up
+    YIELDED = "yielded"  # left to real work (``gpu.<i>.reason`` says which)
+
+
+class WorkerMode(enum.Enum):
+    HOLD = "hold"  # ballast and duty cycle, leaves at the first sign of foreign work
+    FILL = "fill"  # tiles only, beside a queue task
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as NVML numbers it (PCI bus order)."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total: int  # bytes
+    mig: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuProcess:
+    """One compute process on a GPU; its pid may be from another PID namespace."""
+
+    pid: int
+    memory_used: int | None  # bytes; None when the driver does not say
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """What one tick learned about one GPU; None where the NVML query failed."""
+
+    samples: tuple[tuple[float, float], ...] | None  # new (NVML time in us, util %) samples
+    memory_used: int | None  # bytes
+    memory_total: int | None  # bytes
+    processes: tuple[GpuProcess, ...] | None
+    process_util: tuple[tuple[int, int], ...] | None  # new (pid, SM util %) samples
+
+    @property
+    def failed(self) -> bool:
+        return self.memory_used is None and self.processes is None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """How to start one worker."""
+
+    mode: WorkerMode
+    memory_mib: int  # memory the worker holds in all: tiles, then ballast up to this
+    duty: float
+    max_tile_mib: int = 0  # 0: no limit on the tiles' memory
+
+
+def seed_matrix_size(memory_bytes: int, share: float = MEMORY_USAGE_TARGET) -> int:
+    """The seed's N: three fp16 N x N matrices fill ``share`` of the memory, N rounded down
+    to a multiple of 1024. Logged and documented only: one product of that size takes
+    seconds, so keep-alive computes in small tiles instead."""
+    return int(math.sqrt(share * memory_bytes / 6) / 1024) * 1024
+
+
+def hold_mib(memory_total: int, memory_used: int) -> int:
+    """Memory a worker should hold on a GPU: MEMORY_USAGE_TARGET of it, but only from free
+    memory, leaving KEEPALIVE_HEADROOM free beside it and room for the worker's context."""
+    target = MEMORY_USAGE_TARGET * memory_total
+    free = memory_total - memory_used - KEEPALIVE_HEADROOM * memory_total - _CONTEXT_MIB * MIB
+    return max(0, int(min(target, free) // MIB))
+
+
+def band_step(util: float, duty: float) -> float:
+    """The seed's bands as a step on the duty: below GPU_UTIL_THRESHOLD up fast, below
+    GPU_UTIL_TARGET up, up to GPU_UTIL_HIGH hold, above it down. Steps are a share of the
+    distance to the band's middle, so they shrink as the band nears and do not overshoot."""
+    middle = (GPU_UTIL_TARGET + GPU_UTIL_HIGH) / 2
+    if util < GPU_UTIL_THRESHOLD:
+        step = _GAIN_FAST * (middle - util) / 100
+    elif util < GPU_UTIL_TARGET:
+        step = max(_MIN_STEP, _GAIN * (middle - util) / 100)
+    elif util <= GPU_UTIL_HIGH:
+        return duty
+    else:
+        step = -max(_MIN_STEP, _GAIN * (util - middle) / 100)
+    return min(_DUTY_MAX, max(_DUTY_MIN, duty + step))
+
+
+def parse_message(line: str) -> tuple[str, dict[str, str]]:
+    """A worker's line ``verb key=value ...`` (``log`` lines keep their text under ``text``)."""
+    verb, _, rest = line.strip().partition(" ")
+    if verb == "log":
+        level, _, text = rest.partition(" ")
+        return verb, {"level": level, "text": text}
+    fields = dict(word.partition("=")[::2] for word in rest.split())
+    return verb, fields
+
+
+class _Throttle:
+    """Say a repeated warning at most once per ``every`` seconds per key."""
+
+    def __init__(self, every: float = _WARN_EVERY, timefunc: Callable[[], float] = time.monotonic):
+        self.every = every
+        self.timefunc = timefunc
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str) -> bool:
+        now = self.timefunc()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            return False
+        self._last[key] = now
+        return True
+
+
+# Keep-alive: the NVML seam ##################################################################
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used on this machine; the message says why."""
+
+
+class Nvml:
+    """Every NVML call keep-alive makes, each failure caught and logged (gpustat's way).
+
+    Queries answer None when NVML fails, never raise. A simulated GPU for the tests
+    implements the same methods (``tests/simgpu.py``).
+    """
+
+    def __init__(self, module, log: logging.Logger) -> None:
+        self._nv = module
+        self._log = log
+        self._handles: dict[int, object] = {}
+        self._sample_ts: dict[int, int] = {}
+        self._putil_ts: dict[int, int] = {}
+        self._no_samples: set[int] = set()
+        self._no_putil: set[int] = set()
+        self._throttle = _Throttle()
+
+    @classmethod
+    def open(cls, log: logging.Logger) -> Nvml:
+        """Load and initialise NVML; NvmlUnavailable says why it cannot be."""
+        try:
+            import pynvml
+        except ImportError as exc:
+            raise NvmlUnavailable("nvidia-ml-py (module pynvml) is not installed") from exc
+        try:
+            pynvml.nvmlInit()
+        except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+            raise NvmlUnavailable(f"NVML cannot start ({exc}): no NVIDIA driver here?") from exc
+        return cls(pynvml, log)
+
+    def close(self) -> None:
+        try:
+            self._nv.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+
+    def _failed(self, what: str, index: int, exc: Exception) -> None:
+        if self._throttle(f"{what}/{index}"):
+            self._log.warning("NVML %s failed on GPU %d: %s", what, index, exc)
+
+    def _handle(self, index: int):
+        if index not in self._handles:
+            self._handles[index] = self._nv.nvmlDeviceGetHandleByIndex(index)
+        return self._handles[index]
+
+    def _is_not_found(self, exc: Exception) -> bool:
+        not_found = getattr(self._nv, "NVMLError_NotFound", None)
+        return not_found is not None and isinstance(exc, not_found)
+
+    def gpus(self) -> list[GpuInfo]:
+        """Every GPU NVML sees, in NVML's order; raises NvmlUnavailable when it cannot say."""
+        nv = self._nv
+        try:
+            count = nv.nvmlDeviceGetCount()
+        except Exception as exc:
+            raise NvmlUnavailable(f"NVML cannot count the GPUs ({exc})") from exc
+        found = []
+        for index in range(count):
+            try:
+                handle = self._handle(index)
+                uuid = nv.nvmlDeviceGetUUID(handle)
+                name = nv.nvmlDeviceGetName(handle)
+                total = int(nv.nvmlDeviceGetMemoryInfo(handle).total)
+            except Exception as exc:  # noqa: BLE001 - one bad GPU must not hide the others
+                self._failed("device query", index, exc)
+                continue
+            try:
+                mig = nv.nvmlDeviceGetMigMode(handle)[0] == nv.NVML_DEVICE_MIG_ENABLE
+            except Exception:  # noqa: BLE001 - NotSupported: a GPU without MIG
+                mig = False
+            found.append(GpuInfo(index, _text(uuid), _text(name), total, mig))
+        return found
+
+    def memory(self, gpu: GpuInfo) -> tuple[int, int] | None:
+        """(used, total) in bytes."""
+        try:
+            info = self._nv.nvmlDeviceGetMemoryInfo(self._handle(gpu.index))
+            return int(info.used), int(info.total)
+        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
+            self._failed("memory", gpu.index, exc)
+            return None
+
+    def util_samples(self, gpu: GpuInfo) -> list[tuple[float, float]] | None:
+        """New utilisation samples (NVML time in us, percent) since the last call, from the
+        driver's sample buffer; the instantaneous rate where the buffer is not supported."""
+        nv = self._nv
+        try:
+            handle = self._handle(gpu.index)
+            if gpu.index not in self._no_samples:
+                try:
+                    last = self._sample_ts.get(gpu.index, 0)
+                    _, raw = nv.nvmlDeviceGetSamples(handle, nv.NVML_GPU_UTILIZATION_SAMPLES, last)
+                except Exception as exc:
+                    if self._is_not_found(exc):
+                        return []
+                    if not isinstance(exc, getattr(nv, "NVMLError_NotSupported", ())):
+                        raise
+                    self._no_samples.add(gpu.index)
+                else:
+                    samples = [(float(s.timeStamp), float(s.sampleValue.uiVal)) for s in raw]
+                    samples = [s for s in samples if s[0] > last]
+                    if samples:
+                        self._sample_ts[gpu.index] = int(max(s[0] for s in samples))
+                    return samples
+            rate = nv.nvmlDeviceGetUtilizationRates(handle).gpu
+            return [(time.time() * 1e6, float(rate))]
+        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
+            self._failed("utilisation", gpu.index, exc)
+            return None
+
+    def compute_processes(self, gpu: GpuInfo) -> list[GpuProcess] | None:
+        try:
+            found = self._nv.nvmlDeviceGetComputeRunningProcesses(self._handle(gpu.index))
+        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
+            self._failed("process list", gpu.index, exc)
+            return None
+        processes = []
+        for p in found:
+            used = getattr(p, "usedGpuMemory", None)
+            processes.append(GpuProcess(int(p.pid), int(used) if used is not None else None))
+        return processes
+
+    def process_util(self, gpu: GpuInfo) -> list[tuple[int, int]] | None:
+        """New (pid, SM util %) samples since the last call; None where not supported."""
+        if gpu.index in self._no_putil:
+            return None
+        try:
+            last = self._putil_ts.get(gpu.index, 0)
+            raw = self._nv.nvmlDeviceGetProcessUtilization(self._handle(gpu.index), last)
+        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
+            if self._is_not_found(exc):
+                return []
+            if isinstance(exc, getattr(self._nv, "NVMLError_NotSupported", ())):
+                self._no_putil.add(gpu.index)
+                self._log.info("GPU %d has no per-process utilisation in NVML; foreign work is "
+                               "seen by its processes and memory", gpu.index)
+                return None
+            self._failed("per-process utilisation", gpu.index, exc)
+            return None
+        fresh = [s for s in raw if int(s.timeStamp) > last]
+        if fresh:
+            self._putil_ts[gpu.index] = max(int(s.timeStamp) for s in fresh)
+        return [(int(s.pid), int(s.smUtil)) for s in fresh]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# Keep-alive: the duty controller ############################################################
+
+
+class UtilWindow:
+    """Recent utilisation samples of one GPU, on NVML's own clock (microseconds)."""
+
+    def __init__(self, keep: float = 10.0) -> None:
+        self.keep_us = keep * 1e6
+        self.samples: collections.deque[tuple[float, float]] = collections.deque()
+
+    def add(self, samples: Iterable[tuple[float, float]]) -> None:
+        for sample in sorted(samples):
+            if not self.samples or sample[0] > self.samples[-1][0]:
+                self.samples.append(sample)
+        while self.samples and self.samples[0][0] < self.samples[-1][0] - self.keep_us:
+            self.samples.popleft()
+
+    @property
+    def newest(self) -> float | None:
+        return self.samples[-1][0] if self.samples else None
+
+    def mean(self, seconds: float = KEEPALIVE_UTIL_WINDOW, after: float | None = None):
+        """Mean of the last ``seconds`` of samples (only those later than ``after``), or None."""
+        if not self.samples:
+            return None
+        start = self.samples[-1][0] - seconds * 1e6
+        if after is not None:
+            start = max(start, after)
+        values = [v for t, v in self.samples if t > start]
+        return sum(values) / len(values) if values else None
+
+
+class DutyController:
+    """Moves a worker's duty so that the GPU's averaged utilisation sits in the band.
+
+    After a change it waits until a whole window of samples reflects the new duty
+    (``_SETTLE_LAG`` + KEEPALIVE_UTIL_WINDOW on NVML's clock) before it judges again: acting
+    on stale samples is what makes a controller oscillate.
+    """
+
+    def __init__(self, duty: float = KEEPALIVE_START_DUTY) -> None:
+        self.duty = duty
+        self.mark: float | None = None  # NVML time of the last change
+        self.last_util: float | None = None
+
+    def reset(self, window: UtilWindow, duty: float | None = None) -> None:
+        """The worker starts (or restarts) applying ``duty`` now."""
+        if duty is not None:
+            self.duty = duty
+        self.mark = window.newest if window.newest is not None else None
+
+    def decide(self, window: UtilWindow) -> float | None:
+        """The new duty, or None to keep the current one."""
+        newest = window.newest
+        if newest is None:
+            return None
+        if self.mark is None:
+            self.mark = newest
+            return None
+        start = self.mark + _SETTLE_LAG * 1e6
+        if newest - start < KEEPALIVE_UTIL_WINDOW * 1e6:
+            return None
+        util = window.mean(KEEPALIVE_UTIL_WINDOW, after=start)
+        if util is None:
+            return None
+        self.last_util = util
+        duty = band_step(util, self.duty)
+        if abs(duty - self.duty) < 1e-9:
+            return None
+        self.duty = duty
+        self.mark = newest
+        return duty
+
+    @property
+    def at_floor(self) -> bool:
+        return self.duty <= _DUTY_MIN + 1e-9
+
+
+# Keep-alive: worker processes, the daemon's side ############################################
+
+
+class WorkerHandle(Protocol):
+    """A running worker as the engine sees it; tests use a fake one."""
+
+    pid: int
+
+    def send(self, line: str) -> bool: ...
+
+    def messages(self) -> list[str]: ...
+
+    def exit_code(self) -> int | None: ...
+
+    def stop(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+def worker_command(args: list[str]) -> list[str]:
+    """The command line of a worker: this very file, run with ``--worker``."""
+    return [sys.executable, os.path.abspath(__file__), "--worker", *args]
+
+
+def worker_args(gpu: GpuInfo, spec: WorkerSpec) -> list[str]:
+    args = [gpu.uuid, "--mode", spec.mode.value, "--memory-mib", str(spec.memory_mib),
+            "--duty", f"{spec.duty:.3f}"]
+    if spec.max_tile_mib:
+        args += ["--max-tile-mib", str(spec.max_tile_mib)]
+    return args
+
+
+class WorkerProcess:
+    """A worker process: commands go down its stdin, reports come up its stdout.
+
+    It runs in its own session so that signals meant for the daemon's terminal do not reach
+    it, sees only its own GPU (``CUDA_VISIBLE_DEVICES=<UUID>``), and exits by itself when the
+    daemon goes away (its stdin closes).
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, start_new_session=True, close_fds=True)
+        self.pid = self.proc.pid
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._buffer = b""
+
+    def send(self, line: str) -> bool:
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def messages(self) -> list[str]:
+        """Every whole line the worker wrote since the last call; never blocks."""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (OSError, ValueError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self._buffer += b"".join(chunks)
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [line.decode(errors="replace") for line in lines if line.strip()]
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self) -> None:
+        self.send("stop")
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        if self.proc.poll() is not None:
+            return  # reaped: its pid may belong to somebody else by now
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+        self.proc.poll()
+
+
+def spawn_worker(gpu: GpuInfo, spec: WorkerSpec) -> WorkerProcess:
+    """Start the worker of one GPU: this file, selecting the GPU by UUID."""
+    env = dict(os.environ)
+    env.update({
+        "CUDA_VISIBLE_DEVICES": gpu.uuid,
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "PERPETUAL_MOTION_WORKER": gpu.uuid,
+        "OMP_NUM_THREADS": "1",
+    })
+    return WorkerProcess(worker_command(worker_args(gpu, spec)), env)
+
+
+# Keep-alive: the engine #####################################################################
+
+
+@dataclasses.dataclass
+class _Worker:
+    """The engine's book-keeping for one running worker."""
+
+    handle: WorkerHandle
+    spec: WorkerSpec
+    started: float
+    memory_before: int | None  # bytes used on the GPU just before it started
+    ready_at: float | None = None
+    tile: int | None = None
+    tile_ms: float | None = None
+    held_mib: int | None = None
+    busy: float | None = None
+    stop_at: float | None = None
+    stop_reason: str = ""
+    exit_reason: str = ""
+    exit_time: float | None = None  # the worker's wall clock when its last kernel was done
+
+
+@dataclasses.dataclass
+class _Slot:
+    """Everything the engine knows about one GPU."""
+
+    gpu: GpuInfo
+    state: GpuState = GpuState.OFF
+    reason: str = "not started"
+    worker: _Worker | None = None
+    window: UtilWindow = dataclasses.field(default_factory=UtilWindow)
+    controller: DutyController = dataclasses.field(default_factory=DutyController)
+    memory_used: int | None = None
+    memory_total: int | None = None
+    memory_base: int | None = None  # memory used with our worker settled or gone
+    last_exit: float | None = None
+    foreign_at: float | None = None  # last tick that saw foreign work
+    foreign_reason: str = ""
+    crashes: int = 0
+    restart_at: float | None = None
+    resume_at: float | None = None
+    low_since: float | None = None  # during a task: since when utilisation is below threshold
+    nvml_failing_since: float | None = None
+    release_below: int | None = None  # release() is done once memory used is at most this
+    announced: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"GPU {self.gpu.index}"
+
+
+class GpuKeepAlive(KeepAlive):
+    """Keep-alive on: one worker per GPU, driven by ``tick()`` from the daemon loop.
+
+    Every outside effect goes through a seam: ``nvml`` (the NVML calls), ``spawn`` (starting a
+    worker process), ``timefunc`` and ``delayfunc`` (the clock and the sleep in ``release``).
+    """
+
+    def __init__(self, nvml, gpus: list[GpuInfo], log: logging.Logger, *,
+                 spawn: Callable[[GpuInfo, WorkerSpec], WorkerHandle] = spawn_worker,
+                 timefunc: Callable[[], float] = time.monotonic,
+                 delayfunc: Callable[[float], object] = time.sleep,
+                 holdoff: float = KEEPALIVE_HOLDOFF_SECONDS,
+                 filler: bool = KEEPALIVE_FILLER, node_label: str = "") -> None:
+        super().__init__("")
+        self.nvml = nvml
+        self.log = log
+        self.spawn = spawn
+        self.timefunc = timefunc
+        self.delayfunc = delayfunc
+        self.holdoff = holdoff
+        self.filler = filler
+        self.prefix = f"{node_label} " if node_label else ""
+        self.slots = [_Slot(gpu) for gpu in gpus]
+        for slot in self.slots:
+            if slot.gpu.mig:
+                slot.reason = "MIG mode: skipped"
+        self._started = False
+        self._released = False
+        self._throttle = _Throttle(timefunc=timefunc)
+
+    # The seam the daemon calls
+
+    def describe(self) -> str:
+        return "on"
+
+    def child_pids(self) -> set[int]:
+        return {slot.worker.handle.pid for slot in self.slots if slot.worker is not None}
+
+    def start(self) -> None:
+        self._started = True
+        names = ", ".join(f"{s.gpu.index}: {s.gpu.name}" for s in self.slots if not s.gpu.mig)
+        self.log.info("%sKeep-alive on for GPU %s", self.prefix, names)
+        for slot in self.slots:
+            if not slot.gpu.mig:
+                self._set(slot, GpuState.OFF, "starting at the next tick")
+
+    def tick(self, now: float, task_running: bool) -> None:
+        """``now`` is the daemon's clock, which may be the wall clock. The engine keeps time by
+        its own ``timefunc`` (monotonic), the one ``release()`` and ``task_finished()`` use."""
+        if not self._started:
+            return
+        now = self.timefunc()
+        for slot in self.slots:
+            try:
+                self._tick_slot(slot, now, task_running)
+            except Exception:  # noqa: BLE001 - one GPU's trouble must never stop the daemon
+                if self._throttle(f"tick/{slot.gpu.index}"):
+                    self.log.exception("%s%s: keep-alive error", self.prefix, slot.label)
+                self._abandon(slot, now)
+
+    def release(self, timeout: float) -> bool:
+        self._released = True
+        start = self.timefunc()
+        for slot in self.slots:
+            if slot.worker is not None:
+                self._stop_worker(slot, start, "queue task")
+            if not slot.gpu.mig:
+                self._set(slot, GpuState.YIELDED, "queue task")
+        while True:
+            now = self.timefunc()
+            waiting = []
+            for slot in self.slots:
+                try:
+                    if not self._released_slot(slot, now):
+                        waiting.append(slot)
+                except Exception:  # noqa: BLE001 - the task must start all the same
+                    self.log.exception("%s%s: error while releasing", self.prefix, slot.label)
+                    self._abandon(slot, now)
+            if not waiting:
+                if now - start > 0.05:
+                    self.log.info("%sGPUs released for the task in %.2f s", self.prefix,
+                                  now - start)
+                return True
+            if now - start >= timeout:
+                for slot in waiting:
+                    if slot.worker is not None:
+                        slot.worker.handle.kill()
+                labels = ", ".join(s.label for s in waiting)
+                self.log.warning("%sKeep-alive memory on %s not released within %.1f s; "
+                                 "starting the task anyway", self.prefix, labels, timeout)
+                return False
+            self.delayfunc(_RELEASE_POLL)
+
+    def task_finished(self) -> None:
+        self._released = False
+        now = self.timefunc()
+        for slot in self.slots:
+            if slot.worker is not None:
+                self._stop_worker(slot, now, "queue task ended")
+            slot.resume_at = now + KEEPALIVE_RESUME_AFTER_TASK
+            slot.foreign_at = None
+            slot.low_since = None
+
+    def gpu_fields(self) -> dict[str, str]:
+        fields = {"gpu_count": str(len(self.slots))}
+        for i, slot in enumerate(self.slots):
+            util = slot.window.mean()
+            worker = slot.worker
+            ready = worker is not None and worker.ready_at is not None
+            fields.update({
+                f"gpu.{i}.name": slot.gpu.name,
+                f"gpu.{i}.uuid": slot.gpu.uuid,
+                f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
+                f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
+                f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
+                f"gpu.{i}.state": slot.state.value,
+                f"gpu.{i}.reason": slot.reason,
+                f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
+                f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
+                f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
+            })
+        return fields
+
+    def stop(self) -> None:
+        now = self.timefunc()
+        for slot in self.slots:
+            if slot.worker is not None:
+                self._stop_worker(slot, now, "daemon stopping")
+        deadline = now + 2.0
+        while any(slot.worker is not None for slot in self.slots):
+            now = self.timefunc()
+            for slot in self.slots:
+                if slot.worker is not None and now >= deadline:
+                    slot.worker.handle.kill()
+                self._reap(slot, now)
+            if now >= deadline + 1.0:
+                break
+            self.delayfunc(_RELEASE_POLL)
+        for slot in self.slots:
+            self._set(slot, GpuState.OFF, "stopped")
+        self._started = False
+
+    # One GPU, one tick
+
+    def _tick_slot(self, slot: _Slot, now: float, task_running: bool) -> None:
+        if slot.gpu.mig:
+            self._set(slot, GpuState.OFF, "MIG mode: skipped")
+            return
+        reading = self._read(slot, now)
+        self._reap(slot, now)
+        if task_running or self._released:
+            self._during_task(slot, now, reading)
+        else:
+            self._between_tasks(slot, now, reading)
+
+    def _read(self, slot: _Slot, now: float) -> Reading:
+        gpu = self.nvml
+        samples = gpu.util_samples(slot.gpu)
+        memory = gpu.memory(slot.gpu)
+        processes = gpu.compute_processes(slot.gpu)
+        process_util = gpu.process_util(slot.gpu)
+        reading = Reading(
+            samples=tuple(samples) if samples is not None else None,
+            memory_used=memory[0] if memory else None,
+            memory_total=memory[1] if memory else None,
+            processes=tuple(processes) if processes is not None else None,
+            process_util=tuple(process_util) if process_util is not None else None,
+        )
+        if reading.samples:
+            slot.window.add(reading.samples)
+        elif reading.samples is None:
+            slot.window = UtilWindow()  # no stale figure while NVML does not answer
+        if memory:
+            slot.memory_used, slot.memory_total = memory
+        if reading.failed:
+            slot.nvml_failing_since = slot.nvml_failing_since or now
+        else:
+            slot.nvml_failing_since = None
+        return reading
+
+    def _reap(self, slot: _Slot, now: float) -> None:
+        """Read the worker's reports; notice when it has exited, and why."""
+        worker = slot.worker
+        if worker is None:
+            return
+        for line in worker.handle.messages():
+            self._on_message(slot, worker, line, now)
+        code = worker.handle.exit_code()
+        if code is None:
+            if worker.stop_at is not None and now - worker.stop_at >= _KILL_GRACE:
+                worker.handle.kill()
+            return
+        for line in worker.handle.messages():
+            self._on_message(slot, worker, line, now)
+        slot.worker = None
+        slot.last_exit = now
+        slot.memory_base = None
+        lived = now - worker.started
+        if worker.stop_at is not None:
+            self.log.info("%s%s: keep-alive worker gone (%s) %.2f s after the stop",
+                          self.prefix, slot.label, worker.stop_reason, now - worker.stop_at)
+        elif code == EXIT_FOREIGN or worker.exit_reason.startswith("foreign"):
+            # (its own exit line counts too: a daemon that reaps orphans as PID 1 may have
+            # taken the exit status, which then reads 0)
+            slot.foreign_at = now
+            slot.foreign_reason = worker.exit_reason or "foreign work"
+            self._set(slot, GpuState.YIELDED, slot.foreign_reason)
+            self.log.info("%s%s: worker saw %s and left", self.prefix, slot.label,
+                          slot.foreign_reason)
+        else:
+            if worker.ready_at is not None and now - worker.ready_at >= _STABLE_SECONDS:
+                slot.crashes = 0
+            slot.crashes += 1
+            delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
+                        KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
+            slot.restart_at = now + delay
+            how = f"exit status {code}" if code >= 0 else f"signal {-code}"
+            self._set(slot, GpuState.OFF, f"worker crashed ({how}); restart in {delay:.0f} s")
+            self.log.warning("%s%s: keep-alive worker ended with %s after %.1f s "
+                             "(crash %d); restarting in %.0f s", self.prefix, slot.label, how,
+                             lived, slot.crashes, delay)
+
+    def _on_message(self, slot: _Slot, worker: _Worker, line: str, now: float) -> None:
+        try:
+            verb, fields = parse_message(line)
+            if verb == "ready":
+                worker.ready_at = now
+                worker.tile = int(fields.get("tile", 0)) or None
+                worker.tile_ms = float(fields.get("tile_ms", 0)) or None
+                worker.held_mib = int(fields.get("held_mib", 0))
+                slot.controller.reset(slot.window, worker.spec.duty)
+                filling = worker.spec.mode is WorkerMode.FILL
+                self._set(slot, GpuState.FILLING if filling else GpuState.HOLDING,
+                          "task leaves the GPU idle" if filling else "")
+                self.log.info("%s%s: %s: tiles of %d (%.1f ms), %d MiB held, duty %.2f",
+                              self.prefix, slot.label, slot.state.value, worker.tile or 0,
+                              worker.tile_ms or 0.0, worker.held_mib, worker.spec.duty)
+            elif verb == "stats":
+                worker.busy = float(fields.get("busy", 0))
+                worker.tile_ms = float(fields.get("tile_ms", 0)) or worker.tile_ms
+            elif verb == "exit":
+                worker.exit_reason = fields.get("reason", "").replace("-", " ")
+                worker.exit_time = float(fields["t"]) if "t" in fields else None
+            elif verb == "log":
+                level = getattr(logging, fields["level"].upper(), logging.INFO)
+                self.log.log(level, "%s%s worker: %s", self.prefix, slot.label, fields["text"])
+        except (ValueError, KeyError):
+            self.log.debug("%s%s: unreadable worker line %r", self.prefix, slot.label, line)
+
+    def _foreign(self, slot: _Slot, reading: Reading, now: float) -> str:
+        """Why the GPU has work that is not ours on it, or "". Processes are counted, never
+        matched by pid: pids differ between containers and even between NVML calls."""
+        ours = 0
+        if slot.worker is not None:
+            ours += 1
+        # a worker that just exited may linger in NVML's lists for a moment; but after a yield
+        # to foreign work, an extra entry is that work, not our worker
+        lingering = slot.last_exit is not None and now - slot.last_exit < _EXIT_GRACE
+        if lingering and slot.foreign_at is None:
+            ours += 1
+        if reading.processes is not None and len(reading.processes) > ours:
+            others = len(reading.processes) - ours
+            return "foreign process" if others == 1 else f"{others} foreign processes"
+        if reading.process_util:
+            active = {pid for pid, sm in reading.process_util if sm >= KEEPALIVE_FOREIGN_UTIL}
+            if len(active) > ours:
+                top = max(sm for _, sm in reading.process_util)
+                return f"foreign utilisation {top}%"
+        used = reading.memory_used
+        worker = slot.worker
+        settled = (worker is not None and worker.ready_at is not None and worker.stop_at is None)
+        gone = worker is None and ours == 0
+        if used is None or not (settled or gone):
+            slot.memory_base = None
+            return ""
+        if slot.memory_base is None or (gone and used < slot.memory_base):
+            slot.memory_base = used
+        growth = used - slot.memory_base
+        if growth > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
+            return f"foreign memory +{growth // MIB} MiB"
+        return ""
+
+    def _between_tasks(self, slot: _Slot, now: float, reading: Reading) -> None:
+        if slot.resume_at is not None:
+            if now < slot.resume_at:
+                self._set(slot, GpuState.YIELDED, "queue task ended")
+                return
+            slot.resume_at = None
+            slot.memory_base = None
+        worker = slot.worker
+        if worker is not None and worker.spec.mode is WorkerMode.FILL:
+            self._stop_worker(slot, now, "queue task ended")
+        if (slot.nvml_failing_since is not None
+                and now - slot.nvml_failing_since >= _NVML_FAIL_SECONDS):
+            if slot.worker is not None and slot.worker.stop_at is None:
+                self._stop_worker(slot, now, "NVML not answering")
+                self.log.warning("%s%s: NVML has not answered for %.0f s: worker stopped, "
+                                 "foreign work could not be seen", self.prefix, slot.label,
+                                 now - slot.nvml_failing_since)
+            self._set(slot, GpuState.YIELDED, "NVML not answering")
+            return
+        reason = self._foreign(slot, reading, now)
+        if reason:
+            if slot.foreign_at is None or slot.foreign_reason != reason:
+                self.log.info("%s%s: %s: yielding", self.prefix, slot.label, reason)
+            slot.foreign_at = now
+            slot.foreign_reason = reason
+            if slot.worker is not None and slot.worker.stop_at is None:
+                self._stop_worker(slot, now, reason)
+            self._set(slot, GpuState.YIELDED, reason)
+            return
+        worker = slot.worker
+        if worker is not None:
+            if worker.stop_at is None and worker.ready_at is not None:
+                self._control(slot, worker, now)
+            return
+        if slot.restart_at is not None and now < slot.restart_at:
+            return
+        if slot.foreign_at is not None and now - slot.foreign_at < self.holdoff:
+            left = self.holdoff - (now - slot.foreign_at)
+            self._set(slot, GpuState.YIELDED, f"{slot.foreign_reason}; hold-off {left:.0f} s")
+            return
+        if slot.foreign_at is not None:
+            self.log.info("%s%s: free of foreign work for %.0f s: taking it again",
+                          self.prefix, slot.label, self.holdoff)
+            slot.foreign_at = None
+        slot.restart_at = None
+        if reading.memory_used is None or reading.memory_total is None:
+            return
+        memory = hold_mib(reading.memory_total, reading.memory_used)
+        self._start_worker(slot, now, WorkerSpec(WorkerMode.HOLD, memory, KEEPALIVE_START_DUTY),
+                           reading)
+
+    def _during_task(self, slot: _Slot, now: float, reading: Reading) -> None:
+        worker = slot.worker
+        if worker is not None and worker.spec.mode is WorkerMode.HOLD:
+            self._stop_worker(slot, now, "queue task")
+        util = slot.window.mean()
+        if slot.worker is None:
+            if util is not None and util < GPU_UTIL_THRESHOLD:
+                slot.low_since = slot.low_since if slot.low_since is not None else now
+            else:
+                slot.low_since = None
+        if not self.filler:
+            self._set(slot, GpuState.YIELDED, "queue task")
+            return
+        worker = slot.worker
+        total, used = reading.memory_total, reading.memory_used
+        if worker is not None:
+            if worker.stop_at is not None:
+                return
+            if total and used is not None and total - used < KEEPALIVE_HEADROOM * total:
+                self._stop_filler(slot, now, "the task needs the memory")
+            elif worker.ready_at is not None:
+                self._control(slot, worker, now)
+            return
+        if slot.restart_at is not None and now < slot.restart_at:
+            return
+        need = (KEEPALIVE_FILLER_MIB + _CONTEXT_MIB) * MIB
+        idle_long = slot.low_since is not None and now - slot.low_since >= \
+            KEEPALIVE_FILLER_AFTER_SECONDS
+        room = total is not None and used is not None and \
+            total - used - need >= KEEPALIVE_HEADROOM * total
+        if idle_long and room:
+            self.log.info("%s%s: the task has left it below %d%% for %.0f s: filling",
+                          self.prefix, slot.label, GPU_UTIL_THRESHOLD, now - slot.low_since)
+            spec = WorkerSpec(WorkerMode.FILL, KEEPALIVE_FILLER_MIB, _FILLER_START_DUTY,
+                              KEEPALIVE_FILLER_MIB)
+            self._start_worker(slot, now, spec, reading)
+        elif slot.state is not GpuState.YIELDED or not slot.reason.startswith("queue task"):
+            self._set(slot, GpuState.YIELDED, "queue task")
+
+    def _control(self, slot: _Slot, worker: _Worker, now: float) -> None:
+        duty = slot.controller.decide(slot.window)
+        if duty is not None:
+            worker.handle.send(f"duty {duty:.3f}")
+            self.log.debug("%s%s: utilisation %.0f%%: duty %.2f", self.prefix, slot.label,
+                           slot.controller.last_util, duty)
+            return
+        util = slot.controller.last_util
+        if util is not None and util > GPU_UTIL_HIGH and slot.controller.at_floor:
+            if worker.spec.mode is WorkerMode.FILL:
+                self._stop_filler(slot, now, "the task keeps the GPU busy")
+            else:  # busy beyond what we do, by something NVML does not list
+                slot.foreign_at = now
+                slot.foreign_reason = f"GPU busy ({util:.0f}%) without us"
+                self._stop_worker(slot, now, slot.foreign_reason)
+                self._set(slot, GpuState.YIELDED, slot.foreign_reason)
+
+    def _stop_filler(self, slot: _Slot, now: float, reason: str) -> None:
+        self.log.info("%s%s: %s: filler stopped", self.prefix, slot.label, reason)
+        self._stop_worker(slot, now, reason)
+        slot.low_since = None
+        self._set(slot, GpuState.YIELDED, f"queue task ({reason})")
+
+    def _start_worker(self, slot: _Slot, now: float, spec: WorkerSpec, reading: Reading) -> None:
+        if not slot.announced and spec.mode is WorkerMode.HOLD:
+            total = slot.gpu.memory_total
+            self.log.info("%s%s (%s, %.1f GiB): holding %.1f GiB; the seed's three %d x %d "
+                          "fp16 matrices would take %.0f%% of it, but one product of that "
+                          "size runs for seconds, so compute goes in ~%.0f ms tiles",
+                          self.prefix, slot.label, slot.gpu.name, total / GIB,
+                          spec.memory_mib / 1024, seed_matrix_size(total),
+                          seed_matrix_size(total), MEMORY_USAGE_TARGET * 100, KEEPALIVE_TILE_MS)
+            slot.announced = True
+        try:
+            handle = self.spawn(slot.gpu, spec)
+        except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash
+            slot.crashes += 1
+            delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
+                        KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
+            slot.restart_at = now + delay
+            self._set(slot, GpuState.OFF, f"worker did not start; retry in {delay:.0f} s")
+            self.log.warning("%s%s: keep-alive worker did not start (%s); retrying in %.0f s",
+                             self.prefix, slot.label, exc, delay)
+            return
+        slot.worker = _Worker(handle, spec, now, reading.memory_used)
+        slot.controller = DutyController(spec.duty)
+        slot.memory_base = None
+        self._set(slot, GpuState.STARTING, "")
+
+    def _stop_worker(self, slot: _Slot, now: float, reason: str) -> None:
+        worker = slot.worker
+        if worker is None or worker.stop_at is not None:
+            return
+        worker.stop_at = now
+        worker.stop_reason = reason
+        if worker.ready_at is None:
+            worker.handle.kill()  # still setting up: it reads no commands yet
+        else:
+            worker.handle.stop()
+        limits = []
+        if worker.memory_before is not None:
+            limits.append(worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB)
+        if worker.held_mib and slot.memory_used is not None:
+            limits.append(slot.memory_used - int(0.9 * worker.held_mib * MIB))
+        slot.release_below = max(limits) if limits else None
+
+    def _released_slot(self, slot: _Slot, now: float) -> bool:
+        """True when the slot's worker has exited and its memory is back."""
+        self._reap(slot, now)
+        if slot.worker is not None:
+            return False
+        if slot.release_below is None:
+            return True
+        memory = self.nvml.memory(slot.gpu)
+        if memory is None:
+            return True  # cannot see the memory; the process is gone
+        slot.memory_used, slot.memory_total = memory
+        if memory[0] <= slot.release_below:
+            slot.release_below = None
+            return True
+        return False
+
+    def _abandon(self, slot: _Slot, now: float) -> None:
+        """After an error: a worker we cannot watch must not hold the GPU. Kill it; it comes
+        back after the crash backoff."""
+        worker, slot.worker = slot.worker, None
+        if worker is not None:
+            try:
+                worker.handle.kill()
+            except Exception:  # noqa: BLE001 - best effort, it is dropped either way
+                pass
+            slot.last_exit = now
+        slot.crashes += 1
+        delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
+                    KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
+        slot.restart_at = now + delay
+        self._set(slot, GpuState.OFF, f"keep-alive error; retry in {delay:.0f} s")
+
+    def _set(self, slot: _Slot, state: GpuState, reason: str) -> None:
+        slot.state = state
+        slot.reason = reason
+
+
+def _mib(value: int | None) -> str:
+    return "" if value is None else str(value // MIB)
+
+
+def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
+    """The GPUs that CUDA_VISIBLE_DEVICES leaves to us: UUIDs (or their prefixes) or NVML
+    indices (PCI bus order); like CUDA, the list ends at the first entry that matches none."""
+    if visible is None:
+        return gpus
+    chosen = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            match = [g for g in gpus if g.index == int(entry)]
+        elif entry.startswith(("GPU-", "MIG-")):
+            match = [g for g in gpus if g.uuid.startswith(entry)]
+            if entry.startswith("MIG-"):
+                return chosen  # MIG instances: skipped
+        else:
+            match = []
+        if len(match) != 1:
+            break
+        chosen.append(match[0])
+    return chosen
+
 
 def make_keepalive(enabled: bool, log: logging.Logger, node_label: str = "") -> KeepAlive:
-    """The keep-alive engine for this node, or keep-alive off with the reason."""
+    """The keep-alive engine for this node, or keep-alive off with a reason. Never raises;
+    when the GPUs cannot be used it says why in one warning."""
     if not enabled:
-        return KeepAlive()
-    log.warning("keep-alive is off: this build has no GPU engine yet")
-    return KeepAlive()
+        log.info("Keep-alive off: disabled")
+        return KeepAlive("disabled")
+    try:
+        why = _keepalive_unavailable()
+        if why:
+            log.warning("Keep-alive off: %s", why)
+            return KeepAlive(why)
+        try:
+            nvml = Nvml.open(log)
+            gpus = nvml.gpus()
+        except NvmlUnavailable as exc:
+            log.warning("Keep-alive off: %s", exc)
+            return KeepAlive(str(exc))
+        gpus = _visible_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        for gpu in gpus:
+            if gpu.mig:
+                log.info("GPU %d (%s) is in MIG mode: keep-alive skips it", gpu.index, gpu.name)
+        if not any(not gpu.mig for gpu in gpus):
+            why = "no GPU visible" if not gpus else "every GPU is in MIG mode"
+            log.warning("Keep-alive off: %s", why)
+            nvml.close()
+            return KeepAlive(why)
+        return GpuKeepAlive(nvml, gpus, log, node_label=node_label)
+    except Exception as exc:  # noqa: BLE001 - keep-alive must never keep the queue from running
+        log.warning("Keep-alive off: unexpected error: %s", exc)
+        return KeepAlive(f"error: {exc}")
 
 
-def worker_main(argv: list[str]) -> int:
-    """Entry of a keep-alive worker process (``perpetual_motion.py --worker ...``)."""
-    print("no keep-alive worker in this build", file=sys.stderr)
-    return 2
+def _keepalive_unavailable() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return "CUDA_VISIBLE_DEVICES is empty"
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (the workers need it)"
+    return ""
+
+
+# Keep-alive: the worker process, the GPU's side #############################################
+#
+# ``perpetual_motion.py --worker <GPU UUID> [options]``: started by the daemon, one per GPU, with
+# CUDA_VISIBLE_DEVICES set to that UUID. It reads commands on stdin (``duty <0..1>``, ``stop``;
+# end of input is a stop) and writes reports on stdout (``ready``, ``stats``, ``exit``, ``log``,
+# as ``verb key=value ...`` lines). Leaving is os._exit(): the CUDA context and every byte of
+# memory go with the process, at once.
+
+
+class TorchTiles:
+    """Square matmul tiles on one device, each timed: with CUDA events on a GPU (waited on
+    with blocking sync, so the CPU sleeps), with the clock on the CPU (the tests)."""
+
+    def __init__(self, torch, n: int, device: str = "cuda") -> None:
+        self.torch = torch
+        self.n = n
+        self.cuda = device.startswith("cuda")
+        dtype = torch.float16 if self.cuda else torch.float32
+        # randn, scaled: entries of the product stay near 1, far from fp16's maximum
+        self.a = torch.randn(n, n, device=device, dtype=dtype)
+        self.b = torch.randn(n, n, device=device, dtype=dtype) / math.sqrt(n)
+        self.c = torch.empty_like(self.a)
+        self.nbytes = 3 * self.a.numel() * self.a.element_size()
+        self.pending: collections.deque = collections.deque()
+        self.estimate: float | None = None  # seconds per tile, a moving average
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def launch(self) -> None:
+        torch = self.torch
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True, blocking=True)
+            end = torch.cuda.Event(enable_timing=True, blocking=True)
+            start.record()
+            torch.mm(self.a, self.b, out=self.c)
+            end.record()
+            self.pending.append((start, end))
+        else:
+            begin = time.perf_counter()
+            torch.mm(self.a, self.b, out=self.c)
+            self.pending.append(time.perf_counter() - begin)
+
+    def wait_one(self) -> float:
+        """Wait for the oldest tile; its busy time in seconds."""
+        item = self.pending.popleft()
+        if self.cuda:
+            start, end = item
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            seconds = item
+        self.estimate = seconds if self.estimate is None else 0.8 * self.estimate + 0.2 * seconds
+        return seconds
+
+
+def calibrate_tiles(make: Callable[[int], TorchTiles], target: float, n: int = 4096,
+                    step: int = 1024, n_max: int = 32768, max_bytes: int = 0,
+                    element_size: int = 2) -> TorchTiles:
+    """Tiles whose product takes about ``target`` seconds on this device: time a size, scale
+    it by the cube root of the ratio (the work grows as n^3), a few rounds."""
+    def fits(size: int) -> bool:
+        return not max_bytes or 3 * size * size * element_size <= max_bytes
+
+    while n > step and not fits(n):
+        n -= step
+    tried: dict[int, float] = {}
+    while True:
+        tiles = make(n)
+        for _ in range(2):  # the first products pay for library set-up
+            tiles.launch()
+            tiles.wait_one()
+        times = []
+        for _ in range(5):
+            tiles.launch()
+            times.append(tiles.wait_one())
+        seconds = sorted(times)[len(times) // 2]
+        tiles.estimate = seconds
+        tried[n] = seconds
+        scaled = n * (target / max(seconds, 1e-6)) ** (1 / 3)
+        nxt = min(n_max, max(step, round(scaled / step) * step))
+        while nxt > step and not fits(nxt):
+            nxt -= step
+        if nxt == n or nxt in tried or len(tried) >= 5:
+            return tiles
+        del tiles
+        n = nxt
+
+
+def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
+                    report: Callable[[str], object], period: float = KEEPALIVE_PERIOD,
+                    watch: Callable[[], str] | None = None,
+                    clock: Callable[[], float] = time.monotonic,
+                    max_in_flight: int = KEEPALIVE_MAX_IN_FLIGHT) -> int:
+    """The duty cycle: each period, keep the device busy for ``duty`` x ``period`` with tiles
+    (at most ``max_in_flight`` queued), then idle until the period ends, awake for commands.
+    Busy time is measured, and what one period over- or under-spends is carried to the next,
+    so the share of busy time follows ``duty`` exactly on average. Returns the exit status."""
+    credit = 0.0  # busy seconds still to spend
+    busy = 0.0
+    since = clock()
+    planned: collections.deque[float] = collections.deque()
+
+    def obey(commands: list[str]) -> int | None:
+        nonlocal duty
+        for command in commands:
+            verb, _, value = command.partition(" ")
+            if verb == "duty":
+                try:
+                    duty = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    report(f"log WARNING bad command {command!r}")
+            elif verb in ("stop", "eof"):
+                report(f"exit reason={verb} t={time.time():.6f}")
+                return 0
+        return None
+
+    def finish_one() -> None:
+        nonlocal credit, busy
+        seconds = tiles.wait_one()
+        planned.popleft()
+        credit -= seconds
+        busy += seconds
+
+    while True:
+        begin = clock()
+        estimate = tiles.estimate or period / 10
+        credit = max(-period, min(credit + duty * period, duty * period + estimate))
+        while credit - sum(planned) >= estimate / 2:
+            code = obey(control.poll(0))
+            if code is not None:
+                return code
+            if tiles.in_flight >= max_in_flight:
+                finish_one()
+            tiles.launch()
+            planned.append(estimate)
+            estimate = tiles.estimate or estimate
+        while tiles.in_flight:
+            finish_one()
+        if watch is not None:
+            reason = watch()
+            if reason:
+                report(f"exit reason={reason} t={time.time():.6f}")
+                return EXIT_FOREIGN
+        now = clock()
+        if now - since >= _REPORT_SECONDS:
+            report(f"stats duty={duty:.3f} busy={busy / (now - since):.3f} "
+                   f"tile_ms={estimate * 1000:.2f}")
+            busy, since = 0.0, now
+        end = begin + period
+        while True:
+            left = end - clock()
+            if left <= 0:
+                break
+            code = obey(control.poll(left))
+            if code is not None:
+                return code
+
+
+class StdinControl:
+    """Commands from the daemon, one per line on a file descriptor; end of input is ``eof``."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.eof = False
+
+    def poll(self, timeout: float) -> list[str]:
+        """The commands that arrived, waiting up to ``timeout`` seconds for the first."""
+        if self.eof:
+            return ["eof"]
+        try:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        except InterruptedError:
+            return []
+        if not ready:
+            return []
+        data = os.read(self.fd, 4096)
+        if not data:
+            self.eof = True
+            data = b"\neof\n"
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [line.decode(errors="replace").strip() for line in lines if line.strip()]
+
+
+class _NvmlWatch:
+    """The worker's own look for foreign work, every period (about 7 times a second): the
+    fast path of the yield, which does not wait for the daemon's next tick."""
+
+    def __init__(self, uuid: str) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nv = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        self.base = int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def __call__(self) -> str:
+        try:
+            if len(self.nv.nvmlDeviceGetComputeRunningProcesses(self.handle)) > 1:
+                return "foreign-process"
+            used = int(self.nv.nvmlDeviceGetMemoryInfo(self.handle).used)
+        except Exception:  # noqa: BLE001 - the daemon keeps watching too
+            return ""
+        if used - self.base > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
+            return "foreign-memory"
+        return ""
+
+
+def _report(line: str) -> None:
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # the daemon is gone; stdin's end of input will stop us
+
+
+def _take_ballast(torch, memory_mib: int) -> tuple[list, int]:
+    """Allocate up to ``memory_mib`` in all on the current GPU; keep what fits."""
+    chunks = []
+    want = memory_mib * MIB - torch.cuda.memory_reserved()
+    while want > 0:
+        size = min(want, _BALLAST_CHUNK_MIB * MIB)
+        try:
+            chunks.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+        except torch.cuda.OutOfMemoryError:
+            _report(f"log WARNING only {torch.cuda.memory_reserved() // MIB} MiB of "
+                    f"{memory_mib} MiB could be taken")
+            break
+        want -= size
+    return chunks, torch.cuda.memory_reserved() // MIB
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="perpetual_motion.py --worker",
+                                     description="Keep-alive worker of one GPU.")
+    parser.add_argument("uuid", help="the GPU's UUID (also its CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--mode", choices=[m.value for m in WorkerMode], default="hold")
+    parser.add_argument("--memory-mib", type=int, default=0, help="memory to hold in all")
+    parser.add_argument("--duty", type=float, default=KEEPALIVE_START_DUTY)
+    parser.add_argument("--period", type=float, default=KEEPALIVE_PERIOD)
+    parser.add_argument("--tile", type=int, default=0, help="tile size; 0: calibrate")
+    parser.add_argument("--tile-ms", type=float, default=KEEPALIVE_TILE_MS)
+    parser.add_argument("--max-tile-mib", type=int, default=0)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for the tests")
+    parser.add_argument("--no-watch", action="store_true", help="leave foreign work to the daemon")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        _report("log ERROR torch is not installed")
+        return EXIT_SETUP
+    cuda = args.device.startswith("cuda")
+    try:
+        if cuda and not torch.cuda.is_available():
+            _report("log ERROR CUDA is not available to the worker")
+            return EXIT_SETUP
+        if not cuda:
+            torch.set_num_threads(1)
+        element = 2 if cuda else 4
+
+        def make(n: int) -> TorchTiles:
+            return TorchTiles(torch, n, args.device)
+
+        if args.tile:
+            tiles = calibrate_tiles(make, args.tile_ms / 1000, n=args.tile, step=args.tile,
+                                    n_max=args.tile, element_size=element)
+        else:
+            tiles = calibrate_tiles(make, args.tile_ms / 1000, max_bytes=args.max_tile_mib * MIB,
+                                    element_size=element, n=4096 if cuda else 256,
+                                    step=1024 if cuda else 64, n_max=32768 if cuda else 4096)
+        ballast: list = []
+        held = tiles.nbytes // MIB
+        if cuda:
+            torch.cuda.empty_cache()  # the sizes tried while calibrating
+            ballast, held = _take_ballast(torch, args.memory_mib)
+        watch = None
+        if cuda and args.mode == WorkerMode.HOLD.value and not args.no_watch:
+            try:
+                watch = _NvmlWatch(args.uuid)
+            except Exception as exc:  # noqa: BLE001 - the daemon's check remains
+                _report(f"log INFO no fast foreign-work check ({exc}); the daemon's remains")
+    except Exception as exc:  # noqa: BLE001 - out of memory for the tiles, CUDA errors
+        _report(f"log ERROR setup failed: {type(exc).__name__}: {exc}")
+        return EXIT_SETUP
+    _report(f"ready tile={tiles.n} tile_ms={(tiles.estimate or 0) * 1000:.2f} held_mib={held}")
+    code = run_worker_loop(tiles, StdinControl(), duty=args.duty, report=_report,
+                           period=args.period, watch=watch)
+    del ballast
+    return code
+
+
+def worker_main(argv: list[str], exit: Callable[[int], object] = os._exit) -> int:
+    """Entry of ``perpetual_motion.py --worker ...`` (``argv`` without ``--worker``).
+    It leaves through os._exit, so the CUDA context and the memory go at once."""
+    try:
+        code = _worker(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code if isinstance(exc.code, int) else 2
+    except BaseException as exc:  # noqa: BLE001 - reported, then the process ends
+        _report(f"log ERROR worker failed: {type(exc).__name__}: {exc}")
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    exit(code)
+    return code
 
 
 # Daemon loop ################################################################################
@@ -999,7 +2409,7 @@ class Daemon:
         self.keepalive.tick(now, self.runner.current is not None)
         if self.identity.pid == 1:
             current = self.runner.current
-            reap_orphans(current.proc.pid if current else None)
+            reap_orphans(self.keepalive.child_pids() | ({current.proc.pid} if current else set()))
         if self.stopping and self.runner.current is None:
             self.finished = True
             return
@@ -1024,9 +2434,7 @@ class Daemon:
             if task_id is None:
                 return
             self.state_dirty = True
-            if not self.keepalive.release(RELEASE_TIMEOUT_SECONDS):
-                LOG.warning("keep-alive did not free the GPUs within %.0f s; starting %s anyway",
-                            RELEASE_TIMEOUT_SECONDS, task_id)
+            self.keepalive.release(RELEASE_TIMEOUT_SECONDS)  # it warns when it could not
             if self.runner.start(task_id) is None:
                 self.keepalive.task_finished()
 

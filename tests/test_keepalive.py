@@ -1,0 +1,1053 @@
+"""Keep-alive: the controller and the yield policy in simulated time, the NVML wrapper against
+a stub module, and the real worker loop on the CPU with torch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import simgpu as sim  # noqa: E402
+
+import perpetual_motion as pm  # noqa: E402
+
+MIB = pm.MIB
+GIB = pm.GIB
+
+
+@pytest.fixture
+def log():
+    logger = logging.getLogger("test-keepalive")
+    logger.setLevel(logging.DEBUG)
+    return logger
+
+
+def start(node, log, **options):
+    ka = sim.engine(node, log, **options)
+    ka.start()
+    return ka
+
+
+def hold(node, ka, seconds=10.0):
+    """Run until the GPUs are held."""
+    sim.run(node, ka, seconds)
+    return ka
+
+
+def field(ka, gpu, key):
+    return ka.gpu_fields()[f"gpu.{gpu}.{key}"]
+
+
+# Sizing and bands ###########################################################################
+
+
+@pytest.mark.parametrize("gib, n", [(24, 50176), (48, 71680), (80, 92160), (141, 122880)])
+def test_seed_matrix_size_follows_the_formula(gib, n):
+    assert pm.seed_matrix_size(gib * GIB) == n
+    assert 3 * n * n * 2 <= 0.6 * gib * GIB < 3 * (n + 1024) ** 2 * 2
+
+
+def test_hold_takes_the_target_from_free_memory_with_headroom():
+    total = 80 * GIB
+    assert pm.hold_mib(total, 500 * MIB) == int(0.6 * 80 * 1024)
+    # someone uses 50 GiB: only what is free beyond the headroom and our context is taken
+    held = pm.hold_mib(total, 50 * GIB)
+    assert held == int((30 * GIB - 0.1 * total) / MIB) - pm._CONTEXT_MIB
+    assert pm.hold_mib(total, 75 * GIB) == 0
+
+
+def test_band_step_follows_the_seeds_bands():
+    duty = 0.5
+    fast = pm.band_step(20, duty) - duty
+    slow = pm.band_step(60, duty) - duty
+    assert fast > slow > 0
+    assert pm.band_step(70, duty) == duty and pm.band_step(85, duty) == duty
+    assert pm.band_step(95, duty) < duty
+    assert pm.band_step(0, 0.9) == pm._DUTY_MAX
+    assert pm.band_step(100, 0.06) == pm._DUTY_MIN
+
+
+# The controller settles in the band #########################################################
+
+
+@pytest.mark.parametrize("gain, offset, start_duty", [
+    (1.0, 0, 0.75), (0.8, 0, 0.75), (1.25, 5, 0.75), (1.0, -10, 0.75),
+    (1.0, 0, 0.2), (1.5, 0, 0.2), (1.0, 0, 0.95), (1.8, 0, 0.95),
+])
+def test_settles_in_the_band_without_oscillating(monkeypatch, log, gain, offset, start_duty):
+    monkeypatch.setattr(pm, "KEEPALIVE_START_DUTY", start_duty)
+    node = sim.scenario_idle_gpu(seed=7)
+    node.gpus[0].gain, node.gpus[0].offset = gain, offset
+    ka = start(node, log)
+    utils, duties = [], []
+
+    def each():
+        utils.append(field(ka, 0, "util"))
+        duties.append(field(ka, 0, "duty"))
+
+    sim.run(node, ka, 180, each=each)
+    settled_u = [float(u) for u in utils[300:]]  # after 30 s
+    settled_d = [float(d) for d in duties[300:]]
+    in_band = sum(pm.GPU_UTIL_TARGET <= u <= pm.GPU_UTIL_HIGH for u in settled_u)
+    assert in_band / len(settled_u) > 0.9
+    moves = [b - a for a, b in zip(settled_d, settled_d[1:]) if b != a]
+    reversals = sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
+    assert reversals <= 3
+    assert len(node.workers) == 1  # never restarted
+
+
+def test_far_below_the_band_steps_up_fast(monkeypatch, log):
+    monkeypatch.setattr(pm, "KEEPALIVE_START_DUTY", 0.1)
+    node = sim.scenario_idle_gpu(seed=3)
+    ka = start(node, log)
+    sim.run(node, ka, 8)
+    assert float(field(ka, 0, "util")) >= pm.GPU_UTIL_TARGET
+
+
+def test_the_controller_judges_only_samples_taken_after_its_last_change():
+    window = pm.UtilWindow()
+    controller = pm.DutyController(0.5)
+    t = 0.0
+
+    def feed(seconds, util):
+        nonlocal t
+        for _ in range(round(seconds * 6)):
+            t += 1e6 / 6
+            window.add([(t, util)])
+
+    feed(2.0, 30)
+    controller.reset(window)
+    feed(pm._SETTLE_LAG + pm.KEEPALIVE_UTIL_WINDOW - 0.2, 30)
+    assert controller.decide(window) is None  # too few fresh samples yet
+    feed(0.4, 30)
+    first = controller.decide(window)
+    assert first is not None and first > 0.5
+    feed(1.0, 95)  # the old duty's samples are ignored, the new ones are too few
+    assert controller.decide(window) is None
+    feed(1.0, 95)
+    assert controller.decide(window) < first
+    feed(5.0, 77)
+    assert controller.decide(window) is None  # in the band: hold
+
+
+def test_the_controller_waits_for_fresh_samples(log):
+    """No two duty changes closer than the settling time: it never acts on stale samples."""
+    node = sim.scenario_idle_gpu(seed=5)
+    node.gpus[0].gain = 0.4  # the band is out of reach: it keeps stepping up
+    ka = start(node, log)
+    sim.run(node, ka, 30)
+    changes = [t for t, line in node.workers[0].sent if line.startswith("duty")]
+    assert changes
+    gaps = [b - a for a, b in zip(changes, changes[1:])]
+    assert min(gaps, default=99) >= pm._SETTLE_LAG + pm.KEEPALIVE_UTIL_WINDOW - 0.2
+
+
+# Yield to foreign work ######################################################################
+
+
+def test_yields_within_one_tick_of_a_foreign_process(log):
+    node = sim.scenario_foreign_process_appears(at=20.05)
+    ka = start(node, log)
+    sim.run(node, ka, 20)
+    assert field(ka, 0, "state") == "holding"
+    appears = node.gpus[0].foreign[0].start
+    sim.run(node, ka, 0.1)  # one tick
+    worker = node.workers[0]
+    assert worker.stop_at is not None and worker.stop_at - appears <= 0.1 + 1e-9
+    assert field(ka, 0, "state") == "yielded"
+    assert field(ka, 0, "reason") == "foreign process"
+    sim.run(node, ka, 0.2)
+    assert worker.exit_code() == 0 and worker.memory(node.now) == 0
+
+
+def test_a_process_of_ours_is_not_foreign(log):
+    node = sim.scenario_two_idle_gpus()
+    ka = start(node, log)
+    sim.run(node, ka, 60)
+    assert [field(ka, i, "state") for i in (0, 1)] == ["holding", "holding"]
+    assert len(node.workers) == 2
+
+
+def test_foreign_memory_growth_yields(log):
+    node = sim.scenario_foreign_memory_grows(at=20.05, size=GIB)
+    ka = start(node, log)
+    sim.run(node, ka, 20.1)
+    assert field(ka, 0, "state") == "yielded"
+    assert field(ka, 0, "reason").startswith("foreign memory +1024 MiB")
+
+
+def test_small_memory_changes_do_not_yield(log):
+    node = sim.scenario_foreign_memory_grows(at=20.05, size=100 * MIB)
+    ka = start(node, log)
+    sim.run(node, ka, 40)
+    assert field(ka, 0, "state") == "holding"
+
+
+def test_foreign_per_process_utilisation_yields(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 20)
+    node.foreign(0, memory=0, util=30, listed=False)  # seen only in per-process samples
+    sim.run(node, ka, 0.1)
+    assert field(ka, 0, "state") == "yielded"
+    assert field(ka, 0, "reason").startswith("foreign utilisation")
+
+
+def test_the_workers_own_check_yields_before_the_tick(log):
+    node = sim.scenario_foreign_process_appears(at=20.02)
+    node.worker_watch = True
+    ka = start(node, log)
+    sim.run(node, ka, 20)
+    appears = node.gpus[0].foreign[0].start
+    end, code = node.workers[0].exit_time()
+    assert code == pm.EXIT_FOREIGN and end - appears <= pm.KEEPALIVE_PERIOD
+    sim.run(node, ka, 0.2)
+    assert field(ka, 0, "state") == "yielded"
+    assert "foreign" in field(ka, 0, "reason")
+
+
+def test_the_workers_exit_line_counts_when_its_status_is_lost(log):
+    """A daemon that is PID 1 reaps orphans, and may take a worker's exit status first."""
+    node = sim.scenario_foreign_process_appears(at=20.02)
+    node.worker_watch = True
+    node.on_spawn = lambda worker: setattr(worker, "status_lost", True)
+    ka = start(node, log)
+    sim.run(node, ka, 21, poll=1.0)  # the daemon's pace: the worker leaves between two ticks
+    assert node.workers[0].stop_at is None and node.workers[0].exit_code() == 0
+    assert field(ka, 0, "state") == "yielded"
+    assert "hold-off" in field(ka, 0, "reason") or "foreign" in field(ka, 0, "reason")
+    assert ka.slots[0].crashes == 0 and ka.slots[0].foreign_at is not None
+
+
+def test_holdoff_is_respected_to_the_tick(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    job = node.foreign(0, start=node.now + 0.05, end=node.now + 20.05)
+    last_seen = spawned_at = None
+    while spawned_at is None and node.now < job.end + 200:
+        sim.run(node, ka, 0.1)
+        if job.alive(node.now):
+            last_seen = node.now  # the last tick that could see the job
+        if len(node.workers) == 2:
+            spawned_at = node.workers[1].started
+    assert spawned_at is not None
+    assert spawned_at - last_seen >= pm.KEEPALIVE_HOLDOFF_SECONDS
+    assert spawned_at - last_seen <= pm.KEEPALIVE_HOLDOFF_SECONDS + 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("worker_watch", [False, True])
+def test_no_return_while_the_foreign_job_is_still_there(log, worker_watch):
+    """Our departed worker's lingering entry must not hide the job that made it leave."""
+    node = sim.scenario_idle_gpu()
+    node.worker_watch = worker_watch
+    ka = start(node, log, holdoff=2.0)
+    sim.run(node, ka, 10)
+    job = node.foreign(0, start=node.now + 0.05, end=node.now + 12)
+    sim.run(node, ka, 11.5)
+    assert len(node.workers) == 1, "taken again while the job ran"
+    assert field(ka, 0, "state") == "yielded"
+    sim.run(node, ka, 3)
+    assert len(node.workers) == 2 and node.workers[1].started >= job.end - 0.1 + 2.0
+
+
+def test_holdoff_starts_again_when_foreign_work_returns(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log, holdoff=30)
+    sim.run(node, ka, 10)
+    t0 = node.now
+    node.foreign(0, start=t0 + 0.05, end=t0 + 5)
+    node.foreign(0, start=t0 + 25, end=t0 + 26)  # back inside the hold-off
+    sim.run(node, ka, 50)
+    assert len(node.workers) == 1
+    assert field(ka, 0, "reason").startswith("foreign process; hold-off")
+    sim.run(node, ka, 10)
+    assert len(node.workers) == 2
+    assert node.workers[1].started >= t0 + 26 + 30
+
+
+def test_a_gpu_busy_without_listed_processes_is_let_go(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    node.foreign(0, util=95, memory=0, listed=False, sampled=False)  # load NVML cannot place
+    sim.run(node, ka, 60)
+    assert field(ka, 0, "state") == "yielded"
+    assert field(ka, 0, "reason").startswith("GPU busy")
+
+
+# Queue tasks ################################################################################
+
+
+def test_release_waits_until_the_memory_is_free(log):
+    node = sim.scenario_two_idle_gpus()
+    sim.FakeWorker.stop_delay = 0.3
+    try:
+        ka = start(node, log)
+        sim.run(node, ka, 10)
+        before = node.now
+        assert all(g.used(node.now) > 40 * GIB for g in node.gpus)
+        assert ka.release(timeout=30) is True
+        waited = node.now - before
+        assert 0.3 <= waited < 1.0
+        assert all(g.used(node.now) == g.reserved for g in node.gpus)
+        assert [field(ka, i, "state") for i in (0, 1)] == ["yielded", "yielded"]
+        assert field(ka, 0, "reason") == "queue task"
+    finally:
+        sim.FakeWorker.stop_delay = 0.03
+
+
+def test_workers_stay_off_during_the_task_and_return_after(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log, filler=False)
+    sim.run(node, ka, 10)
+    ka.release(timeout=30)
+    node.foreign(0, start=node.now, end=node.now + 120, util=20)  # the task itself
+    sim.run(node, ka, 120, task_running=True)
+    assert len(node.workers) == 1
+    ka.task_finished()
+    sim.run(node, ka, pm.KEEPALIVE_RESUME_AFTER_TASK - 0.2)
+    assert len(node.workers) == 1
+    sim.run(node, ka, 5)
+    assert len(node.workers) == 2 and field(ka, 0, "state") == "holding"
+
+
+def test_the_engine_keeps_its_own_clock_whatever_the_daemon_passes(log):
+    """The daemon may pass the wall clock; release() and task_finished() have no ``now``."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log, filler=False)
+
+    def tick_wall(seconds, task_running=False):
+        for _ in range(round(seconds / 0.1)):
+            node.sleep(0.1)
+            ka.tick(node.time() + 1.8e9, task_running)  # epoch seconds, not the engine's clock
+
+    tick_wall(10)
+    ka.release(timeout=30)
+    tick_wall(5, task_running=True)
+    ka.task_finished()
+    tick_wall(pm.KEEPALIVE_RESUME_AFTER_TASK - 0.5)
+    assert len(node.workers) == 1  # the resume delay is kept
+    tick_wall(3)
+    assert len(node.workers) == 2 and field(ka, 0, "state") == "holding"
+
+
+def test_release_of_a_stuck_worker_kills_it_at_the_timeout(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    node.workers[0].stuck = True
+    before = node.now
+    assert ka.release(timeout=0.2) is False or node.workers[0].kill_at is not None
+    assert node.workers[0].kill_at is not None
+    assert node.now - before <= 0.6
+    sim.run(node, ka, 0.1, task_running=True)
+    assert node.gpus[0].used(node.now) == node.gpus[0].reserved
+
+
+def test_release_of_a_starting_worker_kills_it_at_once(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 0.3)
+    assert field(ka, 0, "state") == "starting"
+    before = node.now
+    assert ka.release(timeout=10) is True
+    assert node.workers[0].kill_at == before
+    assert node.gpus[0].used(node.now) == node.gpus[0].reserved
+
+
+def test_release_without_workers_returns_at_once(log):
+    node = sim.scenario_foreign_process_appears(at=0.0)
+    ka = start(node, log)
+    sim.run(node, ka, 5)
+    before = node.now
+    assert ka.release(timeout=10) is True and node.now == before
+
+
+def test_filler_starts_only_after_a_sustained_low_window(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    ka.release(timeout=30)
+    t0 = node.now
+    task = node.foreign(0, start=t0, util=0, memory=10 * GIB)  # stuck loading data
+    sim.run(node, ka, pm.KEEPALIVE_FILLER_AFTER_SECONDS - 1, task_running=True)
+    assert len(node.workers) == 1
+    sim.run(node, ka, 3, task_running=True)
+    assert len(node.workers) == 2
+    filler = node.workers[1]
+    assert filler.spec.mode is pm.WorkerMode.FILL and filler.spec.memory_mib <= 1024
+    assert filler.started - t0 >= pm.KEEPALIVE_FILLER_AFTER_SECONDS
+    sim.run(node, ka, 40, task_running=True)
+    assert field(ka, 0, "state") == "filling"
+    assert pm.GPU_UTIL_TARGET <= float(field(ka, 0, "util")) <= pm.GPU_UTIL_HIGH
+    # the task gets back to work: the filler backs off, then leaves
+    task.end = node.now
+    node.foreign(0, start=node.now, util=93, memory=10 * GIB)
+    sim.run(node, ka, 60, task_running=True)
+    assert filler.exit_code() is not None
+    duties = [float(line.split()[1]) for _, line in filler.sent if line.startswith("duty")]
+    assert duties and duties[-1] < duties[0]
+    assert field(ka, 0, "state") == "yielded"
+    assert field(ka, 0, "reason").startswith("queue task")
+    ka.task_finished()
+    sim.run(node, ka, 1)
+    assert len(node.live_workers(0)) == 0  # no ballast while the task's process is there
+
+
+def test_filler_is_not_started_when_switched_off(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log, filler=False)
+    sim.run(node, ka, 5)
+    ka.release(timeout=30)
+    sim.run(node, ka, 300, task_running=True)
+    assert len(node.workers) == 1
+
+
+def test_filler_needs_room_in_memory(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 5)
+    ka.release(timeout=30)
+    node.foreign(0, util=0, memory=70 * GIB)  # the task holds almost everything
+    sim.run(node, ka, 200, task_running=True)
+    assert len(node.workers) == 1
+
+
+def test_filler_leaves_when_the_task_needs_memory(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 5)
+    ka.release(timeout=30)
+    node.foreign(0, util=0, memory=GIB)
+    sim.run(node, ka, 70, task_running=True)
+    assert field(ka, 0, "state") == "filling"
+    node.foreign(0, util=0, memory=72 * GIB)
+    sim.run(node, ka, 0.2, task_running=True)
+    assert node.workers[1].stop_at is not None
+    assert "memory" in field(ka, 0, "reason")
+
+
+# Crashes, MIG, NVML failures ################################################################
+
+
+def test_a_crashing_worker_is_restarted_with_backoff(log, caplog):
+    node = sim.scenario_idle_gpu()
+
+    def crash_soon(worker):
+        worker.crash_at = worker.ready_at + 2.0
+
+    node.on_spawn = crash_soon
+    ka = start(node, log)
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, 60)
+    starts = [w.started for w in node.workers]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    lived = sim.FakeWorker.ready_delay + 2.0
+    waits = [round(g - lived) for g in gaps]
+    assert waits[:3] == [5, 10, 20]
+    assert "crash 2" in caplog.text and "restarting in 10 s" in caplog.text
+    assert field(ka, 0, "state") in ("off", "starting", "holding")
+
+
+def test_a_worker_that_cannot_start_is_retried(log, caplog):
+    node = sim.scenario_idle_gpu()
+    node.spawn_error = OSError("no such interpreter")
+    ka = start(node, log)
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, 20)
+    assert "did not start" in caplog.text
+    assert field(ka, 0, "state") == "off"
+    node.spawn_error = None
+    sim.run(node, ka, 30)
+    assert field(ka, 0, "state") == "holding"
+
+
+def test_tick_survives_a_broken_worker_handle(log, caplog):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 5)
+
+    def broken():
+        raise RuntimeError("pipe exploded")
+
+    node.workers[0].messages = broken
+    with caplog.at_level(logging.ERROR):
+        sim.run(node, ka, 2)  # must not raise
+    assert "pipe exploded" in caplog.text
+    assert node.workers[0].kill_at is not None  # a worker we cannot watch is not left running
+    assert field(ka, 0, "state") == "off" and "error" in field(ka, 0, "reason")
+    sim.run(node, ka, 10)
+    assert field(ka, 0, "state") == "holding" and len(node.workers) == 2
+
+
+def test_mig_devices_are_skipped(log):
+    node = sim.scenario_mig_device()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    assert field(ka, 1, "state") == "off" and "MIG" in field(ka, 1, "reason")
+    assert field(ka, 0, "state") == "holding"
+    assert all(w.gpu.info.index == 0 for w in node.workers)
+
+
+def test_nvml_failing_on_one_gpu_lets_it_go_and_keeps_the_other(log):
+    node = sim.scenario_failing_one_gpu(start=10.0, length=30.0)
+    ka = start(node, log)
+    sim.run(node, ka, 15)
+    assert field(ka, 1, "state") == "holding"  # short failures are sat out
+    sim.run(node, ka, 10)
+    assert field(ka, 1, "state") == "yielded" and field(ka, 1, "reason") == "NVML not answering"
+    assert field(ka, 1, "util") == "" and field(ka, 0, "util") != ""
+    assert node.workers_on(1)[0].stop_at is not None
+    assert field(ka, 0, "state") == "holding"
+    sim.run(node, ka, 20)  # NVML is back
+    assert field(ka, 1, "state") == "holding"
+
+
+def test_state_file_fields(log):
+    node = sim.scenario_two_idle_gpus()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    fields = ka.gpu_fields()
+    assert fields["gpu_count"] == "2"
+    for i in (0, 1):
+        for key in ("name", "uuid", "util", "mem_used_mib", "mem_total_mib", "state",
+                    "reason", "tile", "duty", "held_mib"):
+            assert f"gpu.{i}.{key}" in fields
+    assert fields["gpu.0.state"] == "holding"
+    assert fields["gpu.0.tile"] == "16384" and fields["gpu.0.duty"] == "0.75"
+    assert fields["gpu.0.mem_total_mib"] == str(80 * 1024)
+    assert int(fields["gpu.0.mem_used_mib"]) > 0.6 * 80 * 1024
+    assert all("\n" not in v for v in fields.values())
+    assert ka.describe() == "on"
+
+
+def test_stop_frees_every_gpu(log):
+    node = sim.scenario_two_idle_gpus()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    ka.stop()
+    assert all(w.exit_code() is not None for w in node.workers)
+    assert [field(ka, i, "state") for i in (0, 1)] == ["off", "off"]
+    ka.stop()  # idempotent
+
+
+# make_keepalive and the NVML wrapper ########################################################
+
+
+def nvml_works_here() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(nvml_works_here(), reason="this machine has an NVIDIA driver")
+def test_make_keepalive_without_a_gpu_is_off_with_one_warning(caplog, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    log = logging.getLogger("test-make")
+    with caplog.at_level(logging.DEBUG, logger="test-make"):
+        ka = pm.make_keepalive(True, log)
+    assert type(ka) is pm.KeepAlive
+    assert ka.describe().startswith("off: ")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert ka.gpu_fields() == {"gpu_count": "0"}
+    assert ka.release(1.0) is True
+
+
+def test_make_keepalive_disabled(caplog):
+    log = logging.getLogger("test-make")
+    with caplog.at_level(logging.DEBUG, logger="test-make"):
+        ka = pm.make_keepalive(False, log)
+    assert ka.describe() == "off: disabled"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_make_keepalive_with_no_visible_devices(caplog, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    log = logging.getLogger("test-make")
+    with caplog.at_level(logging.DEBUG, logger="test-make"):
+        ka = pm.make_keepalive(True, log)
+    assert ka.describe() == "off: CUDA_VISIBLE_DEVICES is empty"
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_NotFound(NVMLError):  # noqa: N801 - pynvml's name
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):  # noqa: N801 - pynvml's name
+    pass
+
+
+def stub_pynvml(gpus, fail=()):
+    """A stand-in for the pynvml module: ``gpus`` is a list of dicts."""
+    nv = types.SimpleNamespace()
+    nv.NVMLError = NVMLError
+    nv.NVMLError_NotFound = NVMLError_NotFound
+    nv.NVMLError_NotSupported = NVMLError_NotSupported
+    nv.NVML_DEVICE_MIG_ENABLE = 1
+    nv.NVML_GPU_UTILIZATION_SAMPLES = 1
+    nv.calls = []
+
+    def check(what):
+        nv.calls.append(what)
+        if what in fail:
+            raise NVMLError(f"{what} failed")
+
+    nv.nvmlInit = lambda: check("init")
+    nv.nvmlShutdown = lambda: None
+    nv.nvmlDeviceGetCount = lambda: len(gpus)
+    nv.nvmlDeviceGetHandleByIndex = lambda i: i
+    nv.nvmlDeviceGetUUID = lambda h: gpus[h]["uuid"].encode()
+    nv.nvmlDeviceGetName = lambda h: gpus[h]["name"]
+
+    def memory(h):
+        check("memory")
+        return types.SimpleNamespace(total=80 * GIB, used=gpus[h].get("used", GIB),
+                                     free=0)
+
+    def mig(h):
+        if gpus[h].get("mig") is None:
+            raise NVMLError_NotSupported()
+        return (int(gpus[h]["mig"]), 0)
+
+    def samples(h, kind, last):
+        check("samples")
+        raw = [s for s in gpus[h].get("samples", []) if s[0] > last]
+        if not raw:
+            raise NVMLError_NotFound()
+        return 1, [types.SimpleNamespace(timeStamp=t, sampleValue=types.SimpleNamespace(uiVal=v))
+                   for t, v in raw]
+
+    def processes(h):
+        check("processes")
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=GIB) for p in gpus[h].get("pids", [])]
+
+    def putil(h, last):
+        check("putil")
+        raise NVMLError_NotFound()
+
+    nv.nvmlDeviceGetMemoryInfo = memory
+    nv.nvmlDeviceGetMigMode = mig
+    nv.nvmlDeviceGetSamples = samples
+    nv.nvmlDeviceGetComputeRunningProcesses = processes
+    nv.nvmlDeviceGetProcessUtilization = putil
+    return nv
+
+
+GPUS = [
+    {"uuid": "GPU-aaaa-1111", "name": "NVIDIA A100-SXM4-80GB", "mig": False},
+    {"uuid": "GPU-bbbb-2222", "name": "NVIDIA A100-SXM4-80GB", "mig": True},
+    {"uuid": "GPU-cccc-3333", "name": "NVIDIA A100-SXM4-80GB"},
+]
+
+
+def test_make_keepalive_with_gpus_skips_mig_and_honours_visible_devices(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    log = logging.getLogger("test-make")
+    with caplog.at_level(logging.INFO, logger="test-make"):
+        ka = pm.make_keepalive(True, log, node_label="node-1")
+    assert isinstance(ka, pm.GpuKeepAlive) and ka.describe() == "on"
+    assert [s.gpu.index for s in ka.slots] == [0, 1, 2]
+    assert ka.slots[1].gpu.mig and "MIG mode" in caplog.text
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc,0")
+    ka = pm.make_keepalive(True, log)
+    assert [s.gpu.uuid for s in ka.slots] == ["GPU-cccc-3333", "GPU-aaaa-1111"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="test-make"):
+        ka = pm.make_keepalive(True, log)
+    assert ka.describe() == "off: every GPU is in MIG mode"
+
+
+def test_make_keepalive_when_nvml_cannot_start(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS, fail={"init"}))
+    log = logging.getLogger("test-make")
+    with caplog.at_level(logging.INFO, logger="test-make"):
+        ka = pm.make_keepalive(True, log)
+    assert ka.describe().startswith("off: NVML cannot start")
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_make_keepalive_without_torch(monkeypatch, caplog):
+    real = pm.importlib.util.find_spec
+    monkeypatch.setattr(pm.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    ka = pm.make_keepalive(True, logging.getLogger("test-make"))
+    assert ka.describe() == "off: torch is not installed (the workers need it)"
+
+
+def test_nvml_wrapper_reads_and_survives_failures(caplog):
+    gpus = [dict(GPUS[0], samples=[(100, 70), (200, 80)], pids=[11, 12], used=3 * GIB)]
+    nv = stub_pynvml(gpus)
+    log = logging.getLogger("test-nvml")
+    nvml = pm.Nvml(nv, log)
+    info = nvml.gpus()[0]
+    assert info == pm.GpuInfo(0, "GPU-aaaa-1111", "NVIDIA A100-SXM4-80GB", 80 * GIB, False)
+    assert nvml.util_samples(info) == [(100.0, 70.0), (200.0, 80.0)]
+    assert nvml.util_samples(info) == []  # nothing new: NotFound is no failure
+    gpus[0]["samples"].append((300, 75))
+    assert nvml.util_samples(info) == [(300.0, 75.0)]
+    assert nvml.memory(info) == (3 * GIB, 80 * GIB)
+    assert [p.pid for p in nvml.compute_processes(info)] == [11, 12]
+    assert nvml.process_util(info) == []
+    unsupported = stub_pynvml(gpus)
+
+    def no_putil(h, last):
+        unsupported.calls.append("putil")
+        raise NVMLError_NotSupported()
+
+    unsupported.nvmlDeviceGetProcessUtilization = no_putil
+    quiet = pm.Nvml(unsupported, log)
+    with caplog.at_level(logging.INFO, logger="test-nvml"):
+        assert [quiet.process_util(info) for _ in range(3)] == [None, None, None]
+    assert unsupported.calls.count("putil") == 1  # asked once, then left alone
+    assert "no per-process utilisation" in caplog.text
+    caplog.clear()
+    broken = pm.Nvml(stub_pynvml(gpus, fail={"memory", "processes", "samples"}), log)
+    with caplog.at_level(logging.WARNING, logger="test-nvml"):
+        for _ in range(3):
+            assert broken.memory(info) is None
+            assert broken.compute_processes(info) is None
+            assert broken.util_samples(info) is None
+    assert caplog.text.count("NVML memory failed") == 1  # throttled
+
+
+# The worker loop, for real, on the CPU ######################################################
+
+torch = pytest.importorskip("torch")
+
+
+class ScriptedControl:
+    """Commands at given times (seconds after the first poll)."""
+
+    def __init__(self, script):
+        self.script = sorted(script)
+        self.t0 = None
+
+    def poll(self, timeout):
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        due = [c for t, c in self.script if self.t0 + t <= now]
+        self.script = [(t, c) for t, c in self.script if self.t0 + t > now]
+        if due:
+            return due
+        if self.script:
+            time.sleep(max(0.0, min(timeout, self.t0 + self.script[0][0] - now)))
+        else:
+            time.sleep(timeout)
+        return []
+
+
+class ClockedTiles:
+    """Tiles of a fixed length on a simulated clock (what the duty accounting sees)."""
+
+    def __init__(self, clock, seconds):
+        self.clock = clock
+        self.seconds = seconds
+        self.n = 1
+        self.estimate = seconds
+        self.pending = []
+        self.most_in_flight = 0
+
+    @property
+    def in_flight(self):
+        return len(self.pending)
+
+    def launch(self):
+        self.pending.append(self.seconds)
+        self.most_in_flight = max(self.most_in_flight, len(self.pending))
+
+    def wait_one(self):
+        seconds = self.pending.pop(0)
+        self.clock.now += seconds  # the GPU's time, spent while the worker waits
+        return seconds
+
+
+class ClockedControl:
+    """Commands at simulated times; waiting moves the simulated clock."""
+
+    def __init__(self, clock, script):
+        self.clock = clock
+        self.script = sorted(script)
+
+    def poll(self, timeout):
+        due = [c for t, c in self.script if t <= self.clock.now]
+        if due:
+            self.script = self.script[len(due):]
+            return due
+        upcoming = self.script[0][0] if self.script else self.clock.now + timeout
+        self.clock.now = min(self.clock.now + timeout, max(self.clock.now, upcoming))
+        return []
+
+
+@pytest.mark.parametrize("tile", [0.004, 0.011, 0.023])
+def test_worker_loop_busy_share_follows_the_duty(tile):
+    clock = types.SimpleNamespace(now=0.0)
+    reports = []
+    control = ClockedControl(clock, [(20.0, "duty 0.3"), (40.0, "duty 0.9"), (60.0, "stop")])
+    tiles = ClockedTiles(clock, tile)
+    code = pm.run_worker_loop(tiles, control, duty=0.75, report=reports.append, period=0.15,
+                              clock=lambda: clock.now)
+    assert code == 0
+    assert tiles.most_in_flight == pm.KEEPALIVE_MAX_IN_FLIGHT  # a stop waits for two at most
+    stats = [pm.parse_message(r)[1] for r in reports if r.startswith("stats")]
+    for duty in ("0.750", "0.300", "0.900"):
+        busy = [float(s["busy"]) for s in stats if s["duty"] == duty][2:]  # settled
+        assert busy and all(abs(b - float(duty)) < 0.03 for b in busy), (duty, busy)
+    assert abs(clock.now - 60.0) < 0.2  # the stop is obeyed at once
+
+
+def test_worker_loop_keeps_its_duty_on_the_cpu():
+    tiles = pm.calibrate_tiles(lambda n: pm.TorchTiles(torch, n, "cpu"), 0.002, n=64, step=32,
+                               n_max=512, element_size=4)
+    assert 32 <= tiles.n <= 512 and tiles.estimate > 0
+    reports = []
+    control = ScriptedControl([(3.1, "duty 0.2"), (6.2, "stop")])
+    begin = time.monotonic()
+    code = pm.run_worker_loop(tiles, control, duty=0.6, report=reports.append, period=0.05)
+    assert code == 0 and time.monotonic() - begin < 7.5
+    stats = [pm.parse_message(r)[1] for r in reports if r.startswith("stats")]
+    early = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.6]
+    late = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.2]
+    assert len(early) >= 2 and len(late) >= 2, stats
+    # real time on a shared machine: a stalled process stretches some periods, so the exact
+    # shares are checked on the simulated clock above; here, that busy time is measured at all
+    # and follows the duty
+    assert statistics.median(early) > statistics.median(late) > 0.05, (early, late)
+    assert statistics.median(early) <= 0.7
+    assert reports[-1].startswith("exit reason=stop")
+
+
+def test_worker_loop_leaves_when_its_watch_sees_foreign_work():
+    tiles = pm.TorchTiles(torch, 32, "cpu")
+    seen = iter([""] * 5 + ["foreign-process"])
+    reports = []
+    code = pm.run_worker_loop(tiles, ScriptedControl([]), duty=0.5, report=reports.append,
+                              period=0.02, watch=lambda: next(seen))
+    assert code == pm.EXIT_FOREIGN
+    assert reports[-1].startswith("exit reason=foreign-process")
+
+
+def test_real_worker_process_on_the_cpu():
+    argv = pm.worker_command(["cpu-test", "--device", "cpu", "--tile", "96", "--period", "0.05",
+                              "--duty", "0.5"])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    worker = pm.WorkerProcess(argv, env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("ready") for line in lines):
+            assert worker.exit_code() is None, lines
+            assert time.monotonic() < deadline, "the worker never became ready"
+            time.sleep(0.05)
+            lines += worker.messages()
+        ready = pm.parse_message(next(x for x in lines if x.startswith("ready")))[1]
+        assert ready["tile"] == "96"
+        assert worker.send("duty 0.8")
+        deadline = time.monotonic() + 10
+        busy = []
+        while len(busy) < 2:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+            for line in worker.messages():
+                verb, fields = pm.parse_message(line)
+                if verb == "stats" and fields["duty"] == "0.800":
+                    busy.append(float(fields["busy"]))
+        assert all(b > 0.3 for b in busy)
+        asked = time.monotonic()
+        worker.stop()
+        while worker.exit_code() is None:
+            assert time.monotonic() - asked < 1.0, "the worker did not stop within 1 s"
+            time.sleep(0.005)
+        assert worker.exit_code() == 0
+        assert any(x.startswith("exit reason=stop") for x in worker.messages())
+    finally:
+        worker.kill()
+
+
+def test_real_worker_leaves_when_the_daemon_goes():
+    argv = pm.worker_command(["cpu-test", "--device", "cpu", "--tile", "64", "--period", "0.05"])
+    worker = pm.WorkerProcess(argv, dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        worker.proc.stdin.close()  # what a dead daemon leaves behind
+        deadline = time.monotonic() + 60
+        while worker.exit_code() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert worker.exit_code() == 0
+    finally:
+        worker.kill()
+
+
+def test_killing_a_reaped_worker_signals_nobody(monkeypatch):
+    worker = pm.WorkerProcess([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while worker.exit_code() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    sent = []
+    monkeypatch.setattr(pm.os, "killpg", lambda *args: sent.append(args))
+    worker.kill()
+    assert sent == []  # its pid may have been given to another process
+
+
+def test_worker_main_reports_bad_arguments():
+    codes = []
+    assert pm.worker_main(["--no-such-flag"], exit=codes.append) == 2
+    assert codes == [2]
+
+
+def test_tile_calibration_scales_by_the_cube_root():
+    class FakeTiles:
+        def __init__(self, n):
+            self.n = n
+            self.estimate = None
+            self.nbytes = 3 * n * n * 2
+            self.pending = []
+
+        def launch(self):
+            self.pending.append(2 * self.n ** 3 / 700e12)  # an H100-like 700 TFLOP/s
+
+        def wait_one(self):
+            return self.pending.pop(0)
+
+        @property
+        def in_flight(self):
+            return len(self.pending)
+
+    tiles = pm.calibrate_tiles(FakeTiles, 0.010)
+    assert tiles.n % 1024 == 0
+    assert abs(2 * tiles.n ** 3 / 700e12 - 0.010) < 0.003
+    small = pm.calibrate_tiles(FakeTiles, 0.010, max_bytes=1024 * MIB)
+    assert 3 * small.n ** 2 * 2 <= 1024 * MIB
+    assert math.isclose(small.estimate, 2 * small.n ** 3 / 700e12)
+
+
+class SteadyNvml:
+    """NVML of one quiet GPU, on the real clock, for the engine with real worker processes."""
+
+    def __init__(self):
+        self.info = pm.GpuInfo(0, "GPU-cpu-test", "CPU stand-in", 80 * GIB)
+
+    def gpus(self):
+        return [self.info]
+
+    def memory(self, info):
+        return GIB, 80 * GIB
+
+    def util_samples(self, info):
+        return [(time.time() * 1e6, 75.0)]
+
+    def compute_processes(self, info):
+        return []
+
+    def process_util(self, info):
+        return []
+
+
+def cpu_spawn(extra):
+    def spawn(gpu, spec):
+        argv = pm.worker_command(pm.worker_args(gpu, spec) + extra)
+        env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES=gpu.uuid)
+        return pm.WorkerProcess(argv, env)  # the stand-in UUID hides any real GPU
+    return spawn
+
+
+def tick_until(ka, predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, ka.gpu_fields()
+        time.sleep(0.1)
+        ka.tick(time.monotonic(), False)
+
+
+def test_engine_with_a_real_worker_process(log):
+    ka = pm.GpuKeepAlive(SteadyNvml(), SteadyNvml().gpus(), log,
+                         spawn=cpu_spawn(["--device", "cpu", "--tile", "64", "--period", "0.05"]))
+    ka.start()
+    try:
+        tick_until(ka, lambda: field(ka, 0, "state") == "holding", 60)
+        assert field(ka, 0, "tile") == "64"
+        worker = ka.slots[0].worker.handle
+        began = time.monotonic()
+        assert ka.release(timeout=5) is True
+        assert time.monotonic() - began < 1.0
+        assert worker.exit_code() == 0
+        ka.tick(time.monotonic(), True)
+        assert field(ka, 0, "state") == "yielded"
+    finally:
+        ka.stop()
+
+
+def test_engine_relays_a_failing_workers_message_and_backs_off(log, caplog):
+    # no --device cpu: the worker finds no CUDA here and exits with EXIT_SETUP
+    ka = pm.GpuKeepAlive(SteadyNvml(), SteadyNvml().gpus(), log, spawn=cpu_spawn([]))
+    ka.start()
+    try:
+        with caplog.at_level(logging.INFO):
+            tick_until(ka, lambda: "crashed" in field(ka, 0, "reason"), 60)
+        assert f"exit status {pm.EXIT_SETUP}" in field(ka, 0, "reason")
+        assert "GPU 0 worker:" in caplog.text and "CUDA" in caplog.text
+    finally:
+        ka.stop()
+
+
+# The benchmark, as far as it runs without a GPU #############################################
+
+
+@pytest.mark.skipif(nvml_works_here(), reason="this machine has an NVIDIA driver")
+def test_benchmark_without_a_gpu_says_so_and_exits_2():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "keepalive_bench.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "needs an NVIDIA GPU" in done.stderr
+
+
+def test_benchmark_summary_checks_the_targets():
+    sys.path.insert(0, str(REPO / "bench"))
+    import keepalive_bench as kb
+
+    report = {
+        "band": {"share_in_band": 0.95, "mean": 77.0, "cpu_daemon_percent_of_core": 0.5,
+                 "cpu_worker_percent_of_core": 1.0},
+        "yields": [{"memory_freed_after_context_seen_s": 0.2, "memory_freed_s": 0.3},
+                   {"memory_freed_after_context_seen_s": 0.7, "memory_freed_s": 0.8},
+                   {"memory_freed_after_context_seen_s": 0.25, "memory_freed_s": 0.35}],
+        "probe_slowdown": 0.03,
+        "queue_task": {"share_of_free_before_daemon": 0.97, "claim_to_start_s": 0.4},
+    }
+    summary = kb.summary(report)
+    assert summary["band_share"]["met"] is True
+    assert summary["memory_freed_after_context_seen_s"]["value"] == 0.25
+    assert summary["probe_slowdown"]["met"] is False
+    assert summary["cpu_percent_of_core_per_gpu"]["value"] == 1.5
+    assert summary["task_share_of_free_before_daemon"]["met"] is True
+    assert kb.summary({})["band_share"] == {"value": None, "target": ">= 0.9", "met": None}
