@@ -2350,10 +2350,11 @@ class Daemon:
         LOG.info("Started at: %s", now_text(self.started))
         LOG.info("Auto-shutdown at: %s (%sh)", now_text(self.shutdown_at),
                  f"{hours:g}")
+        self.keepalive.start()
+        if self.keepalive.describe() == "on" or not self.config.keepalive:
+            LOG.info("Keep-alive: %s", self.keepalive.describe())  # else it has warned why
         LOG.info("Queue: %s (node %d of %d%s)", self.folder.root, self.config.node_rank,
                  self.config.num_nodes, "" if self.is_leader else ", keep-alive only")
-        self.keepalive.start()
-        LOG.info("Keep-alive: %s", self.keepalive.describe())
         self.write_state()
         return None
 

@@ -47,7 +47,7 @@ def start_daemon(root: Path, job_id: str, poll: float, log: Path) -> subprocess.
     state = root / job_id / "nodes" / "node-0.state"
     deadline = time.time() + 30
     while time.time() < deadline:
-        if state.exists() and "Keep-alive:" in log.read_text():
+        if state.exists() and "[INFO] Queue: " in log.read_text():
             return proc
         time.sleep(0.05)
     raise SystemExit(f"daemon did not start:\n{log.read_text()}")

@@ -83,7 +83,7 @@ class DaemonHandle:
 
     def alive(self) -> bool:
         state = self.state()
-        return (state.get("status") == "running" and "Keep-alive:" in self.output()
+        return (state.get("status") == "running" and "[INFO] Queue: " in self.output()
                 and float(state.get("started") or 0) >= self.started - 1)
 
     def wait_alive(self, timeout: float = 15.0) -> DaemonHandle:
@@ -143,15 +143,18 @@ def start_daemon(tmp_path: Path):
     """Start real daemons in PID namespaces; all are stopped when the test ends.
 
     ``start_daemon(queue_root, job_id, *extra_args, env=None, node_rank=0)``; the daemon gets a
-    short poll interval, keep-alive off and a short stop grace unless ``extra_args`` say otherwise.
+    short poll interval, keep-alive off (unless ``keepalive=True``) and a short stop grace unless
+    ``extra_args`` say otherwise.
     """
     handles: list[DaemonHandle] = []
 
     def start(queue_root: Path, job_id: str, *extra: str, env: dict[str, str] | None = None,
-              node_rank: int = 0, wait: bool = True) -> DaemonHandle:
+              node_rank: int = 0, wait: bool = True, keepalive: bool = False) -> DaemonHandle:
         log_path = tmp_path / f"daemon-{job_id}-{node_rank}-{len(handles)}.log"
         args = [sys.executable, str(DAEMON), "--job-id", job_id, "--queue-root", str(queue_root),
-                "--poll-interval", "0.1", "--no-keepalive", "--stop-grace", "2", *extra]
+                "--poll-interval", "0.1", "--stop-grace", "2", *extra]
+        if not keepalive:
+            args.append("--no-keepalive")
         if "--node-rank" not in extra and node_rank:
             args += ["--node-rank", str(node_rank)]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")

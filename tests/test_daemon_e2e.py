@@ -277,3 +277,27 @@ def test_ten_concurrent_stop_commands_are_all_honoured(queue_root, start_daemon)
         assert reply(inst, name)["result"] == "cancelled"
     assert sorted(os.listdir(inst / "failed")) == sorted(tasks)
     assert (inst / "running" / blocker).exists()
+
+
+def gpu_present() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means no usable GPU
+        return False
+
+
+@pytest.mark.skipif(gpu_present(), reason="checks the behaviour without a GPU")
+def test_without_a_gpu_keepalive_is_off_with_one_warning_and_the_queue_runs(queue_root,
+                                                                            start_daemon):
+    inst = queue_root / "nogpu"
+    daemon = start_daemon(queue_root, "nogpu", keepalive=True)
+    task = submit(inst, "t.sh", "true\n")
+    assert wait_finished(inst, task) == "done"
+    warnings = [line for line in daemon.output().splitlines() if "[WARNING]" in line]
+    assert len(warnings) == 1 and "Keep-alive off" in warnings[0], warnings
+    assert daemon.state()["keepalive"].startswith("off: ")
+    assert daemon.state()["gpu_count"] == "0"
