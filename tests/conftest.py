@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -33,6 +35,20 @@ def namespaces_available() -> bool:
 
 needs_namespace = pytest.mark.skipif(not namespaces_available(),
                                      reason="needs unshare --pid (root)")
+
+
+@contextmanager
+def namespace_shell(script: str, log: Path) -> Iterator[subprocess.Popen]:
+    """Run a bash script as PID 1 of a new PID namespace (output to ``log``); killed at exit."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*UNSHARE, "bash", "-c", script], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # --kill-child takes the namespace down with it
+            proc.wait()
 
 
 def read_fields(path: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DAEMON, UNSHARE, needs_namespace, read_fields, wait_for
+from conftest import DAEMON, namespace_shell, needs_namespace, read_fields, wait_for
 from queue_files import command, finished, result, submit
 
 pytestmark = needs_namespace
@@ -143,10 +143,7 @@ def test_stop_all_cancels_pending_stops_running_and_kills_other_python(queue_roo
               f"--poll-interval 0.1 --no-keepalive --stop-grace 1 --kill-scope {scope} & "
               f"wait $!; echo daemon-exit=$?; "
               f"if kill -0 $stray 2>/dev/null; then echo stray-alive; else echo stray-gone; fi")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*UNSHARE, "bash", "-c", script], stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
+    with namespace_shell(script, log) as proc:
         wait_for(ready.exists, 15, what="running task")
         name = command(inst, "stop_all")
         answer = reply(inst, name)
@@ -162,10 +159,6 @@ def test_stop_all_cancels_pending_stops_running_and_kills_other_python(queue_roo
         proc.wait(20)
         text = log.read_text()
         assert "daemon-exit=0" in text and stray in text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_shutdown_keeps_pending_and_fails_the_running_task_as_interrupted(queue_root,
@@ -214,10 +207,7 @@ def test_sigkill_mid_task_then_restart_recovers_and_kills_the_orphans(queue_root
     args = f"--job-id crash --queue-root '{queue_root}' --poll-interval 0.1 --no-keepalive"
     script = (f"{sys.executable} {DAEMON} {args} & wait $!; echo first-exit=$?; "
               f"{sys.executable} {DAEMON} {args} --hours 0.001; echo second-exit=$?")
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen([*UNSHARE, "bash", "-c", script], stdout=handle,
-                                stderr=subprocess.STDOUT)
-    try:
+    with namespace_shell(script, log) as proc:
         wait_for(ready.exists, 15, what="victim task")
         children = psutil.Process(proc.pid).children(recursive=True)
         daemons = [p for p in children if str(DAEMON) in p.cmdline()]
@@ -236,10 +226,6 @@ def test_sigkill_mid_task_then_restart_recovers_and_kills_the_orphans(queue_root
         assert "orphaned process(es) ended" in (inst / "logs" / f"{victim}.log").read_text()
         proc.wait(20)
         assert "second-exit=0" in log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_corrupt_files_are_logged_and_skipped(queue_root, start_daemon):
