@@ -2301,6 +2301,7 @@ class Daemon:
         self.throttled = ThrottledLog(clock)
         self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled)
         self.started = clock()
+        self.started_text = f"{self.started:.3f}"  # as published; commands quote it back
         self.shutdown_at = self.started + config.hours * 3600
         self.stopping = ""  # why the daemon is shutting down, once it is
         self.kill_python_after_task = False
@@ -2475,10 +2476,13 @@ class Daemon:
         action, task_id = fields.get("action", ""), fields.get("task", "")
         reply: dict[str, object] = {"action": action, "task": task_id}
         current = self.runner.current
+        addressed = fields.get("daemon_started", "")
         sent = as_float(fields.get("sent"))
-        if sent is not None and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS:
-            # Left over from an earlier daemon: a stale shutdown must not end this one.
-            reply.update(result="error", message="sent before this daemon started; ignored")
+        if (addressed and addressed != self.started_text) or (
+                not addressed and sent is not None
+                and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
+            # Meant for an earlier daemon: a stale shutdown must not end this one.
+            reply.update(result="error", message="meant for an earlier daemon; ignored")
             return reply
         if action == "stop":
             if not task_id:
@@ -2556,7 +2560,7 @@ class Daemon:
             "node_rank": self.config.node_rank, "num_nodes": self.config.num_nodes,
             "host": self.identity.host, "pid": self.identity.pid,
             "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
-            "status": status, "started": f"{self.started:.3f}",
+            "status": status, "started": self.started_text,
             "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
             "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
             "poll_interval": f"{self.config.poll_interval:g}",

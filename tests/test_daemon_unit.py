@@ -257,8 +257,26 @@ def test_a_command_left_over_from_an_earlier_daemon_is_not_carried_out(tmp_path)
     daemon.start()
     daemon.tick()
     answer = pm.parse_fields((inst / "replies" / "old.reply").read_text())
-    assert answer["result"] == "error" and "before this daemon started" in answer["message"]
+    assert answer["result"] == "error" and "earlier daemon" in answer["message"]
     assert not daemon.stopping
     command(inst, "shutdown")
     daemon.tick()
+    assert daemon.stopping
+
+
+def test_a_command_addressed_to_another_daemon_start_is_not_carried_out(tmp_path):
+    clock = FakeClock()
+    inst = tmp_path / "unit"
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
+    (inst / "commands" / "a.cmd").write_text(
+        f"action=shutdown\nsent={clock.now:.3f}\ndaemon_started=1700000000.000\n")
+    daemon.tick()
+    assert pm.parse_fields((inst / "replies" / "a.reply").read_text())["result"] == "error"
+    assert not daemon.stopping
+    (inst / "commands" / "b.cmd").write_text(
+        f"action=shutdown\nsent={clock.now:.3f}\ndaemon_started={state['started']}\n")
+    daemon.tick()
+    assert pm.parse_fields((inst / "replies" / "b.reply").read_text())["result"] == "accepted"
     assert daemon.stopping
