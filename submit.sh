@@ -53,6 +53,9 @@ setting SCO_PROFILE         ""          "sco: global --profile (empty: none)"
 setting SCO_EXTRA_ARGS      ""          "sco: more flags for 'sco acp jobs create', split at spaces (e.g. --quota-type=spot)"
 setting PARTITION           ""          "slurm: --partition (empty: the cluster's default)"
 setting GRES                "gpu:{GPUS}" "slurm: --gres template (empty, or GPUS=0: no --gres)"
+setting EXCLUSIVE           "1"         "slurm: 1: --exclusive, the whole node for the daemon and its tasks; 0: share the node"
+setting CPUS_PER_NODE       ""          "slurm: --cpus-per-task of the one task per node (empty: every CPU with EXCLUSIVE=1, else the cluster's default)"
+setting MEM_PER_NODE        ""          "slurm: --mem, e.g. 200G (empty: all the node's memory, --mem=0, with EXCLUSIVE=1, else the cluster's default)"
 setting SBATCH_EXTRA_ARGS   ""          "slurm: more flags for sbatch, split at spaces (e.g. --account=proj)"
 setting LOCAL_WAIT_SECONDS  "15"        "local: seconds to wait for the daemon's first heartbeat"
 
@@ -163,8 +166,9 @@ Examples:
   ${PROG} --backend slurm train-exp1 4 # Slurm, 4 GPUs (GRES gpu:4)
   ${PROG} --backend local laptop       # this machine, in the background
 
-Exit status: 0 launched, 1 the backend failed, 2 bad argument or setting, 3 a daemon of JOB_ID
-is alive (use the client's gpu_shutdown first, or --force).
+Exit status: 0 launched, 1 the backend failed or its program (sco, sbatch) is not on PATH, 2 bad
+argument or setting, 3 a daemon of JOB_ID is alive (use the client's gpu_shutdown first, or
+--force).
 EOF
 }
 
@@ -267,6 +271,11 @@ validate() {
     || die_usage "bad LOCAL_WAIT_SECONDS '${LOCAL_WAIT_SECONDS}': a whole number"
   [[ "${JOB_NAME_PREFIX}" =~ ^[A-Za-z0-9._:-]*$ ]] \
     || die_usage "bad JOB_NAME_PREFIX '${JOB_NAME_PREFIX}': letters, digits, . : _ - only"
+  [[ "${EXCLUSIVE}" =~ ^[01]$ ]] || die_usage "bad EXCLUSIVE '${EXCLUSIVE}': 1 or 0"
+  [[ "${CPUS_PER_NODE}" =~ ^([1-9][0-9]*)?$ ]] \
+    || die_usage "bad CPUS_PER_NODE '${CPUS_PER_NODE}': a whole number above 0, or empty"
+  [[ "${MEM_PER_NODE}" =~ ^([0-9]+[KMGT]?)?$ ]] \
+    || die_usage "bad MEM_PER_NODE '${MEM_PER_NODE}': a size such as 200G (K, M, G, T; no unit: MB), or empty"
 
   local -a missing=()
   if [[ "${BACKEND}" == sco ]]; then
@@ -319,6 +328,23 @@ validate() {
   fi
   INSTANCE="${QUEUE_ROOT%/}/${JOB_ID}"
   LAUNCHER="${INSTANCE}/launch.sh"
+}
+
+#######################################
+# Exits 1 when the backend's program is not on PATH, before anything is written (a dry run
+# needs none).
+#######################################
+check_tool() {
+  local tool hint
+  case "${BACKEND}" in
+    sco) tool=sco hint="install the SenseCore CLI, or use --backend slurm|local" ;;
+    slurm) tool=sbatch hint="run this on a Slurm login node, or use --backend sco|local" ;;
+    *) return 0 ;;
+  esac
+  if ((!DRY_RUN)) && ! command -v "${tool}" >/dev/null; then
+    err "${tool} is not on PATH (${hint}); nothing was written"
+    exit 1
+  fi
 }
 
 # Queue folder ######################################################################################
@@ -430,22 +456,26 @@ save_job_id() {
 # Launcher ##########################################################################################
 
 #######################################
-# Prints the daemon's command line (quoted), with rank flags for Slurm.
+# Prints the daemon's command line (quoted), with its node rank named. The daemon would find the
+# rank in the environment too, but a RANK, WORLD_SIZE, SLURM_* or SENSECORE_* variable that the
+# user's shell exported (and sbatch or setsid passed on) must not make it another node.
 #######################################
 daemon_command() {
-  local -a extra=() cmd
+  local -a extra=()
   read -ra extra <<<"${DAEMON_ARGS}"
-  cmd=("${PYTHON}" perpetual_motion.py --job-id "${JOB_ID}" --queue-root "${QUEUE_ROOT}"
-    --hours "${AUTO_SHUTDOWN_HOURS}" "${extra[@]}")
   if ((FORCE)); then
-    cmd+=(--force)
+    extra+=(--force)
   fi
-  quote_all "${cmd[@]}"
-  if [[ "${BACKEND}" == slurm ]]; then
-    # srun gives each node its rank; the daemon would also find these, but a RANK or
-    # SENSECORE_* variable exported by the submitting shell must not win over them.
-    # shellcheck disable=SC2016  # expanded by launch.sh on the node, not here
-    printf ' %s' '--node-rank "${SLURM_NODEID:-0}" --num-nodes "${SLURM_NNODES:-1}"'
+  quote_all "${PYTHON}" perpetual_motion.py --job-id "${JOB_ID}" --queue-root "${QUEUE_ROOT}" \
+    --hours "${AUTO_SHUTDOWN_HOURS}"
+  # shellcheck disable=SC2016  # expanded by launch.sh on the node, not here
+  case "${BACKEND}" in
+    sco) printf ' %s' '"${node_flags[@]}"' ;;
+    slurm) printf ' %s' '--node-rank "${SLURM_NODEID:-0}" --num-nodes "${SLURM_NNODES:-1}"' ;;
+    local) printf ' %s' '--node-rank 0 --num-nodes 1' ;;
+  esac
+  if ((${#extra[@]} > 0)); then
+    printf ' %s' "$(quote_all "${extra[@]}")"
   fi
 }
 
@@ -465,8 +495,18 @@ EOF
   cat <<EOF
 cd $(quote "${CODE_DIR}") || exit 1
 export JOB_ID=$(quote "${JOB_ID}") QUEUE_ROOT=$(quote "${QUEUE_ROOT}") PYTHONUNBUFFERED=1
-exec $(daemon_command)
 EOF
+  if [[ "${BACKEND}" == sco ]]; then
+    # shellcheck disable=SC2016  # expanded by launch.sh on the node, not here
+    printf '%s\n' \
+      '# SCO ACP gives each worker its rank; named here, a stray RANK or WORLD_SIZE cannot win.' \
+      'node_flags=()' \
+      'if [ -n "${SENSECORE_PYTORCH_NODE_RANK:-}" ]; then' \
+      '  node_flags=(--node-rank "${SENSECORE_PYTORCH_NODE_RANK}"' \
+      '    --num-nodes "${SENSECORE_PYTORCH_NNODES:-1}")' \
+      'fi'
+  fi
+  echo "exec $(daemon_command)"
 }
 
 #######################################
@@ -514,6 +554,25 @@ EOF
 # Backends ##########################################################################################
 
 #######################################
+# Prints the sco commands for a job.
+# Arguments: pt- id, display name, --workspace-name=... flag.
+#######################################
+sco_commands() {
+  local id="$1" name="$2" p="" w
+  if [[ -n "${SCO_PROFILE}" ]]; then
+    p="$(quote "--profile=${SCO_PROFILE}") "
+  fi
+  w="$(quote "$3")"
+  cat <<EOF
+  list:    sco ${p}acp jobs list ${w} | grep -e ${id} -e ${name}
+  workers: sco ${p}acp jobs get-workers ${w} ${id}
+  exec:    sco ${p}acp jobs exec ${w} --worker-name="\$(sco ${p}acp jobs get-workers ${w} ${id} | grep worker-0 | awk -F'|' '{print \$2}' | xargs)" ${id}
+  logs:    sco ${p}acp jobs stream-logs ${w} --follow ${id}
+  delete:  sco ${p}acp jobs delete ${w} ${id}
+EOF
+}
+
+#######################################
 # SCO ACP: `sco acp jobs create`, with a --command that runs launch.sh.
 #######################################
 launch_sco() {
@@ -546,14 +605,14 @@ launch_sco() {
     run_or_show "${cmd[@]}"
     return
   fi
-  command -v sco >/dev/null \
-    || { err "sco is not on PATH (install the SenseCore CLI, or use --backend slurm|local)"; exit 1; }
 
   local out="${TMP_DIR}/sco.out" errs="${TMP_DIR}/sco.err" status=0
   "${cmd[@]}" >"${out}" 2>"${errs}" </dev/null || status=$?
+  # The id stands alone: not the "pt-run" of a display name such as ydj-opt-run or prompt-x.
   local pt_id
-  pt_id="$(grep -oE 'pt-[a-z0-9]+' "${out}" | head -n 1)" || true
-  if ((status != 0)) || [[ -z "${pt_id}" ]]; then
+  pt_id="$(grep -oE '(^|[^A-Za-z0-9_-])pt-[a-z0-9]+' "${out}" | head -n 1 | sed 's/^.*pt-/pt-/')" \
+    || true
+  if [[ -z "${pt_id}" ]]; then
     if ((status != 0)); then
       err "sco acp jobs create failed (exit ${status}). It said:"
     else
@@ -563,21 +622,20 @@ launch_sco() {
     echo "The command was: $(quote_all "${cmd[@]}")" >&2
     exit 1
   fi
-  save_job_id "${pt_id}" "workspace=${SCO_WORKSPACE}" "aec2=${SCO_AEC2}"
-
-  local p="" w
-  if [[ -n "${SCO_PROFILE}" ]]; then
-    p="$(quote "--profile=${SCO_PROFILE}") "
+  save_job_id "${pt_id}" "workspace=${SCO_WORKSPACE}" "aec2=${SCO_AEC2}" "profile=${SCO_PROFILE}"
+  if ((status != 0)); then
+    # The job may have been created before sco failed: keep its id, so that it can be deleted.
+    err "sco acp jobs create failed (exit ${status}) after it printed the job id ${pt_id}. It said:"
+    sed 's/^/  /' "${out}" "${errs}" >&2
+    note "warning: the job ${pt_id} may exist all the same; it is saved in ${INSTANCE}/job_id.txt."
+    echo "Check it, and delete it if it is there:" >&2
+    sco_commands "${pt_id}" "${name}" "${ws}" >&2
+    exit 1
   fi
-  w="$(quote "${ws}")"
   cat <<EOF
 Submitted ${pt_id} (display name ${name}) to SCO ACP: ${NODES} node(s) of ${spec}.
 Saved to ${INSTANCE}/job_id.txt. Commands (by the pt- id; the display name does not work):
-  list:    sco ${p}acp jobs list ${w} | grep -e ${pt_id} -e ${name}
-  workers: sco ${p}acp jobs get-workers ${w} ${pt_id}
-  exec:    sco ${p}acp jobs exec ${w} --worker-name="\$(sco ${p}acp jobs get-workers ${w} ${pt_id} | grep worker-0 | awk -F'|' '{print \$2}' | xargs)" ${pt_id}
-  logs:    sco ${p}acp jobs stream-logs ${w} --follow ${pt_id}
-  delete:  sco ${p}acp jobs delete ${w} ${pt_id}
+$(sco_commands "${pt_id}" "${name}" "${ws}")
 $(print_client_hint)
 EOF
 }
@@ -586,8 +644,21 @@ EOF
 # Slurm: sbatch a job whose script starts one daemon per node with srun.
 #######################################
 launch_slurm() {
-  local -a extra=() gres=() partition=() cmd
+  local -a extra=() node=() gres=() partition=() cmd
   read -ra extra <<<"${SBATCH_EXTRA_ARGS}"
+  # Tasks run inside the job's allocation: on a cluster that confines jobs (cgroups), a job of
+  # one CPU and the default memory would confine every training run too.
+  if ((EXCLUSIVE)); then
+    node+=(--exclusive)
+  fi
+  if [[ -n "${CPUS_PER_NODE}" ]]; then
+    node+=("--cpus-per-task=${CPUS_PER_NODE}")
+  fi
+  if [[ -n "${MEM_PER_NODE}" ]]; then
+    node+=("--mem=${MEM_PER_NODE}")
+  elif ((EXCLUSIVE)); then
+    node+=(--mem=0)  # --exclusive gives every CPU but only the memory asked for; 0: all of it
+  fi
   if [[ -n "${GRES}" ]] && ((GPUS > 0)); then
     gres=("--gres=${GRES//\{GPUS\}/${GPUS}}")
   fi
@@ -598,13 +669,15 @@ launch_slurm() {
   minutes="$(awk -v h="${AUTO_SHUTDOWN_HOURS}" -v m="${SLURM_TIME_MARGIN_MINUTES}" \
     'BEGIN { t = h * 60; printf "%d", (t == int(t) ? t : int(t) + 1) + m }')"
   local name="${JOB_NAME_PREFIX}${JOB_ID}"
-  # In Slurm's file names % starts a pattern; %% is a plain %.
+  # Not under logs/: the protocol keeps that folder for task logs. In Slurm's file names %
+  # starts a pattern; %% is a plain %.
   local output="${INSTANCE}/daemon.log"
   output="${output//%/%%}"
   cmd=(sbatch --parsable
     "--job-name=${name}"
     "--nodes=${NODES}"
     --ntasks-per-node=1
+    "${node[@]}"
     "${gres[@]}"
     "${partition[@]}"
     "--time=${minutes}"
@@ -619,7 +692,6 @@ launch_slurm() {
     run_or_show "${cmd[@]}"
     return
   fi
-  command -v sbatch >/dev/null || { err "sbatch is not on PATH"; exit 1; }
   local out status=0
   out="$("${cmd[@]}" </dev/null 2>"${TMP_DIR}/sbatch.err")" || status=$?
   local slurm_id="${out%%;*}"
@@ -696,6 +768,7 @@ main() {
   parse_args "$@"
   load_settings
   validate
+  check_tool
   check_not_alive
   TMP_DIR="$(mktemp -d)"
   trap cleanup EXIT

@@ -98,6 +98,35 @@ def make_code_dir(parent: Path, real_daemon: bool) -> Path:
     return code
 
 
+def make_recording_python(parent: Path, seen: Path) -> Path:
+    """A stand-in Python that writes what it was run with to ``seen`` (JSON)."""
+    fake_python = parent / "fake python"
+    fake_python.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(),
+                   "conda": os.environ.get("FAKE_CONDA_ENV"),
+                   "env": [os.environ.get("JOB_ID"), os.environ.get("QUEUE_ROOT")]}},
+                  open({str(seen)!r}, "w"))
+        """))
+    fake_python.chmod(0o755)
+    return fake_python
+
+
+def path_without(parent: Path, *programs: str) -> str:
+    """A PATH with every program of this one but ``programs`` (links in one folder)."""
+    folder = parent / f"bin-without-{'-'.join(programs)}"
+    folder.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.scandir(directory):
+            link = folder / entry.name
+            if entry.name not in programs and not link.is_symlink():
+                link.symlink_to(entry.path)
+    return str(folder)
+
+
 def make_conda(parent: Path) -> Path:
     """A stand-in conda activate script: it exports the environment name it was given."""
     activate = parent / "conda root" / "bin" / "activate"
@@ -161,7 +190,8 @@ def test_help_lists_options_and_every_setting(tmp_path):
                  "CONDA_ENV=", "SCO_WORKSPACE=", "SCO_AEC2=", "SCO_IMAGE=",
                  "SCO_WORKER_SPEC=n6ls.iu.i40.{GPUS}", "SCO_PRIORITY=normal",
                  "SCO_STORAGE_MOUNT=", "JOB_NAME_PREFIX=ydj-", "PARTITION=", "GRES=gpu:{GPUS}",
-                 "DAEMON_ARGS=", "AUTO_SHUTDOWN_HOURS=24"):
+                 "EXCLUSIVE=1", "CPUS_PER_NODE=", "MEM_PER_NODE=", "DAEMON_ARGS=",
+                 "AUTO_SHUTDOWN_HOURS=24"):
         assert word in run.stdout, word
 
 
@@ -194,6 +224,17 @@ def test_bad_arguments_exit_2_before_anything_happens(tmp_path, args, message):
     assert sco_calls(env) == []
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("EXCLUSIVE", "yes"), ("CPUS_PER_NODE", "0"), ("CPUS_PER_NODE", "8c"),
+    ("MEM_PER_NODE", "200GB"),
+])
+def test_bad_slurm_resources_are_refused(tmp_path, setting, value):
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), **{setting: value})
+    run = run_submit(env, "--backend", "slurm", "ok")
+    assert run.returncode == 2
+    assert f"bad {setting} '{value}'" in run.stderr
+
+
 def test_bad_hours_is_refused(tmp_path):
     env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), AUTO_SHUTDOWN_HOURS="0", **SCO_SETTINGS)
     run = run_submit(env, "ok")
@@ -207,6 +248,20 @@ def test_missing_sco_settings_are_listed(tmp_path):
     listed = [line.split()[0] for line in run.stderr.splitlines() if line.startswith("  ")]
     assert listed == ["QUEUE_ROOT", "SCO_WORKSPACE", "SCO_IMAGE", "SCO_STORAGE_MOUNT"]
     assert "submit.conf" in run.stderr
+
+
+@pytest.mark.parametrize("backend, program", [("sco", "sco"), ("slurm", "sbatch")])
+def test_a_missing_backend_program_exits_1_before_anything_is_written(tmp_path, backend, program):
+    root = tmp_path / "root"
+    root.mkdir()
+    env = base_env(tmp_path, QUEUE_ROOT=str(root), **SCO_SETTINGS)
+    env["PATH"] = path_without(tmp_path, program)
+    run = run_submit(env, "--backend", backend, "exp1")
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert f"{program} is not on PATH" in run.stderr
+    assert list(root.iterdir()) == []
+    # A dry run needs no program.
+    assert run_submit(env, "--dry-run", "--backend", backend, "exp1").returncode == 0
 
 
 def test_environment_beats_settings_file_beats_defaults(tmp_path):
@@ -290,16 +345,7 @@ def test_sco_worker_command_survives_quoting(tmp_path):
     code = make_code_dir(tmp_path, real_daemon=False)
     activate = make_conda(tmp_path)
     seen = tmp_path / "seen.json"
-    fake_python = tmp_path / "fake python"
-    fake_python.write_text(textwrap.dedent(f"""\
-        #!{sys.executable}
-        import json, os, sys
-        json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(),
-                   "conda": os.environ.get("FAKE_CONDA_ENV"),
-                   "env": [os.environ.get("JOB_ID"), os.environ.get("QUEUE_ROOT")]}},
-                  open({str(seen)!r}, "w"))
-        """))
-    fake_python.chmod(0o755)
+    fake_python = make_recording_python(tmp_path, seen)
     env = base_env(tmp_path, QUEUE_ROOT=str(root), CODE_DIR=str(code), CONDA_PATH=str(activate),
                    CONDA_ENV="torch env", PYTHON=str(fake_python), AUTO_SHUTDOWN_HOURS="1.5",
                    DAEMON_ARGS="--kill-scope task  --poll-interval 2", **SCO_SETTINGS)
@@ -319,6 +365,31 @@ def test_sco_worker_command_survives_quoting(tmp_path):
     assert got["cwd"] == str(code)
     assert got["conda"] == "torch env"
     assert got["env"] == ["exp1", str(root)]
+
+
+def test_sco_worker_names_the_sensecore_rank_over_a_stray_rank(tmp_path):
+    """On a worker, SENSECORE_PYTORCH_NODE_RANK/NNODES become --node-rank/--num-nodes, so a
+    RANK or WORLD_SIZE in the image's environment cannot win; without them the daemon's own
+    fallback (RANK, ...) stays."""
+    code = make_code_dir(tmp_path, real_daemon=False)
+    seen = tmp_path / "seen.json"
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), CODE_DIR=str(code),
+                   PYTHON=str(make_recording_python(tmp_path, seen)), **SCO_SETTINGS)
+    run = run_submit(env, "exp1", "8", "2")
+    assert run.returncode == 0, run.stderr
+    [argv] = sco_calls(env)
+    worker_command = option(argv, "command")
+
+    def worker_argv(**variables: str) -> list[str]:
+        worker = subprocess.run(["sh", "-c", worker_command], cwd="/", capture_output=True,
+                                text=True, timeout=30, env=dict(base_env(tmp_path), **variables))
+        assert worker.returncode == 0, worker.stderr
+        return json.loads(seen.read_text())["argv"]
+
+    got = worker_argv(SENSECORE_PYTORCH_NODE_RANK="1", SENSECORE_PYTORCH_NNODES="2", RANK="0",
+                      WORLD_SIZE="16")
+    assert got[-4:] == ["--node-rank", "1", "--num-nodes", "2"]
+    assert "--node-rank" not in worker_argv(RANK="1", WORLD_SIZE="2")
 
 
 def test_sco_failure_shows_the_cause_from_stdout(tmp_path):
@@ -342,6 +413,31 @@ def test_sco_output_without_a_job_id_is_an_error(tmp_path):
     assert not (tmp_path / "exp1" / "job_id.txt").exists()
 
 
+def test_sco_job_id_is_the_word_pt_not_pt_inside_a_word(tmp_path):
+    """The display name ydj-opt-run and the word prompt-x come first in the output; the id
+    is the pt- word that stands alone."""
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), FAKE_SCO_MODE="chatty", **SCO_SETTINGS)
+    run = run_submit(env, "opt-run")
+    assert run.returncode == 0, run.stderr
+    assert read_fields(tmp_path / "opt-run" / "job_id.txt")["cluster_job_id"] == "pt-abc123"
+    assert "Submitted pt-abc123 (display name ydj-opt-run)" in run.stdout
+
+
+def test_sco_failure_after_printing_a_job_id_records_the_job(tmp_path):
+    """sco failed, but only after it printed a job id: the job may exist, so it is saved (for
+    gpu_shutdown and the next launch's warning) and the delete command is shown."""
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), FAKE_SCO_MODE="late-failure",
+                   **SCO_SETTINGS)
+    run = run_submit(env, "exp1")
+    assert run.returncode == 1
+    assert "sco acp jobs create failed (exit 1) after it printed the job id pt-abc123" in run.stderr
+    assert 'Error: component "acp" exited with error' in run.stderr
+    assert "the job pt-abc123 may exist" in run.stderr
+    assert "sco acp jobs delete --workspace-name=ws-1 pt-abc123" in run.stderr
+    fields = read_fields(tmp_path / "exp1" / "job_id.txt")
+    assert (fields["backend"], fields["cluster_job_id"]) == ("sco", "pt-abc123")
+
+
 def test_sco_profile_extra_flags_and_no_mount(tmp_path):
     env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), SCO_PROFILE="prod",
                    SCO_EXTRA_ARGS="--quota-type=spot --retry-times 2", FAKE_SCO_JOB_ID="pt-9z8y",
@@ -352,8 +448,23 @@ def test_sco_profile_extra_flags_and_no_mount(tmp_path):
     assert argv[:4] == ["--profile=prod", "acp", "jobs", "create"]
     assert not any(arg.startswith("--storage-mount") for arg in argv)
     assert argv[-4:-1] == ["--quota-type=spot", "--retry-times", "2"]
-    assert read_fields(tmp_path / "exp1" / "job_id.txt")["cluster_job_id"] == "pt-9z8y"
+    fields = read_fields(tmp_path / "exp1" / "job_id.txt")
+    assert (fields["cluster_job_id"], fields["profile"]) == ("pt-9z8y", "prod")
     assert "sco --profile=prod acp jobs delete --workspace-name=ws-1 pt-9z8y" in run.stdout
+
+
+def test_gpu_shutdown_prints_the_delete_command_with_the_profile(tmp_path):
+    """submit.sh records the profile in job_id.txt; the client's gpu_shutdown (no daemon alive)
+    prints the job's delete command with it."""
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), SCO_PROFILE="prod",
+                   FAKE_SCO_JOB_ID="pt-9z8y", **SCO_SETTINGS)
+    assert run_submit(env, "exp1").returncode == 0
+    shutdown = subprocess.run(["bash", "-c", 'source "$0" && gpu_shutdown', str(CLIENT)],
+                              env=client_env(env, tmp_path, "exp1"), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert shutdown.returncode == 1, shutdown.stderr  # nothing to shut down
+    assert "no daemon is alive for exp1" in shutdown.stderr
+    assert "sco --profile=prod acp jobs delete --workspace-name=ws-1 pt-9z8y" in shutdown.stdout
 
 
 def test_dry_run_writes_and_runs_nothing(tmp_path):
@@ -449,6 +560,7 @@ def test_slurm_sbatch_arguments(tmp_path):
     instance = root / "exp1"
     assert json.loads(record.read_text()) == [
         "--parsable", "--job-name=pm-exp1", "--nodes=3", "--ntasks-per-node=1",
+        "--exclusive", "--mem=0",  # the whole node, all its memory too: the tasks run in the job
         "--gres=gpu:a100:4", "--partition=gpu", "--time=95", f"--chdir={instance}",
         f"--output={instance}/daemon.log", "--open-mode=append", "--account=proj",
         f"--wrap=srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash '{instance}/launch.sh'",
@@ -464,6 +576,16 @@ def test_slurm_sbatch_arguments(tmp_path):
     argv = json.loads(record.read_text())
     assert not any(arg.startswith(("--gres", "--partition")) for arg in argv)
 
+    env.update(CPUS_PER_NODE="16", MEM_PER_NODE="200G")
+    assert run_submit(env, "--backend", "slurm", "exp3").returncode == 0
+    argv = json.loads(record.read_text())
+    assert argv[4:8] == ["--exclusive", "--cpus-per-task=16", "--mem=200G", "--gres=gpu:2"]
+    env.update(EXCLUSIVE="0", CPUS_PER_NODE="", MEM_PER_NODE="")  # the cluster's defaults
+    assert run_submit(env, "--backend", "slurm", "exp4").returncode == 0
+    argv = json.loads(record.read_text())
+    assert argv[4] == "--gres=gpu:2"
+    assert not any(arg.startswith(("--exclusive", "--cpus-per-task", "--mem")) for arg in argv)
+
 
 # local ####################################################################################
 
@@ -473,7 +595,11 @@ def test_local_backend_runs_a_task_and_shuts_down(tmp_path):
     root = tmp_path / "queue root"
     root.mkdir()
     instance = root / "local1"
-    env = base_env(tmp_path, QUEUE_ROOT=str(root), DAEMON_ARGS=TEST_DAEMON_ARGS)
+    # Rank variables left in the user's shell (by a torchrun, an srun, a worker) must not make
+    # the local daemon another node than 0.
+    env = base_env(tmp_path, QUEUE_ROOT=str(root), DAEMON_ARGS=TEST_DAEMON_ARGS, RANK="1",
+                   WORLD_SIZE="2", SLURM_NODEID="1", SLURM_NNODES="2",
+                   SENSECORE_PYTORCH_NODE_RANK="1", SENSECORE_PYTORCH_NNODES="2")
     # submit.sh and the daemon it starts share one PID namespace, which lives as long as the
     # daemon: the bash around them waits for the daemon's pid to go.
     wrapper = textwrap.dedent("""\
@@ -492,7 +618,8 @@ def test_local_backend_runs_a_task_and_shuts_down(tmp_path):
         fields = read_fields(instance / "job_id.txt")
         assert fields["backend"] == "local"
         assert fields["cluster_job_id"] == f"local-{fields['pid']}"
-        assert running_state(instance, 0)["pid"] == fields["pid"]
+        state = running_state(instance, 0)
+        assert (state["pid"], state["node_rank"], state["num_nodes"]) == (fields["pid"], "0", "1")
 
         task = tmp_path / "hello.sh"
         task.write_text('echo "hello from $TASK_SHORT_NAME on node $NODE_RANK"\n')
@@ -511,9 +638,11 @@ def test_local_backend_runs_a_task_and_shuts_down(tmp_path):
     assert "Stopped" in (instance / "daemon.log").read_text()
 
 
+@needs_namespace
 def test_local_backend_reports_a_daemon_that_exits_at_once(tmp_path):
     env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), DAEMON_ARGS="--no-such-flag")
-    run = run_submit(env, "--backend", "local", "broken", "0")
+    run = subprocess.run([*UNSHARE, str(SUBMIT), "--backend", "local", "broken", "0"], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert run.returncode == 1
     assert "the daemon exited at once (status 2)" in run.stderr
     assert "unrecognized arguments: --no-such-flag" in run.stderr
@@ -636,6 +765,13 @@ def slurm_job(job: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in show.stdout.split() if "=" in word)
 
 
+def slurm_node(name: str) -> dict[str, str]:
+    show = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True,
+                          text=True, timeout=20)
+    assert show.returncode == 0, show.stderr
+    return dict(word.split("=", 1) for word in show.stdout.split() if "=" in word)
+
+
 def test_slurm_backend_runs_a_task_and_the_job_ends(tmp_path, slurm):
     root = tmp_path / "queue root"
     root.mkdir()
@@ -660,6 +796,11 @@ def test_slurm_backend_runs_a_task_and_the_job_ends(tmp_path, slurm):
         state = wait_for(lambda: running_state(instance, 0), 60,
                          what=f"the daemon in Slurm job {slurm_id}")
         assert (state["node_rank"], state["num_nodes"]) == ("0", "1")
+        # The whole node (EXCLUSIVE=1): every CPU and all its memory, not 1 CPU.
+        job = slurm_job(slurm_id)
+        node = slurm_node(job["NodeList"])
+        assert (job["OverSubscribe"], job["NumCPUs"], job["MinMemoryNode"]) == (
+            "NO", node["CPUTot"], "0")
 
         task = tmp_path / "in_slurm.sh"
         task.write_text('echo "job=$SLURM_JOB_ID node=$NODE_RANK"\n')
