@@ -6,7 +6,7 @@
 #     source /path/to/client.sh
 #
 # then `gpu_help` lists the commands. It needs only bash or zsh and coreutils (ls, sed, sort, date,
-# head, tail, od, cp, mv, mkdir, sync): no Python on the login machine. It writes and reads the
+# head, tail, od, cp, mv, mkdir, dd): no Python on the login machine. It writes and reads the
 # queue folder exactly as docs/protocol.md says, so it works from any host that mounts it.
 #
 # Settings, read at every call:
@@ -49,9 +49,13 @@ gpu_use() {
 _gpu_main() ( _gpu_dispatch "$@" )
 
 _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gpu_cmd_COMMAND
+  # the user's ERR, DEBUG and RETURN traps are not for the client's own commands
   if [ -n "${ZSH_VERSION-}" ]; then
+    trap - ZERR DEBUG
     emulate -R sh
   else
+    trap - ERR DEBUG RETURN
+    set +E +T
     shopt -u nocasematch nocaseglob failglob nullglob dotglob 2>/dev/null
     unset GLOBIGNORE
   fi
@@ -230,6 +234,23 @@ _gpu_daemon_alive() {  # is node 0 of the instance alive? (it claims tasks and t
   _gpu_node_alive
 }
 
+_gpu_node_files() {  # the node state files of the instance, by rank (node-2 before node-10)
+  _gpu_ls "$_gpu_q/nodes" | command sed -n 's/^node-\([0-9][0-9]*\)\.state$/\1 &/p' \
+    | command sort -n | command sed 's/^[0-9]* //'
+}
+
+_gpu_nodes() {  # "alive/known" nodes of the instance into _gpu_val (- when none has started)
+  local node alive=0 known=0 expected=0 IFS=$_gpu_nl
+  for node in $(_gpu_node_files); do
+    _gpu_load "$_gpu_q/nodes/$node" || continue
+    known=$((known + 1))
+    _gpu_field num_nodes; _gpu_int "$_gpu_val" && [ "$_gpu_i" -gt "$expected" ] && expected=$_gpu_i
+    _gpu_node_alive && alive=$((alive + 1))
+  done
+  [ "$expected" -gt "$known" ] && known=$expected  # nodes that have not written a state yet
+  if [ "$known" -eq 0 ]; then _gpu_val=-; else _gpu_val=$alive/$known; fi
+}
+
 _gpu_whoami() {
   _gpu_who=${USER:-${LOGNAME:-$(command id -un 2>/dev/null)}}@${HOSTNAME:-${HOST:-$(command uname -n)}}
 }
@@ -248,20 +269,36 @@ _gpu_unique() {  # a unique name (protocol): <UTC time>_<nanoseconds>-<8 hex>, i
   _gpu_epoch=${now#* }
 }
 
-_gpu_publish() {  # _gpu_publish STAGED TARGET: flush STAGED to disk, then rename it into place
-  if command sync -- "$1" && command mv -f -- "$1" "$2"; then return 0; fi
+_gpu_mv() {  # _gpu_mv SRC DST: rename; its error message into _gpu_msg
+  _gpu_msg=$(command mv -f -- "$1" "$2" 2>&1) && return 0
+  # NFS can answer ENOENT to a rename it has carried out (a retransmitted request)
+  [ -e "$2" ] && [ ! -e "$1" ]
+}
+
+_gpu_write() {  # _gpu_write STAGED TEXT: write, fsync and close STAGED, each checked
+  # dd reports a failed fsync or close, where AFS and NFS report a full disk or quota
+  _gpu_msg=$(printf '%s' "$2" | command dd of="$1" conv=fsync status=none 2>&1)
+}
+
+_gpu_copy() {  # _gpu_copy FILE STAGED: copy FILE (with its mode bits), then fsync and close it
+  _gpu_msg=$(command cp -- "$1" "$2" 2>&1 \
+    && command dd if=/dev/null of="$2" conv=notrunc,fsync status=none 2>&1)
+}
+
+_gpu_failed() {  # _gpu_failed STAGED WHAT: remove STAGED, say WHAT failed and why; returns 1
   command rm -f -- "$1"
-  _gpu_err "cannot publish $2"
+  _gpu_msg=${_gpu_msg%%"$_gpu_nl"*}
+  _gpu_err "$2${_gpu_msg:+ ($_gpu_msg)}"
   return 1
+}
+
+_gpu_publish() {  # _gpu_publish STAGED TARGET: rename the flushed STAGED into place
+  _gpu_mv "$1" "$2" || _gpu_failed "$1" "cannot publish $2"
 }
 
 _gpu_put() {  # _gpu_put TARGET TEXT: publish TEXT as the file TARGET (staged, then renamed)
   local staged=$_gpu_q/.staging/.$_gpu_u.${1##*/}
-  if ! printf '%s' "$2" > "$staged"; then
-    command rm -f -- "$staged"
-    _gpu_err "cannot write in $_gpu_q/.staging"
-    return 1
-  fi
+  _gpu_write "$staged" "$2" || { _gpu_failed "$staged" "cannot write $1"; return 1; }
   _gpu_publish "$staged" "$1"
 }
 
@@ -277,8 +314,11 @@ _gpu_prepare() {  # _gpu_prepare DIR...: create the instance and DIRs for writin
   [ -f "$_gpu_q/control.json" ] && return 0
   _gpu_unique || return 1
   # the daemon writes the same marker; whoever comes second leaves the first one in place
-  printf '{\n  "protocol": 1,\n  "job_id": "%s"\n}\n' "$JOB_ID" > "$_gpu_q/.staging/.$_gpu_u.json" \
-    && command mv -n -- "$_gpu_q/.staging/.$_gpu_u.json" "$_gpu_q/control.json"
+  _gpu_write "$_gpu_q/.staging/.$_gpu_u.json" "{
+  \"protocol\": 1,
+  \"job_id\": \"$JOB_ID\"
+}
+" && command mv -n -- "$_gpu_q/.staging/.$_gpu_u.json" "$_gpu_q/control.json"
   command rm -f -- "$_gpu_q/.staging/.$_gpu_u.json"
 }
 
@@ -287,6 +327,9 @@ _gpu_dead_note() {  # after a submit: say when no daemon will pick the task up s
   if [ -n "$_gpu_created" ]; then
     why="created the instance $JOB_ID in $_gpu_r; no daemon is running for it yet"
   elif _gpu_daemon_alive; then
+    _gpu_field status; [ "$_gpu_val" = stopping ] || return 0
+    _gpu_err "the daemon of $JOB_ID is shutting down: the task waits in pending/ for the next" \
+      "daemon"
     return 0
   elif [ -f "$_gpu_q/nodes/node-0.state" ]; then
     _gpu_field heartbeat; _gpu_age "$_gpu_val"
@@ -299,8 +342,12 @@ _gpu_dead_note() {  # after a submit: say when no daemon will pick the task up s
   _gpu_err "$why: the task waits in pending/ until one starts"
 }
 
-_gpu_enqueue() {  # _gpu_enqueue NAME PRIORITY SOURCE COMMAND FILE TEXT: publish one task
+_gpu_enqueue() {  # _gpu_enqueue NAME PRIORITY CWD SOURCE COMMAND FILE TEXT: publish one task
   local name=$1 prio=$2 id staged
+  # a record is lines: the directory would end up in the record and in gpu_run's script
+  case $PWD in
+    *"$_gpu_nl"*) _gpu_err "the current directory's name has a newline: cd elsewhere"; return 2 ;;
+  esac
   _gpu_prepare pending records || return 1
   _gpu_unique || return 1
   _gpu_whoami
@@ -308,20 +355,16 @@ _gpu_enqueue() {  # _gpu_enqueue NAME PRIORITY SOURCE COMMAND FILE TEXT: publish
   _gpu_put "$_gpu_q/records/$id.submit" "id=$id
 name=$name
 priority=$prio
-source=$3
-command=$4
-cwd=$PWD
+source=$4
+command=$5
+cwd=$3
 submitted=$_gpu_epoch
 submitted_by=$_gpu_who
 " || return 1
   staged=$_gpu_q/.staging/.$id
-  if [ -n "$5" ]; then
-    command cp -- "$5" "$staged" 2>/dev/null
-  else
-    printf '%s' "$6" > "$staged"
-  fi || {
-    command rm -f -- "$staged" "$_gpu_q/records/$id.submit"
-    _gpu_err "cannot write the task into $_gpu_q/.staging"
+  if [ -n "$6" ]; then _gpu_copy "$6" "$staged"; else _gpu_write "$staged" "$7"; fi || {
+    command rm -f -- "$_gpu_q/records/$id.submit"
+    _gpu_failed "$staged" "cannot write the task into $_gpu_q/.staging"
     return 1
   }
   _gpu_publish "$staged" "$_gpu_q/pending/$id" \
@@ -331,11 +374,15 @@ submitted_by=$_gpu_who
 }
 
 _gpu_send() {  # _gpu_send ACTION [TASK]: publish a command; its reply will be replies/_gpu_u.reply
+  local started=''
   _gpu_prepare commands || return 1
   _gpu_unique || return 1
   _gpu_whoami
+  # addressed to the daemon that runs now: a later one refuses it
+  _gpu_load "$_gpu_q/nodes/node-0.state" && _gpu_field started && started=$_gpu_val
   _gpu_put "$_gpu_q/commands/$_gpu_u.cmd" "action=$1
 task=${2-}
+daemon_started=$started
 sent=$_gpu_epoch
 sent_by=$_gpu_who
 "
@@ -357,9 +404,26 @@ _gpu_reply() {  # _gpu_reply U: wait (sharing _gpu_wait) for replies/U.reply, th
   command rm -f -- "$reply"
 }
 
-_gpu_no_reply() {  # _gpu_no_reply U
-  _gpu_err "no reply from the daemon within ${GPU_REPLY_TIMEOUT:-15} s; the command stays" \
-    "queued as commands/$1.cmd and runs when the daemon reads it"
+_gpu_answer() {  # _gpu_answer U: the reply to command U, loaded; else withdraw U and return 1
+  local cmd=$_gpu_q/commands/$1.cmd away=$_gpu_q/.staging/.$1.withdrawn
+  _gpu_reply "$1" && return 0
+  # an unanswered command must not wait for a later daemon: take it back
+  if _gpu_mv "$cmd" "$away"; then
+    command rm -f -- "$away"
+    _gpu_wait=3  # unless the daemon read it just before: then its reply is on the way
+    _gpu_reply "$1" && return 0
+    _gpu_err "no reply from the daemon within ${GPU_REPLY_TIMEOUT:-15} s: the command is" \
+      "withdrawn (commands/$1.cmd removed), so no daemon carries it out later; on NFS," \
+      "try again with a larger GPU_REPLY_TIMEOUT"
+  elif [ -e "$cmd" ]; then
+    _gpu_err "no reply from the daemon within ${GPU_REPLY_TIMEOUT:-15} s, and commands/$1.cmd" \
+      "cannot be removed (${_gpu_msg##*: }): the daemon carries it out when it reads it"
+  else
+    _gpu_wait=20  # the daemon has taken it: its reply follows
+    _gpu_reply "$1" && return 0
+    _gpu_err "the daemon took the command but sent no reply within" \
+      "${GPU_REPLY_TIMEOUT:-15} s; gpu_status shows what happened"
+  fi
   return 1
 }
 
@@ -425,7 +489,9 @@ _gpu_summary() {  # one line about the instance in _gpu_q: its daemon and queue
   if ! _gpu_load "$_gpu_q/nodes/node-0.state"; then
     daemon='no daemon has started yet'
   elif _gpu_node_alive; then
-    _gpu_field host; daemon="daemon alive on $_gpu_val"
+    daemon='daemon alive'
+    _gpu_field status; [ "$_gpu_val" = stopping ] && daemon='daemon shutting down'
+    _gpu_field host; daemon="$daemon on $_gpu_val"
     _gpu_field pid; daemon="$daemon (pid $_gpu_val"
     _gpu_field started; _gpu_age "$_gpu_val"; daemon="$daemon, up $_gpu_d)"
   else
@@ -452,7 +518,7 @@ _gpu_cmd_use() {
   if [ -z "${JOB_ID-}" ]; then
     _gpu_err "no instance in use (JOB_ID is not set): gpu_use ID switches to one," \
       "gpu_list shows them"
-    return 1
+    return 2
   fi
   _gpu_instance || return
   printf '%s: ' "$JOB_ID"
@@ -462,7 +528,8 @@ _gpu_cmd_use() {
 _gpu_cmd_list() {
   if [ "$#" -gt 0 ]; then _gpu_usage ''; return; fi
   _gpu_root || return 1
-  local id ids='' width=6 IFS=$_gpu_nl mark daemon host started shutdown run pend ndone failed job
+  local id ids='' width=6 IFS=$_gpu_nl mark daemon state nodes host started shutdown run pend
+  local ndone failed job
   for id in $(_gpu_ls "$_gpu_r"); do
     _gpu_valid_id "$id" || continue
     [ -f "$_gpu_r/$id/control.json" ] || [ -f "$_gpu_r/$id/job_id.txt" ] \
@@ -475,8 +542,8 @@ _gpu_cmd_list() {
     return 0
   fi
   _gpu_now
-  printf '  %-*s  %-9s %-16s %-16s %-16s %4s %5s %5s %5s  %s\n' "$width" JOB_ID DAEMON HOST \
-    STARTED AUTO-SHUTDOWN RUN PEND DONE FAIL 'CLUSTER JOB'
+  printf '  %-*s  %-9s %-5s  %-16s %-16s %-16s %4s %5s %5s %5s  %s\n' "$width" JOB_ID DAEMON \
+    NODES HOST STARTED AUTO-SHUTDOWN RUN PEND DONE FAIL 'CLUSTER JOB'
 
   for id in $ids; do
     _gpu_q=$_gpu_r/$id
@@ -485,10 +552,10 @@ _gpu_cmd_list() {
     if ! _gpu_load "$_gpu_q/nodes/node-0.state"; then
       daemon=none
     else
-      _gpu_field status
+      _gpu_field status; state=$_gpu_val
       if _gpu_node_alive; then
-        if [ "$_gpu_val" = stopping ]; then daemon=stopping; else daemon=alive; fi
-      elif [ "$_gpu_val" = stopped ]; then
+        if [ "$state" = stopping ]; then daemon=stopping; else daemon=alive; fi
+      elif [ "$state" = stopped ]; then
         daemon=stopped
       else
         daemon=dead
@@ -498,14 +565,16 @@ _gpu_cmd_list() {
       started=$(_gpu_date "$_gpu_val")
       _gpu_field shutdown; shutdown=$(_gpu_date "$_gpu_val")
     fi
+    _gpu_nodes; nodes=$_gpu_val
     _gpu_count "$_gpu_q/running"; run=$_gpu_n
     _gpu_count "$_gpu_q/pending"; pend=$_gpu_n
     _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
     _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
     job=-
     _gpu_load "$_gpu_q/job_id.txt" && _gpu_field cluster_job_id && job=${_gpu_val:--}
-    printf '%s %-*s  %-9s %-16s %-16s %-16s %4s %5s %5s %5s  %s\n' "$mark" "$width" "$id" \
-      "$daemon" "$host" "$started" "$shutdown" "$run" "$pend" "$ndone" "$failed" "$job"
+    printf '%s %-*s  %-9s %-5s  %-16s %-16s %-16s %4s %5s %5s %5s  %s\n' "$mark" "$width" \
+      "$id" "$daemon" "$nodes" "$host" "$started" "$shutdown" "$run" "$pend" "$ndone" "$failed" \
+      "$job"
   done
 }
 
@@ -525,7 +594,7 @@ _gpu_safe_name() {  # _gpu_safe_name TEXT: characters outside A-Za-z0-9._- becom
 
 _gpu_cmd_submit() {
   if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then _gpu_usage 'FILE [PRIORITY]'; return; fi
-  local file=$1 source name
+  local file=$1 source name dir cwd cmdline=''
   _gpu_priority "${2-500}" || return 2
   case $file in
     '') _gpu_usage 'FILE [PRIORITY]'; return ;;
@@ -535,14 +604,27 @@ _gpu_cmd_submit() {
   if [ ! -e "$file" ]; then _gpu_err "no such file: $file"; return 2; fi
   if [ ! -f "$file" ]; then _gpu_err "$file is not a regular file"; return 2; fi
   if [ ! -r "$file" ]; then _gpu_err "cannot read $file"; return 2; fi
-  case $PWD in *"$_gpu_nl"*) _gpu_err "the current directory's name has a newline"; return 2 ;; esac
   _gpu_instance || return
   case $file in /*) source=$file ;; *) source=$PWD/$file ;; esac
   _gpu_short "${file##*/}"  # a resubmitted task (gpu_submit failed/<id>) keeps its name
   _gpu_safe_name "$_gpu_s"
   name=$_gpu_s
   [ "${#name}" -gt 80 ] && name=${name:$((${#name} - 80))}  # keep the end: the extension
-  _gpu_enqueue "$name" "$_gpu_p" "$source" "" "$file" ""
+  cwd=$PWD
+  # a finished task runs again where it was first submitted (gpu_run's script relies on that)
+  dir=${source%/*}
+  case ${dir##*/} in
+    done | failed)
+      if _gpu_load "${dir%/*}/records/${source##*/}.submit" && _gpu_field cwd \
+        && [ -n "$_gpu_val" ]; then
+        cwd=$_gpu_val
+        _gpu_field command; cmdline=$_gpu_val
+        [ "$#" -eq 1 ] && _gpu_field priority && _gpu_priority "$_gpu_val" 2>/dev/null
+        _gpu_err "resubmitting ${source##*/} as first submitted: it runs in $cwd," \
+          "at priority $_gpu_p"
+      fi ;;
+  esac
+  _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$source" "$cmdline" "$file" ""
 }
 
 _gpu_cmd_run() {
@@ -566,7 +648,7 @@ _gpu_cmd_run() {
   words=${words:0:73}
   words=${words%_}
   _gpu_whoami
-  _gpu_enqueue "run_${words:-command}.sh" 500 "" "$cmd" "" "#!/usr/bin/env bash
+  _gpu_enqueue "run_${words:-command}.sh" 500 "$PWD" "" "$cmd" "" "#!/usr/bin/env bash
 # queued with gpu_run by $_gpu_who from $PWD
 $cmd
 "
@@ -575,13 +657,12 @@ $cmd
 _gpu_show_nodes() {  # the daemon part of gpu_status
   local state node rank gpus i line up
   local IFS=$_gpu_nl
-  state=$(_gpu_ls "$_gpu_q/nodes")
+  state=$(_gpu_node_files)
   if [ -z "$state" ]; then
     printf 'Daemon:   none has started for this instance yet; tasks wait in pending/\n'
     return
   fi
   for node in $state; do
-    case $node in node-*.state) ;; *) continue ;; esac
     _gpu_load "$_gpu_q/nodes/$node" || continue
     rank=${node#node-}; rank=${rank%.state}
     _gpu_field num_nodes
@@ -620,6 +701,8 @@ _gpu_show_nodes() {  # the daemon part of gpu_status
       _gpu_field "gpu.$i.mem_total_mib"; line="$line/${_gpu_val:--} MiB"
       _gpu_field "gpu.$i.state"; [ -n "$_gpu_val" ] && line="$line  keep-alive $_gpu_val"
       _gpu_field "gpu.$i.reason"; [ -n "$_gpu_val" ] && line="$line ($_gpu_val)"
+      _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && line="$line  tile $_gpu_val"
+      _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && line="$line  duty $_gpu_val"
       printf '%s\n' "$line"
       i=$((i + 1))
     done
@@ -774,7 +857,9 @@ _gpu_cmd_tail() {
 }
 
 _gpu_cancel_here() {  # _gpu_cancel_here ID: cancel a pending task without a daemon (protocol)
-  command mv -- "$_gpu_q/pending/$1" "$_gpu_q/failed/$1" 2>/dev/null || return 1
+  # never over an earlier task of that name (one put into pending/ by hand twice)
+  [ -e "$_gpu_q/failed/$1" ] && return 2
+  _gpu_mv "$_gpu_q/pending/$1" "$_gpu_q/failed/$1" || return 1
   _gpu_unique || return 0
   _gpu_whoami
   _gpu_put "$_gpu_q/records/$1.result" "id=$1
@@ -798,12 +883,14 @@ _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon
   for entry in $2; do
     case $entry in
       pending/*)
-        if _gpu_cancel_here "${entry#pending/}"; then
-          printf 'cancelled %s (it was pending)\n' "${entry#pending/}"
-          count=$((count + 1))
-        else
-          _gpu_err "${entry#pending/} left pending/ meanwhile (a daemon took it?)"; rc=1
-        fi ;;
+        _gpu_cancel_here "${entry#pending/}"
+        case $? in
+          0) printf 'cancelled %s (it was pending)\n' "${entry#pending/}"
+            count=$((count + 1)) ;;
+          2) _gpu_err "${entry#pending/} is not cancelled: failed/${entry#pending/} exists" \
+              "already (rename or remove one of them)"; rc=1 ;;
+          *) _gpu_err "${entry#pending/} left pending/ meanwhile (a daemon took it?)"; rc=1 ;;
+        esac ;;
       running/*)
         _gpu_err "${entry#running/} is in running/ but its daemon is not alive: a new" \
           "daemon marks it interrupted (and ends what is left of it on that host)"
@@ -817,7 +904,7 @@ _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon
 _gpu_cmd_stop() {
   if [ "$#" -ne 1 ]; then _gpu_usage 'NAME|all'; return; fi
   _gpu_existing_instance || return
-  local name=$1 matches entry sent='' u rc=0 IFS=$_gpu_nl
+  local name=$1 matches entry sent='' u count rc=0 IFS=$_gpu_nl
   if [ "$name" = all ]; then
     matches=$(_gpu_ls "$_gpu_q/pending" | command sed 's|^|pending/|'
       _gpu_ls "$_gpu_q/running" | command sed 's|^|running/|')
@@ -849,7 +936,7 @@ _gpu_cmd_stop() {
   fi
   _gpu_timeout
   for u in $sent; do
-    _gpu_reply "$u" || { _gpu_no_reply "$u"; rc=1; continue; }
+    _gpu_answer "$u" || { rc=1; continue; }
     _gpu_field result
     case $_gpu_val in
       stopped) _gpu_field task; printf 'stopped %s' "$_gpu_val"
@@ -858,10 +945,17 @@ _gpu_cmd_stop() {
       not_found) _gpu_field task
         _gpu_err "$_gpu_val is neither pending nor running any more (it has just finished)"
         rc=1 ;;
-      ok) _gpu_field cancelled_count; printf 'cancelled %s pending task(s)\n' "${_gpu_val:-0}"
+      ok) _gpu_field cancelled_count; count=${_gpu_val:-0}
+        printf 'cancelled %s pending task(s)\n' "$count"
         _gpu_field stopped
-        if [ -n "$_gpu_val" ]; then printf 'stopped %s\n' "$_gpu_val"; else
-          printf 'no task was running\n'; fi ;;
+        if [ -n "$_gpu_val" ]; then
+          printf 'stopped %s\n' "$_gpu_val"
+        elif [ "$count" = 0 ]; then  # nothing to stop, yet the GPUs are freed all the same
+          printf 'no task was running; the daemon still ends the other Python processes of its\n'
+          printf 'user on the node (its --kill-scope), to free the GPUs\n'
+        else
+          printf 'no task was running\n'
+        fi ;;
       *) _gpu_field message; _gpu_err "the daemon answered: ${_gpu_val:-an error}"; rc=1 ;;
     esac
   done
@@ -903,8 +997,7 @@ _gpu_cmd_shutdown() {
   else
     _gpu_send shutdown || return 1
     _gpu_timeout
-    if ! _gpu_reply "$_gpu_u"; then
-      _gpu_no_reply "$_gpu_u"
+    if ! _gpu_answer "$_gpu_u"; then
       rc=1
     elif _gpu_field result && [ "$_gpu_val" = accepted ]; then
       printf 'The daemon of %s is shutting down: it stops the running task and exits;\n' "$JOB_ID"

@@ -2468,6 +2468,8 @@ class Daemon:
                 self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
                                     format_fields(reply))
                 os.unlink(path)
+            except FileNotFoundError:
+                pass  # the client withdrew it meanwhile; the reply tells it what happened
             except OSError as exc:
                 self.throttled.warning("reply", "cannot answer command %s: %s", name, exc)
                 return

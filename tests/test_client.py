@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +155,10 @@ def build_sample(root: Path, job_id: str = "exp1", alive: bool = True) -> Sample
         "poll_interval": 1, "keepalive": "on", "gpu_count": 2,
         "gpu.0.name": "NVIDIA H200", "gpu.0.util": 75, "gpu.0.mem_used_mib": 80000,
         "gpu.0.mem_total_mib": 143771, "gpu.0.state": "holding", "gpu.0.reason": "",
+        "gpu.0.tile": 4096, "gpu.0.duty": "0.85",
         "gpu.1.name": "NVIDIA H200", "gpu.1.util": 3, "gpu.1.mem_used_mib": 1000,
-        "gpu.1.mem_total_mib": 143771, "gpu.1.state": "released", "gpu.1.reason": "task running",
+        "gpu.1.mem_total_mib": 143771, "gpu.1.state": "yielded", "gpu.1.reason": "queue task",
+        "gpu.1.tile": "", "gpu.1.duty": "",
     })
     running = tid(1, "train.sh")
     (inst / "running" / running).write_text("sleep 1000\n")
@@ -263,6 +266,98 @@ def test_resubmitting_a_failed_task_keeps_its_name(sh):
     old = sample.failed[1]
     task = submitted_id(sh.run(f"gpu_submit '{sample.inst}/failed/{old}' 20"))
     assert task.startswith("020-") and task.endswith("-bad.sh")
+
+
+def test_resubmitting_a_finished_task_runs_it_where_it_was_first_submitted(sh):
+    s = build_sample(sh.root)
+    origin = sh.root.parent / "origin dir"
+    origin.mkdir()
+    for task, prio in ((s.failed[1], "007"), (s.done[0], "120")):
+        write_fields(s.inst / "records" / f"{task}.submit", {
+            "id": task, "name": task.split("-")[-1], "priority": prio, "source": "",
+            "command": "python prep.py", "cwd": origin, "submitted": EPOCH,
+            "submitted_by": "me@there"})
+    res = sh.run(f"gpu_submit '{s.inst}/failed/{s.failed[1]}'")
+    task = submitted_id(res)
+    assert task.startswith("007-") and task.endswith("-bad.sh")  # its priority, its name
+    assert res.err == (f"gpu_submit: resubmitting {s.failed[1]} as first submitted: it runs in "
+                       f"{origin}, at priority 007\n")
+    record = read_fields(s.inst / "records" / f"{task}.submit")
+    assert (record["cwd"], record["source"], record["command"]) == (
+        str(origin), f"{s.inst}/failed/{s.failed[1]}", "python prep.py")
+    # from inside the instance, done/ alike; a priority given on the command line wins
+    res = sh.run(f"gpu_submit done/{s.done[0]} 20", cwd=s.inst)
+    task = submitted_id(res)
+    assert task.startswith("020-") and task.endswith("-prep.py")
+    assert res.err == (f"gpu_submit: resubmitting {s.done[0]} as first submitted: it runs in "
+                       f"{origin}, at priority 020\n")
+    assert read_fields(s.inst / "records" / f"{task}.submit")["cwd"] == str(origin)
+
+
+def test_submitting_to_a_daemon_that_shuts_down_says_the_task_waits(sh):
+    s = build_sample(sh.root)
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(state.read_text().replace("status=running", "status=stopping"))
+    res = sh.run("gpu_run 'echo hi'")
+    submitted_id(res)
+    assert res.err == ("gpu_run: the daemon of exp1 is shutting down: the task waits in pending/ "
+                       "for the next daemon\n")
+
+
+@pytest.mark.parametrize("script", ["gpu_run 'echo hi'", "gpu_submit ../job.sh"])
+def test_a_directory_name_with_a_newline_is_refused(sh, script):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    odd = sh.cwd / "two\nlines"
+    odd.mkdir()
+    (sh.root / "exp1" / "pending").mkdir(parents=True)
+    before = tree(sh.root.parent)
+    res = sh.run(script + "\necho \"rc=$?\"", cwd=odd)
+    assert (res.out, res.err) == ("rc=2\n", f"{script.split()[0]}: the current directory's name "
+                                            "has a newline: cd elsewhere\n")
+    assert tree(sh.root.parent) == before
+
+
+def fake_tool(folder: Path, name: str, body: str) -> None:
+    """A stand-in for a coreutils command, first on PATH: body runs, then the real one."""
+    folder.mkdir(exist_ok=True)
+    tool = folder / name
+    tool.write_text(f"#!/bin/sh\n{body}\nexec {shutil.which(name)} \"$@\"\n")
+    tool.chmod(0o755)
+
+
+@pytest.mark.parametrize("script,fail_on,message", [
+    ("gpu_submit job.sh", ".submit ", r"cannot write {inst}/records/\S+\.submit"),
+    ("gpu_submit job.sh", "if=/dev/null", r"cannot write the task into {inst}/\.staging"),
+    ("gpu_run 'echo hi'", "run_echo_hi.sh ", r"cannot write the task into {inst}/\.staging"),
+], ids=["record", "copy", "gpu_run"])
+def test_a_write_that_fails_at_flush_or_close_publishes_nothing(sh, tmp_path, script, fail_on,
+                                                                 message):
+    """AFS and NFS report a full quota only at fsync or close: dd reports both."""
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    inst = sh.root / "exp1"
+    fake_tool(tmp_path / "bin", "dd", 'case "$* " in *"$FAIL_ON"*)\n'
+              '  echo "dd: closing output file: Disk quota exceeded" >&2; exit 1 ;; esac')
+    res = sh.run(script + "\necho \"rc=$?\"", FAIL_ON=fail_on,
+                 PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert res.out == "rc=1\n"
+    name = script.split()[0]
+    assert re.fullmatch(rf"{name}: {message.format(inst=re.escape(str(inst)))} \(dd: closing "
+                        r"output file: Disk quota exceeded\)\n", res.err), res.err
+    assert (listing(inst / "pending"), listing(inst / "records")) == ([], [])
+    assert listing(inst / ".staging") == []
+
+
+def test_a_rename_that_nfs_reports_failed_but_did_counts_as_done(sh, tmp_path):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    # the rename happens, then the answer is lost: a retransmitted request finds no source
+    fake_tool(tmp_path / "bin", "mv", f'{shutil.which("mv")} "$@" || exit\n'
+              'echo "mv: cannot move: No such file or directory" >&2; exit 1')
+    res = sh.run("gpu_submit job.sh", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    task = submitted_id(res)
+    inst = sh.root / "exp1"
+    assert listing(inst / "pending") == [task]
+    assert listing(inst / "records") == [f"{task}.submit"]
+    assert listing(inst / ".staging") == []
 
 
 def test_gpu_run_queues_a_script_of_the_command(sh):
@@ -438,9 +533,10 @@ def test_status_shows_daemon_gpus_running_pending_recent_and_totals(sh):
         f"Instance: exp1 ({s.inst})",
         "Daemon:   alive on node-a, pid 4242",
         "          keep-alive: on",
-        "          GPU 0 NVIDIA H200  util 75%  mem 80000/143771 MiB  keep-alive holding",
-        "          GPU 1 NVIDIA H200  util 3%  mem 1000/143771 MiB  keep-alive released "
-        "(task running)",
+        "          GPU 0 NVIDIA H200  util 75%  mem 80000/143771 MiB  keep-alive holding  tile 4096"
+        "  duty 0.85",
+        "          GPU 1 NVIDIA H200  util 3%  mem 1000/143771 MiB  keep-alive yielded "
+        "(queue task)",
         f"Running:  {s.running}, for 2h00m on node-a",
         "Pending:  3, in run order:",
         f"          001  {p[0]}",
@@ -474,16 +570,37 @@ def test_status_tells_a_dead_daemon_a_stopped_one_and_none(sh):
     assert out[1] == "Daemon:   none has started for this instance yet; tasks wait in pending/"
 
 
-def test_status_lists_every_node_of_a_multi_node_instance(sh):
+def test_status_and_list_show_every_node_of_a_multi_node_instance(sh):
     s = build_sample(sh.root)
-    for rank in (0, 1):
-        path = s.inst / "nodes" / f"node-{rank}.state"
-        write_fields(path, {"node_rank": rank, "num_nodes": 2, "host": f"node-{rank}",
-                            "pid": 10 + rank, "status": "running", "heartbeat": s.now,
-                            "started": s.now - 60, "shutdown": s.now + 60, "gpu_count": 0})
+
+    def node(rank: int, alive: bool = True, num_nodes: int = 2) -> None:
+        write_fields(s.inst / "nodes" / f"node-{rank}.state", {
+            "node_rank": rank, "num_nodes": num_nodes, "host": f"node-{rank}", "pid": 10 + rank,
+            "status": "running", "heartbeat": s.now - (1 if alive else 600),
+            "started": s.now - 60, "shutdown": s.now + 60, "gpu_count": 0})
+
+    node(0)
+    node(1, alive=False)
     out = sh.run("gpu_status").out
     assert "\nNode 0:   alive on node-0, pid 10\n" in out
-    assert "\nNode 1:   alive on node-1, pid 11\n" in out
+    assert "\nNode 1:   NOT ALIVE (no heartbeat for over 60 s) on node-1, pid 11\n" in out
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive     1/2    node-0 ")
+    for rank in (0, 1, 2, 10):  # ranks in numeric order; the nodes that wrote no state count
+        node(rank, num_nodes=12)
+    out = sh.run("gpu_status").out
+    assert re.findall(r"^Node (\d+):", out, re.M) == ["0", "1", "2", "10"]
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive     4/12   node-0 ")
+
+
+def test_a_daemon_that_shuts_down_is_shown_stopping(sh):
+    s = build_sample(sh.root)
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(state.read_text().replace("status=running", "status=stopping"))
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    stopping  1/1    node-a ")
+    assert sh.run("gpu_use").out == ("exp1: daemon shutting down on node-a (pid 4242, up 1h00m); "
+                                     "1 running, 3 pending, 2 done, 3 failed\n")
+    assert sh.run("gpu_status").out.splitlines()[1] == ("Daemon:   alive (shutting down) on "
+                                                        "node-a, pid 4242")
 
 
 @pytest.fixture(scope="module")
@@ -522,7 +639,7 @@ def test_use_shows_and_switches_the_instance(sh):
     res = sh.run("gpu_use '../x'; echo \"rc=$? JOB_ID=$JOB_ID\"")
     assert res.out == "rc=2 JOB_ID=exp1\n"
     res = sh.run("gpu_use; echo \"rc=$?\"", job_id=None)
-    assert res.out == "rc=1\n"
+    assert res.out == "rc=2\n"  # like every other command without JOB_ID
     assert res.err == ("gpu_use: no instance in use (JOB_ID is not set): gpu_use ID switches to "
                        "one, gpu_list shows them\n")
 
@@ -549,16 +666,16 @@ def test_list_shows_every_instance_with_its_daemon_and_counts(sh):
     dead_started = local_minute(dead.now - 3600)
     dead_shutdown = local_minute(dead.now + 23 * 3600)
     assert res.out == (
-        "  JOB_ID       DAEMON    HOST             STARTED          AUTO-SHUTDOWN     RUN  PEND"
-        "  DONE  FAIL  CLUSTER JOB\n"
-        f"* exp1         alive     node-a           {started} {shutdown}    1     3     2     3"
-        "  pt-abc123\n"
-        "  launched     none      -                -                -                   0     0"
-        "     0     0  7\n"
-        f"  older        dead      node-a           {dead_started} {dead_shutdown}    1     3"
-        "     2     3  -\n"
-        "  queued-only  none      -                -                -                   0     1"
-        "     0     0  -\n")
+        "  JOB_ID       DAEMON    NODES  HOST             STARTED          AUTO-SHUTDOWN     RUN"
+        "  PEND  DONE  FAIL  CLUSTER JOB\n"
+        f"* exp1         alive     1/1    node-a           {started} {shutdown}    1     3     2"
+        "     3  pt-abc123\n"
+        "  launched     none      -      -                -                -                   0"
+        "     0     0     0  7\n"
+        f"  older        dead      0/1    node-a           {dead_started} {dead_shutdown}    1"
+        "     3     2     3  -\n"
+        "  queued-only  none      -      -                -                -                   0"
+        "     1     0     0  -\n")
     empty = sh.root.parent / "empty root"
     empty.mkdir()
     res = sh.run("gpu_list", QUEUE_ROOT=str(empty))
@@ -636,6 +753,20 @@ def test_stop_without_a_live_daemon_cancels_pending_tasks_itself(sh):
                                             "it has finished\n")
 
 
+def test_an_offline_cancel_never_replaces_an_earlier_task_of_that_name(sh):
+    s = build_sample(sh.root, alive=False)
+    (s.inst / "failed" / "zz_manual.sh").write_text("echo the first one\n")
+    res = sh.run("gpu_stop zz_manual; echo \"rc=$?\"")
+    assert res.out == "rc=1\n"
+    assert res.err == (
+        "gpu_stop: no daemon is alive for exp1: only pending tasks can be cancelled\n"
+        "gpu_stop: zz_manual.sh is not cancelled: failed/zz_manual.sh exists already (rename or "
+        "remove one of them)\n")
+    assert (s.inst / "failed" / "zz_manual.sh").read_text() == "echo the first one\n"
+    assert (s.inst / "pending" / "zz_manual.sh").exists()
+    assert not (s.inst / "records" / "zz_manual.sh.result").exists()
+
+
 def test_a_task_queued_before_any_daemon_can_be_cancelled(sh):
     (sh.cwd / "train.sh").write_text("echo hi\n")
     task = submitted_id(sh.run("gpu_submit train.sh"))
@@ -669,22 +800,95 @@ def test_tail_of_a_pending_task_waits_for_its_log(sh):
                                             "by hand: its log is named when it starts\n")
 
 
-def test_stop_without_a_reply_says_so_and_leaves_the_command(sh):
+class FakeDaemon(threading.Thread):
+    """Node 0's command handling, by hand: it records every command it sees, takes it (removes
+    it) and answers with the fields ``answer(fields)`` returns (no reply when None). Without
+    ``answer`` it leaves the commands where they are: a daemon that has not seen them yet."""
+
+    def __init__(self, inst: Path, answer=None):
+        super().__init__(daemon=True)
+        self.inst, self.answer = inst, answer
+        self.seen: dict[str, dict[str, str]] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            for path in sorted((self.inst / "commands").glob("*.cmd")):
+                if path.name in self.seen:
+                    continue
+                try:
+                    self.seen[path.name] = read_fields(path)
+                except FileNotFoundError:  # withdrawn meanwhile
+                    continue
+                if self.answer is None:
+                    continue
+                reply = self.answer(self.seen[path.name])
+                if reply is not None:
+                    staged = self.inst / ".staging" / f".{path.stem}.reply"
+                    write_fields(staged, {**reply, "handled": time.time()})
+                    staged.rename(self.inst / "replies" / f"{path.stem}.reply")
+                path.unlink()
+
+    def __enter__(self) -> FakeDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join(5)
+
+
+def test_a_command_without_a_reply_is_withdrawn(sh):
     s = build_sample(sh.root)  # looks alive, but nobody answers
     start = time.monotonic()
-    res = sh.run("gpu_stop eval; echo \"rc=$?\"", GPU_REPLY_TIMEOUT="1")
+    with FakeDaemon(s.inst) as watcher:
+        res = sh.run("gpu_stop eval; echo \"rc=$?\"", GPU_REPLY_TIMEOUT="1")
     assert 1 <= time.monotonic() - start < 10
-    commands = listing(s.inst / "commands")
-    assert len(commands) == 1 and commands[0].endswith(".cmd")
-    assert re.fullmatch(r"[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}\.cmd", commands[0])
+    [(name, fields)] = watcher.seen.items()  # what the daemon would have read
+    assert re.fullmatch(r"[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}\.cmd", name)
     assert res.out == "rc=1\n"
-    assert res.err == (f"gpu_stop: no reply from the daemon within 1 s; the command stays queued "
-                       f"as commands/{commands[0]} and runs when the daemon reads it\n")
-    fields = read_fields(s.inst / "commands" / commands[0])
+    assert res.err == ("gpu_stop: no reply from the daemon within 1 s: the command is withdrawn "
+                       f"(commands/{name} removed), so no daemon carries it out later; on NFS, "
+                       "try again with a larger GPU_REPLY_TIMEOUT\n")
+    assert listing(s.inst / "commands") == []  # a later daemon finds nothing to carry out
+    assert listing(s.inst / ".staging") == []
     assert float(fields.pop("sent")) == pytest.approx(time.time(), abs=10)
     assert fields.pop("sent_by").endswith("@" + os.uname().nodename)
-    assert fields == {"action": "stop", "task": s.pending[0]}
-    assert listing(s.inst / ".staging") == []
+    started = read_fields(s.inst / "nodes" / "node-0.state")["started"]
+    assert fields == {"action": "stop", "task": s.pending[0], "daemon_started": started}
+
+
+def test_a_command_the_daemon_took_without_answering_is_reported(tmp_path):
+    shell = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
+    s = build_sample(shell.root)
+    with FakeDaemon(s.inst, answer=lambda fields: None):
+        res = shell.run("gpu_shutdown; echo \"rc=$?\"", GPU_REPLY_TIMEOUT="1")
+    assert res.out.splitlines()[-1] == "rc=1"
+    assert res.err == ("gpu_shutdown: the daemon took the command but sent no reply within 1 s; "
+                       "gpu_status shows what happened\n")
+
+
+def test_every_command_names_the_daemon_it_is_meant_for(sh):
+    s = build_sample(sh.root)
+    state = s.inst / "nodes" / "node-0.state"
+    started = "1799996400.250"  # copied verbatim, not as a number: "1799996400.25" differs
+    state.write_text(re.sub(r"^started=.*$", f"started={started}", state.read_text(), flags=re.M))
+
+    def answer(fields):
+        action = fields["action"]
+        if action == "stop":
+            return {"action": action, "task": fields["task"], "result": "cancelled"}
+        if action == "stop_all":
+            return {"action": action, "task": "", "result": "ok", "cancelled_count": 0,
+                    "stopped": ""}
+        return {"action": action, "task": "", "result": "accepted"}
+
+    with FakeDaemon(s.inst, answer) as daemon:
+        res = sh.run("gpu_stop eval; gpu_stop all; gpu_shutdown")
+    assert res.rc == 0, res.err
+    assert [(f["action"], f["daemon_started"]) for f in daemon.seen.values()] == [
+        ("stop", started), ("stop_all", started), ("shutdown", started)]
+    assert listing(s.inst / "replies") == []
 
 
 @pytest.mark.parametrize("backend,lines", [
@@ -776,6 +980,31 @@ echo "survived"
 """
     res = sh.run(script, source=False)
     assert (res.rc, res.out) == (0, "missing: 2\nbad id: 2\noptions kept\nsurvived\n"), res.err
+
+
+TRAPS = {  # the user's traps write one line each time they run
+    "bash": "set -ET\ntrap 'echo ERR >> \"$HOME/traps\"' ERR\n"
+            "trap 'echo DEBUG >> \"$HOME/traps\"' DEBUG\n"
+            "trap 'echo RETURN >> \"$HOME/traps\"' RETURN\n",
+    "zsh": "TRAPZERR() { echo ERR >> \"$HOME/traps\"; }\n"
+           "trap 'echo DEBUG >> \"$HOME/traps\"' DEBUG\n",
+}
+
+
+def test_the_users_err_debug_and_return_traps_stay_out_of_the_commands(sh):
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    build_sample(sh.root)
+    script = 'source "$CLIENT"\n' + TRAPS[sh.name] + """
+gpu_status >/dev/null; gpu_list >/dev/null; gpu_submit job.sh >/dev/null 2>&1
+gpu_logs train >/dev/null
+trap - DEBUG
+"""
+    res = sh.run(script, source=False)
+    assert res.rc == 0, res.err
+    fired = (sh.home / "traps").read_text().splitlines()
+    # they run on the way into the subshell, not for every command inside (hundreds of times)
+    assert "ERR" not in fired  # every call succeeds: its own failed tests are no errors
+    assert len(fired) <= 4 * 15, fired
 
 
 LEAK_CHECK = {
@@ -1033,7 +1262,7 @@ def test_e2e_queue_before_the_daemon_then_run_inspect_and_list(sh, start_daemon)
     assert re.search(rf"^          done            0 +\S+ +\S+ ago +{second}$", status.out, re.M)
     assert status.out.endswith("Totals:   0 running, 0 pending, 1 done, 1 failed or stopped\n")
     listed = sh.run("gpu_list").out.splitlines()[1]
-    assert re.match(rf"\* exp1    alive     {re.escape(os.uname().nodename[:16])}", listed)
+    assert re.match(rf"\* exp1    alive     1/1    {re.escape(os.uname().nodename[:16])}", listed)
     assert sh.run("gpu_submit train.sh").err == ""  # a live daemon: no note
 
 
@@ -1076,6 +1305,11 @@ def test_e2e_stop_all_and_shutdown(sh, start_daemon):
     assert res.out == f"cancelled 3 pending task(s)\nstopped {running}\n"
     assert wait_finished(inst, running) == "failed"
     assert all((inst / "failed" / p).exists() for p in pending)
+    res = sh.run("gpu_stop all")  # nothing queued: the daemon still frees the GPUs
+    assert (res.rc, res.err) == (0, "")
+    assert res.out == ("cancelled 0 pending task(s)\n"
+                       "no task was running; the daemon still ends the other Python processes of "
+                       "its\nuser on the node (its --kill-scope), to free the GPUs\n")
     res = sh.run("gpu_shutdown")
     assert (res.rc, res.err) == (0, "")
     assert res.out.splitlines() == [
