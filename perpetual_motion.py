@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import enum
@@ -60,7 +61,11 @@ DEFAULT_PRIORITY = 500  # priority given to tasks dropped into pending/ by hand
 RELEASE_TIMEOUT_SECONDS = 30.0  # longest wait for keep-alive to free the GPUs before a task
 STAGING_MAX_AGE_SECONDS = 86400.0  # leftover staging files and old replies are removed after this
 WARNING_REPEAT_SECONDS = 60.0  # the same warning is logged at most once per this many seconds
+MIN_WAIT_SECONDS = 0.02  # the loop never spins faster than this
 COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
+CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit before SIGKILL
+MAX_RECORD_BYTES = 65536  # a record, command or state file larger than this is corrupt
+MAX_HOURS = 24 * 365  # --hours beyond this is refused
 
 # Keep-alive tuning (docs/keepalive.md explains each one)
 KEEPALIVE_PERIOD = 0.15  # s, a worker's duty cycle: busy for duty x period, then idle
@@ -297,25 +302,35 @@ class QueueFolder:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
-                os.write(fd, text.encode())
+                data = memoryview(text.encode())
+                while data:
+                    data = data[os.write(fd, data):]
                 os.fsync(fd)
             finally:
                 os.close(fd)  # AFS and NFS report a full disk or quota here
             os.rename(staged, target)
         except BaseException:
-            with _suppress_oserror():
+            with contextlib.suppress(OSError):
                 os.unlink(staged)
             raise
 
     def read_fields(self, path: Path) -> dict[str, str] | None:
         """A record's fields; None when it is missing; ValueError/OSError when it is bad."""
         try:
-            return parse_fields(path.read_text(errors="replace"))
+            with open(path, "rb") as f:
+                data = f.read(MAX_RECORD_BYTES + 1)
         except FileNotFoundError:
             return None
+        if len(data) > MAX_RECORD_BYTES:
+            raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
+        return parse_fields(data.decode(errors="replace"))
 
     def names(self, folder: str) -> list[str]:
-        """Published entries of a folder in run order (dot-names are staging, never listed)."""
+        """Published entries of a folder in run order (dot-names are staging, never listed).
+
+        A folder that cannot be listed reads as empty; OSError other than a missing folder
+        is raised for the caller to report.
+        """
         try:
             with os.scandir(self.dir(folder)) as entries:
                 return sorted(e.name for e in entries if not e.name.startswith("."))
@@ -339,14 +354,6 @@ class QueueFolder:
         except OSError:
             pass
         return removed
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, value, traceback) -> bool:
-        return kind is not None and issubclass(kind, OSError)
 
 
 # Processes ##################################################################################
@@ -400,20 +407,18 @@ def terminate(pids: Iterable[int], grace: float) -> int:
             continue
     _, alive = psutil.wait_procs(procs, timeout=max(grace, 0.0))
     for proc in alive:
-        with _suppress_psutil():
+        with contextlib.suppress(psutil.Error, OSError):
             proc.kill()
     psutil.wait_procs(alive, timeout=2.0)
     return len(procs)
 
 
-class _suppress_psutil:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, value, traceback) -> bool:
-        import psutil
-
-        return kind is not None and issubclass(kind, (psutil.Error, OSError))
+def signal_name(number: int) -> str:
+    """``SIGTERM`` for 15; real-time and unknown signals too (``SIG40``)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -443,8 +448,9 @@ def _is_python(proc) -> bool:
     return any(pattern.fullmatch(name or "") for name in names)
 
 
-def python_pids_to_kill(job_id: str, scope: str) -> list[int]:
-    """The processes that ``gpu_stop`` kills after a stop, by ``scope`` (docs/protocol.md)."""
+def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = ()) -> list[int]:
+    """The processes that ``gpu_stop`` kills after a stop, by ``scope`` (docs/protocol.md);
+    ``spare`` are the keep-alive workers."""
     import psutil
 
     if scope == "none":
@@ -452,16 +458,18 @@ def python_pids_to_kill(job_id: str, scope: str) -> list[int]:
     if scope == "task":
         return marked_pids(f"{job_id}/")
     me = psutil.Process()
-    keep = {me.pid} | {p.pid for p in me.parents()}
+    keep = {me.pid} | {p.pid for p in me.parents()} | set(spare)
     uid = os.getuid()
     victims = []
     for proc in psutil.process_iter():
         try:
             if proc.pid in keep or proc.uids().real != uid or not _is_python(proc):
                 continue
-            in_task = f"{MARKER_VAR}=".encode() in _proc_environ(proc.pid)
-            if not in_task and any(a.endswith("perpetual_motion.py") for a in proc.cmdline()):
-                continue  # our keep-alive workers and other instances' daemons
+            environ = _proc_environ(proc.pid)
+            if f"{MARKER_VAR}=".encode() not in environ and (
+                    b"PERPETUAL_MOTION_WORKER=" in environ
+                    or any(a.endswith("perpetual_motion.py") for a in proc.cmdline())):
+                continue  # keep-alive workers and daemons (of other instances too)
             victims.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -540,6 +548,7 @@ class TaskRunner:
         self.throttled = throttled
         self.current: RunningTask | None = None
         self.unfinished: list[tuple[TaskResult, str]] = []  # results not yet published
+        self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -555,19 +564,24 @@ class TaskRunner:
             except OSError as exc:
                 self.throttled.warning(f"stat:{name}", "[pending] skipping %s: %s", name, exc)
                 continue
-            task_id = name if TASK_ID_RE.fullmatch(name) else task_id_for(name)
-            target = self.folder.dir("running") / task_id
+            task_id = name if TASK_ID_RE.fullmatch(name) and not self.ran_before(name) \
+                else task_id_for(short_name(name), int(name[:3]) if name[:3].isdigit()
+                                 else DEFAULT_PRIORITY)
             try:
-                os.rename(source, target)
+                os.rename(source, self.folder.dir("running") / task_id)
             except FileNotFoundError:
-                if target.exists():  # NFS replayed a rename that had succeeded
-                    return task_id
                 continue  # someone else took it (cancelled meanwhile)
             except OSError as exc:
-                self.throttled.warning("claim", "cannot claim %s: %s", name, exc)
-                return None
+                self.throttled.warning(f"claim:{name}", "[pending] skipping %s: cannot claim "
+                                       "it: %s", name, exc)
+                continue
             return task_id
         return None
+
+    def ran_before(self, task_id: str) -> bool:
+        """True when this id has a result already (a finished task renamed back into pending/):
+        it is claimed under a new id, so that its old records never pass for the new run's."""
+        return self.folder.record(task_id, "result").exists()
 
     # -- starting --------------------------------------------------------------------------
 
@@ -583,8 +597,10 @@ class TaskRunner:
         try:
             log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - the with below closes it
         except OSError as exc:
-            LOG.error("cannot open the log of %s (%s): back to pending", task_id, exc)
-            self._unclaim(task_id)
+            LOG.error("cannot open the log of %s: %s", task_id, exc)
+            self._finish(TaskResult(task_id, TaskState.FAILED, f"cannot open its log: "
+                                    f"{exc.strerror or exc}", now, self.clock(),
+                                    self.identity.host, self.config.node_rank))
             return None
         with log:
             header = [f"task: {task_id}", f"job: {self.config.job_id}",
@@ -647,8 +663,8 @@ class TaskRunner:
         })
         return env
 
-    def _unclaim(self, task_id: str) -> None:
-        with _suppress_oserror():
+    def unclaim(self, task_id: str) -> None:
+        with contextlib.suppress(OSError):
             os.rename(self.folder.dir("running") / task_id, self.folder.dir("pending") / task_id)
 
     @staticmethod
@@ -671,7 +687,7 @@ class TaskRunner:
             sig = signal.SIGKILL if hard else signal.SIGTERM
             signal_group(task.proc.pid, sig)
             task.kill_at = self.clock() + (0.0 if hard else self.config.stop_grace)
-            LOG.info("Stopping %s (%s): %s", task.task_id, reason, signal.Signals(sig).name)
+            LOG.info("Stopping %s (%s): %s", task.task_id, reason, signal_name(sig))
 
     # -- polling and finishing -------------------------------------------------------------
 
@@ -687,13 +703,13 @@ class TaskRunner:
                 signal_group(task.proc.pid, signal.SIGKILL)
                 task.kill_at = self.clock() + 3600  # once is enough
             return None
-        self.current = None
         ended = self.clock()
-        # What the task left behind: its process group, and whatever carries its marker.
-        signal_group(task.proc.pid, signal.SIGTERM)
-        leftovers = terminate(marked_pids(f"{self.config.job_id}/{task.task_id}"),
-                              self.config.stop_grace)
-        signal_group(task.proc.pid, signal.SIGKILL)
+        try:
+            leftovers = self.end_leftovers(task)
+        except Exception:  # noqa: BLE001 - the task must be recorded whatever happens here
+            LOG.exception("cannot end what %s left running", task.task_id)
+            leftovers = 0
+        self.current = None
         exit_code, signum = (None, -code) if code < 0 else (code, None)
         if task.stop_state is not None:
             state, reason = task.stop_state, task.stop_reason
@@ -702,12 +718,12 @@ class TaskRunner:
         else:
             state = TaskState.FAILED
             reason = (f"exit status {code}" if signum is None
-                      else f"killed by signal {signum} ({signal.Signals(signum).name})")
+                      else f"killed by signal {signum} ({signal_name(signum)})")
         duration = ended - task.started
         if signum is None:
             footer = f"exited with status {code} after {duration:.1f} s"
         else:
-            footer = f"killed by signal {signum} ({signal.Signals(signum).name}) after " \
+            footer = f"killed by signal {signum} ({signal_name(signum)}) after " \
                      f"{duration:.1f} s"
         if task.stop_state is not None:
             footer += f": {reason}"
@@ -724,6 +740,17 @@ class TaskRunner:
         LOG.info("Task ended: %s: %s (%s)", task.task_id, state.value, reason)
         self._finish(result)
         return result
+
+    def end_leftovers(self, task: RunningTask) -> int:
+        """End what a finished task left behind: its process group, and whatever carries its
+        marker (even after ``setsid``). Returns how many processes were signalled."""
+        if self.heartbeat:
+            self.heartbeat()  # the wait below can take CLEANUP_GRACE_SECONDS
+        signal_group(task.proc.pid, signal.SIGTERM)
+        count = terminate(marked_pids(f"{self.config.job_id}/{task.task_id}"),
+                          min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
+        signal_group(task.proc.pid, signal.SIGKILL)
+        return count
 
     def _finish(self, result: TaskResult, source: str = "running") -> None:
         self.unfinished.append((result, source))
@@ -781,17 +808,19 @@ class TaskRunner:
                 old = self.folder.read_fields(self.folder.record(task_id, "result"))
             except (OSError, ValueError):
                 old = None
-            if old and old.get("state") in {s.value for s in TaskState}:
-                folder = TaskState(old["state"]).folder
-                with _suppress_oserror():
-                    os.rename(self.folder.dir("running") / task_id,
-                              self.folder.dir(folder) / task_id)
-                LOG.info("Recovered %s: moved to %s/ as its result says", task_id, folder)
-                continue
             try:
                 run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
             except (OSError, ValueError):
                 run = {}
+            # A result counts only if it is this run's (not one left by an earlier run).
+            if old and old.get("state") in {s.value for s in TaskState} and (
+                    not run or old.get("started") == run.get("started")):
+                folder = TaskState(old["state"]).folder
+                with contextlib.suppress(OSError):
+                    os.rename(self.folder.dir("running") / task_id,
+                              self.folder.dir(folder) / task_id)
+                LOG.info("Recovered %s: moved to %s/ as its result says", task_id, folder)
+                continue
             killed = terminate(marked_pids(f"{self.config.job_id}/{task_id}"),
                                self.config.stop_grace)
             started = as_float(run.get("started"))
@@ -2270,7 +2299,7 @@ class SignalWaiter:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         signal.set_wakeup_fd(write_fd)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._record)
         signal.signal(signal.SIGCHLD, lambda *_: None)
 
@@ -2311,6 +2340,9 @@ class Daemon:
         self.state_dirty = True
         self.last_housekeeping = self.started
         self.last_leader_check = self.started
+        self.waiter: SignalWaiter | None = None
+        self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
+        self.runner.heartbeat = self.write_state
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -2366,20 +2398,22 @@ class Daemon:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, waiter: SignalWaiter | None = None) -> int:
+        self.waiter = waiter
         code = self.start()
         if code is not None:
             return code
         try:
             while not self.finished:
-                if waiter is not None:
-                    while waiter.received:
-                        self.on_signal(signal.Signals(waiter.received.pop(0)).name)
                 self.tick()
                 if not self.finished:
                     self.sleep(self.wait_time())
         finally:
             self.close()
         return 0
+
+    def handle_signals(self) -> None:
+        while self.waiter is not None and self.waiter.received:
+            self.on_signal(signal_name(self.waiter.received.pop(0)))
 
     def wait_time(self) -> float:
         wait = self.config.poll_interval
@@ -2388,7 +2422,7 @@ class Daemon:
             wait = min(wait, task.kill_at - self.clock())
         if not self.stopping:
             wait = min(wait, self.shutdown_at - self.clock())
-        return max(wait, 0.0)
+        return max(wait, MIN_WAIT_SECONDS)
 
     def tick(self) -> None:
         """One turn of the loop. Nothing that a bad file or a failed call raises escapes."""
@@ -2399,16 +2433,19 @@ class Daemon:
                                    exc_info=True)
 
     def _tick(self) -> None:
+        # Each step on its own: one that fails (an unreadable folder, say) must not keep the
+        # others (reaping the task, keep-alive, the heartbeat) from running.
+        self.handle_signals()
         now = self.clock()
         if not self.stopping and now >= self.shutdown_at:
             self.begin_shutdown(f"auto-shutdown after {self.config.hours:g}h")
         if self.is_leader:
-            self.handle_commands()
-            self.run_queue()
+            self._step("commands", self.handle_commands)
+            self._step("queue", self.run_queue)
         elif now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
-            self.follow_leader()
-        self.keepalive.tick(now, self.runner.current is not None)
+            self._step("leader", self.follow_leader)
+        self._step("keepalive", lambda: self.keepalive.tick(now, self.runner.current is not None))
         if self.identity.pid == 1:
             current = self.runner.current
             reap_orphans(self.keepalive.child_pids() | ({current.proc.pid} if current else set()))
@@ -2418,7 +2455,14 @@ class Daemon:
         if self.state_dirty or now - self.last_state_write >= HEARTBEAT_SECONDS:
             self.write_state()
         if now - self.last_housekeeping >= 3600:
-            self.housekeeping()
+            self._step("housekeeping", self.housekeeping)
+
+    def _step(self, name: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - logged, and the loop goes on
+            self.throttled.warning(f"step:{name}", "%s: %s (the daemon goes on)", name, exc,
+                                   exc_info=not isinstance(exc, OSError))
 
     def run_queue(self) -> None:
         before = self.runner.current
@@ -2436,15 +2480,23 @@ class Daemon:
             if task_id is None:
                 return
             self.state_dirty = True
+            self.write_state()  # releasing the GPUs can take a while
             self.keepalive.release(RELEASE_TIMEOUT_SECONDS)  # it warns when it could not
+            self.handle_signals()
+            if self.stopping:  # a shutdown came while the GPUs were released: keep it queued
+                self.runner.unclaim(task_id)
+                self.keepalive.task_finished()
+                return
             if self.runner.start(task_id) is None:
                 self.keepalive.task_finished()
 
     def kill_python(self) -> None:
         self.kill_python_after_task = False
-        pids = python_pids_to_kill(self.config.job_id, self.config.kill_scope)
+        pids = python_pids_to_kill(self.config.job_id, self.config.kill_scope,
+                                   spare=self.keepalive.child_pids())
         if pids:
-            count = terminate(pids, self.config.stop_grace)
+            self.write_state()  # the wait below can take CLEANUP_GRACE_SECONDS
+            count = terminate(pids, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
             LOG.info("Ended %d other Python process(es) (scope %s)", count, self.config.kill_scope)
 
     # -- commands --------------------------------------------------------------------------
@@ -2454,16 +2506,19 @@ class Daemon:
             if not name.endswith(".cmd"):
                 continue
             path = self.folder.dir("commands") / name
-            try:
-                fields = self.folder.read_fields(path)
-                if fields is None:
-                    continue
-                reply = self.execute(fields)
-            except (OSError, ValueError, UnicodeError) as exc:
-                self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
-                reply = {"action": "", "task": "", "result": "error",
-                         "message": f"unreadable command: {exc}"}
-            reply["handled"] = f"{self.clock():.3f}"
+            reply = self.answers.get(name)
+            if reply is None:  # a command is carried out once, even if answering it fails
+                try:
+                    fields = self.folder.read_fields(path)
+                    if fields is None:
+                        continue
+                    reply = self.execute(fields)
+                except (OSError, ValueError, UnicodeError) as exc:
+                    self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
+                    reply = {"action": "", "task": "", "result": "error",
+                             "message": f"unreadable command: {exc}"}
+                reply["handled"] = f"{self.clock():.3f}"
+                self.answers[name] = reply
             try:
                 self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
                                     format_fields(reply))
@@ -2471,8 +2526,10 @@ class Daemon:
             except FileNotFoundError:
                 pass  # the client withdrew it meanwhile; the reply tells it what happened
             except OSError as exc:
-                self.throttled.warning("reply", "cannot answer command %s: %s", name, exc)
-                return
+                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s", name,
+                                       exc)
+                continue
+            del self.answers[name]
 
     def execute(self, fields: dict[str, str]) -> dict[str, object]:
         action, task_id = fields.get("action", ""), fields.get("task", "")
@@ -2640,8 +2697,8 @@ def config_from_args(args: argparse.Namespace) -> Config | str:
                 "not starting with '.' or '-'")
     if not args.poll_interval > 0:
         return "--poll-interval must be positive"
-    if not args.hours > 0:
-        return "--hours must be positive"
+    if not 0 < args.hours <= MAX_HOURS:
+        return f"--hours must be above 0 and at most {MAX_HOURS}"
     if args.stop_grace < 0:
         return "--stop-grace must not be negative"
     rank, count = node_from_environment(dict(os.environ))
@@ -2673,6 +2730,10 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(config, str):
         LOG.error("%s", config)
         return EXIT_USAGE
+    if importlib.util.find_spec("psutil") is None:
+        LOG.error("the Python package psutil is missing from %s: pip install psutil",
+                  sys.executable)
+        return 1
     try:
         config.queue_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -74,7 +74,8 @@ def test_node_rank_from_environment_in_order_of_preference():
 
 def test_bad_arguments_are_refused_with_a_message():
     assert "invalid JOB_ID" in pm.config_from_args(pm.parse_args(["--job-id", "../x"]))
-    assert "positive" in pm.config_from_args(pm.parse_args(["--hours", "0"]))
+    assert "--hours must be above 0" in pm.config_from_args(pm.parse_args(["--hours", "0"]))
+    assert "at most" in pm.config_from_args(pm.parse_args(["--hours", "1e9"]))
     assert "does not fit" in pm.config_from_args(
         pm.parse_args(["--node-rank", "2", "--num-nodes", "2"]))
     config = pm.config_from_args(pm.parse_args(["--job-id", "ok", "--hours", "0.002"]))
@@ -280,3 +281,166 @@ def test_a_command_addressed_to_another_daemon_start_is_not_carried_out(tmp_path
     daemon.tick()
     assert pm.parse_fields((inst / "replies" / "b.reply").read_text())["result"] == "accepted"
     assert daemon.stopping
+
+
+# What a careful review found ####################################################################
+
+
+def test_a_task_killed_by_a_real_time_signal_is_recorded(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    rt = submit(inst, "rt.sh", "kill -40 $$\n")
+    after = submit(inst, "after.sh", "true\n")
+    run_until(daemon, clock, lambda: (inst / "done" / after).exists())
+    result = pm.parse_fields((inst / "records" / f"{rt}.result").read_text())
+    assert (result["state"], result["signal"]) == ("failed", "40")
+    assert "killed by signal 40 (SIG" in (inst / "logs" / f"{rt}.log").read_text()
+
+
+def test_a_log_that_cannot_be_opened_fails_its_task_and_the_queue_goes_on(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    blocked = submit(inst, "blocked.sh", "true\n", priority=1)
+    (inst / "logs" / f"{blocked}.log").mkdir()
+    after = submit(inst, "after.sh", "true\n")
+    run_until(daemon, clock, lambda: (inst / "done" / after).exists())
+    assert (inst / "failed" / blocked).exists()
+    result = pm.parse_fields((inst / "records" / f"{blocked}.result").read_text())
+    assert result["reason"].startswith("cannot open its log")
+
+
+def test_an_unlistable_commands_folder_does_not_stop_the_queue_or_the_heartbeat(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    (inst / "commands").rmdir()
+    (inst / "commands").write_text("not a folder\n")
+    task = submit(inst, "t.sh", "true\n")
+    run_until(daemon, clock, lambda: (inst / "done" / task).exists())
+    clock.sleep(pm.HEARTBEAT_SECONDS + 1)
+    daemon.tick()
+    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
+    assert float(state["heartbeat"]) == pytest.approx(clock.now, abs=0.5)
+
+
+def test_a_finished_task_renamed_back_into_pending_runs_under_a_new_id(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    out = tmp_path / "runs"
+    first = submit(inst, "again.sh", f"echo run >> '{out}'; exit 1\n")
+    run_until(daemon, clock, lambda: (inst / "failed" / first).exists())
+    os.rename(inst / "failed" / first, inst / "pending" / first)
+    run_until(daemon, clock, lambda: os.listdir(inst / "failed") not in ([], [first]))
+    [second] = os.listdir(inst / "failed")
+    assert second.endswith("-again.sh") and second.startswith("500-")
+    assert out.read_text() == "run\nrun\n"
+    assert pm.parse_fields((inst / "records" / f"{first}.result").read_text())["started"] != \
+        pm.parse_fields((inst / "records" / f"{second}.result").read_text())["started"]
+
+
+def test_a_stale_result_does_not_hide_an_interrupted_run_at_recovery(tmp_path):
+    clock = FakeClock()
+    inst = tmp_path / "unit"
+    pm.QueueFolder(inst).create("unit")
+    task = pm.task_id_for("x.sh")
+    (inst / "running" / task).write_text("true\n")
+    (inst / "records" / f"{task}.result").write_text("state=done\nstarted=100.000\n")
+    (inst / "records" / f"{task}.run").write_text("started=200.000\n")
+    make_daemon(tmp_path, clock).start()
+    assert (inst / "failed" / task).exists()
+    assert pm.parse_fields((inst / "records" / f"{task}.result").read_text())["state"] \
+        == "interrupted"
+
+
+class SignalDuringRelease(pm.KeepAlive):
+    """A keep-alive whose release takes long enough for a SIGTERM to arrive."""
+
+    def __init__(self, waiter):
+        super().__init__()
+        self.waiter = waiter
+
+    def release(self, timeout: float) -> bool:
+        self.waiter.received.append(15)
+        return True
+
+
+def test_a_shutdown_during_the_release_leaves_the_task_pending(tmp_path):
+    clock = FakeClock()
+    waiter = type("Waiter", (), {"received": []})()
+    config = pm.Config(job_id="unit", queue_root=tmp_path, poll_interval=0.1, keepalive=False,
+                       kill_scope="none")
+    daemon = pm.Daemon(config, SignalDuringRelease(waiter), clock=clock, sleep=clock.sleep)
+    daemon.waiter = waiter
+    daemon.start()
+    task = submit(tmp_path / "unit", "t.sh", "true\n")
+    daemon.tick()
+    assert daemon.stopping and (tmp_path / "unit" / "pending" / task).exists()
+    daemon.tick()
+    assert daemon.finished
+
+
+def test_a_command_is_carried_out_once_even_if_its_reply_cannot_be_written(tmp_path,
+                                                                          monkeypatch):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    first = command(inst, "stop_all")
+    second = command(inst, "stop", "500-nope")
+    real_publish = pm.QueueFolder.publish
+    failures = {"left": 2}
+
+    def flaky(self, target, text):
+        if target.name == f"{first}.reply" and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(28, "No space left on device")
+        return real_publish(self, target, text)
+
+    monkeypatch.setattr(pm.QueueFolder, "publish", flaky)
+    executed = []
+    real_execute = daemon.execute
+    monkeypatch.setattr(daemon, "execute", lambda f: executed.append(f["action"])
+                        or real_execute(f))
+    daemon.tick()
+    assert (inst / "replies" / f"{second}.reply").exists()  # not blocked by the first
+    daemon.tick()
+    daemon.tick()
+    assert (inst / "replies" / f"{first}.reply").exists()
+    assert executed == ["stop_all", "stop"]
+
+
+def test_an_entry_that_cannot_be_claimed_does_not_block_the_queue(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    daemon.start()
+    inst = tmp_path / "unit"
+    stuck = submit(inst, "stuck.sh", "true\n", priority=1)
+    (inst / "running" / stuck).mkdir()
+    (inst / "running" / stuck / "x").write_text("")  # rename onto it fails
+    after = submit(inst, "after.sh", "true\n")
+    run_until(daemon, clock, lambda: (inst / "done" / after).exists())
+    assert (inst / "pending" / stuck).exists()
+
+
+def test_kill_python_spares_keepalive_workers_by_pid_and_by_environment():
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                              env=dict(os.environ, PERPETUAL_MOTION_WORKER="GPU-x"))
+    try:
+        time.sleep(0.2)
+        listed = pm.python_pids_to_kill("unit", "user-python")  # listed only, never killed
+        assert plain.pid in listed and worker.pid not in listed
+        assert plain.pid not in pm.python_pids_to_kill("unit", "user-python",
+                                                       spare={plain.pid})
+        assert pm.python_pids_to_kill("unit", "none") == []
+    finally:
+        for proc in (plain, worker):
+            proc.kill()
+            proc.wait()
