@@ -2237,6 +2237,7 @@ def _worker(argv: list[str]) -> int:
         held = tiles.nbytes // MIB
         if cuda:
             torch.cuda.empty_cache()  # the sizes tried while calibrating
+        if cuda and args.mode == WorkerMode.HOLD.value:  # the filler holds its tiles only
             ballast, held = _take_ballast(torch, args.memory_mib)
         watch = None
         if cuda and args.mode == WorkerMode.HOLD.value and not args.no_watch:
