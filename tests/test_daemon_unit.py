@@ -34,6 +34,14 @@ def make_daemon(root: Path, clock: FakeClock, job_id: str = "unit", **overrides)
     return pm.Daemon(config, clock=clock, sleep=clock.sleep)
 
 
+def started_daemon(tmp_path: Path) -> tuple[pm.Daemon, FakeClock, Path]:
+    """A daemon in simulated time, started on ``tmp_path``; with its clock and instance."""
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    assert daemon.start() is None
+    return daemon, clock, tmp_path / "unit"
+
+
 # Records and names ############################################################################
 
 
@@ -120,10 +128,7 @@ def test_auto_shutdown_happens_at_the_configured_hour(tmp_path):
 
 
 def test_tasks_run_in_name_order_and_hidden_or_odd_entries_are_skipped(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     out = tmp_path / "order.txt"
     late = submit(inst, "late.sh", f"echo late >> '{out}'\n", priority=900)
     early = submit(inst, "early.sh", f"echo early >> '{out}'\n", priority=100)
@@ -137,10 +142,7 @@ def test_tasks_run_in_name_order_and_hidden_or_odd_entries_are_skipped(tmp_path)
 
 
 def test_commands_cancel_pending_and_bad_commands_get_an_error_reply(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     blocker = submit(inst, "block.sh", "sleep 30\n", priority=1)
     run_until(daemon, clock, lambda: daemon.runner.current is not None)
     queued = submit(inst, "queued.sh", "true\n")
@@ -214,10 +216,7 @@ def test_recovery_finishes_a_half_done_move_and_fails_an_orphan_as_interrupted(t
 
 
 def test_a_full_disk_at_finish_is_retried_and_nothing_is_lost(tmp_path, monkeypatch):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     task = submit(inst, "t.sh", "true\n")
     real_publish = pm.QueueFolder.publish
     failures = {"left": 3}
@@ -235,10 +234,7 @@ def test_a_full_disk_at_finish_is_retried_and_nothing_is_lost(tmp_path, monkeypa
 
 
 def test_missing_cwd_and_non_executable_tasks_fail_with_a_reason(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     gone = submit(inst, "gone.sh", "true\n", cwd=str(tmp_path / "no-such-dir"))
     plain = submit(inst, "plain.bin", "true\n")
     run_until(daemon, clock, lambda: (inst / "failed" / plain).exists())
@@ -287,10 +283,7 @@ def test_a_command_addressed_to_another_daemon_start_is_not_carried_out(tmp_path
 
 
 def test_a_task_killed_by_a_real_time_signal_is_recorded(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     rt = submit(inst, "rt.sh", "kill -40 $$\n")
     after = submit(inst, "after.sh", "true\n")
     run_until(daemon, clock, lambda: (inst / "done" / after).exists())
@@ -300,10 +293,7 @@ def test_a_task_killed_by_a_real_time_signal_is_recorded(tmp_path):
 
 
 def test_a_log_that_cannot_be_opened_fails_its_task_and_the_queue_goes_on(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     blocked = submit(inst, "blocked.sh", "true\n", priority=1)
     (inst / "logs" / f"{blocked}.log").mkdir()
     after = submit(inst, "after.sh", "true\n")
@@ -314,10 +304,7 @@ def test_a_log_that_cannot_be_opened_fails_its_task_and_the_queue_goes_on(tmp_pa
 
 
 def test_an_unlistable_commands_folder_does_not_stop_the_queue_or_the_heartbeat(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     (inst / "commands").rmdir()
     (inst / "commands").write_text("not a folder\n")
     task = submit(inst, "t.sh", "true\n")
@@ -329,10 +316,7 @@ def test_an_unlistable_commands_folder_does_not_stop_the_queue_or_the_heartbeat(
 
 
 def test_a_finished_task_renamed_back_into_pending_runs_under_a_new_id(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     out = tmp_path / "runs"
     first = submit(inst, "again.sh", f"echo run >> '{out}'; exit 1\n")
     run_until(daemon, clock, lambda: (inst / "failed" / first).exists())
@@ -388,10 +372,7 @@ def test_a_shutdown_during_the_release_leaves_the_task_pending(tmp_path):
 
 def test_a_command_is_carried_out_once_even_if_its_reply_cannot_be_written(tmp_path,
                                                                           monkeypatch):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     first = command(inst, "stop_all")
     second = command(inst, "stop", "500-nope")
     real_publish = pm.QueueFolder.publish
@@ -417,10 +398,7 @@ def test_a_command_is_carried_out_once_even_if_its_reply_cannot_be_written(tmp_p
 
 
 def test_an_entry_that_cannot_be_claimed_does_not_block_the_queue(tmp_path):
-    clock = FakeClock()
-    daemon = make_daemon(tmp_path, clock)
-    daemon.start()
-    inst = tmp_path / "unit"
+    daemon, clock, inst = started_daemon(tmp_path)
     stuck = submit(inst, "stuck.sh", "true\n", priority=1)
     (inst / "running" / stuck).mkdir()
     (inst / "running" / stuck / "x").write_text("")  # rename onto it fails
