@@ -1309,6 +1309,7 @@ class WorkerProcess:
                                      env=env, start_new_session=True, close_fds=True)
         self.pid = self.proc.pid
         os.set_blocking(self.proc.stdout.fileno(), False)
+        os.set_blocking(self.proc.stdin.fileno(), False)  # a hung worker must not block us
         self._buffer = b""
 
     def send(self, line: str) -> bool:
