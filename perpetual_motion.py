@@ -2343,6 +2343,7 @@ class Daemon:
         self.last_housekeeping = self.started
         self.last_leader_check = self.started
         self.waiter: SignalWaiter | None = None
+        self.displaced = False  # another daemon holds this node's state file
         self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
         self.runner.heartbeat = self.write_state
 
@@ -2454,6 +2455,8 @@ class Daemon:
         if self.stopping and self.runner.current is None:
             self.finished = True
             return
+        if now - self.last_state_write >= HEARTBEAT_SECONDS and not self.displaced:
+            self._step("rival", self.check_rival)
         if self.state_dirty or now - self.last_state_write >= HEARTBEAT_SECONDS:
             self.write_state()
         if now - self.last_housekeeping >= 3600:
@@ -2594,6 +2597,23 @@ class Daemon:
         LOG.info("Shutting down: %s", reason)
         self.runner.stop(TaskState.INTERRUPTED, "daemon shutdown")
 
+    def check_rival(self) -> None:
+        """Two daemons that started for one node at once (a slow NFS cache can hide each from
+        the other at start-up) both write its state file; the one that started later yields."""
+        path = self.folder.dir("nodes") / f"node-{self.config.node_rank}.state"
+        fields = self.folder.read_fields(path) or {}
+        other = (as_float(fields.get("started")), fields.get("host", ""), fields.get("pid", ""))
+        mine = (self.started, self.identity.host, str(self.identity.pid))
+        if other[0] is None or fields.get("status") == "stopped" or other[1:] == mine[1:] and \
+                fields.get("started") == self.started_text:
+            return
+        if other < mine:
+            self.displaced = True
+            LOG.error("another daemon holds this instance and node: pid %s on %s, started %s; "
+                      "this one, started later, stops", other[2], other[1],
+                      fields.get("started_at", "?"))
+            self.begin_shutdown("another daemon holds this instance")
+
     def follow_leader(self) -> None:
         """A node other than 0 ends when node 0 has stopped after this node started."""
         try:
@@ -2613,6 +2633,8 @@ class Daemon:
     # -- state -----------------------------------------------------------------------------
 
     def write_state(self, stopped: bool = False) -> None:
+        if self.displaced:
+            return  # the state file is the other daemon's
         now = self.clock()
         task = self.runner.current
         status = "stopped" if stopped else "stopping" if self.stopping else "running"

@@ -422,3 +422,32 @@ def test_kill_python_spares_keepalive_workers_by_pid_and_by_environment():
         for proc in (plain, worker):
             proc.kill()
             proc.wait()
+
+
+def rival_state(inst: Path, started: float, now: float) -> str:
+    text = (f"status=running\nhost=other-host\npid=77\nstarted={started:.3f}\n"
+            f"started_at=then\nheartbeat={now:.3f}\n")
+    (inst / "nodes" / "node-0.state").write_text(text)
+    return text
+
+
+def test_of_two_daemons_that_started_at_once_the_later_one_yields(tmp_path):
+    daemon, clock, inst = started_daemon(tmp_path)
+    text = rival_state(inst, daemon.started - 1, clock.now)  # an older daemon wrote it
+    clock.sleep(pm.HEARTBEAT_SECONDS + 0.1)
+    daemon.tick()
+    assert daemon.stopping == "another daemon holds this instance"
+    daemon.tick()
+    assert daemon.finished
+    daemon.close()
+    assert (inst / "nodes" / "node-0.state").read_text() == text
+
+
+def test_a_newer_rival_does_not_displace_the_older_daemon(tmp_path):
+    daemon, clock, inst = started_daemon(tmp_path)
+    rival_state(inst, daemon.started + 1, clock.now)
+    clock.sleep(pm.HEARTBEAT_SECONDS + 0.1)
+    daemon.tick()
+    assert not daemon.stopping
+    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
+    assert state["started"] == daemon.started_text
