@@ -2604,8 +2604,10 @@ class Daemon:
         fields = self.folder.read_fields(path) or {}
         other = (as_float(fields.get("started")), fields.get("host", ""), fields.get("pid", ""))
         mine = (self.started, self.identity.host, str(self.identity.pid))
-        if other[0] is None or fields.get("status") == "stopped" or other[1:] == mine[1:] and \
-                fields.get("started") == self.started_text:
+        heartbeat = as_float(fields.get("heartbeat"))
+        if other[0] is None or fields.get("status") == "stopped" or heartbeat is None or \
+                self.clock() - heartbeat >= HEARTBEAT_STALE_SECONDS or \
+                other[1:] == mine[1:] and fields.get("started") == self.started_text:
             return
         if other < mine:
             self.displaced = True
