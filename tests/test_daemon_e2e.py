@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DAEMON, namespace_shell, needs_namespace, read_fields, wait_for
+from conftest import DAEMON, UNSHARE, namespace_shell, needs_namespace, read_fields, wait_for
 from queue_files import command, finished, result, submit
 
 pytestmark = needs_namespace
@@ -30,8 +30,8 @@ def wait_finished(instance: Path, task_id: str, timeout: float = 15.0) -> str:
 
 def test_bad_job_id_is_refused_and_nothing_is_created(queue_root):
     for bad in ("../x", "a/b", "", ".x", "-x"):
-        run = subprocess.run([sys.executable, str(DAEMON), f"--job-id={bad}", "--queue-root",
-                              str(queue_root / "new"), "--no-keepalive"],
+        run = subprocess.run([*UNSHARE, sys.executable, str(DAEMON), f"--job-id={bad}",
+                              "--queue-root", str(queue_root / "new"), "--no-keepalive"],
                              capture_output=True, text=True, timeout=30)
         assert run.returncode == 2, (bad, run.stderr)
         assert "invalid JOB_ID" in run.stderr
@@ -40,7 +40,8 @@ def test_bad_job_id_is_refused_and_nothing_is_created(queue_root):
 
 
 def test_help_explains_every_option():
-    run = subprocess.run([sys.executable, str(DAEMON), "--help"], capture_output=True, text=True)
+    run = subprocess.run([*UNSHARE, sys.executable, str(DAEMON), "--help"], capture_output=True,
+                         text=True)
     assert run.returncode == 0
     for flag in ("--job-id", "--queue-root", "--poll-interval", "--hours", "--no-keepalive",
                  "--kill-scope", "--stop-grace", "--node-rank", "--num-nodes", "--force"):
