@@ -328,8 +328,7 @@ class QueueFolder:
     def names(self, folder: str) -> list[str]:
         """Published entries of a folder in run order (dot-names are staging, never listed).
 
-        A folder that cannot be listed reads as empty; OSError other than a missing folder
-        is raised for the caller to report.
+        A missing folder reads as empty; any other OSError is raised for the caller to report.
         """
         try:
             with os.scandir(self.dir(folder)) as entries:
@@ -2484,8 +2483,7 @@ class Daemon:
             task_id = self.runner.claim_next()
             if task_id is None:
                 return
-            self.state_dirty = True
-            self.write_state()  # releasing the GPUs can take a while
+            self.write_state()  # a heartbeat first: releasing the GPUs can take a while
             self.keepalive.release(RELEASE_TIMEOUT_SECONDS)  # it warns when it could not
             self.handle_signals()
             if self.stopping:  # a shutdown came while the GPUs were released: keep it queued
@@ -2494,6 +2492,7 @@ class Daemon:
                 return
             if self.runner.start(task_id) is None:
                 self.keepalive.task_finished()
+            self.state_dirty = True  # the state file names the current task at once
 
     def kill_python(self) -> None:
         self.kill_python_after_task = False
