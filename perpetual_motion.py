@@ -38,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -230,6 +230,7 @@ class Config:
     node_rank: int = 0
     num_nodes: int = 1
     force: bool = False
+    gpus: int | tuple[int, ...] | None = None  # --gpus: a count or GPU numbers; None: NVML's
 
     @property
     def instance(self) -> Path:
@@ -873,6 +874,7 @@ EXIT_SETUP = 4  # a worker's exit status: no device, or no memory for its tiles
 class KeepAlive:
     """The seam between the daemon loop and the GPUs.
 
+    GPUs are named by their position in the node's inventory (``gpu.<i>`` in the state file).
     This base class is keep-alive switched off: the queue runs, the GPUs are left alone.
     ``why`` says why it is off, for the state file.
     """
@@ -887,19 +889,24 @@ class KeepAlive:
     def start(self) -> None:
         """Start holding the idle GPUs."""
 
-    def tick(self, now: float, task_running: bool) -> None:
-        """One turn of the daemon loop: react to the GPUs' state."""
+    def tick(self, now: float, busy: Mapping[int, str]) -> None:
+        """One turn of the daemon loop: react to the GPUs' state. ``busy`` maps the GPUs that
+        queue tasks hold to the task's id."""
 
-    def release(self, timeout: float) -> bool:
-        """Free every GPU for a queue task; True once the memory is free, within ``timeout``."""
+    def release(self, gpus: Collection[int]) -> None:
+        """Begin freeing ``gpus`` for a queue task: their workers stop."""
+
+    def released(self, gpus: Collection[int]) -> bool:
+        """True once the keep-alive memory of ``gpus`` is free (or could not be freed within
+        RELEASE_TIMEOUT_SECONDS: then the worker is killed, with a warning)."""
         return True
 
-    def task_finished(self) -> None:
-        """The queue task has ended: the GPUs may be taken again."""
+    def task_finished(self, gpus: Collection[int]) -> None:
+        """The queue task that held ``gpus`` has ended: they may be taken again."""
 
     def gpu_fields(self) -> dict[str, str]:
-        """Per-GPU keys for the state file (``gpu_count``, ``gpu.<i>.util``, ...)."""
-        return {"gpu_count": "0"}
+        """Per-GPU keys for the state file (``gpu.<i>.util``, ``gpu.<i>.state``, ...)."""
+        return {}
 
     def stop(self) -> None:
         """Stop every worker and free the GPUs."""
@@ -936,6 +943,13 @@ class GpuInfo:
     name: str
     memory_total: int  # bytes
     mig: bool = False
+    cuda_index: int | None = None  # its number in CUDA_VISIBLE_DEVICES (PCI_BUS_ID order)
+    declared: bool = False  # a slot declared with --gpus where there is no NVML
+
+    @property
+    def number(self) -> int:
+        """The number tasks see it by: its CUDA number, else NVML's index."""
+        return self.index if self.cuda_index is None else self.cuda_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1412,6 +1426,8 @@ class _Slot:
     low_since: float | None = None  # during a task: since when utilisation is below threshold
     nvml_failing_since: float | None = None
     release_below: int | None = None  # release() is done once memory used is at most this
+    released_at: float | None = None  # when a queue task asked for the GPU (until it ends)
+    release_done: bool = False  # its keep-alive memory is free since
     announced: bool = False
 
     @property
@@ -1431,8 +1447,10 @@ class GpuKeepAlive(KeepAlive):
                  timefunc: Callable[[], float] = time.monotonic,
                  delayfunc: Callable[[float], object] = time.sleep,
                  holdoff: float = KEEPALIVE_HOLDOFF_SECONDS,
-                 filler: bool = KEEPALIVE_FILLER, node_label: str = "") -> None:
+                 filler: bool = KEEPALIVE_FILLER, node_label: str = "",
+                 release_timeout: float = RELEASE_TIMEOUT_SECONDS) -> None:
         super().__init__("")
+        self.release_timeout = release_timeout
         self.nvml = nvml
         self.log = log
         self.spawn = spawn
@@ -1446,7 +1464,6 @@ class GpuKeepAlive(KeepAlive):
             if slot.gpu.mig:
                 slot.reason = "MIG mode: skipped"
         self._started = False
-        self._released = False
         self._throttle = _Throttle(timefunc=timefunc)
 
     # The seam the daemon calls
@@ -1465,57 +1482,71 @@ class GpuKeepAlive(KeepAlive):
             if not slot.gpu.mig:
                 self._set(slot, GpuState.OFF, "starting at the next tick")
 
-    def tick(self, now: float, task_running: bool) -> None:
+    def tick(self, now: float, busy: Mapping[int, str]) -> None:
         """``now`` is the daemon's clock, which may be the wall clock. The engine keeps time by
         its own ``timefunc`` (monotonic), the one ``release()`` and ``task_finished()`` use."""
         if not self._started:
             return
         now = self.timefunc()
-        for slot in self.slots:
+        for i, slot in enumerate(self.slots):
             try:
-                self._tick_slot(slot, now, task_running)
+                self._tick_slot(slot, now, i in busy or slot.released_at is not None)
             except Exception:  # noqa: BLE001 - one GPU's trouble must never stop the daemon
                 if self._throttle(f"tick/{slot.gpu.index}"):
                     self.log.exception("%s%s: keep-alive error", self.prefix, slot.label)
                 self._abandon(slot, now)
 
-    def release(self, timeout: float) -> bool:
-        self._released = True
-        start = self.timefunc()
-        for slot in self.slots:
+    def release(self, gpus: Collection[int]) -> None:
+        now = self.timefunc()
+        for i in gpus:
+            slot = self.slots[i]
+            if slot.released_at is None:
+                slot.released_at = now
+                slot.release_done = False
             if slot.worker is not None:
-                self._stop_worker(slot, start, "queue task")
+                self._stop_worker(slot, now, "queue task")
             if not slot.gpu.mig:
                 self._set(slot, GpuState.YIELDED, "queue task")
-        while True:
-            now = self.timefunc()
-            waiting = []
-            for slot in self.slots:
-                try:
-                    if not self._released_slot(slot, now):
-                        waiting.append(slot)
-                except Exception:  # noqa: BLE001 - the task must start all the same
-                    self.log.exception("%s%s: error while releasing", self.prefix, slot.label)
-                    self._abandon(slot, now)
-            if not waiting:
-                if now - start > 0.05:
-                    self.log.info("%sGPUs released for the task in %.2f s", self.prefix,
-                                  now - start)
-                return True
-            if now - start >= timeout:
-                for slot in waiting:
-                    if slot.worker is not None:
-                        slot.worker.handle.kill()
-                labels = ", ".join(s.label for s in waiting)
-                self.log.warning("%sKeep-alive memory on %s not released within %.1f s; "
-                                 "starting the task anyway", self.prefix, labels, timeout)
-                return False
-            self.delayfunc(_RELEASE_POLL)
 
-    def task_finished(self) -> None:
-        self._released = False
+    def released(self, gpus: Collection[int]) -> bool:
         now = self.timefunc()
-        for slot in self.slots:
+        waiting = []
+        newly = []
+        for i in gpus:
+            slot = self.slots[i]
+            if slot.release_done:
+                continue
+            try:
+                done = self._released_slot(slot, now)
+            except Exception:  # noqa: BLE001 - the task must start all the same
+                self.log.exception("%s%s: error while releasing", self.prefix, slot.label)
+                self._abandon(slot, now)
+                done = True
+            begun = slot.released_at if slot.released_at is not None else now
+            if not done and now - begun >= self.release_timeout:
+                if slot.worker is not None:
+                    slot.worker.handle.kill()
+                slot.release_below = None
+                self.log.warning("%s%s: keep-alive memory not released within %.1f s; "
+                                 "starting the task anyway", self.prefix, slot.label,
+                                 self.release_timeout)
+                done = True
+            if done:
+                slot.release_done = True
+                newly.append((slot, now - begun))
+            else:
+                waiting.append(slot)
+        slow = [f"{s.label} {took:.2f} s" for s, took in newly if took > 0.05]
+        if slow:
+            self.log.info("%sReleased for the task: %s", self.prefix, ", ".join(slow))
+        return not waiting
+
+    def task_finished(self, gpus: Collection[int]) -> None:
+        now = self.timefunc()
+        for i in gpus:
+            slot = self.slots[i]
+            slot.released_at = None
+            slot.release_done = False
             if slot.worker is not None:
                 self._stop_worker(slot, now, "queue task ended")
             slot.resume_at = now + KEEPALIVE_RESUME_AFTER_TASK
@@ -1523,14 +1554,12 @@ class GpuKeepAlive(KeepAlive):
             slot.low_since = None
 
     def gpu_fields(self) -> dict[str, str]:
-        fields = {"gpu_count": str(len(self.slots))}
+        fields = {}
         for i, slot in enumerate(self.slots):
             util = slot.window.mean()
             worker = slot.worker
             ready = worker is not None and worker.ready_at is not None
             fields.update({
-                f"gpu.{i}.name": slot.gpu.name,
-                f"gpu.{i}.uuid": slot.gpu.uuid,
                 f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
                 f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
                 f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
@@ -1569,7 +1598,7 @@ class GpuKeepAlive(KeepAlive):
             return
         reading = self._read(slot, now)
         self._reap(slot, now)
-        if task_running or self._released:
+        if task_running:
             self._during_task(slot, now, reading)
         else:
             self._between_tasks(slot, now, reading)
@@ -1898,15 +1927,50 @@ def _mib(value: int | None) -> str:
     return "" if value is None else str(value // MIB)
 
 
+# GPUs of the node ###########################################################################
+#
+# The inventory: the GPUs that this node's tasks are given, in the order of ``gpu.<i>`` in the
+# state file. NVML finds them (within CUDA_VISIBLE_DEVICES, MIG devices left out); ``--gpus``
+# restricts them, or declares slots where there is no NVML (the scheduler then runs without a
+# GPU, and keep-alive stays off). Each GPU is named to tasks by its CUDA number: its place among
+# the GPUs this process can open, in PCI bus order (tasks get CUDA_DEVICE_ORDER=PCI_BUS_ID).
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    """The node's GPUs, with the NVML seam that found them (None: declared, or none at all)."""
+
+    gpus: tuple[GpuInfo, ...]
+    nvml: object | None = None
+    why: str = ""  # why NVML is not in use, for keep-alive's "off: ..."
+
+    def numbers(self, positions: Iterable[int]) -> str:
+        """``CUDA_VISIBLE_DEVICES`` for the GPUs at ``positions``: ``0,2``."""
+        return ",".join(str(self.gpus[i].number) for i in sorted(positions))
+
+
+def parse_gpu_list(text: str) -> int | tuple[int, ...]:
+    """``--gpus``: a count (``4``) or a list of GPU numbers (``0,2,5``); ValueError if neither."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"--gpus takes a count or a list of GPU numbers, not {text!r}")
+    numbers = tuple(int(p) for p in parts)
+    if len(numbers) == 1 and "," not in text:
+        return numbers[0]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"--gpus names a GPU twice: {text!r}")
+    return numbers
+
+
 def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
-    """The GPUs that CUDA_VISIBLE_DEVICES leaves to us: UUIDs (or their prefixes) or NVML
-    indices (PCI bus order); like CUDA, the list ends at the first entry that matches none."""
+    """The GPUs that CUDA_VISIBLE_DEVICES leaves to us: UUIDs (or their prefixes) or CUDA
+    numbers; like CUDA, the list ends at the first entry that matches none."""
     if visible is None:
         return gpus
     chosen = []
     for entry in (e.strip() for e in visible.split(",")):
-        if entry.isdigit():
-            match = [g for g in gpus if g.index == int(entry)]
+        if entry.isascii() and entry.isdigit():
+            match = [g for g in gpus if g.number == int(entry)]
         elif entry.startswith(("GPU-", "MIG-")):
             match = [g for g in gpus if g.uuid.startswith(entry)]
             if entry.startswith("MIG-"):
@@ -1919,45 +1983,72 @@ def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
     return chosen
 
 
-def make_keepalive(enabled: bool, log: logging.Logger, node_label: str = "") -> KeepAlive:
-    """The keep-alive engine for this node, or keep-alive off with a reason. Never raises;
-    when the GPUs cannot be used it says why in one warning."""
+def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
+                  env: Mapping[str, str] = os.environ,
+                  open_nvml: Callable[[logging.Logger], object] | None = None) -> Inventory:
+    """The node's GPUs; ValueError when ``--gpus`` asks for GPUs that are not there."""
+    try:
+        nvml = (open_nvml or Nvml.open)(log)
+        found = nvml.gpus()
+    except NvmlUnavailable as exc:
+        nvml, found, why = None, [], str(exc)
+    else:
+        why = ""
+        # CUDA numbers the GPUs it can open in PCI bus order (NVML's); a GPU NVML cannot query
+        # (another job's, under cgroups) is not among them
+        found = [dataclasses.replace(g, cuda_index=n) for n, g in enumerate(found)]
+        order = env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible and order != "PCI_BUS_ID" and any(
+                e.strip().isdigit() for e in visible.split(",")) and len(found) > 1:
+            log.warning("CUDA_VISIBLE_DEVICES=%s is read in PCI bus order (as nvidia-smi "
+                        "numbers GPUs); CUDA_DEVICE_ORDER=%s may number them otherwise",
+                        visible, order)
+        found = _visible_gpus(found, visible)
+        for gpu in found:
+            if gpu.mig:
+                log.info("GPU %d (%s) is in MIG mode: left out", gpu.index, gpu.name)
+        found = [g for g in found if not g.mig]
+        if not found:
+            why = "no GPU visible" if visible is None or visible.strip() not in ("", "-1") \
+                else "CUDA_VISIBLE_DEVICES is empty"
+    if declared is None:
+        return Inventory(tuple(found), nvml, why)
+    if nvml is None or not found:
+        numbers = range(declared) if isinstance(declared, int) else declared
+        slots = tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
+                      for n in numbers)
+        return Inventory(slots, None, f"declared slots ({why or 'no NVML'})")
+    if isinstance(declared, int):
+        if declared > len(found):
+            raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")
+        return Inventory(tuple(found[:declared]), nvml, why)
+    by_number = {g.number: g for g in found}
+    missing = [n for n in declared if n not in by_number]
+    if missing:
+        raise ValueError(f"--gpus names GPU(s) {missing} that are not here (there are "
+                         f"{', '.join(str(n) for n in sorted(by_number))})")
+    return Inventory(tuple(by_number[n] for n in declared), nvml, why)
+
+
+def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
+                   node_label: str = "") -> KeepAlive:
+    """The keep-alive engine for the inventory's GPUs, or keep-alive off with a reason. Never
+    raises; when the GPUs cannot be used it says why in one warning."""
     if not enabled:
         log.info("Keep-alive off: disabled")
         return KeepAlive("disabled")
     try:
-        why = _keepalive_unavailable()
+        why = inventory.why if inventory.nvml is None or not inventory.gpus else ""
+        if not why and importlib.util.find_spec("torch") is None:
+            why = "torch is not installed (the workers need it)"
         if why:
             log.warning("Keep-alive off: %s", why)
             return KeepAlive(why)
-        try:
-            nvml = Nvml.open(log)
-            gpus = nvml.gpus()
-        except NvmlUnavailable as exc:
-            log.warning("Keep-alive off: %s", exc)
-            return KeepAlive(str(exc))
-        gpus = _visible_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        for gpu in gpus:
-            if gpu.mig:
-                log.info("GPU %d (%s) is in MIG mode: keep-alive skips it", gpu.index, gpu.name)
-        if not any(not gpu.mig for gpu in gpus):
-            why = "no GPU visible" if not gpus else "every GPU is in MIG mode"
-            log.warning("Keep-alive off: %s", why)
-            nvml.close()
-            return KeepAlive(why)
-        return GpuKeepAlive(nvml, gpus, log, node_label=node_label)
+        return GpuKeepAlive(inventory.nvml, list(inventory.gpus), log, node_label=node_label)
     except Exception as exc:  # noqa: BLE001 - keep-alive must never keep the queue from running
         log.warning("Keep-alive off: unexpected error: %s", exc)
         return KeepAlive(f"error: {exc}")
-
-
-def _keepalive_unavailable() -> str:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return "CUDA_VISIBLE_DEVICES is empty"
-    if importlib.util.find_spec("torch") is None:
-        return "torch is not installed (the workers need it)"
-    return ""
 
 
 # Keep-alive: the worker process, the GPU's side #############################################
@@ -2321,9 +2412,10 @@ class Daemon:
     def __init__(self, config: Config, keepalive: KeepAlive | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
-                 identity: Identity | None = None):
+                 identity: Identity | None = None, inventory: Inventory | None = None):
         self.config = config
         self.keepalive = keepalive or KeepAlive()
+        self.inventory = inventory or Inventory(())
         self.clock = clock
         self.sleep = sleep
         self.identity = identity or Identity.here()
@@ -2447,7 +2539,7 @@ class Daemon:
         elif now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
-        self._step("keepalive", lambda: self.keepalive.tick(now, self.runner.current is not None))
+        self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
         if self.identity.pid == 1:
             current = self.runner.current
             reap_orphans(self.keepalive.child_pids() | ({current.proc.pid} if current else set()))
@@ -2468,13 +2560,22 @@ class Daemon:
             self.throttled.warning(f"step:{name}", "%s: %s (the daemon goes on)", name, exc,
                                    exc_info=not isinstance(exc, OSError))
 
+    @property
+    def all_gpus(self) -> range:
+        return range(len(self.inventory.gpus))
+
+    def busy_gpus(self) -> dict[int, str]:
+        """The GPUs that queue tasks hold, with the task's id."""
+        current = self.runner.current
+        return {i: current.task_id for i in self.all_gpus} if current else {}
+
     def run_queue(self) -> None:
         before = self.runner.current
         if before is not None:
             if self.runner.poll() is None:
                 return
             self.state_dirty = True
-            self.keepalive.task_finished()
+            self.keepalive.task_finished(self.all_gpus)
         else:
             self.runner.retry_unfinished()
         if self.kill_python_after_task:
@@ -2484,14 +2585,16 @@ class Daemon:
             if task_id is None:
                 return
             self.write_state()  # a heartbeat first: releasing the GPUs can take a while
-            self.keepalive.release(RELEASE_TIMEOUT_SECONDS)  # it warns when it could not
+            self.keepalive.release(self.all_gpus)
+            while not self.keepalive.released(self.all_gpus):  # it warns when it could not
+                self.sleep(MIN_WAIT_SECONDS)
             self.handle_signals()
             if self.stopping:  # a shutdown came while the GPUs were released: keep it queued
                 self.runner.unclaim(task_id)
-                self.keepalive.task_finished()
+                self.keepalive.task_finished(self.all_gpus)
                 return
             if self.runner.start(task_id) is None:
-                self.keepalive.task_finished()
+                self.keepalive.task_finished(self.all_gpus)
             self.state_dirty = True  # the state file names the current task at once
 
     def kill_python(self) -> None:
@@ -2651,7 +2754,12 @@ class Daemon:
             "current_task": task.task_id if task else "",
             "current_task_started": f"{task.started:.3f}" if task else "",
             "keepalive": self.keepalive.describe(),
+            "gpu_count": len(self.inventory.gpus),
         }
+        busy = self.busy_gpus()
+        for i, gpu in enumerate(self.inventory.gpus):
+            fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
+                           f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, "")})
         try:
             fields.update(self.keepalive.gpu_fields())
         except Exception:  # noqa: BLE001 - a GPU query must not stop the heartbeat
@@ -2709,6 +2817,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-nodes", type=int, default=None,
                         help="nodes in the job; default from SENSECORE_PYTORCH_NNODES, "
                              "WORLD_SIZE or SLURM_NNODES, else 1")
+    parser.add_argument("--gpus", default=None, metavar="N|LIST",
+                        help="the GPUs tasks may use: a count (4) or GPU numbers (0,2,5); "
+                             "without NVML, declares that many slots (keep-alive stays off); "
+                             "default every GPU NVML shows within CUDA_VISIBLE_DEVICES")
     parser.add_argument("--force", action="store_true",
                         help="start even if the state file says a daemon is alive")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -2731,8 +2843,12 @@ def config_from_args(args: argparse.Namespace) -> Config | str:
     count = count if args.num_nodes is None else args.num_nodes
     if rank < 0 or count < 1 or rank >= count:
         return f"node rank {rank} does not fit {count} node(s)"
+    try:
+        gpus = None if args.gpus is None else parse_gpu_list(args.gpus)
+    except ValueError as exc:
+        return str(exc)
     root = args.queue_root or default_queue_root()
-    return Config(job_id=args.job_id, queue_root=root.expanduser().absolute(),
+    return Config(gpus=gpus, job_id=args.job_id, queue_root=root.expanduser().absolute(),
                   poll_interval=args.poll_interval, hours=args.hours,
                   keepalive=KEEPALIVE and not args.no_keepalive, kill_scope=args.kill_scope,
                   stop_grace=args.stop_grace, node_rank=rank, num_nodes=count, force=args.force)
@@ -2764,9 +2880,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         LOG.error("cannot create the queue root %s: %s", config.queue_root, exc)
         return 1
+    try:
+        inventory = discover_gpus(config.gpus, LOG)
+    except ValueError as exc:
+        LOG.error("%s", exc)
+        return EXIT_USAGE
     waiter = SignalWaiter()
     label = f"node {config.node_rank}" if config.num_nodes > 1 else ""
-    daemon = Daemon(config, make_keepalive(config.keepalive, LOG, label), sleep=waiter.sleep)
+    keepalive = make_keepalive(config.keepalive, LOG, inventory, label)
+    daemon = Daemon(config, keepalive, sleep=waiter.sleep, inventory=inventory)
     return daemon.run(waiter)
 
 

@@ -194,7 +194,7 @@ class Bench:
     def tick(self, task_running: bool = False) -> None:
         now = time.monotonic()
         if now - self.last_tick >= self.args.poll:
-            self.ka.tick(now, task_running)
+            self.ka.tick(now, {0: "task"} if task_running else {})
             self.last_tick = now
 
     def run_for(self, seconds: float, until=None, step: float = 0.02) -> bool:
@@ -328,11 +328,14 @@ class Bench:
     # 4. queue task
     def queue_task(self) -> dict:
         t_claim = time.time()
-        released = self.ka.release(timeout=30)
+        self.ka.release([0])
+        deadline = time.monotonic() + 30
+        while not (released := self.ka.released([0])) and time.monotonic() < deadline:
+            time.sleep(0.01)
         t_released = time.time()
         records = run_child("task", self.gpu.uuid, [])
-        self.ka.tick(time.monotonic(), True)
-        self.ka.task_finished()
+        self.ka.tick(time.monotonic(), {0: "task"})
+        self.ka.task_finished([0])
         return {"released": released, "release_s": t_released - t_claim,
                 "claim_to_start_s": records[-1]["t_start"] - t_claim,
                 "allocated_bytes": records[-1]["allocated"]}

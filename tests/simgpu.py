@@ -317,11 +317,28 @@ def run(node: SimNode, ka: pm.GpuKeepAlive, seconds: float, *, task_running: boo
         poll: float = 0.1, each=None) -> None:
     """Tick the engine every ``poll`` seconds of simulated time."""
     steps = int(round(seconds / poll))
+    busy = {i: "task" for i in range(len(ka.slots))} if task_running else {}
     for _ in range(steps):
         node.sleep(poll)
-        ka.tick(node.time(), task_running)
+        ka.tick(node.time(), busy)
         if each is not None:
             each()
+
+
+def release(node: SimNode, ka: pm.GpuKeepAlive, gpus=None, limit: float = 60.0) -> float:
+    """Release ``gpus`` (default all) for a queue task, as the daemon does: ask, then look
+    every 10 ms until they are free. The simulated seconds it took."""
+    gpus = range(len(ka.slots)) if gpus is None else gpus
+    begin = node.now
+    ka.release(gpus)
+    while not ka.released(gpus):
+        assert node.now - begin < limit, "release never finished"
+        node.sleep(0.01)
+    return node.now - begin
+
+
+def task_finished(ka: pm.GpuKeepAlive, gpus=None) -> None:
+    ka.task_finished(range(len(ka.slots)) if gpus is None else gpus)
 
 
 # Named scenarios

@@ -350,9 +350,8 @@ class SignalDuringRelease(pm.KeepAlive):
         super().__init__()
         self.waiter = waiter
 
-    def release(self, timeout: float) -> bool:
+    def release(self, gpus) -> None:
         self.waiter.received.append(15)
-        return True
 
 
 def test_a_shutdown_during_the_release_leaves_the_task_pending(tmp_path):

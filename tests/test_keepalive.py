@@ -296,10 +296,8 @@ def test_release_waits_until_the_memory_is_free(log):
     try:
         ka = start(node, log)
         sim.run(node, ka, 10)
-        before = node.now
         assert all(g.used(node.now) > 40 * GIB for g in node.gpus)
-        assert ka.release(timeout=30) is True
-        waited = node.now - before
+        waited = sim.release(node, ka)
         assert 0.3 <= waited < 1.0
         assert all(g.used(node.now) == g.reserved for g in node.gpus)
         assert [field(ka, i, "state") for i in (0, 1)] == ["yielded", "yielded"]
@@ -312,11 +310,11 @@ def test_workers_stay_off_during_the_task_and_return_after(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log, filler=False)
     sim.run(node, ka, 10)
-    ka.release(timeout=30)
+    sim.release(node, ka)
     node.foreign(0, start=node.now, end=node.now + 120, util=20)  # the task itself
     sim.run(node, ka, 120, task_running=True)
     assert len(node.workers) == 1
-    ka.task_finished()
+    sim.task_finished(ka)
     sim.run(node, ka, pm.KEEPALIVE_RESUME_AFTER_TASK - 0.2)
     assert len(node.workers) == 1
     sim.run(node, ka, 5)
@@ -331,27 +329,28 @@ def test_the_engine_keeps_its_own_clock_whatever_the_daemon_passes(log):
     def tick_wall(seconds, task_running=False):
         for _ in range(round(seconds / 0.1)):
             node.sleep(0.1)
-            ka.tick(node.time() + 1.8e9, task_running)  # epoch seconds, not the engine's clock
+            busy = {0: "task"} if task_running else {}
+            ka.tick(node.time() + 1.8e9, busy)  # epoch seconds, not the engine's clock
 
     tick_wall(10)
-    ka.release(timeout=30)
+    sim.release(node, ka)
     tick_wall(5, task_running=True)
-    ka.task_finished()
+    sim.task_finished(ka)
     tick_wall(pm.KEEPALIVE_RESUME_AFTER_TASK - 0.5)
     assert len(node.workers) == 1  # the resume delay is kept
     tick_wall(3)
     assert len(node.workers) == 2 and field(ka, 0, "state") == "holding"
 
 
-def test_release_of_a_stuck_worker_kills_it_at_the_timeout(log):
+def test_release_of_a_stuck_worker_kills_it_at_the_timeout(log, caplog):
     node = sim.scenario_idle_gpu()
-    ka = start(node, log)
+    ka = start(node, log, release_timeout=0.2)
     sim.run(node, ka, 10)
     node.workers[0].stuck = True
-    before = node.now
-    assert ka.release(timeout=0.2) is False or node.workers[0].kill_at is not None
+    with caplog.at_level(logging.WARNING):
+        assert sim.release(node, ka) <= 0.6
     assert node.workers[0].kill_at is not None
-    assert node.now - before <= 0.6
+    assert "not released within 0.2 s" in caplog.text
     sim.run(node, ka, 0.1, task_running=True)
     assert node.gpus[0].used(node.now) == node.gpus[0].reserved
 
@@ -362,7 +361,7 @@ def test_release_of_a_starting_worker_kills_it_at_once(log):
     sim.run(node, ka, 0.3)
     assert field(ka, 0, "state") == "starting"
     before = node.now
-    assert ka.release(timeout=10) is True
+    sim.release(node, ka)
     assert node.workers[0].kill_at == before
     assert node.gpus[0].used(node.now) == node.gpus[0].reserved
 
@@ -371,15 +370,14 @@ def test_release_without_workers_returns_at_once(log):
     node = sim.scenario_foreign_process_appears(at=0.0)
     ka = start(node, log)
     sim.run(node, ka, 5)
-    before = node.now
-    assert ka.release(timeout=10) is True and node.now == before
+    assert sim.release(node, ka) == 0
 
 
 def test_filler_starts_only_after_a_sustained_low_window(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
     sim.run(node, ka, 10)
-    ka.release(timeout=30)
+    sim.release(node, ka)
     t0 = node.now
     task = node.foreign(0, start=t0, util=0, memory=10 * GIB)  # stuck loading data
     sim.run(node, ka, pm.KEEPALIVE_FILLER_AFTER_SECONDS - 1, task_running=True)
@@ -401,7 +399,7 @@ def test_filler_starts_only_after_a_sustained_low_window(log):
     assert duties and duties[-1] < duties[0]
     assert field(ka, 0, "state") == "yielded"
     assert field(ka, 0, "reason").startswith("queue task")
-    ka.task_finished()
+    sim.task_finished(ka)
     sim.run(node, ka, 1)
     assert len(node.live_workers(0)) == 0  # no ballast while the task's process is there
 
@@ -410,7 +408,7 @@ def test_filler_is_not_started_when_switched_off(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log, filler=False)
     sim.run(node, ka, 5)
-    ka.release(timeout=30)
+    sim.release(node, ka)
     sim.run(node, ka, 300, task_running=True)
     assert len(node.workers) == 1
 
@@ -419,7 +417,7 @@ def test_filler_needs_room_in_memory(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
     sim.run(node, ka, 5)
-    ka.release(timeout=30)
+    sim.release(node, ka)
     node.foreign(0, util=0, memory=70 * GIB)  # the task holds almost everything
     sim.run(node, ka, 200, task_running=True)
     assert len(node.workers) == 1
@@ -429,7 +427,7 @@ def test_filler_leaves_when_the_task_needs_memory(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
     sim.run(node, ka, 5)
-    ka.release(timeout=30)
+    sim.release(node, ka)
     node.foreign(0, util=0, memory=GIB)
     sim.run(node, ka, 70, task_running=True)
     assert field(ka, 0, "state") == "filling"
@@ -520,9 +518,8 @@ def test_state_file_fields(log):
     ka = start(node, log)
     sim.run(node, ka, 10)
     fields = ka.gpu_fields()
-    assert fields["gpu_count"] == "2"
     for i in (0, 1):
-        for key in ("name", "uuid", "util", "mem_used_mib", "mem_total_mib", "state",
+        for key in ("util", "mem_used_mib", "mem_total_mib", "state",
                     "reason", "tile", "duty", "held_mib"):
             assert f"gpu.{i}.{key}" in fields
     assert fields["gpu.0.state"] == "holding"
@@ -557,33 +554,54 @@ def nvml_works_here() -> bool:
         return False
 
 
+def inventory_and_keepalive(log, declared=None, enabled=True, node_label=""):
+    inventory = pm.discover_gpus(declared, log)
+    return inventory, pm.make_keepalive(enabled, log, inventory, node_label)
+
+
 @pytest.mark.skipif(nvml_works_here(), reason="this machine has an NVIDIA driver")
 def test_make_keepalive_without_a_gpu_is_off_with_one_warning(caplog, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     log = logging.getLogger("test-make")
     with caplog.at_level(logging.DEBUG, logger="test-make"):
-        ka = pm.make_keepalive(True, log)
+        inventory, ka = inventory_and_keepalive(log)
+    assert inventory.gpus == () and inventory.nvml is None
     assert type(ka) is pm.KeepAlive
     assert ka.describe().startswith("off: ")
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
-    assert ka.gpu_fields() == {"gpu_count": "0"}
-    assert ka.release(1.0) is True
+    assert ka.gpu_fields() == {}
+    ka.release([])
+    assert ka.released([]) is True
+
+
+@pytest.mark.skipif(nvml_works_here(), reason="this machine has an NVIDIA driver")
+def test_declared_slots_without_nvml_keep_keepalive_off(caplog):
+    log = logging.getLogger("test-make")
+    with caplog.at_level(logging.DEBUG, logger="test-make"):
+        inventory, ka = inventory_and_keepalive(log, declared=4)
+    assert [g.number for g in inventory.gpus] == [0, 1, 2, 3]
+    assert all(g.declared for g in inventory.gpus) and inventory.numbers([3, 1]) == "1,3"
+    assert ka.describe().startswith("off: declared slots (")
+    inventory = pm.discover_gpus((0, 2, 5), log)
+    assert [g.number for g in inventory.gpus] == [0, 2, 5]
 
 
 def test_make_keepalive_disabled(caplog):
     log = logging.getLogger("test-make")
     with caplog.at_level(logging.DEBUG, logger="test-make"):
-        ka = pm.make_keepalive(False, log)
+        _, ka = inventory_and_keepalive(log, enabled=False)
     assert ka.describe() == "off: disabled"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_make_keepalive_with_no_visible_devices(caplog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     log = logging.getLogger("test-make")
     with caplog.at_level(logging.DEBUG, logger="test-make"):
-        ka = pm.make_keepalive(True, log)
+        inventory, ka = inventory_and_keepalive(log)
+    assert inventory.gpus == ()
     assert ka.describe() == "off: CUDA_VISIBLE_DEVICES is empty"
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
 
@@ -663,40 +681,68 @@ GPUS = [
 ]
 
 
-def test_make_keepalive_with_gpus_skips_mig_and_honours_visible_devices(monkeypatch, caplog):
+def test_inventory_skips_mig_and_honours_visible_devices(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     log = logging.getLogger("test-make")
     with caplog.at_level(logging.INFO, logger="test-make"):
-        ka = pm.make_keepalive(True, log, node_label="node-1")
+        inventory, ka = inventory_and_keepalive(log, node_label="node-1")
     assert isinstance(ka, pm.GpuKeepAlive) and ka.describe() == "on"
-    assert [s.gpu.index for s in ka.slots] == [0, 1, 2]
-    assert ka.slots[1].gpu.mig and "MIG mode" in caplog.text
+    assert [s.gpu.index for s in ka.slots] == [0, 2] and "MIG mode" in caplog.text
+    assert [g.number for g in inventory.gpus] == [0, 2]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc,0")
-    ka = pm.make_keepalive(True, log)
+    _, ka = inventory_and_keepalive(log)
     assert [s.gpu.uuid for s in ka.slots] == ["GPU-cccc-3333", "GPU-aaaa-1111"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="test-make"):
-        ka = pm.make_keepalive(True, log)
-    assert ka.describe() == "off: every GPU is in MIG mode"
+        _, ka = inventory_and_keepalive(log)
+    assert ka.describe() == "off: no GPU visible"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [g.number for g in pm.discover_gpus(1, log).gpus] == [0]
+    assert [g.number for g in pm.discover_gpus((2,), log).gpus] == [2]
+    with pytest.raises(ValueError, match="this node has 2"):
+        pm.discover_gpus(3, log)
+    with pytest.raises(ValueError, match="not here"):
+        pm.discover_gpus((1,), log)
+
+
+def test_inventory_numbers_gpus_as_cuda_does_when_one_cannot_be_opened(monkeypatch):
+    """Under cgroup device limits NVML lists a GPU it cannot open; CUDA does not count it."""
+    gpus = [dict(g) for g in GPUS]
+    gpus[1]["mig"] = False
+    stub = stub_pynvml(gpus)
+    real_uuid = stub.nvmlDeviceGetUUID
+
+    def uuid(h):
+        if h == 0:
+            raise NVMLError("Insufficient Permissions")
+        return real_uuid(h)
+
+    stub.nvmlDeviceGetUUID = uuid
+    monkeypatch.setitem(sys.modules, "pynvml", stub)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    inventory = pm.discover_gpus(None, logging.getLogger("test-make"))
+    assert [(g.index, g.number) for g in inventory.gpus] == [(2, 1)]
 
 
 def test_make_keepalive_when_nvml_cannot_start(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS, fail={"init"}))
     log = logging.getLogger("test-make")
     with caplog.at_level(logging.INFO, logger="test-make"):
-        ka = pm.make_keepalive(True, log)
+        _, ka = inventory_and_keepalive(log)
     assert ka.describe().startswith("off: NVML cannot start")
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
 
 
 def test_make_keepalive_without_torch(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS))
     real = pm.importlib.util.find_spec
     monkeypatch.setattr(pm.importlib.util, "find_spec",
                         lambda name, *a: None if name == "torch" else real(name, *a))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    ka = pm.make_keepalive(True, logging.getLogger("test-make"))
+    _, ka = inventory_and_keepalive(logging.getLogger("test-make"))
     assert ka.describe() == "off: torch is not installed (the workers need it)"
 
 
@@ -983,7 +1029,7 @@ def tick_until(ka, predicate, timeout):
     while not predicate():
         assert time.monotonic() < deadline, ka.gpu_fields()
         time.sleep(0.1)
-        ka.tick(time.monotonic(), False)
+        ka.tick(time.monotonic(), {})
 
 
 def test_engine_with_a_real_worker_process(log):
@@ -995,10 +1041,12 @@ def test_engine_with_a_real_worker_process(log):
         assert field(ka, 0, "tile") == "64"
         worker = ka.slots[0].worker.handle
         began = time.monotonic()
-        assert ka.release(timeout=5) is True
-        assert time.monotonic() - began < 1.0
+        ka.release([0])
+        while not ka.released([0]):
+            assert time.monotonic() - began < 1.0
+            time.sleep(0.01)
         assert worker.exit_code() == 0
-        ka.tick(time.monotonic(), True)
+        ka.tick(time.monotonic(), {0: "task"})
         assert field(ka, 0, "state") == "yielded"
     finally:
         ka.stop()
