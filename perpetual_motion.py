@@ -35,6 +35,7 @@ import select
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -55,8 +56,14 @@ POLL_INTERVAL = 1.0  # seconds between looks at pending/ and commands/
 STOP_GRACE_SECONDS = 10.0  # seconds between SIGTERM and SIGKILL when a task is stopped
 HEARTBEAT_SECONDS = 5.0  # the node's state file is rewritten at least this often
 HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat is older than this is dead
-KILL_SCOPE = "user-python"  # after a stop: "user-python", "task" (task processes only) or "none"
+KILL_SCOPE = "auto"  # after a stop: "user-python", "task", "none", or "auto" (by where it runs)
 KEEPALIVE = True  # False runs the queue alone
+MAX_CPU_TASKS = 1  # tasks that ask for no GPU (-g 0) running at once on a node
+BACKFILL_LIMIT_SECONDS = 600.0  # a task waiting for GPUs this long stops later tasks jumping it
+GANG_FAIL_GRACE_SECONDS = 5.0  # after one rank of a task failed, the others get this long to end
+TAKEOVER_WATCH_SECONDS = 15.0  # how long a new daemon watches an unreachable owner's heartbeat
+KEEP_FINISHED_DAYS = 30  # node 0 removes finished tasks this many days old, once a day (0: never)
+AUTO_SHUTDOWN_HARD_HOURS = None  # hours after which running tasks are stopped too (None: never)
 DEFAULT_PRIORITY = 500  # priority given to tasks dropped into pending/ by hand
 RELEASE_TIMEOUT_SECONDS = 30.0  # longest wait for keep-alive to free the GPUs before a task
 STAGING_MAX_AGE_SECONDS = 86400.0  # leftover staging files and old replies are removed after this
@@ -66,6 +73,7 @@ COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the s
 CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit before SIGKILL
 MAX_RECORD_BYTES = 65536  # a record, command or state file larger than this is corrupt
 MAX_HOURS = 24 * 365  # --hours beyond this is refused
+MAX_TASK_ARGS = 4096  # a submit record with more script arguments is corrupt
 
 # Keep-alive tuning (docs/keepalive.md explains each one)
 KEEPALIVE_PERIOD = 0.15  # s, a worker's duty cycle: busy for duty x period, then idle
@@ -87,11 +95,13 @@ KEEPALIVE_RESTART_MAX_SECONDS = 300.0  # longest wait between restarts of a cras
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 TASK_ID_RE = re.compile(r"^[0-9]{3}-[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}-[A-Za-z0-9._-]{1,80}$")
+RECORD_NAME_RE = re.compile(r"(.+)\.(submit|run|result|stop|gang|rank[0-9]+\.(?:ready|run|result))")
+LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>
-KILL_SCOPES = ("user-python", "task", "none")
+KILL_SCOPES = ("auto", "user-python", "task", "none")
 EXIT_USAGE = 2  # bad arguments, bad JOB_ID
 EXIT_ALREADY_RUNNING = 3  # a live daemon holds this instance and node
 QUEUE_DIRS = ("pending", "running", "done", "failed", "records", "logs", "commands", "replies",
@@ -146,6 +156,51 @@ class TaskState(enum.Enum):
         return "done" if self is TaskState.DONE else "failed"
 
 
+def ascii_int(text: str | None, limit: int = 10**9) -> int | None:
+    """A whole number written in ASCII digits (``str.isdigit`` accepts ``²``), or None."""
+    if not text or not (text.isascii() and text.isdigit()) or len(text) > len(str(limit)):
+        return None
+    value = int(text)
+    return value if value <= limit else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a task asks for: GPUs on each of its nodes and nodes; None means all of them."""
+
+    gpus: int | None = None
+    nodes: int | None = 1
+
+    @classmethod
+    def parse(cls, gpus: str = "", nodes: str = "") -> Request:
+        """From the submit record's ``gpus`` and ``nodes``; ValueError when they are neither a
+        whole number nor ``all``."""
+        return cls(gpus=_count(gpus, "gpus", 0, default=None),
+                   nodes=_count(nodes, "nodes", 1, default=1))
+
+    @property
+    def gang(self) -> bool:
+        """True for a task that spans nodes (or may: ``nodes=all``)."""
+        return self.nodes is None or self.nodes > 1
+
+    def gpu_text(self) -> str:
+        if self.gpus is None:
+            return "all GPUs"
+        return "no GPU" if self.gpus == 0 else f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}"
+
+
+def _count(text: str, key: str, minimum: int, default: int | None) -> int | None:
+    text = text.strip()
+    if text == "":
+        return default
+    if text == "all":
+        return None
+    value = ascii_int(text, limit=1_000_000)
+    if value is None or value < minimum:
+        raise ValueError(f"{key}={text[:20]!r} is neither 'all' nor a whole number from {minimum}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Submission:
     """What the client recorded at submit time (``records/<id>.submit``); all optional."""
@@ -154,16 +209,33 @@ class Submission:
     source: str = ""
     command: str = ""
     submitted_by: str = ""
+    display_name: str = ""
+    request: Request = Request()
+    after: tuple[str, ...] = ()  # ids that must have finished ``done`` first
+    args: tuple[str, ...] = ()  # arguments to the script
+    retry_of: str = ""
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Submission:
+        """ValueError when a key that changes how the task runs cannot be read."""
+        argc = _count(fields.get("argc", ""), "argc", 0, default=0)
+        if argc is None or argc > MAX_TASK_ARGS:
+            raise ValueError(f"argc={fields.get('argc')!r} is not a count of arguments")
+        try:
+            args = tuple(fields[f"arg.{i}"] for i in range(argc))
+        except KeyError as exc:
+            raise ValueError(f"argument {exc.args[0]} is missing") from None
         return cls(cwd=fields.get("cwd", ""), source=fields.get("source", ""),
-                   command=fields.get("command", ""), submitted_by=fields.get("submitted_by", ""))
+                   command=fields.get("command", ""), submitted_by=fields.get("submitted_by", ""),
+                   display_name=fields.get("display_name", ""),
+                   request=Request.parse(fields.get("gpus", ""), fields.get("nodes", "")),
+                   after=tuple(fields.get("after", "").split()), args=args,
+                   retry_of=fields.get("retry_of", ""))
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskResult:
-    """How a task ended (``records/<id>.result``)."""
+    """How a task ended (``records/<id>.result``), or one rank of it (``.rank<R>.result``)."""
 
     task_id: str
     state: TaskState
@@ -175,10 +247,13 @@ class TaskResult:
     exit_code: int | None = None
     signal: int | None = None
     attempt: int = 1
+    gpus: str = ""  # the GPU numbers it had
+    rank: int | None = None  # for one rank of a task that spans nodes
+    extra: tuple[tuple[str, str], ...] = ()  # more keys: the ranks of a task that spans nodes
 
     def fields(self) -> dict[str, object]:
         duration = "" if self.started is None else f"{self.ended - self.started:.3f}"
-        return {
+        fields: dict[str, object] = {
             "id": self.task_id, "state": self.state.value,
             "exit_code": "" if self.exit_code is None else self.exit_code,
             "signal": "" if self.signal is None else self.signal,
@@ -186,7 +261,12 @@ class TaskResult:
             "started": "" if self.started is None else f"{self.started:.3f}",
             "ended": f"{self.ended:.3f}", "duration": duration,
             "host": self.host, "node_rank": self.node_rank, "attempt": self.attempt,
+            "gpus": self.gpus,
         }
+        if self.rank is not None:
+            fields["rank"] = self.rank
+        fields.update(self.extra)
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +311,7 @@ class Config:
     num_nodes: int = 1
     force: bool = False
     gpus: int | tuple[int, ...] | None = None  # --gpus: a count or GPU numbers; None: NVML's
+    node_addr: str = ""  # --node-addr: how other nodes reach this one; "": the host name
 
     @property
     def instance(self) -> Path:
@@ -291,11 +372,19 @@ class QueueFolder:
         return self.root / name
 
     def create(self, job_id: str) -> None:
-        for name in QUEUE_DIRS:
-            self.dir(name).mkdir(parents=True, exist_ok=True)
+        self.ensure()
         if not (self.root / "control.json").exists():
             marker = {"protocol": PROTOCOL_VERSION, "job_id": job_id}
             self.publish(self.root / "control.json", json.dumps(marker, indent=2) + "\n")
+
+    def ensure(self) -> list[str]:
+        """Create the queue folders that are missing (deleted by hand, say); their names."""
+        made = []
+        for name in QUEUE_DIRS:
+            if not self.dir(name).is_dir():
+                self.dir(name).mkdir(parents=True, exist_ok=True)
+                made.append(name)
+        return made
 
     def publish(self, target: Path, text: str) -> None:
         """Write ``text`` to ``target`` the Maildir way: staged, fsynced, closed, renamed."""
@@ -337,8 +426,52 @@ class QueueFolder:
         except FileNotFoundError:
             return []
 
-    def record(self, task_id: str, kind: str) -> Path:
-        return self.dir("records") / f"{task_id}.{kind}"
+    def record(self, task_id: str, kind: str, rank: int | None = None) -> Path:
+        """``records/<id>.<kind>``, or ``records/<id>.rank<R>.<kind>`` for one rank."""
+        middle = "" if rank is None else f"rank{rank}."
+        return self.dir("records") / f"{task_id}.{middle}{kind}"
+
+    def log(self, task_id: str, rank: int | None = None) -> Path:
+        return self.dir("logs") / (f"{task_id}.log" if rank is None else
+                                   f"{task_id}.rank{rank}.log")
+
+    def has_result(self, task_id: str) -> bool:
+        return self.record(task_id, "result").exists()
+
+    def id_for(self, name: str) -> str:
+        """The id a pending entry runs (or is cancelled) under: its name when that is a client
+        id without a result; else a fresh id with its priority and name, so that a hand-dropped
+        ``train.sh`` or a finished task renamed back never collides with an earlier run."""
+        if TASK_ID_RE.fullmatch(name) and not self.has_result(name):
+            return name
+        priority = ascii_int(name[:3]) if name[3:4] == "-" else None
+        return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)
+
+    def remove_finished(self, before: float) -> list[str]:
+        """Remove the finished tasks that ended before ``before`` (their result's ``ended``,
+        else the file's time): the file in done/ or failed/, every record and log. Their ids."""
+        removed = set()
+        for folder in ("done", "failed"):
+            for task_id in self.names(folder):
+                path = self.dir(folder) / task_id
+                try:
+                    fields = self.read_fields(self.record(task_id, "result")) or {}
+                except (OSError, ValueError):
+                    fields = {}
+                try:
+                    ended = as_float(fields.get("ended")) or os.lstat(path).st_mtime
+                    if ended < before:
+                        os.unlink(path)
+                        removed.add(task_id)
+                except OSError:
+                    continue
+        for folder, pattern in (("records", RECORD_NAME_RE), ("logs", LOG_NAME_RE)):
+            for name in self.names(folder) if removed else []:
+                match = pattern.fullmatch(name)
+                if match and match.group(1) in removed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.dir(folder) / name)
+        return sorted(removed)
 
     def remove_old(self, folder: str, now: float, max_age: float) -> int:
         removed = 0
@@ -448,27 +581,32 @@ def _is_python(proc) -> bool:
     return any(pattern.fullmatch(name or "") for name in names)
 
 
-def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = ()) -> list[int]:
-    """The processes that ``gpu_stop`` kills after a stop, by ``scope`` (docs/protocol.md);
-    ``spare`` are the keep-alive workers."""
+def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = (),
+                        task_id: str = "") -> list[int]:
+    """The processes that a stop of ``task_id`` ends besides the task, by ``scope``
+    (docs/protocol.md); ``spare`` are the keep-alive workers. Processes of every other task
+    (they carry another task's marker) are never among them."""
     import psutil
 
     if scope == "none":
         return []
     if scope == "task":
-        return marked_pids(f"{job_id}/")
+        return marked_pids(f"{job_id}/{task_id}") if task_id else []
     me = psutil.Process()
     keep = {me.pid} | {p.pid for p in me.parents()} | set(spare)
     uid = os.getuid()
+    own_marker = f"{MARKER_VAR}={job_id}/{task_id}".encode()
     victims = []
     for proc in psutil.process_iter():
         try:
             if proc.pid in keep or proc.uids().real != uid or not _is_python(proc):
                 continue
             environ = _proc_environ(proc.pid)
-            if f"{MARKER_VAR}=".encode() not in environ and (
-                    b"PERPETUAL_MOTION_WORKER=" in environ
-                    or any(a.endswith("perpetual_motion.py") for a in proc.cmdline())):
+            marked = f"{MARKER_VAR}=".encode() in environ
+            if marked and own_marker not in environ.split(b"\0"):
+                continue  # a process of another task: that task's own business
+            if not marked and (b"PERPETUAL_MOTION_WORKER=" in environ
+                               or any(a.endswith("perpetual_motion.py") for a in proc.cmdline())):
                 continue  # keep-alive workers and daemons (of other instances too)
             victims.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -508,108 +646,267 @@ def pid_is_daemon(pid: int) -> bool:
         return False
 
 
+# Placement ##################################################################################
+#
+# Which task starts on this node, with which GPUs: a pure function of plain records (the node's
+# resources, the pending tasks in run order), so that its rules are tested on tables of cases.
+# The runner carries the decision out.
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeLoad:
+    """What is in use on a node: GPUs (inventory positions) held by tasks or set aside for
+    gangs, CPU task slots, and the tasks that asked for GPUs."""
+
+    total: int  # GPUs in the inventory
+    taken: frozenset[int] = frozenset()
+    cpu_running: int = 0
+    gpu_tasks: int = 0  # running (or starting) tasks that asked for GPUs, all or some
+    cpu_slots: int = MAX_CPU_TASKS
+
+    @property
+    def free(self) -> list[int]:
+        return [i for i in range(self.total) if i not in self.taken]
+
+    def fit(self, gpus: int | None) -> tuple[int, ...] | None:
+        """The GPUs a task asking for ``gpus`` (None: all) would get now, or None."""
+        if gpus == 0:
+            return () if self.cpu_running < self.cpu_slots else None
+        if gpus is None:
+            return tuple(range(self.total)) if self.gpu_tasks == 0 and not self.taken else None
+        free = self.free
+        return tuple(free[:gpus]) if len(free) >= gpus and gpus <= self.total else None
+
+    def plus(self, gpus: int | None, given: Iterable[int]) -> NodeLoad:
+        """The load with one more task that asked for ``gpus`` and was given ``given``."""
+        if gpus == 0:
+            return dataclasses.replace(self, cpu_running=self.cpu_running + 1)
+        return dataclasses.replace(self, taken=self.taken | frozenset(given),
+                                   gpu_tasks=self.gpu_tasks + 1)
+
+    def wait_reason(self, gpus: int | None) -> str:
+        if gpus == 0:
+            return f"waiting for a CPU slot ({self.cpu_running} of {self.cpu_slots} in use)"
+        free = len(self.free)
+        if gpus is None:
+            if self.total == 0:
+                return "waiting for the node (a task that takes it whole runs)"
+            return f"waiting for all {self.total} GPUs, {free} free"
+        return f"waiting for {gpus} GPU{'s' if gpus > 1 else ''}, {free} free"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A pending task that may start on this node, in run order."""
+
+    task_id: str
+    gpus: int | None  # None: all of the node's GPUs
+    blocked_since: float | None = None  # since when this node has found it waiting for GPUs
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to start now, and what the first task that cannot start waits for."""
+
+    starts: tuple[tuple[str, tuple[int, ...]], ...]
+    waiting: tuple[str, str] | None  # (task id, why)
+    blocked: tuple[str, ...]  # tasks that wait for GPUs (for their blocked_since)
+    held_for: str | None = None  # the task the node keeps its GPUs for, past the backfill limit
+
+
+def plan_starts(candidates: Iterable[Candidate], load: NodeLoad, now: float,
+                backfill_limit: float = BACKFILL_LIMIT_SECONDS) -> Plan:
+    """Start, in run order, every candidate that fits. A later task may start while an earlier
+    one waits for GPUs (backfilling), until the earliest such task has waited ``backfill_limit``:
+    from then on no other GPU task starts before it, so the node drains for it and no task
+    waits for ever. CPU tasks (``gpus=0``) never wait for GPU tasks, nor they for them."""
+    starts: list[tuple[str, tuple[int, ...]]] = []
+    blocked: list[str] = []
+    waiting: tuple[str, str] | None = None
+    held_for: str | None = None
+    for candidate in candidates:
+        if held_for is not None and candidate.gpus != 0:
+            continue
+        given = load.fit(candidate.gpus)
+        if given is None:
+            if waiting is None:
+                waiting = (candidate.task_id, load.wait_reason(candidate.gpus))
+            if candidate.gpus != 0:
+                blocked.append(candidate.task_id)
+                since = candidate.blocked_since
+                if since is not None and now - since >= backfill_limit:
+                    held_for = candidate.task_id
+            continue
+        starts.append((candidate.task_id, given))
+        load = load.plus(candidate.gpus, given)
+    return Plan(tuple(starts), waiting, tuple(blocked), held_for)
+
+
+def never_fits(request: Request, node_gpus: Iterable[int], num_nodes: int) -> str:
+    """Why no node of the instance can ever run ``request`` (``node_gpus``: the GPU counts of
+    the nodes known), or ""."""
+    counts = list(node_gpus)
+    if request.nodes is not None and request.nodes > num_nodes:
+        return (f"it asks for {request.nodes} nodes; the instance has {num_nodes}")
+    if request.gpus and counts and request.gpus > max(counts):
+        most = max(counts)
+        return f"it asks for {request.gpus} GPUs; nodes here have at most {most}"
+    return ""
+
+
+def choose_gang_nodes(nodes: int, gpus: int | None, free: Mapping[int, int],
+                      total: Mapping[int, int]) -> tuple[int, ...] | None:
+    """The nodes of a task that spans ``nodes`` nodes, in rank order, among the live nodes
+    (``free`` and ``total`` GPUs of each, by node rank); None when too few can hold it. The
+    nodes with the most free GPUs are taken first (node 0 first on a tie); ranks follow the
+    node order, so rank 0 is on the lowest node."""
+    able = [n for n in free if gpus is None or gpus <= total.get(n, 0)]
+    if len(able) < nodes:
+        return None
+    chosen = sorted(able, key=lambda n: (-free[n], n))[:nodes]
+    return tuple(sorted(chosen))
+
+
 # Task runner ################################################################################
 
 
 @dataclasses.dataclass
 class RunningTask:
-    """The task this daemon runs now (mutable: the stop state changes while it runs)."""
+    """A task, or one rank of a task that spans nodes, that this daemon runs (mutable: its
+    process starts once keep-alive has freed its GPUs, and its stop state changes)."""
 
     task_id: str
-    proc: subprocess.Popen
-    started: float
-    log_path: Path
+    submission: Submission
+    gpus: tuple[int, ...]  # positions in the node's inventory
+    claimed: float
+    rank: int | None = None  # its rank, for a task that spans nodes
+    nnodes: int = 1
+    rendezvous: tuple[str, int] | None = None  # MASTER_ADDR and MASTER_PORT of a gang
+    proc: subprocess.Popen | None = None  # None until its GPUs are free
+    started: float | None = None
+    log_path: Path | None = None
+    gpu_text: str = ""  # its GPU numbers as tasks see them: "0,3"
     attempt: int = 1
     stop_state: TaskState | None = None  # STOPPED or INTERRUPTED once a stop was asked for
     stop_reason: str = ""
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM
+    sweep: bool = False  # a user stopped it: end other Python processes once it has ended
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return self.task_id, self.rank
+
+    @property
+    def label(self) -> str:
+        return self.task_id if self.rank is None else f"{self.task_id} (rank {self.rank})"
 
 
-def task_command(path: Path) -> list[str] | str:
+class NodeTrouble(Exception):
+    """A task cannot be prepared for a reason of the node, not of the task (no log file, no
+    space): it goes back to pending/ and is tried again later."""
+
+
+_NODE_ERRNOS = {errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
+                errno.EROFS, errno.EIO, errno.EACCES, errno.ENOMEM}
+
+
+def task_command(path: Path, args: Iterable[str] = ()) -> list[str] | str:
     """How a task file runs, by its name; a string is the reason it cannot run."""
     if path.name.endswith(".sh"):
-        return ["bash", str(path)]
+        return ["bash", str(path), *args]
     if path.name.endswith(".py"):
-        return [sys.executable, str(path)]
+        return [sys.executable, str(path), *args]
     if not os.access(path, os.X_OK):
         return "not executable (name it *.sh or *.py, or chmod +x it)"
-    return [str(path)]
+    return [str(path), *args]
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host now (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 class TaskRunner:
-    """Claims, starts, stops and finishes tasks through the queue folder (docs/protocol.md)."""
+    """Starts, stops and finishes the tasks this daemon runs, through the queue folder
+    (docs/protocol.md). Which task starts, and on which GPUs, is decided before (Placement)."""
 
     def __init__(self, config: Config, folder: QueueFolder, identity: Identity,
-                 clock: Callable[[], float], throttled: ThrottledLog):
+                 clock: Callable[[], float], throttled: ThrottledLog,
+                 inventory: Inventory | None = None, token: str = ""):
         self.config = config
         self.folder = folder
         self.identity = identity
         self.clock = clock
         self.throttled = throttled
-        self.current: RunningTask | None = None
-        self.unfinished: list[tuple[TaskResult, str]] = []  # results not yet published
+        self.inventory = inventory or Inventory(())
+        self.token = token  # the daemon's ``started``: names its claims in .run records
+        self.tasks: dict[tuple[str, int | None], RunningTask] = {}
+        self.unfinished: list[list] = []  # [result, source, published] not yet done
         self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
 
     # -- claiming --------------------------------------------------------------------------
 
-    def claim_next(self) -> str | None:
-        """Rename the first pending task into running/; its id, or None when none is left."""
-        for name in self.folder.names("pending"):
-            source = self.folder.dir("pending") / name
-            try:
-                if not source.is_file():
-                    self.throttled.warning(f"notfile:{name}", "[pending] skipping %s: not a "
-                                           "regular file", name)
-                    continue
-            except OSError as exc:
-                self.throttled.warning(f"stat:{name}", "[pending] skipping %s: %s", name, exc)
-                continue
-            task_id = name if TASK_ID_RE.fullmatch(name) and not self.ran_before(name) \
-                else task_id_for(short_name(name), int(name[:3]) if name[:3].isdigit()
-                                 else DEFAULT_PRIORITY)
-            try:
-                os.rename(source, self.folder.dir("running") / task_id)
-            except FileNotFoundError:
-                continue  # someone else took it (cancelled meanwhile)
-            except OSError as exc:
-                self.throttled.warning(f"claim:{name}", "[pending] skipping %s: cannot claim "
-                                       "it: %s", name, exc)
-                continue
-            return task_id
-        return None
+    def claim(self, name: str) -> str | None:
+        """Rename ``pending/<name>`` into running/ under its id; the id, or None when another
+        claimant took it (or it cannot be claimed: then once a warning)."""
+        source = self.folder.dir("pending") / name
+        task_id = self.folder.id_for(name)
+        try:
+            os.rename(source, self.folder.dir("running") / task_id)
+        except FileNotFoundError:
+            if not self.folder.dir("running").is_dir():
+                self.folder.ensure()
+                self.throttled.warning("running-dir", "running/ was missing: created again")
+            return None  # someone else took it (or cancelled it meanwhile)
+        except OSError as exc:
+            self.throttled.warning(f"claim:{name}", "[pending] skipping %s: cannot claim it: "
+                                   "%s", name, exc)
+            return None
+        return task_id
 
-    def ran_before(self, task_id: str) -> bool:
-        """True when this id has a result already (a finished task renamed back into pending/):
-        it is claimed under a new id, so that its old records never pass for the new run's."""
-        return self.folder.record(task_id, "result").exists()
+    def unclaim(self, task_id: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rename(self.folder.dir("running") / task_id, self.folder.dir("pending") / task_id)
+
+    def add(self, task: RunningTask) -> RunningTask:
+        task.gpu_text = self.inventory.numbers(task.gpus)
+        self.tasks[task.key] = task
+        return task
 
     # -- starting --------------------------------------------------------------------------
 
-    def start(self, task_id: str) -> RunningTask | None:
-        """Start a claimed task; None when it could not start (then it is already finished)."""
-        path = self.folder.dir("running") / task_id
+    def start(self, task: RunningTask) -> bool:
+        """Start the process of a task whose GPUs are free. False when it cannot run (then it
+        is finished already); NodeTrouble when the node cannot prepare it."""
+        path = self.folder.dir("running") / task.task_id
         now = self.clock()
-        submission = self._submission(task_id)
-        cwd = submission.cwd or str(Path.home())
-        command = task_command(path)
-        log_path = self.folder.dir("logs") / f"{task_id}.log"
-        env = self._environment(task_id, log_path)
+        sub = task.submission
+        cwd = sub.cwd or str(Path.home())
+        command = task_command(path, sub.args)
+        log_path = self.folder.log(task.task_id, task.rank)
         try:
             log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - the with below closes it
         except OSError as exc:
-            LOG.error("cannot open the log of %s: %s", task_id, exc)
-            self._finish(TaskResult(task_id, TaskState.FAILED, f"cannot open its log: "
-                                    f"{exc.strerror or exc}", now, self.clock(),
-                                    self.identity.host, self.config.node_rank))
-            return None
+            if exc.errno in _NODE_ERRNOS:
+                raise NodeTrouble(f"cannot open its log {log_path.name}: "
+                                  f"{exc.strerror or exc}") from exc
+            LOG.error("cannot open the log of %s: %s", task.label, exc)
+            self._fail_unstarted(task, f"cannot open its log: {exc.strerror or exc}", now)
+            return False
+        task.log_path = log_path
         with log:
-            header = [f"task: {task_id}", f"job: {self.config.job_id}",
-                      f"host: {self.identity.host}  node: {self.config.node_rank}",
+            where = f"host: {self.identity.host}  node: {self.config.node_rank}"
+            if task.rank is not None:
+                where += f"  rank: {task.rank} of {task.nnodes}"
+            header = [f"task: {task.task_id}", f"job: {self.config.job_id}", where,
+                      f"gpus: {task.gpu_text or '-'}",
                       f"command: {shlex.join(command) if isinstance(command, list) else path}",
                       f"cwd: {cwd}", f"started: {now_text(now)}"]
-            if submission.submitted_by:
-                header.insert(2, f"submitted by: {submission.submitted_by}")
-            self._log_lines(log, header)
+            if sub.submitted_by:
+                header.insert(2, f"submitted by: {sub.submitted_by}")
+            self.log_lines(log, header)
             reason = message = ""  # why the task cannot run, short and for people
             if isinstance(command, str):
                 reason = message = command
@@ -619,56 +916,58 @@ class TaskRunner:
             proc = None
             if not reason:
                 try:
-                    proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, close_fds=True)
+                    proc = subprocess.Popen(command, cwd=cwd, env=self._environment(task),
+                                            stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            close_fds=True)
                 except OSError as exc:
                     reason = message = f"cannot start: {exc.strerror or exc}"
             if proc is None:
-                self._log_lines(log, [f"not run: {message}"])
-                self._finish(TaskResult(task_id, TaskState.FAILED, reason, now, self.clock(),
-                                        self.identity.host, self.config.node_rank))
-                return None
-        run_fields = {"id": task_id, "host": self.identity.host,
-                      "node_rank": self.config.node_rank, "pid": proc.pid, "pgid": proc.pid,
-                      "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
-                      "started": f"{now:.3f}", "started_at": now_text(now),
-                      "command": shlex.join(command), "cwd": cwd, "attempt": 1}
+                self.log_lines(log, [f"not run: {message}"])
+                self._fail_unstarted(task, reason, now)
+                return False
+        task.proc, task.started = proc, now
+        run_fields = {"id": task.task_id, "host": self.identity.host,
+                      "node_rank": self.config.node_rank, "daemon": self.token, "pid": proc.pid,
+                      "pgid": proc.pid, "boot_id": self.identity.boot_id,
+                      "pid_ns": self.identity.pid_ns, "started": f"{now:.3f}",
+                      "started_at": now_text(now), "command": shlex.join(command), "cwd": cwd,
+                      "gpus": task.gpu_text, "attempt": task.attempt}
+        if task.rank is not None:
+            run_fields["rank"] = task.rank
         try:
-            self.folder.publish(self.folder.record(task_id, "run"), format_fields(run_fields))
+            self.folder.publish(self.folder.record(task.task_id, "run", task.rank),
+                                format_fields(run_fields))
         except OSError as exc:
             self.throttled.warning("runrecord", "cannot write the run record of %s: %s",
-                                   task_id, exc)
-        LOG.info("Task started: %s (pid %d)", task_id, proc.pid)
-        self.current = RunningTask(task_id, proc, now, log_path)
-        return self.current
+                                   task.label, exc)
+        LOG.info("Task started: %s (pid %d, GPUs %s)", task.label, proc.pid,
+                 task.gpu_text or "none")
+        return True
 
-    def _submission(self, task_id: str) -> Submission:
-        try:
-            fields = self.folder.read_fields(self.folder.record(task_id, "submit"))
-        except (OSError, ValueError) as exc:
-            self.throttled.warning(f"submit:{task_id}", "ignoring the bad submit record of %s:"
-                                   " %s", task_id, exc)
-            return Submission()
-        return Submission.from_fields(fields) if fields else Submission()
-
-    def _environment(self, task_id: str, log_path: Path) -> dict[str, str]:
+    def _environment(self, task: RunningTask) -> dict[str, str]:
         env = dict(os.environ)
+        addr, port = task.rendezvous or ("127.0.0.1", free_port())
         env.update({
-            "JOB_ID": self.config.job_id, "TASK_NAME": task_id,
-            "TASK_SHORT_NAME": short_name(task_id),
+            "JOB_ID": self.config.job_id, "TASK_NAME": task.task_id,
+            "TASK_SHORT_NAME": short_name(task.task_id),
             "QUEUE_ROOT": str(self.config.queue_root), "QUEUE_DIR": str(self.folder.root),
-            "TASK_LOG": str(log_path), "NODE_RANK": str(self.config.node_rank),
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID", MARKER_VAR: f"{self.config.job_id}/{task_id}",
+            "TASK_LOG": str(self.folder.log(task.task_id, task.rank)),
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": task.gpu_text,
+            "PM_GPUS": task.gpu_text, "TASK_GPUS": task.gpu_text,
+            "PM_NODE_RANK": str(self.config.node_rank),
+            "NODE_RANK": str(task.rank or 0), "NNODES": str(task.nnodes),
+            "MASTER_ADDR": addr, "MASTER_PORT": str(port),
+            MARKER_VAR: f"{self.config.job_id}/{task.task_id}",
         })
         return env
 
-    def unclaim(self, task_id: str) -> None:
-        with contextlib.suppress(OSError):
-            os.rename(self.folder.dir("running") / task_id, self.folder.dir("pending") / task_id)
+    def _fail_unstarted(self, task: RunningTask, reason: str, now: float) -> None:
+        self.tasks.pop(task.key, None)
+        self.finish(self.result_of(task, TaskState.FAILED, reason, now, now))
 
     @staticmethod
-    def _log_lines(log, lines: list[str]) -> None:
+    def log_lines(log, lines: list[str]) -> None:
         try:
             log.write("".join(f"[perpetual-motion] {line}\n" for line in lines).encode())
         except OSError:
@@ -676,40 +975,47 @@ class TaskRunner:
 
     # -- stopping --------------------------------------------------------------------------
 
-    def stop(self, state: TaskState, reason: str, hard: bool = False) -> None:
-        """Ask the running task to stop: SIGTERM to its group now, SIGKILL after the grace."""
-        task = self.current
-        if task is None:
+    def stop(self, task: RunningTask, state: TaskState, reason: str, hard: bool = False) -> None:
+        """Ask a task to stop: SIGTERM to its group now, SIGKILL after the grace. A task whose
+        process has already exited ends as it ended: the stop comes too late to be its cause."""
+        if task.proc is not None and task.proc.poll() is not None:
             return
         if task.stop_state is None:
             task.stop_state, task.stop_reason = state, reason
+        if task.proc is None:
+            return  # not started: it ends before its process starts
         if hard or task.kill_at is None:
             sig = signal.SIGKILL if hard else signal.SIGTERM
             signal_group(task.proc.pid, sig)
             task.kill_at = self.clock() + (0.0 if hard else self.config.stop_grace)
-            LOG.info("Stopping %s (%s): %s", task.task_id, reason, signal_name(sig))
+            LOG.info("Stopping %s (%s): %s", task.label, reason, signal_name(sig))
 
     # -- polling and finishing -------------------------------------------------------------
 
-    def poll(self) -> TaskResult | None:
-        """Check the running task; finish it when it has ended. Its result, or None."""
+    def poll(self) -> list[tuple[RunningTask, TaskResult]]:
+        """Finish every task whose process has ended; those tasks, with their results."""
         self.retry_unfinished()
-        task = self.current
-        if task is None:
-            return None
-        code = task.proc.poll()
-        if code is None:
-            if task.kill_at is not None and self.clock() >= task.kill_at:
-                signal_group(task.proc.pid, signal.SIGKILL)
-                task.kill_at = self.clock() + 3600  # once is enough
-            return None
+        ended = []
+        for task in list(self.tasks.values()):
+            if task.proc is None:
+                continue
+            code = task.proc.poll()
+            if code is None:
+                if task.kill_at is not None and self.clock() >= task.kill_at:
+                    signal_group(task.proc.pid, signal.SIGKILL)
+                    task.kill_at = self.clock() + 3600  # once is enough
+                continue
+            ended.append((task, self._ended(task, code)))
+        return ended
+
+    def _ended(self, task: RunningTask, code: int) -> TaskResult:
         ended = self.clock()
         try:
             leftovers = self.end_leftovers(task)
         except Exception:  # noqa: BLE001 - the task must be recorded whatever happens here
-            LOG.exception("cannot end what %s left running", task.task_id)
+            LOG.exception("cannot end what %s left running", task.label)
             leftovers = 0
-        self.current = None
+        self.tasks.pop(task.key, None)
         exit_code, signum = (None, -code) if code < 0 else (code, None)
         if task.stop_state is not None:
             state, reason = task.stop_state, task.stop_reason
@@ -719,27 +1025,33 @@ class TaskRunner:
             state = TaskState.FAILED
             reason = (f"exit status {code}" if signum is None
                       else f"killed by signal {signum} ({signal_name(signum)})")
-        duration = ended - task.started
+        started = task.started if task.started is not None else ended
+        duration = ended - started
         if signum is None:
             footer = f"exited with status {code} after {duration:.1f} s"
         else:
-            footer = f"killed by signal {signum} ({signal_name(signum)}) after " \
-                     f"{duration:.1f} s"
+            footer = f"killed by signal {signum} ({signal_name(signum)}) after {duration:.1f} s"
         if task.stop_state is not None:
             footer += f": {reason}"
         lines = [footer]
         if leftovers:
             lines.insert(0, f"ended {leftovers} leftover process(es) of the task")
         try:
-            with open(task.log_path, "ab", buffering=0) as log:
-                self._log_lines(log, lines)
+            with open(self.folder.log(task.task_id, task.rank), "ab", buffering=0) as log:
+                self.log_lines(log, lines)
         except OSError:
             pass
-        result = TaskResult(task.task_id, state, reason, task.started, ended, self.identity.host,
-                            self.config.node_rank, exit_code, signum, task.attempt)
-        LOG.info("Task ended: %s: %s (%s)", task.task_id, state.value, reason)
-        self._finish(result)
+        result = self.result_of(task, state, reason, started, ended, exit_code, signum)
+        LOG.info("Task ended: %s: %s (%s)", task.label, state.value, reason)
+        self.finish(result)
         return result
+
+    def result_of(self, task: RunningTask, state: TaskState, reason: str, started: float | None,
+                ended: float, exit_code: int | None = None,
+                signum: int | None = None) -> TaskResult:
+        return TaskResult(task.task_id, state, reason, started, ended, self.identity.host,
+                          self.config.node_rank, exit_code, signum, task.attempt, task.gpu_text,
+                          task.rank)
 
     def end_leftovers(self, task: RunningTask) -> int:
         """End what a finished task left behind: its process group, and whatever carries its
@@ -752,92 +1064,482 @@ class TaskRunner:
         signal_group(task.proc.pid, signal.SIGKILL)
         return count
 
-    def _finish(self, result: TaskResult, source: str = "running") -> None:
-        self.unfinished.append((result, source))
+    def finish(self, result: TaskResult, source: str = "running") -> None:
+        self.unfinished.append([result, source, False])
         self.retry_unfinished()
 
     def retry_unfinished(self) -> None:
         """Publish results and moves that failed before (a full disk): nothing is lost."""
         while self.unfinished:
-            result, source = self.unfinished[0]
+            entry = self.unfinished[0]
             try:
-                self.publish_result(result, source)
+                self.publish_result(entry)
             except OSError as exc:
+                if self.folder.ensure():
+                    self.throttled.warning("dirs", "queue folders were missing: created again")
                 self.throttled.warning("finish", "cannot record the end of %s (will retry): %s",
-                                       result.task_id, exc)
+                                       entry[0].task_id, exc)
                 return
             self.unfinished.pop(0)
 
-    def publish_result(self, result: TaskResult, source: str = "running") -> None:
-        """Write the result, then move the task from ``source`` to done/ or failed/."""
-        self.folder.publish(self.folder.record(result.task_id, "result"),
-                            format_fields(result.fields()))
+    def publish_result(self, entry: list) -> None:
+        """Write the result, then move the task from ``source`` to done/ or failed/; the
+        result only while the task is still there and has none (docs/protocol.md, Finish)."""
+        result, source, published = entry
+        if result.rank is not None:  # one rank of a gang: node 0 finishes the task
+            kind = self.folder.record(result.task_id, "result", result.rank)
+            if not (self.folder.dir("running") / result.task_id).exists() or kind.exists():
+                LOG.warning("%s rank %d: the task was finished meanwhile; its end is not "
+                            "recorded", result.task_id, result.rank)
+                return
+            self.folder.publish(kind, format_fields(result.fields()))
+            return
+        if not published:
+            here = (self.folder.dir(source) / result.task_id).exists()
+            if not here or self._finished_elsewhere(result):
+                LOG.warning("%s was finished by another daemon meanwhile (it took this node "
+                            "over); its end here is not recorded", result.task_id)
+                return
+            self.folder.publish(self.folder.record(result.task_id, "result"),
+                                format_fields(result.fields()))
+            entry[2] = True
         try:
             os.rename(self.folder.dir(source) / result.task_id,
                       self.folder.dir(result.state.folder) / result.task_id)
         except FileNotFoundError:
-            pass  # moved already (a retry after a lost reply)
+            if not self.folder.dir(result.state.folder).is_dir():
+                raise
+            # else moved already (a retry after a lost reply)
+
+    def _finished_elsewhere(self, result: TaskResult) -> bool:
+        """True when this very run of the task has a result already: another daemon's (one
+        with another start is an earlier run's, stale, and is replaced)."""
+        try:
+            old = self.folder.read_fields(self.folder.record(result.task_id, "result"))
+        except (OSError, ValueError):
+            return False
+        if old is None:
+            return False
+        started = "" if result.started is None else f"{result.started:.3f}"
+        return old.get("started", "") == started
 
     # -- cancelling and recovery -----------------------------------------------------------
 
-    def cancel_pending(self, name: str) -> bool:
-        """Move a pending task to failed/ as cancelled; False when it is not pending (any more)."""
+    def cancel_pending(self, name: str, reason: str = "cancelled by user") -> str | None:
+        """Move a pending task to failed/ as cancelled; its id, or None when it is not pending
+        (any more). The destination is never an existing task's (docs/protocol.md)."""
         if name.startswith(".") or "/" in name:
-            return False
+            return None
+        task_id = self.folder.id_for(name)
         try:
-            os.rename(self.folder.dir("pending") / name, self.folder.dir("failed") / name)
+            os.rename(self.folder.dir("pending") / name, self.folder.dir("failed") / task_id)
         except FileNotFoundError:
-            return False
+            return None
         except OSError as exc:
             LOG.warning("cannot cancel %s: %s", name, exc)
-            return False
+            return None
         now = self.clock()
-        result = TaskResult(name, TaskState.CANCELLED, "cancelled by user", None, now,
+        result = TaskResult(task_id, TaskState.CANCELLED, reason, None, now,
                             self.identity.host, self.config.node_rank)
         try:
-            self.folder.publish(self.folder.record(name, "result"), format_fields(result.fields()))
+            self.folder.publish(self.folder.record(task_id, "result"),
+                                format_fields(result.fields()))
         except OSError as exc:
-            LOG.warning("cancelled %s but cannot write its result: %s", name, exc)
-        LOG.info("Task cancelled: %s", name)
-        return True
+            LOG.warning("cancelled %s but cannot write its result: %s", task_id, exc)
+        LOG.info("Task cancelled: %s (%s)", task_id, reason)
+        return task_id
 
-    def recover(self) -> None:
-        """Finish every task that a dead daemon left in running/ (docs/protocol.md)."""
+    def recover(self, owned_elsewhere: Callable[[dict[str, str]], bool]) -> None:
+        """Finish the tasks of this node that a dead daemon left in running/: those whose run
+        record names this node (docs/protocol.md, Recovery). ``owned_elsewhere(run)`` is True
+        for a run record whose claim is another node's (it is left alone)."""
         for task_id in self.folder.names("running"):
+            try:
+                run = self.folder.read_fields(self.folder.record(task_id, "run"))
+            except (OSError, ValueError):
+                run = None
+            if run is not None and owned_elsewhere(run):
+                continue
             try:
                 old = self.folder.read_fields(self.folder.record(task_id, "result"))
             except (OSError, ValueError):
                 old = None
-            try:
-                run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
-            except (OSError, ValueError):
-                run = {}
             # A result counts only if it is this run's (not one left by an earlier run).
             if old and old.get("state") in {s.value for s in TaskState} and (
-                    not run or old.get("started") == run.get("started")):
+                    run is None or old.get("started") == run.get("started")):
                 folder = TaskState(old["state"]).folder
                 with contextlib.suppress(OSError):
                     os.rename(self.folder.dir("running") / task_id,
                               self.folder.dir(folder) / task_id)
                 LOG.info("Recovered %s: moved to %s/ as its result says", task_id, folder)
                 continue
+            if run is not None:
+                self.interrupt(task_id, run, "daemon died")
+
+    def interrupt(self, task_id: str, run: dict[str, str], reason: str,
+                  rank: int | None = None) -> None:
+        """Finish a task (or rank) whose daemon died: end what is left of it on this host,
+        note it in its log, and publish it as interrupted."""
+        killed = 0
+        if self.identity.same_machine_view(run) or not run.get("host"):
             killed = terminate(marked_pids(f"{self.config.job_id}/{task_id}"),
                                self.config.stop_grace)
-            started = as_float(run.get("started"))
-            now = self.clock()
-            result = TaskResult(task_id, TaskState.INTERRUPTED, "daemon died", started, now,
-                                run.get("host") or self.identity.host, self.config.node_rank,
-                                attempt=int(run.get("attempt") or 1)
-                                if (run.get("attempt") or "1").isdigit() else 1)
-            log_note = f"interrupted: the daemon died; {killed} orphaned process(es) ended"
-            try:
-                with open(self.folder.dir("logs") / f"{task_id}.log", "ab", buffering=0) as log:
-                    self._log_lines(log, [log_note])
-            except OSError:
-                pass
-            self._finish(result)
-            LOG.warning("Task %s was interrupted by the daemon's death: moved to failed/ "
-                        "(%d orphaned process(es) ended)", task_id, killed)
+        started = as_float(run.get("started"))
+        now = self.clock()
+        node = ascii_int(run.get("node_rank"))
+        result = TaskResult(task_id, TaskState.INTERRUPTED, reason, started, now,
+                            run.get("host") or self.identity.host,
+                            self.config.node_rank if node is None else node,
+                            attempt=ascii_int(run.get("attempt")) or 1,
+                            gpus=run.get("gpus", ""), rank=rank)
+        try:
+            with open(self.folder.log(task_id, rank), "ab", buffering=0) as log:
+                self.log_lines(log, [f"interrupted: {reason}; {killed} orphaned process(es) "
+                                      "ended"])
+        except OSError:
+            pass
+        self.finish(result)
+        LOG.warning("Task %s was interrupted (%s): finished as interrupted (%d orphaned "
+                    "process(es) ended)", task_id if rank is None else f"{task_id} rank {rank}",
+                    reason, killed)
+
+
+# Tasks across nodes #########################################################################
+#
+# A task with ``nodes=N`` runs on N nodes at once, one rank on each, as ``srun`` starts a step
+# inside an allocation (docs/protocol.md, "Tasks that span nodes"). Node 0 places it and watches
+# it; every chosen node sets GPUs aside for its rank, says when it is ready, and starts the rank
+# once every rank is ready.
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeView:
+    """A node of the instance as its state file shows it."""
+
+    rank: int
+    alive: bool
+    token: str = ""  # its daemon's ``started``
+    host: str = ""
+    gpu_count: int = 0
+    gpus_free: int = 0
+    status: str = ""
+
+    @classmethod
+    def read(cls, folder: QueueFolder, rank: int, now: float) -> NodeView:
+        try:
+            fields = folder.read_fields(folder.dir("nodes") / f"node-{rank}.state") or {}
+        except (OSError, ValueError):
+            fields = {}
+        heartbeat = as_float(fields.get("heartbeat"))
+        alive = (heartbeat is not None and fields.get("status") not in ("stopped", None)
+                 and now - heartbeat < HEARTBEAT_STALE_SECONDS)
+        return cls(rank, alive, fields.get("started", ""), fields.get("host", ""),
+                   ascii_int(fields.get("gpu_count"), 1024) or 0,
+                   ascii_int(fields.get("gpus_free"), 1024) or 0, fields.get("status", ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class GangPlan:
+    """Where the ranks of a task that spans nodes run (``records/<id>.gang``)."""
+
+    task_id: str
+    nodes: tuple[int, ...]  # the node of each rank, in rank order
+    gpus: int | None  # GPUs of each rank; None: all of its node's
+    placed: str  # names this placement; .ready records quote it
+
+    @property
+    def nnodes(self) -> int:
+        return len(self.nodes)
+
+    def fields(self) -> dict[str, object]:
+        return {"id": self.task_id, "nnodes": self.nnodes,
+                "nodes": ",".join(str(n) for n in self.nodes),
+                "gpus": "all" if self.gpus is None else self.gpus, "placed": self.placed}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> GangPlan:
+        nodes = tuple(ascii_int(n, 4096) for n in fields.get("nodes", "").split(","))
+        if not nodes or None in nodes or len(set(nodes)) != len(nodes):
+            raise ValueError(f"bad nodes={fields.get('nodes')!r}")
+        request = Request.parse(fields.get("gpus", ""))
+        return cls(fields.get("id", ""), nodes, request.gpus, fields.get("placed", ""))
+
+
+@dataclasses.dataclass
+class GangSeat:
+    """This node's rank of a placed task, from its reservation to its start."""
+
+    plan: GangPlan
+    rank: int
+    submission: Submission
+    reserved: tuple[int, ...] = ()  # GPUs set aside for it
+    ready: bool = False
+    master: tuple[str, int] | None = None  # rank 0: the address and port it announced
+
+    @property
+    def task_id(self) -> str:
+        return self.plan.task_id
+
+
+class Gangs:
+    """The tasks across nodes that concern this node: its seats (every node), and the watch
+    over all of them (node 0)."""
+
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner,
+                 clock: Callable[[], float], throttled: ThrottledLog, node_addr: str):
+        self.config = config
+        self.folder = folder
+        self.runner = runner
+        self.clock = clock
+        self.throttled = throttled
+        self.node_addr = node_addr
+        self.plans: dict[str, GangPlan | None] = {}  # by id in running/; None: not a gang
+        self.seats: dict[str, GangSeat] = {}
+        self.rank_results: dict[tuple[str, int], dict[str, str]] = {}
+        self.failed_seen: dict[str, float] = {}  # node 0: when a rank's failure was first seen
+
+    # -- every node ------------------------------------------------------------------------
+
+    def discover(self, running: list[str]) -> None:
+        """Learn the placements of the tasks in running/ (published before their claim, so a
+        task without one is no gang) and take a seat for each rank placed on this node."""
+        present = set(running)
+        for task_id in running:
+            if task_id not in self.plans:
+                self.plans[task_id] = self._read_plan(task_id)
+        for task_id in [t for t in self.plans if t not in present]:
+            del self.plans[task_id]
+            self.failed_seen.pop(task_id, None)
+            self.seats.pop(task_id, None)
+        for key in [k for k in self.rank_results if k[0] not in present]:
+            del self.rank_results[key]
+        me = self.config.node_rank
+        for task_id, plan in self.plans.items():
+            if plan is None or me not in plan.nodes or task_id in self.seats:
+                continue
+            rank = plan.nodes.index(me)
+            if (task_id, rank) in self.runner.tasks or self._rank_record(task_id, rank, "run") \
+                    or self.folder.record(task_id, "result", rank).exists():
+                continue  # started here (or ended) already
+            self.seats[task_id] = GangSeat(plan, rank, self._submission(task_id))
+
+    def _read_plan(self, task_id: str) -> GangPlan | None:
+        try:
+            fields = self.folder.read_fields(self.folder.record(task_id, "gang"))
+            return GangPlan.from_fields(fields) if fields else None
+        except (OSError, ValueError) as exc:
+            self.throttled.warning(f"gang:{task_id}", "unreadable placement of %s: %s",
+                                   task_id, exc)
+            return None
+
+    def _submission(self, task_id: str) -> Submission:
+        try:
+            fields = self.folder.read_fields(self.folder.record(task_id, "submit")) or {}
+            return Submission.from_fields(fields)
+        except (OSError, ValueError):
+            return Submission()
+
+    def _rank_record(self, task_id: str, rank: int, kind: str) -> dict[str, str] | None:
+        try:
+            return self.folder.read_fields(self.folder.record(task_id, kind, rank))
+        except (OSError, ValueError):
+            return None
+
+    def reserved(self) -> set[int]:
+        return {gpu for seat in self.seats.values() for gpu in seat.reserved}
+
+    def holds_node(self) -> int:
+        """Seats that count as GPU tasks (they keep tasks that take the node whole out)."""
+        return sum(1 for seat in self.seats.values() if seat.plan.gpus != 0)
+
+    def cpu_seats(self) -> int:
+        return sum(1 for seat in self.seats.values() if seat.plan.gpus == 0)
+
+    def tick_seats(self, load: NodeLoad, stopped: Callable[[str], str | None],
+                   begin: Callable[[RunningTask], None], may_start: bool) -> None:
+        """Reserve, announce and start this node's ranks. ``load`` is the node without the
+        seats; ``stopped(id)`` the reason of a stop record, or None; ``begin(task)`` starts a
+        rank as any task (keep-alive frees its GPUs first)."""
+        for task_id in sorted(self.seats):
+            seat = self.seats[task_id]
+            reason = stopped(task_id) or ("" if may_start else "its node is shutting down")
+            if reason:
+                del self.seats[task_id]
+                self._end_unstarted(seat, TaskState.STOPPED if stopped(task_id)
+                                    else TaskState.INTERRUPTED, reason)
+                continue
+            if not seat.ready:
+                others = dataclasses.replace(load, taken=load.taken - set(seat.reserved))
+                seat.reserved = self._reserve(seat, others)
+                if self._complete(seat, others):
+                    self._announce(seat)
+            if seat.ready and self._all_ready(seat):
+                del self.seats[task_id]
+                addr, port = self._master(seat)
+                task = RunningTask(task_id, seat.submission, seat.reserved, self.clock(),
+                                   rank=seat.rank, nnodes=seat.plan.nnodes,
+                                   rendezvous=(addr, port))
+                begin(task)
+            load = dataclasses.replace(load, taken=load.taken | set(seat.reserved))
+
+    def _reserve(self, seat: GangSeat, load: NodeLoad) -> tuple[int, ...]:
+        need = load.total if seat.plan.gpus is None else seat.plan.gpus
+        have = list(seat.reserved)
+        for gpu in load.free:
+            if len(have) >= need:
+                break
+            if gpu not in have:
+                have.append(gpu)
+        return tuple(sorted(have))
+
+    @staticmethod
+    def _complete(seat: GangSeat, load: NodeLoad) -> bool:
+        if seat.plan.gpus == 0:
+            return load.cpu_running < load.cpu_slots
+        if seat.plan.gpus is None:
+            return len(seat.reserved) == load.total and load.gpu_tasks == 0
+        return len(seat.reserved) == seat.plan.gpus
+
+    def _announce(self, seat: GangSeat) -> None:
+        fields: dict[str, object] = {
+            "id": seat.task_id, "rank": seat.rank, "node_rank": self.config.node_rank,
+            "host": self.runner.identity.host, "placed": seat.plan.placed,
+            "gpus": self.runner.inventory.numbers(seat.reserved), "time": f"{self.clock():.3f}"}
+        if seat.rank == 0:
+            seat.master = (self.node_addr, free_port())
+            fields.update(master_addr=seat.master[0], master_port=seat.master[1])
+        try:
+            self.folder.publish(self.folder.record(seat.task_id, "ready", seat.rank),
+                                format_fields(fields))
+        except OSError as exc:
+            self.throttled.warning(f"ready:{seat.task_id}", "cannot announce rank %d of %s: %s",
+                                   seat.rank, seat.task_id, exc)
+            return
+        seat.ready = True
+        LOG.info("%s rank %d: ready on GPUs %s; waiting for the other ranks", seat.task_id,
+                 seat.rank, fields["gpus"] or "none")
+
+    def _all_ready(self, seat: GangSeat) -> bool:
+        for rank in range(seat.plan.nnodes):
+            if rank == seat.rank:
+                continue
+            fields = self._rank_record(seat.task_id, rank, "ready")
+            if not fields or fields.get("placed") != seat.plan.placed:
+                return False
+        return True
+
+    def _master(self, seat: GangSeat) -> tuple[str, int]:
+        if seat.master is not None:
+            return seat.master
+        fields = self._rank_record(seat.task_id, 0, "ready") or {}
+        return fields.get("master_addr", "127.0.0.1"), ascii_int(fields.get("master_port")) or 0
+
+    def _end_unstarted(self, seat: GangSeat, state: TaskState, reason: str) -> None:
+        now = self.clock()
+        result = TaskResult(seat.task_id, state, f"{reason} (before it started)", None, now,
+                            self.runner.identity.host, self.config.node_rank, rank=seat.rank)
+        self.runner.finish(result)
+
+    # -- node 0: the watch -----------------------------------------------------------------
+
+    def watch(self, views: Mapping[int, NodeView], stop: Callable[[str, str], None]) -> None:
+        """Finish gangs whose ranks have all ended; stop the others of a gang one of whose
+        ranks failed or whose node died; put back a gang none of whose ranks could start."""
+        now = self.clock()
+        for task_id, plan in list(self.plans.items()):
+            if plan is None:
+                continue
+            ends = {}
+            for rank in range(plan.nnodes):
+                if (task_id, rank) not in self.rank_results:
+                    fields = self._rank_record(task_id, rank, "result")
+                    if fields:
+                        self.rank_results[(task_id, rank)] = fields
+                if (task_id, rank) in self.rank_results:
+                    ends[rank] = self.rank_results[(task_id, rank)]
+            if len(ends) == plan.nnodes:
+                self._finish_gang(plan, ends)
+                continue
+            if self._requeue_if_dead_before_start(plan, views):
+                continue
+            for rank in range(plan.nnodes):
+                if rank in ends:
+                    continue
+                node = plan.nodes[rank]
+                view = views.get(node)
+                run = self._rank_record(task_id, rank, "run")
+                gone = view is None or not view.alive or (
+                    run is not None and run.get("daemon", "") != view.token)
+                if gone:
+                    self.runner.interrupt(task_id, run or {}, f"node {node}'s daemon died",
+                                          rank=rank)
+                    stop(task_id, f"rank {rank} lost: node {node}'s daemon died")
+            failed = [(r, e) for r, e in sorted(ends.items()) if e.get("state") != "done"]
+            if failed:
+                first = self.failed_seen.setdefault(task_id, now)
+                rank, end = failed[0]
+                if now - first >= GANG_FAIL_GRACE_SECONDS:
+                    stop(task_id, f"rank {rank} failed ({end.get('reason', '?')})")
+
+    def _requeue_if_dead_before_start(self, plan: GangPlan, views: Mapping[int, NodeView]) -> bool:
+        dead = [n for n in plan.nodes if not (views.get(n) and views[n].alive)]
+        if not dead:
+            return False
+        started = any(self._rank_record(plan.task_id, r, "run") for r in range(plan.nnodes))
+        if started:
+            return False
+        try:
+            os.rename(self.folder.dir("running") / plan.task_id,
+                      self.folder.dir("pending") / plan.task_id)
+        except OSError:
+            return False
+        LOG.warning("%s: node %s died before every rank was ready: back to pending",
+                    plan.task_id, ",".join(str(n) for n in dead))
+        self.plans.pop(plan.task_id, None)
+        self.seats.pop(plan.task_id, None)
+        return True
+
+    def _finish_gang(self, plan: GangPlan, ends: dict[int, dict[str, str]]) -> None:
+        extra: list[tuple[str, str]] = [("nodes", ",".join(str(n) for n in plan.nodes))]
+        for rank, end in sorted(ends.items()):
+            for key in ("state", "exit_code", "signal", "reason", "node_rank", "host", "gpus"):
+                name = "node" if key == "node_rank" else key
+                extra.append((f"rank.{rank}.{name}", end.get(key, "")))
+        states = [end.get("state", "") for _, end in sorted(ends.items())]
+        bad = [(r, e) for r, e in sorted(ends.items()) if e.get("state") != "done"]
+        stop = self._stop_reason(plan.task_id)
+        if not bad:
+            state, reason = TaskState.DONE, f"all {plan.nnodes} ranks exited 0"
+        elif stop and stop.startswith("stopped by user"):
+            state, reason = TaskState.STOPPED, stop
+        elif "failed" in states:
+            rank, end = next((r, e) for r, e in bad if e.get("state") == "failed")
+            state, reason = TaskState.FAILED, f"rank {rank}: {end.get('reason', '')}"
+        else:
+            rank, end = bad[0]
+            state = TaskState.INTERRUPTED if end.get("state") == "interrupted" \
+                else TaskState.FAILED
+            reason = f"rank {rank}: {end.get('reason', '')}"
+        first_bad = bad[0][1] if bad else ends[0]
+        starts = [v for v in (as_float(e.get("started")) for e in ends.values()) if v is not None]
+        stops = [v for v in (as_float(e.get("ended")) for e in ends.values()) if v is not None]
+        lead = ends.get(0, {})
+        lead_node = ascii_int(lead.get("node_rank"))
+        result = TaskResult(plan.task_id, state, reason, min(starts) if starts else None,
+                            max(stops) if stops else self.clock(), lead.get("host", ""),
+                            plan.nodes[0] if lead_node is None else lead_node,
+                            ascii_int(first_bad.get("exit_code")), ascii_int(first_bad.get(
+                                "signal")), gpus=lead.get("gpus", ""), extra=tuple(extra))
+        LOG.info("Task ended: %s: %s (%s)", plan.task_id, state.value, reason)
+        self.runner.finish(result)
+        self.plans.pop(plan.task_id, None)
+
+    def _stop_reason(self, task_id: str) -> str | None:
+        try:
+            fields = self.folder.read_fields(self.folder.record(task_id, "stop"))
+        except (OSError, ValueError):
+            return None
+        return None if fields is None else fields.get("reason", "stopped")
 
 
 # Keep-alive #################################################################################
@@ -2372,14 +3074,60 @@ def node_from_environment(env: dict[str, str]) -> tuple[int, int]:
     """(node rank, node count) from the variables that SCO ACP, torchrun or Slurm set."""
     for rank_var, count_var in (("SENSECORE_PYTORCH_NODE_RANK", "SENSECORE_PYTORCH_NNODES"),
                                 ("RANK", "WORLD_SIZE"), ("SLURM_NODEID", "SLURM_NNODES")):
-        rank, count = env.get(rank_var, ""), env.get(count_var, "")
-        if rank.isdigit():
-            return int(rank), int(count) if count.isdigit() and int(count) > 0 else 1
+        rank, count = ascii_int(env.get(rank_var, "")), ascii_int(env.get(count_var, ""))
+        if rank is not None:
+            return rank, count if count else 1
     return 0, 1
 
 
+def in_cluster_job(env: Mapping[str, str]) -> bool:
+    """True inside a Slurm or SCO ACP job (or one that submit.sh launched for them)."""
+    return bool(env.get("SLURM_JOB_ID") or env.get("ECP_JOB_NAME")
+                or env.get("SENSECORE_PYTORCH_NNODES") or env.get("PM_CLUSTER_JOB"))
+
+
+def resolve_kill_scope(scope: str, env: Mapping[str, str]) -> str:
+    """``auto``: the seed's sweep of the user's Python processes on a cluster node, only the
+    task's own processes elsewhere (a workstation's notebooks and editors are not ours)."""
+    if scope != "auto":
+        return scope
+    return "user-python" if in_cluster_job(env) else "task"
+
+
+class DirWatch:
+    """inotify on the folders the daemon polls, where the kernel offers it: a new file wakes
+    the loop at once. It sees only this host's changes; the poll stays for shared storage."""
+
+    _IN_CREATE, _IN_MOVED_TO, _IN_NONBLOCK, _IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        try:
+            import ctypes
+
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            fd = self._libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
+            self.fd = fd if fd >= 0 else None
+        except (OSError, AttributeError):
+            self.fd = None
+
+    def watch(self, folders: Iterable[Path]) -> None:
+        if self.fd is None:
+            return
+        for folder in folders:
+            self._libc.inotify_add_watch(self.fd, os.fsencode(folder),
+                                         self._IN_CREATE | self._IN_MOVED_TO)
+
+    def drain(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                while os.read(self.fd, 65536):
+                    pass
+
+
 class SignalWaiter:
-    """Sleeps until a timeout, a signal or a child's exit, whichever comes first.
+    """Sleeps until a timeout, a signal, a child's exit or a new file in a watched folder,
+    whichever comes first.
 
     Signal handlers only record what arrived; the loop acts on it.
     """
@@ -2394,16 +3142,19 @@ class SignalWaiter:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._record)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.dirs = DirWatch()
 
     def _record(self, signum: int, frame: object) -> None:
         self.received.append(signum)
 
     def sleep(self, seconds: float) -> None:
+        fds = [self.read_fd] + ([self.dirs.fd] if self.dirs.fd is not None else [])
         try:
-            select.select([self.read_fd], [], [], max(seconds, 0.0))
+            select.select(fds, [], [], max(seconds, 0.0))
             os.read(self.read_fd, 4096)
         except (BlockingIOError, InterruptedError):
             pass
+        self.dirs.drain()
 
 
 class Daemon:
@@ -2421,67 +3172,118 @@ class Daemon:
         self.identity = identity or Identity.here()
         self.folder = QueueFolder(config.instance)
         self.throttled = ThrottledLog(clock)
-        self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled)
         self.started = clock()
-        self.started_text = f"{self.started:.3f}"  # as published; commands quote it back
+        self.started_text = f"{self.started:.3f}"  # as published; names this daemon's claims
+        self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled,
+                                 self.inventory, self.started_text)
+        self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
+                           config.node_addr or self.identity.host)
+        self.kill_scope = resolve_kill_scope(config.kill_scope, os.environ)
         self.shutdown_at = self.started + config.hours * 3600
+        self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
+                        if AUTO_SHUTDOWN_HARD_HOURS else None)
         self.stopping = ""  # why the daemon is shutting down, once it is
-        self.kill_python_after_task = False
+        self.draining = ""  # why it starts nothing new and ends when its tasks have ended
+        self.sweep_now = False  # a stop_all with nothing running: end other Python processes
         self.finished = False
         self.signals_seen = 0
         self.last_state_write = -1e18
         self.state_dirty = True
         self.last_housekeeping = self.started
+        self.last_cleaning = -1e18
         self.last_leader_check = self.started
+        self.last_sweep = -1e18
         self.waiter: SignalWaiter | None = None
-        self.displaced = False  # another daemon holds this node's state file
+        self.displaced = False  # another daemon owns this node's state file
         self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
+        self.requests: dict[str, Submission | str | None] = {}  # pending name -> its record
+        self.results: dict[str, str] = {}  # task id -> its result's state, once known
+        self.blocked_since: dict[str, float] = {}
+        self.waiting: tuple[str, str] | None = None
+        self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
+        self.views: dict[int, NodeView] = {}
+        self.views_read = -1e18
+        self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
+        self.backoff = 0.0
+        self.running_names: list[str] = []
         self.runner.heartbeat = self.write_state
 
     # -- start-up --------------------------------------------------------------------------
 
-    def live_owner(self) -> str | None:
-        """A description of the live daemon that holds this instance and node, or None."""
-        path = self.folder.dir("nodes") / f"node-{self.config.node_rank}.state"
+    @property
+    def state_path(self) -> Path:
+        return self.folder.dir("nodes") / f"node-{self.config.node_rank}.state"
+
+    def read_state(self) -> dict[str, str] | None:
         try:
-            fields = self.folder.read_fields(path)
+            return self.folder.read_fields(self.state_path)
         except (OSError, ValueError) as exc:
-            LOG.warning("ignoring the unreadable state file %s: %s", path, exc)
+            self.throttled.warning("readstate", "ignoring the unreadable state file %s: %s",
+                                   self.state_path, exc)
             return None
-        if not fields or fields.get("status") == "stopped":
+
+    def live_owner(self) -> str | None:
+        """A description of the live daemon that holds this instance and node, or None.
+
+        On this host, boot and PID namespace the owner's pid is checked. Elsewhere its
+        heartbeat is watched for TAKEOVER_WATCH_SECONDS: only a heartbeat that advances proves
+        a live owner (clocks of hosts differ, so its age proves nothing but staleness)."""
+        fields = self.read_state()
+        if not fields or fields.get("status") == "stopped" or self.is_mine(fields):
             return None
         who = f"pid {fields.get('pid', '?')} on {fields.get('host', '?')}"
         if self.identity.same_machine_view(fields):
-            pid = fields.get("pid", "")
-            return who if pid.isdigit() and pid_is_daemon(int(pid)) else None
-        heartbeat = as_float(fields.get("heartbeat"))
-        if heartbeat is None:
+            pid = ascii_int(fields.get("pid"))
+            return who if pid is not None and pid_is_daemon(pid) else None
+        first = as_float(fields.get("heartbeat"))
+        if first is None or self.clock() - first >= HEARTBEAT_STALE_SECONDS:
             return None
-        age = self.clock() - heartbeat
-        return f"{who}, heartbeat {age:.0f} s ago" if age < HEARTBEAT_STALE_SECONDS else None
+        LOG.info("The state file names a daemon elsewhere (%s): watching its heartbeat for "
+                 "%.0f s", who, TAKEOVER_WATCH_SECONDS)
+        deadline = self.clock() + TAKEOVER_WATCH_SECONDS
+        while self.clock() < deadline:
+            self.sleep(min(1.0, max(deadline - self.clock(), MIN_WAIT_SECONDS)))
+            if self.waiter is not None and self.waiter.received:
+                return f"{who} (start interrupted by a signal)"
+            now_fields = self.read_state() or {}
+            if now_fields.get("started") != fields.get("started"):
+                return f"{who}, replaced meanwhile" if now_fields.get("status") != "stopped" \
+                    else None
+            if now_fields.get("status") == "stopped":
+                return None
+            if now_fields.get("heartbeat") != fields.get("heartbeat"):
+                return f"{who}, whose heartbeat advances"
+        LOG.warning("The daemon named in the state file (%s) has not written its heartbeat for "
+                    "%.0f s: it is gone; this daemon takes the node over", who,
+                    TAKEOVER_WATCH_SECONDS)
+        return None
 
     def start(self) -> int | None:
         """Prepare the instance; an exit code when the daemon must not run."""
         self.folder.create(self.config.job_id)
-        owner = self.live_owner()
-        if owner and not self.config.force:
+        owner = None if self.config.force else self.live_owner()
+        if owner:
             LOG.error("a daemon for %s (node %d) is already running: %s. Stop it with "
                       "gpu_shutdown, or start with --force if it is really gone.",
                       self.config.job_id, self.config.node_rank, owner)
             return EXIT_ALREADY_RUNNING
-        self.write_state()
-        if self.is_leader:
-            self.runner.recover()
+        self.write_state(force=True)
+        self.runner.recover(lambda run: ascii_int(run.get("node_rank")) not in
+                            (self.config.node_rank, None))
         self.housekeeping()
-        hours = self.config.hours
         LOG.info("Started at: %s", now_text(self.started))
         LOG.info("Auto-shutdown at: %s (%sh)", now_text(self.shutdown_at),
-                 f"{hours:g}")
+                 f"{self.config.hours:g}")
         self.keepalive.start()
         if self.keepalive.describe() == "on" or not self.config.keepalive:
             LOG.info("Keep-alive: %s", self.keepalive.describe())  # else it has warned why
-        LOG.info("Queue: %s (node %d of %d%s)", self.folder.root, self.config.node_rank,
-                 self.config.num_nodes, "" if self.is_leader else ", keep-alive only")
+        gpus = self.inventory.numbers(range(len(self.inventory.gpus))) or "none"
+        LOG.info("GPUs for tasks: %s; CPU task slots: %d; kill scope after a stop: %s",
+                 gpus, MAX_CPU_TASKS, self.kill_scope)
+        LOG.info("Queue: %s (node %d of %d)", self.folder.root, self.config.node_rank,
+                 self.config.num_nodes)
+        if getattr(self.waiter, "dirs", None) is not None:
+            self.waiter.dirs.watch([self.folder.dir("pending"), self.folder.dir("commands")])
         self.write_state()
         return None
 
@@ -2511,11 +3313,14 @@ class Daemon:
 
     def wait_time(self) -> float:
         wait = self.config.poll_interval
-        task = self.runner.current
-        if task is not None and task.kill_at is not None:
-            wait = min(wait, task.kill_at - self.clock())
-        if not self.stopping:
-            wait = min(wait, self.shutdown_at - self.clock())
+        now = self.clock()
+        for task in self.runner.tasks.values():
+            if task.kill_at is not None:
+                wait = min(wait, task.kill_at - now)
+            if task.proc is None:
+                wait = min(wait, MIN_WAIT_SECONDS * 2)  # its GPUs are being freed
+        if not self.stopping and not self.draining:
+            wait = min(wait, self.shutdown_at - now)
         return max(wait, MIN_WAIT_SECONDS)
 
     def tick(self) -> None:
@@ -2528,26 +3333,28 @@ class Daemon:
 
     def _tick(self) -> None:
         # Each step on its own: one that fails (an unreadable folder, say) must not keep the
-        # others (reaping the task, keep-alive, the heartbeat) from running.
+        # others (reaping tasks, keep-alive, the heartbeat) from running.
         self.handle_signals()
         now = self.clock()
-        if not self.stopping and now >= self.shutdown_at:
-            self.begin_shutdown(f"auto-shutdown after {self.config.hours:g}h")
+        if not self.stopping and not self.draining and now >= self.shutdown_at:
+            self.begin_drain(f"auto-shutdown after {self.config.hours:g}h")
+        if not self.stopping and self.hard_at is not None and now >= self.hard_at:
+            self.begin_shutdown(f"hard auto-shutdown after {AUTO_SHUTDOWN_HARD_HOURS:g}h")
+        self._step("tasks", self.run_tasks)
         if self.is_leader:
             self._step("commands", self.handle_commands)
-            self._step("queue", self.run_queue)
         elif now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
+        if not self.displaced and self.owns_node():
+            self._step("queue", self.run_queue)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
         if self.identity.pid == 1:
-            current = self.runner.current
-            reap_orphans(self.keepalive.child_pids() | ({current.proc.pid} if current else set()))
-        if self.stopping and self.runner.current is None:
+            reap_orphans(self.keepalive.child_pids() | self.runner_pids())
+        if (self.stopping or self.draining or self.displaced) and not self.runner.tasks \
+                and not self.runner.unfinished:
             self.finished = True
             return
-        if now - self.last_state_write >= HEARTBEAT_SECONDS and not self.displaced:
-            self._step("rival", self.check_rival)
         if self.state_dirty or now - self.last_state_write >= HEARTBEAT_SECONDS:
             self.write_state()
         if now - self.last_housekeeping >= 3600:
@@ -2560,51 +3367,370 @@ class Daemon:
             self.throttled.warning(f"step:{name}", "%s: %s (the daemon goes on)", name, exc,
                                    exc_info=not isinstance(exc, OSError))
 
-    @property
-    def all_gpus(self) -> range:
-        return range(len(self.inventory.gpus))
+    def runner_pids(self) -> set[int]:
+        return {t.proc.pid for t in self.runner.tasks.values() if t.proc is not None}
 
     def busy_gpus(self) -> dict[int, str]:
-        """The GPUs that queue tasks hold, with the task's id."""
-        current = self.runner.current
-        return {i: current.task_id for i in self.all_gpus} if current else {}
+        """The GPUs that queue tasks hold (or gangs set aside and start on), with the id."""
+        busy = {gpu: task.task_id for task in self.runner.tasks.values() for gpu in task.gpus}
+        return busy
 
-    def run_queue(self) -> None:
-        before = self.runner.current
-        if before is not None:
-            if self.runner.poll() is None:
-                return
+    # -- the tasks of this node ------------------------------------------------------------
+
+    def run_tasks(self) -> None:
+        """Finish what ended, start what keep-alive has freed, obey stop records, and let go
+        of tasks that another daemon finished meanwhile."""
+        for task, _ in self.runner.poll():
+            self.task_ended(task)
+        self.running_names = self.folder.names("running")
+        present = set(self.running_names)
+        for task in list(self.runner.tasks.values()):
+            if task.task_id not in present:
+                self.runner.tasks.pop(task.key, None)
+                if task.proc is not None:
+                    signal_group(task.proc.pid, signal.SIGKILL)
+                LOG.warning("%s was finished by another daemon (this node was taken for dead):"
+                            " its processes here are ended and nothing is recorded", task.label)
+                self.keepalive.task_finished(task.gpus)
+                self.state_dirty = True
+                continue
+            stop = self.stop_request(task.task_id)
+            if stop is not None and task.stop_state is None:
+                self.runner.stop(task, TaskState.STOPPED, stop)
+                task.sweep = stop.startswith("stopped by user")
+            if task.proc is None:
+                self.start_when_free(task)
+
+    def start_when_free(self, task: RunningTask) -> None:
+        if task.stop_state is not None:
+            self.runner.tasks.pop(task.key, None)
+            now = self.clock()
+            self.runner.finish(self.runner.result_of(task, task.stop_state,
+                                                     f"{task.stop_reason} (before it started)",
+                                                     None, now))
+            self.keepalive.task_finished(task.gpus)
             self.state_dirty = True
-            self.keepalive.task_finished(self.all_gpus)
+            return
+        if not self.keepalive.released(task.gpus):
+            return
+        try:
+            ok = self.runner.start(task)
+        except NodeTrouble as exc:
+            self.runner.tasks.pop(task.key, None)
+            self.keepalive.task_finished(task.gpus)
+            if task.rank is None:
+                self.runner.unclaim(task.task_id)
+            else:
+                self.runner.finish(self.runner.result_of(task, TaskState.FAILED, str(exc),
+                                                         None, self.clock()))
+            self.back_off(str(exc))
+            return
+        if not ok:
+            self.keepalive.task_finished(task.gpus)
         else:
-            self.runner.retry_unfinished()
-        if self.kill_python_after_task:
-            self.kill_python()
-        while not self.stopping and self.runner.current is None:
-            task_id = self.runner.claim_next()
-            if task_id is None:
-                return
-            self.write_state()  # a heartbeat first: releasing the GPUs can take a while
-            self.keepalive.release(self.all_gpus)
-            while not self.keepalive.released(self.all_gpus):  # it warns when it could not
-                self.sleep(MIN_WAIT_SECONDS)
-            self.handle_signals()
-            if self.stopping:  # a shutdown came while the GPUs were released: keep it queued
-                self.runner.unclaim(task_id)
-                self.keepalive.task_finished(self.all_gpus)
-                return
-            if self.runner.start(task_id) is None:
-                self.keepalive.task_finished(self.all_gpus)
-            self.state_dirty = True  # the state file names the current task at once
+            self.backoff = 0.0
+        self.state_dirty = True
 
-    def kill_python(self) -> None:
-        self.kill_python_after_task = False
-        pids = python_pids_to_kill(self.config.job_id, self.config.kill_scope,
-                                   spare=self.keepalive.child_pids())
+    def back_off(self, why: str) -> None:
+        self.backoff = min(60.0, max(1.0, self.backoff * 2))
+        self.backoff_until = self.clock() + self.backoff
+        made = self.folder.ensure()
+        self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
+                               "back to pending/; trying again with back-off", why,
+                               f"; created again: {', '.join(made)}" if made else "")
+
+    def task_ended(self, task: RunningTask) -> None:
+        self.keepalive.task_finished(task.gpus)
+        self.state_dirty = True
+        if task.sweep:
+            self.kill_python(task.task_id)
+
+    def stop_request(self, task_id: str) -> str | None:
+        """The reason in ``records/<id>.stop``, or None when there is none."""
+        try:
+            fields = self.folder.read_fields(self.folder.record(task_id, "stop"))
+        except (OSError, ValueError):
+            return "stopped by user"  # a stop record that cannot be read is still a stop
+        return None if fields is None else (fields.get("reason") or "stopped by user")
+
+    def kill_python(self, task_id: str = "") -> None:
+        pids = python_pids_to_kill(self.config.job_id, self.kill_scope,
+                                   spare=self.keepalive.child_pids() | self.runner_pids(),
+                                   task_id=task_id)
         if pids:
             self.write_state()  # the wait below can take CLEANUP_GRACE_SECONDS
             count = terminate(pids, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
-            LOG.info("Ended %d other Python process(es) (scope %s)", count, self.config.kill_scope)
+            LOG.info("Ended %d other Python process(es) (scope %s)", count, self.kill_scope)
+
+    # -- the queue -------------------------------------------------------------------------
+
+    def run_queue(self) -> None:
+        """Place and start what fits this node, in run order (docs/protocol.md)."""
+        if self.sweep_now:
+            self.sweep_now = False
+            self.kill_python()
+        now = self.clock()
+        may_start = not (self.stopping or self.draining)
+        self.gangs.discover(self.running_names)
+        self.gangs.tick_seats(self.load(seats=False), self.stop_request, self.begin,
+                              may_start)
+        if self.is_leader:
+            views = self.node_views()
+            self.gangs.watch(views, self.publish_stop)
+            if now - self.last_sweep >= HEARTBEAT_SECONDS:
+                self.last_sweep = now
+                self.sweep_running(views)
+        pending = self.folder.names("pending")
+        self.requests = {n: self.requests[n] for n in pending if n in self.requests}
+        if not may_start:
+            self.waiting = None
+            return
+        candidates: list[Candidate] = []
+        waiting: tuple[str, str] | None = None
+        present = set(pending) | set(self.running_names)
+        for name in pending:
+            sub = self.request_of(name)
+            if sub is None:
+                continue
+            why = sub if isinstance(sub, str) else self.cannot_run(sub)
+            if why:
+                if self.is_leader:
+                    self.fail_pending(name, why)
+                continue
+            blocker = self.dependency(sub, present)
+            if blocker.startswith("waiting"):
+                waiting = waiting or (name, blocker)
+                continue
+            if blocker:
+                if self.is_leader:
+                    self.runner.cancel_pending(name, blocker)
+                continue
+            if sub.request.gang:
+                if self.is_leader:
+                    waiting = waiting or self.place_gang(name, sub)
+                continue
+            candidates.append(Candidate(name, sub.request.gpus, self.blocked_since.get(name)))
+        plan = plan_starts(candidates, self.load(), now)
+        self.blocked_since = {n: self.blocked_since.get(n, now) for n in plan.blocked}
+        self.waiting = waiting if waiting and (not plan.waiting or pending.index(
+            waiting[0]) < pending.index(plan.waiting[0])) else plan.waiting
+        if not plan.starts or now < self.backoff_until or not self.owns_node():
+            return
+        while plan.starts:
+            lost = set()
+            for name, gpus in plan.starts:
+                task_id = self.runner.claim(name)
+                if task_id is None:
+                    lost.add(name)  # another node took it, or it cannot be claimed
+                    break
+                self.begin(RunningTask(task_id, self.requests.pop(name), gpus, now))
+                if now < self.backoff_until:
+                    return
+            if not lost:
+                return
+            # what was planned behind an entry that could not be claimed may fit now
+            candidates = [c for c in candidates if c.task_id not in lost
+                          and c.task_id in self.requests]
+            plan = plan_starts(candidates, self.load(), now)
+
+    def begin(self, task: RunningTask) -> None:
+        """A claimed task (or a gang rank) starts: keep-alive frees its GPUs first."""
+        self.runner.add(task)
+        self.keepalive.release(task.gpus)
+        self.state_dirty = True
+        self.start_when_free(task)
+
+    def load(self, seats: bool = True) -> NodeLoad:
+        tasks = list(self.runner.tasks.values())
+        taken = {gpu for task in tasks for gpu in task.gpus}
+        cpu = sum(1 for task in tasks if task.submission.request.gpus == 0)
+        gpu_tasks = sum(1 for task in tasks if task.submission.request.gpus != 0)
+        if seats:
+            taken |= self.gangs.reserved()
+            cpu += self.gangs.cpu_seats()
+            gpu_tasks += self.gangs.holds_node()
+        return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
+
+    def request_of(self, name: str) -> Submission | str | None:
+        """A pending task's submit record (cached: a published record never changes), or why
+        it cannot be read; None for an entry that is no task file (a folder, a link, ...)."""
+        if name not in self.requests:
+            try:
+                if not stat.S_ISREG(os.lstat(self.folder.dir("pending") / name).st_mode):
+                    self.throttled.warning(f"notfile:{name}", "[pending] skipping %s: not a "
+                                           "regular file", name)
+                    self.requests[name] = None
+                    return None
+            except OSError:
+                return None  # gone meanwhile
+            try:
+                fields = self.folder.read_fields(self.folder.record(name, "submit"))
+                self.requests[name] = Submission.from_fields(fields) if fields else Submission()
+            except (OSError, ValueError, UnicodeError) as exc:
+                self.requests[name] = f"unreadable submit record: {exc}"
+        return self.requests[name]
+
+    def cannot_run(self, sub: Submission) -> str:
+        """Why no node of the instance can ever run this request, or ""."""
+        counts = [len(self.inventory.gpus)]
+        if self.config.num_nodes > 1:
+            counts += [v.gpu_count for v in self.node_views().values()
+                       if v.rank != self.config.node_rank and v.token]
+        why = never_fits(sub.request, counts, self.config.num_nodes)
+        if not why and sub.request.gpus and not any(counts):
+            why = f"it asks for {sub.request.gpu_text()}; no node here has a GPU"
+        return why
+
+    def dependency(self, sub: Submission, present: set[str]) -> str:
+        """"" when every task it comes after has finished done; ``waiting for <id>`` while one
+        has not finished; else why it can never start (docs/protocol.md)."""
+        for dep in sub.after:
+            state = self.results.get(dep)
+            if state is None:
+                try:
+                    fields = self.folder.read_fields(self.folder.record(dep, "result"))
+                except (OSError, ValueError):
+                    fields = None
+                if fields is None:
+                    if dep in present:
+                        return f"waiting for {dep}"
+                    return f"dependency {dep} not found"
+                state = self.results[dep] = fields.get("state", "?")
+            if state != TaskState.DONE.value:
+                return f"dependency {dep} {state}"
+        return ""
+
+    def fail_pending(self, name: str, why: str) -> None:
+        """Node 0 fails a pending task that can never run, at once, with the reason."""
+        task_id = self.folder.id_for(name)
+        try:
+            os.rename(self.folder.dir("pending") / name, self.folder.dir("running") / task_id)
+        except OSError:
+            return
+        now = self.clock()
+        LOG.warning("Task %s cannot run: %s", task_id, why)
+        try:
+            with open(self.folder.log(task_id), "ab", buffering=0) as log:
+                self.runner.log_lines(log, [f"task: {task_id}", f"not run: {why}"])
+        except OSError:
+            pass
+        self.runner.finish(TaskResult(task_id, TaskState.FAILED, why, None, now,
+                                      self.identity.host, self.config.node_rank))
+
+    def place_gang(self, name: str, sub: Submission) -> tuple[str, str] | None:
+        """Node 0 places a task that spans nodes; what it waits for when it cannot yet."""
+        views = self.node_views()
+        nodes = self.config.num_nodes if sub.request.nodes is None else sub.request.nodes
+        live = {r: v for r, v in views.items() if v.alive and v.status == "running"}
+        free = {r: v.gpus_free for r, v in live.items()}
+        total = {r: v.gpu_count for r, v in live.items()}
+        chosen = choose_gang_nodes(nodes, sub.request.gpus, free, total)
+        if chosen is None:
+            return name, f"waiting for {nodes} nodes, {len(live)} alive"
+        task_id = self.folder.id_for(name)
+        plan = GangPlan(task_id, chosen, sub.request.gpus, f"{self.clock():.6f}")
+        try:
+            self.folder.publish(self.folder.record(task_id, "gang"), format_fields(plan.fields()))
+        except OSError as exc:
+            self.throttled.warning(f"place:{name}", "cannot place %s: %s", name, exc)
+            return None
+        if not self.owns_node() or self.runner.claim(name) != task_id:
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder.record(task_id, "gang"))
+            return None
+        self.gangs.plans[task_id] = plan
+        self.running_names.append(task_id)
+        LOG.info("Task %s placed on nodes %s (ranks 0..%d)", task_id,
+                 ",".join(str(n) for n in chosen), len(chosen) - 1)
+        return None
+
+    def node_views(self) -> dict[int, NodeView]:
+        """Every node's state, read at most once per poll interval."""
+        now = self.clock()
+        if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
+            self.views = {r: NodeView.read(self.folder, r, now)
+                          for r in range(self.config.num_nodes)}
+            self.views_read = now
+        return self.views
+
+    def publish_stop(self, task_id: str, reason: str, sent_by: str = "") -> None:
+        """Publish ``records/<id>.stop`` (once): whichever node runs the task stops it."""
+        path = self.folder.record(task_id, "stop")
+        if path.exists():
+            return
+        self.folder.publish(path, format_fields({
+            "id": task_id, "reason": reason, "sent_by": sent_by or f"node {self.config.node_rank}",
+            "time": f"{self.clock():.3f}"}))
+
+    def sweep_running(self, views: Mapping[int, NodeView]) -> None:
+        """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
+        and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
+        now = self.clock()
+        mine = {task.task_id for task in self.runner.tasks.values()}
+        mine |= {entry[0].task_id for entry in self.runner.unfinished}
+        seen = set()
+        for task_id in self.running_names:
+            if task_id in mine or self.gangs.plans.get(task_id) is not None:
+                continue
+            try:
+                run = self.folder.read_fields(self.folder.record(task_id, "run"))
+            except (OSError, ValueError):
+                continue
+            if run is None:
+                seen.add(task_id)
+                first = self.unrecorded.setdefault(task_id, now)
+                if now - first >= HEARTBEAT_STALE_SECONDS:
+                    self.runner.unclaim(task_id)
+                    LOG.warning("%s was claimed but never started (its claimer died): back to "
+                                "pending", task_id)
+                continue
+            node = ascii_int(run.get("node_rank"))
+            view = views.get(node) if node is not None else None
+            if view is None:
+                continue  # a node this daemon does not know: not its business
+            if node == self.config.node_rank:
+                claimer_lives = run.get("daemon") == self.started_text
+            else:
+                claimer_lives = view.alive and (view.token == run.get("daemon")
+                                                or not run.get("daemon"))  # (version 1: none)
+            if claimer_lives or self.folder.has_result(task_id):
+                continue
+            self.runner.interrupt(task_id, run, f"node {node}'s daemon died")
+        self.unrecorded = {t: s for t, s in self.unrecorded.items() if t in seen}
+
+    # -- ownership -------------------------------------------------------------------------
+
+    def owns_node(self) -> bool:
+        """True while this daemon's claim is the one in its node's state file (one read);
+        when another daemon's is there, this one yields (docs/protocol.md)."""
+        if self.displaced:
+            return False
+        fields = self.read_state()
+        if not fields or "started" not in fields or self.is_mine(fields):
+            return True
+        self.yield_node(fields)
+        return False
+
+    def is_mine(self, fields: Mapping[str, str]) -> bool:
+        """True when a state file was written by this very daemon."""
+        return (fields.get("started"), fields.get("host"), fields.get("pid")) == \
+            (self.started_text, self.identity.host, str(self.identity.pid))
+
+    def yield_node(self, fields: dict[str, str]) -> None:
+        self.displaced = True
+        LOG.error("another daemon holds this instance and node: pid %s on %s, started %s; "
+                  "this one stops, and its tasks are left to that daemon",
+                  fields.get("pid", "?"), fields.get("host", "?"), fields.get("started_at", "?"))
+        self.stopping = self.stopping or "another daemon holds this instance"
+        for task in list(self.runner.tasks.values()):
+            self.runner.tasks.pop(task.key, None)
+            if task.proc is None:
+                if task.rank is None:
+                    self.runner.unclaim(task.task_id)
+            else:
+                signal_group(task.proc.pid, signal.SIGKILL)
+            self.keepalive.task_finished(task.gpus)
+        self.runner.unfinished.clear()
 
     # -- commands --------------------------------------------------------------------------
 
@@ -2641,7 +3767,6 @@ class Daemon:
     def execute(self, fields: dict[str, str]) -> dict[str, object]:
         action, task_id = fields.get("action", ""), fields.get("task", "")
         reply: dict[str, object] = {"action": action, "task": task_id}
-        current = self.runner.current
         addressed = fields.get("daemon_started", "")
         sent = as_float(fields.get("sent"))
         if (addressed and addressed != self.started_text) or (
@@ -2650,36 +3775,56 @@ class Daemon:
             # Meant for an earlier daemon: a stale shutdown must not end this one.
             reply.update(result="error", message="meant for an earlier daemon; ignored")
             return reply
+        who = fields.get("sent_by") or "a client"
         if action == "stop":
-            if not task_id:
+            if not task_id or "/" in task_id or task_id.startswith("."):
                 raise ValueError("stop without a task")
             if self.runner.cancel_pending(task_id):
                 reply.update(result="cancelled", message="removed from pending")
-            elif current is not None and current.task_id == task_id:
-                self.runner.stop(TaskState.STOPPED, "stopped by user")
-                self.kill_python_after_task = True
-                self.state_dirty = True
-                reply.update(result="stopped", message=f"SIGTERM sent, SIGKILL after "
-                                                       f"{self.config.stop_grace:g} s")
+            elif task_id in set(self.folder.names("running")):
+                where = self.stop_running(task_id, "stopped by user", who)
+                grace = f"SIGKILL after {self.config.stop_grace:g} s"
+                reply.update(result="stopped", message=f"SIGTERM sent, {grace}" if not where
+                             else f"stop sent to {where}: SIGTERM, {grace}")
             else:
                 reply.update(result="not_found", message="neither pending nor running")
         elif action == "stop_all":
-            cancelled = sum(self.runner.cancel_pending(n) for n in self.folder.names("pending"))
-            stopped = ""
-            if current is not None:
-                self.runner.stop(TaskState.STOPPED, "stopped by user (all)")
-                stopped = current.task_id
-            self.kill_python_after_task = True
-            self.state_dirty = True
-            reply.update(result="ok", cancelled_count=cancelled, stopped=stopped,
-                         message=f"{cancelled} cancelled, "
-                                 f"{'1 stopped' if stopped else 'none running'}")
+            cancelled = sum(bool(self.runner.cancel_pending(n))
+                            for n in self.folder.names("pending"))
+            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
+            for task in stopped:
+                self.stop_running(task, "stopped by user (all)", who)
+            if not stopped:
+                self.sweep_now = True
+            reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),
+                         stopped=" ".join(stopped),
+                         message=f"{cancelled} cancelled, {len(stopped) or 'none'} stopped")
         elif action == "shutdown":
-            self.begin_shutdown(f"shutdown asked by {fields.get('sent_by') or 'a client'}")
+            self.begin_shutdown(f"shutdown asked by {who}")
             reply.update(result="accepted", message="the daemon is shutting down")
         else:
             raise ValueError(f"unknown action {action!r}")
         return reply
+
+    def stop_running(self, task_id: str, reason: str, who: str) -> str:
+        """Stop a task in running/ wherever it runs; where, for the reply ("" for here)."""
+        self.publish_stop(task_id, reason, who)
+        here = False
+        for task in list(self.runner.tasks.values()):
+            if task.task_id == task_id and task.stop_state is None:
+                self.runner.stop(task, TaskState.STOPPED, reason)
+                task.sweep = here = True
+        self.state_dirty = True
+        plan = self.gangs.plans.get(task_id)
+        if plan is not None:
+            return f"nodes {','.join(str(n) for n in plan.nodes)}"
+        if here:
+            return ""
+        try:
+            run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
+        except (OSError, ValueError):
+            run = {}
+        return f"node {run.get('node_rank') or '?'}"
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -2688,8 +3833,9 @@ class Daemon:
         if self.signals_seen == 1:
             self.begin_shutdown(f"{name} received")
         else:
-            LOG.info("%s received again: killing the running task now", name)
-            self.runner.stop(TaskState.INTERRUPTED, "daemon shutdown", hard=True)
+            LOG.info("%s received again: killing the running tasks now", name)
+            for task in list(self.runner.tasks.values()):
+                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown", hard=True)
 
     def begin_shutdown(self, reason: str) -> None:
         if self.stopping:
@@ -2697,91 +3843,118 @@ class Daemon:
         self.stopping = reason
         self.state_dirty = True
         LOG.info("Shutting down: %s", reason)
-        self.runner.stop(TaskState.INTERRUPTED, "daemon shutdown")
+        for task in list(self.runner.tasks.values()):
+            if task.proc is None and task.rank is None:  # its GPUs were being freed: requeue
+                self.runner.tasks.pop(task.key, None)
+                self.runner.unclaim(task.task_id)
+                self.keepalive.task_finished(task.gpus)
+            else:
+                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown")
 
-    def check_rival(self) -> None:
-        """Two daemons that started for one node at once (a slow NFS cache can hide each from
-        the other at start-up) both write its state file; the one that started later yields."""
-        path = self.folder.dir("nodes") / f"node-{self.config.node_rank}.state"
-        fields = self.folder.read_fields(path) or {}
-        other = (as_float(fields.get("started")), fields.get("host", ""), fields.get("pid", ""))
-        mine = (self.started, self.identity.host, str(self.identity.pid))
-        heartbeat = as_float(fields.get("heartbeat"))
-        if other[0] is None or fields.get("status") == "stopped" or heartbeat is None or \
-                self.clock() - heartbeat >= HEARTBEAT_STALE_SECONDS or \
-                other[1:] == mine[1:] and fields.get("started") == self.started_text:
-            return
-        if other < mine:
-            self.displaced = True
-            LOG.error("another daemon holds this instance and node: pid %s on %s, started %s; "
-                      "this one, started later, stops", other[2], other[1],
-                      fields.get("started_at", "?"))
-            self.begin_shutdown("another daemon holds this instance")
+    def begin_drain(self, reason: str) -> None:
+        """Auto-shutdown: start nothing new, stop keep-alive, let the running tasks end."""
+        self.draining = reason
+        self.state_dirty = True
+        running = len(self.runner.tasks)
+        LOG.info("Auto-shutdown: %s; %s", reason, f"waiting for {running} running task(s) to "
+                 "end; nothing new starts" if running else "nothing runs")
+        self.keepalive.stop()
 
     def follow_leader(self) -> None:
-        """A node other than 0 ends when node 0 has stopped after this node started."""
+        """A node other than 0 ends when node 0 has stopped after this node started: at once
+        after a shutdown, after its own tasks after an auto-shutdown."""
         try:
             fields = self.folder.read_fields(self.folder.dir("nodes") / "node-0.state") or {}
         except (OSError, ValueError):
             return
         stopped = as_float(fields.get("stopped"))
         if fields.get("status") == "stopped" and stopped is not None and stopped > self.started:
-            self.begin_shutdown("node 0 has stopped")
+            if fields.get("stop_reason", "").startswith("auto-shutdown"):
+                if not self.draining:
+                    self.begin_drain("node 0 reached its auto-shutdown")
+            else:
+                self.begin_shutdown("node 0 has stopped")
 
     def close(self) -> None:
         self.keepalive.stop()
         self.runner.retry_unfinished()
         self.write_state(stopped=True)
-        LOG.info("Stopped: %s", self.stopping or "loop ended")
+        LOG.info("Stopped: %s", self.stopping or self.draining or "loop ended")
 
     # -- state -----------------------------------------------------------------------------
 
-    def write_state(self, stopped: bool = False) -> None:
-        if self.displaced:
-            return  # the state file is the other daemon's
+    def write_state(self, stopped: bool = False, force: bool = False) -> None:
+        """Publish this node's state file, while this daemon owns it (docs/protocol.md)."""
+        if self.displaced or (not force and not stopped and not self.owns_node()):
+            return
         now = self.clock()
-        task = self.runner.current
-        status = "stopped" if stopped else "stopping" if self.stopping else "running"
+        tasks = sorted(self.runner.tasks.values(), key=lambda t: (t.task_id, t.rank or 0))
+        status = "stopped" if stopped else "stopping" if self.stopping else \
+            "draining" if self.draining else "running"
+        load = self.load()
+        first = tasks[0] if tasks else None
         fields: dict[str, object] = {
             "protocol": PROTOCOL_VERSION, "job_id": self.config.job_id,
             "node_rank": self.config.node_rank, "num_nodes": self.config.num_nodes,
             "host": self.identity.host, "pid": self.identity.pid,
             "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
+            "node_addr": self.gangs.node_addr,
             "status": status, "started": self.started_text,
             "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
             "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
-            "poll_interval": f"{self.config.poll_interval:g}",
-            "current_task": task.task_id if task else "",
-            "current_task_started": f"{task.started:.3f}" if task else "",
+            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.kill_scope,
             "keepalive": self.keepalive.describe(),
-            "gpu_count": len(self.inventory.gpus),
+            "running_count": len(tasks),
+            "current_task": first.task_id if first else "",
+            "current_task_started": f"{first.started:.3f}" if first and first.started else "",
+            "waiting.id": self.waiting[0] if self.waiting else "",
+            "waiting.reason": self.waiting[1] if self.waiting else "",
+            "cpu_slots": MAX_CPU_TASKS, "cpu_running": load.cpu_running,
+            "gpus_free": len(load.free), "gpu_count": len(self.inventory.gpus),
         }
+        for k, task in enumerate(tasks):
+            fields.update({f"running.{k}.id": task.task_id, f"running.{k}.gpus": task.gpu_text,
+                           f"running.{k}.started": f"{task.started:.3f}" if task.started else "",
+                           f"running.{k}.pid": task.proc.pid if task.proc else "",
+                           f"running.{k}.rank": "" if task.rank is None else task.rank})
         busy = self.busy_gpus()
         for i, gpu in enumerate(self.inventory.gpus):
             fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
-                           f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, "")})
+                           f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
+                           f"gpu.{i}.state": "off",
+                           f"gpu.{i}.reason": f"keep-alive {self.keepalive.describe()}"})
         try:
             fields.update(self.keepalive.gpu_fields())
         except Exception:  # noqa: BLE001 - a GPU query must not stop the heartbeat
             self.throttled.warning("gpufields", "cannot read the GPU state", exc_info=True)
         if stopped:
             fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
-                          stop_reason=self.stopping)
+                          stop_reason=self.stopping or self.draining)
         try:
-            self.folder.publish(self.folder.dir("nodes") / f"node-{self.config.node_rank}.state",
-                                format_fields(fields))
+            self.folder.publish(self.state_path, format_fields(fields))
             self.last_state_write = now
             self.state_dirty = False
         except OSError as exc:
             hint = " (an expired AFS token? renew it with aklog/krenew)" \
                 if exc.errno == errno.EACCES else ""
+            if self.folder.ensure():
+                LOG.warning("queue folders were missing: created again")
             self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
 
     def housekeeping(self) -> None:
         now = self.clock()
         self.last_housekeeping = now
+        made = self.folder.ensure()
+        if made:
+            LOG.warning("queue folders were missing: created again: %s", ", ".join(made))
         self.folder.remove_old(".staging", now, STAGING_MAX_AGE_SECONDS)
         self.folder.remove_old("replies", now, STAGING_MAX_AGE_SECONDS)
+        if self.is_leader and KEEP_FINISHED_DAYS and now - self.last_cleaning >= 86400:
+            self.last_cleaning = now
+            removed = self.folder.remove_finished(now - KEEP_FINISHED_DAYS * 86400)
+            if removed:
+                LOG.info("Removed %d finished task(s) older than %d days (KEEP_FINISHED_DAYS)",
+                         len(removed), KEEP_FINISHED_DAYS)
 
 
 # Command line ###############################################################################
@@ -2821,6 +3994,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the GPUs tasks may use: a count (4) or GPU numbers (0,2,5); "
                              "without NVML, declares that many slots (keep-alive stays off); "
                              "default every GPU NVML shows within CUDA_VISIBLE_DEVICES")
+    parser.add_argument("--node-addr", default="",
+                        help="the address other nodes of the job reach this one by (the "
+                             "MASTER_ADDR of tasks across nodes whose rank 0 runs here); "
+                             "default the host name")
     parser.add_argument("--force", action="store_true",
                         help="start even if the state file says a daemon is alive")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -2848,8 +4025,9 @@ def config_from_args(args: argparse.Namespace) -> Config | str:
     except ValueError as exc:
         return str(exc)
     root = args.queue_root or default_queue_root()
-    return Config(gpus=gpus, job_id=args.job_id, queue_root=root.expanduser().absolute(),
-                  poll_interval=args.poll_interval, hours=args.hours,
+    return Config(job_id=args.job_id, queue_root=root.expanduser().absolute(),
+                  gpus=gpus, node_addr=args.node_addr, poll_interval=args.poll_interval,
+                  hours=args.hours,
                   keepalive=KEEPALIVE and not args.no_keepalive, kill_scope=args.kill_scope,
                   stop_grace=args.stop_grace, node_rank=rank, num_nodes=count, force=args.force)
 

@@ -98,7 +98,7 @@ def test_publish_is_atomic_and_leaves_no_staging(tmp_path):
     folder.publish(target, "a=2\n")
     assert target.read_text() == "a=2\n"
     assert os.listdir(folder.dir(".staging")) == []
-    assert json.loads((folder.root / "control.json").read_text()) == {"protocol": 1,
+    assert json.loads((folder.root / "control.json").read_text()) == {"protocol": pm.PROTOCOL_VERSION,
                                                                       "job_id": "inst"}
 
 
@@ -124,7 +124,31 @@ def test_auto_shutdown_happens_at_the_configured_hour(tmp_path):
     assert not daemon.finished
     clock.sleep(1.5)
     daemon.tick()
-    assert daemon.finished and "auto-shutdown" in daemon.stopping
+    assert daemon.finished and "auto-shutdown" in daemon.draining
+
+
+def test_auto_shutdown_lets_the_running_task_end_and_starts_nothing_new(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    assert daemon.start() is None
+    inst = tmp_path / "unit"
+    gate = tmp_path / "gate"
+    long = submit(inst, "long.sh", f"while [ ! -e '{gate}' ]; do sleep 0.05; done\n")
+    run_until(daemon, clock, lambda: daemon.runner.tasks)
+    later = submit(inst, "later.sh", "true\n")
+    clock.sleep(3600)
+    daemon.tick()
+    assert daemon.draining and not daemon.finished
+    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
+    assert state["status"] == "draining"
+    for _ in range(5):
+        daemon.tick()
+        time.sleep(0.02)
+    assert (inst / "running" / long).exists() and (inst / "pending" / later).exists()
+    gate.write_text("")
+    run_until(daemon, clock, lambda: daemon.finished)
+    assert pm.parse_fields((inst / "records" / f"{long}.result").read_text())["state"] == "done"
+    assert (inst / "pending" / later).exists()
 
 
 def test_tasks_run_in_name_order_and_hidden_or_odd_entries_are_skipped(tmp_path):
@@ -144,7 +168,7 @@ def test_tasks_run_in_name_order_and_hidden_or_odd_entries_are_skipped(tmp_path)
 def test_commands_cancel_pending_and_bad_commands_get_an_error_reply(tmp_path):
     daemon, clock, inst = started_daemon(tmp_path)
     blocker = submit(inst, "block.sh", "sleep 30\n", priority=1)
-    run_until(daemon, clock, lambda: daemon.runner.current is not None)
+    run_until(daemon, clock, lambda: daemon.runner.tasks)
     queued = submit(inst, "queued.sh", "true\n")
     cancel = command(inst, "stop", queued)
     missing = command(inst, "stop", "500-nope")
@@ -168,15 +192,68 @@ def test_commands_cancel_pending_and_bad_commands_get_an_error_reply(tmp_path):
     assert (result["state"], result["signal"]) == ("stopped", "15")
 
 
-def test_a_live_heartbeat_elsewhere_blocks_a_second_daemon_and_a_stale_one_does_not(tmp_path):
+class TickingClock(FakeClock):
+    """Simulated time in which another daemon keeps ticking while this one sleeps."""
+
+    def __init__(self, other: pm.Daemon | None = None):
+        super().__init__()
+        self.other = other
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.other is not None:
+            self.other.tick()
+
+
+def test_an_owner_elsewhere_whose_heartbeat_advances_keeps_the_node(tmp_path):
+    clock = TickingClock()
+    first = make_daemon(tmp_path, clock)
+    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    first.start()
+    clock.other = first
+    second = make_daemon(tmp_path, clock)
+    before = clock.now
+    assert second.start() == pm.EXIT_ALREADY_RUNNING
+    assert clock.now - before < pm.TAKEOVER_WATCH_SECONDS  # as soon as it saw it advance
+
+
+def test_a_restart_after_a_crash_elsewhere_takes_over_once_the_heartbeat_stands_still(
+        tmp_path, caplog):
+    """A container restarted after kill -9: the old heartbeat is fresh but never advances."""
+    clock = FakeClock()
+    first = make_daemon(tmp_path, clock)
+    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    first.start()  # then it dies: it never writes again
+    second = make_daemon(tmp_path, clock)
+    before = clock.now
+    with caplog.at_level("WARNING"):
+        assert second.start() is None
+    assert clock.now - before == pytest.approx(pm.TAKEOVER_WATCH_SECONDS, abs=1.5)
+    assert "takes the node over" in caplog.text
+    state = pm.parse_fields((tmp_path / "unit" / "nodes" / "node-0.state").read_text())
+    assert state["started"] == second.started_text
+
+
+def test_a_heartbeat_from_the_future_does_not_block_a_new_daemon(tmp_path):
+    clock = FakeClock()
+    first = make_daemon(tmp_path, FakeClock(clock.now + 3600))  # its clock is an hour ahead
+    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    first.start()
+    second = make_daemon(tmp_path, clock)
+    before = clock.now
+    assert second.start() is None
+    assert clock.now - before < pm.TAKEOVER_WATCH_SECONDS + 1.5
+
+
+def test_a_stale_heartbeat_elsewhere_is_taken_over_at_once(tmp_path):
     clock = FakeClock()
     first = make_daemon(tmp_path, clock)
     first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
     first.start()
-    second = make_daemon(tmp_path, clock)
-    assert second.start() == pm.EXIT_ALREADY_RUNNING
     clock.sleep(pm.HEARTBEAT_STALE_SECONDS + 1)
-    assert second.start() is None
+    second = make_daemon(tmp_path, clock)
+    before = clock.now
+    assert second.start() is None and clock.now == before
 
 
 def test_same_host_owner_is_judged_by_its_pid_not_by_the_heartbeat(tmp_path):
@@ -353,6 +430,9 @@ class SignalDuringRelease(pm.KeepAlive):
     def release(self, gpus) -> None:
         self.waiter.received.append(15)
 
+    def released(self, gpus) -> bool:
+        return False
+
 
 def test_a_shutdown_during_the_release_leaves_the_task_pending(tmp_path):
     clock = FakeClock()
@@ -363,6 +443,8 @@ def test_a_shutdown_during_the_release_leaves_the_task_pending(tmp_path):
     daemon.waiter = waiter
     daemon.start()
     task = submit(tmp_path / "unit", "t.sh", "true\n")
+    daemon.tick()  # claimed; keep-alive frees the GPUs, and a SIGTERM comes meanwhile
+    assert (tmp_path / "unit" / "running" / task).exists()
     daemon.tick()
     assert daemon.stopping and (tmp_path / "unit" / "pending" / task).exists()
     daemon.tick()
@@ -430,23 +512,22 @@ def rival_state(inst: Path, started: float, now: float) -> str:
     return text
 
 
-def test_of_two_daemons_that_started_at_once_the_later_one_yields(tmp_path):
-    daemon, clock, inst = started_daemon(tmp_path)
-    text = rival_state(inst, daemon.started - 1, clock.now)  # an older daemon wrote it
-    clock.sleep(pm.HEARTBEAT_SECONDS + 0.1)
-    daemon.tick()
-    assert daemon.stopping == "another daemon holds this instance"
-    daemon.tick()
-    assert daemon.finished
-    daemon.close()
-    assert (inst / "nodes" / "node-0.state").read_text() == text
-
-
-def test_a_newer_rival_does_not_displace_the_older_daemon(tmp_path):
-    daemon, clock, inst = started_daemon(tmp_path)
-    rival_state(inst, daemon.started + 1, clock.now)
-    clock.sleep(pm.HEARTBEAT_SECONDS + 0.1)
-    daemon.tick()
-    assert not daemon.stopping
-    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
-    assert state["started"] == daemon.started_text
+def test_a_daemon_that_finds_another_claim_in_its_state_file_yields_within_one_poll(tmp_path):
+    """Two daemons for one node (started at once, or one taken for dead and replaced): the one
+    whose claim is in the state file keeps the node, whichever started first."""
+    for offset in (-1, +1):
+        root = tmp_path / f"case{offset}"
+        daemon, clock, inst = started_daemon(root)
+        gate = root / "gate"
+        task = submit(inst, "t.sh", f"while [ ! -e '{gate}' ]; do sleep 0.05; done\n")
+        run_until(daemon, clock, lambda: daemon.runner.tasks)
+        text = rival_state(inst, daemon.started + offset, clock.now)
+        queued = submit(inst, "queued.sh", "true\n")
+        daemon.tick()  # one poll: the claim before it reads the state file
+        assert daemon.displaced and daemon.stopping == "another daemon holds this instance"
+        assert (inst / "pending" / queued).exists()  # nothing more is claimed
+        run_until(daemon, clock, lambda: daemon.finished)
+        daemon.close()
+        assert (inst / "nodes" / "node-0.state").read_text() == text  # left to the other
+        assert (inst / "running" / task).exists()  # its end is the owner's to record
+        assert not (inst / "records" / f"{task}.result").exists()
