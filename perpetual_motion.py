@@ -372,17 +372,23 @@ class QueueFolder:
         return self.root / name
 
     def create(self, job_id: str) -> None:
-        self.ensure()
+        self.ensure(strict=True)
         if not (self.root / "control.json").exists():
             marker = {"protocol": PROTOCOL_VERSION, "job_id": job_id}
             self.publish(self.root / "control.json", json.dumps(marker, indent=2) + "\n")
 
-    def ensure(self) -> list[str]:
-        """Create the queue folders that are missing (deleted by hand, say); their names."""
+    def ensure(self, strict: bool = False) -> list[str]:
+        """Create the queue folders that are missing (deleted by hand, say); their names. A
+        folder that cannot be created is left for later, unless ``strict`` (at the start)."""
         made = []
         for name in QUEUE_DIRS:
             if not self.dir(name).is_dir():
-                self.dir(name).mkdir(parents=True, exist_ok=True)
+                try:
+                    self.dir(name).mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    if strict:
+                        raise
+                    continue
                 made.append(name)
         return made
 
@@ -806,8 +812,8 @@ class NodeTrouble(Exception):
     space): it goes back to pending/ and is tried again later."""
 
 
-_NODE_ERRNOS = {errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
-                errno.EROFS, errno.EIO, errno.EACCES, errno.ENOMEM}
+_NODE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT, errno.EMFILE,
+                errno.ENFILE, errno.EROFS, errno.EIO, errno.EACCES, errno.ENOMEM}
 
 
 def task_command(path: Path, args: Iterable[str] = ()) -> list[str] | str:
@@ -2646,6 +2652,12 @@ class Inventory:
     nvml: object | None = None
     why: str = ""  # why NVML is not in use, for keep-alive's "off: ..."
 
+    @classmethod
+    def declare(cls, numbers: Iterable[int], why: str = "declared slots") -> Inventory:
+        """Slots declared with ``--gpus`` where there is no NVML: nothing to hold or watch."""
+        return cls(tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
+                         for n in numbers), None, why)
+
     def numbers(self, positions: Iterable[int]) -> str:
         """``CUDA_VISIBLE_DEVICES`` for the GPUs at ``positions``: ``0,2``."""
         return ",".join(str(self.gpus[i].number) for i in sorted(positions))
@@ -2718,9 +2730,7 @@ def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
         return Inventory(tuple(found), nvml, why)
     if nvml is None or not found:
         numbers = range(declared) if isinstance(declared, int) else declared
-        slots = tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
-                      for n in numbers)
-        return Inventory(slots, None, f"declared slots ({why or 'no NVML'})")
+        return Inventory.declare(numbers, f"declared slots ({why or 'no NVML'})")
     if isinstance(declared, int):
         if declared > len(found):
             raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")

@@ -10,14 +10,28 @@ import perpetual_motion as pm
 
 
 def submit(instance: Path, name: str, body: str, priority: int = 500, cwd: str | None = None,
-           mode: int = 0o644) -> str:
-    """Publish a task with its submit record; its id."""
+           mode: int = 0o644, gpus: str | int | None = None, nodes: str | int | None = None,
+           after: tuple[str, ...] = (), args: tuple[str, ...] = (), **extra: str) -> str:
+    """Publish a task with its submit record (when anything goes into one); its id."""
     for folder in ("pending", "records", ".staging"):
         (instance / folder).mkdir(parents=True, exist_ok=True)
     task_id = f"{priority:03d}-{pm.unique_name()}-{name}"
+    record: dict[str, object] = {}
     if cwd is not None:
-        record = {"id": task_id, "name": name, "priority": f"{priority:03d}", "cwd": cwd,
-                  "submitted": f"{time.time():.3f}", "submitted_by": "tester@test"}
+        record["cwd"] = cwd
+    if gpus is not None:
+        record["gpus"] = gpus
+    if nodes is not None:
+        record["nodes"] = nodes
+    if after:
+        record["after"] = " ".join(after)
+    if args:
+        record["argc"] = len(args)
+        record.update({f"arg.{i}": arg for i, arg in enumerate(args)})
+    record.update(extra)
+    if record:
+        record.update({"id": task_id, "name": name, "priority": f"{priority:03d}",
+                       "submitted": f"{time.time():.3f}", "submitted_by": "tester@test"})
         staged = instance / ".staging" / f".{task_id}.submit"
         staged.write_text(pm.format_fields(record))
         os.rename(staged, instance / "records" / f"{task_id}.submit")

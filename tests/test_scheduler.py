@@ -1,0 +1,378 @@
+"""Tasks that ask for GPUs, share a node, wait for each other: the daemon in simulated time on
+declared GPU slots, with real task processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from queue_files import command, submit
+
+import perpetual_motion as pm
+
+
+class FakeClock:
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_daemon(root: Path, clock: FakeClock, gpus: int = 4, job_id: str = "sched",
+                **overrides) -> pm.Daemon:
+    settings = dict(job_id=job_id, queue_root=root, poll_interval=0.1, hours=1.0,
+                    keepalive=False, kill_scope="none", stop_grace=0.5)
+    settings.update(overrides)
+    return pm.Daemon(pm.Config(**settings), clock=clock, sleep=clock.sleep,
+                     inventory=pm.Inventory.declare(range(gpus)))
+
+
+@pytest.fixture
+def node(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock)
+    assert daemon.start() is None
+    yield daemon, clock, tmp_path / "sched"
+    for task in list(daemon.runner.tasks.values()):
+        if task.proc is not None and task.proc.poll() is None:
+            pm.signal_group(task.proc.pid, 9)
+            task.proc.wait()
+
+
+def run_until(daemon, clock, predicate, limit=30.0):
+    deadline = clock.now + limit
+    while not predicate():
+        assert clock.now < deadline, "condition not reached in simulated time"
+        daemon.tick()
+        clock.sleep(0.1)
+        time.sleep(0.01)
+
+
+def fields(path: Path) -> dict[str, str]:
+    return pm.parse_fields(path.read_text())
+
+
+def state(inst: Path) -> dict[str, str]:
+    return fields(inst / "nodes" / "node-0.state")
+
+
+def result(inst: Path, task_id: str) -> dict[str, str]:
+    return fields(inst / "records" / f"{task_id}.result")
+
+
+def gate_script(gate: Path, out: Path) -> str:
+    """A task that records its GPUs, then waits until ``gate`` exists."""
+    return (f'echo "$TASK_SHORT_NAME $CUDA_VISIBLE_DEVICES $PM_GPUS $TASK_GPUS" >> \'{out}\'\n'
+            f"while [ ! -e '{gate}' ]; do sleep 0.02; done\n")
+
+
+def running_ids(daemon) -> set[str]:
+    return {t.task_id for t in daemon.runner.tasks.values() if t.proc is not None}
+
+
+def test_one_gpu_tasks_run_side_by_side_on_distinct_gpus(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    ids = [submit(inst, f"t{i}.sh", gate_script(gate, out), gpus=1) for i in range(5)]
+    run_until(daemon, clock, lambda: len(running_ids(daemon)) == 4)
+    run_until(daemon, clock, lambda: out.exists() and len(out.read_text().splitlines()) == 4)
+    seen = {line.split()[0]: line.split()[1:] for line in out.read_text().splitlines()}
+    assert sorted(seen) == ["t0.sh", "t1.sh", "t2.sh", "t3.sh"]
+    assert sorted(v[0] for v in seen.values()) == ["0", "1", "2", "3"]
+    assert all(len(set(v)) == 1 for v in seen.values())  # the three variables agree
+    daemon.write_state()
+    st = state(inst)
+    assert st["running_count"] == "4" and st["gpus_free"] == "0"
+    assert {st[f"gpu.{i}.task"] for i in range(4)} == set(ids[:4])
+    assert (st["waiting.id"], st["waiting.reason"]) == (ids[4], "waiting for 1 GPU, 0 free")
+    assert (inst / "pending" / ids[4]).exists()
+    gate.write_text("")
+    run_until(daemon, clock, lambda: all((inst / "done" / i).exists() for i in ids))
+    assert [result(inst, i)["gpus"] for i in ids[:4]] == ["0", "1", "2", "3"]
+
+
+def test_a_three_gpu_task_waits_while_two_gpus_are_busy_then_starts(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    busy = [submit(inst, f"busy{i}.sh", gate_script(gate, out), gpus=1, priority=1)
+            for i in range(2)]
+    run_until(daemon, clock, lambda: len(running_ids(daemon)) == 2)
+    three = submit(inst, "three.sh", gate_script(tmp_path / "never", out), gpus=3)
+    for _ in range(5):
+        daemon.tick()
+    daemon.write_state()
+    assert (state(inst)["waiting.id"], state(inst)["waiting.reason"]) == \
+        (three, "waiting for 3 GPUs, 2 free")
+    assert (inst / "pending" / three).exists()
+    gate.write_text("")
+    run_until(daemon, clock, lambda: three in running_ids(daemon))
+    assert all((inst / "done" / b).exists() for b in busy)
+    assert daemon.runner.tasks[(three, None)].gpu_text == "0,1,2"
+
+
+def test_a_task_without_a_request_runs_alone_and_two_gpu_tasks_share(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    whole = submit(inst, "whole.sh", gate_script(gate, out), priority=1)  # no -g: all GPUs
+    pair = [submit(inst, f"pair{i}.sh", gate_script(tmp_path / "gate2", out), gpus=2)
+            for i in range(2)]
+    run_until(daemon, clock, lambda: running_ids(daemon) == {whole})
+    for _ in range(5):
+        daemon.tick()
+    assert running_ids(daemon) == {whole}
+    assert daemon.runner.tasks[(whole, None)].gpu_text == "0,1,2,3"
+    gate.write_text("")
+    run_until(daemon, clock, lambda: running_ids(daemon) == set(pair))
+    assert sorted(daemon.runner.tasks[(p, None)].gpu_text for p in pair) == ["0,1", "2,3"]
+    (tmp_path / "gate2").write_text("")
+    run_until(daemon, clock, lambda: not daemon.runner.tasks)
+
+
+def test_cpu_tasks_run_beside_gpu_tasks_one_at_a_time(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    whole = submit(inst, "whole.sh", gate_script(gate, out))
+    cpus = [submit(inst, f"cpu{i}.sh", gate_script(gate, out), gpus=0) for i in range(2)]
+    run_until(daemon, clock, lambda: running_ids(daemon) == {whole, cpus[0]})
+    for _ in range(5):
+        daemon.tick()
+    assert running_ids(daemon) == {whole, cpus[0]}  # MAX_CPU_TASKS is 1
+    assert daemon.runner.tasks[(cpus[0], None)].gpu_text == ""
+    gate.write_text("")
+    run_until(daemon, clock, lambda: (inst / "done" / cpus[1]).exists())
+
+
+def test_a_request_that_can_never_fit_fails_at_once_and_does_not_block(node, tmp_path):
+    daemon, clock, inst = node
+    nine = submit(inst, "nine.sh", "true\n", gpus=9, priority=1)
+    bad = submit(inst, "bad.sh", "true\n", gpus="x", priority=2)
+    ok = submit(inst, "ok.sh", "true\n", gpus=1)
+    run_until(daemon, clock, lambda: (inst / "done" / ok).exists())
+    assert (inst / "failed" / nine).exists() and (inst / "failed" / bad).exists()
+    assert result(inst, nine)["reason"] == "it asks for 9 GPUs; nodes here have at most 4"
+    assert result(inst, bad)["reason"].startswith("unreadable submit record: gpus='x'")
+    assert "not run: it asks for 9 GPUs" in (inst / "logs" / f"{nine}.log").read_text()
+
+
+def test_after_waits_for_success_and_cancels_on_failure(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    train = submit(inst, "train.sh", gate_script(gate, out), gpus=1)
+    evaluate = submit(inst, "eval.sh", f"echo eval >> '{out}'\n", gpus=1, after=(train,))
+    broken = submit(inst, "broken.sh", "exit 3\n", gpus=1)
+    report = submit(inst, "report.sh", f"echo report >> '{out}'\n", gpus=0, after=(broken,))
+    ghost = submit(inst, "ghost.sh", "true\n", after=("500-nosuchtask",))
+    run_until(daemon, clock, lambda: (inst / "failed" / report).exists())
+    assert result(inst, report)["state"] == "cancelled"
+    assert result(inst, report)["reason"] == f"dependency {broken} failed"
+    assert result(inst, ghost)["reason"] == "dependency 500-nosuchtask not found"
+    daemon.write_state()
+    assert (state(inst)["waiting.id"], state(inst)["waiting.reason"]) == \
+        (evaluate, f"waiting for {train}")
+    assert (inst / "pending" / evaluate).exists()  # a free GPU, but it waits for train
+    gate.write_text("")
+    run_until(daemon, clock, lambda: (inst / "done" / evaluate).exists())
+    assert out.read_text().splitlines()[-1] == "eval"
+
+
+def test_script_arguments_reach_the_script(node, tmp_path):
+    daemon, clock, inst = node
+    out = tmp_path / "out"
+    args = ("--lr", "0.1", "two words", "tab\there", "quote'\"", "")
+    task = submit(inst, "args.sh", f'printf "[%s]" "$@" > \'{out}\'\n', args=args)
+    run_until(daemon, clock, lambda: (inst / "done" / task).exists())
+    assert out.read_text() == "".join(f"[{a}]" for a in args)
+
+
+def test_stopping_one_of_four_leaves_the_others_running(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    ids = [submit(inst, f"t{i}.sh", gate_script(gate, out), gpus=1) for i in range(4)]
+    run_until(daemon, clock, lambda: len(running_ids(daemon)) == 4)
+    name = command(inst, "stop", ids[1])
+    run_until(daemon, clock, lambda: (inst / "failed" / ids[1]).exists())
+    assert fields(inst / "replies" / f"{name}.reply")["result"] == "stopped"
+    assert result(inst, ids[1])["state"] == "stopped"
+    assert running_ids(daemon) == {ids[0], ids[2], ids[3]}
+    assert all(daemon.runner.tasks[(i, None)].proc.poll() is None for i in ids[::2])
+    gate.write_text("")
+    run_until(daemon, clock, lambda: all((inst / "done" / i).exists() for i in ids[::2] + ids[3:]))
+
+
+def test_a_stop_that_comes_after_the_task_exited_records_how_it_ended(node, tmp_path):
+    daemon, clock, inst = node
+    for attempt in range(5):
+        task = submit(inst, f"quick{attempt}.sh", "exit 0\n", gpus=1)
+        run_until(daemon, clock, lambda t=task: running_ids(daemon) == {t})
+        proc = daemon.runner.tasks[(task, None)].proc
+        while proc.poll() is None:  # it has exited, and the daemon has not reaped it yet
+            time.sleep(0.01)
+        daemon.runner.tasks[(task, None)].proc = proc  # (poll() reaped it: the same object)
+        command(inst, "stop", task)
+        run_until(daemon, clock, lambda t=task: (inst / "done" / t).exists()
+                  or (inst / "failed" / t).exists())
+        assert result(inst, task)["state"] == "done", attempt
+
+
+def test_a_stop_of_a_task_whose_gpus_are_being_freed_ends_it_unstarted(tmp_path):
+    clock = FakeClock()
+
+    class SlowRelease(pm.KeepAlive):
+        def released(self, gpus) -> bool:
+            return False
+
+    config = pm.Config(job_id="sched", queue_root=tmp_path, poll_interval=0.1, keepalive=False,
+                       kill_scope="none")
+    daemon = pm.Daemon(config, SlowRelease(), clock=clock, sleep=clock.sleep,
+                       inventory=pm.Inventory.declare(range(2)))
+    daemon.start()
+    inst = tmp_path / "sched"
+    task = submit(inst, "t.sh", "true\n", gpus=1)
+    daemon.tick()
+    assert (inst / "running" / task).exists() and not (inst / "logs" / f"{task}.log").exists()
+    command(inst, "stop", task)
+    run_until(daemon, clock, lambda: (inst / "failed" / task).exists())
+    assert result(inst, task)["state"] == "stopped"
+    assert "before it started" in result(inst, task)["reason"]
+
+
+def test_a_deleted_logs_folder_sends_tasks_back_to_pending_not_to_failed(node, tmp_path, caplog):
+    daemon, clock, inst = node
+    (inst / "logs").rmdir()
+    (inst / "logs").write_text("in the way\n")  # so that it cannot simply be created again
+    ids = [submit(inst, f"t{i}.sh", "true\n", gpus=1) for i in range(3)]
+    with caplog.at_level("WARNING"):
+        for _ in range(20):
+            daemon.tick()
+            clock.sleep(0.1)
+    assert os.listdir(inst / "failed") == [] and os.listdir(inst / "done") == []
+    assert sorted(os.listdir(inst / "pending")) == sorted(ids)
+    assert "cannot prepare tasks" in caplog.text
+    assert len([r for r in caplog.records if "cannot prepare" in r.message]) == 1
+    (inst / "logs").unlink()
+    run_until(daemon, clock, lambda: all((inst / "done" / i).exists() for i in ids), limit=120)
+
+
+def test_missing_queue_folders_are_created_again(node, tmp_path):
+    daemon, clock, inst = node
+    for folder in ("running", "done", "records"):
+        (inst / folder).rmdir()
+    task = submit(inst, "t.sh", "true\n", gpus=1)
+    run_until(daemon, clock, lambda: (inst / "done" / task).exists())
+    assert result(inst, task)["state"] == "done"
+
+
+def test_cancelling_never_overwrites_an_earlier_task(node, tmp_path):
+    daemon, clock, inst = node
+    gate = tmp_path / "gate"
+    blocker = submit(inst, "block.sh", f"while [ ! -e '{gate}' ]; do sleep 0.02; done\n")
+    run_until(daemon, clock, lambda: running_ids(daemon) == {blocker})
+    ids = []
+    for text in ("first\n", "second\n"):
+        (inst / "pending" / "train.sh").write_text(text)  # a hand-dropped task, twice
+        name = command(inst, "stop", "train.sh")
+        daemon.tick()
+        assert fields(inst / "replies" / f"{name}.reply")["result"] == "cancelled"
+        [new] = set(os.listdir(inst / "failed")) - set(ids)
+        ids.append(new)
+    assert [(inst / "failed" / i).read_text() for i in ids] == ["first\n", "second\n"]
+    assert all(result(inst, i)["state"] == "cancelled" for i in ids)
+    # a finished task renamed back into pending/ and cancelled keeps its first result
+    gate.write_text("")
+    run_until(daemon, clock, lambda: (inst / "done" / blocker).exists())
+    os.rename(inst / "done" / blocker, inst / "pending" / blocker)
+    (tmp_path / "gate").unlink()
+    daemon.runner.tasks.clear()
+    name = command(inst, "stop", blocker)
+    daemon.tick()
+    assert fields(inst / "replies" / f"{name}.reply")["result"] == "cancelled"
+    assert result(inst, blocker)["state"] == "done"
+
+
+def test_finished_tasks_older_than_keep_finished_days_are_removed(node, tmp_path):
+    daemon, clock, inst = node
+    old, new = (submit(inst, f"{n}.sh", "true\n", gpus=1) for n in ("old", "new"))
+    run_until(daemon, clock, lambda: all((inst / "done" / t).exists() for t in (old, new)))
+    gate = tmp_path / "gate"
+    running = submit(inst, "running.sh", f"while [ ! -e '{gate}' ]; do sleep 0.02; done\n")
+    waiting = submit(inst, "waiting.sh", "true\n", after=(running,))
+    run_until(daemon, clock, lambda: running in running_ids(daemon))
+    res = inst / "records" / f"{old}.result"
+    text = res.read_text().replace("ended=", "ended=1")  # ended long ago
+    res.write_text(text.replace("ended=1", f"ended={clock.now - 31 * 86400:.3f}\nx="))
+    clock.sleep(pm.HEARTBEAT_SECONDS)
+    daemon.housekeeping()
+    assert (inst / "done" / old).exists()  # once a day: it ran at the start
+    daemon.last_cleaning -= 86400
+    daemon.housekeeping()
+    assert not (inst / "done" / old).exists() and (inst / "done" / new).exists()
+    assert not list((inst / "records").glob(f"{old}.*"))
+    assert not (inst / "logs" / f"{old}.log").exists()
+    assert (inst / "pending" / waiting).exists() and (inst / "running" / running).exists()
+    gate.write_text("")
+    run_until(daemon, clock, lambda: (inst / "done" / waiting).exists())
+
+
+def test_node_0_finishes_the_tasks_of_a_node_whose_daemon_died(tmp_path):
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, clock, num_nodes=2)
+    daemon.start()
+    inst = tmp_path / "sched"
+    task = pm.task_id_for("lost.sh")
+    (inst / "running" / task).write_text("true\n")
+    (inst / "records" / f"{task}.run").write_text(
+        f"node_rank=1\nhost=elsewhere\ndaemon=123.000\nstarted={clock.now - 100:.3f}\n")
+    node1 = (f"status=running\nnode_rank=1\nhost=elsewhere\npid=7\nstarted=123.000\n"
+             f"heartbeat={clock.now:.3f}\n")
+    (inst / "nodes" / "node-1.state").write_text(node1)
+    for _ in range(3):
+        daemon.tick()
+        clock.sleep(pm.HEARTBEAT_SECONDS)
+    assert (inst / "running" / task).exists()  # its node lives
+    clock.sleep(pm.HEARTBEAT_STALE_SECONDS)
+    run_until(daemon, clock, lambda: (inst / "failed" / task).exists())
+    assert (result(inst, task)["state"], result(inst, task)["reason"]) == \
+        ("interrupted", "node 1's daemon died")
+
+
+def test_a_claim_whose_claimer_died_before_starting_it_goes_back_to_pending(node):
+    daemon, clock, inst = node
+    task = pm.task_id_for("orphan.sh")
+    (inst / "running" / task).write_text("true\n")  # claimed, never started, no record
+    daemon.tick()
+    assert (inst / "running" / task).exists()
+    clock.sleep(pm.HEARTBEAT_STALE_SECONDS + pm.HEARTBEAT_SECONDS)
+    run_until(daemon, clock, lambda: (inst / "done" / task).exists(), limit=120)
+
+
+def test_a_task_finished_by_another_daemon_is_not_recorded_twice(node, tmp_path):
+    """This daemon was stopped and taken for dead; the new owner failed its task as
+    interrupted. When this one goes on, it must not publish done over that."""
+    daemon, clock, inst = node
+    gate = tmp_path / "gate"
+    task = submit(inst, "t.sh", f"while [ ! -e '{gate}' ]; do sleep 0.02; done\n", gpus=1)
+    run_until(daemon, clock, lambda: running_ids(daemon) == {task})
+    interrupted = "id=x\nstate=interrupted\nreason=daemon died\n"
+    (inst / "records" / f"{task}.result").write_text(interrupted)
+    os.rename(inst / "running" / task, inst / "failed" / task)
+    proc = daemon.runner.tasks[(task, None)].proc
+    daemon.tick()
+    assert not daemon.runner.tasks and proc.wait(5) != 0  # its processes here are ended
+    run_until(daemon, clock, lambda: not daemon.runner.unfinished)
+    assert (inst / "records" / f"{task}.result").read_text() == interrupted
+    assert not (inst / "done" / task).exists()
+
+
+@pytest.mark.parametrize("env,scope", [
+    ({}, "task"), ({"SLURM_JOB_ID": "42"}, "user-python"),
+    ({"ECP_JOB_NAME": "pt-x"}, "user-python"), ({"PM_CLUSTER_JOB": "sco"}, "user-python"),
+])
+def test_the_default_kill_scope_depends_on_where_the_daemon_runs(env, scope):
+    assert pm.resolve_kill_scope("auto", env) == scope
+    assert pm.resolve_kill_scope("none", env) == "none"
