@@ -98,8 +98,8 @@ def test_publish_is_atomic_and_leaves_no_staging(tmp_path):
     folder.publish(target, "a=2\n")
     assert target.read_text() == "a=2\n"
     assert os.listdir(folder.dir(".staging")) == []
-    assert json.loads((folder.root / "control.json").read_text()) == {"protocol": pm.PROTOCOL_VERSION,
-                                                                      "job_id": "inst"}
+    marker = json.loads((folder.root / "control.json").read_text())
+    assert marker == {"protocol": pm.PROTOCOL_VERSION, "job_id": "inst"}
 
 
 # The daemon in simulated time ##################################################################
@@ -520,13 +520,13 @@ def test_a_daemon_that_finds_another_claim_in_its_state_file_yields_within_one_p
         daemon, clock, inst = started_daemon(root)
         gate = root / "gate"
         task = submit(inst, "t.sh", f"while [ ! -e '{gate}' ]; do sleep 0.05; done\n")
-        run_until(daemon, clock, lambda: daemon.runner.tasks)
+        run_until(daemon, clock, lambda d=daemon: d.runner.tasks)
         text = rival_state(inst, daemon.started + offset, clock.now)
         queued = submit(inst, "queued.sh", "true\n")
         daemon.tick()  # one poll: the claim before it reads the state file
         assert daemon.displaced and daemon.stopping == "another daemon holds this instance"
         assert (inst / "pending" / queued).exists()  # nothing more is claimed
-        run_until(daemon, clock, lambda: daemon.finished)
+        run_until(daemon, clock, lambda d=daemon: d.finished)
         daemon.close()
         assert (inst / "nodes" / "node-0.state").read_text() == text  # left to the other
         assert (inst / "running" / task).exists()  # its end is the owner's to record
