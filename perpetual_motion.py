@@ -1511,22 +1511,21 @@ class Gangs:
             for key in ("state", "exit_code", "signal", "reason", "node_rank", "host", "gpus"):
                 name = "node" if key == "node_rank" else key
                 extra.append((f"rank.{rank}.{name}", end.get(key, "")))
-        states = [end.get("state", "") for _, end in sorted(ends.items())]
         bad = [(r, e) for r, e in sorted(ends.items()) if e.get("state") != "done"]
         stop = self._stop_reason(plan.task_id)
+        order = ("failed", "interrupted", "stopped", "cancelled")
+        bad.sort(key=lambda r_e: (order.index(r_e[1].get("state")) if r_e[1].get("state")
+                                  in order else len(order), r_e[0]))
+        cause_rank, cause = bad[0] if bad else (None, {})  # the rank that ended it
         if not bad:
             state, reason = TaskState.DONE, f"all {plan.nnodes} ranks exited 0"
         elif stop and stop.startswith("stopped by user"):
             state, reason = TaskState.STOPPED, stop
-        elif "failed" in states:
-            rank, end = next((r, e) for r, e in bad if e.get("state") == "failed")
-            state, reason = TaskState.FAILED, f"rank {rank}: {end.get('reason', '')}"
         else:
-            rank, end = bad[0]
-            state = TaskState.INTERRUPTED if end.get("state") == "interrupted" \
+            state = TaskState.INTERRUPTED if cause.get("state") == "interrupted" \
                 else TaskState.FAILED
-            reason = f"rank {rank}: {end.get('reason', '')}"
-        first_bad = bad[0][1] if bad else ends[0]
+            reason = f"rank {cause_rank}: {cause.get('reason', '')}"
+        first_bad = cause or ends[0]
         starts = [v for v in (as_float(e.get("started")) for e in ends.values()) if v is not None]
         stops = [v for v in (as_float(e.get("ended")) for e in ends.values()) if v is not None]
         lead = ends.get(0, {})
