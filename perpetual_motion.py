@@ -392,8 +392,9 @@ class QueueFolder:
                 made.append(name)
         return made
 
-    def publish(self, target: Path, text: str) -> None:
-        """Write ``text`` to ``target`` the Maildir way: staged, fsynced, closed, renamed."""
+    def publish(self, target: Path, text: str, durable: bool = True) -> None:
+        """Write ``text`` to ``target`` the Maildir way: staged, fsynced, closed, renamed.
+        ``durable=False`` skips the fsync, for files rewritten every few seconds anyway."""
         staged = self.dir(".staging") / f".{unique_name()}.{target.name[:60]}"
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -401,7 +402,8 @@ class QueueFolder:
                 data = memoryview(text.encode())
                 while data:
                     data = data[os.write(fd, data):]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)  # AFS and NFS report a full disk or quota here
             os.rename(staged, target)
@@ -1062,11 +1064,11 @@ class TaskRunner:
     def end_leftovers(self, task: RunningTask) -> int:
         """End what a finished task left behind: its process group, and whatever carries its
         marker (even after ``setsid``). Returns how many processes were signalled."""
-        if self.heartbeat:
-            self.heartbeat()  # the wait below can take CLEANUP_GRACE_SECONDS
         signal_group(task.proc.pid, signal.SIGTERM)
-        count = terminate(marked_pids(f"{self.config.job_id}/{task.task_id}"),
-                          min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
+        left = marked_pids(f"{self.config.job_id}/{task.task_id}")
+        if left and self.heartbeat:
+            self.heartbeat()  # the wait below can take CLEANUP_GRACE_SECONDS
+        count = terminate(left, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
         signal_group(task.proc.pid, signal.SIGKILL)
         return count
 
@@ -3940,7 +3942,7 @@ class Daemon:
             fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
                           stop_reason=self.stopping or self.draining)
         try:
-            self.folder.publish(self.state_path, format_fields(fields))
+            self.folder.publish(self.state_path, format_fields(fields), durable=False)
             self.last_state_write = now
             self.state_dirty = False
         except OSError as exc:
