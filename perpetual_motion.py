@@ -1186,10 +1186,10 @@ class TaskRunner:
 
     def interrupt(self, task_id: str, run: dict[str, str], reason: str,
                   rank: int | None = None) -> None:
-        """Finish a task (or rank) whose daemon died: end what is left of it on this host,
-        note it in its log, and publish it as interrupted."""
+        """Finish a task (or rank) whose daemon died: end what is left of it when it ran in
+        this very host, boot and PID namespace, note it in its log, publish it interrupted."""
         killed = 0
-        if self.identity.same_machine_view(run) or not run.get("host"):
+        if self.identity.same_machine_view(run) or (run and not run.get("host")):
             killed = terminate(marked_pids(f"{self.config.job_id}/{task_id}"),
                                self.config.stop_grace)
         started = as_float(run.get("started"))
@@ -1226,6 +1226,7 @@ class NodeView:
 
     rank: int
     alive: bool
+    known: bool = True  # False: its state file could not be read just now (judge nothing)
     token: str = ""  # its daemon's ``started``
     host: str = ""
     gpu_count: int = 0
@@ -1237,11 +1238,11 @@ class NodeView:
         try:
             fields = folder.read_fields(folder.dir("nodes") / f"node-{rank}.state") or {}
         except (OSError, ValueError):
-            fields = {}
+            return cls(rank, alive=False, known=False)
         heartbeat = as_float(fields.get("heartbeat"))
         alive = (heartbeat is not None and fields.get("status") not in ("stopped", None)
                  and now - heartbeat < HEARTBEAT_STALE_SECONDS)
-        return cls(rank, alive, fields.get("started", ""), fields.get("host", ""),
+        return cls(rank, alive, True, fields.get("started", ""), fields.get("host", ""),
                    ascii_int(fields.get("gpu_count"), 1024) or 0,
                    ascii_int(fields.get("gpus_free"), 1024) or 0, fields.get("status", ""))
 
@@ -1326,9 +1327,14 @@ class Gangs:
             if plan is None or me not in plan.nodes or task_id in self.seats:
                 continue
             rank = plan.nodes.index(me)
-            if (task_id, rank) in self.runner.tasks or self._rank_record(task_id, rank, "run") \
-                    or self.folder.record(task_id, "result", rank).exists():
-                continue  # started here (or ended) already
+            if (task_id, rank) in self.runner.tasks or \
+                    self.folder.record(task_id, "result", rank).exists():
+                continue  # started here, or ended
+            run = self._rank_record(task_id, rank, "run")
+            if run is not None:
+                if run.get("daemon") != self.runner.token:  # an earlier daemon's: it died
+                    self.runner.interrupt(task_id, run, "daemon died", rank=rank)
+                continue
             self.seats[task_id] = GangSeat(plan, rank, self._submission(task_id))
 
     def _read_plan(self, task_id: str) -> GangPlan | None:
@@ -1475,6 +1481,8 @@ class Gangs:
                     continue
                 node = plan.nodes[rank]
                 view = views.get(node)
+                if view is not None and not view.known:
+                    continue
                 run = self._rank_record(task_id, rank, "run")
                 gone = view is None or not view.alive or (
                     run is not None and run.get("daemon", "") != view.token)
@@ -1490,7 +1498,8 @@ class Gangs:
                     stop(task_id, f"rank {rank} failed ({end.get('reason', '?')})")
 
     def _requeue_if_dead_before_start(self, plan: GangPlan, views: Mapping[int, NodeView]) -> bool:
-        dead = [n for n in plan.nodes if not (views.get(n) and views[n].alive)]
+        dead = [n for n in plan.nodes if not (views.get(n) and views[n].alive)
+                and (views.get(n) is None or views[n].known)]
         if not dead:
             return False
         started = any(self._rank_record(plan.task_id, r, "run") for r in range(plan.nnodes))
@@ -3520,6 +3529,8 @@ class Daemon:
                 if self.is_leader:
                     waiting = waiting or self.place_gang(name, sub)
                 continue
+            if sub.request.gpus is not None and sub.request.gpus > len(self.inventory.gpus):
+                continue  # for a node with more GPUs
             candidates.append(Candidate(name, sub.request.gpus, self.blocked_since.get(name)))
         plan = plan_starts(candidates, self.load(), now)
         self.blocked_since = {n: self.blocked_since.get(n, now) for n in plan.blocked}
@@ -3697,8 +3708,8 @@ class Daemon:
                 continue
             node = ascii_int(run.get("node_rank"))
             view = views.get(node) if node is not None else None
-            if view is None:
-                continue  # a node this daemon does not know: not its business
+            if view is None or not view.known:
+                continue  # a node this daemon does not know (or cannot read now)
             if node == self.config.node_rank:
                 claimer_lives = run.get("daemon") == self.started_text
             else:
