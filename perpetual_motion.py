@@ -1180,11 +1180,14 @@ class Nvml:
                     last = self._since(self._sample_ts, gpu.index)
                     _, raw = nv.nvmlDeviceGetSamples(handle, nv.NVML_GPU_UTILIZATION_SAMPLES, last)
                 except Exception as exc:
+                    if self._is_not_found(exc) and gpu.index in self._sample_ts:
+                        return []  # nothing new since the last sample
                     if self._is_not_found(exc):
-                        return []
-                    if not isinstance(exc, getattr(nv, "NVMLError_NotSupported", ())):
+                        pass  # none yet at all: the rate below says what there is now
+                    elif isinstance(exc, getattr(nv, "NVMLError_NotSupported", ())):
+                        self._no_samples.add(gpu.index)
+                    else:
                         raise
-                    self._no_samples.add(gpu.index)
                 else:
                     samples = [(float(s.timeStamp), float(s.sampleValue.uiVal)) for s in raw]
                     samples = [s for s in samples if s[0] > last]
@@ -1192,7 +1195,7 @@ class Nvml:
                         self._sample_ts[gpu.index] = int(max(s[0] for s in samples))
                     return samples
             rate = nv.nvmlDeviceGetUtilizationRates(handle).gpu
-            return [(time.time() * 1e6, float(rate))]
+            return [(self._clock() * 1e6, float(rate))]
         except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
             self._failed("utilisation", gpu.index, exc)
             return None

@@ -1,5 +1,6 @@
-"""Keep-alive: the controller and the yield policy in simulated time, the NVML wrapper against
-a stub module, and the real worker loop on the CPU with torch."""
+"""Keep-alive: the controller and the yield policy on a simulated GPU in simulated time
+(tests/simgpu.py), the NVML wrapper against a stub module, the worker's own set-up on a
+simulated device (SimTorch), and the real worker loop on the CPU with torch."""
 
 from __future__ import annotations
 
@@ -977,6 +978,7 @@ def stub_pynvml(gpus, fail=()):
     nv.nvmlDeviceGetComputeRunningProcesses = processes
     nv.nvmlDeviceGetProcessUtilization = putil
     nv.nvmlDeviceGetComputeMode = compute_mode
+    nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=3)
     nv.putil_since = []
     return nv
 
@@ -1068,6 +1070,8 @@ def test_nvml_wrapper_reads_and_survives_failures(caplog):
     assert nvml.util_samples(info) == []  # nothing new: NotFound is no failure
     gpus[0]["samples"].append((T + 300, 75))
     assert nvml.util_samples(info) == [(T + 300.0, 75.0)]
+    quiet_gpu = pm.Nvml(stub_pynvml([dict(GPUS[0], samples=[])]), log, clock=lambda: NOW)
+    assert quiet_gpu.util_samples(info) == [(NOW * 1e6, 3.0)]  # no sample yet: the rate
     assert nvml.memory(info) == (3 * GIB, 80 * GIB)
     assert [p.pid for p in nvml.compute_processes(info)] == [11, 12]
     assert nvml.process_util(info) == []
