@@ -76,8 +76,8 @@ MAX_HOURS = 24 * 365  # --hours beyond this is refused
 MAX_TASK_ARGS = 4096  # a submit record with more script arguments is corrupt
 
 # Keep-alive tuning (docs/keepalive.md explains each one)
-KEEPALIVE_PERIOD = 0.15  # s, a worker's duty cycle: busy for duty x period, then idle
-KEEPALIVE_TILE_MS = 10.0  # ms, length of one matmul tile, calibrated on each GPU
+KEEPALIVE_PERIOD = 0.025  # s, a worker's duty cycle: busy for duty x period, then idle
+KEEPALIVE_TILE_MS = 4.0  # ms, length of one matmul tile, calibrated on each GPU
 KEEPALIVE_MAX_IN_FLIGHT = 2  # tiles queued on a GPU at once: a stop waits for at most these
 KEEPALIVE_START_DUTY = 0.75  # share of each period a new worker keeps the GPU busy
 KEEPALIVE_UTIL_WINDOW = 1.5  # s of NVML utilisation samples that the controller averages
@@ -85,6 +85,7 @@ KEEPALIVE_HOLDOFF_SECONDS = 60.0  # s a GPU must stay free of foreign work befor
 KEEPALIVE_HEADROOM = 0.1  # share of each GPU's memory that keep-alive always leaves free
 KEEPALIVE_FOREIGN_MEMORY_MIB = 256  # growth of memory not ours (MiB) that counts as foreign work
 KEEPALIVE_FOREIGN_UTIL = 5  # % SM utilisation of a process not ours that counts as foreign work
+KEEPALIVE_IDLE_MEMORY_MIB = 1536  # MiB a GPU may show used with nothing on it (the driver's share)
 KEEPALIVE_FILLER = True  # during a queue task, top up GPUs that the task leaves idle
 KEEPALIVE_FILLER_AFTER_SECONDS = 60.0  # s below GPU_UTIL_THRESHOLD during a task before filling
 KEEPALIVE_FILLER_MIB = 1024  # MiB of matmul tiles the filler may use (it holds no ballast)
@@ -1563,30 +1564,45 @@ class Gangs:
 # The daemon holds every idle GPU of the node in the band GPU_UTIL_TARGET..GPU_UTIL_HIGH and gives
 # it up at once to real work. Two knobs are kept apart: the memory held (a ballast of
 # MEMORY_USAGE_TARGET of the GPU, released on demand) and the compute grain (matmul tiles of about
-# KEEPALIVE_TILE_MS, at most KEEPALIVE_MAX_IN_FLIGHT queued, so a stop waits for two tiles at most).
+# KEEPALIVE_TILE_MS in a KEEPALIVE_PERIOD duty cycle, so short that every NVML sample window sees
+# the duty, and at most KEEPALIVE_MAX_IN_FLIGHT queued, so a stop waits for two tiles at most).
 # The daemon itself reads NVML only and never creates a CUDA context; one worker process per GPU
 # (this file, run as ``perpetual_motion.py --worker <GPU UUID>``) holds the context, the ballast
-# and the duty cycle. docs/keepalive.md has the design and the measurements to make.
+# and the duty cycle. A GPU counts as occupied when it has processes, utilisation or memory that
+# our worker does not explain: the process list alone misses jobs of other containers.
+# docs/keepalive.md has the design and the measurements to make.
 
 _DUTY_MIN = 0.05  # the controller never asks a worker for less (nor stops it for the bands)
 _DUTY_MAX = 0.95  # nor for more
 _GAIN_FAST = 0.8  # share of the error to the band's middle corrected per step below the threshold
 _GAIN = 0.5  # the same, within reach of the band: no overshoot while the plant's gain is below 2
 _MIN_STEP = 0.02  # smallest duty step outside the band
+_DEAD_BAND = 3.0  # points either side of the band's middle within which the duty is held
+_HOLD_WINDOW = 6.0  # s of samples averaged before a correction within the band (less noise)
 _FILLER_START_DUTY = 0.5  # a filler starts gently: the task may come back to work any moment
 _SETTLE_LAG = 0.3  # s from a duty change to the first utilisation sample that reflects it
 _EXIT_GRACE = 3.0  # s a departed worker still counts as ours in NVML's lists
 _KILL_GRACE = 0.5  # s from "stop" to SIGKILL for a worker that does not exit
 _NVML_FAIL_SECONDS = 10.0  # s of unanswered NVML queries after which a GPU is let go
 _RELEASE_POLL = 0.01  # s between looks at the memory while release() waits
-_CONTEXT_MIB = 600  # MiB a worker's CUDA context and cuBLAS workspace take beside its tensors
+_CONTEXT_MIB = 600  # MiB a worker's CUDA context takes beside its tensors, where not measured
+_CONTEXT_MAX_MIB = 1024  # a context measured larger than this includes somebody else's memory
 _STABLE_SECONDS = 600.0  # a worker that held its GPU this long forgets earlier crashes
 _BALLAST_CHUNK_MIB = 1024  # the ballast is allocated in pieces this big: keep what fits
+_BALLAST_MIN_MIB = 64  # a piece smaller than this is not taken
 _REPORT_SECONDS = 1.0  # a worker reports its measured busy share this often
+_WATCH_SECONDS = 0.025  # s between a worker's own looks for foreign work, between its tiles
+_START_LIMIT = 120.0  # s a worker may take to become ready before it is killed
+_SILENT_LIMIT = 10.0  # s without a report after which a ready worker is killed
+_IDLE_UTIL_MAX = 10  # % utilisation of a GPU with nothing of ours on it that is somebody's work
+_NVML_LOOKBACK = 1.5  # s of NVML's sample buffers read at the first query (older: not now)
+_HISTORY_STEP = 10.0  # s per point of gpu.<i>.history
+_HISTORY_POINTS = 60  # points in gpu.<i>.history: ten minutes
 _WARN_EVERY = 300.0  # s between two warnings about the same failing NVML query
 
 EXIT_FOREIGN = 3  # a worker's exit status: it saw foreign work on its GPU and left
 EXIT_SETUP = 4  # a worker's exit status: no device, or no memory for its tiles
+COMPUTE_MODES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
 
 
 class KeepAlive:
@@ -1701,6 +1717,7 @@ class WorkerSpec:
     memory_mib: int  # memory the worker holds in all: tiles, then ballast up to this
     duty: float
     max_tile_mib: int = 0  # 0: no limit on the tiles' memory
+    tile: int = 0  # tile size calibrated by an earlier worker on this GPU; 0: calibrate
 
 
 def seed_matrix_size(memory_bytes: int, share: float = MEMORY_USAGE_TARGET) -> int:
@@ -1720,15 +1737,19 @@ def hold_mib(memory_total: int, memory_used: int) -> int:
 
 def band_step(util: float, duty: float) -> float:
     """The seed's bands as a step on the duty: below GPU_UTIL_THRESHOLD up fast, below
-    GPU_UTIL_TARGET up, up to GPU_UTIL_HIGH hold, above it down. Steps are a share of the
-    distance to the band's middle, so they shrink as the band nears and do not overshoot."""
+    GPU_UTIL_TARGET up, above GPU_UTIL_HIGH down. Within the band it aims at the band's middle,
+    holding within _DEAD_BAND of it, so that single NVML samples, which scatter around the
+    average, stay in the band too. Steps are a share of the distance to the middle, so they
+    shrink as the middle nears and do not overshoot."""
     middle = (GPU_UTIL_TARGET + GPU_UTIL_HIGH) / 2
     if util < GPU_UTIL_THRESHOLD:
         step = _GAIN_FAST * (middle - util) / 100
     elif util < GPU_UTIL_TARGET:
         step = max(_MIN_STEP, _GAIN * (middle - util) / 100)
     elif util <= GPU_UTIL_HIGH:
-        return duty
+        if abs(util - middle) <= _DEAD_BAND:
+            return duty
+        step = _GAIN * (middle - util) / 100
     else:
         step = -max(_MIN_STEP, _GAIN * (util - middle) / 100)
     return min(_DUTY_MAX, max(_DUTY_MIN, duty + step))
@@ -1772,12 +1793,16 @@ class Nvml:
     """Every NVML call keep-alive makes, each failure caught and logged (gpustat's way).
 
     Queries answer None when NVML fails, never raise. A simulated GPU for the tests
-    implements the same methods (``tests/simgpu.py``).
+    implements the same methods (``tests/simgpu.py``). ``hide_processes`` is for the
+    benchmark only: it hides the process lists, as NVML does for jobs of other containers.
     """
 
-    def __init__(self, module, log: logging.Logger) -> None:
+    def __init__(self, module, log: logging.Logger, *, hide_processes: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
         self._nv = module
         self._log = log
+        self.hide_processes = hide_processes
+        self._clock = clock
         self._handles: dict[int, object] = {}
         self._sample_ts: dict[int, int] = {}
         self._putil_ts: dict[int, int] = {}
@@ -1786,7 +1811,7 @@ class Nvml:
         self._throttle = _Throttle()
 
     @classmethod
-    def open(cls, log: logging.Logger) -> Nvml:
+    def open(cls, log: logging.Logger, hide_processes: bool = False) -> Nvml:
         """Load and initialise NVML; NvmlUnavailable says why it cannot be."""
         try:
             import pynvml
@@ -1796,7 +1821,7 @@ class Nvml:
             pynvml.nvmlInit()
         except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
             raise NvmlUnavailable(f"NVML cannot start ({exc}): no NVIDIA driver here?") from exc
-        return cls(pynvml, log)
+        return cls(pynvml, log, hide_processes=hide_processes)
 
     def close(self) -> None:
         try:
@@ -1817,6 +1842,14 @@ class Nvml:
         not_found = getattr(self._nv, "NVMLError_NotFound", None)
         return not_found is not None and isinstance(exc, not_found)
 
+    def _since(self, seen: dict[int, int], index: int) -> int:
+        """NVML time (us) after which samples are new. At the first query: now minus the
+        look-back, not 0, which returns the driver's whole buffer, with samples of processes
+        that ended long ago (a previous worker: a false yield)."""
+        if index in seen:
+            return seen[index]
+        return int((self._clock() - _NVML_LOOKBACK) * 1e6)
+
     def gpus(self) -> list[GpuInfo]:
         """Every GPU NVML sees, in NVML's order; raises NvmlUnavailable when it cannot say."""
         nv = self._nv
@@ -1832,7 +1865,11 @@ class Nvml:
                 name = nv.nvmlDeviceGetName(handle)
                 total = int(nv.nvmlDeviceGetMemoryInfo(handle).total)
             except Exception as exc:  # noqa: BLE001 - one bad GPU must not hide the others
-                self._failed("device query", index, exc)
+                if isinstance(exc, getattr(nv, "NVMLError_NoPermission", ())):
+                    # another job's GPU under cgroup device limits: CUDA cannot open it either
+                    self._log.info("GPU %d is not ours to open (%s): left out", index, exc)
+                else:
+                    self._failed("device query", index, exc)
                 continue
             try:
                 mig = nv.nvmlDeviceGetMigMode(handle)[0] == nv.NVML_DEVICE_MIG_ENABLE
@@ -1858,14 +1895,17 @@ class Nvml:
             handle = self._handle(gpu.index)
             if gpu.index not in self._no_samples:
                 try:
-                    last = self._sample_ts.get(gpu.index, 0)
+                    last = self._since(self._sample_ts, gpu.index)
                     _, raw = nv.nvmlDeviceGetSamples(handle, nv.NVML_GPU_UTILIZATION_SAMPLES, last)
                 except Exception as exc:
+                    if self._is_not_found(exc) and gpu.index in self._sample_ts:
+                        return []  # nothing new since the last sample
                     if self._is_not_found(exc):
-                        return []
-                    if not isinstance(exc, getattr(nv, "NVMLError_NotSupported", ())):
+                        pass  # none yet at all: the rate below says what there is now
+                    elif isinstance(exc, getattr(nv, "NVMLError_NotSupported", ())):
+                        self._no_samples.add(gpu.index)
+                    else:
                         raise
-                    self._no_samples.add(gpu.index)
                 else:
                     samples = [(float(s.timeStamp), float(s.sampleValue.uiVal)) for s in raw]
                     samples = [s for s in samples if s[0] > last]
@@ -1873,12 +1913,14 @@ class Nvml:
                         self._sample_ts[gpu.index] = int(max(s[0] for s in samples))
                     return samples
             rate = nv.nvmlDeviceGetUtilizationRates(handle).gpu
-            return [(time.time() * 1e6, float(rate))]
+            return [(self._clock() * 1e6, float(rate))]
         except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
             self._failed("utilisation", gpu.index, exc)
             return None
 
     def compute_processes(self, gpu: GpuInfo) -> list[GpuProcess] | None:
+        if self.hide_processes:
+            return []
         try:
             found = self._nv.nvmlDeviceGetComputeRunningProcesses(self._handle(gpu.index))
         except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
@@ -1894,8 +1936,10 @@ class Nvml:
         """New (pid, SM util %) samples since the last call; None where not supported."""
         if gpu.index in self._no_putil:
             return None
+        if self.hide_processes:
+            return []
         try:
-            last = self._putil_ts.get(gpu.index, 0)
+            last = self._since(self._putil_ts, gpu.index)
             raw = self._nv.nvmlDeviceGetProcessUtilization(self._handle(gpu.index), last)
         except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
             if self._is_not_found(exc):
@@ -1911,6 +1955,15 @@ class Nvml:
         if fresh:
             self._putil_ts[gpu.index] = max(int(s.timeStamp) for s in fresh)
         return [(int(s.pid), int(s.smUtil)) for s in fresh]
+
+    def compute_mode(self, gpu: GpuInfo) -> int | None:
+        """NVML's compute mode (COMPUTE_MODES), or None where it cannot say."""
+        try:
+            return int(self._nv.nvmlDeviceGetComputeMode(self._handle(gpu.index)))
+        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
+            if not isinstance(exc, getattr(self._nv, "NVMLError_NotSupported", ())):
+                self._failed("compute mode", gpu.index, exc)
+            return None
 
 
 def _text(value) -> str:
@@ -1949,12 +2002,42 @@ class UtilWindow:
         return sum(values) / len(values) if values else None
 
 
+class UtilHistory:
+    """Utilisation of one GPU for gpu.<i>.history: the mean of each _HISTORY_STEP seconds,
+    the last _HISTORY_POINTS of them. Samples count where NVML dated them (a backlog read
+    after NVML failed falls where it belongs), moved onto the engine's clock by the age of
+    the newest sample at the tick that read it."""
+
+    def __init__(self) -> None:
+        self.points: dict[int, list[float]] = {}  # step number: [sum, count]
+
+    def add(self, now: float, samples: Collection[tuple[float, float]]) -> None:
+        if not samples:
+            return
+        shift = now - max(t for t, _ in samples) / 1e6
+        for t, value in samples:
+            point = self.points.setdefault(math.floor((t / 1e6 + shift) / _HISTORY_STEP),
+                                           [0.0, 0])
+            point[0] += value
+            point[1] += 1
+        oldest = math.floor(now / _HISTORY_STEP) - _HISTORY_POINTS
+        for step in [n for n in self.points if n <= oldest]:
+            del self.points[step]
+
+    def text(self, now: float) -> str:
+        """Oldest first, comma-separated, the current step last; empty where nothing is known."""
+        step = math.floor(now / _HISTORY_STEP)
+        return ",".join(f"{self.points[n][0] / self.points[n][1]:.0f}" if n in self.points
+                        else "" for n in range(step - _HISTORY_POINTS + 1, step + 1))
+
+
 class DutyController:
     """Moves a worker's duty so that the GPU's averaged utilisation sits in the band.
 
     After a change it waits until a whole window of samples reflects the new duty
     (``_SETTLE_LAG`` + KEEPALIVE_UTIL_WINDOW on NVML's clock) before it judges again: acting
-    on stale samples is what makes a controller oscillate.
+    on stale samples is what makes a controller oscillate. Within the band it corrects only
+    on the mean of _HOLD_WINDOW seconds, so that noise does not move it about the middle.
     """
 
     def __init__(self, duty: float = KEEPALIVE_START_DUTY) -> None:
@@ -1982,6 +2065,11 @@ class DutyController:
         util = window.mean(KEEPALIVE_UTIL_WINDOW, after=start)
         if util is None:
             return None
+        if GPU_UTIL_TARGET <= util <= GPU_UTIL_HIGH:
+            if newest - start < _HOLD_WINDOW * 1e6:
+                self.last_util = util
+                return None
+            util = window.mean(_HOLD_WINDOW, after=start)
         self.last_util = util
         duty = band_step(util, self.duty)
         if abs(duty - self.duty) < 1e-9:
@@ -2024,6 +2112,8 @@ def worker_args(gpu: GpuInfo, spec: WorkerSpec) -> list[str]:
             "--duty", f"{spec.duty:.3f}"]
     if spec.max_tile_mib:
         args += ["--max-tile-mib", str(spec.max_tile_mib)]
+    if spec.tile:
+        args += ["--tile", str(spec.tile)]
     return args
 
 
@@ -2088,8 +2178,9 @@ class WorkerProcess:
         self.proc.poll()
 
 
-def spawn_worker(gpu: GpuInfo, spec: WorkerSpec) -> WorkerProcess:
-    """Start the worker of one GPU: this file, selecting the GPU by UUID."""
+def spawn_worker(gpu: GpuInfo, spec: WorkerSpec, extra: Iterable[str] = ()) -> WorkerProcess:
+    """Start the worker of one GPU: this file, selecting the GPU by UUID (``extra``: more
+    worker options, for the benchmark)."""
     env = dict(os.environ)
     env.update({
         "CUDA_VISIBLE_DEVICES": gpu.uuid,
@@ -2097,7 +2188,7 @@ def spawn_worker(gpu: GpuInfo, spec: WorkerSpec) -> WorkerProcess:
         "PERPETUAL_MOTION_WORKER": gpu.uuid,
         "OMP_NUM_THREADS": "1",
     })
-    return WorkerProcess(worker_command(worker_args(gpu, spec)), env)
+    return WorkerProcess(worker_command(worker_args(gpu, spec) + list(extra)), env)
 
 
 # Keep-alive: the engine #####################################################################
@@ -2112,14 +2203,23 @@ class _Worker:
     started: float
     memory_before: int | None  # bytes used on the GPU just before it started
     ready_at: float | None = None
+    heard_at: float | None = None  # when it last reported anything
     tile: int | None = None
     tile_ms: float | None = None
-    held_mib: int | None = None
+    held_mib: int | None = None  # its tensors (torch's reserved memory), as it reports
+    context_mib: int | None = None  # its CUDA context, as it measured it
     busy: float | None = None
     stop_at: float | None = None
     stop_reason: str = ""
+    killed_for: str = ""  # why the engine killed it (a crash, for the backoff)
     exit_reason: str = ""
-    exit_time: float | None = None  # the worker's wall clock when its last kernel was done
+    exit_time: float | None = None  # the worker's wall clock when it left
+
+    @property
+    def footprint(self) -> int:
+        """Bytes of GPU memory it explains: what it holds and its context."""
+        context = _CONTEXT_MIB if self.context_mib is None else self.context_mib
+        return ((self.held_mib or 0) + context) * MIB
 
 
 @dataclasses.dataclass
@@ -2131,10 +2231,12 @@ class _Slot:
     reason: str = "not started"
     worker: _Worker | None = None
     window: UtilWindow = dataclasses.field(default_factory=UtilWindow)
+    history: UtilHistory = dataclasses.field(default_factory=UtilHistory)
     controller: DutyController = dataclasses.field(default_factory=DutyController)
     memory_used: int | None = None
     memory_total: int | None = None
-    memory_base: int | None = None  # memory used with our worker settled or gone
+    idle_used: int | None = None  # the least memory used seen with nothing of ours on the GPU
+    tile: int | None = None  # the tile size a worker calibrated here, reused by the next
     last_exit: float | None = None
     foreign_at: float | None = None  # last tick that saw foreign work
     foreign_reason: str = ""
@@ -2157,7 +2259,7 @@ class GpuKeepAlive(KeepAlive):
     """Keep-alive on: one worker per GPU, driven by ``tick()`` from the daemon loop.
 
     Every outside effect goes through a seam: ``nvml`` (the NVML calls), ``spawn`` (starting a
-    worker process), ``timefunc`` and ``delayfunc`` (the clock and the sleep in ``release``).
+    worker process), ``timefunc`` and ``delayfunc`` (the clock and the sleep in ``stop``).
     """
 
     def __init__(self, nvml, gpus: list[GpuInfo], log: logging.Logger, *,
@@ -2273,6 +2375,7 @@ class GpuKeepAlive(KeepAlive):
 
     def gpu_fields(self) -> dict[str, str]:
         fields = {}
+        now = self.timefunc()
         for i, slot in enumerate(self.slots):
             util = slot.window.mean()
             worker = slot.worker
@@ -2286,6 +2389,7 @@ class GpuKeepAlive(KeepAlive):
                 f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
                 f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
                 f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
+                f"gpu.{i}.history": slot.history.text(now),
             })
         return fields
 
@@ -2316,6 +2420,7 @@ class GpuKeepAlive(KeepAlive):
             return
         reading = self._read(slot, now)
         self._reap(slot, now)
+        self._watchdog(slot, now)
         if task_running:
             self._during_task(slot, now, reading)
         else:
@@ -2336,6 +2441,7 @@ class GpuKeepAlive(KeepAlive):
         )
         if reading.samples:
             slot.window.add(reading.samples)
+            slot.history.add(now, reading.samples)
         elif reading.samples is None:
             slot.window = UtilWindow()  # no stale figure while NVML does not answer
         if memory:
@@ -2362,12 +2468,12 @@ class GpuKeepAlive(KeepAlive):
             self._on_message(slot, worker, line, now)
         slot.worker = None
         slot.last_exit = now
-        slot.memory_base = None
         lived = now - worker.started
         if worker.stop_at is not None:
             self.log.info("%s%s: keep-alive worker gone (%s) %.2f s after the stop",
                           self.prefix, slot.label, worker.stop_reason, now - worker.stop_at)
-        elif code == EXIT_FOREIGN or worker.exit_reason.startswith("foreign"):
+        elif not worker.killed_for and (code == EXIT_FOREIGN
+                                        or worker.exit_reason.startswith("foreign")):
             # (its own exit line counts too: a daemon that reaps orphans as PID 1 may have
             # taken the exit status, which then reads 0)
             slot.foreign_at = now
@@ -2378,17 +2484,35 @@ class GpuKeepAlive(KeepAlive):
         else:
             if worker.ready_at is not None and now - worker.ready_at >= _STABLE_SECONDS:
                 slot.crashes = 0
+            if code == EXIT_SETUP:
+                slot.tile = None  # perhaps the tiles no longer fit: calibrate again
             slot.crashes += 1
-            delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
-                        KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
-            slot.restart_at = now + delay
-            how = f"exit status {code}" if code >= 0 else f"signal {-code}"
+            delay = self._backoff(slot, now)
+            how = worker.killed_for or (f"exit status {code}" if code >= 0
+                                        else f"signal {-code}")
             self._set(slot, GpuState.OFF, f"worker crashed ({how}); restart in {delay:.0f} s")
             self.log.warning("%s%s: keep-alive worker ended with %s after %.1f s "
                              "(crash %d); restarting in %.0f s", self.prefix, slot.label, how,
                              lived, slot.crashes, delay)
 
+    def _watchdog(self, slot: _Slot, now: float) -> None:
+        """A worker that never gets ready, or stops reporting, is hung (a wedged driver call,
+        a stopped process): it is killed, which frees its memory, and restarted with backoff."""
+        worker = slot.worker
+        if worker is None or worker.stop_at is not None or worker.killed_for:
+            return
+        if worker.ready_at is None and now - worker.started >= _START_LIMIT:
+            worker.killed_for = f"not ready after {_START_LIMIT:.0f} s"
+        elif worker.heard_at is not None and now - worker.heard_at >= _SILENT_LIMIT:
+            worker.killed_for = f"silent for {now - worker.heard_at:.0f} s"
+        else:
+            return
+        self.log.warning("%s%s: keep-alive worker %s: killed", self.prefix, slot.label,
+                         worker.killed_for)
+        worker.handle.kill()
+
     def _on_message(self, slot: _Slot, worker: _Worker, line: str, now: float) -> None:
+        worker.heard_at = now
         try:
             verb, fields = parse_message(line)
             if verb == "ready":
@@ -2396,13 +2520,19 @@ class GpuKeepAlive(KeepAlive):
                 worker.tile = int(fields.get("tile", 0)) or None
                 worker.tile_ms = float(fields.get("tile_ms", 0)) or None
                 worker.held_mib = int(fields.get("held_mib", 0))
+                if fields.get("context_mib", "").isdigit():
+                    worker.context_mib = int(fields["context_mib"])
+                if worker.spec.mode is WorkerMode.HOLD and worker.tile:
+                    slot.tile = worker.tile
                 slot.controller.reset(slot.window, worker.spec.duty)
                 filling = worker.spec.mode is WorkerMode.FILL
                 self._set(slot, GpuState.FILLING if filling else GpuState.HOLDING,
                           "task leaves the GPU idle" if filling else "")
-                self.log.info("%s%s: %s: tiles of %d (%.1f ms), %d MiB held, duty %.2f",
-                              self.prefix, slot.label, slot.state.value, worker.tile or 0,
-                              worker.tile_ms or 0.0, worker.held_mib, worker.spec.duty)
+                self.log.info("%s%s: %s: tiles of %d (%.1f ms), %d MiB held, context %s MiB, "
+                              "duty %.2f", self.prefix, slot.label, slot.state.value,
+                              worker.tile or 0, worker.tile_ms or 0.0, worker.held_mib,
+                              worker.context_mib if worker.context_mib is not None else "?",
+                              worker.spec.duty)
             elif verb == "stats":
                 worker.busy = float(fields.get("busy", 0))
                 worker.tile_ms = float(fields.get("tile_ms", 0)) or worker.tile_ms
@@ -2417,10 +2547,11 @@ class GpuKeepAlive(KeepAlive):
 
     def _foreign(self, slot: _Slot, reading: Reading, now: float) -> str:
         """Why the GPU has work that is not ours on it, or "". Processes are counted, never
-        matched by pid: pids differ between containers and even between NVML calls."""
-        ours = 0
-        if slot.worker is not None:
-            ours += 1
+        matched by pid: pids differ between containers and even between NVML calls. And the
+        process list misses other containers' jobs on current drivers, so memory that our
+        worker does not explain counts too, and utilisation when nothing of ours runs."""
+        worker = slot.worker
+        ours = 0 if worker is None else 1
         # a worker that just exited may linger in NVML's lists for a moment; but after a yield
         # to foreign work, an extra entry is that work, not our worker
         lingering = slot.last_exit is not None and now - slot.last_exit < _EXIT_GRACE
@@ -2434,18 +2565,25 @@ class GpuKeepAlive(KeepAlive):
             if len(active) > ours:
                 top = max(sm for _, sm in reading.process_util)
                 return f"foreign utilisation {top}%"
+        nothing_of_ours = worker is None and not lingering
         used = reading.memory_used
-        worker = slot.worker
-        settled = (worker is not None and worker.ready_at is not None and worker.stop_at is None)
-        gone = worker is None and ours == 0
-        if used is None or not (settled or gone):
-            slot.memory_base = None
-            return ""
-        if slot.memory_base is None or (gone and used < slot.memory_base):
-            slot.memory_base = used
-        growth = used - slot.memory_base
-        if growth > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
-            return f"foreign memory +{growth // MIB} MiB"
+        if used is not None and nothing_of_ours:
+            slot.idle_used = used if slot.idle_used is None else min(slot.idle_used, used)
+        if nothing_of_ours:
+            mine: int | None = 0
+        elif worker is None or worker.stop_at is not None:
+            mine = None  # going: its memory is on its way out
+        elif worker.ready_at is None:  # setting up (it checks for itself meanwhile): at most
+            mine = (worker.spec.memory_mib + _CONTEXT_MAX_MIB) * MIB
+        else:
+            mine = worker.footprint
+        if used is not None and mine is not None and slot.idle_used is not None:
+            # the driver's share: the least seen with nothing of ours on the GPU (a job that
+            # was there all along does not pass for it: it is capped)
+            floor = min(slot.idle_used, KEEPALIVE_IDLE_MEMORY_MIB * MIB)
+            extra = used - floor - mine
+            if extra > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
+                return f"foreign memory +{extra // MIB} MiB"
         return ""
 
     def _between_tasks(self, slot: _Slot, now: float, reading: Reading) -> None:
@@ -2454,7 +2592,6 @@ class GpuKeepAlive(KeepAlive):
                 self._set(slot, GpuState.YIELDED, "queue task ended")
                 return
             slot.resume_at = None
-            slot.memory_base = None
         worker = slot.worker
         if worker is not None and worker.spec.mode is WorkerMode.FILL:
             self._stop_worker(slot, now, "queue task ended")
@@ -2469,13 +2606,7 @@ class GpuKeepAlive(KeepAlive):
             return
         reason = self._foreign(slot, reading, now)
         if reason:
-            if slot.foreign_at is None or slot.foreign_reason != reason:
-                self.log.info("%s%s: %s: yielding", self.prefix, slot.label, reason)
-            slot.foreign_at = now
-            slot.foreign_reason = reason
-            if slot.worker is not None and slot.worker.stop_at is None:
-                self._stop_worker(slot, now, reason)
-            self._set(slot, GpuState.YIELDED, reason)
+            self._yield(slot, now, reason)
             return
         worker = slot.worker
         if worker is not None:
@@ -2493,11 +2624,35 @@ class GpuKeepAlive(KeepAlive):
                           self.prefix, slot.label, self.holdoff)
             slot.foreign_at = None
         slot.restart_at = None
-        if reading.memory_used is None or reading.memory_total is None:
+        total, used = reading.memory_total, reading.memory_used
+        if used is None or total is None:
             return
-        memory = hold_mib(reading.memory_total, reading.memory_used)
-        self._start_worker(slot, now, WorkerSpec(WorkerMode.HOLD, memory, KEEPALIVE_START_DUTY),
-                           reading)
+        util = slot.window.mean()
+        if util is None:
+            return  # nothing known yet: whether somebody computes there
+        if util >= _IDLE_UTIL_MAX:  # somebody computes: not ours to take
+            self._yield(slot, now, f"GPU busy ({util:.0f}%) without us")
+            return
+        memory = hold_mib(total, used)
+        target = int(MEMORY_USAGE_TARGET * total // MIB)
+        if memory < target:  # a worker never starts without room for its whole ballast
+            reason = f"no room for the ballast ({memory} of {target} MiB)"
+            if not slot.reason.startswith("no room"):
+                self.log.warning("%s%s: %s: not held", self.prefix, slot.label, reason)
+            self._set(slot, GpuState.OFF, reason)
+            return
+        spec = WorkerSpec(WorkerMode.HOLD, memory, KEEPALIVE_START_DUTY, tile=slot.tile or 0)
+        self._start_worker(slot, now, spec, reading)
+
+    def _yield(self, slot: _Slot, now: float, reason: str) -> None:
+        """Foreign work is on the GPU: our worker goes, and the hold-off starts (again)."""
+        if slot.foreign_at is None or slot.foreign_reason != reason:
+            self.log.info("%s%s: %s: yielding", self.prefix, slot.label, reason)
+        slot.foreign_at = now
+        slot.foreign_reason = reason
+        if slot.worker is not None and slot.worker.stop_at is None:
+            self._stop_worker(slot, now, reason)
+        self._set(slot, GpuState.YIELDED, reason)
 
     def _during_task(self, slot: _Slot, now: float, reading: Reading) -> None:
         worker = slot.worker
@@ -2517,8 +2672,11 @@ class GpuKeepAlive(KeepAlive):
         if worker is not None:
             if worker.stop_at is not None:
                 return
+            task_util = self._task_util(worker, reading)
             if total and used is not None and total - used < KEEPALIVE_HEADROOM * total:
                 self._stop_filler(slot, now, "the task needs the memory")
+            elif task_util is not None and task_util >= GPU_UTIL_THRESHOLD:
+                self._stop_filler(slot, now, f"the task is busy again ({task_util}%)")
             elif worker.ready_at is not None:
                 self._control(slot, worker, now)
             return
@@ -2532,11 +2690,27 @@ class GpuKeepAlive(KeepAlive):
         if idle_long and room:
             self.log.info("%s%s: the task has left it below %d%% for %.0f s: filling",
                           self.prefix, slot.label, GPU_UTIL_THRESHOLD, now - slot.low_since)
+            fits = slot.tile is not None and 3 * slot.tile ** 2 * 2 <= KEEPALIVE_FILLER_MIB * MIB
             spec = WorkerSpec(WorkerMode.FILL, KEEPALIVE_FILLER_MIB, _FILLER_START_DUTY,
-                              KEEPALIVE_FILLER_MIB)
+                              KEEPALIVE_FILLER_MIB, tile=slot.tile if fits else 0)
             self._start_worker(slot, now, spec, reading)
         elif slot.state is not GpuState.YIELDED or not slot.reason.startswith("queue task"):
             self._set(slot, GpuState.YIELDED, "queue task")
+
+    @staticmethod
+    def _task_util(worker: _Worker, reading: Reading) -> int | None:
+        """The highest per-process SM utilisation on the GPU that is not the filler's own."""
+        if not reading.process_util:
+            return None
+        top: dict[int, int] = {}
+        for pid, sm in reading.process_util:
+            top[pid] = max(top.get(pid, 0), sm)
+        if worker.handle.pid in top:
+            del top[worker.handle.pid]
+        elif top:  # pids of another namespace: leave out the entry that looks like ours
+            ours = 100 * (worker.busy if worker.busy is not None else worker.spec.duty)
+            del top[min(top, key=lambda pid: abs(top[pid] - ours))]
+        return max(top.values(), default=None)
 
     def _control(self, slot: _Slot, worker: _Worker, now: float) -> None:
         duty = slot.controller.decide(slot.window)
@@ -2562,6 +2736,16 @@ class GpuKeepAlive(KeepAlive):
         self._set(slot, GpuState.YIELDED, f"queue task ({reason})")
 
     def _start_worker(self, slot: _Slot, now: float, spec: WorkerSpec, reading: Reading) -> None:
+        mode = self.nvml.compute_mode(slot.gpu)
+        if mode not in (None, 0):
+            # EXCLUSIVE_PROCESS: while our context exists, every other process's context
+            # creation fails, so whoever comes next would crash instead of being yielded to
+            reason = f"compute mode {COMPUTE_MODES.get(mode, mode)}: skipped"
+            if slot.reason != reason:
+                self.log.info("%s%s: %s (keep-alive needs DEFAULT)", self.prefix, slot.label,
+                              reason)
+            self._set(slot, GpuState.OFF, reason)
+            return
         if not slot.announced and spec.mode is WorkerMode.HOLD:
             total = slot.gpu.memory_total
             self.log.info("%s%s (%s, %.1f GiB): holding %.1f GiB; the seed's three %d x %d "
@@ -2575,16 +2759,13 @@ class GpuKeepAlive(KeepAlive):
             handle = self.spawn(slot.gpu, spec)
         except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash
             slot.crashes += 1
-            delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
-                        KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
-            slot.restart_at = now + delay
+            delay = self._backoff(slot, now)
             self._set(slot, GpuState.OFF, f"worker did not start; retry in {delay:.0f} s")
             self.log.warning("%s%s: keep-alive worker did not start (%s); retrying in %.0f s",
                              self.prefix, slot.label, exc, delay)
             return
         slot.worker = _Worker(handle, spec, now, reading.memory_used)
         slot.controller = DutyController(spec.duty)
-        slot.memory_base = None
         self._set(slot, GpuState.STARTING, "")
 
     def _stop_worker(self, slot: _Slot, now: float, reason: str) -> None:
@@ -2600,8 +2781,8 @@ class GpuKeepAlive(KeepAlive):
         limits = []
         if worker.memory_before is not None:
             limits.append(worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB)
-        if worker.held_mib and slot.memory_used is not None:
-            limits.append(slot.memory_used - int(0.9 * worker.held_mib * MIB))
+        if worker.ready_at is not None and slot.memory_used is not None:
+            limits.append(slot.memory_used - int(0.9 * worker.footprint))
         slot.release_below = max(limits) if limits else None
 
     def _released_slot(self, slot: _Slot, now: float) -> bool:
@@ -2631,10 +2812,16 @@ class GpuKeepAlive(KeepAlive):
                 pass
             slot.last_exit = now
         slot.crashes += 1
+        delay = self._backoff(slot, now)
+        self._set(slot, GpuState.OFF, f"keep-alive error; retry in {delay:.0f} s")
+
+    @staticmethod
+    def _backoff(slot: _Slot, now: float) -> float:
+        """Schedule the restart after a crash: KEEPALIVE_RESTART_SECONDS, doubling per crash."""
         delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
                     KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
         slot.restart_at = now + delay
-        self._set(slot, GpuState.OFF, f"keep-alive error; retry in {delay:.0f} s")
+        return delay
 
     def _set(self, slot: _Slot, state: GpuState, reason: str) -> None:
         slot.state = state
@@ -2718,15 +2905,20 @@ def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
         nvml, found, why = None, [], str(exc)
     else:
         why = ""
-        # CUDA numbers the GPUs it can open in PCI bus order (NVML's); a GPU NVML cannot query
-        # (another job's, under cgroups) is not among them
+        # CUDA numbers the GPUs it can open; a GPU NVML cannot query (another job's, under
+        # cgroups) is not among them. With CUDA_DEVICE_ORDER=PCI_BUS_ID the order is NVML's.
+        # The default, FASTEST_FIRST, puts faster models first: on a node of one model that is
+        # the PCI bus order too, on a mixed node it may not be. Workers and tasks are given
+        # PCI_BUS_ID (workers also the UUID), so only numbers in our own CUDA_VISIBLE_DEVICES
+        # can be read otherwise than the process that set them meant.
         found = [dataclasses.replace(g, cuda_index=n) for n, g in enumerate(found)]
         order = env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
         visible = env.get("CUDA_VISIBLE_DEVICES")
-        if visible and order != "PCI_BUS_ID" and any(
-                e.strip().isdigit() for e in visible.split(",")) and len(found) > 1:
+        numeric = visible is not None and any(e.strip().isdigit() for e in visible.split(","))
+        if numeric and order != "PCI_BUS_ID" and len({g.name for g in found}) > 1:
             log.warning("CUDA_VISIBLE_DEVICES=%s is read in PCI bus order (as nvidia-smi "
-                        "numbers GPUs); CUDA_DEVICE_ORDER=%s may number them otherwise",
+                        "numbers GPUs), but CUDA_DEVICE_ORDER=%s may number this node's mixed "
+                        "GPU models otherwise: set CUDA_DEVICE_ORDER=PCI_BUS_ID or use UUIDs",
                         visible, order)
         found = _visible_gpus(found, visible)
         for gpu in found:
@@ -2867,14 +3059,18 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
                     report: Callable[[str], object], period: float = KEEPALIVE_PERIOD,
                     watch: Callable[[], str] | None = None,
                     clock: Callable[[], float] = time.monotonic,
-                    max_in_flight: int = KEEPALIVE_MAX_IN_FLIGHT) -> int:
+                    max_in_flight: int = KEEPALIVE_MAX_IN_FLIGHT,
+                    watch_every: float = _WATCH_SECONDS) -> int:
     """The duty cycle: each period, keep the device busy for ``duty`` x ``period`` with tiles
     (at most ``max_in_flight`` queued), then idle until the period ends, awake for commands.
     Busy time is measured, and what one period over- or under-spends is carried to the next,
-    so the share of busy time follows ``duty`` exactly on average. Returns the exit status."""
+    so the share of busy time follows ``duty`` exactly on average. ``watch`` looks for foreign
+    work every ``watch_every`` seconds, between tiles and while idle, whatever the period.
+    Returns the exit status."""
     credit = 0.0  # busy seconds still to spend
     busy = 0.0
     since = clock()
+    next_watch = since
     planned: collections.deque[float] = collections.deque()
 
     def obey(commands: list[str]) -> int | None:
@@ -2891,6 +3087,17 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
                 return 0
         return None
 
+    def look() -> int | None:
+        nonlocal next_watch
+        if watch is None or clock() < next_watch:
+            return None
+        next_watch = clock() + watch_every
+        reason = watch()
+        if reason:  # leave at once: queued tiles die with the context
+            report(f"exit reason={reason} t={time.time():.6f}")
+            return EXIT_FOREIGN
+        return None
+
     def finish_one() -> None:
         nonlocal credit, busy
         seconds = tiles.wait_one()
@@ -2904,6 +3111,8 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
         credit = max(-period, min(credit + duty * period, duty * period + estimate))
         while credit - sum(planned) >= estimate / 2:
             code = obey(control.poll(0))
+            if code is None:
+                code = look()
             if code is not None:
                 return code
             if tiles.in_flight >= max_in_flight:
@@ -2913,11 +3122,9 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
             estimate = tiles.estimate or estimate
         while tiles.in_flight:
             finish_one()
-        if watch is not None:
-            reason = watch()
-            if reason:
-                report(f"exit reason={reason} t={time.time():.6f}")
-                return EXIT_FOREIGN
+        code = look()
+        if code is not None:
+            return code
         now = clock()
         if now - since >= _REPORT_SECONDS:
             report(f"stats duty={duty:.3f} busy={busy / (now - since):.3f} "
@@ -2925,10 +3132,15 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
             busy, since = 0.0, now
         end = begin + period
         while True:
-            left = end - clock()
+            now = clock()
+            left = end - now
             if left <= 0:
                 break
+            if watch is not None:
+                left = min(left, max(0.0, next_watch - now))
             code = obey(control.poll(left))
+            if code is None:
+                code = look()
             if code is not None:
                 return code
 
@@ -2960,55 +3172,135 @@ class StdinControl:
         return [line.decode(errors="replace").strip() for line in lines if line.strip()]
 
 
+class ForeignWork(Exception):
+    """A worker saw somebody else's work on its GPU while it set up; the message says what."""
+
+
 class _NvmlWatch:
-    """The worker's own look for foreign work, every period (about 7 times a second): the
-    fast path of the yield, which does not wait for the daemon's next tick."""
+    """The worker's own look for foreign work, every _WATCH_SECONDS: the fast path of the
+    yield, which does not wait for the daemon's next tick. Foreign work is a second process
+    on the GPU, or memory used beyond what was used before this worker started and what it
+    holds itself (``own``, bytes: its tensors and its context). The two are asked apart: a
+    process list that NVML refuses (a version mismatch, no permission) leaves the memory."""
 
-    def __init__(self, uuid: str) -> None:
-        import pynvml
+    def __init__(self, uuid: str, module=None, hide_processes: bool = False) -> None:
+        if module is None:
+            import pynvml as module
 
-        pynvml.nvmlInit()
-        self.nv = pynvml
-        self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-        self.base = int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        module.nvmlInit()
+        self.nv = module
+        self.handle = module.nvmlDeviceGetHandleByUUID(uuid)
+        self.hide_processes = hide_processes
+        self.before = self.used()  # read before this worker creates its context
+        self.own = 0
+
+    def used(self) -> int:
+        return int(self.nv.nvmlDeviceGetMemoryInfo(self.handle).used)
 
     def __call__(self) -> str:
+        if not self.hide_processes:
+            try:
+                if len(self.nv.nvmlDeviceGetComputeRunningProcesses(self.handle)) > 1:
+                    return "foreign-process"
+            except Exception:  # noqa: BLE001 - the memory still tells
+                pass
         try:
-            if len(self.nv.nvmlDeviceGetComputeRunningProcesses(self.handle)) > 1:
-                return "foreign-process"
-            used = int(self.nv.nvmlDeviceGetMemoryInfo(self.handle).used)
+            used = self.used()
         except Exception:  # noqa: BLE001 - the daemon keeps watching too
             return ""
-        if used - self.base > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
+        if used - self.before - self.own > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
             return "foreign-memory"
         return ""
 
 
 def _report(line: str) -> None:
+    """One line up to the daemon. It never blocks: when the daemon does not read (stalled on
+    slow storage), the pipe fills and lines are dropped, rather than the duty cycle and the
+    watch stopping. A line is short enough for the pipe to take whole or not at all."""
+    data = (line[:2000] + "\n").encode(errors="replace")
     try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-    except (BrokenPipeError, OSError, ValueError):
-        pass  # the daemon is gone; stdin's end of input will stop us
+        fd = sys.stdout.fileno()
+        if os.get_blocking(fd):
+            os.set_blocking(fd, False)
+        os.write(fd, data)
+    except (OSError, ValueError):
+        pass  # full (dropped), or the daemon is gone: stdin's end of input will stop us
 
 
-def _take_ballast(torch, memory_mib: int) -> tuple[list, int]:
-    """Allocate up to ``memory_mib`` in all on the current GPU; keep what fits."""
+def _take_ballast(torch, memory_mib: int, headroom: float = KEEPALIVE_HEADROOM,
+                  watch: _NvmlWatch | None = None, context: int = 0) -> tuple[list, int]:
+    """Allocate up to ``memory_mib`` in all on the current GPU, a piece at a time. Before
+    each piece, the live free memory is read: the ballast stops at free minus ``headroom``
+    of the GPU, so a job that grows meanwhile is never pushed out of memory; and ``watch``
+    (told what we hold, with our ``context``) raises ForeignWork when such a job appears."""
     chunks = []
-    want = memory_mib * MIB - torch.cuda.memory_reserved()
-    while want > 0:
-        size = min(want, _BALLAST_CHUNK_MIB * MIB)
+    while True:
+        reserved = torch.cuda.memory_reserved()
+        want = memory_mib * MIB - reserved
+        if want < _BALLAST_MIN_MIB * MIB:
+            break
+        if watch is not None:
+            watch.own = reserved + context
+            reason = watch()
+            if reason:
+                raise ForeignWork(reason)
+        free, total = torch.cuda.mem_get_info()
+        size = min(want, _BALLAST_CHUNK_MIB * MIB, int(free - headroom * total))
+        if size < _BALLAST_MIN_MIB * MIB:
+            _report(f"log WARNING only {reserved // MIB} MiB of {memory_mib} MiB taken: "
+                    f"{free // MIB} MiB free, {headroom:.0%} of the GPU left free")
+            break
         try:
             chunks.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
         except torch.cuda.OutOfMemoryError:
-            _report(f"log WARNING only {torch.cuda.memory_reserved() // MIB} MiB of "
-                    f"{memory_mib} MiB could be taken")
+            _report(f"log WARNING only {reserved // MIB} MiB of {memory_mib} MiB could be taken")
             break
-        want -= size
     return chunks, torch.cuda.memory_reserved() // MIB
 
 
-def _worker(argv: list[str]) -> int:
+def setup_worker(torch, args: argparse.Namespace,
+                 watch: _NvmlWatch | None) -> tuple[TorchTiles, list, int, int]:
+    """Tiles, ballast, held MiB and context MiB of a worker on ``args.device``. The context
+    is measured: memory used now, less what was used before (``watch.before``) and what
+    torch holds. ForeignWork when somebody else's memory appeared meanwhile."""
+    cuda = args.device.startswith("cuda")
+    if cuda and args.mode == WorkerMode.FILL.value and args.memory_mib:
+        # the filler stays within its share: beyond it an allocation fails in the filler,
+        # not in the task beside it
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_mib * MIB / total))
+    element = 2 if cuda else 4
+
+    def make(n: int) -> TorchTiles:
+        return TorchTiles(torch, n, args.device)
+
+    if args.tile:
+        tiles = calibrate_tiles(make, args.tile_ms / 1000, n=args.tile, step=args.tile,
+                                n_max=args.tile, element_size=element)
+    else:
+        tiles = calibrate_tiles(make, args.tile_ms / 1000, max_bytes=args.max_tile_mib * MIB,
+                                element_size=element, n=4096 if cuda else 256,
+                                step=1024 if cuda else 64, n_max=32768 if cuda else 4096)
+    held = tiles.nbytes // MIB
+    if not cuda:
+        return tiles, [], held, 0
+    torch.cuda.empty_cache()  # the sizes tried while calibrating
+    context = _CONTEXT_MIB * MIB
+    if watch is not None:
+        measured = watch.used() - watch.before - torch.cuda.memory_reserved()
+        if measured > (_CONTEXT_MAX_MIB + KEEPALIVE_FOREIGN_MEMORY_MIB) * MIB:
+            raise ForeignWork("foreign-memory")
+        context = min(max(measured, 0), _CONTEXT_MAX_MIB * MIB)
+        watch.own = torch.cuda.memory_reserved() + context
+    ballast: list = []
+    if args.mode == WorkerMode.HOLD.value:  # the filler holds its tiles only
+        ballast, held = _take_ballast(torch, args.memory_mib, watch=watch, context=context)
+        if watch is not None:
+            watch.own = torch.cuda.memory_reserved() + context
+    return tiles, ballast, held, context // MIB
+
+
+def _worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perpetual_motion.py --worker",
                                      description="Keep-alive worker of one GPU.")
     parser.add_argument("uuid", help="the GPU's UUID (also its CUDA_VISIBLE_DEVICES)")
@@ -3021,47 +3313,39 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--max-tile-mib", type=int, default=0)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for the tests")
     parser.add_argument("--no-watch", action="store_true", help="leave foreign work to the daemon")
-    args = parser.parse_args(argv)
+    parser.add_argument("--hide-processes", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _worker(argv: list[str]) -> int:
+    args = _worker_parser().parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    watch = None
+    if cuda and args.mode == WorkerMode.HOLD.value and not args.no_watch:
+        try:  # before torch: what is used before our context exists
+            watch = _NvmlWatch(args.uuid, hide_processes=args.hide_processes)
+        except Exception as exc:  # noqa: BLE001 - the daemon's check remains
+            _report(f"log INFO no fast foreign-work check ({exc}); the daemon's remains")
     try:
         import torch
     except ImportError:
         _report("log ERROR torch is not installed")
         return EXIT_SETUP
-    cuda = args.device.startswith("cuda")
     try:
         if cuda and not torch.cuda.is_available():
             _report("log ERROR CUDA is not available to the worker")
             return EXIT_SETUP
         if not cuda:
             torch.set_num_threads(1)
-        element = 2 if cuda else 4
-
-        def make(n: int) -> TorchTiles:
-            return TorchTiles(torch, n, args.device)
-
-        if args.tile:
-            tiles = calibrate_tiles(make, args.tile_ms / 1000, n=args.tile, step=args.tile,
-                                    n_max=args.tile, element_size=element)
-        else:
-            tiles = calibrate_tiles(make, args.tile_ms / 1000, max_bytes=args.max_tile_mib * MIB,
-                                    element_size=element, n=4096 if cuda else 256,
-                                    step=1024 if cuda else 64, n_max=32768 if cuda else 4096)
-        ballast: list = []
-        held = tiles.nbytes // MIB
-        if cuda:
-            torch.cuda.empty_cache()  # the sizes tried while calibrating
-        if cuda and args.mode == WorkerMode.HOLD.value:  # the filler holds its tiles only
-            ballast, held = _take_ballast(torch, args.memory_mib)
-        watch = None
-        if cuda and args.mode == WorkerMode.HOLD.value and not args.no_watch:
-            try:
-                watch = _NvmlWatch(args.uuid)
-            except Exception as exc:  # noqa: BLE001 - the daemon's check remains
-                _report(f"log INFO no fast foreign-work check ({exc}); the daemon's remains")
+        tiles, ballast, held, context = setup_worker(torch, args, watch)
+    except ForeignWork as exc:
+        _report(f"exit reason={exc} t={time.time():.6f}")
+        return EXIT_FOREIGN
     except Exception as exc:  # noqa: BLE001 - out of memory for the tiles, CUDA errors
         _report(f"log ERROR setup failed: {type(exc).__name__}: {exc}")
         return EXIT_SETUP
-    _report(f"ready tile={tiles.n} tile_ms={(tiles.estimate or 0) * 1000:.2f} held_mib={held}")
+    _report(f"ready tile={tiles.n} tile_ms={(tiles.estimate or 0) * 1000:.2f} held_mib={held} "
+            f"context_mib={context}")
     code = run_worker_loop(tiles, StdinControl(), duty=args.duty, report=_report,
                            period=args.period, watch=watch)
     del ballast

@@ -1,32 +1,120 @@
 #!/usr/bin/env bash
-# Run the keep-alive benchmark once on this machine's first GPU (about 4 minutes, 8 at most).
-# The JSON goes to $OUT when it is set, else to bench/results/, as keepalive-<GPU>-<date>.json;
-# the benchmark's log goes beside it. The GPU must be otherwise idle.
+# Run the keep-alive benchmark on this machine's first GPU, from a bare machine on.
+#
+#   bench/run_on_gpu.sh [all|setup|preflight]        (default: all)
+#
+#   setup      a Python with torch (CUDA) and nvidia-ml-py: python3 when it has them, else a
+#              virtual environment ($PM_BENCH_VENV, default ~/.cache/pm-bench-venv) with
+#              torch==TORCH_VERSION from PyPI (CUDA 12.8 wheels: any driver from 525 on; the
+#              newest torch wheels need driver 580). A few minutes; done once per machine.
+#   preflight  setup, then the benchmark's preflight alone (~20 s): versions, compute mode,
+#              MIG, the GPU idle, NVML's sample period, a tiny fp16 matmul on the device.
+#   all        setup, then the whole plan (the preflight first; under 6 minutes).
+#
+# Output goes to $OUT when it is set, else to bench/results/: keepalive-<GPU>-<date>.json,
+# keepalive-bench.log (its log), keepalive-bench.stdout, setup.log and children.pids. The
+# benchmark runs under a hard timeout, and every process it started is gone when this returns.
+# Exit status: the benchmark's (0 done, 2 cannot run here, 3 cut short), 124 timed out.
 set -euo pipefail
 
-readonly LIMIT_SECONDS=480  # well under the 9 minutes a device run may take
+readonly TORCH_VERSION="2.9.1"
+readonly PREFLIGHT_LIMIT_SECONDS=90  # the preflight itself takes about 20 s
+readonly PLAN_LIMIT_SECONDS=400  # the plan stops itself at 330 s
+readonly KILL_AFTER_SECONDS=15  # from SIGTERM to SIGKILL when the limit is reached
 
 err() {
   echo "run_on_gpu: $*" >&2
 }
 
+# python_ok PYTHON: it imports torch with CUDA and pynvml
+python_ok() {
+  "$1" -c 'import sys, pynvml, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
+    >/dev/null 2>&1
+}
+
+# setup OUT_DIR: prints the Python to use
+setup() {
+  local out_dir="$1"
+  local venv="${PM_BENCH_VENV:-${HOME}/.cache/pm-bench-venv}"
+  if python_ok python3; then
+    command -v python3
+    return 0
+  fi
+  if [[ ! -x "${venv}/bin/python" ]]; then
+    err "setting up ${venv} (torch ${TORCH_VERSION} from PyPI: a few minutes)"
+    python3 -m venv "${venv}" >>"${out_dir}/setup.log" 2>&1 || {
+      err "python3 -m venv failed (see ${out_dir}/setup.log)"
+      return 2
+    }
+  fi
+  if ! python_ok "${venv}/bin/python"; then
+    "${venv}/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "torch==${TORCH_VERSION}" nvidia-ml-py >>"${out_dir}/setup.log" 2>&1 || {
+      err "pip install failed (see ${out_dir}/setup.log)"
+      return 2
+    }
+  fi
+  if ! python_ok "${venv}/bin/python"; then
+    err "torch sees no CUDA device even in ${venv}:"
+    "${venv}/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda);
+torch.zeros(1, device="cuda")' >&2 || true
+    return 2
+  fi
+  echo "${venv}/bin/python"
+}
+
+# kill_leftovers OUT_DIR: the benchmark's children that outlived it (it was killed)
+kill_leftovers() {
+  local pids_file="$1/children.pids" pid
+  [[ -f "${pids_file}" ]] || return 0
+  while read -r pid; do
+    [[ "${pid}" =~ ^[0-9]+$ ]] || continue
+    if grep -qsE 'keepalive_bench|perpetual_motion' "/proc/${pid}/cmdline" 2>/dev/null; then
+      err "killing leftover process ${pid}"
+      kill -KILL -- "-${pid}" 2>/dev/null || kill -KILL "${pid}" 2>/dev/null || true
+    fi
+  done <"${pids_file}"
+}
+
 main() {
+  local what="${1:-all}"
+  case "${what}" in
+    all | setup | preflight) ;;
+    *)
+      err "usage: bench/run_on_gpu.sh [all|setup|preflight]"
+      return 2
+      ;;
+  esac
   cd "$(dirname "$0")/.."
   local out_dir="${OUT:-bench/results}"
   mkdir -p "${out_dir}"
-  if ! python3 -c 'import torch, pynvml, psutil' 2>/dev/null; then
-    err "needs python3 with torch (a CUDA build), nvidia-ml-py and psutil"
+  if ! compgen -G '/dev/nvidia[0-9]*' >/dev/null && ! nvidia-smi -L >/dev/null 2>&1; then
+    err "no NVIDIA GPU here (no /dev/nvidia0, no nvidia-smi)"
     return 2
   fi
-  nvidia-smi -L || err "nvidia-smi failed (the benchmark says whether NVML works)"
-  local status=0
-  timeout "${LIMIT_SECONDS}" python3 bench/keepalive_bench.py --gpu 0 --out-dir "${out_dir}" \
-    >"${out_dir}/keepalive-bench.stdout" 2>"${out_dir}/keepalive-bench.log" || status=$?
-  tail -n 5 "${out_dir}/keepalive-bench.log" >&2 || true
-  if [[ ${status} -ne 0 ]]; then
-    err "the benchmark ended with status ${status} (124: timed out; what it measured is kept)"
+  nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total,compute_mode \
+    --format=csv >&2 2>/dev/null || err "nvidia-smi did not answer (the preflight asks NVML)"
+  local python
+  python="$(setup "${out_dir}")" || return 2
+  err "python: ${python} ($("${python}" -c 'import torch; print(torch.__version__)'))"
+  [[ "${what}" == setup ]] && return 0
+  local limit="${PLAN_LIMIT_SECONDS}" args=(--gpu 0 --out-dir "${out_dir}")
+  if [[ "${what}" == preflight ]]; then
+    limit="${PREFLIGHT_LIMIT_SECONDS}"
+    args+=(--preflight-only)
   fi
-  ls -l "${out_dir}"
+  local status=0
+  timeout --kill-after="${KILL_AFTER_SECONDS}" "${limit}" \
+    "${python}" bench/keepalive_bench.py "${args[@]}" \
+    >"${out_dir}/keepalive-bench.stdout" 2>"${out_dir}/keepalive-bench.log" || status=$?
+  kill_leftovers "${out_dir}"
+  tail -n 8 "${out_dir}/keepalive-bench.log" >&2 || true
+  case "${status}" in
+    0) ;;
+    124 | 137) err "the benchmark ran out of time (${limit} s); what it measured is kept" ;;
+    *) err "the benchmark ended with status ${status}" ;;
+  esac
+  ls -l "${out_dir}" >&2
   return "${status}"
 }
 
