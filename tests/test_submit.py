@@ -186,12 +186,13 @@ def test_help_lists_options_and_every_setting(tmp_path):
     run = run_submit(base_env(tmp_path), "--help")
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("Usage: submit.sh [options] <JOB_ID> [GPUS] [NODES]")
-    for word in ("--backend", "--force", "--dry-run", "CODE_DIR=", "QUEUE_ROOT=", "CONDA_PATH=",
+    for word in ("--backend", "--hours", "--force", "--dry-run", "CODE_DIR=", "QUEUE_ROOT=",
+                 "CONDA_PATH=",
                  "CONDA_ENV=", "SCO_WORKSPACE=", "SCO_AEC2=", "SCO_IMAGE=",
                  "SCO_WORKER_SPEC=n6ls.iu.i40.{GPUS}", "SCO_PRIORITY=normal",
                  "SCO_STORAGE_MOUNT=", "JOB_NAME_PREFIX=ydj-", "PARTITION=", "GRES=gpu:{GPUS}",
                  "EXCLUSIVE=1", "CPUS_PER_NODE=", "MEM_PER_NODE=", "DAEMON_ARGS=",
-                 "AUTO_SHUTDOWN_HOURS=24"):
+                 "AUTO_SHUTDOWN_HOURS=''"):
         assert word in run.stdout, word
 
 
@@ -235,11 +236,44 @@ def test_bad_slurm_resources_are_refused(tmp_path, setting, value):
     assert f"bad {setting} '{value}'" in run.stderr
 
 
-def test_bad_hours_is_refused(tmp_path):
-    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), AUTO_SHUTDOWN_HOURS="0", **SCO_SETTINGS)
-    run = run_submit(env, "ok")
+@pytest.mark.parametrize("hours, flag", [("0", False), ("nan", True), ("²", True),
+                                         ("inf", False), ("-1", True)])
+def test_bad_hours_is_refused(tmp_path, hours, flag):
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), **SCO_SETTINGS)
+    if flag:
+        run = run_submit(env, f"--hours={hours}", "ok")
+    else:
+        run = run_submit(dict(env, AUTO_SHUTDOWN_HOURS=hours), "ok")
     assert run.returncode == 2
-    assert "bad AUTO_SHUTDOWN_HOURS '0'" in run.stderr
+    assert f"bad AUTO_SHUTDOWN_HOURS '{hours}'" in run.stderr
+    assert sco_calls(env) == []
+
+
+def test_hours_are_passed_only_when_set_for_the_launch(tmp_path):
+    """Without AUTO_SHUTDOWN_HOURS the daemon's own constant rules (the seed's FAQ: edit it in
+    perpetual_motion.py); set in the settings file, the environment or by --hours, it is passed
+    on, and the flag wins."""
+    code = make_code_dir(tmp_path, real_daemon=False)
+    seen = tmp_path / "seen.json"
+    conf = tmp_path / "hours.conf"
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), CODE_DIR=str(code),
+                   PYTHON=str(make_recording_python(tmp_path, seen)), **SCO_SETTINGS)
+
+    def daemon_argv(*args: str, **settings: str) -> list[str]:
+        launch = dict(env, **settings)
+        run = run_submit(launch, *args, "exp1")
+        assert run.returncode == 0, run.stderr
+        worker = subprocess.run(["sh", "-c", option(sco_calls(launch)[-1], "command")], cwd="/",
+                                capture_output=True, text=True, timeout=30, env=base_env(tmp_path))
+        assert worker.returncode == 0, worker.stderr
+        return json.loads(seen.read_text())["argv"]
+
+    assert "--hours" not in daemon_argv()
+    conf.write_text("AUTO_SHUTDOWN_HOURS=48\n")
+    assert daemon_argv(SUBMIT_CONF=str(conf))[-2:] == ["--hours", "48"]
+    assert "--hours" not in daemon_argv(SUBMIT_CONF=str(conf), AUTO_SHUTDOWN_HOURS="")
+    assert daemon_argv(AUTO_SHUTDOWN_HOURS="2.5")[-2:] == ["--hours", "2.5"]
+    assert daemon_argv("--hours", "6", AUTO_SHUTDOWN_HOURS="2.5")[-2:] == ["--hours", "6"]
 
 
 def test_missing_sco_settings_are_listed(tmp_path):
@@ -571,6 +605,22 @@ def test_slurm_sbatch_arguments(tmp_path):
     launcher = (instance / "launch.sh").read_text()
     assert '--node-rank "${SLURM_NODEID:-0}" --num-nodes "${SLURM_NNODES:-1}"' in launcher
 
+    # Without AUTO_SHUTDOWN_HOURS the time limit follows the daemon's own constant.
+    code = make_code_dir(tmp_path, real_daemon=True)
+    daemon_file = code / "perpetual_motion.py"
+    daemon_file.write_text(daemon_file.read_text().replace(
+        "\nAUTO_SHUTDOWN_HOURS = 24  #", "\nAUTO_SHUTDOWN_HOURS = 48  #", 1))
+    no_hours = {k: v for k, v in env.items() if k != "AUTO_SHUTDOWN_HOURS"}
+    run = run_submit(dict(no_hours, CODE_DIR=str(code)), "--backend", "slurm", "exp5")
+    assert run.returncode == 0, run.stderr
+    assert "--time=2885" in json.loads(record.read_text())  # 48 h and 5 minutes
+    assert "--hours" not in (root / "exp5" / "launch.sh").read_text()
+    daemon_file.write_text("AUTO_SHUTDOWN_HOURS = 24 * 2\n")  # not a plain number: no --time
+    run = run_submit(dict(no_hours, CODE_DIR=str(code)), "--backend", "slurm", "exp6")
+    assert run.returncode == 0, run.stderr
+    assert "cannot read AUTO_SHUTDOWN_HOURS" in run.stderr
+    assert not any(arg.startswith("--time") for arg in json.loads(record.read_text()))
+
     env.update(GRES="gpu:{GPUS}", PARTITION="")  # GPUS=0: no --gres at all
     assert run_submit(env, "--backend", "slurm", "exp2", "0").returncode == 0
     argv = json.loads(record.read_text())
@@ -646,6 +696,54 @@ def test_local_backend_reports_a_daemon_that_exits_at_once(tmp_path):
     assert run.returncode == 1
     assert "the daemon exited at once (status 2)" in run.stderr
     assert "unrecognized arguments: --no-such-flag" in run.stderr
+    # Nothing was launched: no job to record, and none for the next launch to warn about.
+    assert not (tmp_path / "broken" / "job_id.txt").exists()
+    again = run_submit(dict(env, DAEMON_ARGS=""), "--dry-run", "--backend", "local", "broken", "0")
+    assert again.returncode == 0, again.stderr
+    assert "has not started" not in again.stderr
+
+
+@needs_namespace
+def test_local_backend_stops_a_daemon_without_a_heartbeat_and_records_nothing(tmp_path):
+    """A "daemon" that never writes a heartbeat: submit.sh stops it after LOCAL_WAIT_SECONDS,
+    exits 1, and writes no job_id.txt."""
+    code = make_code_dir(tmp_path, real_daemon=False)
+    pid_file = tmp_path / "silent.pid"
+    silent = tmp_path / "silent python"
+    silent.write_text(f"#!/bin/sh\necho $$ > '{pid_file}'\nexec sleep 120\n")
+    silent.chmod(0o755)
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), CODE_DIR=str(code), PYTHON=str(silent),
+                   LOCAL_WAIT_SECONDS="1")
+    script = ('"$0" --backend local silent 0; echo "submit-exit=$?"; '
+              f'if kill -0 "$(cat \'{pid_file}\')" 2>/dev/null; then echo alive; '
+              'else echo stopped; fi')
+    run = subprocess.run([*UNSHARE, "bash", "-c", script, str(SUBMIT)], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "submit-exit=1" in run.stdout and "stopped" in run.stdout, (run.stdout, run.stderr)
+    assert "no heartbeat from the daemon" in run.stderr
+    assert not (tmp_path / "silent" / "job_id.txt").exists()
+
+
+@needs_namespace
+def test_editing_auto_shutdown_hours_in_the_daemon_takes_effect_under_submit(tmp_path):
+    """The seed's FAQ: edit AUTO_SHUTDOWN_HOURS in perpetual_motion.py to change when the
+    daemon exits. Launched by submit.sh (local backend), the edited value rules."""
+    code = make_code_dir(tmp_path, real_daemon=True)
+    daemon_file = code / "perpetual_motion.py"
+    daemon_file.write_text(daemon_file.read_text().replace(
+        "\nAUTO_SHUTDOWN_HOURS = 24  #", "\nAUTO_SHUTDOWN_HOURS = 0.0005  #", 1))
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), CODE_DIR=str(code),
+                   DAEMON_ARGS=TEST_DAEMON_ARGS)
+    wrapper = textwrap.dedent("""\
+        "$0" --backend local brief 0 || exit
+        pid=$(sed -n 's/^pid=//p' "$QUEUE_ROOT/brief/job_id.txt")
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        """)
+    run = subprocess.run([*UNSHARE, "bash", "-c", wrapper, str(SUBMIT)], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    log = (tmp_path / "brief" / "daemon.log").read_text()
+    assert "(0.0005h)" in log and "Shutting down: auto-shutdown after 0.0005h" in log, log
 
 
 # Multi-node ###############################################################################
