@@ -328,6 +328,34 @@ def test_environment_beats_settings_file_beats_defaults(tmp_path):
     assert option(argv, "training-framework") == "pytorch"  # the default
 
 
+def test_the_example_settings_launch_the_originals_sco_job(tmp_path):
+    """submit.conf.example, copied as it is, gives the original tool's SCO ACP job: workspace
+    share-space, cluster share-cluster, the volume at /mnt/afs, n6ls.iu.i40.<GPUS>, ydj-<JOB_ID>,
+    and a worker command of its shape (conda, cd CODE_DIR, the daemon)."""
+    example = REPO / "submit.conf.example"
+    conf = tmp_path / "submit.conf"
+    shutil.copy(example, conf)
+    env = base_env(tmp_path, SUBMIT_CONF=str(conf))
+    del env["PYTHON"]  # the example's (submit.sh's default): python3
+    run = run_submit(env, "--dry-run", "exp1")
+    assert run.returncode == 0, run.stderr
+    for flag in ("--workspace-name=share-space", "--aec2-name=share-cluster",
+                 "--job-name=ydj-exp1", "--worker-spec=n6ls.iu.i40.2", "--priority=normal",
+                 "--training-framework=pytorch", "--storage-mount=VOLUME_ID:/mnt/afs",
+                 "'--command=bash /mnt/afs/YOUR_NAME/gpu_queue/exp1/launch.sh'"):
+        assert f" {flag}" in run.stdout, (flag, run.stdout)
+    launcher = [line.strip() for line in run.stdout.splitlines()]
+    assert "source /mnt/afs/YOUR_NAME/software/conda/bin/activate swift || exit 1" in launcher
+    assert "cd /mnt/afs/YOUR_NAME/perpetual-motion || exit 1" in launcher
+    assert "exec python3 perpetual_motion.py --job-id exp1 --queue-root " \
+           '/mnt/afs/YOUR_NAME/gpu_queue "${node_flags[@]}"' in launcher
+    # Every name in it, set or commented out, is a setting of submit.sh.
+    names = {line.lstrip("#").split("=", 1)[0] for line in example.read_text().splitlines()
+             if "=" in line and line.lstrip("#")[:1].isupper()}
+    help_text = run_submit(env, "--help").stdout
+    assert names and all(f"  {name}=" in help_text for name in names), names
+
+
 # sco #######################################################################################
 
 
