@@ -3,8 +3,9 @@
 - sco: a recording stand-in `sco` (tests/fake_sco/sco) first on PATH; the command it was given
   is then run the way SCO ACP runs it on each worker, with a stand-in Python or the real daemon.
 - local: submit.sh itself runs inside a PID namespace, with the daemon it starts.
-- slurm: the real single-node Slurm that .ci/start-slurm.sh starts. Skipped when Slurm is not
-  usable, unless REQUIRE_SLURM=1 (CI), which makes that a failure.
+- slurm: the real Slurm clusters that .ci/start-slurm.sh starts, one node and two nodes on this
+  machine (tests/slurm_cluster.py); the daemons run in PID namespaces there too. Skipped when a
+  cluster is not usable, unless REQUIRE_SLURM=1 (CI), which makes that a failure.
 - multi-node: two daemons of one instance, node ranks 0 and 1, each in its own PID namespace.
 
 Tasks are submitted and the daemons shut down with client.sh (gpu_submit, gpu_shutdown).
@@ -21,8 +22,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO, UNSHARE, needs_namespace, read_fields, wait_for
+from slurm_cluster import namespace_python
 
 SUBMIT = REPO / "submit.sh"
 CLIENT = REPO / "client.sh"
@@ -857,90 +860,68 @@ def test_scripts_are_shellcheck_clean():
 # slurm, for real ##########################################################################
 
 
-def slurm_problem() -> str | None:
-    """Why Slurm cannot run a job here, or None when it can."""
-    for program in ("sbatch", "sinfo", "scontrol", "srun"):
-        if shutil.which(program) is None:
-            return f"{program} is not installed"
-    try:
-        probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                               timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out"
-    if probe.returncode != 0:
-        return f"sinfo failed: {probe.stderr.strip()}"
-    if not {"idle", "mix", "alloc", "comp"} & set(probe.stdout.split()):
-        return f"no node is up (sinfo: {probe.stdout.split()})"
-    return None
-
-
-@pytest.fixture
-def slurm():
-    problem = slurm_problem()
-    if problem is not None:
-        if os.environ.get("REQUIRE_SLURM") == "1":
-            pytest.fail(f"REQUIRE_SLURM=1 but Slurm is not usable: {problem} "
-                        "(run: bash .ci/start-slurm.sh)")
-        pytest.skip(f"Slurm is not usable: {problem} (set REQUIRE_SLURM=1 to fail instead)")
-
-
-def slurm_job(job: str) -> dict[str, str]:
-    show = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
-                          text=True, timeout=20)
-    assert show.returncode == 0, show.stderr
-    return dict(word.split("=", 1) for word in show.stdout.split() if "=" in word)
-
-
-def slurm_node(name: str) -> dict[str, str]:
-    show = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True,
-                          text=True, timeout=20)
-    assert show.returncode == 0, show.stderr
-    return dict(word.split("=", 1) for word in show.stdout.split() if "=" in word)
-
-
 def test_slurm_backend_runs_a_task_and_the_job_ends(tmp_path, slurm):
     root = tmp_path / "queue root"
     root.mkdir()
     job_id = f"slurm-{os.getpid()}"
-    instance = root / job_id
-    # No PID namespace around a Slurm job: the daemon kills nothing but its tasks, and this
-    # test never stops a task.
+    # The daemon runs as PID 1 of its own PID namespace inside the job, as in every test.
     env = base_env(tmp_path, QUEUE_ROOT=str(root), DAEMON_ARGS=TEST_DAEMON_ARGS,
-                   AUTO_SHUTDOWN_HOURS="0.5")
-    run = run_submit(env, "--backend", "slurm", job_id, "0")
-    assert run.returncode == 0, run.stderr
-    fields = read_fields(instance / "job_id.txt")
-    slurm_id = fields["cluster_job_id"]
-    try:
-        assert (fields["backend"], fields["job_name"]) == ("slurm", f"ydj-{job_id}")
-        assert f"Submitted Slurm job {slurm_id}" in run.stdout
-        job = slurm_job(slurm_id)
-        assert (job["JobName"], job["NumNodes"].split("-")[0], job["TimeLimit"]) == (
-            f"ydj-{job_id}", "1", "00:35:00")
-        assert "gres" not in job.get("TresPerNode", "")
+                   AUTO_SHUTDOWN_HOURS="0.5", PYTHON=str(namespace_python(tmp_path)))
+    launch = slurm.launch(env, job_id, "0")
+    fields = read_fields(launch.instance / "job_id.txt")
+    slurm_id = launch.slurm_id
+    assert (fields["backend"], fields["cluster_job_id"], fields["job_name"]) == (
+        "slurm", slurm_id, f"ydj-{job_id}")
+    job = slurm.job(slurm_id)
+    assert (job["JobName"], job["NumNodes"].split("-")[0], job["TimeLimit"]) == (
+        f"ydj-{job_id}", "1", "00:35:00")
+    assert "gres" not in job.get("TresPerNode", "")
 
-        state = wait_for(lambda: running_state(instance, 0), 60,
-                         what=f"the daemon in Slurm job {slurm_id}")
-        assert (state["node_rank"], state["num_nodes"]) == ("0", "1")
-        # The whole node (EXCLUSIVE=1): every CPU and all its memory, not 1 CPU.
-        job = slurm_job(slurm_id)
-        node = slurm_node(job["NodeList"])
-        assert (job["OverSubscribe"], job["NumCPUs"], job["MinMemoryNode"]) == (
-            "NO", node["CPUTot"], "0")
+    [state] = launch.wait_daemons()
+    assert (state["node_rank"], state["num_nodes"]) == ("0", "1")
+    # The whole node (EXCLUSIVE=1): every CPU and all its memory, not 1 CPU.
+    job = slurm.job(slurm_id)
+    node = slurm.node(job["NodeList"])
+    assert (job["OverSubscribe"], job["NumCPUs"], job["MinMemoryNode"]) == (
+        "NO", node["CPUTot"], "0")
 
-        task = tmp_path / "in_slurm.sh"
-        task.write_text('echo "job=$SLURM_JOB_ID node=$NODE_RANK"\n')
-        name = submit_task(instance, env, task)
-        done = wait_for(lambda: done_task(instance, name), 30, what="the task to finish")
-        assert f"job={slurm_id} node=0" in (instance / "logs" / f"{done.name}.log").read_text()
+    task = tmp_path / "in_slurm.sh"
+    task.write_text('echo "job=$SLURM_JOB_ID node=$NODE_RANK"\n')
+    launch.client("gpu_submit", str(task))
+    done = wait_for(lambda: done_task(launch.instance, task.name), 30, what="the task to finish")
+    assert f"job={slurm_id} node=0" in (launch.instance / "logs" / f"{done.name}.log").read_text()
 
-        shutdown(instance, env)
-        ended = wait_for(lambda: slurm_job(slurm_id)["JobState"] not in
-                         ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"), 60,
-                         what=f"Slurm job {slurm_id} to end")
-        assert ended
-        assert slurm_job(slurm_id)["JobState"] == "COMPLETED"
-        assert read_fields(instance / "nodes" / "node-0.state")["status"] == "stopped"
-        assert "Stopped" in (instance / "daemon.log").read_text()
-    finally:
-        subprocess.run(["scancel", slurm_id], capture_output=True, timeout=20)
+    assert launch.shutdown() == "COMPLETED"
+    assert launch.state(0)["status"] == "stopped"
+    assert "Stopped" in launch.daemon_log()
+
+
+def test_slurm_two_nodes_bring_up_a_daemon_on_each_and_gpu_shutdown_ends_the_job(tmp_path,
+                                                                                 two_node_slurm):
+    """`submit.sh --backend slurm exp 0 2` on the two-node cluster: one daemon per Slurm node,
+    ranks 0 and 1 from SLURM_NODEID, both alive; gpu_shutdown ends both and the job."""
+    root = tmp_path / "queue root"
+    root.mkdir()
+    env = base_env(tmp_path, QUEUE_ROOT=str(root), DAEMON_ARGS=TEST_DAEMON_ARGS,
+                   AUTO_SHUTDOWN_HOURS="0.5", PYTHON=str(namespace_python(tmp_path)))
+    launch = two_node_slurm.launch(env, f"exp-{os.getpid()}", "0", "2")
+    job = two_node_slurm.job(launch.slurm_id)
+    assert (job["NumNodes"].split("-")[0], job["TimeLimit"]) == ("2", "00:35:00")
+
+    states = launch.wait_daemons()
+    assert [(s["node_rank"], s["num_nodes"]) for s in states] == [("0", "2"), ("1", "2")]
+    assert states[0]["pid_ns"] != states[1]["pid_ns"]  # each in its own namespace
+    # Both "nodes" share this host: the Slurm node of each daemon is in its environment.
+    nodes = []
+    for rank in (0, 1):
+        [daemon] = [p for p in psutil.process_iter(["name", "environ"])
+                    if p.info["name"] == "pm-daemon" and (p.info["environ"] or {}).get(
+                        "SLURM_JOB_ID") == launch.slurm_id
+                    and p.info["environ"].get("SLURM_NODEID") == str(rank)]
+        nodes.append(daemon.info["environ"]["SLURMD_NODENAME"])
+    assert nodes == ["n1", "n2"]
+    status = launch.client("gpu_status").stdout
+    assert "Node 0" in status and "Node 1" in status, status
+
+    assert launch.shutdown() == "COMPLETED"
+    assert [launch.state(rank)["status"] for rank in (0, 1)] == ["stopped", "stopped"]
