@@ -456,23 +456,27 @@ class QueueFolder:
         """Like names(), but only regular files: a link, FIFO, directory or device in the
         folder is skipped, with one warning for each (tasks and commands are files)."""
         found = []
-        for name in self.names(folder):
-            path = self.dir(folder) / name
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                why = error_text(exc)
-            else:
-                if stat.S_ISREG(mode):
-                    found.append(name)
-                    continue
-                why = f"{_kind(mode)}, not a regular file"
-            if f"{folder}/{name}" not in self.skipped:
-                self.skipped.add(f"{folder}/{name}")
-                LOG.warning("[%s] skipping %s: %s", folder, name, why)
-        return found
+        try:
+            with os.scandir(self.dir(folder)) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_file(follow_symlinks=False):  # no stat where d_type tells
+                            found.append(entry.name)
+                            continue
+                        why = f"{_kind(entry.stat(follow_symlinks=False).st_mode)}, " \
+                              "not a regular file"
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        why = error_text(exc)
+                    if f"{folder}/{entry.name}" not in self.skipped:
+                        self.skipped.add(f"{folder}/{entry.name}")
+                        LOG.warning("[%s] skipping %s: %s", folder, entry.name, why)
+        except FileNotFoundError:
+            return []
+        return sorted(found)
 
     def record(self, task_id: str, kind: str) -> Path:
         return self.dir("records") / f"{task_id}.{kind}"
