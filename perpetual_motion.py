@@ -2592,7 +2592,6 @@ def _worker(argv: list[str]) -> int:
 def worker_main(argv: list[str], exit: Callable[[int], object] = os._exit) -> int:
     """Entry of ``perpetual_motion.py --worker ...`` (``argv`` without ``--worker``).
     It leaves through os._exit, so the CUDA context and the memory go at once."""
-    set_process_name(WORKER_PROCESS_NAME)
     try:
         code = _worker(argv)
     except SystemExit as exc:  # argparse
@@ -3141,6 +3140,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
+        set_process_name(WORKER_PROCESS_NAME)
         return worker_main(argv[1:])
     set_process_name(DAEMON_PROCESS_NAME)
     config = config_from_args(parse_args(argv))

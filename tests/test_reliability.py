@@ -408,8 +408,9 @@ def test_a_child_that_escaped_with_env_i_and_setsid_ends_with_its_task(queue_roo
                     if p.cmdline() == ["sleep", "317"] and p.status() != psutil.STATUS_ZOMBIE]
 
         assert len(escaped()) == 1
-        time.sleep(1.0)  # the short orphan has ended: reaped, not a zombie
-        assert [c for c in daemon().children() if c.status() == psutil.STATUS_ZOMBIE] == []
+        time.sleep(1.0)  # the short orphan has ended by now: it is reaped, not left a zombie
+        wait_for(lambda: not [c for c in daemon().children()
+                              if c.status() == psutil.STATUS_ZOMBIE], 5, what="no zombie")
         go.touch()
         wait_for(lambda: finished(inst, task), 20, what="the task to end")
         wait_for(lambda: escaped() == [], 5, what="the escaped child to end")
