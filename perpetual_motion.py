@@ -547,6 +547,7 @@ def become_subreaper() -> bool:
 
 
 def is_subreaper() -> bool:
+    """True when this process is a child subreaper (become_subreaper() succeeded)."""
     value = ctypes.c_int(0)
     return _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value)) and value.value != 0
 
