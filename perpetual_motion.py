@@ -19,11 +19,13 @@ __version__ = "0.1.0"
 import argparse
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import enum
 import errno
 import fcntl
+import functools
 import importlib.util
 import json
 import logging
@@ -71,7 +73,7 @@ WARNING_REPEAT_SECONDS = 60.0  # the same warning is logged at most once per thi
 MIN_WAIT_SECONDS = 0.02  # the loop never spins faster than this
 COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
 CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit before SIGKILL
-MAX_RECORD_BYTES = 65536  # a record, command or state file larger than this is corrupt
+MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record, command or state file larger than this is corrupt
 MAX_HOURS = 24 * 365  # --hours beyond this is refused
 MAX_TASK_ARGS = 4096  # a submit record with more script arguments is corrupt
 
@@ -103,10 +105,13 @@ RECORD_NAME_RE = re.compile(r"(.+)\.(submit|run|result|stop|gang|rank[0-9]+\.(?:
 LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>
 KILL_SCOPES = ("auto", "user-python", "task", "none")
+EXIT_FAILURE = 1  # the daemon cannot run: no psutil, an unwritable queue folder
 EXIT_USAGE = 2  # bad arguments, bad JOB_ID
 EXIT_ALREADY_RUNNING = 3  # a live daemon holds this instance and node
 QUEUE_DIRS = ("pending", "running", "done", "failed", "records", "logs", "commands", "replies",
               "nodes", ".staging")
+DAEMON_PROCESS_NAME = "pm-daemon"  # every daemon and keep-alive worker names itself (prctl)
+WORKER_PROCESS_NAME = "pm-worker"
 LOG = logging.getLogger("perpetual_motion")
 
 # Records ####################################################################################
@@ -118,10 +123,14 @@ def now_text(epoch: float) -> str:
 
 
 def parse_fields(text: str) -> dict[str, str]:
-    """Parse ``key=value`` lines; raise ValueError on a line that is neither that nor blank."""
+    r"""Parse ``key=value`` lines; raise ValueError on a line that is neither that nor blank.
+
+    Lines end at ``\n`` only: a value keeps every other character (``\r``, ``\f``, ``\x1c``,
+    ``\x85``, U+2028 ...), where ``str.splitlines()`` would cut it.
+    """
     fields: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip(" \t\r") or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
         if not sep or not re.fullmatch(r"[a-z0-9_.]+", key):
@@ -138,11 +147,22 @@ def format_fields(fields: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_ASCII_FLOAT_RE = re.compile(
+    r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,3})?")
+
+
 def as_float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
+    """A finite decimal number written in ASCII (``12``, ``-1.5``, ``1e3``), else None: ``nan``,
+    ``inf``, ``1e999`` and non-ASCII digits are no numbers (a ``sent=nan`` is no time)."""
+    if value is None or not _ASCII_FLOAT_RE.fullmatch(value):
         return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def error_text(exc: BaseException) -> str:
+    """An error in a few words: ``No space left on device``, not ``[Errno 28] ...: 'path'``."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 class TaskState(enum.Enum):
@@ -204,7 +224,11 @@ def _count(text: str, key: str, minimum: int, default: int | None) -> int | None
 
 @dataclasses.dataclass(frozen=True)
 class Submission:
-    """What the client recorded at submit time (``records/<id>.submit``); all optional."""
+    """What the client recorded at submit time (``records/<id>.submit``); all optional.
+
+    ``problem`` says why a record that exists could not be read: its task must not run (it
+    would run in another directory, with other arguments).
+    """
 
     cwd: str = ""
     source: str = ""
@@ -363,20 +387,91 @@ def short_name(task_id: str) -> str:
     return task_id.split("-", 3)[3] if TASK_ID_RE.fullmatch(task_id) else task_id
 
 
+class NotRegularFile(OSError):
+    """A queue file that is a symbolic link, FIFO, directory, socket or device: never opened
+    (a FIFO blocks a reader for ever; a link could lead the daemon to anybody's file)."""
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device"
+
+
+def regular_file(path: Path) -> bool:
+    """True when ``path`` itself (not a link's target) is a regular file."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """Open a queue file as a descriptor, never following a symbolic link and never blocking on
+    a FIFO: a regular file's descriptor, else NotRegularFile (or the OSError of the open)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENODEV, errno.EOPNOTSUPP):
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                raise exc from None
+            if not stat.S_ISREG(mode):
+                raise NotRegularFile(errno.EINVAL, f"{_kind(mode)}, not a regular file",
+                                     str(path)) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(errno.EINVAL, f"{_kind(info.st_mode)}, not a regular file",
+                                 str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class QueueFolder:
-    """The one place that knows the layout of ``<root>/<JOB_ID>/`` (docs/protocol.md)."""
+    """The one place that knows the layout of ``<root>/<JOB_ID>/`` (docs/protocol.md).
+
+    It never follows a symbolic link and never opens a FIFO or a device inside the folder:
+    whoever can write ``pending/`` can run code as the daemon's user, but must get no more.
+    """
 
     def __init__(self, instance: Path):
         self.root = instance
+        self.skipped: set[str] = set()  # entries not regular files, warned about once each
 
     def dir(self, name: str) -> Path:
         return self.root / name
 
     def create(self, job_id: str) -> None:
+        """Create the folders and control.json, and check that a file can be written there;
+        OSError when not (a full disk, a quota, a read-only mount)."""
         self.ensure(strict=True)
         if not (self.root / "control.json").exists():
             marker = {"protocol": PROTOCOL_VERSION, "job_id": job_id}
             self.publish(self.root / "control.json", json.dumps(marker, indent=2) + "\n")
+        self.check_writable()
+
+    def check_writable(self) -> None:
+        """Write, fsync, close and remove a small file in ``.staging/``; OSError when one of
+        them fails (AFS and NFS report a full disk or quota only at close)."""
+        probe = self.dir(".staging") / f".probe-{unique_name()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                os.write(fd, b"probe\n" * 16)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
 
     def ensure(self, strict: bool = False) -> list[str]:
         """Create the queue folders that are missing (deleted by hand, say); their names. A
@@ -414,15 +509,23 @@ class QueueFolder:
             raise
 
     def read_fields(self, path: Path) -> dict[str, str] | None:
-        """A record's fields; None when it is missing; ValueError/OSError when it is bad."""
+        """A record's fields; None when it is missing; ValueError/OSError when it is bad (too
+        large, not key=value, or not a regular file: NotRegularFile)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_RECORD_BYTES + 1)
+            fd = open_regular(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        with open(fd, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
         if len(data) > MAX_RECORD_BYTES:
             raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
         return parse_fields(data.decode(errors="replace"))
+
+    def open_log(self, path: Path):
+        """A task's log, opened to append (created when missing); OSError when it cannot be,
+        NotRegularFile when a link, FIFO or directory sits at its name."""
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return open(fd, "ab", buffering=0)
 
     def names(self, folder: str) -> list[str]:
         """Published entries of a folder in run order (dot-names are staging, never listed).
@@ -434,6 +537,32 @@ class QueueFolder:
                 return sorted(e.name for e in entries if not e.name.startswith("."))
         except FileNotFoundError:
             return []
+
+    def files(self, folder: str) -> list[str]:
+        """Like names(), but only regular files: a link, FIFO, directory or device in the
+        folder is skipped, with one warning for each (tasks and commands are files)."""
+        found = []
+        try:
+            with os.scandir(self.dir(folder)) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_file(follow_symlinks=False):  # no stat where d_type tells
+                            found.append(entry.name)
+                            continue
+                        why = f"{_kind(entry.stat(follow_symlinks=False).st_mode)}, " \
+                              "not a regular file"
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        why = error_text(exc)
+                    if f"{folder}/{entry.name}" not in self.skipped:
+                        self.skipped.add(f"{folder}/{entry.name}")
+                        LOG.warning("[%s] skipping %s: %s", folder, entry.name, why)
+        except FileNotFoundError:
+            return []
+        return sorted(found)
 
     def record(self, task_id: str, kind: str, rank: int | None = None) -> Path:
         """``records/<id>.<kind>``, or ``records/<id>.rank<R>.<kind>`` for one rank."""
@@ -500,6 +629,58 @@ class QueueFolder:
 
 # Processes ##################################################################################
 
+_PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _prctl(option: int, arg) -> bool:
+    """prctl(2) through ctypes; False where it fails or does not exist (not Linux)."""
+    libc = _libc()
+    zero = ctypes.c_ulong(0)
+    try:
+        return libc is not None and libc.prctl(option, arg, zero, zero, zero) == 0
+    except (AttributeError, ctypes.ArgumentError, OSError):
+        return False
+
+
+def set_process_name(name: str) -> bool:
+    """Name this process (``/proc/<pid>/comm``, what ``ps`` and ``top`` show), as daemons and
+    keep-alive workers do at start: they are recognised by it, however they were started (the
+    file, ``python -m perpetual_motion``, the ``perpetual-motion`` script). Does nothing where
+    prctl fails."""
+    return _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
+
+
+def process_name(pid: int) -> str:
+    """A process's name (its ``comm``), or "" when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode(errors="replace").rstrip("\n")
+    except OSError:
+        return ""
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper: a descendant whose parent ends (a task's child
+    started with ``setsid``, even under ``env -i``) becomes this process's child instead of
+    init's, so it can be found, ended and reaped. False where prctl fails."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1))
+
+
+def is_subreaper() -> bool:
+    """True when this process is a child subreaper (become_subreaper() succeeded)."""
+    value = ctypes.c_int(0)
+    return _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value)) and value.value != 0
+
 
 def _proc_environ(pid: int) -> bytes:
     try:
@@ -507,6 +688,22 @@ def _proc_environ(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def _task_marker(environ: bytes) -> str | None:
+    """The value of MARKER_VAR in a process's environment (``<job>/<id>``), or None."""
+    needle = f"{MARKER_VAR}=".encode()
+    for item in environ.split(b"\0"):
+        if item.startswith(needle):
+            return item[len(needle):].decode(errors="replace")
+    return None
+
+
+def _is_ours(pid: int, environ: bytes) -> bool:
+    """A daemon or keep-alive worker of Perpetual Motion (of any instance): by its process
+    name, or, for a worker that has not named itself yet, by the variable it is started with."""
+    return process_name(pid) in (DAEMON_PROCESS_NAME, WORKER_PROCESS_NAME) or (
+        b"PERPETUAL_MOTION_WORKER=" in environ and _task_marker(environ) is None)
 
 
 def _own_pids() -> Iterator[int]:
@@ -611,11 +808,11 @@ def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = (),
             if proc.pid in keep or proc.uids().real != uid or not _is_python(proc):
                 continue
             environ = _proc_environ(proc.pid)
+            if _is_ours(proc.pid, environ):
+                continue  # keep-alive workers and daemons (of other instances too)
             marked = f"{MARKER_VAR}=".encode() in environ
             if marked and own_marker not in environ.split(b"\0"):
                 continue  # a process of another task: that task's own business
-            if not marked and (b"PERPETUAL_MOTION_WORKER=" in environ
-                               or any(a.endswith("perpetual_motion.py") for a in proc.cmdline())):
                 continue  # keep-alive workers and daemons (of other instances too)
             victims.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -623,12 +820,54 @@ def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = (),
     return victims
 
 
+def leftover_pids(marker: str, others: Collection[str] = (),
+                  spare: Collection[int] = ()) -> list[int]:
+    """What a task whose main process has ended left running, to be ended with it.
+
+    That is every process of this user that carries the task's marker (``MARKER_VAR=<marker>``,
+    ``<job>/<id>``), and, when this daemon is a child subreaper (or PID 1), every orphan it
+    inherited (a child of the daemon that is neither a keep-alive worker nor in ``spare``, the
+    main processes of other tasks) with all below it. An orphan keeps its task by its marker:
+    one that carries the marker of another running task (``others``) is spared; one without a
+    marker (a child started with ``env -i``) is taken as this task's. The corner case, with
+    several tasks on a node: an unmarked orphan of a task that still runs is ended when another
+    task ends first (docs/protocol.md).
+    """
+    import psutil
+
+    me = os.getpid()
+    found = {pid for pid in _own_pids()
+             if pid != me and _task_marker(_proc_environ(pid)) == marker}
+    if me != 1 and not is_subreaper():
+        return sorted(found)
+    try:
+        orphans = [c for c in psutil.Process(me).children() if c.pid not in spare]
+    except psutil.Error:
+        return sorted(found)
+    for orphan in orphans:
+        try:
+            if _is_ours(orphan.pid, _proc_environ(orphan.pid)):
+                continue  # a keep-alive worker
+            tree = [orphan, *orphan.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in tree:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    continue  # reaped by the loop
+            except psutil.Error:
+                continue
+            if _task_marker(_proc_environ(proc.pid)) not in others:
+                found.add(proc.pid)
+    return sorted(found)
+
+
 def reap_orphans(keep: set[int]) -> None:
     """Reap exited children that are not in ``keep`` (the task and the keep-alive workers,
     which their Popen objects reap).
 
-    Only needed when the daemon is PID 1 of a container or namespace: orphans of tasks are
-    re-parented to it and would stay zombies.
+    Needed when the daemon is a child subreaper or PID 1 of a container or namespace: orphans
+    of tasks are re-parented to it and would stay zombies.
     """
     while True:
         try:
@@ -644,15 +883,9 @@ def reap_orphans(keep: set[int]) -> None:
 
 
 def pid_is_daemon(pid: int) -> bool:
-    """True when ``pid`` runs on this host and looks like a daemon of ours."""
-    import psutil
-
-    if pid == os.getpid():
-        return False
-    try:
-        return any(arg.endswith("perpetual_motion.py") for arg in psutil.Process(pid).cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+    """True when ``pid`` runs on this host and is a daemon of ours (by its process name,
+    whatever command line started it)."""
+    return pid != os.getpid() and process_name(pid) == DAEMON_PROCESS_NAME
 
 
 # Placement ##################################################################################
@@ -821,6 +1054,8 @@ _NODE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT, errno.E
 
 def task_command(path: Path, args: Iterable[str] = ()) -> list[str] | str:
     """How a task file runs, by its name; a string is the reason it cannot run."""
+    if not regular_file(path):
+        return "not a regular file (a symbolic link is never followed)"
     if path.name.endswith(".sh"):
         return ["bash", str(path), *args]
     if path.name.endswith(".py"):
@@ -896,7 +1131,7 @@ class TaskRunner:
         command = task_command(path, sub.args)
         log_path = self.folder.log(task.task_id, task.rank)
         try:
-            log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - the with below closes it
+            log = self.folder.open_log(log_path)  # the with below closes it
         except OSError as exc:
             if exc.errno in _NODE_ERRNOS:
                 raise NodeTrouble(f"cannot open its log {log_path.name}: "
@@ -1046,7 +1281,7 @@ class TaskRunner:
         if leftovers:
             lines.insert(0, f"ended {leftovers} leftover process(es) of the task")
         try:
-            with open(self.folder.log(task.task_id, task.rank), "ab", buffering=0) as log:
+            with self.folder.open_log(self.folder.log(task.task_id, task.rank)) as log:
                 self.log_lines(log, lines)
         except OSError:
             pass
@@ -1066,7 +1301,10 @@ class TaskRunner:
         """End what a finished task left behind: its process group, and whatever carries its
         marker (even after ``setsid``). Returns how many processes were signalled."""
         signal_group(task.proc.pid, signal.SIGTERM)
-        left = marked_pids(f"{self.config.job_id}/{task.task_id}")
+        others = {f"{self.config.job_id}/{t.task_id}" for t in self.tasks.values()
+                  if t.task_id != task.task_id}
+        spare = {t.proc.pid for t in self.tasks.values() if t.proc is not None}
+        left = leftover_pids(f"{self.config.job_id}/{task.task_id}", others, spare)
         if left and self.heartbeat:
             self.heartbeat()  # the wait below can take CLEANUP_GRACE_SECONDS
         count = terminate(left, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
@@ -1202,7 +1440,7 @@ class TaskRunner:
                             attempt=ascii_int(run.get("attempt")) or 1,
                             gpus=run.get("gpus", ""), rank=rank)
         try:
-            with open(self.folder.log(task_id, rank), "ab", buffering=0) as log:
+            with self.folder.open_log(self.folder.log(task_id, rank)) as log:
                 self.log_lines(log, [f"interrupted: {reason}; {killed} orphaned process(es) "
                                       "ended"])
         except OSError:
@@ -3374,13 +3612,20 @@ def worker_main(argv: list[str], exit: Callable[[int], object] = os._exit) -> in
 # Daemon loop ################################################################################
 
 
-def node_from_environment(env: dict[str, str]) -> tuple[int, int]:
-    """(node rank, node count) from the variables that SCO ACP, torchrun or Slurm set."""
+def node_from_environment(env: Mapping[str, str]) -> tuple[int, int]:
+    """(node rank, node count) from the variables that SCO ACP, torchrun or Slurm set;
+    ValueError when the first one that is set is not a number (``RANK=²``)."""
     for rank_var, count_var in (("SENSECORE_PYTORCH_NODE_RANK", "SENSECORE_PYTORCH_NNODES"),
                                 ("RANK", "WORLD_SIZE"), ("SLURM_NODEID", "SLURM_NNODES")):
-        rank, count = ascii_int(env.get(rank_var, "")), ascii_int(env.get(count_var, ""))
-        if rank is not None:
-            return rank, count if count else 1
+        rank_text, count_text = env.get(rank_var, ""), env.get(count_var, "")
+        if not rank_text:
+            continue
+        rank, count = ascii_int(rank_text), ascii_int(count_text) if count_text else 1
+        for name, text, value in ((rank_var, rank_text, rank), (count_var, count_text, count)):
+            if value is None:
+                raise ValueError(f"{name}={text[:40]!r} in the environment is not a whole "
+                                 "number (ASCII digits); give --node-rank and --num-nodes")
+        return rank, count if count > 0 else 1
     return 0, 1
 
 
@@ -3500,7 +3745,7 @@ class Daemon:
         self.waiter: SignalWaiter | None = None
         self.displaced = False  # another daemon owns this node's state file
         self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
-        self.requests: dict[str, Submission | str | None] = {}  # pending name -> its record
+        self.requests: dict[str, Submission | str] = {}  # pending name -> its record or why not
         self.results: dict[str, str] = {}  # task id -> its result's state, once known
         self.blocked_since: dict[str, float] = {}
         self.waiting: tuple[str, str] | None = None
@@ -3564,7 +3809,11 @@ class Daemon:
 
     def start(self) -> int | None:
         """Prepare the instance; an exit code when the daemon must not run."""
-        self.folder.create(self.config.job_id)
+        try:
+            self.folder.create(self.config.job_id)
+        except OSError as exc:
+            LOG.error("cannot write to the queue folder %s: %s", self.folder.root, exc)
+            return EXIT_FAILURE
         owner = None if self.config.force else self.live_owner()
         if owner:
             LOG.error("a daemon for %s (node %d) is already running: %s. Stop it with "
@@ -3653,7 +3902,7 @@ class Daemon:
         if not self.displaced and self.owns_node():
             self._step("queue", self.run_queue)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
-        if self.identity.pid == 1:
+        if self.identity.pid == 1 or is_subreaper():
             reap_orphans(self.keepalive.child_pids() | self.runner_pids())
         if (self.stopping or self.draining or self.displaced) and not self.runner.tasks \
                 and not self.runner.unfinished:
@@ -3784,7 +4033,7 @@ class Daemon:
             if now - self.last_sweep >= HEARTBEAT_SECONDS:
                 self.last_sweep = now
                 self.sweep_running(views)
-        pending = self.folder.names("pending")
+        pending = self.folder.files("pending")
         self.requests = {n: self.requests[n] for n in pending if n in self.requests}
         if not may_start:
             self.waiting = None
@@ -3794,8 +4043,6 @@ class Daemon:
         present = set(pending) | set(self.running_names)
         for name in pending:
             sub = self.request_of(name)
-            if sub is None:
-                continue
             why = sub if isinstance(sub, str) else self.cannot_run(sub)
             if why:
                 if self.is_leader:
@@ -3857,23 +4104,15 @@ class Daemon:
             gpu_tasks += self.gangs.holds_node()
         return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
 
-    def request_of(self, name: str) -> Submission | str | None:
+    def request_of(self, name: str) -> Submission | str:
         """A pending task's submit record (cached: a published record never changes), or why
-        it cannot be read; None for an entry that is no task file (a folder, a link, ...)."""
+        it cannot be read."""
         if name not in self.requests:
-            try:
-                if not stat.S_ISREG(os.lstat(self.folder.dir("pending") / name).st_mode):
-                    self.throttled.warning(f"notfile:{name}", "[pending] skipping %s: not a "
-                                           "regular file", name)
-                    self.requests[name] = None
-                    return None
-            except OSError:
-                return None  # gone meanwhile
             try:
                 fields = self.folder.read_fields(self.folder.record(name, "submit"))
                 self.requests[name] = Submission.from_fields(fields) if fields else Submission()
             except (OSError, ValueError, UnicodeError) as exc:
-                self.requests[name] = f"unreadable submit record: {exc}"
+                self.requests[name] = f"unreadable submit record: {error_text(exc)}"
         return self.requests[name]
 
     def cannot_run(self, sub: Submission) -> str:
@@ -3916,7 +4155,7 @@ class Daemon:
         now = self.clock()
         LOG.warning("Task %s cannot run: %s", task_id, why)
         try:
-            with open(self.folder.log(task_id), "ab", buffering=0) as log:
+            with self.folder.open_log(self.folder.log(task_id)) as log:
                 self.runner.log_lines(log, [f"task: {task_id}", f"not run: {why}"])
         except OSError:
             pass
@@ -4041,7 +4280,7 @@ class Daemon:
     # -- commands --------------------------------------------------------------------------
 
     def handle_commands(self) -> None:
-        for name in self.folder.names("commands"):
+        for name in self.folder.files("commands"):
             if not name.endswith(".cmd"):
                 continue
             path = self.folder.dir("commands") / name
@@ -4075,6 +4314,8 @@ class Daemon:
         reply: dict[str, object] = {"action": action, "task": task_id}
         addressed = fields.get("daemon_started", "")
         sent = as_float(fields.get("sent"))
+        if fields.get("sent") and sent is None:
+            raise ValueError(f"sent is not a time: {fields['sent'][:40]!r}")
         if (addressed and addressed != self.started_text) or (
                 not addressed and sent is not None
                 and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
@@ -4266,6 +4507,20 @@ class Daemon:
 # Command line ###############################################################################
 
 
+def _finite_arg(text: str) -> float:
+    value = as_float(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _whole_arg(text: str) -> int:
+    value = ascii_int(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="perpetual_motion.py",
@@ -4277,9 +4532,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--queue-root", type=Path, default=None,
                         help="folder that holds the instances; default $QUEUE_ROOT, "
                              f"else ~/{DEFAULT_QUEUE_DIRNAME}")
-    parser.add_argument("--poll-interval", type=float, default=POLL_INTERVAL,
+    parser.add_argument("--poll-interval", type=_finite_arg, default=POLL_INTERVAL,
                         help=f"seconds between looks at pending/ (default {POLL_INTERVAL:g})")
-    parser.add_argument("--hours", type=float, default=AUTO_SHUTDOWN_HOURS,
+    parser.add_argument("--hours", type=_finite_arg, default=AUTO_SHUTDOWN_HOURS,
                         help=f"exit after this many hours (default {AUTO_SHUTDOWN_HOURS})")
     parser.add_argument("--no-keepalive", action="store_true",
                         help="run the queue only; leave the GPUs alone")
@@ -4287,13 +4542,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="what a stop kills besides the task: every Python process of "
                              "this user but the daemon (user-python), only processes of "
                              f"tasks (task), or nothing (none); default {KILL_SCOPE}")
-    parser.add_argument("--stop-grace", type=float, default=STOP_GRACE_SECONDS,
+    parser.add_argument("--stop-grace", type=_finite_arg, default=STOP_GRACE_SECONDS,
                         help="seconds from SIGTERM to SIGKILL when a task is stopped "
                              f"(default {STOP_GRACE_SECONDS:g})")
-    parser.add_argument("--node-rank", type=int, default=None,
+    parser.add_argument("--node-rank", type=_whole_arg, default=None,
                         help="this node's rank; default from SENSECORE_PYTORCH_NODE_RANK, "
                              "RANK or SLURM_NODEID, else 0")
-    parser.add_argument("--num-nodes", type=int, default=None,
+    parser.add_argument("--num-nodes", type=_whole_arg, default=None,
                         help="nodes in the job; default from SENSECORE_PYTORCH_NNODES, "
                              "WORLD_SIZE or SLURM_NNODES, else 1")
     parser.add_argument("--gpus", default=None, metavar="N|LIST",
@@ -4321,9 +4576,14 @@ def config_from_args(args: argparse.Namespace) -> Config | str:
         return f"--hours must be above 0 and at most {MAX_HOURS}"
     if args.stop_grace < 0:
         return "--stop-grace must not be negative"
-    rank, count = node_from_environment(dict(os.environ))
-    rank = rank if args.node_rank is None else args.node_rank
-    count = count if args.num_nodes is None else args.num_nodes
+    rank, count = args.node_rank, args.num_nodes
+    if rank is None or count is None:  # flags win; only then does the environment count
+        try:
+            env_rank, env_count = node_from_environment(os.environ)
+        except ValueError as exc:
+            return str(exc)
+        rank = env_rank if rank is None else rank
+        count = env_count if count is None else count
     if rank < 0 or count < 1 or rank >= count:
         return f"node rank {rank} does not fit {count} node(s)"
     try:
@@ -4349,7 +4609,9 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
+        set_process_name(WORKER_PROCESS_NAME)
         return worker_main(argv[1:])
+    set_process_name(DAEMON_PROCESS_NAME)
     config = config_from_args(parse_args(argv))
     setup_logging()
     if isinstance(config, str):
@@ -4358,17 +4620,18 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("psutil") is None:
         LOG.error("the Python package psutil is missing from %s: pip install psutil",
                   sys.executable)
-        return 1
+        return EXIT_FAILURE
     try:
         config.queue_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         LOG.error("cannot create the queue root %s: %s", config.queue_root, exc)
-        return 1
+        return EXIT_FAILURE
     try:
         inventory = discover_gpus(config.gpus, LOG)
     except ValueError as exc:
         LOG.error("%s", exc)
         return EXIT_USAGE
+    become_subreaper()  # a task's escaped children stay the daemon's (docs/protocol.md)
     waiter = SignalWaiter()
     label = f"node {config.node_rank}" if config.num_nodes > 1 else ""
     keepalive = make_keepalive(config.keepalive, LOG, inventory, label)

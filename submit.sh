@@ -2,7 +2,8 @@
 #
 # Launch the Perpetual Motion daemon (perpetual_motion.py) as a cluster job.
 #
-#   ./submit.sh [--backend sco|slurm|local] [--force] [--dry-run] <JOB_ID> [GPUS=2] [NODES=1]
+#   ./submit.sh [--backend sco|slurm|local] [--hours H] [--force] [--dry-run] <JOB_ID> [GPUS=2]
+#               [NODES=1]
 #
 # Backends: `sco` (SCO ACP, `sco acp jobs create`; the default), `slurm` (`sbatch`, one daemon
 # per node through `srun`) and `local` (this machine, in the background). The queue folder is
@@ -39,7 +40,7 @@ setting QUEUE_ROOT          ""          "queue root on shared storage, the same 
 setting CONDA_PATH          ""          "conda activate script sourced on the node before the daemon starts (empty: none)"
 setting CONDA_ENV           ""          "conda environment given to it"
 setting PYTHON              "python3"   "Python interpreter that runs the daemon"
-setting AUTO_SHUTDOWN_HOURS "24"        "the daemon exits after this many hours (its --hours)"
+setting AUTO_SHUTDOWN_HOURS ""          "the daemon exits after this many hours (its --hours; the flag --hours wins); empty: AUTO_SHUTDOWN_HOURS in perpetual_motion.py"
 setting DAEMON_ARGS         ""          "more flags for perpetual_motion.py, split at spaces (e.g. --kill-scope task)"
 setting JOB_NAME_PREFIX     "ydj-"      "the job's display name is <prefix><JOB_ID>"
 setting SCO_WORKSPACE       ""          "sco: --workspace-name (required)"
@@ -64,6 +65,7 @@ setting LOCAL_WAIT_SECONDS  "15"        "local: seconds to wait for the daemon's
 readonly JOB_ID_RE='^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$'
 readonly HEARTBEAT_STALE_SECONDS=60  # a daemon whose heartbeat is older is dead
 readonly SLURM_TIME_MARGIN_MINUTES=5  # the Slurm time limit leaves the daemon this long to stop
+readonly DAEMON_FILE="perpetual_motion.py"
 
 # Exit codes, as the daemon's: 2 for a bad argument or setting, 3 when a live daemon holds the job.
 readonly EXIT_USAGE=2
@@ -76,6 +78,8 @@ GPUS=""
 NODES=""
 FORCE=0
 DRY_RUN=0
+HOURS_FLAG=""
+LAUNCH_TIME=""
 INSTANCE=""
 LAUNCHER=""
 TMP_DIR=""
@@ -147,6 +151,8 @@ Launch the Perpetual Motion daemon for the queue <QUEUE_ROOT>/<JOB_ID>/ as a clu
 
 Options:
   -b, --backend B   sco (SCO ACP, default), slurm (sbatch + srun) or local (this machine)
+  -H, --hours H     the daemon exits after H hours (AUTO_SHUTDOWN_HOURS; default: the
+                    constant AUTO_SHUTDOWN_HOURS in perpetual_motion.py)
   -f, --force       launch even when a daemon of JOB_ID is alive (passes --force to it)
   -n, --dry-run     print what would be written and run; change nothing
   -h, --help        this help
@@ -173,6 +179,31 @@ EOF
 }
 
 # Settings and arguments ############################################################################
+
+#######################################
+# Succeeds when the argument is a number of hours above 0 (ASCII digits, an optional fraction).
+#######################################
+is_hours() {
+  [[ "$1" =~ ^([0-9]+[.]?[0-9]*|[.][0-9]+)$ ]] && awk -v h="$1" 'BEGIN { exit !(h > 0) }'
+}
+
+#######################################
+# Prints the hours after which the daemon exits: AUTO_SHUTDOWN_HOURS when set for this launch,
+# else the constant AUTO_SHUTDOWN_HOURS of perpetual_motion.py in CODE_DIR (what the daemon uses
+# without --hours); prints nothing when that cannot be read.
+#######################################
+daemon_hours() {
+  if [[ -n "${AUTO_SHUTDOWN_HOURS}" ]]; then
+    printf '%s' "${AUTO_SHUTDOWN_HOURS}"
+    return
+  fi
+  local value
+  value="$(sed -n -E 's/^AUTO_SHUTDOWN_HOURS[[:space:]]*=[[:space:]]*([0-9.]+)[[:space:]]*(#.*)?$/\1/p' \
+    "${CODE_DIR}/${DAEMON_FILE}" 2>/dev/null | head -n 1)" || value=""
+  if is_hours "${value}"; then
+    printf '%s' "${value}"
+  fi
+}
 
 #######################################
 # Applies the settings: defaults, then the settings file, then the environment.
@@ -206,7 +237,7 @@ load_settings() {
 
 #######################################
 # Parses the command line.
-# Globals: BACKEND, FORCE, DRY_RUN, JOB_ID, GPUS, NODES.
+# Globals: BACKEND, FORCE, DRY_RUN, HOURS_FLAG, JOB_ID, GPUS, NODES.
 #######################################
 parse_args() {
   local -a positional=()
@@ -222,6 +253,12 @@ parse_args() {
         shift
         ;;
       --backend=*) BACKEND="${1#*=}" ;;
+      -H | --hours)
+        (($# >= 2)) || die_usage "$1 needs a value: a number of hours"
+        HOURS_FLAG="$2"
+        shift
+        ;;
+      --hours=*) HOURS_FLAG="${1#*=}" ;;
       -f | --force) FORCE=1 ;;
       -n | --dry-run) DRY_RUN=1 ;;
       --)
@@ -263,8 +300,10 @@ validate() {
   if ((NODES > 1)) && [[ "${BACKEND}" == local ]]; then
     die_usage "the local backend runs one node; NODES must be 1"
   fi
-  if ! [[ "${AUTO_SHUTDOWN_HOURS}" =~ ^([0-9]+[.]?[0-9]*|[.][0-9]+)$ ]] \
-    || ! awk -v h="${AUTO_SHUTDOWN_HOURS}" 'BEGIN { exit !(h > 0) }'; then
+  if [[ -n "${HOURS_FLAG}" ]]; then
+    AUTO_SHUTDOWN_HOURS="${HOURS_FLAG}"
+  fi
+  if [[ -n "${AUTO_SHUTDOWN_HOURS}" ]] && ! is_hours "${AUTO_SHUTDOWN_HOURS}"; then
     die_usage "bad AUTO_SHUTDOWN_HOURS '${AUTO_SHUTDOWN_HOURS}': a number of hours above 0"
   fi
   [[ "${LOCAL_WAIT_SECONDS}" =~ ^[0-9]+$ ]] \
@@ -446,7 +485,7 @@ save_job_id() {
     echo "job_id=${JOB_ID}"
     echo "gpus=${GPUS}"
     echo "nodes=${NODES}"
-    echo "submitted=$(date +%s)"
+    echo "submitted=${LAUNCH_TIME}"
     echo "submitted_at=$(date '+%F %T %z')"
     echo "submitted_by=${USER:-$(id -un)}@$(hostname)"
     printf '%s\n' "$@"
@@ -466,8 +505,11 @@ daemon_command() {
   if ((FORCE)); then
     extra+=(--force)
   fi
-  quote_all "${PYTHON}" perpetual_motion.py --job-id "${JOB_ID}" --queue-root "${QUEUE_ROOT}" \
-    --hours "${AUTO_SHUTDOWN_HOURS}"
+  quote_all "${PYTHON}" "${DAEMON_FILE}" --job-id "${JOB_ID}" --queue-root "${QUEUE_ROOT}"
+  # Without --hours the daemon's own constant rules, so that editing it takes effect.
+  if [[ -n "${AUTO_SHUTDOWN_HOURS}" ]]; then
+    printf ' --hours %s' "$(quote "${AUTO_SHUTDOWN_HOURS}")"
+  fi
   # shellcheck disable=SC2016  # expanded by launch.sh on the node, not here
   case "${BACKEND}" in
     sco) printf ' %s' '"${node_flags[@]}"' ;;
@@ -665,9 +707,19 @@ launch_slurm() {
   if [[ -n "${PARTITION}" ]]; then
     partition=("--partition=${PARTITION}")
   fi
-  local minutes
-  minutes="$(awk -v h="${AUTO_SHUTDOWN_HOURS}" -v m="${SLURM_TIME_MARGIN_MINUTES}" \
-    'BEGIN { t = h * 60; printf "%d", (t == int(t) ? t : int(t) + 1) + m }')"
+  # The time limit follows the daemon's auto-shutdown (a few minutes more, so that it stops by
+  # itself); when its constant cannot be read, the partition's default limit applies.
+  local hours minutes limit_text="the partition's default" time_limit=()
+  hours="$(daemon_hours)"
+  if [[ -n "${hours}" ]]; then
+    minutes="$(awk -v h="${hours}" -v m="${SLURM_TIME_MARGIN_MINUTES}" \
+      'BEGIN { t = h * 60; printf "%d", (t == int(t) ? t : int(t) + 1) + m }')"
+    time_limit=("--time=${minutes}")
+    limit_text="${minutes} min"
+  else
+    note "warning: cannot read AUTO_SHUTDOWN_HOURS from ${CODE_DIR}/${DAEMON_FILE}; no --time" \
+      "is given (the partition's default time limit applies). Set AUTO_SHUTDOWN_HOURS to choose."
+  fi
   local name="${JOB_NAME_PREFIX}${JOB_ID}"
   # Not under logs/: the protocol keeps that folder for task logs. In Slurm's file names %
   # starts a pattern; %% is a plain %.
@@ -680,7 +732,7 @@ launch_slurm() {
     "${node[@]}"
     "${gres[@]}"
     "${partition[@]}"
-    "--time=${minutes}"
+    "${time_limit[@]}"
     "--chdir=${INSTANCE}"
     "--output=${output}"
     --open-mode=append
@@ -704,7 +756,7 @@ launch_slurm() {
   fi
   save_job_id "${slurm_id}"
   cat <<EOF
-Submitted Slurm job ${slurm_id} (name ${name}, ${NODES} node(s), time limit ${minutes} min).
+Submitted Slurm job ${slurm_id} (name ${name}, ${NODES} node(s), time limit ${limit_text}).
 Saved to ${INSTANCE}/job_id.txt. Commands:
   status:  squeue -j ${slurm_id}
   log:     tail -f $(quote "${INSTANCE}/daemon.log")
@@ -714,7 +766,24 @@ EOF
 }
 
 #######################################
-# Local: the daemon in the background on this machine, in its own session.
+# Stops the local daemon that this launch started and that did not come up: SIGTERM, then
+# SIGKILL after a few seconds.
+# Arguments: its pid.
+#######################################
+stop_local_daemon() {
+  local i
+  kill -TERM "$1" 2>/dev/null || return 0
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$1" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+#######################################
+# Local: the daemon in the background on this machine, in its own session. job_id.txt is
+# written once its heartbeat is seen: a daemon that did not start leaves no job behind.
 #######################################
 launch_local() {
   local log="${INSTANCE}/daemon.log"
@@ -728,26 +797,31 @@ launch_local() {
   # and $! is the daemon's pid (bash execs the daemon).
   setsid nohup bash "${LAUNCHER}" >>"${log}" 2>&1 </dev/null &
   local pid=$!
-  save_job_id "local-${pid}" "pid=${pid}" "host=$(hostname)"
 
-  local i state_file="${INSTANCE}/nodes/node-0.state"
+  local i state_file="${INSTANCE}/nodes/node-0.state" started=0
   for ((i = 0; i < LOCAL_WAIT_SECONDS * 10; i++)); do
     if ! kill -0 "${pid}" 2>/dev/null; then
       local status=0
       wait "${pid}" || status=$?
-      err "the daemon exited at once (status ${status}). The end of ${log}:"
+      err "the daemon exited at once (status ${status}); nothing was launched. The end of ${log}:"
       tail -n 15 "${log}" | sed 's/^/  /' >&2
       exit "$((status == EXIT_ALIVE ? EXIT_ALIVE : 1))"
     fi
     if [[ "$(read_key "${state_file}" pid)" == "${pid}" \
       && "$(read_key "${state_file}" status)" == running ]]; then
+      started=1
       break
     fi
     sleep 0.1
   done
-  if ((i >= LOCAL_WAIT_SECONDS * 10)); then
-    note "warning: no heartbeat from pid ${pid} after ${LOCAL_WAIT_SECONDS} s; see ${log}"
+  if ((!started)); then
+    stop_local_daemon "${pid}"
+    err "no heartbeat from the daemon (pid ${pid}) within ${LOCAL_WAIT_SECONDS} s" \
+      "(LOCAL_WAIT_SECONDS); it was stopped and nothing was launched. The end of ${log}:"
+    tail -n 15 "${log}" | sed 's/^/  /' >&2
+    exit 1
   fi
+  save_job_id "local-${pid}" "pid=${pid}" "host=$(hostname)"
   cat <<EOF
 Started the daemon of ${JOB_ID} on this machine: pid ${pid}, log $(quote "${log}").
 Saved to ${INSTANCE}/job_id.txt. Stop it with gpu_shutdown (or: kill ${pid}).
@@ -772,6 +846,7 @@ main() {
   check_not_alive
   TMP_DIR="$(mktemp -d)"
   trap cleanup EXIT
+  LAUNCH_TIME="$(date +%s)"  # before the launch: a daemon's start is never earlier
   if ((DRY_RUN)); then
     echo "# dry run: ${BACKEND}, JOB_ID=${JOB_ID}, GPUS=${GPUS}, NODES=${NODES};" \
       "queue ${INSTANCE}; nothing is written"

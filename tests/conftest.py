@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from slurm_cluster import SlurmCluster
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON = REPO / "perpetual_motion.py"
@@ -191,3 +192,25 @@ def start_daemon(tmp_path: Path):
                 handle.stop(timeout=15)
             except AssertionError:
                 handle.kill()
+
+
+@pytest.fixture
+def slurm():
+    """The one-node CI Slurm (a ``SlurmCluster``, tests/slurm_cluster.py). Skipped when it is not
+    usable, a failure with REQUIRE_SLURM=1; the jobs a test launched are cancelled after it."""
+    cluster = SlurmCluster.one_node()
+    cluster.require()
+    yield cluster
+    cluster.cancel_all()
+
+
+@pytest.fixture
+def two_node_slurm():
+    """The two-node CI Slurm (nodes n1 and n2 on this machine, ``bash .ci/start-slurm.sh
+    both``): run submit.sh there with ``two_node_slurm.launch(env, JOB_ID, GPUS, "2")``.
+    Skipped when it is not usable, a failure with REQUIRE_SLURM=1; the jobs a test launched
+    are cancelled after it."""
+    cluster = SlurmCluster.two_node()
+    cluster.require()
+    yield cluster
+    cluster.cancel_all()

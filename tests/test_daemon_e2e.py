@@ -235,14 +235,15 @@ def test_corrupt_files_are_logged_and_skipped(queue_root, start_daemon):
     for folder in ("records", "commands", "nodes", "pending"):
         (inst / folder).mkdir()
     (inst / "nodes" / "node-0.state").write_bytes(b"\x00\x01garbage")
-    good = submit(inst, "good.sh", "true\n", cwd="/")
-    (inst / "records" / f"{good}.submit").write_bytes(b"\xff\xfe\x00 not key value")
+    task = submit(inst, "t.sh", "true\n", cwd="/")
+    (inst / "records" / f"{task}.submit").write_bytes(b"\xff\xfe\x00 not key value")
     (inst / "commands" / "x.cmd").write_bytes(b"\x00\x00\x00")
     (inst / "pending" / "subdir").mkdir()
     daemon = start_daemon(queue_root, "dirty")
-    # a task whose submit record cannot be read never runs somewhere else: it fails
-    assert wait_finished(inst, good) == "failed"
-    assert result(inst, good)["reason"].startswith("unreadable submit record")
+    # A submit record that exists but cannot be read fails its task: it must not run in
+    # another directory than the one it was submitted from.
+    assert wait_finished(inst, task) == "failed"
+    assert result(inst, task)["reason"].startswith("unreadable submit record: line 1 ")
     assert read_fields(inst / "replies" / "x.reply")["result"] == "error"
     assert daemon.proc.poll() is None
     assert "[WARNING]" in daemon.output()

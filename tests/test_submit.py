@@ -3,8 +3,9 @@
 - sco: a recording stand-in `sco` (tests/fake_sco/sco) first on PATH; the command it was given
   is then run the way SCO ACP runs it on each worker, with a stand-in Python or the real daemon.
 - local: submit.sh itself runs inside a PID namespace, with the daemon it starts.
-- slurm: the real single-node Slurm that .ci/start-slurm.sh starts. Skipped when Slurm is not
-  usable, unless REQUIRE_SLURM=1 (CI), which makes that a failure.
+- slurm: the real Slurm clusters that .ci/start-slurm.sh starts, one node and two nodes on this
+  machine (tests/slurm_cluster.py); the daemons run in PID namespaces there too. Skipped when a
+  cluster is not usable, unless REQUIRE_SLURM=1 (CI), which makes that a failure.
 - multi-node: two daemons of one instance, node ranks 0 and 1, each in its own PID namespace.
 
 Tasks are submitted and the daemons shut down with client.sh (gpu_submit, gpu_shutdown).
@@ -21,8 +22,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO, UNSHARE, needs_namespace, read_fields, wait_for
+from slurm_cluster import namespace_python
 
 SUBMIT = REPO / "submit.sh"
 CLIENT = REPO / "client.sh"
@@ -186,12 +189,13 @@ def test_help_lists_options_and_every_setting(tmp_path):
     run = run_submit(base_env(tmp_path), "--help")
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("Usage: submit.sh [options] <JOB_ID> [GPUS] [NODES]")
-    for word in ("--backend", "--force", "--dry-run", "CODE_DIR=", "QUEUE_ROOT=", "CONDA_PATH=",
+    for word in ("--backend", "--hours", "--force", "--dry-run", "CODE_DIR=", "QUEUE_ROOT=",
+                 "CONDA_PATH=",
                  "CONDA_ENV=", "SCO_WORKSPACE=", "SCO_AEC2=", "SCO_IMAGE=",
                  "SCO_WORKER_SPEC=n6ls.iu.i40.{GPUS}", "SCO_PRIORITY=normal",
                  "SCO_STORAGE_MOUNT=", "JOB_NAME_PREFIX=ydj-", "PARTITION=", "GRES=gpu:{GPUS}",
                  "EXCLUSIVE=1", "CPUS_PER_NODE=", "MEM_PER_NODE=", "DAEMON_ARGS=",
-                 "AUTO_SHUTDOWN_HOURS=24"):
+                 "AUTO_SHUTDOWN_HOURS=''"):
         assert word in run.stdout, word
 
 
@@ -235,11 +239,44 @@ def test_bad_slurm_resources_are_refused(tmp_path, setting, value):
     assert f"bad {setting} '{value}'" in run.stderr
 
 
-def test_bad_hours_is_refused(tmp_path):
-    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), AUTO_SHUTDOWN_HOURS="0", **SCO_SETTINGS)
-    run = run_submit(env, "ok")
+@pytest.mark.parametrize("hours, flag", [("0", False), ("nan", True), ("²", True),
+                                         ("inf", False), ("-1", True)])
+def test_bad_hours_is_refused(tmp_path, hours, flag):
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), **SCO_SETTINGS)
+    if flag:
+        run = run_submit(env, f"--hours={hours}", "ok")
+    else:
+        run = run_submit(dict(env, AUTO_SHUTDOWN_HOURS=hours), "ok")
     assert run.returncode == 2
-    assert "bad AUTO_SHUTDOWN_HOURS '0'" in run.stderr
+    assert f"bad AUTO_SHUTDOWN_HOURS '{hours}'" in run.stderr
+    assert sco_calls(env) == []
+
+
+def test_hours_are_passed_only_when_set_for_the_launch(tmp_path):
+    """Without AUTO_SHUTDOWN_HOURS the daemon's own constant rules (the seed's FAQ: edit it in
+    perpetual_motion.py); set in the settings file, the environment or by --hours, it is passed
+    on, and the flag wins."""
+    code = make_code_dir(tmp_path, real_daemon=False)
+    seen = tmp_path / "seen.json"
+    conf = tmp_path / "hours.conf"
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), CODE_DIR=str(code),
+                   PYTHON=str(make_recording_python(tmp_path, seen)), **SCO_SETTINGS)
+
+    def daemon_argv(*args: str, **settings: str) -> list[str]:
+        launch = dict(env, **settings)
+        run = run_submit(launch, *args, "exp1")
+        assert run.returncode == 0, run.stderr
+        worker = subprocess.run(["sh", "-c", option(sco_calls(launch)[-1], "command")], cwd="/",
+                                capture_output=True, text=True, timeout=30, env=base_env(tmp_path))
+        assert worker.returncode == 0, worker.stderr
+        return json.loads(seen.read_text())["argv"]
+
+    assert "--hours" not in daemon_argv()
+    conf.write_text("AUTO_SHUTDOWN_HOURS=48\n")
+    assert daemon_argv(SUBMIT_CONF=str(conf))[-2:] == ["--hours", "48"]
+    assert "--hours" not in daemon_argv(SUBMIT_CONF=str(conf), AUTO_SHUTDOWN_HOURS="")
+    assert daemon_argv(AUTO_SHUTDOWN_HOURS="2.5")[-2:] == ["--hours", "2.5"]
+    assert daemon_argv("--hours", "6", AUTO_SHUTDOWN_HOURS="2.5")[-2:] == ["--hours", "6"]
 
 
 def test_missing_sco_settings_are_listed(tmp_path):
@@ -292,6 +329,34 @@ def test_environment_beats_settings_file_beats_defaults(tmp_path):
     assert option(argv, "worker-spec") == "N6lS.Iu.I80.4"
     assert option(argv, "job-name") == "pm-exp1"
     assert option(argv, "training-framework") == "pytorch"  # the default
+
+
+def test_the_example_settings_launch_the_originals_sco_job(tmp_path):
+    """submit.conf.example, copied as it is, gives the original tool's SCO ACP job: workspace
+    share-space, cluster share-cluster, the volume at /mnt/afs, n6ls.iu.i40.<GPUS>, ydj-<JOB_ID>,
+    and a worker command of its shape (conda, cd CODE_DIR, the daemon)."""
+    example = REPO / "submit.conf.example"
+    conf = tmp_path / "submit.conf"
+    shutil.copy(example, conf)
+    env = base_env(tmp_path, SUBMIT_CONF=str(conf))
+    del env["PYTHON"]  # the example's (submit.sh's default): python3
+    run = run_submit(env, "--dry-run", "exp1")
+    assert run.returncode == 0, run.stderr
+    for flag in ("--workspace-name=share-space", "--aec2-name=share-cluster",
+                 "--job-name=ydj-exp1", "--worker-spec=n6ls.iu.i40.2", "--priority=normal",
+                 "--training-framework=pytorch", "--storage-mount=VOLUME_ID:/mnt/afs",
+                 "'--command=bash /mnt/afs/YOUR_NAME/gpu_queue/exp1/launch.sh'"):
+        assert f" {flag}" in run.stdout, (flag, run.stdout)
+    launcher = [line.strip() for line in run.stdout.splitlines()]
+    assert "source /mnt/afs/YOUR_NAME/software/conda/bin/activate swift || exit 1" in launcher
+    assert "cd /mnt/afs/YOUR_NAME/perpetual-motion || exit 1" in launcher
+    assert "exec python3 perpetual_motion.py --job-id exp1 --queue-root " \
+           '/mnt/afs/YOUR_NAME/gpu_queue "${node_flags[@]}"' in launcher
+    # Every name in it, set or commented out, is a setting of submit.sh.
+    names = {line.lstrip("#").split("=", 1)[0] for line in example.read_text().splitlines()
+             if "=" in line and line.lstrip("#")[:1].isupper()}
+    help_text = run_submit(env, "--help").stdout
+    assert names and all(f"  {name}=" in help_text for name in names), names
 
 
 # sco #######################################################################################
@@ -571,6 +636,22 @@ def test_slurm_sbatch_arguments(tmp_path):
     launcher = (instance / "launch.sh").read_text()
     assert '--node-rank "${SLURM_NODEID:-0}" --num-nodes "${SLURM_NNODES:-1}"' in launcher
 
+    # Without AUTO_SHUTDOWN_HOURS the time limit follows the daemon's own constant.
+    code = make_code_dir(tmp_path, real_daemon=True)
+    daemon_file = code / "perpetual_motion.py"
+    daemon_file.write_text(daemon_file.read_text().replace(
+        "\nAUTO_SHUTDOWN_HOURS = 24  #", "\nAUTO_SHUTDOWN_HOURS = 48  #", 1))
+    no_hours = {k: v for k, v in env.items() if k != "AUTO_SHUTDOWN_HOURS"}
+    run = run_submit(dict(no_hours, CODE_DIR=str(code)), "--backend", "slurm", "exp5")
+    assert run.returncode == 0, run.stderr
+    assert "--time=2885" in json.loads(record.read_text())  # 48 h and 5 minutes
+    assert "--hours" not in (root / "exp5" / "launch.sh").read_text()
+    daemon_file.write_text("AUTO_SHUTDOWN_HOURS = 24 * 2\n")  # not a plain number: no --time
+    run = run_submit(dict(no_hours, CODE_DIR=str(code)), "--backend", "slurm", "exp6")
+    assert run.returncode == 0, run.stderr
+    assert "cannot read AUTO_SHUTDOWN_HOURS" in run.stderr
+    assert not any(arg.startswith("--time") for arg in json.loads(record.read_text()))
+
     env.update(GRES="gpu:{GPUS}", PARTITION="")  # GPUS=0: no --gres at all
     assert run_submit(env, "--backend", "slurm", "exp2", "0").returncode == 0
     argv = json.loads(record.read_text())
@@ -646,6 +727,54 @@ def test_local_backend_reports_a_daemon_that_exits_at_once(tmp_path):
     assert run.returncode == 1
     assert "the daemon exited at once (status 2)" in run.stderr
     assert "unrecognized arguments: --no-such-flag" in run.stderr
+    # Nothing was launched: no job to record, and none for the next launch to warn about.
+    assert not (tmp_path / "broken" / "job_id.txt").exists()
+    again = run_submit(dict(env, DAEMON_ARGS=""), "--dry-run", "--backend", "local", "broken", "0")
+    assert again.returncode == 0, again.stderr
+    assert "has not started" not in again.stderr
+
+
+@needs_namespace
+def test_local_backend_stops_a_daemon_without_a_heartbeat_and_records_nothing(tmp_path):
+    """A "daemon" that never writes a heartbeat: submit.sh stops it after LOCAL_WAIT_SECONDS,
+    exits 1, and writes no job_id.txt."""
+    code = make_code_dir(tmp_path, real_daemon=False)
+    pid_file = tmp_path / "silent.pid"
+    silent = tmp_path / "silent python"
+    silent.write_text(f"#!/bin/sh\necho $$ > '{pid_file}'\nexec sleep 120\n")
+    silent.chmod(0o755)
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), CODE_DIR=str(code), PYTHON=str(silent),
+                   LOCAL_WAIT_SECONDS="1")
+    script = ('"$0" --backend local silent 0; echo "submit-exit=$?"; '
+              f'if kill -0 "$(cat \'{pid_file}\')" 2>/dev/null; then echo alive; '
+              'else echo stopped; fi')
+    run = subprocess.run([*UNSHARE, "bash", "-c", script, str(SUBMIT)], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "submit-exit=1" in run.stdout and "stopped" in run.stdout, (run.stdout, run.stderr)
+    assert "no heartbeat from the daemon" in run.stderr
+    assert not (tmp_path / "silent" / "job_id.txt").exists()
+
+
+@needs_namespace
+def test_editing_auto_shutdown_hours_in_the_daemon_takes_effect_under_submit(tmp_path):
+    """The seed's FAQ: edit AUTO_SHUTDOWN_HOURS in perpetual_motion.py to change when the
+    daemon exits. Launched by submit.sh (local backend), the edited value rules."""
+    code = make_code_dir(tmp_path, real_daemon=True)
+    daemon_file = code / "perpetual_motion.py"
+    daemon_file.write_text(daemon_file.read_text().replace(
+        "\nAUTO_SHUTDOWN_HOURS = 24  #", "\nAUTO_SHUTDOWN_HOURS = 0.0005  #", 1))
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), CODE_DIR=str(code),
+                   DAEMON_ARGS=TEST_DAEMON_ARGS)
+    wrapper = textwrap.dedent("""\
+        "$0" --backend local brief 0 || exit
+        pid=$(sed -n 's/^pid=//p' "$QUEUE_ROOT/brief/job_id.txt")
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        """)
+    run = subprocess.run([*UNSHARE, "bash", "-c", wrapper, str(SUBMIT)], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    log = (tmp_path / "brief" / "daemon.log").read_text()
+    assert "(0.0005h)" in log and "Auto-shutdown: auto-shutdown after 0.0005h" in log, log
 
 
 # Multi-node ###############################################################################
@@ -731,90 +860,68 @@ def test_scripts_are_shellcheck_clean():
 # slurm, for real ##########################################################################
 
 
-def slurm_problem() -> str | None:
-    """Why Slurm cannot run a job here, or None when it can."""
-    for program in ("sbatch", "sinfo", "scontrol", "srun"):
-        if shutil.which(program) is None:
-            return f"{program} is not installed"
-    try:
-        probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                               timeout=10)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out"
-    if probe.returncode != 0:
-        return f"sinfo failed: {probe.stderr.strip()}"
-    if not {"idle", "mix", "alloc", "comp"} & set(probe.stdout.split()):
-        return f"no node is up (sinfo: {probe.stdout.split()})"
-    return None
-
-
-@pytest.fixture
-def slurm():
-    problem = slurm_problem()
-    if problem is not None:
-        if os.environ.get("REQUIRE_SLURM") == "1":
-            pytest.fail(f"REQUIRE_SLURM=1 but Slurm is not usable: {problem} "
-                        "(run: bash .ci/start-slurm.sh)")
-        pytest.skip(f"Slurm is not usable: {problem} (set REQUIRE_SLURM=1 to fail instead)")
-
-
-def slurm_job(job: str) -> dict[str, str]:
-    show = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
-                          text=True, timeout=20)
-    assert show.returncode == 0, show.stderr
-    return dict(word.split("=", 1) for word in show.stdout.split() if "=" in word)
-
-
-def slurm_node(name: str) -> dict[str, str]:
-    show = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True,
-                          text=True, timeout=20)
-    assert show.returncode == 0, show.stderr
-    return dict(word.split("=", 1) for word in show.stdout.split() if "=" in word)
-
-
 def test_slurm_backend_runs_a_task_and_the_job_ends(tmp_path, slurm):
     root = tmp_path / "queue root"
     root.mkdir()
     job_id = f"slurm-{os.getpid()}"
-    instance = root / job_id
-    # No PID namespace around a Slurm job: the daemon kills nothing but its tasks, and this
-    # test never stops a task.
+    # The daemon runs as PID 1 of its own PID namespace inside the job, as in every test.
     env = base_env(tmp_path, QUEUE_ROOT=str(root), DAEMON_ARGS=TEST_DAEMON_ARGS,
-                   AUTO_SHUTDOWN_HOURS="0.5")
-    run = run_submit(env, "--backend", "slurm", job_id, "0")
-    assert run.returncode == 0, run.stderr
-    fields = read_fields(instance / "job_id.txt")
-    slurm_id = fields["cluster_job_id"]
-    try:
-        assert (fields["backend"], fields["job_name"]) == ("slurm", f"ydj-{job_id}")
-        assert f"Submitted Slurm job {slurm_id}" in run.stdout
-        job = slurm_job(slurm_id)
-        assert (job["JobName"], job["NumNodes"].split("-")[0], job["TimeLimit"]) == (
-            f"ydj-{job_id}", "1", "00:35:00")
-        assert "gres" not in job.get("TresPerNode", "")
+                   AUTO_SHUTDOWN_HOURS="0.5", PYTHON=str(namespace_python(tmp_path)))
+    launch = slurm.launch(env, job_id, "0")
+    fields = read_fields(launch.instance / "job_id.txt")
+    slurm_id = launch.slurm_id
+    assert (fields["backend"], fields["cluster_job_id"], fields["job_name"]) == (
+        "slurm", slurm_id, f"ydj-{job_id}")
+    job = slurm.job(slurm_id)
+    assert (job["JobName"], job["NumNodes"].split("-")[0], job["TimeLimit"]) == (
+        f"ydj-{job_id}", "1", "00:35:00")
+    assert "gres" not in job.get("TresPerNode", "")
 
-        state = wait_for(lambda: running_state(instance, 0), 60,
-                         what=f"the daemon in Slurm job {slurm_id}")
-        assert (state["node_rank"], state["num_nodes"]) == ("0", "1")
-        # The whole node (EXCLUSIVE=1): every CPU and all its memory, not 1 CPU.
-        job = slurm_job(slurm_id)
-        node = slurm_node(job["NodeList"])
-        assert (job["OverSubscribe"], job["NumCPUs"], job["MinMemoryNode"]) == (
-            "NO", node["CPUTot"], "0")
+    [state] = launch.wait_daemons()
+    assert (state["node_rank"], state["num_nodes"]) == ("0", "1")
+    # The whole node (EXCLUSIVE=1): every CPU and all its memory, not 1 CPU.
+    job = slurm.job(slurm_id)
+    node = slurm.node(job["NodeList"])
+    assert (job["OverSubscribe"], job["NumCPUs"], job["MinMemoryNode"]) == (
+        "NO", node["CPUTot"], "0")
 
-        task = tmp_path / "in_slurm.sh"
-        task.write_text('echo "job=$SLURM_JOB_ID node=$NODE_RANK"\n')
-        name = submit_task(instance, env, task)
-        done = wait_for(lambda: done_task(instance, name), 30, what="the task to finish")
-        assert f"job={slurm_id} node=0" in (instance / "logs" / f"{done.name}.log").read_text()
+    task = tmp_path / "in_slurm.sh"
+    task.write_text('echo "job=$SLURM_JOB_ID node=$NODE_RANK"\n')
+    launch.client("gpu_submit", str(task))
+    done = wait_for(lambda: done_task(launch.instance, task.name), 30, what="the task to finish")
+    assert f"job={slurm_id} node=0" in (launch.instance / "logs" / f"{done.name}.log").read_text()
 
-        shutdown(instance, env)
-        ended = wait_for(lambda: slurm_job(slurm_id)["JobState"] not in
-                         ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"), 60,
-                         what=f"Slurm job {slurm_id} to end")
-        assert ended
-        assert slurm_job(slurm_id)["JobState"] == "COMPLETED"
-        assert read_fields(instance / "nodes" / "node-0.state")["status"] == "stopped"
-        assert "Stopped" in (instance / "daemon.log").read_text()
-    finally:
-        subprocess.run(["scancel", slurm_id], capture_output=True, timeout=20)
+    assert launch.shutdown() == "COMPLETED"
+    assert launch.state(0)["status"] == "stopped"
+    assert "Stopped" in launch.daemon_log()
+
+
+def test_slurm_two_nodes_bring_up_a_daemon_on_each_and_gpu_shutdown_ends_the_job(tmp_path,
+                                                                                 two_node_slurm):
+    """`submit.sh --backend slurm exp 0 2` on the two-node cluster: one daemon per Slurm node,
+    ranks 0 and 1 from SLURM_NODEID, both alive; gpu_shutdown ends both and the job."""
+    root = tmp_path / "queue root"
+    root.mkdir()
+    env = base_env(tmp_path, QUEUE_ROOT=str(root), DAEMON_ARGS=TEST_DAEMON_ARGS,
+                   AUTO_SHUTDOWN_HOURS="0.5", PYTHON=str(namespace_python(tmp_path)))
+    launch = two_node_slurm.launch(env, f"exp-{os.getpid()}", "0", "2")
+    job = two_node_slurm.job(launch.slurm_id)
+    assert (job["NumNodes"].split("-")[0], job["TimeLimit"]) == ("2", "00:35:00")
+
+    states = launch.wait_daemons()
+    assert [(s["node_rank"], s["num_nodes"]) for s in states] == [("0", "2"), ("1", "2")]
+    assert states[0]["pid_ns"] != states[1]["pid_ns"]  # each in its own namespace
+    # Both "nodes" share this host: the Slurm node of each daemon is in its environment.
+    nodes = []
+    for rank in (0, 1):
+        [daemon] = [p for p in psutil.process_iter(["name", "environ"])
+                    if p.info["name"] == "pm-daemon" and (p.info["environ"] or {}).get(
+                        "SLURM_JOB_ID") == launch.slurm_id
+                    and p.info["environ"].get("SLURM_NODEID") == str(rank)]
+        nodes.append(daemon.info["environ"]["SLURMD_NODENAME"])
+    assert nodes == ["n1", "n2"]
+    status = launch.client("gpu_status").stdout
+    assert "Node 0" in status and "Node 1" in status, status
+
+    assert launch.shutdown() == "COMPLETED"
+    assert [launch.state(rank)["status"] for rank in (0, 1)] == ["stopped", "stopped"]
