@@ -6,6 +6,7 @@ A daemon may kill Python processes (``gpu_stop``), so every test daemon runs und
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -146,6 +147,25 @@ class DaemonHandle:
         if self.proc.poll() is None:
             self.proc.kill()  # --kill-child takes the namespace down with it
             self.proc.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def no_task_left_behind(tmp_path: Path) -> Iterator[None]:
+    """Tasks of daemons that a test runs in its own process (in simulated time) are ended when
+    the test ends, passed or failed: every process whose QUEUE_DIR lies under its tmp_path."""
+    yield
+    mine = str(tmp_path).encode()
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(b"QUEUE_DIR=") and item[len(b"QUEUE_DIR="):].startswith(mine):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+                break
 
 
 @pytest.fixture
