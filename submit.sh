@@ -538,6 +538,10 @@ EOF
 cd $(quote "${CODE_DIR}") || exit 1
 export JOB_ID=$(quote "${JOB_ID}") QUEUE_ROOT=$(quote "${QUEUE_ROOT}") PYTHONUNBUFFERED=1
 EOF
+  if [[ "${BACKEND}" != local ]]; then
+    # A cluster node: a stop also ends the user's other Python processes there (kill scope auto).
+    echo "export PM_CLUSTER_JOB=${BACKEND}"
+  fi
   if [[ "${BACKEND}" == sco ]]; then
     # shellcheck disable=SC2016  # expanded by launch.sh on the node, not here
     printf '%s\n' \

@@ -579,6 +579,7 @@ def test_force_launches_anyway_and_forces_the_daemon(tmp_path):
     assert "launching anyway" in run.stderr
     launcher = (root / "exp1" / "launch.sh").read_text()
     assert launcher.rstrip().endswith(" --force")
+    assert "export PM_CLUSTER_JOB=sco\n" in launcher
 
 
 def test_warns_when_the_last_launch_never_started_a_daemon(tmp_path):
@@ -635,6 +636,7 @@ def test_slurm_sbatch_arguments(tmp_path):
         "slurm", "4242", "pm-exp1")
     launcher = (instance / "launch.sh").read_text()
     assert '--node-rank "${SLURM_NODEID:-0}" --num-nodes "${SLURM_NNODES:-1}"' in launcher
+    assert "export PM_CLUSTER_JOB=slurm\n" in launcher  # a cluster node: kill scope auto
 
     # Without AUTO_SHUTDOWN_HOURS the time limit follows the daemon's own constant.
     code = make_code_dir(tmp_path, real_daemon=True)
@@ -701,6 +703,7 @@ def test_local_backend_runs_a_task_and_shuts_down(tmp_path):
         assert fields["cluster_job_id"] == f"local-{fields['pid']}"
         state = running_state(instance, 0)
         assert (state["pid"], state["node_rank"], state["num_nodes"]) == (fields["pid"], "0", "1")
+        assert "PM_CLUSTER_JOB" not in (instance / "launch.sh").read_text()  # a workstation
 
         task = tmp_path / "hello.sh"
         task.write_text('echo "hello from $TASK_SHORT_NAME on node $NODE_RANK"\n')
