@@ -991,8 +991,10 @@ def never_fits(request: Request, node_gpus: Iterable[int], num_nodes: int) -> st
     if request.nodes is not None and request.nodes > num_nodes:
         return (f"it asks for {request.nodes} nodes; the instance has {num_nodes}")
     if request.gpus and counts and request.gpus > max(counts):
-        most = max(counts)
-        return f"it asks for {request.gpus} GPUs; nodes here have at most {most}"
+        if max(counts) == 0:
+            return (f"it asks for {request.gpu_text()}; no node here has a GPU (a daemon "
+                    "without NVML can declare slots: --gpus N)")
+        return f"it asks for {request.gpu_text()}; nodes here have at most {max(counts)}"
     return ""
 
 
@@ -4121,10 +4123,7 @@ class Daemon:
         if self.config.num_nodes > 1:
             counts += [v.gpu_count for v in self.node_views().values()
                        if v.rank != self.config.node_rank and v.token]
-        why = never_fits(sub.request, counts, self.config.num_nodes)
-        if not why and sub.request.gpus and not any(counts):
-            why = f"it asks for {sub.request.gpu_text()}; no node here has a GPU"
-        return why
+        return never_fits(sub.request, counts, self.config.num_nodes)
 
     def dependency(self, sub: Submission, present: set[str]) -> str:
         """"" when every task it comes after has finished done; ``waiting for <id>`` while one

@@ -96,6 +96,8 @@ def test_order_is_kept_among_tasks_that_fit():
     ("", "3", [8, 8], 2, "it asks for 3 nodes; the instance has 2"),
     ("1", "2", [8, 8], 2, ""),
     ("0", "all", [0], 1, ""),
+    ("1", "", [0], 1, "it asks for 1 GPU; no node here has a GPU (a daemon without NVML can "
+                      "declare slots: --gpus N)"),
 ])
 def test_requests_that_can_never_fit(gpus, nodes, counts, num, why):
     assert pm.never_fits(pm.Request.parse(gpus, nodes), counts, num) == why
