@@ -53,6 +53,31 @@ def namespace_shell(script: str, log: Path) -> Iterator[subprocess.Popen]:
             proc.wait()
 
 
+class FakeClock:
+    """Simulated time for a daemon run in the test's process, starting at the real time
+    (commands carry real send times)."""
+
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def run_until(daemon, clock: FakeClock, predicate, limit: float = 30.0) -> None:
+    """Tick a daemon in simulated time until ``predicate()``; real task processes get real
+    time to end between ticks."""
+    deadline = clock.now + limit
+    while not predicate():
+        assert clock.now < deadline, "condition not reached in simulated time"
+        daemon.tick()
+        clock.sleep(0.1)
+        time.sleep(0.01)
+
+
 def read_fields(path: Path) -> dict[str, str]:
     fields = {}
     for line in path.read_text().splitlines():

@@ -10,22 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FakeClock, run_until
 from queue_files import command, submit
 
 import perpetual_motion as pm
-
-
-class FakeClock:
-    """Simulated time, starting at the real time (commands carry real send times)."""
-
-    def __init__(self, start: float | None = None):
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_daemon(root: Path, clock: FakeClock, job_id: str = "unit", **overrides) -> pm.Daemon:
@@ -103,16 +91,6 @@ def test_publish_is_atomic_and_leaves_no_staging(tmp_path):
 
 
 # The daemon in simulated time ##################################################################
-
-
-def run_until(daemon: pm.Daemon, clock: FakeClock, predicate, limit: float = 30.0) -> None:
-    """Tick in simulated time; real task processes get real time to end between ticks."""
-    deadline = clock.now + limit
-    while not predicate():
-        assert clock.now < deadline, "condition not reached in simulated time"
-        daemon.tick()
-        clock.sleep(0.1)
-        time.sleep(0.01)
 
 
 def test_auto_shutdown_happens_at_the_configured_hour(tmp_path):

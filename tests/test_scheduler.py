@@ -8,20 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FakeClock, run_until
 from queue_files import command, submit
 
 import perpetual_motion as pm
-
-
-class FakeClock:
-    def __init__(self, start: float | None = None):
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_daemon(root: Path, clock: FakeClock, gpus: int = 4, job_id: str = "sched",
@@ -43,15 +33,6 @@ def node(tmp_path):
         if task.proc is not None and task.proc.poll() is None:
             pm.signal_group(task.proc.pid, 9)
             task.proc.wait()
-
-
-def run_until(daemon, clock, predicate, limit=30.0):
-    deadline = clock.now + limit
-    while not predicate():
-        assert clock.now < deadline, "condition not reached in simulated time"
-        daemon.tick()
-        clock.sleep(0.1)
-        time.sleep(0.01)
 
 
 def fields(path: Path) -> dict[str, str]:
