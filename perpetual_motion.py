@@ -569,6 +569,22 @@ class QueueFolder:
         middle = "" if rank is None else f"rank{rank}."
         return self.dir("records") / f"{task_id}.{middle}{kind}"
 
+    def publish_stop(self, task_id: str, reason: str, sent_by: str, now: float) -> None:
+        """Publish ``records/<id>.stop`` (once): whichever node runs the task stops it."""
+        path = self.record(task_id, "stop")
+        if not path.exists():
+            self.publish(path, format_fields({"id": task_id, "reason": reason,
+                                              "sent_by": sent_by, "time": f"{now:.3f}"}))
+
+    def stop_reason(self, task_id: str) -> str | None:
+        """The reason in ``records/<id>.stop``, or None when there is none (a stop record that
+        cannot be read is still a stop)."""
+        try:
+            fields = self.read_fields(self.record(task_id, "stop"))
+        except (OSError, ValueError):
+            return "stopped by user"
+        return None if fields is None else (fields.get("reason") or "stopped by user")
+
     def log(self, task_id: str, rank: int | None = None) -> Path:
         return self.dir("logs") / (f"{task_id}.log" if rank is None else
                                    f"{task_id}.rank{rank}.log")
@@ -1764,7 +1780,7 @@ class Gangs:
                 name = "node" if key == "node_rank" else key
                 extra.append((f"rank.{rank}.{name}", end.get(key, "")))
         bad = [(r, e) for r, e in sorted(ends.items()) if e.get("state") != "done"]
-        stop = self._stop_reason(plan.task_id)
+        stop = self.folder.stop_reason(plan.task_id)
         order = ("failed", "interrupted", "stopped", "cancelled")
         bad.sort(key=lambda r_e: (order.index(r_e[1].get("state")) if r_e[1].get("state")
                                   in order else len(order), r_e[0]))
@@ -1791,12 +1807,6 @@ class Gangs:
         self.runner.finish(result)
         self.plans.pop(plan.task_id, None)
 
-    def _stop_reason(self, task_id: str) -> str | None:
-        try:
-            fields = self.folder.read_fields(self.folder.record(task_id, "stop"))
-        except (OSError, ValueError):
-            return None
-        return None if fields is None else fields.get("reason", "stopped")
 
 
 # Keep-alive #################################################################################
@@ -3708,6 +3718,371 @@ class SignalWaiter:
         self.dirs.drain()
 
 
+class Scheduler:
+    """The queue pass of one node, each poll (docs/protocol.md, "Which task starts where"):
+    read pending/ and the records it needs, ask ``plan_starts`` what fits this node, claim it
+    and hand it to ``begin``. Node 0 also places tasks that span nodes, fails what can never
+    run, cancels what waits for a failed dependency, and finishes the tasks of dead nodes."""
+
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
+                 inventory: Inventory, clock: Callable[[], float], throttled: ThrottledLog,
+                 begin: Callable[[RunningTask], None], owns_node: Callable[[], bool]):
+        self.config = config
+        self.folder = folder
+        self.runner = runner
+        self.gangs = gangs
+        self.inventory = inventory
+        self.clock = clock
+        self.throttled = throttled
+        self.begin = begin
+        self.owns_node = owns_node
+        self.requests: dict[str, Submission | str] = {}  # pending name -> its record or why not
+        self.results: dict[str, str] = {}  # task id -> its result's state, once known
+        self.blocked_since: dict[str, float] = {}
+        self.waiting: tuple[str, str] | None = None  # what the first stuck task waits for
+        self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
+        self.views: dict[int, NodeView] = {}
+        self.views_read = -1e18
+        self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
+        self.backoff = 0.0
+        self.last_sweep = -1e18
+
+    @property
+    def is_leader(self) -> bool:
+        return self.config.node_rank == 0
+
+    def run(self, running: list[str], may_start: bool) -> None:
+        """One pass: the gangs' seats and watch, then the pending tasks in run order."""
+        now = self.clock()
+        self.gangs.discover(running)
+        self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
+                              may_start)
+        if self.is_leader:
+            views = self.node_views()
+            self.gangs.watch(views, lambda task_id, why: self.folder.publish_stop(
+                task_id, why, f"node {self.config.node_rank}", self.clock()))
+            if now - self.last_sweep >= HEARTBEAT_SECONDS:
+                self.last_sweep = now
+                self.sweep_running(running, views)
+        pending = self.folder.files("pending")
+        self.requests = {n: self.requests[n] for n in pending if n in self.requests}
+        if not may_start:
+            self.waiting = None
+            return
+        candidates: list[Candidate] = []
+        waiting: tuple[str, str] | None = None
+        present = set(pending) | set(running)
+        for name in pending:
+            sub = self.request_of(name)
+            why = sub if isinstance(sub, str) else self.cannot_run(sub)
+            if why:
+                if self.is_leader:
+                    self.fail_pending(name, why)
+                continue
+            blocker = self.dependency(sub, present)
+            if blocker.startswith("waiting"):
+                waiting = waiting or (name, blocker)
+                continue
+            if blocker:
+                if self.is_leader:
+                    self.runner.cancel_pending(name, blocker)
+                continue
+            if sub.request.gang:
+                if self.is_leader:
+                    waiting = waiting or self.place_gang(name, sub, running)
+                continue
+            if sub.request.gpus is not None and sub.request.gpus > len(self.inventory.gpus):
+                continue  # for a node with more GPUs
+            candidates.append(Candidate(name, sub.request.gpus, self.blocked_since.get(name)))
+        plan = plan_starts(candidates, self.load(), now)
+        self.blocked_since = {n: self.blocked_since.get(n, now) for n in plan.blocked}
+        self.waiting = waiting if waiting and (not plan.waiting or pending.index(
+            waiting[0]) < pending.index(plan.waiting[0])) else plan.waiting
+        if not plan.starts or now < self.backoff_until or not self.owns_node():
+            return
+        while plan.starts:
+            lost = set()
+            for name, gpus in plan.starts:
+                task_id = self.runner.claim(name)
+                if task_id is None:
+                    lost.add(name)  # another node took it, or it cannot be claimed
+                    break
+                self.begin(RunningTask(task_id, self.requests.pop(name), gpus, now))
+                if now < self.backoff_until:
+                    return
+            if not lost:
+                return
+            # what was planned behind an entry that could not be claimed may fit now
+            candidates = [c for c in candidates if c.task_id not in lost
+                          and c.task_id in self.requests]
+            plan = plan_starts(candidates, self.load(), now)
+
+    def load(self, seats: bool = True) -> NodeLoad:
+        """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""
+        tasks = list(self.runner.tasks.values())
+        taken = {gpu for task in tasks for gpu in task.gpus}
+        cpu = sum(1 for task in tasks if task.submission.request.gpus == 0)
+        gpu_tasks = sum(1 for task in tasks if task.submission.request.gpus != 0)
+        if seats:
+            taken |= self.gangs.reserved()
+            cpu += self.gangs.cpu_seats()
+            gpu_tasks += self.gangs.holds_node()
+        return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
+
+    def back_off(self, why: str) -> None:
+        """The node cannot prepare tasks (no log file, no space): claim nothing for a while."""
+        self.backoff = min(60.0, max(1.0, self.backoff * 2))
+        self.backoff_until = self.clock() + self.backoff
+        made = self.folder.ensure()
+        self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
+                               "back to pending/; trying again with back-off", why,
+                               f"; created again: {', '.join(made)}" if made else "")
+
+    def request_of(self, name: str) -> Submission | str:
+        """A pending task's submit record (cached: a published record never changes), or why
+        it cannot be read."""
+        if name not in self.requests:
+            try:
+                fields = self.folder.read_fields(self.folder.record(name, "submit"))
+                self.requests[name] = Submission.from_fields(fields) if fields else Submission()
+            except (OSError, ValueError, UnicodeError) as exc:
+                self.requests[name] = f"unreadable submit record: {error_text(exc)}"
+        return self.requests[name]
+
+    def cannot_run(self, sub: Submission) -> str:
+        """Why no node of the instance can ever run this request, or ""."""
+        counts = [len(self.inventory.gpus)]
+        if self.config.num_nodes > 1:
+            counts += [v.gpu_count for v in self.node_views().values()
+                       if v.rank != self.config.node_rank and v.token]
+        return never_fits(sub.request, counts, self.config.num_nodes)
+
+    def dependency(self, sub: Submission, present: set[str]) -> str:
+        """"" when every task it comes after has finished done; ``waiting for <id>`` while one
+        has not finished; else why it can never start (docs/protocol.md)."""
+        for dep in sub.after:
+            state = self.results.get(dep)
+            if state is None:
+                try:
+                    fields = self.folder.read_fields(self.folder.record(dep, "result"))
+                except (OSError, ValueError):
+                    fields = None
+                if fields is None:
+                    if dep in present:
+                        return f"waiting for {dep}"
+                    return f"dependency {dep} not found"
+                state = self.results[dep] = fields.get("state", "?")
+            if state != TaskState.DONE.value:
+                return f"dependency {dep} {state}"
+        return ""
+
+    def fail_pending(self, name: str, why: str) -> None:
+        """Node 0 fails a pending task that can never run, at once, with the reason."""
+        task_id = self.folder.id_for(name)
+        try:
+            os.rename(self.folder.dir("pending") / name, self.folder.dir("running") / task_id)
+        except OSError:
+            return
+        now = self.clock()
+        LOG.warning("Task %s cannot run: %s", task_id, why)
+        try:
+            with self.folder.open_log(self.folder.log(task_id)) as log:
+                self.runner.log_lines(log, [f"task: {task_id}", f"not run: {why}"])
+        except OSError:
+            pass
+        self.runner.finish(TaskResult(task_id, TaskState.FAILED, why, None, now,
+                                      self.runner.identity.host, self.config.node_rank))
+
+    def place_gang(self, name: str, sub: Submission,
+                   running: list[str]) -> tuple[str, str] | None:
+        """Node 0 places a task that spans nodes; what it waits for when it cannot yet."""
+        views = self.node_views()
+        nodes = self.config.num_nodes if sub.request.nodes is None else sub.request.nodes
+        live = {r: v for r, v in views.items() if v.alive and v.status == "running"}
+        free = {r: v.gpus_free for r, v in live.items()}
+        total = {r: v.gpu_count for r, v in live.items()}
+        chosen = choose_gang_nodes(nodes, sub.request.gpus, free, total)
+        if chosen is None:
+            return name, f"waiting for {nodes} nodes, {len(live)} alive"
+        task_id = self.folder.id_for(name)
+        plan = GangPlan(task_id, chosen, sub.request.gpus, f"{self.clock():.6f}")
+        try:
+            self.folder.publish(self.folder.record(task_id, "gang"), format_fields(plan.fields()))
+        except OSError as exc:
+            self.throttled.warning(f"place:{name}", "cannot place %s: %s", name, exc)
+            return None
+        if not self.owns_node() or self.runner.claim(name) != task_id:
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder.record(task_id, "gang"))
+            return None
+        self.gangs.plans[task_id] = plan
+        running.append(task_id)
+        LOG.info("Task %s placed on nodes %s (ranks 0..%d)", task_id,
+                 ",".join(str(n) for n in chosen), len(chosen) - 1)
+        return None
+
+    def node_views(self) -> dict[int, NodeView]:
+        """Every node's state, read at most once per poll interval."""
+        now = self.clock()
+        if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
+            self.views = {r: NodeView.read(self.folder, r, now)
+                          for r in range(self.config.num_nodes)}
+            self.views_read = now
+        return self.views
+
+    def sweep_running(self, running: list[str], views: Mapping[int, NodeView]) -> None:
+        """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
+        and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
+        now = self.clock()
+        mine = {task.task_id for task in self.runner.tasks.values()}
+        mine |= {entry[0].task_id for entry in self.runner.unfinished}
+        seen = set()
+        for task_id in running:
+            if task_id in mine or self.gangs.plans.get(task_id) is not None:
+                continue
+            try:
+                run = self.folder.read_fields(self.folder.record(task_id, "run"))
+            except (OSError, ValueError):
+                continue
+            if run is None:
+                seen.add(task_id)
+                first = self.unrecorded.setdefault(task_id, now)
+                if now - first >= HEARTBEAT_STALE_SECONDS:
+                    self.runner.unclaim(task_id)
+                    LOG.warning("%s was claimed but never started (its claimer died): back to "
+                                "pending", task_id)
+                continue
+            node = ascii_int(run.get("node_rank"))
+            view = views.get(node) if node is not None else None
+            if view is None or not view.known:
+                continue  # a node this daemon does not know (or cannot read now)
+            if node == self.config.node_rank:
+                claimer_lives = run.get("daemon") == self.runner.token
+            else:
+                claimer_lives = view.alive and (view.token == run.get("daemon")
+                                                or not run.get("daemon"))  # (version 1: none)
+            if claimer_lives or self.folder.has_result(task_id):
+                continue
+            self.runner.interrupt(task_id, run, f"node {node}'s daemon died")
+        self.unrecorded = {t: s for t, s in self.unrecorded.items() if t in seen}
+
+
+class Commands:
+    """The commands clients publish in commands/, handled by node 0 (docs/protocol.md,
+    "Commands"): each carried out once, answered in replies/."""
+
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
+                 clock: Callable[[], float], throttled: ThrottledLog, started: float,
+                 shutdown: Callable[[str], None], changed: Callable[[], None],
+                 sweep: Callable[[], None]):
+        self.config = config
+        self.folder = folder
+        self.runner = runner
+        self.gangs = gangs
+        self.clock = clock
+        self.throttled = throttled
+        self.started = started
+        self.started_text = f"{started:.3f}"
+        self.shutdown = shutdown  # begins the daemon's shutdown, with the reason
+        self.changed = changed  # the state file should say so at once
+        self.sweep = sweep  # end the other Python processes (a stop_all with nothing running)
+        self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
+
+    def handle(self) -> None:
+        for name in self.folder.files("commands"):
+            if not name.endswith(".cmd"):
+                continue
+            path = self.folder.dir("commands") / name
+            reply = self.answers.get(name)
+            if reply is None:  # a command is carried out once, even if answering it fails
+                try:
+                    fields = self.folder.read_fields(path)
+                    if fields is None:
+                        continue
+                    reply = self.execute(fields)
+                except (OSError, ValueError, UnicodeError) as exc:
+                    self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
+                    reply = {"action": "", "task": "", "result": "error",
+                             "message": f"unreadable command: {exc}"}
+                reply["handled"] = f"{self.clock():.3f}"
+                self.answers[name] = reply
+            try:
+                self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
+                                    format_fields(reply))
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # the client withdrew it meanwhile; the reply tells it what happened
+            except OSError as exc:
+                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s", name,
+                                       exc)
+                continue
+            del self.answers[name]
+
+    def execute(self, fields: dict[str, str]) -> dict[str, object]:
+        action, task_id = fields.get("action", ""), fields.get("task", "")
+        reply: dict[str, object] = {"action": action, "task": task_id}
+        addressed = fields.get("daemon_started", "")
+        sent = as_float(fields.get("sent"))
+        if fields.get("sent") and sent is None:
+            raise ValueError(f"sent is not a time: {fields['sent'][:40]!r}")
+        if (addressed and addressed != self.started_text) or (
+                not addressed and sent is not None
+                and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
+            # Meant for an earlier daemon: a stale shutdown must not end this one.
+            reply.update(result="error", message="meant for an earlier daemon; ignored")
+            return reply
+        who = fields.get("sent_by") or "a client"
+        if action == "stop":
+            if not task_id or "/" in task_id or task_id.startswith("."):
+                raise ValueError("stop without a task")
+            if self.runner.cancel_pending(task_id):
+                reply.update(result="cancelled", message="removed from pending")
+            elif task_id in set(self.folder.names("running")):
+                where = self.stop_running(task_id, "stopped by user", who)
+                grace = f"SIGKILL after {self.config.stop_grace:g} s"
+                reply.update(result="stopped", message=f"SIGTERM sent, {grace}" if not where
+                             else f"stop sent to {where}: SIGTERM, {grace}")
+            else:
+                reply.update(result="not_found", message="neither pending nor running")
+        elif action == "stop_all":
+            cancelled = sum(bool(self.runner.cancel_pending(n))
+                            for n in self.folder.names("pending"))
+            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
+            for task in stopped:
+                self.stop_running(task, "stopped by user (all)", who)
+            if not stopped:
+                self.sweep()
+            reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),
+                         stopped=" ".join(stopped),
+                         message=f"{cancelled} cancelled, {len(stopped) or 'none'} stopped")
+        elif action == "shutdown":
+            self.shutdown(f"shutdown asked by {who}")
+            reply.update(result="accepted", message="the daemon is shutting down")
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        return reply
+
+    def stop_running(self, task_id: str, reason: str, who: str) -> str:
+        """Stop a task in running/ wherever it runs; where, for the reply ("" for here)."""
+        self.folder.publish_stop(task_id, reason, who, self.clock())
+        here = False
+        for task in list(self.runner.tasks.values()):
+            if task.task_id == task_id and task.stop_state is None:
+                self.runner.stop(task, TaskState.STOPPED, reason)
+                task.sweep = here = True
+        self.changed()
+        plan = self.gangs.plans.get(task_id)
+        if plan is not None:
+            return f"nodes {','.join(str(n) for n in plan.nodes)}"
+        if here:
+            return ""
+        try:
+            run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
+        except (OSError, ValueError):
+            run = {}
+        return f"node {run.get('node_rank') or '?'}"
+
+
 class Daemon:
     """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time."""
 
@@ -3729,6 +4104,11 @@ class Daemon:
                                  self.inventory, self.started_text)
         self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
                            config.node_addr or self.identity.host)
+        self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
+                                   clock, self.throttled, self.begin, self.owns_node)
+        self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
+                                 self.throttled, self.started, self.begin_shutdown,
+                                 self.mark_changed, self.ask_sweep)
         self.kill_scope = resolve_kill_scope(config.kill_scope, os.environ)
         self.shutdown_at = self.started + config.hours * 3600
         self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
@@ -3743,19 +4123,8 @@ class Daemon:
         self.last_housekeeping = self.started
         self.last_cleaning = -1e18
         self.last_leader_check = self.started
-        self.last_sweep = -1e18
         self.waiter: SignalWaiter | None = None
         self.displaced = False  # another daemon owns this node's state file
-        self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
-        self.requests: dict[str, Submission | str] = {}  # pending name -> its record or why not
-        self.results: dict[str, str] = {}  # task id -> its result's state, once known
-        self.blocked_since: dict[str, float] = {}
-        self.waiting: tuple[str, str] | None = None
-        self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
-        self.views: dict[int, NodeView] = {}
-        self.views_read = -1e18
-        self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
-        self.backoff = 0.0
         self.running_names: list[str] = []
         self.runner.heartbeat = self.write_state
 
@@ -3897,7 +4266,7 @@ class Daemon:
             self.begin_shutdown(f"hard auto-shutdown after {AUTO_SHUTDOWN_HARD_HOURS:g}h")
         self._step("tasks", self.run_tasks)
         if self.is_leader:
-            self._step("commands", self.handle_commands)
+            self._step("commands", self.commands.handle)
         elif now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
@@ -3949,7 +4318,7 @@ class Daemon:
                 self.keepalive.task_finished(task.gpus)
                 self.state_dirty = True
                 continue
-            stop = self.stop_request(task.task_id)
+            stop = self.folder.stop_reason(task.task_id)
             if stop is not None and task.stop_state is None:
                 self.runner.stop(task, TaskState.STOPPED, stop)
                 task.sweep = stop.startswith("stopped by user")
@@ -3978,35 +4347,19 @@ class Daemon:
             else:
                 self.runner.finish(self.runner.result_of(task, TaskState.FAILED, str(exc),
                                                          None, self.clock()))
-            self.back_off(str(exc))
+            self.scheduler.back_off(str(exc))
             return
         if not ok:
             self.keepalive.task_finished(task.gpus)
         else:
-            self.backoff = 0.0
+            self.scheduler.backoff = 0.0
         self.state_dirty = True
-
-    def back_off(self, why: str) -> None:
-        self.backoff = min(60.0, max(1.0, self.backoff * 2))
-        self.backoff_until = self.clock() + self.backoff
-        made = self.folder.ensure()
-        self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
-                               "back to pending/; trying again with back-off", why,
-                               f"; created again: {', '.join(made)}" if made else "")
 
     def task_ended(self, task: RunningTask) -> None:
         self.keepalive.task_finished(task.gpus)
         self.state_dirty = True
         if task.sweep:
             self.kill_python(task.task_id)
-
-    def stop_request(self, task_id: str) -> str | None:
-        """The reason in ``records/<id>.stop``, or None when there is none."""
-        try:
-            fields = self.folder.read_fields(self.folder.record(task_id, "stop"))
-        except (OSError, ValueError):
-            return "stopped by user"  # a stop record that cannot be read is still a stop
-        return None if fields is None else (fields.get("reason") or "stopped by user")
 
     def kill_python(self, task_id: str = "") -> None:
         pids = python_pids_to_kill(self.config.job_id, self.kill_scope,
@@ -4020,73 +4373,11 @@ class Daemon:
     # -- the queue -------------------------------------------------------------------------
 
     def run_queue(self) -> None:
-        """Place and start what fits this node, in run order (docs/protocol.md)."""
+        """The scheduler's pass (docs/protocol.md), after a sweep a stop_all asked for."""
         if self.sweep_now:
             self.sweep_now = False
             self.kill_python()
-        now = self.clock()
-        may_start = not (self.stopping or self.draining)
-        self.gangs.discover(self.running_names)
-        self.gangs.tick_seats(self.load(seats=False), self.stop_request, self.begin,
-                              may_start)
-        if self.is_leader:
-            views = self.node_views()
-            self.gangs.watch(views, self.publish_stop)
-            if now - self.last_sweep >= HEARTBEAT_SECONDS:
-                self.last_sweep = now
-                self.sweep_running(views)
-        pending = self.folder.files("pending")
-        self.requests = {n: self.requests[n] for n in pending if n in self.requests}
-        if not may_start:
-            self.waiting = None
-            return
-        candidates: list[Candidate] = []
-        waiting: tuple[str, str] | None = None
-        present = set(pending) | set(self.running_names)
-        for name in pending:
-            sub = self.request_of(name)
-            why = sub if isinstance(sub, str) else self.cannot_run(sub)
-            if why:
-                if self.is_leader:
-                    self.fail_pending(name, why)
-                continue
-            blocker = self.dependency(sub, present)
-            if blocker.startswith("waiting"):
-                waiting = waiting or (name, blocker)
-                continue
-            if blocker:
-                if self.is_leader:
-                    self.runner.cancel_pending(name, blocker)
-                continue
-            if sub.request.gang:
-                if self.is_leader:
-                    waiting = waiting or self.place_gang(name, sub)
-                continue
-            if sub.request.gpus is not None and sub.request.gpus > len(self.inventory.gpus):
-                continue  # for a node with more GPUs
-            candidates.append(Candidate(name, sub.request.gpus, self.blocked_since.get(name)))
-        plan = plan_starts(candidates, self.load(), now)
-        self.blocked_since = {n: self.blocked_since.get(n, now) for n in plan.blocked}
-        self.waiting = waiting if waiting and (not plan.waiting or pending.index(
-            waiting[0]) < pending.index(plan.waiting[0])) else plan.waiting
-        if not plan.starts or now < self.backoff_until or not self.owns_node():
-            return
-        while plan.starts:
-            lost = set()
-            for name, gpus in plan.starts:
-                task_id = self.runner.claim(name)
-                if task_id is None:
-                    lost.add(name)  # another node took it, or it cannot be claimed
-                    break
-                self.begin(RunningTask(task_id, self.requests.pop(name), gpus, now))
-                if now < self.backoff_until:
-                    return
-            if not lost:
-                return
-            # what was planned behind an entry that could not be claimed may fit now
-            candidates = [c for c in candidates if c.task_id not in lost
-                          and c.task_id in self.requests]
-            plan = plan_starts(candidates, self.load(), now)
+        self.scheduler.run(self.running_names, may_start=not (self.stopping or self.draining))
 
     def begin(self, task: RunningTask) -> None:
         """A claimed task (or a gang rank) starts: keep-alive frees its GPUs first."""
@@ -4094,153 +4385,6 @@ class Daemon:
         self.keepalive.release(task.gpus)
         self.state_dirty = True
         self.start_when_free(task)
-
-    def load(self, seats: bool = True) -> NodeLoad:
-        tasks = list(self.runner.tasks.values())
-        taken = {gpu for task in tasks for gpu in task.gpus}
-        cpu = sum(1 for task in tasks if task.submission.request.gpus == 0)
-        gpu_tasks = sum(1 for task in tasks if task.submission.request.gpus != 0)
-        if seats:
-            taken |= self.gangs.reserved()
-            cpu += self.gangs.cpu_seats()
-            gpu_tasks += self.gangs.holds_node()
-        return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
-
-    def request_of(self, name: str) -> Submission | str:
-        """A pending task's submit record (cached: a published record never changes), or why
-        it cannot be read."""
-        if name not in self.requests:
-            try:
-                fields = self.folder.read_fields(self.folder.record(name, "submit"))
-                self.requests[name] = Submission.from_fields(fields) if fields else Submission()
-            except (OSError, ValueError, UnicodeError) as exc:
-                self.requests[name] = f"unreadable submit record: {error_text(exc)}"
-        return self.requests[name]
-
-    def cannot_run(self, sub: Submission) -> str:
-        """Why no node of the instance can ever run this request, or ""."""
-        counts = [len(self.inventory.gpus)]
-        if self.config.num_nodes > 1:
-            counts += [v.gpu_count for v in self.node_views().values()
-                       if v.rank != self.config.node_rank and v.token]
-        return never_fits(sub.request, counts, self.config.num_nodes)
-
-    def dependency(self, sub: Submission, present: set[str]) -> str:
-        """"" when every task it comes after has finished done; ``waiting for <id>`` while one
-        has not finished; else why it can never start (docs/protocol.md)."""
-        for dep in sub.after:
-            state = self.results.get(dep)
-            if state is None:
-                try:
-                    fields = self.folder.read_fields(self.folder.record(dep, "result"))
-                except (OSError, ValueError):
-                    fields = None
-                if fields is None:
-                    if dep in present:
-                        return f"waiting for {dep}"
-                    return f"dependency {dep} not found"
-                state = self.results[dep] = fields.get("state", "?")
-            if state != TaskState.DONE.value:
-                return f"dependency {dep} {state}"
-        return ""
-
-    def fail_pending(self, name: str, why: str) -> None:
-        """Node 0 fails a pending task that can never run, at once, with the reason."""
-        task_id = self.folder.id_for(name)
-        try:
-            os.rename(self.folder.dir("pending") / name, self.folder.dir("running") / task_id)
-        except OSError:
-            return
-        now = self.clock()
-        LOG.warning("Task %s cannot run: %s", task_id, why)
-        try:
-            with self.folder.open_log(self.folder.log(task_id)) as log:
-                self.runner.log_lines(log, [f"task: {task_id}", f"not run: {why}"])
-        except OSError:
-            pass
-        self.runner.finish(TaskResult(task_id, TaskState.FAILED, why, None, now,
-                                      self.identity.host, self.config.node_rank))
-
-    def place_gang(self, name: str, sub: Submission) -> tuple[str, str] | None:
-        """Node 0 places a task that spans nodes; what it waits for when it cannot yet."""
-        views = self.node_views()
-        nodes = self.config.num_nodes if sub.request.nodes is None else sub.request.nodes
-        live = {r: v for r, v in views.items() if v.alive and v.status == "running"}
-        free = {r: v.gpus_free for r, v in live.items()}
-        total = {r: v.gpu_count for r, v in live.items()}
-        chosen = choose_gang_nodes(nodes, sub.request.gpus, free, total)
-        if chosen is None:
-            return name, f"waiting for {nodes} nodes, {len(live)} alive"
-        task_id = self.folder.id_for(name)
-        plan = GangPlan(task_id, chosen, sub.request.gpus, f"{self.clock():.6f}")
-        try:
-            self.folder.publish(self.folder.record(task_id, "gang"), format_fields(plan.fields()))
-        except OSError as exc:
-            self.throttled.warning(f"place:{name}", "cannot place %s: %s", name, exc)
-            return None
-        if not self.owns_node() or self.runner.claim(name) != task_id:
-            with contextlib.suppress(OSError):
-                os.unlink(self.folder.record(task_id, "gang"))
-            return None
-        self.gangs.plans[task_id] = plan
-        self.running_names.append(task_id)
-        LOG.info("Task %s placed on nodes %s (ranks 0..%d)", task_id,
-                 ",".join(str(n) for n in chosen), len(chosen) - 1)
-        return None
-
-    def node_views(self) -> dict[int, NodeView]:
-        """Every node's state, read at most once per poll interval."""
-        now = self.clock()
-        if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
-            self.views = {r: NodeView.read(self.folder, r, now)
-                          for r in range(self.config.num_nodes)}
-            self.views_read = now
-        return self.views
-
-    def publish_stop(self, task_id: str, reason: str, sent_by: str = "") -> None:
-        """Publish ``records/<id>.stop`` (once): whichever node runs the task stops it."""
-        path = self.folder.record(task_id, "stop")
-        if path.exists():
-            return
-        self.folder.publish(path, format_fields({
-            "id": task_id, "reason": reason, "sent_by": sent_by or f"node {self.config.node_rank}",
-            "time": f"{self.clock():.3f}"}))
-
-    def sweep_running(self, views: Mapping[int, NodeView]) -> None:
-        """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
-        and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
-        now = self.clock()
-        mine = {task.task_id for task in self.runner.tasks.values()}
-        mine |= {entry[0].task_id for entry in self.runner.unfinished}
-        seen = set()
-        for task_id in self.running_names:
-            if task_id in mine or self.gangs.plans.get(task_id) is not None:
-                continue
-            try:
-                run = self.folder.read_fields(self.folder.record(task_id, "run"))
-            except (OSError, ValueError):
-                continue
-            if run is None:
-                seen.add(task_id)
-                first = self.unrecorded.setdefault(task_id, now)
-                if now - first >= HEARTBEAT_STALE_SECONDS:
-                    self.runner.unclaim(task_id)
-                    LOG.warning("%s was claimed but never started (its claimer died): back to "
-                                "pending", task_id)
-                continue
-            node = ascii_int(run.get("node_rank"))
-            view = views.get(node) if node is not None else None
-            if view is None or not view.known:
-                continue  # a node this daemon does not know (or cannot read now)
-            if node == self.config.node_rank:
-                claimer_lives = run.get("daemon") == self.started_text
-            else:
-                claimer_lives = view.alive and (view.token == run.get("daemon")
-                                                or not run.get("daemon"))  # (version 1: none)
-            if claimer_lives or self.folder.has_result(task_id):
-                continue
-            self.runner.interrupt(task_id, run, f"node {node}'s daemon died")
-        self.unrecorded = {t: s for t, s in self.unrecorded.items() if t in seen}
 
     # -- ownership -------------------------------------------------------------------------
 
@@ -4276,101 +4420,13 @@ class Daemon:
             self.keepalive.task_finished(task.gpus)
         self.runner.unfinished.clear()
 
-    # -- commands --------------------------------------------------------------------------
+    # -- what commands change --------------------------------------------------------------
 
-    def handle_commands(self) -> None:
-        for name in self.folder.files("commands"):
-            if not name.endswith(".cmd"):
-                continue
-            path = self.folder.dir("commands") / name
-            reply = self.answers.get(name)
-            if reply is None:  # a command is carried out once, even if answering it fails
-                try:
-                    fields = self.folder.read_fields(path)
-                    if fields is None:
-                        continue
-                    reply = self.execute(fields)
-                except (OSError, ValueError, UnicodeError) as exc:
-                    self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
-                    reply = {"action": "", "task": "", "result": "error",
-                             "message": f"unreadable command: {exc}"}
-                reply["handled"] = f"{self.clock():.3f}"
-                self.answers[name] = reply
-            try:
-                self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
-                                    format_fields(reply))
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # the client withdrew it meanwhile; the reply tells it what happened
-            except OSError as exc:
-                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s", name,
-                                       exc)
-                continue
-            del self.answers[name]
-
-    def execute(self, fields: dict[str, str]) -> dict[str, object]:
-        action, task_id = fields.get("action", ""), fields.get("task", "")
-        reply: dict[str, object] = {"action": action, "task": task_id}
-        addressed = fields.get("daemon_started", "")
-        sent = as_float(fields.get("sent"))
-        if fields.get("sent") and sent is None:
-            raise ValueError(f"sent is not a time: {fields['sent'][:40]!r}")
-        if (addressed and addressed != self.started_text) or (
-                not addressed and sent is not None
-                and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
-            # Meant for an earlier daemon: a stale shutdown must not end this one.
-            reply.update(result="error", message="meant for an earlier daemon; ignored")
-            return reply
-        who = fields.get("sent_by") or "a client"
-        if action == "stop":
-            if not task_id or "/" in task_id or task_id.startswith("."):
-                raise ValueError("stop without a task")
-            if self.runner.cancel_pending(task_id):
-                reply.update(result="cancelled", message="removed from pending")
-            elif task_id in set(self.folder.names("running")):
-                where = self.stop_running(task_id, "stopped by user", who)
-                grace = f"SIGKILL after {self.config.stop_grace:g} s"
-                reply.update(result="stopped", message=f"SIGTERM sent, {grace}" if not where
-                             else f"stop sent to {where}: SIGTERM, {grace}")
-            else:
-                reply.update(result="not_found", message="neither pending nor running")
-        elif action == "stop_all":
-            cancelled = sum(bool(self.runner.cancel_pending(n))
-                            for n in self.folder.names("pending"))
-            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
-            for task in stopped:
-                self.stop_running(task, "stopped by user (all)", who)
-            if not stopped:
-                self.sweep_now = True
-            reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),
-                         stopped=" ".join(stopped),
-                         message=f"{cancelled} cancelled, {len(stopped) or 'none'} stopped")
-        elif action == "shutdown":
-            self.begin_shutdown(f"shutdown asked by {who}")
-            reply.update(result="accepted", message="the daemon is shutting down")
-        else:
-            raise ValueError(f"unknown action {action!r}")
-        return reply
-
-    def stop_running(self, task_id: str, reason: str, who: str) -> str:
-        """Stop a task in running/ wherever it runs; where, for the reply ("" for here)."""
-        self.publish_stop(task_id, reason, who)
-        here = False
-        for task in list(self.runner.tasks.values()):
-            if task.task_id == task_id and task.stop_state is None:
-                self.runner.stop(task, TaskState.STOPPED, reason)
-                task.sweep = here = True
+    def mark_changed(self) -> None:
         self.state_dirty = True
-        plan = self.gangs.plans.get(task_id)
-        if plan is not None:
-            return f"nodes {','.join(str(n) for n in plan.nodes)}"
-        if here:
-            return ""
-        try:
-            run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
-        except (OSError, ValueError):
-            run = {}
-        return f"node {run.get('node_rank') or '?'}"
+
+    def ask_sweep(self) -> None:
+        self.sweep_now = True
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -4437,7 +4493,8 @@ class Daemon:
         tasks = sorted(self.runner.tasks.values(), key=lambda t: (t.task_id, t.rank or 0))
         status = "stopped" if stopped else "stopping" if self.stopping else \
             "draining" if self.draining else "running"
-        load = self.load()
+        load = self.scheduler.load()
+        waiting = self.scheduler.waiting
         first = tasks[0] if tasks else None
         fields: dict[str, object] = {
             "protocol": PROTOCOL_VERSION, "job_id": self.config.job_id,
@@ -4453,8 +4510,8 @@ class Daemon:
             "running_count": len(tasks),
             "current_task": first.task_id if first else "",
             "current_task_started": f"{first.started:.3f}" if first and first.started else "",
-            "waiting.id": self.waiting[0] if self.waiting else "",
-            "waiting.reason": self.waiting[1] if self.waiting else "",
+            "waiting.id": waiting[0] if waiting else "",
+            "waiting.reason": waiting[1] if waiting else "",
             "cpu_slots": MAX_CPU_TASKS, "cpu_running": load.cpu_running,
             "gpus_free": len(load.free), "gpu_count": len(self.inventory.gpus),
         }

@@ -276,11 +276,11 @@ def test_a_full_disk_at_finish_is_retried_and_nothing_is_lost(tmp_path, monkeypa
     real_publish = pm.QueueFolder.publish
     failures = {"left": 3}
 
-    def flaky(self, target, text):
+    def flaky(self, target, text, **options):
         if target.name.endswith(".result") and failures["left"]:
             failures["left"] -= 1
             raise OSError(28, "No space left on device")
-        return real_publish(self, target, text)
+        return real_publish(self, target, text, **options)
 
     monkeypatch.setattr(pm.QueueFolder, "publish", flaky)
     run_until(daemon, clock, lambda: (inst / "done" / task).exists())
@@ -437,16 +437,16 @@ def test_a_command_is_carried_out_once_even_if_its_reply_cannot_be_written(tmp_p
     real_publish = pm.QueueFolder.publish
     failures = {"left": 2}
 
-    def flaky(self, target, text):
+    def flaky(self, target, text, **options):
         if target.name == f"{first}.reply" and failures["left"]:
             failures["left"] -= 1
             raise OSError(28, "No space left on device")
-        return real_publish(self, target, text)
+        return real_publish(self, target, text, **options)
 
     monkeypatch.setattr(pm.QueueFolder, "publish", flaky)
     executed = []
-    real_execute = daemon.execute
-    monkeypatch.setattr(daemon, "execute", lambda f: executed.append(f["action"])
+    real_execute = daemon.commands.execute
+    monkeypatch.setattr(daemon.commands, "execute", lambda f: executed.append(f["action"])
                         or real_execute(f))
     daemon.tick()
     assert (inst / "replies" / f"{second}.reply").exists()  # not blocked by the first
