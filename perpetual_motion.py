@@ -54,7 +54,7 @@ MEMORY_USAGE_TARGET = 0.6  # share of each GPU's memory that keep-alive holds wh
 AUTO_SHUTDOWN_HOURS = 24  # the daemon exits this many hours after it started
 
 DEFAULT_QUEUE_DIRNAME = "gpu_queue"  # queue root is $QUEUE_ROOT, else ~/gpu_queue
-POLL_INTERVAL = 1.0  # seconds between looks at pending/ and commands/
+POLL_INTERVAL = 0.5  # seconds between looks at pending/ and commands/ (inotify wakes it sooner)
 STOP_GRACE_SECONDS = 10.0  # seconds between SIGTERM and SIGKILL when a task is stopped
 HEARTBEAT_SECONDS = 5.0  # the node's state file is rewritten at least this often
 HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat is older than this is dead
@@ -103,6 +103,7 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 TASK_ID_RE = re.compile(r"^[0-9]{3}-[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}-[A-Za-z0-9._-]{1,80}$")
 RECORD_NAME_RE = re.compile(r"(.+)\.(submit|run|result|stop|gang|rank[0-9]+\.(?:ready|run|result))")
 LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
+NO_INOTIFY_VAR = "PERPETUAL_MOTION_NO_INOTIFY"  # set: the daemon polls only, inotify unused
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>
 KILL_SCOPES = ("auto", "user-python", "task", "none")
 EXIT_FAILURE = 1  # the daemon cannot run: no psutil, an unwritable queue folder
@@ -849,33 +850,65 @@ def leftover_pids(marker: str, others: Collection[str] = (),
     several tasks on a node: an unmarked orphan of a task that still runs is ended when another
     task ends first (docs/protocol.md).
     """
-    import psutil
-
     me = os.getpid()
-    found = {pid for pid in _own_pids()
-             if pid != me and _task_marker(_proc_environ(pid)) == marker}
     if me != 1 and not is_subreaper():
-        return sorted(found)
-    try:
-        orphans = [c for c in psutil.Process(me).children() if c.pid not in spare]
-    except psutil.Error:
-        return sorted(found)
-    for orphan in orphans:
-        try:
-            if _is_ours(orphan.pid, _proc_environ(orphan.pid)):
-                continue  # a keep-alive worker
-            tree = [orphan, *orphan.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for proc in tree:
-            try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    continue  # reaped by the loop
-            except psutil.Error:
-                continue
-            if _task_marker(_proc_environ(proc.pid)) not in others:
-                found.add(proc.pid)
+        return sorted(pid for pid in _own_pids()
+                      if pid != me and _task_marker(_proc_environ(pid)) == marker)
+    # A subreaper keeps every descendant of a task below one of its own children.
+    found = set()
+    for orphan in _children(me):
+        if orphan in spare or _is_ours(orphan, _proc_environ(orphan)):
+            continue  # the main process of a running task, or a keep-alive worker
+        for pid in _subtree(orphan):
+            if _process_state(pid) not in ("Z", "") and \
+                    _task_marker(_proc_environ(pid)) not in others:
+                found.add(pid)
     return sorted(found)
+
+
+@functools.cache
+def _children_files() -> bool:
+    """True where the kernel lists children in ``/proc/<pid>/task/<tid>/children``."""
+    return os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _children(pid: int) -> list[int]:
+    """The children of a process: one small read per thread where the kernel offers the list,
+    else from every process's parent."""
+    if not _children_files():
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found += [int(word) for word in f.read().split()]
+    except OSError:
+        pass  # gone meanwhile
+    return found
+
+
+def _subtree(pid: int) -> list[int]:
+    """A process and all below it."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    return tree
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of a process (``R``, ``S``, ``Z`` ...), or "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def reap_orphans(keep: set[int]) -> None:
@@ -3663,14 +3696,14 @@ class DirWatch:
 
     def __init__(self) -> None:
         self.fd: int | None = None
+        self._libc = _libc()
+        if self._libc is None or os.environ.get(NO_INOTIFY_VAR):
+            return  # (the variable: as on shared storage written from other hosts, for benches)
         try:
-            import ctypes
-
-            self._libc = ctypes.CDLL(None, use_errno=True)
             fd = self._libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
-            self.fd = fd if fd >= 0 else None
-        except (OSError, AttributeError):
-            self.fd = None
+        except AttributeError:
+            return
+        self.fd = fd if fd >= 0 else None
 
     def watch(self, folders: Iterable[Path]) -> None:
         if self.fd is None:
