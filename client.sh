@@ -181,7 +181,16 @@ _gpu_cut() {  # _gpu_cut TEXT WIDTH: TEXT cut to WIDTH bytes (ending in ..), who
 _gpu_cut_left() {  # _gpu_cut_left TEXT WIDTH: TEXT cut to its last WIDTH bytes (..end): _gpu_c
   _gpu_c=$1
   [ "${#1}" -le "$2" ] && return 0
-  _gpu_c=..${1:$((${#1} - $2 + 2))}
+  _gpu_c=${1:$((${#1} - $2 + 2))}
+  # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+  _gpu_c=..${_gpu_c#"${_gpu_c%%[!$_gpu_b80-$_gpu_bbf]*}"}  # no half character at the start
+}
+
+_gpu_line() {  # _gpu_line TEXT...: one line of gpu_status, escaped, cut to 100 columns unless -l
+  local IFS=' '
+  _gpu_esc "$*"
+  if [ -z "${_gpu_o_long-}" ]; then _gpu_cut "$_gpu_e" 100; _gpu_e=$_gpu_c; fi
+  printf '%s\n' "$_gpu_e"
 }
 
 _gpu_js() {  # _gpu_js TEXT: TEXT as a JSON string into _gpu_j (invalid UTF-8 becomes U+FFFD)
@@ -285,8 +294,11 @@ _gpu_whole() {  # _gpu_whole TEXT MAX: a whole number 0..MAX (ASCII digits) into
 }
 
 _gpu_bounded() {  # _gpu_bounded VALUE: a count read from a file, 0..1024, into _gpu_i
-  _gpu_whole "$1" 999999999 || _gpu_i=0
-  [ "$_gpu_i" -le 1024 ] || _gpu_i=1024
+  case $1 in
+    '' | *[!0-9]*) _gpu_i=0 ;;
+    ?????*) _gpu_i=1024 ;;
+    *) _gpu_int "$1"; [ "$_gpu_i" -le 1024 ] || _gpu_i=1024 ;;
+  esac
 }
 
 _gpu_now() { _gpu_t=$(command date +%s); }
@@ -399,7 +411,7 @@ _gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when ab
 }
 
 _gpu_conf_root() {  # QUEUE_ROOT from submit.conf into _gpu_val: 1 when none, 2 when unusable
-  local conf line value='' found='' n=0
+  local conf line value='' raw='' found='' n=0
   _gpu_client_dir
   conf=${SUBMIT_CONF:-$_gpu_dir/submit.conf}
   [ -n "${SUBMIT_CONF-}" ] || [ -n "$_gpu_dir" ] || return 1
@@ -413,6 +425,7 @@ _gpu_conf_root() {  # QUEUE_ROOT from submit.conf into _gpu_val: 1 when none, 2 
     case $line in QUEUE_ROOT=*) value=${line#QUEUE_ROOT=}; found=1 ;; esac
   done < "$conf"
   [ -n "$found" ] || return 1
+  raw=$value
   case $value in
     \"*) line=${value#\"}
       case $line in *\"*) value=${line%%\"*} ;; *) value=$value\"; line= ;; esac ;;
@@ -428,7 +441,7 @@ _gpu_conf_root() {  # QUEUE_ROOT from submit.conf into _gpu_val: 1 when none, 2 
   case $value in *\$USER*) _gpu_val=${_gpu_val//\$USER/${USER:-${LOGNAME-}}} ;; esac
   case $_gpu_val in
     *[\$\`\\\"\'\(\)\;\&\|\<\>]*)
-      _gpu_err "$conf sets QUEUE_ROOT to $value, which the client does not evaluate (it reads" \
+      _gpu_err "$conf sets QUEUE_ROOT to $raw, which the client does not evaluate (it reads" \
         "the file, it does not run it): export QUEUE_ROOT instead"
       return 2 ;;
   esac
@@ -1196,8 +1209,8 @@ _gpu_cmd_list() {
     return 0
   fi
   for id in $ids; do [ "${#id}" -gt "$width" ] && width=${#id}; done
-  [ "$width" -gt 24 ] && width=24
-  [ -n "$_gpu_o_json" ] || printf '  %-*s  %-8s %-5s  %-12s %6s %6s  %4s %5s %5s %5s  %s\n' \
+  [ "$width" -gt 18 ] && width=18
+  [ -n "$_gpu_o_json" ] || printf '  %-*s  %-8s %-5s  %-10s %6s %6s  %4s %5s %5s %5s  %s\n' \
     "$width" JOB_ID DAEMON NODES HOST UP LEFT RUN PEND DONE FAIL 'CLUSTER JOB'
   for id in $ids; do
     _gpu_q=$_gpu_r/$id
@@ -1237,8 +1250,8 @@ _gpu_cmd_list() {
       continue
     fi
     _gpu_cut "$id" "$width"; id=$_gpu_c
-    _gpu_cut "${host:--}" 12; host=$_gpu_c
-    line=$(printf '%s %-*s  %-8s %-5s  %-12s %6s %6s  %4s %5s %5s %5s  ' "$mark" "$width" "$id" \
+    _gpu_cut "${host:--}" 10; host=$_gpu_c
+    line=$(printf '%s %-*s  %-8s %-5s  %-10s %6s %6s  %4s %5s %5s %5s  ' "$mark" "$width" "$id" \
       "$daemon" "$nodes" "$host" "${up:--}" "${left:--}" "$run" "$pend" "$ndone" "$failed")
     _gpu_esc "${job:--}"; _gpu_cut "$_gpu_e" "$((100 - ${#line}))"
     _gpu_say "$line$_gpu_c"
@@ -1579,7 +1592,7 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
   local IFS=$_gpu_nl
   state=$(_gpu_node_files)
   if [ -z "$state" ]; then
-    _gpu_say 'Daemon:   none has started for this instance yet; tasks wait in pending/'
+    _gpu_line 'Daemon:   none has started for this instance yet; tasks wait in pending/'
     return
   fi
   for node in $state; do
@@ -1603,14 +1616,14 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
         _gpu_field stop_reason; [ -n "$_gpu_val" ] && line="$line ($_gpu_val)"
         line="$line on $host, pid $pid" ;;
     esac
-    _gpu_say "$label$line"
-    [ -z "$_gpu_cause" ] || _gpu_say "          likely: $_gpu_cause"
+    _gpu_line "$label$line"
+    [ -z "$_gpu_cause" ] || _gpu_line "          likely: $_gpu_cause"
     _gpu_field started; line="          started $(_gpu_date "$_gpu_val")"
     case $_gpu_live in
       alive | stopping | draining | late)
         _gpu_field shutdown; line="$line, auto-shutdown at $(_gpu_date "$_gpu_val")" ;;
     esac
-    _gpu_field heartbeat; _gpu_age "$_gpu_val"; _gpu_say "$line, heartbeat $_gpu_d ago"
+    _gpu_field heartbeat; _gpu_age "$_gpu_val"; _gpu_line "$line, heartbeat $_gpu_d ago"
     _gpu_field gpu_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i
     line=''
     _gpu_field keepalive && [ -n "$_gpu_val" ] && line="keep-alive $_gpu_val"
@@ -1622,8 +1635,8 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
       && [ -n "$slots" ]; then
       line="$line${line:+, }CPU tasks $_gpu_val of $slots"
     fi
-    [ -z "$line" ] || _gpu_say "          $line"
-    [ "$count" -eq 0 ] || _gpu_say '          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE'
+    [ -z "$line" ] || _gpu_line "          $line"
+    [ "$count" -eq 0 ] || _gpu_line '          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE'
     i=0
     while [ "$i" -lt "$count" ]; do
       _gpu_field "gpu.$i.index"; gpus=${_gpu_val:-$i}
@@ -1643,17 +1656,13 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
         _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && what="$what, tile $_gpu_val"
         _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
       fi
-      _gpu_esc "          $line  $what"
-      if [ -n "$_gpu_o_long" ]; then _gpu_c=$_gpu_e; else _gpu_cut "$_gpu_e" 100; fi
-      printf '%s\n' "$_gpu_c"
+      _gpu_line "          $line  $what"
       i=$((i + 1))
     done
     if _gpu_field waiting.id && [ -n "$_gpu_val" ]; then
       _gpu_name_of "$_gpu_val"; what=$_gpu_s
       _gpu_field waiting.reason
-      _gpu_esc "          next:     $what: ${_gpu_val:-waiting}"
-      if [ -n "$_gpu_o_long" ]; then _gpu_c=$_gpu_e; else _gpu_cut "$_gpu_e" 100; fi
-      printf '%s\n' "$_gpu_c"
+      _gpu_line "          next:     $what: ${_gpu_val:-waiting}"
     fi
   done
 }

@@ -1074,7 +1074,7 @@ def test_e2e_queue_before_the_daemon_then_run_inspect_and_list(sh, start_daemon)
     assert status.out.endswith("Totals:   0 running, 0 pending, 1 done, 1 failed, stopped or "
                                "cancelled\n")
     listed = sh.run("gpu_list").out.splitlines()[1]
-    assert re.match(rf"\* exp1 +alive +1/1 +{re.escape(os.uname().nodename[:10])}", listed)
+    assert re.match(rf"\* exp1 +alive +1/1 +{re.escape(os.uname().nodename[:8])}", listed)
     assert sh.run("gpu_submit train.sh").err == ""  # a live daemon: no note
 
 
