@@ -98,7 +98,7 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   set +e +u +x +v +C -f
   set +o pipefail 2>/dev/null
   # Ctrl-C ends the command whatever child it waits for (bash goes on when a child survives
-  # it); where SIGINT was ignored when the shell started (nohup), it stays ignored
+  # it); bash keeps a SIGINT ignored that was ignored when it started (nohup)
   trap 'exit 130' INT
   IFS=' 	
 '
@@ -870,11 +870,11 @@ _gpu_matches() {  # _gpu_matches ID: does the split NAME (_gpu_base, _gpu_hex) n
 }
 
 _gpu_display_ids() {  # the ids whose submit record has display_name=_gpu_base, one a line
-  local path id
+  local file id  # (not "path": zsh ties that name to PATH)
   [ -n "$_gpu_base" ] && [ -d "$_gpu_q/records" ] || return 0
   command grep -rlxF --include='*.submit' -e "display_name=$_gpu_base" -- "$_gpu_q/records" \
-    2>/dev/null | while IFS= read -r path; do
-    id=${path##*/}
+    2>/dev/null | while IFS= read -r file; do
+    id=${file##*/}
     id=${id%.submit}
     _gpu_hex_ok "$id" && printf '%s\n' "$id"
   done
