@@ -1236,6 +1236,7 @@ _gpu_cmd_list() {
     job=''
     _gpu_load "$_gpu_q/job_id.txt" && _gpu_field cluster_job_id && job=$_gpu_val
     if [ -n "$_gpu_o_json" ]; then
+      [ "$daemon" = late ] && daemon=not_responding
       printf '%s\n  {"job_id": "%s", "in_use": %s, "daemon": "%s", ' "$sep" "$id" \
         "$([ "$mark" = '*' ] && echo true || echo false)" "$daemon"
       sep=,
