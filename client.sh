@@ -2041,7 +2041,8 @@ _gpu_log_of() {  # _gpu_log_of PATTERN RANK: the newest log PATTERN names (a tas
   # part of an id) into _gpu_log, its task into _gpu_id; 1 when there is none
   local f sub='' ids IFS=$_gpu_nl
   _gpu_split_name "$1"
-  for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null); do
+  # only the logs whose names hold the name can match (grep is faster than the shell)
+  for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null | command grep -F -e "$_gpu_base"); do
     case $f in *.log) ;; *) continue ;; esac
     _gpu_log_rank "$f" "$2" || continue
     if [ "$_gpu_id" = "$1" ] || _gpu_matches "$_gpu_id"; then
