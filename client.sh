@@ -6,8 +6,8 @@
 #     source /path/to/client.sh
 #
 # then `gpu_help` lists the commands and `gpu_COMMAND --help` explains one. It needs only bash or
-# zsh, coreutils (ls, sed, sort, date, head, tail, od, cp, mv, mkdir, dd, wc), find and grep: no
-# Python and no jq on the login machine. It writes and reads the queue folder exactly as
+# zsh, coreutils (ls, sed, sort, date, head, tail, od, cp, mv, mkdir, dd, wc), find, xargs and
+# grep: no Python and no jq on the login machine. It writes and reads the queue folder exactly as
 # docs/protocol.md says, so it works from any host that mounts it.
 #
 # Settings, read at every call:
@@ -577,7 +577,8 @@ _gpu_nodes() {  # "alive/known" nodes of the instance into _gpu_val (- when none
   for node in $(_gpu_node_files); do
     _gpu_load "$_gpu_q/nodes/$node" || continue
     known=$((known + 1))
-    _gpu_field num_nodes; _gpu_bounded "$_gpu_val"; [ "$_gpu_i" -gt "$expected" ] && expected=$_gpu_i
+    _gpu_field num_nodes; _gpu_bounded "$_gpu_val"
+    [ "$_gpu_i" -gt "$expected" ] && expected=$_gpu_i
     _gpu_liveness
     case $_gpu_live in dead | stopped) ;; *) alive=$((alive + 1)) ;; esac
   done
@@ -696,7 +697,8 @@ _gpu_spec() {  # _gpu_spec COMMAND: _gpu_sp_use, _gpu_sp_what, _gpu_sp_opts and 
     use) _gpu_sp_use='[--new] [ID]'
       _gpu_sp_what='show the instance in use, or switch to ID'
       _gpu_sp_opts='|--new||new|switch to an instance that does not exist yet'
-      _gpu_sp_more="An instance is one daemon and its queue, <QUEUE_ROOT>/<ID>/. gpu_use ID of an instance that
+      _gpu_sp_more="\
+An instance is one daemon and its queue, <QUEUE_ROOT>/<ID>/. gpu_use ID of an instance that
 does not exist lists the ones that do; gpu_use --new ID switches to a new one (the first
 gpu_submit creates its folder; the daemon runs its tasks when it starts)." ;;
     list) _gpu_sp_use='[--json]'
@@ -705,21 +707,24 @@ gpu_submit creates its folder; the daemon runs its tasks when it starts)." ;;
     submit) _gpu_sp_use='[OPTIONS] FILE [PRIORITY] [-- ARGS...]'
       _gpu_sp_what='queue a copy of FILE, to run with ARGS where you are'
       _gpu_sp_opts=$request
-      _gpu_sp_more="*.sh runs with bash, *.py with the daemon's Python, any other file must be executable.
+      _gpu_sp_more="\
+*.sh runs with bash, *.py with the daemon's Python, any other file must be executable.
 PRIORITY after FILE is -p. The copy runs, in the directory you submit from: editing FILE later
 changes nothing. gpu_submit \$QUEUE_ROOT/\$JOB_ID/failed/<id> runs a finished task again where
 it was first submitted (gpu_retry NAME does the same by name)." ;;
     run) _gpu_sp_use="[OPTIONS] [--] 'CMD'"
       _gpu_sp_what='queue a shell command, to run where you are'
       _gpu_sp_opts=$request
-      _gpu_sp_more="Options come first: the first word that is not an option starts the command (after --,
+      _gpu_sp_more="\
+Options come first: the first word that is not an option starts the command (after --,
 even one that starts with -). The task is named run_<words>.sh." ;;
     status) _gpu_sp_use='[-l] [-r N] [--json]'
       _gpu_sp_what='daemons, GPUs, running, pending and recent tasks'
       _gpu_sp_opts="-l|--long||long|full task ids and whole commands (lines wider than 100)
 -r|--recent|N|recent|how many finished tasks to list (default 10)
 $json"
-      _gpu_sp_more="Tasks are shown by name (--name, else the script's), with :<hex> from their id when
+      _gpu_sp_more="\
+Tasks are shown by name (--name, else the script's), with :<hex> from their id when
 two share one: any command takes that form as NAME." ;;
     show) _gpu_sp_use='NAME'
       _gpu_sp_what='one task: command, directory, request, placement, exit' ;;
@@ -728,17 +733,20 @@ two share one: any command takes that form as NAME." ;;
       _gpu_sp_opts="-n|--lines|N|lines|print only the last N lines
 |--rank|R|rank|the log of rank R of a task that spans nodes (default 0)
 -a|--all||all|list every log, not only the newest 20"
-      _gpu_sp_more="PATTERN is a task NAME, else any part of a task id (gpu_logs run_echo)." ;;
+      _gpu_sp_more="\
+PATTERN is a task NAME, else any part of a task id (gpu_logs run_echo)." ;;
     tail) _gpu_sp_use='[-n N] [--rank R] [NAME]'
       _gpu_sp_what="follow a task's log until it ends; return its exit code"
       _gpu_sp_opts="-n|--lines|N|lines|start with the last N lines (default 40)
 |--rank|R|rank|the log of rank R of a task that spans nodes (default 0)"
-      _gpu_sp_more="Without NAME: the running task whose log moved last, else the newest log. A pending
+      _gpu_sp_more="\
+Without NAME: the running task whose log moved last, else the newest log. A pending
 task is waited for. Ctrl-C stops following; the task goes on." ;;
     wait) _gpu_sp_use='[--timeout S] NAME...'
       _gpu_sp_what='wait until tasks end; 0 when all are done'
       _gpu_sp_opts='|--timeout|S|timeout|give up after S seconds (return code 124)'
-      _gpu_sp_more="NAME stands for every pending and running task it names, else for its newest finished
+      _gpu_sp_more="\
+NAME stands for every pending and running task it names, else for its newest finished
 one. The return code is 0 when every task is done, else the exit code of the first task (in the
 order given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
     retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] NAME'
@@ -746,7 +754,8 @@ order given) that did not succeed, 1 when it had none (stopped, cancelled, inter
       _gpu_sp_opts=$(printf '%s\n' "$request" | command head -n 3) ;;
     stop) _gpu_sp_use='NAME|all'
       _gpu_sp_what='stop task NAME, or cancel it if pending; all: every task'
-      _gpu_sp_more="NAME stops every pending or running task it names. After a stop the daemon also ends
+      _gpu_sp_more="\
+NAME stops every pending or running task it names. After a stop the daemon also ends
 the other Python processes of its user on the node, so the GPUs are freed (its --kill-scope,
 which gpu_status shows)." ;;
     clean) _gpu_sp_use='[--older-than DAYS] [--keep N] [--dry-run]'
@@ -754,7 +763,8 @@ which gpu_status shows)." ;;
       _gpu_sp_opts="|--older-than|DAYS|older|only tasks that ended more than DAYS ago
 |--keep|N|keep|keep the newest N finished tasks
 |--dry-run||dry|print what would be removed, remove nothing"
-      _gpu_sp_more="Pending and running tasks are never touched. Without options every finished task
+      _gpu_sp_more="\
+Pending and running tasks are never touched. Without options every finished task
 goes." ;;
     shutdown) _gpu_sp_use=''
       _gpu_sp_what='ask the daemon to exit; how to delete its cluster job' ;;
@@ -959,8 +969,8 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
   _gpu_t_prio=${id%%-*}
   case $_gpu_t_prio in [0-9][0-9][0-9]) ;; *) _gpu_t_prio= ;; esac
   _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
-  _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_jargs='' _gpu_t_retry_of='' _gpu_t_submitted=''
-  _gpu_t_by='' _gpu_t_record=''
+  _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_jargs='' _gpu_t_retry_of=''
+  _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record=''
   if _gpu_load "$_gpu_q/records/$id.submit"; then
     _gpu_t_record=1
     _gpu_field display_name; _gpu_t_display=$_gpu_val
@@ -1495,7 +1505,9 @@ _gpu_cmd_submit() {
             _gpu_field "arg.$i"; _gpu_rest+=("$_gpu_val"); i=$((i + 1))
           done
         fi
-        [ -n "${2-}$_gpu_o_prio" ] || { _gpu_field priority && _gpu_priority "$_gpu_val" 2>/dev/null; }
+        if [ -z "${2-}$_gpu_o_prio" ] && _gpu_field priority; then
+          _gpu_priority "$_gpu_val" 2>/dev/null
+        fi
         retry_of=${source##*/}
         _gpu_err "resubmitting ${source##*/} as first submitted: it runs in $cwd," \
           "at priority $_gpu_p"
@@ -1608,8 +1620,8 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
     case $_gpu_live in
       alive) line="alive on $host, pid $pid" ;;
       stopping) line="alive (shutting down) on $host, pid $pid" ;;
-      draining) line="alive (auto-shutdown: running tasks end, nothing new starts) on $host, pid $pid"
-        ;;
+      draining)
+        line="alive (auto-shutdown: running tasks end, nothing new starts) on $host, pid $pid" ;;
       late) line="NOT RESPONDING on $host, pid $pid: $_gpu_why" ;;
       dead) line="DEAD on $host, pid $pid: $_gpu_why" ;;
       stopped)
@@ -1637,7 +1649,8 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
       line="$line${line:+, }CPU tasks $_gpu_val of $slots"
     fi
     [ -z "$line" ] || _gpu_line "          $line"
-    [ "$count" -eq 0 ] || _gpu_line '          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE'
+    [ "$count" -eq 0 ] \
+      || _gpu_line '          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE'
     i=0
     while [ "$i" -lt "$count" ]; do
       _gpu_field "gpu.$i.index"; gpus=${_gpu_val:-$i}
@@ -1800,9 +1813,11 @@ _gpu_cmd_status() {
   printf 'Instance: %s (%s)\n' "$JOB_ID" "$_gpu_c"
   _gpu_show_nodes
   if [ -n "$_gpu_rows" ]; then _gpu_print_rows; else printf 'Tasks:    none\n'; fi
-  [ "$shown" -ge "$pending" ] || printf '          ... and %s more pending (gpu_status -l lists them all)\n' \
-    "$((pending - shown))"
-  [ -z "$_gpu_orphans" ] || printf 'orphaned: its daemon is not alive; a new daemon marks it interrupted\n'
+  [ "$shown" -ge "$pending" ] \
+    || printf '          ... and %s more pending (gpu_status -l lists them all)\n' \
+      "$((pending - shown))"
+  [ -z "$_gpu_orphans" ] \
+    || printf 'orphaned: its daemon is not alive; a new daemon marks it interrupted\n'
   _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
   _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
   printf 'Totals:   %s running, %s pending, %s done, %s failed, stopped or cancelled\n' \
@@ -1949,7 +1964,7 @@ _gpu_cmd_show() {
   _gpu_existing_instance || return
   _gpu_check_name "$1" || return 1
   local dir id line what others IFS=$_gpu_nl
-  if ! _gpu_find "$1" running pending 'done' failed; then
+  if ! _gpu_find "$1" pending running 'done' failed; then
     _gpu_err "no such task: $1 (gpu_status lists the tasks)"
     return 1
   fi
@@ -1981,7 +1996,11 @@ _gpu_cmd_show() {
     _gpu_say "Submitted:  $(_gpu_date "$_gpu_t_submitted") by ${_gpu_t_by:-?}"
   fi
   what="${_gpu_t_gpus_req} GPU(s)"
-  case $_gpu_t_gpus_req in all) what='all GPUs' ;; 0) what='no GPU (CPU only)' ;; 1) what='1 GPU' ;; esac
+  case $_gpu_t_gpus_req in
+    all) what='all GPUs' ;;
+    0) what='no GPU (CPU only)' ;;
+    1) what='1 GPU' ;;
+  esac
   case $_gpu_t_nodes_req in 1) what="$what of one node" ;; all) what="$what on every node" ;;
     *) what="$what on each of $_gpu_t_nodes_req nodes" ;; esac
   _gpu_say "Priority:   ${_gpu_t_prio:-500}; asks for $what"
@@ -2014,7 +2033,9 @@ _gpu_cmd_show() {
   fi
   [ -z "$_gpu_t_attempt" ] || [ "$_gpu_t_attempt" = 1 ] || _gpu_say "Attempt:    $_gpu_t_attempt"
   for line in $(_gpu_ls "$_gpu_q/logs"); do
-    case $line in "$id.log" | "$id".rank[0-9]*.log) _gpu_say "Log:        $_gpu_q/logs/$line" ;; esac
+    case $line in
+      "$id.log" | "$id".rank[0-9]*.log) _gpu_say "Log:        $_gpu_q/logs/$line" ;;
+    esac
   done
   line=$(printf '%s' "$others" | command grep -c .)
   [ "$line" -le 1 ] || _gpu_err "$1 names $line tasks; this is the one submitted last" \
@@ -2217,10 +2238,14 @@ _gpu_cmd_tail() {
     fi
   else
     _gpu_check_name "$1" || return 1
-    if _gpu_find "$1" running; then
-      _gpu_newest "$_gpu_val"; id=${_gpu_pick#*/}
-    elif _gpu_find "$1" pending; then
-      id=${_gpu_val%%"$_gpu_nl"*}; id=${id#*/} pending=1
+    # pending/ before running/: a task claimed meanwhile is seen in one of them
+    if _gpu_find "$1" pending running; then
+      case $_gpu_val in
+        *running/*)
+          _gpu_newest "$(printf '%s' "$_gpu_val" | command grep '^running/')"
+          id=${_gpu_pick#*/} ;;
+        *) id=${_gpu_val%%"$_gpu_nl"*}; id=${id#*/} pending=1 ;;
+      esac
     elif _gpu_log_of "$1" "$_gpu_rank"; then
       id=$_gpu_id
     elif [ -z "$_gpu_rank" ] && _gpu_find "$1" failed 'done'; then

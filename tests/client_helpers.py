@@ -73,10 +73,19 @@ class Shell:
 
     def run(self, script: str, job_id: str | None = "exp1", cwd: Path | None = None,
             source: bool = True, timeout: float = 60, **extra: str) -> Result:
-        proc = subprocess.run(self.argv(script, source), env=self.env(job_id, **extra),
-                              cwd=cwd or self.cwd, capture_output=True, text=True,
-                              timeout=timeout)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        """Run to its end; on a timeout, everything it started is ended too (the commands run
+        in subshells and background jobs that outlive a killed shell)."""
+        proc = subprocess.Popen(self.argv(script, source), env=self.env(job_id, **extra),
+                                cwd=cwd or self.cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            end_session(proc)
+            proc.communicate()
+            raise
+        return Result(proc.returncode, out, err)
 
     def popen(self, script: str, job_id: str | None = "exp1", **kwargs) -> subprocess.Popen:
         """A shell in its own session (``end_session`` ends it and all it started)."""

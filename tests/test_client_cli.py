@@ -9,6 +9,7 @@ branch in its own PID namespace, with the caller's strictest options (``set -euo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -533,6 +534,60 @@ def test_clean_removes_finished_tasks_only_and_says_what(sh):
 
 
 # Against the daemon of this branch ###############################################################
+
+
+@needs_namespace
+@pytest.mark.parametrize("shell", SHELLS)
+def test_e2e_a_day_with_the_daemon_of_this_branch(shell, start_daemon, tmp_path):
+    """The new commands against the real daemon of this branch (one task at a time; what needs
+    the next daemon is in test_client_v2.py), with the caller's strictest options."""
+    sh = make_shell(shell, tmp_path)
+    inst = sh.root / "exp1"
+    start_daemon(sh.root, "exp1", "--kill-scope", "task")
+    (sh.cwd / "prep.sh").write_text('echo "prep in $PWD"\n')
+    (sh.cwd / "flaky.sh").write_text('[ -f fixed ] || { echo broken; exit 6; }\n')
+    script = STRICT[shell] + """
+gpu_submit --name prep -p 100 prep.sh >/dev/null
+gpu_submit --name flaky --after prep flaky.sh >/dev/null
+gpu_run -p 900 -x printf hi 2>/dev/null || echo "an option is no command: $?"
+gpu_run -p 900 --name pf -- echo -x- >/dev/null
+rc=0; gpu_wait prep flaky >/dev/null || rc=$?; echo "wait rc=$rc"
+gpu_show flaky | sed -n 's/^State: *//p'
+touch fixed  # where the task runs: the directory it was submitted from
+gpu_retry flaky 2>/dev/null | sed 's/ .*//'
+rc=0; gpu_tail flaky > tail.out 2>/dev/null || rc=$?; echo "tail rc=$rc"
+rc=0; gpu_wait pf >/dev/null || rc=$?; echo "printf rc=$rc"
+gpu_logs -n 2 pf | head -1
+gpu_status --json > status.json
+gpu_list --json > list.json
+gpu_status | sed -n 's/^Totals: *//p'
+gpu_clean --keep 1 | tail -1
+"""
+    res = sh.run(script, timeout=120)
+    assert res.rc == 0, res.err
+    assert res.out.splitlines() == [
+        "an option is no command: 2",
+        "wait rc=6",
+        "failed (exit status 6)",
+        "Submitted",
+        "tail rc=0",
+        "printf rc=0",
+        "-x-",
+        "0 running, 0 pending, 3 done, 1 failed, stopped or cancelled",
+        "removed 3 finished task(s) of exp1; kept 1",
+    ], res.err
+    assert len(listing(inst / "done")) + len(listing(inst / "failed")) == 1  # the newest end
+    assert (sh.cwd / "tail.out").read_text().splitlines()[-1].startswith(
+        "[perpetual-motion] exited with status 0 after ")
+    doc = json.loads((sh.cwd / "status.json").read_text())
+    by_name = {(t["display_name"], t["state"]) for t in doc["recent"]}
+    assert by_name == {("prep", "done"), ("flaky", "failed"), ("flaky", "done"), ("pf", "done")}
+    retried = [t for t in doc["recent"] if t["retry_of"]]
+    assert len(retried) == 1 and retried[0]["cwd"] == str(sh.cwd)
+    listed = json.loads((sh.cwd / "list.json").read_text())["instances"]
+    assert [(i["job_id"], i["daemon"], i["counts"]["done"]) for i in listed] == [
+        ("exp1", "alive", 3)]
+    assert listing(inst / "pending") == [] and listing(inst / "running") == []
 
 
 @needs_namespace
