@@ -698,9 +698,9 @@ _gpu_spec() {  # _gpu_spec COMMAND: _gpu_sp_use, _gpu_sp_what, _gpu_sp_opts and 
       _gpu_sp_what='show the instance in use, or switch to ID'
       _gpu_sp_opts='|--new||new|switch to an instance that does not exist yet'
       _gpu_sp_more="\
-An instance is one daemon and its queue, <QUEUE_ROOT>/<ID>/. gpu_use ID of an instance that
-does not exist lists the ones that do; gpu_use --new ID switches to a new one (the first
-gpu_submit creates its folder; the daemon runs its tasks when it starts)." ;;
+An instance is one daemon and its queue, <QUEUE_ROOT>/<ID>/. gpu_use ID of an instance that does
+not exist lists the ones that do; gpu_use --new ID switches to a new one (the first gpu_submit
+creates its folder; the daemon runs its tasks when it starts)." ;;
     list) _gpu_sp_use='[--json]'
       _gpu_sp_what='the instances: daemon, nodes, uptime, queue sizes'
       _gpu_sp_opts=$json ;;
@@ -708,24 +708,24 @@ gpu_submit creates its folder; the daemon runs its tasks when it starts)." ;;
       _gpu_sp_what='queue a copy of FILE, to run with ARGS where you are'
       _gpu_sp_opts=$request
       _gpu_sp_more="\
-*.sh runs with bash, *.py with the daemon's Python, any other file must be executable.
-PRIORITY after FILE is -p. The copy runs, in the directory you submit from: editing FILE later
-changes nothing. gpu_submit \$QUEUE_ROOT/\$JOB_ID/failed/<id> runs a finished task again where
-it was first submitted (gpu_retry NAME does the same by name)." ;;
+*.sh runs with bash, *.py with the daemon's Python, any other file must be executable. PRIORITY
+after FILE is -p. The copy runs, in the directory you submit from: editing FILE later changes
+nothing. gpu_submit \$QUEUE_ROOT/\$JOB_ID/failed/<id> runs a finished task again where it was
+first submitted (gpu_retry NAME does the same by name)." ;;
     run) _gpu_sp_use="[OPTIONS] [--] 'CMD'"
       _gpu_sp_what='queue a shell command, to run where you are'
       _gpu_sp_opts=$request
       _gpu_sp_more="\
-Options come first: the first word that is not an option starts the command (after --,
-even one that starts with -). The task is named run_<words>.sh." ;;
+Options come first: the first word that is not an option starts the command (after --, even one
+that starts with -). The task is named run_<words>.sh." ;;
     status) _gpu_sp_use='[-l] [-r N] [--json]'
       _gpu_sp_what='daemons, GPUs, running, pending and recent tasks'
       _gpu_sp_opts="-l|--long||long|full task ids and whole commands (lines wider than 100)
 -r|--recent|N|recent|how many finished tasks to list (default 10)
 $json"
       _gpu_sp_more="\
-Tasks are shown by name (--name, else the script's), with :<hex> from their id when
-two share one: any command takes that form as NAME." ;;
+Tasks are shown by name (--name, else the script's), with :<hex> from their id when two share
+one: any command takes that form as NAME." ;;
     show) _gpu_sp_use='NAME'
       _gpu_sp_what='one task: command, directory, request, placement, exit' ;;
     logs) _gpu_sp_use='[-n N] [--rank R] [-a] [PATTERN]'
@@ -740,32 +740,31 @@ PATTERN is a task NAME, else any part of a task id (gpu_logs run_echo)." ;;
       _gpu_sp_opts="-n|--lines|N|lines|start with the last N lines (default 40)
 |--rank|R|rank|the log of rank R of a task that spans nodes (default 0)"
       _gpu_sp_more="\
-Without NAME: the running task whose log moved last, else the newest log. A pending
-task is waited for. Ctrl-C stops following; the task goes on." ;;
+Without NAME: the running task whose log moved last, else the newest log. A pending task is
+waited for. Ctrl-C stops following; the task goes on." ;;
     wait) _gpu_sp_use='[--timeout S] NAME...'
       _gpu_sp_what='wait until tasks end; 0 when all are done'
       _gpu_sp_opts='|--timeout|S|timeout|give up after S seconds (return code 124)'
       _gpu_sp_more="\
-NAME stands for every pending and running task it names, else for its newest finished
-one. The return code is 0 when every task is done, else the exit code of the first task (in the
-order given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
+NAME stands for every pending and running task it names, else for its newest finished one. The
+return code is 0 when every task is done, else the exit code of the first task (in the order
+given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
     retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] NAME'
       _gpu_sp_what='queue a finished task again: command, directory, request'
       _gpu_sp_opts=$(printf '%s\n' "$request" | command head -n 3) ;;
     stop) _gpu_sp_use='NAME|all'
       _gpu_sp_what='stop task NAME, or cancel it if pending; all: every task'
       _gpu_sp_more="\
-NAME stops every pending or running task it names. After a stop the daemon also ends
-the other Python processes of its user on the node, so the GPUs are freed (its --kill-scope,
-which gpu_status shows)." ;;
+NAME stops every pending or running task it names. After a stop the daemon also ends the other
+Python processes of its user on the node, so the GPUs are freed (its --kill-scope, which
+gpu_status shows)." ;;
     clean) _gpu_sp_use='[--older-than DAYS] [--keep N] [--dry-run]'
       _gpu_sp_what="delete finished tasks' scripts, records and logs"
       _gpu_sp_opts="|--older-than|DAYS|older|only tasks that ended more than DAYS ago
 |--keep|N|keep|keep the newest N finished tasks
 |--dry-run||dry|print what would be removed, remove nothing"
       _gpu_sp_more="\
-Pending and running tasks are never touched. Without options every finished task
-goes." ;;
+Pending and running tasks are never touched. Without options every finished task goes." ;;
     shutdown) _gpu_sp_use=''
       _gpu_sp_what='ask the daemon to exit; how to delete its cluster job' ;;
     help) _gpu_sp_use='[COMMAND]'
