@@ -5,20 +5,26 @@
 #
 #     source /path/to/client.sh
 #
-# then `gpu_help` lists the commands. It needs only bash or zsh and coreutils (ls, sed, sort, date,
-# head, tail, od, cp, mv, mkdir, dd): no Python on the login machine. It writes and reads the
-# queue folder exactly as docs/protocol.md says, so it works from any host that mounts it.
+# then `gpu_help` lists the commands and `gpu_COMMAND --help` explains one. It needs only bash or
+# zsh, coreutils (ls, sed, sort, date, head, tail, od, cp, mv, mkdir, dd, wc), find, xargs and
+# grep: no Python and no jq on the login machine. It writes and reads the queue folder exactly as
+# docs/protocol.md says, so it works from any host that mounts it.
 #
 # Settings, read at every call:
 #   JOB_ID             the instance (one daemon and its queue); `gpu_use ID` sets it
-#   QUEUE_ROOT         the queue root on shared storage; default $HOME/gpu_queue, as the daemon's
+#   QUEUE_ROOT         the queue root on shared storage; when it is not set, the QUEUE_ROOT= line of
+#                      submit.conf beside this file (or of the file $SUBMIT_CONF names), read as
+#                      text and never run; else $HOME/gpu_queue, as the daemon's default
 #   GPU_REPLY_TIMEOUT  seconds gpu_stop and gpu_shutdown wait for the daemon's reply (default 15)
 #
 # Every command runs in a subshell with its own options, so the user's `set -e`, `set -u`,
 # `set -o pipefail`, aliases and zsh options neither break it nor are changed by it, and it leaves
 # no variables behind (only `gpu_use ID` sets JOB_ID). Private helpers are named `_gpu_*`.
 # Return codes: 0 success, 1 failure (no such task, no daemon, missing root, a write that
-# failed), 2 bad usage (arguments, JOB_ID), 127 unknown command (gpu_help NAME).
+# failed), 2 bad usage (options, arguments, JOB_ID), 124 gpu_wait timed out, 127 unknown command
+# (gpu_help NAME); gpu_wait and gpu_tail return the exit code of the task they waited for.
+# Whatever comes from the queue folder (task names, records, state files) is printed with its
+# control characters escaped (\e, \x07), so no file can drive the terminal.
 
 # Aliases are expanded while a file is read: read this one without them (restored at the end).
 if [ -n "${ZSH_VERSION-}" ]; then
@@ -27,6 +33,20 @@ elif shopt -q expand_aliases 2>/dev/null; then
   _gpu_restore_aliases='shopt -s expand_aliases'; shopt -u expand_aliases
 fi
 
+# Where this file is, for the submit.conf beside it: kept in a function, not in a variable.
+if [ -n "${ZSH_VERSION-}" ]; then
+  # shellcheck disable=SC2016  # zsh's own syntax, kept from bash's parser
+  eval '_gpu_here=${(%):-%x}'
+else
+  _gpu_here=${BASH_SOURCE[0]-}
+fi
+case $_gpu_here in */*) _gpu_here=${_gpu_here%/*} ;; *) _gpu_here=. ;; esac
+_gpu_here=$(CDPATH='' builtin cd -- "${_gpu_here:-/}" 2>/dev/null && builtin pwd -P) \
+  || _gpu_here=''
+_gpu_here=${_gpu_here//\'/\'\\\'\'}
+eval "_gpu_client_dir() { _gpu_dir='$_gpu_here'; }"
+unset _gpu_here
+
 # Public commands ###################################################################################
 
 gpu_help() { _gpu_main help "$@"; }
@@ -34,15 +54,30 @@ gpu_list() { _gpu_main list "$@"; }
 gpu_submit() { _gpu_main submit "$@"; }
 gpu_run() { _gpu_main run "$@"; }
 gpu_status() { _gpu_main status "$@"; }
+gpu_show() { _gpu_main show "$@"; }
 gpu_logs() { _gpu_main logs "$@"; }
 gpu_tail() { _gpu_main tail "$@"; }
+gpu_wait() { _gpu_main wait "$@"; }
+gpu_retry() { _gpu_main retry "$@"; }
 gpu_stop() { _gpu_main stop "$@"; }
+gpu_clean() { _gpu_main clean "$@"; }
 gpu_shutdown() { _gpu_main shutdown "$@"; }
 
-# The one command that changes the user's shell: it runs in it, with nothing but the export.
+# The one command that changes the user's shell: the subshell checks everything, then the
+# instance it named is exported here (the only argument that is not an option).
 gpu_use() {
   _gpu_main use "$@" || return
-  if [ "$#" -eq 1 ]; then export JOB_ID="$1"; fi
+  local _gpu_arg _gpu_id='' _gpu_dd=''
+  for _gpu_arg in "$@"; do
+    if [ -n "$_gpu_dd" ]; then _gpu_id=$_gpu_arg; continue; fi
+    case $_gpu_arg in
+      --) _gpu_dd=1 ;;
+      -h | --help) return 0 ;;
+      -*) ;;
+      *) _gpu_id=$_gpu_arg ;;
+    esac
+  done
+  if [ -n "$_gpu_id" ]; then export JOB_ID="$_gpu_id"; fi
 }
 
 # Every command runs in a subshell: options, variables, traps and `cd` stay inside it.
@@ -53,6 +88,7 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   if [ -n "${ZSH_VERSION-}" ]; then
     trap - ZERR DEBUG
     emulate -R sh
+    setopt no_multibyte  # patterns and lengths work on bytes, as bash's do under LC_ALL=C
   else
     trap - ERR DEBUG RETURN
     set +E +T
@@ -61,28 +97,153 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   fi
   set +e +u +x +v +C -f
   set +o pipefail 2>/dev/null
+  # Ctrl-C ends the command whatever child it waits for (bash goes on when a child survives
+  # it); bash keeps a SIGINT ignored that was ignored when it started (nohup)
+  trap 'exit 130' INT
   IFS=' 	
 '
   LC_ALL=C
   export LC_ALL
-  unset QUOTING_STYLE CLICOLOR_FORCE LS_COLORS TIME_STYLE POSIXLY_CORRECT
+  unset QUOTING_STYLE CLICOLOR_FORCE LS_COLORS TIME_STYLE POSIXLY_CORRECT GREP_OPTIONS
   _gpu_nl='
 '
-  _gpu_keys=
+  _gpu_fs=$'\037'  # separates the fields of a table row (escaped text never holds it)
+  # bytes for patterns: C1 controls are \302\200-\302\237 in UTF-8; lead and continuation bytes
+  _gpu_c2=$'\302' _gpu_b80=$'\200' _gpu_b9f=$'\237' _gpu_bbf=$'\277' _gpu_bff=$'\377'
+  _gpu_bdf=$'\337' _gpu_be0=$'\340' _gpu_bef=$'\357' _gpu_bf0=$'\360' _gpu_bf4=$'\364'
+  _gpu_keys=''
   _gpu_cmd=$1
   shift
   "_gpu_cmd_$_gpu_cmd" "$@"
 }
 
-# Helpers ###########################################################################################
+# Output ############################################################################################
 
-_gpu_err() {
-  local IFS=' '
-  printf 'gpu_%s: %s\n' "$_gpu_cmd" "$*" >&2
+_gpu_esc() {  # _gpu_esc TEXT: TEXT with control characters escaped (\e, \t, \x07, \u009b): _gpu_e
+  _gpu_e=$1
+  # shellcheck disable=SC2101  # [:cntrl:] is inside the bracket expression
+  case $1 in *[[:cntrl:]$_gpu_c2]*) ;; *) return 0 ;; esac
+  local rest=$1 head c n
+  _gpu_e=''
+  while :; do
+    # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+    head=${rest%%[[:cntrl:]$_gpu_c2]*}
+    _gpu_e=$_gpu_e$head
+    rest=${rest#"$head"}
+    [ -n "$rest" ] || return 0
+    c=${rest%"${rest#?}"}
+    rest=${rest#?}
+    case $c in
+      "$_gpu_c2")
+        n=${rest%"${rest#?}"}
+        case $n in
+          [$_gpu_b80-$_gpu_b9f]) rest=${rest#?}; _gpu_e=$_gpu_e'\u00'$(printf '%02x' "'$n") ;;
+          *) _gpu_e=$_gpu_e$c ;;
+        esac ;;
+      $'\033') _gpu_e=$_gpu_e'\e' ;;
+      $'\t') _gpu_e=$_gpu_e'\t' ;;
+      "$_gpu_nl") _gpu_e=$_gpu_e'\n' ;;
+      $'\r') _gpu_e=$_gpu_e'\r' ;;
+      *) _gpu_e=$_gpu_e'\x'$(printf '%02x' "'$c") ;;
+    esac
+  done
 }
 
-_gpu_usage() {  # _gpu_usage 'ARGS': the usage line of the current command; returns 2
-  _gpu_err "usage: gpu_$_gpu_cmd${1:+ $1}"
+_gpu_say() {  # _gpu_say TEXT...: one line to stdout, its control characters escaped
+  local IFS=' '
+  _gpu_esc "$*"
+  printf '%s\n' "$_gpu_e"
+}
+
+_gpu_err() {  # _gpu_err TEXT...: a message of the current command to stderr
+  local IFS=' '
+  _gpu_esc "gpu_$_gpu_cmd: $*"
+  printf '%s\n' "$_gpu_e" >&2
+}
+
+_gpu_cut() {  # _gpu_cut TEXT WIDTH: TEXT cut to WIDTH bytes (ending in ..), whole UTF-8: _gpu_c
+  _gpu_c=$1
+  [ "${#1}" -le "$2" ] && return 0
+  if [ "$2" -le 2 ]; then _gpu_c=${1:0:$2}; return 0; fi
+  _gpu_c=${1:0:$(($2 - 2))}
+  # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+  local tail=${_gpu_c##*[!$_gpu_b80-$_gpu_bbf]}  # trailing continuation bytes
+  local lead=${_gpu_c%"$tail"}
+  lead=${lead#"${lead%?}"}
+  case $lead in  # a sequence that the cut left incomplete goes
+    [$_gpu_c2-$_gpu_bdf]) [ "${#tail}" -ge 1 ] || _gpu_c=${_gpu_c%?} ;;
+    [$_gpu_be0-$_gpu_bef]) [ "${#tail}" -ge 2 ] || _gpu_c=${_gpu_c%"$lead$tail"} ;;
+    [$_gpu_bf0-$_gpu_bf4]) [ "${#tail}" -ge 3 ] || _gpu_c=${_gpu_c%"$lead$tail"} ;;
+  esac
+  _gpu_c=$_gpu_c..
+}
+
+_gpu_cut_left() {  # _gpu_cut_left TEXT WIDTH: TEXT cut to its last WIDTH bytes (..end): _gpu_c
+  _gpu_c=$1
+  [ "${#1}" -le "$2" ] && return 0
+  _gpu_c=${1:$((${#1} - $2 + 2))}
+  # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+  _gpu_c=..${_gpu_c#"${_gpu_c%%[!$_gpu_b80-$_gpu_bbf]*}"}  # no half character at the start
+}
+
+_gpu_line() {  # _gpu_line TEXT...: one line of gpu_status, escaped, cut to 100 columns unless -l
+  local IFS=' '
+  _gpu_esc "$*"
+  if [ -z "${_gpu_o_long-}" ]; then _gpu_cut "$_gpu_e" 100; _gpu_e=$_gpu_c; fi
+  printf '%s\n' "$_gpu_e"
+}
+
+_gpu_js() {  # _gpu_js TEXT: TEXT as a JSON string into _gpu_j (invalid UTF-8 becomes U+FFFD)
+  # shellcheck disable=SC2101  # [:cntrl:] is inside the bracket expression
+  case $1 in *[[:cntrl:]\"\\$_gpu_b80-$_gpu_bff]*) ;; *) _gpu_j=\"$1\"; return 0 ;; esac
+  local rest=$1 head c b seq n out=''
+  while :; do
+    # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+    head=${rest%%[[:cntrl:]\"\\$_gpu_b80-$_gpu_bff]*}
+    out=$out$head
+    rest=${rest#"$head"}
+    [ -n "$rest" ] || break
+    c=${rest%"${rest#?}"}
+    rest=${rest#?}
+    case $c in
+      \") out=$out'\"' ;;
+      \\) out=$out\\\\ ;;
+      [[:cntrl:]]) out=$out'\u00'$(printf '%02x' "'$c") ;;
+      *)
+        case $c in
+          [$_gpu_c2-$_gpu_bdf]) n=1 ;;
+          [$_gpu_be0-$_gpu_bef]) n=2 ;;
+          [$_gpu_bf0-$_gpu_bf4]) n=3 ;;
+          *) n=0 ;;
+        esac
+        seq=$c
+        while [ "$n" -gt 0 ]; do
+          b=${rest%"${rest#?}"}
+          case $b in [$_gpu_b80-$_gpu_bbf]) ;; *) break ;; esac
+          seq=$seq$b
+          rest=${rest#?}
+          n=$((n - 1))
+        done
+        if [ "$n" -eq 0 ] && [ "${#seq}" -gt 1 ]; then out=$out$seq; else out=$out'\ufffd'; fi ;;
+    esac
+  done
+  _gpu_j=\"$out\"
+}
+
+_gpu_jn() {  # _gpu_jn TEXT: TEXT as a JSON number when it is one (ASCII digits), else null
+  local whole frac=''
+  case $1 in '' | *[!0-9.]* | .* | *. | *.*.*) _gpu_j=null; return 1 ;; esac
+  whole=${1%%.*}
+  case $1 in *.*) frac=.${1#*.} ;; esac
+  while [ "${#whole}" -gt 1 ] && [ "${whole#0}" != "$whole" ]; do whole=${whole#0}; done
+  _gpu_j=$whole$frac
+}
+
+# Names and numbers #################################################################################
+
+_gpu_usage() {  # _gpu_usage: the usage line of the current command; returns 2
+  _gpu_spec "$_gpu_cmd"
+  _gpu_err "usage: gpu_$_gpu_cmd${_gpu_sp_use:+ $_gpu_sp_use} (gpu_$_gpu_cmd --help)"
   return 2
 }
 
@@ -96,98 +257,67 @@ _gpu_bad_id() {  # _gpu_bad_id ID: the message for an invalid JOB_ID; returns 2
   return 2
 }
 
-_gpu_root() {  # sets _gpu_r to the queue root; 1 when it does not exist
-  _gpu_r=${QUEUE_ROOT:-${HOME-}/gpu_queue}
-  [ -d "$_gpu_r" ] && return 0
-  _gpu_err "the queue root $_gpu_r does not exist (shared storage not mounted? set QUEUE_ROOT)"
+_gpu_is_id() {  # _gpu_is_id NAME: is NAME a client task id (protocol: Task ids and run order)?
+  case $1 in
+    [0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-?*)
+      case ${1#*-*-*-} in *[!A-Za-z0-9._-]*) return 1 ;; esac
+      [ "${#1}" -le 122 ]; return ;;
+  esac
   return 1
-}
-
-_gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance folder
-  if [ -z "${JOB_ID-}" ]; then
-    _gpu_err "JOB_ID is not set: choose an instance with gpu_use ID (gpu_list shows them)"
-    return 2
-  fi
-  _gpu_valid_id "$JOB_ID" || { _gpu_bad_id "$JOB_ID"; return 2; }
-  _gpu_root || return 1
-  _gpu_q=$_gpu_r/$JOB_ID
-}
-
-_gpu_existing_instance() {  # as _gpu_instance, and the folder must exist
-  _gpu_instance || return
-  [ -d "$_gpu_q" ] && return 0
-  _gpu_err "no instance $JOB_ID under $_gpu_r (gpu_list shows them)"
-  return 1
-}
-
-_gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line
-  command ls -1 -- "$1" 2>/dev/null
-}
-
-_gpu_count() {  # _gpu_count DIR: sets _gpu_n to the number of published names in DIR
-  _gpu_n=$(_gpu_ls "$1" | command wc -l)
-  _gpu_n=${_gpu_n//[!0-9]/}
-}
-
-_gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it cannot be read
-  local line key IFS=' '
-  # shellcheck disable=SC2086  # the names of the previous file's keys
-  [ -z "$_gpu_keys" ] || unset $_gpu_keys
-  _gpu_keys=
-  [ -f "$1" ] && [ -r "$1" ] || return 1
-  {
-    while IFS= read -r line || [ -n "$line" ]; do
-      key=${line%%=*}
-      case $key in '' | *[!a-z0-9_.]* | "$line") continue ;; esac  # not a key=value line
-      key=_gpu_f_${key//./_}
-      eval "$key=\${line#*=}"
-      _gpu_keys="$_gpu_keys $key"
-    done < "$1"
-  } 2>/dev/null
-}
-
-_gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when absent
-  eval "_gpu_val=\${_gpu_f_${1//./_}-}; [ -n \"\${_gpu_f_${1//./_}+set}\" ]"
 }
 
 _gpu_short() {  # _gpu_short ID: the name part of a client id (train.sh) into _gpu_s, else ID
+  if _gpu_is_id "$1"; then _gpu_s=${1#*-*-*-}; else _gpu_s=$1; fi
+}
+
+_gpu_rand() {  # _gpu_rand ID: the 8 random hex digits of a client id into _gpu_s, else empty
+  _gpu_s=''
+  _gpu_is_id "$1" || return 1
+  _gpu_s=${1#*-*-}
+  _gpu_s=${_gpu_s%%-*}
+}
+
+_gpu_safe_name() {  # _gpu_safe_name TEXT: characters outside A-Za-z0-9._- become _ (into _gpu_s)
+  _gpu_s=${1//[!A-Za-z0-9._-]/_}
+}
+
+_gpu_int() {  # _gpu_int VALUE: whole seconds of an epoch or a duration into _gpu_i; 1 if none
+  _gpu_i=${1%%.*}
+  case $_gpu_i in ''|*[!0-9]*|???????????????*) _gpu_i=0; return 1 ;; esac
+  while [ "${#_gpu_i}" -gt 1 ] && [ "${_gpu_i#0}" != "$_gpu_i" ]; do _gpu_i=${_gpu_i#0}; done
+}
+
+_gpu_whole() {  # _gpu_whole TEXT MAX: a whole number 0..MAX (ASCII digits) into _gpu_i; 1 if not
+  case $1 in ''|*[!0-9]*) return 1 ;; esac
+  _gpu_int "$1" || return 1
+  [ "$_gpu_i" -le "$2" ]
+}
+
+_gpu_bounded() {  # _gpu_bounded VALUE: a count read from a file, 0..1024, into _gpu_i
   case $1 in
-    [0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-?*)
-      _gpu_s=${1#*-*-*-} ;;
-    *) _gpu_s=$1 ;;
-  esac
-}
-
-_gpu_matches() {  # _gpu_matches ID NAME: does NAME name the task ID (id, name, name less .ext)?
-  [ "$1" = "$2" ] && return 0
-  _gpu_short "$1"
-  [ "$_gpu_s" = "$2" ] || [ "${_gpu_s%.*}" = "$2" ]
-}
-
-_gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the matching tasks into _gpu_val
-  local name=$1 dir id IFS=$_gpu_nl
-  shift
-  _gpu_val=
-  for dir in "$@"; do
-    for id in $(_gpu_ls "$_gpu_q/$dir"); do
-      _gpu_matches "$id" "$name" && _gpu_val=$_gpu_val$dir/$id$_gpu_nl
-    done
-  done
-  [ -n "$_gpu_val" ]
-}
-
-_gpu_check_name() {  # _gpu_check_name NAME: a task name cannot hold / or a newline
-  case $1 in
-    ''|*/*|*"$_gpu_nl"*|.*) _gpu_err "no such task: $1"; return 1 ;;
+    '' | *[!0-9]*) _gpu_i=0 ;;
+    ?????*) _gpu_i=1024 ;;
+    *) _gpu_int "$1"; [ "$_gpu_i" -le 1024 ] || _gpu_i=1024 ;;
   esac
 }
 
 _gpu_now() { _gpu_t=$(command date +%s); }
 
-_gpu_int() {  # _gpu_int VALUE: whole seconds of an epoch or a duration into _gpu_i; 1 if none
-  _gpu_i=${1%%.*}
-  case $_gpu_i in ''|*[!0-9]*) _gpu_i=0; return 1 ;; esac
-  while [ "${#_gpu_i}" -gt 1 ] && [ "${_gpu_i#0}" != "$_gpu_i" ]; do _gpu_i=${_gpu_i#0}; done
+_gpu_sleep() {  # _gpu_sleep SECONDS: a pause that Ctrl-C always ends (see _gpu_bg)
+  command sleep "$1" &
+  wait "$!"
+}
+
+_gpu_bg() {  # _gpu_bg FUNCTION ARGS...: run a loop that waits for the queue as a background job
+  # and wait for it: its return code. Bash takes a Ctrl-C for handled when the foreground child
+  # it waits for ends normally (one that was just exiting), and goes on; the wait builtin
+  # returns at once for a trapped signal, and the trap ends the job.
+  "$@" &
+  _gpu_job=$!
+  trap 'kill "$_gpu_job" 2>/dev/null; exit 130' INT
+  trap 'kill "$_gpu_job" 2>/dev/null; exit 129' HUP
+  trap 'kill "$_gpu_job" 2>/dev/null; exit 143' TERM
+  wait "$_gpu_job"
 }
 
 _gpu_dur() {  # _gpu_dur SECONDS: 4.2s, 12m03s, 3h05m or 2d04h into _gpu_d; - when not a number
@@ -195,7 +325,7 @@ _gpu_dur() {  # _gpu_dur SECONDS: 4.2s, 12m03s, 3h05m or 2d04h into _gpu_d; - wh
   _gpu_int "$1" || { _gpu_d=-; return; }
   s=$_gpu_i
   if [ "$s" -lt 60 ]; then
-    f=
+    f=''
     case $1 in *.[0-9]*) f=${1#*.}; f=.${f%"${f#?}"} ;; esac
     _gpu_d=$s${f}s
   elif [ "$s" -lt 3600 ]; then
@@ -221,22 +351,225 @@ _gpu_date() {  # _gpu_date EPOCH [FALLBACK]: local time, to the minute, for peop
     || command date -r "$_gpu_i" '+%Y-%m-%d %H:%M' 2>/dev/null || printf '%s\n' "${2:--}"
 }
 
-_gpu_node_alive() {  # on a loaded node state: 0 when alive (the protocol's liveness rule)
-  _gpu_field status
-  [ "$_gpu_val" = stopped ] && return 1
-  _gpu_field heartbeat; _gpu_int "$_gpu_val" || return 1
-  [ "$((_gpu_t - _gpu_i))" -lt 60 ]
+_gpu_ranges() {  # _gpu_ranges 0,1,2,5: GPU numbers with runs joined (0-2,5) into _gpu_g
+  local n first='' last='' IFS=,
+  _gpu_g=''
+  case $1 in *[!0-9,]*) _gpu_g=$1; return ;; esac
+  for n in $1 ''; do
+    if [ -n "$n" ] && [ -n "$last" ] && _gpu_int "$n" && [ "$_gpu_i" -eq $((last + 1)) ]; then
+      last=$_gpu_i; continue
+    fi
+    if [ -n "$first" ]; then
+      if [ "$first" = "$last" ]; then _gpu_g=$_gpu_g${_gpu_g:+,}$first
+      else _gpu_g=$_gpu_g${_gpu_g:+,}$first-$last; fi
+    fi
+    first='' last=''
+    [ -n "$n" ] && _gpu_int "$n" && first=$_gpu_i last=$_gpu_i
+  done
 }
 
-_gpu_daemon_alive() {  # is node 0 of the instance alive? (it claims tasks and takes commands)
-  _gpu_load "$_gpu_q/nodes/node-0.state" || return 1
-  _gpu_now
-  _gpu_node_alive
+_gpu_shquote() {  # _gpu_shquote WORD: WORD as the shell would need it typed, into _gpu_w
+  case $1 in
+    '') _gpu_w="''" ;;
+    *[!A-Za-z0-9_./:=,+@%^-]*) _gpu_w="'${1//\'/\'\\\'\'}'" ;;
+    *) _gpu_w=$1 ;;
+  esac
 }
+
+# Files #############################################################################################
+
+_gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line
+  command ls -1 -- "$1" 2>/dev/null
+}
+
+_gpu_count() {  # _gpu_count DIR: sets _gpu_n to the number of published names in DIR
+  _gpu_n=$(_gpu_ls "$1" | command wc -l)
+  _gpu_n=${_gpu_n//[!0-9]/}
+}
+
+_gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it cannot be read
+  local line key n=0 IFS=' '
+  # shellcheck disable=SC2086  # the names of the previous file's keys
+  [ -z "$_gpu_keys" ] || unset $_gpu_keys
+  _gpu_keys=''
+  # a regular file only (a FIFO would block); at most 20000 lines (a state file of 1024 GPUs)
+  [ -f "$1" ] && [ -r "$1" ] || return 1
+  {
+    while [ "$n" -lt 20000 ] && { IFS= read -r line || [ -n "$line" ]; }; do
+      n=$((n + 1))
+      key=${line%%=*}
+      case $key in '' | *[!a-z0-9_.]* | "$line") continue ;; esac  # not a key=value line
+      key=_gpu_f_${key//./_}
+      eval "$key=\${line#*=}"
+      _gpu_keys="$_gpu_keys $key"
+    done < "$1"
+  } 2>/dev/null
+}
+
+_gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when absent
+  eval "_gpu_val=\${_gpu_f_${1//./_}-}; [ -n \"\${_gpu_f_${1//./_}+set}\" ]"
+}
+
+_gpu_conf_root() {  # QUEUE_ROOT from submit.conf into _gpu_val: 1 when none, 2 when unusable
+  local conf line value='' raw='' found='' n=0
+  _gpu_client_dir
+  conf=${SUBMIT_CONF:-$_gpu_dir/submit.conf}
+  [ -n "${SUBMIT_CONF-}" ] || [ -n "$_gpu_dir" ] || return 1
+  [ -f "$conf" ] && [ -r "$conf" ] || return 1
+  # submit.sh sources this file; the client only reads the last QUEUE_ROOT= line
+  while [ "$n" -lt 10000 ] && { IFS= read -r line || [ -n "$line" ]; }; do
+    n=$((n + 1))
+    line=${line#"${line%%[![:space:]]*}"}
+    case $line in export[[:space:]]*) line=${line#export}; line=${line#"${line%%[![:space:]]*}"} ;;
+    esac
+    case $line in QUEUE_ROOT=*) value=${line#QUEUE_ROOT=}; found=1 ;; esac
+  done < "$conf"
+  [ -n "$found" ] || return 1
+  raw=$value
+  case $value in
+    \"*) line=${value#\"}
+      case $line in *\"*) value=${line%%\"*} ;; *) value=$value\"; line= ;; esac ;;
+    \'*) line=${value#\'}
+      case $line in *\'*) _gpu_val=${line%%\'*}; return 0 ;; *) line= ;; esac ;;
+    *) value=${value%%[[:space:]]*} ;;
+  esac
+  case $value in \~ | \~/*) value=\$HOME${value#\~} ;; esac
+  value=${value//\$\{HOME\}/\$HOME}
+  value=${value//\$\{USER\}/\$USER}
+  _gpu_val=$value
+  case $value in *\$HOME*) _gpu_val=${_gpu_val//\$HOME/${HOME-}} ;; esac
+  case $value in *\$USER*) _gpu_val=${_gpu_val//\$USER/${USER:-${LOGNAME-}}} ;; esac
+  case $_gpu_val in
+    *[\$\`\\\"\'\(\)\;\&\|\<\>]*)
+      _gpu_err "$conf sets QUEUE_ROOT to $raw, which the client does not evaluate (it reads" \
+        "the file, it does not run it): export QUEUE_ROOT instead"
+      return 2 ;;
+  esac
+  [ -n "$_gpu_val" ] || return 1
+}
+
+_gpu_root_value() {  # the queue root into _gpu_r, and " (from FILE)" into _gpu_from when
+  # submit.conf named it; 1 when submit.conf names one the client cannot read (said)
+  _gpu_from=''
+  if [ -n "${QUEUE_ROOT-}" ]; then _gpu_r=$QUEUE_ROOT; return 0; fi
+  _gpu_conf_root
+  case $? in
+    0) _gpu_r=$_gpu_val; _gpu_from=" (from ${SUBMIT_CONF:-$_gpu_dir/submit.conf})" ;;
+    2) _gpu_r=''; return 1 ;;
+    *) _gpu_r=${HOME-}/gpu_queue ;;
+  esac
+}
+
+_gpu_root() {  # sets _gpu_r to the queue root; 1 when it does not exist
+  _gpu_root_value || return 1
+  [ -d "$_gpu_r" ] && return 0
+  _gpu_err "the queue root $_gpu_r$_gpu_from does not exist (shared storage not mounted? set" \
+    "QUEUE_ROOT)"
+  return 1
+}
+
+_gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance folder
+  if [ -z "${JOB_ID-}" ]; then
+    _gpu_err "JOB_ID is not set: choose an instance with gpu_use ID (gpu_list shows them)"
+    return 2
+  fi
+  _gpu_valid_id "$JOB_ID" || { _gpu_bad_id "$JOB_ID"; return 2; }
+  _gpu_root || return 1
+  _gpu_q=$_gpu_r/$JOB_ID
+}
+
+_gpu_existing_instance() {  # as _gpu_instance, and the folder must exist
+  _gpu_instance || return
+  [ -d "$_gpu_q" ] && return 0
+  _gpu_err "no instance $JOB_ID under $_gpu_r (gpu_list shows them)"
+  return 1
+}
+
+_gpu_is_instance() {  # _gpu_is_instance DIR: does DIR look like an instance folder?
+  [ -f "$1/control.json" ] || [ -f "$1/job_id.txt" ] || [ -d "$1/pending" ] || [ -d "$1/nodes" ]
+}
+
+_gpu_instances() {  # the instances under the root, one a line
+  local id IFS=$_gpu_nl
+  for id in $(_gpu_ls "$_gpu_r"); do
+    _gpu_valid_id "$id" && _gpu_is_instance "$_gpu_r/$id" && printf '%s\n' "$id"
+  done
+}
+
+# Daemons ###########################################################################################
 
 _gpu_node_files() {  # the node state files of the instance, by rank (node-2 before node-10)
-  _gpu_ls "$_gpu_q/nodes" | command sed -n 's/^node-\([0-9][0-9]*\)\.state$/\1 &/p' \
-    | command sort -n | command sed 's/^[0-9]* //'
+  _gpu_ls "$_gpu_q/nodes" | command sed -n 's/^node-\([0-9]\{1,9\}\)\.state$/\1 &/p' \
+    | command sort -n | command head -n 1024 | command sed 's/^[0-9]* //'
+}
+
+_gpu_own_host() {  # on a loaded node state: does that daemon run on this host, boot, PID space?
+  local mine=''
+  _gpu_field host; [ "$_gpu_val" = "${HOSTNAME:-${HOST:-$(command uname -n)}}" ] || return 1
+  _gpu_field boot_id; [ -n "$_gpu_val" ] || return 1
+  { IFS= read -r mine < /proc/sys/kernel/random/boot_id; } 2>/dev/null
+  [ "$_gpu_val" = "$mine" ] || return 1
+  _gpu_field pid_ns; [ -n "$_gpu_val" ] || return 1
+  [ "$_gpu_val" = "$(command readlink /proc/self/ns/pid 2>/dev/null)" ]
+}
+
+_gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, draining, late, dead,
+  # stopped; protocol: "alive" and "not responding") and, unless alive, _gpu_why and _gpu_cause
+  local pid comm='' protocol args age
+  _gpu_why='' _gpu_cause=''
+  _gpu_field status
+  if [ "$_gpu_val" = stopped ]; then _gpu_live=stopped; return; fi
+  _gpu_live=$_gpu_val
+  case $_gpu_live in stopping | draining) ;; *) _gpu_live=alive ;; esac
+  _gpu_field heartbeat
+  if ! _gpu_int "$_gpu_val"; then
+    _gpu_live=dead _gpu_why='no heartbeat' _gpu_cause='its state file is damaged'
+    return
+  fi
+  if _gpu_own_host; then  # the daemon of this very host: its process says more than its file
+    _gpu_field pid; pid=$_gpu_val
+    _gpu_field protocol; protocol=$_gpu_val
+    if _gpu_whole "$pid" 99999999 && [ -d "/proc/$_gpu_i" ]; then
+      { IFS= read -r comm < "/proc/$_gpu_i/comm"; } 2>/dev/null
+      case $protocol in
+        [2-9] | [1-9][0-9]*) ;;
+        *)  # a daemon before protocol 2 does not name its process: its command line says it
+          args=$(command tr '\0' ' ' < "/proc/$_gpu_i/cmdline" 2>/dev/null)
+          case $args in *perpetual_motion* | *perpetual-motion*) comm=pm-daemon ;; esac ;;
+      esac
+      if [ "$comm" != pm-daemon ]; then
+        _gpu_live=dead _gpu_why="pid $pid is now another program ($comm)"
+        _gpu_cause='the daemon died and its pid was reused'
+        return
+      fi
+    else
+      _gpu_live=dead _gpu_why="its process (pid $pid) is gone"
+      _gpu_cause='it was killed (kill -9, the OOM killer) or crashed; see its daemon.log'
+      return
+    fi
+  fi
+  _gpu_field heartbeat; _gpu_int "$_gpu_val"
+  [ "$_gpu_t" -gt "$_gpu_i" ] || return 0  # a heartbeat from the future: clocks differ
+  age=$((_gpu_t - _gpu_i))
+  _gpu_dur "$age"
+  if [ "$age" -ge 60 ]; then
+    _gpu_live=dead _gpu_why="no heartbeat for $_gpu_d"
+    _gpu_cause='the daemon or its node died, or its cluster job ended'
+  elif [ "$age" -gt 15 ]; then  # three HEARTBEAT_SECONDS
+    _gpu_live=late _gpu_why="its heartbeat is $_gpu_d old"
+    _gpu_cause='the daemon is stopped or hung, the shared storage stalls, or its node died'
+  fi
+}
+
+_gpu_daemon_state() {  # node 0's liveness (it claims tasks and takes commands) into _gpu_live
+  _gpu_now
+  if ! _gpu_load "$_gpu_q/nodes/node-0.state"; then _gpu_live=none; return 1; fi
+  _gpu_liveness
+}
+
+_gpu_daemon_alive() {  # is node 0 alive or at least not known to be dead?
+  _gpu_daemon_state || return 1
+  case $_gpu_live in dead | stopped) return 1 ;; esac
 }
 
 _gpu_nodes() {  # "alive/known" nodes of the instance into _gpu_val (- when none has started)
@@ -244,12 +577,37 @@ _gpu_nodes() {  # "alive/known" nodes of the instance into _gpu_val (- when none
   for node in $(_gpu_node_files); do
     _gpu_load "$_gpu_q/nodes/$node" || continue
     known=$((known + 1))
-    _gpu_field num_nodes; _gpu_int "$_gpu_val" && [ "$_gpu_i" -gt "$expected" ] && expected=$_gpu_i
-    _gpu_node_alive && alive=$((alive + 1))
+    _gpu_field num_nodes; _gpu_bounded "$_gpu_val"
+    [ "$_gpu_i" -gt "$expected" ] && expected=$_gpu_i
+    _gpu_liveness
+    case $_gpu_live in dead | stopped) ;; *) alive=$((alive + 1)) ;; esac
   done
   [ "$expected" -gt "$known" ] && known=$expected  # nodes that have not written a state yet
   if [ "$known" -eq 0 ]; then _gpu_val=-; else _gpu_val=$alive/$known; fi
 }
+
+_gpu_inventory() {  # the largest gpu_count and num_nodes of the nodes (empty: not known yet)
+  local node IFS=$_gpu_nl
+  _gpu_max_gpus='' _gpu_max_nodes=''
+  for node in $(_gpu_node_files); do
+    _gpu_load "$_gpu_q/nodes/$node" || continue
+    if _gpu_field gpu_count && _gpu_whole "$_gpu_val" 999999999; then
+      _gpu_bounded "$_gpu_i"
+      [ "$_gpu_i" -ge "${_gpu_max_gpus:-0}" ] && _gpu_max_gpus=$_gpu_i
+    fi
+    if _gpu_field num_nodes && _gpu_whole "$_gpu_val" 999999999; then
+      _gpu_bounded "$_gpu_i"
+      [ "$_gpu_i" -ge "${_gpu_max_nodes:-0}" ] && _gpu_max_nodes=$_gpu_i
+    fi
+  done
+  if [ -z "$_gpu_max_nodes" ] && _gpu_load "$_gpu_q/job_id.txt" && _gpu_field nodes \
+    && _gpu_whole "$_gpu_val" 1024 && [ "$_gpu_i" -gt 0 ]; then
+    _gpu_max_nodes=$_gpu_i
+  fi
+  return 0
+}
+
+# Writing ###########################################################################################
 
 _gpu_whoami() {
   _gpu_who=${USER:-${LOGNAME:-$(command id -un 2>/dev/null)}}@${HOSTNAME:-${HOST:-$(command uname -n)}}
@@ -304,7 +662,7 @@ _gpu_put() {  # _gpu_put TARGET TEXT: publish TEXT as the file TARGET (staged, t
 
 _gpu_prepare() {  # _gpu_prepare DIR...: create the instance and DIRs for writing; _gpu_created
   local dir missing='' IFS=' '
-  _gpu_created=
+  _gpu_created=''
   [ -d "$_gpu_q" ] || _gpu_created=1
   for dir in .staging "$@"; do [ -d "$_gpu_q/$dir" ] || missing="$missing $dir"; done
   [ -z "$missing" ] && [ -f "$_gpu_q/control.json" ] && return 0
@@ -322,18 +680,736 @@ _gpu_prepare() {  # _gpu_prepare DIR...: create the instance and DIRs for writin
   command rm -f -- "$_gpu_q/.staging/.$_gpu_u.json"
 }
 
+# Options ###########################################################################################
+# Each command's arguments, what it does, and its options, one a line: SHORT|LONG|ARG|VAR|HELP
+# (SHORT may be empty, ARG is empty for a flag, VAR ends in + when the option may be repeated).
+# The one parser, the help and the completion all read them from here.
+
+_gpu_spec() {  # _gpu_spec COMMAND: _gpu_sp_use, _gpu_sp_what, _gpu_sp_opts and _gpu_sp_more
+  local request="-p|--priority|PRIO|prio|run order: 0 to 999, smaller first (default 500)
+-g|--gpus|N|gpus|GPUs on each node: 0 (CPU only) to the node's count, or all (default)
+-n|--nodes|N|nodes|nodes to run on at once, one rank each: 1 (default) to all of them
+|--after|NAME|after+|start after NAME ended with exit 0 (repeatable); if it did not, cancel
+|--name|NAME|name|the name gpu_status shows (default: the script's)"
+  local json='|--json||json|one JSON document (schema: docs/protocol.md, "The client'"'"'s JSON")'
+  _gpu_sp_opts='' _gpu_sp_more=''
+  case $1 in
+    use) _gpu_sp_use='[--new] [ID]'
+      _gpu_sp_what='show the instance in use, or switch to ID'
+      _gpu_sp_opts='|--new||new|switch to an instance that does not exist yet'
+      _gpu_sp_more="\
+An instance is one daemon and its queue, <QUEUE_ROOT>/<ID>/. gpu_use ID of an instance that does
+not exist lists the ones that do; gpu_use --new ID switches to a new one (the first gpu_submit
+creates its folder; the daemon runs its tasks when it starts)." ;;
+    list) _gpu_sp_use='[--json]'
+      _gpu_sp_what='the instances: daemon, nodes, uptime, queue sizes'
+      _gpu_sp_opts=$json ;;
+    submit) _gpu_sp_use='[OPTIONS] FILE [PRIORITY] [-- ARGS...]'
+      _gpu_sp_what='queue a copy of FILE, to run with ARGS where you are'
+      _gpu_sp_opts=$request
+      _gpu_sp_more="\
+*.sh runs with bash, *.py with the daemon's Python, any other file must be executable. PRIORITY
+after FILE is -p. The copy runs, in the directory you submit from: editing FILE later changes
+nothing. gpu_submit \$QUEUE_ROOT/\$JOB_ID/failed/<id> runs a finished task again where it was
+first submitted (gpu_retry NAME does the same by name)." ;;
+    run) _gpu_sp_use="[OPTIONS] [--] 'CMD'"
+      _gpu_sp_what='queue a shell command, to run where you are'
+      _gpu_sp_opts=$request
+      _gpu_sp_more="\
+Options come first: the first word that is not an option starts the command (after --, even one
+that starts with -). The task is named run_<words>.sh." ;;
+    status) _gpu_sp_use='[-l] [-r N] [--json]'
+      _gpu_sp_what='daemons, GPUs, running, pending and recent tasks'
+      _gpu_sp_opts="-l|--long||long|full task ids and whole commands (lines wider than 100)
+-r|--recent|N|recent|how many finished tasks to list (default 10)
+$json"
+      _gpu_sp_more="\
+Tasks are shown by name (--name, else the script's), with :<hex> from their id when two share
+one: any command takes that form as NAME." ;;
+    show) _gpu_sp_use='NAME'
+      _gpu_sp_what='one task: command, directory, request, placement, exit' ;;
+    logs) _gpu_sp_use='[-n N] [--rank R] [-a] [PATTERN]'
+      _gpu_sp_what="list the logs, newest first; or print PATTERN's newest"
+      _gpu_sp_opts="-n|--lines|N|lines|print only the last N lines
+|--rank|R|rank|the log of rank R of a task that spans nodes (default 0)
+-a|--all||all|list every log, not only the newest 20"
+      _gpu_sp_more="\
+PATTERN is a task NAME, else any part of a task id (gpu_logs run_echo)." ;;
+    tail) _gpu_sp_use='[-n N] [--rank R] [NAME]'
+      _gpu_sp_what="follow a task's log until it ends; return its exit code"
+      _gpu_sp_opts="-n|--lines|N|lines|start with the last N lines (default 40)
+|--rank|R|rank|the log of rank R of a task that spans nodes (default 0)"
+      _gpu_sp_more="\
+Without NAME: the running task whose log moved last, else the newest log. A pending task is
+waited for. Ctrl-C stops following; the task goes on." ;;
+    wait) _gpu_sp_use='[--timeout S] NAME...'
+      _gpu_sp_what='wait until tasks end; 0 when all are done'
+      _gpu_sp_opts='|--timeout|S|timeout|give up after S seconds (return code 124)'
+      _gpu_sp_more="\
+NAME stands for every pending and running task it names, else for its newest finished one. The
+return code is 0 when every task is done, else the exit code of the first task (in the order
+given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
+    retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] NAME'
+      _gpu_sp_what='queue a finished task again: command, directory, request'
+      _gpu_sp_opts=$(printf '%s\n' "$request" | command head -n 3) ;;
+    stop) _gpu_sp_use='NAME|all'
+      _gpu_sp_what='stop task NAME, or cancel it if pending; all: every task'
+      _gpu_sp_more="\
+NAME stops every pending or running task it names. After a stop the daemon also ends the other
+Python processes of its user on the node, so the GPUs are freed (its --kill-scope, which
+gpu_status shows)." ;;
+    clean) _gpu_sp_use='[--older-than DAYS] [--keep N] [--dry-run]'
+      _gpu_sp_what="delete finished tasks' scripts, records and logs"
+      _gpu_sp_opts="|--older-than|DAYS|older|only tasks that ended more than DAYS ago
+|--keep|N|keep|keep the newest N finished tasks
+|--dry-run||dry|print what would be removed, remove nothing"
+      _gpu_sp_more="\
+Pending and running tasks are never touched. Without options every finished task goes." ;;
+    shutdown) _gpu_sp_use=''
+      _gpu_sp_what='ask the daemon to exit; how to delete its cluster job' ;;
+    help) _gpu_sp_use='[COMMAND]'
+      _gpu_sp_what='this help, or the help of COMMAND' ;;
+    *) _gpu_sp_use='' _gpu_sp_what=''; return 1 ;;
+  esac
+}
+
+_gpu_parse() {  # _gpu_parse MODE ARGS...: the current command's options into _gpu_o_<VAR>, the
+  # other arguments into the array _gpu_args and, after --, into _gpu_rest (MODE split) or
+  # _gpu_args (any); MODE first stops at the first argument that is not an option (gpu_run).
+  # Returns 1 with _gpu_rc 0 after --help, 2 after an error (said).
+  local mode=$1 arg opt val has line found short long name var IFS=$_gpu_nl
+  shift
+  _gpu_args=()
+  _gpu_rest=()
+  _gpu_rc=2
+  _gpu_spec "$_gpu_cmd"
+  for line in $_gpu_sp_opts; do
+    var=${line#*|*|*|}; var=${var%%|*}
+    eval "_gpu_o_${var%+}="
+  done
+  while [ "$#" -gt 0 ]; do
+    arg=$1
+    shift
+    case $arg in
+      --)
+        if [ "$mode" = split ]; then _gpu_rest=("$@"); else _gpu_args+=("$@"); fi
+        break ;;
+      -h | --help) _gpu_help_of "$_gpu_cmd"; _gpu_rc=0; return 1 ;;
+      --?*=*) opt=${arg%%=*} val=${arg#*=} has=1 ;;
+      --?*) opt=$arg val='' has='' ;;
+      -?*) opt=${arg%"${arg#??}"} val=${arg#??} has=${arg#??} ;;
+      *)
+        _gpu_args+=("$arg")
+        if [ "$mode" = first ]; then _gpu_args+=("$@"); break; fi
+        continue ;;
+    esac
+    found=''
+    for line in $_gpu_sp_opts; do
+      short=${line%%|*} long=${line#*|}; long=${long%%|*}
+      if [ "$opt" = "$long" ] || { [ -n "$short" ] && [ "$opt" = "$short" ]; }; then
+        found=$line; break
+      fi
+    done
+    if [ -z "$found" ]; then
+      _gpu_err "unknown option $opt (gpu_$_gpu_cmd --help lists the options)"
+      return 1
+    fi
+    name=${found#*|*|}; name=${name%%|*}
+    var=${found#*|*|*|}; var=${var%%|*}
+    # shellcheck disable=SC2034  # val is read by the evals below
+    if [ -z "$name" ]; then
+      if [ -n "$has" ]; then _gpu_err "option $opt takes no value: '$arg'"; return 1; fi
+      val=1
+    elif [ -z "$has" ]; then
+      if [ "$#" -eq 0 ]; then _gpu_err "option $opt needs a value ($name)"; return 1; fi
+      val=$1
+      shift
+    fi
+    case $var in
+      *+) var=${var%+}; eval "_gpu_o_$var=\${_gpu_o_$var}\${_gpu_o_$var:+\$_gpu_nl}\$val" ;;
+      *) eval "_gpu_o_$var=\$val" ;;
+    esac
+  done
+  _gpu_rc=0
+}
+
+_gpu_help_of() {  # _gpu_help_of COMMAND: the full help of one command
+  local line short long name help
+  _gpu_spec "$1" || return 1
+  printf 'usage: gpu_%s%s\n  %s\n\n' "$1" "${_gpu_sp_use:+ $_gpu_sp_use}" "$_gpu_sp_what"
+  printf 'options:\n'
+  while IFS= read -r line; do
+    [ -n "$line" ] || continue
+    short=${line%%|*} long=${line#*|}; long=${long%%|*}
+    name=${line#*|*|}; name=${name%%|*}
+    help=${line##*|}
+    printf '  %-22s %s\n' "${short:+$short, }$long${name:+ $name}" "$help"
+  done <<EOF
+$_gpu_sp_opts
+-h|--help|||this help
+EOF
+  [ -z "$_gpu_sp_more" ] || printf '\n%s\n' "$_gpu_sp_more"
+}
+
+# Tasks #############################################################################################
+
+_gpu_check_name() {  # _gpu_check_name NAME: a task name cannot hold / or a newline
+  case $1 in
+    ''|*/*|*"$_gpu_nl"*|.*) _gpu_err "no such task: $1"; return 1 ;;
+  esac
+}
+
+_gpu_split_name() {  # _gpu_split_name NAME: train.sh:3f9a into _gpu_base (train.sh), _gpu_hex
+  _gpu_base=$1 _gpu_hex=''
+  case $1 in
+    ?*:[0-9a-f]*)
+      _gpu_hex=${1##*:}
+      case $_gpu_hex in *[!0-9a-f]* | ?????????*) _gpu_hex= ;; *) _gpu_base=${1%:*} ;; esac ;;
+  esac
+}
+
+_gpu_hex_ok() {  # _gpu_hex_ok ID: does ID's random part start with _gpu_hex (or is there none)?
+  [ -z "$_gpu_hex" ] && return 0
+  _gpu_rand "$1" && [ "${_gpu_s#"$_gpu_hex"}" != "$_gpu_s" ]
+}
+
+_gpu_matches() {  # _gpu_matches ID: does the split NAME (_gpu_base, _gpu_hex) name task ID?
+  _gpu_short "$1"
+  { [ "$_gpu_s" = "$_gpu_base" ] || [ "${_gpu_s%.*}" = "$_gpu_base" ]; } && _gpu_hex_ok "$1"
+}
+
+_gpu_display_ids() {  # the ids whose submit record has display_name=_gpu_base, one a line
+  local file id  # (not "path": zsh ties that name to PATH)
+  [ -n "$_gpu_base" ] && [ -d "$_gpu_q/records" ] || return 0
+  command grep -rlxF --include='*.submit' -e "display_name=$_gpu_base" -- "$_gpu_q/records" \
+    2>/dev/null | while IFS= read -r file; do
+    id=${file##*/}
+    id=${id%.submit}
+    _gpu_hex_ok "$id" && printf '%s\n' "$id"
+  done
+}
+
+_gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the tasks NAME names into _gpu_val
+  local name=$1 dir id IFS=$_gpu_nl
+  shift
+  _gpu_val=''
+  _gpu_split_name "$name"
+  for dir in "$@"; do
+    for id in $(_gpu_ls "$_gpu_q/$dir"); do
+      if [ "$id" = "$name" ] || _gpu_matches "$id"; then _gpu_val=$_gpu_val$dir/$id$_gpu_nl; fi
+    done
+  done
+  [ -n "$_gpu_val" ] && return 0
+  for id in $(_gpu_display_ids); do  # a name given with --name
+    for dir in "$@"; do
+      [ -e "$_gpu_q/$dir/$id" ] && _gpu_val=$_gpu_val$dir/$id$_gpu_nl
+    done
+  done
+  [ -n "$_gpu_val" ]
+}
+
+_gpu_newest() {  # _gpu_newest LINES: of "DIR/ID" lines, the task submitted last, into _gpu_pick
+  local line id IFS=$_gpu_nl
+  _gpu_pick=$(for line in $1; do
+    id=${line#*/}
+    if _gpu_is_id "$id"; then printf '%s %s\n' "${id#???-}" "$line"; else printf '~ %s\n' "$line"
+    fi
+  done | command sort | command tail -n 1)
+  _gpu_pick=${_gpu_pick#* }
+}
+
+_gpu_runmap_build() {  # every running.<k> of every node state into _gpu_runmap, one a line:
+  # ID<fs>NODE<fs>GPUS<fs>STARTED<fs>RANK
+  # and the ranks of the nodes whose daemon is dead or stopped into _gpu_down (" 0 3 ")
+  local node k count id IFS=$_gpu_nl
+  _gpu_runmap='' _gpu_down=' '
+  for node in $(_gpu_node_files); do
+    _gpu_load "$_gpu_q/nodes/$node" || continue
+    node=${node#node-}; node=${node%.state}
+    _gpu_liveness
+    case $_gpu_live in dead | stopped) _gpu_down="$_gpu_down$node " ;; esac
+    _gpu_field running_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i
+    k=0
+    while [ "$k" -lt "$count" ]; do
+      _gpu_field "running.$k.id"; id=$_gpu_val
+      if [ -n "$id" ]; then
+        _gpu_runmap=$_gpu_runmap$id$_gpu_fs$node
+        _gpu_field "running.$k.gpus"; _gpu_runmap=$_gpu_runmap$_gpu_fs$_gpu_val
+        _gpu_field "running.$k.started"; _gpu_runmap=$_gpu_runmap$_gpu_fs$_gpu_val
+        _gpu_field "running.$k.rank"; _gpu_runmap=$_gpu_runmap$_gpu_fs$_gpu_val$_gpu_nl
+      fi
+      k=$((k + 1))
+    done
+  done
+}
+
+_gpu_runmap_get() {  # _gpu_runmap_get ID: its nodes (rank order), rank 0's GPUs and start
+  local line rest node gpus started rank nodes='' IFS=$_gpu_nl
+  case $_gpu_runmap in *"$1$_gpu_fs"*) ;; *) return 1 ;; esac
+  _gpu_rm_gpus='' _gpu_rm_started=''
+  for line in $_gpu_runmap; do
+    case $line in "$1$_gpu_fs"*) ;; *) continue ;; esac
+    rest=${line#"$1$_gpu_fs"}
+    IFS=$_gpu_fs read -r node gpus started rank <<EOF
+$rest
+EOF
+    nodes=$nodes${rank:-0}:$node$_gpu_nl
+    if [ "${rank:-0}" = 0 ]; then _gpu_rm_gpus=$gpus _gpu_rm_started=$started; fi
+  done
+  # the nodes in rank order: 1,0 for a gang whose rank 0 runs on node 1
+  _gpu_rm_nodes=$(printf '%s' "$nodes" | command sort -n | command sed 's/^[0-9]*://' \
+    | command paste -sd, -)
+}
+
+_gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu_t_*
+  local id=$2 i argc
+  _gpu_t_id=$id _gpu_t_dir=$1 _gpu_t_state=$1
+  _gpu_short "$id"; _gpu_t_name=$_gpu_s
+  _gpu_t_prio=${id%%-*}
+  case $_gpu_t_prio in [0-9][0-9][0-9]) ;; *) _gpu_t_prio= ;; esac
+  _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
+  _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_jargs='' _gpu_t_retry_of=''
+  _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record=''
+  if _gpu_load "$_gpu_q/records/$id.submit"; then
+    _gpu_t_record=1
+    _gpu_field display_name; _gpu_t_display=$_gpu_val
+    _gpu_field source; _gpu_t_source=$_gpu_val
+    _gpu_field command; _gpu_t_command=$_gpu_val
+    _gpu_field cwd; _gpu_t_cwd=$_gpu_val
+    _gpu_field gpus; _gpu_t_gpus_req=${_gpu_val:-all}
+    _gpu_field nodes; _gpu_t_nodes_req=${_gpu_val:-1}
+    _gpu_field after; _gpu_t_after=$_gpu_val
+    _gpu_field retry_of; _gpu_t_retry_of=$_gpu_val
+    _gpu_field submitted; _gpu_t_submitted=$_gpu_val
+    _gpu_field submitted_by; _gpu_t_by=$_gpu_val
+    _gpu_field argc; _gpu_bounded "$_gpu_val"; argc=$_gpu_i
+    i=0
+    while [ "$i" -lt "$argc" ]; do
+      _gpu_field "arg.$i"
+      _gpu_shquote "$_gpu_val"; _gpu_t_args="$_gpu_t_args $_gpu_w"
+      _gpu_js "$_gpu_val"; _gpu_t_jargs=$_gpu_t_jargs${_gpu_t_jargs:+, }$_gpu_j
+      i=$((i + 1))
+    done
+  fi
+  if [ -n "$_gpu_t_command" ]; then
+    _gpu_t_cmdline=$_gpu_t_command
+  else
+    _gpu_t_cmdline=${_gpu_t_source##*/}
+    _gpu_t_cmdline=${_gpu_t_cmdline:-$_gpu_t_name}$_gpu_t_args
+  fi
+  _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus='' _gpu_t_started='' _gpu_t_ended='' _gpu_t_duration=''
+  _gpu_t_exit='' _gpu_t_signal='' _gpu_t_reason='' _gpu_t_attempt='' _gpu_t_nodes=''
+  case $1 in
+    running)
+      _gpu_t_state=starting  # claimed; its GPUs are being freed, or its gang is not ready
+      if _gpu_load "$_gpu_q/records/$id.gang"; then
+        _gpu_field nodes; _gpu_t_nodes=$_gpu_val _gpu_t_node=$_gpu_val
+      fi
+      if _gpu_load "$_gpu_q/records/$id.run" || _gpu_load "$_gpu_q/records/$id.rank0.run"; then
+        _gpu_t_state=running
+        if [ -z "$_gpu_t_nodes" ]; then _gpu_field node_rank; _gpu_t_node=$_gpu_val; fi
+        _gpu_field host; _gpu_t_host=$_gpu_val
+        _gpu_field gpus; _gpu_t_gpus=$_gpu_val
+        _gpu_field started; _gpu_t_started=$_gpu_val
+        _gpu_field attempt; _gpu_t_attempt=$_gpu_val
+      fi
+      if _gpu_runmap_get "$id"; then  # the daemons' own view, from their state files
+        _gpu_t_state=running _gpu_t_node=$_gpu_rm_nodes
+        _gpu_t_gpus=${_gpu_rm_gpus:-$_gpu_t_gpus}
+        _gpu_t_started=${_gpu_rm_started:-$_gpu_t_started}
+      fi ;;
+    done | failed)
+      if _gpu_load "$_gpu_q/records/$id.result"; then
+        _gpu_field state; _gpu_t_state=${_gpu_val:-$1}
+        _gpu_field exit_code; _gpu_t_exit=$_gpu_val
+        _gpu_field signal; _gpu_t_signal=$_gpu_val
+        _gpu_field reason; _gpu_t_reason=$_gpu_val
+        _gpu_field started; _gpu_t_started=$_gpu_val
+        _gpu_field ended; _gpu_t_ended=$_gpu_val
+        _gpu_field duration; _gpu_t_duration=$_gpu_val
+        _gpu_field host; _gpu_t_host=$_gpu_val
+        _gpu_field node_rank; _gpu_t_node=$_gpu_val
+        _gpu_field gpus; _gpu_t_gpus=$_gpu_val
+        _gpu_field attempt; _gpu_t_attempt=$_gpu_val
+        if _gpu_field nodes && [ -n "$_gpu_val" ]; then _gpu_t_nodes=$_gpu_val _gpu_t_node=$_gpu_val
+        fi
+      fi ;;
+  esac
+}
+
+_gpu_exit_of() {  # _gpu_exit_of ID: the return code of gpu_wait and gpu_tail for the ended task
+  # (0 done; its exit code; 1 when it had none) into _gpu_rcode; 1 when it has no result yet
+  _gpu_rcode=1
+  _gpu_load "$_gpu_q/records/$1.result" || return 1
+  _gpu_field state
+  if [ "$_gpu_val" = 'done' ]; then _gpu_rcode=0; return 0; fi
+  _gpu_field exit_code
+  _gpu_whole "$_gpu_val" 255 && [ "$_gpu_i" -gt 0 ] && _gpu_rcode=$_gpu_i
+  return 0
+}
+
+_gpu_renamed() {  # _gpu_renamed ID: will the daemon claim pending/ID under a fresh id? (a name
+  # put there by hand, or a finished task renamed back: protocol "Task ids and run order")
+  ! _gpu_is_id "$1" || [ -e "$_gpu_q/records/$1.result" ]
+}
+
+_gpu_fresh_name() {  # _gpu_fresh_name NAME: the name part of the fresh id NAME gets (_gpu_s)
+  _gpu_short "$1"
+  _gpu_safe_name "$_gpu_s"
+  [ "${#_gpu_s}" -gt 80 ] && _gpu_s=${_gpu_s:$((${#_gpu_s} - 80))}
+  _gpu_s=${_gpu_s:-task}
+}
+
+_gpu_siblings() {  # _gpu_siblings NAME: ids of that short name in running, failed and done
+  local dir id IFS=$_gpu_nl
+  for dir in running failed 'done'; do
+    for id in $(_gpu_ls "$_gpu_q/$dir"); do
+      _gpu_short "$id"
+      [ "$_gpu_s" = "$1" ] && printf '%s/%s\n' "$dir" "$id"
+    done
+  done
+}
+
+_gpu_snapshot() {  # _gpu_snapshot ID: the siblings of the fresh id that ID will get
+  _gpu_fresh_name "$1"
+  _gpu_siblings "$_gpu_s"
+}
+
+_gpu_track() {  # _gpu_track ID: follow a pending task that gets a fresh id when it leaves
+  # pending/: its siblings now into _gpu_snap; 1 (and the fresh id into _gpu_id) when it has left
+  # pending/ already, so that the fresh id may be among them: the newest one is taken
+  _gpu_snap=$(_gpu_snapshot "$1")$_gpu_nl
+  [ -e "$_gpu_q/pending/$1" ] && return 0
+  _gpu_newest "$_gpu_snap"
+  _gpu_id=${_gpu_pick#*/}
+  [ -n "$_gpu_id" ] || _gpu_id=$1
+  return 1
+}
+
+_gpu_follow_rename() {  # _gpu_follow_rename ID SNAPSHOT: the fresh id that ID left pending/
+  # under (one not in SNAPSHOT, the siblings before) into _gpu_id; 1 while there is none
+  local line IFS=$_gpu_nl
+  _gpu_fresh_name "$1"
+  for line in $(_gpu_siblings "$_gpu_s"); do
+    case $_gpu_nl$2$_gpu_nl in *"$_gpu_nl$line$_gpu_nl"*) continue ;; esac
+    _gpu_id=${line#*/}
+    return 0
+  done
+  return 1
+}
+
+# Commands: the instance ############################################################################
+
+_gpu_cmd_help() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -gt 1 ]; then _gpu_usage; return; fi
+  local c line topic=${1#gpu_} IFS=' '
+  if [ -n "$topic" ]; then
+    if [ "$topic" = complete ] || ! _gpu_spec "$topic"; then
+      _gpu_err "no command gpu_$topic (gpu_help lists them)"
+      return 127
+    fi
+    _gpu_help_of "$topic"
+    return 0
+  fi
+  printf 'Perpetual Motion client: a task queue for the GPUs of a cluster job.\n\n'
+  for c in use list submit run status show logs tail wait retry stop clean shutdown help; do
+    _gpu_spec "$c"
+    line="gpu_$c${_gpu_sp_use:+ $_gpu_sp_use}"
+    if [ "${#line}" -gt 34 ]; then
+      printf '  %s\n  %-34s  %s\n' "$line" '' "$_gpu_sp_what"
+    else
+      printf '  %-34s  %s\n' "$line" "$_gpu_sp_what"
+    fi
+  done
+  _gpu_root_value
+  command cat <<'EOF'
+
+NAME is a task id (500-20261129_041500_123456789-3f9a0c1d-train.sh), its name (train.sh), that
+without its extension (train), or the name given with --name; when two tasks share a name,
+gpu_status adds :<hex> from the id (train.sh:3f9a), and every command takes that form too.
+Every command answers --help. Tasks may be queued before the daemon runs: they wait in pending/.
+
+EOF
+  _gpu_say "Settings: JOB_ID=${JOB_ID-} (the instance)"
+  _gpu_say "          QUEUE_ROOT=$_gpu_r$_gpu_from"
+  _gpu_say "          GPU_REPLY_TIMEOUT=${GPU_REPLY_TIMEOUT:-15} (seconds to wait for a reply)"
+  command cat <<'EOF'
+Return codes: 0 ok, 1 failed (no such task, no daemon, missing queue root, cannot write),
+              2 bad usage (options, arguments, JOB_ID), 124 gpu_wait timed out, 127 unknown
+              command; gpu_wait and gpu_tail return the exit code of the task.
+EOF
+}
+
+_gpu_summary() {  # one line about the instance in _gpu_q: its daemon and queue
+  local daemon
+  if [ ! -d "$_gpu_q" ]; then
+    _gpu_say "no folder yet under $_gpu_r (no task queued, no daemon started)"
+    return
+  fi
+  if ! _gpu_daemon_state; then
+    daemon='no daemon has started yet'
+  else
+    _gpu_field host; daemon="daemon $_gpu_live on ${_gpu_val:-?}"
+    case $_gpu_live in
+      alive | stopping | draining)
+        [ "$_gpu_live" = stopping ] && daemon="daemon shutting down on $_gpu_val"
+        _gpu_field pid; daemon="$daemon (pid $_gpu_val"
+        _gpu_field started; _gpu_age "$_gpu_val"; daemon="$daemon, up $_gpu_d)" ;;
+      late) daemon="daemon NOT RESPONDING on $_gpu_val ($_gpu_why)" ;;
+      dead) daemon="daemon DEAD on $_gpu_val ($_gpu_why)" ;;
+      stopped) _gpu_field stopped; daemon="daemon stopped $(_gpu_date "$_gpu_val") on $_gpu_val"
+        ;;
+    esac
+  fi
+  _gpu_count "$_gpu_q/running"; daemon="$daemon; $_gpu_n running"
+  _gpu_count "$_gpu_q/pending"; daemon="$daemon, $_gpu_n pending"
+  _gpu_count "$_gpu_q/done"; daemon="$daemon, $_gpu_n done"
+  _gpu_count "$_gpu_q/failed"; _gpu_say "$daemon, $_gpu_n failed"
+}
+
+_gpu_cmd_use() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -gt 1 ]; then _gpu_usage; return; fi
+  local list
+  if [ "$#" -eq 1 ]; then
+    _gpu_valid_id "$1" || { _gpu_bad_id "$1"; return 2; }
+    if ! _gpu_root; then
+      [ -n "$_gpu_o_new" ] || return 1
+      _gpu_err "switched to $1 all the same (--new)"
+      return 0
+    fi
+    _gpu_q=$_gpu_r/$1
+    if [ -z "$_gpu_o_new" ] && ! { [ -d "$_gpu_q" ] && _gpu_is_instance "$_gpu_q"; }; then
+      list=$(_gpu_instances | command head -n 20 | command paste -sd' ' -)
+      if [ -n "$list" ]; then list="the instances there: $list"; else list='there is none yet'; fi
+      _gpu_err "no instance $1 under $_gpu_r; $list; gpu_use --new $1 switches to a new one"
+      return 1
+    fi
+    JOB_ID=$1
+    printf 'Using %s: ' "$JOB_ID"
+    _gpu_summary
+    return 0
+  fi
+  if [ -z "${JOB_ID-}" ]; then
+    _gpu_err "no instance in use (JOB_ID is not set): gpu_use ID switches to one," \
+      "gpu_list shows them"
+    return 2
+  fi
+  _gpu_instance || return
+  printf '%s: ' "$JOB_ID"
+  _gpu_summary
+}
+
+_gpu_cmd_list() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
+  _gpu_root || return 1
+  local id ids width=6 IFS=$_gpu_nl mark daemon nodes host up left run pend ndone failed job
+  local line sep=''
+  ids=$(_gpu_instances)
+  _gpu_now
+  if [ -n "$_gpu_o_json" ]; then
+    _gpu_js "$_gpu_r"; printf '{"schema": 1, "queue_root": %s, "instances": [' "$_gpu_j"
+  elif [ -z "$ids" ]; then
+    _gpu_say "No instances under $_gpu_r (gpu_submit creates one; so does the daemon)."
+    return 0
+  fi
+  for id in $ids; do [ "${#id}" -gt "$width" ] && width=${#id}; done
+  [ "$width" -gt 18 ] && width=18
+  [ -n "$_gpu_o_json" ] || printf '  %-*s  %-8s %-5s  %-10s %6s %6s  %4s %5s %5s %5s  %s\n' \
+    "$width" JOB_ID DAEMON NODES HOST UP LEFT RUN PEND DONE FAIL 'CLUSTER JOB'
+  for id in $ids; do
+    _gpu_q=$_gpu_r/$id
+    mark=' '; [ "$id" = "${JOB_ID-}" ] && mark='*'
+    host='' up='' left='' daemon=none
+    if _gpu_load "$_gpu_q/nodes/node-0.state"; then
+      _gpu_liveness; daemon=$_gpu_live
+      _gpu_field host; host=$_gpu_val
+      case $daemon in
+        alive | stopping | draining | late)
+          _gpu_field started; _gpu_age "$_gpu_val"; up=$_gpu_d
+          _gpu_field shutdown
+          if _gpu_int "$_gpu_val" && [ "$_gpu_i" -gt "$_gpu_t" ]; then
+            _gpu_dur "$((_gpu_i - _gpu_t))"; left=$_gpu_d
+          fi ;;
+      esac
+    fi
+    _gpu_nodes; nodes=$_gpu_val
+    _gpu_count "$_gpu_q/running"; run=$_gpu_n
+    _gpu_count "$_gpu_q/pending"; pend=$_gpu_n
+    _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
+    _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
+    job=''
+    _gpu_load "$_gpu_q/job_id.txt" && _gpu_field cluster_job_id && job=$_gpu_val
+    if [ -n "$_gpu_o_json" ]; then
+      [ "$daemon" = late ] && daemon=not_responding
+      printf '%s\n  {"job_id": "%s", "in_use": %s, "daemon": "%s", ' "$sep" "$id" \
+        "$([ "$mark" = '*' ] && echo true || echo false)" "$daemon"
+      sep=,
+      case $nodes in
+        -) printf '"nodes_alive": 0, "nodes": 0, ' ;;
+        *) printf '"nodes_alive": %s, "nodes": %s, ' "${nodes%/*}" "${nodes#*/}" ;;
+      esac
+      _gpu_js "$host"; [ -n "$host" ] || _gpu_j=null; printf '"host": %s, ' "$_gpu_j"
+      printf '"counts": {"running": %s, "pending": %s, "done": %s, "failed": %s}, ' "$run" \
+        "$pend" "$ndone" "$failed"
+      _gpu_js "$job"; [ -n "$job" ] || _gpu_j=null; printf '"cluster_job_id": %s}' "$_gpu_j"
+      continue
+    fi
+    _gpu_cut "$id" "$width"; id=$_gpu_c
+    _gpu_cut "${host:--}" 10; host=$_gpu_c
+    line=$(printf '%s %-*s  %-8s %-5s  %-10s %6s %6s  %4s %5s %5s %5s  ' "$mark" "$width" "$id" \
+      "$daemon" "$nodes" "$host" "${up:--}" "${left:--}" "$run" "$pend" "$ndone" "$failed")
+    _gpu_esc "${job:--}"; _gpu_cut "$_gpu_e" "$((100 - ${#line}))"
+    _gpu_say "$line$_gpu_c"
+  done
+  if [ -n "$_gpu_o_json" ]; then printf '%s]}\n' "${sep:+$_gpu_nl}"; fi
+  return 0
+}
+
+# Commands: queueing ################################################################################
+
+_gpu_priority() {  # _gpu_priority TEXT: 0-999 as three digits into _gpu_p; 2 when it is not
+  case $1 in
+    '' | *[!0-9]* | ????*)
+      _gpu_err "PRIORITY must be a number from 0 to 999 (smaller runs first): '$1'"
+      return 2 ;;
+  esac
+  _gpu_p=$1
+  while [ "${#_gpu_p}" -lt 3 ]; do _gpu_p=0$_gpu_p; done
+}
+
+_gpu_request() {  # _gpu_request GPUS NODES: -g and -n (else GPUS and NODES, else all and 1),
+  # checked against the nodes' state files, into _gpu_rq_gpus and _gpu_rq_nodes; 2 when invalid
+  local gpus=${_gpu_o_gpus:-${1:-all}} nodes=${_gpu_o_nodes:-${2:-1}} most
+  _gpu_inventory
+  if [ "$gpus" != all ]; then
+    most=${_gpu_max_gpus:-1024}
+    if ! _gpu_whole "$gpus" 999999999; then
+      _gpu_err "-g wants a number of GPUs from 0 to $most, or all, not '$gpus'"
+      return 2
+    elif [ "$_gpu_i" -gt "$most" ]; then
+      if [ -n "$_gpu_max_gpus" ]; then
+        _gpu_err "-g $gpus: the nodes of $JOB_ID have at most $most GPUs (-g all takes every GPU" \
+          "of a node, -g 0 none)"
+      else
+        _gpu_err "-g wants a number of GPUs from 0 to $most, or all, not '$gpus'"
+      fi
+      return 2
+    fi
+    gpus=$_gpu_i
+  fi
+  if [ "$nodes" != all ]; then
+    most=${_gpu_max_nodes:-1024}
+    if ! _gpu_whole "$nodes" 999999999 || [ "$_gpu_i" -lt 1 ]; then
+      _gpu_err "-n wants a number of nodes from 1 to $most, or all, not '$nodes'"
+      return 2
+    elif [ "$_gpu_i" -gt "$most" ]; then
+      if [ -n "$_gpu_max_nodes" ]; then
+        _gpu_err "-n $nodes: $JOB_ID has $most node(s) (-n all runs on every one)"
+      else
+        _gpu_err "-n wants a number of nodes from 1 to $most, or all, not '$nodes'"
+      fi
+      return 2
+    fi
+    nodes=$_gpu_i
+  fi
+  _gpu_rq_gpus=$gpus _gpu_rq_nodes=$nodes
+}
+
+_gpu_check_display() {  # _gpu_check_display NAME: a name for --name; 2 when it cannot be one
+  case $1 in
+    '' | *[[:cntrl:]]* | [.-]* | */* | *:*)
+      _gpu_err "--name wants a name without control characters, / or :, not starting with . or" \
+        "-: '$1'"
+      return 2 ;;
+  esac
+  [ "${#1}" -le 80 ] && return 0
+  _gpu_err "--name: at most 80 bytes: '$1'"
+  return 2
+}
+
+_gpu_resolve_after() {  # the tasks --after names, as ids, into _gpu_after; 1 when one is unknown
+  local name line id state IFS=$_gpu_nl
+  _gpu_after=''
+  # shellcheck disable=SC2154  # _gpu_parse sets the _gpu_o_* variables
+  for name in $_gpu_o_after; do
+    case $name in
+      '' | */* | *"$_gpu_nl"* | .*) _gpu_err "--after $name: no such task"; return 1 ;;
+    esac
+    if _gpu_find "$name" pending running; then
+      for line in $_gpu_val; do
+        id=${line#*/}
+        if [ "${line%%/*}" = pending ] && _gpu_renamed "$id"; then
+          _gpu_err "--after $name: $id gets its id only when it starts (it was put into" \
+            "pending/ by hand or renamed back): name another task, or wait for it to start"
+          return 1
+        fi
+        case " $_gpu_after " in *" $id "*) ;; *) _gpu_after=$_gpu_after${_gpu_after:+ }$id ;; esac
+      done
+    elif _gpu_find "$name" 'done' failed; then
+      _gpu_newest "$_gpu_val"
+      id=${_gpu_pick#*/}
+      if ! _gpu_is_id "$id"; then
+        _gpu_err "--after $name: $id has no task id (it was cancelled before it started)"
+        return 1
+      fi
+      case " $_gpu_after " in *" $id "*) ;; *) _gpu_after=$_gpu_after${_gpu_after:+ }$id ;; esac
+      _gpu_load "$_gpu_q/records/$id.result" && _gpu_field state && state=$_gpu_val
+      [ "${state:-done}" = 'done' ] || _gpu_err "note: $id ended $state: the daemon cancels the" \
+        "new task when it comes to it"
+    else
+      _gpu_err "--after $name: no such task (gpu_status lists the tasks)"
+      return 1
+    fi
+  done
+}
+
+_gpu_request_keys() {  # _gpu_request_keys DISPLAY RETRY_OF ARGS...: the submit record's keys
+  # for the checked request (_gpu_rq_*, _gpu_after) and the script's arguments into _gpu_x
+  local i=0 arg
+  _gpu_x="display_name=$1${_gpu_nl}gpus=$_gpu_rq_gpus${_gpu_nl}nodes=$_gpu_rq_nodes"
+  _gpu_x="$_gpu_x${_gpu_nl}after=$_gpu_after${_gpu_nl}argc=$(($# - 2))"
+  _gpu_x="$_gpu_x${_gpu_nl}retry_of=$2"
+  shift 2
+  for arg in "$@"; do
+    _gpu_x="$_gpu_x${_gpu_nl}arg.$i=$arg"
+    i=$((i + 1))
+  done
+}
+
+_gpu_check_args() {  # _gpu_check_args ARGS...: a script's arguments fit in a record (protocol)
+  local arg
+  if [ "$#" -gt 1024 ]; then _gpu_err "at most 1024 arguments"; return 2; fi
+  for arg in "$@"; do
+    case $arg in
+      *"$_gpu_nl"*) _gpu_err "an argument holds a newline, which a record cannot: '$arg'"
+        return 2 ;;
+    esac
+  done
+}
+
 _gpu_dead_note() {  # after a submit: say when no daemon will pick the task up soon
   local why
   if [ -n "$_gpu_created" ]; then
     why="created the instance $JOB_ID in $_gpu_r; no daemon is running for it yet"
-  elif _gpu_daemon_alive; then
-    _gpu_field status; [ "$_gpu_val" = stopping ] || return 0
-    _gpu_err "the daemon of $JOB_ID is shutting down: the task waits in pending/ for the next" \
-      "daemon"
-    return 0
-  elif [ -f "$_gpu_q/nodes/node-0.state" ]; then
-    _gpu_field heartbeat; _gpu_age "$_gpu_val"
-    why="no daemon is alive for $JOB_ID (last heartbeat $_gpu_d ago)"
+  elif _gpu_daemon_state; then
+    case $_gpu_live in
+      alive | draining) return 0 ;;
+      stopping)
+        _gpu_err "the daemon of $JOB_ID is shutting down: the task waits in pending/ for the next" \
+          "daemon"
+        return 0 ;;
+      late)
+        _gpu_err "the daemon of $JOB_ID is not responding ($_gpu_why; likely $_gpu_cause): the" \
+          "task waits in pending/"
+        return 0 ;;
+      stopped) why="the daemon of $JOB_ID has stopped" ;;
+      *) why="no daemon is alive for $JOB_ID ($_gpu_why)" ;;
+    esac
   elif _gpu_load "$_gpu_q/job_id.txt" && _gpu_field cluster_job_id && [ -n "$_gpu_val" ]; then
     why="no daemon has started for $JOB_ID yet (its cluster job $_gpu_val may be waiting)"
   else
@@ -343,9 +1419,10 @@ _gpu_dead_note() {  # after a submit: say when no daemon will pick the task up s
 }
 
 _gpu_enqueue() {  # _gpu_enqueue NAME PRIORITY CWD SOURCE COMMAND FILE TEXT: publish one task
+  # (a copy of FILE, else TEXT) with the keys of _gpu_x in its record
   local name=$1 prio=$2 id staged
   # a record is lines: the directory would end up in the record and in gpu_run's script
-  case $PWD in
+  case $3 in
     *"$_gpu_nl"*) _gpu_err "the current directory's name has a newline: cd elsewhere"; return 2 ;;
   esac
   _gpu_prepare pending records || return 1
@@ -358,6 +1435,7 @@ priority=$prio
 source=$4
 command=$5
 cwd=$3
+$_gpu_x
 submitted=$_gpu_epoch
 submitted_by=$_gpu_who
 " || return 1
@@ -372,6 +1450,933 @@ submitted_by=$_gpu_who
   printf 'Submitted %s\n' "$id"
   _gpu_dead_note
 }
+
+_gpu_cmd_submit() {
+  _gpu_parse split "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then _gpu_usage; return; fi
+  local file=$1 source name dir cwd=$PWD cmdline='' gpus='' nodes='' display=$_gpu_o_name
+  local retry_of='' i=0
+  if [ "$#" -eq 2 ] && [ -n "$_gpu_o_prio" ]; then
+    _gpu_err "two priorities: -p $_gpu_o_prio and $2"
+    return 2
+  fi
+  _gpu_priority "${2:-${_gpu_o_prio:-500}}" || return 2
+  case $file in
+    '') _gpu_usage; return ;;
+    *"$_gpu_nl"*) _gpu_err "a file name with a newline cannot be queued"; return 2 ;;
+  esac
+  if [ -d "$file" ]; then _gpu_err "$file is a directory, not a script"; return 2; fi
+  if [ ! -e "$file" ]; then _gpu_err "no such file: $file"; return 2; fi
+  if [ ! -f "$file" ]; then _gpu_err "$file is not a regular file"; return 2; fi
+  if [ ! -r "$file" ]; then _gpu_err "cannot read $file"; return 2; fi
+  _gpu_short "${file##*/}"  # a resubmitted task (gpu_submit failed/<id>) keeps its name
+  _gpu_safe_name "$_gpu_s"
+  name=$_gpu_s
+  [ "${#name}" -gt 80 ] && name=${name:$((${#name} - 80))}  # keep the end: the extension
+  case $name in
+    *.sh | *.py) ;;
+    *)
+      if [ ! -x "$file" ]; then
+        _gpu_err "$file cannot run: the daemon runs *.sh with bash, *.py with Python, and any" \
+          "other file only when it is executable (chmod +x)"
+        return 2
+      fi ;;
+  esac
+  [ -z "$display" ] || _gpu_check_display "$display" || return 2
+  _gpu_check_args "${_gpu_rest[@]}" || return 2
+  _gpu_instance || return
+  case $file in /*) source=$file ;; *) source=$PWD/$file ;; esac
+  # a finished task runs again where it was first submitted, with its request and arguments
+  dir=${source%/*}
+  case ${dir##*/} in
+    done | failed)
+      if _gpu_load "${dir%/*}/records/${source##*/}.submit" && _gpu_field cwd \
+        && [ -n "$_gpu_val" ]; then
+        cwd=$_gpu_val
+        _gpu_field command; cmdline=$_gpu_val
+        _gpu_field gpus; gpus=$_gpu_val
+        _gpu_field nodes; nodes=$_gpu_val
+        [ -n "$display" ] || { _gpu_field display_name; display=$_gpu_val; }
+        if [ "${#_gpu_rest[@]}" -eq 0 ]; then
+          _gpu_field argc; _gpu_bounded "$_gpu_val"
+          while [ "$i" -lt "$_gpu_i" ]; do
+            _gpu_field "arg.$i"; _gpu_rest+=("$_gpu_val"); i=$((i + 1))
+          done
+        fi
+        if [ -z "${2-}$_gpu_o_prio" ] && _gpu_field priority; then
+          _gpu_priority "$_gpu_val" 2>/dev/null
+        fi
+        retry_of=${source##*/}
+        _gpu_err "resubmitting ${source##*/} as first submitted: it runs in $cwd," \
+          "at priority $_gpu_p"
+      fi ;;
+  esac
+  _gpu_request "$gpus" "$nodes" || return 2
+  _gpu_resolve_after || return 1
+  _gpu_request_keys "$display" "$retry_of" "${_gpu_rest[@]}"
+  _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$source" "$cmdline" "$file" ""
+}
+
+_gpu_cmd_run() {
+  _gpu_parse first "$@" || return "$_gpu_rc"
+  local cmd words IFS=' '
+  cmd="${_gpu_args[*]}"
+  case $cmd in
+    *[![:space:]]*) ;;
+    *) _gpu_usage; return ;;
+  esac
+  case $cmd in
+    *"$_gpu_nl"*)
+      _gpu_err "the command has a newline: put it in a script and use gpu_submit"
+      return 2 ;;
+  esac
+  _gpu_priority "${_gpu_o_prio:-500}" || return 2
+  [ -z "$_gpu_o_name" ] || _gpu_check_display "$_gpu_o_name" || return 2
+  _gpu_instance || return
+  _gpu_request || return 2
+  _gpu_resolve_after || return 1
+  _gpu_safe_name "$cmd"
+  words=$_gpu_s
+  while :; do
+    case $words in *__*) words=${words//__/_} ;; *) break ;; esac
+  done
+  words=${words#_}
+  words=${words:0:73}
+  words=${words%_}
+  _gpu_whoami
+  _gpu_request_keys "$_gpu_o_name" ''
+  _gpu_enqueue "run_${words:-command}.sh" "$_gpu_p" "$PWD" "" "$cmd" "" "#!/usr/bin/env bash
+# queued with gpu_run by $_gpu_who from $PWD
+$cmd
+"
+}
+
+_gpu_cmd_retry() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -ne 1 ]; then _gpu_usage; return; fi
+  _gpu_existing_instance || return
+  _gpu_check_name "$1" || return 1
+  local dir old cwd name i=0 IFS=' '
+  local -a args
+  if ! _gpu_find "$1" 'done' failed; then
+    if _gpu_find "$1" pending running; then
+      _gpu_err "task $1 has not finished yet (gpu_wait $1 waits for it)"
+    else
+      _gpu_err "no such task: $1 (gpu_status lists the tasks)"
+    fi
+    return 1
+  fi
+  _gpu_newest "$_gpu_val"
+  dir=${_gpu_pick%%/*} old=${_gpu_pick#*/}
+  _gpu_task "$dir" "$old"
+  _gpu_priority "${_gpu_o_prio:-${_gpu_t_prio:-500}}" || return 2
+  _gpu_request "$_gpu_t_gpus_req" "$_gpu_t_nodes_req" || return 2
+  args=()
+  if _gpu_load "$_gpu_q/records/$old.submit"; then
+    _gpu_field argc; _gpu_bounded "$_gpu_val"
+    while [ "$i" -lt "$_gpu_i" ]; do _gpu_field "arg.$i"; args+=("$_gpu_val"); i=$((i + 1)); done
+  fi
+  cwd=${_gpu_t_cwd:-$PWD}
+  _gpu_fresh_name "$old"
+  name=$_gpu_s
+  _gpu_after=''
+  _gpu_request_keys "$_gpu_t_display" "$old" "${args[@]}"
+  _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$_gpu_t_source" "$_gpu_t_command" "$_gpu_q/$dir/$old" \
+    "" || return
+  _gpu_err "a retry of $old: it runs in $cwd, at priority $_gpu_p"
+}
+
+# Commands: reading the queue #######################################################################
+
+_gpu_name_of() {  # _gpu_name_of ID: the short name gpu_status shows for ID into _gpu_s
+  local line IFS=$_gpu_nl
+  for line in $_gpu_names; do
+    case $line in "$1$_gpu_fs"*) _gpu_s=${line#*"$_gpu_fs"}; return 0 ;; esac
+  done
+  _gpu_short "$1"
+  _gpu_esc "$_gpu_s"; _gpu_s=$_gpu_e
+}
+
+_gpu_show_nodes() {  # the daemons part of gpu_status
+  local state node rank count i line label host pid what gpus free slots
+  local IFS=$_gpu_nl
+  state=$(_gpu_node_files)
+  if [ -z "$state" ]; then
+    _gpu_line 'Daemon:   none has started for this instance yet; tasks wait in pending/'
+    return
+  fi
+  for node in $state; do
+    _gpu_load "$_gpu_q/nodes/$node" || continue
+    rank=${node#node-}; rank=${rank%.state}
+    _gpu_field num_nodes
+    if [ "${_gpu_val:-1}" = 1 ] && [ "$rank" = 0 ]; then label='Daemon:   '
+    else label="Node $rank:          "; label=${label:0:10}; fi
+    _gpu_liveness
+    _gpu_field host; host=${_gpu_val:-?}
+    _gpu_field pid; pid=${_gpu_val:-?}
+    case $_gpu_live in
+      alive) line="alive on $host, pid $pid" ;;
+      stopping) line="alive (shutting down) on $host, pid $pid" ;;
+      draining)
+        line="alive (auto-shutdown: running tasks end, nothing new starts) on $host, pid $pid" ;;
+      late) line="NOT RESPONDING on $host, pid $pid: $_gpu_why" ;;
+      dead) line="DEAD on $host, pid $pid: $_gpu_why" ;;
+      stopped)
+        _gpu_field stopped; line="stopped $(_gpu_date "$_gpu_val")"
+        _gpu_field stop_reason; [ -n "$_gpu_val" ] && line="$line ($_gpu_val)"
+        line="$line on $host, pid $pid" ;;
+    esac
+    _gpu_line "$label$line"
+    [ -z "$_gpu_cause" ] || _gpu_line "          likely: $_gpu_cause"
+    _gpu_field started; line="          started $(_gpu_date "$_gpu_val")"
+    case $_gpu_live in
+      alive | stopping | draining | late)
+        _gpu_field shutdown; line="$line, auto-shutdown at $(_gpu_date "$_gpu_val")" ;;
+    esac
+    _gpu_field heartbeat; _gpu_age "$_gpu_val"; _gpu_line "$line, heartbeat $_gpu_d ago"
+    _gpu_field gpu_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i
+    line=''
+    _gpu_field keepalive && [ -n "$_gpu_val" ] && line="keep-alive $_gpu_val"
+    _gpu_field kill_scope && [ -n "$_gpu_val" ] && line="$line${line:+, }kill scope $_gpu_val"
+    if _gpu_field gpus_free && _gpu_whole "$_gpu_val" 999999999; then
+      line="$line${line:+, }$_gpu_i of $count GPUs free"
+    fi
+    if _gpu_field cpu_slots && slots=$_gpu_val && _gpu_field cpu_running \
+      && [ -n "$slots" ]; then
+      line="$line${line:+, }CPU tasks $_gpu_val of $slots"
+    fi
+    [ -z "$line" ] || _gpu_line "          $line"
+    [ "$count" -eq 0 ] \
+      || _gpu_line '          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE'
+    i=0
+    while [ "$i" -lt "$count" ]; do
+      _gpu_field "gpu.$i.index"; gpus=${_gpu_val:-$i}
+      _gpu_field "gpu.$i.name"; _gpu_esc "${_gpu_val:-?}"; _gpu_cut "$_gpu_e" 19; what=$_gpu_c
+      line=$(printf '%-4s %-19s' "$gpus" "$what")
+      _gpu_field "gpu.$i.util"; line="$line $(printf '%4s' "${_gpu_val:--}${_gpu_val:+%}")"
+      _gpu_field "gpu.$i.mem_used_mib"; free=${_gpu_val:--}
+      _gpu_field "gpu.$i.mem_total_mib"; line="$line  $(printf '%13s' "$free/${_gpu_val:--}")"
+      _gpu_field "gpu.$i.task"
+      if [ -n "$_gpu_val" ]; then
+        _gpu_name_of "$_gpu_val"; what=$_gpu_s
+        _gpu_field "gpu.$i.state"
+        [ "$_gpu_val" = filling ] && what="$what (keep-alive filling)"
+      else
+        _gpu_field "gpu.$i.state"; what="keep-alive ${_gpu_val:-?}"
+        _gpu_field "gpu.$i.reason"; [ -n "$_gpu_val" ] && what="$what ($_gpu_val)"
+        _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && what="$what, tile $_gpu_val"
+        _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
+      fi
+      _gpu_line "          $line  $what"
+      i=$((i + 1))
+    done
+    if _gpu_field waiting.id && [ -n "$_gpu_val" ]; then
+      _gpu_name_of "$_gpu_val"; what=$_gpu_s
+      _gpu_field waiting.reason
+      _gpu_line "          next:     $what: ${_gpu_val:-waiting}"
+    fi
+  done
+}
+
+_gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newest first
+  local line id n=0 IFS=$_gpu_nl
+  [ "$1" -gt 0 ] || return 0
+  # a result is published when its task ends: the newest results are the newest ends
+  for line in $(command find "$_gpu_q/records" -maxdepth 1 -name '*.result' -printf '%T@ %f\n' \
+    2>/dev/null | command sort -rn | command head -n "$(($1 * 2 + 10))"); do
+    id=${line#* }; id=${id%.result}
+    case $id in *.rank[0-9]*) case ${id##*.rank} in *[!0-9]*) ;; *) continue ;; esac ;; esac
+    if [ -e "$_gpu_q/done/$id" ]; then printf 'done/%s\n' "$id"
+    elif [ -e "$_gpu_q/failed/$id" ]; then printf 'failed/%s\n' "$id"
+    else continue; fi
+    n=$((n + 1))
+    [ "$n" -lt "$1" ] || break
+  done
+}
+
+_gpu_row() {  # a task table row of the loaded task (_gpu_t_*) into _gpu_rows
+  local state=$_gpu_t_state node=$_gpu_t_node gpus time='' code='' base
+  case $state in
+    pending)
+      gpus=$_gpu_t_gpus_req; [ "$gpus" = 0 ] && gpus=cpu
+      node=''; [ "$_gpu_t_nodes_req" = 1 ] || node=x$_gpu_t_nodes_req ;;
+    running | starting)
+      case "$_gpu_down" in *" ${node:-0} "*) state=orphaned; _gpu_orphans=1 ;; esac
+      if [ -n "$_gpu_t_gpus" ]; then _gpu_ranges "$_gpu_t_gpus"; gpus=$_gpu_g; else gpus=-; fi
+      [ -z "$_gpu_t_started" ] || { _gpu_age "$_gpu_t_started"; time=$_gpu_d; } ;;
+    *)
+      if [ -n "$_gpu_t_gpus" ]; then _gpu_ranges "$_gpu_t_gpus"; gpus=$_gpu_g; else gpus=-; fi
+      [ -z "$_gpu_t_ended" ] || { _gpu_age "$_gpu_t_ended"; time="$_gpu_d ago"; }
+      code=${_gpu_t_exit:-${_gpu_t_signal:+sig$_gpu_t_signal}}; code=${code:--} ;;
+  esac
+  base=${_gpu_t_display:-$_gpu_t_name}
+  _gpu_esc "$base"; base=$_gpu_e
+  _gpu_esc "$_gpu_t_id"
+  _gpu_rows=$_gpu_rows$_gpu_e$_gpu_fs$base$_gpu_fs${_gpu_t_prio:----}$_gpu_fs$state$_gpu_fs
+  _gpu_esc "$node"; node=$_gpu_e
+  _gpu_esc "$gpus"
+  _gpu_rows=$_gpu_rows$node$_gpu_fs$_gpu_e$_gpu_fs$time$_gpu_fs$code$_gpu_fs
+  _gpu_esc "$_gpu_t_cmdline"
+  _gpu_rows=$_gpu_rows$_gpu_e$_gpu_nl
+}
+
+_gpu_short_names() {  # the name each row of _gpu_rows is shown by into _gpu_names: the user's
+  # name, and when rows share it, :<the shortest unique start of the id's random part, >= 4>
+  local row other id base oid obase rest len hex clash IFS=$_gpu_nl
+  _gpu_names=''
+  for row in $_gpu_rows; do
+    id=${row%%"$_gpu_fs"*}; rest=${row#*"$_gpu_fs"}; base=${rest%%"$_gpu_fs"*}
+    if [ -n "$_gpu_o_long" ]; then
+      _gpu_esc "$id"; _gpu_names=$_gpu_names$id$_gpu_fs$_gpu_e$_gpu_nl; continue
+    fi
+    clash=''
+    for other in $_gpu_rows; do
+      oid=${other%%"$_gpu_fs"*}; rest=${other#*"$_gpu_fs"}; obase=${rest%%"$_gpu_fs"*}
+      [ "$oid" != "$id" ] && [ "$obase" = "$base" ] && clash=$clash$oid$_gpu_nl
+    done
+    if [ -n "$clash" ] && _gpu_rand "$id"; then
+      rest=$_gpu_s len=4
+      while [ "$len" -lt 8 ]; do
+        hex=${rest:0:$len}
+        for oid in $clash; do
+          _gpu_rand "$oid" && [ "${_gpu_s:0:$len}" = "$hex" ] && break
+          oid=''
+        done
+        [ -n "$oid" ] || break
+        len=$((len + 1))
+      done
+      base=$base:${rest:0:$len}
+    fi
+    _gpu_names=$_gpu_names$id$_gpu_fs$base$_gpu_nl
+  done
+}
+
+_gpu_print_rows() {  # the task table of gpu_status, from _gpu_rows and _gpu_names
+  local row id base prio state node gpus time code cmd width=4 line IFS=$_gpu_nl
+  for row in $_gpu_names; do
+    base=${row#*"$_gpu_fs"}
+    [ "${#base}" -gt "$width" ] && width=${#base}
+  done
+  [ -n "$_gpu_o_long" ] || [ "$width" -le 24 ] || width=24
+  printf '%-*s %4s %-11s %-4s %-7s %10s %5s  %s\n' "$width" TASK PRIO STATE NODE GPUS TIME EXIT \
+    COMMAND
+  for row in $_gpu_rows; do
+    IFS=$_gpu_fs read -r id base prio state node gpus time code cmd <<EOF
+$row
+EOF
+    _gpu_name_of "$id"; base=$_gpu_s
+    if [ -z "$_gpu_o_long" ]; then
+      _gpu_cut_left "$base" "$width"; base=$_gpu_c
+      _gpu_cut "$node" 4; node=$_gpu_c
+      _gpu_cut "$gpus" 7; gpus=$_gpu_c
+    fi
+    line=$(printf '%-*s %4s %-11s %-4s %-7s %10s %5s  ' "$width" "$base" "$prio" "$state" \
+      "$node" "$gpus" "$time" "$code")
+    if [ -z "$_gpu_o_long" ]; then _gpu_cut "$cmd" "$((100 - ${#line}))"; cmd=$_gpu_c; fi
+    printf '%s%s\n' "$line" "$cmd"
+  done
+}
+
+_gpu_cmd_status() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
+  local recent=10 IFS=$_gpu_nl line id list pending=0 shown=0 running=0 ndone failed
+  if [ -n "$_gpu_o_recent" ]; then
+    _gpu_whole "$_gpu_o_recent" 10000 || {
+      _gpu_err "-r wants a number of tasks from 0 to 10000, not '$_gpu_o_recent'"; return 2; }
+    recent=$_gpu_i
+  fi
+  _gpu_existing_instance || return
+  _gpu_now
+  _gpu_runmap_build
+  if [ -n "$_gpu_o_json" ]; then _gpu_status_json "$recent"; return; fi
+  _gpu_rows='' _gpu_orphans=''
+  for id in $(_gpu_ls "$_gpu_q/running"); do
+    running=$((running + 1))
+    _gpu_task running "$id"; _gpu_row
+  done
+  list=$(_gpu_ls "$_gpu_q/pending")
+  for id in $list; do
+    pending=$((pending + 1))
+    [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || continue
+    shown=$((shown + 1))
+    _gpu_task pending "$id"; _gpu_row
+  done
+  for line in $(_gpu_recent "$recent"); do
+    _gpu_task "${line%%/*}" "${line#*/}"; _gpu_row
+  done
+  _gpu_short_names
+  _gpu_esc "$_gpu_q"; _gpu_cut_left "$_gpu_e" "$((100 - 13 - ${#JOB_ID}))"
+  printf 'Instance: %s (%s)\n' "$JOB_ID" "$_gpu_c"
+  _gpu_show_nodes
+  if [ -n "$_gpu_rows" ]; then _gpu_print_rows; else printf 'Tasks:    none\n'; fi
+  [ "$shown" -ge "$pending" ] \
+    || printf '          ... and %s more pending (gpu_status -l lists them all)\n' \
+      "$((pending - shown))"
+  [ -z "$_gpu_orphans" ] \
+    || printf 'orphaned: its daemon is not alive; a new daemon marks it interrupted\n'
+  _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
+  _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
+  printf 'Totals:   %s running, %s pending, %s done, %s failed, stopped or cancelled\n' \
+    "$running" "$pending" "$ndone" "$failed"
+}
+
+_gpu_jstr() {  # _gpu_jstr TEXT: a JSON string, null when TEXT is empty, into _gpu_j
+  if [ -n "$1" ]; then _gpu_js "$1"; else _gpu_j=null; fi
+}
+
+_gpu_jlist() {  # _gpu_jlist 0,3: a JSON list of the numbers, [] when empty, into _gpu_j
+  local n out='' IFS=,
+  for n in $1; do _gpu_jn "$n" && out=$out${out:+, }$_gpu_j; done
+  _gpu_j="[$out]"
+}
+
+_gpu_jcount() {  # _gpu_jcount VALUE: "all", or a number (the request keys), into _gpu_j
+  if [ "$1" = all ]; then _gpu_j='"all"'; else _gpu_jn "$1" || _gpu_js "$1"; fi
+}
+
+_gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
+  local out id list='' IFS=' '
+  _gpu_js "$_gpu_t_id"; out="{\"id\": $_gpu_j"
+  _gpu_js "$_gpu_t_name"; out="$out, \"name\": $_gpu_j"
+  _gpu_jstr "$_gpu_t_display"; out="$out, \"display_name\": $_gpu_j"
+  _gpu_jn "$_gpu_t_prio"; out="$out, \"priority\": $_gpu_j"
+  _gpu_js "$_gpu_t_state"; out="$out, \"state\": $_gpu_j"
+  _gpu_jstr "$_gpu_t_command"; out="$out, \"command\": $_gpu_j"
+  _gpu_jstr "$_gpu_t_source"; out="$out, \"source\": $_gpu_j"
+  out="$out, \"args\": [$_gpu_t_jargs]"
+  _gpu_jstr "$_gpu_t_cwd"; out="$out, \"cwd\": $_gpu_j"
+  _gpu_jcount "$_gpu_t_gpus_req"; out="$out, \"request\": {\"gpus\": $_gpu_j"
+  _gpu_jcount "$_gpu_t_nodes_req"; out="$out, \"nodes\": $_gpu_j}"
+  for id in $_gpu_t_after; do _gpu_js "$id"; list=$list${list:+, }$_gpu_j; done
+  out="$out, \"after\": [$list]"
+  _gpu_jstr "$_gpu_t_retry_of"; out="$out, \"retry_of\": $_gpu_j"
+  _gpu_jn "$_gpu_t_submitted"; out="$out, \"submitted\": $_gpu_j"
+  _gpu_jstr "$_gpu_t_by"; out="$out, \"submitted_by\": $_gpu_j"
+  if [ -n "$_gpu_t_node" ]; then _gpu_jlist "$_gpu_t_node"; else _gpu_j=null; fi
+  out="$out, \"nodes\": $_gpu_j"
+  _gpu_jstr "$_gpu_t_host"; out="$out, \"host\": $_gpu_j"
+  case $_gpu_t_state in
+    pending | starting) _gpu_j=null ;;
+    *) _gpu_jlist "$_gpu_t_gpus" ;;
+  esac
+  out="$out, \"gpus\": $_gpu_j"
+  _gpu_jn "$_gpu_t_started"; out="$out, \"started\": $_gpu_j"
+  _gpu_jn "$_gpu_t_ended"; out="$out, \"ended\": $_gpu_j"
+  _gpu_jn "$_gpu_t_duration"; out="$out, \"duration\": $_gpu_j"
+  _gpu_jn "$_gpu_t_exit"; out="$out, \"exit_code\": $_gpu_j"
+  _gpu_jn "$_gpu_t_signal"; out="$out, \"signal\": $_gpu_j"
+  _gpu_jstr "$_gpu_t_reason"; out="$out, \"reason\": $_gpu_j"
+  if [ -f "$_gpu_q/logs/$_gpu_t_id.log" ]; then _gpu_js "$_gpu_q/logs/$_gpu_t_id.log"
+  elif [ -f "$_gpu_q/logs/$_gpu_t_id.rank0.log" ]; then _gpu_js "$_gpu_q/logs/$_gpu_t_id.rank0.log"
+  else _gpu_j=null; fi
+  printf '%s, "log": %s}' "$out" "$_gpu_j"
+}
+
+_gpu_node_json() {  # the loaded node state (rank $1) as one JSON object on stdout
+  local out i key count live IFS=' '
+  _gpu_liveness
+  live=$_gpu_live; [ "$live" = late ] && live=not_responding
+  out="{\"rank\": $1"
+  _gpu_field host; _gpu_jstr "$_gpu_val"; out="$out, \"host\": $_gpu_j"
+  _gpu_field pid; _gpu_jn "$_gpu_val"; out="$out, \"pid\": $_gpu_j"
+  _gpu_field status; _gpu_jstr "$_gpu_val"; out="$out, \"status\": $_gpu_j"
+  out="$out, \"liveness\": \"$live\""
+  _gpu_jstr "$_gpu_why"; out="$out, \"why\": $_gpu_j"
+  for i in heartbeat started shutdown stopped; do
+    _gpu_field "$i"; _gpu_jn "$_gpu_val"; out="$out, \"$i\": $_gpu_j"
+  done
+  for i in stop_reason keepalive kill_scope node_addr; do
+    _gpu_field "$i"; _gpu_jstr "$_gpu_val"; out="$out, \"$i\": $_gpu_j"
+  done
+  for i in num_nodes gpus_free cpu_slots cpu_running; do
+    _gpu_field "$i"; _gpu_jn "$_gpu_val"; out="$out, \"$i\": $_gpu_j"
+  done
+  _gpu_field gpu_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i
+  out="$out, \"gpu_count\": $count"
+  if _gpu_field waiting.id && [ -n "$_gpu_val" ]; then
+    _gpu_js "$_gpu_val"; out="$out, \"waiting\": {\"id\": $_gpu_j"
+    _gpu_field waiting.reason; _gpu_jstr "$_gpu_val"; out="$out, \"reason\": $_gpu_j}"
+  else
+    out="$out, \"waiting\": null"
+  fi
+  printf '%s, "gpus": [' "$out"
+  i=0
+  while [ "$i" -lt "$count" ]; do
+    _gpu_field "gpu.$i.index"; _gpu_jn "${_gpu_val:-$i}"; out="{\"index\": $_gpu_j"
+    for key in name uuid task state reason; do
+      _gpu_field "gpu.$i.$key"; _gpu_jstr "$_gpu_val"; out="$out, \"$key\": $_gpu_j"
+    done
+    for key in util mem_used_mib mem_total_mib held_mib tile duty; do
+      _gpu_field "gpu.$i.$key"; _gpu_jn "$_gpu_val"; out="$out, \"$key\": $_gpu_j"
+    done
+    [ "$i" -eq 0 ] || printf ', '
+    printf '%s}' "$out"
+    i=$((i + 1))
+  done
+  printf ']}'
+}
+
+_gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protocol.md)
+  local node rank id line sep IFS=$_gpu_nl running=0 pending=0
+  _gpu_js "$JOB_ID"; printf '{"schema": 1, "job_id": %s' "$_gpu_j"
+  _gpu_js "$_gpu_q"; printf ', "queue_dir": %s, "time": %s,\n "nodes": [' "$_gpu_j" "$_gpu_t"
+  sep=''
+  for node in $(_gpu_node_files); do
+    _gpu_load "$_gpu_q/nodes/$node" || continue
+    rank=${node#node-}; rank=${rank%.state}
+    printf '%s\n  ' "$sep"; sep=,
+    _gpu_node_json "$rank"
+  done
+  printf '],\n "running": ['
+  sep=''
+  for id in $(_gpu_ls "$_gpu_q/running"); do
+    running=$((running + 1))
+    printf '%s\n  ' "$sep"; sep=,
+    _gpu_task running "$id"; _gpu_task_json
+  done
+  printf '],\n "pending": ['
+  sep=''
+  for id in $(_gpu_ls "$_gpu_q/pending"); do
+    pending=$((pending + 1))
+    printf '%s\n  ' "$sep"; sep=,
+    _gpu_task pending "$id"; _gpu_task_json
+  done
+  printf '],\n "recent": ['
+  sep=''
+  for line in $(_gpu_recent "$1"); do
+    printf '%s\n  ' "$sep"; sep=,
+    _gpu_task "${line%%/*}" "${line#*/}"; _gpu_task_json
+  done
+  _gpu_count "$_gpu_q/done"; id=$_gpu_n
+  _gpu_count "$_gpu_q/failed"
+  printf '],\n "counts": {"running": %s, "pending": %s, "done": %s, "failed": %s}}\n' \
+    "$running" "$pending" "$id" "$_gpu_n"
+}
+
+_gpu_cmd_show() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -ne 1 ]; then _gpu_usage; return; fi
+  _gpu_existing_instance || return
+  _gpu_check_name "$1" || return 1
+  local dir id line what others IFS=$_gpu_nl
+  if ! _gpu_find "$1" pending running 'done' failed; then
+    _gpu_err "no such task: $1 (gpu_status lists the tasks)"
+    return 1
+  fi
+  others=$_gpu_val
+  _gpu_newest "$_gpu_val"
+  dir=${_gpu_pick%%/*} id=${_gpu_pick#*/}
+  _gpu_now
+  _gpu_runmap_build
+  _gpu_task "$dir" "$id"
+  _gpu_say "Task:       $id"
+  [ -z "$_gpu_t_display" ] || _gpu_say "Name:       $_gpu_t_display"
+  case $_gpu_t_state in
+    running) _gpu_age "$_gpu_t_started"; what="running for $_gpu_d" ;;
+    starting) what='starting (claimed: its GPUs are being freed, or its nodes made ready)' ;;
+    pending) what=pending
+      if _gpu_renamed "$id"; then what="$what (gets a fresh id when it starts)"; fi ;;
+    *) what=$_gpu_t_state${_gpu_t_reason:+ ($_gpu_t_reason)} ;;
+  esac
+  _gpu_say "State:      $what"
+  if [ -n "$_gpu_t_command" ]; then
+    _gpu_say "Command:    $_gpu_t_command"
+  else
+    _gpu_say "Script:     ${_gpu_t_source:-$id (put into pending/ by hand)}"
+    [ -z "$_gpu_t_args" ] || _gpu_say "Arguments: $_gpu_t_args"
+  fi
+  what="(the home directory of the daemon: no submit record)"
+  _gpu_say "Directory:  ${_gpu_t_cwd:-$what}"
+  if [ -n "$_gpu_t_record" ]; then
+    _gpu_say "Submitted:  $(_gpu_date "$_gpu_t_submitted") by ${_gpu_t_by:-?}"
+  fi
+  what="${_gpu_t_gpus_req} GPU(s)"
+  case $_gpu_t_gpus_req in
+    all) what='all GPUs' ;;
+    0) what='no GPU (CPU only)' ;;
+    1) what='1 GPU' ;;
+  esac
+  case $_gpu_t_nodes_req in 1) what="$what of one node" ;; all) what="$what on every node" ;;
+    *) what="$what on each of $_gpu_t_nodes_req nodes" ;; esac
+  _gpu_say "Priority:   ${_gpu_t_prio:-500}; asks for $what"
+  if [ -n "$_gpu_t_after" ]; then
+    what=''
+    for line in $(printf '%s\n' "$_gpu_t_after" | command tr ' ' '\n'); do
+      if _gpu_load "$_gpu_q/records/$line.result" && _gpu_field state; then
+        what="$what$line ($_gpu_val)$_gpu_nl"
+      else
+        what="$what$line (not finished)$_gpu_nl"
+      fi
+    done
+    for line in $what; do _gpu_say "After:      $line"; done
+  fi
+  [ -z "$_gpu_t_retry_of" ] || _gpu_say "Retry of:   $_gpu_t_retry_of"
+  if [ -n "$_gpu_t_node$_gpu_t_host$_gpu_t_gpus" ]; then
+    what="node ${_gpu_t_node:-?}${_gpu_t_host:+ ($_gpu_t_host)}"
+    if [ -n "$_gpu_t_gpus" ]; then what="$what, GPUs $_gpu_t_gpus"; else what="$what, no GPU"; fi
+    _gpu_say "Placement:  $what"
+  fi
+  [ -z "$_gpu_t_started" ] || _gpu_say "Started:    $(_gpu_date "$_gpu_t_started")"
+  if [ -n "$_gpu_t_ended" ]; then
+    _gpu_dur "$_gpu_t_duration"
+    _gpu_say "Ended:      $(_gpu_date "$_gpu_t_ended")${_gpu_t_duration:+, after $_gpu_d}"
+  fi
+  if [ -n "$_gpu_t_exit" ]; then
+    _gpu_say "Exit:       exit code $_gpu_t_exit"
+  elif [ -n "$_gpu_t_signal" ]; then
+    _gpu_say "Exit:       killed by signal $_gpu_t_signal"
+  fi
+  [ -z "$_gpu_t_attempt" ] || [ "$_gpu_t_attempt" = 1 ] || _gpu_say "Attempt:    $_gpu_t_attempt"
+  for line in $(_gpu_ls "$_gpu_q/logs"); do
+    case $line in
+      "$id.log" | "$id".rank[0-9]*.log) _gpu_say "Log:        $_gpu_q/logs/$line" ;;
+    esac
+  done
+  line=$(printf '%s' "$others" | command grep -c .)
+  [ "$line" -le 1 ] || _gpu_err "$1 names $line tasks; this is the one submitted last" \
+    "(gpu_status lists them)"
+  return 0
+}
+
+_gpu_log_rank() {  # _gpu_log_rank FILE WANT: the task id of log FILE into _gpu_id when it is
+  # the log of rank WANT (empty: the task's own log, rank 0's for a task that spans nodes)
+  local r=''
+  _gpu_id=${1%.log}
+  case $_gpu_id in
+    *.rank[0-9]*)
+      r=${_gpu_id##*.rank}
+      case $r in *[!0-9]*) r= ;; *) _gpu_id=${_gpu_id%.rank*} ;; esac ;;
+  esac
+  case $2 in
+    '' | 0) [ -z "$r" ] || [ "$r" = 0 ] ;;
+    *) [ "$r" = "$2" ] ;;
+  esac
+}
+
+_gpu_log_of() {  # _gpu_log_of PATTERN RANK: the newest log PATTERN names (a task NAME, else any
+  # part of an id) into _gpu_log, its task into _gpu_id; 1 when there is none
+  local f sub='' ids IFS=$_gpu_nl
+  _gpu_split_name "$1"
+  # only the logs whose names hold the name can match (grep is faster than the shell)
+  for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null | command grep -F -e "$_gpu_base"); do
+    case $f in *.log) ;; *) continue ;; esac
+    _gpu_log_rank "$f" "$2" || continue
+    if [ "$_gpu_id" = "$1" ] || _gpu_matches "$_gpu_id"; then
+      _gpu_log=$_gpu_q/logs/$f
+      return 0
+    fi
+    [ -n "$sub" ] || case $_gpu_id in *"$1"*) sub=$f ;; esac
+  done
+  ids=$_gpu_nl$(_gpu_display_ids)$_gpu_nl
+  if [ "$ids" != "$_gpu_nl$_gpu_nl" ]; then
+    for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null); do
+      case $f in *.log) ;; *) continue ;; esac
+      _gpu_log_rank "$f" "$2" || continue
+      case $ids in *"$_gpu_nl$_gpu_id$_gpu_nl"*) _gpu_log=$_gpu_q/logs/$f; return 0 ;; esac
+    done
+  fi
+  [ -n "$sub" ] || return 1
+  _gpu_log_rank "$sub" "$2"
+  _gpu_log=$_gpu_q/logs/$sub
+}
+
+_gpu_no_log() {  # _gpu_no_log NAME RANK: why NAME has no log; returns 1
+  if [ -n "$2" ] && _gpu_log_of "$1" ''; then
+    _gpu_err "task $_gpu_id has no log of rank $2 (gpu_show $1 says where it ran)"
+  elif _gpu_find "$1" pending; then
+    _gpu_err "task $1 is still pending: it has no log yet (gpu_tail $1 waits for it)"
+  elif _gpu_find "$1" failed 'done'; then
+    _gpu_err "task $1 has no log: it never ran (cancelled)"
+  else
+    _gpu_err "no such task: $1 (gpu_logs lists the logs)"
+  fi
+  return 1
+}
+
+_gpu_lines_opt() {  # -n N of gpu_logs and gpu_tail into _gpu_lines (DEFAULT when not given)
+  _gpu_lines=${_gpu_o_lines:-$1}
+  [ -z "$_gpu_lines" ] && return 0
+  _gpu_whole "$_gpu_lines" 999999999 && { _gpu_lines=$_gpu_i; return 0; }
+  _gpu_err "-n wants a number of lines, not '$_gpu_o_lines'"
+  return 2
+}
+
+_gpu_rank_opt() {  # --rank R into _gpu_rank (empty when not given)
+  _gpu_rank=''
+  [ -z "$_gpu_o_rank" ] && return 0
+  _gpu_whole "$_gpu_o_rank" 1023 && { _gpu_rank=$_gpu_i; return 0; }
+  _gpu_err "--rank wants a rank from 0 to 1023, not '$_gpu_o_rank'"
+  return 2
+}
+
+_gpu_cmd_logs() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -gt 1 ]; then _gpu_usage; return; fi
+  _gpu_lines_opt '' || return 2
+  _gpu_rank_opt || return 2
+  _gpu_existing_instance || return
+  if [ "$#" -eq 1 ]; then
+    _gpu_check_name "$1" || return 1
+    _gpu_log_of "$1" "$_gpu_rank" || { _gpu_no_log "$1" "$_gpu_rank"; return 1; }
+    if [ -n "$_gpu_lines" ]; then command tail -n "$_gpu_lines" -- "$_gpu_log"
+    else command cat -- "$_gpu_log"; fi
+    return
+  fi
+  local perms size day time name total shown=0 limit=20 running r
+  _gpu_count "$_gpu_q/logs"; total=$_gpu_n
+  if [ "$total" -eq 0 ]; then
+    _gpu_say "No logs yet in $_gpu_q/logs"
+    return 0
+  fi
+  [ -z "$_gpu_o_all" ] || limit=$total
+  running=$_gpu_nl$(_gpu_ls "$_gpu_q/running")$_gpu_nl
+  printf '%6s  %-16s  %s\n' SIZE MODIFIED TASK
+  while IFS=' ' read -r perms _ size day time name; do
+    case $perms in total) continue ;; esac
+    case $name in *.log) ;; *) continue ;; esac
+    name=${name%.log} r=''
+    case $name in
+      *.rank[0-9]*)
+        r=${name##*.rank}
+        case $r in *[!0-9]*) r= ;; *) name=${name%.rank*} ;; esac ;;
+    esac
+    case $running in *"$_gpu_nl$name$_gpu_nl"*) r="$r${r:+, }running" ;; esac
+    case $r in [0-9]*) name="$name (rank $r)" ;; ?*) name="$name ($r)" ;; esac
+    _gpu_say "$(printf '%6s  %-16s  %s' "$size" "$day $time" "$name")"
+    shown=$((shown + 1))
+  done <<EOF
+$(command ls -goth --time-style='+%Y-%m-%d %H:%M' -- "$_gpu_q/logs" 2>/dev/null \
+    | command head -n "$((limit + 1))")
+EOF
+  [ "$shown" -lt "$total" ] && printf '(the newest %s of %s logs; gpu_logs --all lists all)\n' \
+    "$shown" "$total"
+  return 0
+}
+
+_gpu_bytes() {  # _gpu_bytes FILE OFFSET COUNT: COUNT bytes of FILE from OFFSET on stdout
+  # (not dd: it catches SIGINT, and a child that exits normally after Ctrl-C makes bash go on)
+  command tail -c "+$(($2 + 1))" -- "$1" 2>/dev/null | command head -c "$3"
+}
+
+_gpu_follow() {  # _gpu_follow ID LOG LINES: print the last LINES lines of LOG, then whatever is
+  # appended, until task ID has a result (the footer is written before it); its return code
+  local off=0 size start first=1 ended='' what
+  while :; do
+    [ -f "$_gpu_q/records/$1.result" ] && ended=1
+    if [ -f "$2" ]; then
+      size=$(command wc -c < "$2" 2>/dev/null)
+      size=${size//[!0-9]/}
+      size=${size:-0}
+      if [ -n "$first" ]; then
+        first=''
+        start=0
+        [ "$size" -gt 65536 ] && start=$((size - 65536))
+        [ "$size" -le "$start" ] || _gpu_bytes "$2" "$start" "$((size - start))" \
+          | command tail -n "$3"
+        off=$size
+      elif [ "$size" -gt "$off" ]; then
+        _gpu_bytes "$2" "$off" "$((size - off))"
+        off=$size
+      elif [ "$size" -lt "$off" ]; then
+        off=$size  # rewritten from the start
+      fi
+    fi
+    [ -z "$ended" ] || break
+    command sleep 0.5
+  done
+  _gpu_exit_of "$1"
+  _gpu_field state; what=$_gpu_val
+  _gpu_field reason
+  _gpu_err "$1 ended: ${what:-?}${_gpu_val:+ ($_gpu_val)}"
+  return "$_gpu_rcode"
+}
+
+_gpu_wait_pending() {  # _gpu_wait_pending ID: wait until pending task ID starts or ends; its id
+  # then (a fresh one when the daemon renamed it) into _gpu_id
+  local snap='' tries=0
+  _gpu_err "task $1 is pending: waiting for it to start"
+  if _gpu_renamed "$1"; then
+    _gpu_track "$1" || return 0
+    snap=$_gpu_snap
+  fi
+  while [ -e "$_gpu_q/pending/$1" ]; do command sleep 0.5; done
+  _gpu_id=$1
+  [ -n "$snap" ] || return 0
+  while ! _gpu_follow_rename "$1" "$snap"; do
+    tries=$((tries + 1))
+    if [ "$tries" -gt 20 ]; then _gpu_err "task $1 left pending/ and cannot be found"; return 1
+    fi
+    command sleep 0.5
+  done
+}
+
+_gpu_cmd_tail() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -gt 1 ]; then _gpu_usage; return; fi
+  _gpu_lines_opt 40 || return 2
+  _gpu_rank_opt || return 2
+  _gpu_existing_instance || return
+  local id='' f pending='' IFS=$_gpu_nl
+  if [ "$#" -eq 0 ]; then
+    # the running task whose log moved last, else the newest log
+    for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null); do
+      case $f in *.log) ;; *) continue ;; esac
+      _gpu_log_rank "$f" "$_gpu_rank" || continue
+      [ -n "$id" ] || id=$_gpu_id
+      [ -e "$_gpu_q/running/$_gpu_id" ] && { id=$_gpu_id; break; }
+    done
+    if [ -z "$id" ]; then
+      _gpu_err "no task of $JOB_ID has a log yet; gpu_tail NAME waits for a given task"
+      return 1
+    fi
+  else
+    _gpu_check_name "$1" || return 1
+    # pending/ before running/: a task claimed meanwhile is seen in one of them
+    if _gpu_find "$1" pending running; then
+      case $_gpu_val in
+        *running/*)
+          _gpu_newest "$(printf '%s' "$_gpu_val" | command grep '^running/')"
+          id=${_gpu_pick#*/} ;;
+        *) id=${_gpu_val%%"$_gpu_nl"*}; id=${id#*/} pending=1 ;;
+      esac
+    elif _gpu_log_of "$1" "$_gpu_rank"; then
+      id=$_gpu_id
+    elif [ -z "$_gpu_rank" ] && _gpu_find "$1" failed 'done'; then
+      _gpu_newest "$_gpu_val"; id=${_gpu_pick#*/}  # it ended without a log (cancelled)
+    else
+      _gpu_no_log "$1" "$_gpu_rank"; return 1
+    fi
+  fi
+  _gpu_bg _gpu_tail_task "$id" "$pending"
+}
+
+_gpu_tail_task() {  # _gpu_tail_task ID PENDING: gpu_tail of task ID (still pending, if PENDING)
+  local id=$1 log
+  if [ -n "$2" ]; then
+    _gpu_wait_pending "$id" || return 1
+    id=$_gpu_id
+  fi
+  if [ -n "$_gpu_rank" ]; then log=$_gpu_q/logs/$id.rank$_gpu_rank.log
+  elif [ -f "$_gpu_q/logs/$id.rank0.log" ] || [ -f "$_gpu_q/records/$id.gang" ]; then
+    log=$_gpu_q/logs/$id.rank0.log
+  else
+    log=$_gpu_q/logs/$id.log
+  fi
+  _gpu_err "following $log (Ctrl-C to stop)"
+  _gpu_follow "$id" "$log" "$_gpu_lines"
+}
+
+_gpu_ms() {  # the time in milliseconds into _gpu_ms
+  _gpu_ms=$(command date +%s%3N)
+}
+
+_gpu_cmd_wait() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -lt 1 ]; then _gpu_usage; return; fi
+  local name line id n deadline='' whole frac IFS=$_gpu_nl
+  local -a ids snaps codes misses
+  if [ -n "$_gpu_o_timeout" ]; then
+    case $_gpu_o_timeout in
+      '' | *[!0-9.]* | .* | *. | *.*.*)
+        _gpu_err "--timeout wants seconds, not '$_gpu_o_timeout'"; return 2 ;;
+    esac
+    whole=${_gpu_o_timeout%%.*} frac=000
+    case $_gpu_o_timeout in *.*) frac=${_gpu_o_timeout#*.}000 ;; esac
+    _gpu_whole "$whole" 99999999 || { _gpu_err "--timeout: too long"; return 2; }
+    whole=$_gpu_i
+    _gpu_int "${frac:0:3}"
+    _gpu_ms
+    deadline=$((_gpu_ms + whole * 1000 + _gpu_i))
+  fi
+  _gpu_existing_instance || return
+  ids=() snaps=() codes=() misses=()
+  for name in "$@"; do
+    _gpu_check_name "$name" || return 1
+    if _gpu_find "$name" pending running; then
+      :
+    elif _gpu_find "$name" 'done' failed; then
+      _gpu_newest "$_gpu_val"; _gpu_val=$_gpu_pick
+    else
+      _gpu_err "no such task: $name (gpu_status lists the tasks)"
+      return 1
+    fi
+    for line in $_gpu_val; do
+      id=${line#*/}
+      if [ "${line%%/*}" = pending ] && _gpu_renamed "$id"; then
+        if _gpu_track "$id"; then line=$_gpu_snap; else id=$_gpu_id line=''; fi
+      else
+        line=''
+      fi
+      case "$_gpu_nl${ids[*]}$_gpu_nl" in *"$_gpu_nl$id$_gpu_nl"*) continue ;; esac
+      ids+=("$id") codes+=('') misses+=(0) snaps+=("$line")
+    done
+  done
+  n=${#ids[@]}
+  _gpu_bg _gpu_wait_loop
+}
+
+_gpu_wait_loop() {  # the loop of gpu_wait, on the arrays of _gpu_cmd_wait
+  local left i id line rc=0
+  while :; do
+    left=0 i=0
+    while [ "$i" -lt "$n" ]; do
+      id=${ids[i]}
+      if [ -n "${codes[i]}" ]; then i=$((i + 1)); continue; fi
+      if [ -n "${snaps[i]}" ]; then  # it will get a fresh id when it leaves pending/
+        if [ -e "$_gpu_q/pending/$id" ]; then left=$((left + 1)); i=$((i + 1)); continue; fi
+        if _gpu_follow_rename "$id" "${snaps[i]}"; then
+          ids[i]=$_gpu_id snaps[i]='' id=$_gpu_id
+          case "$_gpu_nl${ids[*]}$_gpu_nl" in
+            *"$_gpu_nl$id$_gpu_nl"*"$_gpu_nl$id$_gpu_nl"*)  # named twice: waited for once
+              codes[i]=- i=$((i + 1)); continue ;;
+          esac
+        fi
+      fi
+      if [ -z "${snaps[i]}" ] && _gpu_exit_of "$id"; then
+        codes[i]=$_gpu_rcode
+        _gpu_field state; line=$_gpu_val
+        _gpu_field reason; _gpu_say "$id: ${line:-?}${_gpu_val:+ ($_gpu_val)}"
+      elif [ -e "$_gpu_q/pending/$id" ] || [ -e "$_gpu_q/running/$id" ]; then
+        left=$((left + 1)) misses[i]=0
+      elif [ "${misses[i]}" -lt 10 ]; then  # between two folders, or its result on the way
+        left=$((left + 1)) misses[i]=$((misses[i] + 1))
+      else
+        codes[i]=1
+        _gpu_err "$id is gone (neither queued nor finished any more)"
+      fi
+      i=$((i + 1))
+    done
+    [ "$left" -gt 0 ] || break
+    if [ -n "$deadline" ]; then
+      _gpu_ms
+      if [ "$_gpu_ms" -ge "$deadline" ]; then
+        i=0 line=''
+        while [ "$i" -lt "$n" ]; do
+          [ -n "${codes[i]}" ] || line="$line ${ids[i]}"
+          i=$((i + 1))
+        done
+        _gpu_err "timed out after $_gpu_o_timeout s; still waiting for:$line"
+        return 124
+      fi
+    fi
+    command sleep 0.5
+  done
+  i=0
+  while [ "$i" -lt "$n" ]; do
+    case ${codes[i]} in 0 | -) ;; *) rc=${codes[i]}; break ;; esac
+    i=$((i + 1))
+  done
+  return "$rc"
+}
+
+# Commands: stopping and cleaning ###################################################################
 
 _gpu_send() {  # _gpu_send ACTION [TASK]: publish a command; its reply will be replies/_gpu_u.reply
   local started=''
@@ -397,11 +2402,19 @@ _gpu_reply() {  # _gpu_reply U: wait (sharing _gpu_wait) for replies/U.reply, th
   local reply=$_gpu_q/replies/$1.reply
   while [ ! -f "$reply" ]; do
     [ "$_gpu_wait" -le 0 ] && return 1
-    command sleep 0.1
+    _gpu_sleep 0.1
     _gpu_wait=$((_gpu_wait - 1))
   done
   _gpu_load "$reply"
   command rm -f -- "$reply"
+}
+
+_gpu_silence() {  # why the daemon did not answer, into _gpu_msg: its state, else NFS
+  if _gpu_daemon_state && { [ "$_gpu_live" = late ] || [ "$_gpu_live" = dead ]; }; then
+    _gpu_msg="the daemon of $JOB_ID is not responding ($_gpu_why; likely $_gpu_cause)"
+  else
+    _gpu_msg='on NFS, try again with a larger GPU_REPLY_TIMEOUT'
+  fi
 }
 
 _gpu_answer() {  # _gpu_answer U: the reply to command U, loaded; else withdraw U and return 1
@@ -412,9 +2425,9 @@ _gpu_answer() {  # _gpu_answer U: the reply to command U, loaded; else withdraw 
     command rm -f -- "$away"
     _gpu_wait=3  # unless the daemon read it just before: then its reply is on the way
     _gpu_reply "$1" && return 0
+    _gpu_silence
     _gpu_err "no reply from the daemon within ${GPU_REPLY_TIMEOUT:-15} s: the command is" \
-      "withdrawn (commands/$1.cmd removed), so no daemon carries it out later; on NFS," \
-      "try again with a larger GPU_REPLY_TIMEOUT"
+      "withdrawn (commands/$1.cmd removed), so no daemon carries it out later; $_gpu_msg"
   elif [ -e "$cmd" ]; then
     _gpu_err "no reply from the daemon within ${GPU_REPLY_TIMEOUT:-15} s, and commands/$1.cmd" \
       "cannot be removed (${_gpu_msg##*: }): the daemon carries it out when it reads it"
@@ -427,442 +2440,29 @@ _gpu_answer() {  # _gpu_answer U: the reply to command U, loaded; else withdraw 
   return 1
 }
 
-# Commands ##########################################################################################
-
-_gpu_cmd_help() {
-  if [ "$#" -gt 1 ]; then _gpu_usage '[COMMAND]'; return; fi
-  local line topic=${1#gpu_} table="\
-gpu_use [ID]|show the instance in use, or switch to ID
-gpu_list|list the instances: daemon, times, queue sizes
-gpu_submit FILE [PRIORITY]|queue a copy of FILE (*.sh: bash, *.py: python)
-gpu_run 'CMD'|queue CMD, to run in the current directory
-gpu_status|the daemon, GPUs, running, pending, recent tasks
-gpu_logs [NAME]|list the logs, newest first; or print NAME's log
-gpu_tail [NAME]|follow the running task's log (or NAME's); Ctrl-C
-gpu_stop NAME|stop task NAME, or cancel it if it is pending
-gpu_stop all|cancel every pending task, stop the running one
-gpu_shutdown|ask the daemon to exit; how to delete its job
-gpu_help [COMMAND]|this help"
-  if [ -n "$topic" ]; then
-    local found=
-    while IFS= read -r line; do
-      case ${line%%|*} in
-        "gpu_$topic" | "gpu_$topic "*) printf '  %-26s  %s\n' "${line%%|*}" "${line#*|}"; found=1 ;;
-      esac
-    done <<EOF
-$table
-EOF
-    [ -n "$found" ] && return 0
-    _gpu_err "no command gpu_$topic (gpu_help lists them)"
-    return 127
+_gpu_cancel_here() {  # _gpu_cancel_here NAME: cancel pending/NAME without a daemon (protocol
+  # "Finish"): it becomes failed/<id> (a fresh id unless NAME is a client id without a result),
+  # never over an existing file; the id into _gpu_id. 2 when failed/<id> exists, 1 when NAME
+  # left pending/ meanwhile
+  local name=$1 prio
+  _gpu_id=$name
+  if _gpu_renamed "$name"; then
+    _gpu_unique || return 1
+    prio=${name%"${name#???}"}
+    case $prio in [0-9][0-9][0-9]) ;; *) prio=500 ;; esac
+    _gpu_fresh_name "$name"
+    _gpu_id=$prio-$_gpu_u-$_gpu_s
   fi
-  printf 'Perpetual Motion client: a task queue for the GPUs of a cluster job.\n\n'
-  while IFS= read -r line; do
-    printf '  %-26s  %s\n' "${line%%|*}" "${line#*|}"
-  done <<EOF
-$table
-EOF
-  command cat <<EOF
-
-NAME is a task id (500-20261129_041500_123456789-3f9a0c1d-train.sh), its name (train.sh)
-or that without its extension (train); a stop acts on every pending or running task it names.
-PRIORITY is 0-999, smaller runs first, first in first out within one (default 500).
-Tasks may be queued before the daemon runs: they wait in pending/ until it starts.
-A stop also ends the other Python processes of the daemon's user on the node, so the GPUs are
-freed (the daemon's --kill-scope: user-python by default, task, none).
-
-Settings: JOB_ID=${JOB_ID-} (the instance)
-          QUEUE_ROOT=${QUEUE_ROOT:-${HOME-}/gpu_queue}
-          GPU_REPLY_TIMEOUT=${GPU_REPLY_TIMEOUT:-15} (seconds to wait for the daemon's reply)
-Return codes: 0 ok, 1 failed (no such task, no daemon, missing queue root, cannot write),
-              2 bad usage (arguments, JOB_ID), 127 unknown command.
-EOF
-}
-
-_gpu_summary() {  # one line about the instance in _gpu_q: its daemon and queue
-  local daemon
-  if [ ! -d "$_gpu_q" ]; then
-    printf 'no folder yet under %s (no task queued, no daemon started)\n' "$_gpu_r"
-    return
+  [ -e "$_gpu_q/failed/$_gpu_id" ] && return 2
+  command mv -n -- "$_gpu_q/pending/$name" "$_gpu_q/failed/$_gpu_id" 2>/dev/null
+  if [ -e "$_gpu_q/pending/$name" ]; then
+    [ -e "$_gpu_q/failed/$_gpu_id" ] && return 2
+    return 1
   fi
-  _gpu_now
-  if ! _gpu_load "$_gpu_q/nodes/node-0.state"; then
-    daemon='no daemon has started yet'
-  elif _gpu_node_alive; then
-    daemon='daemon alive'
-    _gpu_field status; [ "$_gpu_val" = stopping ] && daemon='daemon shutting down'
-    _gpu_field host; daemon="$daemon on $_gpu_val"
-    _gpu_field pid; daemon="$daemon (pid $_gpu_val"
-    _gpu_field started; _gpu_age "$_gpu_val"; daemon="$daemon, up $_gpu_d)"
-  else
-    _gpu_field host; daemon="daemon not alive (last on ${_gpu_val:-?}"
-    _gpu_field heartbeat; _gpu_age "$_gpu_val"; daemon="$daemon, heartbeat $_gpu_d ago)"
-  fi
-  _gpu_count "$_gpu_q/running"; daemon="$daemon; $_gpu_n running"
-  _gpu_count "$_gpu_q/pending"; daemon="$daemon, $_gpu_n pending"
-  _gpu_count "$_gpu_q/done"; daemon="$daemon, $_gpu_n done"
-  _gpu_count "$_gpu_q/failed"; printf '%s, %s failed\n' "$daemon" "$_gpu_n"
-}
-
-_gpu_cmd_use() {
-  if [ "$#" -gt 1 ]; then _gpu_usage '[ID]'; return; fi
-  if [ "$#" -eq 1 ]; then
-    _gpu_valid_id "$1" || { _gpu_bad_id "$1"; return 2; }
-    JOB_ID=$1
-    _gpu_root || return 0  # the switch is still made: the mount may come back
-    _gpu_q=$_gpu_r/$JOB_ID
-    printf 'Using %s: ' "$JOB_ID"
-    _gpu_summary
-    return 0
-  fi
-  if [ -z "${JOB_ID-}" ]; then
-    _gpu_err "no instance in use (JOB_ID is not set): gpu_use ID switches to one," \
-      "gpu_list shows them"
-    return 2
-  fi
-  _gpu_instance || return
-  printf '%s: ' "$JOB_ID"
-  _gpu_summary
-}
-
-_gpu_cmd_list() {
-  if [ "$#" -gt 0 ]; then _gpu_usage ''; return; fi
-  _gpu_root || return 1
-  local id ids='' width=6 IFS=$_gpu_nl mark daemon state nodes host started shutdown run pend
-  local ndone failed job
-  for id in $(_gpu_ls "$_gpu_r"); do
-    _gpu_valid_id "$id" || continue
-    [ -f "$_gpu_r/$id/control.json" ] || [ -f "$_gpu_r/$id/job_id.txt" ] \
-      || [ -d "$_gpu_r/$id/pending" ] || [ -d "$_gpu_r/$id/nodes" ] || continue
-    ids=$ids$id$_gpu_nl
-    [ "${#id}" -gt "$width" ] && width=${#id}
-  done
-  if [ -z "$ids" ]; then
-    printf 'No instances under %s (gpu_submit creates one; so does the daemon).\n' "$_gpu_r"
-    return 0
-  fi
-  _gpu_now
-  printf '  %-*s  %-9s %-5s  %-16s %-16s %-16s %4s %5s %5s %5s  %s\n' "$width" JOB_ID DAEMON \
-    NODES HOST STARTED AUTO-SHUTDOWN RUN PEND DONE FAIL 'CLUSTER JOB'
-
-  for id in $ids; do
-    _gpu_q=$_gpu_r/$id
-    mark=' '; [ "$id" = "${JOB_ID-}" ] && mark='*'
-    host=- started=- shutdown=-
-    if ! _gpu_load "$_gpu_q/nodes/node-0.state"; then
-      daemon=none
-    else
-      _gpu_field status; state=$_gpu_val
-      if _gpu_node_alive; then
-        if [ "$state" = stopping ]; then daemon=stopping; else daemon=alive; fi
-      elif [ "$state" = stopped ]; then
-        daemon=stopped
-      else
-        daemon=dead
-      fi
-      _gpu_field host; host=${_gpu_val:--}
-      _gpu_field started
-      started=$(_gpu_date "$_gpu_val")
-      _gpu_field shutdown; shutdown=$(_gpu_date "$_gpu_val")
-    fi
-    _gpu_nodes; nodes=$_gpu_val
-    _gpu_count "$_gpu_q/running"; run=$_gpu_n
-    _gpu_count "$_gpu_q/pending"; pend=$_gpu_n
-    _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
-    _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
-    job=-
-    _gpu_load "$_gpu_q/job_id.txt" && _gpu_field cluster_job_id && job=${_gpu_val:--}
-    printf '%s %-*s  %-9s %-5s  %-16s %-16s %-16s %4s %5s %5s %5s  %s\n' "$mark" "$width" \
-      "$id" "$daemon" "$nodes" "$host" "$started" "$shutdown" "$run" "$pend" "$ndone" "$failed" \
-      "$job"
-  done
-}
-
-_gpu_priority() {  # _gpu_priority TEXT: 0-999 as three digits into _gpu_p; 2 when it is not
-  case $1 in
-    '' | *[!0-9]* | ????*)
-      _gpu_err "PRIORITY must be a number from 0 to 999 (smaller runs first): '$1'"
-      return 2 ;;
-  esac
-  _gpu_p=$1
-  while [ "${#_gpu_p}" -lt 3 ]; do _gpu_p=0$_gpu_p; done
-}
-
-_gpu_safe_name() {  # _gpu_safe_name TEXT: characters outside A-Za-z0-9._- become _ (into _gpu_s)
-  _gpu_s=${1//[!A-Za-z0-9._-]/_}
-}
-
-_gpu_cmd_submit() {
-  if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then _gpu_usage 'FILE [PRIORITY]'; return; fi
-  local file=$1 source name dir cwd cmdline=''
-  _gpu_priority "${2-500}" || return 2
-  case $file in
-    '') _gpu_usage 'FILE [PRIORITY]'; return ;;
-    *"$_gpu_nl"*) _gpu_err "a file name with a newline cannot be queued"; return 2 ;;
-  esac
-  if [ -d "$file" ]; then _gpu_err "$file is a directory, not a script"; return 2; fi
-  if [ ! -e "$file" ]; then _gpu_err "no such file: $file"; return 2; fi
-  if [ ! -f "$file" ]; then _gpu_err "$file is not a regular file"; return 2; fi
-  if [ ! -r "$file" ]; then _gpu_err "cannot read $file"; return 2; fi
-  _gpu_instance || return
-  case $file in /*) source=$file ;; *) source=$PWD/$file ;; esac
-  _gpu_short "${file##*/}"  # a resubmitted task (gpu_submit failed/<id>) keeps its name
-  _gpu_safe_name "$_gpu_s"
-  name=$_gpu_s
-  [ "${#name}" -gt 80 ] && name=${name:$((${#name} - 80))}  # keep the end: the extension
-  cwd=$PWD
-  # a finished task runs again where it was first submitted (gpu_run's script relies on that)
-  dir=${source%/*}
-  case ${dir##*/} in
-    done | failed)
-      if _gpu_load "${dir%/*}/records/${source##*/}.submit" && _gpu_field cwd \
-        && [ -n "$_gpu_val" ]; then
-        cwd=$_gpu_val
-        _gpu_field command; cmdline=$_gpu_val
-        [ "$#" -eq 1 ] && _gpu_field priority && _gpu_priority "$_gpu_val" 2>/dev/null
-        _gpu_err "resubmitting ${source##*/} as first submitted: it runs in $cwd," \
-          "at priority $_gpu_p"
-      fi ;;
-  esac
-  _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$source" "$cmdline" "$file" ""
-}
-
-_gpu_cmd_run() {
-  local cmd="$*" words
-  case $cmd in
-    *[![:space:]]*) ;;
-    *) _gpu_usage "'COMMAND'"; return ;;
-  esac
-  case $cmd in
-    *"$_gpu_nl"*)
-      _gpu_err "the command has a newline: put it in a script and use gpu_submit"
-      return 2 ;;
-  esac
-  _gpu_instance || return
-  _gpu_safe_name "$cmd"
-  words=$_gpu_s
-  while :; do
-    case $words in *__*) words=${words//__/_} ;; *) break ;; esac
-  done
-  words=${words#_}
-  words=${words:0:73}
-  words=${words%_}
-  _gpu_whoami
-  _gpu_enqueue "run_${words:-command}.sh" 500 "$PWD" "" "$cmd" "" "#!/usr/bin/env bash
-# queued with gpu_run by $_gpu_who from $PWD
-$cmd
-"
-}
-
-_gpu_show_nodes() {  # the daemon part of gpu_status
-  local state node rank gpus i line up
-  local IFS=$_gpu_nl
-  state=$(_gpu_node_files)
-  if [ -z "$state" ]; then
-    printf 'Daemon:   none has started for this instance yet; tasks wait in pending/\n'
-    return
-  fi
-  for node in $state; do
-    _gpu_load "$_gpu_q/nodes/$node" || continue
-    rank=${node#node-}; rank=${rank%.state}
-    _gpu_field num_nodes
-    if [ "${_gpu_val:-1}" = 1 ] && [ "$rank" = 0 ]; then line='Daemon:   '; else
-      line="Node $rank:   "; fi
-    if _gpu_node_alive; then
-      _gpu_field status; line="${line}alive"
-      [ "$_gpu_val" = stopping ] && line="$line (shutting down)"
-      up=1
-    else
-      _gpu_field status
-      if [ "$_gpu_val" = stopped ]; then
-        _gpu_field stopped; line="${line}stopped $(_gpu_date "$_gpu_val")"
-        _gpu_field stop_reason; [ -n "$_gpu_val" ] && line="$line ($_gpu_val)"
-      else
-        line="${line}NOT ALIVE (no heartbeat for over 60 s)"
-      fi
-      up=
-    fi
-    _gpu_field host; line="$line on ${_gpu_val:-?}"
-    _gpu_field pid; line="$line, pid ${_gpu_val:-?}"
-    printf '%s\n' "$line"
-    _gpu_field started; printf '          started %s' "$(_gpu_date "$_gpu_val")"
-    if [ -n "$up" ]; then
-      _gpu_field shutdown; printf ', auto-shutdown at %s' "$(_gpu_date "$_gpu_val")"
-    fi
-    _gpu_field heartbeat; _gpu_age "$_gpu_val"; printf ', heartbeat %s ago\n' "$_gpu_d"
-    _gpu_field keepalive; [ -n "$_gpu_val" ] && printf '          keep-alive: %s\n' "$_gpu_val"
-    _gpu_field gpu_count; gpus=$_gpu_val
-    _gpu_int "$gpus" || gpus=0
-    i=0
-    while [ "$i" -lt "$gpus" ]; do
-      _gpu_field "gpu.$i.name"; line="          GPU $i ${_gpu_val:-?}"
-      _gpu_field "gpu.$i.util"; line="$line  util ${_gpu_val:--}%"
-      _gpu_field "gpu.$i.mem_used_mib"; line="$line  mem ${_gpu_val:--}"
-      _gpu_field "gpu.$i.mem_total_mib"; line="$line/${_gpu_val:--} MiB"
-      _gpu_field "gpu.$i.state"; [ -n "$_gpu_val" ] && line="$line  keep-alive $_gpu_val"
-      _gpu_field "gpu.$i.reason"; [ -n "$_gpu_val" ] && line="$line ($_gpu_val)"
-      _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && line="$line  tile $_gpu_val"
-      _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && line="$line  duty $_gpu_val"
-      printf '%s\n' "$line"
-      i=$((i + 1))
-    done
-  done
-}
-
-_gpu_cmd_status() {
-  if [ "$#" -gt 0 ]; then _gpu_usage ''; return; fi
-  _gpu_existing_instance || return
-  local IFS=$_gpu_nl id list n shown prio line alive='' running=0 pending=0 ndone failed
-  printf 'Instance: %s (%s)\n' "$JOB_ID" "$_gpu_q"
-  _gpu_now
-  _gpu_show_nodes
-  _gpu_daemon_alive && alive=1
-
-  for id in $(_gpu_ls "$_gpu_q/running"); do
-    running=$((running + 1))
-    line="Running:  $id"
-    if _gpu_load "$_gpu_q/records/$id.run"; then
-      _gpu_field started; _gpu_age "$_gpu_val"; line="$line, for $_gpu_d"
-      _gpu_field host; [ -n "$_gpu_val" ] && line="$line on $_gpu_val"
-    fi
-    [ -z "$alive" ] && line="$line (its daemon is not alive: a new daemon marks it interrupted)"
-    printf '%s\n' "$line"
-  done
-  [ "$running" -eq 0 ] && printf 'Running:  nothing\n'
-
-  list=$(_gpu_ls "$_gpu_q/pending")
-  for id in $list; do pending=$((pending + 1)); done
-  if [ "$pending" -eq 0 ]; then
-    printf 'Pending:  none\n'
-  else
-    printf 'Pending:  %s, in run order:\n' "$pending"
-    shown=0
-    for id in $list; do
-      [ "$shown" -ge 20 ] && { printf '          ... and %s more\n' "$((pending - shown))"; break; }
-      case $id in [0-9][0-9][0-9]-*) prio=${id%%-*} ;; *) prio=--- ;; esac
-      printf '          %s  %s\n' "$prio" "$id"
-      shown=$((shown + 1))
-    done
-  fi
-
-  # the tasks that ended last wrote their logs last: list logs/ by time (never records/, three
-  # times larger, nor an argument list, which ARG_MAX limits) and read only the first results
-  list=$(command ls -1t -- "$_gpu_q/logs" 2>/dev/null | command head -n 15)
-  shown=0
-  for id in $list; do
-    [ "$shown" -lt 10 ] || break
-    id=${id%.log}
-    _gpu_load "$_gpu_q/records/$id.result" || continue  # still running
-    [ "$shown" -eq 0 ] && printf 'Recent:   STATE        EXIT  DURATION  ENDED       TASK\n'
-    shown=$((shown + 1))
-    _gpu_field state; line=$_gpu_val
-    _gpu_field exit_code; n=$_gpu_val
-    [ -z "$n" ] && { _gpu_field signal; n=${_gpu_val:+sig$_gpu_val}; }
-    _gpu_field duration; _gpu_dur "$_gpu_val"
-    printf '          %-11s %5s  %8s' "$line" "${n:--}" "$_gpu_d"
-    _gpu_field ended; _gpu_age "$_gpu_val"
-    printf '  %-10s  %s\n' "$_gpu_d ago" "$id"
-  done
-  _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
-  _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
-  printf 'Totals:   %s running, %s pending, %s done, %s failed or stopped\n' \
-    "$running" "$pending" "$ndone" "$failed"
-}
-
-_gpu_newest_log() {  # _gpu_newest_log NAME: the id of NAME's newest log into _gpu_id
-  local id IFS=$_gpu_nl
-  for id in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null); do
-    case $id in *.log) ;; *) continue ;; esac
-    id=${id%.log}
-    _gpu_matches "$id" "$1" && { _gpu_id=$id; return 0; }
-  done
-  return 1
-}
-
-_gpu_no_log() {  # _gpu_no_log NAME: why NAME has no log; returns 1
-  if _gpu_find "$1" pending; then
-    _gpu_err "task $1 is still pending: it has no log yet (gpu_tail $1 waits for it)"
-  elif _gpu_find "$1" failed 'done'; then
-    _gpu_err "task $1 has no log: it never ran (cancelled)"
-  else
-    _gpu_err "no such task: $1 (gpu_logs lists the logs)"
-  fi
-  return 1
-}
-
-_gpu_cmd_logs() {
-  if [ "$#" -gt 1 ]; then _gpu_usage '[NAME|--all]'; return; fi
-  _gpu_existing_instance || return
-  if [ "$#" -eq 1 ] && [ "$1" != --all ]; then
-    _gpu_check_name "$1" || return 1
-    _gpu_newest_log "$1" || { _gpu_no_log "$1"; return 1; }
-    command cat -- "$_gpu_q/logs/$_gpu_id.log"
-    return
-  fi
-  local perms size day time name total shown=0 limit=20 running
-  _gpu_count "$_gpu_q/logs"; total=$_gpu_n
-  if [ "$total" -eq 0 ]; then
-    printf 'No logs yet in %s/logs\n' "$_gpu_q"
-    return 0
-  fi
-  [ "$#" -eq 1 ] && limit=$total
-  running=$_gpu_nl$(_gpu_ls "$_gpu_q/running")$_gpu_nl
-  printf '%6s  %-16s  %s\n' SIZE MODIFIED TASK
-  while IFS=' ' read -r perms _ size day time name; do
-    case $perms in total) continue ;; esac
-    case $name in *.log) name=${name%.log} ;; *) continue ;; esac
-    case $running in *"$_gpu_nl$name$_gpu_nl"*) name="$name (running)" ;; esac
-    printf '%6s  %-16s  %s\n' "$size" "$day $time" "$name"
-    shown=$((shown + 1))
-  done <<EOF
-$(command ls -goth --time-style='+%Y-%m-%d %H:%M' -- "$_gpu_q/logs" 2>/dev/null \
-    | command head -n "$((limit + 1))")
-EOF
-  [ "$shown" -lt "$total" ] && printf '(the newest %s of %s logs; gpu_logs --all lists all)\n' \
-    "$shown" "$total"
-  return 0
-}
-
-_gpu_cmd_tail() {
-  if [ "$#" -gt 1 ]; then _gpu_usage '[NAME]'; return; fi
-  _gpu_existing_instance || return
-  local id=
-  if [ "$#" -eq 0 ]; then
-    id=$(_gpu_ls "$_gpu_q/running" | command head -n 1)
-    if [ -z "$id" ]; then
-      _gpu_err "no task is running in $JOB_ID; gpu_tail NAME follows a given task"
-      return 1
-    fi
-  else
-    _gpu_check_name "$1" || return 1
-    if _gpu_find "$1" running; then
-      id=${_gpu_val%%"$_gpu_nl"*}
-    elif _gpu_newest_log "$1"; then
-      id=$_gpu_id
-    elif _gpu_find "$1" pending; then
-      id=${_gpu_val%%"$_gpu_nl"*}; id=${id#pending/}
-      _gpu_short "$id"
-      if [ "$_gpu_s" = "$id" ]; then
-        _gpu_err "task $id was put into pending/ by hand: its log is named when it starts"
-        return 1
-      fi
-      _gpu_err "task $id is pending: waiting for it to start"
-    else
-      _gpu_no_log "$1"; return 1
-    fi
-    id=${id#running/}
-  fi
-  _gpu_err "following $_gpu_q/logs/$id.log (Ctrl-C to stop)"
-  command tail -n 40 -F -- "$_gpu_q/logs/$id.log"
-}
-
-_gpu_cancel_here() {  # _gpu_cancel_here ID: cancel a pending task without a daemon (protocol)
-  # never over an earlier task of that name (one put into pending/ by hand twice)
-  [ -e "$_gpu_q/failed/$1" ] && return 2
-  _gpu_mv "$_gpu_q/pending/$1" "$_gpu_q/failed/$1" || return 1
+  [ -e "$_gpu_q/failed/$_gpu_id" ] || return 1  # a daemon took it meanwhile
   _gpu_unique || return 0
   _gpu_whoami
-  _gpu_put "$_gpu_q/records/$1.result" "id=$1
+  _gpu_put "$_gpu_q/records/$_gpu_id.result" "id=$_gpu_id
 state=cancelled
 exit_code=
 signal=
@@ -878,22 +2478,24 @@ attempt=1
 }
 
 _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon is alive
-  local entry IFS=$_gpu_nl rc=0 count=0
+  local entry name IFS=$_gpu_nl rc=0 count=0
   _gpu_prepare failed records || return 1
   for entry in $2; do
+    name=${entry#*/}
     case $entry in
       pending/*)
-        _gpu_cancel_here "${entry#pending/}"
+        _gpu_cancel_here "$name"
         case $? in
-          0) printf 'cancelled %s (it was pending)\n' "${entry#pending/}"
+          0) if [ "$_gpu_id" = "$name" ]; then _gpu_say "cancelled $name (it was pending)"
+            else _gpu_say "cancelled $name as $_gpu_id (it was pending)"; fi
             count=$((count + 1)) ;;
-          2) _gpu_err "${entry#pending/} is not cancelled: failed/${entry#pending/} exists" \
-              "already (rename or remove one of them)"; rc=1 ;;
-          *) _gpu_err "${entry#pending/} left pending/ meanwhile (a daemon took it?)"; rc=1 ;;
+          2) _gpu_err "$name is not cancelled: failed/$_gpu_id exists already (rename or" \
+              "remove one of them)"; rc=1 ;;
+          *) _gpu_err "$name left pending/ meanwhile (a daemon took it?)"; rc=1 ;;
         esac ;;
       running/*)
-        _gpu_err "${entry#running/} is in running/ but its daemon is not alive: a new" \
-          "daemon marks it interrupted (and ends what is left of it on that host)"
+        _gpu_err "$name is in running/ but its daemon is not alive: a new daemon marks it" \
+          "interrupted (and ends what is left of it on that host)"
         rc=1 ;;
     esac
   done
@@ -902,7 +2504,9 @@ _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon
 }
 
 _gpu_cmd_stop() {
-  if [ "$#" -ne 1 ]; then _gpu_usage 'NAME|all'; return; fi
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -ne 1 ]; then _gpu_usage; return; fi
   _gpu_existing_instance || return
   local name=$1 matches entry sent='' u count rc=0 IFS=$_gpu_nl
   if [ "$name" = all ]; then
@@ -921,10 +2525,17 @@ _gpu_cmd_stop() {
     matches=$_gpu_val
   fi
   if ! _gpu_daemon_alive; then
-    _gpu_err "no daemon is alive for $JOB_ID: only pending tasks can be cancelled"
+    case $_gpu_live in
+      stopped) _gpu_err "the daemon of $JOB_ID has stopped: only pending tasks can be cancelled" ;;
+      dead) _gpu_err "no daemon is alive for $JOB_ID ($_gpu_why; likely $_gpu_cause): only" \
+        "pending tasks can be cancelled" ;;
+      *) _gpu_err "no daemon is alive for $JOB_ID: only pending tasks can be cancelled" ;;
+    esac
     _gpu_stop_offline "$name" "$matches"
     return
   fi
+  [ "$_gpu_live" != late ] || _gpu_err "the daemon of $JOB_ID is not responding ($_gpu_why;" \
+    "likely $_gpu_cause): asking it all the same"
   if [ "$name" = all ]; then
     _gpu_send stop_all || return 1
     sent=$_gpu_u
@@ -939,17 +2550,17 @@ _gpu_cmd_stop() {
     _gpu_answer "$u" || { rc=1; continue; }
     _gpu_field result
     case $_gpu_val in
-      stopped) _gpu_field task; printf 'stopped %s' "$_gpu_val"
-        _gpu_field message; printf ' (%s)\n' "$_gpu_val" ;;
-      cancelled) _gpu_field task; printf 'cancelled %s (it was pending)\n' "$_gpu_val" ;;
+      stopped) _gpu_field task; u=$_gpu_val
+        _gpu_field message; _gpu_say "stopped $u ($_gpu_val)" ;;
+      cancelled) _gpu_field task; _gpu_say "cancelled $_gpu_val (it was pending)" ;;
       not_found) _gpu_field task
         _gpu_err "$_gpu_val is neither pending nor running any more (it has just finished)"
         rc=1 ;;
       ok) _gpu_field cancelled_count; count=${_gpu_val:-0}
-        printf 'cancelled %s pending task(s)\n' "$count"
+        _gpu_say "cancelled $count pending task(s)"
         _gpu_field stopped
         if [ -n "$_gpu_val" ]; then
-          printf 'stopped %s\n' "$_gpu_val"
+          _gpu_say "stopped $_gpu_val"
         elif [ "$count" = 0 ]; then  # nothing to stop, yet the GPUs are freed all the same
           printf 'no task was running; the daemon still ends the other Python processes of its\n'
           printf 'user on the node (its --kill-scope), to free the GPUs\n'
@@ -962,37 +2573,127 @@ _gpu_cmd_stop() {
   return "$rc"
 }
 
+_gpu_cmd_clean() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
+  local keep=0 older=0 whole frac line end dir id n=0 kept=0 stage list moved='' total=0
+  local IFS=$_gpu_nl
+  if [ -n "$_gpu_o_keep" ]; then
+    _gpu_whole "$_gpu_o_keep" 99999999 || {
+      _gpu_err "--keep wants a number of tasks, not '$_gpu_o_keep'"; return 2; }
+    keep=$_gpu_i
+  fi
+  if [ -n "$_gpu_o_older" ]; then
+    case $_gpu_o_older in
+      '' | *[!0-9.]* | .* | *. | *.*.*)
+        _gpu_err "--older-than wants a number of days, not '$_gpu_o_older'"; return 2 ;;
+    esac
+    whole=${_gpu_o_older%%.*} frac=00000
+    case $_gpu_o_older in *.*) frac=${_gpu_o_older#*.}00000 ;; esac
+    _gpu_whole "$whole" 100000 || { _gpu_err "--older-than: too many days"; return 2; }
+    whole=$_gpu_i
+    _gpu_int "${frac:0:5}"
+    older=$((whole * 86400 + _gpu_i * 86400 / 100000))
+  fi
+  _gpu_existing_instance || return
+  _gpu_now
+  # every finished task with the time it ended (its result's, else its own), newest first
+  list=$({
+    command find "$_gpu_q/records" -maxdepth 1 -type f -name '*.result' -printf '%f/R/%T@\n' \
+      2>/dev/null | command sed 's|\.result/R/|/R/|'
+    command find "$_gpu_q/done" "$_gpu_q/failed" -maxdepth 1 -type f -printf '%f/T/%T@/%h\n' \
+      2>/dev/null
+  } | command sort -t/ -k1,1 -k2,2 | {
+    id='' end=''
+    while IFS=/ read -r line kind when dir; do
+      if [ "$kind" = R ]; then id=$line end=$when; continue; fi
+      [ "$id" = "$line" ] || end=$when
+      printf '%s %s/%s\n' "${end%%.*}" "${dir##*/}" "$line"
+    done
+  } | command sort -rn)
+  stage=''
+  for line in $list; do
+    total=$((total + 1))
+    end=${line%% *} line=${line#* }
+    if [ "$kept" -lt "$keep" ]; then kept=$((kept + 1)); continue; fi
+    [ "$older" -eq 0 ] || [ "$end" -le "$((_gpu_t - older))" ] || { kept=$((kept + 1)); continue; }
+    moved=$moved$end' '$line$_gpu_nl
+  done
+  if [ -z "$moved" ]; then
+    _gpu_say "nothing to remove: $total finished task(s) in $JOB_ID, all kept"
+    return 0
+  fi
+  if [ -z "$_gpu_o_dry" ]; then
+    # out of done/ and failed/ first, in one move: then records and logs; a task renamed
+    # meanwhile (back into pending/) is not moved, and keeps its records
+    _gpu_prepare || return 1
+    _gpu_unique || return 1
+    stage=$_gpu_q/.staging/.clean-$_gpu_u
+    command mkdir -- "$stage" || { _gpu_err "cannot create $stage"; return 1; }
+    for line in $moved; do printf '%s\0' "$_gpu_q/${line#* }"; done \
+      | command xargs -0 -r mv -t "$stage" -- 2>/dev/null
+  fi
+  for line in $moved; do
+    end=${line%% *} line=${line#* } id=${line#*/}
+    if [ -n "$stage" ]; then [ -e "$stage/$id" ] || continue; fi
+    n=$((n + 1))
+    _gpu_age "$end"
+    if [ -n "$stage" ]; then _gpu_say "removed $line (ended $_gpu_d ago)"
+    else _gpu_say "would remove $line (ended $_gpu_d ago)"; fi
+  done
+  if [ -n "$stage" ]; then
+    {
+      for id in $(_gpu_ls "$stage"); do
+        for line in submit run result stop gang; do printf '%s\0' "$_gpu_q/records/$id.$line"; done
+        printf '%s\0' "$_gpu_q/logs/$id.log"
+      done
+      list=$_gpu_nl$(_gpu_ls "$stage")$_gpu_nl
+      for line in $(command find "$_gpu_q/records" "$_gpu_q/logs" -maxdepth 1 -type f \
+        -name '*.rank[0-9]*' 2>/dev/null); do
+        id=${line##*/}; id=${id%.rank[0-9]*}
+        case $list in *"$_gpu_nl$id$_gpu_nl"*) printf '%s\0' "$line" ;; esac
+      done
+    } | command xargs -0 -r rm -f --
+    command rm -rf -- "$stage"
+    _gpu_say "removed $n finished task(s) of $JOB_ID; kept $((total - n))"
+  else
+    _gpu_say "would remove $n finished task(s) of $JOB_ID; keep $kept"
+  fi
+}
+
 _gpu_cluster_job() {  # print the cluster job from job_id.txt and how to delete it
   local backend job extra
   if ! _gpu_load "$_gpu_q/job_id.txt"; then
-    printf 'No job_id.txt in %s: the daemon was not started with submit.sh.\n' "$_gpu_q"
+    _gpu_say "No job_id.txt in $_gpu_q: the daemon was not started with submit.sh."
     printf 'If it runs as a cluster job, delete that job to release the GPUs.\n'
     return 0
   fi
   _gpu_field backend; backend=$_gpu_val
   _gpu_field cluster_job_id; job=$_gpu_val
-  printf 'Cluster job: %s (%s)\n' "${job:-unknown}" "${backend:-unknown backend}"
+  _gpu_say "Cluster job: ${job:-unknown} (${backend:-unknown backend})"
   case $backend in
     sco)
       _gpu_field profile; extra=${_gpu_val:+--profile=$_gpu_val }
       _gpu_field workspace
-      printf 'Delete it to release the GPUs:\n  sco %sacp jobs delete --workspace-name=%s %s\n' \
-        "$extra" "${_gpu_val:-WORKSPACE}" "$job" ;;
-    slurm) printf 'Delete it to release the GPUs:\n  scancel %s\n' "$job" ;;
+      printf 'Delete it to release the GPUs:\n'
+      _gpu_say "  sco ${extra}acp jobs delete --workspace-name=${_gpu_val:-WORKSPACE} $job" ;;
+    slurm) printf 'Delete it to release the GPUs:\n'; _gpu_say "  scancel $job" ;;
     local)
       _gpu_field host; extra=${_gpu_val:+ (on $_gpu_val)}
       _gpu_field pid; [ -n "$_gpu_val" ] || _gpu_val=${job#local-}
-      printf 'It ends with the daemon; if it does not%s:\n  kill %s\n' "$extra" "$_gpu_val" ;;
+      _gpu_say "It ends with the daemon; if it does not$extra:"
+      _gpu_say "  kill $_gpu_val" ;;
   esac
   return 0
 }
 
 _gpu_cmd_shutdown() {
-  if [ "$#" -gt 0 ]; then _gpu_usage ''; return; fi
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
   _gpu_existing_instance || return
   local rc=0
   if ! _gpu_daemon_alive; then
-    _gpu_err "no daemon is alive for $JOB_ID: nothing to shut down"
+    _gpu_err "no daemon is alive for $JOB_ID${_gpu_why:+ ($_gpu_why)}: nothing to shut down"
     rc=1
   else
     _gpu_send shutdown || return 1
@@ -1000,7 +2701,8 @@ _gpu_cmd_shutdown() {
     if ! _gpu_answer "$_gpu_u"; then
       rc=1
     elif _gpu_field result && [ "$_gpu_val" = accepted ]; then
-      printf 'The daemon of %s is shutting down: it stops the running task and exits;\n' "$JOB_ID"
+      printf 'The daemon of %s is shutting down: it stops the running tasks and exits;\n' \
+        "$JOB_ID"
       printf 'pending tasks stay queued for the next daemon.\n'
     else
       _gpu_field message; _gpu_err "the daemon answered: ${_gpu_val:-an error}"
@@ -1011,13 +2713,59 @@ _gpu_cmd_shutdown() {
   return "$rc"
 }
 
-_gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD: completion candidates, one a line
-  local what=${1#gpu_} word=${2-} id IFS=$_gpu_nl
-  _gpu_root 2>/dev/null || return 0
+# Tab completion ####################################################################################
+
+_gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for WORD, one a
+  # line; WORDS are the words between the command and WORD
+  local what=${1#gpu_} word=${2-} line short long name positional=0 takes='' id
+  local IFS=$_gpu_nl
+  shift 2
+  _gpu_spec "$what" || return 0
+  for line in "$@"; do  # how many arguments are there before WORD, and is WORD an option's?
+    if [ -n "$takes" ]; then takes=''; continue; fi
+    case $line in
+      --) positional=$((positional + 100)) ;;
+      -?*)
+        for short in $_gpu_sp_opts; do
+          long=${short#*|}; long=${long%%|*}; name=${short#*|*|}; name=${name%%|*}
+          short=${short%%|*}
+          if [ "$line" = "$long" ] || { [ -n "$short" ] && [ "$line" = "$short" ]; }; then
+            [ -z "$name" ] || takes=$line
+          fi
+        done ;;
+      *) positional=$((positional + 1)) ;;
+    esac
+  done
+  if [ -n "$takes" ]; then
+    case $takes in
+      --after) what='wait' ;;
+      -g | --gpus) printf 'all\n'; return 0 ;;
+      -n | --nodes) [ "$what" = logs ] || [ "$what" = tail ] || printf 'all\n'; return 0 ;;
+      *) return 0 ;;
+    esac
+  else
+    case $word in
+      -*)
+        { for line in $_gpu_sp_opts '-h|--help'; do
+            short=${line%%|*} long=${line#*|}; long=${long%%|*}
+            [ -z "$short" ] || printf '%s\n' "$short"
+            printf '%s\n' "$long"
+          done; } | command sort -u
+        return 0 ;;
+    esac
+    case $what in
+      help) [ "$positional" -eq 0 ] || return 0
+        printf '%s\n' use list submit run status show logs tail wait retry stop clean shutdown help
+        return 0 ;;
+      use) [ "$positional" -eq 0 ] || return 0 ;;
+      stop | show | logs | tail | retry) [ "$positional" -eq 0 ] || return 0 ;;
+      wait) ;;
+      *) return 0 ;;
+    esac
+  fi
+  _gpu_root_value 2>/dev/null && [ -d "$_gpu_r" ] || return 0
   if [ "$what" = use ]; then
-    for id in $(_gpu_ls "$_gpu_r"); do
-      _gpu_valid_id "$id" && [ -d "$_gpu_r/$id" ] && printf '%s\n' "$id"
-    done
+    _gpu_instances
     return 0
   fi
   _gpu_valid_id "${JOB_ID-}" || return 0
@@ -1030,23 +2778,21 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD: completion candidates, 
     done
     if [ "$what" != stop ]; then
       for id in $(_gpu_ls "$_gpu_q/logs"); do
-        id=${id%.log}
-        case $word in [0-9]*) printf '%s\n' "$id" ;; esac
-        _gpu_short "$id"; printf '%s\n' "$_gpu_s"
+        _gpu_log_rank "$id" "${id##*.rank}" || _gpu_log_rank "$id" ''
+        case $word in [0-9]*) printf '%s\n' "$_gpu_id" ;; esac
+        _gpu_short "$_gpu_id"; printf '%s\n' "$_gpu_s"
       done
     fi
   } | command sort -u
 }
 
-# Tab completion ####################################################################################
-
 _gpu_complete_bash() {
   local line
   COMPREPLY=()
-  [ "${COMP_CWORD-0}" -eq 1 ] || return 0
   while IFS= read -r line; do
-    case $line in "${COMP_WORDS[1]-}"*) COMPREPLY+=("$line") ;; esac
-  done < <(_gpu_main complete "${COMP_WORDS[0]-}" "${COMP_WORDS[1]-}")
+    case $line in "${COMP_WORDS[COMP_CWORD]-}"*) COMPREPLY+=("$line") ;; esac
+  done < <(_gpu_main complete "${COMP_WORDS[0]-}" "${COMP_WORDS[COMP_CWORD]-}" \
+    "${COMP_WORDS[@]:1:COMP_CWORD-1}")
 }
 
 _gpu_complete_zsh() {
@@ -1054,16 +2800,23 @@ _gpu_complete_zsh() {
   local line
   local -a items
   while IFS= read -r line; do items+=("$line"); done \
-    < <(_gpu_main complete "${words[1]-}" "${PREFIX-}")
-  compadd -a items
+    < <(_gpu_main complete "${words[1]-}" "${PREFIX-}" "${words[@]:1:$((CURRENT - 2))}")
+  if (( ${#items} )); then
+    compadd -a items
+  elif [[ ${words[1]-} = gpu_submit ]]; then
+    _files
+  fi
 }
 
 if [ -n "${ZSH_VERSION-}" ]; then
   if command -v compdef >/dev/null 2>&1; then
-    compdef _gpu_complete_zsh gpu_stop gpu_logs gpu_tail gpu_use
+    compdef _gpu_complete_zsh gpu_use gpu_list gpu_submit gpu_run gpu_status gpu_show gpu_logs \
+      gpu_tail gpu_wait gpu_retry gpu_stop gpu_clean gpu_shutdown gpu_help
   fi
 elif command -v complete >/dev/null 2>&1; then
-  complete -F _gpu_complete_bash gpu_stop gpu_logs gpu_tail gpu_use
+  complete -F _gpu_complete_bash gpu_use gpu_list gpu_status gpu_show gpu_logs gpu_tail gpu_wait \
+    gpu_retry gpu_stop gpu_clean gpu_shutdown gpu_help
+  complete -o default -F _gpu_complete_bash gpu_submit gpu_run
 fi
 
 if [ -n "${_gpu_restore_aliases-}" ]; then eval "$_gpu_restore_aliases"; fi

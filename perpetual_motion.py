@@ -378,8 +378,10 @@ def unique_name() -> str:
 
 
 def task_id_for(name: str, priority: int = DEFAULT_PRIORITY) -> str:
-    """A task id for a file dropped into pending/ by hand (the client names its own)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-80:] or "task"
+    """A task id for a file dropped into pending/ by hand (the client names its own). Like the
+    client, it works on bytes: a character outside ``A-Za-z0-9._-`` becomes one ``_`` per byte."""
+    raw = name.encode("utf-8", "surrogateescape")
+    safe = re.sub(rb"[^A-Za-z0-9._-]", b"_", raw).decode("ascii")[-80:] or "task"
     return f"{priority:03d}-{unique_name()}-{safe}"
 
 
@@ -599,7 +601,7 @@ class QueueFolder:
         ``train.sh`` or a finished task renamed back never collides with an earlier run."""
         if TASK_ID_RE.fullmatch(name) and not self.has_result(name):
             return name
-        priority = ascii_int(name[:3]) if name[3:4] == "-" else None
+        priority = ascii_int(name[:3])
         return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)
 
     def remove_finished(self, before: float) -> list[str]:

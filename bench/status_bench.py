@@ -3,10 +3,11 @@
 
     python3 bench/status_bench.py [--finished 10000] [--runs 7]
 
-The instance folder is built directly, as a long-lived daemon would have left it: every finished
-task has its submit, run and result records and its log, with the result records' times spread
-over the past days; a live node state, one running task and 20 pending tasks. Each command runs in
-a fresh `bash -c` / `zsh -f -c` that sources client.sh, timed from outside (the shell's start-up
+The instance folder is built directly, as a long-lived daemon of protocol 2 would have left it:
+every finished task has its submit, run and result records and its log, with the result records'
+times spread over the past days; a live node state (its running task, and per GPU the task that
+holds it), one running task and 20 pending tasks with submit records. Each command runs in a fresh
+`bash -c` / `zsh -f -c` that sources client.sh, timed from outside (the shell's start-up
 included). No daemon is needed.
 """
 
@@ -91,21 +92,33 @@ def build_instance(root: Path, job_id: str, finished: int, now: float | None = N
     ids["running"].append(running)
     (inst / "running" / running).write_text("sleep 1000\n")
     write(records / f"{running}.run",
-          {"id": running, "host": "node-a", "started": f"{now - 65:.3f}"})
+          {"id": running, "host": "node-a", "node_rank": 0, "gpus": "0,1",
+           "started": f"{now - 65:.3f}"})
+    write(records / f"{running}.submit", {"id": running, "name": "running.sh", "gpus": 2,
+                                          "command": "python train.py --epochs 90"})
     for n in range(pending):
         tid = task_id(finished + 1 + n, f"next{n}.sh", priority=100 + n)
         ids["pending"].append(tid)
         (inst / "pending" / tid).write_text("echo next\n")
+        write(records / f"{tid}.submit", {"id": tid, "name": f"next{n}.sh", "gpus": 1,
+                                          "nodes": 1, "command": f"python sweep.py --seed {n}",
+                                          "cwd": "/tmp", "argc": 0})
     gpus = {}
     for i in range(8):
-        gpus.update({f"gpu.{i}.name": "NVIDIA H200", f"gpu.{i}.util": 75,
+        gpus.update({f"gpu.{i}.index": i, f"gpu.{i}.name": "NVIDIA H200",
+                     f"gpu.{i}.task": running if i < 2 else "", f"gpu.{i}.util": 75,
                      f"gpu.{i}.mem_used_mib": 80000, f"gpu.{i}.mem_total_mib": 143771,
-                     f"gpu.{i}.state": "holding", f"gpu.{i}.reason": ""})
+                     f"gpu.{i}.state": "yielded" if i < 2 else "holding",
+                     f"gpu.{i}.reason": "queue task" if i < 2 else ""})
     write(inst / "nodes" / "node-0.state", {
-        "protocol": 1, "job_id": job_id, "node_rank": 0, "num_nodes": 1, "host": "node-a",
+        "protocol": 2, "job_id": job_id, "node_rank": 0, "num_nodes": 1, "host": "node-a",
         "pid": 4242, "status": "running", "started": f"{now - 3600:.3f}",
         "shutdown": f"{now + 20 * 3600:.3f}", "heartbeat": f"{now - 1:.3f}",
-        "poll_interval": 1, "current_task": running, "current_task_started": f"{now - 65:.3f}",
+        "poll_interval": 1, "kill_scope": "task", "running_count": 1,
+        "running.0.id": running, "running.0.gpus": "0,1", "running.0.started": f"{now - 65:.3f}",
+        "running.0.pid": 4343, "running.0.rank": "", "waiting.id": "", "waiting.reason": "",
+        "cpu_slots": 1, "cpu_running": 0, "gpus_free": 0,
+        "current_task": running, "current_task_started": f"{now - 65:.3f}",
         "keepalive": "on", "gpu_count": 8, **gpus})
     return ids
 
@@ -144,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         for shell in shells:
             report[shell] = {cmd: time_command(shell, cmd, root, "bench", args.runs)
-                             for cmd in ("gpu_status", "gpu_logs", "gpu_list", "gpu_use")}
+                             for cmd in ("gpu_status", "gpu_status --json", "gpu_logs",
+                                         "gpu_logs task5000", "gpu_list", "gpu_use")}
         report["within_limit"] = all(report[s]["gpu_status"]["median_s"] <= 0.3 for s in shells)
     print(json.dumps(report, indent=2))
     return 0

@@ -3,197 +3,58 @@
 The first part needs no daemon: it checks what the client writes (docs/protocol.md) and what it
 prints for queue folders built by hand. The second part runs against the real daemon, always in
 its own PID namespace (the ``start_daemon`` fixture of conftest.py), since a stop makes the daemon
-kill Python processes.
+kill Python processes. The commands and options of issue 10 are in test_client_cli.py, what
+gpu_status shows in test_client_status.py, what needs a daemon of protocol 2 in
+test_client_v2.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from client_helpers import (
+    CLIENT,
+    EPOCH,
+    ID_RE,
+    INTERACTIVE,
+    SHELL_ARGV,
+    SHELLS,
+    Result,
+    Shell,
+    Terminal,
+    build_sample,
+    end_session,
+    listing,
+    local_minute,
+    make_shell,
+    session_members,
+    shell_env,
+    submitted_id,
+    tid,
+    tree,
+    wait_finished,
+    wait_running,
+    write_fields,
+)
 from conftest import REPO, needs_namespace, read_fields, wait_for
 
 sys.path.insert(0, str(REPO / "bench"))
 from status_bench import build_instance  # noqa: E402
 
-CLIENT = REPO / "client.sh"
-SHELL_ARGV = {"bash": ["bash", "--norc", "--noprofile", "-c"], "zsh": ["zsh", "-f", "-c"]}
-SHELLS = [pytest.param(name, marks=pytest.mark.skipif(shutil.which(name) is None,
-                                                      reason=f"{name} is not installed"))
-          for name in SHELL_ARGV]
-ID_RE = re.compile(r"^([0-9]{3})-([0-9]{8}_[0-9]{6}_[0-9]{9})-([0-9a-f]{8})"
-                   r"-([A-Za-z0-9._-]{1,80})$")
-EPOCH = 1_800_000_000.0  # fixed times for records built by hand
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-def shell_env(root: Path, job_id: str | None, home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JOB_ID", "QUEUE_ROOT", "GPU_REPLY_TIMEOUT")}
-    env.update(CLIENT=str(CLIENT), QUEUE_ROOT=str(root), HOME=str(home), TZ="UTC")
-    if job_id is not None:
-        env["JOB_ID"] = job_id
-    env.update(extra)
-    return env
-
-
-class Shell:
-    """Runs scripts in a fresh ``bash``/``zsh`` that has sourced client.sh."""
-
-    def __init__(self, name: str, root: Path, home: Path, cwd: Path):
-        self.name, self.root, self.home, self.cwd = name, root, home, cwd
-
-    def argv(self, script: str, source: bool = True) -> list[str]:
-        return [*SHELL_ARGV[self.name], ('source "$CLIENT"\n' if source else "") + script]
-
-    def env(self, job_id: str | None = "exp1", **extra: str) -> dict[str, str]:
-        return shell_env(self.root, job_id, self.home, **extra)
-
-    def run(self, script: str, job_id: str | None = "exp1", cwd: Path | None = None,
-            source: bool = True, timeout: float = 30, **extra: str) -> Result:
-        proc = subprocess.run(self.argv(script, source), env=self.env(job_id, **extra),
-                              cwd=cwd or self.cwd, capture_output=True, text=True,
-                              timeout=timeout)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    def popen(self, script: str, job_id: str | None = "exp1", **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(script), env=self.env(job_id), cwd=self.cwd,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                **kwargs)
-
 
 @pytest.fixture(params=SHELLS)
 def sh(request, tmp_path) -> Shell:
-    root = tmp_path / "queue root"  # a space, on purpose
-    root.mkdir(exist_ok=True)
-    work = tmp_path / "work dir"
-    work.mkdir()
-    home = tmp_path / "home"
-    home.mkdir()
-    return Shell(request.param, root, home, work)
-
-
-def submitted_id(result: Result) -> str:
-    assert result.rc == 0, result.err
-    match = re.fullmatch(r"Submitted (\S+)\n", result.out)
-    assert match, result.out
-    assert ID_RE.match(match.group(1)), match.group(1)
-    return match.group(1)
-
-
-def tree(path: Path) -> dict[str, bytes | None]:
-    """Every file (with its content) and folder under path: to show that nothing was written."""
-    found: dict[str, bytes | None] = {}
-    for p in sorted(path.rglob("*")):
-        found[str(p.relative_to(path))] = p.read_bytes() if p.is_file() else None
-    return found
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-
-
-def write_fields(path: Path, fields: dict[str, object], mtime: float | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k}={v}\n" for k, v in fields.items()))
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
-
-
-def tid(n: int, name: str, priority: str = "500") -> str:
-    return f"{priority}-20270115_0800{n:02d}_{n:09d}-{n:08x}-{name}"
-
-
-def local_minute(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))  # tests run with TZ=UTC
-
-
-# A queue folder built by hand #####################################################################
-
-
-@dataclass
-class Sample:
-    inst: Path
-    now: float
-    running: str
-    pending: list[str]
-    done: list[str]
-    failed: list[str]
-
-
-def build_sample(root: Path, job_id: str = "exp1", alive: bool = True) -> Sample:
-    """An instance as a daemon leaves it: a node state, one running, three pending, four ended."""
-    now = time.time()
-    inst = root / job_id
-    for folder in ("pending", "running", "done", "failed", "records", "logs", "commands",
-                   "replies", "nodes", ".staging"):
-        (inst / folder).mkdir(parents=True, exist_ok=True)
-    (inst / "control.json").write_text(f'{{"protocol": 1, "job_id": "{job_id}"}}\n')
-    write_fields(inst / "nodes" / "node-0.state", {
-        "protocol": 1, "job_id": job_id, "node_rank": 0, "num_nodes": 1, "host": "node-a",
-        "pid": 4242, "status": "running", "started": f"{now - 3600:.3f}",
-        "shutdown": f"{now + 23 * 3600:.3f}", "heartbeat": f"{now - (2 if alive else 600):.3f}",
-        "poll_interval": 1, "keepalive": "on", "gpu_count": 2,
-        "gpu.0.name": "NVIDIA H200", "gpu.0.util": 75, "gpu.0.mem_used_mib": 80000,
-        "gpu.0.mem_total_mib": 143771, "gpu.0.state": "holding", "gpu.0.reason": "",
-        "gpu.0.tile": 4096, "gpu.0.duty": "0.85",
-        "gpu.1.name": "NVIDIA H200", "gpu.1.util": 3, "gpu.1.mem_used_mib": 1000,
-        "gpu.1.mem_total_mib": 143771, "gpu.1.state": "yielded", "gpu.1.reason": "queue task",
-        "gpu.1.tile": "", "gpu.1.duty": "",
-    })
-    running = tid(1, "train.sh")
-    (inst / "running" / running).write_text("sleep 1000\n")
-    write_fields(inst / "records" / f"{running}.run",
-                 {"id": running, "host": "node-a", "started": f"{now - 7205:.3f}"})
-    (inst / "logs" / f"{running}.log").write_text("[perpetual-motion] task: x\nepoch 1\n")
-    pending = [tid(2, "eval.sh", "001"), tid(3, "train.sh"), "zz_manual.sh"]
-    for name in pending:
-        (inst / "pending" / name).write_text("echo next\n")
-    ended = now - 3 * 86400 - 100
-    done = [tid(4, "prep.py"), tid(5, "train.sh")]
-    failed = [tid(6, "train.sh"), tid(7, "bad.sh")]
-    results = [  # oldest first
-        (done[0], {"state": "done", "exit_code": 0, "signal": "", "duration": "12.400"}),
-        (failed[1], {"state": "failed", "exit_code": 3, "signal": "", "duration": "0.250"}),
-        (done[1], {"state": "done", "exit_code": 0, "signal": "", "duration": "3725.000"}),
-        (failed[0], {"state": "stopped", "exit_code": "", "signal": 15, "duration": "75.000"}),
-    ]
-    for n, (task, fields) in enumerate(results):
-        folder = "done" if task in done else "failed"
-        (inst / folder / task).write_text("echo old\n")
-        write_fields(inst / "records" / f"{task}.result",
-                     {"id": task, **fields, "reason": "x", "ended": f"{ended + n:.3f}"},
-                     mtime=ended + n)
-        log = inst / "logs" / f"{task}.log"
-        log.write_text(f"log of {task}\n" + "x" * 100 * n)
-        os.utime(log, (ended + n, ended + n))
-    cancelled = tid(8, "never.sh")
-    (inst / "failed" / cancelled).write_text("echo never\n")
-    write_fields(inst / "records" / f"{cancelled}.result",
-                 {"id": cancelled, "state": "cancelled", "exit_code": "", "signal": "",
-                  "started": "", "duration": "", "ended": f"{ended + 10:.3f}"}, mtime=ended + 10)
-    failed.append(cancelled)
-    return Sample(inst, now, running, pending, done, failed)
-
+    return make_shell(request.param, tmp_path)
 
 # Submitting #######################################################################################
 
@@ -219,8 +80,9 @@ def test_submit_publishes_a_copy_with_its_record(sh):
     record = read_fields(inst / "records" / f"{task}.submit")
     assert float(record.pop("submitted")) == pytest.approx(before, abs=5)
     assert record.pop("submitted_by").endswith("@" + os.uname().nodename)
-    assert record == {"id": task, "name": "train.sh", "priority": "500",
-                      "source": str(script), "command": "", "cwd": str(sh.cwd)}
+    assert record == {"id": task, "name": "train.sh", "display_name": "", "priority": "500",
+                      "source": str(script), "command": "", "cwd": str(sh.cwd), "gpus": "all",
+                      "nodes": "1", "after": "", "argc": "0", "retry_of": ""}
     assert json.loads((inst / "control.json").read_text()) == {"protocol": 1, "job_id": "exp1"}
     assert listing(inst / ".staging") == []
     assert listing(inst) == [".staging", "control.json", "pending", "records"]
@@ -251,7 +113,7 @@ def test_submit_says_why_no_daemon_will_run_the_task_yet(sh):
     (sh.cwd / "job.sh").write_text("echo hi\n")
     build_sample(sh.root, alive=False)
     res = sh.run("gpu_submit job.sh")
-    assert re.fullmatch(r"gpu_submit: no daemon is alive for exp1 \(last heartbeat 10m0\ds ago\): "
+    assert re.fullmatch(r"gpu_submit: no daemon is alive for exp1 \(no heartbeat for 10m0\ds\): "
                         r"the task waits in pending/ until one starts\n", res.err), res.err
     waiting = sh.root / "waiting"
     waiting.mkdir()  # what submit.sh leaves while the cluster job waits for GPUs
@@ -417,11 +279,13 @@ BAD_INPUTS = [  # (script, rc, the message on stderr)
     ("gpu_submit job.sh 1000", 2,
      "gpu_submit: PRIORITY must be a number from 0 to 999 (smaller runs first): '1000'\n"),
     ("gpu_submit job.sh -1", 2,
-     "gpu_submit: PRIORITY must be a number from 0 to 999 (smaller runs first): '-1'\n"),
-    ("gpu_submit", 2, "gpu_submit: usage: gpu_submit FILE [PRIORITY]\n"),
-    ("gpu_submit job.sh 1 2", 2, "gpu_submit: usage: gpu_submit FILE [PRIORITY]\n"),
-    ("gpu_run", 2, "gpu_run: usage: gpu_run 'COMMAND'\n"),
-    ("gpu_run '  '", 2, "gpu_run: usage: gpu_run 'COMMAND'\n"),
+     "gpu_submit: unknown option -1 (gpu_submit --help lists the options)\n"),
+    ("gpu_submit", 2, "gpu_submit: usage: gpu_submit [OPTIONS] FILE [PRIORITY] [-- ARGS...] "
+     "(gpu_submit --help)\n"),
+    ("gpu_submit job.sh 1 2", 2, "gpu_submit: usage: gpu_submit [OPTIONS] FILE [PRIORITY] "
+     "[-- ARGS...] (gpu_submit --help)\n"),
+    ("gpu_run", 2, "gpu_run: usage: gpu_run [OPTIONS] [--] 'CMD' (gpu_run --help)\n"),
+    ("gpu_run '  '", 2, "gpu_run: usage: gpu_run [OPTIONS] [--] 'CMD' (gpu_run --help)\n"),
     ("gpu_run 'echo a\necho b'", 2,
      "gpu_run: the command has a newline: put it in a script and use gpu_submit\n"),
     ("JOB_ID=../x gpu_submit job.sh", 2,
@@ -451,15 +315,17 @@ BAD_INPUTS = [  # (script, rc, the message on stderr)
      "QUEUE_ROOT)\n"),
     ("gpu_stop nosuch", 1, "gpu_stop: no such task: nosuch (gpu_status lists the tasks)\n"),
     ("gpu_stop ../pending/x", 1, "gpu_stop: no such task: ../pending/x\n"),
-    ("gpu_stop", 2, "gpu_stop: usage: gpu_stop NAME|all\n"),
+    ("gpu_stop", 2, "gpu_stop: usage: gpu_stop NAME|all (gpu_stop --help)\n"),
     ("gpu_logs nosuch", 1, "gpu_logs: no such task: nosuch (gpu_logs lists the logs)\n"),
     ("gpu_tail nosuch", 1, "gpu_logs: no such task: nosuch (gpu_logs lists the logs)\n"
      .replace("gpu_logs:", "gpu_tail:")),
-    ("gpu_tail", 1, "gpu_tail: no task is running in exp1; gpu_tail NAME follows a given task\n"),
+    ("gpu_tail", 1, "gpu_tail: no task of exp1 has a log yet; gpu_tail NAME waits for a given "
+     "task\n"),
     ("JOB_ID=other gpu_status", 1, "gpu_status: no instance other under {root} (gpu_list shows "
      "them)\n"),
-    ("gpu_status extra", 2, "gpu_status: usage: gpu_status\n"),
-    ("gpu_use a b", 2, "gpu_use: usage: gpu_use [ID]\n"),
+    ("gpu_status extra", 2, "gpu_status: usage: gpu_status [-l] [-r N] [--json] (gpu_status "
+     "--help)\n"),
+    ("gpu_use a b", 2, "gpu_use: usage: gpu_use [--new] [ID] (gpu_use --help)\n"),
     ("gpu_use ../x", 2, "gpu_use: '../x' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not "
      "starting with . or -)\n"),
     ("gpu_help nope", 127, "gpu_help: no command gpu_nope (gpu_help lists them)\n"),
@@ -519,90 +385,6 @@ def test_fifty_concurrent_gpu_run_publish_fifty_tasks(tmp_path):
 # Reading the queue ################################################################################
 
 
-def test_status_shows_daemon_gpus_running_pending_recent_and_totals(sh):
-    s = build_sample(sh.root)
-    res = sh.run("gpu_status")
-    assert res.rc == 0 and res.err == ""
-    lines = res.out.splitlines()
-    heartbeat = lines[2]
-    assert re.fullmatch(rf"          started {local_minute(s.now - 3600)}, auto-shutdown at "
-                        rf"{local_minute(s.now + 23 * 3600)}, heartbeat [234]\.?\d?s ago",
-                        heartbeat), heartbeat
-    p = s.pending
-    assert lines[:2] + lines[3:] == [
-        f"Instance: exp1 ({s.inst})",
-        "Daemon:   alive on node-a, pid 4242",
-        "          keep-alive: on",
-        "          GPU 0 NVIDIA H200  util 75%  mem 80000/143771 MiB  keep-alive holding  tile 4096"
-        "  duty 0.85",
-        "          GPU 1 NVIDIA H200  util 3%  mem 1000/143771 MiB  keep-alive yielded "
-        "(queue task)",
-        f"Running:  {s.running}, for 2h00m on node-a",
-        "Pending:  3, in run order:",
-        f"          001  {p[0]}",
-        f"          500  {p[1]}",
-        f"          ---  {p[2]}",
-        "Recent:   STATE        EXIT  DURATION  ENDED       TASK",
-        f"          stopped     sig15     1m15s  3d00h ago   {s.failed[0]}",
-        f"          done            0     1h02m  3d00h ago   {s.done[1]}",
-        f"          failed          3      0.2s  3d00h ago   {s.failed[1]}",
-        f"          done            0     12.4s  3d00h ago   {s.done[0]}",
-        "Totals:   1 running, 3 pending, 2 done, 3 failed or stopped",
-    ]
-
-
-def test_status_tells_a_dead_daemon_a_stopped_one_and_none(sh):
-    s = build_sample(sh.root, alive=False)
-    out = sh.run("gpu_status").out.splitlines()
-    assert out[1] == "Daemon:   NOT ALIVE (no heartbeat for over 60 s) on node-a, pid 4242"
-    assert re.fullmatch(rf"          started {local_minute(s.now - 3600)}, heartbeat 10m0\ds ago",
-                        out[2]), out[2]
-    assert out[6] == (f"Running:  {s.running}, for 2h00m on node-a (its daemon is not alive: a "
-                      "new daemon marks it interrupted)")
-    state = s.inst / "nodes" / "node-0.state"
-    state.write_text(state.read_text() + f"status=stopped\nstopped={s.now - 60}\n"
-                     "stop_reason=shutdown asked by me@here\n")
-    out = sh.run("gpu_status").out.splitlines()
-    assert out[1] == (f"Daemon:   stopped {local_minute(s.now - 60)} (shutdown asked by "
-                      "me@here) on node-a, pid 4242")
-    shutil.rmtree(s.inst / "nodes")
-    out = sh.run("gpu_status").out.splitlines()
-    assert out[1] == "Daemon:   none has started for this instance yet; tasks wait in pending/"
-
-
-def test_status_and_list_show_every_node_of_a_multi_node_instance(sh):
-    s = build_sample(sh.root)
-
-    def node(rank: int, alive: bool = True, num_nodes: int = 2) -> None:
-        write_fields(s.inst / "nodes" / f"node-{rank}.state", {
-            "node_rank": rank, "num_nodes": num_nodes, "host": f"node-{rank}", "pid": 10 + rank,
-            "status": "running", "heartbeat": s.now - (1 if alive else 600),
-            "started": s.now - 60, "shutdown": s.now + 60, "gpu_count": 0})
-
-    node(0)
-    node(1, alive=False)
-    out = sh.run("gpu_status").out
-    assert "\nNode 0:   alive on node-0, pid 10\n" in out
-    assert "\nNode 1:   NOT ALIVE (no heartbeat for over 60 s) on node-1, pid 11\n" in out
-    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive     1/2    node-0 ")
-    for rank in (0, 1, 2, 10):  # ranks in numeric order; the nodes that wrote no state count
-        node(rank, num_nodes=12)
-    out = sh.run("gpu_status").out
-    assert re.findall(r"^Node (\d+):", out, re.M) == ["0", "1", "2", "10"]
-    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive     4/12   node-0 ")
-
-
-def test_a_daemon_that_shuts_down_is_shown_stopping(sh):
-    s = build_sample(sh.root)
-    state = s.inst / "nodes" / "node-0.state"
-    state.write_text(state.read_text().replace("status=running", "status=stopping"))
-    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    stopping  1/1    node-a ")
-    assert sh.run("gpu_use").out == ("exp1: daemon shutting down on node-a (pid 4242, up 1h00m); "
-                                     "1 running, 3 pending, 2 done, 3 failed\n")
-    assert sh.run("gpu_status").out.splitlines()[1] == ("Daemon:   alive (shutting down) on "
-                                                        "node-a, pid 4242")
-
-
 @pytest.fixture(scope="module")
 def big_instance(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("big") / "queue root"
@@ -620,22 +402,26 @@ def test_status_stays_fast_with_ten_thousand_finished_tasks(shell, big_instance,
         proc = subprocess.run(argv, env=env, capture_output=True, text=True)
         times.append(time.perf_counter() - start)
     assert proc.returncode == 0, proc.stderr
-    assert "Totals:   1 running, 20 pending, 9000 done, 1000 failed or stopped" in proc.stdout
-    recent = re.findall(r" ago +(\S+)$", proc.stdout, re.M)
-    assert [r.split("-")[-1] for r in recent] == [f"task{n}.sh" for n in range(9999, 9989, -1)]
+    assert ("Totals:   1 running, 20 pending, 9000 done, 1000 failed, stopped or cancelled"
+            in proc.stdout)
+    recent = re.findall(r"^(\S+) +500 (?:done|failed) ", proc.stdout, re.M)
+    assert recent == [f"task{n}.sh" for n in range(9999, 9989, -1)]
     assert min(times) <= 0.3, times
 
 
 def test_use_shows_and_switches_the_instance(sh):
     build_sample(sh.root)
-    res = sh.run("gpu_use; gpu_use fresh; echo \"JOB_ID=$JOB_ID\"; gpu_use")
+    build_sample(sh.root, "exp2")
+    res = sh.run("gpu_use; gpu_use exp2; echo \"JOB_ID=$JOB_ID\"; gpu_use")
     assert res.rc == 0, res.err
     assert res.out == (
         "exp1: daemon alive on node-a (pid 4242, up 1h00m); 1 running, 3 pending, 2 done, "
         "3 failed\n"
-        f"Using fresh: no folder yet under {sh.root} (no task queued, no daemon started)\n"
-        "JOB_ID=fresh\n"
-        f"fresh: no folder yet under {sh.root} (no task queued, no daemon started)\n")
+        "Using exp2: daemon alive on node-a (pid 4242, up 1h00m); 1 running, 3 pending, 2 done, "
+        "3 failed\n"
+        "JOB_ID=exp2\n"
+        "exp2: daemon alive on node-a (pid 4242, up 1h00m); 1 running, 3 pending, 2 done, "
+        "3 failed\n")
     res = sh.run("gpu_use '../x'; echo \"rc=$? JOB_ID=$JOB_ID\"")
     assert res.out == "rc=2 JOB_ID=exp1\n"
     res = sh.run("gpu_use; echo \"rc=$?\"", job_id=None)
@@ -644,42 +430,36 @@ def test_use_shows_and_switches_the_instance(sh):
                        "one, gpu_list shows them\n")
 
 
-def test_use_exports_job_id_to_child_processes(sh):
-    res = sh.run("gpu_use other >/dev/null; sh -c 'echo \"child sees $JOB_ID\"'", job_id=None)
-    assert res.out == "child sees other\n"
-
-
-def test_list_shows_every_instance_with_its_daemon_and_counts(sh):
-    s = build_sample(sh.root)
-    write_fields(s.inst / "job_id.txt", {"backend": "sco", "cluster_job_id": "pt-abc123"})
-    (sh.root / "queued-only" / "pending").mkdir(parents=True)
-    (sh.root / "queued-only" / "pending" / "a.sh").write_text("")
-    (sh.root / "launched" / ".staging").mkdir(parents=True)  # as submit.sh leaves it
-    write_fields(sh.root / "launched" / "job_id.txt", {"backend": "slurm", "cluster_job_id": 7})
+def test_use_of_an_instance_that_does_not_exist_refuses_unless_new(sh):
+    build_sample(sh.root)
+    build_sample(sh.root, "exp2")
     (sh.root / "not an instance").mkdir()
-    (sh.root / "no-instance").mkdir()
-    (sh.root / "stray-file").write_text("")
-    dead = build_sample(sh.root, "older", alive=False)
-    res = sh.run("gpu_list")
-    assert res.rc == 0, res.err
-    started, shutdown = local_minute(s.now - 3600), local_minute(s.now + 23 * 3600)
-    dead_started = local_minute(dead.now - 3600)
-    dead_shutdown = local_minute(dead.now + 23 * 3600)
-    assert res.out == (
-        "  JOB_ID       DAEMON    NODES  HOST             STARTED          AUTO-SHUTDOWN     RUN"
-        "  PEND  DONE  FAIL  CLUSTER JOB\n"
-        f"* exp1         alive     1/1    node-a           {started} {shutdown}    1     3     2"
-        "     3  pt-abc123\n"
-        "  launched     none      -      -                -                -                   0"
-        "     0     0     0  7\n"
-        f"  older        dead      0/1    node-a           {dead_started} {dead_shutdown}    1"
-        "     3     2     3  -\n"
-        "  queued-only  none      -      -                -                -                   0"
-        "     1     0     0  -\n")
+    before = tree(sh.root)
+    res = sh.run("gpu_use nosuch; echo \"rc=$? JOB_ID=$JOB_ID\"")
+    assert (res.out, res.err) == ("rc=1 JOB_ID=exp1\n", f"gpu_use: no instance nosuch under "
+                                  f"{sh.root}; the instances there: exp1 exp2; gpu_use --new "
+                                  "nosuch switches to a new one\n")
+    assert tree(sh.root) == before  # and nothing was created
+    res = sh.run("gpu_use --new fresh; echo \"rc=$? JOB_ID=$JOB_ID\"; gpu_use")
+    assert res.out == (f"Using fresh: no folder yet under {sh.root} (no task queued, no daemon "
+                       f"started)\nrc=0 JOB_ID=fresh\nfresh: no folder yet under {sh.root} (no "
+                       "task queued, no daemon started)\n"), res.err
+    res = sh.run("gpu_use -- exp2 >/dev/null; echo \"JOB_ID=$JOB_ID\"; gpu_use --help >/dev/null; "
+                 "echo \"JOB_ID=$JOB_ID\"")
+    assert res.out == "JOB_ID=exp2\nJOB_ID=exp2\n"
     empty = sh.root.parent / "empty root"
     empty.mkdir()
-    res = sh.run("gpu_list", QUEUE_ROOT=str(empty))
-    assert res.out == f"No instances under {empty} (gpu_submit creates one; so does the daemon).\n"
+    res = sh.run("gpu_use nosuch; echo \"rc=$? JOB_ID=$JOB_ID\"", QUEUE_ROOT=str(empty))
+    assert res.err == (f"gpu_use: no instance nosuch under {empty}; there is none yet; gpu_use "
+                       "--new nosuch switches to a new one\n")
+    res = sh.run("gpu_use x; echo \"rc=$? JOB_ID=$JOB_ID\"", QUEUE_ROOT=str(empty / "gone"))
+    assert res.out == "rc=1 JOB_ID=exp1\n"  # a missing root: nothing can be checked
+
+
+def test_use_exports_job_id_to_child_processes(sh):
+    res = sh.run("gpu_use --new other >/dev/null; sh -c 'echo \"child sees $JOB_ID\"'",
+                 job_id=None)
+    assert res.out == "child sees other\n"
 
 
 def test_logs_lists_newest_first_and_shows_a_tasks_newest_log(sh):
@@ -725,14 +505,19 @@ def test_logs_shows_the_newest_twenty_unless_all(sh):
 # Stopping and shutting down #######################################################################
 
 
+DEAD_STOP = (r"gpu_stop: no daemon is alive for exp1 \(no heartbeat for 10m0\ds; likely the "
+             r"daemon or its node died, or its cluster job ended\): only pending tasks can be "
+             r"cancelled\n")
+
+
 def test_stop_without_a_live_daemon_cancels_pending_tasks_itself(sh):
     s = build_sample(sh.root, alive=False)
     res = sh.run("gpu_stop train; echo \"rc=$?\"")
     assert res.out == f"cancelled {s.pending[1]} (it was pending)\nrc=1\n"
-    assert res.err == (
-        "gpu_stop: no daemon is alive for exp1: only pending tasks can be cancelled\n"
+    assert re.fullmatch(
+        DEAD_STOP +
         f"gpu_stop: {s.running} is in running/ but its daemon is not alive: a new daemon marks "
-        "it interrupted (and ends what is left of it on that host)\n")
+        "it interrupted \\(and ends what is left of it on that host\\)\n", res.err), res.err
     assert (s.inst / "failed" / s.pending[1]).exists()
     assert (s.inst / "running" / s.running).exists()
     result = read_fields(s.inst / "records" / f"{s.pending[1]}.result")
@@ -742,7 +527,10 @@ def test_stop_without_a_live_daemon_cancels_pending_tasks_itself(sh):
                       "started": "", "duration": "", "host": os.uname().nodename,
                       "node_rank": "", "attempt": "1"}
     res = sh.run("gpu_stop zz_manual; echo \"rc=$?\"")
-    assert res.out == "cancelled zz_manual.sh (it was pending)\nrc=0\n"
+    fresh = re.fullmatch(r"cancelled zz_manual.sh as (\S+) \(it was pending\)\nrc=0\n", res.out)
+    assert fresh and ID_RE.match(fresh.group(1)).group(1, 4) == ("500", "zz_manual.sh"), res.out
+    assert read_fields(s.inst / "records" / f"{fresh.group(1)}.result")["state"] == "cancelled"
+    assert listing(s.inst / "failed").count(fresh.group(1)) == 1
     res = sh.run("gpu_stop all; echo \"rc=$?\"")
     assert res.out == (f"cancelled {s.pending[0]} (it was pending)\n"
                        "cancelled 1 pending task(s)\nrc=1\n")
@@ -754,17 +542,26 @@ def test_stop_without_a_live_daemon_cancels_pending_tasks_itself(sh):
 
 
 def test_an_offline_cancel_never_replaces_an_earlier_task_of_that_name(sh):
+    """protocol "Finish": a name that is no client id, or one that has a result already (a
+    finished task renamed back into pending/), is cancelled under a fresh id."""
     s = build_sample(sh.root, alive=False)
     (s.inst / "failed" / "zz_manual.sh").write_text("echo the first one\n")
-    res = sh.run("gpu_stop zz_manual; echo \"rc=$?\"")
-    assert res.out == "rc=1\n"
-    assert res.err == (
-        "gpu_stop: no daemon is alive for exp1: only pending tasks can be cancelled\n"
-        "gpu_stop: zz_manual.sh is not cancelled: failed/zz_manual.sh exists already (rename or "
-        "remove one of them)\n")
+    again = s.failed[1]  # failed with exit 3; its script renamed back into pending/
+    (s.inst / "failed" / again).rename(s.inst / "pending" / again)
+    result_before = (s.inst / "records" / f"{again}.result").read_bytes()
+    res = sh.run("gpu_stop zz_manual; gpu_stop bad; echo \"rc=$?\"")
+    first, second = re.findall(r"^cancelled \S+ as (\S+) \(it was pending\)$", res.out, re.M)
+    assert res.out.endswith("rc=0\n") and re.fullmatch(f"({DEAD_STOP}){{2}}",
+                                                        res.err), res.err
+    assert ID_RE.match(first).group(1, 4) == ("500", "zz_manual.sh")
+    assert ID_RE.match(second).group(1, 4) == ("500", "bad.sh") and second != again
     assert (s.inst / "failed" / "zz_manual.sh").read_text() == "echo the first one\n"
-    assert (s.inst / "pending" / "zz_manual.sh").exists()
+    assert (s.inst / "failed" / first).read_text() == "echo next\n"
+    assert (s.inst / "records" / f"{again}.result").read_bytes() == result_before
     assert not (s.inst / "records" / "zz_manual.sh.result").exists()
+    for task in (first, second):
+        assert read_fields(s.inst / "records" / f"{task}.result")["state"] == "cancelled"
+    assert listing(s.inst / "pending") == s.pending[:2]
 
 
 def test_a_task_queued_before_any_daemon_can_be_cancelled(sh):
@@ -778,26 +575,32 @@ def test_a_task_queued_before_any_daemon_can_be_cancelled(sh):
     assert listing(inst) == [".staging", "control.json", "failed", "pending", "records"]
     assert listing(inst / "failed") == [task]
     assert read_fields(inst / "records" / f"{task}.result")["state"] == "cancelled"
-    assert "Totals:   0 running, 0 pending, 0 done, 1 failed or stopped" in sh.run("gpu_status").out
+    assert ("Totals:   0 running, 0 pending, 0 done, 1 failed, stopped or cancelled"
+            in sh.run("gpu_status").out)
 
 
-def test_tail_of_a_pending_task_waits_for_its_log(sh):
+def test_tail_of_a_pending_task_waits_for_it_and_returns_with_its_exit_code(sh):
     s = build_sample(sh.root)
-    tail = sh.popen("gpu_tail eval", start_new_session=True)
+    tail = sh.popen("gpu_tail eval; echo \"rc=$?\"")
     try:
         time.sleep(0.5)
-        (s.inst / "logs" / f"{s.pending[0]}.log").write_text("[perpetual-motion] task: eval\n")
+        task = s.pending[0]
+        (s.inst / "pending" / task).rename(s.inst / "running" / task)  # the daemon claims it
+        log = s.inst / "logs" / f"{task}.log"
+        log.write_text("[perpetual-motion] task: eval\n")
         assert tail.stdout.readline() == "[perpetual-motion] task: eval\n"
+        with log.open("a") as out:
+            out.write("[perpetual-motion] exited with status 7 after 1.0 s\n")
+        write_fields(s.inst / "records" / f"{task}.result",
+                     {"id": task, "state": "failed", "exit_code": 7, "reason": "exit status 7"})
+        out, err = tail.communicate(timeout=10)
     finally:
-        os.killpg(tail.pid, signal.SIGINT)
-        tail.wait(10)
-    err = tail.stderr.read()
-    assert err.startswith(f"gpu_tail: task {s.pending[0]} is pending: waiting for it to start\n"
-                          f"gpu_tail: following {s.inst}/logs/{s.pending[0]}.log (Ctrl-C to "
-                          "stop)\n")
-    res = sh.run("gpu_tail zz_manual; echo \"rc=$?\"")
-    assert (res.out, res.err) == ("rc=1\n", "gpu_tail: task zz_manual.sh was put into pending/ "
-                                            "by hand: its log is named when it starts\n")
+        left = end_session(tail)
+    assert left == []  # it ended by itself, and left nothing behind
+    assert out == "[perpetual-motion] exited with status 7 after 1.0 s\nrc=7\n"
+    assert err == (f"gpu_tail: task {task} is pending: waiting for it to start\n"
+                   f"gpu_tail: following {s.inst}/logs/{task}.log (Ctrl-C to stop)\n"
+                   f"gpu_tail: {task} ended: failed (exit status 7)\n")
 
 
 class FakeDaemon(threading.Thread):
@@ -916,7 +719,8 @@ def test_shutdown_prints_the_cluster_job_and_how_to_delete_it(sh, backend, lines
             fields["host"] = "login-3"
         write_fields(s.inst / "job_id.txt", fields)
     res = sh.run("gpu_shutdown; echo \"rc=$?\"")
-    assert res.err == "gpu_shutdown: no daemon is alive for exp1: nothing to shut down\n"
+    assert re.fullmatch(r"gpu_shutdown: no daemon is alive for exp1 \(no heartbeat for "
+                        r"10m0\ds\): nothing to shut down\n", res.err), res.err
     assert res.out.splitlines() == [line.format(inst=s.inst) for line in lines] + ["rc=1"]
     assert listing(s.inst / "commands") == []
 
@@ -924,30 +728,46 @@ def test_shutdown_prints_the_cluster_job_and_how_to_delete_it(sh, backend, lines
 # The library in the user's shell ##################################################################
 
 
+COMMANDS = ["use", "list", "submit", "run", "status", "show", "logs", "tail", "wait", "retry",
+            "stop", "clean", "shutdown", "help"]
+
+
 def test_help_lists_every_command(sh):
     res = sh.run("gpu_help")
     assert res.rc == 0 and res.err == ""
-    for command in ("gpu_use [ID]", "gpu_list", "gpu_submit FILE [PRIORITY]", "gpu_run 'CMD'",
-                    "gpu_status", "gpu_logs [NAME]", "gpu_tail [NAME]", "gpu_stop NAME",
-                    "gpu_stop all", "gpu_shutdown", "gpu_help [COMMAND]"):
-        assert re.search(rf"^  {re.escape(command)} +\S", res.out, re.M), command
+    for command in ("gpu_use [--new] [ID]", "gpu_list [--json]",
+                    "gpu_submit [OPTIONS] FILE [PRIORITY] [-- ARGS...]",
+                    "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [--json]",
+                    "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
+                    "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
+                    "gpu_retry [-p PRIO] [-g N] [-n N] NAME", "gpu_stop NAME|all",
+                    "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]", "gpu_shutdown",
+                    "gpu_help [COMMAND]"):
+        assert re.search(rf"^  {re.escape(command)}( +\S|$)", res.out, re.M), command
+    assert [f"gpu_{c}" for c in COMMANDS] == re.findall(r"^  (gpu_\w+)", res.out, re.M)
     assert "Return codes: 0 ok, 1 failed" in res.out
     assert "QUEUE_ROOT=" + str(sh.root) in res.out
-    assert sh.run("gpu_help submit").out == (
-        "  gpu_submit FILE [PRIORITY]  queue a copy of FILE (*.sh: bash, *.py: python)\n")
-    assert sh.run("gpu_help gpu_stop").out == (
-        "  gpu_stop NAME               stop task NAME, or cancel it if it is pending\n"
-        "  gpu_stop all                cancel every pending task, stop the running one\n")
     assert max(len(line) for line in res.out.splitlines()) <= 100
+    submit = sh.run("gpu_help submit")
+    assert submit.out.splitlines()[:4] == [
+        "usage: gpu_submit [OPTIONS] FILE [PRIORITY] [-- ARGS...]",
+        "  queue a copy of FILE, to run with ARGS where you are", "", "options:"]
+    for option in ("-p, --priority PRIO", "-g, --gpus N", "-n, --nodes N", "--after NAME",
+                   "--name NAME", "-h, --help"):
+        assert re.search(rf"^  {re.escape(option)} +\S", submit.out, re.M), option
+    assert sh.run("gpu_help gpu_stop").out == sh.run("gpu_stop --help").out
 
 
 @pytest.mark.parametrize("command", ["gpu_list x", "gpu_status x", "gpu_shutdown x",
                                      "gpu_logs a b", "gpu_tail a b", "gpu_stop a b",
-                                     "gpu_help a b"])
+                                     "gpu_help a b", "gpu_show", "gpu_show a b", "gpu_wait",
+                                     "gpu_retry", "gpu_retry a b", "gpu_clean x"])
 def test_extra_arguments_are_usage_errors(sh, command):
     res = sh.run(command + "\necho \"rc=$?\"")
     assert res.out == "rc=2\n"
-    assert res.err.startswith(f"gpu_{command.split()[0][4:]}: usage: ")
+    name = command.split()[0]
+    assert res.err.startswith(f"{name}: usage: {name}")
+    assert res.err.endswith(f" ({name} --help)\n")
 
 
 STRICT = {
@@ -971,6 +791,15 @@ gpu_logs >/dev/null
 gpu_logs train >/dev/null
 gpu_use >/dev/null
 gpu_use exp1 >/dev/null
+gpu_status --json >/dev/null
+gpu_list --json >/dev/null
+gpu_show train >/dev/null 2>&1
+gpu_wait prep >/dev/null
+gpu_tail prep >/dev/null 2>&1
+gpu_clean --dry-run >/dev/null
+gpu_tail bad >/dev/null 2>&1 || echo "tail of a failed task: $?"
+gpu_wait bad >/dev/null || echo "wait of a failed task: $?"
+gpu_retry bad >/dev/null 2>&1
 if gpu_stop nosuch 2>/dev/null; then echo "stop of nothing succeeded"; fi
 gpu_submit missing.sh 2>/dev/null || echo "missing: $?"
 JOB_ID='../x' gpu_status 2>/dev/null || echo "bad id: $?"
@@ -979,7 +808,8 @@ cmp -s "$HOME/before" "$HOME/after" && echo "options kept"
 echo "survived"
 """
     res = sh.run(script, source=False)
-    assert (res.rc, res.out) == (0, "missing: 2\nbad id: 2\noptions kept\nsurvived\n"), res.err
+    assert (res.rc, res.out) == (0, "tail of a failed task: 3\nwait of a failed task: 3\n"
+                                    "missing: 2\nbad id: 2\noptions kept\nsurvived\n"), res.err
 
 
 TRAPS = {  # the user's traps write one line each time they run
@@ -996,7 +826,7 @@ def test_the_users_err_debug_and_return_traps_stay_out_of_the_commands(sh):
     build_sample(sh.root)
     script = 'source "$CLIENT"\n' + TRAPS[sh.name] + """
 gpu_status >/dev/null; gpu_list >/dev/null; gpu_submit job.sh >/dev/null 2>&1
-gpu_logs train >/dev/null
+gpu_logs train >/dev/null; gpu_show prep >/dev/null; gpu_wait prep >/dev/null
 trap - DEBUG
 """
     res = sh.run(script, source=False)
@@ -1004,7 +834,7 @@ trap - DEBUG
     fired = (sh.home / "traps").read_text().splitlines()
     # they run on the way into the subshell, not for every command inside (hundreds of times)
     assert "ERR" not in fired  # every call succeeds: its own failed tests are no errors
-    assert len(fired) <= 4 * 15, fired
+    assert len(fired) <= 7 * 15, fired  # seven commands
 
 
 LEAK_CHECK = {
@@ -1038,19 +868,22 @@ source "$CLIENT"
 gpu_help >/dev/null; gpu_submit job.sh 2>/dev/null; gpu_run 'echo x' 2>/dev/null
 gpu_status >/dev/null; gpu_list >/dev/null; gpu_logs >/dev/null; gpu_logs train >/dev/null
 gpu_stop nosuch 2>/dev/null; gpu_stop eval 2>/dev/null; gpu_shutdown >/dev/null 2>&1
-gpu_use x1 >/dev/null
+gpu_status --json >/dev/null; gpu_list --json >/dev/null; gpu_show prep >/dev/null
+gpu_wait prep >/dev/null; gpu_tail prep >/dev/null 2>&1; gpu_clean --dry-run >/dev/null
+gpu_retry bad >/dev/null 2>&1; gpu_run -p 1 -g all --name n -- -x >/dev/null 2>&1
+gpu_use --new x1 >/dev/null
 snapshot > "$HOME/after"
 """
-    res = sh.run(script, job_id=None, source=False, GPU_REPLY_TIMEOUT="0")
+    res = sh.run(script, job_id="exp1", source=False, GPU_REPLY_TIMEOUT="0")
     assert res.rc == 0, res.err
     before = (sh.home / "before").read_text().splitlines()
     after = (sh.home / "after").read_text().splitlines()
     added = [line for line in after if line not in before]
-    removed = [line for line in before if line not in after]
+    removed = [line for line in before if line not in after and "JOB_ID" not in line]
     assert removed == []
     job_id = [line for line in added if "JOB_ID" in line]
     others = [line for line in added if "JOB_ID" not in line]
-    assert len(job_id) == 1 and "x1" in job_id[0]
+    assert len(job_id) <= 2 and "x1" in job_id[-1]
     functions = [name.removeprefix("declare -f ") for name in others]
     assert functions and all(re.fullmatch(r"_?gpu_\w+", name) for name in functions), others
 
@@ -1081,7 +914,7 @@ alias ls
     res = sh.run(script, source=False)
     assert res.out == (
         "Submitted 001-ID-job.sh\n"
-        "1 running, 4 pending, 2 done, 3 failed or stopped\n"
+        "1 running, 4 pending, 2 done, 3 failed, stopped or cancelled\n"
         f"cancelled {s.pending[0]} (it was pending)\n"
         f"log of {s.done[0]}\n"
         + ("alias ls='ls -F --color=always'\n" if sh.name == "bash"
@@ -1089,12 +922,12 @@ alias ls
         + "aliases still on\n"), res.err
 
 
-def test_bash_completes_task_names_and_instances(tmp_path):
+def test_bash_completes_commands_options_task_names_and_instances(tmp_path):
     shell = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
     s = build_sample(shell.root)
     build_sample(shell.root, "exp2")
     script = """
-complete -p gpu_stop gpu_logs gpu_tail gpu_use
+complete -p gpu_stop gpu_logs gpu_tail gpu_use gpu_wait gpu_show gpu_retry gpu_submit gpu_help
 c() { COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _gpu_complete_bash
       echo "$* -> ${COMPREPLY[*]}"; }
 c gpu_stop ""
@@ -1103,6 +936,14 @@ c gpu_logs pr
 c gpu_tail 500-20270115_080004
 c gpu_use ex
 c gpu_stop train.sh ""
+c gpu_wait train.sh ev
+c gpu_show pr
+c gpu_submit --a
+c gpu_submit -g ""
+c gpu_run --after ev
+c gpu_logs --rank ""
+c gpu_help st
+c gpu_status -
 """
     res = shell.run(script)
     assert res.rc == 0, res.err
@@ -1111,6 +952,11 @@ c gpu_stop train.sh ""
         "complete -F _gpu_complete_bash gpu_logs",
         "complete -F _gpu_complete_bash gpu_tail",
         "complete -F _gpu_complete_bash gpu_use",
+        "complete -F _gpu_complete_bash gpu_wait",
+        "complete -F _gpu_complete_bash gpu_show",
+        "complete -F _gpu_complete_bash gpu_retry",
+        "complete -o default -F _gpu_complete_bash gpu_submit",
+        "complete -F _gpu_complete_bash gpu_help",
         f"gpu_stop  -> {s.pending[0]} {s.running} {s.pending[1]} all eval.sh train.sh "
         "zz_manual.sh",
         "gpu_stop tr -> train.sh",
@@ -1118,20 +964,34 @@ c gpu_stop train.sh ""
         f"gpu_tail 500-20270115_080004 -> {s.done[0]}",
         "gpu_use ex -> exp1 exp2",
         "gpu_stop train.sh  -> ",
+        "gpu_wait train.sh ev -> eval.sh",
+        "gpu_show pr -> prep.py",
+        "gpu_submit --a -> --after",
+        "gpu_submit -g  -> all",
+        "gpu_run --after ev -> eval.sh",
+        "gpu_logs --rank  -> ",
+        "gpu_help st -> status stop",
+        "gpu_status - -> --help --json --long --recent -h -l -r",
     ]
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
-def test_zsh_completes_task_names_and_instances(tmp_path):
+def test_zsh_completes_commands_options_task_names_and_instances(tmp_path):
     shell = Shell("zsh", tmp_path / "root", tmp_path, tmp_path)
     s = build_sample(shell.root)
     script = """
 autoload -Uz compinit && compinit -u -D
 source "$CLIENT"
-print -r -- "$_comps[gpu_stop] $_comps[gpu_logs] $_comps[gpu_tail] $_comps[gpu_use]"
+print -r -- "$_comps[gpu_stop] $_comps[gpu_wait] $_comps[gpu_clean] $_comps[gpu_use]"
 compadd() { print -r -- "${(P)2}"; }
-words=(gpu_stop ''); _gpu_complete_zsh
-words=(gpu_use ''); _gpu_complete_zsh
+_files() { print -r -- FILES; }
+c() { words=("$@"); CURRENT=$#; PREFIX=${words[CURRENT]}; _gpu_complete_zsh; }
+c gpu_stop ''
+c gpu_use ''
+c gpu_wait train.sh ''
+c gpu_clean --
+c gpu_submit ''
+c gpu_submit -p 5 --name x ''
 """
     res = shell.run(script, source=False)
     assert res.rc == 0, res.err
@@ -1139,6 +999,10 @@ words=(gpu_use ''); _gpu_complete_zsh
         "_gpu_complete_zsh _gpu_complete_zsh _gpu_complete_zsh _gpu_complete_zsh",
         f"{s.pending[0]} {s.running} {s.pending[1]} all eval.sh train.sh zz_manual.sh",
         "exp1",
+        f"{s.pending[0]} {s.running} {s.pending[1]} bad.sh eval.sh prep.py train.sh zz_manual.sh",
+        "--dry-run --help --keep --older-than -h",
+        "FILES",
+        "FILES",
     ]
 
 
@@ -1163,48 +1027,6 @@ def test_the_file_parses_and_sources_silently(shell, tmp_path):
 # Following a log in an interactive shell ##########################################################
 
 
-class Terminal:
-    """An interactive shell on a pseudo-terminal, driven like a person would."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path):
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: the shell
-            os.chdir(cwd)
-            os.execvpe(argv[0], argv, env)
-        self.buffer = b""
-
-    def send(self, text: str) -> None:
-        os.write(self.fd, text.encode())
-
-    def expect(self, pattern: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern.encode(), self.buffer)
-            if match:
-                self.buffer = self.buffer[match.end():]
-                return match.group(0).decode()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{pattern!r} not seen; the terminal shows {self.buffer!r}")
-            ready, _, _ = select.select([self.fd], [], [], min(left, 0.1))
-            if ready:
-                try:
-                    self.buffer += os.read(self.fd, 65536)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(self.pid, 0)
-        os.close(self.fd)
-
-
-INTERACTIVE = {"bash": ["bash", "--norc", "--noprofile", "-i"], "zsh": ["zsh", "-f", "-i"]}
-
-
 def test_tail_follows_live_and_ctrl_c_returns_to_the_shell(sh):
     s = build_sample(sh.root)
     log = s.inst / "logs" / f"{s.running}.log"
@@ -1219,25 +1041,13 @@ def test_tail_follows_live_and_ctrl_c_returns_to_the_shell(sh):
         term.send("\x03")
         term.send("echo back $((6 * 7)) in $JOB_ID\r")
         term.expect("back 42 in exp1")
+        # what Ctrl-C ended is gone (a moment to be reaped): the shell alone is left
+        wait_for(lambda: len(session_members(term.pid)) == 1, 5, what="gpu_tail to be gone")
     finally:
         term.close()
 
 
 # Against the real daemon ##########################################################################
-
-
-def wait_finished(inst: Path, task: str, timeout: float = 20.0) -> str:
-    def where():
-        for folder in ("done", "failed"):
-            if (inst / folder / task).exists() and (inst / "records" / f"{task}.result").exists():
-                return folder
-        return None
-    return wait_for(where, timeout, what=f"{task} to finish")
-
-
-def wait_running(inst: Path, task: str, timeout: float = 20.0) -> None:
-    wait_for(lambda: (inst / "running" / task).exists()
-             and (inst / "records" / f"{task}.run").exists(), timeout, what=f"{task} to start")
 
 
 @needs_namespace
@@ -1258,11 +1068,13 @@ def test_e2e_queue_before_the_daemon_then_run_inspect_and_list(sh, start_daemon)
     assert status.rc == 0, status.err
     pid = daemon.state()["pid"]
     assert f"\nDaemon:   alive on {os.uname().nodename}, pid {pid}\n" in status.out
-    assert re.search(rf"^          failed          3 +\S+ +\S+ ago +{first}$", status.out, re.M)
-    assert re.search(rf"^          done            0 +\S+ +\S+ ago +{second}$", status.out, re.M)
-    assert status.out.endswith("Totals:   0 running, 0 pending, 1 done, 1 failed or stopped\n")
+    assert re.search(r"^train.sh +500 failed +0 +- +\S+ ago +3  train.sh$", status.out, re.M)
+    assert re.search(r"^\.\._hello_from_gpu_run.sh +500 done +0 +- +\S+ ago +0  echo hello "
+                     r"from gpu_run$", status.out, re.M), status.out
+    assert status.out.endswith("Totals:   0 running, 0 pending, 1 done, 1 failed, stopped or "
+                               "cancelled\n")
     listed = sh.run("gpu_list").out.splitlines()[1]
-    assert re.match(rf"\* exp1    alive     1/1    {re.escape(os.uname().nodename[:16])}", listed)
+    assert re.match(rf"\* exp1 +alive +1/1 +{re.escape(os.uname().nodename[:8])}", listed)
     assert sh.run("gpu_submit train.sh").err == ""  # a live daemon: no note
 
 
@@ -1313,7 +1125,7 @@ def test_e2e_stop_all_and_shutdown(sh, start_daemon):
     res = sh.run("gpu_shutdown")
     assert (res.rc, res.err) == (0, "")
     assert res.out.splitlines() == [
-        "The daemon of exp1 is shutting down: it stops the running task and exits;",
+        "The daemon of exp1 is shutting down: it stops the running tasks and exits;",
         "pending tasks stay queued for the next daemon.",
         "Cluster job: local-31337 (local)",
         "It ends with the daemon; if it does not:",
@@ -1396,7 +1208,7 @@ def test_e2e_tail_follows_the_running_task_by_default(start_daemon, tmp_path):
                                         " done; sleep 30\n")
     task = submitted_id(shell.run("gpu_submit ticker.sh"))
     wait_running(inst, task)
-    tail = shell.popen("gpu_tail", start_new_session=True)
+    tail = shell.popen("gpu_tail")
     try:
         seen = []
         deadline = time.monotonic() + 20
@@ -1404,8 +1216,12 @@ def test_e2e_tail_follows_the_running_task_by_default(start_daemon, tmp_path):
             seen.append(tail.stdout.readline().strip())
         assert seen[0] == f"[perpetual-motion] task: {task}"
         assert "tick 9" in seen  # printed after gpu_tail started: it follows
+        shell.run(f"gpu_stop {task}")
+        out, err = tail.communicate(timeout=20)  # it returns when the task ends
     finally:
-        os.killpg(tail.pid, signal.SIGINT)
-        tail.wait(10)
-    assert tail.stderr.read().startswith(f"gpu_tail: following {inst}/logs/{task}.log (Ctrl-C ")
-    shell.run(f"gpu_stop {task}")
+        left = end_session(tail)
+    assert left == []
+    assert tail.returncode == 1  # stopped: no exit code of its own
+    assert "[perpetual-motion] killed by signal 15 (SIGTERM) after " in out
+    assert err.startswith(f"gpu_tail: following {inst}/logs/{task}.log (Ctrl-C ")
+    assert err.endswith(f"gpu_tail: {task} ended: stopped (stopped by user)\n")

@@ -1,0 +1,606 @@
+"""The client's commands and options (issue 10, and the client's part of issues 8 and 9), in
+real bash and zsh: one parser for every command, --help, unknown options, --, refusing early,
+gpu_wait, gpu_retry, gpu_show, gpu_clean, gpu_logs PATTERN and -n, gpu_tail returning with the
+task's exit code, -g and -n checked against the nodes, --rank.
+
+Most tests build the queue folder by hand; the ones marked ``e2e`` run the real daemon of this
+branch in its own PID namespace, with the caller's strictest options (``set -euo pipefail``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+from client_helpers import (
+    ID_RE,
+    SHELLS,
+    STRICT,
+    Shell,
+    build_sample,
+    build_v2,
+    end_session,
+    listing,
+    make_instance,
+    make_shell,
+    submit_record,
+    submitted_id,
+    tid,
+    tree,
+    wait_finished,
+    write_fields,
+)
+from conftest import needs_namespace, read_fields
+
+COMMANDS = ["use", "list", "submit", "run", "status", "show", "logs", "tail", "wait", "retry",
+            "stop", "clean", "shutdown", "help"]
+
+
+@pytest.fixture(params=SHELLS)
+def sh(request, tmp_path) -> Shell:
+    return make_shell(request.param, tmp_path)
+
+
+def finish(proc, timeout: float = 10.0) -> tuple[str, str]:
+    """The rest of the output of a shell that ends by itself (communicate() would lose what a
+    readline() has buffered already)."""
+    proc.wait(timeout)
+    return proc.stdout.read(), proc.stderr.read()
+
+
+# One parser: --help, unknown options, -- #########################################################
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_answers_help_and_refuses_an_unknown_option(sh, command):
+    s = build_sample(sh.root)
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    before = tree(sh.root.parent)
+    for flag in ("--help", "-h"):
+        res = sh.run(f"gpu_{command} {flag}; echo \"rc=$?\"")
+        assert res.err == "" and res.out.endswith("rc=0\n")
+        assert res.out.startswith(f"usage: gpu_{command}"), res.out
+        assert "\n  -h, --help             this help\n" in res.out
+    res = sh.run(f"gpu_{command} --bogus job.sh; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", f"gpu_{command}: unknown option --bogus (gpu_{command}"
+                                            " --help lists the options)\n")
+    res = sh.run(f"gpu_{command} -Z; echo \"rc=$?\"")
+    assert res.out == "rc=2\n" and "unknown option -Z" in res.err
+    assert tree(sh.root.parent) == before  # nothing written, nothing queued
+    assert s.inst.exists()
+
+
+def test_an_option_that_needs_a_value_or_takes_none_says_so(sh):
+    build_sample(sh.root)
+    res = sh.run("gpu_submit -p; echo \"rc=$?\"; gpu_status --json=yes; echo \"rc=$?\"; "
+                 "gpu_logs --lines; echo \"rc=$?\"")
+    assert res.out == "rc=2\nrc=2\nrc=2\n"
+    assert res.err == ("gpu_submit: option -p needs a value (PRIO)\n"
+                       "gpu_status: option --json takes no value: '--json=yes'\n"
+                       "gpu_logs: option --lines needs a value (N)\n")
+
+
+def test_gpu_run_never_queues_an_option_by_accident(sh):
+    make_instance(sh.root)
+    res = sh.run("gpu_run --help >/dev/null; gpu_run -x echo hi; echo \"rc=$?\"")
+    assert res.out == "rc=2\n" and listing(sh.root / "exp1" / "pending") == []
+    task = submitted_id(sh.run("gpu_run -p 1 echo hi"))
+    assert task.startswith("001-") and task.endswith("-run_echo_hi.sh")
+    task = submitted_id(sh.run("gpu_run -- -x --weird 'a b'"))
+    record = read_fields(sh.root / "exp1" / "records" / f"{task}.submit")
+    assert record["command"] == "-x --weird a b"
+    # options come first: after the first word everything is the command's
+    task = submitted_id(sh.run("gpu_run --name lr1 -g 0 --priority=7 python a.py --lr 1 -p 2"))
+    record = read_fields(sh.root / "exp1" / "records" / f"{task}.submit")
+    assert (record["command"], record["display_name"], record["gpus"], record["priority"]) == (
+        "python a.py --lr 1 -p 2", "lr1", "0", "007")
+
+
+def test_submit_takes_options_and_script_arguments(sh):
+    make_instance(sh.root)
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    res = sh.run("gpu_submit -p 7 -g 2 -n 1 --name sweep-1 job.sh -- --lr '0.1 x' '' \"it's\"")
+    task = submitted_id(res)
+    assert task.startswith("007-") and task.endswith("-job.sh")
+    record = read_fields(sh.root / "exp1" / "records" / f"{task}.submit")
+    assert {k: record[k] for k in ("priority", "gpus", "nodes", "display_name", "argc", "arg.0",
+                                   "arg.1", "arg.2", "arg.3", "after", "retry_of")} == {
+        "priority": "007", "gpus": "2", "nodes": "1", "display_name": "sweep-1", "argc": "4",
+        "arg.0": "--lr", "arg.1": "0.1 x", "arg.2": "", "arg.3": "it's", "after": "",
+        "retry_of": ""}
+    assert submitted_id(sh.run("gpu_submit --priority=9 job.sh 2>/dev/null")).startswith("009-")
+    assert submitted_id(sh.run("gpu_submit job.sh 12 2>/dev/null")).startswith("012-")  # the seed's
+    before = tree(sh.root)
+    res = sh.run("gpu_submit -p 6 job.sh 5; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_submit: two priorities: -p 6 and 5\n")
+    res = sh.run("gpu_submit job.sh -- $'two\\nlines'; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_submit: an argument holds a newline, which a "
+                                            "record cannot: 'two\\nlines'\n")
+    res = sh.run("gpu_submit --name 'a/b' job.sh; echo \"rc=$?\"")
+    assert res.out == "rc=2\n" and res.err.startswith("gpu_submit: --name wants a name without ")
+    assert tree(sh.root) == before
+
+
+def test_a_file_that_cannot_run_is_refused_at_submit_time(sh):
+    make_instance(sh.root)
+    notes = sh.cwd / "notes.txt"
+    notes.write_text("just notes\n")
+    before = tree(sh.root)
+    res = sh.run("gpu_submit notes.txt; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_submit: notes.txt cannot run: the daemon runs "
+                                            "*.sh with bash, *.py with Python, and any other file "
+                                            "only when it is executable (chmod +x)\n")
+    assert tree(sh.root) == before
+    notes.chmod(0o755)
+    assert submitted_id(sh.run("gpu_submit notes.txt")).endswith("-notes.txt")
+    (sh.cwd / "plain.py").write_text("print(1)\n")  # *.py needs no x bit: Python runs it
+    assert submitted_id(sh.run("gpu_submit plain.py")).endswith("-plain.py")
+
+
+@pytest.mark.parametrize("options,rc,message", [
+    ("-g 9", 2, "gpu_submit: -g 9: the nodes of exp1 have at most 8 GPUs (-g all takes every GPU "
+                "of a node, -g 0 none)\n"),
+    ("-g -1", 2, "gpu_submit: -g wants a number of GPUs from 0 to 8, or all, not '-1'\n"),
+    ("-g x", 2, "gpu_submit: -g wants a number of GPUs from 0 to 8, or all, not 'x'\n"),
+    ("-g 1.5", 2, "gpu_submit: -g wants a number of GPUs from 0 to 8, or all, not '1.5'\n"),
+    ("-g ²", 2, "gpu_submit: -g wants a number of GPUs from 0 to 8, or all, not '²'\n"),
+    ("-n 3", 2, "gpu_submit: -n 3: exp1 has 2 node(s) (-n all runs on every one)\n"),
+    ("-n 0", 2, "gpu_submit: -n wants a number of nodes from 1 to 2, or all, not '0'\n"),
+    ("-n two", 2, "gpu_submit: -n wants a number of nodes from 1 to 2, or all, not 'two'\n"),
+    ("-g 8", 0, ""), ("-g 0", 0, ""), ("-g all", 0, ""), ("-g 08", 0, ""), ("-n 2", 0, ""),
+    ("-n all -g 1", 0, ""), ("--gpus=3 --nodes=1", 0, ""),
+])
+def test_gpu_and_node_requests_are_checked_against_the_nodes(sh, options, rc, message):
+    inst = make_instance(sh.root)
+    for rank, count in ((0, 8), (1, 4)):  # the largest node counts
+        write_fields(inst / "nodes" / f"node-{rank}.state", {
+            "protocol": 2, "node_rank": rank, "num_nodes": 2, "gpu_count": count,
+            "status": "running", "heartbeat": time.time(), "host": "h", "pid": 1})
+    (sh.cwd / "job.sh").write_text("echo\n")
+    before = tree(sh.root)
+    for command in (f"gpu_submit {options} job.sh", f"gpu_run {options} echo hi"):
+        res = sh.run(command + "; echo \"rc=$?\"")
+        if rc:
+            name = command.split()[0]
+            assert (res.out, res.err) == (f"rc={rc}\n", message.replace("gpu_submit", name))
+            assert tree(sh.root) == before
+        else:
+            task = submitted_id(Result_of(res))
+            record = read_fields(inst / "records" / f"{task}.submit")
+            given = dict(re.findall(r"--?(\w)\w*[= ](\w+)", options))
+            assert record["gpus"] == str(int(given["g"]) if given.get("g", "all") != "all"
+                                         else "all")
+            assert record["nodes"] == given.get("n", "1")
+
+
+def Result_of(res):  # noqa: N802 - the output of "...; echo rc=$?" as a plain result
+    out = res.out.rsplit("rc=", 1)[0]
+    return type(res)(int(res.out.rsplit("rc=", 1)[1]), out, res.err)
+
+
+def test_requests_are_free_before_any_daemon_has_told_its_gpus(sh):
+    make_instance(sh.root)
+    (sh.cwd / "job.sh").write_text("echo\n")
+    record = read_fields(sh.root / "exp1" / "records" / (submitted_id(
+        sh.run("gpu_submit -g 16 -n 4 job.sh 2>/dev/null")) + ".submit"))
+    assert (record["gpus"], record["nodes"]) == ("16", "4")
+    res = sh.run("gpu_submit -g 2000 job.sh; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_submit: -g wants a number of GPUs from 0 to "
+                                            "1024, or all, not '2000'\n")
+    write_fields(sh.root / "exp1" / "job_id.txt", {"backend": "slurm", "nodes": 2})
+    res = sh.run("gpu_run -n 3 echo; echo \"rc=$?\"")
+    assert res.err == "gpu_run: -n 3: exp1 has 2 node(s) (-n all runs on every one)\n"
+
+
+def test_after_is_resolved_to_task_ids_when_the_task_is_queued(sh):
+    s = build_sample(sh.root)
+    (sh.cwd / "job.sh").write_text("echo\n")
+    res = sh.run("gpu_submit --after train --after prep --after eval.sh job.sh")
+    task = submitted_id(res)
+    after = read_fields(s.inst / "records" / f"{task}.submit")["after"].split()
+    # every pending and running task a name names; else its newest finished one
+    assert after == [s.pending[1], s.running, s.done[0], s.pending[0]]
+    res = sh.run("gpu_run --after bad echo")
+    task = submitted_id(res)
+    assert read_fields(s.inst / "records" / f"{task}.submit")["after"] == s.failed[1]
+    assert res.err == (f"gpu_run: note: {s.failed[1]} ended failed: the daemon cancels the new "
+                       "task when it comes to it\n")
+    before = tree(sh.root)
+    res = sh.run("gpu_submit --after nosuch job.sh; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=1\n", "gpu_submit: --after nosuch: no such task (gpu_status "
+                                            "lists the tasks)\n")
+    res = sh.run("gpu_run --after zz_manual echo; echo \"rc=$?\"")
+    assert res.out == "rc=1\n" and res.err.startswith(
+        "gpu_run: --after zz_manual: zz_manual.sh gets its id only when it starts")
+    assert tree(sh.root) == before
+
+
+# gpu_wait #########################################################################################
+
+
+def test_wait_returns_at_once_for_a_finished_task_and_times_out_on_a_pending_one(sh):
+    s = build_sample(sh.root)
+    res = sh.run(STRICT[sh.name] + "rc=0; gpu_wait bad prep || rc=$?; echo \"rc=$rc\"\n"
+                 "gpu_wait prep; echo \"rc=$?\"; rc=0; gpu_wait never || rc=$?; echo \"rc=$rc\"\n"
+                 "rc=0; gpu_wait train.sh:00000006 || rc=$?; echo \"rc=$rc\"")
+    assert res.out == (f"{s.failed[1]}: failed (x)\n{s.done[0]}: done (x)\nrc=3\n"
+                       f"{s.done[0]}: done (x)\nrc=0\n{s.failed[2]}: cancelled\nrc=1\n"
+                       f"{s.failed[0]}: stopped (x)\nrc=1\n"), res.err
+    start = time.monotonic()
+    res = sh.run("gpu_wait --timeout 1.5 eval; echo \"rc=$?\"")
+    assert 1.4 < time.monotonic() - start < 10
+    assert (res.out, res.err) == ("rc=124\n", "gpu_wait: timed out after 1.5 s; still waiting "
+                                              f"for: {s.pending[0]}\n")
+    res = sh.run("gpu_wait nosuch; echo \"rc=$?\"; gpu_wait --timeout soon eval; echo \"rc=$?\"")
+    assert res.out == "rc=1\nrc=2\n"
+    assert res.err == ("gpu_wait: no such task: nosuch (gpu_status lists the tasks)\n"
+                       "gpu_wait: --timeout wants seconds, not 'soon'\n")
+
+
+def test_wait_follows_a_pending_task_to_its_end(sh):
+    s = build_sample(sh.root)
+    task = s.pending[0]
+    proc = sh.popen(STRICT[sh.name] + "rc=0; gpu_wait eval || rc=$?; echo \"rc=$rc\"")
+    try:
+        time.sleep(1)
+        assert proc.poll() is None  # still waiting
+        (s.inst / "pending" / task).rename(s.inst / "running" / task)
+        time.sleep(0.7)
+        write_fields(s.inst / "records" / f"{task}.result", {"id": task, "state": "failed",
+                                                             "exit_code": 42, "reason": "exit 42"})
+        (s.inst / "running" / task).rename(s.inst / "failed" / task)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        left = end_session(proc)
+    assert (out, err, left) == (f"{task}: failed (exit 42)\nrc=42\n", "", [])
+
+
+@needs_namespace
+@pytest.mark.parametrize("shell", SHELLS)
+def test_e2e_wait_returns_each_tasks_exit_code(shell, start_daemon, tmp_path):
+    sh = make_shell(shell, tmp_path)
+    inst = sh.root / "exp1"
+    start_daemon(sh.root, "exp1", "--kill-scope", "task")
+    (sh.cwd / "three.sh").write_text("sleep 0.5; exit 3\n")
+    (sh.cwd / "ok.sh").write_text("sleep 0.5\n")
+    ids = [submitted_id(sh.run(f"gpu_submit {n}.sh")) for n in ("three", "ok")]
+    (inst / "pending" / "hand.sh").write_text("exit 4\n")  # gets a fresh id when claimed
+    script = STRICT[shell] + """
+rc=0; gpu_wait ok || rc=$?; echo "ok rc=$rc"
+rc=0; gpu_wait ok three || rc=$?; echo "both rc=$rc"
+rc=0; gpu_wait hand || rc=$?; echo "hand rc=$rc"
+gpu_run sleep 60 >/dev/null 2>&1
+rc=0; gpu_wait --timeout 1 run_sleep_60 >/dev/null 2>&1 || rc=$?; echo "timeout rc=$rc"
+gpu_stop run_sleep_60 >/dev/null
+rc=0; gpu_wait run_sleep_60 || rc=$?; echo "stopped rc=$rc"
+"""
+    res = sh.run(script, timeout=120)
+    assert res.rc == 0, res.err
+    lines = res.out.splitlines()
+    assert lines[:4] == [f"{ids[1]}: done (exit status 0)", "ok rc=0", f"{ids[1]}: done (exit "
+                         "status 0)", f"{ids[0]}: failed (exit status 3)"]
+    assert lines[4] == "both rc=3"
+    hand = re.fullmatch(r"(\S+): failed \(exit status 4\)", lines[5])
+    assert hand and ID_RE.match(hand.group(1)).group(4) == "hand.sh"
+    assert lines[6:8] == ["hand rc=4", "timeout rc=124"]
+    assert re.fullmatch(r"\S+-run_sleep_60.sh: stopped \(stopped by user\)", lines[8])
+    assert lines[9:] == ["stopped rc=1"]
+
+
+# gpu_tail #########################################################################################
+
+
+@needs_namespace
+@pytest.mark.parametrize("shell", SHELLS)
+def test_e2e_tail_returns_with_the_tasks_exit_code_after_its_footer(shell, start_daemon,
+                                                                     tmp_path):
+    sh = make_shell(shell, tmp_path)
+    inst = sh.root / "exp1"
+    start_daemon(sh.root, "exp1", "--kill-scope", "task")
+    (sh.cwd / "five.sh").write_text("echo one; sleep 1; echo two; exit 5\n")
+    task = submitted_id(sh.run("gpu_submit five.sh"))
+    res = sh.run(STRICT[shell] + "rc=0; gpu_tail five || rc=$?; echo \"rc=$rc\"", timeout=60)
+    lines = res.out.splitlines()
+    assert "one" in lines and "two" in lines
+    assert lines[-2].startswith("[perpetual-motion] exited with status 5 after ")
+    assert lines[-1] == "rc=5"
+    assert res.err.endswith(f"gpu_tail: {task} ended: failed (exit status 5)\n")
+    assert wait_finished(inst, task) == "failed"
+    res = sh.run("gpu_tail -n 1 five; echo \"rc=$?\"")  # a finished task: its end, at once
+    assert res.out.splitlines()[-2:] == [lines[-2], "rc=5"]
+
+
+def test_tail_with_sigint_ignored_returns_when_the_task_ends_and_leaves_nothing(sh):
+    """As under ``nohup ... &``: SIGINT (and SIGHUP) ignored. The follow must end by itself."""
+    s = build_sample(sh.root)
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = sh.popen("gpu_tail train; echo \"rc=$?\"", preexec_fn=ignore_sigint)
+    try:
+        assert proc.stdout.readline() == "[perpetual-motion] task: x\n"
+        assert proc.stdout.readline() == "epoch 1\n"
+        log = s.inst / "logs" / f"{s.running}.log"
+        with log.open("a") as out:
+            out.write("[perpetual-motion] exited with status 0 after 7200.0 s\n")
+        write_fields(s.inst / "records" / f"{s.running}.result", {"id": s.running,
+                                                                  "state": "done",
+                                                                  "exit_code": 0})
+        out, err = finish(proc)
+    finally:
+        left = end_session(proc)
+    assert left == []
+    assert out == "[perpetual-motion] exited with status 0 after 7200.0 s\nrc=0\n"
+
+
+def test_tail_without_a_name_follows_the_running_task_else_the_newest_log(sh):
+    s = build_sample(sh.root)
+    proc = sh.popen("gpu_tail -n 1")
+    try:
+        assert proc.stdout.readline() == "epoch 1\n"
+    finally:
+        end_session(proc)
+    (s.inst / "running" / s.running).rename(s.inst / "failed" / s.running)
+    write_fields(s.inst / "records" / f"{s.running}.result", {"id": s.running,
+                                                              "state": "interrupted"})
+    res = sh.run("gpu_tail; echo \"rc=$?\"")
+    assert res.out == "[perpetual-motion] task: x\nepoch 1\nrc=1\n"
+    assert res.err.endswith(f"gpu_tail: {s.running} ended: interrupted\n")
+
+
+def test_tail_and_logs_take_a_rank(sh):
+    v = build_v2(sh.root)
+    assert sh.run("gpu_logs dist").out == "h rank 0\n"
+    assert sh.run("gpu_logs --rank 1 dist").out == "h rank 1\nTraceback\n"
+    assert sh.run("gpu_logs --rank=1 -n 1 dist").out == "Traceback\n"
+    res = sh.run("gpu_logs --rank 3 dist; echo \"rc=$?\"; gpu_logs --rank x dist; echo \"rc=$?\"")
+    assert res.out == "rc=1\nrc=2\n"
+    assert res.err == (f"gpu_logs: task {v.h} has no log of rank 3 (gpu_show dist says where it "
+                       "ran)\ngpu_logs: --rank wants a rank from 0 to 1023, not 'x'\n")
+    res = sh.run("gpu_tail --rank 1 dist; echo \"rc=$?\"")  # ended: its last lines at once
+    assert res.out == "h rank 1\nTraceback\nrc=1\n"
+    proc = sh.popen("gpu_tail --rank 1 train; echo \"rc=$?\"")
+    try:
+        assert proc.stdout.readline() == "rank 1 line 1\n"
+        assert proc.stdout.readline() == "rank 1 line 2\n"
+        write_fields(v.inst / "records" / f"{v.g}.result", {"id": v.g, "state": "done"})
+        out, err = finish(proc)
+    finally:
+        end_session(proc)
+    assert out == "rc=0\n"
+    assert err.startswith(f"gpu_tail: following {v.inst}/logs/{v.g}.rank1.log (Ctrl-C to stop)\n")
+
+
+# gpu_logs #########################################################################################
+
+
+def test_logs_matches_any_part_of_an_id_and_prints_the_last_lines(sh):
+    s = build_sample(sh.root)
+    runs = [tid(20, "run_echo_hello.sh"), tid(21, "run_echo_world.sh")]
+    for n, task in enumerate(runs):
+        log = s.inst / "logs" / f"{task}.log"
+        log.write_text(f"line 1\nline 2\n{task}\n")
+        os.utime(log, (time.time() + n, time.time() + n))
+    assert sh.run("gpu_logs run_echo").out.endswith(f"{runs[1]}\n")  # the newest match
+    assert sh.run("gpu_logs echo_hel").out.endswith(f"{runs[0]}\n")
+    assert sh.run("gpu_logs -n 2 hello").out == f"line 2\n{runs[0]}\n"
+    assert sh.run("gpu_logs -n 0 hello").out == ""
+    assert sh.run("gpu_logs 00000005").out == f"log of {s.done[1]}\n" + "x" * 200
+    # a whole name wins over a part of an id: "train" is train.sh, not pretrain.sh
+    pre = tid(22, "pretrain.sh")
+    log = s.inst / "logs" / f"{pre}.log"
+    log.write_text("pre\n")
+    os.utime(log, (time.time() + 10, time.time() + 10))
+    assert sh.run("gpu_logs train").out == "[perpetual-motion] task: x\nepoch 1\n"
+    res = sh.run("gpu_logs -n x train; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_logs: -n wants a number of lines, not 'x'\n")
+
+
+def test_names_given_with_name_name_the_task(sh):
+    v = build_v2(sh.root)
+    assert sh.run("gpu_logs sweep-a").out == f"log of {v.a}\n"
+    assert sh.run("gpu_show sweep-a | head -2").out == f"Task:       {v.a}\nName:       sweep-a\n"
+    assert sh.run("gpu_wait --timeout 0.1 sweep-a 2>&1; echo \"rc=$?\"").out.endswith("rc=124\n")
+
+
+# gpu_show #########################################################################################
+
+
+def test_show_prints_everything_about_one_task(sh):
+    v = build_v2(sh.root)
+    out = sh.run("gpu_show sweep-a").out.splitlines()
+    assert out[:3] == [f"Task:       {v.a}", "Name:       sweep-a", "State:      running for "
+                       "1m05s"] or out[2] == "State:      running for 1m06s"
+    assert out[3:] == [
+        "Command:    python sweep.py --lr 0.1", "Directory:  /work/me",
+        f"Submitted:  {time.strftime('%Y-%m-%d %H:%M', time.localtime(1_800_000_000))} by "
+        "me@login-1", "Priority:   500; asks for 2 GPU(s) of one node",
+        "Placement:  node 0 (node-a), GPUs 0,1", f"Started:    {local(v.now - 65)}",
+        f"Log:        {v.inst}/logs/{v.a}.log"]
+    out = sh.run("gpu_show prep").out.splitlines()
+    assert out[1:6] == ["State:      done (exit status 0)", "Script:     /work/me/prep.sh",
+                        "Arguments:  --fast 'a b'", "Directory:  /work/me",
+                        out[5]]
+    assert "Priority:   500; asks for no GPU (CPU only) of one node" in out
+    assert "Placement:  node 1 (node-b), no GPU" in out
+    assert "Ended:      " + local(v.now - 3900) + ", after 1m40s" in out
+    assert "Exit:       exit code 0" in out
+    out = sh.run("gpu_show dist").out.splitlines()
+    assert "State:      failed (rank 1 failed)" in out
+    assert "Priority:   500; asks for 1 GPU on each of 2 nodes" in out
+    assert f"Log:        {v.inst}/logs/{v.h}.rank0.log" in out
+    assert f"Log:        {v.inst}/logs/{v.h}.rank1.log" in out
+    out = sh.run("gpu_show eval").out.splitlines()
+    assert out[1] == "State:      pending"
+    assert f"After:      {v.a} (not finished)" in out
+    res = sh.run("gpu_show nosuch; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=1\n", "gpu_show: no such task: nosuch (gpu_status lists the "
+                                            "tasks)\n")
+
+
+def local(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+
+
+# gpu_retry ########################################################################################
+
+
+def test_retry_queues_a_finished_task_again_as_it_was(sh):
+    v = build_v2(sh.root)
+    (v.inst / "failed" / v.h).write_text("torchrun dist.py\n")
+    submit_record(v.inst, v.h, gpus=1, nodes=2, command="torchrun dist.py", display_name="dist",
+                  cwd="/work/me/run", argc=1, **{"arg.0": "--resume"})
+    res = sh.run("gpu_retry dist")
+    task = submitted_id(res)
+    assert task.startswith("500-") and task.endswith("-dist.py") and task != v.h
+    assert res.err == f"gpu_retry: a retry of {v.h}: it runs in /work/me/run, at priority 500\n"
+    old = read_fields(v.inst / "records" / f"{v.h}.submit")
+    new = read_fields(v.inst / "records" / f"{task}.submit")
+    for key in ("name", "display_name", "priority", "source", "command", "cwd", "gpus", "nodes",
+                "argc", "arg.0"):
+        assert new[key] == old[key], key
+    assert (new["retry_of"], new["after"], new["id"]) == (v.h, "", task)
+    assert (v.inst / "pending" / task).read_text() == "torchrun dist.py\n"
+    task = submitted_id(sh.run("gpu_retry -p 7 -g 2 -n 1 dist 2>/dev/null"))
+    new = read_fields(v.inst / "records" / f"{task}.submit")
+    assert (new["priority"], new["gpus"], new["nodes"], task[:4]) == ("007", "2", "1", "007-")
+    before = tree(sh.root)
+    res = sh.run("gpu_retry sweep-a; echo \"rc=$?\"; gpu_retry nosuch; echo \"rc=$?\"; "
+                 "gpu_retry -g 9 prep; echo \"rc=$?\"")
+    assert res.out == "rc=1\nrc=1\nrc=2\n"
+    assert res.err == ("gpu_retry: task sweep-a has not finished yet (gpu_wait sweep-a waits for "
+                       "it)\ngpu_retry: no such task: nosuch (gpu_status lists the tasks)\n"
+                       "gpu_retry: -g 9: the nodes of exp1 have at most 4 GPUs (-g all takes "
+                       "every GPU of a node, -g 0 none)\n")
+    assert tree(sh.root) == before
+
+
+# gpu_clean ########################################################################################
+
+
+def test_clean_removes_finished_tasks_only_and_says_what(sh):
+    v = build_v2(sh.root)
+    now = time.time()
+    old = []
+    for n, days in enumerate((40, 35, 10)):
+        task = tid(40 + n, f"old{n}.sh")
+        folder = "done" if n else "failed"
+        (v.inst / folder / task).write_text("echo\n")
+        submit_record(v.inst, task)
+        write_fields(v.inst / "records" / f"{task}.run", {"id": task})
+        write_fields(v.inst / "records" / f"{task}.result", {"id": task, "state": folder},
+                     mtime=now - days * 86400)
+        (v.inst / "logs" / f"{task}.log").write_text("log\n")
+        old.append(f"{folder}/{task}")
+    before = tree(sh.root)
+    res = sh.run("gpu_clean --dry-run --older-than 30")
+    assert res.out.splitlines() == [f"would remove {old[1]} (ended 35d00h ago)",
+                                    f"would remove {old[0]} (ended 40d00h ago)",
+                                    "would remove 2 finished task(s) of exp1; keep 3"], res.err
+    assert tree(sh.root) == before
+    res = sh.run("gpu_clean --older-than 30")
+    assert res.out.splitlines() == [f"removed {old[1]} (ended 35d00h ago)",
+                                    f"removed {old[0]} (ended 40d00h ago)",
+                                    "removed 2 finished task(s) of exp1; kept 3"], res.err
+    for entry in old[:2]:
+        task = entry.split("/")[1]
+        assert not (v.inst / entry).exists()
+        assert [p for p in (v.inst / "records").iterdir() if p.name.startswith(task)] == []
+        assert not (v.inst / "logs" / f"{task}.log").exists()
+    assert listing(v.inst / ".staging") == []
+    res = sh.run("gpu_clean --keep 1")  # the newest one stays: the one that ended last
+    assert res.out.splitlines()[-1] == "removed 2 finished task(s) of exp1; kept 1"
+    assert listing(v.inst / "done") + listing(v.inst / "failed") == [v.h]
+    assert (v.inst / "logs" / f"{v.h}.rank0.log").exists()  # kept with its task
+    res = sh.run("gpu_clean")
+    assert res.out.splitlines()[-1] == "removed 1 finished task(s) of exp1; kept 0"
+    assert not any(p.name.startswith(v.h) for p in (v.inst / "logs").iterdir())
+    assert not any(p.name.startswith(v.h) for p in (v.inst / "records").iterdir())
+    # pending and running tasks, with their records and logs, are never touched
+    assert listing(v.inst / "running") == sorted([v.a, v.b, v.g])
+    assert listing(v.inst / "pending") == [v.c, v.e]
+    for task in (v.a, v.b, v.g, v.c, v.e):
+        assert (v.inst / "records" / f"{task}.submit").exists()
+    assert (v.inst / "logs" / f"{v.g}.rank1.log").exists()
+    assert sh.run("gpu_clean").out == "nothing to remove: 0 finished task(s) in exp1, all kept\n"
+    res = sh.run("gpu_clean --older-than x; echo \"rc=$?\"; gpu_clean --keep -1; echo \"rc=$?\"")
+    assert res.out == "rc=2\nrc=2\n"
+
+
+# Against the daemon of this branch ###############################################################
+
+
+@needs_namespace
+@pytest.mark.parametrize("shell", SHELLS)
+def test_e2e_a_day_with_the_daemon_of_this_branch(shell, start_daemon, tmp_path):
+    """The new commands against the real daemon of this branch (one task at a time; what needs
+    the next daemon is in test_client_v2.py), with the caller's strictest options."""
+    sh = make_shell(shell, tmp_path)
+    inst = sh.root / "exp1"
+    start_daemon(sh.root, "exp1", "--kill-scope", "task")
+    (sh.cwd / "prep.sh").write_text('echo "prep in $PWD"\n')
+    (sh.cwd / "flaky.sh").write_text('[ -f fixed ] || { echo broken; exit 6; }\n')
+    script = STRICT[shell] + """
+gpu_submit --name prep -p 100 prep.sh >/dev/null
+gpu_submit --name flaky --after prep flaky.sh >/dev/null
+gpu_run -p 900 -x printf hi 2>/dev/null || echo "an option is no command: $?"
+gpu_run -p 900 --name pf -- echo -x- >/dev/null
+rc=0; gpu_wait prep flaky >/dev/null || rc=$?; echo "wait rc=$rc"
+gpu_show flaky | sed -n 's/^State: *//p'
+touch fixed  # where the task runs: the directory it was submitted from
+gpu_retry flaky 2>/dev/null | sed 's/ .*//'
+rc=0; gpu_tail flaky > tail.out 2>/dev/null || rc=$?; echo "tail rc=$rc"
+rc=0; gpu_wait pf >/dev/null || rc=$?; echo "printf rc=$rc"
+gpu_logs -n 2 pf | head -1
+gpu_status --json > status.json
+gpu_list --json > list.json
+gpu_status | sed -n 's/^Totals: *//p'
+gpu_clean --keep 1 | tail -1
+"""
+    res = sh.run(script, timeout=120)
+    assert res.rc == 0, res.err
+    assert res.out.splitlines() == [
+        "an option is no command: 2",
+        "wait rc=6",
+        "failed (exit status 6)",
+        "Submitted",
+        "tail rc=0",
+        "printf rc=0",
+        "-x-",
+        "0 running, 0 pending, 3 done, 1 failed, stopped or cancelled",
+        "removed 3 finished task(s) of exp1; kept 1",
+    ], res.err
+    assert len(listing(inst / "done")) + len(listing(inst / "failed")) == 1  # the newest end
+    assert (sh.cwd / "tail.out").read_text().splitlines()[-1].startswith(
+        "[perpetual-motion] exited with status 0 after ")
+    doc = json.loads((sh.cwd / "status.json").read_text())
+    by_name = {(t["display_name"], t["state"]) for t in doc["recent"]}
+    assert by_name == {("prep", "done"), ("flaky", "failed"), ("flaky", "done"), ("pf", "done")}
+    retried = [t for t in doc["recent"] if t["retry_of"]]
+    assert len(retried) == 1 and retried[0]["cwd"] == str(sh.cwd)
+    listed = json.loads((sh.cwd / "list.json").read_text())["instances"]
+    assert [(i["job_id"], i["daemon"], i["counts"]["done"]) for i in listed] == [
+        ("exp1", "alive", 3)]
+    assert listing(inst / "pending") == [] and listing(inst / "running") == []
+
+
+@needs_namespace
+def test_e2e_a_task_is_shown_by_the_name_given_with_name(start_daemon, tmp_path):
+    """What the daemon of this branch does with the new submit keys: it runs the copy as before
+    (arguments, GPUs, nodes and dependencies are the next daemon's: test_client_v2.py), and the
+    client shows the task by its --name."""
+    sh = make_shell("bash", tmp_path)
+    inst = sh.root / "exp1"
+    (sh.cwd / "a.sh").write_text('echo "a ran"\n')
+    first = submitted_id(sh.run("gpu_submit -p 1 --name first a.sh 2>/dev/null"))
+    start_daemon(sh.root, "exp1")
+    assert wait_finished(inst, first) == "done"
+    out = sh.run("gpu_status").out
+    assert re.search(r"^first +001 done +0 +- +\S+ ago +0  a.sh$", out, re.M), out
+    assert "a ran" in sh.run("gpu_logs first").out

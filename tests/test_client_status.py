@@ -1,0 +1,587 @@
+"""What the client shows: gpu_status, gpu_list and their --json, in real bash and zsh.
+
+Queue folders are built by hand exactly as docs/protocol.md says daemons leave them: one of
+protocol 1 (the daemon of this branch) and one of protocol 2 (tasks side by side on disjoint GPUs,
+a gang across two nodes, a waiting reason). The liveness tests also run a real daemon, in its own
+PID namespace, with the client beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from client_helpers import (
+    CLIENT,
+    SHELLS,
+    Shell,
+    build_sample,
+    build_v2,
+    local_minute,
+    make_instance,
+    make_shell,
+    own_identity,
+    submit_record,
+    submitted_id,
+    tid,
+    tree,
+    write_fields,
+)
+from conftest import DAEMON, namespace_shell, needs_namespace
+
+ESCAPES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")  # all but \t, \n; and C1
+
+
+@pytest.fixture(params=SHELLS)
+def sh(request, tmp_path) -> Shell:
+    return make_shell(request.param, tmp_path)
+
+
+def columns(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+# gpu_status ######################################################################################
+
+
+def test_status_of_a_protocol_1_instance(sh):
+    s = build_sample(sh.root)
+    res = sh.run("gpu_status")
+    assert res.rc == 0 and res.err == ""
+    lines = res.out.splitlines()
+    assert re.fullmatch(rf"          started {local_minute(s.now - 3600)}, auto-shutdown at "
+                        rf"{local_minute(s.now + 23 * 3600)}, heartbeat [234]\.?\d?s ago",
+                        lines[2]), lines[2]
+    assert lines[:2] + lines[3:] == [
+        f"Instance: exp1 ({s.inst})",
+        "Daemon:   alive on node-a, pid 4242",
+        "          keep-alive on",
+        "          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE",
+        "          0    NVIDIA H200          75%   80000/143771  keep-alive holding, tile 4096, "
+        "duty 0.85",
+        "          1    NVIDIA H200           3%    1000/143771  keep-alive yielded (queue task)",
+        "TASK              PRIO STATE       NODE GPUS          TIME  EXIT  COMMAND",
+        "train.sh:00000001  500 running     0    -            2h00m        train.sh",
+        "eval.sh            001 pending          all                       eval.sh",
+        "train.sh:00000003  500 pending          all                       train.sh",
+        "zz_manual.sh       --- pending          all                       zz_manual.sh",
+        "never.sh           500 cancelled        -        3d00h ago     -  never.sh",
+        "train.sh:00000006  500 stopped     0    -        3d00h ago sig15  train.sh",
+        "train.sh:00000005  500 done        0    -        3d00h ago     0  train.sh",
+        "bad.sh             500 failed      0    -        3d00h ago     3  bad.sh",
+        "prep.py            500 done        0    -        3d00h ago     0  prep.py",
+        "Totals:   1 running, 3 pending, 2 done, 3 failed, stopped or cancelled",
+    ]
+    assert sh.run("gpu_status -r 2").out.count(" ago ") == 2
+    assert " ago " not in sh.run("gpu_status --recent=0").out
+
+
+def test_status_shows_what_runs_where_from_the_state_of_protocol_2(sh):
+    v = build_v2(sh.root)
+    res = sh.run("gpu_status")
+    assert res.rc == 0 and res.err == ""
+    lines = [line for line in res.out.splitlines() if not line.startswith("          started ")]
+    assert lines == [
+        f"Instance: exp1 ({v.inst})",
+        "Node 0:   alive on node-a, pid 100",
+        "          keep-alive on, kill scope task, 0 of 4 GPUs free, CPU tasks 0 of 1",
+        "          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE",
+        "          0    NVIDIA H200          90%   70000/143771  sweep-a",
+        "          1    NVIDIA H200          90%   70000/143771  sweep-a (keep-alive filling)",
+        "          2    NVIDIA H200          90%   70000/143771  sweep.py",
+        "          3    NVIDIA H200          90%   70000/143771  train.py",
+        "          next:     big.py: waiting for 4 GPUs, 0 free",
+        "Node 1:   alive on node-b, pid 101",
+        "          keep-alive on, kill scope task, 0 of 2 GPUs free, CPU tasks 0 of 1",
+        "          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE",
+        "          0    NVIDIA H200          90%   70000/143771  train.py",
+        "          1    NVIDIA H200          90%   70000/143771  train.py",
+        "TASK     PRIO STATE       NODE GPUS          TIME  EXIT  COMMAND",
+        "sweep-a   500 running     0    0-1          1m05s        python sweep.py --lr 0.1",
+        "sweep.py  500 running     0    2              30s        python sweep.py --lr 0.2",
+        "train.py  500 running     1,0  0-1          9m50s        torchrun train.py",
+        "big.py    100 pending          4                         python big.py",
+        "eval.py   500 pending          1                         python eval.py",
+        "dist.py   500 failed      0,1  0       49m10s ago     1  torchrun dist.py",
+        "prep.sh   500 done        1    -        1h05m ago     0  prep.sh --fast 'a b'",
+        "Totals:   3 running, 2 pending, 1 done, 1 failed, stopped or cancelled",
+    ], res.out
+
+
+def test_status_fits_in_100_columns_and_long_shows_whole_ids_and_commands(sh):
+    inst = make_instance(sh.root)
+    long_name = "an_experiment_with_a_rather_long_descriptive_name_lr0.001_bs512.py"
+    command = "python train.py " + " ".join(f"--option{n}=value{n}" for n in range(20))
+    tasks = [tid(n, long_name, rand=f"{n:04d}beef") for n in range(3)]
+    tasks.append(tid(9, "中文名字.sh"))  # a name the client would not write, put there by hand
+    for task in tasks:
+        submit_record(inst, task, command=command + " 中文参数" * 10)
+        (inst / "pending" / task).write_text("echo\n")
+    write_fields(inst / "nodes" / "node-0.state", {
+        "protocol": 2, "node_rank": 0, "num_nodes": 1, "host": "h" * 80, "pid": 1,
+        "status": "running", "heartbeat": time.time(), "started": time.time(),
+        "keepalive": "off: " + "no GPU " * 30, "gpu_count": 1, "gpu.0.name": "N" * 60,
+        "gpu.0.state": "yielded", "gpu.0.reason": "foreign process " * 10})
+    res = sh.run("gpu_status; gpu_list")
+    assert res.rc == 0, res.err
+    assert columns(res.out) <= 100, res.out
+    rows = [line for line in res.out.splitlines() if " pending " in line]
+    names = [row.split()[0] for row in rows]
+    assert names[:3] == [".._lr0.001_bs512.py:0000", ".._lr0.001_bs512.py:0001",
+                         ".._lr0.001_bs512.py:0002"]
+    assert names[3].startswith("..") and names[3].endswith("-中文名字.sh")  # whole characters
+    assert all(row.endswith("..") for row in rows)
+    long = sh.run("gpu_status -l").out
+    for task in tasks:
+        assert re.search(rf"^{re.escape(task)} +500 pending .*  {re.escape(command)}"
+                         rf"( 中文参数){{10}}$", long, re.M), task
+    assert columns(long) > 100
+
+
+def test_two_tasks_of_one_name_are_told_apart_by_the_shortest_unique_part_of_their_ids(sh):
+    inst = make_instance(sh.root)
+    tasks = [tid(1, "x.sh", rand="abcd1234"), tid(2, "x.sh", rand="abcd9999"),
+             tid(3, "x.sh", rand="12345678"), tid(4, "y.sh")]
+    for task in tasks:
+        (inst / "pending" / task).write_text("echo\n")
+    out = sh.run("gpu_status").out
+    assert re.findall(r"^(\S+) +500 pending", out, re.M) == ["x.sh:abcd1", "x.sh:abcd9",
+                                                            "x.sh:1234", "y.sh"]
+    res = sh.run("gpu_show x.sh:abcd9 | head -1; gpu_show x:1234 | head -1; gpu_stop x.sh:abcd1")
+    assert res.out.splitlines() == [f"Task:       {tasks[1]}", f"Task:       {tasks[2]}",
+                                    f"cancelled {tasks[0]} (it was pending)"], res.err
+
+
+def test_status_says_when_no_daemon_runs_a_stopped_one_and_a_dead_one(sh):
+    s = build_sample(sh.root, alive=False)
+    out = sh.run("gpu_status").out.splitlines()
+    assert re.fullmatch(r"Daemon:   DEAD on node-a, pid 4242: no heartbeat for 10m0\ds", out[1])
+    assert out[2] == "          likely: the daemon or its node died, or its cluster job ended"
+    assert re.fullmatch(rf"          started {local_minute(s.now - 3600)}, heartbeat 10m0\ds ago",
+                        out[3]), out[3]
+    assert "train.sh:00000001  500 orphaned    0    -            2h00m        train.sh" in out
+    assert out[-2] == "orphaned: its daemon is not alive; a new daemon marks it interrupted"
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(state.read_text() + f"status=stopped\nstopped={s.now - 60}\n"
+                     "stop_reason=shutdown asked by me@here\n")
+    out = sh.run("gpu_status").out.splitlines()
+    assert out[1] == (f"Daemon:   stopped {local_minute(s.now - 60)} (shutdown asked by "
+                      "me@here) on node-a, pid 4242")
+    shutil.rmtree(s.inst / "nodes")
+    out = sh.run("gpu_status").out.splitlines()
+    assert out[1] == "Daemon:   none has started for this instance yet; tasks wait in pending/"
+
+
+def test_status_and_list_show_every_node_of_a_multi_node_instance(sh):
+    s = build_sample(sh.root)
+
+    def node(rank: int, alive: bool = True, num_nodes: int = 2) -> None:
+        write_fields(s.inst / "nodes" / f"node-{rank}.state", {
+            "node_rank": rank, "num_nodes": num_nodes, "host": f"node-{rank}", "pid": 10 + rank,
+            "status": "running", "heartbeat": s.now - (1 if alive else 600),
+            "started": s.now - 60, "shutdown": s.now + 60, "gpu_count": 0})
+
+    node(0)
+    node(1, alive=False)
+    out = sh.run("gpu_status").out
+    assert "\nNode 0:   alive on node-0, pid 10\n" in out
+    assert re.search(r"\nNode 1:   DEAD on node-1, pid 11: no heartbeat for 10m0\ds\n", out)
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive    1/2    node-0  ")
+    for rank in (0, 1, 2, 10):  # ranks in numeric order; the nodes that wrote no state count
+        node(rank, num_nodes=12)
+    out = sh.run("gpu_status").out
+    assert re.findall(r"^Node (\d+):", out, re.M) == ["0", "1", "2", "10"]
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive    4/12   node-0 ")
+
+
+def test_a_daemon_that_shuts_down_is_shown_stopping(sh):
+    s = build_sample(sh.root)
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(state.read_text().replace("status=running", "status=stopping"))
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    stopping 1/1    node-a ")
+    assert sh.run("gpu_use").out == ("exp1: daemon shutting down on node-a (pid 4242, up 1h00m); "
+                                     "1 running, 3 pending, 2 done, 3 failed\n")
+    assert sh.run("gpu_status").out.splitlines()[1] == ("Daemon:   alive (shutting down) on "
+                                                        "node-a, pid 4242")
+
+
+# gpu_list ########################################################################################
+
+
+def test_list_shows_every_instance_with_its_daemon_and_counts_in_100_columns(sh):
+    s = build_sample(sh.root)
+    write_fields(s.inst / "job_id.txt", {"backend": "sco", "cluster_job_id": "pt-abc123"})
+    (sh.root / "queued-only" / "pending").mkdir(parents=True)
+    (sh.root / "queued-only" / "pending" / "a.sh").write_text("")
+    (sh.root / "launched" / ".staging").mkdir(parents=True)  # as submit.sh leaves it
+    write_fields(sh.root / "launched" / "job_id.txt", {"backend": "slurm", "cluster_job_id": 7})
+    (sh.root / "not an instance").mkdir()
+    (sh.root / "no-instance").mkdir()
+    (sh.root / "stray-file").write_text("")
+    build_sample(sh.root, "older", alive=False)
+    late = build_sample(sh.root, "a-very-long-instance-name-of-40-characters")
+    state = late.inst / "nodes" / "node-0.state"
+    state.write_text(state.read_text().replace(f"heartbeat={late.now - 2:.3f}",
+                                               f"heartbeat={late.now - 30:.3f}"))
+    res = sh.run("gpu_list")
+    assert res.rc == 0, res.err
+    assert res.out == (
+        "  JOB_ID              DAEMON   NODES  HOST           UP   LEFT   RUN  PEND  DONE  FAIL"
+        "  CLUSTER JOB\n"
+        "  a-very-long-inst..  late     1/1    node-a      1h00m 23h00m     1     3     2     3"
+        "  -\n"
+        "* exp1                alive    1/1    node-a      1h00m 23h00m     1     3     2     3"
+        "  pt-abc123\n"
+        "  launched            none     -      -               -      -     0     0     0     0"
+        "  7\n"
+        "  older               dead     0/1    node-a          -      -     1     3     2     3"
+        "  -\n"
+        "  queued-only         none     -      -               -      -     0     1     0     0"
+        "  -\n"), res.out
+    assert columns(res.out) <= 100
+    empty = sh.root.parent / "empty root"
+    empty.mkdir()
+    res = sh.run("gpu_list", QUEUE_ROOT=str(empty))
+    assert res.out == f"No instances under {empty} (gpu_submit creates one; so does the daemon).\n"
+
+
+def test_list_json(sh):
+    s = build_sample(sh.root)
+    write_fields(s.inst / "job_id.txt", {"backend": "sco", "cluster_job_id": "pt-abc123"})
+    build_sample(sh.root, "older", alive=False)
+    res = sh.run("gpu_list --json")
+    assert res.rc == 0, res.err
+    doc = json.loads(res.out)
+    assert doc == {"schema": 1, "queue_root": str(sh.root), "instances": [
+        {"job_id": "exp1", "in_use": True, "daemon": "alive", "nodes_alive": 1, "nodes": 1,
+         "host": "node-a", "counts": {"running": 1, "pending": 3, "done": 2, "failed": 3},
+         "cluster_job_id": "pt-abc123"},
+        {"job_id": "older", "in_use": False, "daemon": "dead", "nodes_alive": 0, "nodes": 1,
+         "host": "node-a", "counts": {"running": 1, "pending": 3, "done": 2, "failed": 3},
+         "cluster_job_id": None}]}
+    empty = sh.root.parent / "empty"
+    empty.mkdir()
+    assert json.loads(sh.run("gpu_list --json", QUEUE_ROOT=str(empty)).out) == {
+        "schema": 1, "queue_root": str(empty), "instances": []}
+
+
+# gpu_status --json ###############################################################################
+
+
+def test_status_json_of_protocol_2(sh):
+    v = build_v2(sh.root)
+    res = sh.run("gpu_status --json")
+    assert res.rc == 0 and res.err == ""
+    doc = json.loads(res.out)
+    assert (doc["schema"], doc["job_id"], doc["queue_dir"]) == (1, "exp1", str(v.inst))
+    assert abs(doc["time"] - time.time()) < 10
+    assert [n["rank"] for n in doc["nodes"]] == [0, 1]
+    node0 = doc["nodes"][0]
+    assert {k: node0[k] for k in ("host", "pid", "status", "liveness", "why", "kill_scope",
+                                  "gpus_free", "gpu_count", "num_nodes", "waiting")} == {
+        "host": "node-a", "pid": 100, "status": "running", "liveness": "alive", "why": None,
+        "kill_scope": "task", "gpus_free": 0, "gpu_count": 4, "num_nodes": 2,
+        "waiting": {"id": v.c, "reason": "waiting for 4 GPUs, 0 free"}}
+    assert [(g["index"], g["task"], g["state"]) for g in node0["gpus"]] == [
+        (0, v.a, "yielded"), (1, v.a, "filling"), (2, v.b, "yielded"), (3, v.g, "yielded")]
+    assert node0["gpus"][0]["mem_total_mib"] == 143771
+    running = {t["id"]: t for t in doc["running"]}
+    assert list(running) == [v.a, v.b, v.g]
+    assert {k: running[v.a][k] for k in ("name", "display_name", "priority", "state", "command",
+                                         "cwd", "request", "nodes", "gpus", "host")} == {
+        "name": "sweep.py", "display_name": "sweep-a", "priority": 500, "state": "running",
+        "command": "python sweep.py --lr 0.1", "cwd": "/work/me",
+        "request": {"gpus": 2, "nodes": 1}, "nodes": [0], "gpus": [0, 1], "host": "node-a"}
+    assert (running[v.g]["nodes"], running[v.g]["gpus"]) == ([1, 0], [0, 1])
+    assert running[v.g]["log"] == str(v.inst / "logs" / f"{v.g}.rank0.log")
+    assert running[v.a]["started"] == pytest.approx(v.now - 65, abs=0.01)
+    assert [t["id"] for t in doc["pending"]] == [v.c, v.e]  # in run order
+    assert doc["pending"][1]["after"] == [v.a]
+    assert (doc["pending"][0]["gpus"], doc["pending"][0]["request"]) == (None, {"gpus": 4,
+                                                                               "nodes": 1})
+    assert [t["id"] for t in doc["recent"]] == [v.h, v.f]
+    done = doc["recent"][1]
+    assert {k: done[k] for k in ("state", "exit_code", "signal", "source", "args", "duration",
+                                 "gpus", "nodes")} == {
+        "state": "done", "exit_code": 0, "signal": None, "source": "/work/me/prep.sh",
+        "args": ["--fast", "a b"], "duration": 100.0, "gpus": [], "nodes": [1]}
+    assert doc["recent"][0]["reason"] == "rank 1 failed"
+    assert doc["counts"] == {"running": 3, "pending": 2, "done": 1, "failed": 1}
+    assert json.loads(sh.run("gpu_status --json -r 1").out)["recent"][0]["id"] == v.h
+
+
+def test_status_json_of_protocol_1_and_of_an_instance_without_daemon(sh):
+    s = build_sample(sh.root)
+    doc = json.loads(sh.run("gpu_status --json").out)
+    assert doc["nodes"][0]["gpus"][0] == {
+        "index": 0, "name": "NVIDIA H200", "uuid": None, "task": None, "state": "holding",
+        "reason": None, "util": 75, "mem_used_mib": 80000, "mem_total_mib": 143771,
+        "held_mib": None, "tile": 4096, "duty": 0.85}
+    assert [t["id"] for t in doc["running"]] == [s.running]
+    assert [t["id"] for t in doc["pending"]] == s.pending
+    assert [t["state"] for t in doc["recent"]] == ["cancelled", "stopped", "done", "failed",
+                                                   "done"]
+    fresh = make_instance(sh.root, "fresh")
+    doc = json.loads(sh.run("gpu_status --json", job_id="fresh").out)
+    assert (doc["nodes"], doc["running"], doc["pending"], doc["recent"]) == ([], [], [], [])
+    assert doc["queue_dir"] == str(fresh)
+
+
+# Whatever comes from a file is printed escaped ###################################################
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u009bx\x7f.sh"
+
+
+def test_control_characters_from_files_are_printed_escaped(sh):
+    s = build_sample(sh.root)
+    (s.inst / "pending" / HOSTILE).write_text("echo\n")
+    cancelled = tid(30, "c.sh")
+    (s.inst / "failed" / cancelled).write_text("echo\n")
+    write_fields(s.inst / "records" / f"{cancelled}.result",
+                 {"id": cancelled, "state": "cancelled", "reason": "\x1b[31mred\x1b[0m",
+                  "ended": time.time()}, mtime=time.time())
+    submit_record(s.inst, s.pending[0], command="echo \x1b[1mbold\x1b[0m\ttab",
+                  display_name="\x1b[5mblink")
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(state.read_text().replace("host=node-a", "host=\x1b[2Jnode-a")
+                     .replace("gpu.1.reason=queue task", "gpu.1.reason=\x07bell\x9b"))
+    write_fields(s.inst / "job_id.txt", {"cluster_job_id": "\x1b]8;;http://x\x07link"})
+    res = sh.run("gpu_status; gpu_status -l; gpu_list; gpu_show blink 2>&1; gpu_logs; "
+                 f"gpu_stop '{HOSTILE}' 2>&1; gpu_use; gpu_show c.sh")
+    assert res.rc == 0, res.err
+    assert not ESCAPES.search(res.out), res.out
+    assert "\\e]0;pwned\\x07\\e[2J" in res.out
+    assert "\\e[5mblink" in res.out and "echo \\e[1mbold\\e[0m\\ttab" in res.out
+    assert "\\e[2Jnode-a" in res.out and "\\x07bell" in res.out
+    assert "\\e[31mred\\e[0m" in res.out and "\\e]8;;http://x\\x07link" in res.out
+    assert "\\u009b" in res.out
+    # in JSON the values are exact (and stay UTF-8): a script gets what the files hold
+    doc = json.loads(sh.run("gpu_status --json").out)
+    assert doc["nodes"][0]["host"] == "\x1b[2Jnode-a"
+    assert doc["nodes"][0]["gpus"][1]["reason"] == "\x07bell\x9b"
+    assert {t["display_name"] for t in doc["pending"]} >= {"\x1b[5mblink"}
+
+
+def test_json_stays_valid_with_names_that_are_not_utf8(sh):
+    s = build_sample(sh.root)
+    odd = os.fsencode(s.inst / "pending") + b"/caf\xe9 \xff\xfe\xc3.sh"
+    with open(odd, "wb") as out:
+        out.write(b"echo\n")
+    for command in ("gpu_status --json", "gpu_list --json"):
+        proc = subprocess.run(sh.argv(command), env=sh.env(), cwd=sh.cwd, capture_output=True)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout.decode("utf-8"))  # strict UTF-8
+    doc = json.loads(subprocess.run(sh.argv("gpu_status --json"), env=sh.env(), cwd=sh.cwd,
+                                    capture_output=True).stdout.decode("utf-8"))
+    assert "caf\ufffd \ufffd\ufffd\ufffd.sh" in [t["id"] for t in doc["pending"]]
+
+
+def test_counts_read_from_files_are_bounded(sh):
+    inst = make_instance(sh.root)
+    task = tid(1, "x.sh")
+    (inst / "running" / task).write_text("echo\n")
+    submit_record(inst, task, argc=999999999)
+    write_fields(inst / "nodes" / "node-0.state", {
+        "protocol": 2, "node_rank": 0, "num_nodes": 999999999999, "host": "h", "pid": 1,
+        "status": "running", "heartbeat": time.time(), "started": time.time(),
+        "gpu_count": 999999999, "running_count": 999999999, "gpus_free": "²"})
+    res = sh.run("gpu_status; gpu_list; gpu_status --json > /dev/null", timeout=120)
+    assert res.rc == 0, res.err
+    assert len(re.findall(r"^          \d+ +\?", res.out, re.M)) == 1024
+    assert "of 999999999 GPUs" not in res.out and "² of" not in res.out
+    assert "1/1024" in res.out  # num_nodes bounded too
+
+
+# Honest liveness ##################################################################################
+
+
+def test_a_daemon_whose_heartbeat_is_late_is_not_responding(sh):
+    s = build_sample(sh.root)
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(re.sub(r"^heartbeat=.*$", f"heartbeat={s.now - 20:.3f}", state.read_text(),
+                            flags=re.M))
+    out = sh.run("gpu_status").out.splitlines()
+    assert re.fullmatch(r"Daemon:   NOT RESPONDING on node-a, pid 4242: its heartbeat is 2\ds old",
+                        out[1]), out[1]
+    assert out[2] == ("          likely: the daemon is stopped or hung, the shared storage stalls, "
+                      "or its node died")
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    late     1/1    node-a ")
+    (sh.cwd / "job.sh").write_text("echo\n")
+    res = sh.run("gpu_submit job.sh")
+    submitted_id(res)
+    assert re.fullmatch(r"gpu_submit: the daemon of exp1 is not responding \(its heartbeat is 2\ds "
+                        r"old; likely the daemon is stopped or hung, the shared storage stalls, or "
+                        r"its node died\): the task waits in pending/\n", res.err), res.err
+    res = sh.run("gpu_stop eval; echo \"rc=$?\"", GPU_REPLY_TIMEOUT="1")
+    assert res.out == "rc=1\n"
+    assert "on NFS" not in res.err and "likely the daemon is stopped or hung" in res.err
+    assert re.search(r"no reply from the daemon within 1 s: the command is withdrawn \(commands/"
+                     r"\S+ removed\), so no daemon carries it out later; the daemon of exp1 is "
+                     r"not responding \(its heartbeat is 2\ds old;", res.err), res.err
+
+
+def pm_daemon_process(tmp_path: Path) -> subprocess.Popen:
+    """A live process whose name is pm-daemon, as a daemon of protocol 2 names itself."""
+    exe = tmp_path / "pm-daemon"
+    shutil.copy(shutil.which("sleep"), exe)
+    return subprocess.Popen([str(exe), "600"])
+
+
+def test_a_daemon_on_this_host_is_judged_by_its_process(sh, tmp_path):
+    s = build_sample(sh.root)  # its heartbeat is fresh
+    state = s.inst / "nodes" / "node-0.state"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    fields = own_identity()
+    text = state.read_text().replace("protocol=1", "protocol=2").replace("host=node-a",
+                                                                        f"host={fields['host']}")
+    state.write_text(text + f"boot_id={fields['boot_id']}\npid_ns={fields['pid_ns']}\n")
+
+    def with_pid(pid: int) -> None:
+        state.write_text(re.sub(r"^pid=.*$", f"pid={pid}", state.read_text(), flags=re.M))
+
+    with_pid(gone.pid)
+    host = fields["host"]
+    out = sh.run("gpu_status").out.splitlines()
+    assert out[1] == (f"Daemon:   DEAD on {host}, pid {gone.pid}: its process (pid {gone.pid}) "
+                      "is gone")
+    assert out[2] == ("          likely: it was killed (kill -9, the OOM killer) or crashed; see "
+                      "its daemon.log")
+    assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    dead ")
+    res = sh.run("gpu_stop eval; echo \"rc=$?\"", GPU_REPLY_TIMEOUT="1")
+    assert res.out == f"cancelled {s.pending[0]} (it was pending)\nrc=0\n"  # at once, offline
+    assert res.err == (f"gpu_stop: no daemon is alive for exp1 (its process (pid {gone.pid}) is "
+                       "gone; likely it was killed (kill -9, the OOM killer) or crashed; see its "
+                       "daemon.log): only pending tasks can be cancelled\n")
+    other = subprocess.Popen(["sleep", "600"])
+    daemon = pm_daemon_process(tmp_path)
+    try:
+        with_pid(other.pid)
+        assert sh.run("gpu_status").out.splitlines()[1] == (
+            f"Daemon:   DEAD on {host}, pid {other.pid}: pid {other.pid} is now another program "
+            "(sleep)")
+        with_pid(daemon.pid)
+        assert sh.run("gpu_status").out.splitlines()[1] == (f"Daemon:   alive on {host}, pid "
+                                                            f"{daemon.pid}")
+        # another PID namespace of this host: the pid says nothing, the heartbeat does
+        state.write_text(state.read_text().replace(f"pid_ns={fields['pid_ns']}", "pid_ns=x"))
+        with_pid(gone.pid)
+        assert sh.run("gpu_status").out.splitlines()[1] == (f"Daemon:   alive on {host}, pid "
+                                                            f"{gone.pid}")
+    finally:
+        for proc in (other, daemon):
+            proc.kill()
+            proc.wait()
+
+
+@needs_namespace
+def test_e2e_a_daemon_killed_with_9_is_dead_at_once_on_its_host(tmp_path):
+    """The client beside a real daemon, in one PID namespace: after kill -9 the status says so
+    at once (its heartbeat is fresh for a minute), and gpu_stop does not blame NFS."""
+    root = tmp_path / "root"
+    root.mkdir()
+    script = f"""
+set -u
+python3 {DAEMON} --job-id exp1 --queue-root {root} --poll-interval 0.1 --no-keepalive \\
+    --kill-scope task > {tmp_path}/daemon.log 2>&1 &
+daemon=$!
+for _ in $(seq 100); do [ -f {root}/exp1/nodes/node-0.state ] && break; sleep 0.1; done
+export QUEUE_ROOT={root} JOB_ID=exp1 GPU_REPLY_TIMEOUT=2
+source {CLIENT}
+gpu_run 'sleep 60' > /dev/null 2>&1
+for _ in $(seq 100); do [ -n "$(ls {root}/exp1/running)" ] && break; sleep 0.1; done
+gpu_run 'echo later' > /dev/null 2>&1
+gpu_status | sed -n 2p
+kill -9 "$daemon"; wait "$daemon"
+gpu_status
+gpu_stop run_echo_later; echo "stop rc=$?"
+gpu_stop run_sleep_60; echo "stop rc=$?"
+"""
+    log = tmp_path / "out.log"
+    with namespace_shell(script, log) as proc:
+        proc.wait(60)
+    out = log.read_text()
+    assert re.search(r"^Daemon:   alive on \S+, pid \d+$", out, re.M), out
+    assert re.search(r"^Daemon:   DEAD on \S+, pid \d+: its process \(pid \d+\) is gone$", out,
+                     re.M), out
+    assert "likely: it was killed (kill -9, the OOM killer) or crashed" in out
+    assert re.search(r"^run_sleep_60.sh +500 orphaned ", out, re.M), out
+    assert re.search(r"^cancelled \S+-run_echo_later.sh \(it was pending\)\nstop rc=0$", out,
+                     re.M), out
+    assert "is in running/ but its daemon is not alive" in out
+    assert "NFS" not in out and "no reply" not in out
+
+
+# QUEUE_ROOT from submit.conf ######################################################################
+
+
+@pytest.fixture
+def client_copy(tmp_path) -> Path:
+    """client.sh in a folder of its own, where a submit.conf can lie beside it."""
+    folder = tmp_path / "checkout"
+    folder.mkdir()
+    shutil.copy(CLIENT, folder / "client.sh")
+    return folder
+
+
+@pytest.mark.parametrize("line", [
+    'QUEUE_ROOT="{root}"', "QUEUE_ROOT='{root}'", "export QUEUE_ROOT={root}  # the AFS one",
+    '  QUEUE_ROOT="$HOME/{rel}"', "QUEUE_ROOT=${{HOME}}/{rel}", "QUEUE_ROOT=~/{rel}"])
+@pytest.mark.parametrize("shell", SHELLS)
+def test_queue_root_comes_from_submit_conf_beside_the_client(shell, client_copy, tmp_path, line):
+    home = tmp_path / "home"
+    root = home / "q"
+    root.mkdir(parents=True)
+    build_sample(root)
+    (client_copy / "submit.conf").write_text("#QUEUE_ROOT=/nowhere\nCONDA_ENV=x\n"
+                                             + line.format(root=root, rel="q") + "\n")
+    sh = Shell(shell, root, home, tmp_path, client=client_copy / "client.sh")
+    res = sh.run("gpu_status | head -1; gpu_help | grep QUEUE_ROOT=", QUEUE_ROOT=None)
+    assert res.out == (f"Instance: exp1 ({root}/exp1)\n          QUEUE_ROOT={root} (from "
+                       f"{client_copy}/submit.conf)\n"), res.err
+    other = tmp_path / "other"
+    other.mkdir()
+    assert sh.run("gpu_list", QUEUE_ROOT=str(other)).out.startswith("No instances under "
+                                                                     f"{other} ")  # env wins
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_submit_conf_is_read_never_run(shell, client_copy, tmp_path):
+    marker = tmp_path / "ran"
+    (client_copy / "submit.conf").write_text(f"touch {marker}\nQUEUE_ROOT=$(touch {marker})/q\n")
+    sh = Shell(shell, tmp_path, tmp_path, tmp_path, client=client_copy / "client.sh")
+    before = tree(tmp_path)
+    res = sh.run("gpu_status; echo \"rc=$?\"", QUEUE_ROOT=None)
+    assert res.out == "rc=1\n"
+    assert res.err == (f"gpu_status: {client_copy}/submit.conf sets QUEUE_ROOT to $(touch "
+                       f"{marker})/q, which the client does not evaluate (it reads the file, it "
+                       "does not run it): export QUEUE_ROOT instead\n")
+    assert not marker.exists() and tree(tmp_path) == before
+    (client_copy / "submit.conf").write_text("CONDA_ENV=x\n")  # no QUEUE_ROOT: the default
+    res = sh.run("gpu_status; echo \"rc=$?\"", QUEUE_ROOT=None)
+    assert res.err.startswith(f"gpu_status: the queue root {tmp_path}/gpu_queue does not exist ")
+
+
+def test_e2e_json_is_written_by_the_shell_alone(sh, tmp_path):
+    """No Python, no jq on the login node: gpu_status --json with a PATH of coreutils only."""
+    build_v2(sh.root)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ls", "sed", "sort", "date", "head", "tail", "wc", "find", "grep", "paste",
+                 "cat", "od", "tr", "readlink", "uname", "id", "sleep", "mv", "cp", "rm", "dd",
+                 "mkdir", "xargs"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    argv = sh.argv("gpu_status --json; gpu_list --json")
+    argv[0] = shutil.which(argv[0])  # the shell itself by its full path
+    proc = subprocess.run(argv, env=sh.env(PATH=str(bin_dir)), cwd=sh.cwd, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split("\n{", 1)
+    assert json.loads(first)["counts"]["running"] == 3  # parsed with Python's json
+    assert json.loads("{" + second)["instances"][0]["job_id"] == "exp1"
