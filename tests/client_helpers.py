@@ -421,7 +421,7 @@ def wait_running(inst: Path, task: str, timeout: float = 20.0) -> None:
 def make_shell(name: str, tmp_path: Path) -> Shell:
     """The shell of the ``sh`` fixture every client test module defines (bash, then zsh)."""
     root = tmp_path / "queue root"  # a space, on purpose
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     work = tmp_path / "work dir"
     work.mkdir()
     home = tmp_path / "home"

@@ -77,10 +77,12 @@ def test_gpus_of_parallel_tasks_are_shown_per_task_and_per_gpu(start_daemon, tmp
     assert sorted(t["gpus"][0] for t in doc["running"]) == [0, 1, 2, 3]
     assert doc["nodes"][0]["waiting"] == {"id": big, "reason": "waiting for 3 GPUs, 0 free"}
     assert {g["task"] for g in doc["nodes"][0]["gpus"]} == set(ids)
-    assert sh.run("gpu_stop all").rc == 0
+    assert sh.run("gpu_stop all").rc == 0  # stops the running ones, cancels the pending one
     for task in ids:
         assert wait_finished(inst, task, 30) == "failed"
-    assert wait_finished(inst, big, 30) == "done"
+        assert read_fields(inst / "records" / f"{task}.result")["state"] == "stopped"
+    assert wait_finished(inst, big, 30) == "failed"
+    assert read_fields(inst / "records" / f"{big}.result")["state"] == "cancelled"
 
 
 @pytest.mark.parametrize("shell", INSTALLED)
