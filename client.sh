@@ -189,7 +189,7 @@ _gpu_cut_left() {  # _gpu_cut_left TEXT WIDTH: TEXT cut to its last WIDTH bytes 
 _gpu_line() {  # _gpu_line TEXT...: one line of gpu_status, escaped, cut to 100 columns unless -l
   local IFS=' '
   _gpu_esc "$*"
-  if [ -z "${_gpu_o_long-}" ]; then _gpu_cut "$_gpu_e" 100; _gpu_e=$_gpu_c; fi
+  if [ -z "${_gpu_o_long-}" ]; then _gpu_cut "$_gpu_e" $((100 + ${_gpu_wide:-0})); _gpu_e=$_gpu_c; fi
   printf '%s\n' "$_gpu_e"
 }
 
@@ -237,6 +237,19 @@ _gpu_jn() {  # _gpu_jn TEXT: TEXT as a JSON number when it is one (ASCII digits)
   case $1 in *.*) frac=.${1#*.} ;; esac
   while [ "${#whole}" -gt 1 ] && [ "${whole#0}" != "$whole" ]; do whole=${whole#0}; done
   _gpu_j=$whole$frac
+}
+
+_gpu_jseries() {  # _gpu_jseries TEXT: comma-separated values as a JSON list, null where empty
+  local IFS=, out='' n=0
+  # shellcheck disable=SC2086  # split on the commas (the dispatcher turned globbing off)
+  set -- $1
+  while [ "$#" -gt 0 ] && [ "$n" -lt 1024 ]; do
+    _gpu_jn "$1"
+    out=$out${out:+, }$_gpu_j
+    n=$((n + 1))
+    shift
+  done
+  _gpu_j="[$out]"
 }
 
 # Names and numbers #################################################################################
@@ -1599,8 +1612,35 @@ _gpu_name_of() {  # _gpu_name_of ID: the short name gpu_status shows for ID into
   _gpu_esc "$_gpu_s"; _gpu_s=$_gpu_e
 }
 
+_gpu_spark() {  # _gpu_spark HISTORY: gpu.<i>.history (one value per 10 s, oldest first) as 20
+  # glyphs into _gpu_sp, each the mean of 30 s, oldest left; . where nothing is known
+  local IFS=, value slot=0 sum=0 known=0 level
+  # shellcheck disable=SC2086  # split on the commas (the dispatcher turned globbing off)
+  set -- $1
+  while [ "$#" -gt 60 ]; do shift; done
+  _gpu_sp=
+  while [ "$slot" -lt 60 ]; do
+    if [ "$slot" -ge $((60 - $#)) ]; then
+      value=$1; shift
+      if _gpu_whole "$value" 100; then sum=$((sum + _gpu_i)); known=$((known + 1)); fi
+    fi
+    slot=$((slot + 1))
+    [ $((slot % 3)) -eq 0 ] || continue
+    if [ "$known" -eq 0 ]; then _gpu_sp=$_gpu_sp.
+    else
+      level=$((sum * 8 / (known * 101)))
+      case $level in
+        0) _gpu_sp=$_gpu_sp▁ ;; 1) _gpu_sp=$_gpu_sp▂ ;; 2) _gpu_sp=$_gpu_sp▃ ;;
+        3) _gpu_sp=$_gpu_sp▄ ;; 4) _gpu_sp=$_gpu_sp▅ ;; 5) _gpu_sp=$_gpu_sp▆ ;;
+        6) _gpu_sp=$_gpu_sp▇ ;; *) _gpu_sp=$_gpu_sp█ ;;
+      esac
+    fi
+    sum=0; known=0
+  done
+}
+
 _gpu_show_nodes() {  # the daemons part of gpu_status
-  local state node rank count i line label host pid what gpus free slots
+  local state node rank count i line label host pid what gpus free slots spark
   local IFS=$_gpu_nl
   state=$(_gpu_node_files)
   if [ -z "$state" ]; then
@@ -1648,14 +1688,22 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
       line="$line${line:+, }CPU tasks $_gpu_val of $slots"
     fi
     [ -z "$line" ] || _gpu_line "          $line"
-    [ "$count" -eq 0 ] \
-      || _gpu_line '          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE'
+    spark=
+    [ "$count" -gt 0 ] && _gpu_field gpu.0.history && spark=1
+    if [ "$count" -gt 0 ] && [ -n "$spark" ]; then
+      _gpu_line '          GPU  MODEL               UTIL LAST 10 MIN            MEMORY (MiB)  TASK OR KEEP-ALIVE'
+    elif [ "$count" -gt 0 ]; then
+      _gpu_line '          GPU  MODEL               UTIL   MEMORY (MiB)  TASK OR KEEP-ALIVE'
+    fi
     i=0
     while [ "$i" -lt "$count" ]; do
       _gpu_field "gpu.$i.index"; gpus=${_gpu_val:-$i}
       _gpu_field "gpu.$i.name"; _gpu_esc "${_gpu_val:-?}"; _gpu_cut "$_gpu_e" 19; what=$_gpu_c
       line=$(printf '%-4s %-19s' "$gpus" "$what")
       _gpu_field "gpu.$i.util"; line="$line $(printf '%4s' "${_gpu_val:--}${_gpu_val:+%}")"
+      if [ -n "$spark" ]; then
+        _gpu_field "gpu.$i.history"; _gpu_spark "$_gpu_val"; line="$line $_gpu_sp"
+      fi
       _gpu_field "gpu.$i.mem_used_mib"; free=${_gpu_val:--}
       _gpu_field "gpu.$i.mem_total_mib"; line="$line  $(printf '%13s' "$free/${_gpu_val:--}")"
       _gpu_field "gpu.$i.task"
@@ -1669,7 +1717,10 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
         _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && what="$what, tile $_gpu_val"
         _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
       fi
+      _gpu_wide=0  # the sparkline's glyphs take three bytes for one column
+      [ -n "$spark" ] && _gpu_wide=$((${#_gpu_sp} - 20))
       _gpu_line "          $line  $what"
+      _gpu_wide=0
       i=$((i + 1))
     done
     if _gpu_field waiting.id && [ -n "$_gpu_val" ]; then
@@ -1912,6 +1963,7 @@ _gpu_node_json() {  # the loaded node state (rank $1) as one JSON object on stdo
     for key in util mem_used_mib mem_total_mib held_mib tile duty; do
       _gpu_field "gpu.$i.$key"; _gpu_jn "$_gpu_val"; out="$out, \"$key\": $_gpu_j"
     done
+    _gpu_field "gpu.$i.history"; _gpu_jseries "$_gpu_val"; out="$out, \"history\": $_gpu_j"
     [ "$i" -eq 0 ] || printf ', '
     printf '%s}' "$out"
     i=$((i + 1))

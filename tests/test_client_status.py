@@ -114,6 +114,30 @@ def test_status_shows_what_runs_where_from_the_state_of_protocol_2(sh):
     ], res.out
 
 
+def test_status_draws_each_gpus_utilisation_history_as_a_sparkline(sh):
+    """gpu.<i>.history (one value per 10 s, oldest first): 20 glyphs of 30 s each."""
+    v = build_v2(sh.root)
+    state = v.inst / "nodes" / "node-1.state"
+    history = ",".join([""] * 30 + ["0"] * 15 + ["100"] * 15)
+    steady = ",".join(["75"] * 70)  # more than ten minutes: the oldest are left out
+    state.write_text(state.read_text() + f"gpu.0.history={history}\ngpu.1.history={steady}\n")
+    res = sh.run("gpu_status")
+    assert res.rc == 0 and res.err == "", res.err
+    lines = res.out.splitlines()
+    start = lines.index("Node 1:   alive on node-b, pid 101")
+    assert lines[start + 3:start + 6] == [
+        "          GPU  MODEL               UTIL LAST 10 MIN            MEMORY (MiB)  "
+        "TASK OR KEEP-ALIVE",
+        "          0    NVIDIA H200          90% ..........▁▁▁▁▁█████   70000/143771  train.py",
+        "          1    NVIDIA H200          90% ▆▆▆▆▆▆▆▆▆▆▆▆▆▆▆▆▆▆▆▆   70000/143771  train.py",
+    ], res.out
+    assert columns(res.out) <= 100
+    doc = json.loads(sh.run("gpu_status --json").out)
+    gpus = doc["nodes"][1]["gpus"]
+    assert gpus[0]["history"] == [None] * 30 + [0] * 15 + [100] * 15
+    assert gpus[1]["history"] == [75] * 70 and doc["nodes"][0]["gpus"][0]["history"] == []
+
+
 def test_status_fits_in_100_columns_and_long_shows_whole_ids_and_commands(sh):
     inst = make_instance(sh.root)
     long_name = "an_experiment_with_a_rather_long_descriptive_name_lr0.001_bs512.py"
@@ -322,7 +346,7 @@ def test_status_json_of_protocol_1_and_of_an_instance_without_daemon(sh):
     assert doc["nodes"][0]["gpus"][0] == {
         "index": 0, "name": "NVIDIA H200", "uuid": None, "task": None, "state": "holding",
         "reason": None, "util": 75, "mem_used_mib": 80000, "mem_total_mib": 143771,
-        "held_mib": None, "tile": 4096, "duty": 0.85}
+        "held_mib": None, "tile": 4096, "duty": 0.85, "history": []}
     assert [t["id"] for t in doc["running"]] == [s.running]
     assert [t["id"] for t in doc["pending"]] == s.pending
     assert [t["state"] for t in doc["recent"]] == ["cancelled", "stopped", "done", "failed",
