@@ -3217,7 +3217,10 @@ def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
         return Inventory(tuple(found), nvml, why)
     if nvml is None or not found:
         numbers = range(declared) if isinstance(declared, int) else declared
-        return Inventory.declare(numbers, f"declared slots ({why or 'no NVML'})")
+        if why:
+            log.info("GPUs declared with --gpus: %s", why)
+        return Inventory.declare(numbers, "declared slots (no NVML)" if nvml is None
+                                 else "declared slots (no GPU visible)")
     if isinstance(declared, int):
         if declared > len(found):
             raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")
@@ -4560,7 +4563,7 @@ class Daemon:
             fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
                            f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
                            f"gpu.{i}.state": "off",
-                           f"gpu.{i}.reason": f"keep-alive {self.keepalive.describe()}"})
+                           f"gpu.{i}.reason": self.keepalive.why})
         try:
             fields.update(self.keepalive.gpu_fields())
         except Exception:  # noqa: BLE001 - a GPU query must not stop the heartbeat
