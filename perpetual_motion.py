@@ -605,20 +605,20 @@ class QueueFolder:
         return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)
 
     def remove_finished(self, before: float) -> list[str]:
-        """Remove the finished tasks that ended before ``before`` (their result's ``ended``,
-        else the file's time): the file in done/ or failed/, every record and log. Their ids."""
+        """Remove the finished tasks that ended before ``before`` (when their result was
+        published, else the file's own time, as gpu_clean judges): the file in done/ or failed/,
+        then every record and log of each one removed. Their ids."""
         removed = set()
         for folder in ("done", "failed"):
             for task_id in self.names(folder):
                 path = self.dir(folder) / task_id
                 try:
-                    fields = self.read_fields(self.record(task_id, "result")) or {}
-                except (OSError, ValueError):
-                    fields = {}
-                try:
-                    ended = as_float(fields.get("ended")) or os.lstat(path).st_mtime
+                    try:
+                        ended = os.lstat(self.record(task_id, "result")).st_mtime
+                    except FileNotFoundError:
+                        ended = os.lstat(path).st_mtime
                     if ended < before:
-                        os.unlink(path)
+                        os.unlink(path)  # gone already: renamed back into pending/, say
                         removed.add(task_id)
                 except OSError:
                     continue
