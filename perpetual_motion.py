@@ -4303,9 +4303,9 @@ class Daemon:
         if not self.stopping and self.hard_at is not None and now >= self.hard_at:
             self.begin_shutdown(f"hard auto-shutdown after {AUTO_SHUTDOWN_HARD_HOURS:g}h")
         self._step("tasks", self.run_tasks)
-        if self.is_leader:
+        if self.is_leader and not self.displaced:
             self._step("commands", self.commands.handle)
-        elif now - self.last_leader_check >= HEARTBEAT_SECONDS:
+        elif not self.is_leader and now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
         if not self.displaced and self.owns_node():
@@ -4333,9 +4333,8 @@ class Daemon:
         return {t.proc.pid for t in self.runner.tasks.values() if t.proc is not None}
 
     def busy_gpus(self) -> dict[int, str]:
-        """The GPUs that queue tasks hold (or gangs set aside and start on), with the id."""
-        busy = {gpu: task.task_id for task in self.runner.tasks.values() for gpu in task.gpus}
-        return busy
+        """The GPUs that queue tasks (and gang ranks) hold, with the task's id."""
+        return {gpu: task.task_id for task in self.runner.tasks.values() for gpu in task.gpus}
 
     # -- the tasks of this node ------------------------------------------------------------
 
