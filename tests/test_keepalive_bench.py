@@ -8,6 +8,7 @@ import _thread
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -328,11 +329,14 @@ def test_an_interrupted_run_kills_every_child(tmp_path, quiet):
     """What ``timeout`` does (SIGTERM, raised as KeyboardInterrupt by the handler)."""
     backend = SimBackend()
     timer = threading.Timer(3.0, _thread.interrupt_main)
+    # interrupt_main() acts as SIGINT does: a run started with SIGINT ignored (nohup) must see it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer.start()
     try:
         report, code = kb.measure(quick_args(tmp_path, "--band-seconds", "30"), backend)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert code == kb.EXIT_CUT_SHORT and "KeyboardInterrupt" in report["outcome"]["why"]
     assert no_child_left(backend)
     assert all(w.exit_code() is not None for w in backend.node.workers)
