@@ -6,8 +6,10 @@ The daemon runs on a compute node, one per node of a cluster job:
     python perpetual_motion.py --job-id train-exp1 [--queue-root DIR]
 
 It keeps every idle GPU of the node in the utilisation band below (keep-alive), and runs the
-task scripts that clients drop into ``<queue-root>/<job-id>/pending/`` one after another, moving
-them through ``running/`` to ``done/`` or ``failed/`` and writing their output to ``logs/``.
+task scripts that clients drop into ``<queue-root>/<job-id>/pending/``, in priority order, each
+on the GPUs it asks for (side by side when they fit, across nodes when it asks for several),
+moving them through ``running/`` to ``done/`` or ``failed/`` and writing their output to
+``logs/``.
 The layout of that folder is the contract in ``docs/protocol.md``. Edit the constants below to
 change the defaults; the command-line flags override them (``--help`` lists them).
 """
