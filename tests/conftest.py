@@ -35,6 +35,18 @@ def namespaces_available() -> bool:
     return probe.returncode == 0
 
 
+def nvml_works_here() -> bool:
+    """True on a machine with an NVIDIA driver that NVML can talk to."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means no usable GPU
+        return False
+
+
 needs_namespace = pytest.mark.skipif(not namespaces_available(),
                                      reason="needs unshare --pid (root)")
 

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DAEMON, UNSHARE, namespace_shell, needs_namespace, read_fields, wait_for
+from conftest import (
+    DAEMON,
+    UNSHARE,
+    namespace_shell,
+    needs_namespace,
+    nvml_works_here,
+    read_fields,
+    wait_for,
+)
 from queue_files import command, finished, result, submit
 
 pytestmark = needs_namespace
@@ -269,18 +277,8 @@ def test_ten_concurrent_stop_commands_are_all_honoured(queue_root, start_daemon)
     assert (inst / "running" / blocker).exists()
 
 
-def gpu_present() -> bool:
-    try:
-        import pynvml
 
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means no usable GPU
-        return False
-
-
-@pytest.mark.skipif(gpu_present(), reason="checks the behaviour without a GPU")
+@pytest.mark.skipif(nvml_works_here(), reason="checks the behaviour without a GPU")
 def test_without_a_gpu_keepalive_is_off_with_one_warning_and_the_queue_runs(queue_root,
                                                                             start_daemon):
     inst = queue_root / "nogpu"

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import simgpu as sim  # noqa: E402
+from conftest import nvml_works_here  # noqa: E402
 
 import perpetual_motion as pm  # noqa: E402
 
@@ -833,16 +834,6 @@ def test_worker_reports_never_block_it(monkeypatch):
 
 # make_keepalive and the NVML wrapper ########################################################
 
-
-def nvml_works_here() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def inventory_and_keepalive(log, declared=None, enabled=True, node_label=""):

@@ -24,22 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keepalive_bench as kb  # noqa: E402
 import simgpu as sim  # noqa: E402
+from conftest import nvml_works_here  # noqa: E402
 
 import perpetual_motion as pm  # noqa: E402
 
 MIB = pm.MIB
 GIB = pm.GIB
 
-
-def nvml_works_here() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 # A simulated GPU in real time ###############################################################
