@@ -90,6 +90,18 @@ def run_until(daemon, clock: FakeClock, predicate, limit: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def command_line(process: psutil.Process) -> list[str]:
+    """``process``'s arguments; none for a process that has ended, zombie or gone.
+
+    A short-lived child (a ``touch``, a ``setsid``) can end between listing the children and
+    reading its arguments: it is then no match for anything, never an error.
+    """
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def read_fields(path: Path) -> dict[str, str]:
     fields = {}
     for line in path.read_text().splitlines():
@@ -138,8 +150,10 @@ class DaemonHandle:
 
     def alive(self) -> bool:
         state = self.state()
+        # A state file from before this launch is an earlier daemon's, maybe killed a moment
+        # ago: it must not pass for this one's.
         return (state.get("status") == "running" and "[INFO] Queue: " in self.output()
-                and float(state.get("started") or 0) >= self.started - 1)
+                and float(state.get("started") or 0) >= self.started)
 
     def wait_alive(self, timeout: float = 15.0) -> DaemonHandle:
         def ready():
@@ -154,7 +168,7 @@ class DaemonHandle:
         """The daemon's Python process, seen from outside its namespace."""
         try:
             for child in psutil.Process(self.proc.pid).children(recursive=True):
-                if any(arg.endswith("perpetual_motion.py") for arg in child.cmdline()):
+                if any(arg.endswith("perpetual_motion.py") for arg in command_line(child)):
                     return child
         except psutil.NoSuchProcess:
             pass
@@ -233,10 +247,11 @@ def start_daemon(tmp_path: Path):
             args += ["--node-rank", str(node_rank)]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
+        launched = time.time()  # this daemon's state file says it started later than this
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([*UNSHARE, *args], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=full_env, cwd=tmp_path)
-        handle = DaemonHandle(proc, queue_root, job_id, node_rank, log_path, time.time())
+        handle = DaemonHandle(proc, queue_root, job_id, node_rank, log_path, launched)
         handles.append(handle)
         if wait:
             handle.wait_alive()

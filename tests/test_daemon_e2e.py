@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     DAEMON,
     UNSHARE,
+    command_line,
     namespace_shell,
     needs_namespace,
     nvml_works_here,
@@ -218,11 +219,15 @@ def test_sigkill_mid_task_then_restart_recovers_and_kills_the_orphans(queue_root
               f"{sys.executable} {DAEMON} {args} --hours 0.001; echo second-exit=$?")
     with namespace_shell(script, log) as proc:
         wait_for(ready.exists, 15, what="victim task")
-        children = psutil.Process(proc.pid).children(recursive=True)
-        daemons = [p for p in children if str(DAEMON) in p.cmdline()]
+        def inside(program: str) -> list[psutil.Process]:
+            return [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if program in command_line(p)[:2]]
+
+        daemons = inside(str(DAEMON))
         assert len(daemons) == 1
-        sleeps_before = [p for p in children if p.name() == "sleep"]
-        assert len(sleeps_before) == 2
+        # The detached sleep may still be ``setsid`` for a moment after the task's ready file.
+        sleeps_before = wait_for(lambda: len(inside("sleep")) == 2 and inside("sleep"), 10,
+                                 what="the task's two sleeps")
         daemons[0].kill()
         wait_for(lambda: "first-exit=137" in log.read_text(), 10)
         wait_finished(inst, after, 20)

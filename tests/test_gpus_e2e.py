@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
-from conftest import DAEMON, UNSHARE, needs_namespace, read_fields, wait_for
+from conftest import DAEMON, UNSHARE, command_line, needs_namespace, read_fields, wait_for
 from queue_files import command, finished, result, submit
 
 pytestmark = needs_namespace
@@ -122,7 +122,7 @@ def test_stopping_one_of_four_leaves_the_other_three_and_their_python_alive(
 
     def strays() -> list[int]:
         return [p.pid for p in root.children(recursive=True)
-                if "stray-marker" in " ".join(p.cmdline())]
+                if "stray-marker" in " ".join(command_line(p))]
 
     before = wait_for(lambda: len(task_pythons()) == 4 and task_pythons(), 10,
                       what="the tasks' Python processes")

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DAEMON, REPO, UNSHARE, namespace_shell, needs_namespace, read_fields, wait_for
+from conftest import (
+    DAEMON,
+    REPO,
+    UNSHARE,
+    command_line,
+    namespace_shell,
+    needs_namespace,
+    read_fields,
+    wait_for,
+)
 from queue_files import command, finished, result, submit
 from test_daemon_unit import FakeClock, make_daemon, run_until, started_daemon
 
@@ -400,12 +409,12 @@ def test_a_child_that_escaped_with_env_i_and_setsid_ends_with_its_task(queue_roo
         wait_for(ready.exists, 20, what="the task to start")
 
         def daemon() -> psutil.Process:
-            [found] = [p for p in namespace_processes(proc) if str(DAEMON) in p.cmdline()]
+            [found] = [p for p in namespace_processes(proc) if str(DAEMON) in command_line(p)]
             return found
 
         def escaped() -> list[psutil.Process]:
             return [p for p in namespace_processes(proc)
-                    if p.cmdline() == ["sleep", "317"] and p.status() != psutil.STATUS_ZOMBIE]
+                    if command_line(p) == ["sleep", "317"]]
 
         assert len(escaped()) == 1
         time.sleep(1.0)  # the short orphan has ended by now: it is reaped, not left a zombie
