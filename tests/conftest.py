@@ -102,6 +102,28 @@ def command_line(process: psutil.Process) -> list[str]:
         return []
 
 
+def process_state(process: psutil.Process) -> str:
+    """``process``'s status (``psutil.STATUS_ZOMBIE`` for one not reaped yet); "gone" once
+    it has been reaped, even between listing it and asking."""
+    try:
+        return process.status()
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+def process_name(process: psutil.Process) -> str:
+    """``process``'s name, a zombie's too; "" once it has been reaped."""
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def is_live(process: psutil.Process) -> bool:
+    """Whether ``process`` still runs: neither reaped nor a zombie."""
+    return process_state(process) not in ("gone", psutil.STATUS_ZOMBIE)
+
+
 def read_fields(path: Path) -> dict[str, str]:
     fields = {}
     for line in path.read_text().splitlines():

@@ -25,6 +25,7 @@ from conftest import (
     command_line,
     namespace_shell,
     needs_namespace,
+    process_state,
     read_fields,
     wait_for,
 )
@@ -419,7 +420,7 @@ def test_a_child_that_escaped_with_env_i_and_setsid_ends_with_its_task(queue_roo
         assert len(escaped()) == 1
         time.sleep(1.0)  # the short orphan has ended by now: it is reaped, not left a zombie
         wait_for(lambda: not [c for c in daemon().children()
-                              if c.status() == psutil.STATUS_ZOMBIE], 5, what="no zombie")
+                              if process_state(c) == psutil.STATUS_ZOMBIE], 5, what="no zombie")
         go.touch()
         wait_for(lambda: finished(inst, task), 20, what="the task to end")
         wait_for(lambda: escaped() == [], 5, what="the escaped child to end")
