@@ -147,12 +147,18 @@ def test_a_restart_after_kill_9_with_four_running_interrupts_them_and_keeps_the_
     waiting = [submit(inst, f"w{i}.sh", "true\n", gpus=1, priority=900) for i in range(3)]
     daemon = start_daemon(queue_root, "crash", "--gpus", "4")
     wait_for(lambda: all(started(inst, t) for t in running), 15, what="four running")
-    daemon.signal(signal.SIGKILL)  # PID 1 of its namespace: its tasks go with it
-    daemon.wait_exit()
-    assert all((inst / "pending" / t).exists() for t in waiting)
-    # its heartbeat is fresh but stands still: the new daemon (another PID namespace, as a
-    # container restarted by the platform) watches it for a few periods, then takes over
-    again = start_daemon(queue_root, "crash", "--gpus", "4", wait=False).wait_alive(40)
+    # Held open, the dead namespace keeps its inode number: the next namespace cannot reuse it
+    # and pass for the same one (the new daemon would then check the old PID, not the heartbeat).
+    old_namespace = os.open(f"/proc/{daemon.daemon_process().pid}/ns/pid", os.O_RDONLY)
+    try:
+        daemon.signal(signal.SIGKILL)  # PID 1 of its namespace: its tasks go with it
+        daemon.wait_exit()
+        assert all((inst / "pending" / t).exists() for t in waiting)
+        # its heartbeat is fresh but stands still: the new daemon (another PID namespace, as a
+        # container restarted by the platform) watches it for a few periods, then takes over
+        again = start_daemon(queue_root, "crash", "--gpus", "4", wait=False).wait_alive(40)
+    finally:
+        os.close(old_namespace)
     assert "takes the node over" in again.output()
     for task_id in running:
         assert wait_for(lambda t=task_id: finished(inst, t), 15, what=task_id) == "failed"
