@@ -765,10 +765,11 @@ given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted
     retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] NAME'
       _gpu_sp_what='queue a finished task again: command, directory, request'
       _gpu_sp_opts=$(printf '%s\n' "$request" | command head -n 3) ;;
-    stop) _gpu_sp_use='NAME|all'
-      _gpu_sp_what='stop task NAME, or cancel it if pending; all: every task'
+    stop) _gpu_sp_use='NAME...|all'
+      _gpu_sp_what='stop tasks, or cancel them if pending; all: every task'
       _gpu_sp_more="\
-NAME stops every pending or running task it names. After a stop the daemon also ends the other
+NAME stops every pending or running task it names. With several NAMEs, each is checked first:
+one that names no pending or running task stops nothing. After a stop the daemon also ends the other
 Python processes of its user on the node, so the GPUs are freed (its --kill-scope, which
 gpu_status shows)." ;;
     clean) _gpu_sp_use='[--older-than DAYS] [--keep N] [--dry-run]'
@@ -2558,23 +2559,40 @@ _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon
 _gpu_cmd_stop() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   set -- "${_gpu_args[@]}"
-  if [ "$#" -ne 1 ]; then _gpu_usage; return; fi
+  if [ "$#" -eq 0 ]; then _gpu_usage; return; fi
   _gpu_existing_instance || return
-  local name=$1 matches entry sent='' u count rc=0 IFS=$_gpu_nl
+  local name=$1 matches='' running='' entry sent='' u count rc=0 IFS=$_gpu_nl
+  if [ "$#" -gt 1 ]; then
+    for name in "$@"; do
+      [ "$name" != all ] || { _gpu_err "'all' stands alone: gpu_stop all"; return 2; }
+    done
+    name=$1
+  fi
   if [ "$name" = all ]; then
     matches=$(_gpu_ls "$_gpu_q/pending" | command sed 's|^|pending/|'
       _gpu_ls "$_gpu_q/running" | command sed 's|^|running/|')
   else
-    _gpu_check_name "$name" || return 1
-    if ! _gpu_find "$name" pending running; then
-      if _gpu_find "$name" 'done' failed; then
-        _gpu_err "task $name is no longer pending or running: it has finished"
-      else
-        _gpu_err "no such task: $name (gpu_status lists the tasks)"
+    for name in "$@"; do  # every name is checked before anything is asked
+      _gpu_check_name "$name" || return 1
+      if ! _gpu_find "$name" pending running; then
+        if _gpu_find "$name" 'done' failed; then
+          _gpu_err "task $name is no longer pending or running: it has finished"
+        else
+          _gpu_err "no such task: $name (gpu_status lists the tasks)"
+        fi
+        [ "$#" -eq 1 ] || _gpu_err "nothing was stopped"
+        return 1
       fi
-      return 1
-    fi
-    matches=$_gpu_val
+      for entry in $_gpu_val; do  # two names may name one task: it is asked for once
+        case $_gpu_nl$matches$running in *"$_gpu_nl$entry$_gpu_nl"*) continue ;; esac
+        case $entry in
+          running/*) running=$running$entry$_gpu_nl ;;
+          *) matches=$matches$entry$_gpu_nl ;;
+        esac
+      done
+    done
+    # the pending ones first: a slot that a stop frees must not start one of them meanwhile
+    matches=$matches$running name=$1
   fi
   if ! _gpu_daemon_alive; then
     case $_gpu_live in
@@ -2810,8 +2828,8 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
         printf '%s\n' use list submit run status show logs tail wait retry stop clean shutdown help
         return 0 ;;
       use) [ "$positional" -eq 0 ] || return 0 ;;
-      stop | show | logs | tail | retry) [ "$positional" -eq 0 ] || return 0 ;;
-      wait) ;;
+      show | logs | tail | retry) [ "$positional" -eq 0 ] || return 0 ;;
+      wait | stop) ;;
       *) return 0 ;;
     esac
   fi
@@ -2823,7 +2841,7 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
   _gpu_valid_id "${JOB_ID-}" || return 0
   _gpu_q=$_gpu_r/$JOB_ID
   {
-    [ "$what" = stop ] && printf 'all\n'
+    [ "$what" = stop ] && [ "$positional" -eq 0 ] && printf 'all\n'
     for id in $(_gpu_ls "$_gpu_q/running"; _gpu_ls "$_gpu_q/pending"); do
       printf '%s\n' "$id"
       _gpu_short "$id"; printf '%s\n' "$_gpu_s"

@@ -315,7 +315,7 @@ BAD_INPUTS = [  # (script, rc, the message on stderr)
      "QUEUE_ROOT)\n"),
     ("gpu_stop nosuch", 1, "gpu_stop: no such task: nosuch (gpu_status lists the tasks)\n"),
     ("gpu_stop ../pending/x", 1, "gpu_stop: no such task: ../pending/x\n"),
-    ("gpu_stop", 2, "gpu_stop: usage: gpu_stop NAME|all (gpu_stop --help)\n"),
+    ("gpu_stop", 2, "gpu_stop: usage: gpu_stop NAME...|all (gpu_stop --help)\n"),
     ("gpu_logs nosuch", 1, "gpu_logs: no such task: nosuch (gpu_logs lists the logs)\n"),
     ("gpu_tail nosuch", 1, "gpu_logs: no such task: nosuch (gpu_logs lists the logs)\n"
      .replace("gpu_logs:", "gpu_tail:")),
@@ -752,7 +752,7 @@ def test_help_lists_every_command(sh):
                     "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [--json]",
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
-                    "gpu_retry [-p PRIO] [-g N] [-n N] NAME", "gpu_stop NAME|all",
+                    "gpu_retry [-p PRIO] [-g N] [-n N] NAME", "gpu_stop NAME...|all",
                     "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]", "gpu_shutdown",
                     "gpu_help [COMMAND]"):
         assert re.search(rf"^  {re.escape(command)}( +\S|$)", res.out, re.M), command
@@ -771,7 +771,7 @@ def test_help_lists_every_command(sh):
 
 
 @pytest.mark.parametrize("command", ["gpu_list x", "gpu_status x", "gpu_shutdown x",
-                                     "gpu_logs a b", "gpu_tail a b", "gpu_stop a b",
+                                     "gpu_logs a b", "gpu_tail a b", "gpu_stop",
                                      "gpu_help a b", "gpu_show", "gpu_show a b", "gpu_wait",
                                      "gpu_retry", "gpu_retry a b", "gpu_clean x"])
 def test_extra_arguments_are_usage_errors(sh, command):
@@ -975,7 +975,8 @@ c gpu_status -
         "gpu_logs pr -> prep.py",
         f"gpu_tail 500-20270115_080004 -> {s.done[0]}",
         "gpu_use ex -> exp1 exp2",
-        "gpu_stop train.sh  -> ",
+        f"gpu_stop train.sh  -> {s.pending[0]} {s.running} {s.pending[1]} eval.sh train.sh "
+        "zz_manual.sh",  # several names: the next one, never "all"
         "gpu_wait train.sh ev -> eval.sh",
         "gpu_show pr -> prep.py",
         "gpu_submit --a -> --after",
@@ -1112,6 +1113,33 @@ def test_e2e_stop_running_pending_finished_and_unknown(sh, start_daemon):
                                             "running: it has finished\n")
     assert listing(inst / "replies") == []
     wait_for(lambda: listing(inst / "commands") == [], 5, what="the daemon to drop the commands")
+
+
+@needs_namespace
+def test_e2e_stop_several_names_checks_them_all_first(sh, start_daemon):
+    inst = sh.root / "exp1"
+    start_daemon(sh.root, "exp1", "--kill-scope", "task")
+    (sh.cwd / "train.sh").write_text("echo started; sleep 60\n")
+    ids = {n: submitted_id(sh.run(f"gpu_submit --name {n} train.sh {p}"))
+           for n, p in (("one", 100), ("two", 200), ("three", 300))}
+    wait_running(inst, ids["one"])
+    before = {d: listing(inst / d) for d in ("pending", "running", "commands")}
+    res = sh.run("gpu_stop one nosuch two")
+    assert (res.rc, res.out) == (1, "")
+    assert res.err == ("gpu_stop: no such task: nosuch (gpu_status lists the tasks)\n"
+                       "gpu_stop: nothing was stopped\n")
+    res = sh.run("gpu_stop two all")
+    assert (res.rc, res.out, res.err) == (2, "", "gpu_stop: 'all' stands alone: gpu_stop all\n")
+    assert {d: listing(inst / d) for d in before} == before  # nothing asked, nothing changed
+    res = sh.run("gpu_stop one two two")  # a task named twice is stopped once
+    assert (res.rc, res.err) == (0, "")
+    # the pending one first: the slot the running one frees must not start it meanwhile
+    assert res.out == (f"cancelled {ids['two']} (it was pending)\n"
+                       f"stopped {ids['one']} (SIGTERM sent, SIGKILL after 2 s)\n")
+    assert wait_finished(inst, ids["one"]) == "failed"
+    assert read_fields(inst / "records" / f"{ids['two']}.result")["state"] == "cancelled"
+    wait_running(inst, ids["three"])  # the queue goes on
+    assert sh.run("gpu_stop three").rc == 0
 
 
 @needs_namespace

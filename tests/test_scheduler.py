@@ -93,8 +93,12 @@ def test_a_three_gpu_task_waits_while_two_gpus_are_busy_then_starts(node, tmp_pa
     assert (inst / "pending" / three).exists()
     gate.write_text("")
     run_until(daemon, clock, lambda: three in running_ids(daemon))
-    assert all((inst / "done" / b).exists() for b in busy)
-    assert daemon.runner.tasks[(three, None)].gpu_text == "0,1,2"
+    # one busy task's end is enough; the other may not have been seen to end yet
+    still = [b for b in busy if not (inst / "done" / b).exists()]
+    assert len(still) <= 1
+    held = {g for b in still for g in daemon.runner.tasks[(b, None)].gpu_text.split(",")}
+    given = daemon.runner.tasks[(three, None)].gpu_text.split(",")
+    assert len(given) == 3 and not held & set(given)
 
 
 def test_a_task_without_a_request_runs_alone_and_two_gpu_tasks_share(node, tmp_path):
