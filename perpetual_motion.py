@@ -43,6 +43,7 @@ import stat
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -78,6 +79,8 @@ CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit bef
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record, command or state file larger than this is corrupt
 MAX_HOURS = 24 * 365  # --hours beyond this is refused
 MAX_TASK_ARGS = 4096  # a submit record with more script arguments is corrupt
+MASTER_PORTS = (20000, 29499)  # MASTER_PORT range: below the ephemeral ports, short of 29500
+PORT_REUSE_SECONDS = 3600.0  # a MASTER_PORT is not given to another task within this time
 
 # Keep-alive tuning (docs/keepalive.md explains each one)
 KEEPALIVE_PERIOD = 0.025  # s, a worker's duty cycle: busy for duty x period, then idle
@@ -1120,11 +1123,42 @@ def task_command(path: Path, args: Iterable[str] = ()) -> list[str] | str:
     return [str(path), *args]
 
 
-def free_port() -> int:
-    """A TCP port that is free on this host now (for MASTER_PORT)."""
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port can be bound on this host now (a connection lingering on it counts)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclasses.dataclass
+class PortPicker:
+    """MASTER_PORTs for the tasks of this daemon.
+
+    A port is taken from MASTER_PORTS, below the kernel's ephemeral ports: a port that merely
+    tested free there cannot be handed to an outgoing connection before the task binds it, as
+    one from ``bind(("", 0))`` can. The search starts at a place drawn from the task's id, so
+    that tasks spread over the range, and skips the ports this daemon gave out within
+    PORT_REUSE_SECONDS: two tasks started in one turn never get the same one."""
+
+    first: int = MASTER_PORTS[0]
+    last: int = MASTER_PORTS[1]
+    given: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    def pick(self, seed: str, now: float, is_free: Callable[[int], bool] = port_is_free) -> int:
+        self.given = {p: t for p, t in self.given.items() if now - t < PORT_REUSE_SECONDS}
+        span = self.last - self.first + 1
+        start = zlib.crc32(seed.encode()) % span
+        for step in range(span):
+            port = self.first + (start + step) % span
+            if port not in self.given and is_free(port):
+                self.given[port] = now
+                return port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # the range is full
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
 
 
 class TaskRunner:
@@ -1141,6 +1175,7 @@ class TaskRunner:
         self.throttled = throttled
         self.inventory = inventory or Inventory(())
         self.token = token  # the daemon's ``started``: names its claims in .run records
+        self.ports = PortPicker()
         self.tasks: dict[tuple[str, int | None], RunningTask] = {}
         self.unfinished: list[list] = []  # [result, source, published] not yet done
         self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
@@ -1246,7 +1281,8 @@ class TaskRunner:
 
     def _environment(self, task: RunningTask) -> dict[str, str]:
         env = dict(os.environ)
-        addr, port = task.rendezvous or ("127.0.0.1", free_port())
+        addr, port = task.rendezvous or ("127.0.0.1",
+                                         self.ports.pick(task.task_id, self.clock()))
         env.update({
             "JOB_ID": self.config.job_id, "TASK_NAME": task.task_id,
             "TASK_SHORT_NAME": short_name(task.task_id),
@@ -1714,7 +1750,7 @@ class Gangs:
             "host": self.runner.identity.host, "placed": seat.plan.placed,
             "gpus": self.runner.inventory.numbers(seat.reserved), "time": f"{self.clock():.3f}"}
         if seat.rank == 0:
-            seat.master = (self.node_addr, free_port())
+            seat.master = (self.node_addr, self.runner.ports.pick(seat.task_id, self.clock()))
             fields.update(master_addr=seat.master[0], master_port=seat.master[1])
         try:
             self.folder.publish(self.folder.record(seat.task_id, "ready", seat.rank),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -88,6 +89,26 @@ def test_publish_is_atomic_and_leaves_no_staging(tmp_path):
     assert os.listdir(folder.dir(".staging")) == []
     marker = json.loads((folder.root / "control.json").read_text())
     assert marker == {"protocol": pm.PROTOCOL_VERSION, "job_id": "inst"}
+
+
+def test_master_ports_are_free_distinct_and_never_ephemeral():
+    picker = pm.PortPicker()
+    ports = [picker.pick("same-seed", 0.0) for _ in range(50)]
+    assert len(set(ports)) == 50  # tasks started in one turn never share a port
+    assert all(pm.MASTER_PORTS[0] <= port <= pm.MASTER_PORTS[1] for port in ports)
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if ephemeral.exists():
+        assert pm.MASTER_PORTS[1] < int(ephemeral.read_text().split()[0])
+    spread = {pm.PortPicker().pick(f"task-{n}", 0.0) for n in range(20)}
+    assert len(spread) == 20  # other tasks start elsewhere in the range
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        first = pm.PortPicker().pick("seed", 0.0)  # where "seed" starts
+        taken.bind(("", first))
+        taken.listen()
+        assert pm.PortPicker().pick("seed", 0.0) != first  # a port in use is passed over
+    assert picker.pick("same-seed", pm.PORT_REUSE_SECONDS + 1) == ports[0]  # given again later
+    full = pm.PortPicker(first=20000, last=20001)
+    assert full.pick("x", 0.0, is_free=lambda port: False) > pm.MASTER_PORTS[1]  # the kernel's
 
 
 # The daemon in simulated time ##################################################################
