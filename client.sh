@@ -111,6 +111,13 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   # bytes for patterns: C1 controls are \302\200-\302\237 in UTF-8; lead and continuation bytes
   _gpu_c2=$'\302' _gpu_b80=$'\200' _gpu_b9f=$'\237' _gpu_bbf=$'\277' _gpu_bff=$'\377'
   _gpu_bdf=$'\337' _gpu_be0=$'\340' _gpu_bef=$'\357' _gpu_bf0=$'\360' _gpu_bf4=$'\364'
+  # and those that tell East Asian wide characters (_gpu_cols)
+  _gpu_be2=$'\342' _gpu_be3=$'\343' _gpu_be9=$'\351' _gpu_bea=$'\352' _gpu_beb=$'\353'
+  _gpu_bec=$'\354' _gpu_bed=$'\355' _gpu_b8c=$'\214' _gpu_b9b=$'\233' _gpu_b9e=$'\236'
+  _gpu_ba0=$'\240' _gpu_ba4=$'\244' _gpu_ba6=$'\246' _gpu_ba7=$'\247' _gpu_bb0=$'\260'
+  _gpu_bba=$'\272' _gpu_bbc=$'\274' _gpu_bbd=$'\275'
+  _gpu_blank='                                                                                '
+  _gpu_blank=$_gpu_blank$_gpu_blank  # 160 spaces, for _gpu_pad
   _gpu_keys=''
   _gpu_cmd=$1
   shift
@@ -161,35 +168,98 @@ _gpu_err() {  # _gpu_err TEXT...: a message of the current command to stderr
   printf '%s\n' "$_gpu_e" >&2
 }
 
-_gpu_cut() {  # _gpu_cut TEXT WIDTH: TEXT cut to WIDTH bytes (ending in ..), whole UTF-8: _gpu_c
+_gpu_cols() {  # _gpu_cols TEXT: the terminal columns of TEXT (UTF-8) into _gpu_cw; East Asian
+  # wide characters take two: CJK, kana, Hangul, fullwidth forms, most emoji (as wcwidth says)
+  local t=$1 chars
+  # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+  chars=${t//[$_gpu_b80-$_gpu_bbf]/}  # one byte left of each character
+  case $chars in *[$_gpu_be2-$_gpu_bf4]*) ;; *) _gpu_cw=${#chars}; return 0 ;; esac
+  # the first bytes of each wide character become one \377 (never in UTF-8); those are counted
+  t=${t//${_gpu_be2}[$_gpu_bba-$_gpu_bbf]/$_gpu_bff}  # U+2E80-2FFF CJK radicals
+  t=${t//[$_gpu_be3-$_gpu_be9]/$_gpu_bff}  # U+3000-9FFF CJK symbols, kana, ideographs
+  t=${t//${_gpu_bea}[$_gpu_bb0-$_gpu_bbf]/$_gpu_bff}  # U+AC00-D7AF Hangul syllables
+  t=${t//[$_gpu_beb$_gpu_bec]/$_gpu_bff}
+  t=${t//${_gpu_bed}[$_gpu_b80-$_gpu_b9e]/$_gpu_bff}
+  t=${t//$_gpu_bef$_gpu_bbc/$_gpu_bff}  # U+FF00-FF60 fullwidth forms
+  t=${t//$_gpu_bef${_gpu_bbd}[$_gpu_b80-$_gpu_ba0]/$_gpu_bff}
+  t=${t//$_gpu_bef${_gpu_bbf}[$_gpu_ba0-$_gpu_ba6]/$_gpu_bff}  # U+FFE0-FFE6 fullwidth signs
+  t=${t//$_gpu_bf0${_gpu_b9f}[$_gpu_b8c-$_gpu_b9b]/$_gpu_bff}  # U+1F300-1F6FF pictographs
+  t=${t//$_gpu_bf0${_gpu_b9f}[$_gpu_ba4-$_gpu_ba7]/$_gpu_bff}  # U+1F900-1F9FF
+  t=${t//${_gpu_bf0}[$_gpu_ba0-$_gpu_bbf]/$_gpu_bff}  # U+20000-3FFFF CJK extensions
+  t=${t//[!$_gpu_bff]/}
+  _gpu_cw=$((${#chars} + ${#t}))
+}
+
+_gpu_whole_chars() {  # _gpu_whole_chars TEXT: TEXT less a UTF-8 sequence cut short at its end
   _gpu_c=$1
-  [ "${#1}" -le "$2" ] && return 0
-  if [ "$2" -le 2 ]; then _gpu_c=${1:0:$2}; return 0; fi
-  _gpu_c=${1:0:$(($2 - 2))}
   # shellcheck disable=SC2295  # the bytes are a pattern on purpose
   local tail=${_gpu_c##*[!$_gpu_b80-$_gpu_bbf]}  # trailing continuation bytes
   local lead=${_gpu_c%"$tail"}
   lead=${lead#"${lead%?}"}
-  case $lead in  # a sequence that the cut left incomplete goes
+  case $lead in
     [$_gpu_c2-$_gpu_bdf]) [ "${#tail}" -ge 1 ] || _gpu_c=${_gpu_c%?} ;;
     [$_gpu_be0-$_gpu_bef]) [ "${#tail}" -ge 2 ] || _gpu_c=${_gpu_c%"$lead$tail"} ;;
     [$_gpu_bf0-$_gpu_bf4]) [ "${#tail}" -ge 3 ] || _gpu_c=${_gpu_c%"$lead$tail"} ;;
   esac
-  _gpu_c=$_gpu_c..
 }
 
-_gpu_cut_left() {  # _gpu_cut_left TEXT WIDTH: TEXT cut to its last WIDTH bytes (..end): _gpu_c
+_gpu_cut() {  # _gpu_cut TEXT WIDTH: TEXT cut to WIDTH columns (ending in ..), whole characters,
+  # into _gpu_c
+  _gpu_c=$1
+  [ "${#1}" -le "$2" ] && return 0  # no character takes more columns than it has bytes
+  _gpu_cols "$1"
+  [ "$_gpu_cw" -le "$2" ] && return 0
+  local want=$(($2 - 2)) dots=.. n best=''
+  if [ "$2" -le 2 ]; then want=$2 dots=''; fi
+  n=$want
+  while [ "$n" -le "${#1}" ]; do  # longer heads until one more character would not fit
+    _gpu_whole_chars "${1:0:$n}"
+    _gpu_cols "$_gpu_c"
+    [ "$_gpu_cw" -le "$want" ] || break
+    best=$_gpu_c
+    [ "$_gpu_cw" -lt "$want" ] || break
+    _gpu_grow "${#_gpu_c}" "$want"
+  done
+  _gpu_c=$best$dots
+}
+
+_gpu_grow() {  # _gpu_grow BYTES WANT: the next length to try, into n (of _gpu_cut): a byte
+  # more is at most a column more, and a wide character needs three bytes for its two
+  local more=$(($1 + $2 - _gpu_cw))
+  if [ "$more" -gt "$n" ]; then n=$more; else n=$((n + 1)); fi
+}
+
+_gpu_cut_left() {  # _gpu_cut_left TEXT WIDTH: TEXT cut to its last WIDTH columns (..end): _gpu_c
   _gpu_c=$1
   [ "${#1}" -le "$2" ] && return 0
-  _gpu_c=${1:$((${#1} - $2 + 2))}
-  # shellcheck disable=SC2295  # the bytes are a pattern on purpose
-  _gpu_c=..${_gpu_c#"${_gpu_c%%[!$_gpu_b80-$_gpu_bbf]*}"}  # no half character at the start
+  _gpu_cols "$1"
+  [ "$_gpu_cw" -le "$2" ] && return 0
+  local want=$(($2 - 2)) dots=.. n best='' part
+  if [ "$2" -le 2 ]; then want=$2 dots=''; fi
+  n=$want
+  while [ "$n" -le "${#1}" ]; do
+    part=${1:$((${#1} - n))}
+    # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+    part=${part#"${part%%[!$_gpu_b80-$_gpu_bbf]*}"}  # no half character at the start
+    _gpu_cols "$part"
+    [ "$_gpu_cw" -le "$want" ] || break
+    best=$part
+    [ "$_gpu_cw" -lt "$want" ] || break
+    _gpu_grow "${#part}" "$want"
+  done
+  _gpu_c=$dots$best
+}
+
+_gpu_pad() {  # _gpu_pad TEXT WIDTH: TEXT and spaces to make WIDTH columns, into _gpu_pd
+  _gpu_cols "$1"
+  _gpu_pd=$1
+  [ "$_gpu_cw" -ge "$2" ] || _gpu_pd=$1${_gpu_blank:0:$(($2 - _gpu_cw))}
 }
 
 _gpu_line() {  # _gpu_line TEXT...: one line of gpu_status, escaped, cut to 100 columns unless -l
   local IFS=' '
   _gpu_esc "$*"
-  if [ -z "${_gpu_o_long-}" ]; then _gpu_cut "$_gpu_e" $((100 + ${_gpu_wide:-0})); _gpu_e=$_gpu_c; fi
+  if [ -z "${_gpu_o_long-}" ]; then _gpu_cut "$_gpu_e" 100; _gpu_e=$_gpu_c; fi
   printf '%s\n' "$_gpu_e"
 }
 
@@ -1718,10 +1788,7 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
         _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && what="$what, tile $_gpu_val"
         _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
       fi
-      _gpu_wide=0  # the sparkline's glyphs take three bytes for one column
-      [ -n "$spark" ] && _gpu_wide=$((${#_gpu_sp} - 20))
       _gpu_line "          $line  $what"
-      _gpu_wide=0
       i=$((i + 1))
     done
     if _gpu_field waiting.id && [ -n "$_gpu_val" ]; then
@@ -1808,8 +1875,8 @@ _gpu_short_names() {  # the name each row of _gpu_rows is shown by into _gpu_nam
 _gpu_print_rows() {  # the task table of gpu_status, from _gpu_rows and _gpu_names
   local row id base prio state node gpus time code cmd width=4 line IFS=$_gpu_nl
   for row in $_gpu_names; do
-    base=${row#*"$_gpu_fs"}
-    [ "${#base}" -gt "$width" ] && width=${#base}
+    _gpu_cols "${row#*"$_gpu_fs"}"
+    [ "$_gpu_cw" -gt "$width" ] && width=$_gpu_cw
   done
   [ -n "$_gpu_o_long" ] || [ "$width" -le 24 ] || width=24
   printf '%-*s %4s %-11s %-4s %-7s %10s %5s  %s\n' "$width" TASK PRIO STATE NODE GPUS TIME EXIT \
@@ -1824,9 +1891,11 @@ EOF
       _gpu_cut "$node" 4; node=$_gpu_c
       _gpu_cut "$gpus" 7; gpus=$_gpu_c
     fi
-    line=$(printf '%-*s %4s %-11s %-4s %-7s %10s %5s  ' "$width" "$base" "$prio" "$state" \
-      "$node" "$gpus" "$time" "$code")
-    if [ -z "$_gpu_o_long" ]; then _gpu_cut "$cmd" "$((100 - ${#line}))"; cmd=$_gpu_c; fi
+    _gpu_pad "$base" "$width"
+    line=$(printf '%s %4s %-11s %-4s %-7s %10s %5s  ' "$_gpu_pd" "$prio" "$state" "$node" \
+      "$gpus" "$time" "$code")
+    _gpu_cols "$line"
+    if [ -z "$_gpu_o_long" ]; then _gpu_cut "$cmd" "$((100 - _gpu_cw))"; cmd=$_gpu_c; fi
     printf '%s%s\n' "$line" "$cmd"
   done
 }

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,13 @@ def sh(request, tmp_path) -> Shell:
     return make_shell(request.param, tmp_path)
 
 
+def width(line: str) -> int:
+    """Terminal columns of ``line``: East Asian wide and fullwidth characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+
+
 def columns(text: str) -> int:
-    return max((len(line) for line in text.splitlines()), default=0)
+    return max((width(line) for line in text.splitlines()), default=0)
 
 
 # gpu_status ######################################################################################
@@ -138,6 +144,39 @@ def test_status_draws_each_gpus_utilisation_history_as_a_sparkline(sh):
     assert gpus[1]["history"] == [75] * 70 and doc["nodes"][0]["gpus"][0]["history"] == []
 
 
+WIDE_TEXTS = ["plain ascii text", "训练模型的名字", "한국어 이름", "ｆｕｌｌ ｗｉｄｔｈ",
+              "ひらがな カタカナ", "😀 rocket 🚀 x", "混合 mixed テキスト 42", "▁▂▃▄▅▆▇█ narrow",
+              "é ü ñ ç", "𠀀𠀁 ext-B", "a中b文c字d"]
+
+
+def test_text_is_cut_and_padded_by_the_columns_it_takes_on_a_terminal(sh):
+    probe = """
+_gpu_cmd_probe() {
+  _gpu_cols "$1"; printf 'cols %s\\n' "$_gpu_cw"
+  _gpu_cut "$1" "$2"; printf 'cut %s|\\n' "$_gpu_c"
+  _gpu_cut_left "$1" "$2"; printf 'left %s|\\n' "$_gpu_c"
+  _gpu_pad "$1" "$2"; printf 'pad %s|\\n' "$_gpu_pd"
+}
+"""
+    for text in WIDE_TEXTS:
+        for limit in (1, 2, 3, 5, 8, 13, 40):
+            res = sh.run(f"{probe}\n_gpu_main probe '{text}' {limit}")
+            assert res.rc == 0, res.err
+            got = dict(line.split(" ", 1) for line in res.out.splitlines())
+            assert int(got["cols"]) == width(text), text
+            cut, left = got["cut"][:-1], got["left"][:-1]
+            pad = got["pad"][:-1]
+            assert pad.rstrip(" ") == text and width(pad) == max(width(text), limit)
+            if width(text) <= limit:
+                assert cut == left == text
+                continue
+            dots = ".." if limit > 2 else ""
+            assert cut.endswith(dots) and text.startswith(cut[:len(cut) - len(dots)])
+            assert left.startswith(dots) and text.endswith(left[len(dots):])
+            for kept in (cut, left):  # no wider than asked, and short of it by less than a char
+                assert limit - 1 <= width(kept) <= limit, (text, limit, kept)
+
+
 def test_status_fits_in_100_columns_and_long_shows_whole_ids_and_commands(sh):
     inst = make_instance(sh.root)
     long_name = "an_experiment_with_a_rather_long_descriptive_name_lr0.001_bs512.py"
@@ -160,7 +199,9 @@ def test_status_fits_in_100_columns_and_long_shows_whole_ids_and_commands(sh):
     assert names[:3] == [".._lr0.001_bs512.py:0000", ".._lr0.001_bs512.py:0001",
                          ".._lr0.001_bs512.py:0002"]
     assert names[3].startswith("..") and names[3].endswith("-中文名字.sh")  # whole characters
-    assert all(row.endswith("..") for row in rows)
+    assert all(row.endswith("..") and width(row) >= 99 for row in rows)  # the width is used
+    # the columns line up on the screen, whatever the characters take
+    assert len({width(row[:row.index(" 500 pending ")]) for row in rows}) == 1
     long = sh.run("gpu_status -l").out
     for task in tasks:
         assert re.search(rf"^{re.escape(task)} +500 pending .*  {re.escape(command)}"
