@@ -203,51 +203,36 @@ _gpu_whole_chars() {  # _gpu_whole_chars TEXT: TEXT less a UTF-8 sequence cut sh
   esac
 }
 
-_gpu_cut() {  # _gpu_cut TEXT WIDTH: TEXT cut to WIDTH columns (ending in ..), whole characters,
-  # into _gpu_c
+_gpu_cut() { _gpu_fit "$1" "$2" head; }  # _gpu_cut TEXT WIDTH: TEXT in WIDTH columns, ..
+_gpu_cut_left() { _gpu_fit "$1" "$2" tail; }  # _gpu_cut_left TEXT WIDTH: ..TEXT's end
+
+_gpu_fit() {  # _gpu_fit TEXT WIDTH head|tail: TEXT, else its longest head (tail) in whole
+  # characters that fits WIDTH columns with "..", into _gpu_c
   _gpu_c=$1
   [ "${#1}" -le "$2" ] && return 0  # no character takes more columns than it has bytes
   _gpu_cols "$1"
   [ "$_gpu_cw" -le "$2" ] && return 0
-  local want=$(($2 - 2)) dots=.. n best=''
+  local want=$(($2 - 2)) dots=.. n best='' part more
   if [ "$2" -le 2 ]; then want=$2 dots=''; fi
   n=$want
-  while [ "$n" -le "${#1}" ]; do  # longer heads until one more character would not fit
-    _gpu_whole_chars "${1:0:$n}"
-    _gpu_cols "$_gpu_c"
-    [ "$_gpu_cw" -le "$want" ] || break
-    best=$_gpu_c
-    [ "$_gpu_cw" -lt "$want" ] || break
-    _gpu_grow "${#_gpu_c}" "$want"
-  done
-  _gpu_c=$best$dots
-}
-
-_gpu_grow() {  # _gpu_grow BYTES WANT: the next length to try, into n (of _gpu_cut): a byte
-  # more is at most a column more, and a wide character needs three bytes for its two
-  local more=$(($1 + $2 - _gpu_cw))
-  if [ "$more" -gt "$n" ]; then n=$more; else n=$((n + 1)); fi
-}
-
-_gpu_cut_left() {  # _gpu_cut_left TEXT WIDTH: TEXT cut to its last WIDTH columns (..end): _gpu_c
-  _gpu_c=$1
-  [ "${#1}" -le "$2" ] && return 0
-  _gpu_cols "$1"
-  [ "$_gpu_cw" -le "$2" ] && return 0
-  local want=$(($2 - 2)) dots=.. n best='' part
-  if [ "$2" -le 2 ]; then want=$2 dots=''; fi
-  n=$want
-  while [ "$n" -le "${#1}" ]; do
-    part=${1:$((${#1} - n))}
-    # shellcheck disable=SC2295  # the bytes are a pattern on purpose
-    part=${part#"${part%%[!$_gpu_b80-$_gpu_bbf]*}"}  # no half character at the start
+  while [ "$n" -le "${#1}" ]; do  # longer parts until one more character would not fit
+    if [ "$3" = head ]; then
+      _gpu_whole_chars "${1:0:$n}"
+      part=$_gpu_c
+    else
+      part=${1:$((${#1} - n))}
+      # shellcheck disable=SC2295  # the bytes are a pattern on purpose
+      part=${part#"${part%%[!$_gpu_b80-$_gpu_bbf]*}"}  # no half character at the start
+    fi
     _gpu_cols "$part"
     [ "$_gpu_cw" -le "$want" ] || break
     best=$part
     [ "$_gpu_cw" -lt "$want" ] || break
-    _gpu_grow "${#part}" "$want"
+    # a byte more is at most a column more, but a wide character needs three bytes for two
+    more=$((${#part} + want - _gpu_cw))
+    if [ "$more" -gt "$n" ]; then n=$more; else n=$((n + 1)); fi
   done
-  _gpu_c=$dots$best
+  if [ "$3" = head ]; then _gpu_c=$best$dots; else _gpu_c=$dots$best; fi
 }
 
 _gpu_pad() {  # _gpu_pad TEXT WIDTH: TEXT and spaces to make WIDTH columns, into _gpu_pd
