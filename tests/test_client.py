@@ -553,6 +553,19 @@ def test_stop_without_a_live_daemon_cancels_pending_tasks_itself(sh):
                                             "it has finished\n")
 
 
+def test_stop_of_several_names_without_a_live_daemon(sh):
+    s = build_sample(sh.root, alive=False)
+    before = {d: listing(s.inst / d) for d in ("pending", "running", "failed", "records")}
+    res = sh.run("gpu_stop eval nosuch; echo \"rc=$?\"")
+    assert res.out == "rc=1\n"
+    assert res.err == ("gpu_stop: no such task: nosuch (gpu_status lists the tasks)\n"
+                       "gpu_stop: nothing was stopped\n")
+    assert {d: listing(s.inst / d) for d in before} == before
+    res = sh.run("gpu_stop eval eval.sh; echo \"rc=$?\"")  # one task, named twice
+    assert res.out == f"cancelled {s.pending[0]} (it was pending)\nrc=0\n"
+    assert listing(s.inst / "pending") == sorted(s.pending[1:])
+
+
 def test_an_offline_cancel_never_replaces_an_earlier_task_of_that_name(sh):
     """protocol "Finish": a name that is no client id, or one that has a result already (a
     finished task renamed back into pending/), is cancelled under a fresh id."""
