@@ -4159,6 +4159,78 @@ class Commands:
         return f"node {run.get('node_rank') or '?'}"
 
 
+class NodeClaim:
+    """Which daemon holds a node of an instance: the one whose claim (its ``started``, host and
+    pid) is in the node's state file (docs/protocol.md, "One daemon per node")."""
+
+    def __init__(self, config: Config, folder: QueueFolder, identity: Identity,
+                 started_text: str, clock: Callable[[], float],
+                 sleep: Callable[[float], None], throttled: ThrottledLog):
+        self.folder = folder
+        self.identity = identity
+        self.started_text = started_text
+        self.clock = clock
+        self.sleep = sleep
+        self.throttled = throttled
+        self.path = folder.dir("nodes") / f"node-{config.node_rank}.state"
+
+    def read(self) -> dict[str, str] | None:
+        try:
+            return self.folder.read_fields(self.path)
+        except (OSError, ValueError) as exc:
+            self.throttled.warning("readstate", "ignoring the unreadable state file %s: %s",
+                                   self.path, exc)
+            return None
+
+    def is_mine(self, fields: Mapping[str, str]) -> bool:
+        """True when a state file was written by this very daemon."""
+        return (fields.get("started"), fields.get("host"), fields.get("pid")) == \
+            (self.started_text, self.identity.host, str(self.identity.pid))
+
+    def other_holder(self) -> dict[str, str] | None:
+        """The state file's fields when another daemon's claim is in it (one read), else None."""
+        fields = self.read()
+        if not fields or "started" not in fields or self.is_mine(fields):
+            return None
+        return fields
+
+    def live_owner(self, interrupted: Callable[[], bool] = lambda: False) -> str | None:
+        """A description of the live daemon that holds this instance and node, or None.
+
+        On this host, boot and PID namespace the owner's pid is checked. Elsewhere its
+        heartbeat is watched for TAKEOVER_WATCH_SECONDS: only a heartbeat that advances proves
+        a live owner (clocks of hosts differ, so its age proves nothing but staleness)."""
+        fields = self.read()
+        if not fields or fields.get("status") == "stopped" or self.is_mine(fields):
+            return None
+        who = f"pid {fields.get('pid', '?')} on {fields.get('host', '?')}"
+        if self.identity.same_machine_view(fields):
+            pid = ascii_int(fields.get("pid"))
+            return who if pid is not None and pid_is_daemon(pid) else None
+        first = as_float(fields.get("heartbeat"))
+        if first is None or self.clock() - first >= HEARTBEAT_STALE_SECONDS:
+            return None
+        LOG.info("The state file names a daemon elsewhere (%s): watching its heartbeat for "
+                 "%.0f s", who, TAKEOVER_WATCH_SECONDS)
+        deadline = self.clock() + TAKEOVER_WATCH_SECONDS
+        while self.clock() < deadline:
+            self.sleep(min(1.0, max(deadline - self.clock(), MIN_WAIT_SECONDS)))
+            if interrupted():
+                return f"{who} (start interrupted by a signal)"
+            now_fields = self.read() or {}
+            if now_fields.get("started") != fields.get("started"):
+                return f"{who}, replaced meanwhile" if now_fields.get("status") != "stopped" \
+                    else None
+            if now_fields.get("status") == "stopped":
+                return None
+            if now_fields.get("heartbeat") != fields.get("heartbeat"):
+                return f"{who}, whose heartbeat advances"
+        LOG.warning("The daemon named in the state file (%s) has not written its heartbeat for "
+                    "%.0f s: it is gone; this daemon takes the node over", who,
+                    TAKEOVER_WATCH_SECONDS)
+        return None
+
+
 class Daemon:
     """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time."""
 
@@ -4176,6 +4248,8 @@ class Daemon:
         self.throttled = ThrottledLog(clock)
         self.started = clock()
         self.started_text = f"{self.started:.3f}"  # as published; names this daemon's claims
+        self.claim = NodeClaim(config, self.folder, self.identity, self.started_text, clock,
+                               sleep, self.throttled)
         self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled,
                                  self.inventory, self.started_text)
         self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
@@ -4206,54 +4280,6 @@ class Daemon:
 
     # -- start-up --------------------------------------------------------------------------
 
-    @property
-    def state_path(self) -> Path:
-        return self.folder.dir("nodes") / f"node-{self.config.node_rank}.state"
-
-    def read_state(self) -> dict[str, str] | None:
-        try:
-            return self.folder.read_fields(self.state_path)
-        except (OSError, ValueError) as exc:
-            self.throttled.warning("readstate", "ignoring the unreadable state file %s: %s",
-                                   self.state_path, exc)
-            return None
-
-    def live_owner(self) -> str | None:
-        """A description of the live daemon that holds this instance and node, or None.
-
-        On this host, boot and PID namespace the owner's pid is checked. Elsewhere its
-        heartbeat is watched for TAKEOVER_WATCH_SECONDS: only a heartbeat that advances proves
-        a live owner (clocks of hosts differ, so its age proves nothing but staleness)."""
-        fields = self.read_state()
-        if not fields or fields.get("status") == "stopped" or self.is_mine(fields):
-            return None
-        who = f"pid {fields.get('pid', '?')} on {fields.get('host', '?')}"
-        if self.identity.same_machine_view(fields):
-            pid = ascii_int(fields.get("pid"))
-            return who if pid is not None and pid_is_daemon(pid) else None
-        first = as_float(fields.get("heartbeat"))
-        if first is None or self.clock() - first >= HEARTBEAT_STALE_SECONDS:
-            return None
-        LOG.info("The state file names a daemon elsewhere (%s): watching its heartbeat for "
-                 "%.0f s", who, TAKEOVER_WATCH_SECONDS)
-        deadline = self.clock() + TAKEOVER_WATCH_SECONDS
-        while self.clock() < deadline:
-            self.sleep(min(1.0, max(deadline - self.clock(), MIN_WAIT_SECONDS)))
-            if self.waiter is not None and self.waiter.received:
-                return f"{who} (start interrupted by a signal)"
-            now_fields = self.read_state() or {}
-            if now_fields.get("started") != fields.get("started"):
-                return f"{who}, replaced meanwhile" if now_fields.get("status") != "stopped" \
-                    else None
-            if now_fields.get("status") == "stopped":
-                return None
-            if now_fields.get("heartbeat") != fields.get("heartbeat"):
-                return f"{who}, whose heartbeat advances"
-        LOG.warning("The daemon named in the state file (%s) has not written its heartbeat for "
-                    "%.0f s: it is gone; this daemon takes the node over", who,
-                    TAKEOVER_WATCH_SECONDS)
-        return None
-
     def start(self) -> int | None:
         """Prepare the instance; an exit code when the daemon must not run."""
         try:
@@ -4261,7 +4287,8 @@ class Daemon:
         except OSError as exc:
             LOG.error("cannot write to the queue folder %s: %s", self.folder.root, exc)
             return EXIT_FAILURE
-        owner = None if self.config.force else self.live_owner()
+        owner = None if self.config.force else self.claim.live_owner(
+            lambda: self.waiter is not None and bool(self.waiter.received))
         if owner:
             LOG.error("a daemon for %s (node %d) is already running: %s. Stop it with "
                       "gpu_shutdown, or start with --force if it is really gone.",
@@ -4468,16 +4495,11 @@ class Daemon:
         when another daemon's is there, this one yields (docs/protocol.md)."""
         if self.displaced:
             return False
-        fields = self.read_state()
-        if not fields or "started" not in fields or self.is_mine(fields):
+        fields = self.claim.other_holder()
+        if fields is None:
             return True
         self.yield_node(fields)
         return False
-
-    def is_mine(self, fields: Mapping[str, str]) -> bool:
-        """True when a state file was written by this very daemon."""
-        return (fields.get("started"), fields.get("host"), fields.get("pid")) == \
-            (self.started_text, self.identity.host, str(self.identity.pid))
 
     def yield_node(self, fields: dict[str, str]) -> None:
         self.displaced = True
@@ -4609,7 +4631,7 @@ class Daemon:
             fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
                           stop_reason=self.stopping or self.draining)
         try:
-            self.folder.publish(self.state_path, format_fields(fields), durable=False)
+            self.folder.publish(self.claim.path, format_fields(fields), durable=False)
             self.last_state_write = now
             self.state_dirty = False
         except OSError as exc:

@@ -17,10 +17,11 @@ from queue_files import command, submit
 import perpetual_motion as pm
 
 
-def make_daemon(root: Path, clock: FakeClock, job_id: str = "unit", **overrides) -> pm.Daemon:
+def make_daemon(root: Path, clock: FakeClock, job_id: str = "unit",
+                identity: pm.Identity | None = None, **overrides) -> pm.Daemon:
     config = pm.Config(job_id=job_id, queue_root=root, poll_interval=0.1, hours=1.0,
                        keepalive=False, kill_scope="none", stop_grace=0.5, **overrides)
-    return pm.Daemon(config, clock=clock, sleep=clock.sleep)
+    return pm.Daemon(config, clock=clock, sleep=clock.sleep, identity=identity)
 
 
 def started_daemon(tmp_path: Path) -> tuple[pm.Daemon, FakeClock, Path]:
@@ -191,6 +192,9 @@ def test_commands_cancel_pending_and_bad_commands_get_an_error_reply(tmp_path):
     assert (result["state"], result["signal"]) == ("stopped", "15")
 
 
+ELSEWHERE = pm.Identity("other-host", 4242, "boot", "pid:[1]")  # a daemon on another host
+
+
 class TickingClock(FakeClock):
     """Simulated time in which another daemon keeps ticking while this one sleeps."""
 
@@ -206,8 +210,7 @@ class TickingClock(FakeClock):
 
 def test_an_owner_elsewhere_whose_heartbeat_advances_keeps_the_node(tmp_path):
     clock = TickingClock()
-    first = make_daemon(tmp_path, clock)
-    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    first = make_daemon(tmp_path, clock, identity=ELSEWHERE)
     first.start()
     clock.other = first
     second = make_daemon(tmp_path, clock)
@@ -220,8 +223,7 @@ def test_a_restart_after_a_crash_elsewhere_takes_over_once_the_heartbeat_stands_
         tmp_path, caplog):
     """A container restarted after kill -9: the old heartbeat is fresh but never advances."""
     clock = FakeClock()
-    first = make_daemon(tmp_path, clock)
-    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    first = make_daemon(tmp_path, clock, identity=ELSEWHERE)
     first.start()  # then it dies: it never writes again
     second = make_daemon(tmp_path, clock)
     before = clock.now
@@ -235,8 +237,8 @@ def test_a_restart_after_a_crash_elsewhere_takes_over_once_the_heartbeat_stands_
 
 def test_a_heartbeat_from_the_future_does_not_block_a_new_daemon(tmp_path):
     clock = FakeClock()
-    first = make_daemon(tmp_path, FakeClock(clock.now + 3600))  # its clock is an hour ahead
-    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    ahead = FakeClock(clock.now + 3600)  # its clock is an hour ahead
+    first = make_daemon(tmp_path, ahead, identity=ELSEWHERE)
     first.start()
     second = make_daemon(tmp_path, clock)
     before = clock.now
@@ -246,8 +248,7 @@ def test_a_heartbeat_from_the_future_does_not_block_a_new_daemon(tmp_path):
 
 def test_a_stale_heartbeat_elsewhere_is_taken_over_at_once(tmp_path):
     clock = FakeClock()
-    first = make_daemon(tmp_path, clock)
-    first.identity = pm.Identity("other-host", 4242, "boot", "pid:[1]")
+    first = make_daemon(tmp_path, clock, identity=ELSEWHERE)
     first.start()
     clock.sleep(pm.HEARTBEAT_STALE_SECONDS + 1)
     second = make_daemon(tmp_path, clock)
@@ -258,13 +259,13 @@ def test_a_stale_heartbeat_elsewhere_is_taken_over_at_once(tmp_path):
 def test_same_host_owner_is_judged_by_its_pid_not_by_the_heartbeat(tmp_path):
     clock = FakeClock()
     here = pm.Identity.here()
-    first = make_daemon(tmp_path, clock)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        first.identity = pm.Identity(here.host, sleeper.pid, here.boot_id, here.pid_ns)
+        first = make_daemon(tmp_path, clock,
+                            identity=pm.Identity(here.host, sleeper.pid, here.boot_id, here.pid_ns))
         first.start()
         # The recorded PID runs, but it is no daemon: the instance is free at once.
-        assert make_daemon(tmp_path, clock).live_owner() is None
+        assert make_daemon(tmp_path, clock).claim.live_owner() is None
     finally:
         sleeper.kill()
         sleeper.wait()
