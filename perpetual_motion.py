@@ -2514,7 +2514,7 @@ def spawn_worker(gpu: GpuInfo, spec: WorkerSpec, extra: Iterable[str] = ()) -> W
     return WorkerProcess(worker_command(worker_args(gpu, spec) + list(extra)), env)
 
 
-# Keep-alive: the engine #####################################################################
+# Keep-alive: what the engine knows of each GPU ##############################################
 
 
 @dataclasses.dataclass
@@ -2577,205 +2577,113 @@ class _Slot:
     def label(self) -> str:
         return f"GPU {self.gpu.index}"
 
+    def set(self, state: GpuState, reason: str) -> None:
+        self.state = state
+        self.reason = reason
 
-class GpuKeepAlive(KeepAlive):
-    """Keep-alive on: one worker per GPU, driven by ``tick()`` from the daemon loop.
 
-    Every outside effect goes through a seam: ``nvml`` (the NVML calls), ``spawn`` (starting a
-    worker process), ``timefunc`` and ``delayfunc`` (the clock and the sleep in ``stop``).
-    """
+# Keep-alive: one GPU's readings and its worker ##############################################
+#
+# What NVML says of one GPU and what that tells of foreign work; the worker process that the
+# engine (below) decides each GPU should have, carried out.
 
-    def __init__(self, nvml, gpus: list[GpuInfo], log: logging.Logger, *,
-                 spawn: Callable[[GpuInfo, WorkerSpec], WorkerHandle] = spawn_worker,
-                 timefunc: Callable[[], float] = time.monotonic,
-                 delayfunc: Callable[[float], object] = time.sleep,
-                 holdoff: float = KEEPALIVE_HOLDOFF_SECONDS,
-                 filler: bool = KEEPALIVE_FILLER, node_label: str = "",
-                 release_timeout: float = RELEASE_TIMEOUT_SECONDS) -> None:
-        super().__init__("")
-        self.release_timeout = release_timeout
+
+def read_gpu(gpu, slot: _Slot, now: float) -> Reading:
+    """One GPU's NVML figures, kept in its slot (window, history, memory, failures)."""
+    samples = gpu.util_samples(slot.gpu)
+    memory = gpu.memory(slot.gpu)
+    processes = gpu.compute_processes(slot.gpu)
+    process_util = gpu.process_util(slot.gpu)
+    reading = Reading(
+        samples=tuple(samples) if samples is not None else None,
+        memory_used=memory[0] if memory else None,
+        memory_total=memory[1] if memory else None,
+        processes=tuple(processes) if processes is not None else None,
+        process_util=tuple(process_util) if process_util is not None else None,
+    )
+    if reading.samples:
+        slot.window.add(reading.samples)
+        slot.history.add(now, reading.samples)
+    elif reading.samples is None:
+        slot.window = UtilWindow()  # no stale figure while NVML does not answer
+    if memory:
+        slot.memory_used, slot.memory_total = memory
+    if reading.failed:
+        slot.nvml_failing_since = slot.nvml_failing_since or now
+    else:
+        slot.nvml_failing_since = None
+    return reading
+
+
+def foreign_work(slot: _Slot, reading: Reading, now: float) -> str:
+    """Why the GPU has work that is not ours on it, or "". Processes are counted, never
+    matched by pid: pids differ between containers and even between NVML calls. And the
+    process list misses other containers' jobs on current drivers, so memory that our
+    worker does not explain counts too, and utilisation when nothing of ours runs."""
+    worker = slot.worker
+    ours = 0 if worker is None else 1
+    # a worker that just exited may linger in NVML's lists for a moment; but after a yield
+    # to foreign work, an extra entry is that work, not our worker
+    lingering = slot.last_exit is not None and now - slot.last_exit < _EXIT_GRACE
+    if lingering and slot.foreign_at is None:
+        ours += 1
+    if reading.processes is not None and len(reading.processes) > ours:
+        others = len(reading.processes) - ours
+        return "foreign process" if others == 1 else f"{others} foreign processes"
+    if reading.process_util:
+        active = {pid for pid, sm in reading.process_util if sm >= KEEPALIVE_FOREIGN_UTIL}
+        if len(active) > ours:
+            top = max(sm for _, sm in reading.process_util)
+            return f"foreign utilisation {top}%"
+    nothing_of_ours = worker is None and not lingering
+    used = reading.memory_used
+    if used is not None and nothing_of_ours:
+        slot.idle_used = used if slot.idle_used is None else min(slot.idle_used, used)
+    if nothing_of_ours:
+        mine: int | None = 0
+    elif worker is None or worker.stop_at is not None:
+        mine = None  # going: its memory is on its way out
+    elif worker.ready_at is None:  # setting up (it checks for itself meanwhile): at most
+        mine = (worker.spec.memory_mib + _CONTEXT_MAX_MIB) * MIB
+    else:
+        mine = worker.footprint
+    if used is not None and mine is not None and slot.idle_used is not None:
+        # the driver's share: the least seen with nothing of ours on the GPU (a job that
+        # was there all along does not pass for it: it is capped)
+        floor = min(slot.idle_used, KEEPALIVE_IDLE_MEMORY_MIB * MIB)
+        extra = used - floor - mine
+        if extra > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
+            return f"foreign memory +{extra // MIB} MiB"
+    return ""
+
+
+def task_utilisation(worker: _Worker, reading: Reading) -> int | None:
+    """The highest per-process SM utilisation on the GPU that is not the filler's own."""
+    if not reading.process_util:
+        return None
+    top: dict[int, int] = {}
+    for pid, sm in reading.process_util:
+        top[pid] = max(top.get(pid, 0), sm)
+    if worker.handle.pid in top:
+        del top[worker.handle.pid]
+    elif top:  # pids of another namespace: leave out the entry that looks like ours
+        ours = 100 * (worker.busy if worker.busy is not None else worker.spec.duty)
+        del top[min(top, key=lambda pid: abs(top[pid] - ours))]
+    return max(top.values(), default=None)
+
+
+class Workers:
+    """The keep-alive worker of each GPU: started, stopped, heard, watched and reaped. Which
+    worker a GPU should have is the engine's decision (GpuKeepAlive); this carries it out."""
+
+    def __init__(self, nvml, spawn: Callable[[GpuInfo, WorkerSpec], WorkerHandle],
+                 log: logging.Logger, prefix: str) -> None:
         self.nvml = nvml
-        self.log = log
         self.spawn = spawn
-        self.timefunc = timefunc
-        self.delayfunc = delayfunc
-        self.holdoff = holdoff
-        self.filler = filler
-        self.prefix = f"{node_label} " if node_label else ""
-        self.slots = [_Slot(gpu) for gpu in gpus]
-        for slot in self.slots:
-            if slot.gpu.mig:
-                slot.reason = "MIG mode: skipped"
-        self._started = False
-        self._throttle = _Throttle(timefunc=timefunc)
+        self.log = log
+        self.prefix = prefix
 
-    # The seam the daemon calls
-
-    def describe(self) -> str:
-        return "on"
-
-    def child_pids(self) -> set[int]:
-        return {slot.worker.handle.pid for slot in self.slots if slot.worker is not None}
-
-    def start(self) -> None:
-        self._started = True
-        names = ", ".join(f"{s.gpu.index}: {s.gpu.name}" for s in self.slots if not s.gpu.mig)
-        self.log.info("%sKeep-alive on for GPU %s", self.prefix, names)
-        for slot in self.slots:
-            if not slot.gpu.mig:
-                self._set(slot, GpuState.OFF, "starting at the next tick")
-
-    def tick(self, now: float, busy: Mapping[int, str]) -> None:
-        """``now`` is the daemon's clock, which may be the wall clock. The engine keeps time by
-        its own ``timefunc`` (monotonic), the one ``release()`` and ``task_finished()`` use."""
-        if not self._started:
-            return
-        now = self.timefunc()
-        for i, slot in enumerate(self.slots):
-            try:
-                self._tick_slot(slot, now, i in busy or slot.released_at is not None)
-            except Exception:  # noqa: BLE001 - one GPU's trouble must never stop the daemon
-                if self._throttle(f"tick/{slot.gpu.index}"):
-                    self.log.exception("%s%s: keep-alive error", self.prefix, slot.label)
-                self._abandon(slot, now)
-
-    def release(self, gpus: Collection[int]) -> None:
-        now = self.timefunc()
-        for i in gpus:
-            slot = self.slots[i]
-            if slot.released_at is None:
-                slot.released_at = now
-                slot.release_done = False
-            if slot.worker is not None:
-                self._stop_worker(slot, now, "queue task")
-            if not slot.gpu.mig:
-                self._set(slot, GpuState.YIELDED, "queue task")
-
-    def released(self, gpus: Collection[int]) -> bool:
-        now = self.timefunc()
-        waiting = []
-        newly = []
-        for i in gpus:
-            slot = self.slots[i]
-            if slot.release_done:
-                continue
-            try:
-                done = self._released_slot(slot, now)
-            except Exception:  # noqa: BLE001 - the task must start all the same
-                self.log.exception("%s%s: error while releasing", self.prefix, slot.label)
-                self._abandon(slot, now)
-                done = True
-            begun = slot.released_at if slot.released_at is not None else now
-            if not done and now - begun >= self.release_timeout:
-                if slot.worker is not None:
-                    slot.worker.handle.kill()
-                slot.release_below = None
-                self.log.warning("%s%s: keep-alive memory not released within %.1f s; "
-                                 "starting the task anyway", self.prefix, slot.label,
-                                 self.release_timeout)
-                done = True
-            if done:
-                slot.release_done = True
-                newly.append((slot, now - begun))
-            else:
-                waiting.append(slot)
-        slow = [f"{s.label} {took:.2f} s" for s, took in newly if took > 0.05]
-        if slow:
-            self.log.info("%sReleased for the task: %s", self.prefix, ", ".join(slow))
-        return not waiting
-
-    def task_finished(self, gpus: Collection[int]) -> None:
-        now = self.timefunc()
-        for i in gpus:
-            slot = self.slots[i]
-            slot.released_at = None
-            slot.release_done = False
-            if slot.worker is not None:
-                self._stop_worker(slot, now, "queue task ended")
-            slot.resume_at = now + KEEPALIVE_RESUME_AFTER_TASK
-            slot.foreign_at = None
-            slot.low_since = None
-
-    def gpu_fields(self) -> dict[str, str]:
-        fields = {}
-        now = self.timefunc()
-        for i, slot in enumerate(self.slots):
-            util = slot.window.mean()
-            worker = slot.worker
-            ready = worker is not None and worker.ready_at is not None
-            fields.update({
-                f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
-                f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
-                f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
-                f"gpu.{i}.state": slot.state.value,
-                f"gpu.{i}.reason": slot.reason,
-                f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
-                f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
-                f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
-                f"gpu.{i}.history": slot.history.text(now),
-            })
-        return fields
-
-    def stop(self) -> None:
-        now = self.timefunc()
-        for slot in self.slots:
-            if slot.worker is not None:
-                self._stop_worker(slot, now, "daemon stopping")
-        deadline = now + 2.0
-        while any(slot.worker is not None for slot in self.slots):
-            now = self.timefunc()
-            for slot in self.slots:
-                if slot.worker is not None and now >= deadline:
-                    slot.worker.handle.kill()
-                self._reap(slot, now)
-            if now >= deadline + 1.0:
-                break
-            self.delayfunc(_RELEASE_POLL)
-        for slot in self.slots:
-            self._set(slot, GpuState.OFF, "stopped")
-        self._started = False
-
-    # One GPU, one tick
-
-    def _tick_slot(self, slot: _Slot, now: float, task_running: bool) -> None:
-        if slot.gpu.mig:
-            self._set(slot, GpuState.OFF, "MIG mode: skipped")
-            return
-        reading = self._read(slot, now)
-        self._reap(slot, now)
-        self._watchdog(slot, now)
-        if task_running:
-            self._during_task(slot, now, reading)
-        else:
-            self._between_tasks(slot, now, reading)
-
-    def _read(self, slot: _Slot, now: float) -> Reading:
-        gpu = self.nvml
-        samples = gpu.util_samples(slot.gpu)
-        memory = gpu.memory(slot.gpu)
-        processes = gpu.compute_processes(slot.gpu)
-        process_util = gpu.process_util(slot.gpu)
-        reading = Reading(
-            samples=tuple(samples) if samples is not None else None,
-            memory_used=memory[0] if memory else None,
-            memory_total=memory[1] if memory else None,
-            processes=tuple(processes) if processes is not None else None,
-            process_util=tuple(process_util) if process_util is not None else None,
-        )
-        if reading.samples:
-            slot.window.add(reading.samples)
-            slot.history.add(now, reading.samples)
-        elif reading.samples is None:
-            slot.window = UtilWindow()  # no stale figure while NVML does not answer
-        if memory:
-            slot.memory_used, slot.memory_total = memory
-        if reading.failed:
-            slot.nvml_failing_since = slot.nvml_failing_since or now
-        else:
-            slot.nvml_failing_since = None
-        return reading
-
-    def _reap(self, slot: _Slot, now: float) -> None:
+    def reap(self, slot: _Slot, now: float) -> None:
         """Read the worker's reports; notice when it has exited, and why."""
         worker = slot.worker
         if worker is None:
@@ -2801,7 +2709,7 @@ class GpuKeepAlive(KeepAlive):
             # taken the exit status, which then reads 0)
             slot.foreign_at = now
             slot.foreign_reason = worker.exit_reason or "foreign work"
-            self._set(slot, GpuState.YIELDED, slot.foreign_reason)
+            slot.set(GpuState.YIELDED, slot.foreign_reason)
             self.log.info("%s%s: worker saw %s and left", self.prefix, slot.label,
                           slot.foreign_reason)
         else:
@@ -2810,15 +2718,15 @@ class GpuKeepAlive(KeepAlive):
             if code == EXIT_SETUP:
                 slot.tile = None  # perhaps the tiles no longer fit: calibrate again
             slot.crashes += 1
-            delay = self._backoff(slot, now)
+            delay = self.backoff(slot, now)
             how = worker.killed_for or (f"exit status {code}" if code >= 0
                                         else f"signal {-code}")
-            self._set(slot, GpuState.OFF, f"worker crashed ({how}); restart in {delay:.0f} s")
+            slot.set(GpuState.OFF, f"worker crashed ({how}); restart in {delay:.0f} s")
             self.log.warning("%s%s: keep-alive worker ended with %s after %.1f s "
                              "(crash %d); restarting in %.0f s", self.prefix, slot.label, how,
                              lived, slot.crashes, delay)
 
-    def _watchdog(self, slot: _Slot, now: float) -> None:
+    def watchdog(self, slot: _Slot, now: float) -> None:
         """A worker that never gets ready, or stops reporting, is hung (a wedged driver call,
         a stopped process): it is killed, which frees its memory, and restarted with backoff."""
         worker = slot.worker
@@ -2849,7 +2757,7 @@ class GpuKeepAlive(KeepAlive):
                     slot.tile = worker.tile
                 slot.controller.reset(slot.window, worker.spec.duty)
                 filling = worker.spec.mode is WorkerMode.FILL
-                self._set(slot, GpuState.FILLING if filling else GpuState.HOLDING,
+                slot.set(GpuState.FILLING if filling else GpuState.HOLDING,
                           "task leaves the GPU idle" if filling else "")
                 self.log.info("%s%s: %s: tiles of %d (%.1f ms), %d MiB held, context %s MiB, "
                               "duty %.2f", self.prefix, slot.label, slot.state.value,
@@ -2868,66 +2776,290 @@ class GpuKeepAlive(KeepAlive):
         except (ValueError, KeyError):
             self.log.debug("%s%s: unreadable worker line %r", self.prefix, slot.label, line)
 
-    def _foreign(self, slot: _Slot, reading: Reading, now: float) -> str:
-        """Why the GPU has work that is not ours on it, or "". Processes are counted, never
-        matched by pid: pids differ between containers and even between NVML calls. And the
-        process list misses other containers' jobs on current drivers, so memory that our
-        worker does not explain counts too, and utilisation when nothing of ours runs."""
+    def start(self, slot: _Slot, now: float, spec: WorkerSpec, reading: Reading) -> None:
+        mode = self.nvml.compute_mode(slot.gpu)
+        if mode not in (None, 0):
+            # EXCLUSIVE_PROCESS: while our context exists, every other process's context
+            # creation fails, so whoever comes next would crash instead of being yielded to
+            reason = f"compute mode {COMPUTE_MODES.get(mode, mode)}: skipped"
+            if slot.reason != reason:
+                self.log.info("%s%s: %s (keep-alive needs DEFAULT)", self.prefix, slot.label,
+                              reason)
+            slot.set(GpuState.OFF, reason)
+            return
+        if not slot.announced and spec.mode is WorkerMode.HOLD:
+            total = slot.gpu.memory_total
+            self.log.info("%s%s (%s, %.1f GiB): holding %.1f GiB; the seed's three %d x %d "
+                          "fp16 matrices would take %.0f%% of it, but one product of that "
+                          "size runs for seconds, so compute goes in ~%.0f ms tiles",
+                          self.prefix, slot.label, slot.gpu.name, total / GIB,
+                          spec.memory_mib / 1024, seed_matrix_size(total),
+                          seed_matrix_size(total), MEMORY_USAGE_TARGET * 100, KEEPALIVE_TILE_MS)
+            slot.announced = True
+        try:
+            handle = self.spawn(slot.gpu, spec)
+        except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash
+            slot.crashes += 1
+            delay = self.backoff(slot, now)
+            slot.set(GpuState.OFF, f"worker did not start; retry in {delay:.0f} s")
+            self.log.warning("%s%s: keep-alive worker did not start (%s); retrying in %.0f s",
+                             self.prefix, slot.label, exc, delay)
+            return
+        slot.worker = _Worker(handle, spec, now, reading.memory_used)
+        slot.controller = DutyController(spec.duty)
+        slot.set(GpuState.STARTING, "")
+
+    def stop(self, slot: _Slot, now: float, reason: str) -> None:
         worker = slot.worker
-        ours = 0 if worker is None else 1
-        # a worker that just exited may linger in NVML's lists for a moment; but after a yield
-        # to foreign work, an extra entry is that work, not our worker
-        lingering = slot.last_exit is not None and now - slot.last_exit < _EXIT_GRACE
-        if lingering and slot.foreign_at is None:
-            ours += 1
-        if reading.processes is not None and len(reading.processes) > ours:
-            others = len(reading.processes) - ours
-            return "foreign process" if others == 1 else f"{others} foreign processes"
-        if reading.process_util:
-            active = {pid for pid, sm in reading.process_util if sm >= KEEPALIVE_FOREIGN_UTIL}
-            if len(active) > ours:
-                top = max(sm for _, sm in reading.process_util)
-                return f"foreign utilisation {top}%"
-        nothing_of_ours = worker is None and not lingering
-        used = reading.memory_used
-        if used is not None and nothing_of_ours:
-            slot.idle_used = used if slot.idle_used is None else min(slot.idle_used, used)
-        if nothing_of_ours:
-            mine: int | None = 0
-        elif worker is None or worker.stop_at is not None:
-            mine = None  # going: its memory is on its way out
-        elif worker.ready_at is None:  # setting up (it checks for itself meanwhile): at most
-            mine = (worker.spec.memory_mib + _CONTEXT_MAX_MIB) * MIB
+        if worker is None or worker.stop_at is not None:
+            return
+        worker.stop_at = now
+        worker.stop_reason = reason
+        if worker.ready_at is None:
+            worker.handle.kill()  # still setting up: it reads no commands yet
         else:
-            mine = worker.footprint
-        if used is not None and mine is not None and slot.idle_used is not None:
-            # the driver's share: the least seen with nothing of ours on the GPU (a job that
-            # was there all along does not pass for it: it is capped)
-            floor = min(slot.idle_used, KEEPALIVE_IDLE_MEMORY_MIB * MIB)
-            extra = used - floor - mine
-            if extra > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
-                return f"foreign memory +{extra // MIB} MiB"
-        return ""
+            worker.handle.stop()
+        limits = []
+        if worker.memory_before is not None:
+            limits.append(worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB)
+        if worker.ready_at is not None and slot.memory_used is not None:
+            limits.append(slot.memory_used - int(0.9 * worker.footprint))
+        slot.release_below = max(limits) if limits else None
+
+    def released(self, slot: _Slot, now: float) -> bool:
+        """True when the slot's worker has exited and its memory is back."""
+        self.reap(slot, now)
+        if slot.worker is not None:
+            return False
+        if slot.release_below is None:
+            return True
+        memory = self.nvml.memory(slot.gpu)
+        if memory is None:
+            return True  # cannot see the memory; the process is gone
+        slot.memory_used, slot.memory_total = memory
+        if memory[0] <= slot.release_below:
+            slot.release_below = None
+            return True
+        return False
+
+    def abandon(self, slot: _Slot, now: float) -> None:
+        """After an error: a worker we cannot watch must not hold the GPU. Kill it; it comes
+        back after the crash backoff."""
+        worker, slot.worker = slot.worker, None
+        if worker is not None:
+            try:
+                worker.handle.kill()
+            except Exception:  # noqa: BLE001 - best effort, it is dropped either way
+                pass
+            slot.last_exit = now
+        slot.crashes += 1
+        delay = self.backoff(slot, now)
+        slot.set(GpuState.OFF, f"keep-alive error; retry in {delay:.0f} s")
+
+    @staticmethod
+    def backoff(slot: _Slot, now: float) -> float:
+        """Schedule the restart after a crash: KEEPALIVE_RESTART_SECONDS, doubling per crash."""
+        delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
+                    KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
+        slot.restart_at = now + delay
+        return delay
+
+
+# Keep-alive: the engine #####################################################################
+
+
+class GpuKeepAlive(KeepAlive):
+    """Keep-alive on: one worker per GPU, driven by ``tick()`` from the daemon loop. The engine
+    decides, GPU by GPU, whether to hold it, fill beside a task, or leave it to foreign work;
+    ``Workers`` starts and stops the processes.
+
+    Every outside effect goes through a seam: ``nvml`` (the NVML calls), ``spawn`` (starting a
+    worker process), ``timefunc`` and ``delayfunc`` (the clock and the sleep in ``stop``).
+    """
+
+    def __init__(self, nvml, gpus: list[GpuInfo], log: logging.Logger, *,
+                 spawn: Callable[[GpuInfo, WorkerSpec], WorkerHandle] = spawn_worker,
+                 timefunc: Callable[[], float] = time.monotonic,
+                 delayfunc: Callable[[float], object] = time.sleep,
+                 holdoff: float = KEEPALIVE_HOLDOFF_SECONDS,
+                 filler: bool = KEEPALIVE_FILLER, node_label: str = "",
+                 release_timeout: float = RELEASE_TIMEOUT_SECONDS) -> None:
+        super().__init__("")
+        self.release_timeout = release_timeout
+        self.nvml = nvml
+        self.log = log
+        self.timefunc = timefunc
+        self.delayfunc = delayfunc
+        self.holdoff = holdoff
+        self.filler = filler
+        self.prefix = f"{node_label} " if node_label else ""
+        self.slots = [_Slot(gpu) for gpu in gpus]
+        self.workers = Workers(nvml, spawn, log, self.prefix)
+        for slot in self.slots:
+            if slot.gpu.mig:
+                slot.reason = "MIG mode: skipped"
+        self._started = False
+        self._throttle = _Throttle(timefunc=timefunc)
+
+    # The seam the daemon calls
+
+    def describe(self) -> str:
+        return "on"
+
+    def child_pids(self) -> set[int]:
+        return {slot.worker.handle.pid for slot in self.slots if slot.worker is not None}
+
+    def start(self) -> None:
+        self._started = True
+        names = ", ".join(f"{s.gpu.index}: {s.gpu.name}" for s in self.slots if not s.gpu.mig)
+        self.log.info("%sKeep-alive on for GPU %s", self.prefix, names)
+        for slot in self.slots:
+            if not slot.gpu.mig:
+                slot.set(GpuState.OFF, "starting at the next tick")
+
+    def tick(self, now: float, busy: Mapping[int, str]) -> None:
+        """``now`` is the daemon's clock, which may be the wall clock. The engine keeps time by
+        its own ``timefunc`` (monotonic), the one ``release()`` and ``task_finished()`` use."""
+        if not self._started:
+            return
+        now = self.timefunc()
+        for i, slot in enumerate(self.slots):
+            try:
+                self._tick_slot(slot, now, i in busy or slot.released_at is not None)
+            except Exception:  # noqa: BLE001 - one GPU's trouble must never stop the daemon
+                if self._throttle(f"tick/{slot.gpu.index}"):
+                    self.log.exception("%s%s: keep-alive error", self.prefix, slot.label)
+                self.workers.abandon(slot, now)
+
+    def release(self, gpus: Collection[int]) -> None:
+        now = self.timefunc()
+        for i in gpus:
+            slot = self.slots[i]
+            if slot.released_at is None:
+                slot.released_at = now
+                slot.release_done = False
+            if slot.worker is not None:
+                self.workers.stop(slot, now, "queue task")
+            if not slot.gpu.mig:
+                slot.set(GpuState.YIELDED, "queue task")
+
+    def released(self, gpus: Collection[int]) -> bool:
+        now = self.timefunc()
+        waiting = []
+        newly = []
+        for i in gpus:
+            slot = self.slots[i]
+            if slot.release_done:
+                continue
+            try:
+                done = self.workers.released(slot, now)
+            except Exception:  # noqa: BLE001 - the task must start all the same
+                self.log.exception("%s%s: error while releasing", self.prefix, slot.label)
+                self.workers.abandon(slot, now)
+                done = True
+            begun = slot.released_at if slot.released_at is not None else now
+            if not done and now - begun >= self.release_timeout:
+                if slot.worker is not None:
+                    slot.worker.handle.kill()
+                slot.release_below = None
+                self.log.warning("%s%s: keep-alive memory not released within %.1f s; "
+                                 "starting the task anyway", self.prefix, slot.label,
+                                 self.release_timeout)
+                done = True
+            if done:
+                slot.release_done = True
+                newly.append((slot, now - begun))
+            else:
+                waiting.append(slot)
+        slow = [f"{s.label} {took:.2f} s" for s, took in newly if took > 0.05]
+        if slow:
+            self.log.info("%sReleased for the task: %s", self.prefix, ", ".join(slow))
+        return not waiting
+
+    def task_finished(self, gpus: Collection[int]) -> None:
+        now = self.timefunc()
+        for i in gpus:
+            slot = self.slots[i]
+            slot.released_at = None
+            slot.release_done = False
+            if slot.worker is not None:
+                self.workers.stop(slot, now, "queue task ended")
+            slot.resume_at = now + KEEPALIVE_RESUME_AFTER_TASK
+            slot.foreign_at = None
+            slot.low_since = None
+
+    def gpu_fields(self) -> dict[str, str]:
+        fields = {}
+        now = self.timefunc()
+        for i, slot in enumerate(self.slots):
+            util = slot.window.mean()
+            worker = slot.worker
+            ready = worker is not None and worker.ready_at is not None
+            fields.update({
+                f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
+                f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
+                f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
+                f"gpu.{i}.state": slot.state.value,
+                f"gpu.{i}.reason": slot.reason,
+                f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
+                f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
+                f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
+                f"gpu.{i}.history": slot.history.text(now),
+            })
+        return fields
+
+    def stop(self) -> None:
+        now = self.timefunc()
+        for slot in self.slots:
+            if slot.worker is not None:
+                self.workers.stop(slot, now, "daemon stopping")
+        deadline = now + 2.0
+        while any(slot.worker is not None for slot in self.slots):
+            now = self.timefunc()
+            for slot in self.slots:
+                if slot.worker is not None and now >= deadline:
+                    slot.worker.handle.kill()
+                self.workers.reap(slot, now)
+            if now >= deadline + 1.0:
+                break
+            self.delayfunc(_RELEASE_POLL)
+        for slot in self.slots:
+            slot.set(GpuState.OFF, "stopped")
+        self._started = False
+
+    # One GPU, one tick
+
+    def _tick_slot(self, slot: _Slot, now: float, task_running: bool) -> None:
+        if slot.gpu.mig:
+            slot.set(GpuState.OFF, "MIG mode: skipped")
+            return
+        reading = read_gpu(self.nvml, slot, now)
+        self.workers.reap(slot, now)
+        self.workers.watchdog(slot, now)
+        if task_running:
+            self._during_task(slot, now, reading)
+        else:
+            self._between_tasks(slot, now, reading)
 
     def _between_tasks(self, slot: _Slot, now: float, reading: Reading) -> None:
         if slot.resume_at is not None:
             if now < slot.resume_at:
-                self._set(slot, GpuState.YIELDED, "queue task ended")
+                slot.set(GpuState.YIELDED, "queue task ended")
                 return
             slot.resume_at = None
         worker = slot.worker
         if worker is not None and worker.spec.mode is WorkerMode.FILL:
-            self._stop_worker(slot, now, "queue task ended")
+            self.workers.stop(slot, now, "queue task ended")
         if (slot.nvml_failing_since is not None
                 and now - slot.nvml_failing_since >= _NVML_FAIL_SECONDS):
             if slot.worker is not None and slot.worker.stop_at is None:
-                self._stop_worker(slot, now, "NVML not answering")
+                self.workers.stop(slot, now, "NVML not answering")
                 self.log.warning("%s%s: NVML has not answered for %.0f s: worker stopped, "
                                  "foreign work could not be seen", self.prefix, slot.label,
                                  now - slot.nvml_failing_since)
-            self._set(slot, GpuState.YIELDED, "NVML not answering")
+            slot.set(GpuState.YIELDED, "NVML not answering")
             return
-        reason = self._foreign(slot, reading, now)
+        reason = foreign_work(slot, reading, now)
         if reason:
             self._yield(slot, now, reason)
             return
@@ -2940,7 +3072,7 @@ class GpuKeepAlive(KeepAlive):
             return
         if slot.foreign_at is not None and now - slot.foreign_at < self.holdoff:
             left = self.holdoff - (now - slot.foreign_at)
-            self._set(slot, GpuState.YIELDED, f"{slot.foreign_reason}; hold-off {left:.0f} s")
+            slot.set(GpuState.YIELDED, f"{slot.foreign_reason}; hold-off {left:.0f} s")
             return
         if slot.foreign_at is not None:
             self.log.info("%s%s: free of foreign work for %.0f s: taking it again",
@@ -2962,10 +3094,10 @@ class GpuKeepAlive(KeepAlive):
             reason = f"no room for the ballast ({memory} of {target} MiB)"
             if not slot.reason.startswith("no room"):
                 self.log.warning("%s%s: %s: not held", self.prefix, slot.label, reason)
-            self._set(slot, GpuState.OFF, reason)
+            slot.set(GpuState.OFF, reason)
             return
         spec = WorkerSpec(WorkerMode.HOLD, memory, KEEPALIVE_START_DUTY, tile=slot.tile or 0)
-        self._start_worker(slot, now, spec, reading)
+        self.workers.start(slot, now, spec, reading)
 
     def _yield(self, slot: _Slot, now: float, reason: str) -> None:
         """Foreign work is on the GPU: our worker goes, and the hold-off starts (again)."""
@@ -2974,13 +3106,13 @@ class GpuKeepAlive(KeepAlive):
         slot.foreign_at = now
         slot.foreign_reason = reason
         if slot.worker is not None and slot.worker.stop_at is None:
-            self._stop_worker(slot, now, reason)
-        self._set(slot, GpuState.YIELDED, reason)
+            self.workers.stop(slot, now, reason)
+        slot.set(GpuState.YIELDED, reason)
 
     def _during_task(self, slot: _Slot, now: float, reading: Reading) -> None:
         worker = slot.worker
         if worker is not None and worker.spec.mode is WorkerMode.HOLD:
-            self._stop_worker(slot, now, "queue task")
+            self.workers.stop(slot, now, "queue task")
         util = slot.window.mean()
         if slot.worker is None:
             if util is not None and util < GPU_UTIL_THRESHOLD:
@@ -2988,14 +3120,14 @@ class GpuKeepAlive(KeepAlive):
             else:
                 slot.low_since = None
         if not self.filler:
-            self._set(slot, GpuState.YIELDED, "queue task")
+            slot.set(GpuState.YIELDED, "queue task")
             return
         worker = slot.worker
         total, used = reading.memory_total, reading.memory_used
         if worker is not None:
             if worker.stop_at is not None:
                 return
-            task_util = self._task_util(worker, reading)
+            task_util = task_utilisation(worker, reading)
             if total and used is not None and total - used < KEEPALIVE_HEADROOM * total:
                 self._stop_filler(slot, now, "the task needs the memory")
             elif task_util is not None and task_util >= GPU_UTIL_THRESHOLD:
@@ -3016,24 +3148,9 @@ class GpuKeepAlive(KeepAlive):
             fits = slot.tile is not None and 3 * slot.tile ** 2 * 2 <= KEEPALIVE_FILLER_MIB * MIB
             spec = WorkerSpec(WorkerMode.FILL, KEEPALIVE_FILLER_MIB, _FILLER_START_DUTY,
                               KEEPALIVE_FILLER_MIB, tile=slot.tile if fits else 0)
-            self._start_worker(slot, now, spec, reading)
+            self.workers.start(slot, now, spec, reading)
         elif slot.state is not GpuState.YIELDED or not slot.reason.startswith("queue task"):
-            self._set(slot, GpuState.YIELDED, "queue task")
-
-    @staticmethod
-    def _task_util(worker: _Worker, reading: Reading) -> int | None:
-        """The highest per-process SM utilisation on the GPU that is not the filler's own."""
-        if not reading.process_util:
-            return None
-        top: dict[int, int] = {}
-        for pid, sm in reading.process_util:
-            top[pid] = max(top.get(pid, 0), sm)
-        if worker.handle.pid in top:
-            del top[worker.handle.pid]
-        elif top:  # pids of another namespace: leave out the entry that looks like ours
-            ours = 100 * (worker.busy if worker.busy is not None else worker.spec.duty)
-            del top[min(top, key=lambda pid: abs(top[pid] - ours))]
-        return max(top.values(), default=None)
+            slot.set(GpuState.YIELDED, "queue task")
 
     def _control(self, slot: _Slot, worker: _Worker, now: float) -> None:
         duty = slot.controller.decide(slot.window)
@@ -3049,106 +3166,14 @@ class GpuKeepAlive(KeepAlive):
             else:  # busy beyond what we do, by something NVML does not list
                 slot.foreign_at = now
                 slot.foreign_reason = f"GPU busy ({util:.0f}%) without us"
-                self._stop_worker(slot, now, slot.foreign_reason)
-                self._set(slot, GpuState.YIELDED, slot.foreign_reason)
+                self.workers.stop(slot, now, slot.foreign_reason)
+                slot.set(GpuState.YIELDED, slot.foreign_reason)
 
     def _stop_filler(self, slot: _Slot, now: float, reason: str) -> None:
         self.log.info("%s%s: %s: filler stopped", self.prefix, slot.label, reason)
-        self._stop_worker(slot, now, reason)
+        self.workers.stop(slot, now, reason)
         slot.low_since = None
-        self._set(slot, GpuState.YIELDED, f"queue task ({reason})")
-
-    def _start_worker(self, slot: _Slot, now: float, spec: WorkerSpec, reading: Reading) -> None:
-        mode = self.nvml.compute_mode(slot.gpu)
-        if mode not in (None, 0):
-            # EXCLUSIVE_PROCESS: while our context exists, every other process's context
-            # creation fails, so whoever comes next would crash instead of being yielded to
-            reason = f"compute mode {COMPUTE_MODES.get(mode, mode)}: skipped"
-            if slot.reason != reason:
-                self.log.info("%s%s: %s (keep-alive needs DEFAULT)", self.prefix, slot.label,
-                              reason)
-            self._set(slot, GpuState.OFF, reason)
-            return
-        if not slot.announced and spec.mode is WorkerMode.HOLD:
-            total = slot.gpu.memory_total
-            self.log.info("%s%s (%s, %.1f GiB): holding %.1f GiB; the seed's three %d x %d "
-                          "fp16 matrices would take %.0f%% of it, but one product of that "
-                          "size runs for seconds, so compute goes in ~%.0f ms tiles",
-                          self.prefix, slot.label, slot.gpu.name, total / GIB,
-                          spec.memory_mib / 1024, seed_matrix_size(total),
-                          seed_matrix_size(total), MEMORY_USAGE_TARGET * 100, KEEPALIVE_TILE_MS)
-            slot.announced = True
-        try:
-            handle = self.spawn(slot.gpu, spec)
-        except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash
-            slot.crashes += 1
-            delay = self._backoff(slot, now)
-            self._set(slot, GpuState.OFF, f"worker did not start; retry in {delay:.0f} s")
-            self.log.warning("%s%s: keep-alive worker did not start (%s); retrying in %.0f s",
-                             self.prefix, slot.label, exc, delay)
-            return
-        slot.worker = _Worker(handle, spec, now, reading.memory_used)
-        slot.controller = DutyController(spec.duty)
-        self._set(slot, GpuState.STARTING, "")
-
-    def _stop_worker(self, slot: _Slot, now: float, reason: str) -> None:
-        worker = slot.worker
-        if worker is None or worker.stop_at is not None:
-            return
-        worker.stop_at = now
-        worker.stop_reason = reason
-        if worker.ready_at is None:
-            worker.handle.kill()  # still setting up: it reads no commands yet
-        else:
-            worker.handle.stop()
-        limits = []
-        if worker.memory_before is not None:
-            limits.append(worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB)
-        if worker.ready_at is not None and slot.memory_used is not None:
-            limits.append(slot.memory_used - int(0.9 * worker.footprint))
-        slot.release_below = max(limits) if limits else None
-
-    def _released_slot(self, slot: _Slot, now: float) -> bool:
-        """True when the slot's worker has exited and its memory is back."""
-        self._reap(slot, now)
-        if slot.worker is not None:
-            return False
-        if slot.release_below is None:
-            return True
-        memory = self.nvml.memory(slot.gpu)
-        if memory is None:
-            return True  # cannot see the memory; the process is gone
-        slot.memory_used, slot.memory_total = memory
-        if memory[0] <= slot.release_below:
-            slot.release_below = None
-            return True
-        return False
-
-    def _abandon(self, slot: _Slot, now: float) -> None:
-        """After an error: a worker we cannot watch must not hold the GPU. Kill it; it comes
-        back after the crash backoff."""
-        worker, slot.worker = slot.worker, None
-        if worker is not None:
-            try:
-                worker.handle.kill()
-            except Exception:  # noqa: BLE001 - best effort, it is dropped either way
-                pass
-            slot.last_exit = now
-        slot.crashes += 1
-        delay = self._backoff(slot, now)
-        self._set(slot, GpuState.OFF, f"keep-alive error; retry in {delay:.0f} s")
-
-    @staticmethod
-    def _backoff(slot: _Slot, now: float) -> float:
-        """Schedule the restart after a crash: KEEPALIVE_RESTART_SECONDS, doubling per crash."""
-        delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
-                    KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
-        slot.restart_at = now + delay
-        return delay
-
-    def _set(self, slot: _Slot, state: GpuState, reason: str) -> None:
-        slot.state = state
-        slot.reason = reason
+        slot.set(GpuState.YIELDED, f"queue task ({reason})")
 
 
 def _mib(value: int | None) -> str:
