@@ -817,9 +817,13 @@ waited for. Ctrl-C stops following; the task goes on." ;;
 NAME stands for every pending and running task it names, else for its newest finished one. The
 return code is 0 when every task is done, else the exit code of the first task (in the order
 given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
-    retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] NAME'
-      _gpu_sp_what='queue a finished task again: command, directory, request'
-      _gpu_sp_opts=$(printf '%s\n' "$request" | command head -n 3) ;;
+    retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] NAME...|--failed'
+      _gpu_sp_what='queue finished tasks again: command, directory, request'
+      _gpu_sp_opts="$(printf '%s\n' "$request" | command head -n 3)
+|--failed||failed|every failed or interrupted task that was not queued again yet"
+      _gpu_sp_more="\
+NAME stands for its newest finished task; each NAME is checked before anything is queued.
+--failed leaves out the tasks that were stopped or cancelled, and those retried before." ;;
     stop) _gpu_sp_use='NAME...|all'
       _gpu_sp_what='stop tasks, or cancel them if pending; all: every task'
       _gpu_sp_more="\
@@ -1624,21 +1628,54 @@ $cmd
 _gpu_cmd_retry() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   set -- "${_gpu_args[@]}"
-  if [ "$#" -ne 1 ]; then _gpu_usage; return; fi
-  _gpu_existing_instance || return
-  _gpu_check_name "$1" || return 1
-  local dir old cwd name i=0 IFS=' '
-  local -a args
-  if ! _gpu_find "$1" 'done' failed; then
-    if _gpu_find "$1" pending running; then
-      _gpu_err "task $1 has not finished yet (gpu_wait $1 waits for it)"
-    else
-      _gpu_err "no such task: $1 (gpu_status lists the tasks)"
-    fi
-    return 1
+  if [ "$#" -eq 0 ] && [ -z "$_gpu_o_failed" ]; then _gpu_usage; return; fi
+  if [ "$#" -gt 0 ] && [ -n "$_gpu_o_failed" ]; then
+    _gpu_err "--failed takes no NAME"; return 2
   fi
-  _gpu_newest "$_gpu_val"
-  dir=${_gpu_pick%%/*} old=${_gpu_pick#*/}
+  _gpu_existing_instance || return
+  _gpu_priority "${_gpu_o_prio:-500}" || return 2  # checked once, before anything is queued
+  local name picks='' pick retried count=0 skipped=0 IFS=$_gpu_nl
+  if [ -n "$_gpu_o_failed" ]; then
+    # the tasks already queued again, as their copies' submit records say
+    retried=$(command find "$_gpu_q/records" -maxdepth 1 -type f -name '*.submit' \
+      -exec grep -h '^retry_of=.' {} + 2>/dev/null | command sed 's/^retry_of=//')
+    for name in $(_gpu_ls "$_gpu_q/failed"); do
+      case $_gpu_nl$retried$_gpu_nl in *"$_gpu_nl$name$_gpu_nl"*) continue ;; esac
+      _gpu_load "$_gpu_q/records/$name.result" || _gpu_keys=''
+      _gpu_field state
+      case $_gpu_val in
+        stopped | cancelled) skipped=$((skipped + 1)) ;;
+        *) picks=$picks"failed/$name$_gpu_nl" ;;
+      esac
+    done
+    [ "$skipped" -eq 0 ] || _gpu_err "left out $skipped stopped or cancelled task(s)"
+    if [ -z "$picks" ]; then _gpu_say "no failed task to retry"; return 0; fi
+  else
+    for name in "$@"; do  # every name is checked before anything is queued
+      _gpu_check_name "$name" || return 1
+      if ! _gpu_find "$name" 'done' failed; then
+        if _gpu_find "$name" pending running; then
+          _gpu_err "task $name has not finished yet (gpu_wait $name waits for it)"
+        else
+          _gpu_err "no such task: $name (gpu_status lists the tasks)"
+        fi
+        [ "$#" -eq 1 ] || _gpu_err "nothing was queued"
+        return 1
+      fi
+      _gpu_newest "$_gpu_val"
+      picks=$picks$_gpu_pick$_gpu_nl
+    done
+  fi
+  for pick in $picks; do
+    _gpu_retry_one "${pick%%/*}" "${pick#*/}" || return
+    count=$((count + 1))
+  done
+  [ "$count" -eq 1 ] || _gpu_say "queued $count task(s) again"
+}
+
+_gpu_retry_one() {  # _gpu_retry_one DIR ID: queue the finished task DIR/ID again
+  local dir=$1 old=$2 cwd name i=0 IFS=' '
+  local -a args
   _gpu_task "$dir" "$old"
   _gpu_priority "${_gpu_o_prio:-${_gpu_t_prio:-500}}" || return 2
   _gpu_request "$_gpu_t_gpus_req" "$_gpu_t_nodes_req" || return 2
@@ -2882,8 +2919,8 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
         printf '%s\n' use list submit run status show logs tail wait retry stop clean shutdown help
         return 0 ;;
       use) [ "$positional" -eq 0 ] || return 0 ;;
-      show | logs | tail | retry) [ "$positional" -eq 0 ] || return 0 ;;
-      wait | stop) ;;
+      show | logs | tail) [ "$positional" -eq 0 ] || return 0 ;;
+      wait | stop | retry) ;;
       *) return 0 ;;
     esac
   fi

@@ -765,7 +765,7 @@ def test_help_lists_every_command(sh):
                     "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [--json]",
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
-                    "gpu_retry [-p PRIO] [-g N] [-n N] NAME", "gpu_stop NAME...|all",
+                    "gpu_retry [-p PRIO] [-g N] [-n N] NAME...|--failed", "gpu_stop NAME...|all",
                     "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]", "gpu_shutdown",
                     "gpu_help [COMMAND]"):
         assert re.search(rf"^  {re.escape(command)}( +\S|$)", res.out, re.M), command
@@ -786,7 +786,7 @@ def test_help_lists_every_command(sh):
 @pytest.mark.parametrize("command", ["gpu_list x", "gpu_status x", "gpu_shutdown x",
                                      "gpu_logs a b", "gpu_tail a b", "gpu_stop",
                                      "gpu_help a b", "gpu_show", "gpu_show a b", "gpu_wait",
-                                     "gpu_retry", "gpu_retry a b", "gpu_clean x"])
+                                     "gpu_retry", "gpu_clean x"])
 def test_extra_arguments_are_usage_errors(sh, command):
     res = sh.run(command + "\necho \"rc=$?\"")
     assert res.out == "rc=2\n"

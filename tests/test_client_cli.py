@@ -481,6 +481,40 @@ def test_retry_queues_a_finished_task_again_as_it_was(sh):
     assert tree(sh.root) == before
 
 
+def test_retry_of_several_names_and_of_every_failed_task(sh):
+    inst = make_instance(sh.root)
+    ids = {}
+    for n, (name, folder, state) in enumerate([
+            ("ok", "done", "done"), ("oom", "failed", "failed"), ("lost", "failed", "interrupted"),
+            ("halt", "failed", "stopped"), ("nope", "failed", "cancelled")]):
+        ids[name] = tid(n, f"{name}.sh")
+        (inst / folder / ids[name]).write_text(f"echo {name}\n")
+        submit_record(inst, ids[name], command=f"echo {name}")
+        write_fields(inst / "records" / f"{ids[name]}.result", {"id": ids[name], "state": state})
+    before = tree(sh.root)
+    res = sh.run("gpu_retry ok nosuch; echo \"rc=$?\"; gpu_retry --failed ok; echo \"rc=$?\"")
+    assert res.out == "rc=1\nrc=2\n"
+    assert res.err == ("gpu_retry: no such task: nosuch (gpu_status lists the tasks)\n"
+                       "gpu_retry: nothing was queued\n"
+                       "gpu_retry: --failed takes no NAME\n")
+    assert tree(sh.root) == before
+    res = sh.run("gpu_retry ok oom")
+    lines = res.out.splitlines()
+    assert res.rc == 0 and len(lines) == 3 and lines[2] == "queued 2 task(s) again", res.out
+    again = [line.split()[1] for line in lines[:2]]
+    assert [read_fields(inst / "records" / f"{t}.submit")["retry_of"] for t in again] == \
+        [ids["ok"], ids["oom"]]
+    res = sh.run("gpu_retry --failed")  # oom was queued again already; halt and nope were meant
+    assert res.rc == 0, res.err
+    assert res.err.startswith("gpu_retry: left out 2 stopped or cancelled task(s)\n")
+    task = submitted_id(res)
+    assert read_fields(inst / "records" / f"{task}.submit")["retry_of"] == ids["lost"]
+    assert sorted(listing(inst / "pending")) == sorted([*again, task])
+    res = sh.run("gpu_retry --failed")
+    assert (res.rc, res.out) == (0, "no failed task to retry\n")
+    assert len(listing(inst / "pending")) == 3
+
+
 # gpu_clean ########################################################################################
 
 
