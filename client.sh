@@ -61,6 +61,8 @@ gpu_wait() { _gpu_main wait "$@"; }
 gpu_retry() { _gpu_main retry "$@"; }
 gpu_stop() { _gpu_main stop "$@"; }
 gpu_clean() { _gpu_main clean "$@"; }
+gpu_drain() { _gpu_main drain "$@"; }
+gpu_resume() { _gpu_main resume "$@"; }
 gpu_shutdown() { _gpu_main shutdown "$@"; }
 
 # The one command that changes the user's shell: the subshell checks everything, then the
@@ -838,6 +840,13 @@ gpu_status shows)." ;;
 |--dry-run||dry|print what would be removed, remove nothing"
       _gpu_sp_more="\
 Pending and running tasks are never touched. Without options every finished task goes." ;;
+    drain) _gpu_sp_use='[REASON]'
+      _gpu_sp_what='start nothing new until gpu_resume; running tasks go on'
+      _gpu_sp_more="\
+Every node of the instance stops starting tasks: running ones end as they would, keep-alive goes
+on holding the idle GPUs, and tasks can still be queued. No daemon needs to run for it." ;;
+    resume) _gpu_sp_use=''
+      _gpu_sp_what='start tasks again after gpu_drain' ;;
     shutdown) _gpu_sp_use=''
       _gpu_sp_what='ask the daemon to exit; how to delete its cluster job' ;;
     help) _gpu_sp_use='[COMMAND]'
@@ -1187,7 +1196,8 @@ _gpu_cmd_help() {
     return 0
   fi
   printf 'Perpetual Motion client: a task queue for the GPUs of a cluster job.\n\n'
-  for c in use list submit run status show logs tail wait retry stop clean shutdown help; do
+  for c in use list submit run status show logs tail wait retry stop clean drain resume shutdown \
+    help; do
     _gpu_spec "$c"
     line="gpu_$c${_gpu_sp_use:+ $_gpu_sp_use}"
     if [ "${#line}" -gt 34 ]; then
@@ -1954,6 +1964,9 @@ _gpu_cmd_status() {
   _gpu_esc "$_gpu_q"; _gpu_cut_left "$_gpu_e" "$((100 - 13 - ${#JOB_ID}))"
   printf 'Instance: %s (%s)\n' "$JOB_ID" "$_gpu_c"
   _gpu_show_nodes
+  if _gpu_drain_note; then
+    _gpu_line "Queue:    $_gpu_val (gpu_resume)"
+  fi
   if [ -n "$_gpu_rows" ]; then _gpu_print_rows; else printf 'Tasks:    none\n'; fi
   [ "$shown" -ge "$pending" ] \
     || printf '          ... and %s more pending (gpu_status -l lists them all)\n' \
@@ -2066,7 +2079,15 @@ _gpu_node_json() {  # the loaded node state (rank $1) as one JSON object on stdo
 _gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protocol.md)
   local node rank id line sep IFS=$_gpu_nl running=0 pending=0
   _gpu_js "$JOB_ID"; printf '{"schema": 1, "job_id": %s' "$_gpu_j"
-  _gpu_js "$_gpu_q"; printf ', "queue_dir": %s, "time": %s,\n "nodes": [' "$_gpu_j" "$_gpu_t"
+  _gpu_js "$_gpu_q"; printf ', "queue_dir": %s, "time": %s' "$_gpu_j" "$_gpu_t"
+  if _gpu_drain_note; then
+    _gpu_jstr "$_gpu_dr_by"; printf ', "drain": {"by": %s' "$_gpu_j"
+    _gpu_jstr "$_gpu_dr_reason"; printf ', "reason": %s' "$_gpu_j"
+    printf ', "time": %s}' "${_gpu_dr_time:-null}"
+  else
+    printf ', "drain": null'
+  fi
+  printf ',\n "nodes": ['
   sep=''
   for node in $(_gpu_node_files); do
     _gpu_load "$_gpu_q/nodes/$node" || continue
@@ -2848,6 +2869,52 @@ _gpu_cluster_job() {  # print the cluster job from job_id.txt and how to delete 
   return 0
 }
 
+_gpu_cmd_drain() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  local reason IFS=' '
+  reason="${_gpu_args[*]}"
+  case $reason in *"$_gpu_nl"*) _gpu_err "the reason must be one line"; return 2 ;; esac
+  _gpu_existing_instance || return
+  _gpu_prepare || return 1
+  _gpu_unique || return 1
+  _gpu_whoami
+  _gpu_put "$_gpu_q/drain" "by=$_gpu_who
+reason=$reason
+time=$_gpu_epoch
+" || return 1
+  _gpu_say "drained $JOB_ID: running tasks go on, nothing new starts until gpu_resume"
+}
+
+_gpu_cmd_resume() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
+  _gpu_existing_instance || return
+  if [ ! -e "$_gpu_q/drain" ] && [ ! -L "$_gpu_q/drain" ]; then
+    _gpu_say "$JOB_ID is not drained"
+    return 0
+  fi
+  command rm -f -- "$_gpu_q/drain" 2>/dev/null
+  if [ -e "$_gpu_q/drain" ] || [ -L "$_gpu_q/drain" ]; then
+    _gpu_err "cannot remove $_gpu_q/drain: the queue stays drained"
+    return 1
+  fi
+  _gpu_say "resumed $JOB_ID: tasks start again"
+}
+
+_gpu_drain_note() {  # is the instance drained? its by, reason and time into _gpu_dr_*, and
+  # one line about it into _gpu_val
+  _gpu_val='' _gpu_dr_by='' _gpu_dr_reason='' _gpu_dr_time=''
+  [ -e "$_gpu_q/drain" ] || [ -L "$_gpu_q/drain" ] || return 1
+  if [ -f "$_gpu_q/drain" ] && [ ! -L "$_gpu_q/drain" ] && _gpu_load "$_gpu_q/drain"; then
+    _gpu_field by; _gpu_dr_by=$_gpu_val  # as written: _gpu_line escapes what it prints
+    _gpu_field reason; _gpu_dr_reason=$_gpu_val
+    _gpu_field time; _gpu_int "${_gpu_val%%.*}" && _gpu_dr_time=$_gpu_i
+  fi
+  _gpu_val="drained${_gpu_dr_by:+ by $_gpu_dr_by}"
+  [ -z "$_gpu_dr_time" ] || _gpu_val="$_gpu_val since $(_gpu_date "$_gpu_dr_time")"
+  _gpu_val="$_gpu_val${_gpu_dr_reason:+: $_gpu_dr_reason}"
+}
+
 _gpu_cmd_shutdown() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
@@ -2916,7 +2983,8 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
     esac
     case $what in
       help) [ "$positional" -eq 0 ] || return 0
-        printf '%s\n' use list submit run status show logs tail wait retry stop clean shutdown help
+        printf '%s\n' use list submit run status show logs tail wait retry stop clean drain resume \
+          shutdown help
         return 0 ;;
       use) [ "$positional" -eq 0 ] || return 0 ;;
       show | logs | tail) [ "$positional" -eq 0 ] || return 0 ;;
@@ -2972,11 +3040,11 @@ _gpu_complete_zsh() {
 if [ -n "${ZSH_VERSION-}" ]; then
   if command -v compdef >/dev/null 2>&1; then
     compdef _gpu_complete_zsh gpu_use gpu_list gpu_submit gpu_run gpu_status gpu_show gpu_logs \
-      gpu_tail gpu_wait gpu_retry gpu_stop gpu_clean gpu_shutdown gpu_help
+      gpu_tail gpu_wait gpu_retry gpu_stop gpu_clean gpu_drain gpu_resume gpu_shutdown gpu_help
   fi
 elif command -v complete >/dev/null 2>&1; then
   complete -F _gpu_complete_bash gpu_use gpu_list gpu_status gpu_show gpu_logs gpu_tail gpu_wait \
-    gpu_retry gpu_stop gpu_clean gpu_shutdown gpu_help
+    gpu_retry gpu_stop gpu_clean gpu_drain gpu_resume gpu_shutdown gpu_help
   complete -o default -F _gpu_complete_bash gpu_submit gpu_run
 fi
 

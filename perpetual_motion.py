@@ -593,6 +593,18 @@ class QueueFolder:
             return "stopped by user"
         return None if fields is None else (fields.get("reason") or "stopped by user")
 
+    def drained(self) -> str | None:
+        """Why the instance is drained (``drain``, written by gpu_drain): its tasks go on and
+        nothing new starts; None when it is not. A drain file that cannot be read still drains."""
+        try:
+            fields = self.read_fields(self.root / "drain")
+        except (OSError, ValueError):
+            return "drained"
+        if fields is None:
+            return None
+        by, reason = fields.get("by", ""), fields.get("reason", "")
+        return "drained" + (f" by {by}" if by else "") + (f": {reason}" if reason else "")
+
     def log(self, task_id: str, rank: int | None = None) -> Path:
         return self.dir("logs") / (f"{task_id}.log" if rank is None else
                                    f"{task_id}.rank{rank}.log")
@@ -3852,8 +3864,9 @@ class Scheduler:
     def is_leader(self) -> bool:
         return self.config.node_rank == 0
 
-    def run(self, running: list[str], may_start: bool) -> None:
-        """One pass: the gangs' seats and watch, then the pending tasks in run order."""
+    def run(self, running: list[str], may_start: bool, drained: str | None = None) -> None:
+        """One pass: the gangs' seats and watch, then the pending tasks in run order. A drained
+        instance (``drained``, why) starts nothing new; gangs placed before go on."""
         now = self.clock()
         self.gangs.discover(running)
         self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
@@ -3889,7 +3902,7 @@ class Scheduler:
                     self.runner.cancel_pending(name, blocker)
                 continue
             if sub.request.gang:
-                if self.is_leader:
+                if self.is_leader and not drained:
                     waiting = waiting or self.place_gang(name, sub, running)
                 continue
             if sub.request.gpus is not None and sub.request.gpus > len(self.inventory.gpus):
@@ -3899,6 +3912,11 @@ class Scheduler:
         self.blocked_since = {n: self.blocked_since.get(n, now) for n in plan.blocked}
         self.waiting = waiting if waiting and (not plan.waiting or pending.index(
             waiting[0]) < pending.index(plan.waiting[0])) else plan.waiting
+        if drained:
+            first = next((n for n in pending if isinstance(self.requests.get(n), Submission)),
+                         None)
+            self.waiting = (first, f"the queue is {drained} (gpu_resume)") if first else None
+            return
         if not plan.starts or now < self.backoff_until or not self.owns_node():
             return
         while plan.starts:
@@ -4290,6 +4308,7 @@ class Daemon:
                         if AUTO_SHUTDOWN_HARD_HOURS else None)
         self.stopping = ""  # why the daemon is shutting down, once it is
         self.draining = ""  # why it starts nothing new and ends when its tasks have ended
+        self.user_drain: str | None = None  # gpu_drain's: nothing new starts, the daemon stays
         self.sweep_now = False  # a stop_all with nothing running: end other Python processes
         self.finished = False
         self.signals_seen = 0
@@ -4504,7 +4523,17 @@ class Daemon:
         if self.sweep_now:
             self.sweep_now = False
             self.kill_python()
-        self.scheduler.run(self.running_names, may_start=not (self.stopping or self.draining))
+        drained = self.folder.drained()
+        if drained != self.user_drain:
+            LOG.info("%s", f"The queue is {drained}: running tasks go on, nothing new starts"
+                     if drained else "The queue is resumed: tasks start again")
+            self.user_drain = drained
+            self.state_dirty = True
+        waiting = self.scheduler.waiting
+        self.scheduler.run(self.running_names, may_start=not (self.stopping or self.draining),
+                           drained=drained)
+        if self.scheduler.waiting != waiting:  # gpu_status shows what the first task waits for
+            self.state_dirty = True
 
     def begin(self, task: RunningTask) -> None:
         """A claimed task (or a gang rank) starts: keep-alive frees its GPUs first."""

@@ -754,7 +754,7 @@ def test_shutdown_prints_the_cluster_job_and_how_to_delete_it(sh, backend, lines
 
 
 COMMANDS = ["use", "list", "submit", "run", "status", "show", "logs", "tail", "wait", "retry",
-            "stop", "clean", "shutdown", "help"]
+            "stop", "clean", "drain", "resume", "shutdown", "help"]
 
 
 def test_help_lists_every_command(sh):
@@ -766,8 +766,8 @@ def test_help_lists_every_command(sh):
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
                     "gpu_retry [-p PRIO] [-g N] [-n N] NAME...|--failed", "gpu_stop NAME...|all",
-                    "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]", "gpu_shutdown",
-                    "gpu_help [COMMAND]"):
+                    "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]", "gpu_drain [REASON]",
+                    "gpu_resume", "gpu_shutdown", "gpu_help [COMMAND]"):
         assert re.search(rf"^  {re.escape(command)}( +\S|$)", res.out, re.M), command
     assert [f"gpu_{c}" for c in COMMANDS] == re.findall(r"^  (gpu_\w+)", res.out, re.M)
     assert "Return codes: 0 ok, 1 failed" in res.out
@@ -1153,6 +1153,39 @@ def test_e2e_stop_several_names_checks_them_all_first(sh, start_daemon):
     assert read_fields(inst / "records" / f"{ids['two']}.result")["state"] == "cancelled"
     wait_running(inst, ids["three"])  # the queue goes on
     assert sh.run("gpu_stop three").rc == 0
+
+
+@needs_namespace
+def test_e2e_drain_holds_new_tasks_on_every_node_until_resume(sh, start_daemon):
+    inst = sh.root / "exp1"
+    nodes = [start_daemon(sh.root, "exp1", "--gpus", "2", "--num-nodes", "2", node_rank=rank,
+                          wait=False) for rank in (0, 1)]
+    for node in nodes:
+        node.wait_alive()
+    gate = sh.cwd / "gate"
+    (sh.cwd / "long.sh").write_text(f"while [ ! -e '{gate}' ]; do sleep 0.05; done\n")
+    first = submitted_id(sh.run("gpu_submit -g 1 long.sh"))
+    wait_running(inst, first)
+    res = sh.run("gpu_drain maintenance at noon")
+    assert (res.rc, res.err) == (0, "")
+    assert res.out == "drained exp1: running tasks go on, nothing new starts until gpu_resume\n"
+    quick = [submitted_id(sh.run(f"gpu_run -g 1 'echo {n}'")) for n in range(3)]  # 3 GPUs free
+    time.sleep(1.5)  # fifteen polls of each daemon
+    assert all((inst / "pending" / task).exists() for task in quick)
+    status = sh.run("gpu_status").out
+    assert re.search(r"^Queue:    drained by \S+ since [-0-9]+ [0-9:]+: maintenance at noon "
+                     r"\(gpu_resume\)$", status, re.M), status
+    assert re.search(r"^ +next: +\S+: the queue is drained by \S+: maintenance at noon "
+                     r"\(gpu_resume\)$", status, re.M), status
+    gate.touch()
+    assert wait_finished(inst, first) == "done"  # the running task ends as it would
+    time.sleep(0.5)
+    assert all((inst / "pending" / task).exists() for task in quick)
+    assert nodes[0].proc.poll() is None and nodes[1].proc.poll() is None  # no shutdown
+    assert sh.run("gpu_resume").out == "resumed exp1: tasks start again\n"
+    for task in quick:
+        assert wait_finished(inst, task) == "done"
+    assert sh.run("gpu_resume").out == "exp1 is not drained\n"
 
 
 @needs_namespace

@@ -360,3 +360,41 @@ def test_a_task_finished_by_another_daemon_is_not_recorded_twice(node, tmp_path)
 def test_the_default_kill_scope_depends_on_where_the_daemon_runs(env, scope):
     assert pm.resolve_kill_scope("auto", env) == scope
     assert pm.resolve_kill_scope("none", env) == "none"
+
+
+# Drain: running tasks go on, nothing new starts ##################################################
+
+
+def test_a_drained_queue_lets_running_tasks_end_and_starts_nothing_until_resumed(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    first = submit(inst, "first.sh", gate_script(gate, out), gpus=1, priority=1)
+    run_until(daemon, clock, lambda: first in running_ids(daemon))
+    (inst / "drain").write_text("by=me@login-1\nreason=driver update\ntime=1\n")
+    later = [submit(inst, f"later{i}.sh", "true\n", gpus=1) for i in range(2)]
+    for _ in range(10):
+        daemon.tick()
+    assert running_ids(daemon) == {first}  # three GPUs free, and nothing starts
+    assert all((inst / "pending" / t).exists() for t in later)
+    daemon.write_state()
+    assert (state(inst)["waiting.id"], state(inst)["waiting.reason"]) == (
+        later[0], "the queue is drained by me@login-1: driver update (gpu_resume)")
+    gate.write_text("")
+    run_until(daemon, clock, lambda: (inst / "done" / first).exists())  # the running one ends
+    for _ in range(10):
+        daemon.tick()
+    assert all((inst / "pending" / t).exists() for t in later)
+    assert not daemon.finished  # a drain is no shutdown: the daemon stays, keep-alive too
+    (inst / "drain").unlink()
+    run_until(daemon, clock, lambda: all((inst / "done" / t).exists() for t in later))
+
+
+def test_an_unreadable_drain_file_still_drains(node, tmp_path):
+    daemon, clock, inst = node
+    (inst / "drain").mkdir()  # not a regular file: read as a drain all the same
+    task = submit(inst, "t.sh", "true\n", gpus=1)
+    for _ in range(10):
+        daemon.tick()
+    assert (inst / "pending" / task).exists()
+    (inst / "drain").rmdir()
+    run_until(daemon, clock, lambda: (inst / "done" / task).exists())
