@@ -840,13 +840,16 @@ gpu_status shows)." ;;
 |--dry-run||dry|print what would be removed, remove nothing"
       _gpu_sp_more="\
 Pending and running tasks are never touched. Without options every finished task goes." ;;
-    drain) _gpu_sp_use='[REASON]'
+    drain) _gpu_sp_use='[--node RANK]... [REASON]'
       _gpu_sp_what='start nothing new until gpu_resume; running tasks go on'
+      _gpu_sp_opts='|--node|RANK|node+|drain only node RANK (as gpu_status numbers them)'
       _gpu_sp_more="\
-Every node of the instance stops starting tasks: running ones end as they would, keep-alive goes
-on holding the idle GPUs, and tasks can still be queued. No daemon needs to run for it." ;;
-    resume) _gpu_sp_use=''
-      _gpu_sp_what='start tasks again after gpu_drain' ;;
+Every node of the instance (with --node, only that node) stops starting tasks: running ones end as
+they would, keep-alive goes on holding the idle GPUs, and tasks can still be queued; a drained
+node gets no rank of a task that spans nodes. No daemon needs to run for it." ;;
+    resume) _gpu_sp_use='[--node RANK]...'
+      _gpu_sp_what='start tasks again after gpu_drain'
+      _gpu_sp_opts='|--node|RANK|node+|resume node RANK after gpu_drain --node RANK' ;;
     shutdown) _gpu_sp_use=''
       _gpu_sp_what='ask the daemon to exit; how to delete its cluster job' ;;
     help) _gpu_sp_use='[COMMAND]'
@@ -908,7 +911,8 @@ _gpu_parse() {  # _gpu_parse MODE ARGS...: the current command's options into _g
       shift
     fi
     case $var in
-      *+) var=${var%+}; eval "_gpu_o_$var=\${_gpu_o_$var}\${_gpu_o_$var:+\$_gpu_nl}\$val" ;;
+      *+) [ -n "$val" ] || { _gpu_err "option $opt needs a value ($name)"; return 1; }
+        var=${var%+}; eval "_gpu_o_$var=\${_gpu_o_$var}\${_gpu_o_$var:+\$_gpu_nl}\$val" ;;
       *) eval "_gpu_o_$var=\$val" ;;
     esac
   done
@@ -1743,7 +1747,7 @@ _gpu_spark() {  # _gpu_spark HISTORY: gpu.<i>.history (one value per 10 s, oldes
 }
 
 _gpu_show_nodes() {  # the daemons part of gpu_status
-  local state node rank count i line label host pid what gpus free slots spark
+  local state node rank count i line label host pid what gpus free slots spark drain
   local IFS=$_gpu_nl
   state=$(_gpu_node_files)
   if [ -z "$state" ]; then
@@ -1751,8 +1755,9 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
     return
   fi
   for node in $state; do
-    _gpu_load "$_gpu_q/nodes/$node" || continue
     rank=${node#node-}; rank=${rank%.state}
+    drain=''; ! _gpu_drain_note "$rank" || drain="$_gpu_val (gpu_resume --node $rank)"
+    _gpu_load "$_gpu_q/nodes/$node" || continue
     _gpu_field num_nodes
     if [ "${_gpu_val:-1}" = 1 ] && [ "$rank" = 0 ]; then label='Daemon:   '
     else label="Node $rank:          "; label=${label:0:10}; fi
@@ -1773,6 +1778,7 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
     esac
     _gpu_line "$label$line"
     [ -z "$_gpu_cause" ] || _gpu_line "          likely: $_gpu_cause"
+    [ -z "$drain" ] || _gpu_line "          $drain"
     _gpu_field started; line="          started $(_gpu_date "$_gpu_val")"
     case $_gpu_live in
       alive | stopping | draining | late)
@@ -2031,11 +2037,12 @@ _gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
   printf '%s, "log": %s}' "$out" "$_gpu_j"
 }
 
-_gpu_node_json() {  # the loaded node state (rank $1) as one JSON object on stdout
+_gpu_node_json() {  # _gpu_node_json RANK DRAIN: the loaded node state as one JSON object on
+  # stdout, with DRAIN (_gpu_drain_json's) as its drain
   local out i key count live IFS=' '
   _gpu_liveness
   live=$_gpu_live; [ "$live" = late ] && live=not_responding
-  out="{\"rank\": $1"
+  out="{\"rank\": $1, \"drain\": $2"
   _gpu_field host; _gpu_jstr "$_gpu_val"; out="$out, \"host\": $_gpu_j"
   _gpu_field pid; _gpu_jn "$_gpu_val"; out="$out, \"pid\": $_gpu_j"
   _gpu_field status; _gpu_jstr "$_gpu_val"; out="$out, \"status\": $_gpu_j"
@@ -2076,24 +2083,27 @@ _gpu_node_json() {  # the loaded node state (rank $1) as one JSON object on stdo
   printf ']}'
 }
 
+_gpu_drain_json() {  # _gpu_drain_json [RANK]: the drain of the instance (of node RANK) as JSON,
+  # {"by", "reason", "time"} or null, into _gpu_dj
+  _gpu_dj=null
+  _gpu_drain_note "$@" || return 0
+  _gpu_jstr "$_gpu_dr_by"; _gpu_dj="{\"by\": $_gpu_j"
+  _gpu_jstr "$_gpu_dr_reason"; _gpu_dj="$_gpu_dj, \"reason\": $_gpu_j"
+  _gpu_dj="$_gpu_dj, \"time\": ${_gpu_dr_time:-null}}"
+}
+
 _gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protocol.md)
   local node rank id line sep IFS=$_gpu_nl running=0 pending=0
   _gpu_js "$JOB_ID"; printf '{"schema": 1, "job_id": %s' "$_gpu_j"
   _gpu_js "$_gpu_q"; printf ', "queue_dir": %s, "time": %s' "$_gpu_j" "$_gpu_t"
-  if _gpu_drain_note; then
-    _gpu_jstr "$_gpu_dr_by"; printf ', "drain": {"by": %s' "$_gpu_j"
-    _gpu_jstr "$_gpu_dr_reason"; printf ', "reason": %s' "$_gpu_j"
-    printf ', "time": %s}' "${_gpu_dr_time:-null}"
-  else
-    printf ', "drain": null'
-  fi
-  printf ',\n "nodes": ['
+  _gpu_drain_json; printf ', "drain": %s,\n "nodes": [' "$_gpu_dj"
   sep=''
   for node in $(_gpu_node_files); do
-    _gpu_load "$_gpu_q/nodes/$node" || continue
     rank=${node#node-}; rank=${rank%.state}
+    _gpu_drain_json "$rank"
+    _gpu_load "$_gpu_q/nodes/$node" || continue
     printf '%s\n  ' "$sep"; sep=,
-    _gpu_node_json "$rank"
+    _gpu_node_json "$rank" "$_gpu_dj"
   done
   printf '],\n "running": ['
   sep=''
@@ -2871,41 +2881,71 @@ _gpu_cluster_job() {  # print the cluster job from job_id.txt and how to delete 
 
 _gpu_cmd_drain() {
   _gpu_parse any "$@" || return "$_gpu_rc"
-  local reason IFS=' '
+  local reason rank IFS=' '
   reason="${_gpu_args[*]}"
   case $reason in *"$_gpu_nl"*) _gpu_err "the reason must be one line"; return 2 ;; esac
   _gpu_existing_instance || return
+  _gpu_drain_ranks || return
   _gpu_prepare || return 1
   _gpu_unique || return 1
   _gpu_whoami
-  _gpu_put "$_gpu_q/drain" "by=$_gpu_who
+  for rank in ${_gpu_ranks:--}; do
+    _gpu_put "$_gpu_q/drain${rank#-}" "by=$_gpu_who
 reason=$reason
 time=$_gpu_epoch
 " || return 1
-  _gpu_say "drained $JOB_ID: running tasks go on, nothing new starts until gpu_resume"
+    if [ "$rank" = - ]; then
+      _gpu_say "drained $JOB_ID: running tasks go on, nothing new starts until gpu_resume"
+    else
+      _gpu_say "drained node ${rank#.node-} of $JOB_ID: its running tasks go on, it starts \
+nothing new until gpu_resume --node ${rank#.node-}"
+    fi
+  done
 }
 
 _gpu_cmd_resume() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
+  local rank what IFS=' '
   _gpu_existing_instance || return
-  if [ ! -e "$_gpu_q/drain" ] && [ ! -L "$_gpu_q/drain" ]; then
-    _gpu_say "$JOB_ID is not drained"
-    return 0
-  fi
-  command rm -f -- "$_gpu_q/drain" 2>/dev/null
-  if [ -e "$_gpu_q/drain" ] || [ -L "$_gpu_q/drain" ]; then
-    _gpu_err "cannot remove $_gpu_q/drain: the queue stays drained"
-    return 1
-  fi
-  _gpu_say "resumed $JOB_ID: tasks start again"
+  _gpu_drain_ranks || return
+  for rank in ${_gpu_ranks:--}; do
+    what=$JOB_ID; [ "$rank" = - ] || what="node ${rank#.node-} of $JOB_ID"
+    if [ ! -e "$_gpu_q/drain${rank#-}" ] && [ ! -L "$_gpu_q/drain${rank#-}" ]; then
+      _gpu_say "$what is not drained"
+      continue
+    fi
+    command rm -f -- "$_gpu_q/drain${rank#-}" 2>/dev/null
+    if [ -e "$_gpu_q/drain${rank#-}" ] || [ -L "$_gpu_q/drain${rank#-}" ]; then
+      _gpu_err "cannot remove $_gpu_q/drain${rank#-}: $what stays drained"
+      return 1
+    fi
+    _gpu_say "resumed $what: tasks start again"
+  done
 }
 
-_gpu_drain_note() {  # is the instance drained? its by, reason and time into _gpu_dr_*, and
-  # one line about it into _gpu_val
+_gpu_drain_ranks() {  # the --node ranks of gpu_drain and gpu_resume, checked, into _gpu_ranks
+  # (" .node-0 .node-3", the suffixes of their drain files; empty without --node)
+  local rank IFS=$_gpu_nl
+  _gpu_ranks=''
+  # shellcheck disable=SC2154  # _gpu_parse sets the _gpu_o_* variables
+  for rank in $_gpu_o_node; do
+    if ! _gpu_whole "$rank" 1023 || [ ! -e "$_gpu_q/nodes/node-$_gpu_i.state" ]; then
+      _gpu_esc "$rank"
+      _gpu_err "$JOB_ID has no node '$_gpu_e' (gpu_status lists its nodes; none until a daemon \
+started)"
+      return 2
+    fi
+    case "$_gpu_ranks " in *" .node-$_gpu_i "*) ;; *) _gpu_ranks="$_gpu_ranks .node-$_gpu_i" ;; esac
+  done
+}
+
+_gpu_drain_note() {  # _gpu_drain_note [RANK]: is the instance (node RANK) drained? its by,
+  # reason and time into _gpu_dr_*, and one line about it into _gpu_val
+  local file=$_gpu_q/drain${1:+.node-$1}
   _gpu_val='' _gpu_dr_by='' _gpu_dr_reason='' _gpu_dr_time=''
-  [ -e "$_gpu_q/drain" ] || [ -L "$_gpu_q/drain" ] || return 1
-  if [ -f "$_gpu_q/drain" ] && [ ! -L "$_gpu_q/drain" ] && _gpu_load "$_gpu_q/drain"; then
+  [ -e "$file" ] || [ -L "$file" ] || return 1
+  if [ -f "$file" ] && [ ! -L "$file" ] && _gpu_load "$file"; then
     _gpu_field by; _gpu_dr_by=$_gpu_val  # as written: _gpu_line escapes what it prints
     _gpu_field reason; _gpu_dr_reason=$_gpu_val
     _gpu_field time; _gpu_int "${_gpu_val%%.*}" && _gpu_dr_time=$_gpu_i

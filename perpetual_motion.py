@@ -593,11 +593,13 @@ class QueueFolder:
             return "stopped by user"
         return None if fields is None else (fields.get("reason") or "stopped by user")
 
-    def drained(self) -> str | None:
-        """Why the instance is drained (``drain``, written by gpu_drain): its tasks go on and
-        nothing new starts; None when it is not. A drain file that cannot be read still drains."""
+    def drained(self, rank: int | None = None) -> str | None:
+        """Why the instance (``drain``), or node ``rank`` of it (``drain.node-<rank>``), is
+        drained by gpu_drain: its tasks go on and nothing new starts there; None when it is not.
+        A drain file that cannot be read still drains."""
         try:
-            fields = self.read_fields(self.root / "drain")
+            fields = self.read_fields(self.root / ("drain" if rank is None else
+                                                   f"drain.node-{rank}"))
         except (OSError, ValueError):
             return "drained"
         if fields is None:
@@ -3864,9 +3866,11 @@ class Scheduler:
     def is_leader(self) -> bool:
         return self.config.node_rank == 0
 
-    def run(self, running: list[str], may_start: bool, drained: str | None = None) -> None:
+    def run(self, running: list[str], may_start: bool, drained: str | None = None,
+            node_drained: str | None = None) -> None:
         """One pass: the gangs' seats and watch, then the pending tasks in run order. A drained
-        instance (``drained``, why) starts nothing new; gangs placed before go on."""
+        instance (``drained``, why) starts nothing new, a drained node (``node_drained``) starts
+        nothing new itself; gangs placed before go on."""
         now = self.clock()
         self.gangs.discover(running)
         self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
@@ -3912,10 +3916,13 @@ class Scheduler:
         self.blocked_since = {n: self.blocked_since.get(n, now) for n in plan.blocked}
         self.waiting = waiting if waiting and (not plan.waiting or pending.index(
             waiting[0]) < pending.index(plan.waiting[0])) else plan.waiting
-        if drained:
+        if drained or node_drained:
+            rank = self.config.node_rank
+            why = (f"the queue is {drained} (gpu_resume)" if drained else
+                   f"node {rank} is {node_drained} (gpu_resume --node {rank})")
             first = next((n for n in pending if isinstance(self.requests.get(n), Submission)),
                          None)
-            self.waiting = (first, f"the queue is {drained} (gpu_resume)") if first else None
+            self.waiting = (first, why) if first else None
             return
         if not plan.starts or now < self.backoff_until or not self.owns_node():
             return
@@ -4018,11 +4025,14 @@ class Scheduler:
         views = self.node_views()
         nodes = self.config.num_nodes if sub.request.nodes is None else sub.request.nodes
         live = {r: v for r, v in views.items() if v.alive and v.status == "running"}
+        drained = sum(self.folder.drained(r) is not None for r in live)
+        live = {r: v for r, v in live.items() if self.folder.drained(r) is None}
         free = {r: v.gpus_free for r, v in live.items()}
         total = {r: v.gpu_count for r, v in live.items()}
         chosen = choose_gang_nodes(nodes, sub.request.gpus, free, total)
         if chosen is None:
-            return name, f"waiting for {nodes} nodes, {len(live)} alive"
+            return name, (f"waiting for {nodes} nodes, {len(live)} alive"
+                          + (f" and {drained} drained" if drained else ""))
         task_id = self.folder.id_for(name)
         plan = GangPlan(task_id, chosen, sub.request.gpus, f"{self.clock():.6f}")
         try:
@@ -4308,7 +4318,8 @@ class Daemon:
                         if AUTO_SHUTDOWN_HARD_HOURS else None)
         self.stopping = ""  # why the daemon is shutting down, once it is
         self.draining = ""  # why it starts nothing new and ends when its tasks have ended
-        self.user_drain: str | None = None  # gpu_drain's: nothing new starts, the daemon stays
+        # gpu_drain's, of the instance and of this node: nothing new starts, the daemon stays
+        self.user_drain: tuple[str | None, str | None] = (None, None)
         self.sweep_now = False  # a stop_all with nothing running: end other Python processes
         self.finished = False
         self.signals_seen = 0
@@ -4523,15 +4534,16 @@ class Daemon:
         if self.sweep_now:
             self.sweep_now = False
             self.kill_python()
-        drained = self.folder.drained()
-        if drained != self.user_drain:
-            LOG.info("%s", f"The queue is {drained}: running tasks go on, nothing new starts"
-                     if drained else "The queue is resumed: tasks start again")
-            self.user_drain = drained
-            self.state_dirty = True
+        drains = (self.folder.drained(), self.folder.drained(self.config.node_rank))
+        for was, now, what in zip(self.user_drain, drains, ("The queue", "This node")):
+            if now != was:
+                LOG.info("%s", f"{what} is {now}: running tasks go on, nothing new starts"
+                         if now else f"{what} is resumed: tasks start again")
+                self.state_dirty = True
+        self.user_drain = drains
         waiting = self.scheduler.waiting
         self.scheduler.run(self.running_names, may_start=not (self.stopping or self.draining),
-                           drained=drained)
+                           drained=drains[0], node_drained=drains[1])
         if self.scheduler.waiting != waiting:  # gpu_status shows what the first task waits for
             self.state_dirty = True
 

@@ -766,8 +766,9 @@ def test_help_lists_every_command(sh):
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
                     "gpu_retry [-p PRIO] [-g N] [-n N] NAME...|--failed", "gpu_stop NAME...|all",
-                    "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]", "gpu_drain [REASON]",
-                    "gpu_resume", "gpu_shutdown", "gpu_help [COMMAND]"):
+                    "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]",
+                    "gpu_drain [--node RANK]... [REASON]",
+                    "gpu_resume [--node RANK]...", "gpu_shutdown", "gpu_help [COMMAND]"):
         assert re.search(rf"^  {re.escape(command)}( +\S|$)", res.out, re.M), command
     assert [f"gpu_{c}" for c in COMMANDS] == re.findall(r"^  (gpu_\w+)", res.out, re.M)
     assert "Return codes: 0 ok, 1 failed" in res.out
@@ -1155,15 +1156,21 @@ def test_e2e_stop_several_names_checks_them_all_first(sh, start_daemon):
     assert sh.run("gpu_stop three").rc == 0
 
 
-@needs_namespace
-def test_e2e_drain_holds_new_tasks_on_every_node_until_resume(sh, start_daemon):
-    inst = sh.root / "exp1"
-    nodes = [start_daemon(sh.root, "exp1", "--gpus", "2", "--num-nodes", "2", node_rank=rank,
-                          wait=False) for rank in (0, 1)]
+def two_nodes(sh, start_daemon, gpus: int) -> tuple[list, Path]:
+    """Both daemons of a two-node exp1, alive, and a gate that long.sh waits for."""
+    nodes = [start_daemon(sh.root, "exp1", "--gpus", str(gpus), "--num-nodes", "2",
+                          node_rank=rank, wait=False) for rank in (0, 1)]
     for node in nodes:
         node.wait_alive()
     gate = sh.cwd / "gate"
     (sh.cwd / "long.sh").write_text(f"while [ ! -e '{gate}' ]; do sleep 0.05; done\n")
+    return nodes, gate
+
+
+@needs_namespace
+def test_e2e_drain_holds_new_tasks_on_every_node_until_resume(sh, start_daemon):
+    inst = sh.root / "exp1"
+    nodes, gate = two_nodes(sh, start_daemon, gpus=2)
     first = submitted_id(sh.run("gpu_submit -g 1 long.sh"))
     wait_running(inst, first)
     res = sh.run("gpu_drain maintenance at noon")
@@ -1186,6 +1193,41 @@ def test_e2e_drain_holds_new_tasks_on_every_node_until_resume(sh, start_daemon):
     for task in quick:
         assert wait_finished(inst, task) == "done"
     assert sh.run("gpu_resume").out == "exp1 is not drained\n"
+
+
+@needs_namespace
+def test_e2e_a_drained_node_starts_nothing_while_the_other_goes_on(sh, start_daemon):
+    inst = sh.root / "exp1"
+    _, gate = two_nodes(sh, start_daemon, gpus=1)
+    for bad in ("--node 2", "--node x", "--node ''", "--node"):
+        res = sh.run(f"gpu_drain {bad} reason; echo \"rc=$?\"")
+        assert res.out == "rc=2\n" and res.err, (bad, res.err)
+    assert not list(inst.glob("drain*"))
+    res = sh.run("gpu_drain --node 1 bad GPU fan")
+    assert (res.rc, res.err) == (0, "")
+    assert res.out == ("drained node 1 of exp1: its running tasks go on, it starts nothing new "
+                       "until gpu_resume --node 1\n")
+    tasks = [submitted_id(sh.run("gpu_submit -g 1 long.sh")) for _ in range(2)]
+    wait_running(inst, tasks[0])
+    time.sleep(1.5)  # fifteen polls of node 1
+    assert (inst / "pending" / tasks[1]).exists()
+    assert read_fields(inst / "records" / f"{tasks[0]}.run")["node_rank"] == "0"
+    status = sh.run("gpu_status").out
+    assert re.search(r"^Node 1: .*\n +drained by \S+ since [-0-9]+ [0-9:]+: bad GPU fan "
+                     r"\(gpu_resume --node 1\)$", status, re.M), status
+    assert "Queue:" not in status
+    doc = json.loads(sh.run("gpu_status --json").out)
+    assert doc["drain"] is None and doc["nodes"][0]["drain"] is None
+    assert doc["nodes"][1]["drain"]["reason"] == "bad GPU fan"
+    assert sh.run("gpu_resume").out == "exp1 is not drained\n"
+    assert (inst / "pending" / tasks[1]).exists()
+    assert sh.run("gpu_resume --node 1").out == "resumed node 1 of exp1: tasks start again\n"
+    wait_running(inst, tasks[1])
+    assert read_fields(inst / "records" / f"{tasks[1]}.run")["node_rank"] == "1"
+    gate.touch()
+    for task in tasks:
+        assert wait_finished(inst, task) == "done"
+    assert sh.run("gpu_resume --node 1").out == "node 1 of exp1 is not drained\n"
 
 
 @needs_namespace

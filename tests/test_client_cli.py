@@ -216,6 +216,8 @@ def test_after_is_resolved_to_task_ids_when_the_task_is_queued(sh):
     res = sh.run("gpu_run --after zz_manual echo; echo \"rc=$?\"")
     assert res.out == "rc=1\n" and res.err.startswith(
         "gpu_run: --after zz_manual: zz_manual.sh gets its id only when it starts")
+    res = sh.run("gpu_run --after '' echo; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_run: option --after needs a value (NAME)\n")
     assert tree(sh.root) == before
 
 

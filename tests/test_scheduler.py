@@ -389,6 +389,49 @@ def test_a_drained_queue_lets_running_tasks_end_and_starts_nothing_until_resumed
     run_until(daemon, clock, lambda: all((inst / "done" / t).exists() for t in later))
 
 
+def test_a_drained_node_starts_nothing_while_the_others_go_on(tmp_path):
+    clock = FakeClock()
+    nodes = [make_daemon(tmp_path, clock, num_nodes=2, node_rank=rank) for rank in (0, 1)]
+    for daemon in nodes:
+        assert daemon.start() is None
+    inst = tmp_path / "sched"
+    (inst / "drain.node-0").write_text("by=me@login-1\nreason=bad GPU 3\ntime=1\n")
+    one = submit(inst, "one.sh", "true\n", gpus=1)
+    for _ in range(5):
+        nodes[0].tick()
+        clock.sleep(0.1)
+    assert (inst / "pending" / one).exists()
+    nodes[0].write_state()
+    assert (state(inst)["waiting.id"], state(inst)["waiting.reason"]) == (
+        one, "node 0 is drained by me@login-1: bad GPU 3 (gpu_resume --node 0)")
+    run_until(nodes[1], clock, lambda: (inst / "done" / one).exists())
+    assert fields(inst / "records" / f"{one}.run")["node_rank"] == "1"
+
+    (inst / "drain.node-0").unlink()
+    (inst / "drain.node-1").write_text("by=me@login-1\nreason=\ntime=1\n")
+    gang = submit(inst, "gang.sh", "true\n", nodes=2, gpus=1)
+    for _ in range(5):
+        for daemon in nodes:
+            daemon.tick()
+            daemon.write_state()
+        clock.sleep(0.1)
+    assert (inst / "pending" / gang).exists()  # node 0 places no rank on a drained node
+    assert (state(inst)["waiting.id"], state(inst)["waiting.reason"]) == (
+        gang, "waiting for 2 nodes, 1 alive and 1 drained")
+    (inst / "drain.node-1").unlink()
+    for _ in range(5):
+        for daemon in nodes:
+            daemon.tick()
+        clock.sleep(0.1)
+    assert not (inst / "pending" / gang).exists()
+    assert fields(inst / "records" / f"{gang}.gang")["nodes"] == "0,1"
+    for daemon in nodes:
+        for task in list(daemon.runner.tasks.values()):
+            if task.proc is not None and task.proc.poll() is None:
+                pm.signal_group(task.proc.pid, 9)
+                task.proc.wait()
+
+
 def test_an_unreadable_drain_file_still_drains(node, tmp_path):
     daemon, clock, inst = node
     (inst / "drain").mkdir()  # not a regular file: read as a drain all the same
