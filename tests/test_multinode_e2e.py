@@ -45,9 +45,12 @@ def test_a_task_across_two_nodes_gets_the_rendezvous_on_both_ranks(queue_root, s
     assert [r[5] for r in ranks] == ["0", "0"]  # the request (one GPU) on each node
     plan = read_fields(inst / "records" / f"{task}.gang")
     assert (plan["nnodes"], plan["nodes"]) == ("2", "0,1")
-    for rank in (0, 1):
-        state = read_fields(inst / "nodes" / f"node-{rank}.state")
-        assert state["running.0.id"] == task and state["running.0.rank"] == str(rank)
+    for rank in (0, 1):  # the ranks run before their daemons' next state writes show them
+        path = inst / "nodes" / f"node-{rank}.state"
+        wait_for(lambda p=path: read_fields(p).get("running.0.id") == task, 10,
+                 what=f"node {rank}'s state to show its rank")
+        state = read_fields(path)
+        assert state["running.0.rank"] == str(rank)
     gate.write_text("")
     assert wait_for(lambda: finished(inst, task), 20, what="the task") == "done"
     res = result(inst, task)
