@@ -759,6 +759,7 @@ _gpu_spec() {  # _gpu_spec COMMAND: _gpu_sp_use, _gpu_sp_what, _gpu_sp_opts and 
   local request="-p|--priority|PRIO|prio|run order: 0 to 999, smaller first (default 500)
 -g|--gpus|N|gpus|GPUs on each node: 0 (CPU only) to the node's count, or all (default)
 -n|--nodes|N|nodes|nodes to run on at once, one rank each: 1 (default) to all of them
+-t|--time|LIMIT|time|stop it after LIMIT of running (state timeout): 90s, 30m, 2h, 1:30:00
 |--after|NAME|after+|start after NAME ended with exit 0 (repeatable); if it did not, cancel
 |--name|NAME|name|the name gpu_status shows (default: the script's)"
   local json='|--json||json|one JSON document (schema: docs/protocol.md, "The client'"'"'s JSON")'
@@ -819,9 +820,9 @@ waited for. Ctrl-C stops following; the task goes on." ;;
 NAME stands for every pending and running task it names, else for its newest finished one. The
 return code is 0 when every task is done, else the exit code of the first task (in the order
 given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
-    retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] NAME...|--failed'
+    retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] [-t LIMIT] NAME...|--failed'
       _gpu_sp_what='queue finished tasks again: command, directory, request'
-      _gpu_sp_opts="$(printf '%s\n' "$request" | command head -n 3)
+      _gpu_sp_opts="$(printf '%s\n' "$request" | command head -n 4)
 |--failed||failed|every failed or interrupted task that was not queued again yet"
       _gpu_sp_more="\
 NAME stands for its newest finished task; each NAME is checked before anything is queued.
@@ -910,9 +911,9 @@ _gpu_parse() {  # _gpu_parse MODE ARGS...: the current command's options into _g
       val=$1
       shift
     fi
+    if [ -z "$val" ]; then _gpu_err "option $opt needs a value ($name)"; return 1; fi
     case $var in
-      *+) [ -n "$val" ] || { _gpu_err "option $opt needs a value ($name)"; return 1; }
-        var=${var%+}; eval "_gpu_o_$var=\${_gpu_o_$var}\${_gpu_o_$var:+\$_gpu_nl}\$val" ;;
+      *+) var=${var%+}; eval "_gpu_o_$var=\${_gpu_o_$var}\${_gpu_o_$var:+\$_gpu_nl}\$val" ;;
       *) eval "_gpu_o_$var=\$val" ;;
     esac
   done
@@ -1055,7 +1056,7 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
   case $_gpu_t_prio in [0-9][0-9][0-9]) ;; *) _gpu_t_prio= ;; esac
   _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
   _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_jargs='' _gpu_t_retry_of=''
-  _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record=''
+  _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req=''
   if _gpu_load "$_gpu_q/records/$id.submit"; then
     _gpu_t_record=1
     _gpu_field display_name; _gpu_t_display=$_gpu_val
@@ -1064,6 +1065,7 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
     _gpu_field cwd; _gpu_t_cwd=$_gpu_val
     _gpu_field gpus; _gpu_t_gpus_req=${_gpu_val:-all}
     _gpu_field nodes; _gpu_t_nodes_req=${_gpu_val:-1}
+    _gpu_field time_limit; _gpu_whole "$_gpu_val" 31536000 && _gpu_t_time_req=$_gpu_i
     _gpu_field after; _gpu_t_after=$_gpu_val
     _gpu_field retry_of; _gpu_t_retry_of=$_gpu_val
     _gpu_field submitted; _gpu_t_submitted=$_gpu_val
@@ -1369,9 +1371,22 @@ _gpu_priority() {  # _gpu_priority TEXT: 0-999 as three digits into _gpu_p; 2 wh
   while [ "${#_gpu_p}" -lt 3 ]; do _gpu_p=0$_gpu_p; done
 }
 
-_gpu_request() {  # _gpu_request GPUS NODES: -g and -n (else GPUS and NODES, else all and 1),
-  # checked against the nodes' state files, into _gpu_rq_gpus and _gpu_rq_nodes; 2 when invalid
-  local gpus=${_gpu_o_gpus:-${1:-all}} nodes=${_gpu_o_nodes:-${2:-1}} most
+_gpu_request() {  # _gpu_request GPUS NODES TIME: -g, -n and -t (else GPUS, NODES and TIME, else
+  # all, 1 and none), checked (the first two against the nodes' state files), into _gpu_rq_gpus,
+  # _gpu_rq_nodes and _gpu_rq_time (seconds, empty for none); 2 when invalid
+  local gpus=${_gpu_o_gpus:-${1:-all}} nodes=${_gpu_o_nodes:-${2:-1}} time=${_gpu_o_time:-${3-}}
+  local most
+  _gpu_rq_time=''
+  case $time in
+    '' | none) ;;
+    *)
+      if ! _gpu_duration "$time"; then
+        _gpu_err "-t wants a time limit from 1s to 365d, such as 90s, 30m, 2h, 1d12h or 1:30:00" \
+          "(H:M:S), or none, not '$time'"
+        return 2
+      fi
+      _gpu_rq_time=$_gpu_i ;;
+  esac
   _gpu_inventory
   if [ "$gpus" != all ]; then
     most=${_gpu_max_gpus:-1024}
@@ -1405,6 +1420,53 @@ _gpu_request() {  # _gpu_request GPUS NODES: -g and -n (else GPUS and NODES, els
     nodes=$_gpu_i
   fi
   _gpu_rq_gpus=$gpus _gpu_rq_nodes=$nodes
+}
+
+_gpu_duration() {  # _gpu_duration TEXT: a time limit, in seconds into _gpu_i: 90s, 30m, 2h,
+  # 1d12h, 1h30m, or as Slurm writes it M:S, H:M:S, D-H, D-H:M, D-H:M:S; 1 when it is none of these
+  # (a bare number too: Slurm reads minutes where others read seconds) or not 1s to 365 days
+  local text=$1 n unit days='' total=0 count=0 h=0 m=0 sec=0
+  case $text in '' | *[!0-9smhd:-]*) return 1 ;; esac
+  case $text in
+    *[smhd]*)
+      case $text in *[:-]*) return 1 ;; esac
+      while [ -n "$text" ]; do
+        n=${text%%[smhd]*}
+        case $n in '' | *[!0-9]* | ??????????*) return 1 ;; esac
+        text=${text#"$n"}
+        unit=${text%"${text#?}"}; text=${text#?}
+        case $unit in s) unit=1 ;; m) unit=60 ;; h) unit=3600 ;; d) unit=86400 ;; *) return 1 ;; esac
+        _gpu_int "$n"; total=$((total + _gpu_i * unit))
+      done ;;
+    *)
+      case $text in
+        *-*) days=${text%%-*}; text=${text#*-}
+          case $days in '' | *[!0-9]* | ??????????*) return 1 ;; esac ;;
+      esac
+      while :; do  # the last three numbers into h, m and sec
+        n=${text%%:*}
+        case $n in '' | *[!0-9]* | ??????????*) return 1 ;; esac
+        _gpu_int "$n"; h=$m m=$sec sec=$_gpu_i count=$((count + 1))
+        case $text in *:*) text=${text#*:} ;; *) break ;; esac
+      done
+      if [ -n "$days" ]; then
+        _gpu_int "$days"; total=$((_gpu_i * 86400))
+        case $count in
+          1) total=$((total + sec * 3600)) ;;
+          2) total=$((total + m * 3600 + sec * 60)) ;;
+          3) total=$((total + h * 3600 + m * 60 + sec)) ;;
+          *) return 1 ;;
+        esac
+      else
+        case $count in
+          2) total=$((m * 60 + sec)) ;;
+          3) total=$((h * 3600 + m * 60 + sec)) ;;
+          *) return 1 ;;
+        esac
+      fi ;;
+  esac
+  [ "$total" -ge 1 ] && [ "$total" -le 31536000 ] || return 1
+  _gpu_i=$total
 }
 
 _gpu_check_display() {  # _gpu_check_display NAME: a name for --name; 2 when it cannot be one
@@ -1459,6 +1521,7 @@ _gpu_request_keys() {  # _gpu_request_keys DISPLAY RETRY_OF ARGS...: the submit 
   # for the checked request (_gpu_rq_*, _gpu_after) and the script's arguments into _gpu_x
   local i=0 arg
   _gpu_x="display_name=$1${_gpu_nl}gpus=$_gpu_rq_gpus${_gpu_nl}nodes=$_gpu_rq_nodes"
+  _gpu_x="$_gpu_x${_gpu_nl}time_limit=$_gpu_rq_time"
   _gpu_x="$_gpu_x${_gpu_nl}after=$_gpu_after${_gpu_nl}argc=$(($# - 2))"
   _gpu_x="$_gpu_x${_gpu_nl}retry_of=$2"
   shift 2
@@ -1542,7 +1605,7 @@ _gpu_cmd_submit() {
   _gpu_parse split "$@" || return "$_gpu_rc"
   set -- "${_gpu_args[@]}"
   if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then _gpu_usage; return; fi
-  local file=$1 source name dir cwd=$PWD cmdline='' gpus='' nodes='' display=$_gpu_o_name
+  local file=$1 source name dir cwd=$PWD cmdline='' gpus='' nodes='' time='' display=$_gpu_o_name
   local retry_of='' i=0
   if [ "$#" -eq 2 ] && [ -n "$_gpu_o_prio" ]; then
     _gpu_err "two priorities: -p $_gpu_o_prio and $2"
@@ -1584,6 +1647,7 @@ _gpu_cmd_submit() {
         _gpu_field command; cmdline=$_gpu_val
         _gpu_field gpus; gpus=$_gpu_val
         _gpu_field nodes; nodes=$_gpu_val
+        _gpu_field time_limit; time=${_gpu_val:+${_gpu_val}s}
         [ -n "$display" ] || { _gpu_field display_name; display=$_gpu_val; }
         if [ "${#_gpu_rest[@]}" -eq 0 ]; then
           _gpu_field argc; _gpu_bounded "$_gpu_val"
@@ -1599,7 +1663,7 @@ _gpu_cmd_submit() {
           "at priority $_gpu_p"
       fi ;;
   esac
-  _gpu_request "$gpus" "$nodes" || return 2
+  _gpu_request "$gpus" "$nodes" "$time" || return 2
   _gpu_resolve_after || return 1
   _gpu_request_keys "$display" "$retry_of" "${_gpu_rest[@]}"
   _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$source" "$cmdline" "$file" ""
@@ -1692,7 +1756,8 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID: queue the finished task DIR/ID agai
   local -a args
   _gpu_task "$dir" "$old"
   _gpu_priority "${_gpu_o_prio:-${_gpu_t_prio:-500}}" || return 2
-  _gpu_request "$_gpu_t_gpus_req" "$_gpu_t_nodes_req" || return 2
+  _gpu_request "$_gpu_t_gpus_req" "$_gpu_t_nodes_req" \
+    "${_gpu_t_time_req:+${_gpu_t_time_req}s}" || return 2
   args=()
   if _gpu_load "$_gpu_q/records/$old.submit"; then
     _gpu_field argc; _gpu_bounded "$_gpu_val"
@@ -2011,7 +2076,8 @@ _gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
   out="$out, \"args\": [$_gpu_t_jargs]"
   _gpu_jstr "$_gpu_t_cwd"; out="$out, \"cwd\": $_gpu_j"
   _gpu_jcount "$_gpu_t_gpus_req"; out="$out, \"request\": {\"gpus\": $_gpu_j"
-  _gpu_jcount "$_gpu_t_nodes_req"; out="$out, \"nodes\": $_gpu_j}"
+  _gpu_jcount "$_gpu_t_nodes_req"; out="$out, \"nodes\": $_gpu_j"
+  _gpu_jn "$_gpu_t_time_req"; out="$out, \"time_limit\": $_gpu_j}"
   for id in $_gpu_t_after; do _gpu_js "$id"; list=$list${list:+, }$_gpu_j; done
   out="$out, \"after\": [$list]"
   _gpu_jstr "$_gpu_t_retry_of"; out="$out, \"retry_of\": $_gpu_j"
@@ -2151,7 +2217,11 @@ _gpu_cmd_show() {
   _gpu_say "Task:       $id"
   [ -z "$_gpu_t_display" ] || _gpu_say "Name:       $_gpu_t_display"
   case $_gpu_t_state in
-    running) _gpu_age "$_gpu_t_started"; what="running for $_gpu_d" ;;
+    running) _gpu_age "$_gpu_t_started"; what="running for $_gpu_d"
+      if [ -n "$_gpu_t_time_req" ] && _gpu_int "$_gpu_t_started"; then
+        _gpu_dur "$((_gpu_i + _gpu_t_time_req > _gpu_t ? _gpu_i + _gpu_t_time_req - _gpu_t : 0))"
+        what="$what ($_gpu_d left of its time limit)"
+      fi ;;
     starting) what='starting (claimed: its GPUs are being freed, or its nodes made ready)' ;;
     pending) what=pending
       if _gpu_renamed "$id"; then what="$what (gets a fresh id when it starts)"; fi ;;
@@ -2177,6 +2247,7 @@ _gpu_cmd_show() {
   esac
   case $_gpu_t_nodes_req in 1) what="$what of one node" ;; all) what="$what on every node" ;;
     *) what="$what on each of $_gpu_t_nodes_req nodes" ;; esac
+  if [ -n "$_gpu_t_time_req" ]; then _gpu_dur "$_gpu_t_time_req"; what="$what, for $_gpu_d"; fi
   _gpu_say "Priority:   ${_gpu_t_prio:-500}; asks for $what"
   if [ -n "$_gpu_t_after" ]; then
     what=''

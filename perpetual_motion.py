@@ -177,10 +177,21 @@ class TaskState(enum.Enum):
     STOPPED = "stopped"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
+    TIMEOUT = "timeout"  # stopped at the time limit it was submitted with
 
     @property
     def folder(self) -> str:
         return "done" if self is TaskState.DONE else "failed"
+
+
+def duration_text(seconds: float) -> str:
+    """A time limit for people: ``45s``, ``30m``, ``1h30m``, ``2d``, ``1d12h``."""
+    rest, text = int(seconds), ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            text += f"{rest // size}{unit}"
+            rest %= size
+    return text or "0s"
 
 
 def ascii_int(text: str | None, limit: int = 10**9) -> int | None:
@@ -245,6 +256,7 @@ class Submission:
     after: tuple[str, ...] = ()  # ids that must have finished ``done`` first
     args: tuple[str, ...] = ()  # arguments to the script
     retry_of: str = ""
+    time_limit: int | None = None  # seconds it may run before it is stopped as ``timeout``
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Submission:
@@ -256,12 +268,16 @@ class Submission:
             args = tuple(fields[f"arg.{i}"] for i in range(argc))
         except KeyError as exc:
             raise ValueError(f"argument {exc.args[0]} is missing") from None
+        limit = fields.get("time_limit", "")
+        time_limit = ascii_int(limit, limit=MAX_HOURS * 3600) if limit else None
+        if limit and not time_limit:
+            raise ValueError(f"time_limit={limit[:20]!r} is not a number of seconds")
         return cls(cwd=fields.get("cwd", ""), source=fields.get("source", ""),
                    command=fields.get("command", ""), submitted_by=fields.get("submitted_by", ""),
                    display_name=fields.get("display_name", ""),
                    request=Request.parse(fields.get("gpus", ""), fields.get("nodes", "")),
                    after=tuple(fields.get("after", "").split()), args=args,
-                   retry_of=fields.get("retry_of", ""))
+                   retry_of=fields.get("retry_of", ""), time_limit=time_limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1868,7 +1884,7 @@ class Gangs:
                 extra.append((f"rank.{rank}.{name}", end.get(key, "")))
         bad = [(r, e) for r, e in sorted(ends.items()) if e.get("state") != "done"]
         stop = self.folder.stop_reason(plan.task_id)
-        order = ("failed", "interrupted", "stopped", "cancelled")
+        order = ("timeout", "failed", "interrupted", "stopped", "cancelled")
         bad.sort(key=lambda r_e: (order.index(r_e[1].get("state")) if r_e[1].get("state")
                                   in order else len(order), r_e[0]))
         cause_rank, cause = bad[0] if bad else (None, {})  # the rank that ended it
@@ -1877,8 +1893,8 @@ class Gangs:
         elif stop and stop.startswith("stopped by user"):
             state, reason = TaskState.STOPPED, stop
         else:
-            state = TaskState.INTERRUPTED if cause.get("state") == "interrupted" \
-                else TaskState.FAILED
+            state = {"interrupted": TaskState.INTERRUPTED, "timeout": TaskState.TIMEOUT}.get(
+                cause.get("state", ""), TaskState.FAILED)
             reason = f"rank {cause_rank}: {cause.get('reason', '')}"
         first_bad = cause or ends[0]
         starts = [v for v in (as_float(e.get("started")) for e in ends.values()) if v is not None]
@@ -4479,6 +4495,11 @@ class Daemon:
             if stop is not None and task.stop_state is None:
                 self.runner.stop(task, TaskState.STOPPED, stop)
                 task.sweep = stop.startswith("stopped by user")
+            limit = task.submission.time_limit
+            if (limit is not None and task.started is not None and task.stop_state is None
+                    and self.clock() - task.started >= limit):
+                self.runner.stop(task, TaskState.TIMEOUT,
+                                 f"time limit of {duration_text(limit)} reached")
             if task.proc is None:
                 self.start_when_free(task)
 

@@ -82,7 +82,8 @@ def test_submit_publishes_a_copy_with_its_record(sh):
     assert record.pop("submitted_by").endswith("@" + os.uname().nodename)
     assert record == {"id": task, "name": "train.sh", "display_name": "", "priority": "500",
                       "source": str(script), "command": "", "cwd": str(sh.cwd), "gpus": "all",
-                      "nodes": "1", "after": "", "argc": "0", "retry_of": ""}
+                      "nodes": "1", "after": "", "argc": "0", "retry_of": "",
+                      "time_limit": ""}
     assert json.loads((inst / "control.json").read_text()) == {"protocol": 1, "job_id": "exp1"}
     assert listing(inst / ".staging") == []
     assert listing(inst) == [".staging", "control.json", "pending", "records"]
@@ -765,7 +766,8 @@ def test_help_lists_every_command(sh):
                     "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [--json]",
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
-                    "gpu_retry [-p PRIO] [-g N] [-n N] NAME...|--failed", "gpu_stop NAME...|all",
+                    "gpu_retry [-p PRIO] [-g N] [-n N] [-t LIMIT] NAME...|--failed",
+                    "gpu_stop NAME...|all",
                     "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]",
                     "gpu_drain [--node RANK]... [REASON]",
                     "gpu_resume [--node RANK]...", "gpu_shutdown", "gpu_help [COMMAND]"):
@@ -1154,6 +1156,24 @@ def test_e2e_stop_several_names_checks_them_all_first(sh, start_daemon):
     assert read_fields(inst / "records" / f"{ids['two']}.result")["state"] == "cancelled"
     wait_running(inst, ids["three"])  # the queue goes on
     assert sh.run("gpu_stop three").rc == 0
+
+
+@needs_namespace
+def test_e2e_a_task_past_its_time_limit_ends_as_timeout(sh, start_daemon):
+    inst = sh.root / "exp1"
+    start_daemon(sh.root, "exp1", "--gpus", "2", "--kill-scope", "task")
+    task = submitted_id(sh.run("gpu_run -g 1 -t 2s 'echo begun; sleep 60'"))
+    hour = submitted_id(sh.run("gpu_run -g 1 -t 1h 'sleep 60'"))
+    wait_running(inst, hour)
+    assert re.search(r"^State: +running for \S+ \((59m[0-9]{2}s|1h00m) left of its time limit\)$",
+                     sh.run(f"gpu_show {hour}").out, re.M)
+    assert sh.run(f"gpu_stop {hour}").rc == 0
+    res = sh.run(f"gpu_wait {task}; echo \"rc=$?\"")
+    assert res.out.endswith("rc=1\n")
+    assert read_fields(inst / "records" / f"{task}.result")["state"] == "timeout"
+    assert (inst / "failed" / task).exists()
+    assert "State:      timeout (time limit of 2s reached)\n" in sh.run(f"gpu_show {task}").out
+    assert re.search(r"\btimeout\b", sh.run("gpu_status").out)
 
 
 def two_nodes(sh, start_daemon, gpus: int) -> tuple[list, Path]:

@@ -483,6 +483,39 @@ def test_retry_queues_a_finished_task_again_as_it_was(sh):
     assert tree(sh.root) == before
 
 
+def test_a_time_limit_is_recorded_shown_and_kept_by_a_retry(sh):
+    v = build_v2(sh.root)
+    (sh.cwd / "job.sh").write_text("echo\n")
+    for limit, seconds in (("90s", 90), ("1h30m", 5400), ("1:30:00", 5400), ("2-12", 216000),
+                           ("45:00", 2700)):
+        task = submitted_id(sh.run(f"gpu_submit -t {limit} job.sh"))
+        assert read_fields(v.inst / "records" / f"{task}.submit")["time_limit"] == str(seconds)
+    assert read_fields(v.inst / "records" / f"{task}.submit")["time_limit"] == "2700"
+    assert "; asks for all GPUs of one node, for 45m00s" in sh.run(f"gpu_show {task}").out
+    doc = json.loads(sh.run("gpu_status --json").out)
+    [mine] = [t for t in doc["pending"] if t["id"] == task]
+    assert mine["request"] == {"gpus": "all", "nodes": 1, "time_limit": 2700}
+    assert read_fields(v.inst / "records" / f"{submitted_id(sh.run('gpu_run echo'))}.submit")[
+        "time_limit"] == ""
+    submit_record(v.inst, v.h, command="python train.py", time_limit=7200)
+    (v.inst / "failed" / v.h).write_text("python train.py\n")
+    again = submitted_id(sh.run(f"gpu_retry {v.h} 2>/dev/null"))
+    assert read_fields(v.inst / "records" / f"{again}.submit")["time_limit"] == "7200"
+    again = submitted_id(sh.run(f"gpu_retry -t 4h {v.h} 2>/dev/null"))
+    assert read_fields(v.inst / "records" / f"{again}.submit")["time_limit"] == "14400"
+    again = submitted_id(sh.run(f"gpu_retry -t none {v.h} 2>/dev/null"))
+    assert read_fields(v.inst / "records" / f"{again}.submit")["time_limit"] == ""
+    before = tree(sh.root)
+    res = sh.run("gpu_run -t '' echo; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_run: option -t needs a value (LIMIT)\n")
+    for bad in ("90", "0s", "1h30", "366d", "1:2:3:4", "soon"):
+        res = sh.run(f"gpu_run -t {bad} echo; echo \"rc=$?\"")
+        assert res.out == "rc=2\n" and res.err.startswith(
+            "gpu_run: -t wants a time limit from 1s to 365d, such as 90s, 30m, 2h, 1d12h or "
+            "1:30:00 (H:M:S), or none, not "), (bad, res.err)
+    assert tree(sh.root) == before
+
+
 def test_retry_of_several_names_and_of_every_failed_task(sh):
     inst = make_instance(sh.root)
     ids = {}

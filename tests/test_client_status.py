@@ -362,14 +362,15 @@ def test_status_json_of_protocol_2(sh):
                                          "cwd", "request", "nodes", "gpus", "host")} == {
         "name": "sweep.py", "display_name": "sweep-a", "priority": 500, "state": "running",
         "command": "python sweep.py --lr 0.1", "cwd": "/work/me",
-        "request": {"gpus": 2, "nodes": 1}, "nodes": [0], "gpus": [0, 1], "host": "node-a"}
+        "request": {"gpus": 2, "nodes": 1, "time_limit": None}, "nodes": [0], "gpus": [0, 1],
+        "host": "node-a"}
     assert (running[v.g]["nodes"], running[v.g]["gpus"]) == ([1, 0], [0, 1])
     assert running[v.g]["log"] == str(v.inst / "logs" / f"{v.g}.rank0.log")
     assert running[v.a]["started"] == pytest.approx(v.now - 65, abs=0.01)
     assert [t["id"] for t in doc["pending"]] == [v.c, v.e]  # in run order
     assert doc["pending"][1]["after"] == [v.a]
-    assert (doc["pending"][0]["gpus"], doc["pending"][0]["request"]) == (None, {"gpus": 4,
-                                                                               "nodes": 1})
+    assert (doc["pending"][0]["gpus"], doc["pending"][0]["request"]) == (
+        None, {"gpus": 4, "nodes": 1, "time_limit": None})
     assert [t["id"] for t in doc["recent"]] == [v.h, v.f]
     done = doc["recent"][1]
     assert {k: done[k] for k in ("state", "exit_code", "signal", "source", "args", "duration",

@@ -362,6 +362,28 @@ def test_the_default_kill_scope_depends_on_where_the_daemon_runs(env, scope):
     assert pm.resolve_kill_scope("none", env) == "none"
 
 
+def test_a_task_past_its_time_limit_is_stopped_as_timeout(node, tmp_path):
+    daemon, clock, inst = node
+    gate, out = tmp_path / "gate", tmp_path / "out"
+    slow = submit(inst, "slow.sh", gate_script(gate, out), gpus=1, time_limit=1830)
+    quick = submit(inst, "quick.sh", "true\n", gpus=1, time_limit=1830)
+    run_until(daemon, clock, lambda: slow in running_ids(daemon)
+              and (inst / "done" / quick).exists())
+    [task] = [t for t in daemon.runner.tasks.values() if t.task_id == slow]
+    clock.sleep(task.started + 1829 - clock.now)
+    for _ in range(5):
+        daemon.tick()
+    assert slow in running_ids(daemon)  # a second short of its limit
+    clock.sleep(1)
+    run_until(daemon, clock, lambda: (inst / "failed" / slow).exists())
+    assert (result(inst, slow)["state"], result(inst, slow)["reason"]) == (
+        "timeout", "time limit of 30m30s reached")
+    assert "time limit of 30m30s reached" in (inst / "logs" / f"{slow}.log").read_text()
+    bad = submit(inst, "bad.sh", "true\n", gpus=1, time_limit="0")
+    run_until(daemon, clock, lambda: (inst / "failed" / bad).exists())
+    assert "time_limit='0' is not a number of seconds" in result(inst, bad)["reason"]
+
+
 # Drain: running tasks go on, nothing new starts ##################################################
 
 
