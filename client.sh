@@ -2740,13 +2740,42 @@ _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon
           *) _gpu_err "$name left pending/ meanwhile (a daemon took it?)"; rc=1 ;;
         esac ;;
       running/*)
-        _gpu_err "$name is in running/ but its daemon is not alive: a new daemon marks it" \
-          "interrupted (and ends what is left of it on that host)"
-        rc=1 ;;
+        if _gpu_stop_direct "$name"; then
+          _gpu_say "stopped $name (the stop went straight to $_gpu_where: SIGTERM, then SIGKILL)"
+        else
+          _gpu_err "$name is in running/ but its daemon is not alive: a new daemon marks it" \
+            "interrupted (and ends what is left of it on that host)"
+          rc=1
+        fi ;;
     esac
   done
   [ "$1" = all ] && printf 'cancelled %s pending task(s)\n' "$count"
   return "$rc"
+}
+
+_gpu_stop_direct() {  # _gpu_stop_direct ID: node 0 is down, so publish the running task's stop
+  # record as node 0 would; whichever live node runs it obeys (docs/protocol.md). Its nodes into
+  # _gpu_where; 1 when none of them is alive
+  local id=$1 nodes='' rank alive='' IFS=,
+  if _gpu_load "$_gpu_q/records/$id.gang" && _gpu_field nodes; then nodes=$_gpu_val
+  elif _gpu_load "$_gpu_q/records/$id.run" && _gpu_field node_rank; then nodes=$_gpu_val
+  fi
+  [ -n "$nodes" ] || return 1  # not started: its claimer is not known
+  for rank in $nodes; do
+    _gpu_whole "$rank" 1023 || continue
+    _gpu_load "$_gpu_q/nodes/node-$_gpu_i.state" || continue
+    _gpu_liveness
+    case $_gpu_live in dead | stopped) ;; *) alive=1 ;; esac
+  done
+  [ -n "$alive" ] || return 1
+  case $nodes in *,*) _gpu_where="nodes $nodes" ;; *) _gpu_where="node $nodes" ;; esac
+  [ ! -e "$_gpu_q/records/$id.stop" ] || return 0  # asked already: a record is never rewritten
+  _gpu_whoami
+  _gpu_put "$_gpu_q/records/$id.stop" "id=$id
+reason=stopped by user
+sent_by=$_gpu_who
+time=$_gpu_epoch
+"
 }
 
 _gpu_cmd_stop() {
@@ -2788,12 +2817,21 @@ _gpu_cmd_stop() {
     matches=$matches$running name=$1
   fi
   if ! _gpu_daemon_alive; then
-    case $_gpu_live in
-      stopped) _gpu_err "the daemon of $JOB_ID has stopped: only pending tasks can be cancelled" ;;
-      dead) _gpu_err "no daemon is alive for $JOB_ID ($_gpu_why; likely $_gpu_cause): only" \
-        "pending tasks can be cancelled" ;;
-      *) _gpu_err "no daemon is alive for $JOB_ID: only pending tasks can be cancelled" ;;
-    esac
+    _gpu_nodes
+    count=${_gpu_val%%/*}
+    _gpu_daemon_state || :  # node 0's liveness again: _gpu_nodes read every node's
+    if [ "$count" != 0 ] && [ "$count" != - ]; then  # node 0 is down, not all of them
+      _gpu_err "node 0 of $JOB_ID, which takes the commands, is not alive" \
+        "(${_gpu_why:-$_gpu_live}): pending tasks are cancelled here, and running ones are" \
+        "stopped through their stop records"
+    else
+      case $_gpu_live in
+        stopped) _gpu_err "the daemon of $JOB_ID has stopped: only pending tasks can be cancelled" ;;
+        dead) _gpu_err "no daemon is alive for $JOB_ID ($_gpu_why; likely $_gpu_cause): only" \
+          "pending tasks can be cancelled" ;;
+        *) _gpu_err "no daemon is alive for $JOB_ID: only pending tasks can be cancelled" ;;
+      esac
+    fi
     _gpu_stop_offline "$name" "$matches"
     return
   fi

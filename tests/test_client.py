@@ -1251,6 +1251,32 @@ def test_e2e_a_drained_node_starts_nothing_while_the_other_goes_on(sh, start_dae
 
 
 @needs_namespace
+def test_e2e_with_node_0_dead_a_stop_goes_straight_to_the_node_that_runs_the_task(
+        sh, start_daemon):
+    inst = sh.root / "exp1"
+    nodes, gate = two_nodes(sh, start_daemon, gpus=1)
+    assert sh.run("gpu_drain --node 0").rc == 0  # so that the task runs on node 1
+    task = submitted_id(sh.run("gpu_submit -g 1 long.sh"))
+    wait_running(inst, task)
+    assert read_fields(inst / "records" / f"{task}.run")["node_rank"] == "1"
+    nodes[0].kill()  # and its heartbeat is two minutes old: dead to every client
+    state = read_fields(inst / "nodes" / "node-0.state")
+    write_fields(inst / "nodes" / "node-0.state", {**state, "heartbeat": time.time() - 120})
+    waiting = submitted_id(sh.run("gpu_run -g 1 'echo never' 2>/dev/null"))  # node 1 is busy
+    res = sh.run(f"gpu_stop {waiting} {task}")
+    assert res.rc == 0, res.err
+    assert re.fullmatch(r"gpu_stop: node 0 of exp1, which takes the commands, is not alive \(no "
+                        r"heartbeat for 2m0[0-9]s\): pending tasks are cancelled here, and "
+                        r"running ones are stopped through their stop records\n", res.err), res.err
+    assert res.out == (f"cancelled {waiting} (it was pending)\nstopped {task} (the stop went "
+                       "straight to node 1: SIGTERM, then SIGKILL)\n")
+    assert wait_finished(inst, task) == "failed"
+    result = read_fields(inst / "records" / f"{task}.result")
+    assert (result["state"], result["reason"]) == ("stopped", "stopped by user")
+    assert not gate.exists() and nodes[1].proc.poll() is None
+
+
+@needs_namespace
 def test_e2e_stop_all_and_shutdown(sh, start_daemon):
     inst = sh.root / "exp1"
     daemon = start_daemon(sh.root, "exp1", "--kill-scope", "task")
