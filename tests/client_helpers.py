@@ -188,15 +188,27 @@ class Sample:
     failed: list[str]
 
 
+def start_of_a_second() -> float:
+    """The time, taken early in a second: the client reads whole seconds (``date +%s``), so the
+    ages and times it prints for a sample built now stay exact for most of a second."""
+    now = time.time()
+    if now % 1 > 0.2:
+        time.sleep(1.0 - now % 1)
+        now = time.time()
+    return now
+
+
 def build_sample(root: Path, job_id: str = "exp1", alive: bool = True) -> Sample:
     """An instance as a daemon of protocol 1 leaves it: a node state, one running, three pending
     (one put there by hand), four ended and one cancelled."""
-    now = time.time()
+    now = start_of_a_second()
     inst = make_instance(root, job_id)
     write_fields(inst / "nodes" / "node-0.state", {
         "protocol": 1, "job_id": job_id, "node_rank": 0, "num_nodes": 1, "host": "node-a",
         "pid": 4242, "status": "running", "started": f"{now - 3600:.3f}",
-        "shutdown": f"{now + 23 * 3600:.3f}", "heartbeat": f"{now - (2 if alive else 600):.3f}",
+        # 23h00m left, for half a minute
+        "shutdown": f"{now + 23 * 3600 + 30:.3f}",
+        "heartbeat": f"{now - (2 if alive else 600):.3f}",
         "poll_interval": 1, "keepalive": "on", "gpu_count": 2,
         "gpu.0.name": "NVIDIA H200", "gpu.0.util": 75, "gpu.0.mem_used_mib": 80000,
         "gpu.0.mem_total_mib": 143771, "gpu.0.state": "holding", "gpu.0.reason": "",
@@ -268,7 +280,7 @@ class V2:
 def build_v2(root: Path, job_id: str = "exp1") -> V2:
     """An instance of two nodes exactly as daemons of protocol 2 leave it: tasks side by side on
     disjoint GPUs, a gang across both nodes, a waiting reason, and per GPU who holds it."""
-    now = time.time()
+    now = start_of_a_second()
     inst = make_instance(root, job_id)
     a, b, g = tid(11, "sweep.py", rand="a1b2c3d4"), tid(12, "sweep.py", rand="a1b29999"), \
         tid(13, "train.py", rand="0000aaaa")
