@@ -75,10 +75,13 @@ STAGING_MAX_AGE_SECONDS = 86400.0  # leftover staging files and old replies are 
 WARNING_REPEAT_SECONDS = 60.0  # the same warning is logged at most once per this many seconds
 MIN_WAIT_SECONDS = 0.02  # the loop never spins faster than this
 COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
+CALLBACK_EXIT_WAIT_SECONDS = 10.0  # how long an exiting daemon waits for running callbacks
 CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit before SIGKILL
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record, command or state file larger than this is corrupt
 MAX_HOURS = 24 * 365  # --hours beyond this is refused
 MAX_TASK_ARGS = 4096  # a submit record with more script arguments is corrupt
+TASK_CALLBACK = ""  # bash command run after each task ends (PM_TASK_* set), e.g. a chat webhook
+CALLBACK_TIMEOUT_SECONDS = 60.0  # a callback still running after this is killed
 MASTER_PORTS = (20000, 29499)  # MASTER_PORT range: below the ephemeral ports, short of 29500
 PORT_REUSE_SECONDS = 3600.0  # a MASTER_PORT is not given to another task within this time
 
@@ -359,6 +362,7 @@ class Config:
     force: bool = False
     gpus: int | tuple[int, ...] | None = None  # --gpus: a count or GPU numbers; None: NVML's
     node_addr: str = ""  # --node-addr: how other nodes reach this one; "": the host name
+    callback: str = TASK_CALLBACK  # --callback: run after each task ends ("": none)
 
     @property
     def instance(self) -> Path:
@@ -1209,6 +1213,7 @@ class TaskRunner:
         self.tasks: dict[tuple[str, int | None], RunningTask] = {}
         self.unfinished: list[list] = []  # [result, source, published] not yet done
         self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
+        self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -1471,6 +1476,7 @@ class TaskRunner:
             self.folder.publish(self.folder.record(result.task_id, "result"),
                                 format_fields(result.fields()))
             entry[2] = True
+            self.ended(result)
         try:
             os.rename(self.folder.dir(source) / result.task_id,
                       self.folder.dir(result.state.folder) / result.task_id)
@@ -1515,6 +1521,7 @@ class TaskRunner:
         except OSError as exc:
             LOG.warning("cancelled %s but cannot write its result: %s", task_id, exc)
         LOG.info("Task cancelled: %s (%s)", task_id, reason)
+        self.ended(result)
         return task_id
 
     def recover(self, owned_elsewhere: Callable[[dict[str, str]], bool]) -> None:
@@ -1570,6 +1577,60 @@ class TaskRunner:
         LOG.warning("Task %s was interrupted (%s): finished as interrupted (%d orphaned "
                     "process(es) ended)", task_id if rank is None else f"{task_id} rank {rank}",
                     reason, killed)
+
+
+class Callbacks:
+    """The user's callback (``TASK_CALLBACK``, ``--callback``), run with bash once for each
+    task whose end this daemon records, as pueue's callback: in its own session, with the end
+    of the task in ``PM_TASK_*``, its output in the daemon's. The loop never waits for it; one
+    still running after ``CALLBACK_TIMEOUT_SECONDS`` is killed."""
+
+    def __init__(self, command: str, folder: QueueFolder, job_id: str,
+                 clock: Callable[[], float], throttled: ThrottledLog):
+        self.command = command
+        self.folder = folder
+        self.job_id = job_id
+        self.clock = clock
+        self.throttled = throttled
+        self.running: list[tuple[subprocess.Popen, float, str]] = []  # process, deadline, task
+
+    def task_ended(self, result: TaskResult) -> None:
+        if not self.command:
+            return
+        end = {key: "" if value is None else str(value) for key, value in result.fields().items()}
+        logs = [self.folder.log(result.task_id), self.folder.log(result.task_id, 0)]
+        log = next((str(path) for path in logs if path.exists()), "")  # "": it never ran
+        env = {**os.environ, "PM_JOB_ID": self.job_id, "PM_TASK_ID": result.task_id,
+               "PM_TASK_NAME": short_name(result.task_id), "PM_TASK_STATE": end["state"],
+               "PM_TASK_EXIT_CODE": end["exit_code"], "PM_TASK_SIGNAL": end["signal"],
+               "PM_TASK_REASON": end["reason"], "PM_TASK_DURATION": end["duration"],
+               "PM_TASK_HOST": end["host"], "PM_TASK_LOG": log}
+        try:
+            proc = subprocess.Popen(["bash", "-c", self.command], env=env, cwd=self.folder.root,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            self.throttled.warning("callback", "cannot run the callback: %s", exc)
+            return
+        self.running.append((proc, self.clock() + CALLBACK_TIMEOUT_SECONDS, result.task_id))
+
+    def poll(self) -> None:
+        """Reap the callbacks that ended (saying which failed), kill the ones past their time."""
+        for entry in list(self.running):
+            proc, deadline, task_id = entry
+            code = proc.poll()
+            if code is None and self.clock() >= deadline:
+                signal_group(proc.pid, signal.SIGKILL)
+                LOG.warning("The callback for %s ran past %g s: killed", task_id,
+                            CALLBACK_TIMEOUT_SECONDS)
+                proc.wait()
+            elif code is None:
+                continue
+            elif code:
+                LOG.warning("The callback for %s failed (exit status %d)", task_id, code)
+            self.running.remove(entry)
+
+    def pids(self) -> set[int]:
+        return {proc.pid for proc, _, _ in self.running}
 
 
 # Tasks across nodes #########################################################################
@@ -4321,6 +4382,9 @@ class Daemon:
                                sleep, self.throttled)
         self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled,
                                  self.inventory, self.started_text)
+        self.callbacks = Callbacks(config.callback, self.folder, config.job_id, clock,
+                                   self.throttled)
+        self.runner.ended = self.callbacks.task_ended
         self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
                            config.node_addr or self.identity.host)
         self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
@@ -4378,6 +4442,8 @@ class Daemon:
         gpus = self.inventory.numbers(range(len(self.inventory.gpus))) or "none"
         LOG.info("GPUs for tasks: %s; CPU task slots: %d; kill scope after a stop: %s",
                  gpus, MAX_CPU_TASKS, self.kill_scope)
+        if self.config.callback:
+            LOG.info("After each task: %s", self.config.callback)
         LOG.info("Queue: %s (node %d of %d)", self.folder.root, self.config.node_rank,
                  self.config.num_nodes)
         if getattr(self.waiter, "dirs", None) is not None:
@@ -4447,6 +4513,7 @@ class Daemon:
         if not self.displaced and self.owns_node():
             self._step("queue", self.run_queue)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
+        self._step("callbacks", self.callbacks.poll)
         if self.identity.pid == 1 or is_subreaper():
             reap_orphans(self.keepalive.child_pids() | self.runner_pids())
         if (self.stopping or self.draining or self.displaced) and not self.runner.tasks \
@@ -4466,7 +4533,9 @@ class Daemon:
                                    exc_info=not isinstance(exc, OSError))
 
     def runner_pids(self) -> set[int]:
-        return {t.proc.pid for t in self.runner.tasks.values() if t.proc is not None}
+        """The daemon's own children besides keep-alive's: tasks and callbacks."""
+        return ({t.proc.pid for t in self.runner.tasks.values() if t.proc is not None}
+                | self.callbacks.pids())
 
     def busy_gpus(self) -> dict[int, str]:
         """The GPUs that queue tasks (and gang ranks) hold, with the task's id."""
@@ -4665,6 +4734,10 @@ class Daemon:
         self.keepalive.stop()
         self.runner.retry_unfinished()
         self.write_state(stopped=True)
+        deadline = self.clock() + CALLBACK_EXIT_WAIT_SECONDS  # the last tasks' callbacks
+        while self.callbacks.running and self.clock() < deadline:
+            self.callbacks.poll()
+            self.sleep(MIN_WAIT_SECONDS)
         LOG.info("Stopped: %s", self.stopping or self.draining or "loop ended")
 
     # -- state -----------------------------------------------------------------------------
@@ -4799,6 +4872,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the address other nodes of the job reach this one by (the "
                              "MASTER_ADDR of tasks across nodes whose rank 0 runs here); "
                              "default the host name")
+    parser.add_argument("--callback", default=TASK_CALLBACK, metavar="CMD",
+                        help="a bash command run after each task ends, with PM_TASK_ID, "
+                             "PM_TASK_STATE, PM_TASK_EXIT_CODE, PM_TASK_LOG ... set "
+                             "(default TASK_CALLBACK)")
     parser.add_argument("--force", action="store_true",
                         help="start even if the state file says a daemon is alive")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -4835,7 +4912,8 @@ def config_from_args(args: argparse.Namespace) -> Config | str:
                   gpus=gpus, node_addr=args.node_addr, poll_interval=args.poll_interval,
                   hours=args.hours,
                   keepalive=KEEPALIVE and not args.no_keepalive, kill_scope=args.kill_scope,
-                  stop_grace=args.stop_grace, node_rank=rank, num_nodes=count, force=args.force)
+                  stop_grace=args.stop_grace, node_rank=rank, num_nodes=count, force=args.force,
+                  callback=args.callback)
 
 
 def setup_logging() -> None:

@@ -55,7 +55,8 @@ def test_help_explains_every_option():
                          text=True)
     assert run.returncode == 0
     for flag in ("--job-id", "--queue-root", "--poll-interval", "--hours", "--no-keepalive",
-                 "--kill-scope", "--stop-grace", "--node-rank", "--num-nodes", "--force"):
+                 "--kill-scope", "--stop-grace", "--node-rank", "--num-nodes", "--callback",
+                 "--force"):
         assert flag in run.stdout
 
 
@@ -197,6 +198,17 @@ def test_sigterm_and_sigint_shut_down_gracefully(queue_root, start_daemon, sig):
     daemon.signal(sig)
     assert daemon.wait_exit() == 0
     assert f"Shutting down: {signal.Signals(sig).name} received" in daemon.output()
+
+
+def test_the_callback_of_the_last_task_runs_even_as_the_daemon_exits(queue_root, start_daemon,
+                                                                      tmp_path):
+    out = tmp_path / "told"
+    daemon = start_daemon(queue_root, "cb", "--callback",
+                          f'sleep 1; echo "$PM_TASK_NAME $PM_TASK_STATE" >> "{out}"')
+    task = submit(queue_root / "cb", "last.sh", "true\n")
+    assert wait_for(lambda: finished(queue_root / "cb", task), 20, what=task) == "done"
+    assert daemon.stop() == 0  # at once: the callback still sleeps
+    assert out.read_text() == "last.sh done\n"
 
 
 def test_auto_shutdown_after_a_fraction_of_an_hour(queue_root, start_daemon):

@@ -384,6 +384,39 @@ def test_a_task_past_its_time_limit_is_stopped_as_timeout(node, tmp_path):
     assert "time_limit='0' is not a number of seconds" in result(inst, bad)["reason"]
 
 
+def test_the_callback_runs_once_for_each_task_that_ends_with_its_end_in_its_environment(
+        tmp_path, caplog):
+    clock, out = FakeClock(), tmp_path / "callbacks"
+    hook = (f'printf "%s|%s|%s|%s|%s|%s\\n" "$PM_TASK_NAME" "$PM_TASK_STATE" '
+            f'"$PM_TASK_EXIT_CODE" "$PM_TASK_REASON" "$PM_TASK_LOG" "$PM_JOB_ID" >> "{out}"; '
+            f'case $PM_TASK_NAME in bad.sh) exit 4 ;; esac')
+    daemon = make_daemon(tmp_path, clock, callback=hook)
+    assert daemon.start() is None
+    inst = tmp_path / "sched"
+    ok = submit(inst, "ok.sh", "true\n", gpus=1)
+    bad = submit(inst, "bad.sh", "exit 3\n", gpus=1)
+    run_until(daemon, clock, lambda: out.exists() and len(out.read_text().splitlines()) == 2)
+    submit(inst, "gone.sh", "true\n", gpus=1, after=(bad,))  # cancelled: bad failed
+    run_until(daemon, clock, lambda: len(out.read_text().splitlines()) == 3)
+    lines = sorted(out.read_text().splitlines())
+    assert lines == sorted([
+        f"ok.sh|done|0|exit status 0|{inst}/logs/{ok}.log|sched",
+        f"bad.sh|failed|3|exit status 3|{inst}/logs/{bad}.log|sched",
+        f"gone.sh|cancelled||dependency {bad} failed||sched"])  # no log: it never ran
+    run_until(daemon, clock, lambda: not daemon.callbacks.running)
+    assert f"The callback for {bad} failed (exit status 4)" in caplog.text
+
+    daemon.callbacks.command = "sleep 600"  # the same daemon, with a slow callback now
+    slow = submit(inst, "slow.sh", "true\n", gpus=1)
+    run_until(daemon, clock, lambda: daemon.callbacks.running)
+    [(proc, _, task_id)] = daemon.callbacks.running
+    assert task_id == slow and proc.poll() is None
+    clock.sleep(pm.CALLBACK_TIMEOUT_SECONDS)
+    daemon.tick()
+    assert proc.poll() is not None and not daemon.callbacks.running
+    assert f"The callback for {slow} ran past 60 s: killed" in caplog.text
+
+
 # Drain: running tasks go on, nothing new starts ##################################################
 
 
