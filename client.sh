@@ -789,10 +789,11 @@ first submitted (gpu_retry NAME does the same by name)." ;;
       _gpu_sp_more="\
 Options come first: the first word that is not an option starts the command (after --, even one
 that starts with -). The task is named run_<words>.sh." ;;
-    status) _gpu_sp_use='[-l] [-r N] [--json]'
+    status) _gpu_sp_use='[-l] [-r N] [-w] [--json]'
       _gpu_sp_what='daemons, GPUs, running, pending and recent tasks'
       _gpu_sp_opts="-l|--long||long|full task ids and whole commands (lines wider than 100)
 -r|--recent|N|recent|how many finished tasks to list (default 10)
+-w|--watch||watch|show it again every 2 s on a cleared screen, until Ctrl-C
 $json"
       _gpu_sp_more="\
 Tasks are shown by name (--name, else the script's), with :<hex> from their id when two share
@@ -2006,13 +2007,34 @@ EOF
 _gpu_cmd_status() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
-  local recent=10 IFS=$_gpu_nl line id list pending=0 shown=0 running=0 ndone failed
+  local recent=10
   if [ -n "$_gpu_o_recent" ]; then
     _gpu_whole "$_gpu_o_recent" 10000 || {
       _gpu_err "-r wants a number of tasks from 0 to 10000, not '$_gpu_o_recent'"; return 2; }
     recent=$_gpu_i
   fi
+  if [ -n "$_gpu_o_watch" ] && [ -n "$_gpu_o_json" ]; then
+    _gpu_err "--watch and --json do not go together"; return 2
+  fi
   _gpu_existing_instance || return
+  if [ -n "$_gpu_o_watch" ]; then _gpu_bg _gpu_status_watch "$recent"; return; fi
+  _gpu_status_text "$recent"
+}
+
+_gpu_status_watch() {  # _gpu_status_watch RECENT: gpu_status --watch, until Ctrl-C (a job)
+  local frame clear=''
+  [ ! -t 1 ] || clear=$(printf '\033[H\033[2J')
+  while :; do
+    frame=$(_gpu_status_text "$1" 2>&1)
+    printf '%sgpu_status of %s, every 2 s (Ctrl-C ends)   %s\n\n%s\n' "$clear" "$JOB_ID" \
+      "$(command date '+%Y-%m-%d %H:%M:%S')" "$frame"
+    [ -n "$clear" ] || printf '\n'
+    _gpu_sleep 2
+  done
+}
+
+_gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the checked instance
+  local recent=$1 IFS=$_gpu_nl line id list pending=0 shown=0 running=0 ndone failed
   _gpu_now
   _gpu_runmap_build
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json "$recent"; return; fi

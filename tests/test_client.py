@@ -324,7 +324,7 @@ BAD_INPUTS = [  # (script, rc, the message on stderr)
      "task\n"),
     ("JOB_ID=other gpu_status", 1, "gpu_status: no instance other under {root} (gpu_list shows "
      "them)\n"),
-    ("gpu_status extra", 2, "gpu_status: usage: gpu_status [-l] [-r N] [--json] (gpu_status "
+    ("gpu_status extra", 2, "gpu_status: usage: gpu_status [-l] [-r N] [-w] [--json] (gpu_status "
      "--help)\n"),
     ("gpu_use a b", 2, "gpu_use: usage: gpu_use [--new] [ID] (gpu_use --help)\n"),
     ("gpu_use ../x", 2, "gpu_use: '../x' is not a valid JOB_ID (1-64 of A-Z a-z 0-9 . _ -, not "
@@ -763,7 +763,7 @@ def test_help_lists_every_command(sh):
     assert res.rc == 0 and res.err == ""
     for command in ("gpu_use [--new] [ID]", "gpu_list [--json]",
                     "gpu_submit [OPTIONS] FILE [PRIORITY] [-- ARGS...]",
-                    "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [--json]",
+                    "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [-w] [--json]",
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
                     "gpu_retry [-p PRIO] [-g N] [-n N] [-t LIMIT] NAME...|--failed",
@@ -1000,7 +1000,7 @@ c gpu_status -
         "gpu_run --after ev -> eval.sh",
         "gpu_logs --rank  -> ",
         "gpu_help st -> status stop",
-        "gpu_status - -> --help --json --long --recent -h -l -r",
+        "gpu_status - -> --help --json --long --recent --watch -h -l -r -w",
     ]
 
 

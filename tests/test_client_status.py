@@ -20,21 +20,24 @@ from pathlib import Path
 import pytest
 from client_helpers import (
     CLIENT,
+    INTERACTIVE,
     SHELLS,
     Shell,
+    Terminal,
     build_sample,
     build_v2,
     local_minute,
     make_instance,
     make_shell,
     own_identity,
+    session_members,
     submit_record,
     submitted_id,
     tid,
     tree,
     write_fields,
 )
-from conftest import DAEMON, namespace_shell, needs_namespace
+from conftest import DAEMON, namespace_shell, needs_namespace, wait_for
 
 ESCAPES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")  # all but \t, \n; and C1
 
@@ -86,6 +89,27 @@ def test_status_of_a_protocol_1_instance(sh):
     ]
     assert sh.run("gpu_status -r 2").out.count(" ago ") == 2
     assert " ago " not in sh.run("gpu_status --recent=0").out
+
+
+def test_status_watch_redraws_every_two_seconds_until_ctrl_c(sh):
+    s = build_sample(sh.root)
+    res = sh.run("gpu_status -w --json; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_status: --watch and --json do not go together\n")
+    term = Terminal(INTERACTIVE[sh.name], sh.env(PS1="$ ", PROMPT="$ ", TERM="dumb"), sh.cwd)
+    try:
+        term.send('source "$CLIENT"; gpu_status --watch\r')
+        term.expect(r"\x1b\[H\x1b\[2Jgpu_status of exp1, every 2 s \(Ctrl-C ends\) ")
+        term.expect(r"Totals:   1 running, 3 pending, ")
+        (s.inst / "pending" / tid(90, "new.sh")).write_text("echo\n")
+        term.expect(r"\x1b\[H\x1b\[2Jgpu_status of exp1", timeout=5)  # the next frame
+        term.expect(r"new\.sh +500 pending")
+        term.expect(r"Totals:   1 running, 4 pending, ")
+        term.send("\x03")
+        term.send("echo back $((6 * 7))\r")
+        term.expect("back 42")
+        wait_for(lambda: len(session_members(term.pid)) == 1, 5, what="the watch to be gone")
+    finally:
+        term.close()
 
 
 def test_status_shows_what_runs_where_from_the_state_of_protocol_2(sh):
