@@ -760,6 +760,7 @@ _gpu_spec() {  # _gpu_spec COMMAND: _gpu_sp_use, _gpu_sp_what, _gpu_sp_opts and 
 -g|--gpus|N|gpus|GPUs on each node: 0 (CPU only) to the node's count, or all (default)
 -n|--nodes|N|nodes|nodes to run on at once, one rank each: 1 (default) to all of them
 -t|--time|LIMIT|time|stop it after LIMIT of running (state timeout): 90s, 30m, 2h, 1:30:00
+-e|--env|NAME=VALUE|env+|set NAME in the task's environment (repeatable)
 |--after|NAME|after+|start after NAME ended with exit 0 (repeatable); if it did not, cancel
 |--name|NAME|name|the name gpu_status shows (default: the script's)"
   local json='|--json||json|one JSON document (schema: docs/protocol.md, "The client'"'"'s JSON")'
@@ -821,9 +822,9 @@ waited for. Ctrl-C stops following; the task goes on." ;;
 NAME stands for every pending and running task it names, else for its newest finished one. The
 return code is 0 when every task is done, else the exit code of the first task (in the order
 given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
-    retry) _gpu_sp_use='[-p PRIO] [-g N] [-n N] [-t LIMIT] NAME...|--failed'
+    retry) _gpu_sp_use='[OPTIONS] NAME...|--failed'
       _gpu_sp_what='queue finished tasks again: command, directory, request'
-      _gpu_sp_opts="$(printf '%s\n' "$request" | command head -n 4)
+      _gpu_sp_opts="$(printf '%s\n' "$request" | command head -n 5)
 |--failed||failed|every failed or interrupted task that was not queued again yet"
       _gpu_sp_more="\
 NAME stands for its newest finished task; each NAME is checked before anything is queued.
@@ -914,7 +915,12 @@ _gpu_parse() {  # _gpu_parse MODE ARGS...: the current command's options into _g
     fi
     if [ -z "$val" ]; then _gpu_err "option $opt needs a value ($name)"; return 1; fi
     case $var in
-      *+) var=${var%+}; eval "_gpu_o_$var=\${_gpu_o_$var}\${_gpu_o_$var:+\$_gpu_nl}\$val" ;;
+      *+)
+        case $val in
+          *"$_gpu_nl"*) _gpu_err "option $opt: a value with a newline cannot be recorded"
+            return 1 ;;
+        esac
+        var=${var%+}; eval "_gpu_o_$var=\${_gpu_o_$var}\${_gpu_o_$var:+\$_gpu_nl}\$val" ;;
       *) eval "_gpu_o_$var=\$val" ;;
     esac
   done
@@ -1057,7 +1063,7 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
   case $_gpu_t_prio in [0-9][0-9][0-9]) ;; *) _gpu_t_prio= ;; esac
   _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
   _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_jargs='' _gpu_t_retry_of=''
-  _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req=''
+  _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req='' _gpu_t_env=''
   if _gpu_load "$_gpu_q/records/$id.submit"; then
     _gpu_t_record=1
     _gpu_field display_name; _gpu_t_display=$_gpu_val
@@ -1067,6 +1073,7 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
     _gpu_field gpus; _gpu_t_gpus_req=${_gpu_val:-all}
     _gpu_field nodes; _gpu_t_nodes_req=${_gpu_val:-1}
     _gpu_field time_limit; _gpu_whole "$_gpu_val" 31536000 && _gpu_t_time_req=$_gpu_i
+    _gpu_record_env; _gpu_t_env=$_gpu_env
     _gpu_field after; _gpu_t_after=$_gpu_val
     _gpu_field retry_of; _gpu_t_retry_of=$_gpu_val
     _gpu_field submitted; _gpu_t_submitted=$_gpu_val
@@ -1372,12 +1379,35 @@ _gpu_priority() {  # _gpu_priority TEXT: 0-999 as three digits into _gpu_p; 2 wh
   while [ "${#_gpu_p}" -lt 3 ]; do _gpu_p=0$_gpu_p; done
 }
 
-_gpu_request() {  # _gpu_request GPUS NODES TIME: -g, -n and -t (else GPUS, NODES and TIME, else
-  # all, 1 and none), checked (the first two against the nodes' state files), into _gpu_rq_gpus,
-  # _gpu_rq_nodes and _gpu_rq_time (seconds, empty for none); 2 when invalid
+_gpu_request() {  # _gpu_request GPUS NODES TIME ENV: -g, -n and -t (else GPUS, NODES and TIME,
+  # else all, 1 and none), checked (the first two against the nodes' state files), into
+  # _gpu_rq_gpus, _gpu_rq_nodes and _gpu_rq_time (seconds, empty for none), and the variables of
+  # ENV (NAME=VALUE lines) with those of -e set over them into _gpu_rq_env; 2 when invalid
   local gpus=${_gpu_o_gpus:-${1:-all}} nodes=${_gpu_o_nodes:-${2:-1}} time=${_gpu_o_time:-${3-}}
-  local most
-  _gpu_rq_time=''
+  local most line name IFS=$_gpu_nl
+  local daemon_sets=" JOB_ID TASK_NAME TASK_SHORT_NAME QUEUE_ROOT QUEUE_DIR TASK_LOG \
+CUDA_DEVICE_ORDER CUDA_VISIBLE_DEVICES PM_GPUS TASK_GPUS PM_NODE_RANK NODE_RANK NNODES MASTER_ADDR \
+MASTER_PORT PERPETUAL_MOTION_TASK "  # docs/protocol.md: env.<i>
+  _gpu_rq_time='' _gpu_rq_env=${4-}
+  # shellcheck disable=SC2154  # _gpu_parse sets the _gpu_o_* variables
+  for line in $_gpu_o_env; do
+    name=${line%%=*}
+    case $line in
+      *=*) ;;
+      *) _gpu_err "-e wants NAME=VALUE, not '$line'"; return 2 ;;
+    esac
+    case $name in
+      '' | [0-9]* | *[!A-Za-z0-9_]*)
+        _gpu_err "-e: '$name' is not a variable name (letters, digits, _; not a digit first)"
+        return 2 ;;
+    esac
+    [ "${#name}" -le 128 ] || { _gpu_err "-e: a variable name of at most 128 bytes"; return 2; }
+    case $daemon_sets in
+      *" $name "*) _gpu_err "-e $name: the daemon sets it for every task (GPUs: -g)"; return 2 ;;
+    esac
+    _gpu_rq_env=$(printf '%s\n' "$_gpu_rq_env" | command grep -v -e "^$name=" -e '^$' || :)
+    _gpu_rq_env=$_gpu_rq_env${_gpu_rq_env:+$_gpu_nl}$line
+  done
   case $time in
     '' | none) ;;
     *)
@@ -1520,14 +1550,32 @@ _gpu_resolve_after() {  # the tasks --after names, as ids, into _gpu_after; 1 wh
 
 _gpu_request_keys() {  # _gpu_request_keys DISPLAY RETRY_OF ARGS...: the submit record's keys
   # for the checked request (_gpu_rq_*, _gpu_after) and the script's arguments into _gpu_x
-  local i=0 arg
+  local i=0 arg IFS=$_gpu_nl
   _gpu_x="display_name=$1${_gpu_nl}gpus=$_gpu_rq_gpus${_gpu_nl}nodes=$_gpu_rq_nodes"
   _gpu_x="$_gpu_x${_gpu_nl}time_limit=$_gpu_rq_time"
+  for arg in $_gpu_rq_env; do
+    _gpu_x="$_gpu_x${_gpu_nl}env.$i=$arg"
+    i=$((i + 1))
+  done
+  _gpu_x="$_gpu_x${_gpu_nl}envc=$i"
+  i=0
   _gpu_x="$_gpu_x${_gpu_nl}after=$_gpu_after${_gpu_nl}argc=$(($# - 2))"
   _gpu_x="$_gpu_x${_gpu_nl}retry_of=$2"
   shift 2
   for arg in "$@"; do
     _gpu_x="$_gpu_x${_gpu_nl}arg.$i=$arg"
+    i=$((i + 1))
+  done
+}
+
+_gpu_record_env() {  # the variables of the loaded submit record (envc, env.<i>) as NAME=VALUE
+  # lines into _gpu_env
+  local i=0
+  _gpu_env=''
+  _gpu_field envc; _gpu_bounded "$_gpu_val"
+  while [ "$i" -lt "$_gpu_i" ]; do
+    _gpu_field "env.$i"
+    case $_gpu_val in ?*=*) _gpu_env=$_gpu_env${_gpu_env:+$_gpu_nl}$_gpu_val ;; esac
     i=$((i + 1))
   done
 }
@@ -1606,7 +1654,8 @@ _gpu_cmd_submit() {
   _gpu_parse split "$@" || return "$_gpu_rc"
   set -- "${_gpu_args[@]}"
   if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then _gpu_usage; return; fi
-  local file=$1 source name dir cwd=$PWD cmdline='' gpus='' nodes='' time='' display=$_gpu_o_name
+  local file=$1 source name dir cwd=$PWD cmdline='' gpus='' nodes='' time='' env=''
+  local display=$_gpu_o_name
   local retry_of='' i=0
   if [ "$#" -eq 2 ] && [ -n "$_gpu_o_prio" ]; then
     _gpu_err "two priorities: -p $_gpu_o_prio and $2"
@@ -1649,6 +1698,7 @@ _gpu_cmd_submit() {
         _gpu_field gpus; gpus=$_gpu_val
         _gpu_field nodes; nodes=$_gpu_val
         _gpu_field time_limit; time=${_gpu_val:+${_gpu_val}s}
+        _gpu_record_env; env=$_gpu_env
         [ -n "$display" ] || { _gpu_field display_name; display=$_gpu_val; }
         if [ "${#_gpu_rest[@]}" -eq 0 ]; then
           _gpu_field argc; _gpu_bounded "$_gpu_val"
@@ -1664,7 +1714,7 @@ _gpu_cmd_submit() {
           "at priority $_gpu_p"
       fi ;;
   esac
-  _gpu_request "$gpus" "$nodes" "$time" || return 2
+  _gpu_request "$gpus" "$nodes" "$time" "$env" || return 2
   _gpu_resolve_after || return 1
   _gpu_request_keys "$display" "$retry_of" "${_gpu_rest[@]}"
   _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$source" "$cmdline" "$file" ""
@@ -1758,7 +1808,7 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID: queue the finished task DIR/ID agai
   _gpu_task "$dir" "$old"
   _gpu_priority "${_gpu_o_prio:-${_gpu_t_prio:-500}}" || return 2
   _gpu_request "$_gpu_t_gpus_req" "$_gpu_t_nodes_req" \
-    "${_gpu_t_time_req:+${_gpu_t_time_req}s}" || return 2
+    "${_gpu_t_time_req:+${_gpu_t_time_req}s}" "$_gpu_t_env" || return 2
   args=()
   if _gpu_load "$_gpu_q/records/$old.submit"; then
     _gpu_field argc; _gpu_bounded "$_gpu_val"
@@ -2102,6 +2152,11 @@ _gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
   _gpu_jn "$_gpu_t_time_req"; out="$out, \"time_limit\": $_gpu_j}"
   for id in $_gpu_t_after; do _gpu_js "$id"; list=$list${list:+, }$_gpu_j; done
   out="$out, \"after\": [$list]"
+  list='' IFS=$_gpu_nl
+  for id in $_gpu_t_env; do
+    _gpu_js "${id#*=}"; list="$list${list:+, }\"${id%%=*}\": $_gpu_j"
+  done
+  out="$out, \"env\": {$list}" IFS=' '
   _gpu_jstr "$_gpu_t_retry_of"; out="$out, \"retry_of\": $_gpu_j"
   _gpu_jn "$_gpu_t_submitted"; out="$out, \"submitted\": $_gpu_j"
   _gpu_jstr "$_gpu_t_by"; out="$out, \"submitted_by\": $_gpu_j"
@@ -2271,6 +2326,8 @@ _gpu_cmd_show() {
     *) what="$what on each of $_gpu_t_nodes_req nodes" ;; esac
   if [ -n "$_gpu_t_time_req" ]; then _gpu_dur "$_gpu_t_time_req"; what="$what, for $_gpu_d"; fi
   _gpu_say "Priority:   ${_gpu_t_prio:-500}; asks for $what"
+  what='Env:       '
+  for line in $_gpu_t_env; do _gpu_say "$what $line"; what='           '; done
   if [ -n "$_gpu_t_after" ]; then
     what=''
     for line in $(printf '%s\n' "$_gpu_t_after" | command tr ' ' '\n'); do

@@ -108,6 +108,12 @@ GIB = 1024 * MIB
 
 PROTOCOL_VERSION = 2
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# set by the daemon for every task (TaskRunner._environment): a submit record cannot set them
+TASK_VARS = frozenset({
+    "JOB_ID", "TASK_NAME", "TASK_SHORT_NAME", "QUEUE_ROOT", "QUEUE_DIR", "TASK_LOG",
+    "CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES", "PM_GPUS", "TASK_GPUS", "PM_NODE_RANK",
+    "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "PERPETUAL_MOTION_TASK"})
 TASK_ID_RE = re.compile(r"^[0-9]{3}-[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}-[A-Za-z0-9._-]{1,80}$")
 RECORD_NAME_RE = re.compile(r"(.+)\.(submit|run|result|stop|gang|rank[0-9]+\.(?:ready|run|result))")
 LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
@@ -260,6 +266,7 @@ class Submission:
     args: tuple[str, ...] = ()  # arguments to the script
     retry_of: str = ""
     time_limit: int | None = None  # seconds it may run before it is stopped as ``timeout``
+    env: tuple[tuple[str, str], ...] = ()  # variables set for the task (gpu_submit -e)
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Submission:
@@ -271,6 +278,15 @@ class Submission:
             args = tuple(fields[f"arg.{i}"] for i in range(argc))
         except KeyError as exc:
             raise ValueError(f"argument {exc.args[0]} is missing") from None
+        envc = _count(fields.get("envc", ""), "envc", 0, default=0)
+        if envc is None or envc > MAX_TASK_ARGS:
+            raise ValueError(f"envc={fields.get('envc')!r} is not a count of variables")
+        env = []
+        for i in range(envc):
+            name, sep, value = fields.get(f"env.{i}", "").partition("=")
+            if not sep or not ENV_NAME_RE.fullmatch(name) or name in TASK_VARS:
+                raise ValueError(f"env.{i} is not NAME=VALUE of a variable a task may set")
+            env.append((name, value))
         limit = fields.get("time_limit", "")
         time_limit = ascii_int(limit, limit=MAX_HOURS * 3600) if limit else None
         if limit and not time_limit:
@@ -280,7 +296,8 @@ class Submission:
                    display_name=fields.get("display_name", ""),
                    request=Request.parse(fields.get("gpus", ""), fields.get("nodes", "")),
                    after=tuple(fields.get("after", "").split()), args=args,
-                   retry_of=fields.get("retry_of", ""), time_limit=time_limit)
+                   retry_of=fields.get("retry_of", ""), time_limit=time_limit,
+                   env=tuple(env))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1315,7 +1332,7 @@ class TaskRunner:
         return True
 
     def _environment(self, task: RunningTask) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, **dict(task.submission.env)}  # what the daemon sets comes after
         addr, port = task.rendezvous or ("127.0.0.1",
                                          self.ports.pick(task.task_id, self.clock()))
         env.update({

@@ -83,7 +83,7 @@ def test_submit_publishes_a_copy_with_its_record(sh):
     assert record == {"id": task, "name": "train.sh", "display_name": "", "priority": "500",
                       "source": str(script), "command": "", "cwd": str(sh.cwd), "gpus": "all",
                       "nodes": "1", "after": "", "argc": "0", "retry_of": "",
-                      "time_limit": ""}
+                      "time_limit": "", "envc": "0"}
     assert json.loads((inst / "control.json").read_text()) == {"protocol": 1, "job_id": "exp1"}
     assert listing(inst / ".staging") == []
     assert listing(inst) == [".staging", "control.json", "pending", "records"]
@@ -766,7 +766,7 @@ def test_help_lists_every_command(sh):
                     "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [-w] [--json]",
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
-                    "gpu_retry [-p PRIO] [-g N] [-n N] [-t LIMIT] NAME...|--failed",
+                    "gpu_retry [OPTIONS] NAME...|--failed",
                     "gpu_stop NAME...|all",
                     "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]",
                     "gpu_drain [--node RANK]... [REASON]",

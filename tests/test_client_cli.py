@@ -516,6 +516,48 @@ def test_a_time_limit_is_recorded_shown_and_kept_by_a_retry(sh):
     assert tree(sh.root) == before
 
 
+def test_variables_given_with_e_are_recorded_shown_and_kept_by_a_retry(sh):
+    v = build_v2(sh.root)
+    (sh.cwd / "job.sh").write_text("echo\n")
+    task = submitted_id(sh.run("gpu_submit -e WANDB_MODE=offline --env 'NOTE=a b=c' "
+                               "-e WANDB_MODE=disabled job.sh"))
+    record = read_fields(v.inst / "records" / f"{task}.submit")
+    assert (record["envc"], record["env.0"], record["env.1"]) == (
+        "2", "NOTE=a b=c", "WANDB_MODE=disabled")  # the last -e of a name wins
+    out = sh.run(f"gpu_show {task}").out
+    assert "\nEnv:        NOTE=a b=c\n            WANDB_MODE=disabled\n" in out
+    [mine] = [t for t in json.loads(sh.run("gpu_status --json").out)["pending"]
+              if t["id"] == task]
+    assert mine["env"] == {"NOTE": "a b=c", "WANDB_MODE": "disabled"}
+    assert read_fields(v.inst / "records" / f"{submitted_id(sh.run('gpu_run echo'))}.submit")[
+        "envc"] == "0"
+    submit_record(v.inst, v.h, command="python train.py", envc=2, **{
+        "env.0": "A=1", "env.1": "B=2"})
+    (v.inst / "failed" / v.h).write_text("python train.py\n")
+    again = submitted_id(sh.run(f"gpu_retry -e B=3 -e C=4 {v.h} 2>/dev/null"))
+    record = read_fields(v.inst / "records" / f"{again}.submit")
+    assert [record[f"env.{i}"] for i in range(int(record["envc"]))] == ["A=1", "B=3", "C=4"]
+    again = submitted_id(sh.run(f"gpu_submit '{v.inst}/failed/{v.h}' 2>/dev/null"))
+    record = read_fields(v.inst / "records" / f"{again}.submit")
+    assert [record[f"env.{i}"] for i in range(int(record["envc"]))] == ["A=1", "B=2"]
+    before = tree(sh.root)
+    for bad, why in (("NOEQUALS", "-e wants NAME=VALUE, not 'NOEQUALS'"),
+                     ("1A=x", "-e: '1A' is not a variable name (letters, digits, _; not a digit "
+                              "first)"),
+                     ("=x", "-e: '' is not a variable name (letters, digits, _; not a digit "
+                            "first)"),
+                     ("CUDA_VISIBLE_DEVICES=3", "-e CUDA_VISIBLE_DEVICES: the daemon sets it for "
+                                                "every task (GPUs: -g)"),
+                     ("MASTER_PORT=1", "-e MASTER_PORT: the daemon sets it for every task "
+                                       "(GPUs: -g)")):
+        res = sh.run(f"gpu_run -e '{bad}' echo; echo \"rc=$?\"")
+        assert (res.out, res.err) == ("rc=2\n", f"gpu_run: {why}\n"), bad
+    res = sh.run("gpu_run -e \"$(printf 'A=1\\nB=2')\" echo; echo \"rc=$?\"")
+    assert (res.out, res.err) == ("rc=2\n", "gpu_run: option -e: a value with a newline cannot be "
+                                            "recorded\n")
+    assert tree(sh.root) == before
+
+
 def test_retry_of_several_names_and_of_every_failed_task(sh):
     inst = make_instance(sh.root)
     ids = {}

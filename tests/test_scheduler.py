@@ -4,6 +4,7 @@ declared GPU slots, with real task processes."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -415,6 +416,23 @@ def test_the_callback_runs_once_for_each_task_that_ends_with_its_end_in_its_envi
     daemon.tick()
     assert proc.poll() is not None and not daemon.callbacks.running
     assert f"The callback for {slow} ran past 60 s: killed" in caplog.text
+
+
+def test_a_task_gets_the_variables_of_its_record_but_never_those_the_daemon_sets(node, tmp_path):
+    daemon, clock, inst = node
+    out = tmp_path / "env"
+    task = submit(inst, "env.sh", f"env > '{out}'\n", gpus=1, envc=2,
+                  **{"env.0": "HF_HOME=/data/hf cache", "env.1": "NOTE=a=b"})
+    run_until(daemon, clock, lambda: (inst / "done" / task).exists())
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert (env["HF_HOME"], env["NOTE"]) == ("/data/hf cache", "a=b")
+    assert set(env) >= pm.TASK_VARS  # every variable the daemon sets, which no record may set
+    client = (Path(pm.__file__).parent / "client.sh").read_text()  # gpu_submit -e refuses them
+    assert set(re.search(r'daemon_sets="([^"]*)"', client)[1].replace("\\\n", " ").split()) \
+        == pm.TASK_VARS
+    bad = submit(inst, "bad.sh", "true\n", gpus=1, envc=1, **{"env.0": "CUDA_VISIBLE_DEVICES=7"})
+    run_until(daemon, clock, lambda: (inst / "failed" / bad).exists())
+    assert "env.0 is not NAME=VALUE of a variable a task may set" in result(inst, bad)["reason"]
 
 
 # Drain: running tasks go on, nothing new starts ##################################################
