@@ -4119,14 +4119,14 @@ class Scheduler:
         views = self.node_views()
         nodes = self.config.num_nodes if sub.request.nodes is None else sub.request.nodes
         live = {r: v for r, v in views.items() if v.alive and v.status == "running"}
-        drained = sum(self.folder.drained(r) is not None for r in live)
-        live = {r: v for r, v in live.items() if self.folder.drained(r) is None}
+        drained = {r for r in live if self.folder.drained(r) is not None}
+        live = {r: v for r, v in live.items() if r not in drained}
         free = {r: v.gpus_free for r, v in live.items()}
         total = {r: v.gpu_count for r, v in live.items()}
         chosen = choose_gang_nodes(nodes, sub.request.gpus, free, total)
         if chosen is None:
             return name, (f"waiting for {nodes} nodes, {len(live)} alive"
-                          + (f" and {drained} drained" if drained else ""))
+                          + (f" and {len(drained)} drained" if drained else ""))
         task_id = self.folder.id_for(name)
         plan = GangPlan(task_id, chosen, sub.request.gpus, f"{self.clock():.6f}")
         try:
