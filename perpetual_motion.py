@@ -119,6 +119,7 @@ RECORD_NAME_RE = re.compile(r"(.+)\.(submit|run|result|stop|gang|rank[0-9]+\.(?:
 LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
 NO_INOTIFY_VAR = "PERPETUAL_MOTION_NO_INOTIFY"  # set: the daemon polls only, inotify unused
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>
+CALLBACK_VAR = "PERPETUAL_MOTION_CALLBACK"  # a task callback and all it starts: <job>/<id>
 KILL_SCOPES = ("auto", "user-python", "task", "none")
 EXIT_FAILURE = 1  # the daemon cannot run: no psutil, an unwritable queue folder
 EXIT_USAGE = 2  # bad arguments, bad JOB_ID
@@ -775,10 +776,12 @@ def _task_marker(environ: bytes) -> str | None:
 
 
 def _is_ours(pid: int, environ: bytes) -> bool:
-    """A daemon or keep-alive worker of Perpetual Motion (of any instance): by its process
-    name, or, for a worker that has not named itself yet, by the variable it is started with."""
+    """A daemon, keep-alive worker or task callback of Perpetual Motion (of any instance): by
+    its process name, or by the variable a worker (that has not named itself yet) or a callback,
+    and all it starts, carry."""
     return process_name(pid) in (DAEMON_PROCESS_NAME, WORKER_PROCESS_NAME) or (
-        b"PERPETUAL_MOTION_WORKER=" in environ and _task_marker(environ) is None)
+        (b"PERPETUAL_MOTION_WORKER=" in environ or CALLBACK_VAR.encode() + b"=" in environ)
+        and _task_marker(environ) is None)
 
 
 def _own_pids() -> Iterator[int]:
@@ -888,7 +891,6 @@ def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = (),
             marked = f"{MARKER_VAR}=".encode() in environ
             if marked and own_marker not in environ.split(b"\0"):
                 continue  # a process of another task: that task's own business
-                continue  # keep-alive workers and daemons (of other instances too)
             victims.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -1621,7 +1623,8 @@ class Callbacks:
                "PM_TASK_NAME": short_name(result.task_id), "PM_TASK_STATE": end["state"],
                "PM_TASK_EXIT_CODE": end["exit_code"], "PM_TASK_SIGNAL": end["signal"],
                "PM_TASK_REASON": end["reason"], "PM_TASK_DURATION": end["duration"],
-               "PM_TASK_HOST": end["host"], "PM_TASK_LOG": log}
+               "PM_TASK_HOST": end["host"], "PM_TASK_LOG": log,
+               CALLBACK_VAR: f"{self.job_id}/{result.task_id}"}  # no sweep or clean-up ends it
         try:
             proc = subprocess.Popen(["bash", "-c", self.command], env=env, cwd=self.folder.root,
                                     stdin=subprocess.DEVNULL, start_new_session=True)

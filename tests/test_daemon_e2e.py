@@ -211,6 +211,20 @@ def test_the_callback_of_the_last_task_runs_even_as_the_daemon_exits(queue_root,
     assert out.read_text() == "last.sh done\n"
 
 
+def test_a_callback_outlives_the_clean_up_after_the_next_task(queue_root, start_daemon,
+                                                              tmp_path):
+    """The daemon ends what a task leaves behind among its own children: never a callback."""
+    out, inst = tmp_path / "told", queue_root / "cb2"
+    start_daemon(queue_root, "cb2", "--callback", f'sleep 4; echo "$PM_TASK_NAME" >> "{out}"')
+    first = submit(inst, "first.sh", "true\n")
+    assert wait_for(lambda: finished(inst, first), 20, what=first) == "done"
+    second = submit(inst, "second.sh", "true\n")  # ends while the first callback sleeps
+    assert wait_for(lambda: finished(inst, second), 20, what=second) == "done"
+    wait_for(lambda: out.exists() and sorted(out.read_text().split()) == ["first.sh",
+                                                                           "second.sh"],
+             15, what="both callbacks")
+
+
 def test_auto_shutdown_after_a_fraction_of_an_hour(queue_root, start_daemon):
     t0 = time.monotonic()
     daemon = start_daemon(queue_root, "brief", "--hours", "0.0005")
