@@ -120,6 +120,9 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   _gpu_bba=$'\272' _gpu_bbc=$'\274' _gpu_bbd=$'\275'
   _gpu_blank='                                                                                '
   _gpu_blank=$_gpu_blank$_gpu_blank  # 160 spaces, for _gpu_pad
+  # the commands, in the order gpu_help lists them and completion offers them
+  _gpu_commands='use list submit run status show logs tail wait retry stop clean drain resume
+shutdown help'
   _gpu_keys=''
   _gpu_cmd=$1
   shift
@@ -1200,7 +1203,7 @@ _gpu_cmd_help() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   set -- "${_gpu_args[@]}"
   if [ "$#" -gt 1 ]; then _gpu_usage; return; fi
-  local c line topic=${1#gpu_} IFS=' '
+  local c line topic=${1#gpu_} IFS=" $_gpu_nl"
   if [ -n "$topic" ]; then
     if [ "$topic" = complete ] || ! _gpu_spec "$topic"; then
       _gpu_err "no command gpu_$topic (gpu_help lists them)"
@@ -1210,8 +1213,7 @@ _gpu_cmd_help() {
     return 0
   fi
   printf 'Perpetual Motion client: a task queue for the GPUs of a cluster job.\n\n'
-  for c in use list submit run status show logs tail wait retry stop clean drain resume shutdown \
-    help; do
+  for c in $_gpu_commands; do
     _gpu_spec "$c"
     line="gpu_$c${_gpu_sp_use:+ $_gpu_sp_use}"
     if [ "${#line}" -gt 34 ]; then
@@ -3211,8 +3213,9 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
     esac
     case $what in
       help) [ "$positional" -eq 0 ] || return 0
-        printf '%s\n' use list submit run status show logs tail wait retry stop clean drain resume \
-          shutdown help
+        IFS=" $_gpu_nl"
+        # shellcheck disable=SC2086  # one word a command (globbing is off)
+        printf '%s\n' $_gpu_commands
         return 0 ;;
       use) [ "$positional" -eq 0 ] || return 0 ;;
       show | logs | tail) [ "$positional" -eq 0 ] || return 0 ;;
