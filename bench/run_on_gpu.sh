@@ -35,7 +35,7 @@ python_ok() {
 # setup OUT_DIR: prints the Python to use
 setup() {
   local out_dir="$1"
-  local venv="${PM_BENCH_VENV:-${HOME}/.cache/pm-bench-venv}"
+  local venv="${PM_BENCH_VENV:-${HOME:-/tmp}/.cache/pm-bench-venv}"
   if python_ok python3; then
     command -v python3
     return 0
