@@ -102,6 +102,8 @@ KEEPALIVE_FILLER_MIB = 1024  # MiB of matmul tiles the filler may use (it holds 
 KEEPALIVE_RESUME_AFTER_TASK = 5.0  # s after a queue task ends before the GPUs are taken again
 KEEPALIVE_RESTART_SECONDS = 5.0  # wait before restarting a crashed worker; doubles per crash
 KEEPALIVE_RESTART_MAX_SECONDS = 300.0  # longest wait between restarts of a crashing worker
+KEEPALIVE_ASSUME_DEFAULT_COMPUTE_MODE = False  # True: hold GPUs whose compute mode NVML can't read
+KEEPALIVE_RISK_SECONDS = 180.0  # s a GPU may sit below the band before it is flagged at risk
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -2025,7 +2027,8 @@ _STABLE_SECONDS = 600.0  # a worker that held its GPU this long forgets earlier 
 _BALLAST_CHUNK_MIB = 1024  # the ballast is allocated in pieces this big: keep what fits
 _BALLAST_MIN_MIB = 64  # a piece smaller than this is not taken
 _REPORT_SECONDS = 1.0  # a worker reports its measured busy share this often
-_WATCH_SECONDS = 0.025  # s between a worker's own looks for foreign work, between its tiles
+_WATCH_SECONDS = 0.025  # s between a worker's own looks at the memory, between its tiles
+_WATCH_PROCESSES_SECONDS = 0.1  # s between a worker's own looks at NVML's process list
 _START_LIMIT = 120.0  # s a worker may take to become ready before it is killed
 _SILENT_LIMIT = 10.0  # s without a report after which a ready worker is killed
 _IDLE_UTIL_MAX = 10  # % utilisation of a GPU with nothing of ours on it that is somebody's work
@@ -2033,6 +2036,11 @@ _NVML_LOOKBACK = 1.5  # s of NVML's sample buffers read at the first query (olde
 _HISTORY_STEP = 10.0  # s per point of gpu.<i>.history
 _HISTORY_POINTS = 60  # points in gpu.<i>.history: ten minutes
 _WARN_EVERY = 300.0  # s between two warnings about the same failing NVML query
+_SAMPLES_STALE = 3.0  # s without a new NVML sample after which NVML's 1-s rate stands in
+_BAND_BUCKET = 60.0  # s per bucket of the band and held shares (gpu.<i>.band_10m, ...)
+_BAND_BUCKETS = 60  # buckets kept: one hour
+_BAND_WARN_SHARE = 0.9  # a held GPU whose samples sit in the band less than this over 10 min: warn
+_YIELD_WARN_SECONDS = 1.0  # a yield that takes longer than this (detection to memory back): warn
 
 EXIT_FOREIGN = 3  # a worker's exit status: it saw foreign work on its GPU and left
 EXIT_SETUP = 4  # a worker's exit status: no device, or no memory for its tiles
@@ -2152,6 +2160,7 @@ class WorkerSpec:
     duty: float
     max_tile_mib: int = 0  # 0: no limit on the tiles' memory
     tile: int = 0  # tile size calibrated by an earlier worker on this GPU; 0: calibrate
+    used_before_mib: int = 0  # memory used on the GPU when it was started; 0: unknown
 
 
 def seed_matrix_size(memory_bytes: int, share: float = MEMORY_USAGE_TARGET) -> int:
@@ -2207,10 +2216,10 @@ class _Throttle:
         self.timefunc = timefunc
         self._last: dict[str, float] = {}
 
-    def __call__(self, key: str) -> bool:
+    def __call__(self, key: str, every: float | None = None, once: bool = False) -> bool:
         now = self.timefunc()
         last = self._last.get(key)
-        if last is not None and now - last < self.every:
+        if last is not None and (once or now - last < (self.every if every is None else every)):
             return False
         self._last[key] = now
         return True
@@ -2323,34 +2332,40 @@ class Nvml:
 
     def util_samples(self, gpu: GpuInfo) -> list[tuple[float, float]] | None:
         """New utilisation samples (NVML time in us, percent) since the last call, from the
-        driver's sample buffer; the instantaneous rate where the buffer is not supported."""
+        driver's sample buffer: [] when nothing is new, None when the buffer does not answer
+        (not supported here, or an error). The engine then reads ``util_rate``."""
         nv = self._nv
-        try:
-            handle = self._handle(gpu.index)
-            if gpu.index not in self._no_samples:
-                try:
-                    last = self._since(self._sample_ts, gpu.index)
-                    _, raw = nv.nvmlDeviceGetSamples(handle, nv.NVML_GPU_UTILIZATION_SAMPLES, last)
-                except Exception as exc:
-                    if self._is_not_found(exc) and gpu.index in self._sample_ts:
-                        return []  # nothing new since the last sample
-                    if self._is_not_found(exc):
-                        pass  # none yet at all: the rate below says what there is now
-                    elif isinstance(exc, getattr(nv, "NVMLError_NotSupported", ())):
-                        self._no_samples.add(gpu.index)
-                    else:
-                        raise
-                else:
-                    samples = [(float(s.timeStamp), float(s.sampleValue.uiVal)) for s in raw]
-                    samples = [s for s in samples if s[0] > last]
-                    if samples:
-                        self._sample_ts[gpu.index] = int(max(s[0] for s in samples))
-                    return samples
-            rate = nv.nvmlDeviceGetUtilizationRates(handle).gpu
-            return [(self._clock() * 1e6, float(rate))]
-        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
-            self._failed("utilisation", gpu.index, exc)
+        if gpu.index in self._no_samples:
             return None
+        try:
+            last = self._since(self._sample_ts, gpu.index)
+            _, raw = nv.nvmlDeviceGetSamples(self._handle(gpu.index),
+                                             nv.NVML_GPU_UTILIZATION_SAMPLES, last)
+        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
+            if self._is_not_found(exc):
+                return []  # nothing new since the last sample (or none yet)
+            if isinstance(exc, getattr(nv, "NVMLError_NotSupported", ())):
+                self._no_samples.add(gpu.index)
+                self._log.info("GPU %d has no utilisation sample buffer in NVML; its 1-s rate "
+                               "stands in", gpu.index)
+            else:
+                self._failed("utilisation samples", gpu.index, exc)
+            return None
+        samples = [(float(s.timeStamp), float(s.sampleValue.uiVal)) for s in raw]
+        samples = [s for s in samples if s[0] > last]
+        if samples:
+            self._sample_ts[gpu.index] = int(max(s[0] for s in samples))
+        return samples
+
+    def util_rate(self, gpu: GpuInfo) -> tuple[float, float] | None:
+        """NVML's utilisation rate (its last sample period, about 1 s), stamped now on NVML's
+        clock (wall-clock us); the next-best reading when the sample buffer gives nothing."""
+        try:
+            rate = self._nv.nvmlDeviceGetUtilizationRates(self._handle(gpu.index)).gpu
+        except Exception as exc:  # noqa: BLE001 - every NVML query may fail alone
+            self._failed("utilisation rate", gpu.index, exc)
+            return None
+        return self._clock() * 1e6, float(rate)
 
     def compute_processes(self, gpu: GpuInfo) -> list[GpuProcess] | None:
         if self.hide_processes:
@@ -2408,26 +2423,49 @@ def _text(value) -> str:
 
 
 class UtilWindow:
-    """Recent utilisation samples of one GPU, on NVML's own clock (microseconds)."""
+    """Recent utilisation samples of one GPU, on NVML's own clock (microseconds). Samples age
+    by the engine's clock too: a window that has had no new sample for _SAMPLES_STALE seconds
+    is stale, and means nothing until fresh readings come (a sample buffer that stops
+    delivering must not leave its last busy samples standing for ever). ``rated``: it holds
+    NVML's 1-s rate, read while the buffer gave nothing."""
 
     def __init__(self, keep: float = 10.0) -> None:
         self.keep_us = keep * 1e6
         self.samples: collections.deque[tuple[float, float]] = collections.deque()
+        self.fresh_at: float | None = None  # engine time of the last new reading
+        self.rated = False
 
-    def add(self, samples: Iterable[tuple[float, float]]) -> None:
-        for sample in sorted(samples):
+    def add(self, samples: Iterable[tuple[float, float]], now: float | None = None,
+            rated: bool = False) -> None:
+        samples = sorted(samples)
+        if not samples:
+            return
+        if rated != self.rated:  # the rate's time stamps and the buffer's do not interleave
+            self.samples.clear()
+            self.rated = rated
+        for sample in samples:
             if not self.samples or sample[0] > self.samples[-1][0]:
                 self.samples.append(sample)
         while self.samples and self.samples[0][0] < self.samples[-1][0] - self.keep_us:
             self.samples.popleft()
+        if now is not None:
+            self.fresh_at = now
+
+    def stale(self, now: float) -> bool:
+        return self.fresh_at is None or now - self.fresh_at > _SAMPLES_STALE
+
+    def age(self, now: float) -> float | None:
+        return None if self.fresh_at is None else now - self.fresh_at
 
     @property
     def newest(self) -> float | None:
         return self.samples[-1][0] if self.samples else None
 
-    def mean(self, seconds: float = KEEPALIVE_UTIL_WINDOW, after: float | None = None):
-        """Mean of the last ``seconds`` of samples (only those later than ``after``), or None."""
-        if not self.samples:
+    def mean(self, seconds: float = KEEPALIVE_UTIL_WINDOW, after: float | None = None,
+             now: float | None = None):
+        """Mean of the last ``seconds`` of samples (only those later than ``after``), or None;
+        None too when the window is stale at ``now`` (the engine's clock)."""
+        if not self.samples or (now is not None and self.stale(now)):
             return None
         start = self.samples[-1][0] - seconds * 1e6
         if after is not None:
@@ -2548,6 +2586,8 @@ def worker_args(gpu: GpuInfo, spec: WorkerSpec) -> list[str]:
         args += ["--max-tile-mib", str(spec.max_tile_mib)]
     if spec.tile:
         args += ["--tile", str(spec.tile)]
+    if spec.used_before_mib:
+        args += ["--used-before-mib", str(spec.used_before_mib)]
     return args
 
 
@@ -2657,6 +2697,66 @@ class _Worker:
 
 
 @dataclasses.dataclass
+class YieldRecord:
+    """One yield of a held GPU to foreign work: what was seen, by which signal, and how long
+    from detection until the worker was gone and until its memory was back (s)."""
+
+    at: float  # engine time of the detection
+    what: str
+    signal: str  # "process list", "per-process utilisation", "memory", "utilisation",
+    # or "the worker's own watch"
+    memory_limit: int | None = None  # bytes used at most once our memory is back
+    exit_after: float | None = None
+    memory_after: float | None = None
+    done: bool = False  # no longer followed
+
+    def text(self) -> str:
+        def sec(value: float | None) -> str:
+            return "?" if value is None else f"{value:.2f} s"
+
+        return (f"{self.what} (by {self.signal}): worker gone {sec(self.exit_after)}, "
+                f"memory back {sec(self.memory_after)}")
+
+
+class ShareMeter:
+    """How a GPU fared, in buckets of _BAND_BUCKET seconds over the last _BAND_BUCKETS: NVML
+    samples read while held, and how many of them were in the band; seconds seen, held, and
+    kept busy (held, a queue task or foreign work)."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, list[float]] = {}  # bucket: [in band, samples, seen, held]
+
+    def _bucket(self, now: float) -> list[float]:
+        key = math.floor(now / _BAND_BUCKET)
+        if key not in self.buckets:
+            self.buckets[key] = [0.0, 0.0, 0.0, 0.0]
+            for old in [k for k in self.buckets if k <= key - _BAND_BUCKETS]:
+                del self.buckets[old]
+        return self.buckets[key]
+
+    def samples(self, now: float, values: Iterable[float]) -> None:
+        bucket = self._bucket(now)
+        for value in values:
+            bucket[0] += GPU_UTIL_TARGET <= value <= GPU_UTIL_HIGH
+            bucket[1] += 1
+
+    def time(self, now: float, seconds: float, held: bool) -> None:
+        bucket = self._bucket(now)
+        bucket[2] += seconds
+        bucket[3] += seconds if held else 0.0
+
+    def share(self, now: float, seconds: float, what: str) -> float | None:
+        """``what``: "band" (of the samples read while held) or "held" (of the time seen)."""
+        part, whole = (0, 1) if what == "band" else (3, 2)
+        total = self.total(now, seconds, whole)
+        return self.total(now, seconds, part) / total if total else None
+
+    def total(self, now: float, seconds: float, column: int) -> float:
+        first = math.floor((now - seconds) / _BAND_BUCKET)
+        return sum(b[column] for k, b in self.buckets.items() if k > first)
+
+
+@dataclasses.dataclass
 class _Slot:
     """Everything the engine knows about one GPU."""
 
@@ -2683,6 +2783,15 @@ class _Slot:
     released_at: float | None = None  # when a queue task asked for the GPU (until it ends)
     release_done: bool = False  # its keep-alive memory is free since
     announced: bool = False
+    notes: tuple[str, ...] = ()  # NVML readings that stand in for one that fails, and why
+    util_note: str = ""  # which utilisation reading the window holds, when not the buffer's
+    meter: ShareMeter = dataclasses.field(default_factory=ShareMeter)
+    ticked_at: float | None = None
+    last_yield: YieldRecord | None = None
+    low_for: float | None = None  # since when utilisation sits below the band (reclaim risk)
+    risk: str = ""  # the reclaim risk shown in gpu.<i>.risk, "" when none
+    band_warned: bool = False
+    pids_foreign: bool = False  # NVML lists our worker under another PID
 
     @property
     def label(self) -> str:
@@ -2700,8 +2809,9 @@ class _Slot:
 
 
 def read_gpu(gpu, slot: _Slot, now: float) -> Reading:
-    """One GPU's NVML figures, kept in its slot (window, history, memory, failures)."""
-    samples = gpu.util_samples(slot.gpu)
+    """One GPU's NVML figures, kept in its slot (window, history, memory, failures). Each
+    reading that fails falls back to the next best, and ``slot.notes`` says which stands in."""
+    samples = read_utilisation(gpu, slot, now)
     memory = gpu.memory(slot.gpu)
     processes = gpu.compute_processes(slot.gpu)
     process_util = gpu.process_util(slot.gpu)
@@ -2712,18 +2822,68 @@ def read_gpu(gpu, slot: _Slot, now: float) -> Reading:
         processes=tuple(processes) if processes is not None else None,
         process_util=tuple(process_util) if process_util is not None else None,
     )
-    if reading.samples:
-        slot.window.add(reading.samples)
-        slot.history.add(now, reading.samples)
-    elif reading.samples is None:
-        slot.window = UtilWindow()  # no stale figure while NVML does not answer
     if memory:
         slot.memory_used, slot.memory_total = memory
     if reading.failed:
         slot.nvml_failing_since = slot.nvml_failing_since or now
     else:
         slot.nvml_failing_since = None
+    notes = [slot.util_note]
+    if memory is None:
+        notes.append("memory: NVML fails, the worker reads it through CUDA")
+    if processes is None:
+        notes.append("process list: NVML fails, memory and utilisation decide")
+    else:
+        notes.append(process_list_note(slot, reading))
+    # with nothing answering, "NVML not answering" (the engine's reason) says it all
+    slot.notes = () if reading.failed else tuple(note for note in notes if note)
     return reading
+
+
+def read_utilisation(gpu, slot: _Slot, now: float) -> list[tuple[float, float]] | None:
+    """New utilisation samples into the slot's window: the sample buffer's; where it gives
+    none for _SAMPLES_STALE seconds, or fails, NVML's 1-s rate, read every tick; where that
+    fails too, nothing (the window empties: no stale figure decides)."""
+    samples = gpu.util_samples(slot.gpu)
+    if samples:
+        slot.util_note = ""
+    elif samples is None or slot.window.rated or slot.window.stale(now):
+        if samples is None:
+            why = "the sample buffer does not answer"
+        elif slot.window.fresh_at is None or slot.window.rated:
+            why = "the sample buffer gives no sample"
+        else:
+            why = f"no new sample for {slot.window.age(now):.0f} s"
+        rate = gpu.util_rate(slot.gpu)
+        if rate is None:
+            slot.window = UtilWindow()
+            slot.util_note = f"utilisation: none ({why}; the 1-s rate fails too)"
+            return None
+        slot.window.add([rate], now, rated=True)
+        slot.history.add(now, [rate])
+        slot.util_note = f"utilisation: NVML's 1-s rate ({why})"
+        return [rate]
+    if samples:
+        slot.window.add(samples, now)
+        slot.history.add(now, samples)
+    return samples
+
+
+def process_list_note(slot: _Slot, reading: Reading) -> str:
+    """What NVML's process list is worth on this GPU, judged by our own worker: a worker that
+    holds its memory yet is not listed at all means the list shows nothing (a sandbox's GPU
+    proxy, say): that goes into the GPU's reason. One listed under another PID means another
+    PID namespace, or a proxy that shows many processes as one (``pids_foreign``, logged
+    once): processes are counted, never matched, and memory decides too."""
+    worker = slot.worker
+    if worker is None or worker.ready_at is None or worker.stop_at is not None \
+            or reading.processes is None:
+        return ""
+    pids = {p.pid for p in reading.processes}
+    if not pids:
+        return "process list: our worker is not listed (a sandbox?): memory decides"
+    slot.pids_foreign = worker.handle.pid not in pids
+    return ""
 
 
 def foreign_work(slot: _Slot, reading: Reading, now: float) -> str:
@@ -2766,6 +2926,17 @@ def foreign_work(slot: _Slot, reading: Reading, now: float) -> str:
         if extra > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
             return f"foreign memory +{extra // MIB} MiB"
     return ""
+
+
+def yield_signal(reason: str) -> str:
+    """Which NVML reading a reason of ``foreign_work`` (or the controller) comes from."""
+    if reason.startswith("foreign utilisation"):
+        return "per-process utilisation"
+    if reason.startswith("foreign memory"):
+        return "memory"
+    if "process" in reason:
+        return "process list"
+    return "utilisation"
 
 
 def task_utilisation(worker: _Worker, reading: Reading) -> int | None:
@@ -2823,6 +2994,11 @@ class Workers:
             slot.set(GpuState.YIELDED, slot.foreign_reason)
             self.log.info("%s%s: worker saw %s and left", self.prefix, slot.label,
                           slot.foreign_reason)
+            if worker.ready_at is not None:  # it left as it saw it: timed from this tick
+                limit = None if worker.memory_before is None else \
+                    worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB
+                slot.last_yield = YieldRecord(now, slot.foreign_reason,
+                                              "the worker's own watch", limit, exit_after=0.0)
         else:
             if worker.ready_at is not None and now - worker.ready_at >= _STABLE_SECONDS:
                 slot.crashes = 0
@@ -2889,13 +3065,18 @@ class Workers:
 
     def start(self, slot: _Slot, now: float, spec: WorkerSpec, reading: Reading) -> None:
         mode = self.nvml.compute_mode(slot.gpu)
-        if mode not in (None, 0):
+        if mode != 0 and not (mode is None and KEEPALIVE_ASSUME_DEFAULT_COMPUTE_MODE):
             # EXCLUSIVE_PROCESS: while our context exists, every other process's context
-            # creation fails, so whoever comes next would crash instead of being yielded to
-            reason = f"compute mode {COMPUTE_MODES.get(mode, mode)}: skipped"
+            # creation fails, so whoever comes next would crash instead of being yielded to.
+            # A mode NVML cannot read may be that: not held, unless the setting says so.
+            if mode is None:
+                reason = ("compute mode unknown (NVML cannot read it): not held; "
+                          "KEEPALIVE_ASSUME_DEFAULT_COMPUTE_MODE = True holds it")
+            else:
+                reason = f"compute mode {COMPUTE_MODES.get(mode, mode)}: skipped"
             if slot.reason != reason:
-                self.log.info("%s%s: %s (keep-alive needs DEFAULT)", self.prefix, slot.label,
-                              reason)
+                self.log.warning("%s%s: %s (keep-alive needs DEFAULT)", self.prefix,
+                                 slot.label, reason)
             slot.set(GpuState.OFF, reason)
             return
         if not slot.announced and spec.mode is WorkerMode.HOLD:
@@ -2907,6 +3088,8 @@ class Workers:
                           spec.memory_mib / 1024, seed_matrix_size(total),
                           seed_matrix_size(total), MEMORY_USAGE_TARGET * 100, KEEPALIVE_TILE_MS)
             slot.announced = True
+        if reading.memory_used is not None:
+            spec = dataclasses.replace(spec, used_before_mib=reading.memory_used // MIB)
         try:
             handle = self.spawn(slot.gpu, spec)
         except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash
@@ -2916,7 +3099,8 @@ class Workers:
             self.log.warning("%s%s: keep-alive worker did not start (%s); retrying in %.0f s",
                              self.prefix, slot.label, exc, delay)
             return
-        slot.worker = _Worker(handle, spec, now, reading.memory_used)
+        slot.worker = _Worker(handle, spec, now, reading.memory_used
+                              if reading.memory_used is not None else slot.memory_used)
         slot.controller = DutyController(spec.duty)
         slot.set(GpuState.STARTING, "")
 
@@ -3106,12 +3290,21 @@ class GpuKeepAlive(KeepAlive):
             util = slot.window.mean()
             worker = slot.worker
             ready = worker is not None and worker.ready_at is not None
+            reason = "; ".join(part for part in (slot.reason, *slot.notes) if part)
+            record = slot.last_yield
             fields.update({
                 f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
                 f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
                 f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
                 f"gpu.{i}.state": slot.state.value,
-                f"gpu.{i}.reason": slot.reason,
+                f"gpu.{i}.reason": reason,
+                f"gpu.{i}.band_10m": _share(slot.meter.share(now, 600.0, "band")),
+                f"gpu.{i}.band_1h": _share(slot.meter.share(now, 3600.0, "band")),
+                f"gpu.{i}.held_10m": _share(slot.meter.share(now, 600.0, "held")),
+                f"gpu.{i}.held_1h": _share(slot.meter.share(now, 3600.0, "held")),
+                f"gpu.{i}.last_yield": "" if record is None else record.text(),
+                f"gpu.{i}.last_yield_age": "" if record is None else f"{now - record.at:.0f}",
+                f"gpu.{i}.risk": slot.risk,
                 f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
                 f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
                 f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
@@ -3145,12 +3338,89 @@ class GpuKeepAlive(KeepAlive):
             slot.set(GpuState.OFF, "MIG mode: skipped")
             return
         reading = read_gpu(self.nvml, slot, now)
+        if slot.pids_foreign and self._throttle(f"pids/{slot.gpu.index}", once=True):
+            self.log.info("%s%s: NVML lists our worker under another PID (another PID "
+                          "namespace, or a GPU proxy that shows many processes as one): "
+                          "processes are counted, and memory decides too", self.prefix,
+                          slot.label)
         self.workers.reap(slot, now)
         self.workers.watchdog(slot, now)
         if task_running:
             self._during_task(slot, now, reading)
         else:
             self._between_tasks(slot, now, reading)
+        self._measure(slot, now, reading, task_running)
+
+    # How each GPU fares: band and held shares, the last yield, the reclaim risk
+
+    def _measure(self, slot: _Slot, now: float, reading: Reading, task_running: bool) -> None:
+        worker = slot.worker
+        held = worker is not None and worker.ready_at is not None and worker.stop_at is None
+        if slot.ticked_at is not None:
+            slot.meter.time(now, min(now - slot.ticked_at, 5.0), held)
+        slot.ticked_at = now
+        if held and reading.samples and worker.spec.mode is WorkerMode.HOLD:
+            slot.meter.samples(now, [value for _, value in reading.samples])
+        band = slot.meter.share(now, 600.0, "band")
+        held_for = slot.meter.total(now, 600.0, 3)  # s held in the last ten minutes
+        if band is not None and band < _BAND_WARN_SHARE and held_for >= 300.0:
+            if not slot.band_warned:
+                self.log.warning("%s%s: only %.0f%% of NVML's samples in the band %d-%d%% "
+                                 "over 10 min while held (%s)", self.prefix, slot.label,
+                                 100 * band, GPU_UTIL_TARGET, GPU_UTIL_HIGH,
+                                 "; ".join(slot.notes) or "no reading stands in")
+                slot.band_warned = True
+        elif band is not None and band >= _BAND_WARN_SHARE:
+            slot.band_warned = False
+        self._follow_yield(slot, now, reading)
+        self._reclaim_risk(slot, now, task_running)
+
+    def _follow_yield(self, slot: _Slot, now: float, reading: Reading) -> None:
+        """Time the last yield: until its worker is gone, and until its memory is back (not
+        followed past a minute: a job that grows meanwhile can hide our memory's return)."""
+        record = slot.last_yield
+        if record is None or record.done:
+            return
+        if record.exit_after is None:
+            if slot.worker is not None:
+                return
+            record.exit_after = max(0.0, (slot.last_exit or now) - record.at)
+        used = reading.memory_used
+        if record.memory_limit is None or (used is not None and used <= record.memory_limit):
+            record.memory_after = max(record.exit_after, now - record.at)
+        elif now - record.at <= 60.0:
+            return
+        record.done = True
+        took = record.memory_after if record.memory_after is not None else now - record.at
+        if took > _YIELD_WARN_SECONDS:
+            self.log.warning("%s%s: yielding to %s took %s s until the memory was back "
+                             "(worker gone after %.2f s)", self.prefix, slot.label, record.what,
+                             f"{took:.2f}" if record.memory_after is not None else
+                             f"more than {took:.0f}", record.exit_after)
+
+    def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
+        """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
+        idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts)."""
+        util = slot.window.mean()
+        if util is not None and util >= GPU_UTIL_TARGET:
+            if slot.risk:
+                self.log.info("%s%s: back at %.0f%% utilisation: no longer at risk",
+                              self.prefix, slot.label, util)
+            slot.low_for, slot.risk = None, ""
+            return
+        if slot.low_for is None:
+            slot.low_for = now
+        idle = now - slot.low_for
+        if idle < KEEPALIVE_RISK_SECONDS:
+            return
+        shown = "unknown" if util is None else f"{util:.0f}%"
+        why = "a queue task leaves it idle" if task_running else (
+            f"keep-alive {slot.state.value}" + (f": {slot.reason}" if slot.reason else ""))
+        notes = "; ".join(slot.notes)
+        slot.risk = (f"{slot.label} idle {idle / 60:.0f} min ({shown}): {why}"
+                     + (f"; {notes}" if notes else ""))
+        if self._throttle(f"risk/{slot.gpu.index}", every=600.0):
+            self.log.warning("%sAt risk of reclaim: %s", self.prefix, slot.risk)
 
     def _between_tasks(self, slot: _Slot, now: float, reading: Reading) -> None:
         if slot.resume_at is not None:
@@ -3191,16 +3461,18 @@ class GpuKeepAlive(KeepAlive):
             slot.foreign_at = None
         slot.restart_at = None
         total, used = reading.memory_total, reading.memory_used
-        if used is None or total is None:
-            return
+        total = total or slot.gpu.memory_total
         util = slot.window.mean()
-        if util is None:
-            return  # nothing known yet: whether somebody computes there
-        if util >= _IDLE_UTIL_MAX:  # somebody computes: not ours to take
+        # Where NVML gives no utilisation at all (buffer and rate fail), the GPU is taken all
+        # the same: the memory and the process list still show foreign work, and a GPU left
+        # idle is what gets the job reclaimed (slot.notes say so in the GPU's reason).
+        if util is not None and util >= _IDLE_UTIL_MAX:  # somebody computes: not ours
             self._yield(slot, now, f"GPU busy ({util:.0f}%) without us")
             return
-        memory = hold_mib(total, used)
         target = int(MEMORY_USAGE_TARGET * total // MIB)
+        # Where NVML cannot read the memory, the worker can: it takes its ballast a piece
+        # at a time, each within CUDA's live free memory less the headroom.
+        memory = target if used is None else hold_mib(total, used)
         if memory < target:  # a worker never starts without room for its whole ballast
             reason = f"no room for the ballast ({memory} of {target} MiB)"
             if not slot.reason.startswith("no room"):
@@ -3217,8 +3489,15 @@ class GpuKeepAlive(KeepAlive):
         slot.foreign_at = now
         slot.foreign_reason = reason
         if slot.worker is not None and slot.worker.stop_at is None:
-            self.workers.stop(slot, now, reason)
+            self._stop_for(slot, now, reason)
         slot.set(GpuState.YIELDED, reason)
+
+    def _stop_for(self, slot: _Slot, now: float, reason: str) -> None:
+        """Stop the worker for foreign work, and follow the yield (``slot.last_yield``)."""
+        worker = slot.worker
+        self.workers.stop(slot, now, reason)
+        if worker is not None and worker.ready_at is not None:
+            slot.last_yield = YieldRecord(now, reason, yield_signal(reason), slot.release_below)
 
     def _during_task(self, slot: _Slot, now: float, reading: Reading) -> None:
         worker = slot.worker
@@ -3277,7 +3556,7 @@ class GpuKeepAlive(KeepAlive):
             else:  # busy beyond what we do, by something NVML does not list
                 slot.foreign_at = now
                 slot.foreign_reason = f"GPU busy ({util:.0f}%) without us"
-                self.workers.stop(slot, now, slot.foreign_reason)
+                self._stop_for(slot, now, slot.foreign_reason)
                 slot.set(GpuState.YIELDED, slot.foreign_reason)
 
     def _stop_filler(self, slot: _Slot, now: float, reason: str) -> None:
@@ -3289,6 +3568,10 @@ class GpuKeepAlive(KeepAlive):
 
 def _mib(value: int | None) -> str:
     return "" if value is None else str(value // MIB)
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 # GPUs of the node ###########################################################################
@@ -3639,13 +3922,17 @@ class ForeignWork(Exception):
 
 
 class _NvmlWatch:
-    """The worker's own look for foreign work, every _WATCH_SECONDS: the fast path of the
-    yield, which does not wait for the daemon's next tick. Foreign work is a second process
-    on the GPU, or memory used beyond what was used before this worker started and what it
-    holds itself (``own``, bytes: its tensors and its context). The two are asked apart: a
-    process list that NVML refuses (a version mismatch, no permission) leaves the memory."""
+    """The worker's own look for foreign work: the fast path of the yield, which does not
+    wait for the daemon's next tick. Foreign work is a second process on the GPU, or memory
+    used beyond what was used before this worker made its context (``before``) and what it
+    holds itself (``own``, bytes: its tensors and its context). Memory is read at every look
+    (every _WATCH_SECONDS), the process list every _WATCH_PROCESSES_SECONDS: the list costs
+    the driver more, and a job's context shows in the memory anyway. The two are asked
+    apart: a process list that NVML refuses leaves the memory, and memory that NVML cannot
+    read is read through CUDA (``cuda_used``, set once torch is there)."""
 
-    def __init__(self, uuid: str, module=None, hide_processes: bool = False) -> None:
+    def __init__(self, uuid: str, module=None, hide_processes: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if module is None:
             import pynvml as module
 
@@ -3653,14 +3940,30 @@ class _NvmlWatch:
         self.nv = module
         self.handle = module.nvmlDeviceGetHandleByUUID(uuid)
         self.hide_processes = hide_processes
-        self.before = self.used()  # read before this worker creates its context
+        self.clock = clock
+        self.cuda_used: Callable[[], int] | None = None
+        self.calls = 0  # NVML queries made, for the benchmark
+        self.before = self.used()  # taken again just before the context (``rebase``)
         self.own = 0
+        self.next_list = 0.0
 
     def used(self) -> int:
-        return int(self.nv.nvmlDeviceGetMemoryInfo(self.handle).used)
+        self.calls += 1
+        try:
+            return int(self.nv.nvmlDeviceGetMemoryInfo(self.handle).used)
+        except Exception:
+            if self.cuda_used is None:
+                raise
+            return self.cuda_used()
+
+    def rebase(self) -> None:
+        """What is used now, before this worker's context exists, is not ours to explain."""
+        self.before = self.used()
 
     def __call__(self) -> str:
-        if not self.hide_processes:
+        if not self.hide_processes and self.clock() >= self.next_list:
+            self.next_list = self.clock() + _WATCH_PROCESSES_SECONDS
+            self.calls += 1
             try:
                 if len(self.nv.nvmlDeviceGetComputeRunningProcesses(self.handle)) > 1:
                     return "foreign-process"
@@ -3732,6 +4035,20 @@ def setup_worker(torch, args: argparse.Namespace,
         total = torch.cuda.mem_get_info()[1]
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_mib * MIB / total))
     element = 2 if cuda else 4
+    if cuda and watch is not None:
+        # The baseline is taken now, just before our context exists, not before torch was
+        # imported: a job that started meanwhile (the import takes seconds) is no part of
+        # our context, and what the daemon saw used at our start tells whether it came.
+        def cuda_used() -> int:
+            free, total = torch.cuda.mem_get_info()
+            return int(total - free)
+
+        watch.cuda_used = cuda_used
+        watch.rebase()
+        baseline = watch.before
+        if args.used_before_mib and \
+                baseline - args.used_before_mib * MIB > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
+            raise ForeignWork("foreign-memory")
 
     def make(n: int) -> TorchTiles:
         return TorchTiles(torch, n, args.device)
@@ -3749,7 +4066,7 @@ def setup_worker(torch, args: argparse.Namespace,
     torch.cuda.empty_cache()  # the sizes tried while calibrating
     context = _CONTEXT_MIB * MIB
     if watch is not None:
-        measured = watch.used() - watch.before - torch.cuda.memory_reserved()
+        measured = watch.used() - baseline - torch.cuda.memory_reserved()
         if measured > (_CONTEXT_MAX_MIB + KEEPALIVE_FOREIGN_MEMORY_MIB) * MIB:
             raise ForeignWork("foreign-memory")
         context = min(max(measured, 0), _CONTEXT_MAX_MIB * MIB)
@@ -3775,6 +4092,8 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tile-mib", type=int, default=0)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for the tests")
     parser.add_argument("--no-watch", action="store_true", help="leave foreign work to the daemon")
+    parser.add_argument("--used-before-mib", type=int, default=0,
+                        help="memory used on the GPU when the daemon started this worker")
     parser.add_argument("--hide-processes", action="store_true", help=argparse.SUPPRESS)
     return parser
 

@@ -65,6 +65,10 @@ class SimGpu:
         self.offset = 0.0
         self.noise = node.noise  # standard deviation of one NVML sample, in points
         self.failing: tuple[float, float] | None = None  # NVML fails in [start, end)
+        self.broken: set[str] = set()  # queries that fail alone: samples, rate, memory,
+        # processes, putil, compute mode
+        self.dry_from = INF  # from then on the sample buffer delivers nothing new
+        self.one_pid: int | None = None  # a GPU proxy: every listed process shows as this pid
         self.buffer_seconds = 20.0  # how far back the driver's sample buffer reaches
         self.sample_t = node.now - 30.0  # the driver sampled before the daemon started
         self.samples: list[tuple[float, float]] = []
@@ -102,9 +106,11 @@ class SimGpu:
             self.samples.append((self.sample_t * 1e6, self.util(self.sample_t)))
 
     def buffered(self) -> list[tuple[float, float]]:
-        """The driver's sample buffer: the last ``buffer_seconds`` of samples."""
+        """The driver's sample buffer: the last ``buffer_seconds`` of samples (none taken
+        after ``dry_from``: a buffer that stopped delivering)."""
         self.generate()
-        return [s for s in self.samples if s[0] > (self.node.now - self.buffer_seconds) * 1e6]
+        since = (self.node.now - self.buffer_seconds) * 1e6
+        return [s for s in self.samples if since < s[0] <= self.dry_from * 1e6]
 
 
 class SimNvml:
@@ -114,22 +120,22 @@ class SimNvml:
         self.node = node
         self.calls = 0
 
-    def _gpu(self, info: pm.GpuInfo) -> SimGpu | None:
+    def _gpu(self, info: pm.GpuInfo, query: str = "") -> SimGpu | None:
         self.calls += 1
         gpu = self.node.gpus[info.index]
-        return gpu if gpu.nvml_ok() else None
+        return gpu if gpu.nvml_ok() and query not in gpu.broken else None
 
     def gpus(self) -> list[pm.GpuInfo]:
         return [g.info for g in self.node.gpus]
 
     def memory(self, info):
-        gpu = self._gpu(info)
+        gpu = self._gpu(info, "memory")
         if gpu is None:
             return None
         return gpu.used(self.node.now), gpu.info.memory_total
 
     def util_samples(self, info):
-        gpu = self._gpu(info)
+        gpu = self._gpu(info, "samples")
         if gpu is None:
             return None
         fresh = [s for s in gpu.buffered() if s[0] > gpu.read_upto]
@@ -137,8 +143,15 @@ class SimNvml:
             gpu.read_upto = fresh[-1][0]
         return fresh
 
+    def util_rate(self, info):
+        """NVML's rate: the utilisation of the last sample period, stamped now."""
+        gpu = self._gpu(info, "rate")
+        if gpu is None:
+            return None
+        return self.node.now * 1e6, gpu.util(self.node.now)
+
     def compute_processes(self, info):
-        gpu = self._gpu(info)
+        gpu = self._gpu(info, "processes")
         if gpu is None:
             return None
         if self.node.hide_processes:
@@ -146,10 +159,12 @@ class SimNvml:
         t = self.node.now
         found = [pm.GpuProcess(p.pid, p.memory) for p in gpu.foreign if p.alive(t) and p.listed]
         found += [pm.GpuProcess(w.pid, w.memory(t)) for w in gpu.workers if w.listed(t)]
+        if gpu.one_pid is not None and found:  # a proxy: one host process for them all
+            return [pm.GpuProcess(gpu.one_pid, sum(p.memory_used or 0 for p in found))]
         return found
 
     def process_util(self, info):
-        gpu = self._gpu(info)
+        gpu = self._gpu(info, "putil")
         if gpu is None:
             return None
         if self.node.hide_processes:
@@ -162,7 +177,7 @@ class SimNvml:
         return found
 
     def compute_mode(self, info):
-        gpu = self._gpu(info)
+        gpu = self._gpu(info, "compute mode")
         return None if gpu is None else gpu.compute_mode
 
 

@@ -1062,7 +1062,8 @@ def test_nvml_wrapper_reads_and_survives_failures(caplog):
     gpus[0]["samples"].append((T + 300, 75))
     assert nvml.util_samples(info) == [(T + 300.0, 75.0)]
     quiet_gpu = pm.Nvml(stub_pynvml([dict(GPUS[0], samples=[])]), log, clock=lambda: NOW)
-    assert quiet_gpu.util_samples(info) == [(NOW * 1e6, 3.0)]  # no sample yet: the rate
+    assert quiet_gpu.util_samples(info) == []  # no sample yet
+    assert quiet_gpu.util_rate(info) == (NOW * 1e6, 3.0)  # what stands in: the 1-s rate
     assert nvml.memory(info) == (3 * GIB, 80 * GIB)
     assert [p.pid for p in nvml.compute_processes(info)] == [11, 12]
     assert nvml.process_util(info) == []
@@ -1529,3 +1530,227 @@ def test_engine_relays_a_failing_workers_message_and_backs_off(log, caplog):
         assert "GPU 0 worker:" in caplog.text and "CUDA" in caplog.text
     finally:
         ka.stop()
+
+
+# NVML readings that go stale or fail: the next best stands in, and the reason says which #####
+
+
+def test_a_sample_buffer_that_runs_dry_does_not_keep_a_departed_job_alive(log):
+    """A hidden job at 95% leaves, and the driver's buffer delivers nothing new from then on:
+    its last busy samples must not keep the GPU yielded for ever."""
+    node = sim.scenario_idle_gpu()
+    job = node.foreign(0, start=node.now + 5, end=node.now + 40, memory=64 * MIB, util=95,
+                       listed=False, sampled=False)
+    node.gpus[0].dry_from = job.end
+    ka = start(node, log, holdoff=10.0)
+    sim.run(node, ka, 35, poll=0.5)
+    assert field(ka, 0, "state") == "yielded" and "busy" in field(ka, 0, "reason")
+    sim.run(node, ka, 40, poll=0.5)
+    assert field(ka, 0, "state") == "holding", ka.gpu_fields()
+    assert "NVML's 1-s rate (no new sample for" in field(ka, 0, "reason") or \
+        "NVML's 1-s rate (the sample buffer gives no sample" in field(ka, 0, "reason")
+    assert pm.GPU_UTIL_TARGET - 15 <= float(field(ka, 0, "util")) <= pm.GPU_UTIL_HIGH + 10
+
+
+def test_a_stale_window_means_nothing():
+    window = pm.UtilWindow()
+    window.add([(1e6, 95.0), (1.2e6, 95.0)], now=100.0)
+    assert window.mean(now=101.0) == 95.0
+    assert window.stale(100.0 + pm._SAMPLES_STALE + 0.1)
+    assert window.mean(now=100.0 + pm._SAMPLES_STALE + 0.1) is None
+    window.add([(2e6, 10.0)], now=105.0, rated=True)  # the rate replaces the stale samples
+    assert list(window.samples) == [(2e6, 10.0)] and window.rated
+
+
+NVML_ERRORS = ["NVMLError_Unknown", "NVMLError_GpuIsLost", "NVMLError_Timeout",
+               "NVMLError_NoPermission", "NVMLError_NotSupported", "NVMLError_Uninitialized",
+               "NVMLError_InsufficientSize", "NVMLError_NoData", "NVMLError_DriverNotLoaded"]
+
+
+def break_nvml(nv, errors):
+    """``nv`` (a stand-in module) raises pynvml's own error classes from the queries named."""
+    import pynvml
+
+    nv.NVMLError = pynvml.NVMLError
+    nv.NVMLError_NotFound = pynvml.NVMLError_NotFound
+    nv.NVMLError_NotSupported = pynvml.NVMLError_NotSupported
+    nv.NVMLError_NoPermission = pynvml.NVMLError_NoPermission
+    names = {"samples": "nvmlDeviceGetSamples", "rate": "nvmlDeviceGetUtilizationRates",
+             "memory": "nvmlDeviceGetMemoryInfo",
+             "processes": "nvmlDeviceGetComputeRunningProcesses",
+             "putil": "nvmlDeviceGetProcessUtilization", "mode": "nvmlDeviceGetComputeMode"}
+    def failing(error):
+        def fail(*args):
+            raise error()
+        return fail
+
+    for query, error in errors.items():
+        setattr(nv, names[query], failing(getattr(pynvml, error)))
+
+
+@pytest.mark.parametrize("error", NVML_ERRORS)
+@pytest.mark.parametrize("queries, state, said", [
+    (("samples",), "holding", "utilisation: NVML's 1-s rate (the sample buffer does not answer)"),
+    (("samples", "rate"), "holding", "utilisation: none"),
+    (("memory",), "holding", "memory: NVML fails, the worker reads it through CUDA"),
+    (("processes",), "holding", "process list: NVML fails, memory and utilisation decide"),
+    (("putil",), "holding", ""),
+    (("mode",), "off", "compute mode unknown (NVML cannot read it): not held"),
+])
+def test_each_nvml_error_degrades_to_the_next_best_reading(log, error, queries, state, said):
+    node = sim.scenario_idle_gpu()
+    nv = stub_pynvml([dict(GPUS[0], mode=0, samples=[])])
+    nvml = pm.Nvml(nv, log, clock=node.time)
+    gpus = nvml.gpus()
+    break_nvml(nv, dict.fromkeys(queries, error))
+    ka = pm.GpuKeepAlive(nvml, gpus, log, spawn=node.spawn, timefunc=node.time,
+                         delayfunc=node.sleep)
+    ka.start()
+    sim.run(node, ka, 10)
+    assert field(ka, 0, "state") == state
+    assert said in field(ka, 0, "reason")
+    sim.run(node, ka, 600, poll=1.0)  # ten minutes on: still so, never stuck in "off"
+    assert field(ka, 0, "state") == state
+
+
+def test_a_compute_mode_nvml_cannot_read_is_held_only_when_the_setting_says(log, monkeypatch):
+    node = sim.scenario_idle_gpu()
+    node.gpus[0].broken.add("compute mode")
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    assert field(ka, 0, "state") == "off" and "compute mode unknown" in field(ka, 0, "reason")
+    assert node.workers == []
+    monkeypatch.setattr(pm, "KEEPALIVE_ASSUME_DEFAULT_COMPUTE_MODE", True)
+    sim.run(node, ka, 10)
+    assert field(ka, 0, "state") == "holding"
+
+
+def test_a_gpu_proxy_that_shows_one_pid_for_all_is_noticed_and_memory_still_yields(log, caplog):
+    """Under a sandbox's GPU proxy every process of the sandbox is one host PID: counting
+    processes sees one where there are two. It is logged, and the job's memory yields."""
+    node = sim.scenario_idle_gpu()
+    node.gpus[0].one_pid = 7
+    ka = start(node, log)
+    with caplog.at_level(logging.INFO):
+        hold(node, ka)
+        assert field(ka, 0, "state") == "holding"
+        node.foreign(0, memory=4 * GIB, util=0)
+        sim.run(node, ka, 1)
+    assert caplog.text.count("lists our worker under another PID") == 1
+    assert field(ka, 0, "state") == "yielded"
+    assert field(ka, 0, "last_yield").startswith("foreign memory +4096 MiB (by memory)")
+
+
+def test_a_process_list_that_does_not_show_our_worker_is_said_in_the_reason(log):
+    node = sim.scenario_idle_gpu()
+    node.hide_processes = True
+    ka = hold(node, start(node, log))
+    assert field(ka, 0, "state") == "holding"
+    assert "our worker is not listed (a sandbox?): memory decides" in field(ka, 0, "reason")
+
+
+def test_the_workers_context_is_measured_from_just_before_it_exists():
+    """A job that takes memory while the worker imports torch (seconds) is no part of the
+    worker's context: the context reported is the context alone, so the daemon sees the job."""
+    memory = {"others": 500 * MIB}
+    device = sim.SimTorch(others=lambda: memory["others"])
+    watch = pm._NvmlWatch("GPU-sim", module=device.pynvml())  # before the import
+    memory["others"] += 700 * MIB  # a job of another container, during the import
+    _, _, held, context = pm.setup_worker(device, worker_args("--memory-mib", "8192"), watch)
+    assert context == sim.CONTEXT // MIB
+    assert held == 8192
+
+
+def test_a_job_that_came_since_the_daemons_look_makes_the_worker_leave_at_once():
+    device = sim.SimTorch(others=lambda: 500 * MIB + 2 * GIB)  # a job came since
+    watch = pm._NvmlWatch("GPU-sim", module=device.pynvml())
+    with pytest.raises(pm.ForeignWork, match="foreign-memory"):
+        pm.setup_worker(device, worker_args("--memory-mib", "8192", "--used-before-mib", "500"),
+                        watch)
+    assert device.reserved == 0  # nothing taken
+
+
+def test_the_workers_memory_falls_back_to_cuda_when_nvml_cannot_read_it():
+    device = sim.SimTorch()
+    fail = set()
+    watch = pm._NvmlWatch("GPU-sim", module=device.pynvml(fail=fail))
+    pm.setup_worker(device, worker_args("--memory-mib", "8192"), watch)
+    fail.add("memory")
+    assert watch() == ""
+    device.others = lambda: 500 * MIB + 2 * GIB
+    assert watch() == "foreign-memory"
+
+
+def test_the_workers_watch_reads_memory_every_look_and_the_process_list_less_often():
+    clock = types.SimpleNamespace(now=0.0)
+    device = sim.SimTorch()
+    asked = []
+    watch = pm._NvmlWatch("GPU-sim", module=device.pynvml(
+        processes=lambda: asked.append(clock.now) or [object()]), clock=lambda: clock.now)
+    calls = watch.calls
+    for _ in range(40):  # one second of looks
+        assert watch() == ""
+        clock.now += pm._WATCH_SECONDS
+    assert len(asked) == math.ceil(1.0 / pm._WATCH_PROCESSES_SECONDS)
+    assert watch.calls - calls == 40 + len(asked)
+
+
+# How each GPU fares: band and held shares, the last yield, the reclaim risk ###############
+
+
+def test_band_and_held_shares_are_measured_and_published(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 700, poll=0.5)
+    band, held = float(field(ka, 0, "band_10m")), float(field(ka, 0, "held_10m"))
+    assert band >= 0.9 and held >= 0.95
+    assert float(field(ka, 0, "band_1h")) >= 0.9 and field(ka, 0, "risk") == ""
+    in_band = samples_in_band(node, node.now - 540)
+    assert abs(band - in_band) < 0.1  # what the engine counted is what NVML sampled
+
+
+def test_the_last_yield_says_what_by_which_signal_and_how_long(log):
+    node = sim.scenario_idle_gpu()
+    ka = hold(node, start(node, log))
+    node.foreign(0, memory=4 * GIB)
+    sim.run(node, ka, 3)
+    text = field(ka, 0, "last_yield")
+    assert text.startswith("foreign process (by process list): worker gone "), text
+    assert re.search(r"worker gone 0\.\d\d s, memory back 0\.\d\d s", text), text
+    assert field(ka, 0, "last_yield_age") in ("2", "3")
+
+
+def test_a_slow_yield_is_warned(log, caplog):
+    node = sim.scenario_idle_gpu()
+    ka = hold(node, start(node, log))
+    for worker in node.workers:
+        worker.free_delay = 2.0  # the driver takes two seconds to free the memory
+    node.foreign(0, memory=4 * GIB)
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, 5)
+    assert "yielding to foreign process took 2." in caplog.text
+
+
+def test_a_gpu_left_idle_is_flagged_at_risk_loudly(log, caplog):
+    node = sim.scenario_exclusive_process_gpu()
+    ka = start(node, log)
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, pm.KEEPALIVE_RISK_SECONDS - 10, poll=0.5)
+        assert field(ka, 1, "risk") == ""
+        sim.run(node, ka, 30, poll=0.5)
+    risk = field(ka, 1, "risk")
+    assert risk.startswith("GPU 1 idle 3 min (")
+    assert risk.endswith("keep-alive off: compute mode EXCLUSIVE_PROCESS: skipped")
+    assert "At risk of reclaim: GPU 1 idle 3 min (" in caplog.text
+    assert field(ka, 0, "risk") == ""
+
+
+def test_a_held_gpu_below_the_band_for_long_is_at_risk_and_warned(log, caplog):
+    node = sim.scenario_idle_gpu()
+    node.gpus[0].gain = 0.3  # the GPU shows a third of what the worker does: never in band
+    ka = start(node, log)
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, 660, poll=0.5)
+    assert "At risk of reclaim: GPU 0 idle" in caplog.text
+    assert "of NVML's samples in the band 70-85% over 10 min while held" in caplog.text
+    assert float(field(ka, 0, "band_10m")) < 0.9
