@@ -88,7 +88,7 @@ PORT_REUSE_SECONDS = 3600.0  # a MASTER_PORT is not given to another task within
 # Keep-alive tuning (docs/keepalive.md explains each one)
 KEEPALIVE_PERIOD = 0.025  # s, a worker's duty cycle: busy for duty x period, then idle
 KEEPALIVE_TILE_MS = 4.0  # ms, length of one matmul tile, calibrated on each GPU
-KEEPALIVE_MAX_IN_FLIGHT = 2  # tiles queued on a GPU at once: a stop waits for at most these
+KEEPALIVE_MAX_IN_FLIGHT = 6  # tiles queued on a GPU at once: a stop waits for at most these
 KEEPALIVE_START_DUTY = 0.75  # share of each period a new worker keeps the GPU busy
 KEEPALIVE_UTIL_WINDOW = 1.5  # s of NVML utilisation samples that the controller averages
 KEEPALIVE_HOLDOFF_SECONDS = 60.0  # s a GPU must stay free of foreign work before it is taken again
@@ -3807,11 +3807,12 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
                     max_in_flight: int = KEEPALIVE_MAX_IN_FLIGHT,
                     watch_every: float = _WATCH_SECONDS) -> int:
     """The duty cycle: each period, keep the device busy for ``duty`` x ``period`` with tiles
-    (at most ``max_in_flight`` queued), then idle until the period ends, awake for commands.
-    Busy time is measured, and what one period over- or under-spends is carried to the next,
-    so the share of busy time follows ``duty`` exactly on average. ``watch`` looks for foreign
-    work every ``watch_every`` seconds, between tiles and while idle, whatever the period.
-    Returns the exit status."""
+    (at most ``max_in_flight`` queued), launched at once at the period's start; the process
+    sleeps, awake for commands, while they run and the device then idles until the period
+    ends, and collects their times at the next period's start. Busy time is measured, and
+    what one period over- or under-spends is carried to the next, so the share of busy time
+    follows ``duty`` exactly on average. ``watch`` looks for foreign work every
+    ``watch_every`` seconds, whatever the period. Returns the exit status."""
     credit = 0.0  # busy seconds still to spend
     busy = 0.0
     since = clock()
@@ -3852,6 +3853,8 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
 
     while True:
         begin = clock()
+        while tiles.in_flight:  # the last period's tiles: done by now, unless the GPU lags
+            finish_one()
         estimate = tiles.estimate or period / 10
         credit = max(-period, min(credit + duty * period, duty * period + estimate))
         while credit - sum(planned) >= estimate / 2:
@@ -3865,8 +3868,8 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
             tiles.launch()
             planned.append(estimate)
             estimate = tiles.estimate or estimate
-        while tiles.in_flight:
-            finish_one()
+        # The tiles run while this process sleeps until the period ends: it waits on no
+        # tile (each wait is a wake-up, and the wake-ups were most of a worker's CPU).
         code = look()
         if code is not None:
             return code

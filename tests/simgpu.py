@@ -567,6 +567,61 @@ class SimTorch:
             nvmlDeviceGetMemoryInfo=memory, nvmlDeviceGetComputeRunningProcesses=listed)
 
 
+# A worker's tiles and commands on a simulated clock ##########################################
+
+
+class ClockedTiles:
+    """Tiles of a fixed length on a simulated clock (what the duty accounting sees): each
+    runs on the device from its launch or the end of the one before, whichever is later;
+    waiting for one moves the clock to its end if that has not come yet."""
+
+    def __init__(self, clock, seconds):
+        self.clock = clock
+        self.seconds = seconds
+        self.n = 1
+        self.estimate = seconds
+        self.pending = []
+        self.most_in_flight = 0
+        self.device_free = 0.0
+        self.runs = []  # (start, end) of every tile on the device
+        self.waits = 0  # waits that found their tile still running (a wake-up)
+
+    @property
+    def in_flight(self):
+        return len(self.pending)
+
+    def launch(self):
+        start = max(self.clock.now, self.device_free)
+        self.device_free = start + self.seconds
+        self.pending.append(self.device_free)
+        self.runs.append((start, self.device_free))
+        self.most_in_flight = max(self.most_in_flight, len(self.pending))
+
+    def wait_one(self):
+        end = self.pending.pop(0)
+        if end > self.clock.now:
+            self.waits += 1
+            self.clock.now = end  # the device's time, spent while the worker waits
+        return self.seconds
+
+
+class ClockedControl:
+    """Commands at simulated times; waiting moves the simulated clock."""
+
+    def __init__(self, clock, script):
+        self.clock = clock
+        self.script = sorted(script)
+
+    def poll(self, timeout):
+        due = [c for t, c in self.script if t <= self.clock.now]
+        if due:
+            self.script = self.script[len(due):]
+            return due
+        upcoming = self.script[0][0] if self.script else self.clock.now + timeout
+        self.clock.now = min(self.clock.now + timeout, max(self.clock.now, upcoming))
+        return []
+
+
 # Named scenarios ##############################################################################
 
 
