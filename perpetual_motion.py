@@ -2688,6 +2688,7 @@ class _Worker:
     killed_for: str = ""  # why the engine killed it (a crash, for the backoff)
     exit_reason: str = ""
     exit_time: float | None = None  # the worker's wall clock when it left
+    listed: bool = False  # NVML's process list has shown it under its own PID
 
     @property
     def footprint(self) -> int:
@@ -2706,6 +2707,7 @@ class YieldRecord:
     signal: str  # "process list", "per-process utilisation", "memory", "utilisation",
     # or "the worker's own watch"
     memory_limit: int | None = None  # bytes used at most once our memory is back
+    pid: int | None = None  # the worker's PID, where NVML's process list showed it
     exit_after: float | None = None
     memory_after: float | None = None
     done: bool = False  # no longer followed
@@ -2768,6 +2770,7 @@ class _Slot:
     history: UtilHistory = dataclasses.field(default_factory=UtilHistory)
     controller: DutyController = dataclasses.field(default_factory=DutyController)
     memory_used: int | None = None
+    memory_before_tick: int | None = None  # memory_used as the tick before this one read it
     memory_total: int | None = None
     idle_used: int | None = None  # the least memory used seen with nothing of ours on the GPU
     tile: int | None = None  # the tile size a worker calibrated here, reused by the next
@@ -2822,6 +2825,7 @@ def read_gpu(gpu, slot: _Slot, now: float) -> Reading:
         processes=tuple(processes) if processes is not None else None,
         process_util=tuple(process_util) if process_util is not None else None,
     )
+    slot.memory_before_tick = slot.memory_used
     if memory:
         slot.memory_used, slot.memory_total = memory
     if reading.failed:
@@ -2833,8 +2837,6 @@ def read_gpu(gpu, slot: _Slot, now: float) -> Reading:
         notes.append("memory: NVML fails, the worker reads it through CUDA")
     if processes is None:
         notes.append("process list: NVML fails, memory and utilisation decide")
-    else:
-        notes.append(process_list_note(slot, reading))
     # with nothing answering, "NVML not answering" (the engine's reason) says it all
     slot.notes = () if reading.failed else tuple(note for note in notes if note)
     return reading
@@ -2869,20 +2871,21 @@ def read_utilisation(gpu, slot: _Slot, now: float) -> list[tuple[float, float]] 
     return samples
 
 
-def process_list_note(slot: _Slot, reading: Reading) -> str:
+def process_list_note(slot: _Slot, reading: Reading, now: float) -> str:
     """What NVML's process list is worth on this GPU, judged by our own worker: a worker that
     holds its memory yet is not listed at all means the list shows nothing (a sandbox's GPU
     proxy, say): that goes into the GPU's reason. One listed under another PID means another
     PID namespace, or a proxy that shows many processes as one (``pids_foreign``, logged
     once): processes are counted, never matched, and memory decides too."""
     worker = slot.worker
-    if worker is None or worker.ready_at is None or worker.stop_at is not None \
-            or reading.processes is None:
+    if worker is None or worker.ready_at is None or now - worker.ready_at < 1.0 \
+            or worker.stop_at is not None or reading.processes is None or reading.failed:
         return ""
     pids = {p.pid for p in reading.processes}
     if not pids:
         return "process list: our worker is not listed (a sandbox?): memory decides"
     slot.pids_foreign = worker.handle.pid not in pids
+    worker.listed = not slot.pids_foreign
     return ""
 
 
@@ -2954,6 +2957,19 @@ def task_utilisation(worker: _Worker, reading: Reading) -> int | None:
     return max(top.values(), default=None)
 
 
+def memory_back_below(slot: _Slot, worker: _Worker, used: int | None) -> int | None:
+    """Memory used on the GPU at most once a leaving worker's memory is back: what was used
+    before it started (and a margin), or ``used`` (while it still held its memory) less nine
+    tenths of what it holds, whichever is more (a job that takes memory meanwhile must not
+    hide our memory's return)."""
+    limits = []
+    if worker.memory_before is not None:
+        limits.append(worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB)
+    if worker.ready_at is not None and used is not None:
+        limits.append(used - int(0.9 * worker.footprint))
+    return max(limits) if limits else None
+
+
 class Workers:
     """The keep-alive worker of each GPU: started, stopped, heard, watched and reaped. Which
     worker a GPU should have is the engine's decision (GpuKeepAlive); this carries it out."""
@@ -2995,10 +3011,12 @@ class Workers:
             self.log.info("%s%s: worker saw %s and left", self.prefix, slot.label,
                           slot.foreign_reason)
             if worker.ready_at is not None:  # it left as it saw it: timed from this tick
-                limit = None if worker.memory_before is None else \
-                    worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB
                 slot.last_yield = YieldRecord(now, slot.foreign_reason,
-                                              "the worker's own watch", limit, exit_after=0.0)
+                                              "the worker's own watch",
+                                              memory_back_below(slot, worker,
+                                                                slot.memory_before_tick),
+                                              worker.handle.pid if worker.listed else None,
+                                              exit_after=0.0)
         else:
             if worker.ready_at is not None and now - worker.ready_at >= _STABLE_SECONDS:
                 slot.crashes = 0
@@ -3114,12 +3132,7 @@ class Workers:
             worker.handle.kill()  # still setting up: it reads no commands yet
         else:
             worker.handle.stop()
-        limits = []
-        if worker.memory_before is not None:
-            limits.append(worker.memory_before + KEEPALIVE_FOREIGN_MEMORY_MIB * MIB)
-        if worker.ready_at is not None and slot.memory_used is not None:
-            limits.append(slot.memory_used - int(0.9 * worker.footprint))
-        slot.release_below = max(limits) if limits else None
+        slot.release_below = memory_back_below(slot, worker, slot.memory_used)
 
     def released(self, slot: _Slot, now: float) -> bool:
         """True when the slot's worker has exited and its memory is back."""
@@ -3338,12 +3351,15 @@ class GpuKeepAlive(KeepAlive):
             slot.set(GpuState.OFF, "MIG mode: skipped")
             return
         reading = read_gpu(self.nvml, slot, now)
+        self.workers.reap(slot, now)  # a worker that left is not judged by the list below
+        note = process_list_note(slot, reading, now)
+        if note:
+            slot.notes += (note,)
         if slot.pids_foreign and self._throttle(f"pids/{slot.gpu.index}", once=True):
             self.log.info("%s%s: NVML lists our worker under another PID (another PID "
                           "namespace, or a GPU proxy that shows many processes as one): "
                           "processes are counted, and memory decides too", self.prefix,
                           slot.label)
-        self.workers.reap(slot, now)
         self.workers.watchdog(slot, now)
         if task_running:
             self._during_task(slot, now, reading)
@@ -3385,18 +3401,26 @@ class GpuKeepAlive(KeepAlive):
             if slot.worker is not None:
                 return
             record.exit_after = max(0.0, (slot.last_exit or now) - record.at)
+        # Back: where the process list showed the worker under its PID, when its entry is
+        # gone (the driver drops it with the context and its memory); else when memory used
+        # is down to the limit, which a job that takes memory meanwhile can hide: then it is
+        # not known ("?") after a minute, and not warned about.
         used = reading.memory_used
-        if record.memory_limit is None or (used is not None and used <= record.memory_limit):
+        if record.pid is not None and reading.processes is not None:
+            back = record.pid not in {p.pid for p in reading.processes}
+        else:
+            back = record.memory_limit is None or (used is not None and used <= record.memory_limit)
+        if back:
             record.memory_after = max(record.exit_after, now - record.at)
         elif now - record.at <= 60.0:
             return
         record.done = True
-        took = record.memory_after if record.memory_after is not None else now - record.at
+        took = max(record.exit_after, record.memory_after or 0.0)
         if took > _YIELD_WARN_SECONDS:
-            self.log.warning("%s%s: yielding to %s took %s s until the memory was back "
-                             "(worker gone after %.2f s)", self.prefix, slot.label, record.what,
-                             f"{took:.2f}" if record.memory_after is not None else
-                             f"more than {took:.0f}", record.exit_after)
+            self.log.warning("%s%s: yielding to %s took %.2f s (worker gone after %.2f s, "
+                             "memory back after %s)", self.prefix, slot.label, record.what, took,
+                             record.exit_after, "?" if record.memory_after is None
+                             else f"{record.memory_after:.2f} s")
 
     def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
         """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
@@ -3497,7 +3521,8 @@ class GpuKeepAlive(KeepAlive):
         worker = slot.worker
         self.workers.stop(slot, now, reason)
         if worker is not None and worker.ready_at is not None:
-            slot.last_yield = YieldRecord(now, reason, yield_signal(reason), slot.release_below)
+            slot.last_yield = YieldRecord(now, reason, yield_signal(reason), slot.release_below,
+                                          worker.handle.pid if worker.listed else None)
 
     def _during_task(self, slot: _Slot, now: float, reading: Reading) -> None:
         worker = slot.worker

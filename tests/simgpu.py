@@ -233,6 +233,8 @@ class FakeWorker:
         for start in events:
             k = math.ceil(max(0.0, start - self.ready_at) / self.watch_every - 1e-9)
             at = self.ready_at + k * self.watch_every
+            if at < start:  # rounding: the look at the very start comes just after it
+                at += self.watch_every
             if at < best and self._sees_foreign(at):
                 best = at
         return best

@@ -1727,3 +1727,18 @@ def test_a_held_gpu_below_the_band_for_long_is_at_risk_and_warned(log, caplog):
     assert "At risk of reclaim: GPU 0 idle" in caplog.text
     assert "of NVML's samples in the band 70-85% over 10 min while held" in caplog.text
     assert float(field(ka, 0, "band_10m")) < 0.9
+
+
+def test_a_yield_seen_by_the_worker_is_timed_to_its_memory_not_the_jobs(log, caplog):
+    """The job stays, with its memory: our memory's return is judged beside it."""
+    node = sim.scenario_idle_gpu()
+    node.worker_watch = True
+    ka = hold(node, start(node, log))
+    node.foreign(0, memory=20 * GIB)
+    with caplog.at_level(logging.INFO):
+        sim.run(node, ka, 3)
+    text = field(ka, 0, "last_yield")
+    assert text.startswith("foreign process (by the worker's own watch): worker gone 0.00 s"), text
+    assert re.search(r"memory back 0\.[0-4]\d s$", text), text
+    assert "yielding to" not in caplog.text  # no slow-yield warning
+    assert "another PID" not in caplog.text  # a worker that left is not judged by the list
