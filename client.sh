@@ -1864,6 +1864,33 @@ _gpu_spark() {  # _gpu_spark HISTORY: gpu.<i>.history (one value per 10 s, oldes
   done
 }
 
+_gpu_pct() {  # _gpu_pct SHARE: a share (0.000 to 1.000) as a whole percentage into _gpu_pc
+  case $1 in
+    1.000) _gpu_pc=100% ;;
+    0.[0-9][0-9][0-9]) _gpu_pc=$(((10#${1#0.} + 5) / 10))% ;;
+    *) return 1 ;;
+  esac
+}
+
+_gpu_keepalive_figures() {  # _gpu_keepalive_figures I: how keep-alive fares on the loaded
+  # node's GPU I (band and held shares, the last yield), one line of gpu_status when known
+  local figs='' yield
+  if _gpu_field "gpu.$1.band_10m" && _gpu_pct "$_gpu_val"; then
+    figs="in band $_gpu_pc"
+    _gpu_field "gpu.$1.band_1h" && _gpu_pct "$_gpu_val" && figs="$figs (1 h: $_gpu_pc)"
+  fi
+  if _gpu_field "gpu.$1.held_10m" && _gpu_pct "$_gpu_val"; then
+    figs="$figs${figs:+, }held $_gpu_pc"
+    _gpu_field "gpu.$1.held_1h" && _gpu_pct "$_gpu_val" && figs="$figs (1 h: $_gpu_pc)"
+  fi
+  if _gpu_field "gpu.$1.last_yield" && [ -n "$_gpu_val" ]; then
+    yield=$_gpu_val
+    _gpu_field "gpu.$1.last_yield_age"; _gpu_dur "$_gpu_val"
+    figs="$figs${figs:+; }last yield $_gpu_d ago: $yield"
+  fi
+  [ -z "$figs" ] || _gpu_line "               $figs"
+}
+
 _gpu_show_nodes() {  # the daemons part of gpu_status
   local state node rank count i line label host pid what gpus free slots spark drain
   local IFS=$_gpu_nl
@@ -1945,6 +1972,10 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
         _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
       fi
       _gpu_line "          $line  $what"
+      _gpu_keepalive_figures "$i"
+      if _gpu_field "gpu.$i.risk" && [ -n "$_gpu_val" ]; then
+        _gpu_line "          !! AT RISK OF RECLAIM: $_gpu_val"
+      fi
       i=$((i + 1))
     done
     if _gpu_field waiting.id && [ -n "$_gpu_val" ]; then
@@ -2214,10 +2245,11 @@ _gpu_node_json() {  # _gpu_node_json RANK DRAIN: the loaded node state as one JS
   i=0
   while [ "$i" -lt "$count" ]; do
     _gpu_field "gpu.$i.index"; _gpu_jn "${_gpu_val:-$i}"; out="{\"index\": $_gpu_j"
-    for key in name uuid task state reason; do
+    for key in name uuid task state reason last_yield risk; do
       _gpu_field "gpu.$i.$key"; _gpu_jstr "$_gpu_val"; out="$out, \"$key\": $_gpu_j"
     done
-    for key in util mem_used_mib mem_total_mib held_mib tile duty; do
+    for key in util mem_used_mib mem_total_mib held_mib tile duty band_10m band_1h held_10m \
+      held_1h last_yield_age; do
       _gpu_field "gpu.$i.$key"; _gpu_jn "$_gpu_val"; out="$out, \"$key\": $_gpu_j"
     done
     _gpu_field "gpu.$i.history"; _gpu_jseries "$_gpu_val"; out="$out, \"history\": $_gpu_j"

@@ -2001,7 +2001,7 @@ class Gangs:
 # it up at once to real work. Two knobs are kept apart: the memory held (a ballast of
 # MEMORY_USAGE_TARGET of the GPU, released on demand) and the compute grain (matmul tiles of about
 # KEEPALIVE_TILE_MS in a KEEPALIVE_PERIOD duty cycle, so short that every NVML sample window sees
-# the duty, and at most KEEPALIVE_MAX_IN_FLIGHT queued, so a stop waits for two tiles at most).
+# the duty, and at most KEEPALIVE_MAX_IN_FLIGHT queued, so a stop waits for a few tiles at most).
 # The daemon itself reads NVML only and never creates a CUDA context; one worker process per GPU
 # (this file, run as ``perpetual_motion.py --worker <GPU UUID>``) holds the context, the ballast
 # and the duty cycle. A GPU counts as occupied when it has processes, utilisation or memory that

@@ -168,6 +168,39 @@ def test_status_draws_each_gpus_utilisation_history_as_a_sparkline(sh):
     assert gpus[1]["history"] == [75] * 70 and doc["nodes"][0]["gpus"][0]["history"] == []
 
 
+def test_status_shows_how_keepalive_fares_and_a_gpu_at_risk_loudly(sh):
+    """Band and held shares, the last yield and the reclaim risk of each GPU, as the daemon
+    publishes them (gpu.<i>.band_10m ... risk), in a line of their own, and in --json."""
+    v = build_v2(sh.root)
+    state = v.inst / "nodes" / "node-1.state"
+    risk = "GPU 1 idle 7 min (3%): keep-alive off: compute mode EXCLUSIVE_PROCESS: skipped"
+    yielded = ("foreign process (by process list): worker gone 0.10 s, memory back 0.15 s")
+    fields = {"gpu.0.band_10m": "0.987", "gpu.0.band_1h": "1.000", "gpu.0.held_10m": "0.500",
+              "gpu.0.held_1h": "0.955", "gpu.0.last_yield": yielded,
+              "gpu.0.last_yield_age": "125", "gpu.1.held_10m": "0.000", "gpu.1.risk": risk}
+    state.write_text(state.read_text() + "".join(f"{k}={v}\n" for k, v in fields.items()))
+    res = sh.run("gpu_status")
+    assert res.rc == 0 and res.err == "", res.err
+    lines = res.out.splitlines()
+    start = lines.index("Node 1:   alive on node-b, pid 101")
+    assert lines[start + 5:start + 9] == [
+        "               in band 99% (1 h: 100%), held 50% (1 h: 96%); last yield 2m05s ago: "
+        "foreign process..",
+        "          1    NVIDIA H200          90%   70000/143771  train.py",
+        "               held 0%",
+        "          !! AT RISK OF RECLAIM: GPU 1 idle 7 min (3%): keep-alive off: compute mode "
+        "EXCLUSIVE_PRO..",
+    ], res.out
+    assert f"          !! AT RISK OF RECLAIM: {risk}" in sh.run("gpu_status -l").out
+    assert yielded in sh.run("gpu_status -l").out
+    gpus = json.loads(sh.run("gpu_status --json").out)["nodes"][1]["gpus"]
+    assert {k: gpus[0][k] for k in ("band_10m", "band_1h", "held_10m", "held_1h", "last_yield",
+                                    "last_yield_age", "risk")} == {
+        "band_10m": 0.987, "band_1h": 1.0, "held_10m": 0.5, "held_1h": 0.955,
+        "last_yield": yielded, "last_yield_age": 125, "risk": None}
+    assert gpus[1]["risk"] == risk and gpus[1]["band_10m"] is None
+
+
 WIDE_TEXTS = ["plain ascii text", "训练模型的名字", "한국어 이름", "ｆｕｌｌ ｗｉｄｔｈ",
               "ひらがな カタカナ", "😀 rocket 🚀 x", "混合 mixed テキスト 42", "▁▂▃▄▅▆▇█ narrow",
               "é ü ñ ç", "𠀀𠀁 ext-B", "a中b文c字d"]
@@ -412,7 +445,9 @@ def test_status_json_of_protocol_1_and_of_an_instance_without_daemon(sh):
     assert doc["nodes"][0]["gpus"][0] == {
         "index": 0, "name": "NVIDIA H200", "uuid": None, "task": None, "state": "holding",
         "reason": None, "util": 75, "mem_used_mib": 80000, "mem_total_mib": 143771,
-        "held_mib": None, "tile": 4096, "duty": 0.85, "history": []}
+        "held_mib": None, "tile": 4096, "duty": 0.85, "history": [], "last_yield": None,
+        "risk": None, "band_10m": None, "band_1h": None, "held_10m": None, "held_1h": None,
+        "last_yield_age": None}
     assert [t["id"] for t in doc["running"]] == [s.running]
     assert [t["id"] for t in doc["pending"]] == s.pending
     assert [t["state"] for t in doc["recent"]] == ["cancelled", "stopped", "done", "failed",
