@@ -451,8 +451,10 @@ _gpu_shquote() {  # _gpu_shquote WORD: WORD as the shell would need it typed, in
 
 # Files #############################################################################################
 
-_gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line
-  command ls -1 -- "$1" 2>/dev/null
+_gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line; a
+  # newline in a name shows as ? (protocol: one entry is one task, whatever its name holds)
+  command find "$1" -mindepth 1 -maxdepth 1 ! -name '.*' -printf '%f\0' 2>/dev/null \
+    | command sort -z | command tr '\n\0' '?\n'
 }
 
 _gpu_count() {  # _gpu_count DIR: sets _gpu_n to the number of published names in DIR

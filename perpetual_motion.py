@@ -279,6 +279,11 @@ class Submission:
             args = tuple(fields[f"arg.{i}"] for i in range(argc))
         except KeyError as exc:
             raise ValueError(f"argument {exc.args[0]} is missing") from None
+        for i, arg in enumerate(args):
+            if "\0" in arg:  # no argument of a process can hold one
+                raise ValueError(f"arg.{i} holds a NUL byte")
+        if "\0" in fields.get("cwd", ""):
+            raise ValueError("cwd holds a NUL byte")
         envc = _count(fields.get("envc", ""), "envc", 0, default=0)
         if envc is None or envc > MAX_TASK_ARGS:
             raise ValueError(f"envc={fields.get('envc')!r} is not a count of variables")
@@ -287,6 +292,8 @@ class Submission:
             name, sep, value = fields.get(f"env.{i}", "").partition("=")
             if not sep or not ENV_NAME_RE.fullmatch(name) or name in TASK_VARS:
                 raise ValueError(f"env.{i} is not NAME=VALUE of a variable a task may set")
+            if "\0" in value:
+                raise ValueError(f"env.{i} holds a NUL byte")
             env.append((name, value))
         limit = fields.get("time_limit", "")
         time_limit = ascii_int(limit, limit=MAX_HOURS * 3600) if limit else None
@@ -541,7 +548,7 @@ class QueueFolder:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
-                data = memoryview(text.encode())
+                data = memoryview(text.encode("utf-8", "surrogateescape"))  # bytes as read
                 while data:
                     data = data[os.write(fd, data):]
                 if durable:
@@ -565,7 +572,7 @@ class QueueFolder:
             data = f.read(MAX_RECORD_BYTES + 1)
         if len(data) > MAX_RECORD_BYTES:
             raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
-        return parse_fields(data.decode(errors="replace"))
+        return parse_fields(data.decode("utf-8", "surrogateescape"))  # every byte kept
 
     def open_log(self, path: Path):
         """A task's log, opened to append (created when missing); OSError when it cannot be,
@@ -1308,8 +1315,8 @@ class TaskRunner:
                                             stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True,
                                             close_fds=True)
-                except OSError as exc:
-                    reason = message = f"cannot start: {exc.strerror or exc}"
+                except (OSError, ValueError) as exc:  # ValueError: a NUL byte
+                    reason = message = f"cannot start: {error_text(exc)}"
             if proc is None:
                 self.log_lines(log, [f"not run: {message}"])
                 self._fail_unstarted(task, reason, now)
@@ -1358,7 +1365,8 @@ class TaskRunner:
     @staticmethod
     def log_lines(log, lines: list[str]) -> None:
         try:
-            log.write("".join(f"[perpetual-motion] {line}\n" for line in lines).encode())
+            log.write("".join(f"[perpetual-motion] {line}\n" for line in lines).encode(
+                "utf-8", "surrogateescape"))
         except OSError:
             pass  # a full disk must not stop the task from being recorded
 
@@ -4068,7 +4076,10 @@ class Scheduler:
             try:
                 fields = self.folder.read_fields(self.folder.record(name, "submit"))
                 self.requests[name] = Submission.from_fields(fields) if fields else Submission()
-            except (OSError, ValueError, UnicodeError) as exc:
+            except OSError as exc:
+                self.requests[name] = Submission() if exc.errno == errno.ENAMETOOLONG else \
+                    f"unreadable submit record: {error_text(exc)}"  # (too long: it has none)
+            except (ValueError, UnicodeError) as exc:
                 self.requests[name] = f"unreadable submit record: {error_text(exc)}"
         return self.requests[name]
 
