@@ -2874,8 +2874,11 @@ _gpu_cmd_stop() {
     name=$1
   fi
   if [ "$name" = all ]; then
-    matches=$(_gpu_ls "$_gpu_q/pending" | command sed 's|^|pending/|'
-      _gpu_ls "$_gpu_q/running" | command sed 's|^|running/|')
+    for entry in $(_gpu_ls "$_gpu_q/pending"); do  # a task is a file: links, FIFOs, folders stay
+      [ -f "$_gpu_q/pending/$entry" ] && [ ! -h "$_gpu_q/pending/$entry" ] \
+        && matches=${matches}pending/$entry$_gpu_nl
+    done
+    matches=$matches$(_gpu_ls "$_gpu_q/running" | command sed 's|^|running/|')
   else
     for name in "$@"; do  # every name is checked before anything is asked
       _gpu_check_name "$name" || return 1

@@ -1529,8 +1529,9 @@ class TaskRunner:
     def cancel_pending(self, name: str, reason: str = "cancelled by user") -> str | None:
         """Move a pending task to failed/ as cancelled; its id, or None when it is not pending
         (any more). The destination is never an existing task's (docs/protocol.md)."""
-        if name.startswith(".") or "/" in name:
-            return None
+        if name.startswith(".") or "/" in name or not regular_file(self.folder.dir("pending")
+                                                                   / name):
+            return None  # (a link, FIFO or folder in pending/ is no task: it stays)
         task_id = self.folder.id_for(name)
         try:
             os.rename(self.folder.dir("pending") / name, self.folder.dir("failed") / task_id)
@@ -4283,7 +4284,7 @@ class Commands:
                 reply.update(result="not_found", message="neither pending nor running")
         elif action == "stop_all":
             cancelled = sum(bool(self.runner.cancel_pending(n))
-                            for n in self.folder.names("pending"))
+                            for n in self.folder.files("pending"))
             stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
             for task in stopped:
                 self.stop_running(task, "stopped by user (all)", who)

@@ -128,3 +128,37 @@ def test_the_client_lists_and_counts_a_name_with_a_newline_once(sh):
     document = json.loads(sh.run("gpu_status --json").out)
     assert document["counts"]["pending"] == 2 and len(document["pending"]) == 2
 
+
+# Only files are tasks #########################################################################
+
+
+def odd_entries(inst: Path, tmp_path: Path) -> list[str]:
+    """A folder, a symbolic link and a FIFO in pending/; their names."""
+    target = tmp_path / "target.sh"
+    target.write_text("echo\n")
+    (inst / "pending" / "folder.sh").mkdir()
+    (inst / "pending" / "link.sh").symlink_to(target)
+    os.mkfifo(inst / "pending" / "fifo.sh")
+    return ["fifo.sh", "folder.sh", "link.sh"]
+
+
+def test_stop_all_leaves_folders_links_and_fifos_in_pending(tmp_path):
+    daemon, clock, inst = started_daemon(tmp_path)
+    odd = odd_entries(inst, tmp_path)
+    publish_bytes(inst, "commands", b"all.cmd", b"action=stop_all\nsent=%.3f\n" % time.time())
+    run_until(daemon, clock, lambda: (inst / "replies" / "all.reply").exists())
+    reply = pm.parse_fields((inst / "replies" / "all.reply").read_text())
+    assert reply["cancelled_count"] == "0", reply
+    assert sorted(os.listdir(inst / "pending")) == odd
+    assert os.listdir(inst / "failed") == []
+
+
+def test_stop_all_without_a_daemon_leaves_folders_links_and_fifos_in_pending(sh, tmp_path):
+    inst = make_instance(sh.root)
+    odd = odd_entries(inst, tmp_path)
+    (inst / "pending" / "task.sh").write_text("echo\n")
+    res = sh.run("gpu_stop all")
+    assert "cancelled 1 pending task(s)" in res.out, (res.out, res.err)
+    assert sorted(os.listdir(inst / "pending")) == odd
+    [cancelled] = os.listdir(inst / "failed")
+    assert cancelled.endswith("-task.sh")
