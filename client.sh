@@ -952,10 +952,14 @@ EOF
 
 # Tasks #############################################################################################
 
-_gpu_check_name() {  # _gpu_check_name NAME: a task name cannot hold / or a newline
+_gpu_check_name() {  # _gpu_check_name NAME: a task name cannot hold / or a newline, and is a
+  # file name (at most 255 bytes, and its records' names too)
   case $1 in
     ''|*/*|*"$_gpu_nl"*|.*) _gpu_err "no such task: $1"; return 1 ;;
   esac
+  [ "${#1}" -le 240 ] && return 0
+  _gpu_err "a task name has at most 240 bytes (a file name, with .submit, has at most 255): $1"
+  return 2
 }
 
 _gpu_split_name() {  # _gpu_split_name NAME: train.sh:3f9a into _gpu_base (train.sh), _gpu_hex
@@ -1391,9 +1395,15 @@ _gpu_request() {  # _gpu_request GPUS NODES TIME ENV: -g, -n and -t (else GPUS, 
   local most line name IFS=$_gpu_nl
   local daemon_sets=" JOB_ID TASK_NAME TASK_SHORT_NAME QUEUE_ROOT QUEUE_DIR TASK_LOG \
 CUDA_DEVICE_ORDER CUDA_VISIBLE_DEVICES PM_GPUS TASK_GPUS PM_NODE_RANK NODE_RANK NNODES MASTER_ADDR \
-MASTER_PORT PERPETUAL_MOTION_TASK "  # docs/protocol.md: env.<i>
+MASTER_PORT PERPETUAL_MOTION_TASK PERPETUAL_MOTION_CALLBACK "  # docs/protocol.md: env.<i>
   _gpu_rq_time='' _gpu_rq_env=${4-}
+  most=0
   # shellcheck disable=SC2154  # _gpu_parse sets the _gpu_o_* variables
+  for line in $_gpu_o_env; do most=$((most + 1)); done
+  if [ "$most" -gt 4096 ]; then  # the daemon fails a record with more (MAX_TASK_ARGS)
+    _gpu_err "-e: at most 4096 variables, not $most"
+    return 2
+  fi
   for line in $_gpu_o_env; do
     name=${line%%=*}
     case $line in
@@ -1412,6 +1422,9 @@ MASTER_PORT PERPETUAL_MOTION_TASK "  # docs/protocol.md: env.<i>
     _gpu_rq_env=$(printf '%s\n' "$_gpu_rq_env" | command grep -v -e "^$name=" -e '^$' || :)
     _gpu_rq_env=$_gpu_rq_env${_gpu_rq_env:+$_gpu_nl}$line
   done
+  most=0
+  for line in $_gpu_rq_env; do most=$((most + 1)); done
+  [ "$most" -le 4096 ] || { _gpu_err "-e: at most 4096 variables, not $most"; return 2; }
   case $time in
     '' | none) ;;
     *)
@@ -1459,8 +1472,10 @@ MASTER_PORT PERPETUAL_MOTION_TASK "  # docs/protocol.md: env.<i>
 
 _gpu_duration() {  # _gpu_duration TEXT: a time limit, in seconds into _gpu_i: 90s, 30m, 2h,
   # 1d12h, 1h30m, or as Slurm writes it M:S, H:M:S, D-H, D-H:M, D-H:M:S; 1 when it is none of these
-  # (a bare number too: Slurm reads minutes where others read seconds) or not 1s to 365 days
-  local text=$1 n unit days='' total=0 count=0 h=0 m=0 sec=0
+  # (a bare number too: Slurm reads minutes where others read seconds) or not 1s to 365 days. Units
+  # come once each, largest first; every number but the first is below its unit's next (1h1h,
+  # 1h90m and 1:99:99 are no time limits)
+  local text=$1 n unit days='' total=0 count=0 h=0 m=0 sec=0 last=99999999999 first=1
   case $text in '' | *[!0-9smhd:-]*) return 1 ;; esac
   case $text in
     *[smhd]*)
@@ -1471,7 +1486,10 @@ _gpu_duration() {  # _gpu_duration TEXT: a time limit, in seconds into _gpu_i: 9
         text=${text#"$n"}
         unit=${text%"${text#?}"}; text=${text#?}
         case $unit in s) unit=1 ;; m) unit=60 ;; h) unit=3600 ;; d) unit=86400 ;; *) return 1 ;; esac
-        _gpu_int "$n"; total=$((total + _gpu_i * unit))
+        [ "$unit" -lt "$last" ] || return 1
+        _gpu_int "$n"
+        [ -n "$first" ] || [ $((_gpu_i * unit)) -lt "$last" ] || return 1
+        total=$((total + _gpu_i * unit)) last=$unit first=''
       done ;;
     *)
       case $text in
@@ -1484,7 +1502,13 @@ _gpu_duration() {  # _gpu_duration TEXT: a time limit, in seconds into _gpu_i: 9
         _gpu_int "$n"; h=$m m=$sec sec=$_gpu_i count=$((count + 1))
         case $text in *:*) text=${text#*:} ;; *) break ;; esac
       done
+      # below 60 (hours below 24), but for the first number of M:S and H:M:S
+      [ "$sec" -lt 60 ] || { [ -z "$days" ] && [ "$count" -eq 1 ]; } || return 1
+      [ "$m" -lt 60 ] || [ "$count" -eq 2 ] || return 1
       if [ -n "$days" ]; then
+        [ "$count" -ne 1 ] || [ "$sec" -lt 24 ] || return 1
+        [ "$count" -ne 2 ] || [ "$m" -lt 24 ] || return 1
+        [ "$h" -lt 24 ] || return 1
         _gpu_int "$days"; total=$((_gpu_i * 86400))
         case $count in
           1) total=$((total + sec * 3600)) ;;
@@ -1785,7 +1809,7 @@ _gpu_cmd_retry() {
     if [ -z "$picks" ]; then _gpu_say "no failed task to retry"; return 0; fi
   else
     for name in "$@"; do  # every name is checked before anything is queued
-      _gpu_check_name "$name" || return 1
+      _gpu_check_name "$name" || return
       if ! _gpu_find "$name" 'done' failed; then
         if _gpu_find "$name" pending running; then
           _gpu_err "task $name has not finished yet (gpu_wait $name waits for it)"
@@ -2283,7 +2307,7 @@ _gpu_cmd_show() {
   set -- "${_gpu_args[@]}"
   if [ "$#" -ne 1 ]; then _gpu_usage; return; fi
   _gpu_existing_instance || return
-  _gpu_check_name "$1" || return 1
+  _gpu_check_name "$1" || return
   local dir id line what others IFS=$_gpu_nl
   if ! _gpu_find "$1" pending running 'done' failed; then
     _gpu_err "no such task: $1 (gpu_status lists the tasks)"
@@ -2450,7 +2474,7 @@ _gpu_cmd_logs() {
   _gpu_rank_opt || return 2
   _gpu_existing_instance || return
   if [ "$#" -eq 1 ]; then
-    _gpu_check_name "$1" || return 1
+    _gpu_check_name "$1" || return
     _gpu_log_of "$1" "$_gpu_rank" || { _gpu_no_log "$1" "$_gpu_rank"; return 1; }
     if [ -n "$_gpu_lines" ]; then command tail -n "$_gpu_lines" -- "$_gpu_log"
     else command cat -- "$_gpu_log"; fi
@@ -2565,7 +2589,7 @@ _gpu_cmd_tail() {
       return 1
     fi
   else
-    _gpu_check_name "$1" || return 1
+    _gpu_check_name "$1" || return
     # pending/ before running/: a task claimed meanwhile is seen in one of them
     if _gpu_find "$1" pending running; then
       case $_gpu_val in
@@ -2627,7 +2651,7 @@ _gpu_cmd_wait() {
   _gpu_existing_instance || return
   ids=() snaps=() codes=() misses=()
   for name in "$@"; do
-    _gpu_check_name "$name" || return 1
+    _gpu_check_name "$name" || return
     if _gpu_find "$name" pending running; then
       :
     elif _gpu_find "$name" 'done' failed; then
@@ -2881,7 +2905,7 @@ _gpu_cmd_stop() {
     matches=$matches$(_gpu_ls "$_gpu_q/running" | command sed 's|^|running/|')
   else
     for name in "$@"; do  # every name is checked before anything is asked
-      _gpu_check_name "$name" || return 1
+      _gpu_check_name "$name" || return
       if ! _gpu_find "$name" pending running; then
         if _gpu_find "$name" 'done' failed; then
           _gpu_err "task $name is no longer pending or running: it has finished"

@@ -120,6 +120,7 @@ LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
 NO_INOTIFY_VAR = "PERPETUAL_MOTION_NO_INOTIFY"  # set: the daemon polls only, inotify unused
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>
 CALLBACK_VAR = "PERPETUAL_MOTION_CALLBACK"  # a task callback and all it starts: <job>/<id>
+RESERVED_VARS = TASK_VARS | {CALLBACK_VAR}  # no submit record sets them (a callback is never swept)
 KILL_SCOPES = ("auto", "user-python", "task", "none")
 EXIT_FAILURE = 1  # the daemon cannot run: no psutil, an unwritable queue folder
 EXIT_USAGE = 2  # bad arguments, bad JOB_ID
@@ -290,7 +291,7 @@ class Submission:
         env = []
         for i in range(envc):
             name, sep, value = fields.get(f"env.{i}", "").partition("=")
-            if not sep or not ENV_NAME_RE.fullmatch(name) or name in TASK_VARS:
+            if not sep or not ENV_NAME_RE.fullmatch(name) or name in RESERVED_VARS:
                 raise ValueError(f"env.{i} is not NAME=VALUE of a variable a task may set")
             if "\0" in value:
                 raise ValueError(f"env.{i} holds a NUL byte")
