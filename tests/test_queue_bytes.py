@@ -162,3 +162,36 @@ def test_stop_all_without_a_daemon_leaves_folders_links_and_fifos_in_pending(sh,
     assert sorted(os.listdir(inst / "pending")) == odd
     [cancelled] = os.listdir(inst / "failed")
     assert cancelled.endswith("-task.sh")
+
+
+# Every byte carried exactly ####################################################################
+
+
+def test_latin1_bytes_in_the_directory_arguments_and_variables_reach_the_task(sh):
+    """Paths and values are bytes: a directory, an argument and a -e value in Latin-1 (not
+    UTF-8) reach the task exactly as the client's shell had them."""
+    from test_daemon_unit import FakeClock, make_daemon
+
+    latin = b"caf\xe9-\xff"
+    work = os.path.join(os.fsencode(sh.cwd), latin)
+    os.mkdir(work)
+    out = os.fsencode(sh.cwd) + b"/seen"
+    script = os.path.join(work, b"show.py")
+    with open(script, "w") as f:
+        f.write(f"import os, sys\nout = open({out!r}, 'wb')\n"
+                "for value in (os.getcwdb(), os.fsencode(sys.argv[1]), os.environb[b'LATIN']):\n"
+                "    out.write(value + b'|')\n")
+    res = sh.run("cd \"$(printf 'caf\\351-\\377')\" && "
+                 "gpu_submit -e \"LATIN=$(printf 'v\\351')\" show.py -- \"$(printf 'a\\351')\"")
+    assert res.rc == 0, res.err
+    clock = FakeClock()
+    daemon = make_daemon(sh.root, clock, job_id="exp1")
+    assert daemon.start() is None
+    inst = sh.root / "exp1"
+    task = res.out.split()[-1]
+    run_until(daemon, clock, lambda: finished(inst, task))
+    assert finished(inst, task) == "done", (inst / "logs" / f"{task}.log").read_bytes()
+    with open(out, "rb") as f:
+        assert f.read() == work + b"|a\xe9|v\xe9|"
+    assert b"cwd: " + work + b"\n" in (inst / "logs" / f"{task}.log").read_bytes()
+    assert raw_fields(inst / "records" / f"{task}.run")[b"cwd"] == work
