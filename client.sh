@@ -106,6 +106,7 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
 '
   LC_ALL=C
   export LC_ALL
+  umask 077  # what the client writes (records hold -e values) only the user reads (a subshell)
   unset QUOTING_STYLE CLICOLOR_FORCE LS_COLORS TIME_STYLE POSIXLY_CORRECT GREP_OPTIONS
   _gpu_nl='
 '
@@ -551,6 +552,8 @@ _gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance fol
   _gpu_valid_id "$JOB_ID" || { _gpu_bad_id "$JOB_ID"; return 2; }
   _gpu_root || return 1
   _gpu_q=$_gpu_r/$JOB_ID
+  # a queue its group shares on purpose (the daemon's --shared-queue): the group reads and writes
+  [ -z "$(command find "$_gpu_q" -maxdepth 0 -perm -g+w 2>/dev/null)" ] || umask 007
 }
 
 _gpu_existing_instance() {  # as _gpu_instance, and the folder must exist
@@ -1978,6 +1981,15 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
       _gpu_field waiting.reason
       _gpu_line "          next:     $what: ${_gpu_val:-waiting}"
     fi
+    if _gpu_field refused && [ -n "$_gpu_val" ]; then  # the daemon's StrictModes check
+      _gpu_line "          REFUSED:  $_gpu_val; no task or command is taken"
+    fi
+    _gpu_field skipped_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i i=0
+    while [ "$i" -lt "$count" ]; do
+      _gpu_field "skipped.$i"
+      _gpu_line "          skipped:  $_gpu_val"
+      i=$((i + 1))
+    done
   done
 }
 
@@ -2476,6 +2488,7 @@ _gpu_cmd_logs() {
   if [ "$#" -eq 1 ]; then
     _gpu_check_name "$1" || return
     _gpu_log_of "$1" "$_gpu_rank" || { _gpu_no_log "$1" "$_gpu_rank"; return 1; }
+    _gpu_plain_log "$_gpu_log" || return 1
     if [ -n "$_gpu_lines" ]; then command tail -n "$_gpu_lines" -- "$_gpu_log"
     else command cat -- "$_gpu_log"; fi
     return
@@ -2511,6 +2524,18 @@ EOF
   return 0
 }
 
+_gpu_plain_log() {  # _gpu_plain_log LOG: is LOG a regular file, no symbolic link? Else says so
+  # (as the daemon, the client never reads through a link in the queue folder: it could show
+  # anybody's file; nor a FIFO, which blocks)
+  if [ -h "$1" ]; then
+    _gpu_err "$1 is a symbolic link: not followed (a log is a file the daemon writes)"
+    return 1
+  elif [ -e "$1" ] && [ ! -f "$1" ]; then
+    _gpu_err "$1 is not a regular file: not read"
+    return 1
+  fi
+}
+
 _gpu_bytes() {  # _gpu_bytes FILE OFFSET COUNT: COUNT bytes of FILE from OFFSET on stdout
   # (not dd: it catches SIGINT, and a child that exits normally after Ctrl-C makes bash go on)
   command tail -c "+$(($2 + 1))" -- "$1" 2>/dev/null | command head -c "$3"
@@ -2519,9 +2544,10 @@ _gpu_bytes() {  # _gpu_bytes FILE OFFSET COUNT: COUNT bytes of FILE from OFFSET 
 _gpu_follow() {  # _gpu_follow ID LOG LINES: print the last LINES lines of LOG, then whatever is
   # appended, until task ID has a result (the footer is written before it); its return code
   local off=0 size start first=1 ended='' what
+  _gpu_plain_log "$2" || return 1
   while :; do
     [ -f "$_gpu_q/records/$1.result" ] && ended=1
-    if [ -f "$2" ]; then
+    if [ -f "$2" ] && [ ! -h "$2" ]; then
       size=$(command wc -c < "$2" 2>/dev/null)
       size=${size//[!0-9]/}
       size=${size:-0}
