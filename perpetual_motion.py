@@ -4628,11 +4628,10 @@ class Daemon:
         if not self.stopping and self.hard_at is not None and now >= self.hard_at:
             self.begin_shutdown(f"hard auto-shutdown after {AUTO_SHUTDOWN_HARD_HOURS:g}h")
         self._step("tasks", self.run_tasks)
-        self._step("folder", self.check_folder)
-        if self.unsafe:
-            pass  # nothing is taken from a folder that others could have written
-        elif self.is_leader and not self.displaced:
-            self._step("commands", self.commands.handle)
+        self._step("folder", self.check_folder)  # nothing is taken from an unsafe folder
+        if self.is_leader and not self.displaced:
+            if not self.unsafe:
+                self._step("commands", self.commands.handle)
         elif not self.is_leader and now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
