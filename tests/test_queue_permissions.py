@@ -143,6 +143,10 @@ def test_a_folder_opened_to_others_while_the_daemon_runs_stops_the_queue_until_c
     assert not (inst / "replies" / f"{name}.reply").exists()
     state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
     assert state["refused"].startswith(f"{inst / 'pending'} is writable by every user")
+    out = Shell("bash", place, place, place).run("gpu_status -l", job_id="unit").out
+    assert f"          REFUSED:  {inst / 'pending'} is writable by every user (mode 0777): " \
+           "anyone could run code as root (uid 0); chmod o-w it; no task or command is taken\n" \
+        in out, out
     (inst / "commands" / f"{name}.cmd").unlink()
     (inst / "pending").chmod(0o700)
     run_until(daemon, clock, lambda: finished(inst, task) == "done")
@@ -207,6 +211,22 @@ def test_records_and_logs_are_readable_by_their_owner_alone(place, other):
     (inst / "pending").chmod(0o755)  # even where a folder lets others look
     peek = as_other(f"cat '{inst}/records/{task}.submit'")
     assert peek.returncode != 0 and "s3cret" not in peek.stdout
+
+
+def test_submit_sh_makes_the_instance_for_its_owner_alone_whatever_the_umask(tmp_path):
+    from test_submit import SCO_SETTINGS, base_env, make_code_dir, run_submit
+
+    root = tmp_path / "queue root"
+    root.mkdir()
+    env = base_env(tmp_path, QUEUE_ROOT=str(root),
+                   CODE_DIR=str(make_code_dir(tmp_path, real_daemon=False)), **SCO_SETTINGS)
+    old = os.umask(0o002)  # a login node's usual umask: the group may write what it makes
+    try:
+        run = run_submit(env, "exp1", "8", "1")
+    finally:
+        os.umask(old)
+    assert run.returncode == 0, run.stderr
+    assert (mode(root / "exp1"), mode(root / "exp1" / ".staging")) == (0o700, 0o700)
 
 
 @needs_root
