@@ -106,6 +106,7 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
 '
   LC_ALL=C
   export LC_ALL
+  umask 077  # what the client writes (records hold -e values) only the user reads (a subshell)
   unset QUOTING_STYLE CLICOLOR_FORCE LS_COLORS TIME_STYLE POSIXLY_CORRECT GREP_OPTIONS
   _gpu_nl='
 '
@@ -451,8 +452,10 @@ _gpu_shquote() {  # _gpu_shquote WORD: WORD as the shell would need it typed, in
 
 # Files #############################################################################################
 
-_gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line
-  command ls -1 -- "$1" 2>/dev/null
+_gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line; a
+  # newline in a name shows as ? (protocol: one entry is one task, whatever its name holds)
+  command find "$1" -mindepth 1 -maxdepth 1 ! -name '.*' -printf '%f\0' 2>/dev/null \
+    | command sort -z | command tr '\n\0' '?\n'
 }
 
 _gpu_count() {  # _gpu_count DIR: sets _gpu_n to the number of published names in DIR
@@ -549,6 +552,8 @@ _gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance fol
   _gpu_valid_id "$JOB_ID" || { _gpu_bad_id "$JOB_ID"; return 2; }
   _gpu_root || return 1
   _gpu_q=$_gpu_r/$JOB_ID
+  # a queue its group shares on purpose (the daemon's --shared-queue): the group reads and writes
+  [ -z "$(command find "$_gpu_q" -maxdepth 0 -perm -g+w 2>/dev/null)" ] || umask 007
 }
 
 _gpu_existing_instance() {  # as _gpu_instance, and the folder must exist
@@ -950,10 +955,14 @@ EOF
 
 # Tasks #############################################################################################
 
-_gpu_check_name() {  # _gpu_check_name NAME: a task name cannot hold / or a newline
+_gpu_check_name() {  # _gpu_check_name NAME: a task name cannot hold / or a newline, and is a
+  # file name (at most 255 bytes, and its records' names too)
   case $1 in
     ''|*/*|*"$_gpu_nl"*|.*) _gpu_err "no such task: $1"; return 1 ;;
   esac
+  [ "${#1}" -le 240 ] && return 0
+  _gpu_err "a task name has at most 240 bytes (a file name, with .submit, has at most 255): $1"
+  return 2
 }
 
 _gpu_split_name() {  # _gpu_split_name NAME: train.sh:3f9a into _gpu_base (train.sh), _gpu_hex
@@ -1389,9 +1398,15 @@ _gpu_request() {  # _gpu_request GPUS NODES TIME ENV: -g, -n and -t (else GPUS, 
   local most line name IFS=$_gpu_nl
   local daemon_sets=" JOB_ID TASK_NAME TASK_SHORT_NAME QUEUE_ROOT QUEUE_DIR TASK_LOG \
 CUDA_DEVICE_ORDER CUDA_VISIBLE_DEVICES PM_GPUS TASK_GPUS PM_NODE_RANK NODE_RANK NNODES MASTER_ADDR \
-MASTER_PORT PERPETUAL_MOTION_TASK "  # docs/protocol.md: env.<i>
+MASTER_PORT PERPETUAL_MOTION_TASK PERPETUAL_MOTION_CALLBACK "  # docs/protocol.md: env.<i>
   _gpu_rq_time='' _gpu_rq_env=${4-}
+  most=0
   # shellcheck disable=SC2154  # _gpu_parse sets the _gpu_o_* variables
+  for line in $_gpu_o_env; do most=$((most + 1)); done
+  if [ "$most" -gt 4096 ]; then  # the daemon fails a record with more (MAX_TASK_ARGS)
+    _gpu_err "-e: at most 4096 variables, not $most"
+    return 2
+  fi
   for line in $_gpu_o_env; do
     name=${line%%=*}
     case $line in
@@ -1410,6 +1425,9 @@ MASTER_PORT PERPETUAL_MOTION_TASK "  # docs/protocol.md: env.<i>
     _gpu_rq_env=$(printf '%s\n' "$_gpu_rq_env" | command grep -v -e "^$name=" -e '^$' || :)
     _gpu_rq_env=$_gpu_rq_env${_gpu_rq_env:+$_gpu_nl}$line
   done
+  most=0
+  for line in $_gpu_rq_env; do most=$((most + 1)); done
+  [ "$most" -le 4096 ] || { _gpu_err "-e: at most 4096 variables, not $most"; return 2; }
   case $time in
     '' | none) ;;
     *)
@@ -1457,8 +1475,10 @@ MASTER_PORT PERPETUAL_MOTION_TASK "  # docs/protocol.md: env.<i>
 
 _gpu_duration() {  # _gpu_duration TEXT: a time limit, in seconds into _gpu_i: 90s, 30m, 2h,
   # 1d12h, 1h30m, or as Slurm writes it M:S, H:M:S, D-H, D-H:M, D-H:M:S; 1 when it is none of these
-  # (a bare number too: Slurm reads minutes where others read seconds) or not 1s to 365 days
-  local text=$1 n unit days='' total=0 count=0 h=0 m=0 sec=0
+  # (a bare number too: Slurm reads minutes where others read seconds) or not 1s to 365 days. Units
+  # come once each, largest first; every number but the first is below its unit's next (1h1h,
+  # 1h90m and 1:99:99 are no time limits)
+  local text=$1 n unit days='' total=0 count=0 h=0 m=0 sec=0 last=99999999999 first=1
   case $text in '' | *[!0-9smhd:-]*) return 1 ;; esac
   case $text in
     *[smhd]*)
@@ -1469,7 +1489,10 @@ _gpu_duration() {  # _gpu_duration TEXT: a time limit, in seconds into _gpu_i: 9
         text=${text#"$n"}
         unit=${text%"${text#?}"}; text=${text#?}
         case $unit in s) unit=1 ;; m) unit=60 ;; h) unit=3600 ;; d) unit=86400 ;; *) return 1 ;; esac
-        _gpu_int "$n"; total=$((total + _gpu_i * unit))
+        [ "$unit" -lt "$last" ] || return 1
+        _gpu_int "$n"
+        [ -n "$first" ] || [ $((_gpu_i * unit)) -lt "$last" ] || return 1
+        total=$((total + _gpu_i * unit)) last=$unit first=''
       done ;;
     *)
       case $text in
@@ -1482,7 +1505,13 @@ _gpu_duration() {  # _gpu_duration TEXT: a time limit, in seconds into _gpu_i: 9
         _gpu_int "$n"; h=$m m=$sec sec=$_gpu_i count=$((count + 1))
         case $text in *:*) text=${text#*:} ;; *) break ;; esac
       done
+      # below 60 (hours below 24), but for the first number of M:S and H:M:S
+      [ "$sec" -lt 60 ] || { [ -z "$days" ] && [ "$count" -eq 1 ]; } || return 1
+      [ "$m" -lt 60 ] || [ "$count" -eq 2 ] || return 1
       if [ -n "$days" ]; then
+        [ "$count" -ne 1 ] || [ "$sec" -lt 24 ] || return 1
+        [ "$count" -ne 2 ] || [ "$m" -lt 24 ] || return 1
+        [ "$h" -lt 24 ] || return 1
         _gpu_int "$days"; total=$((_gpu_i * 86400))
         case $count in
           1) total=$((total + sec * 3600)) ;;
@@ -1783,7 +1812,7 @@ _gpu_cmd_retry() {
     if [ -z "$picks" ]; then _gpu_say "no failed task to retry"; return 0; fi
   else
     for name in "$@"; do  # every name is checked before anything is queued
-      _gpu_check_name "$name" || return 1
+      _gpu_check_name "$name" || return
       if ! _gpu_find "$name" 'done' failed; then
         if _gpu_find "$name" pending running; then
           _gpu_err "task $name has not finished yet (gpu_wait $name waits for it)"
@@ -1983,6 +2012,15 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
       _gpu_field waiting.reason
       _gpu_line "          next:     $what: ${_gpu_val:-waiting}"
     fi
+    if _gpu_field refused && [ -n "$_gpu_val" ]; then  # the daemon's StrictModes check
+      _gpu_line "          REFUSED:  $_gpu_val; no task or command is taken"
+    fi
+    _gpu_field skipped_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i i=0
+    while [ "$i" -lt "$count" ]; do
+      _gpu_field "skipped.$i"
+      _gpu_line "          skipped:  $_gpu_val"
+      i=$((i + 1))
+    done
   done
 }
 
@@ -2313,7 +2351,7 @@ _gpu_cmd_show() {
   set -- "${_gpu_args[@]}"
   if [ "$#" -ne 1 ]; then _gpu_usage; return; fi
   _gpu_existing_instance || return
-  _gpu_check_name "$1" || return 1
+  _gpu_check_name "$1" || return
   local dir id line what others IFS=$_gpu_nl
   if ! _gpu_find "$1" pending running 'done' failed; then
     _gpu_err "no such task: $1 (gpu_status lists the tasks)"
@@ -2480,8 +2518,9 @@ _gpu_cmd_logs() {
   _gpu_rank_opt || return 2
   _gpu_existing_instance || return
   if [ "$#" -eq 1 ]; then
-    _gpu_check_name "$1" || return 1
+    _gpu_check_name "$1" || return
     _gpu_log_of "$1" "$_gpu_rank" || { _gpu_no_log "$1" "$_gpu_rank"; return 1; }
+    _gpu_plain_log "$_gpu_log" || return 1
     if [ -n "$_gpu_lines" ]; then command tail -n "$_gpu_lines" -- "$_gpu_log"
     else command cat -- "$_gpu_log"; fi
     return
@@ -2517,6 +2556,18 @@ EOF
   return 0
 }
 
+_gpu_plain_log() {  # _gpu_plain_log LOG: is LOG a regular file, no symbolic link? Else says so
+  # (as the daemon, the client never reads through a link in the queue folder: it could show
+  # anybody's file; nor a FIFO, which blocks)
+  if [ -h "$1" ]; then
+    _gpu_err "$1 is a symbolic link: not followed (a log is a file the daemon writes)"
+    return 1
+  elif [ -e "$1" ] && [ ! -f "$1" ]; then
+    _gpu_err "$1 is not a regular file: not read"
+    return 1
+  fi
+}
+
 _gpu_bytes() {  # _gpu_bytes FILE OFFSET COUNT: COUNT bytes of FILE from OFFSET on stdout
   # (not dd: it catches SIGINT, and a child that exits normally after Ctrl-C makes bash go on)
   command tail -c "+$(($2 + 1))" -- "$1" 2>/dev/null | command head -c "$3"
@@ -2525,9 +2576,10 @@ _gpu_bytes() {  # _gpu_bytes FILE OFFSET COUNT: COUNT bytes of FILE from OFFSET 
 _gpu_follow() {  # _gpu_follow ID LOG LINES: print the last LINES lines of LOG, then whatever is
   # appended, until task ID has a result (the footer is written before it); its return code
   local off=0 size start first=1 ended='' what
+  _gpu_plain_log "$2" || return 1
   while :; do
     [ -f "$_gpu_q/records/$1.result" ] && ended=1
-    if [ -f "$2" ]; then
+    if [ -f "$2" ] && [ ! -h "$2" ]; then
       size=$(command wc -c < "$2" 2>/dev/null)
       size=${size//[!0-9]/}
       size=${size:-0}
@@ -2595,7 +2647,7 @@ _gpu_cmd_tail() {
       return 1
     fi
   else
-    _gpu_check_name "$1" || return 1
+    _gpu_check_name "$1" || return
     # pending/ before running/: a task claimed meanwhile is seen in one of them
     if _gpu_find "$1" pending running; then
       case $_gpu_val in
@@ -2657,7 +2709,7 @@ _gpu_cmd_wait() {
   _gpu_existing_instance || return
   ids=() snaps=() codes=() misses=()
   for name in "$@"; do
-    _gpu_check_name "$name" || return 1
+    _gpu_check_name "$name" || return
     if _gpu_find "$name" pending running; then
       :
     elif _gpu_find "$name" 'done' failed; then
@@ -2904,11 +2956,14 @@ _gpu_cmd_stop() {
     name=$1
   fi
   if [ "$name" = all ]; then
-    matches=$(_gpu_ls "$_gpu_q/pending" | command sed 's|^|pending/|'
-      _gpu_ls "$_gpu_q/running" | command sed 's|^|running/|')
+    for entry in $(_gpu_ls "$_gpu_q/pending"); do  # a task is a file: links, FIFOs, folders stay
+      [ -f "$_gpu_q/pending/$entry" ] && [ ! -h "$_gpu_q/pending/$entry" ] \
+        && matches=${matches}pending/$entry$_gpu_nl
+    done
+    matches=$matches$(_gpu_ls "$_gpu_q/running" | command sed 's|^|running/|')
   else
     for name in "$@"; do  # every name is checked before anything is asked
-      _gpu_check_name "$name" || return 1
+      _gpu_check_name "$name" || return
       if ! _gpu_find "$name" pending running; then
         if _gpu_find "$name" 'done' failed; then
           _gpu_err "task $name is no longer pending or running: it has finished"

@@ -28,11 +28,13 @@ import enum
 import errno
 import fcntl
 import functools
+import grp
 import importlib.util
 import json
 import logging
 import math
 import os
+import pwd
 import re
 import secrets
 import select
@@ -84,6 +86,8 @@ TASK_CALLBACK = ""  # bash command run after each task ends (PM_TASK_* set), e.g
 CALLBACK_TIMEOUT_SECONDS = 60.0  # a callback still running after this is killed
 MASTER_PORTS = (20000, 29499)  # MASTER_PORT range: below the ephemeral ports, short of 29500
 PORT_REUSE_SECONDS = 3600.0  # a MASTER_PORT is not given to another task within this time
+MAX_SKIPPED_SHOWN = 20  # skipped queue entries the state file names
+SHARED_QUEUE = False  # True: the queue folder may be group-writable: the group can run code as you
 
 # Keep-alive tuning (docs/keepalive.md explains each one)
 KEEPALIVE_PERIOD = 0.025  # s, a worker's duty cycle: busy for duty x period, then idle
@@ -122,6 +126,7 @@ LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
 NO_INOTIFY_VAR = "PERPETUAL_MOTION_NO_INOTIFY"  # set: the daemon polls only, inotify unused
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>
 CALLBACK_VAR = "PERPETUAL_MOTION_CALLBACK"  # a task callback and all it starts: <job>/<id>
+RESERVED_VARS = TASK_VARS | {CALLBACK_VAR}  # no submit record sets them (a callback is never swept)
 KILL_SCOPES = ("auto", "user-python", "task", "none")
 EXIT_FAILURE = 1  # the daemon cannot run: no psutil, an unwritable queue folder
 EXIT_USAGE = 2  # bad arguments, bad JOB_ID
@@ -281,14 +286,21 @@ class Submission:
             args = tuple(fields[f"arg.{i}"] for i in range(argc))
         except KeyError as exc:
             raise ValueError(f"argument {exc.args[0]} is missing") from None
+        for i, arg in enumerate(args):
+            if "\0" in arg:  # no argument of a process can hold one
+                raise ValueError(f"arg.{i} holds a NUL byte")
+        if "\0" in fields.get("cwd", ""):
+            raise ValueError("cwd holds a NUL byte")
         envc = _count(fields.get("envc", ""), "envc", 0, default=0)
         if envc is None or envc > MAX_TASK_ARGS:
             raise ValueError(f"envc={fields.get('envc')!r} is not a count of variables")
         env = []
         for i in range(envc):
             name, sep, value = fields.get(f"env.{i}", "").partition("=")
-            if not sep or not ENV_NAME_RE.fullmatch(name) or name in TASK_VARS:
+            if not sep or not ENV_NAME_RE.fullmatch(name) or name in RESERVED_VARS:
                 raise ValueError(f"env.{i} is not NAME=VALUE of a variable a task may set")
+            if "\0" in value:
+                raise ValueError(f"env.{i} holds a NUL byte")
             env.append((name, value))
         limit = fields.get("time_limit", "")
         time_limit = ascii_int(limit, limit=MAX_HOURS * 3600) if limit else None
@@ -383,6 +395,7 @@ class Config:
     gpus: int | tuple[int, ...] | None = None  # --gpus: a count or GPU numbers; None: NVML's
     node_addr: str = ""  # --node-addr: how other nodes reach this one; "": the host name
     callback: str = TASK_CALLBACK  # --callback: run after each task ends ("": none)
+    shared: bool = SHARED_QUEUE  # --shared-queue: the group may write the queue folder
 
     @property
     def instance(self) -> Path:
@@ -435,6 +448,26 @@ def short_name(task_id: str) -> str:
     return task_id.split("-", 3)[3] if TASK_ID_RE.fullmatch(task_id) else task_id
 
 
+def user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+class NotOwned(OSError):
+    """A queue file of another user where only the daemon's user (or root) may write: never
+    read (a record of someone else could run the daemon's user's tasks elsewhere, with other
+    arguments or variables)."""
+
+
 class NotRegularFile(OSError):
     """A queue file that is a symbolic link, FIFO, directory, socket or device: never opened
     (a FIFO blocks a reader for ever; a link could lead the daemon to anybody's file)."""
@@ -456,9 +489,11 @@ def regular_file(path: Path) -> bool:
         return False
 
 
-def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+def open_regular(path: Path, flags: int, mode: int = 0o600,
+                 owners: Callable[[int], bool] | None = None) -> int:
     """Open a queue file as a descriptor, never following a symbolic link and never blocking on
-    a FIFO: a regular file's descriptor, else NotRegularFile (or the OSError of the open)."""
+    a FIFO: a regular file's descriptor, else NotRegularFile (or the OSError of the open), or
+    NotOwned when ``owners`` says no to its owner."""
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
@@ -476,6 +511,9 @@ def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFile(errno.EINVAL, f"{_kind(info.st_mode)}, not a regular file",
                                  str(path))
+        if owners is not None and not owners(info.st_uid):
+            raise NotOwned(errno.EPERM, f"owned by {user_name(info.st_uid)}, not by the "
+                           "daemon's user", str(path))
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -488,11 +526,54 @@ class QueueFolder:
 
     It never follows a symbolic link and never opens a FIFO or a device inside the folder:
     whoever can write ``pending/`` can run code as the daemon's user, but must get no more.
+    As ssh's StrictModes, it trusts a folder only when no other user can write it (its group
+    neither, unless ``shared``), and a file only when the daemon's user (or root) owns it
+    (anybody of the group, when ``shared``). What it creates only the owner can read, unless
+    ``shared``: then the group reads files and writes folders.
     """
 
-    def __init__(self, instance: Path):
+    def __init__(self, instance: Path, shared: bool = False):
         self.root = instance
+        self.shared = shared
+        self.uid = os.geteuid()
+        self.file_mode = 0o640 if shared else 0o600
         self.skipped: set[str] = set()  # entries not regular files, warned about once each
+        self.refused: dict[str, dict[str, str]] = {}  # folder -> entry -> why it is skipped
+
+    def trusted(self, uid: int) -> bool:
+        """Whether a file owned by ``uid`` may be read as a task, record or command."""
+        return self.shared or uid in (self.uid, 0)
+
+    def unsafe(self) -> str | None:
+        """Why the instance cannot be trusted (a folder of it that another user owns or may
+        write, where tasks, records or commands lie), or None. A stat per folder: cheap."""
+        me = user_name(self.uid)
+        for path in (self.root, *(self.dir(name) for name in QUEUE_DIRS)):
+            try:
+                info = os.stat(path) if path == self.root else os.lstat(path)
+            except OSError:
+                continue  # missing: created again (or its folder is missing)
+            if stat.S_ISLNK(info.st_mode):  # (its target may be anybody's)
+                return f"{path} is a symbolic link, not a folder of the instance"
+            if not stat.S_ISDIR(info.st_mode):
+                continue  # a file where a folder belongs holds nothing: it cannot be listed
+            if info.st_uid not in (self.uid, 0):
+                return (f"{path} is owned by {user_name(info.st_uid)}, not by {me}: whoever "
+                        f"owns it can run code as {me}; use a folder of your own")
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & stat.S_IWOTH:
+                return (f"{path} is writable by every user (mode {mode:04o}): anyone could "
+                        f"run code as {me}; chmod o-w it")
+            if mode & stat.S_IWGRP and not self.shared:
+                return (f"{path} is writable by the group {group_name(info.st_gid)} (mode "
+                        f"{mode:04o}): everyone in it could run code as {me}; chmod g-w it, "
+                        "or let the group share the queue (--shared-queue)")
+        return None
+
+    def skipped_entries(self) -> list[str]:
+        """``<folder>/<name>: why`` of every entry skipped in the last look at its folder."""
+        return [f"{folder}/{name}: {why}" for folder, entries in sorted(self.refused.items())
+                for name, why in sorted(entries.items())]
 
     def dir(self, name: str) -> Path:
         return self.root / name
@@ -510,7 +591,7 @@ class QueueFolder:
         """Write, fsync, close and remove a small file in ``.staging/``; OSError when one of
         them fails (AFS and NFS report a full disk or quota only at close)."""
         probe = self.dir(".staging") / f".probe-{unique_name()}"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
                 os.write(fd, b"probe\n" * 16)
@@ -528,7 +609,11 @@ class QueueFolder:
         for name in QUEUE_DIRS:
             if not self.dir(name).is_dir():
                 try:
-                    self.dir(name).mkdir(parents=True, exist_ok=True)
+                    for folder in (self.root, self.dir(name)):
+                        if not folder.is_dir():
+                            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                            if self.shared:  # the group writes, and new files are the group's
+                                os.chmod(folder, 0o2770)
                 except OSError:
                     if strict:
                         raise
@@ -540,10 +625,10 @@ class QueueFolder:
         """Write ``text`` to ``target`` the Maildir way: staged, fsynced, closed, renamed.
         ``durable=False`` skips the fsync, for files rewritten every few seconds anyway."""
         staged = self.dir(".staging") / f".{unique_name()}.{target.name[:60]}"
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
         try:
             try:
-                data = memoryview(text.encode())
+                data = memoryview(text.encode("utf-8", "surrogateescape"))  # bytes as read
                 while data:
                     data = data[os.write(fd, data):]
                 if durable:
@@ -560,19 +645,20 @@ class QueueFolder:
         """A record's fields; None when it is missing; ValueError/OSError when it is bad (too
         large, not key=value, or not a regular file: NotRegularFile)."""
         try:
-            fd = open_regular(path, os.O_RDONLY)
+            fd = open_regular(path, os.O_RDONLY, owners=self.trusted)
         except FileNotFoundError:
             return None
         with open(fd, "rb") as f:
             data = f.read(MAX_RECORD_BYTES + 1)
         if len(data) > MAX_RECORD_BYTES:
             raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
-        return parse_fields(data.decode(errors="replace"))
+        return parse_fields(data.decode("utf-8", "surrogateescape"))  # every byte kept
 
     def open_log(self, path: Path):
         """A task's log, opened to append (created when missing); OSError when it cannot be,
         NotRegularFile when a link, FIFO or directory sits at its name."""
-        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.file_mode,
+                          owners=self.trusted)
         return open(fd, "ab", buffering=0)
 
     def names(self, folder: str) -> list[str]:
@@ -587,24 +673,29 @@ class QueueFolder:
             return []
 
     def files(self, folder: str) -> list[str]:
-        """Like names(), but only regular files: a link, FIFO, directory or device in the
-        folder is skipped, with one warning for each (tasks and commands are files)."""
+        """Like names(), but only regular files the daemon's user owns (``trusted``): a link,
+        FIFO, directory or device in the folder, or a file of another user, is skipped, with
+        one warning for each (tasks and commands are files), and reported (``refused``)."""
         found = []
+        refused = self.refused[folder] = {}
         try:
             with os.scandir(self.dir(folder)) as entries:
                 for entry in entries:
                     if entry.name.startswith("."):
                         continue
                     try:
-                        if entry.is_file(follow_symlinks=False):  # no stat where d_type tells
+                        info = entry.stat(follow_symlinks=False)
+                        if stat.S_ISREG(info.st_mode) and self.trusted(info.st_uid):
                             found.append(entry.name)
                             continue
-                        why = f"{_kind(entry.stat(follow_symlinks=False).st_mode)}, " \
-                              "not a regular file"
+                        why = f"{_kind(info.st_mode)}, not a regular file" \
+                            if not stat.S_ISREG(info.st_mode) else \
+                            f"owned by {user_name(info.st_uid)}, not by the daemon's user"
                     except FileNotFoundError:
                         continue
                     except OSError as exc:
                         why = error_text(exc)
+                    refused[entry.name] = why
                     if f"{folder}/{entry.name}" not in self.skipped:
                         self.skipped.add(f"{folder}/{entry.name}")
                         LOG.warning("[%s] skipping %s: %s", folder, entry.name, why)
@@ -1310,8 +1401,8 @@ class TaskRunner:
                                             stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True,
                                             close_fds=True)
-                except OSError as exc:
-                    reason = message = f"cannot start: {exc.strerror or exc}"
+                except (OSError, ValueError) as exc:  # ValueError: a NUL byte
+                    reason = message = f"cannot start: {error_text(exc)}"
             if proc is None:
                 self.log_lines(log, [f"not run: {message}"])
                 self._fail_unstarted(task, reason, now)
@@ -1360,7 +1451,8 @@ class TaskRunner:
     @staticmethod
     def log_lines(log, lines: list[str]) -> None:
         try:
-            log.write("".join(f"[perpetual-motion] {line}\n" for line in lines).encode())
+            log.write("".join(f"[perpetual-motion] {line}\n" for line in lines).encode(
+                "utf-8", "surrogateescape"))
         except OSError:
             pass  # a full disk must not stop the task from being recorded
 
@@ -1523,8 +1615,9 @@ class TaskRunner:
     def cancel_pending(self, name: str, reason: str = "cancelled by user") -> str | None:
         """Move a pending task to failed/ as cancelled; its id, or None when it is not pending
         (any more). The destination is never an existing task's (docs/protocol.md)."""
-        if name.startswith(".") or "/" in name:
-            return None
+        if name.startswith(".") or "/" in name or not regular_file(self.folder.dir("pending")
+                                                                   / name):
+            return None  # (a link, FIFO or folder in pending/ is no task: it stays)
         task_id = self.folder.id_for(name)
         try:
             os.rename(self.folder.dir("pending") / name, self.folder.dir("failed") / task_id)
@@ -4415,7 +4508,10 @@ class Scheduler:
             try:
                 fields = self.folder.read_fields(self.folder.record(name, "submit"))
                 self.requests[name] = Submission.from_fields(fields) if fields else Submission()
-            except (OSError, ValueError, UnicodeError) as exc:
+            except OSError as exc:
+                self.requests[name] = Submission() if exc.errno == errno.ENAMETOOLONG else \
+                    f"unreadable submit record: {error_text(exc)}"  # (too long: it has none)
+            except (ValueError, UnicodeError) as exc:
                 self.requests[name] = f"unreadable submit record: {error_text(exc)}"
         return self.requests[name]
 
@@ -4619,7 +4715,7 @@ class Commands:
                 reply.update(result="not_found", message="neither pending nor running")
         elif action == "stop_all":
             cancelled = sum(bool(self.runner.cancel_pending(n))
-                            for n in self.folder.names("pending"))
+                            for n in self.folder.files("pending"))
             stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
             for task in stopped:
                 self.stop_running(task, "stopped by user (all)", who)
@@ -4741,7 +4837,7 @@ class Daemon:
         self.clock = clock
         self.sleep = sleep
         self.identity = identity or Identity.here()
-        self.folder = QueueFolder(config.instance)
+        self.folder = QueueFolder(config.instance, config.shared)
         self.throttled = ThrottledLog(clock)
         self.started = clock()
         self.started_text = f"{self.started:.3f}"  # as published; names this daemon's claims
@@ -4768,6 +4864,7 @@ class Daemon:
         # gpu_drain's, of the instance and of this node: nothing new starts, the daemon stays
         self.user_drain: tuple[str | None, str | None] = (None, None)
         self.sweep_now = False  # a stop_all with nothing running: end other Python processes
+        self.unsafe: str | None = None  # why the queue folder is not to be trusted now
         self.finished = False
         self.signals_seen = 0
         self.last_state_write = -1e18
@@ -4784,11 +4881,17 @@ class Daemon:
 
     def start(self) -> int | None:
         """Prepare the instance; an exit code when the daemon must not run."""
-        try:
-            self.folder.create(self.config.job_id)
-        except OSError as exc:
-            LOG.error("cannot write to the queue folder %s: %s", self.folder.root, exc)
-            return EXIT_FAILURE
+        for step in ("check", "create", "check"):  # (before anything is written into it)
+            try:
+                self.unsafe = self.folder.unsafe()
+                if self.unsafe:
+                    LOG.error("refusing the queue folder: %s", self.unsafe)
+                    return EXIT_FAILURE
+                if step == "create":
+                    self.folder.create(self.config.job_id)
+            except OSError as exc:
+                LOG.error("cannot write to the queue folder %s: %s", self.folder.root, exc)
+                return EXIT_FAILURE
         owner = None if self.config.force else self.claim.live_owner(
             lambda: self.waiter is not None and bool(self.waiter.received))
         if owner:
@@ -4872,12 +4975,14 @@ class Daemon:
         if not self.stopping and self.hard_at is not None and now >= self.hard_at:
             self.begin_shutdown(f"hard auto-shutdown after {AUTO_SHUTDOWN_HARD_HOURS:g}h")
         self._step("tasks", self.run_tasks)
+        self._step("folder", self.check_folder)  # nothing is taken from an unsafe folder
         if self.is_leader and not self.displaced:
-            self._step("commands", self.commands.handle)
+            if not self.unsafe:
+                self._step("commands", self.commands.handle)
         elif not self.is_leader and now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
-        if not self.displaced and self.owns_node():
+        if not self.displaced and not self.unsafe and self.owns_node():
             self._step("queue", self.run_queue)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
         self._step("callbacks", self.callbacks.poll)
@@ -4898,6 +5003,19 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - logged, and the loop goes on
             self.throttled.warning(f"step:{name}", "%s: %s (the daemon goes on)", name, exc,
                                    exc_info=not isinstance(exc, OSError))
+
+    def check_folder(self) -> None:
+        """The StrictModes check of every pass: while a folder of the instance is another
+        user's or writable by others, no task or command is taken from it."""
+        unsafe = self.folder.unsafe()
+        if unsafe != self.unsafe:
+            self.state_dirty = True
+            if not unsafe:
+                LOG.info("The queue folder is safe again: tasks and commands are taken again")
+        self.unsafe = unsafe
+        if unsafe:
+            self.throttled.warning("unsafe", "refusing the queue folder: %s; no task or "
+                                   "command is taken from it until that is fixed", unsafe)
 
     def runner_pids(self) -> set[int]:
         """The daemon's own children besides keep-alive's: tasks and callbacks."""
@@ -5138,7 +5256,11 @@ class Daemon:
             "waiting.reason": waiting[1] if waiting else "",
             "cpu_slots": MAX_CPU_TASKS, "cpu_running": load.cpu_running,
             "gpus_free": len(load.free), "gpu_count": len(self.inventory.gpus),
+            "refused": self.unsafe or "",
         }
+        skipped = self.folder.skipped_entries()[:MAX_SKIPPED_SHOWN]
+        fields["skipped_count"] = len(skipped)
+        fields.update({f"skipped.{k}": entry for k, entry in enumerate(skipped)})
         for k, task in enumerate(tasks):
             fields.update({f"running.{k}.id": task.task_id, f"running.{k}.gpus": task.gpu_text,
                            f"running.{k}.started": f"{task.started:.3f}" if task.started else "",
@@ -5243,6 +5365,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a bash command run after each task ends, with PM_TASK_ID, "
                              "PM_TASK_STATE, PM_TASK_EXIT_CODE, PM_TASK_LOG ... set "
                              "(default TASK_CALLBACK)")
+    parser.add_argument("--shared-queue", action="store_true", default=SHARED_QUEUE,
+                        help="accept a queue folder that the group may write, and tasks, "
+                             "records and commands of its members: everyone in the group can "
+                             "run code as you (default SHARED_QUEUE)")
     parser.add_argument("--force", action="store_true",
                         help="start even if the state file says a daemon is alive")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -5280,7 +5406,7 @@ def config_from_args(args: argparse.Namespace) -> Config | str:
                   hours=args.hours,
                   keepalive=KEEPALIVE and not args.no_keepalive, kill_scope=args.kill_scope,
                   stop_grace=args.stop_grace, node_rank=rank, num_nodes=count, force=args.force,
-                  callback=args.callback)
+                  callback=args.callback, shared=args.shared_queue)
 
 
 def setup_logging() -> None:

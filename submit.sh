@@ -468,7 +468,9 @@ make_instance() {
     mkdir -- "${QUEUE_ROOT}"
     note "created the queue root ${QUEUE_ROOT}"
   fi
-  mkdir -p -- "${INSTANCE}/.staging"
+  # only the user reads the instance (records hold -e values) or writes it (the daemon refuses a
+  # folder that others may write), whatever the umask; --shared-queue teams chmod g+w it
+  (umask 077 && mkdir -p -- "${INSTANCE}/.staging")
 }
 
 #######################################

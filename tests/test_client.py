@@ -76,7 +76,7 @@ def test_submit_publishes_a_copy_with_its_record(sh):
     script.write_text("echo edited later\n")
     copy = inst / "pending" / task
     assert copy.read_text() == "echo original\n"
-    assert stat.S_IMODE(copy.stat().st_mode) & 0o111 == 0o111  # the mode bits are kept
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o700  # the user's bits kept, umask 077
     record = read_fields(inst / "records" / f"{task}.submit")
     assert float(record.pop("submitted")) == pytest.approx(before, abs=5)
     assert record.pop("submitted_by").endswith("@" + os.uname().nodename)

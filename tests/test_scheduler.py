@@ -429,7 +429,7 @@ def test_a_task_gets_the_variables_of_its_record_but_never_those_the_daemon_sets
     assert set(env) >= pm.TASK_VARS  # every variable the daemon sets, which no record may set
     client = (Path(pm.__file__).parent / "client.sh").read_text()  # gpu_submit -e refuses them
     assert set(re.search(r'daemon_sets="([^"]*)"', client)[1].replace("\\\n", " ").split()) \
-        == pm.TASK_VARS
+        == pm.RESERVED_VARS
     bad = submit(inst, "bad.sh", "true\n", gpus=1, envc=1, **{"env.0": "CUDA_VISIBLE_DEVICES=7"})
     run_until(daemon, clock, lambda: (inst / "failed" / bad).exists())
     assert "env.0 is not NAME=VALUE of a variable a task may set" in result(inst, bad)["reason"]

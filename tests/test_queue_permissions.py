@@ -1,0 +1,261 @@
+"""Who may put code in front of the daemon: as ssh's StrictModes, the daemon refuses a queue
+folder that another user owns or may write (its group too, unless the queue is shared on
+purpose), skips and reports files of other users, and creates what it writes readable by its
+user alone; the client does the same for what it writes, and never reads a log through a link.
+
+A real second Unix user (made with ``useradd``, acting through ``runuser``) plays the colleague
+who writes into a shared storage. The queues lie in a folder that user can reach, removed after
+each test; the user account is kept for later runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from client_helpers import Shell
+from conftest import FakeClock, run_until
+from queue_files import command, finished, result, submit
+from test_daemon_unit import make_daemon
+
+import perpetual_motion as pm
+
+OTHER = "pm-colleague"
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("runuser")),
+    reason="needs root, useradd and runuser for a second user")
+
+
+@pytest.fixture(scope="session")
+def other() -> pwd.struct_passwd:
+    """The second user (created when missing; a parallel run may have made it meanwhile)."""
+    try:
+        return pwd.getpwnam(OTHER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/bash", OTHER],
+                       capture_output=True)
+    return pwd.getpwnam(OTHER)
+
+
+@pytest.fixture
+def place() -> Iterator[Path]:
+    """A folder every user can reach (pytest's own are its user's alone); removed after."""
+    path = Path(tempfile.mkdtemp(prefix="pm-permissions-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def as_other(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", OTHER, "--", "bash", "-c", script],
+                          capture_output=True, text=True, cwd="/", timeout=30)
+
+
+def give(path: Path, user: pwd.struct_passwd) -> None:
+    os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def start(root: Path, **overrides) -> tuple[pm.Daemon, FakeClock, int | None]:
+    clock = FakeClock()
+    daemon = make_daemon(root, clock, **overrides)
+    return daemon, clock, daemon.start()
+
+
+def refusals(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records
+                     if r.getMessage().startswith("refusing the queue folder"))
+
+
+# Folders: refused at the start and on every pass ##############################################
+
+
+@needs_root
+def test_an_instance_that_another_user_made_and_anyone_may_write_is_refused(place, other,
+                                                                            caplog):
+    root = place / "shared root"
+    root.mkdir()
+    root.chmod(0o1777)  # a shared storage's top: everybody makes folders in it
+    ran = place / "ran"
+    made = as_other(f"umask 0; mkdir -p '{root}/unit/pending' && "
+                    f"echo 'touch {ran}' > '{root}/unit/pending/evil.sh'")
+    assert made.returncode == 0, made.stderr
+    daemon, clock, code = start(root)
+    assert code == pm.EXIT_FAILURE
+    assert f"{root / 'unit'} is owned by {OTHER} (uid {other.pw_uid}), not by root (uid 0)" \
+        in refusals(caplog)
+    assert not ran.exists() and not (root / "unit" / "nodes").exists()  # nothing written
+
+
+@needs_root
+@pytest.mark.parametrize("folder", ["", "pending", "records", "commands", ".staging"])
+def test_a_folder_of_the_instance_that_anyone_may_write_is_refused_at_start(place, folder,
+                                                                            caplog):
+    pm.QueueFolder(place / "unit").create("unit")
+    (place / "unit" / folder).chmod(0o777)
+    assert start(place)[2] == pm.EXIT_FAILURE
+    assert f"{place / 'unit' / folder} is writable by every user (mode 0777)" \
+        in refusals(caplog)
+
+
+@needs_root
+def test_a_group_writable_queue_is_refused_unless_the_queue_is_shared(place, other, caplog):
+    inst = place / "unit"
+    pm.QueueFolder(inst).create("unit")
+    (inst / "pending").chmod(0o770)
+    assert start(place)[2] == pm.EXIT_FAILURE
+    assert "writable by the group root (mode 0770): everyone in it could run code as root " \
+           "(uid 0); chmod g-w it, or let the group share the queue (--shared-queue)" \
+        in refusals(caplog)
+    # shared on purpose: the group's tasks run
+    daemon, clock, code = start(place, shared=True)
+    assert code is None
+    theirs = submit(inst, "theirs.sh", "true\n")
+    give(inst / "pending" / theirs, other)
+    run_until(daemon, clock, lambda: finished(inst, theirs) == "done")
+
+
+@needs_root
+def test_a_folder_opened_to_others_while_the_daemon_runs_stops_the_queue_until_closed(place):
+    daemon, clock, code = start(place)
+    assert code is None
+    inst = place / "unit"
+    (inst / "pending").chmod(0o777)
+    task = submit(inst, "t.sh", "true\n")
+    name = command(inst, "shutdown")
+    for _ in range(20):
+        daemon.tick()
+        clock.sleep(0.1)
+    assert (inst / "pending" / task).exists() and not daemon.stopping
+    assert not (inst / "replies" / f"{name}.reply").exists()
+    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
+    assert state["refused"].startswith(f"{inst / 'pending'} is writable by every user")
+    out = Shell("bash", place, place, place).run("gpu_status -l", job_id="unit").out
+    assert f"          REFUSED:  {inst / 'pending'} is writable by every user (mode 0777): " \
+           "anyone could run code as root (uid 0); chmod o-w it; no task or command is taken\n" \
+        in out, out
+    (inst / "commands" / f"{name}.cmd").unlink()
+    (inst / "pending").chmod(0o700)
+    run_until(daemon, clock, lambda: finished(inst, task) == "done")
+    assert pm.parse_fields((inst / "nodes" / "node-0.state").read_text())["refused"] == ""
+
+
+# Files of another user: skipped and reported ##################################################
+
+
+@needs_root
+def test_tasks_commands_and_records_of_another_user_are_skipped_and_reported(place, other):
+    daemon, clock, code = start(place)
+    assert code is None
+    inst = place / "unit"
+    ran = place / "ran"
+    evil = submit(inst, "evil.sh", f"touch '{ran}.evil'\n", priority=1)
+    give(inst / "pending" / evil, other)
+    name = command(inst, "shutdown")
+    give(inst / "commands" / f"{name}.cmd", other)
+    mine = submit(inst, "mine.sh", f"touch '{ran}.mine'\n", priority=2, cwd=str(place))
+    give(inst / "records" / f"{mine}.submit", other)  # it could run mine elsewhere, otherwise
+    after = submit(inst, "after.sh", "true\n", priority=3)
+    run_until(daemon, clock, lambda: finished(inst, after) == "done")
+    daemon.write_state()
+    assert not daemon.stopping and not Path(f"{ran}.evil").exists()
+    assert (inst / "pending" / evil).exists() and (inst / "commands" / f"{name}.cmd").exists()
+    assert finished(inst, mine) == "failed" and not Path(f"{ran}.mine").exists()
+    owner = f"owned by {OTHER} (uid {other.pw_uid}), not by the daemon's user"
+    assert result(inst, mine)["reason"] == f"unreadable submit record: {owner}"
+    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
+    assert state["skipped_count"] == "2"
+    assert [state["skipped.0"], state["skipped.1"]] == [f"commands/{name}.cmd: {owner}",
+                                                        f"pending/{evil}: {owner}"]
+    out = Shell("bash", place, place, place).run("gpu_status -l", job_id="unit").out
+    assert f"          skipped:  pending/{evil}: {owner}\n" in out, out
+
+
+# What is written: readable by its owner alone ################################################
+
+
+@needs_root
+def test_records_and_logs_are_readable_by_their_owner_alone(place, other):
+    work = place / "work"
+    work.mkdir()
+    (work / "job.sh").write_text("echo hello\n")
+    sh = Shell("bash", place, place, work)
+    res = sh.run("umask 022; gpu_submit -e WANDB_API_KEY=s3cret job.sh")
+    assert res.rc == 0, res.err
+    task = res.out.split()[-1]
+    daemon, clock, code = start(place, job_id="exp1")
+    assert code is None
+    inst = place / "exp1"
+    run_until(daemon, clock, lambda: finished(inst, task) == "done")
+    assert mode(inst) == 0o700
+    for folder in pm.QUEUE_DIRS:
+        assert mode(inst / folder) & 0o077 == 0, folder
+    for path in [*(inst / "records").iterdir(), *(inst / "logs").iterdir(),
+                 inst / "nodes" / "node-0.state", inst / "control.json"]:
+        assert mode(path) & 0o077 == 0, path
+    peek = as_other(f"cat '{inst}/records/{task}.submit'")
+    assert peek.returncode != 0 and "s3cret" not in peek.stdout
+    (inst / "pending").chmod(0o755)  # even where a folder lets others look
+    peek = as_other(f"cat '{inst}/records/{task}.submit'")
+    assert peek.returncode != 0 and "s3cret" not in peek.stdout
+
+
+def test_submit_sh_makes_the_instance_for_its_owner_alone_whatever_the_umask(tmp_path):
+    from test_submit import SCO_SETTINGS, base_env, make_code_dir, run_submit
+
+    root = tmp_path / "queue root"
+    root.mkdir()
+    env = base_env(tmp_path, QUEUE_ROOT=str(root),
+                   CODE_DIR=str(make_code_dir(tmp_path, real_daemon=False)), **SCO_SETTINGS)
+    old = os.umask(0o002)  # a login node's usual umask: the group may write what it makes
+    try:
+        run = run_submit(env, "exp1", "8", "1")
+    finally:
+        os.umask(old)
+    assert run.returncode == 0, run.stderr
+    assert (mode(root / "exp1"), mode(root / "exp1" / ".staging")) == (0o700, 0o700)
+
+
+@needs_root
+def test_a_shared_queue_is_made_for_the_group(place):
+    daemon, clock, code = start(place, shared=True)
+    assert code is None
+    inst = place / "unit"
+    assert mode(inst / "pending") == 0o2770
+    task = submit(inst, "t.sh", "true\n")
+    run_until(daemon, clock, lambda: finished(inst, task) == "done")
+    assert mode(inst / "records" / f"{task}.result") == 0o640
+
+
+# The client #################################################################################
+
+
+def test_gpu_logs_and_gpu_tail_never_follow_a_log_that_is_a_link(tmp_path):
+    sh = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "failed", "records", "logs", "nodes"):
+        (inst / folder).mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_text("TOPSECRET\n")
+    task = f"500-{pm.unique_name()}-t.sh"
+    (inst / "done" / task).write_text("true\n")
+    (inst / "records" / f"{task}.result").write_text(f"id={task}\nstate=done\n")
+    (inst / "logs" / f"{task}.log").symlink_to(secret)
+    for script in (f"gpu_logs {task}", f"gpu_tail {task}"):
+        res = sh.run(f"{script}; echo \"rc=$?\"", timeout=20)
+        assert "TOPSECRET" not in res.out + res.err, script
+        assert res.out.endswith("rc=1\n"), (script, res.out, res.err)
+        assert f"{inst}/logs/{task}.log is a symbolic link: not followed" in res.err, script
