@@ -48,7 +48,7 @@ import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 # Settings (edit these) #####################################################################
 
@@ -2137,6 +2137,7 @@ _YIELD_WARN_SECONDS = 1.0  # a yield that takes longer than this (detection to m
 
 EXIT_FOREIGN = 3  # a worker's exit status: it saw foreign work on its GPU and left
 EXIT_SETUP = 4  # a worker's exit status: no device, or no memory for its tiles
+EXIT_CANNOT_TEST = 2  # the self-test's exit status: it cannot test here (no GPU, a busy GPU)
 COMPUTE_MODES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
 
 
@@ -4273,6 +4274,334 @@ def worker_main(argv: list[str], exit: Callable[[int], object] = os._exit) -> in
     return code
 
 
+# Keep-alive: the self-test ##################################################################
+#
+# ``perpetual_motion.py --self-test [--gpu I] [--seconds N] [--json]``: about a minute on one
+# idle GPU of a real node, with the real engine and workers, as the daemon would run them. It
+# reads what NVML offers here, holds the band and reads the share of NVML's samples in it, makes
+# a probe of ours (a small torch job) come onto the held GPU, with the process list and without
+# it, and times each yield, and measures the CPU. A table for people, JSON for scripts; exit 0
+# when every target holds, 1 when one is missed, 2 when it cannot test here (no GPU, the GPU is
+# busy). ``bench/run_on_gpu.sh`` runs it before its interference figures.
+
+SELF_TEST_TARGETS = {  # figure: (target as text, check)
+    "band_share": (">= 0.95", lambda v: v >= 0.95),
+    "band_share_1s": (">= 0.95", lambda v: v >= 0.95),
+    "yield_listed_s": ("<= 0.25", lambda v: v <= 0.25),
+    "yield_hidden_s": ("<= 1.5", lambda v: v <= 1.5),
+    "cpu_percent_of_core": ("<= 2", lambda v: v <= 2),
+}
+_SELF_TEST_HOLD_LIMIT = 120.0  # s a worker may take to hold the GPU (torch's import in a sandbox)
+_SELF_TEST_PROBE_MIB = 1024  # MiB the probe takes beside its context
+_SELF_TEST_PROBE_LIMIT = 90.0  # s a probe may take to import torch
+
+
+class CannotTest(Exception):
+    """The self-test cannot run here; the message says why."""
+
+
+@dataclasses.dataclass
+class SelfTestRig:
+    """What the self-test acts through, so that it runs on a simulated node too: NVML, the
+    worker spawner, ``probe(gpu)`` (a job of ours that comes onto the GPU: a handle with
+    ``pid``, ``messages()``, ``send()``, ``stop()``, ``kill()``), ``hide(bool)`` (NVML's process
+    list hidden from keep-alive, as for another container's job), the clock, the sleep, and
+    ``cpu(pid)`` (CPU seconds of a process, None for this one; None where not measured)."""
+
+    nvml: Any
+    spawn: Callable[[GpuInfo, WorkerSpec], WorkerHandle]
+    probe: Callable[[GpuInfo], Any]
+    hide: Callable[[bool], object]
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], object] = time.sleep
+    cpu: Callable[[int | None], float | None] = lambda pid: None
+
+
+def real_rig() -> tuple[SelfTestRig, list[GpuInfo]]:
+    """The rig of this node: NVML, real workers, probes that are this file's
+    ``--self-test-probe``; CannotTest where there is no NVIDIA GPU to test."""
+    try:
+        nvml = Nvml.open(LOG)
+        gpus = nvml.gpus()
+    except NvmlUnavailable as exc:
+        raise CannotTest(f"no NVIDIA GPU to test: {exc}") from exc
+    if importlib.util.find_spec("torch") is None:
+        raise CannotTest(f"torch is not installed in {sys.executable} (the workers need it)")
+    hidden = {"on": False}
+
+    def spawn(gpu: GpuInfo, spec: WorkerSpec) -> WorkerHandle:
+        return spawn_worker(gpu, spec, ["--hide-processes"] if hidden["on"] else [])
+
+    def hide(on: bool) -> None:
+        hidden["on"] = nvml.hide_processes = on
+
+    def probe(gpu: GpuInfo) -> WorkerProcess:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu.uuid, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        return WorkerProcess(worker_command([])[:2] + ["--self-test-probe", gpu.uuid], env)
+
+    def cpu(pid: int | None) -> float | None:
+        import psutil
+
+        try:
+            times = (psutil.Process(pid) if pid else psutil.Process()).cpu_times()
+        except psutil.Error:
+            return None
+        return times.user + times.system
+
+    return SelfTestRig(nvml, spawn, probe, hide, cpu=cpu), [g for g in gpus if not g.mig]
+
+
+def self_test(rig: SelfTestRig, gpu: GpuInfo, seconds: float, log: logging.Logger) -> dict:
+    """Run the self-test on ``gpu``; the report (``report["code"]``: the exit status)."""
+    report: dict[str, Any] = {"gpu": gpu.name, "index": gpu.index, "seconds": seconds,
+                              "figures": {}, "facts": {}}
+    facts, figures = report["facts"], report["figures"]
+    nvml = rig.nvml
+    try:
+        _self_test_idle(rig, gpu, facts)
+        ka = GpuKeepAlive(nvml, [gpu], log, spawn=rig.spawn, timefunc=rig.clock,
+                          delayfunc=rig.sleep, holdoff=2.0)
+        ka.start()
+        try:
+            slot = ka.slots[0]
+            _self_test_hold(rig, ka, slot)
+            figures.update(_self_test_band(rig, ka, slot, seconds))
+            facts["worker_context_mib"] = slot.worker.context_mib if slot.worker else None
+            for hidden in (False, True):
+                rig.hide(hidden)
+                if hidden:  # a worker started with the list: a new one, which never looks
+                    ka.release([0])
+                    _self_test_until(rig, ka, lambda: ka.released([0]), 30.0, "released")
+                    ka.task_finished([0])
+                    slot.resume_at = None
+                _self_test_hold(rig, ka, slot)
+                figures.update(_self_test_yield(rig, ka, slot, gpu, hidden, facts))
+            rig.hide(False)
+        finally:
+            ka.stop()
+    except CannotTest as exc:
+        report.update(code=EXIT_CANNOT_TEST, why=str(exc))
+        return report
+    report["targets"] = {name: {"value": figures.get(name), "target": target,
+                                "met": None if figures.get(name) is None
+                                else bool(check(figures[name]))}
+                         for name, (target, check) in SELF_TEST_TARGETS.items()}
+    missed = [n for n, t in report["targets"].items() if t["met"] is False]
+    report.update(code=1 if missed else 0,
+                  why=("missed: " + ", ".join(missed)) if missed else "every target holds")
+    return report
+
+
+def _self_test_idle(rig: SelfTestRig, gpu: GpuInfo, facts: dict) -> None:
+    """The GPU must be idle, and what NVML offers on it is noted."""
+    nvml = rig.nvml
+    memory = nvml.memory(gpu)
+    processes = nvml.compute_processes(gpu)
+    if memory is None:
+        raise CannotTest(f"NVML cannot read GPU {gpu.index}'s memory")
+    if processes:
+        raise CannotTest(f"GPU {gpu.index} is busy: {len(processes)} process(es) on it (a "
+                         "daemon of ours, or somebody's job); test an idle GPU")
+    if memory[0] > KEEPALIVE_IDLE_MEMORY_MIB * MIB:
+        raise CannotTest(f"GPU {gpu.index} is busy: {memory[0] // MIB} MiB used")
+    mode = nvml.compute_mode(gpu)
+    facts["compute_mode"] = "unknown" if mode is None else COMPUTE_MODES.get(mode, str(mode))
+    if mode not in (0, None) or (mode is None and not KEEPALIVE_ASSUME_DEFAULT_COMPUTE_MODE):
+        raise CannotTest(f"GPU {gpu.index}'s compute mode is {facts['compute_mode']}: "
+                         "keep-alive does not hold it")
+    fresh, newest = 0, None
+    nvml.util_samples(gpu)  # from now on
+    for _ in range(6):
+        rig.sleep(0.5)
+        samples = nvml.util_samples(gpu)
+        if samples:
+            fresh += len(samples)
+            newest = max(t for t, _ in samples)
+    rate = nvml.util_rate(gpu)
+    facts.update(
+        samples_on_idle_per_s=fresh / 3.0,
+        newest_sample_age_s=None if newest is None or rate is None
+        else round((rate[0] - newest) / 1e6, 3),
+        util_rate=None if rate is None else rate[1],
+        per_process_util=nvml.process_util(gpu) is not None)
+    if rate is not None and rate[1] >= _IDLE_UTIL_MAX:
+        raise CannotTest(f"GPU {gpu.index} is busy: {rate[1]:.0f}% utilisation")
+
+
+def _self_test_until(rig: SelfTestRig, ka: GpuKeepAlive, done: Callable[[], bool],
+                     limit: float, what: str) -> float:
+    began = rig.clock()
+    while not done():
+        if rig.clock() - began > limit:
+            fields = ka.gpu_fields()
+            raise CannotTest(f"keep-alive not {what} after {limit:.0f} s: "
+                             f"{fields['gpu.0.state']} ({fields['gpu.0.reason']})")
+        rig.sleep(0.05)
+        ka.tick(rig.clock(), {})
+    return rig.clock() - began
+
+
+def _self_test_hold(rig: SelfTestRig, ka: GpuKeepAlive, slot: _Slot) -> None:
+    _self_test_until(rig, ka, lambda: slot.state is GpuState.HOLDING, _SELF_TEST_HOLD_LIMIT,
+                     "holding")
+
+
+def _self_test_band(rig: SelfTestRig, ka: GpuKeepAlive, slot: _Slot, seconds: float) -> dict:
+    """Held for ``seconds``: the share of NVML's samples in the band (the engine's own count)
+    and of 1-s readings of NVML's rate; CPU of this process (the daemon's part) and the
+    worker."""
+    worker = slot.worker.handle.pid
+    cpu0 = (rig.cpu(None), rig.cpu(worker), rig.clock())
+    slot.meter = ShareMeter()
+    readings, began = [], rig.clock()
+    next_read = began + 1.0
+    while rig.clock() - began < seconds:
+        rig.sleep(min(POLL_INTERVAL, max(0.0, next_read - rig.clock())))
+        ka.tick(rig.clock(), {})
+        if rig.clock() >= next_read:
+            rate = rig.nvml.util_rate(slot.gpu)
+            if rate is not None:
+                readings.append(rate[1])
+            next_read += 1.0
+        if slot.state is not GpuState.HOLDING:
+            raise CannotTest(f"keep-alive let the GPU go while it was measured: {slot.reason}")
+    wall = rig.clock() - cpu0[2]
+    cpu1 = (rig.cpu(None), rig.cpu(worker))
+    cpu = None if None in cpu0[:2] + cpu1 else \
+        100 * ((cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])) / wall
+    lo, hi = GPU_UTIL_TARGET, GPU_UTIL_HIGH
+    return {"band_share": slot.meter.share(rig.clock(), seconds + _BAND_BUCKET, "band"),
+            "band_share_1s": sum(lo <= r <= hi for r in readings) / len(readings)
+            if readings else None,
+            "band_mean_1s": sum(readings) / len(readings) if readings else None,
+            "cpu_percent_of_core": cpu}
+
+
+def _self_test_yield(rig: SelfTestRig, ka: GpuKeepAlive, slot: _Slot, gpu: GpuInfo,
+                     hidden: bool, facts: dict) -> dict:
+    """A probe comes onto the held GPU: from its context until our memory is back."""
+    kind = "hidden" if hidden else "listed"
+    probe = rig.probe(gpu)
+    try:
+        lines: list[str] = []
+        _self_test_until(rig, ka, lambda: any(m.startswith("ready") for m in
+                                               lines.extend(probe.messages()) or lines),
+                         _SELF_TEST_PROBE_LIMIT, f"holding while the probe starts ({kind})")
+        slot.last_yield = None  # this probe's yield, not the last one
+        probe.send("go")
+        context: dict[str, str] = {}
+
+        def yielded() -> bool:
+            for line in probe.messages():
+                verb, fields = parse_message(line)
+                if verb == "context":
+                    context.update(fields)
+            record = slot.last_yield
+            return bool(context) and record is not None and record.done
+
+        _self_test_until(rig, ka, yielded, 30.0, f"yielded to the probe ({kind})")
+        record = slot.last_yield
+        listed = None
+        processes = rig.nvml.compute_processes(gpu)
+        if processes is not None and not hidden:
+            listed = int(context.get("pid", -1)) in {p.pid for p in processes}
+        at = float(context["t"])
+        back = None if record.memory_after is None else record.at + record.memory_after - at
+        facts[f"probe_{kind}"] = {"context_mib": int(context.get("mib", 0)),
+                                  "threshold_mib": KEEPALIVE_FOREIGN_MEMORY_MIB,
+                                  "listed": listed, "yield": record.text()}
+        return {f"yield_{kind}_s": None if back is None else round(max(0.0, back), 3)}
+    finally:
+        probe.stop()
+        began = rig.clock()
+        while probe.exit_code() is None and rig.clock() - began < 5.0:
+            rig.sleep(0.05)
+        probe.kill()
+
+
+def self_test_probe(uuid: str) -> int:
+    """``--self-test-probe UUID``: import torch, say ``ready``; at ``go`` make a context and
+    say ``context pid= t= mib=`` (the monotonic clock, shared by the processes of a node; the
+    memory NVML shows it took), take _SELF_TEST_PROBE_MIB and run matmuls until ``stop``."""
+    import torch
+
+    control = StdinControl()
+    _report("ready")
+    while True:
+        commands = control.poll(1.0)
+        if "go" in commands:
+            break
+        if any(c in ("stop", "eof") for c in commands):
+            return 0
+    before = None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        before = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # noqa: BLE001 - the context's size is then not known
+        handle = None
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    at = time.monotonic()
+    mib = 0
+    if handle is not None and before is not None:
+        mib = (int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) - before) // MIB
+    _report(f"context pid={os.getpid()} t={at:.6f} mib={mib}")
+    job = None
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.float16)
+    while not any(c in ("stop", "eof") for c in control.poll(0)):
+        if job is None:
+            try:
+                job = torch.empty(_SELF_TEST_PROBE_MIB * MIB, dtype=torch.uint8, device="cuda")
+            except torch.cuda.OutOfMemoryError:
+                pass
+        torch.mm(a, a)
+        torch.cuda.synchronize()
+    return 0
+
+
+def self_test_table(report: dict) -> str:
+    """The report for people."""
+    lines = [f"Self-test of GPU {report['index']} ({report['gpu']}):"]
+    for key, value in report["facts"].items():
+        lines.append(f"  {key:<24} {value}")
+    for name, target in (report.get("targets") or {}).items():
+        value = target["value"]
+        shown = "not measured" if value is None else f"{value:.3f}".rstrip("0").rstrip(".")
+        verdict = {True: "ok", False: "MISSED", None: "-"}[target["met"]]
+        lines.append(f"  {name:<24} {shown:<14} target {target['target']:<8} {verdict}")
+    lines.append(f"Result: {report['why']}")
+    return "\n".join(lines)
+
+
+def self_test_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="perpetual_motion.py --self-test",
+                                     description="Check keep-alive on this node's GPU.")
+    parser.add_argument("--gpu", type=int, default=0, help="position among the usable GPUs")
+    parser.add_argument("--seconds", type=float, default=30.0, help="s the band is measured")
+    parser.add_argument("--json", action="store_true", help="the report as JSON")
+    args = parser.parse_args(argv)
+    log = logging.getLogger("perpetual_motion.self_test")
+    try:
+        rig, gpus = real_rig()
+        if not 0 <= args.gpu < len(gpus):
+            raise CannotTest(f"no usable GPU {args.gpu} here ({len(gpus)} usable)")
+    except CannotTest as exc:
+        report = {"code": EXIT_CANNOT_TEST, "why": str(exc)}
+        print(json.dumps(report) if args.json else f"self-test: cannot test here: {exc}")
+        return EXIT_CANNOT_TEST
+    report = self_test(rig, gpus[args.gpu], args.seconds, log)
+    if args.json:
+        print(json.dumps(report, default=str))
+    elif report["code"] == EXIT_CANNOT_TEST:
+        print(f"self-test: cannot test here: {report['why']}")
+    else:
+        print(self_test_table(report))
+    return report["code"]
+
+
 # Daemon loop ################################################################################
 
 
@@ -5422,6 +5751,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         set_process_name(WORKER_PROCESS_NAME)
         return worker_main(argv[1:])
+    if argv[:1] == ["--self-test-probe"] and len(argv) == 2:
+        return self_test_probe(argv[1])
+    if argv[:1] == ["--self-test"]:
+        setup_logging()
+        return self_test_main(argv[1:])
     set_process_name(DAEMON_PROCESS_NAME)
     config = config_from_args(parse_args(argv))
     setup_logging()

@@ -9,10 +9,13 @@
 #              newest torch wheels need driver 580). A few minutes; done once per machine.
 #   preflight  setup, then the benchmark's preflight alone (~20 s): versions, compute mode,
 #              MIG, the GPU idle, NVML's sample period, a tiny fp16 matmul on the device.
-#   all        setup, then the whole plan (the preflight first; under 6 minutes).
+#   all        setup, then the self-test that users run (perpetual_motion.py --self-test: about
+#              a minute), then the whole plan of the interference figures (the preflight first;
+#              under 6 minutes).
 #
-# Output goes to $OUT when it is set, else to bench/results/: keepalive-<GPU>-<date>.json,
-# keepalive-bench.log (its log), keepalive-bench.stdout, setup.log and children.pids. The
+# Output goes to $OUT when it is set, else to bench/results/: self-test.json and self-test.log,
+# keepalive-<GPU>-<date>.json, keepalive-bench.log (its log), keepalive-bench.stdout, setup.log
+# and children.pids. The
 # benchmark runs under a hard timeout, and every process it started is gone when this returns.
 # Exit status: the benchmark's (0 done, 2 cannot run here, 3 cut short), 124 timed out.
 set -euo pipefail
@@ -20,6 +23,7 @@ set -euo pipefail
 readonly TORCH_VERSION="2.9.1"
 readonly PREFLIGHT_LIMIT_SECONDS=90  # the preflight itself takes about 20 s
 readonly PLAN_LIMIT_SECONDS=400  # the plan stops itself at 330 s
+readonly SELF_TEST_LIMIT_SECONDS=240  # the self-test takes about a minute
 readonly KILL_AFTER_SECONDS=15  # from SIGTERM to SIGKILL when the limit is reached
 
 err() {
@@ -104,6 +108,13 @@ main() {
     args+=(--preflight-only)
   fi
   local status=0
+  if [[ "${what}" == all ]]; then
+    timeout --kill-after="${KILL_AFTER_SECONDS}" "${SELF_TEST_LIMIT_SECONDS}" \
+      "${python}" perpetual_motion.py --self-test --json \
+      >"${out_dir}/self-test.json" 2>"${out_dir}/self-test.log" || status=$?
+    err "self-test: exit status ${status} ($(tail -c 300 "${out_dir}/self-test.json"))"
+    status=0
+  fi
   timeout --kill-after="${KILL_AFTER_SECONDS}" "${limit}" \
     "${python}" bench/keepalive_bench.py "${args[@]}" \
     >"${out_dir}/keepalive-bench.stdout" 2>"${out_dir}/keepalive-bench.log" || status=$?

@@ -624,6 +624,56 @@ class ClockedControl:
         return []
 
 
+# The self-test's rig on a simulated node ######################################################
+
+
+class SimProbe:
+    """The self-test's probe on a simulated GPU: ready at once; at ``go`` a process of ours
+    with a context and a job's memory comes onto the GPU (listed unless the node hides the
+    process list), until ``stop``."""
+
+    def __init__(self, node: SimNode, gpu: pm.GpuInfo, context: int = 600 * MIB) -> None:
+        self.node = node
+        self.gpu = gpu
+        self.context = context
+        self.pid = node.new_pid()
+        self.out = ["ready"]
+        self.process: SimProcess | None = None
+        self.stopped = False
+
+    def messages(self) -> list[str]:
+        out, self.out = self.out, []
+        return out
+
+    def send(self, line: str) -> bool:
+        if line == "go" and self.process is None:
+            self.process = SimProcess(self.pid, self.node.now, memory=self.context + GIB,
+                                      util=60.0)
+            self.node.gpus[self.gpu.index].foreign.append(self.process)
+            self.out.append(f"context pid={self.pid} t={self.node.now:.6f} "
+                            f"mib={self.context // MIB}")
+        return True
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.process is not None:
+            self.process.end = self.node.now
+
+    def exit_code(self) -> int | None:
+        return 0 if self.stopped else None
+
+    def kill(self) -> None:
+        self.stop()
+
+
+def self_test_rig(node: SimNode) -> pm.SelfTestRig:
+    def hide(on: bool) -> None:
+        node.hide_processes = on
+
+    return pm.SelfTestRig(node.nvml, node.spawn, lambda gpu: SimProbe(node, gpu), hide,
+                          clock=node.time, sleep=node.sleep)
+
+
 # Named scenarios ##############################################################################
 
 

@@ -5,11 +5,13 @@ simulated device (SimTorch), and the real worker loop on the CPU with torch."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -1742,3 +1744,53 @@ def test_a_yield_seen_by_the_worker_is_timed_to_its_memory_not_the_jobs(log, cap
     assert re.search(r"memory back 0\.[0-4]\d s$", text), text
     assert "yielding to" not in caplog.text  # no slow-yield warning
     assert "another PID" not in caplog.text  # a worker that left is not judged by the list
+
+
+# The self-test ##############################################################################
+
+
+def test_the_self_test_runs_end_to_end_on_a_simulated_node(log):
+    node = sim.SimNode(gpus=1, noise=0.5)
+    report = pm.self_test(sim.self_test_rig(node), node.gpus[0].info, 30.0, log)
+    assert report["code"] == 0, report
+    targets = report["targets"]
+    assert targets["band_share"]["met"] and targets["band_share_1s"]["met"]
+    assert 0 < targets["yield_listed_s"]["value"] <= 0.25
+    assert 0 < targets["yield_hidden_s"]["value"] <= 1.5
+    assert targets["cpu_percent_of_core"] == {"value": None, "target": "<= 2", "met": None}
+    facts = report["facts"]
+    assert facts["compute_mode"] == "DEFAULT" and facts["per_process_util"] is True
+    assert facts["samples_on_idle_per_s"] == pytest.approx(6, abs=1)  # 1/6 s samples
+    assert facts["probe_listed"]["listed"] is True and facts["probe_hidden"]["listed"] is None
+    assert facts["probe_listed"]["yield"].startswith("foreign process (by process list)")
+    assert facts["probe_hidden"]["yield"].startswith("foreign memory")
+    assert facts["probe_listed"]["context_mib"] == 600 > facts["probe_listed"]["threshold_mib"]
+    table = pm.self_test_table(report)
+    assert "yield_listed_s" in table and "Result: every target holds" in table
+    assert node.live_workers() == []  # nothing of ours left on the GPU
+
+
+def test_the_self_test_misses_a_target_with_exit_status_1(log):
+    node = sim.SimNode(gpus=1, noise=0.5)
+    node.gpus[0].gain = 0.6  # the GPU shows less than the worker does: the band is missed
+    report = pm.self_test(sim.self_test_rig(node), node.gpus[0].info, 20.0, log)
+    assert report["code"] == 1 and report["why"].startswith("missed: band_share")
+    assert "MISSED" in pm.self_test_table(report)
+
+
+def test_the_self_test_will_not_test_a_busy_gpu(log):
+    node = sim.scenario_other_container_job(size=20 * GIB)
+    report = pm.self_test(sim.self_test_rig(node), node.gpus[0].info, 20.0, log)
+    assert report["code"] == 2 and report["why"] == "GPU 0 is busy: 20980 MiB used"
+    assert node.workers == []
+
+
+def test_the_self_test_says_it_cannot_test_without_a_gpu():
+    res = subprocess.run([sys.executable, str(REPO / "perpetual_motion.py"), "--self-test"],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert res.returncode == 2, res
+    assert res.stdout.startswith("self-test: cannot test here: no NVIDIA GPU to test")
+    res = subprocess.run([sys.executable, str(REPO / "perpetual_motion.py"), "--self-test",
+                          "--json"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and json.loads(res.stdout)["code"] == 2
