@@ -4327,6 +4327,11 @@ def real_rig() -> tuple[SelfTestRig, list[GpuInfo]]:
         raise CannotTest(f"no NVIDIA GPU to test: {exc}") from exc
     if importlib.util.find_spec("torch") is None:
         raise CannotTest(f"torch is not installed in {sys.executable} (the workers need it)")
+    daemons = running_daemons()
+    if daemons:
+        raise CannotTest(f"a daemon of Perpetual Motion runs on this node (pid "
+                         f"{', '.join(map(str, daemons))}): it would start tasks and hold GPUs "
+                         "meanwhile; stop it, or test another node")
     hidden = {"on": False}
 
     def spawn(gpu: GpuInfo, spec: WorkerSpec) -> WorkerHandle:
@@ -4349,6 +4354,16 @@ def real_rig() -> tuple[SelfTestRig, list[GpuInfo]]:
         return times.user + times.system
 
     return SelfTestRig(nvml, spawn, probe, hide, cpu=cpu), [g for g in gpus if not g.mig]
+
+
+def running_daemons() -> list[int]:
+    """PIDs of the daemons of Perpetual Motion that this process can see (by their name)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and \
+                process_name(int(entry)) == DAEMON_PROCESS_NAME:
+            found.append(int(entry))
+    return sorted(found)
 
 
 def self_test(rig: SelfTestRig, gpu: GpuInfo, seconds: float, log: logging.Logger) -> dict:

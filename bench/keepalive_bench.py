@@ -850,8 +850,10 @@ def measure(args, backend) -> tuple[dict, int]:
 
     def write() -> None:
         report["summary"] = summary(report)
-        if out is not None:
-            out.write_text(json.dumps(report, indent=2) + "\n")
+        if out is not None:  # atomically: a run cut short keeps its last whole report
+            staged = out.with_name(f".{out.name}.tmp")
+            staged.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(staged, out)
 
     bench = Bench(args, backend, report, write)
     status, why = "done", ""

@@ -36,6 +36,12 @@ python_ok() {
     >/dev/null 2>&1
 }
 
+# pypi_reachable: PyPI answers within 3 s (never pip on a machine without a network)
+pypi_reachable() {
+  python3 -c 'import socket; socket.create_connection(("pypi.org", 443), timeout=3).close()' \
+    >/dev/null 2>&1
+}
+
 # setup OUT_DIR: prints the Python to use
 setup() {
   local out_dir="$1"
@@ -43,6 +49,13 @@ setup() {
   if python_ok python3; then
     command -v python3
     return 0
+  fi
+  err "python3 ($(command -v python3)) cannot run the benchmark:"
+  python3 -c 'import pynvml, torch; print("CUDA available:", torch.cuda.is_available())' >&2 || true
+  if ! python_ok "${venv}/bin/python" && ! pypi_reachable; then
+    err "and PyPI cannot be reached to install torch and nvidia-ml-py: install them into" \
+      "python3, or set PM_BENCH_VENV to an environment that has them"
+    return 2
   fi
   if [[ ! -x "${venv}/bin/python" ]]; then
     err "setting up ${venv} (torch ${TORCH_VERSION} from PyPI: a few minutes)"

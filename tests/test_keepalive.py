@@ -1794,3 +1794,17 @@ def test_the_self_test_says_it_cannot_test_without_a_gpu():
     res = subprocess.run([sys.executable, str(REPO / "perpetual_motion.py"), "--self-test",
                           "--json"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and json.loads(res.stdout)["code"] == 2
+
+
+def test_the_self_test_knows_a_daemon_running_on_the_node():
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import perpetual_motion as pm;"
+            " pm.set_process_name(pm.DAEMON_PROCESS_NAME); print('named', flush=True); "
+            "time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "named\n"
+        assert child.pid in pm.running_daemons()
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in pm.running_daemons()
