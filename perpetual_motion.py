@@ -897,33 +897,103 @@ def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = (),
     return victims
 
 
-def leftover_pids(marker: str, others: Collection[str] = (),
-                  spare: Collection[int] = ()) -> list[int]:
-    """What a task whose main process has ended left running, to be ended with it.
+def leftover_pids(marker: str, others: Collection[str] = (), spare: Collection[int] = (),
+                  session: int | None = None,
+                  lineage: Collection[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
+    """What a task whose main process has ended left running, to be ended with it, and the
+    orphans that are left alone for want of proof that they are the task's.
 
-    That is every process of this user that carries the task's marker (``MARKER_VAR=<marker>``,
-    ``<job>/<id>``), and, when this daemon is a child subreaper (or PID 1), every orphan it
-    inherited (a child of the daemon that is neither a keep-alive worker nor in ``spare``, the
-    main processes of other tasks) with all below it. An orphan keeps its task by its marker:
-    one that carries the marker of another running task (``others``) is spared; one without a
-    marker (a child started with ``env -i``) is taken as this task's. The corner case, with
-    several tasks on a node: an unmarked orphan of a task that still runs is ended when another
-    task ends first (docs/protocol.md).
+    A process is taken only with proof that it is the task's (docs/protocol.md): it carries the
+    task's marker (``MARKER_VAR=<marker>``, ``<job>/<id>``) or the marker of another task of
+    the job that no longer runs (not in ``others``), it is in the task's own session
+    (``session``), or it was seen below the task's main process while the task ran
+    (``lineage``: ``(pid, start time)`` pairs, so a reused PID proves nothing). When this
+    daemon is a child subreaper (or PID 1) it adopts every orphan below it, and a container's
+    PID 1 adopts every orphan of the container: a user's ``nohup`` job, another user's process,
+    a callback's child. An orphan without proof, and all below it, is left alone and returned
+    second. ``spare`` are the main processes of running tasks.
     """
     me = os.getpid()
     if me != 1 and not is_subreaper():
         return sorted(pid for pid in _own_pids()
-                      if pid != me and _task_marker(_proc_environ(pid)) == marker)
-    # A subreaper keeps every descendant of a task below one of its own children.
-    found = set()
+                      if pid != me and _task_marker(_proc_environ(pid)) == marker), []
+    job = marker.partition("/")[0] + "/"
+    uid = os.getuid()
+    seen = set(lineage)
+
+    def proof(pid: int, environ: bytes) -> bool | None:
+        """True: the task's; False: another running task's or ours; None: no proof."""
+        found = _task_marker(environ)
+        if found in others:
+            return False
+        if (pid, _start_time(pid)) in seen:
+            return True
+        if _uid(pid) != uid:
+            return None
+        if found is not None and (found == marker or found.startswith(job)):
+            return True
+        if session is not None and _session(pid) == session:
+            return True
+        return None
+
+    taken, left = set(), set()
     for orphan in _children(me):
-        if orphan in spare or _is_ours(orphan, _proc_environ(orphan)):
-            continue  # the main process of a running task, or a keep-alive worker
-        for pid in _subtree(orphan):
-            if _process_state(pid) not in ("Z", "") and \
-                    _task_marker(_proc_environ(pid)) not in others:
-                found.add(pid)
-    return sorted(found)
+        environ = _proc_environ(orphan)
+        if orphan in spare or _is_ours(orphan, environ):
+            continue  # the main process of a running task, a keep-alive worker, a callback
+        # Below a process, what it started is as much the task's as the process is, unless it
+        # names another running task by its marker.
+        todo = [(orphan, proof(orphan, environ))]
+        while todo:
+            pid, verdict = todo.pop()
+            if _process_state(pid) in ("Z", ""):
+                continue
+            if verdict is True:
+                taken.add(pid)
+            elif verdict is None:
+                left.add(pid)
+            for child in _children(pid):
+                mine = proof(child, _proc_environ(child))
+                todo.append((child, False if mine is False else (mine or verdict)))
+    return sorted(taken), sorted(left)
+
+
+def _uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the name (the state is the first); [] when
+    the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _session(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[3]) if len(fields) > 3 else None
+
+
+def _start_time(pid: int) -> int:
+    """When a process started (clock ticks after boot): with its PID, names it uniquely."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if len(fields) > 19 else -1
+
+
+def lineage_of(pid: int) -> set[tuple[int, int]]:
+    """``(pid, start time)`` of a process and every process below it now."""
+    return {(p, _start_time(p)) for p in _subtree(pid)}
+
+
+def describe_pids(pids: Iterable[int]) -> str:
+    """``123 (sleep, user 65534), ...`` for a log line."""
+    return ", ".join(f"{pid} ({process_name(pid) or '?'}, user {_uid(pid)})" for pid in pids)
 
 
 @functools.cache
@@ -964,11 +1034,8 @@ def _subtree(pid: int) -> list[int]:
 
 def _process_state(pid: int) -> str:
     """The state letter of a process (``R``, ``S``, ``Z`` ...), or "" when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return ""
+    fields = _stat_fields(pid)
+    return fields[0].decode() if fields else ""
 
 
 def reap_orphans(keep: set[int]) -> None:
@@ -1144,6 +1211,9 @@ class RunningTask:
     stop_reason: str = ""
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM
     sweep: bool = False  # a user stopped it: end other Python processes once it has ended
+    # (pid, start time) of every process seen below its main process: proof that an orphan
+    # the daemon adopts is this task's (leftover_pids)
+    lineage: set[tuple[int, int]] = dataclasses.field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -1230,6 +1300,7 @@ class TaskRunner:
         self.token = token  # the daemon's ``started``: names its claims in .run records
         self.ports = PortPicker()
         self.tasks: dict[tuple[str, int | None], RunningTask] = {}
+        self.left_alone: set[tuple[int, int]] = set()  # orphans without proof, logged once
         self.unfinished: list[list] = []  # [result, source, published] not yet done
         self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
         self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
@@ -1390,6 +1461,8 @@ class TaskRunner:
                 continue
             code = task.proc.poll()
             if code is None:
+                task.lineage = {seen for seen in task.lineage if _start_time(seen[0]) == seen[1]}
+                task.lineage |= lineage_of(task.proc.pid)
                 if task.kill_at is not None and self.clock() >= task.kill_at:
                     signal_group(task.proc.pid, signal.SIGKILL)
                     task.kill_at = self.clock() + 3600  # once is enough
@@ -1449,7 +1522,14 @@ class TaskRunner:
         others = {f"{self.config.job_id}/{t.task_id}" for t in self.tasks.values()
                   if t.task_id != task.task_id}
         spare = {t.proc.pid for t in self.tasks.values() if t.proc is not None}
-        left = leftover_pids(f"{self.config.job_id}/{task.task_id}", others, spare)
+        left, alone = leftover_pids(f"{self.config.job_id}/{task.task_id}", others, spare,
+                                    task.proc.pid, task.lineage)
+        new = [pid for pid in alone if (pid, _start_time(pid)) not in self.left_alone]
+        if new:
+            self.left_alone |= {(pid, _start_time(pid)) for pid in new}
+            LOG.warning("Left alone %d process(es) that the daemon adopted but nothing proves "
+                        "to be a task's (docs/protocol.md, Start): %s", len(new),
+                        describe_pids(new))
         if left and self.heartbeat:
             self.heartbeat()  # the wait below can take CLEANUP_GRACE_SECONDS
         count = terminate(left, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
