@@ -1765,13 +1765,14 @@ _gpu_cmd_retry() {
   fi
   _gpu_existing_instance || return
   _gpu_priority "${_gpu_o_prio:-500}" || return 2  # checked once, before anything is queued
-  local name picks='' pick retried count=0 skipped=0 IFS=$_gpu_nl
+  local name picks='' pick retried count=0 skipped=0 rc IFS=$_gpu_nl
   if [ -n "$_gpu_o_failed" ]; then
     # the tasks already queued again, as their copies' submit records say
     retried=$(command find "$_gpu_q/records" -maxdepth 1 -type f -name '*.submit' \
       -exec grep -h '^retry_of=.' {} + 2>/dev/null | command sed 's/^retry_of=//')
     for name in $(_gpu_ls "$_gpu_q/failed"); do
       case $_gpu_nl$retried$_gpu_nl in *"$_gpu_nl$name$_gpu_nl"*) continue ;; esac
+      [ ! -e "$_gpu_q/records/$name.retried" ] || continue
       _gpu_load "$_gpu_q/records/$name.result" || _gpu_keys=''
       _gpu_field state
       case $_gpu_val in
@@ -1798,13 +1799,19 @@ _gpu_cmd_retry() {
     done
   fi
   for pick in $picks; do
-    _gpu_retry_one "${pick%%/*}" "${pick#*/}" || return
-    count=$((count + 1))
+    _gpu_retry_one "${pick%%/*}" "${pick#*/}" "$_gpu_o_failed"
+    rc=$?
+    case $rc in
+      0) count=$((count + 1)) ;;
+      3) ;;  # another gpu_retry --failed queues it
+      *) return "$rc" ;;
+    esac
   done
   [ "$count" -eq 1 ] || _gpu_say "queued $count task(s) again"
 }
 
-_gpu_retry_one() {  # _gpu_retry_one DIR ID: queue the finished task DIR/ID again
+_gpu_retry_one() {  # _gpu_retry_one DIR ID [CLAIM]: queue the finished task DIR/ID again;
+  # with CLAIM, only after taking its records/ID.retried (3: another retry took it)
   local dir=$1 old=$2 cwd name i=0 IFS=' '
   local -a args
   _gpu_task "$dir" "$old"
@@ -1821,9 +1828,19 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID: queue the finished task DIR/ID agai
   name=$_gpu_s
   _gpu_after=''
   _gpu_request_keys "$_gpu_t_display" "$old" "${args[@]}"
-  _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$_gpu_t_source" "$_gpu_t_command" "$_gpu_q/$dir/$old" \
-    "" || return
+  if [ -n "${3-}" ] && ! _gpu_claim_retry "$old" "$name"; then return 3; fi
+  if ! _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$_gpu_t_source" "$_gpu_t_command" \
+      "$_gpu_q/$dir/$old" ""; then
+    [ -z "${3-}" ] || command rm -f -- "$_gpu_q/records/$old.retried"
+    return 1
+  fi
   _gpu_err "a retry of $old: it runs in $cwd, at priority $_gpu_p"
+}
+
+_gpu_claim_retry() {  # _gpu_claim_retry ID NAME: create records/ID.retried, saying NAME, only
+  # if it does not exist (O_EXCL, as noclobber opens): of several gpu_retry --failed at once,
+  # exactly one queues ID again
+  (set -C; printf 'id=%s\nretry=%s\n' "$1" "$2" >"$_gpu_q/records/$1.retried") 2>/dev/null
 }
 
 # Commands: reading the queue #######################################################################
@@ -3026,7 +3043,9 @@ _gpu_cmd_clean() {
   if [ -n "$stage" ]; then
     {
       for id in $(_gpu_ls "$stage"); do
-        for line in submit run result stop gang; do printf '%s\0' "$_gpu_q/records/$id.$line"; done
+        for line in submit run result stop gang retried; do
+          printf '%s\0' "$_gpu_q/records/$id.$line"
+        done
         printf '%s\0' "$_gpu_q/logs/$id.log"
       done
       list=$_gpu_nl$(_gpu_ls "$stage")$_gpu_nl

@@ -115,7 +115,8 @@ TASK_VARS = frozenset({
     "CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES", "PM_GPUS", "TASK_GPUS", "PM_NODE_RANK",
     "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "PERPETUAL_MOTION_TASK"})
 TASK_ID_RE = re.compile(r"^[0-9]{3}-[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}-[A-Za-z0-9._-]{1,80}$")
-RECORD_NAME_RE = re.compile(r"(.+)\.(submit|run|result|stop|gang|rank[0-9]+\.(?:ready|run|result))")
+RECORD_NAME_RE = re.compile(
+    r"(.+)\.(submit|run|result|stop|gang|retried|rank[0-9]+\.(?:ready|run|result))")
 LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
 NO_INOTIFY_VAR = "PERPETUAL_MOTION_NO_INOTIFY"  # set: the daemon polls only, inotify unused
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>

@@ -592,6 +592,32 @@ def test_retry_of_several_names_and_of_every_failed_task(sh):
     assert len(listing(inst / "pending")) == 3
 
 
+def test_retry_failed_from_three_shells_at_once_queues_each_task_once(sh, tmp_path):
+    inst = make_instance(sh.root)
+    failed = [tid(n, f"oom{n}.sh") for n in range(6)]
+    for task in failed:
+        (inst / "failed" / task).write_text("echo oom\n")
+        submit_record(inst, task, command="echo oom")
+        write_fields(inst / "records" / f"{task}.result", {"id": task, "state": "failed"})
+    go = tmp_path / "go"
+    shells = [sh.popen(f"while [ ! -e '{go}' ]; do sleep 0.01; done; gpu_retry --failed")
+              for _ in range(3)]
+    try:
+        time.sleep(0.3)  # all three are waiting: they start together
+        go.touch()
+        for proc in shells:
+            proc.communicate(timeout=60)
+            assert proc.returncode == 0
+    finally:
+        for proc in shells:
+            end_session(proc)
+    again = [read_fields(inst / "records" / f"{t}.submit")["retry_of"]
+             for t in listing(inst / "pending")]
+    assert sorted(again) == sorted(failed)  # each once
+    res = sh.run("gpu_retry --failed")
+    assert (res.rc, res.out) == (0, "no failed task to retry\n")
+
+
 # gpu_clean ########################################################################################
 
 
