@@ -2976,7 +2976,7 @@ _gpu_cmd_clean() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
   local keep=0 older=0 whole frac line end dir id n=0 kept=0 stage list moved='' total=0
-  local IFS=$_gpu_nl
+  local needed waited=0 IFS=$_gpu_nl
   if [ -n "$_gpu_o_keep" ]; then
     _gpu_whole "$_gpu_o_keep" 99999999 || {
       _gpu_err "--keep wants a number of tasks, not '$_gpu_o_keep'"; return 2; }
@@ -3010,14 +3010,22 @@ _gpu_cmd_clean() {
       printf '%s %s/%s\n' "${end%%.*}" "${dir##*/}" "$line"
     done
   } | command sort -rn)
+  # the results that pending tasks wait for (--after) stay: their ids, one a line
+  needed=$_gpu_nl$(for id in $(_gpu_ls "$_gpu_q/pending"); do
+    command sed -n 's/^after=//p' "$_gpu_q/records/$id.submit" 2>/dev/null
+  done | command tr ' ' '\n')$_gpu_nl
   stage=''
   for line in $list; do
     total=$((total + 1))
     end=${line%% *} line=${line#* }
+    case $needed in
+      *"$_gpu_nl${line#*/}$_gpu_nl"*) waited=$((waited + 1)); continue ;;
+    esac
     if [ "$kept" -lt "$keep" ]; then kept=$((kept + 1)); continue; fi
     [ "$older" -eq 0 ] || [ "$end" -le "$((_gpu_t - older))" ] || { kept=$((kept + 1)); continue; }
     moved=$moved$end' '$line$_gpu_nl
   done
+  [ "$waited" -eq 0 ] || _gpu_err "kept $waited finished task(s) that pending tasks wait for (--after)"
   if [ -z "$moved" ]; then
     _gpu_say "nothing to remove: $total finished task(s) in $JOB_ID, all kept"
     return 0

@@ -662,13 +662,28 @@ class QueueFolder:
         priority = ascii_int(name[:3])
         return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)
 
+    def named_by_pending(self) -> set[str]:
+        """The ids that pending tasks name in ``after``: their results must stay."""
+        named: set[str] = set()
+        for name in self.files("pending"):
+            try:
+                fields = self.read_fields(self.record(name, "submit")) or {}
+            except (OSError, ValueError, UnicodeError):
+                continue
+            named.update(fields.get("after", "").split())
+        return named
+
     def remove_finished(self, before: float) -> list[str]:
         """Remove the finished tasks that ended before ``before`` (when their result was
-        published, else the file's own time, as gpu_clean judges): the file in done/ or failed/,
-        then every record and log of each one removed. Their ids."""
+        published, else the file's own time, as gpu_clean judges) and that no pending task
+        names in ``after``: the file in done/ or failed/, then every record and log of each one
+        removed. Their ids."""
         removed = set()
+        needed = self.named_by_pending()
         for folder in ("done", "failed"):
             for task_id in self.names(folder):
+                if task_id in needed:
+                    continue
                 path = self.dir(folder) / task_id
                 try:
                     try:
@@ -1159,6 +1174,40 @@ def plan_starts(candidates: Iterable[Candidate], load: NodeLoad, now: float,
         starts.append((candidate.task_id, given))
         load = load.plus(candidate.gpus, given)
     return Plan(tuple(starts), waiting, tuple(blocked), held_for)
+
+
+def dependency_cycles(after: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """The pending tasks that wait for themselves through ``after`` (A after B after A, or A
+    after A), each with the reason it is cancelled: ``dependency cycle: A -> B -> A``. A task
+    that only waits for a task of a cycle is not in it (it is cancelled once that one is)."""
+    found: dict[str, str] = {}
+    state: dict[str, int] = {}  # 1: on the path being followed, 2: done
+    for start in after:
+        if start in state:
+            continue
+        path: list[str] = []
+        stack = [(start, iter(after[start]))]
+        state[start] = 1
+        path.append(start)
+        while stack:
+            node, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                stack.pop()
+                path.pop()
+                state[node] = 2
+            elif dep not in after or state.get(dep) == 2:
+                continue
+            elif state.get(dep) == 1:
+                cycle = path[path.index(dep):]
+                why = "dependency cycle: " + " -> ".join([*cycle, dep])
+                for member in cycle:
+                    found.setdefault(member, why)
+            else:
+                state[dep] = 1
+                path.append(dep)
+                stack.append((dep, iter(after[dep])))
+    return found
 
 
 def never_fits(request: Request, node_gpus: Iterable[int], num_nodes: int) -> str:
@@ -4068,12 +4117,18 @@ class Scheduler:
         candidates: list[Candidate] = []
         waiting: tuple[str, str] | None = None
         present = set(pending) | set(running)
+        cycles = dependency_cycles({n: r.after for n in pending
+                                    if isinstance(r := self.request_of(n), Submission)})
         for name in pending:
             sub = self.request_of(name)
             why = sub if isinstance(sub, str) else self.cannot_run(sub)
             if why:
                 if self.is_leader:
                     self.fail_pending(name, why)
+                continue
+            if name in cycles:
+                if self.is_leader:
+                    self.runner.cancel_pending(name, cycles[name])
                 continue
             blocker = self.dependency(sub, present)
             if blocker.startswith("waiting"):
@@ -4172,13 +4227,24 @@ class Scheduler:
                 except (OSError, ValueError):
                     fields = None
                 if fields is None:
-                    if dep in present:
+                    if dep in present or self.exists(dep):
                         return f"waiting for {dep}"
                     return f"dependency {dep} not found"
                 state = self.results[dep] = fields.get("state", "?")
             if state != TaskState.DONE.value:
                 return f"dependency {dep} {state}"
         return ""
+
+    def exists(self, task_id: str) -> bool:
+        """Whether a task is anywhere in the queue, looked for so that a task moving on
+        meanwhile (claimed, finished, on another node) cannot escape: its submit record, which
+        never moves, then the folders in the order a task passes them, then its result."""
+        if self.folder.record(task_id, "submit").exists():
+            return True
+        for folder in ("pending", "running", "done", "failed"):
+            if (self.folder.dir(folder) / task_id).exists():
+                return True
+        return self.folder.record(task_id, "result").exists()
 
     def fail_pending(self, name: str, why: str) -> None:
         """Node 0 fails a pending task that can never run, at once, with the reason."""

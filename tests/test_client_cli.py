@@ -621,6 +621,25 @@ def test_retry_failed_from_three_shells_at_once_queues_each_task_once(sh, tmp_pa
 # gpu_clean ########################################################################################
 
 
+def test_clean_keeps_what_a_pending_task_waits_for(sh):
+    inst = make_instance(sh.root)
+    now = time.time()
+    needed, other, waiting = tid(1, "needed.sh"), tid(2, "other.sh"), tid(3, "waiting.sh")
+    for task in (needed, other):
+        (inst / "done" / task).write_text("true\n")
+        submit_record(inst, task)
+        write_fields(inst / "records" / f"{task}.result", {"id": task, "state": "done"},
+                     mtime=now - 40 * 86400)
+    (inst / "pending" / waiting).write_text("true\n")
+    submit_record(inst, waiting, after=f"{tid(9, 'gone.sh')} {needed}")
+    res = sh.run("gpu_clean")
+    assert res.rc == 0, res.err
+    assert res.out.splitlines()[-1] == "removed 1 finished task(s) of exp1; kept 1"
+    assert res.err == "gpu_clean: kept 1 finished task(s) that pending tasks wait for (--after)\n"
+    assert listing(inst / "done") == [needed]
+    assert (inst / "records" / f"{needed}.result").exists()
+
+
 def test_clean_removes_finished_tasks_only_and_says_what(sh):
     v = build_v2(sh.root)
     now = time.time()
