@@ -826,6 +826,22 @@ def marked_pids(marker_prefix: str) -> list[int]:
     return found
 
 
+def predecessor_pids(job_id: str, node_rank: int) -> list[int]:
+    """This user's processes of tasks that a daemon of this instance and node started (their
+    marker ``<job>/...`` and ``PM_NODE_RANK``): at the start of a daemon, what a predecessor
+    that died left running. Daemons and keep-alive workers are never among them."""
+    needle, rank = f"{MARKER_VAR}={job_id}/".encode(), f"PM_NODE_RANK={node_rank}".encode()
+    found = []
+    for pid in _own_pids():
+        if pid == os.getpid() or process_name(pid) in (DAEMON_PROCESS_NAME,
+                                                       WORKER_PROCESS_NAME):
+            continue
+        items = _proc_environ(pid).split(b"\0")
+        if rank in items and any(item.startswith(needle) for item in items):
+            found.append(pid)
+    return sorted(found)
+
+
 def terminate(pids: Iterable[int], grace: float) -> int:
     """SIGTERM ``pids``, SIGKILL what is left after ``grace``; return how many were signalled."""
     import psutil
@@ -4597,6 +4613,7 @@ class Daemon:
                       self.config.job_id, self.config.node_rank, owner)
             return EXIT_ALREADY_RUNNING
         self.write_state(force=True)
+        self.end_predecessors()
         self.runner.recover(lambda run: ascii_int(run.get("node_rank")) not in
                             (self.config.node_rank, None))
         self.housekeeping()
@@ -4617,6 +4634,16 @@ class Daemon:
             self.waiter.dirs.watch([self.folder.dir("pending"), self.folder.dir("commands")])
         self.write_state()
         return None
+
+    def end_predecessors(self) -> None:
+        """End what tasks of an earlier daemon of this node left running, before this daemon
+        starts anything or counts a GPU free: they are recorded ended (by this daemon's
+        recovery, or node 0's after the stale time), so none of them may run on."""
+        pids = predecessor_pids(self.config.job_id, self.config.node_rank)
+        if pids:
+            LOG.warning("Ending %d process(es) of tasks that an earlier daemon of this node left "
+                        "running: %s", len(pids), describe_pids(pids))
+            terminate(pids, self.config.stop_grace)
 
     @property
     def is_leader(self) -> bool:

@@ -5,10 +5,16 @@ a container whose entrypoint execs the daemon), on one queue folder."""
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 
 import psutil
-from conftest import command_line, is_live, needs_namespace, wait_for
-from queue_files import finished, submit
+from conftest import DAEMON, command_line, is_live, namespace_shell, needs_namespace, wait_for
+from queue_files import finished, result, submit
+
+import perpetual_motion as pm
+
+FAST = "--poll-interval 0.1 --no-keepalive --stop-grace 1 --gpus 1"
 
 pytestmark = needs_namespace
 
@@ -65,3 +71,46 @@ def test_a_callbacks_child_under_env_i_outlives_the_next_task(queue_root, start_
     wait_for(lambda: len(processes(daemon, "sleep", "314")) == 2, 10,
              what="both callbacks' children")
     assert all(is_live(p) for p in processes(daemon, "sleep", "314"))
+
+
+def test_a_restarted_daemon_ends_what_its_predecessors_tasks_left_before_starting(
+        queue_root, tmp_path):
+    """The daemon is not PID 1 here (bash is): killed, it leaves its task running. Node 0 has
+    recorded that task interrupted meanwhile; the next daemon of the node must end it before
+    it gives its GPU to another task."""
+    inst = queue_root / "again"
+    restart, oldpid, seen = tmp_path / "restart", tmp_path / "oldpid", tmp_path / "seen"
+    daemon = f"{sys.executable} '{DAEMON}' --job-id again --queue-root '{queue_root}' {FAST}"
+    script = (f"{daemon} & while [ ! -e '{restart}' ]; do sleep 0.05; done; "
+              f"{daemon} & wait $!")
+    old = submit(inst, "old.sh", f"echo $$ > '{oldpid}'; sleep 300\n", gpus=1)
+    with namespace_shell(script, tmp_path / "ns.log") as shell:
+        wait_for(lambda: oldpid.exists() and oldpid.read_text().strip(), 20,
+                 what="the first task")
+
+        def daemons() -> list[psutil.Process]:
+            return [p for p in psutil.Process(shell.pid).children(recursive=True)
+                    if command_line(p)[:2] == [sys.executable, str(DAEMON)]]
+
+        [first] = daemons()
+        first.kill()
+        first.wait(10)
+        [task] = [p for p in psutil.Process(shell.pid).children(recursive=True)
+                  if command_line(p) == ["sleep", "300"]]
+        # node 0 finished it as interrupted, as it does once the node's heartbeat is stale
+        (inst / "records" / f"{old}.result").write_text(
+            pm.format_fields({"id": old, "state": "interrupted",
+                              "reason": "node 0's daemon died"}))
+        (inst / "running" / old).rename(inst / "failed" / old)
+        new = submit(inst, "new.sh", f"kill -0 $(cat '{oldpid}') 2>/dev/null && "
+                                     f"echo alive > '{seen}' || echo gone > '{seen}'\n", gpus=1)
+        restart.touch()
+        assert wait_for(lambda: finished(inst, new), 30, what="the new task") == "done"
+        assert seen.read_text() == "gone\n"
+        assert not is_live(task)
+        assert result(inst, old)["reason"] == "node 0's daemon died"  # its record stands
+        [second] = daemons()
+        second.terminate()
+        shell.wait(20)
+    assert "process(es) of tasks that an earlier daemon of this node left running" in \
+        (tmp_path / "ns.log").read_text()
