@@ -42,6 +42,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -60,7 +61,8 @@ DEFAULT_QUEUE_DIRNAME = "gpu_queue"  # queue root is $QUEUE_ROOT, else ~/gpu_que
 POLL_INTERVAL = 0.5  # seconds between looks at pending/ and commands/ (inotify wakes it sooner)
 STOP_GRACE_SECONDS = 10.0  # seconds between SIGTERM and SIGKILL when a task is stopped
 HEARTBEAT_SECONDS = 5.0  # the node's state file is rewritten at least this often
-HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat is older than this is dead
+HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat stood still this long is dead
+SELF_FENCE_SECONDS = 40.0  # a daemon that cannot write its heartbeat this long ends its tasks
 KILL_SCOPE = "auto"  # after a stop: "user-python", "task", "none", or "auto" (by where it runs)
 KEEPALIVE = True  # False runs the queue alone
 MAX_CPU_TASKS = 1  # tasks that ask for no GPU (-g 0) running at once on a node
@@ -77,6 +79,7 @@ MIN_WAIT_SECONDS = 0.02  # the loop never spins faster than this
 COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
 CALLBACK_EXIT_WAIT_SECONDS = 10.0  # how long an exiting daemon waits for running callbacks
 CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit before SIGKILL
+BEAT_BYTES = 128  # size of a node's beat file, rewritten in place
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record, command or state file larger than this is corrupt
 MAX_HOURS = 24 * 365  # --hours beyond this is refused
 MAX_TASK_ARGS = 4096  # a submit record with more script arguments is corrupt
@@ -555,6 +558,45 @@ class QueueFolder:
                 os.unlink(staged)
             raise
 
+    def beat_path(self, rank: int) -> Path:
+        return self.dir("nodes") / f"node-{rank}.beat"
+
+    def write_beat(self, rank: int, text: str) -> None:
+        """Rewrite a node's beat file in place: the same BEAT_BYTES bytes over the old ones,
+        which needs no new block, so the beat goes on when the disk is full. Created (the
+        Maildir way) only when it is missing or not BEAT_BYTES long."""
+        data = text.encode().ljust(BEAT_BYTES)
+        if len(data) > BEAT_BYTES:
+            raise ValueError("a beat is longer than BEAT_BYTES")
+        path = self.beat_path(rank)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            self.publish(path, data.decode(), durable=False)
+            return
+        try:
+            info = os.fstat(fd)
+            in_place = stat.S_ISREG(info.st_mode) and info.st_size == BEAT_BYTES
+            if in_place:
+                os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)  # AFS and NFS report a failed write here
+        if not in_place:
+            self.publish(path, data.decode(), durable=False)
+
+    def read_beat(self, rank: int) -> str:
+        """A node's beat file as it is now ("" when it is missing or unreadable)."""
+        try:
+            fd = open_regular(self.beat_path(rank), os.O_RDONLY)
+        except OSError:
+            return ""
+        try:
+            return os.read(fd, BEAT_BYTES).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+
     def read_fields(self, path: Path) -> dict[str, str] | None:
         """A record's fields; None when it is missing; ValueError/OSError when it is bad (too
         large, not key=value, or not a regular file: NotRegularFile)."""
@@ -826,18 +868,19 @@ def marked_pids(marker_prefix: str) -> list[int]:
     return found
 
 
-def predecessor_pids(job_id: str, node_rank: int) -> list[int]:
+def predecessor_pids(folder: Path, job_id: str, node_rank: int) -> list[int]:
     """This user's processes of tasks that a daemon of this instance and node started (their
-    marker ``<job>/...`` and ``PM_NODE_RANK``): at the start of a daemon, what a predecessor
-    that died left running. Daemons and keep-alive workers are never among them."""
-    needle, rank = f"{MARKER_VAR}={job_id}/".encode(), f"PM_NODE_RANK={node_rank}".encode()
+    marker ``<job>/...``, ``QUEUE_DIR`` and ``PM_NODE_RANK``): at the start of a daemon, what a
+    predecessor that died left running. Daemons and keep-alive workers are never among them."""
+    needle = f"{MARKER_VAR}={job_id}/".encode()
+    wanted = {f"PM_NODE_RANK={node_rank}".encode(), f"QUEUE_DIR={folder}".encode()}
     found = []
     for pid in _own_pids():
         if pid == os.getpid() or process_name(pid) in (DAEMON_PROCESS_NAME,
                                                        WORKER_PROCESS_NAME):
             continue
         items = _proc_environ(pid).split(b"\0")
-        if rank in items and any(item.startswith(needle) for item in items):
+        if wanted <= set(items) and any(item.startswith(needle) for item in items):
             found.append(pid)
     return sorted(found)
 
@@ -1370,6 +1413,8 @@ class TaskRunner:
         self.unfinished: list[list] = []  # [result, source, published] not yet done
         self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
         self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
+        # False once another daemon holds this node: it records this daemon's tasks, not this one
+        self.may_record: Callable[[], bool] = lambda: True
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -1633,6 +1678,10 @@ class TaskRunner:
             self.folder.publish(kind, format_fields(result.fields()))
             return
         if not published:
+            if not self.may_record():
+                LOG.warning("%s ended after another daemon took this node over: its end is "
+                            "left to that daemon", result.task_id)
+                return
             here = (self.folder.dir(source) / result.task_id).exists()
             if not here or self._finished_elsewhere(result):
                 LOG.warning("%s was finished by another daemon meanwhile (it took this node "
@@ -1807,6 +1856,27 @@ class Callbacks:
 # once every rank is ready.
 
 
+class Liveness:
+    """Whether other nodes' daemons live, judged as Slurm's controller judges its nodes: by
+    whether their heartbeat advances, timed on this daemon's own monotonic clock. A node's
+    pulse (its beat file and its state file's ``heartbeat``) that has not changed for
+    HEARTBEAT_STALE_SECONDS of this clock is dead; the times in it are never compared with this
+    host's clock, so a clock ahead cannot keep a dead node alive and one behind cannot kill a
+    live one. A node seen for the first time has the full stale time to show that it beats."""
+
+    def __init__(self, monotonic: Callable[[], float]):
+        self.monotonic = monotonic
+        self.seen: dict[int, tuple[str, float]] = {}  # rank -> its pulse, when it last changed
+
+    def advancing(self, rank: int, pulse: str) -> bool:
+        now = self.monotonic()
+        last = self.seen.get(rank)
+        if last is None or last[0] != pulse:
+            self.seen[rank] = (pulse, now)
+            return True
+        return now - last[1] < HEARTBEAT_STALE_SECONDS
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeView:
     """A node of the instance as its state file shows it."""
@@ -1821,14 +1891,14 @@ class NodeView:
     status: str = ""
 
     @classmethod
-    def read(cls, folder: QueueFolder, rank: int, now: float) -> NodeView:
+    def read(cls, folder: QueueFolder, rank: int, liveness: Liveness) -> NodeView:
         try:
             fields = folder.read_fields(folder.dir("nodes") / f"node-{rank}.state") or {}
         except (OSError, ValueError):
             return cls(rank, alive=False, known=False)
-        heartbeat = as_float(fields.get("heartbeat"))
-        alive = (heartbeat is not None and fields.get("status") not in ("stopped", None)
-                 and now - heartbeat < HEARTBEAT_STALE_SECONDS)
+        pulse = f"{fields.get('started')} {fields.get('heartbeat')} {folder.read_beat(rank)}"
+        alive = (fields.get("status") not in ("stopped", None)
+                 and liveness.advancing(rank, pulse))
         return cls(rank, alive, True, fields.get("started", ""), fields.get("host", ""),
                    ascii_int(fields.get("gpu_count"), 1024) or 0,
                    ascii_int(fields.get("gpus_free"), 1024) or 0, fields.get("status", ""))
@@ -4101,6 +4171,7 @@ class Scheduler:
         self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
         self.views: dict[int, NodeView] = {}
         self.views_read = -1e18
+        self.liveness = Liveness(clock)  # the daemon gives it its monotonic clock
         self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
         self.backoff = 0.0
         self.last_sweep = -1e18
@@ -4314,7 +4385,7 @@ class Scheduler:
         """Every node's state, read at most once per poll interval."""
         now = self.clock()
         if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
-            self.views = {r: NodeView.read(self.folder, r, now)
+            self.views = {r: NodeView.read(self.folder, r, self.liveness)
                           for r in range(self.config.num_nodes)}
             self.views_read = now
         return self.views
@@ -4544,18 +4615,83 @@ class NodeClaim:
         return None
 
 
+class SelfFence:
+    """A daemon that cannot keep its node's liveness current ends its own tasks before other
+    nodes may declare it dead (docs/protocol.md, Fencing): once its beat has not been written
+    for SELF_FENCE_SECONDS of its monotonic clock, every task's process group and every
+    process with a task's marker get SIGKILL. ``check()`` runs on each turn of the loop and,
+    in a running daemon, on a thread of its own too: a loop stuck in a write to hung storage
+    cannot fence, the thread can (it only reads /proc and sends signals)."""
+
+    def __init__(self, monotonic: Callable[[], float], limit: float = SELF_FENCE_SECONDS):
+        self.monotonic = monotonic
+        self.limit = limit
+        self.last_beat = monotonic()
+        self.groups: frozenset[int] = frozenset()  # the running tasks' process groups
+        self.markers: frozenset[str] = frozenset()  # and their markers (<job>/<id>)
+        self.fenced_at: float | None = None  # when it last fenced (None: beating)
+        self.killed: set[int] = set()  # the process groups it killed, until the loop saw them
+        self.stop = threading.Event()
+
+    def beat(self) -> None:
+        self.last_beat = self.monotonic()
+        self.fenced_at = None
+
+    def lapsed(self) -> float:
+        """Seconds since the last beat that was written."""
+        return self.monotonic() - self.last_beat
+
+    def check(self) -> bool:
+        """Fence when the beat is late (again after each further limit); True when it did."""
+        if self.lapsed() < self.limit or not (self.groups or self.markers):
+            return False
+        if self.fenced_at is not None and self.monotonic() - self.fenced_at < 1.0:
+            return False
+        self.fenced_at = self.monotonic()
+        for pgid in self.groups:
+            self.killed.add(pgid)
+            signal_group(pgid, signal.SIGKILL)
+        for marker in self.markers:
+            for pid in marked_pids(marker):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        return True
+
+    def watch(self) -> threading.Thread:
+        def loop() -> None:
+            late = False  # late at the last look too: the loop is stuck, not just resumed
+            while not self.stop.wait(1.0):
+                try:
+                    was_late, late = late, self.lapsed() >= self.limit
+                    if was_late and late and self.check():
+                        LOG.error("No heartbeat written for %.0f s: this node's tasks were "
+                                  "killed before other nodes may take it for dead",
+                                  self.lapsed())
+                except Exception:  # noqa: BLE001 - the watch must outlive one bad look
+                    LOG.exception("the self-fencing watch failed once")
+        thread = threading.Thread(target=loop, name="self-fence", daemon=True)
+        thread.start()
+        return thread
+
+
 class Daemon:
     """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time."""
 
     def __init__(self, config: Config, keepalive: KeepAlive | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
-                 identity: Identity | None = None, inventory: Inventory | None = None):
+                 identity: Identity | None = None, inventory: Inventory | None = None,
+                 monotonic: Callable[[], float] | None = None):
         self.config = config
         self.keepalive = keepalive or KeepAlive()
         self.inventory = inventory or Inventory(())
         self.clock = clock
         self.sleep = sleep
+        # other nodes' liveness and this node's fence are timed on this clock, never on the
+        # wall clock (hosts' clocks differ); simulated time drives both in tests
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        self.fence = SelfFence(self.monotonic)
+        self.beats = 0
         self.identity = identity or Identity.here()
         self.folder = QueueFolder(config.instance)
         self.throttled = ThrottledLog(clock)
@@ -4572,6 +4708,7 @@ class Daemon:
                            config.node_addr or self.identity.host)
         self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
                                    clock, self.throttled, self.begin, self.owns_node)
+        self.scheduler.liveness = Liveness(self.monotonic)
         self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
                                  self.throttled, self.started, self.begin_shutdown,
                                  self.mark_changed, self.ask_sweep)
@@ -4595,6 +4732,7 @@ class Daemon:
         self.displaced = False  # another daemon owns this node's state file
         self.running_names: list[str] = []
         self.runner.heartbeat = self.write_state
+        self.runner.may_record = lambda: not self.displaced and self.claim.other_holder() is None
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -4639,7 +4777,7 @@ class Daemon:
         """End what tasks of an earlier daemon of this node left running, before this daemon
         starts anything or counts a GPU free: they are recorded ended (by this daemon's
         recovery, or node 0's after the stale time), so none of them may run on."""
-        pids = predecessor_pids(self.config.job_id, self.config.node_rank)
+        pids = predecessor_pids(self.folder.root, self.config.job_id, self.config.node_rank)
         if pids:
             LOG.warning("Ending %d process(es) of tasks that an earlier daemon of this node left "
                         "running: %s", len(pids), describe_pids(pids))
@@ -4656,12 +4794,14 @@ class Daemon:
         code = self.start()
         if code is not None:
             return code
+        self.fence.watch()
         try:
             while not self.finished:
                 self.tick()
                 if not self.finished:
                     self.sleep(self.wait_time())
         finally:
+            self.fence.stop.set()
             self.close()
         return 0
 
@@ -4698,13 +4838,14 @@ class Daemon:
             self.begin_drain(f"auto-shutdown after {self.config.hours:g}h")
         if not self.stopping and self.hard_at is not None and now >= self.hard_at:
             self.begin_shutdown(f"hard auto-shutdown after {AUTO_SHUTDOWN_HARD_HOURS:g}h")
+        self._step("fence", self.self_fence)
         self._step("tasks", self.run_tasks)
         if self.is_leader and not self.displaced:
             self._step("commands", self.commands.handle)
         elif not self.is_leader and now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
-        if not self.displaced and self.owns_node():
+        if not self.displaced and self.fence.lapsed() < SELF_FENCE_SECONDS and self.owns_node():
             self._step("queue", self.run_queue)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
         self._step("callbacks", self.callbacks.poll)
@@ -4718,6 +4859,23 @@ class Daemon:
             self.write_state()
         if now - self.last_housekeeping >= 3600:
             self._step("housekeeping", self.housekeeping)
+
+    def self_fence(self) -> None:
+        """Fence when the beat is late; the tasks it killed end as interrupted. A beat is
+        tried first: a daemon that was only suspended beats again and fences nothing."""
+        if not self.displaced and self.fence.lapsed() >= HEARTBEAT_SECONDS:
+            self.write_beat()
+        tasks = [t for t in self.runner.tasks.values() if t.proc is not None]
+        self.fence.groups = frozenset(t.proc.pid for t in tasks)
+        self.fence.markers = frozenset(f"{self.config.job_id}/{t.task_id}" for t in tasks)
+        self.fence.check()
+        why = f"self-fenced: this node could not write its heartbeat for {SELF_FENCE_SECONDS:g} s"
+        for task in tasks:
+            if task.proc.pid in self.fence.killed:  # by this turn's check or the watch thread
+                self.fence.killed.discard(task.proc.pid)
+                LOG.error("%s: %s", task.label, why)
+                task.stop_state, task.stop_reason = TaskState.INTERRUPTED, why
+                self.runner.stop(task, TaskState.INTERRUPTED, why, hard=True)
 
     def _step(self, name: str, step: Callable[[], object]) -> None:
         try:
@@ -4984,6 +5142,7 @@ class Daemon:
         if stopped:
             fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
                           stop_reason=self.stopping or self.draining)
+        self.write_beat()
         try:
             self.folder.publish(self.claim.path, format_fields(fields), durable=False)
             self.last_state_write = now
@@ -4994,6 +5153,18 @@ class Daemon:
             if self.folder.ensure():
                 LOG.warning("queue folders were missing: created again")
             self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
+
+    def write_beat(self) -> None:
+        """The node's beat: a count that advances, rewritten in place (docs/protocol.md)."""
+        self.beats += 1
+        try:
+            self.folder.write_beat(self.config.node_rank, format_fields(
+                {"started": self.started_text, "beat": self.beats,
+                 "time": f"{self.clock():.3f}"}))
+        except OSError as exc:
+            self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
+            return
+        self.fence.beat()
 
     def housekeeping(self) -> None:
         now = self.clock()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import psutil
 from conftest import DAEMON, command_line, is_live, namespace_shell, needs_namespace, wait_for

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeClock, run_until
-from queue_files import command, submit
+from queue_files import command, finished, submit
 
 import perpetual_motion as pm
 
@@ -400,6 +400,27 @@ def test_a_claim_whose_claimer_died_before_starting_it_goes_back_to_pending(node
     assert (inst / "running" / task).exists()
     clock.sleep(pm.HEARTBEAT_STALE_SECONDS + pm.HEARTBEAT_SECONDS)
     run_until(daemon, clock, lambda: (inst / "done" / task).exists(), limit=120)
+
+
+def test_a_daemon_displaced_by_a_takeover_leaves_the_end_of_its_task_to_the_new_owner(
+        node, tmp_path):
+    """The new owner has written its state file and ends the old daemon's task (SIGTERM)
+    before it records it interrupted; the old daemon sees its task end first."""
+    daemon, clock, inst = node
+    task = submit(inst, "t.sh", "while :; do sleep 0.05; done\n", gpus=1)
+    run_until(daemon, clock, lambda: running_ids(daemon) == {task})
+    successor = make_daemon(tmp_path, clock, force=True)
+    successor.write_state(force=True)
+    proc = daemon.runner.tasks[(task, None)].proc
+    pm.signal_group(proc.pid, 15)
+    proc.wait(5)
+    daemon.tick()
+    assert not (inst / "records" / f"{task}.result").exists()
+    assert (inst / "running" / task).exists()
+    assert successor.start() is None
+    run_until(successor, clock, lambda: finished(inst, task))
+    assert (result(inst, task)["state"], result(inst, task)["reason"]) == \
+        ("interrupted", "daemon died")
 
 
 def test_a_task_finished_by_another_daemon_is_not_recorded_twice(node, tmp_path):
