@@ -615,6 +615,27 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
         _gpu_cause='the daemon died and its pid was reused'
         return
       fi
+      _gpu_proc "$_gpu_i"
+      _gpu_field started; _gpu_int "$_gpu_val"
+      if [ -n "$_gpu_pstart" ] && [ "$_gpu_pstart" -gt $((_gpu_i + 10)) ]; then
+        _gpu_live=dead _gpu_why="pid $pid is now a daemon that started later"
+        _gpu_cause='the daemon died and its pid was reused (by a daemon of another instance?)'
+        return
+      fi
+      _gpu_field heartbeat; _gpu_int "$_gpu_val"
+      if [ "$_gpu_t" -gt $((_gpu_i + 15)) ]; then  # its process runs: never dead, late
+        _gpu_dur $((_gpu_t - _gpu_i))
+        _gpu_live=late
+        case $_gpu_pstate in
+          T | t)
+            _gpu_why="stopped, no heartbeat for $_gpu_d"
+            _gpu_cause="SIGSTOP or Ctrl-Z: kill -CONT $pid resumes it (kill -9 $pid ends it)" ;;
+          *)
+            _gpu_why="runs, but no heartbeat for $_gpu_d"
+            _gpu_cause="hung (on the shared storage?): kill -9 $pid ends it; then start it again" ;;
+        esac
+        return
+      fi
     else
       _gpu_live=dead _gpu_why="its process (pid $pid) is gone"
       _gpu_cause='it was killed (kill -9, the OOM killer) or crashed; see its daemon.log'
@@ -632,6 +653,24 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
     _gpu_live=late _gpu_why="its heartbeat is $_gpu_d old"
     _gpu_cause='the daemon is stopped or hung, the shared storage stalls, or its node died'
   fi
+}
+
+_gpu_proc() {  # _gpu_proc PID: its state letter into _gpu_pstate and when it started (epoch
+  # seconds) into _gpu_pstart; both empty when unknown
+  local stat key value btime='' tck IFS=' '
+  _gpu_pstate='' _gpu_pstart=''
+  { IFS= read -r stat < "/proc/$1/stat"; } 2>/dev/null || return 0
+  # shellcheck disable=SC2086  # the fields after the name, split on spaces
+  set -- ${stat##*) }
+  [ "$#" -ge 20 ] || return 0
+  _gpu_pstate=$1
+  while read -r key value; do
+    if [ "$key" = btime ]; then btime=$value; break; fi
+  done < /proc/stat 2>/dev/null
+  tck=$(command getconf CLK_TCK 2>/dev/null) || tck=100
+  case $btime$tck${20} in *[!0-9]*) return 0 ;; esac
+  [ -n "$btime" ] || return 0
+  _gpu_pstart=$((btime + ${20} / tck))
 }
 
 _gpu_daemon_state() {  # node 0's liveness (it claims tasks and takes commands) into _gpu_live

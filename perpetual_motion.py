@@ -1139,6 +1139,30 @@ def pid_is_daemon(pid: int) -> bool:
     return pid != os.getpid() and process_name(pid) == DAEMON_PROCESS_NAME
 
 
+def process_started(pid: int) -> float | None:
+    """When a process started, in epoch seconds (to about a second), or None."""
+    ticks = _start_time(pid)
+    try:
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") if ticks >= 0 else None
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+PID_REUSE_SLACK_SECONDS = 10.0  # a process started this much after a state's start is not its
+
+
+def pid_is_owner(pid: int, started: float | None) -> bool:
+    """True when ``pid`` is the daemon that wrote a state file with ``started``: a daemon of
+    ours that started no later than that (one that started after it reuses a dead daemon's PID,
+    a daemon of another instance say)."""
+    if not pid_is_daemon(pid):
+        return False
+    began = process_started(pid)
+    return started is None or began is None or began <= started + PID_REUSE_SLACK_SECONDS
+
+
 # Placement ##################################################################################
 #
 # Which task starts on this node, with which GPUs: a pure function of plain records (the node's
@@ -4590,7 +4614,8 @@ class NodeClaim:
         who = f"pid {fields.get('pid', '?')} on {fields.get('host', '?')}"
         if self.identity.same_machine_view(fields):
             pid = ascii_int(fields.get("pid"))
-            return who if pid is not None and pid_is_daemon(pid) else None
+            return who if pid is not None and pid_is_owner(
+                pid, as_float(fields.get("started"))) else None
         first = as_float(fields.get("heartbeat"))
         if first is None or self.clock() - first >= HEARTBEAT_STALE_SECONDS:
             return None
