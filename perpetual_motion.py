@@ -1066,6 +1066,35 @@ def lineage_of(pid: int) -> set[tuple[int, int]]:
     return {(p, _start_time(p)) for p in _subtree(pid)}
 
 
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every process: its parent and start time (``pid -> (ppid, start)``), one read each."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if len(fields) > 19:
+                table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def lineages(roots: Collection[int], table: Mapping[int, tuple[int, int]]
+             ) -> dict[int, set[tuple[int, int]]]:
+    """``(pid, start time)`` of each root and every process below it, from one table."""
+    below: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        below.setdefault(ppid, []).append(pid)
+    found = {}
+    for root in roots:
+        tree, todo = set(), [root]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                tree.add((pid, table[pid][1]))
+            todo += below.get(pid, [])
+        found[root] = tree
+    return found
+
+
 def describe_pids(pids: Iterable[int]) -> str:
     """``123 (sleep, user 65534), ...`` for a log line."""
     return ", ".join(f"{pid} ({process_name(pid) or '?'}, user {_uid(pid)})" for pid in pids)
@@ -1591,13 +1620,17 @@ class TaskRunner:
         """Finish every task whose process has ended; those tasks, with their results."""
         self.retry_unfinished()
         ended = []
+        table = process_table() if self.tasks and self.tasks_of_orphans() else {}
+        trees = lineages([t.proc.pid for t in self.tasks.values() if t.proc], table)
         for task in list(self.tasks.values()):
             if task.proc is None:
                 continue
             code = task.proc.poll()
             if code is None:
-                task.lineage = {seen for seen in task.lineage if _start_time(seen[0]) == seen[1]}
-                task.lineage |= lineage_of(task.proc.pid)
+                if table:  # what it started so far, without what has ended since
+                    task.lineage = {seen for seen in task.lineage
+                                    if table.get(seen[0], (0, -1))[1] == seen[1]}
+                    task.lineage |= trees[task.proc.pid]
                 if task.kill_at is not None and self.clock() >= task.kill_at:
                     signal_group(task.proc.pid, signal.SIGKILL)
                     task.kill_at = self.clock() + 3600  # once is enough
@@ -1649,6 +1682,12 @@ class TaskRunner:
         return TaskResult(task.task_id, state, reason, started, ended, self.identity.host,
                           self.config.node_rank, exit_code, signum, task.attempt, task.gpu_text,
                           task.rank)
+
+    @staticmethod
+    def tasks_of_orphans() -> bool:
+        """True where this daemon adopts orphans (a subreaper or PID 1): only there is the
+        lineage of its tasks needed to know whose they are."""
+        return os.getpid() == 1 or is_subreaper()
 
     def end_leftovers(self, task: RunningTask) -> int:
         """End what a finished task left behind: its process group, and whatever carries its
