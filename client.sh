@@ -622,7 +622,7 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
         _gpu_cause='the daemon died and its pid was reused (by a daemon of another instance?)'
         return
       fi
-      _gpu_field heartbeat; _gpu_int "$_gpu_val"
+      _gpu_pulse
       if [ "$_gpu_t" -gt $((_gpu_i + 15)) ]; then  # its process runs: never dead, late
         _gpu_dur $((_gpu_t - _gpu_i))
         _gpu_live=late
@@ -642,7 +642,7 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
       return
     fi
   fi
-  _gpu_field heartbeat; _gpu_int "$_gpu_val"
+  _gpu_pulse
   [ "$_gpu_t" -gt "$_gpu_i" ] || return 0  # a heartbeat from the future: clocks differ
   age=$((_gpu_t - _gpu_i))
   _gpu_dur "$age"
@@ -655,6 +655,22 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
   fi
 }
 
+_gpu_pulse() {  # the loaded node state's last sign of life into _gpu_i: its heartbeat, or the
+  # time in its beat file when that is later (a full disk stops the state file, not the beat)
+  local line rank beat='' heartbeat
+  _gpu_field heartbeat; _gpu_int "$_gpu_val"; heartbeat=$_gpu_i
+  _gpu_field node_rank; rank=$_gpu_val
+  case $rank in '' | *[!0-9]*) ;; *)
+    {
+      while IFS= read -r line; do
+        case $line in time=*) beat=${line#time=} ;; esac
+      done < "$_gpu_q/nodes/node-$rank.beat"
+    } 2>/dev/null ;;
+  esac
+  if _gpu_int "$beat" && [ "$_gpu_i" -gt "$heartbeat" ]; then return 0; fi
+  _gpu_i=$heartbeat
+}
+
 _gpu_proc() {  # _gpu_proc PID: its state letter into _gpu_pstate and when it started (epoch
   # seconds) into _gpu_pstart; both empty when unknown
   local stat key value btime='' tck IFS=' '
@@ -664,9 +680,11 @@ _gpu_proc() {  # _gpu_proc PID: its state letter into _gpu_pstate and when it st
   set -- ${stat##*) }
   [ "$#" -ge 20 ] || return 0
   _gpu_pstate=$1
-  while read -r key value; do
-    if [ "$key" = btime ]; then btime=$value; break; fi
-  done < /proc/stat 2>/dev/null
+  {
+    while read -r key value; do
+      if [ "$key" = btime ]; then btime=$value; break; fi
+    done < /proc/stat
+  } 2>/dev/null
   tck=$(command getconf CLK_TCK 2>/dev/null) || tck=100
   case $btime$tck${20} in *[!0-9]*) return 0 ;; esac
   [ -n "$btime" ] || return 0

@@ -291,6 +291,22 @@ def test_status_and_list_show_every_node_of_a_multi_node_instance(sh):
     assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive    4/12   node-0 ")
 
 
+def test_a_node_whose_disk_is_full_is_alive_by_its_beat_file(sh):
+    """The state file cannot be replaced on a full disk; the beat file, rewritten in place,
+    still says when the daemon beat last."""
+    s = build_sample(sh.root)
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(re.sub(r"^heartbeat=.*$", f"heartbeat={s.now - 600:.3f}", state.read_text(),
+                            flags=re.M) + "node_rank=0\n")
+    assert re.search(r"\nDaemon:   DEAD on node-a, pid 4242: no heartbeat for 10m0\ds\n",
+                     sh.run("gpu_status").out)
+    beat = s.inst / "nodes" / "node-0.beat"
+    beat.write_text(f"started=1.000\nbeat=42\ntime={time.time():.3f}\n".ljust(128))
+    assert "\nDaemon:   alive on node-a, pid 4242\n" in sh.run("gpu_status").out
+    beat.write_text(f"started=1.000\nbeat=43\ntime={s.now - 900:.3f}\n".ljust(128))  # older
+    assert "DEAD on node-a, pid 4242: no heartbeat for 10m0" in sh.run("gpu_status").out
+
+
 def test_a_daemon_that_shuts_down_is_shown_stopping(sh):
     s = build_sample(sh.root)
     state = s.inst / "nodes" / "node-0.state"
