@@ -620,13 +620,34 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
         _gpu_cause='the daemon died and its pid was reused'
         return
       fi
+      _gpu_proc "$_gpu_i"
+      _gpu_field started; _gpu_int "$_gpu_val"
+      if [ -n "$_gpu_pstart" ] && [ "$_gpu_pstart" -gt $((_gpu_i + 10)) ]; then
+        _gpu_live=dead _gpu_why="pid $pid is now a daemon that started later"
+        _gpu_cause='the daemon died and its pid was reused (by a daemon of another instance?)'
+        return
+      fi
+      _gpu_pulse
+      if [ "$_gpu_t" -gt $((_gpu_i + 15)) ]; then  # its process runs: never dead, late
+        _gpu_dur $((_gpu_t - _gpu_i))
+        _gpu_live=late
+        case $_gpu_pstate in
+          T | t)
+            _gpu_why="stopped, no heartbeat for $_gpu_d"
+            _gpu_cause="SIGSTOP or Ctrl-Z: kill -CONT $pid resumes it (kill -9 $pid ends it)" ;;
+          *)
+            _gpu_why="runs, but no heartbeat for $_gpu_d"
+            _gpu_cause="hung (on the shared storage?): kill -9 $pid ends it; then start it again" ;;
+        esac
+        return
+      fi
     else
       _gpu_live=dead _gpu_why="its process (pid $pid) is gone"
       _gpu_cause='it was killed (kill -9, the OOM killer) or crashed; see its daemon.log'
       return
     fi
   fi
-  _gpu_field heartbeat; _gpu_int "$_gpu_val"
+  _gpu_pulse
   [ "$_gpu_t" -gt "$_gpu_i" ] || return 0  # a heartbeat from the future: clocks differ
   age=$((_gpu_t - _gpu_i))
   _gpu_dur "$age"
@@ -637,6 +658,42 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
     _gpu_live=late _gpu_why="its heartbeat is $_gpu_d old"
     _gpu_cause='the daemon is stopped or hung, the shared storage stalls, or its node died'
   fi
+}
+
+_gpu_pulse() {  # the loaded node state's last sign of life into _gpu_i: its heartbeat, or the
+  # time in its beat file when that is later (a full disk stops the state file, not the beat)
+  local line rank beat='' heartbeat
+  _gpu_field heartbeat; _gpu_int "$_gpu_val"; heartbeat=$_gpu_i
+  _gpu_field node_rank; rank=$_gpu_val
+  case $rank in '' | *[!0-9]*) ;; *)
+    {
+      while IFS= read -r line; do
+        case $line in time=*) beat=${line#time=} ;; esac
+      done < "$_gpu_q/nodes/node-$rank.beat"
+    } 2>/dev/null ;;
+  esac
+  if _gpu_int "$beat" && [ "$_gpu_i" -gt "$heartbeat" ]; then return 0; fi
+  _gpu_i=$heartbeat
+}
+
+_gpu_proc() {  # _gpu_proc PID: its state letter into _gpu_pstate and when it started (epoch
+  # seconds) into _gpu_pstart; both empty when unknown
+  local stat key value btime='' tck IFS=' '
+  _gpu_pstate='' _gpu_pstart=''
+  { IFS= read -r stat < "/proc/$1/stat"; } 2>/dev/null || return 0
+  # shellcheck disable=SC2086  # the fields after the name, split on spaces
+  set -- ${stat##*) }
+  [ "$#" -ge 20 ] || return 0
+  _gpu_pstate=$1
+  {
+    while read -r key value; do
+      if [ "$key" = btime ]; then btime=$value; break; fi
+    done < /proc/stat
+  } 2>/dev/null
+  tck=$(command getconf CLK_TCK 2>/dev/null) || tck=100
+  case $btime$tck${20} in *[!0-9]*) return 0 ;; esac
+  [ -n "$btime" ] || return 0
+  _gpu_pstart=$((btime + ${20} / tck))
 }
 
 _gpu_daemon_state() {  # node 0's liveness (it claims tasks and takes commands) into _gpu_live
@@ -1794,13 +1851,14 @@ _gpu_cmd_retry() {
   fi
   _gpu_existing_instance || return
   _gpu_priority "${_gpu_o_prio:-500}" || return 2  # checked once, before anything is queued
-  local name picks='' pick retried count=0 skipped=0 IFS=$_gpu_nl
+  local name picks='' pick retried count=0 skipped=0 rc IFS=$_gpu_nl
   if [ -n "$_gpu_o_failed" ]; then
     # the tasks already queued again, as their copies' submit records say
     retried=$(command find "$_gpu_q/records" -maxdepth 1 -type f -name '*.submit' \
       -exec grep -h '^retry_of=.' {} + 2>/dev/null | command sed 's/^retry_of=//')
     for name in $(_gpu_ls "$_gpu_q/failed"); do
       case $_gpu_nl$retried$_gpu_nl in *"$_gpu_nl$name$_gpu_nl"*) continue ;; esac
+      [ ! -e "$_gpu_q/records/$name.retried" ] || continue
       _gpu_load "$_gpu_q/records/$name.result" || _gpu_keys=''
       _gpu_field state
       case $_gpu_val in
@@ -1827,13 +1885,19 @@ _gpu_cmd_retry() {
     done
   fi
   for pick in $picks; do
-    _gpu_retry_one "${pick%%/*}" "${pick#*/}" || return
-    count=$((count + 1))
+    _gpu_retry_one "${pick%%/*}" "${pick#*/}" "$_gpu_o_failed"
+    rc=$?
+    case $rc in
+      0) count=$((count + 1)) ;;
+      3) ;;  # another gpu_retry --failed queues it
+      *) return "$rc" ;;
+    esac
   done
   [ "$count" -eq 1 ] || _gpu_say "queued $count task(s) again"
 }
 
-_gpu_retry_one() {  # _gpu_retry_one DIR ID: queue the finished task DIR/ID again
+_gpu_retry_one() {  # _gpu_retry_one DIR ID [CLAIM]: queue the finished task DIR/ID again;
+  # with CLAIM, only after taking its records/ID.retried (3: another retry took it)
   local dir=$1 old=$2 cwd name i=0 IFS=' '
   local -a args
   _gpu_task "$dir" "$old"
@@ -1850,9 +1914,19 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID: queue the finished task DIR/ID agai
   name=$_gpu_s
   _gpu_after=''
   _gpu_request_keys "$_gpu_t_display" "$old" "${args[@]}"
-  _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$_gpu_t_source" "$_gpu_t_command" "$_gpu_q/$dir/$old" \
-    "" || return
+  if [ -n "${3-}" ] && ! _gpu_claim_retry "$old" "$name"; then return 3; fi
+  if ! _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$_gpu_t_source" "$_gpu_t_command" \
+      "$_gpu_q/$dir/$old" ""; then
+    [ -z "${3-}" ] || command rm -f -- "$_gpu_q/records/$old.retried"
+    return 1
+  fi
   _gpu_err "a retry of $old: it runs in $cwd, at priority $_gpu_p"
+}
+
+_gpu_claim_retry() {  # _gpu_claim_retry ID NAME: create records/ID.retried, saying NAME, only
+  # if it does not exist (O_EXCL, as noclobber opens): of several gpu_retry --failed at once,
+  # exactly one queues ID again
+  (set -C; printf 'id=%s\nretry=%s\n' "$1" "$2" >"$_gpu_q/records/$1.retried") 2>/dev/null
 }
 
 # Commands: reading the queue #######################################################################
@@ -3046,7 +3120,7 @@ _gpu_cmd_clean() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
   local keep=0 older=0 whole frac line end dir id n=0 kept=0 stage list moved='' total=0
-  local IFS=$_gpu_nl
+  local needed waited=0 IFS=$_gpu_nl
   if [ -n "$_gpu_o_keep" ]; then
     _gpu_whole "$_gpu_o_keep" 99999999 || {
       _gpu_err "--keep wants a number of tasks, not '$_gpu_o_keep'"; return 2; }
@@ -3080,14 +3154,22 @@ _gpu_cmd_clean() {
       printf '%s %s/%s\n' "${end%%.*}" "${dir##*/}" "$line"
     done
   } | command sort -rn)
+  # the results that pending tasks wait for (--after) stay: their ids, one a line
+  needed=$_gpu_nl$(for id in $(_gpu_ls "$_gpu_q/pending"); do
+    command sed -n 's/^after=//p' "$_gpu_q/records/$id.submit" 2>/dev/null
+  done | command tr ' ' '\n')$_gpu_nl
   stage=''
   for line in $list; do
     total=$((total + 1))
     end=${line%% *} line=${line#* }
+    case $needed in
+      *"$_gpu_nl${line#*/}$_gpu_nl"*) waited=$((waited + 1)); continue ;;
+    esac
     if [ "$kept" -lt "$keep" ]; then kept=$((kept + 1)); continue; fi
     [ "$older" -eq 0 ] || [ "$end" -le "$((_gpu_t - older))" ] || { kept=$((kept + 1)); continue; }
     moved=$moved$end' '$line$_gpu_nl
   done
+  [ "$waited" -eq 0 ] || _gpu_err "kept $waited finished task(s) that pending tasks wait for (--after)"
   if [ -z "$moved" ]; then
     _gpu_say "nothing to remove: $total finished task(s) in $JOB_ID, all kept"
     return 0
@@ -3113,7 +3195,9 @@ _gpu_cmd_clean() {
   if [ -n "$stage" ]; then
     {
       for id in $(_gpu_ls "$stage"); do
-        for line in submit run result stop gang; do printf '%s\0' "$_gpu_q/records/$id.$line"; done
+        for line in submit run result stop gang retried; do
+          printf '%s\0' "$_gpu_q/records/$id.$line"
+        done
         printf '%s\0' "$_gpu_q/logs/$id.log"
       done
       list=$_gpu_nl$(_gpu_ls "$stage")$_gpu_nl

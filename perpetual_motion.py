@@ -44,6 +44,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -62,7 +63,8 @@ DEFAULT_QUEUE_DIRNAME = "gpu_queue"  # queue root is $QUEUE_ROOT, else ~/gpu_que
 POLL_INTERVAL = 0.5  # seconds between looks at pending/ and commands/ (inotify wakes it sooner)
 STOP_GRACE_SECONDS = 10.0  # seconds between SIGTERM and SIGKILL when a task is stopped
 HEARTBEAT_SECONDS = 5.0  # the node's state file is rewritten at least this often
-HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat is older than this is dead
+HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat stood still this long is dead
+SELF_FENCE_SECONDS = 40.0  # a daemon that cannot write its heartbeat this long ends its tasks
 KILL_SCOPE = "auto"  # after a stop: "user-python", "task", "none", or "auto" (by where it runs)
 KEEPALIVE = True  # False runs the queue alone
 MAX_CPU_TASKS = 1  # tasks that ask for no GPU (-g 0) running at once on a node
@@ -79,6 +81,7 @@ MIN_WAIT_SECONDS = 0.02  # the loop never spins faster than this
 COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
 CALLBACK_EXIT_WAIT_SECONDS = 10.0  # how long an exiting daemon waits for running callbacks
 CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit before SIGKILL
+BEAT_BYTES = 128  # size of a node's beat file, rewritten in place
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record, command or state file larger than this is corrupt
 MAX_HOURS = 24 * 365  # --hours beyond this is refused
 MAX_TASK_ARGS = 4096  # a submit record with more script arguments is corrupt
@@ -121,7 +124,8 @@ TASK_VARS = frozenset({
     "CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES", "PM_GPUS", "TASK_GPUS", "PM_NODE_RANK",
     "NODE_RANK", "NNODES", "MASTER_ADDR", "MASTER_PORT", "PERPETUAL_MOTION_TASK"})
 TASK_ID_RE = re.compile(r"^[0-9]{3}-[0-9]{8}_[0-9]{6}_[0-9]{9}-[0-9a-f]{8}-[A-Za-z0-9._-]{1,80}$")
-RECORD_NAME_RE = re.compile(r"(.+)\.(submit|run|result|stop|gang|rank[0-9]+\.(?:ready|run|result))")
+RECORD_NAME_RE = re.compile(
+    r"(.+)\.(submit|run|result|stop|gang|retried|rank[0-9]+\.(?:ready|run|result))")
 LOG_NAME_RE = re.compile(r"(.+?)(?:\.rank[0-9]+)?\.log")
 NO_INOTIFY_VAR = "PERPETUAL_MOTION_NO_INOTIFY"  # set: the daemon polls only, inotify unused
 MARKER_VAR = "PERPETUAL_MOTION_TASK"  # every process of a task inherits MARKER_VAR=<job>/<id>
@@ -641,6 +645,45 @@ class QueueFolder:
                 os.unlink(staged)
             raise
 
+    def beat_path(self, rank: int) -> Path:
+        return self.dir("nodes") / f"node-{rank}.beat"
+
+    def write_beat(self, rank: int, text: str) -> None:
+        """Rewrite a node's beat file in place: the same BEAT_BYTES bytes over the old ones,
+        which needs no new block, so the beat goes on when the disk is full. Created (the
+        Maildir way) only when it is missing or not BEAT_BYTES long."""
+        data = text.encode().ljust(BEAT_BYTES)
+        if len(data) > BEAT_BYTES:
+            raise ValueError("a beat is longer than BEAT_BYTES")
+        path = self.beat_path(rank)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            self.publish(path, data.decode(), durable=False)
+            return
+        try:
+            info = os.fstat(fd)
+            in_place = stat.S_ISREG(info.st_mode) and info.st_size == BEAT_BYTES
+            if in_place:
+                os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)  # AFS and NFS report a failed write here
+        if not in_place:
+            self.publish(path, data.decode(), durable=False)
+
+    def read_beat(self, rank: int) -> str:
+        """A node's beat file as it is now ("" when it is missing or unreadable)."""
+        try:
+            fd = open_regular(self.beat_path(rank), os.O_RDONLY)
+        except OSError:
+            return ""
+        try:
+            return os.read(fd, BEAT_BYTES).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+
     def read_fields(self, path: Path) -> dict[str, str] | None:
         """A record's fields; None when it is missing; ValueError/OSError when it is bad (too
         large, not key=value, or not a regular file: NotRegularFile)."""
@@ -754,13 +797,28 @@ class QueueFolder:
         priority = ascii_int(name[:3])
         return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)
 
+    def named_by_pending(self) -> set[str]:
+        """The ids that pending tasks name in ``after``: their results must stay."""
+        named: set[str] = set()
+        for name in self.files("pending"):
+            try:
+                fields = self.read_fields(self.record(name, "submit")) or {}
+            except (OSError, ValueError, UnicodeError):
+                continue
+            named.update(fields.get("after", "").split())
+        return named
+
     def remove_finished(self, before: float) -> list[str]:
         """Remove the finished tasks that ended before ``before`` (when their result was
-        published, else the file's own time, as gpu_clean judges): the file in done/ or failed/,
-        then every record and log of each one removed. Their ids."""
+        published, else the file's own time, as gpu_clean judges) and that no pending task
+        names in ``after``: the file in done/ or failed/, then every record and log of each one
+        removed. Their ids."""
         removed = set()
+        needed = self.named_by_pending()
         for folder in ("done", "failed"):
             for task_id in self.names(folder):
+                if task_id in needed:
+                    continue
                 path = self.dir(folder) / task_id
                 try:
                     try:
@@ -903,6 +961,23 @@ def marked_pids(marker_prefix: str) -> list[int]:
     return found
 
 
+def predecessor_pids(folder: Path, job_id: str, node_rank: int) -> list[int]:
+    """This user's processes of tasks that a daemon of this instance and node started (their
+    marker ``<job>/...``, ``QUEUE_DIR`` and ``PM_NODE_RANK``): at the start of a daemon, what a
+    predecessor that died left running. Daemons and keep-alive workers are never among them."""
+    needle = f"{MARKER_VAR}={job_id}/".encode()
+    wanted = {f"PM_NODE_RANK={node_rank}".encode(), f"QUEUE_DIR={folder}".encode()}
+    found = []
+    for pid in _own_pids():
+        if pid == os.getpid() or process_name(pid) in (DAEMON_PROCESS_NAME,
+                                                       WORKER_PROCESS_NAME):
+            continue
+        items = _proc_environ(pid).split(b"\0")
+        if wanted <= set(items) and any(item.startswith(needle) for item in items):
+            found.append(pid)
+    return sorted(found)
+
+
 def terminate(pids: Iterable[int], grace: float) -> int:
     """SIGTERM ``pids``, SIGKILL what is left after ``grace``; return how many were signalled."""
     import psutil
@@ -990,33 +1065,132 @@ def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = (),
     return victims
 
 
-def leftover_pids(marker: str, others: Collection[str] = (),
-                  spare: Collection[int] = ()) -> list[int]:
-    """What a task whose main process has ended left running, to be ended with it.
+def leftover_pids(marker: str, others: Collection[str] = (), spare: Collection[int] = (),
+                  session: int | None = None,
+                  lineage: Collection[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
+    """What a task whose main process has ended left running, to be ended with it, and the
+    orphans that are left alone for want of proof that they are the task's.
 
-    That is every process of this user that carries the task's marker (``MARKER_VAR=<marker>``,
-    ``<job>/<id>``), and, when this daemon is a child subreaper (or PID 1), every orphan it
-    inherited (a child of the daemon that is neither a keep-alive worker nor in ``spare``, the
-    main processes of other tasks) with all below it. An orphan keeps its task by its marker:
-    one that carries the marker of another running task (``others``) is spared; one without a
-    marker (a child started with ``env -i``) is taken as this task's. The corner case, with
-    several tasks on a node: an unmarked orphan of a task that still runs is ended when another
-    task ends first (docs/protocol.md).
+    A process is taken only with proof that it is the task's (docs/protocol.md): it carries the
+    task's marker (``MARKER_VAR=<marker>``, ``<job>/<id>``) or the marker of another task of
+    the job that no longer runs (not in ``others``), it is in the task's own session
+    (``session``), or it was seen below the task's main process while the task ran
+    (``lineage``: ``(pid, start time)`` pairs, so a reused PID proves nothing). When this
+    daemon is a child subreaper (or PID 1) it adopts every orphan below it, and a container's
+    PID 1 adopts every orphan of the container: a user's ``nohup`` job, another user's process,
+    a callback's child. An orphan without proof, and all below it, is left alone and returned
+    second. ``spare`` are the main processes of running tasks.
     """
     me = os.getpid()
     if me != 1 and not is_subreaper():
         return sorted(pid for pid in _own_pids()
-                      if pid != me and _task_marker(_proc_environ(pid)) == marker)
-    # A subreaper keeps every descendant of a task below one of its own children.
-    found = set()
+                      if pid != me and _task_marker(_proc_environ(pid)) == marker), []
+    job = marker.partition("/")[0] + "/"
+    uid = os.getuid()
+    seen = set(lineage)
+
+    def proof(pid: int, environ: bytes) -> bool | None:
+        """True: the task's; False: another running task's or ours; None: no proof."""
+        found = _task_marker(environ)
+        if found in others:
+            return False
+        if (pid, _start_time(pid)) in seen:
+            return True
+        if _uid(pid) != uid:
+            return None
+        if found is not None and (found == marker or found.startswith(job)):
+            return True
+        if session is not None and _session(pid) == session:
+            return True
+        return None
+
+    taken, left = set(), set()
     for orphan in _children(me):
-        if orphan in spare or _is_ours(orphan, _proc_environ(orphan)):
-            continue  # the main process of a running task, or a keep-alive worker
-        for pid in _subtree(orphan):
-            if _process_state(pid) not in ("Z", "") and \
-                    _task_marker(_proc_environ(pid)) not in others:
-                found.add(pid)
-    return sorted(found)
+        environ = _proc_environ(orphan)
+        if orphan in spare or _is_ours(orphan, environ):
+            continue  # the main process of a running task, a keep-alive worker, a callback
+        # Below a process, what it started is as much the task's as the process is, unless it
+        # names another running task by its marker.
+        todo = [(orphan, proof(orphan, environ))]
+        while todo:
+            pid, verdict = todo.pop()
+            if _process_state(pid) in ("Z", ""):
+                continue
+            if verdict is True:
+                taken.add(pid)
+            elif verdict is None:
+                left.add(pid)
+            for child in _children(pid):
+                mine = proof(child, _proc_environ(child))
+                todo.append((child, False if mine is False else (mine or verdict)))
+    return sorted(taken), sorted(left)
+
+
+def _uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the name (the state is the first); [] when
+    the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _session(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[3]) if len(fields) > 3 else None
+
+
+def _start_time(pid: int) -> int:
+    """When a process started (clock ticks after boot): with its PID, names it uniquely."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if len(fields) > 19 else -1
+
+
+def lineage_of(pid: int) -> set[tuple[int, int]]:
+    """``(pid, start time)`` of a process and every process below it now."""
+    return {(p, _start_time(p)) for p in _subtree(pid)}
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every process: its parent and start time (``pid -> (ppid, start)``), one read each."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if len(fields) > 19:
+                table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def lineages(roots: Collection[int], table: Mapping[int, tuple[int, int]]
+             ) -> dict[int, set[tuple[int, int]]]:
+    """``(pid, start time)`` of each root and every process below it, from one table."""
+    below: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        below.setdefault(ppid, []).append(pid)
+    found = {}
+    for root in roots:
+        tree, todo = set(), [root]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                tree.add((pid, table[pid][1]))
+            todo += below.get(pid, [])
+        found[root] = tree
+    return found
+
+
+def describe_pids(pids: Iterable[int]) -> str:
+    """``123 (sleep, user 65534), ...`` for a log line."""
+    return ", ".join(f"{pid} ({process_name(pid) or '?'}, user {_uid(pid)})" for pid in pids)
 
 
 @functools.cache
@@ -1057,11 +1231,8 @@ def _subtree(pid: int) -> list[int]:
 
 def _process_state(pid: int) -> str:
     """The state letter of a process (``R``, ``S``, ``Z`` ...), or "" when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return ""
+    fields = _stat_fields(pid)
+    return fields[0].decode() if fields else ""
 
 
 def reap_orphans(keep: set[int]) -> None:
@@ -1088,6 +1259,30 @@ def pid_is_daemon(pid: int) -> bool:
     """True when ``pid`` runs on this host and is a daemon of ours (by its process name,
     whatever command line started it)."""
     return pid != os.getpid() and process_name(pid) == DAEMON_PROCESS_NAME
+
+
+def process_started(pid: int) -> float | None:
+    """When a process started, in epoch seconds (to about a second), or None."""
+    ticks = _start_time(pid)
+    try:
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") if ticks >= 0 else None
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+PID_REUSE_SLACK_SECONDS = 10.0  # a process started this much after a state's start is not its
+
+
+def pid_is_owner(pid: int, started: float | None) -> bool:
+    """True when ``pid`` is the daemon that wrote a state file with ``started``: a daemon of
+    ours that started no later than that (one that started after it reuses a dead daemon's PID,
+    a daemon of another instance say)."""
+    if not pid_is_daemon(pid):
+        return False
+    began = process_started(pid)
+    return started is None or began is None or began <= started + PID_REUSE_SLACK_SECONDS
 
 
 # Placement ##################################################################################
@@ -1186,6 +1381,40 @@ def plan_starts(candidates: Iterable[Candidate], load: NodeLoad, now: float,
     return Plan(tuple(starts), waiting, tuple(blocked), held_for)
 
 
+def dependency_cycles(after: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """The pending tasks that wait for themselves through ``after`` (A after B after A, or A
+    after A), each with the reason it is cancelled: ``dependency cycle: A -> B -> A``. A task
+    that only waits for a task of a cycle is not in it (it is cancelled once that one is)."""
+    found: dict[str, str] = {}
+    state: dict[str, int] = {}  # 1: on the path being followed, 2: done
+    for start in after:
+        if start in state:
+            continue
+        path: list[str] = []
+        stack = [(start, iter(after[start]))]
+        state[start] = 1
+        path.append(start)
+        while stack:
+            node, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                stack.pop()
+                path.pop()
+                state[node] = 2
+            elif dep not in after or state.get(dep) == 2:
+                continue
+            elif state.get(dep) == 1:
+                cycle = path[path.index(dep):]
+                why = "dependency cycle: " + " -> ".join([*cycle, dep])
+                for member in cycle:
+                    found.setdefault(member, why)
+            else:
+                state[dep] = 1
+                path.append(dep)
+                stack.append((dep, iter(after[dep])))
+    return found
+
+
 def never_fits(request: Request, node_gpus: Iterable[int], num_nodes: int) -> str:
     """Why no node of the instance can ever run ``request`` (``node_gpus``: the GPU counts of
     the nodes known), or ""."""
@@ -1237,6 +1466,9 @@ class RunningTask:
     stop_reason: str = ""
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM
     sweep: bool = False  # a user stopped it: end other Python processes once it has ended
+    # (pid, start time) of every process seen below its main process: proof that an orphan
+    # the daemon adopts is this task's (leftover_pids)
+    lineage: set[tuple[int, int]] = dataclasses.field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -1323,9 +1555,12 @@ class TaskRunner:
         self.token = token  # the daemon's ``started``: names its claims in .run records
         self.ports = PortPicker()
         self.tasks: dict[tuple[str, int | None], RunningTask] = {}
+        self.left_alone: set[tuple[int, int]] = set()  # orphans without proof, logged once
         self.unfinished: list[list] = []  # [result, source, published] not yet done
         self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
         self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
+        # False once another daemon holds this node: it records this daemon's tasks, not this one
+        self.may_record: Callable[[], bool] = lambda: True
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -1479,11 +1714,17 @@ class TaskRunner:
         """Finish every task whose process has ended; those tasks, with their results."""
         self.retry_unfinished()
         ended = []
+        table = process_table() if self.tasks and self.tasks_of_orphans() else {}
+        trees = lineages([t.proc.pid for t in self.tasks.values() if t.proc], table)
         for task in list(self.tasks.values()):
             if task.proc is None:
                 continue
             code = task.proc.poll()
             if code is None:
+                if table:  # what it started so far, without what has ended since
+                    task.lineage = {seen for seen in task.lineage
+                                    if table.get(seen[0], (0, -1))[1] == seen[1]}
+                    task.lineage |= trees[task.proc.pid]
                 if task.kill_at is not None and self.clock() >= task.kill_at:
                     signal_group(task.proc.pid, signal.SIGKILL)
                     task.kill_at = self.clock() + 3600  # once is enough
@@ -1536,6 +1777,12 @@ class TaskRunner:
                           self.config.node_rank, exit_code, signum, task.attempt, task.gpu_text,
                           task.rank)
 
+    @staticmethod
+    def tasks_of_orphans() -> bool:
+        """True where this daemon adopts orphans (a subreaper or PID 1): only there is the
+        lineage of its tasks needed to know whose they are."""
+        return os.getpid() == 1 or is_subreaper()
+
     def end_leftovers(self, task: RunningTask) -> int:
         """End what a finished task left behind: its process group, and whatever carries its
         marker (even after ``setsid``). Returns how many processes were signalled."""
@@ -1543,7 +1790,14 @@ class TaskRunner:
         others = {f"{self.config.job_id}/{t.task_id}" for t in self.tasks.values()
                   if t.task_id != task.task_id}
         spare = {t.proc.pid for t in self.tasks.values() if t.proc is not None}
-        left = leftover_pids(f"{self.config.job_id}/{task.task_id}", others, spare)
+        left, alone = leftover_pids(f"{self.config.job_id}/{task.task_id}", others, spare,
+                                    task.proc.pid, task.lineage)
+        new = [pid for pid in alone if (pid, _start_time(pid)) not in self.left_alone]
+        if new:
+            self.left_alone |= {(pid, _start_time(pid)) for pid in new}
+            LOG.warning("Left alone %d process(es) that the daemon adopted but nothing proves "
+                        "to be a task's (docs/protocol.md, Start): %s", len(new),
+                        describe_pids(new))
         if left and self.heartbeat:
             self.heartbeat()  # the wait below can take CLEANUP_GRACE_SECONDS
         count = terminate(left, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
@@ -1581,6 +1835,10 @@ class TaskRunner:
             self.folder.publish(kind, format_fields(result.fields()))
             return
         if not published:
+            if not self.may_record():
+                LOG.warning("%s ended after another daemon took this node over: its end is "
+                            "left to that daemon", result.task_id)
+                return
             here = (self.folder.dir(source) / result.task_id).exists()
             if not here or self._finished_elsewhere(result):
                 LOG.warning("%s was finished by another daemon meanwhile (it took this node "
@@ -1756,6 +2014,27 @@ class Callbacks:
 # once every rank is ready.
 
 
+class Liveness:
+    """Whether other nodes' daemons live, judged as Slurm's controller judges its nodes: by
+    whether their heartbeat advances, timed on this daemon's own monotonic clock. A node's
+    pulse (its beat file and its state file's ``heartbeat``) that has not changed for
+    HEARTBEAT_STALE_SECONDS of this clock is dead; the times in it are never compared with this
+    host's clock, so a clock ahead cannot keep a dead node alive and one behind cannot kill a
+    live one. A node seen for the first time has the full stale time to show that it beats."""
+
+    def __init__(self, monotonic: Callable[[], float]):
+        self.monotonic = monotonic
+        self.seen: dict[int, tuple[str, float]] = {}  # rank -> its pulse, when it last changed
+
+    def advancing(self, rank: int, pulse: str) -> bool:
+        now = self.monotonic()
+        last = self.seen.get(rank)
+        if last is None or last[0] != pulse:
+            self.seen[rank] = (pulse, now)
+            return True
+        return now - last[1] < HEARTBEAT_STALE_SECONDS
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeView:
     """A node of the instance as its state file shows it."""
@@ -1770,14 +2049,14 @@ class NodeView:
     status: str = ""
 
     @classmethod
-    def read(cls, folder: QueueFolder, rank: int, now: float) -> NodeView:
+    def read(cls, folder: QueueFolder, rank: int, liveness: Liveness) -> NodeView:
         try:
             fields = folder.read_fields(folder.dir("nodes") / f"node-{rank}.state") or {}
         except (OSError, ValueError):
             return cls(rank, alive=False, known=False)
-        heartbeat = as_float(fields.get("heartbeat"))
-        alive = (heartbeat is not None and fields.get("status") not in ("stopped", None)
-                 and now - heartbeat < HEARTBEAT_STALE_SECONDS)
+        pulse = f"{fields.get('started')} {fields.get('heartbeat')} {folder.read_beat(rank)}"
+        alive = (fields.get("status") not in ("stopped", None)
+                 and liveness.advancing(rank, pulse))
         return cls(rank, alive, True, fields.get("started", ""), fields.get("host", ""),
                    ascii_int(fields.get("gpu_count"), 1024) or 0,
                    ascii_int(fields.get("gpus_free"), 1024) or 0, fields.get("status", ""))
@@ -4739,6 +5018,7 @@ class Scheduler:
         self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
         self.views: dict[int, NodeView] = {}
         self.views_read = -1e18
+        self.liveness = Liveness(clock)  # the daemon gives it its monotonic clock
         self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
         self.backoff = 0.0
         self.last_sweep = -1e18
@@ -4771,12 +5051,18 @@ class Scheduler:
         candidates: list[Candidate] = []
         waiting: tuple[str, str] | None = None
         present = set(pending) | set(running)
+        cycles = dependency_cycles({n: r.after for n in pending
+                                    if isinstance(r := self.request_of(n), Submission)})
         for name in pending:
             sub = self.request_of(name)
             why = sub if isinstance(sub, str) else self.cannot_run(sub)
             if why:
                 if self.is_leader:
                     self.fail_pending(name, why)
+                continue
+            if name in cycles:
+                if self.is_leader:
+                    self.runner.cancel_pending(name, cycles[name])
                 continue
             blocker = self.dependency(sub, present)
             if blocker.startswith("waiting"):
@@ -4878,13 +5164,24 @@ class Scheduler:
                 except (OSError, ValueError):
                     fields = None
                 if fields is None:
-                    if dep in present:
+                    if dep in present or self.exists(dep):
                         return f"waiting for {dep}"
                     return f"dependency {dep} not found"
                 state = self.results[dep] = fields.get("state", "?")
             if state != TaskState.DONE.value:
                 return f"dependency {dep} {state}"
         return ""
+
+    def exists(self, task_id: str) -> bool:
+        """Whether a task is anywhere in the queue, looked for so that a task moving on
+        meanwhile (claimed, finished, on another node) cannot escape: its submit record, which
+        never moves, then the folders in the order a task passes them, then its result."""
+        if self.folder.record(task_id, "submit").exists():
+            return True
+        for folder in ("pending", "running", "done", "failed"):
+            if (self.folder.dir(folder) / task_id).exists():
+                return True
+        return self.folder.record(task_id, "result").exists()
 
     def fail_pending(self, name: str, why: str) -> None:
         """Node 0 fails a pending task that can never run, at once, with the reason."""
@@ -4938,7 +5235,7 @@ class Scheduler:
         """Every node's state, read at most once per poll interval."""
         now = self.clock()
         if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
-            self.views = {r: NodeView.read(self.folder, r, now)
+            self.views = {r: NodeView.read(self.folder, r, self.liveness)
                           for r in range(self.config.num_nodes)}
             self.views_read = now
         return self.views
@@ -5143,7 +5440,8 @@ class NodeClaim:
         who = f"pid {fields.get('pid', '?')} on {fields.get('host', '?')}"
         if self.identity.same_machine_view(fields):
             pid = ascii_int(fields.get("pid"))
-            return who if pid is not None and pid_is_daemon(pid) else None
+            return who if pid is not None and pid_is_owner(
+                pid, as_float(fields.get("started"))) else None
         first = as_float(fields.get("heartbeat"))
         if first is None or self.clock() - first >= HEARTBEAT_STALE_SECONDS:
             return None
@@ -5168,18 +5466,83 @@ class NodeClaim:
         return None
 
 
+class SelfFence:
+    """A daemon that cannot keep its node's liveness current ends its own tasks before other
+    nodes may declare it dead (docs/protocol.md, Fencing): once its beat has not been written
+    for SELF_FENCE_SECONDS of its monotonic clock, every task's process group and every
+    process with a task's marker get SIGKILL. ``check()`` runs on each turn of the loop and,
+    in a running daemon, on a thread of its own too: a loop stuck in a write to hung storage
+    cannot fence, the thread can (it only reads /proc and sends signals)."""
+
+    def __init__(self, monotonic: Callable[[], float], limit: float = SELF_FENCE_SECONDS):
+        self.monotonic = monotonic
+        self.limit = limit
+        self.last_beat = monotonic()
+        self.groups: frozenset[int] = frozenset()  # the running tasks' process groups
+        self.markers: frozenset[str] = frozenset()  # and their markers (<job>/<id>)
+        self.fenced_at: float | None = None  # when it last fenced (None: beating)
+        self.killed: set[int] = set()  # the process groups it killed, until the loop saw them
+        self.stop = threading.Event()
+
+    def beat(self) -> None:
+        self.last_beat = self.monotonic()
+        self.fenced_at = None
+
+    def lapsed(self) -> float:
+        """Seconds since the last beat that was written."""
+        return self.monotonic() - self.last_beat
+
+    def check(self) -> bool:
+        """Fence when the beat is late (again after each further limit); True when it did."""
+        if self.lapsed() < self.limit or not (self.groups or self.markers):
+            return False
+        if self.fenced_at is not None and self.monotonic() - self.fenced_at < 1.0:
+            return False
+        self.fenced_at = self.monotonic()
+        for pgid in self.groups:
+            self.killed.add(pgid)
+            signal_group(pgid, signal.SIGKILL)
+        for marker in self.markers:
+            for pid in marked_pids(marker):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        return True
+
+    def watch(self) -> threading.Thread:
+        def loop() -> None:
+            late = False  # late at the last look too: the loop is stuck, not just resumed
+            while not self.stop.wait(1.0):
+                try:
+                    was_late, late = late, self.lapsed() >= self.limit
+                    if was_late and late and self.check():
+                        LOG.error("No heartbeat written for %.0f s: this node's tasks were "
+                                  "killed before other nodes may take it for dead",
+                                  self.lapsed())
+                except Exception:  # noqa: BLE001 - the watch must outlive one bad look
+                    LOG.exception("the self-fencing watch failed once")
+        thread = threading.Thread(target=loop, name="self-fence", daemon=True)
+        thread.start()
+        return thread
+
+
 class Daemon:
     """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time."""
 
     def __init__(self, config: Config, keepalive: KeepAlive | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
-                 identity: Identity | None = None, inventory: Inventory | None = None):
+                 identity: Identity | None = None, inventory: Inventory | None = None,
+                 monotonic: Callable[[], float] | None = None):
         self.config = config
         self.keepalive = keepalive or KeepAlive()
         self.inventory = inventory or Inventory(())
         self.clock = clock
         self.sleep = sleep
+        # other nodes' liveness and this node's fence are timed on this clock, never on the
+        # wall clock (hosts' clocks differ); simulated time drives both in tests
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        self.fence = SelfFence(self.monotonic)
+        self.beats = 0
         self.identity = identity or Identity.here()
         self.folder = QueueFolder(config.instance, config.shared)
         self.throttled = ThrottledLog(clock)
@@ -5196,6 +5559,7 @@ class Daemon:
                            config.node_addr or self.identity.host)
         self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
                                    clock, self.throttled, self.begin, self.owns_node)
+        self.scheduler.liveness = Liveness(self.monotonic)
         self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
                                  self.throttled, self.started, self.begin_shutdown,
                                  self.mark_changed, self.ask_sweep)
@@ -5220,6 +5584,7 @@ class Daemon:
         self.displaced = False  # another daemon owns this node's state file
         self.running_names: list[str] = []
         self.runner.heartbeat = self.write_state
+        self.runner.may_record = lambda: not self.displaced and self.claim.other_holder() is None
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -5244,6 +5609,7 @@ class Daemon:
                       self.config.job_id, self.config.node_rank, owner)
             return EXIT_ALREADY_RUNNING
         self.write_state(force=True)
+        self.end_predecessors()
         self.runner.recover(lambda run: ascii_int(run.get("node_rank")) not in
                             (self.config.node_rank, None))
         self.housekeeping()
@@ -5265,6 +5631,16 @@ class Daemon:
         self.write_state()
         return None
 
+    def end_predecessors(self) -> None:
+        """End what tasks of an earlier daemon of this node left running, before this daemon
+        starts anything or counts a GPU free: they are recorded ended (by this daemon's
+        recovery, or node 0's after the stale time), so none of them may run on."""
+        pids = predecessor_pids(self.folder.root, self.config.job_id, self.config.node_rank)
+        if pids:
+            LOG.warning("Ending %d process(es) of tasks that an earlier daemon of this node left "
+                        "running: %s", len(pids), describe_pids(pids))
+            terminate(pids, self.config.stop_grace)
+
     @property
     def is_leader(self) -> bool:
         return self.config.node_rank == 0
@@ -5276,12 +5652,14 @@ class Daemon:
         code = self.start()
         if code is not None:
             return code
+        self.fence.watch()
         try:
             while not self.finished:
                 self.tick()
                 if not self.finished:
                     self.sleep(self.wait_time())
         finally:
+            self.fence.stop.set()
             self.close()
         return 0
 
@@ -5318,6 +5696,7 @@ class Daemon:
             self.begin_drain(f"auto-shutdown after {self.config.hours:g}h")
         if not self.stopping and self.hard_at is not None and now >= self.hard_at:
             self.begin_shutdown(f"hard auto-shutdown after {AUTO_SHUTDOWN_HARD_HOURS:g}h")
+        self._step("fence", self.self_fence)
         self._step("tasks", self.run_tasks)
         self._step("folder", self.check_folder)  # nothing is taken from an unsafe folder
         if self.is_leader and not self.displaced:
@@ -5326,7 +5705,8 @@ class Daemon:
         elif not self.is_leader and now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
-        if not self.displaced and not self.unsafe and self.owns_node():
+        if not self.displaced and not self.unsafe and \
+                self.fence.lapsed() < SELF_FENCE_SECONDS and self.owns_node():
             self._step("queue", self.run_queue)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
         self._step("callbacks", self.callbacks.poll)
@@ -5340,6 +5720,23 @@ class Daemon:
             self.write_state()
         if now - self.last_housekeeping >= 3600:
             self._step("housekeeping", self.housekeeping)
+
+    def self_fence(self) -> None:
+        """Fence when the beat is late; the tasks it killed end as interrupted. A beat is
+        tried first: a daemon that was only suspended beats again and fences nothing."""
+        if not self.displaced and self.fence.lapsed() >= HEARTBEAT_SECONDS:
+            self.write_beat()
+        tasks = [t for t in self.runner.tasks.values() if t.proc is not None]
+        self.fence.groups = frozenset(t.proc.pid for t in tasks)
+        self.fence.markers = frozenset(f"{self.config.job_id}/{t.task_id}" for t in tasks)
+        self.fence.check()
+        why = f"self-fenced: this node could not write its heartbeat for {SELF_FENCE_SECONDS:g} s"
+        for task in tasks:
+            if task.proc.pid in self.fence.killed:  # by this turn's check or the watch thread
+                self.fence.killed.discard(task.proc.pid)
+                LOG.error("%s: %s", task.label, why)
+                task.stop_state, task.stop_reason = TaskState.INTERRUPTED, why
+                self.runner.stop(task, TaskState.INTERRUPTED, why, hard=True)
 
     def _step(self, name: str, step: Callable[[], object]) -> None:
         try:
@@ -5623,6 +6020,7 @@ class Daemon:
         if stopped:
             fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
                           stop_reason=self.stopping or self.draining)
+        self.write_beat()
         try:
             self.folder.publish(self.claim.path, format_fields(fields), durable=False)
             self.last_state_write = now
@@ -5633,6 +6031,18 @@ class Daemon:
             if self.folder.ensure():
                 LOG.warning("queue folders were missing: created again")
             self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
+
+    def write_beat(self) -> None:
+        """The node's beat: a count that advances, rewritten in place (docs/protocol.md)."""
+        self.beats += 1
+        try:
+            self.folder.write_beat(self.config.node_rank, format_fields(
+                {"started": self.started_text, "beat": self.beats,
+                 "time": f"{self.clock():.3f}"}))
+        except OSError as exc:
+            self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
+            return
+        self.fence.beat()
 
     def housekeeping(self) -> None:
         now = self.clock()

@@ -1262,6 +1262,7 @@ def test_e2e_with_node_0_dead_a_stop_goes_straight_to_the_node_that_runs_the_tas
     nodes[0].kill()  # and its heartbeat is two minutes old: dead to every client
     state = read_fields(inst / "nodes" / "node-0.state")
     write_fields(inst / "nodes" / "node-0.state", {**state, "heartbeat": time.time() - 120})
+    (inst / "nodes" / "node-0.beat").unlink()  # its beat file says when it beat last, too
     waiting = submitted_id(sh.run("gpu_run -g 1 'echo never' 2>/dev/null"))  # node 1 is busy
     res = sh.run(f"gpu_stop {waiting} {task}")
     assert res.rc == 0, res.err

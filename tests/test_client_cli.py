@@ -592,7 +592,52 @@ def test_retry_of_several_names_and_of_every_failed_task(sh):
     assert len(listing(inst / "pending")) == 3
 
 
+def test_retry_failed_from_three_shells_at_once_queues_each_task_once(sh, tmp_path):
+    inst = make_instance(sh.root)
+    failed = [tid(n, f"oom{n}.sh") for n in range(6)]
+    for task in failed:
+        (inst / "failed" / task).write_text("echo oom\n")
+        submit_record(inst, task, command="echo oom")
+        write_fields(inst / "records" / f"{task}.result", {"id": task, "state": "failed"})
+    go = tmp_path / "go"
+    shells = [sh.popen(f"while [ ! -e '{go}' ]; do sleep 0.01; done; gpu_retry --failed")
+              for _ in range(3)]
+    try:
+        time.sleep(0.3)  # all three are waiting: they start together
+        go.touch()
+        for proc in shells:
+            proc.communicate(timeout=60)
+            assert proc.returncode == 0
+    finally:
+        for proc in shells:
+            end_session(proc)
+    again = [read_fields(inst / "records" / f"{t}.submit")["retry_of"]
+             for t in listing(inst / "pending")]
+    assert sorted(again) == sorted(failed)  # each once
+    res = sh.run("gpu_retry --failed")
+    assert (res.rc, res.out) == (0, "no failed task to retry\n")
+
+
 # gpu_clean ########################################################################################
+
+
+def test_clean_keeps_what_a_pending_task_waits_for(sh):
+    inst = make_instance(sh.root)
+    now = time.time()
+    needed, other, waiting = tid(1, "needed.sh"), tid(2, "other.sh"), tid(3, "waiting.sh")
+    for task in (needed, other):
+        (inst / "done" / task).write_text("true\n")
+        submit_record(inst, task)
+        write_fields(inst / "records" / f"{task}.result", {"id": task, "state": "done"},
+                     mtime=now - 40 * 86400)
+    (inst / "pending" / waiting).write_text("true\n")
+    submit_record(inst, waiting, after=f"{tid(9, 'gone.sh')} {needed}")
+    res = sh.run("gpu_clean")
+    assert res.rc == 0, res.err
+    assert res.out.splitlines()[-1] == "removed 1 finished task(s) of exp1; kept 1"
+    assert res.err == "gpu_clean: kept 1 finished task(s) that pending tasks wait for (--after)\n"
+    assert listing(inst / "done") == [needed]
+    assert (inst / "records" / f"{needed}.result").exists()
 
 
 def test_clean_removes_finished_tasks_only_and_says_what(sh):

@@ -12,11 +12,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import unicodedata
 from pathlib import Path
 
+import psutil
 import pytest
 from client_helpers import (
     CLIENT,
@@ -322,6 +324,22 @@ def test_status_and_list_show_every_node_of_a_multi_node_instance(sh):
     assert sh.run("gpu_list").out.splitlines()[1].startswith("* exp1    alive    4/12   node-0 ")
 
 
+def test_a_node_whose_disk_is_full_is_alive_by_its_beat_file(sh):
+    """The state file cannot be replaced on a full disk; the beat file, rewritten in place,
+    still says when the daemon beat last."""
+    s = build_sample(sh.root)
+    state = s.inst / "nodes" / "node-0.state"
+    state.write_text(re.sub(r"^heartbeat=.*$", f"heartbeat={s.now - 600:.3f}", state.read_text(),
+                            flags=re.M) + "node_rank=0\n")
+    assert re.search(r"\nDaemon:   DEAD on node-a, pid 4242: no heartbeat for 10m0\ds\n",
+                     sh.run("gpu_status").out)
+    beat = s.inst / "nodes" / "node-0.beat"
+    beat.write_text(f"started=1.000\nbeat=42\ntime={time.time():.3f}\n".ljust(128))
+    assert "\nDaemon:   alive on node-a, pid 4242\n" in sh.run("gpu_status").out
+    beat.write_text(f"started=1.000\nbeat=43\ntime={s.now - 900:.3f}\n".ljust(128))  # older
+    assert "DEAD on node-a, pid 4242: no heartbeat for 10m0" in sh.run("gpu_status").out
+
+
 def test_a_daemon_that_shuts_down_is_shown_stopping(sh):
     s = build_sample(sh.root)
     state = s.inst / "nodes" / "node-0.state"
@@ -591,14 +609,33 @@ def test_a_daemon_on_this_host_is_judged_by_its_process(sh, tmp_path):
         assert sh.run("gpu_status").out.splitlines()[1] == (
             f"Daemon:   DEAD on {host}, pid {other.pid}: pid {other.pid} is now another program "
             "(sleep)")
-        with_pid(daemon.pid)
+        with_pid(daemon.pid)  # a daemon that started an hour after this state file
+        assert sh.run("gpu_status").out.splitlines()[1:3] == [
+            f"Daemon:   DEAD on {host}, pid {daemon.pid}: pid {daemon.pid} is now a daemon "
+            "that started later",
+            "          likely: the daemon died and its pid was reused (by a daemon of another "
+            "instance?)"]
+        state.write_text(re.sub(r"^started=.*$", f"started={time.time():.3f}",
+                                state.read_text(), flags=re.M))
         assert sh.run("gpu_status").out.splitlines()[1] == (f"Daemon:   alive on {host}, pid "
                                                             f"{daemon.pid}")
-        # another PID namespace of this host: the pid says nothing, the heartbeat does
-        state.write_text(state.read_text().replace(f"pid_ns={fields['pid_ns']}", "pid_ns=x"))
-        with_pid(gone.pid)
-        assert sh.run("gpu_status").out.splitlines()[1] == (f"Daemon:   alive on {host}, pid "
-                                                            f"{gone.pid}")
+        # its heartbeat ten minutes old, its process stopped: not responding, and what to do
+        state.write_text(re.sub(r"^heartbeat=.*$", f"heartbeat={time.time() - 600:.3f}",
+                                state.read_text(), flags=re.M))
+        daemon.send_signal(signal.SIGSTOP)
+        wait_for(lambda: psutil.Process(daemon.pid).status() == psutil.STATUS_STOPPED, 5,
+                 what="the stopped process")
+        # (the age is in whole seconds: a second may pass on a loaded machine)
+        lines = sh.run("gpu_status").out.splitlines()
+        late = rf"Daemon:   NOT RESPONDING on {re.escape(host)}, pid {daemon.pid}: "
+        assert re.fullmatch(late + r"stopped, no heartbeat for 10m0\ds", lines[1]), lines
+        assert lines[2] == (f"          likely: SIGSTOP or Ctrl-Z: kill -CONT {daemon.pid} "
+                            f"resumes it (kill -9 {daemon.pid} ends it)")
+        daemon.send_signal(signal.SIGCONT)
+        lines = sh.run("gpu_status").out.splitlines()
+        assert re.fullmatch(late + r"runs, but no heartbeat for 10m0\ds", lines[1]), lines
+        assert lines[2] == (f"          likely: hung (on the shared storage?): kill -9 "
+                            f"{daemon.pid} ends it; then start it again")
     finally:
         for proc in (other, daemon):
             proc.kill()

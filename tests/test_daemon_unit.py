@@ -271,6 +271,34 @@ def test_same_host_owner_is_judged_by_its_pid_not_by_the_heartbeat(tmp_path):
         sleeper.wait()
 
 
+def test_a_pid_now_of_a_later_daemon_does_not_hold_the_node(tmp_path):
+    """The state file is two hours old; its PID now belongs to a daemon (of another instance)
+    that started long after it: the node is free."""
+    clock = FakeClock(time.time() - 7200)
+    here = pm.Identity.here()
+    named = ("import sys, time; sys.path.insert(0, sys.argv[1]); import perpetual_motion as pm;"
+             " pm.set_process_name(pm.DAEMON_PROCESS_NAME); print(flush=True); time.sleep(60)")
+    later = subprocess.Popen([sys.executable, "-c", named, str(pm.__file__).rsplit("/", 1)[0]],
+                             stdout=subprocess.PIPE)
+    try:
+        later.stdout.readline()
+        assert pm.pid_is_daemon(later.pid)
+        first = make_daemon(tmp_path, clock,
+                            identity=pm.Identity(here.host, later.pid, here.boot_id, here.pid_ns))
+        first.start()
+        clock.now = time.time()
+        assert make_daemon(tmp_path, clock).claim.live_owner() is None
+        # the daemon that wrote the state file itself is its owner
+        state = tmp_path / "unit" / "nodes" / "node-0.state"
+        record = pm.parse_fields(state.read_text())
+        record["started"] = f"{time.time():.3f}"
+        state.write_text(pm.format_fields(record))
+        assert make_daemon(tmp_path, clock).claim.live_owner() is not None
+    finally:
+        later.kill()
+        later.wait()
+
+
 def test_recovery_finishes_a_half_done_move_and_fails_an_orphan_as_interrupted(tmp_path):
     clock = FakeClock()
     inst = tmp_path / "unit"

@@ -429,28 +429,33 @@ def test_a_child_that_escaped_with_env_i_and_setsid_ends_with_its_task(queue_roo
         proc.wait(20)
 
 
-def test_an_orphan_keeps_its_task_by_its_marker_and_one_without_is_taken(tmp_path):
+def test_an_orphan_is_taken_for_a_task_only_with_proof(tmp_path):
     """The rule for several tasks on a node, with this process as the subreaper: an orphan
-    with another running task's marker is spared; one without a marker is taken."""
+    with another running task's marker is spared; one with the ending task's marker or a
+    finished task's is taken, and so is one seen below the task (its lineage); one without a
+    marker and without lineage is left alone."""
     script = textwrap.dedent(f"""\
         import os, subprocess, sys, time
         sys.path.insert(0, {str(REPO)!r})
         import perpetual_motion as pm
         assert pm.become_subreaper()
         base = {{k: v for k, v in os.environ.items() if k != pm.MARKER_VAR}}
-        def orphan(marker):
+        def orphan(marker, tag):
             env = dict(base, **({{pm.MARKER_VAR: marker}} if marker else {{}}))
             # the shell ends at once: its sleep becomes this process's child
-            subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 &"], env=env, check=True)
-        orphan("j/ending"); orphan("j/other"); orphan(""); orphan("j/finished")
+            subprocess.run(["bash", "-c", f"exec -a {{tag}} sleep 60 >/dev/null 2>&1 &"],
+                           env=env, check=True)
+        orphan("j/ending", "ending"); orphan("j/other", "other"); orphan("", "stranger")
+        orphan("j/finished", "finished"); orphan("", "seen"); orphan("k/ending", "alien")
         time.sleep(0.3)
-        pids = {{p: open(f"/proc/{{p}}/environ", "rb").read() for p in
-                pm.leftover_pids("j/ending", others={{"j/other"}})}}
-        def marker(env):
-            return pm._task_marker(env) or "none"
-        print(" ".join(sorted(marker(e) for e in pids.values())))
+        tags = {{p.pid: open(f"/proc/{{p.pid}}/cmdline", "rb").read().split(b"\\0")[0].decode()
+                for p in __import__("psutil").Process().children()}}
+        [seen] = [pid for pid, tag in tags.items() if tag == "seen"]
+        taken, left = pm.leftover_pids("j/ending", others={{"j/other"}},
+                                       lineage=pm.lineage_of(seen))
+        print(*sorted(tags[p] for p in taken), "|", *sorted(tags[p] for p in left))
         """)
     run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
                          text=True, timeout=30)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["j/ending", "j/finished", "none"]
+    assert run.stdout.split() == ["ending", "finished", "seen", "|", "alien", "stranger"]

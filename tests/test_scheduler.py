@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeClock, run_until
-from queue_files import command, submit
+from queue_files import command, finished, submit
 
 import perpetual_motion as pm
 
@@ -165,6 +165,72 @@ def test_after_waits_for_success_and_cancels_on_failure(node, tmp_path):
     gate.write_text("")
     run_until(daemon, clock, lambda: (inst / "done" / evaluate).exists())
     assert out.read_text().splitlines()[-1] == "eval"
+
+
+def name_after(inst: Path, task_id: str, *after: str) -> None:
+    """Rewrite a task's ``after`` by hand (a cycle cannot be submitted otherwise)."""
+    path = inst / "records" / f"{task_id}.submit"
+    record = fields(path)
+    record["after"] = " ".join(after)
+    path.write_text(pm.format_fields(record))
+
+
+def test_dependency_cycles_are_cancelled_with_the_cycle(node, tmp_path):
+    daemon, clock, inst = node
+    first = submit(inst, "a.sh", "true\n", after=("placeholder",))
+    second = submit(inst, "b.sh", "true\n", after=(first,))
+    itself = submit(inst, "self.sh", "true\n", after=("placeholder",))
+    behind = submit(inst, "c.sh", "true\n", after=(first,))  # waits for the cycle, not in it
+    name_after(inst, first, second)
+    name_after(inst, itself, itself)
+    run_until(daemon, clock, lambda: all((inst / "failed" / t).exists()
+                                         for t in (first, second, itself, behind)))
+    cycle = f"dependency cycle: {first} -> {second} -> {first}"
+    assert (result(inst, first)["state"], result(inst, first)["reason"]) == ("cancelled", cycle)
+    assert result(inst, second)["reason"] == cycle
+    assert result(inst, itself)["reason"] == f"dependency cycle: {itself} -> {itself}"
+    assert result(inst, behind)["reason"] == f"dependency {first} cancelled"
+
+
+def test_dependency_cycles_table():
+    assert pm.dependency_cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"], "e": []}) == {
+        t: "dependency cycle: a -> b -> c -> a" for t in "abc"}
+    assert pm.dependency_cycles({"a": ["a", "x"], "b": ["x"]}) == {
+        "a": "dependency cycle: a -> a"}
+    assert pm.dependency_cycles({"a": ["b"], "b": ["c"]}) == {}
+
+
+def test_a_dependency_claimed_between_two_listings_is_not_taken_for_missing(node, tmp_path):
+    daemon, clock, inst = node
+    first = submit(inst, "first.sh", "true\n")
+    second = submit(inst, "second.sh", "true\n", after=(first,))
+    # another node claims the first task after this node listed running/ and before it lists
+    # pending/: neither listing has it, and it has no result yet
+    os.rename(inst / "pending" / first, inst / "running" / first)
+    daemon.scheduler.run([], may_start=True)
+    assert (inst / "pending" / second).exists()
+    assert not (inst / "records" / f"{second}.result").exists()
+    assert daemon.scheduler.waiting == (second, f"waiting for {first}")
+
+
+def test_finished_tasks_that_pending_tasks_wait_for_are_kept(tmp_path):
+    inst = tmp_path / "keep"
+    needed = submit(inst, "needed.sh", "true\n")
+    other = submit(inst, "other.sh", "true\n")
+    running = submit(inst, "running.sh", "true\n")
+    waiting = submit(inst, "waiting.sh", "true\n", after=(needed, running))
+    for folder in ("done", "running"):
+        (inst / folder).mkdir(exist_ok=True)
+    for task in (needed, other):
+        os.rename(inst / "pending" / task, inst / "done" / task)
+        (inst / "records" / f"{task}.result").write_text(f"id={task}\nstate=done\n")
+        old = time.time() - 40 * 86400
+        os.utime(inst / "records" / f"{task}.result", (old, old))
+    os.rename(inst / "pending" / running, inst / "running" / running)
+    removed = pm.QueueFolder(inst).remove_finished(time.time() - 30 * 86400)
+    assert removed == [other]
+    assert (inst / "done" / needed).exists() and (inst / "records" / f"{needed}.result").exists()
+    assert (inst / "pending" / waiting).exists()
 
 
 def test_script_arguments_reach_the_script(node, tmp_path):
@@ -334,6 +400,27 @@ def test_a_claim_whose_claimer_died_before_starting_it_goes_back_to_pending(node
     assert (inst / "running" / task).exists()
     clock.sleep(pm.HEARTBEAT_STALE_SECONDS + pm.HEARTBEAT_SECONDS)
     run_until(daemon, clock, lambda: (inst / "done" / task).exists(), limit=120)
+
+
+def test_a_daemon_displaced_by_a_takeover_leaves_the_end_of_its_task_to_the_new_owner(
+        node, tmp_path):
+    """The new owner has written its state file and ends the old daemon's task (SIGTERM)
+    before it records it interrupted; the old daemon sees its task end first."""
+    daemon, clock, inst = node
+    task = submit(inst, "t.sh", "while :; do sleep 0.05; done\n", gpus=1)
+    run_until(daemon, clock, lambda: running_ids(daemon) == {task})
+    successor = make_daemon(tmp_path, clock, force=True)
+    successor.write_state(force=True)
+    proc = daemon.runner.tasks[(task, None)].proc
+    pm.signal_group(proc.pid, 15)
+    proc.wait(5)
+    daemon.tick()
+    assert not (inst / "records" / f"{task}.result").exists()
+    assert (inst / "running" / task).exists()
+    assert successor.start() is None
+    run_until(successor, clock, lambda: finished(inst, task))
+    assert (result(inst, task)["state"], result(inst, task)["reason"]) == \
+        ("interrupted", "daemon died")
 
 
 def test_a_task_finished_by_another_daemon_is_not_recorded_twice(node, tmp_path):

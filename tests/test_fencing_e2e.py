@@ -1,0 +1,115 @@
+"""Fencing, end to end: a daemon ends only processes it can prove are a task's, and records a
+task ended only when nothing of it runs. Real daemons, each PID 1 of its own PID namespace (as
+a container whose entrypoint execs the daemon), on one queue folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psutil
+from conftest import DAEMON, command_line, is_live, namespace_shell, needs_namespace, wait_for
+from queue_files import finished, result, submit
+
+import perpetual_motion as pm
+
+FAST = "--poll-interval 0.1 --no-keepalive --stop-grace 1 --gpus 1"
+
+pytestmark = needs_namespace
+
+
+def in_namespace(daemon, script: str) -> None:
+    """Run ``script`` with sh inside the daemon's PID namespace, in a session of its own; what
+    it starts in the background and leaves becomes an orphan of the daemon (its PID 1)."""
+    pid = daemon.daemon_process().pid
+    subprocess.run(["nsenter", "-t", str(pid), "-p", "-m", "--", "setsid", "sh", "-c", script],
+                   check=True, timeout=30, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def processes(daemon, *args: str) -> list[psutil.Process]:
+    """The processes of the daemon's namespace whose command line is ``args``."""
+    root = psutil.Process(daemon.proc.pid)
+    return [p for p in root.children(recursive=True) if command_line(p) == list(args)]
+
+
+def test_pid_1_leaves_orphans_that_are_no_tasks_alone_and_says_so(queue_root, start_daemon):
+    inst = queue_root / "init"
+    daemon = start_daemon(queue_root, "init")
+    # a user's nohup job, a process that is not Python, a process of another user
+    in_namespace(daemon, "nohup sleep 311 >/dev/null 2>&1 & "
+                         "perl -e 'sleep 312' >/dev/null 2>&1 & "
+                         "setpriv --reuid=nobody --regid=nogroup --clear-groups sleep 313 &")
+    strangers = [("sleep", "311"), ("perl", "-e", "sleep 312"), ("sleep", "313")]
+    wait_for(lambda: all(processes(daemon, *args) for args in strangers), 10,
+             what="the three orphans")
+    [adopted] = processes(daemon, "sleep", "311")
+    assert adopted.ppid() != daemon.proc.pid  # the daemon adopted them (PID 1)
+    for n in range(2):
+        task = submit(inst, f"quick{n}.sh", "echo quick\n")
+        assert wait_for(lambda t=task: finished(inst, t), 15, what="the quick task") == "done"
+        assert "leftover" not in (inst / "logs" / f"{task}.log").read_text()
+    for args in strangers:
+        [proc] = processes(daemon, *args)
+        assert is_live(proc), args
+    output = daemon.output()
+    assert output.count("Left alone 3 process(es)") == 1, output  # once, not at every task
+    assert "(sleep, user 65534)" in output and "(perl, user 0)" in output
+
+
+def test_a_callbacks_child_under_env_i_outlives_the_next_task(queue_root, start_daemon):
+    inst = queue_root / "cb"
+    daemon = start_daemon(queue_root, "cb", "--callback",
+                          "env -i sleep 314 >/dev/null 2>&1 &")
+    first = submit(inst, "first.sh", "true\n")
+    wait_for(lambda: finished(inst, first), 15, what="the first task")
+    wait_for(lambda: processes(daemon, "sleep", "314"), 10, what="the callback's child")
+    second = submit(inst, "second.sh", "true\n", priority=100)
+    wait_for(lambda: finished(inst, second), 15, what="the second task")
+    # the callback of the second task starts another sleep 314; the first one still lives
+    wait_for(lambda: len(processes(daemon, "sleep", "314")) == 2, 10,
+             what="both callbacks' children")
+    assert all(is_live(p) for p in processes(daemon, "sleep", "314"))
+
+
+def test_a_restarted_daemon_ends_what_its_predecessors_tasks_left_before_starting(
+        queue_root, tmp_path):
+    """The daemon is not PID 1 here (bash is): killed, it leaves its task running. Node 0 has
+    recorded that task interrupted meanwhile; the next daemon of the node must end it before
+    it gives its GPU to another task."""
+    inst = queue_root / "again"
+    restart, oldpid, seen = tmp_path / "restart", tmp_path / "oldpid", tmp_path / "seen"
+    daemon = f"{sys.executable} '{DAEMON}' --job-id again --queue-root '{queue_root}' {FAST}"
+    script = (f"{daemon} & while [ ! -e '{restart}' ]; do sleep 0.05; done; "
+              f"{daemon} & wait $!")
+    old = submit(inst, "old.sh", f"echo $$ > '{oldpid}'; sleep 300\n", gpus=1)
+    with namespace_shell(script, tmp_path / "ns.log") as shell:
+        wait_for(lambda: oldpid.exists() and oldpid.read_text().strip(), 20,
+                 what="the first task")
+
+        def daemons() -> list[psutil.Process]:
+            return [p for p in psutil.Process(shell.pid).children(recursive=True)
+                    if command_line(p)[:2] == [sys.executable, str(DAEMON)]]
+
+        [first] = daemons()
+        first.kill()
+        first.wait(10)
+        [task] = [p for p in psutil.Process(shell.pid).children(recursive=True)
+                  if command_line(p) == ["sleep", "300"]]
+        # node 0 finished it as interrupted, as it does once the node's heartbeat is stale
+        (inst / "records" / f"{old}.result").write_text(
+            pm.format_fields({"id": old, "state": "interrupted",
+                              "reason": "node 0's daemon died"}))
+        (inst / "running" / old).rename(inst / "failed" / old)
+        new = submit(inst, "new.sh", f"kill -0 $(cat '{oldpid}') 2>/dev/null && "
+                                     f"echo alive > '{seen}' || echo gone > '{seen}'\n", gpus=1)
+        restart.touch()
+        assert wait_for(lambda: finished(inst, new), 30, what="the new task") == "done"
+        assert seen.read_text() == "gone\n"
+        assert not is_live(task)
+        assert result(inst, old)["reason"] == "node 0's daemon died"  # its record stands
+        [second] = daemons()
+        second.terminate()
+        shell.wait(20)
+    assert "process(es) of tasks that an earlier daemon of this node left running" in \
+        (tmp_path / "ns.log").read_text()

@@ -1,0 +1,135 @@
+"""Liveness across nodes: two daemons (ranks 0 and 1) on one queue folder in simulated time,
+each with its own clock. A node lives while its heartbeat advances on the observer's own
+clock; a full disk does not stop the heartbeat; a node that cannot write it ends its own tasks
+before the others may take it for dead."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import REPO, UNSHARE, FakeClock, needs_namespace
+from queue_files import finished, result, submit
+
+import perpetual_motion as pm
+
+LOOP = "while :; do sleep 0.05; done\n"
+
+
+def node(root: Path, clock: FakeClock, rank: int, host: str) -> pm.Daemon:
+    config = pm.Config(job_id="two", queue_root=root, poll_interval=0.1, hours=10.0,
+                       keepalive=False, kill_scope="none", stop_grace=0.5, num_nodes=2,
+                       node_rank=rank)
+    here = pm.Identity.here()
+    daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep,
+                       identity=pm.Identity(host, here.pid, here.boot_id, here.pid_ns),
+                       inventory=pm.Inventory.declare([0]))
+    assert daemon.start() is None
+    return daemon
+
+
+def tick(daemons, clocks, seconds: float, step: float = 0.5) -> None:
+    for _ in range(int(seconds / step)):
+        for daemon in daemons:
+            daemon.tick()
+        for clock in clocks:
+            clock.sleep(step)
+
+
+def on_node_1(tmp_path: Path, skew: float):
+    """Node 1 (its clock ``skew`` s off) runs a task; node 0 has started after it."""
+    inst = tmp_path / "two"
+    clock0, clock1 = FakeClock(), FakeClock()
+    clock1.now += skew
+    one = node(tmp_path, clock1, 1, "host-one")
+    task = submit(inst, "t.sh", LOOP, gpus=1)
+    tick([one], [clock0, clock1], 2)
+    assert {t.task_id for t in one.runner.tasks.values()} == {task}
+    zero = node(tmp_path, clock0, 0, "host-zero")
+    return inst, task, zero, one, clock0, clock1
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+def test_a_skewed_clock_neither_kills_a_live_node_nor_keeps_a_dead_one(tmp_path, skew):
+    inst, task, zero, one, clock0, clock1 = on_node_1(tmp_path, skew)
+    tick([zero, one], [clock0, clock1], 2 * pm.HEARTBEAT_STALE_SECONDS)
+    assert (inst / "running" / task).exists()  # it beats: alive, whatever its clock says
+    proc = one.runner.tasks[(task, None)].proc
+    assert proc.poll() is None
+    # node 1's daemon dies (it ticks no more); its task is ended here, as by its PID namespace
+    proc.kill()
+    proc.wait()
+    tick([zero], [clock0], pm.HEARTBEAT_STALE_SECONDS - 5)
+    assert (inst / "running" / task).exists()
+    tick([zero], [clock0], 10 + pm.HEARTBEAT_SECONDS)
+    assert finished(inst, task) == "failed"
+    assert (result(inst, task)["state"], result(inst, task)["reason"]) == \
+        ("interrupted", "node 1's daemon died")
+
+
+STORAGE = textwrap.dedent("""\
+    import json, os, subprocess, sys, time
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from conftest import FakeClock
+    from queue_files import submit
+    from test_liveness import node, tick, LOOP
+    import perpetual_motion as pm
+    root = __import__("pathlib").Path({root!r})
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", root], check=True)
+    inst = os.path.join(root, "two")
+    clock0, clock1 = FakeClock(), FakeClock()
+    one = node(root, clock1, 1, "host-one")
+    task = submit(root / "two", "t.sh", LOOP, gpus=1)
+    tick([one], [clock0, clock1], 2)
+    zero = node(root, clock0, 0, "host-zero")
+    tick([zero, one], [clock0, clock1], 5)
+    proc = one.runner.tasks[(task, None)].proc
+    facts = {{}}
+    # the folder is full for 75 s: nothing new can be written, the beat goes on in place
+    fd = os.open(root / "fill", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError:
+        os.close(fd)
+    tick([zero, one], [clock0, clock1], 75)
+    os.unlink(os.path.join(root, "fill"))
+    tick([zero, one], [clock0, clock1], 10)
+    facts["after_full"] = [proc.poll() is None, os.path.exists(f"{{inst}}/running/{{task}}"),
+                           os.path.exists(f"{{inst}}/records/{{task}}.result")]
+    # nodes/ read-only: node 1 cannot beat; it must end its task before node 0 takes it for
+    # dead
+    nodes = f"{{inst}}/nodes"
+    subprocess.run(["mount", "--bind", nodes, nodes], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", nodes], check=True)
+    start = clock1.now
+    while proc.poll() is None and clock1.now - start < 120:
+        tick([zero, one], [clock0, clock1], 0.5)
+    facts["fenced_after"] = clock1.now - start
+    subprocess.run(["umount", nodes], check=True)
+    tick([zero, one], [clock0, clock1], 10)
+    with open(f"{{inst}}/records/{{task}}.result") as f:
+        res = pm.parse_fields(f.read())
+    facts["result"] = [res["state"], res["reason"]]
+    facts["failed"] = os.path.exists(f"{{inst}}/failed/{{task}}")
+    print(json.dumps(facts))
+    """)
+
+
+@needs_namespace
+def test_a_full_disk_loses_nothing_and_a_node_that_cannot_beat_fences_itself(tmp_path):
+    root = tmp_path / "shared"
+    root.mkdir()
+    script = STORAGE.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts["after_full"] == [True, True, False], run.stderr[-3000:]
+    fenced = facts["fenced_after"]  # the last beat came up to a heartbeat period before
+    assert pm.SELF_FENCE_SECONDS - pm.HEARTBEAT_SECONDS <= fenced < pm.HEARTBEAT_STALE_SECONDS
+    assert facts["result"][0] == "interrupted" and facts["failed"]
