@@ -123,7 +123,7 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   # the commands, in the order gpu_help lists them and completion offers them
   _gpu_commands='use list submit run status show logs tail wait retry stop clean drain resume
 shutdown help'
-  _gpu_keys=''
+  _gpu_keys='' _gpu_sum=''
   _gpu_cmd=$1
   shift
   "_gpu_cmd_$_gpu_cmd" "$@"
@@ -481,6 +481,79 @@ _gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it c
 
 _gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when absent
   eval "_gpu_val=\${_gpu_f_${1//./_}-}; [ -n \"\${_gpu_f_${1//./_}+set}\" ]"
+}
+
+_gpu_cache() {  # the daemon's summary (docs/protocol.md) into _gpu_sum_*, once per command;
+  # 1 when there is none or the folders changed since it was written: then list the folders.
+  # It loads the summary (_gpu_load) and keeps _gpu_val.
+  local val="$_gpu_val"
+  case $_gpu_sum in ok) return 0 ;; no) return 1 ;; esac
+  _gpu_sum=no
+  _gpu_cache_load
+  _gpu_val=$val
+  [ "$_gpu_sum" = ok ]
+}
+
+_gpu_cache_load() {  # _gpu_cache's work: _gpu_sum=ok when the summary holds
+  local dm fm lm nm stamps
+  _gpu_load "$_gpu_q/summary" || return 1
+  _gpu_field done_mtime; dm=$_gpu_val
+  _gpu_field failed_mtime; fm=$_gpu_val
+  _gpu_field logs_mtime; lm=$_gpu_val
+  _gpu_field names_mtime; nm=$_gpu_val
+  [ -n "$dm" ] && [ -n "$fm" ] && [ -n "$lm" ] && [ -n "$nm" ] || return 1
+  stamps=$(command stat -c %.9Y -- "$_gpu_q/done" "$_gpu_q/failed" "$_gpu_q/logs" \
+    "$_gpu_q/names" 2>/dev/null) || return 1
+  [ "$stamps" = "$dm$_gpu_nl$fm$_gpu_nl$lm$_gpu_nl$nm" ] || return 1
+  _gpu_field 'done'; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_done=$_gpu_i
+  _gpu_field failed; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_failed=$_gpu_i
+  _gpu_field logs; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_logs=$_gpu_i
+  _gpu_field ended_count; _gpu_whole "$_gpu_val" 10000 || return 1
+  _gpu_sum_nended=$_gpu_i _gpu_sum_ended=''
+  local k=0
+  while [ "$k" -lt "$_gpu_sum_nended" ]; do
+    _gpu_field "ended.$k" || return 1
+    _gpu_sum_ended=$_gpu_sum_ended$_gpu_val$_gpu_nl
+    k=$((k + 1))
+  done
+  _gpu_sum=ok
+}
+
+_gpu_key_ok() {  # _gpu_key_ok NAME: can NAME be a file name in names/ (as the daemon writes)?
+  case $1 in '' | .* | */* | *"$_gpu_nl"*) return 1 ;; esac
+  [ "${#1}" -le 200 ]
+}
+
+_gpu_bucket() {  # _gpu_bucket NAME: the file in names/ that lists NAME's tasks into _gpu_s: the
+  # last two bytes of NAME without its extension, each one outside A-Za-z0-9_- as _
+  _gpu_s=${1%.*}
+  [ "${#_gpu_s}" -le 2 ] || _gpu_s=${_gpu_s:$((${#_gpu_s} - 2))}
+  _gpu_s=${_gpu_s//[!A-Za-z0-9_-]/_}
+}
+
+_gpu_task_logs() {  # _gpu_task_logs ID [RANK|all]: names in logs/ of task ID's log into _gpu_tl,
+  # one a line: its own (rank 0's for a task that spans nodes) when RANK is empty, rank RANK's,
+  # or all of them; found by name, never by listing logs/
+  local r=0 n=0
+  _gpu_tl=''
+  case ${2-} in
+    '')
+      if [ -e "$_gpu_q/logs/$1.log" ]; then _gpu_tl=$1.log$_gpu_nl
+      elif [ -e "$_gpu_q/logs/$1.rank0.log" ]; then _gpu_tl=$1.rank0.log$_gpu_nl; fi ;;
+    all)
+      [ -e "$_gpu_q/logs/$1.log" ] && _gpu_tl=$1.log$_gpu_nl
+      # the ranks of its gang record, and any after them
+      if _gpu_load "$_gpu_q/records/$1.gang" && _gpu_field nnodes; then
+        _gpu_bounded "$_gpu_val"; n=$_gpu_i
+      fi
+      while [ "$r" -lt 1024 ]; do
+        if [ -e "$_gpu_q/logs/$1.rank$r.log" ]; then _gpu_tl=$_gpu_tl$1.rank$r.log$_gpu_nl
+        elif [ "$r" -ge "$n" ]; then break; fi
+        r=$((r + 1))
+      done ;;
+    *) [ -e "$_gpu_q/logs/$1.rank$2.log" ] && _gpu_tl=$1.rank$2.log$_gpu_nl ;;
+  esac
+  return 0
 }
 
 _gpu_conf_root() {  # QUEUE_ROOT from submit.conf into _gpu_val: 1 when none, 2 when unusable
@@ -987,10 +1060,15 @@ _gpu_display_ids() {  # the ids whose submit record has display_name=_gpu_base, 
 }
 
 _gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the tasks NAME names into _gpu_val
-  local name=$1 dir id IFS=$_gpu_nl
+  local name=$1 dir id='' IFS=$_gpu_nl
   shift
   _gpu_val=''
   _gpu_split_name "$name"
+  for dir in "$@"; do case $dir in 'done' | failed) id=1 ;; esac; done
+  # pending/ and running/ are short: listed; done/ and failed/ through names/ while it holds
+  if [ -z "$id" ] || { _gpu_key_ok "$_gpu_base" && _gpu_cache; }; then
+    _gpu_find_indexed "$name" "$@"; return
+  fi
   for dir in "$@"; do
     for id in $(_gpu_ls "$_gpu_q/$dir"); do
       if [ "$id" = "$name" ] || _gpu_matches "$id"; then _gpu_val=$_gpu_val$dir/$id$_gpu_nl; fi
@@ -1002,6 +1080,56 @@ _gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the tasks NAME names i
       [ -e "$_gpu_q/$dir/$id" ] && _gpu_val=$_gpu_val$dir/$id$_gpu_nl
     done
   done
+  [ -n "$_gpu_val" ]
+}
+
+_gpu_find_indexed() {  # _gpu_find_indexed NAME DIR...: _gpu_find, the finished tasks looked up
+  # in names/ (only while the summary holds), the others listed
+  local name=$1 dir id line dirs=' ' small='' files='' display='' IFS=$_gpu_nl
+  shift
+  _gpu_val=''
+  for dir in "$@"; do
+    case $dir in
+      'done' | failed)
+        dirs="$dirs$dir "
+        [ -e "$_gpu_q/$dir/$name" ] && _gpu_val=$_gpu_val$dir/$name$_gpu_nl ;;
+      *)
+        for id in $(_gpu_ls "$_gpu_q/$dir"); do
+          small=$small$dir/$id$_gpu_nl
+          if [ "$id" = "$name" ] || _gpu_matches "$id"; then _gpu_val=$_gpu_val$dir/$id$_gpu_nl
+          fi
+        done ;;
+    esac
+  done
+  _gpu_bucket "$_gpu_base"
+  if [ "$dirs" != ' ' ] && [ -f "$_gpu_q/names/$_gpu_s" ]; then
+    for line in $(command grep -F -e "$_gpu_base/" -- "$_gpu_q/names/$_gpu_s" 2>/dev/null \
+      | command tail -n 1000); do
+      case $line in "$_gpu_base"/*) line=${line#"$_gpu_base"/} ;; *) continue ;; esac
+      case $dirs in *" ${line%%/*} "*) ;; *) continue ;; esac
+      id=${line#*/}
+      case $id in '' | */*) continue ;; esac
+      [ -e "$_gpu_q/$line" ] || continue
+      case $_gpu_nl$_gpu_val in *"$_gpu_nl$line$_gpu_nl"*) continue ;; esac
+      _gpu_short "$id"
+      if [ "$_gpu_s" = "$_gpu_base" ] || [ "${_gpu_s%.*}" = "$_gpu_base" ]; then
+        _gpu_hex_ok "$id" && _gpu_val=$_gpu_val$line$_gpu_nl
+      else
+        _gpu_hex_ok "$id" && display=$display$line$_gpu_nl  # its --name
+      fi
+    done
+  fi
+  [ -n "$_gpu_val" ] && return 0
+  for line in $small; do files=$files$_gpu_q/records/${line#*/}.submit$_gpu_nl; done
+  if [ -n "$files" ]; then  # a --name of a pending or running task
+    # shellcheck disable=SC2086,SC2013  # one file a line (the dispatcher turned globbing off)
+    for id in $(command grep -lxF -e "display_name=$_gpu_base" -- $files 2>/dev/null); do
+      id=${id##*/}; id=${id%.submit}
+      _gpu_hex_ok "$id" || continue
+      for line in $small; do [ "${line#*/}" = "$id" ] && display=$display$line$_gpu_nl; done
+    done
+  fi
+  _gpu_val=$display
   [ -n "$_gpu_val" ]
 }
 
@@ -1958,6 +2086,18 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
 _gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newest first
   local line id n=0 IFS=$_gpu_nl
   [ "$1" -gt 0 ] || return 0
+  if _gpu_cache && { [ "$1" -le "$_gpu_sum_nended" ] \
+    || [ "$_gpu_sum_nended" -ge $((_gpu_sum_done + _gpu_sum_failed)) ]; }; then
+    for line in $_gpu_sum_ended; do  # as the daemon found them (docs/protocol.md, summary)
+      case $line in 'done'/?* | failed/?*) ;; *) continue ;; esac
+      case ${line#*/} in */*) continue ;; esac
+      [ -e "$_gpu_q/$line" ] || continue
+      printf '%s\n' "$line"
+      n=$((n + 1))
+      [ "$n" -lt "$1" ] || break
+    done
+    return 0
+  fi
   # a result is published when its task ends: the newest results are the newest ends
   for line in $(command find "$_gpu_q/records" -maxdepth 1 -name '*.result' -printf '%T@ %f\n' \
     2>/dev/null | command sort -rn | command head -n "$(($1 * 2 + 10))"); do
@@ -1969,6 +2109,12 @@ _gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newes
     n=$((n + 1))
     [ "$n" -lt "$1" ] || break
   done
+}
+
+_gpu_finished_counts() {  # the tasks in done/ into _gpu_n, in failed/ into _gpu_nf
+  if _gpu_cache; then _gpu_n=$_gpu_sum_done _gpu_nf=$_gpu_sum_failed; return; fi
+  _gpu_count "$_gpu_q/failed"; _gpu_nf=$_gpu_n
+  _gpu_count "$_gpu_q/done"
 }
 
 _gpu_row() {  # a task table row of the loaded task (_gpu_t_*) into _gpu_rows
@@ -2088,6 +2234,7 @@ _gpu_status_watch() {  # _gpu_status_watch RECENT: gpu_status --watch, until Ctr
 _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the checked instance
   local recent=$1 IFS=$_gpu_nl line id list pending=0 shown=0 running=0 ndone failed
   _gpu_now
+  _gpu_cache
   _gpu_runmap_build
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json "$recent"; return; fi
   _gpu_rows='' _gpu_orphans=''
@@ -2118,8 +2265,7 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
       "$((pending - shown))"
   [ -z "$_gpu_orphans" ] \
     || printf 'orphaned: its daemon is not alive; a new daemon marks it interrupted\n'
-  _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
-  _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
+  _gpu_finished_counts; ndone=$_gpu_n failed=$_gpu_nf
   printf 'Totals:   %s running, %s pending, %s done, %s failed, stopped or cancelled\n' \
     "$running" "$pending" "$ndone" "$failed"
 }
@@ -2270,10 +2416,9 @@ _gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protoco
     printf '%s\n  ' "$sep"; sep=,
     _gpu_task "${line%%/*}" "${line#*/}"; _gpu_task_json
   done
-  _gpu_count "$_gpu_q/done"; id=$_gpu_n
-  _gpu_count "$_gpu_q/failed"
+  _gpu_finished_counts
   printf '],\n "counts": {"running": %s, "pending": %s, "done": %s, "failed": %s}}\n' \
-    "$running" "$pending" "$id" "$_gpu_n"
+    "$running" "$pending" "$_gpu_n" "$_gpu_nf"
 }
 
 _gpu_cmd_show() {
@@ -2358,11 +2503,8 @@ _gpu_cmd_show() {
     _gpu_say "Exit:       killed by signal $_gpu_t_signal"
   fi
   [ -z "$_gpu_t_attempt" ] || [ "$_gpu_t_attempt" = 1 ] || _gpu_say "Attempt:    $_gpu_t_attempt"
-  for line in $(_gpu_ls "$_gpu_q/logs"); do
-    case $line in
-      "$id.log" | "$id".rank[0-9]*.log) _gpu_say "Log:        $_gpu_q/logs/$line" ;;
-    esac
-  done
+  _gpu_task_logs "$id" all
+  for line in $_gpu_tl; do _gpu_say "Log:        $_gpu_q/logs/$line"; done
   line=$(printf '%s' "$others" | command grep -c .)
   [ "$line" -le 1 ] || _gpu_err "$1 names $line tasks; this is the one submitted last" \
     "(gpu_status lists them)"
@@ -2386,8 +2528,25 @@ _gpu_log_rank() {  # _gpu_log_rank FILE WANT: the task id of log FILE into _gpu_
 
 _gpu_log_of() {  # _gpu_log_of PATTERN RANK: the newest log PATTERN names (a task NAME, else any
   # part of an id) into _gpu_log, its task into _gpu_id; 1 when there is none
-  local f sub='' ids IFS=$_gpu_nl
+  local f sub='' ids line files='' IFS=$_gpu_nl
   _gpu_split_name "$1"
+  if _gpu_key_ok "$_gpu_base" && _gpu_cache && _gpu_find "$1" pending running 'done' failed
+  then  # the tasks NAME names, found without listing logs/: the newest of their logs
+    for line in $_gpu_val; do
+      _gpu_task_logs "${line#*/}" "$2"
+      files=$files$_gpu_tl
+    done
+    if [ -n "$files" ]; then
+      # shellcheck disable=SC2086  # one name a line (the dispatcher turned globbing off)
+      f=$(cd -- "$_gpu_q/logs" 2>/dev/null && command ls -1t -- $files 2>/dev/null \
+        | command head -n 1)
+      if [ -n "$f" ]; then
+        _gpu_log_rank "$f" "$2"
+        _gpu_log=$_gpu_q/logs/$f
+        return 0
+      fi
+    fi
+  fi
   # only the logs whose names hold the name can match (grep is faster than the shell)
   for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null | command grep -F -e "$_gpu_base"); do
     case $f in *.log) ;; *) continue ;; esac
@@ -2454,13 +2613,26 @@ _gpu_cmd_logs() {
     else command cat -- "$_gpu_log"; fi
     return
   fi
-  local perms size day time name total shown=0 limit=20 running r
-  _gpu_count "$_gpu_q/logs"; total=$_gpu_n
+  local perms size day time name total shown=0 limit=20 running r files='' id IFS=$_gpu_nl
+  if [ -z "$_gpu_o_all" ] && _gpu_cache; then
+    # the newest logs are those of the running tasks and of the tasks that ended last
+    total=$_gpu_sum_logs
+    for id in $(_gpu_ls "$_gpu_q/running") $_gpu_sum_ended; do
+      _gpu_task_logs "${id#*/}" all
+      files=$files$_gpu_tl
+    done
+  else
+    _gpu_count "$_gpu_q/logs"; total=$_gpu_n
+  fi
   if [ "$total" -eq 0 ]; then
     _gpu_say "No logs yet in $_gpu_q/logs"
     return 0
   fi
   [ -z "$_gpu_o_all" ] || limit=$total
+  [ -n "$files" ] || files=.  # the whole folder
+  # shellcheck disable=SC2086  # one name a line (the dispatcher turned globbing off)
+  files=$(cd -- "$_gpu_q/logs" 2>/dev/null && command ls -goth --time-style='+%Y-%m-%d %H:%M' \
+    -- $files 2>/dev/null | command head -n "$((limit + 1))")
   running=$_gpu_nl$(_gpu_ls "$_gpu_q/running")$_gpu_nl
   printf '%6s  %-16s  %s\n' SIZE MODIFIED TASK
   while IFS=' ' read -r perms _ size day time name; do
@@ -2477,8 +2649,7 @@ _gpu_cmd_logs() {
     _gpu_say "$(printf '%6s  %-16s  %s' "$size" "$day $time" "$name")"
     shown=$((shown + 1))
   done <<EOF
-$(command ls -goth --time-style='+%Y-%m-%d %H:%M' -- "$_gpu_q/logs" 2>/dev/null \
-    | command head -n "$((limit + 1))")
+$files
 EOF
   [ "$shown" -lt "$total" ] && printf '(the newest %s of %s logs; gpu_logs --all lists all)\n' \
     "$shown" "$total"
