@@ -59,6 +59,9 @@ gpu_logs() { _gpu_main logs "$@"; }
 gpu_tail() { _gpu_main tail "$@"; }
 gpu_wait() { _gpu_main wait "$@"; }
 gpu_retry() { _gpu_main retry "$@"; }
+gpu_hold() { _gpu_main hold "$@"; }
+gpu_release() { _gpu_main release "$@"; }
+gpu_priority() { _gpu_main priority "$@"; }
 gpu_stop() { _gpu_main stop "$@"; }
 gpu_clean() { _gpu_main clean "$@"; }
 gpu_drain() { _gpu_main drain "$@"; }
@@ -121,8 +124,8 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   _gpu_blank='                                                                                '
   _gpu_blank=$_gpu_blank$_gpu_blank  # 160 spaces, for _gpu_pad
   # the commands, in the order gpu_help lists them and completion offers them
-  _gpu_commands='use list submit run status show logs tail wait retry stop clean drain resume
-shutdown help'
+  _gpu_commands='use list submit run status show logs tail wait retry hold release priority stop
+clean drain resume shutdown help'
   _gpu_keys='' _gpu_sum=''
   _gpu_cmd=$1
   shift
@@ -905,6 +908,22 @@ given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted
       _gpu_sp_more="\
 NAME stands for its newest finished task; each NAME is checked before anything is queued.
 --failed leaves out the tasks that were stopped or cancelled, and those retried before." ;;
+    hold) _gpu_sp_use='NAME...'
+      _gpu_sp_what='keep pending tasks from starting until gpu_release'
+      _gpu_sp_more="\
+NAME holds every pending task it names; each NAME is checked first. A held task stays in pending/,
+keeps its place and its dependants wait for it; gpu_status shows it as held. A task that starts
+while it is being held is named, and is not held." ;;
+    release) _gpu_sp_use='NAME...'
+      _gpu_sp_what='let held tasks start again'
+      _gpu_sp_more="\
+NAME releases every held pending task it names; each NAME is checked first." ;;
+    priority) _gpu_sp_use='NAME PRIORITY|top'
+      _gpu_sp_what='change the priority of pending tasks; top: put them first'
+      _gpu_sp_more="\
+PRIORITY is 0-999, smaller runs first (gpu_submit -p); top puts the tasks NAME names before every
+other pending task (the last one put on top runs first). Their ids stay the same, so --after and
+every name still find them." ;;
     stop) _gpu_sp_use='NAME...|all'
       _gpu_sp_what='stop tasks, or cancel them if pending; all: every task'
       _gpu_sp_more="\
@@ -1244,6 +1263,12 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
         _gpu_t_state=running _gpu_t_node=$_gpu_rm_nodes
         _gpu_t_gpus=${_gpu_rm_gpus:-$_gpu_t_gpus}
         _gpu_t_started=${_gpu_rm_started:-$_gpu_t_started}
+      fi ;;
+    pending)
+      [ ! -e "$_gpu_q/held/$id" ] || _gpu_t_state=held
+      if [ -f "$_gpu_q/priority/$id" ] && _gpu_load "$_gpu_q/priority/$id" \
+        && _gpu_field priority; then  # gpu_priority
+        case $_gpu_val in top) _gpu_t_prio=top ;; [0-9][0-9][0-9]) _gpu_t_prio=$_gpu_val ;; esac
       fi ;;
     done | failed)
       if _gpu_load "$_gpu_q/records/$id.result"; then
@@ -2120,7 +2145,7 @@ _gpu_finished_counts() {  # the tasks in done/ into _gpu_n, in failed/ into _gpu
 _gpu_row() {  # a task table row of the loaded task (_gpu_t_*) into _gpu_rows
   local state=$_gpu_t_state node=$_gpu_t_node gpus time='' code='' base
   case $state in
-    pending)
+    pending | held)
       gpus=$_gpu_t_gpus_req; [ "$gpus" = 0 ] && gpus=cpu
       node=''; [ "$_gpu_t_nodes_req" = 1 ] || node=x$_gpu_t_nodes_req ;;
     running | starting)
@@ -2242,7 +2267,7 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
     running=$((running + 1))
     _gpu_task running "$id"; _gpu_row
   done
-  list=$(_gpu_ls "$_gpu_q/pending")
+  list=$(_gpu_run_order)
   for id in $list; do
     pending=$((pending + 1))
     [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || continue
@@ -2289,7 +2314,8 @@ _gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
   _gpu_js "$_gpu_t_id"; out="{\"id\": $_gpu_j"
   _gpu_js "$_gpu_t_name"; out="$out, \"name\": $_gpu_j"
   _gpu_jstr "$_gpu_t_display"; out="$out, \"display_name\": $_gpu_j"
-  _gpu_jn "$_gpu_t_prio"; out="$out, \"priority\": $_gpu_j"
+  if [ "$_gpu_t_prio" = top ]; then _gpu_j="\"top\""; else _gpu_jn "$_gpu_t_prio"; fi
+  out="$out, \"priority\": $_gpu_j"
   _gpu_js "$_gpu_t_state"; out="$out, \"state\": $_gpu_j"
   _gpu_jstr "$_gpu_t_command"; out="$out, \"command\": $_gpu_j"
   _gpu_jstr "$_gpu_t_source"; out="$out, \"source\": $_gpu_j"
@@ -2405,7 +2431,7 @@ _gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protoco
   done
   printf '],\n "pending": ['
   sep=''
-  for id in $(_gpu_ls "$_gpu_q/pending"); do
+  for id in $(_gpu_run_order); do
     pending=$((pending + 1))
     printf '%s\n  ' "$sep"; sep=,
     _gpu_task pending "$id"; _gpu_task_json
@@ -2872,6 +2898,114 @@ _gpu_wait_loop() {  # the loop of gpu_wait, on the arrays of _gpu_cmd_wait
     i=$((i + 1))
   done
   return "$rc"
+}
+
+# Commands: holding and ordering pending tasks #####################################################
+
+_gpu_pending_of() {  # _gpu_pending_of NAME...: the pending tasks the NAMEs name, as ids, into
+  # _gpu_ids (one a line); 1 with a message when one names none, or a task that gets a fresh id
+  local name line id IFS=$_gpu_nl
+  _gpu_ids=''
+  for name in "$@"; do
+    _gpu_check_name "$name" || return 1
+    if ! _gpu_find "$name" pending; then
+      if _gpu_find "$name" running; then _gpu_err "task $name has started already"
+      elif _gpu_find "$name" 'done' failed; then _gpu_err "task $name has finished"
+      else _gpu_err "no such task: $name (gpu_status lists the tasks)"; fi
+      [ "$#" -eq 1 ] || _gpu_err "nothing was changed"
+      return 1
+    fi
+    for line in $_gpu_val; do
+      id=${line#*/}
+      if _gpu_renamed "$id"; then
+        _gpu_err "$id gets its id only when it starts (it was put into pending/ by hand or" \
+          "renamed back): it cannot be held or given a priority"
+        return 1
+      fi
+      case $_gpu_nl$_gpu_ids in *"$_gpu_nl$id$_gpu_nl"*) ;; *) _gpu_ids=$_gpu_ids$id$_gpu_nl ;; esac
+    done
+  done
+}
+
+_gpu_cmd_hold() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -eq 0 ]; then _gpu_usage; return; fi
+  _gpu_existing_instance || return
+  _gpu_pending_of "$@" || return 1
+  local id rc=0 IFS=$_gpu_nl
+  _gpu_prepare held || return 1
+  _gpu_whoami
+  _gpu_now
+  for id in $_gpu_ids; do
+    _gpu_unique || return 1
+    _gpu_put "$_gpu_q/held/$id" "by=$_gpu_who${_gpu_nl}time=$_gpu_t$_gpu_nl" || return 1
+    # the daemon claims a task, then looks for its hold: a task still pending now never starts
+    if [ -e "$_gpu_q/pending/$id" ]; then
+      _gpu_say "held $id"
+    else
+      command rm -f -- "$_gpu_q/held/$id"
+      _gpu_err "task $id started before it could be held"
+      rc=1
+    fi
+  done
+  return "$rc"
+}
+
+_gpu_cmd_release() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -eq 0 ]; then _gpu_usage; return; fi
+  _gpu_existing_instance || return
+  _gpu_pending_of "$@" || return 1
+  local id IFS=$_gpu_nl
+  for id in $_gpu_ids; do
+    if [ ! -e "$_gpu_q/held/$id" ]; then _gpu_say "$id is not held"; continue; fi
+    command rm -f -- "$_gpu_q/held/$id"
+    if [ -e "$_gpu_q/held/$id" ]; then _gpu_err "cannot remove $_gpu_q/held/$id"; return 1; fi
+    _gpu_say "released $id"
+  done
+}
+
+_gpu_cmd_priority() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -ne 2 ]; then _gpu_usage; return; fi
+  local id text now IFS=$_gpu_nl
+  if [ "$2" = top ]; then text=top; else _gpu_priority "$2" || return 2; text=$_gpu_p; fi
+  _gpu_existing_instance || return
+  _gpu_pending_of "$1" || return 1
+  _gpu_prepare priority || return 1
+  _gpu_whoami
+  now=$(command date +%s.%N)
+  for id in $_gpu_ids; do
+    _gpu_unique || return 1
+    _gpu_put "$_gpu_q/priority/$id" \
+      "priority=$text${_gpu_nl}by=$_gpu_who${_gpu_nl}time=$now$_gpu_nl" || return 1
+    _gpu_say "priority of $id: $text"
+  done
+}
+
+_gpu_run_order() {  # the pending tasks in the order they start (docs/protocol.md), one a line
+  local id rest list IFS=$_gpu_nl
+  list=$(_gpu_ls "$_gpu_q/pending")
+  # without priority/ entries the ids' byte order (one process less)
+  if [ -z "$(_gpu_ls "$_gpu_q/priority")" ]; then printf '%s' "${list:+$list$_gpu_nl}"; return; fi
+  for id in $list; do
+    rest=''
+    if [ -f "$_gpu_q/priority/$id" ] && _gpu_load "$_gpu_q/priority/$id" && _gpu_field priority
+    then
+      if [ "$_gpu_val" = top ]; then
+        _gpu_field time; rest="0 ${_gpu_val:-0} $id"
+      elif _gpu_whole "$_gpu_val" 999 && _gpu_is_id "$id"; then
+        rest=$(printf '1 ~ %03d %s %s' "$_gpu_i" "${id#???-}" "$id")
+      fi
+    fi
+    if [ -z "$rest" ]; then
+      if _gpu_is_id "$id"; then rest="1 ~ ${id%%-*} ${id#???-} $id"; else rest="2 ~ $id $id"; fi
+    fi
+    printf '%s\n' "$rest"
+  done | command sort -k1,1 -k2,2r -k3,3 -k4,4 | command sed 's/.* //'
 }
 
 # Commands: stopping and cleaning ###################################################################
@@ -3403,11 +3537,14 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
   _gpu_q=$_gpu_r/$JOB_ID
   {
     [ "$what" = stop ] && [ "$positional" -eq 0 ] && printf 'all\n'
-    for id in $(_gpu_ls "$_gpu_q/running"; _gpu_ls "$_gpu_q/pending"); do
+    [ "$what" = priority ] && [ "$positional" -eq 1 ] && printf 'top\n'
+    for id in $(case $what in hold | release | priority) ;; *) _gpu_ls "$_gpu_q/running" ;; esac
+      _gpu_ls "$_gpu_q/pending"); do
       printf '%s\n' "$id"
       _gpu_short "$id"; printf '%s\n' "$_gpu_s"
     done
-    if [ "$what" != stop ]; then
+    if [ "$what" != stop ] && [ "$what" != hold ] && [ "$what" != release ] \
+      && [ "$what" != priority ]; then
       for id in $(_gpu_ls "$_gpu_q/logs"); do
         _gpu_log_rank "$id" "${id##*.rank}" || _gpu_log_rank "$id" ''
         case $word in [0-9]*) printf '%s\n' "$_gpu_id" ;; esac
@@ -3442,11 +3579,13 @@ _gpu_complete_zsh() {
 if [ -n "${ZSH_VERSION-}" ]; then
   if command -v compdef >/dev/null 2>&1; then
     compdef _gpu_complete_zsh gpu_use gpu_list gpu_submit gpu_run gpu_status gpu_show gpu_logs \
-      gpu_tail gpu_wait gpu_retry gpu_stop gpu_clean gpu_drain gpu_resume gpu_shutdown gpu_help
+      gpu_tail gpu_wait gpu_retry gpu_hold gpu_release gpu_priority gpu_stop gpu_clean gpu_drain \
+      gpu_resume gpu_shutdown gpu_help
   fi
 elif command -v complete >/dev/null 2>&1; then
   complete -F _gpu_complete_bash gpu_use gpu_list gpu_status gpu_show gpu_logs gpu_tail gpu_wait \
-    gpu_retry gpu_stop gpu_clean gpu_drain gpu_resume gpu_shutdown gpu_help
+    gpu_retry gpu_hold gpu_release gpu_priority gpu_stop gpu_clean gpu_drain gpu_resume \
+    gpu_shutdown gpu_help
   complete -o default -F _gpu_complete_bash gpu_submit gpu_run
 fi
 

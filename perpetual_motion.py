@@ -87,6 +87,7 @@ PORT_REUSE_SECONDS = 3600.0  # a MASTER_PORT is not given to another task within
 SUMMARY_RECENT = 50  # finished tasks the summary lists (the newest ends), for gpu_status
 SUMMARY_REFRESH_SECONDS = 60.0  # node 0 lists done/, failed/ and logs/ at least this often
 SUMMARY_SETTLE_SECONDS = 0.05  # a folder changed this recently may change again in the same tick
+OVERRIDE_FORGET_SECONDS = 60.0  # held/ and priority/ entries of tasks gone this long are removed
 SUMMARY_BATCH = 1000  # finished tasks the summary takes in per turn (the first one reads them all)
 
 # Keep-alive tuning (docs/keepalive.md explains each one)
@@ -734,6 +735,20 @@ def name_bucket(key: str) -> str:
     ``train`` share ``in``); a shell finds it without starting a process."""
     stem = key.rpartition(".")[0] if "." in key else key
     return re.sub(rb"[^A-Za-z0-9_-]", b"_", os.fsencode(stem)[-2:]).decode()
+
+
+def start_order(name: str, priority: Mapping[str, dict[str, str]]) -> tuple:
+    """Where a pending entry stands in the run order: by its priority (the id's, unless
+    ``priority/<id>`` gives another), then by its id; those put on top (``priority=top``) first,
+    the one put there last first; names that are no client id after every client id."""
+    fields = priority.get(name)
+    value = fields.get("priority", "") if fields else ""
+    if value == "top":
+        return (0, -(as_float(fields.get("time")) or 0.0), 0, name)
+    if not TASK_ID_RE.fullmatch(name):
+        return (2, 0.0, 0, name)
+    number = ascii_int(value, 999) if value else None
+    return (1, 0.0, int(name[:3]) if number is None else number, name[4:])
 
 
 def run_order_key(task_id: str) -> tuple[int, str]:
@@ -4164,6 +4179,12 @@ class Scheduler:
                 self.last_sweep = now
                 self.sweep_running(running, views)
         pending = self.folder.files("pending")
+        held = set(self.folder.names("held"))
+        priority = self.priorities(pending)
+        if priority:
+            pending.sort(key=lambda name: start_order(name, priority))
+        if self.is_leader:
+            self.forget_overrides(pending, held, priority)
         self.requests = {n: self.requests[n] for n in pending if n in self.requests}
         if not may_start:
             self.waiting = None
@@ -4172,6 +4193,8 @@ class Scheduler:
         waiting: tuple[str, str] | None = None
         present = set(pending) | set(running)
         for name in pending:
+            if name in held:
+                continue  # gpu_hold: it waits for gpu_release
             sub = self.request_of(name)
             why = sub if isinstance(sub, str) else self.cannot_run(sub)
             if why:
@@ -4214,6 +4237,12 @@ class Scheduler:
                 if task_id is None:
                     lost.add(name)  # another node took it, or it cannot be claimed
                     break
+                if (self.folder.dir("held") / name).exists():
+                    # held while it was being claimed: gpu_hold saw it still pending, so it
+                    # must not start; back it goes
+                    self.runner.unclaim(task_id)
+                    lost.add(name)
+                    break
                 self.begin(RunningTask(task_id, self.requests.pop(name), gpus, now))
                 if now < self.backoff_until:
                     return
@@ -4223,6 +4252,31 @@ class Scheduler:
             candidates = [c for c in candidates if c.task_id not in lost
                           and c.task_id in self.requests]
             plan = plan_starts(candidates, self.load(), now)
+
+    def priorities(self, pending: list[str]) -> dict[str, dict[str, str]]:
+        """``priority/<id>`` of the pending tasks that have one (gpu_priority)."""
+        found = {}
+        for name in self.folder.names("priority"):
+            if name in pending:
+                try:
+                    found[name] = self.folder.read_fields(self.folder.dir("priority") / name) or {}
+                except (OSError, ValueError):
+                    continue
+        return found
+
+    def forget_overrides(self, pending: list[str], held: set[str],
+                         priority: Mapping[str, object]) -> None:
+        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that left pending/ (a
+        minute old at least: the task may have been queued after pending/ was listed)."""
+        waiting, now = set(pending), self.clock()
+        for folder, names in (("held", held), ("priority", self.folder.names("priority"))):
+            for name in names:
+                if name in waiting or name in priority:
+                    continue
+                path = self.folder.dir(folder) / name
+                with contextlib.suppress(OSError):
+                    if now - os.lstat(path).st_mtime > OVERRIDE_FORGET_SECONDS:
+                        os.unlink(path)
 
     def load(self, seats: bool = True) -> NodeLoad:
         """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 import unicodedata
 from pathlib import Path
@@ -578,7 +580,8 @@ def test_e2e_a_daemon_killed_with_9_is_dead_at_once_on_its_host(tmp_path):
     root.mkdir()
     script = f"""
 set -u
-python3 {DAEMON} --job-id exp1 --queue-root {root} --poll-interval 0.1 --no-keepalive \\
+{shlex.quote(sys.executable)} {DAEMON} --job-id exp1 --queue-root {root} \\
+    --poll-interval 0.1 --no-keepalive \\
     --kill-scope task > {tmp_path}/daemon.log 2>&1 &
 daemon=$!
 for _ in $(seq 100); do [ -f {root}/exp1/nodes/node-0.state ] && break; sleep 0.1; done
