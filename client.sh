@@ -613,7 +613,7 @@ _gpu_root() {  # sets _gpu_r to the queue root; 1 when it does not exist
   _gpu_root_value || return 1
   [ -d "$_gpu_r" ] && return 0
   _gpu_err "the queue root $_gpu_r$_gpu_from does not exist (shared storage not mounted? set" \
-    "QUEUE_ROOT)"
+    "QUEUE_ROOT, or the QUEUE_ROOT= line of submit.conf beside client.sh)"
   return 1
 }
 
@@ -994,7 +994,14 @@ _gpu_parse() {  # _gpu_parse MODE ARGS...: the current command's options into _g
       fi
     done
     if [ -z "$found" ]; then
-      _gpu_err "unknown option $opt (gpu_$_gpu_cmd --help lists the options)"
+      if [ "$_gpu_cmd" = submit ] && [ "${#_gpu_args[@]}" -gt 0 ] && [ "${opt#--}" != "$opt" ]
+      then  # meant for the script
+        _gpu_shquote "${_gpu_args[0]}"
+        _gpu_err "unknown option $opt: arguments for the script go after --, as in" \
+          "gpu_submit $_gpu_w -- $opt ..."
+      else
+        _gpu_err "unknown option $opt (gpu_$_gpu_cmd --help lists the options)"
+      fi
       return 1
     fi
     name=${found#*|*|}; name=${name%%|*}
@@ -2314,6 +2321,7 @@ _gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
   _gpu_js "$_gpu_t_id"; out="{\"id\": $_gpu_j"
   _gpu_js "$_gpu_t_name"; out="$out, \"name\": $_gpu_j"
   _gpu_jstr "$_gpu_t_display"; out="$out, \"display_name\": $_gpu_j"
+  _gpu_js "${_gpu_t_display:-$_gpu_t_name}"; out="$out, \"shown_name\": $_gpu_j"
   if [ "$_gpu_t_prio" = top ]; then _gpu_j="\"top\""; else _gpu_jn "$_gpu_t_prio"; fi
   out="$out, \"priority\": $_gpu_j"
   _gpu_js "$_gpu_t_state"; out="$out, \"state\": $_gpu_j"

@@ -398,6 +398,10 @@ def test_status_json_of_protocol_2(sh):
     assert (doc["pending"][0]["gpus"], doc["pending"][0]["request"]) == (
         None, {"gpus": 4, "nodes": 1, "time_limit": None})
     assert [t["id"] for t in doc["recent"]] == [v.h, v.f]
+    # the name gpu_status shows: the --name, else the name part (never null)
+    assert running[v.a]["shown_name"] == "sweep-a"
+    assert all(t["shown_name"] == (t["display_name"] or t["name"])
+               for t in [*doc["running"], *doc["pending"], *doc["recent"]])
     done = doc["recent"][1]
     assert {k: done[k] for k in ("state", "exit_code", "signal", "source", "args", "duration",
                                  "gpus", "nodes")} == {
