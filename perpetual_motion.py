@@ -5094,9 +5094,15 @@ def _whole_arg(text: str) -> int:
     return value
 
 
+def console_name(argv0: str) -> str:
+    """The name the daemon was started by, for its usage line: ``perpetual-motion`` (the
+    console script of ``pip install``), else ``perpetual_motion.py``."""
+    return "perpetual-motion" if Path(argv0).name == "perpetual-motion" else "perpetual_motion.py"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="perpetual_motion.py",
+        prog=console_name(sys.argv[0]),
         description="Keep this node's GPUs busy and run the task queue of one instance "
                     "(<queue-root>/<job-id>/, see docs/protocol.md).")
     parser.add_argument("--job-id", default=os.environ.get("JOB_ID") or "default",
