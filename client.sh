@@ -2100,6 +2100,10 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
         [ "$_gpu_val" = filling ] && what="$what (keep-alive filling)"
       else
         _gpu_field "gpu.$i.state"; what="keep-alive ${_gpu_val:-?}"
+        if _gpu_field "gpu.$i.reserved" && [ -n "$_gpu_val" ]; then  # for a gang's rank
+          _gpu_name_of "$_gpu_val"; _gpu_field "gpu.$i.state"
+          what="reserved for $_gpu_s, keep-alive ${_gpu_val:-?}"
+        fi
         _gpu_field "gpu.$i.reason"; [ -n "$_gpu_val" ] && what="$what ($_gpu_val)"
         _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && what="$what, tile $_gpu_val"
         _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
@@ -2995,25 +2999,31 @@ _gpu_cmd_priority() {
 }
 
 _gpu_run_order() {  # the pending tasks in the order they start (docs/protocol.md), one a line
-  local id rest list IFS=$_gpu_nl
+  local id rest='' list IFS=$_gpu_nl
   list=$(_gpu_ls "$_gpu_q/pending")
-  # without priority/ entries the ids' byte order (one process less)
-  if [ -z "$(_gpu_ls "$_gpu_q/priority")" ]; then printf '%s' "${list:+$list$_gpu_nl}"; return; fi
+  # the ids' byte order when no priority/ entry nor a name put there by hand changes it
+  for id in $list; do _gpu_is_id "$id" || { rest=1; break; }; done
+  if [ -z "$rest" ] && [ -z "$(_gpu_ls "$_gpu_q/priority")" ]; then
+    printf '%s' "${list:+$list$_gpu_nl}"; return
+  fi
+  # one line a task: class, time put on top, priority, the rest of the id, then the name
   for id in $list; do
     rest=''
     if [ -f "$_gpu_q/priority/$id" ] && _gpu_load "$_gpu_q/priority/$id" && _gpu_field priority
     then
       if [ "$_gpu_val" = top ]; then
-        _gpu_field time; rest="0 ${_gpu_val:-0} $id"
+        _gpu_field time; rest=0$_gpu_fs${_gpu_val:-0}${_gpu_fs}000$_gpu_fs${id//$_gpu_fs/_}
       elif _gpu_whole "$_gpu_val" 999 && _gpu_is_id "$id"; then
-        rest=$(printf '1 ~ %03d %s %s' "$_gpu_i" "${id#???-}" "$id")
+        rest=1$_gpu_fs~$_gpu_fs$(printf %03d "$_gpu_i")$_gpu_fs${id#???-}
       fi
     fi
     if [ -z "$rest" ]; then
-      if _gpu_is_id "$id"; then rest="1 ~ ${id%%-*} ${id#???-} $id"; else rest="2 ~ $id $id"; fi
+      # a name put there by hand: DEFAULT_PRIORITY, after the client ids of it
+      if _gpu_is_id "$id"; then rest=1$_gpu_fs~$_gpu_fs${id%%-*}$_gpu_fs${id#???-}
+      else rest=1$_gpu_fs~${_gpu_fs}500$_gpu_fs~${id//$_gpu_fs/_}; fi
     fi
-    printf '%s\n' "$rest"
-  done | command sort -k1,1 -k2,2r -k3,3 -k4,4 | command sed 's/.* //'
+    printf '%s\n' "$rest$_gpu_fs$id"
+  done | command sort -t "$_gpu_fs" -k1,1 -k2,2r -k3,3 -k4,4 | command cut -d "$_gpu_fs" -f5-
 }
 
 # Commands: stopping and cleaning ###################################################################

@@ -740,14 +740,14 @@ def name_bucket(key: str) -> str:
 def start_order(name: str, priority: Mapping[str, dict[str, str]]) -> tuple:
     """Where a pending entry stands in the run order: by its priority (the id's, unless
     ``priority/<id>`` gives another), then by its id; those put on top (``priority=top``) first,
-    the one put there last first; names that are no client id after every client id."""
+    the one put there last first; a name put there by hand has DEFAULT_PRIORITY."""
     fields = priority.get(name)
     value = fields.get("priority", "") if fields else ""
     if value == "top":
         return (0, -(as_float(fields.get("time")) or 0.0), 0, name)
-    if not TASK_ID_RE.fullmatch(name):
-        return (2, 0.0, 0, name)
     number = ascii_int(value, 999) if value else None
+    if not TASK_ID_RE.fullmatch(name):  # put there by hand: after the client ids of its priority
+        return (1, 0.0, DEFAULT_PRIORITY if number is None else number, "~" + name)
     return (1, 0.0, int(name[:3]) if number is None else number, name[4:])
 
 
@@ -2001,6 +2001,10 @@ class Gangs:
 
     def reserved(self) -> set[int]:
         return {gpu for seat in self.seats.values() for gpu in seat.reserved}
+
+    def reservations(self) -> dict[int, str]:
+        """The GPUs set aside for ranks that have not started yet, with the task's id."""
+        return {gpu: seat.task_id for seat in self.seats.values() for gpu in seat.reserved}
 
     def holds_node(self) -> int:
         """Seats that count as GPU tasks (they keep tasks that take the node whole out)."""
@@ -4181,8 +4185,7 @@ class Scheduler:
         pending = self.folder.files("pending")
         held = set(self.folder.names("held"))
         priority = self.priorities(pending)
-        if priority:
-            pending.sort(key=lambda name: start_order(name, priority))
+        pending.sort(key=lambda name: start_order(name, priority))
         if self.is_leader:
             self.forget_overrides(pending, held, priority)
         self.requests = {n: self.requests[n] for n in pending if n in self.requests}
@@ -5038,9 +5041,11 @@ class Daemon:
                            f"running.{k}.pid": task.proc.pid if task.proc else "",
                            f"running.{k}.rank": "" if task.rank is None else task.rank})
         busy = self.busy_gpus()
+        reserved = self.gangs.reservations()
         for i, gpu in enumerate(self.inventory.gpus):
             fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
                            f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
+                           f"gpu.{i}.reserved": "" if i in busy else reserved.get(i, ""),
                            f"gpu.{i}.state": "off",
                            f"gpu.{i}.reason": self.keepalive.why})
         try:

@@ -280,6 +280,26 @@ parse_args() {
 }
 
 #######################################
+# Names the settings that still hold a placeholder of submit.conf.example: a warning on a dry
+# run, else a refusal before anything is created.
+# Globals: every setting named in SETTING_NAMES; DRY_RUN.
+#######################################
+check_placeholders() {
+  local name
+  local -a found=()
+  for name in "${SETTING_NAMES[@]}"; do
+    case "${!name}" in
+      *YOUR_NAME* | *YOUR_TEAM* | *VOLUME_ID* | *registry.example.com*) found+=("${name}") ;;
+    esac
+  done
+  ((${#found[@]} > 0)) || return 0
+  err "these settings still hold a placeholder of submit.conf.example (YOUR_NAME, YOUR_TEAM," \
+    "VOLUME_ID, registry.example.com): ${found[*]}; set them in" \
+    "${SUBMIT_CONF:-${SCRIPT_DIR}/submit.conf} or in the environment"
+  ((DRY_RUN)) || exit "${EXIT_USAGE}"
+}
+
+#######################################
 # Refuses bad arguments and settings before anything is created.
 # Globals: BACKEND, JOB_ID, GPUS, NODES, QUEUE_ROOT, CODE_DIR and the other settings.
 #######################################
@@ -337,6 +357,7 @@ validate() {
       "or in the environment." >&2
     exit "${EXIT_USAGE}"
   fi
+  check_placeholders
 
   local path_name
   for path_name in QUEUE_ROOT CODE_DIR CONDA_PATH; do
@@ -809,6 +830,10 @@ launch_local() {
       wait "${pid}" || status=$?
       err "the daemon exited at once (status ${status}); nothing was launched. The end of ${log}:"
       tail -n 15 "${log}" | sed 's/^/  /' >&2
+      if tail -n 15 "${log}" | grep -q -e 'is missing from' -e 'No module named'; then
+        err "the daemon ran with PYTHON=${PYTHON}: install the package into that Python, or set" \
+          "PYTHON= in ${SUBMIT_CONF:-${SCRIPT_DIR}/submit.conf} to a Python that has it"
+      fi
       exit "$((status == EXIT_ALIVE ? EXIT_ALIVE : 1))"
     fi
     if [[ "$(read_key "${state_file}" pid)" == "${pid}" \

@@ -759,7 +759,7 @@ def test_shutdown_prints_the_cluster_job_and_how_to_delete_it(sh, backend, lines
 
 
 COMMANDS = ["use", "list", "submit", "run", "status", "show", "logs", "tail", "wait", "retry",
-            "stop", "clean", "drain", "resume", "shutdown", "help"]
+            "hold", "release", "priority", "stop", "clean", "drain", "resume", "shutdown", "help"]
 
 
 def test_help_lists_every_command(sh):
@@ -770,7 +770,8 @@ def test_help_lists_every_command(sh):
                     "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [-w] [--json]",
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
-                    "gpu_retry [OPTIONS] NAME...|--failed",
+                    "gpu_retry [OPTIONS] NAME...|--failed", "gpu_hold NAME...",
+                    "gpu_release NAME...", "gpu_priority NAME PRIORITY|top",
                     "gpu_stop NAME...|all",
                     "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]",
                     "gpu_drain [--node RANK]... [REASON]",

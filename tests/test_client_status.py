@@ -682,3 +682,15 @@ def test_e2e_json_is_written_by_the_shell_alone(sh, tmp_path):
     first, second = proc.stdout.split("\n{", 1)
     assert json.loads(first)["counts"]["running"] == 3  # parsed with Python's json
     assert json.loads("{" + second)["instances"][0]["job_id"] == "exp1"
+
+
+def test_a_gpu_set_aside_for_a_waiting_rank_says_for_which_task(sh):
+    v = build_v2(sh.root)
+    state = v.inst / "nodes" / "node-0.state"
+    text = state.read_text().replace("gpu.3.task=", "gpu.3.reserved=", 1)
+    state.write_text(text)
+    res = sh.run("gpu_status")
+    assert res.rc == 0, res.err
+    assert re.search(r"^ +3 .* reserved for \S+, keep-alive \S+", res.out, re.M), res.out
+    assert not re.search(r"^ +3 .*  keep-alive \S+ *$", res.out, re.M)
+

@@ -44,3 +44,13 @@ def test_the_console_script_names_itself(tmp_path):
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: perpetual-motion [")
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
+def test_the_readmes_say_what_needs_installing(readme):
+    """torch only for keep-alive, and its CPU build where there is no GPU; no install for the
+    client."""
+    text = (REPO / readme).read_text()
+    quick = text[:text.index("source client.sh && gpu_use local")]
+    assert "python3 -m pip install torch --index-url https://download.pytorch.org/whl/cpu" in quick
+    assert "`psutil`" in quick and "`nvidia-ml-py`" in quick and "`client.sh`" in quick

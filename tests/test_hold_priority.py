@@ -32,6 +32,10 @@ def test_start_order_takes_the_priority_overrides():
     # the last one put on top first; then priorities (the override's, else the id's)
     assert sorted(pending, key=lambda n: pm.start_order(n, overrides)) == [
         "by-hand.sh", a, b, c]
+    # put there by hand: DEFAULT_PRIORITY, after the client ids of it, before larger numbers
+    late = task(4, "600")
+    assert sorted([late, "by-hand.sh", b, c], key=lambda n: pm.start_order(n, {})) == [
+        c, b, "by-hand.sh", late]
     bad = {b: {"priority": "high"}}  # unreadable: the id's own priority
     assert sorted([a, b], key=lambda n: pm.start_order(n, bad)) == [a, b]
 
@@ -122,3 +126,11 @@ def test_help_lists_the_new_commands(sh):
     for command in ("gpu_hold", "gpu_release", "gpu_priority"):
         assert re.search(rf"^ *{command} ", res.out, re.M), res.out
     assert sh.run("gpu_priority --help").out.startswith("usage: gpu_priority NAME PRIORITY|top")
+
+
+def test_a_task_put_into_pending_by_hand_has_the_default_priority(sh):
+    ids = [submitted_id(sh.run(f"gpu_run -p {p} --name p{p} 'echo {p}'")) for p in (600, 500)]
+    (sh.root / "exp1" / "pending" / "by-hand.sh").write_text("echo by hand\n")
+    assert [row[0] for row in pending_rows(sh.run("gpu_status").out)] == [
+        "p500", "by-hand.sh", "p600"]
+    assert ids[0].startswith("600-")

@@ -349,7 +349,16 @@ def test_the_example_settings_launch_the_originals_sco_job(tmp_path):
         assert f" {flag}" in run.stdout, (flag, run.stdout)
     launcher = [line.strip() for line in run.stdout.splitlines()]
     assert "source /mnt/afs/YOUR_NAME/software/conda/bin/activate swift || exit 1" in launcher
-    assert "cd /mnt/afs/YOUR_NAME/perpetual-motion || exit 1" in launcher
+    assert f"cd {REPO} || exit 1" in launcher  # CODE_DIR's default: where submit.sh is
+    placeholders = (
+        "submit.sh: error: these settings still hold a placeholder of submit.conf.example "
+        "(YOUR_NAME, YOUR_TEAM, VOLUME_ID, registry.example.com): QUEUE_ROOT CONDA_PATH "
+        f"SCO_IMAGE SCO_STORAGE_MOUNT; set them in {conf} or in the environment\n")
+    assert run.stderr.startswith(placeholders)
+    # a launch, not a dry run, is refused before anything is written or sco is called
+    launch = run_submit(env, "exp1")
+    assert (launch.returncode, launch.stderr) == (2, placeholders)
+    assert not (tmp_path / "sco-calls.jsonl").exists()
     assert "exec python3 perpetual_motion.py --job-id exp1 --queue-root " \
            '/mnt/afs/YOUR_NAME/gpu_queue "${node_flags[@]}"' in launcher
     # Every name in it, set or commented out, is a setting of submit.sh.
@@ -735,6 +744,26 @@ def test_local_backend_reports_a_daemon_that_exits_at_once(tmp_path):
     again = run_submit(dict(env, DAEMON_ARGS=""), "--dry-run", "--backend", "local", "broken", "0")
     assert again.returncode == 0, again.stderr
     assert "has not started" not in again.stderr
+
+
+@needs_namespace
+def test_local_backend_says_how_to_choose_a_python_that_has_the_packages(tmp_path):
+    """A Python without psutil (a fresh virtual environment): the daemon cannot start, and
+    submit.sh says to set PYTHON= in submit.conf."""
+    venv = tmp_path / "bare venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    assert subprocess.run([str(python), "-c", "import psutil"], capture_output=True).returncode
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), PYTHON=str(python))
+    run = subprocess.run([*UNSHARE, str(SUBMIT), "--backend", "local", "bare", "0"], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1
+    assert "the Python package psutil is missing" in run.stderr
+    assert (f"submit.sh: error: the daemon ran with PYTHON={python}: install the package into "
+            f"that Python, or set PYTHON= in {tmp_path}/empty.conf to a Python that has it\n"
+            in run.stderr), run.stderr
+    assert not (tmp_path / "bare" / "job_id.txt").exists()
 
 
 @needs_namespace
