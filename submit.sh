@@ -75,6 +75,7 @@ readonly EXIT_ALIVE=3
 BACKEND=""
 JOB_ID=""
 GPUS=""
+GPUS_GIVEN=""  # 1 when GPUS was on the command line
 NODES=""
 FORCE=0
 DRY_RUN=0
@@ -237,7 +238,7 @@ load_settings() {
 
 #######################################
 # Parses the command line.
-# Globals: BACKEND, FORCE, DRY_RUN, HOURS_FLAG, JOB_ID, GPUS, NODES.
+# Globals: BACKEND, FORCE, DRY_RUN, HOURS_FLAG, JOB_ID, GPUS, GPUS_GIVEN, NODES.
 #######################################
 parse_args() {
   local -a positional=()
@@ -276,6 +277,7 @@ parse_args() {
   fi
   JOB_ID="${positional[0]}"
   GPUS="${positional[1]:-2}"
+  GPUS_GIVEN="${positional[1]:+1}"
   NODES="${positional[2]:-1}"
 }
 
@@ -535,7 +537,10 @@ daemon_command() {
   case "${BACKEND}" in
     sco) printf ' %s' '"${node_flags[@]}"' ;;
     slurm) printf ' %s' '--node-rank "${SLURM_NODEID:-0}" --num-nodes "${SLURM_NNODES:-1}"' ;;
-    local) printf ' %s' '--node-rank 0 --num-nodes 1' ;;
+    local)
+      printf ' %s' '--node-rank 0 --num-nodes 1'
+      # the GPUs of this machine that tasks get (without NVML: that many declared slots)
+      if [[ -n "${GPUS_GIVEN}" ]]; then printf ' --gpus %s' "${GPUS}"; fi ;;
   esac
   if ((${#extra[@]} > 0)); then
     printf ' %s' "$(quote_all "${extra[@]}")"

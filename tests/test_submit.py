@@ -957,3 +957,13 @@ def test_slurm_two_nodes_bring_up_a_daemon_on_each_and_gpu_shutdown_ends_the_job
 
     assert launch.shutdown() == "COMPLETED"
     assert [launch.state(rank)["status"] for rank in (0, 1)] == ["stopped", "stopped"]
+
+
+def test_local_backend_gives_the_daemon_the_gpu_count_it_was_given(tmp_path):
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path))
+    run = run_submit(env, "--dry-run", "--backend", "local", "exp1", "4")
+    assert run.returncode == 0, run.stderr
+    assert " --node-rank 0 --num-nodes 1 --gpus 4" in run.stdout, run.stdout
+    run = run_submit(env, "--dry-run", "--backend", "local", "exp1")
+    assert run.returncode == 0, run.stderr
+    assert "--gpus" not in run.stdout  # without a count: every GPU the daemon finds
