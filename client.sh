@@ -59,6 +59,9 @@ gpu_logs() { _gpu_main logs "$@"; }
 gpu_tail() { _gpu_main tail "$@"; }
 gpu_wait() { _gpu_main wait "$@"; }
 gpu_retry() { _gpu_main retry "$@"; }
+gpu_hold() { _gpu_main hold "$@"; }
+gpu_release() { _gpu_main release "$@"; }
+gpu_priority() { _gpu_main priority "$@"; }
 gpu_stop() { _gpu_main stop "$@"; }
 gpu_clean() { _gpu_main clean "$@"; }
 gpu_drain() { _gpu_main drain "$@"; }
@@ -122,9 +125,9 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   _gpu_blank='                                                                                '
   _gpu_blank=$_gpu_blank$_gpu_blank  # 160 spaces, for _gpu_pad
   # the commands, in the order gpu_help lists them and completion offers them
-  _gpu_commands='use list submit run status show logs tail wait retry stop clean drain resume
-shutdown help'
-  _gpu_keys=''
+  _gpu_commands='use list submit run status show logs tail wait retry hold release priority stop
+clean drain resume shutdown help'
+  _gpu_keys='' _gpu_sum=''
   _gpu_cmd=$1
   shift
   "_gpu_cmd_$_gpu_cmd" "$@"
@@ -486,6 +489,79 @@ _gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when ab
   eval "_gpu_val=\${_gpu_f_${1//./_}-}; [ -n \"\${_gpu_f_${1//./_}+set}\" ]"
 }
 
+_gpu_cache() {  # the daemon's summary (docs/protocol.md) into _gpu_sum_*, once per command;
+  # 1 when there is none or the folders changed since it was written: then list the folders.
+  # It loads the summary (_gpu_load) and keeps _gpu_val.
+  local val="$_gpu_val"
+  case $_gpu_sum in ok) return 0 ;; no) return 1 ;; esac
+  _gpu_sum=no
+  _gpu_cache_load
+  _gpu_val=$val
+  [ "$_gpu_sum" = ok ]
+}
+
+_gpu_cache_load() {  # _gpu_cache's work: _gpu_sum=ok when the summary holds
+  local dm fm lm nm stamps
+  _gpu_load "$_gpu_q/summary" || return 1
+  _gpu_field done_mtime; dm=$_gpu_val
+  _gpu_field failed_mtime; fm=$_gpu_val
+  _gpu_field logs_mtime; lm=$_gpu_val
+  _gpu_field names_mtime; nm=$_gpu_val
+  [ -n "$dm" ] && [ -n "$fm" ] && [ -n "$lm" ] && [ -n "$nm" ] || return 1
+  stamps=$(command stat -c %.9Y -- "$_gpu_q/done" "$_gpu_q/failed" "$_gpu_q/logs" \
+    "$_gpu_q/names" 2>/dev/null) || return 1
+  [ "$stamps" = "$dm$_gpu_nl$fm$_gpu_nl$lm$_gpu_nl$nm" ] || return 1
+  _gpu_field 'done'; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_done=$_gpu_i
+  _gpu_field failed; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_failed=$_gpu_i
+  _gpu_field logs; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_logs=$_gpu_i
+  _gpu_field ended_count; _gpu_whole "$_gpu_val" 10000 || return 1
+  _gpu_sum_nended=$_gpu_i _gpu_sum_ended=''
+  local k=0
+  while [ "$k" -lt "$_gpu_sum_nended" ]; do
+    _gpu_field "ended.$k" || return 1
+    _gpu_sum_ended=$_gpu_sum_ended$_gpu_val$_gpu_nl
+    k=$((k + 1))
+  done
+  _gpu_sum=ok
+}
+
+_gpu_key_ok() {  # _gpu_key_ok NAME: can NAME be a file name in names/ (as the daemon writes)?
+  case $1 in '' | .* | */* | *"$_gpu_nl"*) return 1 ;; esac
+  [ "${#1}" -le 200 ]
+}
+
+_gpu_bucket() {  # _gpu_bucket NAME: the file in names/ that lists NAME's tasks into _gpu_s: the
+  # last two bytes of NAME without its extension, each one outside A-Za-z0-9_- as _
+  _gpu_s=${1%.*}
+  [ "${#_gpu_s}" -le 2 ] || _gpu_s=${_gpu_s:$((${#_gpu_s} - 2))}
+  _gpu_s=${_gpu_s//[!A-Za-z0-9_-]/_}
+}
+
+_gpu_task_logs() {  # _gpu_task_logs ID [RANK|all]: names in logs/ of task ID's log into _gpu_tl,
+  # one a line: its own (rank 0's for a task that spans nodes) when RANK is empty, rank RANK's,
+  # or all of them; found by name, never by listing logs/
+  local r=0 n=0
+  _gpu_tl=''
+  case ${2-} in
+    '')
+      if [ -e "$_gpu_q/logs/$1.log" ]; then _gpu_tl=$1.log$_gpu_nl
+      elif [ -e "$_gpu_q/logs/$1.rank0.log" ]; then _gpu_tl=$1.rank0.log$_gpu_nl; fi ;;
+    all)
+      [ -e "$_gpu_q/logs/$1.log" ] && _gpu_tl=$1.log$_gpu_nl
+      # the ranks of its gang record, and any after them
+      if _gpu_load "$_gpu_q/records/$1.gang" && _gpu_field nnodes; then
+        _gpu_bounded "$_gpu_val"; n=$_gpu_i
+      fi
+      while [ "$r" -lt 1024 ]; do
+        if [ -e "$_gpu_q/logs/$1.rank$r.log" ]; then _gpu_tl=$_gpu_tl$1.rank$r.log$_gpu_nl
+        elif [ "$r" -ge "$n" ]; then break; fi
+        r=$((r + 1))
+      done ;;
+    *) [ -e "$_gpu_q/logs/$1.rank$2.log" ] && _gpu_tl=$1.rank$2.log$_gpu_nl ;;
+  esac
+  return 0
+}
+
 _gpu_conf_root() {  # QUEUE_ROOT from submit.conf into _gpu_val: 1 when none, 2 when unusable
   local conf line value='' raw='' found='' n=0
   _gpu_client_dir
@@ -540,7 +616,7 @@ _gpu_root() {  # sets _gpu_r to the queue root; 1 when it does not exist
   _gpu_root_value || return 1
   [ -d "$_gpu_r" ] && return 0
   _gpu_err "the queue root $_gpu_r$_gpu_from does not exist (shared storage not mounted? set" \
-    "QUEUE_ROOT)"
+    "QUEUE_ROOT, or the QUEUE_ROOT= line of submit.conf beside client.sh)"
   return 1
 }
 
@@ -894,6 +970,22 @@ given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted
       _gpu_sp_more="\
 NAME stands for its newest finished task; each NAME is checked before anything is queued.
 --failed leaves out the tasks that were stopped or cancelled, and those retried before." ;;
+    hold) _gpu_sp_use='NAME...'
+      _gpu_sp_what='keep pending tasks from starting until gpu_release'
+      _gpu_sp_more="\
+NAME holds every pending task it names; each NAME is checked first. A held task stays in pending/,
+keeps its place and its dependants wait for it; gpu_status shows it as held. A task that starts
+while it is being held is named, and is not held." ;;
+    release) _gpu_sp_use='NAME...'
+      _gpu_sp_what='let held tasks start again'
+      _gpu_sp_more="\
+NAME releases every held pending task it names; each NAME is checked first." ;;
+    priority) _gpu_sp_use='NAME PRIORITY|top'
+      _gpu_sp_what='change the priority of pending tasks; top: put them first'
+      _gpu_sp_more="\
+PRIORITY is 0-999, smaller runs first (gpu_submit -p); top puts the tasks NAME names before every
+other pending task (the last one put on top runs first). Their ids stay the same, so --after and
+every name still find them." ;;
     stop) _gpu_sp_use='NAME...|all'
       _gpu_sp_what='stop tasks, or cancel them if pending; all: every task'
       _gpu_sp_more="\
@@ -964,7 +1056,14 @@ _gpu_parse() {  # _gpu_parse MODE ARGS...: the current command's options into _g
       fi
     done
     if [ -z "$found" ]; then
-      _gpu_err "unknown option $opt (gpu_$_gpu_cmd --help lists the options)"
+      if [ "$_gpu_cmd" = submit ] && [ "${#_gpu_args[@]}" -gt 0 ] && [ "${opt#--}" != "$opt" ]
+      then  # meant for the script
+        _gpu_shquote "${_gpu_args[0]}"
+        _gpu_err "unknown option $opt: arguments for the script go after --, as in" \
+          "gpu_submit $_gpu_w -- $opt ..."
+      else
+        _gpu_err "unknown option $opt (gpu_$_gpu_cmd --help lists the options)"
+      fi
       return 1
     fi
     name=${found#*|*|}; name=${name%%|*}
@@ -1053,10 +1152,15 @@ _gpu_display_ids() {  # the ids whose submit record has display_name=_gpu_base, 
 }
 
 _gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the tasks NAME names into _gpu_val
-  local name=$1 dir id IFS=$_gpu_nl
+  local name=$1 dir id='' IFS=$_gpu_nl
   shift
   _gpu_val=''
   _gpu_split_name "$name"
+  for dir in "$@"; do case $dir in 'done' | failed) id=1 ;; esac; done
+  # pending/ and running/ are short: listed; done/ and failed/ through names/ while it holds
+  if [ -z "$id" ] || { _gpu_key_ok "$_gpu_base" && _gpu_cache; }; then
+    _gpu_find_indexed "$name" "$@"; return
+  fi
   for dir in "$@"; do
     for id in $(_gpu_ls "$_gpu_q/$dir"); do
       if [ "$id" = "$name" ] || _gpu_matches "$id"; then _gpu_val=$_gpu_val$dir/$id$_gpu_nl; fi
@@ -1068,6 +1172,56 @@ _gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the tasks NAME names i
       [ -e "$_gpu_q/$dir/$id" ] && _gpu_val=$_gpu_val$dir/$id$_gpu_nl
     done
   done
+  [ -n "$_gpu_val" ]
+}
+
+_gpu_find_indexed() {  # _gpu_find_indexed NAME DIR...: _gpu_find, the finished tasks looked up
+  # in names/ (only while the summary holds), the others listed
+  local name=$1 dir id line dirs=' ' small='' files='' display='' IFS=$_gpu_nl
+  shift
+  _gpu_val=''
+  for dir in "$@"; do
+    case $dir in
+      'done' | failed)
+        dirs="$dirs$dir "
+        [ -e "$_gpu_q/$dir/$name" ] && _gpu_val=$_gpu_val$dir/$name$_gpu_nl ;;
+      *)
+        for id in $(_gpu_ls "$_gpu_q/$dir"); do
+          small=$small$dir/$id$_gpu_nl
+          if [ "$id" = "$name" ] || _gpu_matches "$id"; then _gpu_val=$_gpu_val$dir/$id$_gpu_nl
+          fi
+        done ;;
+    esac
+  done
+  _gpu_bucket "$_gpu_base"
+  if [ "$dirs" != ' ' ] && [ -f "$_gpu_q/names/$_gpu_s" ]; then
+    for line in $(command grep -F -e "$_gpu_base/" -- "$_gpu_q/names/$_gpu_s" 2>/dev/null \
+      | command tail -n 1000); do
+      case $line in "$_gpu_base"/*) line=${line#"$_gpu_base"/} ;; *) continue ;; esac
+      case $dirs in *" ${line%%/*} "*) ;; *) continue ;; esac
+      id=${line#*/}
+      case $id in '' | */*) continue ;; esac
+      [ -e "$_gpu_q/$line" ] || continue
+      case $_gpu_nl$_gpu_val in *"$_gpu_nl$line$_gpu_nl"*) continue ;; esac
+      _gpu_short "$id"
+      if [ "$_gpu_s" = "$_gpu_base" ] || [ "${_gpu_s%.*}" = "$_gpu_base" ]; then
+        _gpu_hex_ok "$id" && _gpu_val=$_gpu_val$line$_gpu_nl
+      else
+        _gpu_hex_ok "$id" && display=$display$line$_gpu_nl  # its --name
+      fi
+    done
+  fi
+  [ -n "$_gpu_val" ] && return 0
+  for line in $small; do files=$files$_gpu_q/records/${line#*/}.submit$_gpu_nl; done
+  if [ -n "$files" ]; then  # a --name of a pending or running task
+    # shellcheck disable=SC2086,SC2013  # one file a line (the dispatcher turned globbing off)
+    for id in $(command grep -lxF -e "display_name=$_gpu_base" -- $files 2>/dev/null); do
+      id=${id##*/}; id=${id%.submit}
+      _gpu_hex_ok "$id" || continue
+      for line in $small; do [ "${line#*/}" = "$id" ] && display=$display$line$_gpu_nl; done
+    done
+  fi
+  _gpu_val=$display
   [ -n "$_gpu_val" ]
 }
 
@@ -1182,6 +1336,12 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
         _gpu_t_state=running _gpu_t_node=$_gpu_rm_nodes
         _gpu_t_gpus=${_gpu_rm_gpus:-$_gpu_t_gpus}
         _gpu_t_started=${_gpu_rm_started:-$_gpu_t_started}
+      fi ;;
+    pending)
+      [ ! -e "$_gpu_q/held/$id" ] || _gpu_t_state=held
+      if [ -f "$_gpu_q/priority/$id" ] && _gpu_load "$_gpu_q/priority/$id" \
+        && _gpu_field priority; then  # gpu_priority
+        case $_gpu_val in top) _gpu_t_prio=top ;; [0-9][0-9][0-9]) _gpu_t_prio=$_gpu_val ;; esac
       fi ;;
     done | failed)
       if _gpu_load "$_gpu_q/records/$id.result"; then
@@ -2070,6 +2230,10 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
         [ "$_gpu_val" = filling ] && what="$what (keep-alive filling)"
       else
         _gpu_field "gpu.$i.state"; what="keep-alive ${_gpu_val:-?}"
+        if _gpu_field "gpu.$i.reserved" && [ -n "$_gpu_val" ]; then  # for a gang's rank
+          _gpu_name_of "$_gpu_val"; _gpu_field "gpu.$i.state"
+          what="reserved for $_gpu_s, keep-alive ${_gpu_val:-?}"
+        fi
         _gpu_field "gpu.$i.reason"; [ -n "$_gpu_val" ] && what="$what ($_gpu_val)"
         _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && what="$what, tile $_gpu_val"
         _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
@@ -2101,6 +2265,18 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
 _gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newest first
   local line id n=0 IFS=$_gpu_nl
   [ "$1" -gt 0 ] || return 0
+  if _gpu_cache && { [ "$1" -le "$_gpu_sum_nended" ] \
+    || [ "$_gpu_sum_nended" -ge $((_gpu_sum_done + _gpu_sum_failed)) ]; }; then
+    for line in $_gpu_sum_ended; do  # as the daemon found them (docs/protocol.md, summary)
+      case $line in 'done'/?* | failed/?*) ;; *) continue ;; esac
+      case ${line#*/} in */*) continue ;; esac
+      [ -e "$_gpu_q/$line" ] || continue
+      printf '%s\n' "$line"
+      n=$((n + 1))
+      [ "$n" -lt "$1" ] || break
+    done
+    return 0
+  fi
   # a result is published when its task ends: the newest results are the newest ends
   for line in $(command find "$_gpu_q/records" -maxdepth 1 -name '*.result' -printf '%T@ %f\n' \
     2>/dev/null | command sort -rn | command head -n "$(($1 * 2 + 10))"); do
@@ -2114,10 +2290,16 @@ _gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newes
   done
 }
 
+_gpu_finished_counts() {  # the tasks in done/ into _gpu_n, in failed/ into _gpu_nf
+  if _gpu_cache; then _gpu_n=$_gpu_sum_done _gpu_nf=$_gpu_sum_failed; return; fi
+  _gpu_count "$_gpu_q/failed"; _gpu_nf=$_gpu_n
+  _gpu_count "$_gpu_q/done"
+}
+
 _gpu_row() {  # a task table row of the loaded task (_gpu_t_*) into _gpu_rows
   local state=$_gpu_t_state node=$_gpu_t_node gpus time='' code='' base
   case $state in
-    pending)
+    pending | held)
       gpus=$_gpu_t_gpus_req; [ "$gpus" = 0 ] && gpus=cpu
       node=''; [ "$_gpu_t_nodes_req" = 1 ] || node=x$_gpu_t_nodes_req ;;
     running | starting)
@@ -2231,6 +2413,7 @@ _gpu_status_watch() {  # _gpu_status_watch RECENT: gpu_status --watch, until Ctr
 _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the checked instance
   local recent=$1 IFS=$_gpu_nl line id list pending=0 shown=0 running=0 ndone failed
   _gpu_now
+  _gpu_cache
   _gpu_runmap_build
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json "$recent"; return; fi
   _gpu_rows='' _gpu_orphans=''
@@ -2238,7 +2421,7 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
     running=$((running + 1))
     _gpu_task running "$id"; _gpu_row
   done
-  list=$(_gpu_ls "$_gpu_q/pending")
+  list=$(_gpu_run_order)
   for id in $list; do
     pending=$((pending + 1))
     [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || continue
@@ -2261,8 +2444,7 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
       "$((pending - shown))"
   [ -z "$_gpu_orphans" ] \
     || printf 'orphaned: its daemon is not alive; a new daemon marks it interrupted\n'
-  _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
-  _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
+  _gpu_finished_counts; ndone=$_gpu_n failed=$_gpu_nf
   printf 'Totals:   %s running, %s pending, %s done, %s failed, stopped or cancelled\n' \
     "$running" "$pending" "$ndone" "$failed"
 }
@@ -2286,7 +2468,9 @@ _gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
   _gpu_js "$_gpu_t_id"; out="{\"id\": $_gpu_j"
   _gpu_js "$_gpu_t_name"; out="$out, \"name\": $_gpu_j"
   _gpu_jstr "$_gpu_t_display"; out="$out, \"display_name\": $_gpu_j"
-  _gpu_jn "$_gpu_t_prio"; out="$out, \"priority\": $_gpu_j"
+  _gpu_js "${_gpu_t_display:-$_gpu_t_name}"; out="$out, \"shown_name\": $_gpu_j"
+  if [ "$_gpu_t_prio" = top ]; then _gpu_j="\"top\""; else _gpu_jn "$_gpu_t_prio"; fi
+  out="$out, \"priority\": $_gpu_j"
   _gpu_js "$_gpu_t_state"; out="$out, \"state\": $_gpu_j"
   _gpu_jstr "$_gpu_t_command"; out="$out, \"command\": $_gpu_j"
   _gpu_jstr "$_gpu_t_source"; out="$out, \"source\": $_gpu_j"
@@ -2403,7 +2587,7 @@ _gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protoco
   done
   printf '],\n "pending": ['
   sep=''
-  for id in $(_gpu_ls "$_gpu_q/pending"); do
+  for id in $(_gpu_run_order); do
     pending=$((pending + 1))
     printf '%s\n  ' "$sep"; sep=,
     _gpu_task pending "$id"; _gpu_task_json
@@ -2414,10 +2598,9 @@ _gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protoco
     printf '%s\n  ' "$sep"; sep=,
     _gpu_task "${line%%/*}" "${line#*/}"; _gpu_task_json
   done
-  _gpu_count "$_gpu_q/done"; id=$_gpu_n
-  _gpu_count "$_gpu_q/failed"
+  _gpu_finished_counts
   printf '],\n "counts": {"running": %s, "pending": %s, "done": %s, "failed": %s}}\n' \
-    "$running" "$pending" "$id" "$_gpu_n"
+    "$running" "$pending" "$_gpu_n" "$_gpu_nf"
 }
 
 _gpu_cmd_show() {
@@ -2502,11 +2685,8 @@ _gpu_cmd_show() {
     _gpu_say "Exit:       killed by signal $_gpu_t_signal"
   fi
   [ -z "$_gpu_t_attempt" ] || [ "$_gpu_t_attempt" = 1 ] || _gpu_say "Attempt:    $_gpu_t_attempt"
-  for line in $(_gpu_ls "$_gpu_q/logs"); do
-    case $line in
-      "$id.log" | "$id".rank[0-9]*.log) _gpu_say "Log:        $_gpu_q/logs/$line" ;;
-    esac
-  done
+  _gpu_task_logs "$id" all
+  for line in $_gpu_tl; do _gpu_say "Log:        $_gpu_q/logs/$line"; done
   line=$(printf '%s' "$others" | command grep -c .)
   [ "$line" -le 1 ] || _gpu_err "$1 names $line tasks; this is the one submitted last" \
     "(gpu_status lists them)"
@@ -2530,8 +2710,25 @@ _gpu_log_rank() {  # _gpu_log_rank FILE WANT: the task id of log FILE into _gpu_
 
 _gpu_log_of() {  # _gpu_log_of PATTERN RANK: the newest log PATTERN names (a task NAME, else any
   # part of an id) into _gpu_log, its task into _gpu_id; 1 when there is none
-  local f sub='' ids IFS=$_gpu_nl
+  local f sub='' ids line files='' IFS=$_gpu_nl
   _gpu_split_name "$1"
+  if _gpu_key_ok "$_gpu_base" && _gpu_cache && _gpu_find "$1" pending running 'done' failed
+  then  # the tasks NAME names, found without listing logs/: the newest of their logs
+    for line in $_gpu_val; do
+      _gpu_task_logs "${line#*/}" "$2"
+      files=$files$_gpu_tl
+    done
+    if [ -n "$files" ]; then
+      # shellcheck disable=SC2086  # one name a line (the dispatcher turned globbing off)
+      f=$(cd -- "$_gpu_q/logs" 2>/dev/null && command ls -1t -- $files 2>/dev/null \
+        | command head -n 1)
+      if [ -n "$f" ]; then
+        _gpu_log_rank "$f" "$2"
+        _gpu_log=$_gpu_q/logs/$f
+        return 0
+      fi
+    fi
+  fi
   # only the logs whose names hold the name can match (grep is faster than the shell)
   for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null | command grep -F -e "$_gpu_base"); do
     case $f in *.log) ;; *) continue ;; esac
@@ -2599,13 +2796,26 @@ _gpu_cmd_logs() {
     else command cat -- "$_gpu_log"; fi
     return
   fi
-  local perms size day time name total shown=0 limit=20 running r
-  _gpu_count "$_gpu_q/logs"; total=$_gpu_n
+  local perms size day time name total shown=0 limit=20 running r files='' id IFS=$_gpu_nl
+  if [ -z "$_gpu_o_all" ] && _gpu_cache; then
+    # the newest logs are those of the running tasks and of the tasks that ended last
+    total=$_gpu_sum_logs
+    for id in $(_gpu_ls "$_gpu_q/running") $_gpu_sum_ended; do
+      _gpu_task_logs "${id#*/}" all
+      files=$files$_gpu_tl
+    done
+  else
+    _gpu_count "$_gpu_q/logs"; total=$_gpu_n
+  fi
   if [ "$total" -eq 0 ]; then
     _gpu_say "No logs yet in $_gpu_q/logs"
     return 0
   fi
   [ -z "$_gpu_o_all" ] || limit=$total
+  [ -n "$files" ] || files=.  # the whole folder
+  # shellcheck disable=SC2086  # one name a line (the dispatcher turned globbing off)
+  files=$(cd -- "$_gpu_q/logs" 2>/dev/null && command ls -goth --time-style='+%Y-%m-%d %H:%M' \
+    -- $files 2>/dev/null | command head -n "$((limit + 1))")
   running=$_gpu_nl$(_gpu_ls "$_gpu_q/running")$_gpu_nl
   printf '%6s  %-16s  %s\n' SIZE MODIFIED TASK
   while IFS=' ' read -r perms _ size day time name; do
@@ -2622,8 +2832,7 @@ _gpu_cmd_logs() {
     _gpu_say "$(printf '%6s  %-16s  %s' "$size" "$day $time" "$name")"
     shown=$((shown + 1))
   done <<EOF
-$(command ls -goth --time-style='+%Y-%m-%d %H:%M' -- "$_gpu_q/logs" 2>/dev/null \
-    | command head -n "$((limit + 1))")
+$files
 EOF
   [ "$shown" -lt "$total" ] && printf '(the newest %s of %s logs; gpu_logs --all lists all)\n' \
     "$shown" "$total"
@@ -2859,6 +3068,120 @@ _gpu_wait_loop() {  # the loop of gpu_wait, on the arrays of _gpu_cmd_wait
     i=$((i + 1))
   done
   return "$rc"
+}
+
+# Commands: holding and ordering pending tasks #####################################################
+
+_gpu_pending_of() {  # _gpu_pending_of NAME...: the pending tasks the NAMEs name, as ids, into
+  # _gpu_ids (one a line); 1 with a message when one names none, or a task that gets a fresh id
+  local name line id IFS=$_gpu_nl
+  _gpu_ids=''
+  for name in "$@"; do
+    _gpu_check_name "$name" || return 1
+    if ! _gpu_find "$name" pending; then
+      if _gpu_find "$name" running; then _gpu_err "task $name has started already"
+      elif _gpu_find "$name" 'done' failed; then _gpu_err "task $name has finished"
+      else _gpu_err "no such task: $name (gpu_status lists the tasks)"; fi
+      [ "$#" -eq 1 ] || _gpu_err "nothing was changed"
+      return 1
+    fi
+    for line in $_gpu_val; do
+      id=${line#*/}
+      if _gpu_renamed "$id"; then
+        _gpu_err "$id gets its id only when it starts (it was put into pending/ by hand or" \
+          "renamed back): it cannot be held or given a priority"
+        return 1
+      fi
+      case $_gpu_nl$_gpu_ids in *"$_gpu_nl$id$_gpu_nl"*) ;; *) _gpu_ids=$_gpu_ids$id$_gpu_nl ;; esac
+    done
+  done
+}
+
+_gpu_cmd_hold() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -eq 0 ]; then _gpu_usage; return; fi
+  _gpu_existing_instance || return
+  _gpu_pending_of "$@" || return 1
+  local id rc=0 IFS=$_gpu_nl
+  _gpu_prepare held || return 1
+  _gpu_whoami
+  _gpu_now
+  for id in $_gpu_ids; do
+    _gpu_unique || return 1
+    _gpu_put "$_gpu_q/held/$id" "by=$_gpu_who${_gpu_nl}time=$_gpu_t$_gpu_nl" || return 1
+    # the daemon claims a task, then looks for its hold: a task still pending now never starts
+    if [ -e "$_gpu_q/pending/$id" ]; then
+      _gpu_say "held $id"
+    else
+      command rm -f -- "$_gpu_q/held/$id"
+      _gpu_err "task $id started before it could be held"
+      rc=1
+    fi
+  done
+  return "$rc"
+}
+
+_gpu_cmd_release() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -eq 0 ]; then _gpu_usage; return; fi
+  _gpu_existing_instance || return
+  _gpu_pending_of "$@" || return 1
+  local id IFS=$_gpu_nl
+  for id in $_gpu_ids; do
+    if [ ! -e "$_gpu_q/held/$id" ]; then _gpu_say "$id is not held"; continue; fi
+    command rm -f -- "$_gpu_q/held/$id"
+    if [ -e "$_gpu_q/held/$id" ]; then _gpu_err "cannot remove $_gpu_q/held/$id"; return 1; fi
+    _gpu_say "released $id"
+  done
+}
+
+_gpu_cmd_priority() {
+  _gpu_parse any "$@" || return "$_gpu_rc"
+  set -- "${_gpu_args[@]}"
+  if [ "$#" -ne 2 ]; then _gpu_usage; return; fi
+  local id text now IFS=$_gpu_nl
+  if [ "$2" = top ]; then text=top; else _gpu_priority "$2" || return 2; text=$_gpu_p; fi
+  _gpu_existing_instance || return
+  _gpu_pending_of "$1" || return 1
+  _gpu_prepare priority || return 1
+  _gpu_whoami
+  now=$(command date +%s.%N)
+  for id in $_gpu_ids; do
+    _gpu_unique || return 1
+    _gpu_put "$_gpu_q/priority/$id" \
+      "priority=$text${_gpu_nl}by=$_gpu_who${_gpu_nl}time=$now$_gpu_nl" || return 1
+    _gpu_say "priority of $id: $text"
+  done
+}
+
+_gpu_run_order() {  # the pending tasks in the order they start (docs/protocol.md), one a line
+  local id rest='' list IFS=$_gpu_nl
+  list=$(_gpu_ls "$_gpu_q/pending")
+  # the ids' byte order when no priority/ entry nor a name put there by hand changes it
+  for id in $list; do _gpu_is_id "$id" || { rest=1; break; }; done
+  if [ -z "$rest" ] && [ -z "$(_gpu_ls "$_gpu_q/priority")" ]; then
+    printf '%s' "${list:+$list$_gpu_nl}"; return
+  fi
+  # one line a task: class, time put on top, priority, the rest of the id, then the name
+  for id in $list; do
+    rest=''
+    if [ -f "$_gpu_q/priority/$id" ] && _gpu_load "$_gpu_q/priority/$id" && _gpu_field priority
+    then
+      if [ "$_gpu_val" = top ]; then
+        _gpu_field time; rest=0$_gpu_fs${_gpu_val:-0}${_gpu_fs}000$_gpu_fs${id//$_gpu_fs/_}
+      elif _gpu_whole "$_gpu_val" 999 && _gpu_is_id "$id"; then
+        rest=1$_gpu_fs~$_gpu_fs$(printf %03d "$_gpu_i")$_gpu_fs${id#???-}
+      fi
+    fi
+    if [ -z "$rest" ]; then
+      # a name put there by hand: DEFAULT_PRIORITY, after the client ids of it
+      if _gpu_is_id "$id"; then rest=1$_gpu_fs~$_gpu_fs${id%%-*}$_gpu_fs${id#???-}
+      else rest=1$_gpu_fs~${_gpu_fs}500$_gpu_fs~${id//$_gpu_fs/_}; fi
+    fi
+    printf '%s\n' "$rest$_gpu_fs$id"
+  done | command sort -t "$_gpu_fs" -k1,1 -k2,2r -k3,3 -k4,4 | command cut -d "$_gpu_fs" -f5-
 }
 
 # Commands: stopping and cleaning ###################################################################
@@ -3403,11 +3726,14 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
   _gpu_q=$_gpu_r/$JOB_ID
   {
     [ "$what" = stop ] && [ "$positional" -eq 0 ] && printf 'all\n'
-    for id in $(_gpu_ls "$_gpu_q/running"; _gpu_ls "$_gpu_q/pending"); do
+    [ "$what" = priority ] && [ "$positional" -eq 1 ] && printf 'top\n'
+    for id in $(case $what in hold | release | priority) ;; *) _gpu_ls "$_gpu_q/running" ;; esac
+      _gpu_ls "$_gpu_q/pending"); do
       printf '%s\n' "$id"
       _gpu_short "$id"; printf '%s\n' "$_gpu_s"
     done
-    if [ "$what" != stop ]; then
+    if [ "$what" != stop ] && [ "$what" != hold ] && [ "$what" != release ] \
+      && [ "$what" != priority ]; then
       for id in $(_gpu_ls "$_gpu_q/logs"); do
         _gpu_log_rank "$id" "${id##*.rank}" || _gpu_log_rank "$id" ''
         case $word in [0-9]*) printf '%s\n' "$_gpu_id" ;; esac
@@ -3442,11 +3768,13 @@ _gpu_complete_zsh() {
 if [ -n "${ZSH_VERSION-}" ]; then
   if command -v compdef >/dev/null 2>&1; then
     compdef _gpu_complete_zsh gpu_use gpu_list gpu_submit gpu_run gpu_status gpu_show gpu_logs \
-      gpu_tail gpu_wait gpu_retry gpu_stop gpu_clean gpu_drain gpu_resume gpu_shutdown gpu_help
+      gpu_tail gpu_wait gpu_retry gpu_hold gpu_release gpu_priority gpu_stop gpu_clean gpu_drain \
+      gpu_resume gpu_shutdown gpu_help
   fi
 elif command -v complete >/dev/null 2>&1; then
   complete -F _gpu_complete_bash gpu_use gpu_list gpu_status gpu_show gpu_logs gpu_tail gpu_wait \
-    gpu_retry gpu_stop gpu_clean gpu_drain gpu_resume gpu_shutdown gpu_help
+    gpu_retry gpu_hold gpu_release gpu_priority gpu_stop gpu_clean gpu_drain gpu_resume \
+    gpu_shutdown gpu_help
   complete -o default -F _gpu_complete_bash gpu_submit gpu_run
 fi
 

@@ -91,6 +91,11 @@ MASTER_PORTS = (20000, 29499)  # MASTER_PORT range: below the ephemeral ports, s
 PORT_REUSE_SECONDS = 3600.0  # a MASTER_PORT is not given to another task within this time
 MAX_SKIPPED_SHOWN = 20  # skipped queue entries the state file names
 SHARED_QUEUE = False  # True: the queue folder may be group-writable: the group can run code as you
+SUMMARY_RECENT = 50  # finished tasks the summary lists (the newest ends), for gpu_status
+SUMMARY_REFRESH_SECONDS = 60.0  # node 0 lists done/, failed/ and logs/ at least this often
+SUMMARY_SETTLE_SECONDS = 0.05  # a folder changed this recently may change again in the same tick
+OVERRIDE_FORGET_SECONDS = 60.0  # held/ and priority/ entries of tasks gone this long are removed
+SUMMARY_BATCH = 1000  # finished tasks the summary takes in per turn (the first one reads them all)
 
 # Keep-alive tuning (docs/keepalive.md explains each one)
 KEEPALIVE_PERIOD = 0.025  # s, a worker's duty cycle: busy for duty x period, then idle
@@ -136,7 +141,7 @@ EXIT_FAILURE = 1  # the daemon cannot run: no psutil, an unwritable queue folder
 EXIT_USAGE = 2  # bad arguments, bad JOB_ID
 EXIT_ALREADY_RUNNING = 3  # a live daemon holds this instance and node
 QUEUE_DIRS = ("pending", "running", "done", "failed", "records", "logs", "commands", "replies",
-              "nodes", ".staging")
+              "nodes", "held", "priority", "names", ".staging")
 DAEMON_PROCESS_NAME = "pm-daemon"  # every daemon and keep-alive worker names itself (prctl)
 WORKER_PROCESS_NAME = "pm-worker"
 LOG = logging.getLogger("perpetual_motion")
@@ -574,6 +579,14 @@ class QueueFolder:
                         "or let the group share the queue (--shared-queue)")
         return None
 
+    def trusted_file(self, path: Path) -> bool:
+        """Whether ``path`` is a regular file that the daemon may trust (``trusted``)."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISREG(info.st_mode) and self.trusted(info.st_uid)
+
     def skipped_entries(self) -> list[str]:
         """``<folder>/<name>: why`` of every entry skipped in the last look at its folder."""
         return [f"{folder}/{name}: {why}" for folder, entries in sorted(self.refused.items())
@@ -852,6 +865,200 @@ class QueueFolder:
         except OSError:
             pass
         return removed
+
+
+# Finished tasks: the summary ###############################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A finished task as the summary knows it: its folder, when it ended, the names it has."""
+    task_id: str
+    folder: str
+    ended: float
+    keys: tuple[str, ...]
+
+
+def name_keys(task_id: str, display: str) -> tuple[str, ...]:
+    """The names a task is looked up by (docs/protocol.md, Naming a task): its name part, that
+    without its extension, and its --name; those that can be a file name in names/."""
+    short = short_name(task_id)
+    keys = dict.fromkeys((short, short.rpartition(".")[0] if "." in short else short, display))
+    return tuple(k for k in keys if k and not k.startswith(".") and "/" not in k
+                 and "\n" not in k and "\0" not in k and len(os.fsencode(k)) <= 200)
+
+
+def name_bucket(key: str) -> str:
+    """The file in names/ that lists the tasks of name ``key``: the last two bytes of the name
+    without its extension, each one outside ``A-Za-z0-9_-`` as ``_`` (so ``train.sh`` and
+    ``train`` share ``in``); a shell finds it without starting a process."""
+    stem = key.rpartition(".")[0] if "." in key else key
+    return re.sub(rb"[^A-Za-z0-9_-]", b"_", os.fsencode(stem)[-2:]).decode()
+
+
+def start_order(name: str, priority: Mapping[str, dict[str, str]]) -> tuple:
+    """Where a pending entry stands in the run order: by its priority (the id's, unless
+    ``priority/<id>`` gives another), then by its id; those put on top (``priority=top``) first,
+    the one put there last first; a name put there by hand has DEFAULT_PRIORITY."""
+    fields = priority.get(name)
+    value = fields.get("priority", "") if fields else ""
+    if value == "top":
+        return (0, -(as_float(fields.get("time")) or 0.0), 0, name)
+    number = ascii_int(value, 999) if value else None
+    if not TASK_ID_RE.fullmatch(name):  # put there by hand: after the client ids of its priority
+        return (1, 0.0, DEFAULT_PRIORITY if number is None else number, "~" + name)
+    return (1, 0.0, int(name[:3]) if number is None else number, name[4:])
+
+
+def run_order_key(task_id: str) -> tuple[int, str]:
+    """Submitted first, first: by the time in a client id; other names after them."""
+    return (0, task_id[4:]) if TASK_ID_RE.fullmatch(task_id) else (1, task_id)
+
+
+class History:
+    """Node 0's cache of the finished tasks: ``summary`` and ``names/`` (docs/protocol.md,
+    The summary), so that the client reads a few small files however long the history is.
+
+    The folders stay the truth. Each listing notes the modification times of done/, failed/ and
+    logs/ taken before it, and the summary publishes them: a reader trusts the summary only while
+    the folders still have those times. A folder that changed within ``SUMMARY_SETTLE_SECONDS``
+    of the listing may change again within the same clock tick, unseen: its time is then left
+    empty (the summary is not trusted) and the folder is listed again on the next turn.
+    """
+
+    FOLDERS = ("done", "failed", "logs")
+
+    def __init__(self, folder: QueueFolder, clock: Callable[[], float] = time.time):
+        self.folder = folder
+        self.clock = clock
+        self.stamps: dict[str, str] = {}  # folder -> modification time at the last listing
+        self.settled = False
+        self.listed_at = -math.inf
+        self.tasks: dict[str, Finished] = {}
+        self.logs = 0
+        self.by_bucket: dict[str, set[tuple[str, str]]] = {}  # bucket -> (name, id)
+        self.published: dict[str, str] | None = None  # names/ as written; None: not read yet
+        self.backlog: list[tuple[str, str]] = []  # finished tasks listed, not taken in yet
+        self.unpublished: set[str] = set()  # buckets of names/ to write again
+
+    def _stamp(self, name: str) -> tuple[str, float]:
+        try:
+            ns = os.stat(self.folder.dir(name)).st_mtime_ns
+        except OSError:
+            return "", math.inf
+        return f"{ns // 10**9}.{ns % 10**9:09d}", ns / 1e9
+
+    def _finished(self, task_id: str, folder: str) -> Finished:
+        try:
+            ended = os.lstat(self.folder.record(task_id, "result")).st_mtime
+        except OSError:
+            try:
+                ended = os.lstat(self.folder.dir(folder) / task_id).st_mtime
+            except OSError:
+                ended = 0.0
+        try:
+            display = (self.folder.read_fields(self.folder.record(task_id, "submit"))
+                       or {}).get("display_name", "")
+        except (OSError, ValueError):
+            display = ""
+        return Finished(task_id, folder, ended, name_keys(task_id, display))
+
+    def refresh(self) -> bool:
+        """List the folders again when they changed (or every SUMMARY_REFRESH_SECONDS) and
+        publish what differs; whether it listed."""
+        now = self.clock()
+        if self.backlog:  # the first listing of a long history, taken in by parts
+            for task_id, name in self.backlog[:SUMMARY_BATCH]:
+                self._add(task_id, name)
+            del self.backlog[:SUMMARY_BATCH]
+            return True
+        stamped = {name: self._stamp(name) for name in self.FOLDERS}
+        stamps = {name: text for name, (text, _) in stamped.items()}
+        if stamps == self.stamps and self.settled \
+                and now - self.listed_at < SUMMARY_REFRESH_SECONDS:
+            return False
+        current = {task_id: name for name in ("done", "failed")
+                   for task_id in self.folder.names(name)}
+        self.logs = len(self.folder.names("logs"))
+        for task_id in [t for t in self.tasks if current.get(t) != self.tasks[t].folder]:
+            for key in self.tasks.pop(task_id).keys:
+                self.by_bucket[name_bucket(key)].discard((key, task_id))
+                self.unpublished.add(name_bucket(key))
+        new = [(task_id, name) for task_id, name in current.items() if task_id not in self.tasks]
+        for task_id, name in new[:SUMMARY_BATCH]:
+            self._add(task_id, name)
+        if len(new) > SUMMARY_BATCH:  # the rest on the next turns, then a listing again; until
+            self.backlog = new[SUMMARY_BATCH:]  # then names/ stays as it was
+            self.stamps = {}
+            return True
+        self._publish_names()
+        # a time with no fraction of a second: a file system that keeps whole seconds
+        self.settled = all(now - mtime >= (SUMMARY_SETTLE_SECONDS if mtime % 1 else 1.0)
+                           for _, mtime in stamped.values())
+        self.stamps = stamps
+        self.listed_at = now
+        # names/ too: a bucket lost or added by hand shows in its time
+        published = {**stamps, "names": self._stamp("names")[0]} if self.settled else {}
+        self._publish_summary(now, published)
+        return True
+
+    def _add(self, task_id: str, folder: str) -> None:
+        task = self.tasks[task_id] = self._finished(task_id, folder)
+        for key in task.keys:
+            self.by_bucket.setdefault(name_bucket(key), set()).add((key, task_id))
+            self.unpublished.add(name_bucket(key))
+
+    def _names_text(self, bucket: str) -> str:
+        entries = sorted(self.by_bucket.get(bucket, ()), key=lambda e: (e[0], run_order_key(e[1])))
+        return "".join(f"{key}/{self.tasks[t].folder}/{t}\n" for key, t in entries)
+
+    def _publish_names(self) -> None:
+        changed, self.unpublished = self.unpublished, set()
+        names = self.folder.dir("names")
+        names.mkdir(exist_ok=True)
+        if self.published is None:  # the first listing: names/ as an earlier daemon left it
+            self.published = {}
+            for bucket in self.folder.names("names"):
+                try:
+                    with open(open_regular(names / bucket, os.O_RDONLY), "rb") as f:
+                        self.published[bucket] = os.fsdecode(f.read())
+                except (OSError, ValueError):
+                    self.published[bucket] = ""
+            changed = changed | set(self.published)
+        try:
+            self._write_buckets(names, changed)
+        except OSError:
+            self.unpublished |= changed  # written again on the next turn
+            raise
+
+    def _write_buckets(self, names: Path, changed: set[str]) -> None:
+        assert self.published is not None
+        for bucket in sorted(changed):
+            text = self._names_text(bucket)
+            if self.published.get(bucket) == text:
+                continue
+            if text:
+                self.folder.publish(names / bucket, text)
+                self.published[bucket] = text
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(names / bucket)
+                self.published.pop(bucket, None)
+            if not self.by_bucket.get(bucket):
+                self.by_bucket.pop(bucket, None)
+
+    def _publish_summary(self, now: float, stamps: Mapping[str, str]) -> None:
+        recent = sorted(self.tasks.values(), key=lambda t: (t.ended, t.task_id),
+                        reverse=True)[:SUMMARY_RECENT]
+        counts = collections.Counter(t.folder for t in self.tasks.values())
+        fields: dict[str, object] = {
+            "protocol": PROTOCOL_VERSION, "written": f"{now:.3f}",
+            **{f"{name}_mtime": stamps.get(name, "") for name in (*self.FOLDERS, "names")},
+            "done": counts["done"], "failed": counts["failed"], "logs": self.logs,
+            "ended_count": len(recent),
+            **{f"ended.{k}": f"{t.folder}/{t.task_id}" for k, t in enumerate(recent)},
+        }
+        self.folder.publish(self.folder.root / "summary", format_fields(fields), durable=False)
 
 
 # Processes ##################################################################################
@@ -2176,6 +2383,10 @@ class Gangs:
 
     def reserved(self) -> set[int]:
         return {gpu for seat in self.seats.values() for gpu in seat.reserved}
+
+    def reservations(self) -> dict[int, str]:
+        """The GPUs set aside for ranks that have not started yet, with the task's id."""
+        return {gpu: seat.task_id for seat in self.seats.values() for gpu in seat.reserved}
 
     def holds_node(self) -> int:
         """Seats that count as GPU tasks (they keep tasks that take the node whole out)."""
@@ -5044,6 +5255,11 @@ class Scheduler:
                 self.last_sweep = now
                 self.sweep_running(running, views)
         pending = self.folder.files("pending")
+        held = set(self.folder.files("held"))  # (another user's entry holds nothing)
+        priority = self.priorities(pending)
+        pending.sort(key=lambda name: start_order(name, priority))
+        if self.is_leader:
+            self.forget_overrides(pending, held, priority)
         self.requests = {n: self.requests[n] for n in pending if n in self.requests}
         if not may_start:
             self.waiting = None
@@ -5054,6 +5270,8 @@ class Scheduler:
         cycles = dependency_cycles({n: r.after for n in pending
                                     if isinstance(r := self.request_of(n), Submission)})
         for name in pending:
+            if name in held:
+                continue  # gpu_hold: it waits for gpu_release
             sub = self.request_of(name)
             why = sub if isinstance(sub, str) else self.cannot_run(sub)
             if why:
@@ -5100,6 +5318,12 @@ class Scheduler:
                 if task_id is None:
                     lost.add(name)  # another node took it, or it cannot be claimed
                     break
+                if self.folder.trusted_file(self.folder.dir("held") / name):
+                    # held while it was being claimed: gpu_hold saw it still pending, so it
+                    # must not start; back it goes
+                    self.runner.unclaim(task_id)
+                    lost.add(name)
+                    break
                 self.begin(RunningTask(task_id, self.requests.pop(name), gpus, now))
                 if now < self.backoff_until:
                     return
@@ -5109,6 +5333,31 @@ class Scheduler:
             candidates = [c for c in candidates if c.task_id not in lost
                           and c.task_id in self.requests]
             plan = plan_starts(candidates, self.load(), now)
+
+    def priorities(self, pending: list[str]) -> dict[str, dict[str, str]]:
+        """``priority/<id>`` of the pending tasks that have one (gpu_priority)."""
+        found = {}
+        for name in self.folder.files("priority"):
+            if name in pending:
+                try:
+                    found[name] = self.folder.read_fields(self.folder.dir("priority") / name) or {}
+                except (OSError, ValueError):
+                    continue
+        return found
+
+    def forget_overrides(self, pending: list[str], held: set[str],
+                         priority: Mapping[str, object]) -> None:
+        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that left pending/ (a
+        minute old at least: the task may have been queued after pending/ was listed)."""
+        waiting, now = set(pending), self.clock()
+        for folder, names in (("held", held), ("priority", self.folder.names("priority"))):
+            for name in names:
+                if name in waiting or name in priority:
+                    continue
+                path = self.folder.dir(folder) / name
+                with contextlib.suppress(OSError):
+                    if now - os.lstat(path).st_mtime > OVERRIDE_FORGET_SECONDS:
+                        os.unlink(path)
 
     def load(self, seats: bool = True) -> NodeLoad:
         """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""
@@ -5585,6 +5834,7 @@ class Daemon:
         self.running_names: list[str] = []
         self.runner.heartbeat = self.write_state
         self.runner.may_record = lambda: not self.displaced and self.claim.other_holder() is None
+        self.history = History(self.folder, clock)
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -5702,6 +5952,7 @@ class Daemon:
         if self.is_leader and not self.displaced:
             if not self.unsafe:
                 self._step("commands", self.commands.handle)
+                self._step("summary", self.history.refresh)
         elif not self.is_leader and now - self.last_leader_check >= HEARTBEAT_SECONDS:
             self.last_leader_check = now
             self._step("leader", self.follow_leader)
@@ -6008,9 +6259,11 @@ class Daemon:
                            f"running.{k}.pid": task.proc.pid if task.proc else "",
                            f"running.{k}.rank": "" if task.rank is None else task.rank})
         busy = self.busy_gpus()
+        reserved = self.gangs.reservations()
         for i, gpu in enumerate(self.inventory.gpus):
             fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
                            f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
+                           f"gpu.{i}.reserved": "" if i in busy else reserved.get(i, ""),
                            f"gpu.{i}.state": "off",
                            f"gpu.{i}.reason": self.keepalive.why})
         try:
@@ -6077,9 +6330,15 @@ def _whole_arg(text: str) -> int:
     return value
 
 
+def console_name(argv0: str) -> str:
+    """The name the daemon was started by, for its usage line: ``perpetual-motion`` (the
+    console script of ``pip install``), else ``perpetual_motion.py``."""
+    return "perpetual-motion" if Path(argv0).name == "perpetual-motion" else "perpetual_motion.py"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="perpetual_motion.py",
+        prog=console_name(sys.argv[0]),
         description="Keep this node's GPUs busy and run the task queue of one instance "
                     "(<queue-root>/<job-id>/, see docs/protocol.md).")
     parser.add_argument("--job-id", default=os.environ.get("JOB_ID") or "default",

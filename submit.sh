@@ -75,6 +75,7 @@ readonly EXIT_ALIVE=3
 BACKEND=""
 JOB_ID=""
 GPUS=""
+GPUS_GIVEN=""  # 1 when GPUS was on the command line
 NODES=""
 FORCE=0
 DRY_RUN=0
@@ -237,7 +238,7 @@ load_settings() {
 
 #######################################
 # Parses the command line.
-# Globals: BACKEND, FORCE, DRY_RUN, HOURS_FLAG, JOB_ID, GPUS, NODES.
+# Globals: BACKEND, FORCE, DRY_RUN, HOURS_FLAG, JOB_ID, GPUS, GPUS_GIVEN, NODES.
 #######################################
 parse_args() {
   local -a positional=()
@@ -276,7 +277,28 @@ parse_args() {
   fi
   JOB_ID="${positional[0]}"
   GPUS="${positional[1]:-2}"
+  GPUS_GIVEN="${positional[1]:+1}"
   NODES="${positional[2]:-1}"
+}
+
+#######################################
+# Names the settings that still hold a placeholder of submit.conf.example: a warning on a dry
+# run, else a refusal before anything is created.
+# Globals: every setting named in SETTING_NAMES; DRY_RUN.
+#######################################
+check_placeholders() {
+  local name
+  local -a found=()
+  for name in "${SETTING_NAMES[@]}"; do
+    case "${!name}" in
+      *YOUR_NAME* | *YOUR_TEAM* | *VOLUME_ID* | *registry.example.com*) found+=("${name}") ;;
+    esac
+  done
+  ((${#found[@]} > 0)) || return 0
+  err "these settings still hold a placeholder of submit.conf.example (YOUR_NAME, YOUR_TEAM," \
+    "VOLUME_ID, registry.example.com): ${found[*]}; set them in" \
+    "${SUBMIT_CONF:-${SCRIPT_DIR}/submit.conf} or in the environment"
+  ((DRY_RUN)) || exit "${EXIT_USAGE}"
 }
 
 #######################################
@@ -297,9 +319,6 @@ validate() {
     die_usage "GPUS must be at least 1 on SCO ACP"
   fi
   [[ "${NODES}" =~ ^[1-9][0-9]*$ ]] || die_usage "bad NODES '${NODES}': a whole number, at least 1"
-  if ((NODES > 1)) && [[ "${BACKEND}" == local ]]; then
-    die_usage "the local backend runs one node; NODES must be 1"
-  fi
   if [[ -n "${HOURS_FLAG}" ]]; then
     AUTO_SHUTDOWN_HOURS="${HOURS_FLAG}"
   fi
@@ -337,6 +356,7 @@ validate() {
       "or in the environment." >&2
     exit "${EXIT_USAGE}"
   fi
+  check_placeholders
 
   local path_name
   for path_name in QUEUE_ROOT CODE_DIR CONDA_PATH; do
@@ -516,7 +536,11 @@ daemon_command() {
   case "${BACKEND}" in
     sco) printf ' %s' '"${node_flags[@]}"' ;;
     slurm) printf ' %s' '--node-rank "${SLURM_NODEID:-0}" --num-nodes "${SLURM_NNODES:-1}"' ;;
-    local) printf ' %s' '--node-rank 0 --num-nodes 1' ;;
+    local)
+      # one daemon per rank on this machine, each started with PM_LOCAL_RANK
+      printf ' %s' '--node-rank "${PM_LOCAL_RANK:-0}"' "--num-nodes ${NODES}"
+      # the GPUs of this machine that tasks get (without NVML: that many declared slots)
+      if [[ -n "${GPUS_GIVEN}" ]]; then printf ' --gpus %s' "${GPUS}"; fi ;;
   esac
   if ((${#extra[@]} > 0)); then
     printf ' %s' "$(quote_all "${extra[@]}")"
@@ -795,42 +819,57 @@ launch_local() {
   local log="${INSTANCE}/daemon.log"
   write_launcher
   if ((DRY_RUN)); then
-    echo "# would run in the background, in its own session, appending to $(quote "${log}"):"
-    echo "    setsid nohup bash $(quote "${LAUNCHER}")"
+    echo "# would run in the background, in its own session, appending to $(quote "${log}"),"
+    echo "# for each rank R of 0..$((NODES - 1)):"
+    echo "    PM_LOCAL_RANK=R setsid nohup bash $(quote "${LAUNCHER}")"
     return
   fi
   # This shell is no process-group leader's child with job control, so setsid runs in place
   # and $! is the daemon's pid (bash execs the daemon).
-  setsid nohup bash "${LAUNCHER}" >>"${log}" 2>&1 </dev/null &
-  local pid=$!
-
-  local i state_file="${INSTANCE}/nodes/node-0.state" started=0
-  for ((i = 0; i < LOCAL_WAIT_SECONDS * 10; i++)); do
-    if ! kill -0 "${pid}" 2>/dev/null; then
-      local status=0
-      wait "${pid}" || status=$?
-      err "the daemon exited at once (status ${status}); nothing was launched. The end of ${log}:"
-      tail -n 15 "${log}" | sed 's/^/  /' >&2
-      exit "$((status == EXIT_ALIVE ? EXIT_ALIVE : 1))"
-    fi
-    if [[ "$(read_key "${state_file}" pid)" == "${pid}" \
-      && "$(read_key "${state_file}" status)" == running ]]; then
-      started=1
-      break
-    fi
-    sleep 0.1
+  local rank
+  local -a pids=()
+  for ((rank = 0; rank < NODES; rank++)); do
+    PM_LOCAL_RANK="${rank}" setsid nohup bash "${LAUNCHER}" >>"${log}" 2>&1 </dev/null &
+    pids+=("$!")
   done
-  if ((!started)); then
-    stop_local_daemon "${pid}"
-    err "no heartbeat from the daemon (pid ${pid}) within ${LOCAL_WAIT_SECONDS} s" \
-      "(LOCAL_WAIT_SECONDS); it was stopped and nothing was launched. The end of ${log}:"
-    tail -n 15 "${log}" | sed 's/^/  /' >&2
-    exit 1
-  fi
-  save_job_id "local-${pid}" "pid=${pid}" "host=$(hostname)"
+
+  local i pid status
+  for ((rank = 0; rank < NODES; rank++)); do
+    pid="${pids[rank]}"
+    local state_file="${INSTANCE}/nodes/node-${rank}.state" started=0
+    for ((i = 0; i < LOCAL_WAIT_SECONDS * 10; i++)); do
+      if ! kill -0 "${pid}" 2>/dev/null; then
+        status=0
+        wait "${pid}" || status=$?
+        for pid in "${pids[@]}"; do stop_local_daemon "${pid}"; done
+        err "the daemon exited at once (status ${status}); nothing was launched. The end of" \
+          "${log}:"
+        tail -n 15 "${log}" | sed 's/^/  /' >&2
+        if tail -n 15 "${log}" | grep -q -e 'is missing from' -e 'No module named'; then
+          err "the daemon ran with PYTHON=${PYTHON}: install the package into that Python, or" \
+            "set PYTHON= in ${SUBMIT_CONF:-${SCRIPT_DIR}/submit.conf} to a Python that has it"
+        fi
+        exit "$((status == EXIT_ALIVE ? EXIT_ALIVE : 1))"
+      fi
+      if [[ "$(read_key "${state_file}" pid)" == "${pid}" \
+        && "$(read_key "${state_file}" status)" == running ]]; then
+        started=1
+        break
+      fi
+      sleep 0.1
+    done
+    if ((!started)); then
+      for pid in "${pids[@]}"; do stop_local_daemon "${pid}"; done
+      err "no heartbeat from the daemon (pid ${pids[rank]}) within ${LOCAL_WAIT_SECONDS} s" \
+        "(LOCAL_WAIT_SECONDS); it was stopped and nothing was launched. The end of ${log}:"
+      tail -n 15 "${log}" | sed 's/^/  /' >&2
+      exit 1
+    fi
+  done
+  save_job_id "local-${pids[0]}" "pid=${pids[0]}" "pids=${pids[*]}" "host=$(hostname)"
   cat <<EOF
-Started the daemon of ${JOB_ID} on this machine: pid ${pid}, log $(quote "${log}").
-Saved to ${INSTANCE}/job_id.txt. Stop it with gpu_shutdown (or: kill ${pid}).
+Started the daemon of ${JOB_ID} on this machine: pid ${pids[*]}, log $(quote "${log}").
+Saved to ${INSTANCE}/job_id.txt. Stop it with gpu_shutdown (or: kill ${pids[*]}).
 $(print_client_hint)
 EOF
 }

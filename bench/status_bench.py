@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Client benchmark: `gpu_status` and friends on an instance of many finished tasks. Prints JSON.
 
-    python3 bench/status_bench.py [--finished 10000] [--runs 7]
+    python3 bench/status_bench.py [--finished 10000 100000] [--runs 7]
 
 The instance folder is built directly, as a long-lived daemon of protocol 2 would have left it:
 every finished task has its submit, run and result records and its log, with the result records'
 times spread over the past days; a live node state (its running task, and per GPU the task that
-holds it), one running task and 20 pending tasks with submit records. Each command runs in a fresh
+holds it), one running task and 20 pending tasks with submit records, and the summary and names/
+that node 0's daemon keeps (written by its own code, `History`). Each command runs in a fresh
 `bash -c` / `zsh -f -c` that sources client.sh, timed from outside (the shell's start-up
-included). No daemon is needed.
+included). No daemon runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import perpetual_motion  # noqa: E402
+
 CLIENT = REPO / "client.sh"
 SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-c"], "zsh": ["zsh", "-f", "-c"]}
 
@@ -60,9 +64,11 @@ def build_instance(root: Path, job_id: str, finished: int, now: float | None = N
     records = inst / "records"
     shared = inst / ".staging"  # the linked files live where no reader looks
     old = now - (finished + 1) * 10.0
+    links = 50_000  # a file takes at most 65,000 links on ext4: a new one after each 50,000
     for kind in ("body", "submit", "run", "result", "log"):
-        write(shared / kind, {"id": "old", "state": "done", "exit_code": 0, "duration": "5.000",
-                              "ended": f"{old:.3f}"}, mtime=old)
+        for k in range(max(finished - distinct, 0) // links + 1):
+            write(shared / f"{kind}{k}", {"id": "old", "state": "done", "exit_code": 0,
+                                          "duration": "5.000", "ended": f"{old:.3f}"}, mtime=old)
     for n in range(finished):
         tid = task_id(n, f"task{n}.sh")
         folder = "failed" if n % 10 == 9 else "done"
@@ -73,7 +79,7 @@ def build_instance(root: Path, job_id: str, finished: int, now: float | None = N
                                ("run", records / f"{tid}.run"),
                                ("result", records / f"{tid}.result"),
                                ("log", inst / "logs" / f"{tid}.log")):
-                os.link(shared / kind, path)
+                os.link(shared / f"{kind}{n // links}", path)
             continue
         ended = now - (finished - n) * 10.0  # task n ended before task n+1
         (inst / folder / tid).write_text("echo hi\n")
@@ -123,6 +129,19 @@ def build_instance(root: Path, job_id: str, finished: int, now: float | None = N
     return ids
 
 
+def summarise(inst: Path) -> None:
+    """Write the summary and names/ of ``inst`` as node 0's daemon does (its own code)."""
+    history = perpetual_motion.History(perpetual_motion.QueueFolder(inst),
+                                       clock=lambda: time.time() + 10)  # the folders settled
+    while history.refresh() and not (history.stamps and history.settled):
+        pass
+
+
+TARGETS = {10_000: 0.1, 100_000: 0.15}  # seconds, each command, shell start-up counted
+COMMANDS = ("gpu_status", "gpu_status --json", "gpu_logs", "gpu_show task5000",
+            "gpu_tail task5000")
+
+
 def time_command(shell: str, command: str, root: Path, job_id: str, runs: int) -> dict:
     argv = [*SHELLS[shell], f'source "$CLIENT" && {command} >/dev/null']
     env = dict(os.environ, CLIENT=str(CLIENT), QUEUE_ROOT=str(root), JOB_ID=job_id)
@@ -139,27 +158,37 @@ def time_command(shell: str, command: str, root: Path, job_id: str, runs: int) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--finished", type=int, default=10_000, help="finished tasks (10000)")
+    parser.add_argument("--finished", type=int, nargs="+", default=[10_000, 100_000],
+                        help="finished tasks, one instance each (10000 100000)")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per command (7)")
     args = parser.parse_args(argv)
     shells = [name for name in SHELLS if shutil.which(name)]
-    with tempfile.TemporaryDirectory(prefix="status-bench-") as tmp:
-        root = Path(tmp)
-        start = time.perf_counter()
-        build_instance(root, "bench", args.finished)
-        built = time.perf_counter() - start
-        os.sync()  # time the reads, not the write-back of the 50,000 files just made
-        report: dict[str, object] = {
-            "benchmark": "client gpu_status on a large instance",
-            "finished_tasks": args.finished, "pending_tasks": 20, "gpus": 8,
-            "runs": args.runs, "build_s": round(built, 2),
-            "host": platform.node(), "cpus": os.cpu_count(), "limit_s": 0.3,
-        }
-        for shell in shells:
-            report[shell] = {cmd: time_command(shell, cmd, root, "bench", args.runs)
-                             for cmd in ("gpu_status", "gpu_status --json", "gpu_logs",
-                                         "gpu_logs task5000", "gpu_list", "gpu_use")}
-        report["within_limit"] = all(report[s]["gpu_status"]["median_s"] <= 0.3 for s in shells)
+    report: dict[str, object] = {
+        "benchmark": "client commands on instances with a long history",
+        "pending_tasks": 20, "gpus": 8, "runs": args.runs, "host": platform.node(),
+        "cpus": os.cpu_count(), "machine": platform.machine(),
+        "load_before": os.getloadavg(), "targets_s": TARGETS, "sizes": [],
+    }
+    for finished in args.finished:
+        with tempfile.TemporaryDirectory(prefix="status-bench-") as tmp:
+            root = Path(tmp)
+            start = time.perf_counter()
+            build_instance(root, "bench", finished)
+            built = time.perf_counter() - start
+            start = time.perf_counter()
+            summarise(root / "bench")
+            summarised = time.perf_counter() - start
+            os.sync()  # time the reads, not the write-back of the files just made
+            size: dict[str, object] = {"finished_tasks": finished, "build_s": round(built, 2),
+                                       "summary_s": round(summarised, 2)}
+            for shell in shells:
+                size[shell] = {cmd: time_command(shell, cmd, root, "bench", args.runs)
+                               for cmd in (*COMMANDS, "gpu_list", "gpu_use")}
+            limit = TARGETS.get(finished)
+            size["within_target"] = None if limit is None else all(
+                size[s][cmd]["median_s"] <= limit for s in shells for cmd in COMMANDS)
+            report["sizes"].append(size)
+    report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -310,11 +310,15 @@ BAD_INPUTS = [  # (script, rc, the message on stderr)
      "gpu_run: JOB_ID is not set: choose an instance with gpu_use ID (gpu_list shows them)\n"),
     ("QUEUE_ROOT=$QUEUE_ROOT/typo gpu_submit job.sh", 1,
      "gpu_submit: the queue root {root}/typo does not exist (shared storage not mounted? set "
-     "QUEUE_ROOT)\n"),
+     "QUEUE_ROOT, or the QUEUE_ROOT= line of submit.conf beside client.sh)\n"),
     ("QUEUE_ROOT=$QUEUE_ROOT/typo gpu_list", 1,
      "gpu_list: the queue root {root}/typo does not exist (shared storage not mounted? set "
-     "QUEUE_ROOT)\n"),
+     "QUEUE_ROOT, or the QUEUE_ROOT= line of submit.conf beside client.sh)\n"),
     ("gpu_stop nosuch", 1, "gpu_stop: no such task: nosuch (gpu_status lists the tasks)\n"),
+    ("gpu_submit job.sh --lr 1", 2, "gpu_submit: unknown option --lr: arguments for the script "
+     "go after --, as in gpu_submit job.sh -- --lr ...\n"),
+    ("gpu_submit --lr 1 job.sh", 2, "gpu_submit: unknown option --lr (gpu_submit --help lists "
+     "the options)\n"),
     ("gpu_stop ../pending/x", 1, "gpu_stop: no such task: ../pending/x\n"),
     ("gpu_stop", 2, "gpu_stop: usage: gpu_stop NAME...|all (gpu_stop --help)\n"),
     ("gpu_logs nosuch", 1, "gpu_logs: no such task: nosuch (gpu_logs lists the logs)\n"),
@@ -755,7 +759,7 @@ def test_shutdown_prints_the_cluster_job_and_how_to_delete_it(sh, backend, lines
 
 
 COMMANDS = ["use", "list", "submit", "run", "status", "show", "logs", "tail", "wait", "retry",
-            "stop", "clean", "drain", "resume", "shutdown", "help"]
+            "hold", "release", "priority", "stop", "clean", "drain", "resume", "shutdown", "help"]
 
 
 def test_help_lists_every_command(sh):
@@ -766,7 +770,8 @@ def test_help_lists_every_command(sh):
                     "gpu_run [OPTIONS] [--] 'CMD'", "gpu_status [-l] [-r N] [-w] [--json]",
                     "gpu_show NAME", "gpu_logs [-n N] [--rank R] [-a] [PATTERN]",
                     "gpu_tail [-n N] [--rank R] [NAME]", "gpu_wait [--timeout S] NAME...",
-                    "gpu_retry [OPTIONS] NAME...|--failed",
+                    "gpu_retry [OPTIONS] NAME...|--failed", "gpu_hold NAME...",
+                    "gpu_release NAME...", "gpu_priority NAME PRIORITY|top",
                     "gpu_stop NAME...|all",
                     "gpu_clean [--older-than DAYS] [--keep N] [--dry-run]",
                     "gpu_drain [--node RANK]... [REASON]",

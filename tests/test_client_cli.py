@@ -37,7 +37,7 @@ from client_helpers import (
 from conftest import needs_namespace, read_fields
 
 COMMANDS = ["use", "list", "submit", "run", "status", "show", "logs", "tail", "wait", "retry",
-            "stop", "clean", "shutdown", "help"]
+            "hold", "release", "priority", "stop", "clean", "shutdown", "help"]
 
 
 @pytest.fixture(params=SHELLS)

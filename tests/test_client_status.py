@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import unicodedata
 from pathlib import Path
@@ -447,6 +449,10 @@ def test_status_json_of_protocol_2(sh):
     assert (doc["pending"][0]["gpus"], doc["pending"][0]["request"]) == (
         None, {"gpus": 4, "nodes": 1, "time_limit": None})
     assert [t["id"] for t in doc["recent"]] == [v.h, v.f]
+    # the name gpu_status shows: the --name, else the name part (never null)
+    assert running[v.a]["shown_name"] == "sweep-a"
+    assert all(t["shown_name"] == (t["display_name"] or t["name"])
+               for t in [*doc["running"], *doc["pending"], *doc["recent"]])
     done = doc["recent"][1]
     assert {k: done[k] for k in ("state", "exit_code", "signal", "source", "args", "duration",
                                  "gpus", "nodes")} == {
@@ -650,7 +656,8 @@ def test_e2e_a_daemon_killed_with_9_is_dead_at_once_on_its_host(tmp_path):
     root.mkdir()
     script = f"""
 set -u
-python3 {DAEMON} --job-id exp1 --queue-root {root} --poll-interval 0.1 --no-keepalive \\
+{shlex.quote(sys.executable)} {DAEMON} --job-id exp1 --queue-root {root} \\
+    --poll-interval 0.1 --no-keepalive \\
     --kill-scope task > {tmp_path}/daemon.log 2>&1 &
 daemon=$!
 for _ in $(seq 100); do [ -f {root}/exp1/nodes/node-0.state ] && break; sleep 0.1; done
@@ -747,3 +754,15 @@ def test_e2e_json_is_written_by_the_shell_alone(sh, tmp_path):
     first, second = proc.stdout.split("\n{", 1)
     assert json.loads(first)["counts"]["running"] == 3  # parsed with Python's json
     assert json.loads("{" + second)["instances"][0]["job_id"] == "exp1"
+
+
+def test_a_gpu_set_aside_for_a_waiting_rank_says_for_which_task(sh):
+    v = build_v2(sh.root)
+    state = v.inst / "nodes" / "node-0.state"
+    text = state.read_text().replace("gpu.3.task=", "gpu.3.reserved=", 1)
+    state.write_text(text)
+    res = sh.run("gpu_status")
+    assert res.rc == 0, res.err
+    assert re.search(r"^ +3 .* reserved for \S+, keep-alive \S+", res.out, re.M), res.out
+    assert not re.search(r"^ +3 .*  keep-alive \S+ *$", res.out, re.M)
+

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import sys
 
 import pytest
 from client_helpers import (
@@ -141,7 +143,8 @@ def test_a_v2_daemon_is_known_alive_and_dead_by_its_process_name(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     script = f"""
-python3 {DAEMON} --job-id exp1 --queue-root {root} --poll-interval 0.1 --no-keepalive \\
+{shlex.quote(sys.executable)} {DAEMON} --job-id exp1 --queue-root {root} \\
+    --poll-interval 0.1 --no-keepalive \\
     > {tmp_path}/daemon.log 2>&1 &
 daemon=$!
 for _ in $(seq 100); do [ -f {root}/exp1/nodes/node-0.state ] && break; sleep 0.1; done

@@ -559,3 +559,10 @@ def test_a_daemon_that_finds_another_claim_in_its_state_file_yields_within_one_p
         assert (inst / "nodes" / "node-0.state").read_text() == text  # left to the other
         assert (inst / "running" / task).exists()  # its end is the owner's to record
         assert not (inst / "records" / f"{task}.result").exists()
+
+
+def test_the_state_file_names_the_gang_a_gpu_is_set_aside_for():
+    gangs = pm.Gangs.__new__(pm.Gangs)
+    plan = pm.GangPlan("500-20270101_000000_000000001-00000001-g.sh", (0, 1), 1, "p")
+    gangs.seats = {plan.task_id: pm.GangSeat(plan, 0, pm.Submission(), reserved=(2,))}
+    assert gangs.reservations() == {2: plan.task_id}

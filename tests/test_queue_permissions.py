@@ -184,6 +184,26 @@ def test_tasks_commands_and_records_of_another_user_are_skipped_and_reported(pla
     assert f"          skipped:  pending/{evil}: {owner}\n" in out, out
 
 
+@needs_root
+def test_holds_and_priorities_of_another_user_count_for_nothing(place, other):
+    daemon, clock, code = start(place)
+    assert code is None
+    inst = place / "unit"
+    first = submit(inst, "first.sh", "true\n", priority=1)
+    second = submit(inst, "second.sh", "true\n", priority=2)
+    for folder, name, text in (("held", first, ""), ("priority", second, "priority=0\n")):
+        (inst / folder).mkdir(exist_ok=True)
+        (inst / folder / name).write_text(text)
+        give(inst / folder / name, other)
+    run_until(daemon, clock, lambda: finished(inst, first) == "done"
+              and finished(inst, second) == "done")
+    assert result(inst, first)["ended"] <= result(inst, second)["started"]  # the order stood
+    daemon.write_state()
+    state = pm.parse_fields((inst / "nodes" / "node-0.state").read_text())
+    skipped = [state[f"skipped.{i}"] for i in range(int(state["skipped_count"]))]
+    assert any(entry.startswith(f"held/{first}: owned by {OTHER}") for entry in skipped), state
+
+
 # What is written: readable by its owner alone ################################################
 
 

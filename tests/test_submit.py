@@ -215,7 +215,6 @@ def test_help_lists_options_and_every_setting(tmp_path):
     (["ok", "2", "0"], "bad NODES"),
     (["ok", "2", "1.5"], "bad NODES"),
     (["--backend", "pbs", "ok"], "unknown backend"),
-    (["--backend=local", "ok", "1", "2"], "local backend runs one node"),
 ])
 def test_bad_arguments_exit_2_before_anything_happens(tmp_path, args, message):
     root = tmp_path / "root"
@@ -349,7 +348,16 @@ def test_the_example_settings_launch_the_originals_sco_job(tmp_path):
         assert f" {flag}" in run.stdout, (flag, run.stdout)
     launcher = [line.strip() for line in run.stdout.splitlines()]
     assert "source /mnt/afs/YOUR_NAME/software/conda/bin/activate swift || exit 1" in launcher
-    assert "cd /mnt/afs/YOUR_NAME/perpetual-motion || exit 1" in launcher
+    assert f"cd {REPO} || exit 1" in launcher  # CODE_DIR's default: where submit.sh is
+    placeholders = (
+        "submit.sh: error: these settings still hold a placeholder of submit.conf.example "
+        "(YOUR_NAME, YOUR_TEAM, VOLUME_ID, registry.example.com): QUEUE_ROOT CONDA_PATH "
+        f"SCO_IMAGE SCO_STORAGE_MOUNT; set them in {conf} or in the environment\n")
+    assert run.stderr.startswith(placeholders)
+    # a launch, not a dry run, is refused before anything is written or sco is called
+    launch = run_submit(env, "exp1")
+    assert (launch.returncode, launch.stderr) == (2, placeholders)
+    assert not (tmp_path / "sco-calls.jsonl").exists()
     assert "exec python3 perpetual_motion.py --job-id exp1 --queue-root " \
            '/mnt/afs/YOUR_NAME/gpu_queue "${node_flags[@]}"' in launcher
     # Every name in it, set or commented out, is a setting of submit.sh.
@@ -738,6 +746,26 @@ def test_local_backend_reports_a_daemon_that_exits_at_once(tmp_path):
 
 
 @needs_namespace
+def test_local_backend_says_how_to_choose_a_python_that_has_the_packages(tmp_path):
+    """A Python without psutil (a fresh virtual environment): the daemon cannot start, and
+    submit.sh says to set PYTHON= in submit.conf."""
+    venv = tmp_path / "bare venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    assert subprocess.run([str(python), "-c", "import psutil"], capture_output=True).returncode
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path), PYTHON=str(python))
+    run = subprocess.run([*UNSHARE, str(SUBMIT), "--backend", "local", "bare", "0"], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1
+    assert "the Python package psutil is missing" in run.stderr
+    assert (f"submit.sh: error: the daemon ran with PYTHON={python}: install the package into "
+            f"that Python, or set PYTHON= in {tmp_path}/empty.conf to a Python that has it\n"
+            in run.stderr), run.stderr
+    assert not (tmp_path / "bare" / "job_id.txt").exists()
+
+
+@needs_namespace
 def test_local_backend_stops_a_daemon_without_a_heartbeat_and_records_nothing(tmp_path):
     """A "daemon" that never writes a heartbeat: submit.sh stops it after LOCAL_WAIT_SECONDS,
     exits 1, and writes no job_id.txt."""
@@ -928,3 +956,58 @@ def test_slurm_two_nodes_bring_up_a_daemon_on_each_and_gpu_shutdown_ends_the_job
 
     assert launch.shutdown() == "COMPLETED"
     assert [launch.state(rank)["status"] for rank in (0, 1)] == ["stopped", "stopped"]
+
+
+def test_local_backend_gives_the_daemon_the_gpu_count_it_was_given(tmp_path):
+    env = base_env(tmp_path, QUEUE_ROOT=str(tmp_path))
+    run = run_submit(env, "--dry-run", "--backend", "local", "exp1", "4")
+    assert run.returncode == 0, run.stderr
+    assert ' --node-rank "${PM_LOCAL_RANK:-0}" --num-nodes 1 --gpus 4' in run.stdout, run.stdout
+    run = run_submit(env, "--dry-run", "--backend", "local", "exp1")
+    assert run.returncode == 0, run.stderr
+    assert "--gpus" not in run.stdout  # without a count: every GPU the daemon finds
+
+
+@needs_namespace
+def test_local_backend_with_nodes_starts_a_daemon_per_rank(tmp_path):
+    """NODES=2 on one machine: ranks 0 and 1 on one queue folder, a rehearsal of a two-node job
+    (a task across both nodes runs, and gpu_shutdown ends both)."""
+    root = tmp_path / "queue root"
+    root.mkdir()
+    instance = root / "pair"
+    env = base_env(tmp_path, QUEUE_ROOT=str(root), DAEMON_ARGS=TEST_DAEMON_ARGS)
+    wrapper = textwrap.dedent("""\
+        "$0" --backend local pair 2 2 || exit
+        for pid in $(sed -n 's/^pids=//p' "$QUEUE_ROOT/pair/job_id.txt"); do
+          while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        done
+        """)
+    out = tmp_path / "submit.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen([*UNSHARE, "bash", "-c", wrapper, str(SUBMIT)], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "Started the daemon of pair" in out.read_text() or proc.poll(),
+                 60, what="submit.sh --backend local pair 2 2")
+        assert proc.poll() is None, out.read_text()
+        fields = read_fields(instance / "job_id.txt")
+        pids = fields["pids"].split()
+        assert len(pids) == 2 and fields["pid"] == pids[0]
+        for rank in (0, 1):
+            state = wait_for(lambda rank=rank: running_state(instance, rank), 20,
+                             what=f"node {rank}")
+            assert (state["pid"], state["num_nodes"], state["gpu_count"]) == (
+                pids[rank], "2", "2")
+        cenv = client_env(env, root, "pair")
+        client(cenv, "gpu_run", "-n", "2", "-g", "1", 'echo "rank $NODE_RANK of $NNODES"',
+               cwd=tmp_path)
+        done = wait_for(lambda: done_task(instance, "run_echo_rank_NODE_RANK_of_NNODES_.sh")
+                        or done_task(instance, "*"), 40, what="the task across both ranks")
+        logs = "".join(p.read_text() for p in (instance / "logs").glob(f"{done.name}.rank*.log"))
+        assert "rank 0 of 2" in logs and "rank 1 of 2" in logs
+        shutdown(instance, env)
+        assert proc.wait(60) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -1,0 +1,136 @@
+"""Holding pending tasks (gpu_hold, gpu_release) and changing their priority (gpu_priority):
+the order they start in, their dependants, and a start that races with the change."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+from client_helpers import INSTALLED, SHELLS, Shell, make_shell, submitted_id, wait_finished
+from conftest import needs_namespace, read_fields
+
+import perpetual_motion as pm
+
+
+@pytest.fixture(params=SHELLS)
+def sh(request, tmp_path) -> Shell:
+    return make_shell(request.param, tmp_path)
+
+
+def task(n: int, priority: str = "500", name: str = "t.sh") -> str:
+    return f"{priority}-20270101_000000_{n:09d}-0000000{n % 10}-{name}"
+
+
+def test_start_order_takes_the_priority_overrides():
+    a, b, c = task(1), task(2), task(3, "100")
+    pending = [c, a, b, "by-hand.sh"]
+    assert sorted(pending, key=lambda n: pm.start_order(n, {})) == [c, a, b, "by-hand.sh"]
+    overrides = {b: {"priority": "050"}, a: {"priority": "top", "time": "10.5"},
+                 "by-hand.sh": {"priority": "top", "time": "11"}}
+    # the last one put on top first; then priorities (the override's, else the id's)
+    assert sorted(pending, key=lambda n: pm.start_order(n, overrides)) == [
+        "by-hand.sh", a, b, c]
+    # put there by hand: DEFAULT_PRIORITY, after the client ids of it, before larger numbers
+    late = task(4, "600")
+    assert sorted([late, "by-hand.sh", b, c], key=lambda n: pm.start_order(n, {})) == [
+        c, b, "by-hand.sh", late]
+    bad = {b: {"priority": "high"}}  # unreadable: the id's own priority
+    assert sorted([a, b], key=lambda n: pm.start_order(n, bad)) == [a, b]
+
+
+def pending_rows(out: str) -> list[tuple[str, str, str]]:
+    return re.findall(r"^(\S+) +(\S+) (pending|held) ", out, re.M)
+
+
+def test_hold_release_and_priority_from_the_client(sh):
+    ids = [submitted_id(sh.run(f"gpu_run --name job{n} 'echo {n}'")) for n in range(3)]
+    inst = sh.root / "exp1"
+    res = sh.run("gpu_hold job1")
+    assert (res.rc, res.out, res.err) == (0, f"held {ids[1]}\n", "")
+    assert read_fields(inst / "held" / ids[1])["by"]
+    assert pending_rows(sh.run("gpu_status").out) == [
+        ("job0", "500", "pending"), ("job1", "500", "held"), ("job2", "500", "pending")]
+    assert '"state": "held"' in sh.run("gpu_status --json").out
+    res = sh.run("gpu_priority job2 100 && gpu_priority job1 top")
+    assert res.rc == 0, res.err
+    assert res.out == f"priority of {ids[2]}: 100\npriority of {ids[1]}: top\n"
+    assert pending_rows(sh.run("gpu_status").out) == [
+        ("job1", "top", "held"), ("job2", "100", "pending"), ("job0", "500", "pending")]
+    assert sorted(os.listdir(inst / "pending")) == ids  # the ids stay as they were
+    res = sh.run("gpu_release job1; gpu_release job1")
+    assert res.out == f"released {ids[1]}\n{ids[1]} is not held\n"
+    assert not (inst / "held" / ids[1]).exists()
+    before = {p: p.read_bytes() for p in inst.rglob("*") if p.is_file()}
+    for script, rc, err in (
+            ("gpu_hold job0 nosuch", 1, "gpu_hold: no such task: nosuch (gpu_status lists the "
+                                        "tasks)\ngpu_hold: nothing was changed\n"),
+            ("gpu_priority job0 1000", 2, "gpu_priority: PRIORITY must be a number from 0 to 999 "
+                                          "(smaller runs first): '1000'\n"),
+            ("gpu_priority job0", 2, None), ("gpu_hold", 2, None)):
+        res = sh.run(script)
+        assert res.rc == rc, (script, res)
+        if err is not None:
+            assert res.err == err
+    assert {p: p.read_bytes() for p in inst.rglob("*") if p.is_file()} == before
+
+
+@needs_namespace
+@pytest.mark.parametrize("shell", INSTALLED)
+def test_a_held_task_waits_with_its_dependants_and_a_new_priority_orders_the_starts(
+        shell, tmp_path, start_daemon):
+    sh = make_shell(shell, tmp_path)
+    inst = sh.root / "exp1"
+    first = submitted_id(sh.run("gpu_run --name first 'echo first'"))
+    after = submitted_id(sh.run("gpu_run --name after --after first 'echo after'"))
+    others = [submitted_id(sh.run(f"gpu_run --name other{n} 'echo {n}'")) for n in range(3)]
+    assert sh.run("gpu_hold first && gpu_priority other2 top && gpu_priority other1 400").rc == 0
+    start_daemon(sh.root, "exp1")
+    for tid in others:
+        assert wait_finished(inst, tid) == "done"
+    started = {tid: float(read_fields(inst / "records" / f"{tid}.result")["started"])
+               for tid in others}
+    assert sorted(others, key=started.get) == [others[2], others[1], others[0]]
+    time.sleep(1)  # the daemon had its turns: the held task and its dependant still wait
+    assert sorted(os.listdir(inst / "pending")) == sorted([first, after])
+    assert sh.run("gpu_release first").rc == 0
+    assert wait_finished(inst, first) == "done"
+    assert wait_finished(inst, after) == "done"  # its dependency still named by its id
+
+
+@needs_namespace
+def test_holds_and_priorities_racing_with_starts_never_lose_or_repeat_a_task(
+        tmp_path, start_daemon):
+    sh = make_shell(INSTALLED[0], tmp_path)
+    inst = sh.root / "exp1"
+    ids = [submitted_id(sh.run(f"gpu_run --name race{n} 'echo {n}'")) for n in range(24)]
+    start_daemon(sh.root, "exp1", "--gpus", "4")
+    churn = "; ".join(f"gpu_hold race{n}; gpu_priority race{n} top; gpu_release race{n}"
+                      for n in range(24))
+    res = sh.run(f"{churn}; {churn}; true", timeout=120)
+    assert res.rc == 0
+    assert sh.run("for n in $(seq 0 23); do gpu_release race$n; done; true").rc == 0
+    for tid in ids:
+        wait_finished(inst, tid, timeout=60)
+    assert sorted(os.listdir(inst / "done")) == sorted(ids)
+    for tid in ids:  # each one ran once
+        log = (inst / "logs" / f"{tid}.log").read_text()
+        assert log.count("[perpetual-motion] task: ") == 1, log
+        assert read_fields(inst / "records" / f"{tid}.result").get("attempt", "1") == "1"
+    assert not (inst / "running").exists() or os.listdir(inst / "running") == []
+
+
+def test_help_lists_the_new_commands(sh):
+    res = sh.run("gpu_help")
+    for command in ("gpu_hold", "gpu_release", "gpu_priority"):
+        assert re.search(rf"^ *{command} ", res.out, re.M), res.out
+    assert sh.run("gpu_priority --help").out.startswith("usage: gpu_priority NAME PRIORITY|top")
+
+
+def test_a_task_put_into_pending_by_hand_has_the_default_priority(sh):
+    ids = [submitted_id(sh.run(f"gpu_run -p {p} --name p{p} 'echo {p}'")) for p in (600, 500)]
+    (sh.root / "exp1" / "pending" / "by-hand.sh").write_text("echo by hand\n")
+    assert [row[0] for row in pending_rows(sh.run("gpu_status").out)] == [
+        "p500", "by-hand.sh", "p600"]
+    assert ids[0].startswith("600-")
