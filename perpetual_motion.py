@@ -4988,10 +4988,14 @@ def _self_test_yield(rig: SelfTestRig, ka: GpuKeepAlive, slot: _Slot, gpu: GpuIn
     kind = "hidden" if hidden else "listed"
     probe = rig.probe(gpu)
     try:
-        lines: list[str] = []
-        _self_test_until(rig, ka, lambda: any(m.startswith("ready") for m in
-                                               lines.extend(probe.messages()) or lines),
-                         _SELF_TEST_PROBE_LIMIT, f"holding while the probe starts ({kind})")
+        ready: list[bool] = []
+
+        def probe_ready() -> bool:  # torch imported: what is timed is the GPU, not the import
+            ready.extend(True for line in probe.messages() if line.startswith("ready"))
+            return bool(ready)
+
+        _self_test_until(rig, ka, probe_ready, _SELF_TEST_PROBE_LIMIT,
+                         f"holding while the probe starts ({kind})")
         slot.last_yield = None  # this probe's yield, not the last one
         probe.send("go")
         context: dict[str, str] = {}
