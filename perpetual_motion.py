@@ -4329,10 +4329,12 @@ def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
 
 
 class TorchTiles:
-    """Square matmul tiles on one device, each timed: with CUDA events on a GPU (waited on
-    with blocking sync, so the CPU sleeps), with the clock on the CPU (the tests)."""
+    """Square matmul tiles on one device, launched in groups, each group timed: with one pair
+    of CUDA events on a GPU (kept for reuse, waited on with blocking sync, so the CPU sleeps),
+    with the clock on the CPU (the tests). With ``graphs``, a group of k tiles is one CUDA
+    graph, launched by one call."""
 
-    def __init__(self, torch, n: int, device: str = "cuda") -> None:
+    def __init__(self, torch, n: int, device: str = "cuda", graphs: bool = False) -> None:
         self.torch = torch
         self.n = n
         self.cuda = device.startswith("cuda")
@@ -4342,37 +4344,61 @@ class TorchTiles:
         self.b = torch.randn(n, n, device=device, dtype=dtype) / math.sqrt(n)
         self.c = torch.empty_like(self.a)
         self.nbytes = 3 * self.a.numel() * self.a.element_size()
-        self.pending: collections.deque = collections.deque()
+        self.pending: collections.deque = collections.deque()  # (count, start, end)
+        self.events: list = []  # event pairs free for reuse
+        self.graphs: dict[int, Any] | None = {} if graphs and self.cuda else None
         self.estimate: float | None = None  # seconds per tile, a moving average
 
     @property
     def in_flight(self) -> int:
-        return len(self.pending)
+        return sum(count for count, _, _ in self.pending)
 
-    def launch(self) -> None:
+    def _run(self, count: int) -> None:
         torch = self.torch
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True, blocking=True)
-            end = torch.cuda.Event(enable_timing=True, blocking=True)
-            start.record()
-            torch.mm(self.a, self.b, out=self.c)
-            end.record()
-            self.pending.append((start, end))
-        else:
+        if self.graphs is None:
+            for _ in range(count):
+                torch.mm(self.a, self.b, out=self.c)
+            return
+        graph = self.graphs.get(count)
+        if graph is None:
+            torch.mm(self.a, self.b, out=self.c)  # cuBLAS set up outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(count):
+                    torch.mm(self.a, self.b, out=self.c)
+            self.graphs[count] = graph
+        graph.replay()
+
+    def launch(self, count: int = 1) -> None:
+        """Queue ``count`` tiles as one group."""
+        if not self.cuda:
             begin = time.perf_counter()
-            torch.mm(self.a, self.b, out=self.c)
-            self.pending.append(time.perf_counter() - begin)
+            self._run(count)
+            self.pending.append((count, time.perf_counter() - begin, None))
+            return
+        if self.events:
+            start, end = self.events.pop()
+        else:
+            Event = self.torch.cuda.Event
+            start, end = Event(enable_timing=True, blocking=True), \
+                Event(enable_timing=True, blocking=True)
+        start.record()
+        self._run(count)
+        end.record()
+        self.pending.append((count, start, end))
 
     def wait_one(self) -> float:
-        """Wait for the oldest tile; its busy time in seconds."""
-        item = self.pending.popleft()
+        """Wait for the oldest group; its busy time in seconds."""
+        count, start, end = self.pending.popleft()
         if self.cuda:
-            start, end = item
             end.synchronize()
             seconds = start.elapsed_time(end) / 1000
+            self.events.append((start, end))
         else:
-            seconds = item
-        self.estimate = seconds if self.estimate is None else 0.8 * self.estimate + 0.2 * seconds
+            seconds = start
+        each = seconds / count
+        self.estimate = each if self.estimate is None else 0.8 * self.estimate + 0.2 * each
         return seconds
 
 
@@ -4414,19 +4440,22 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
                     watch: Callable[[], str] | None = None,
                     clock: Callable[[], float] = time.monotonic,
                     max_in_flight: int = KEEPALIVE_MAX_IN_FLIGHT,
-                    watch_every: float = _WATCH_SECONDS) -> int:
+                    watch_every: float = _WATCH_SECONDS, group: int = 0) -> int:
     """The duty cycle: each period, keep the device busy for ``duty`` x ``period`` with tiles
-    (at most ``max_in_flight`` queued), launched at once at the period's start; the process
-    sleeps, awake for commands, while they run and the device then idles until the period
-    ends, and collects their times at the next period's start. Busy time is measured, and
-    what one period over- or under-spends is carried to the next, so the share of busy time
-    follows ``duty`` exactly on average. ``watch`` looks for foreign work every
-    ``watch_every`` seconds, whatever the period. Returns the exit status."""
+    (at most ``max_in_flight`` queued), launched at once at the period's start in groups of
+    up to ``group`` (0: ``max_in_flight``), each group timed as one; the process sleeps,
+    awake for commands, while they run and the device then idles until the period ends, and
+    collects their times at the next period's start. Busy time is measured, and what one
+    period over- or under-spends is carried to the next, so the share of busy time follows
+    ``duty`` exactly on average. ``watch`` looks for foreign work every ``watch_every``
+    seconds, whatever the period. Returns the exit status."""
     credit = 0.0  # busy seconds still to spend
     busy = 0.0
     since = clock()
     next_watch = since
-    planned: collections.deque[float] = collections.deque()
+    planned: collections.deque[float] = collections.deque()  # busy seconds of queued groups
+    due: collections.deque[float] = collections.deque()  # when each should be done
+    group = max(1, min(group or max_in_flight, max_in_flight))
 
     def obey(commands: list[str]) -> int | None:
         nonlocal duty
@@ -4457,8 +4486,24 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
         nonlocal credit, busy
         seconds = tiles.wait_one()
         planned.popleft()
+        due.popleft()
         credit -= seconds
         busy += seconds
+
+    def pause(until: float) -> int | None:
+        """Sleep until ``until``, awake for commands and looking every ``watch_every``."""
+        while True:
+            now = clock()
+            left = until - now
+            if left <= 0:
+                return None
+            if watch is not None:
+                left = min(left, max(0.0, next_watch - now))
+            code = obey(control.poll(left))
+            if code is None:
+                code = look()
+            if code is not None:
+                return code
 
     while True:
         begin = clock()
@@ -4466,16 +4511,24 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
             finish_one()
         estimate = tiles.estimate or period / 10
         credit = max(-period, min(credit + duty * period, duty * period + estimate))
-        while credit - sum(planned) >= estimate / 2:
+        # the tiles that bring the credit nearest to nothing, as whole tiles
+        count = max(0, math.floor((credit - sum(planned)) / estimate + 0.5))
+        while count:
             code = obey(control.poll(0))
             if code is None:
                 code = look()
             if code is not None:
                 return code
-            if tiles.in_flight >= max_in_flight:
+            if tiles.in_flight >= max_in_flight:  # sleep until the oldest group is done
+                code = pause(due[0])
+                if code is not None:
+                    return code
                 finish_one()
-            tiles.launch()
-            planned.append(estimate)
+            now = min(count, group, max_in_flight - tiles.in_flight)
+            tiles.launch(now)
+            planned.append(now * estimate)
+            due.append(max(clock(), due[-1] if due else 0.0) + now * estimate)
+            count -= now
             estimate = tiles.estimate or estimate
         # The tiles run while this process sleeps until the period ends: it waits on no
         # tile (each wait is a wake-up, and the wake-ups were most of a worker's CPU).
@@ -4487,19 +4540,9 @@ def run_worker_loop(tiles: TorchTiles, control, *, duty: float,
             report(f"stats duty={duty:.3f} busy={busy / (now - since):.3f} "
                    f"tile_ms={estimate * 1000:.2f}")
             busy, since = 0.0, now
-        end = begin + period
-        while True:
-            now = clock()
-            left = end - now
-            if left <= 0:
-                break
-            if watch is not None:
-                left = min(left, max(0.0, next_watch - now))
-            code = obey(control.poll(left))
-            if code is None:
-                code = look()
-            if code is not None:
-                return code
+        code = pause(begin + period)
+        if code is not None:
+            return code
 
 
 class StdinControl:
@@ -4663,7 +4706,7 @@ def setup_worker(torch, args: argparse.Namespace,
             raise ForeignWork("foreign-memory")
 
     def make(n: int) -> TorchTiles:
-        return TorchTiles(torch, n, args.device)
+        return TorchTiles(torch, n, args.device, graphs=args.graphs)
 
     if args.tile:
         tiles = calibrate_tiles(make, args.tile_ms / 1000, n=args.tile, step=args.tile,
@@ -4707,6 +4750,9 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--used-before-mib", type=int, default=0,
                         help="memory used on the GPU when the daemon started this worker")
     parser.add_argument("--hide-processes", action="store_true", help=argparse.SUPPRESS)
+    # how the tiles are launched, for bench/worker_cpu.py: tiles per timed group, CUDA graphs
+    parser.add_argument("--group", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--graphs", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -4740,7 +4786,7 @@ def _worker(argv: list[str]) -> int:
     _report(f"ready tile={tiles.n} tile_ms={(tiles.estimate or 0) * 1000:.2f} held_mib={held} "
             f"context_mib={context}")
     code = run_worker_loop(tiles, StdinControl(), duty=args.duty, report=_report,
-                           period=args.period, watch=watch)
+                           period=args.period, watch=watch, group=args.group)
     del ballast
     return code
 
@@ -5016,9 +5062,12 @@ def _self_test_yield(rig: SelfTestRig, ka: GpuKeepAlive, slot: _Slot, gpu: GpuIn
             listed = int(context.get("pid", -1)) in {p.pid for p in processes}
         at = float(context["t"])
         back = None if record.memory_after is None else record.at + record.memory_after - at
-        facts[f"probe_{kind}"] = {"context_mib": int(context.get("mib", 0)),
-                                  "threshold_mib": KEEPALIVE_FOREIGN_MEMORY_MIB,
-                                  "listed": listed, "yield": record.text()}
+        facts[f"probe_{kind}"] = {
+            "context_mib": ascii_int(context.get("mib", "")),  # None: "-1", not known
+            "threshold_mib": KEEPALIVE_FOREIGN_MEMORY_MIB, "listed": listed,
+            "yield": record.text(),
+            # below nothing: our memory was back before the probe's context was made
+            "memory_back_after_context_s": None if back is None else round(back, 3)}
         return {f"yield_{kind}_s": None if back is None else round(max(0.0, back), 3)}
     finally:
         probe.stop()
@@ -5054,10 +5103,7 @@ def self_test_probe(uuid: str) -> int:
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     at = time.monotonic()
-    mib = 0
-    if handle is not None and before is not None:
-        mib = (int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) - before) // MIB
-    _report(f"context pid={os.getpid()} t={at:.6f} mib={mib}")
+    _report(f"context pid={os.getpid()} t={at:.6f} mib={_probe_context_mib(handle, before)}")
     job = None
     a = torch.randn(1024, 1024, device="cuda", dtype=torch.float16)
     while not any(c in ("stop", "eof") for c in control.poll(0)):
@@ -5069,6 +5115,25 @@ def self_test_probe(uuid: str) -> int:
         torch.mm(a, a)
         torch.cuda.synchronize()
     return 0
+
+
+def _probe_context_mib(handle, before: int | None) -> int:
+    """The probe's context in MiB: its own entry in NVML's process list, else the growth of
+    used memory since ``before`` when that is not spoilt (keep-alive leaves meanwhile and
+    frees far more); -1 when not known."""
+    if handle is None:
+        return -1
+    import pynvml
+
+    with contextlib.suppress(Exception):
+        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == os.getpid() and isinstance(process.usedGpuMemory, int):
+                return process.usedGpuMemory // MIB
+    with contextlib.suppress(Exception):
+        grown = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) - (before or 0)
+        if before is not None and grown >= 0:
+            return grown // MIB
+    return -1
 
 
 def self_test_table(report: dict) -> str:

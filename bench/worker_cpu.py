@@ -4,10 +4,13 @@
     python3 bench/worker_cpu.py [--gpu 0] [--seconds 20] [--out FILE]
 
 Each variant starts the real worker (``perpetual_motion.py --worker``, as the daemon does) on
-an idle GPU, waits until it is ready, then reads its CPU time from /proc over ``--seconds`` and
-its own ``stats`` lines (busy share, tile time), and stops it. The variants tell where the
-worker's CPU goes: the default; without its own NVML watch (``--no-watch``); with a longer
-duty period. The GPU must be otherwise idle.
+an idle GPU, waits until it is ready, then reads its CPU time from /proc over ``--seconds``,
+with the CPU of each of its threads (the main thread runs the duty cycle; CUDA and NVML keep
+threads of their own), and its own ``stats`` lines (busy share, tile time), and stops it. The
+variants tell where the worker's CPU goes: the default (a period's tiles as one group, one pair
+of CUDA events); without its own NVML watch (``--no-watch``); each tile launched and timed
+alone (``--group 1``, as before); a group as one CUDA graph (``--graphs``); a longer duty
+period. The GPU must be otherwise idle.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import perpetual_motion as pm  # noqa: E402
 VARIANTS = {
     "default": [],
     "no-watch": ["--no-watch"],
+    "tile-by-tile": ["--group", "1"],  # each tile its own launch and pair of events
+    "graphs": ["--graphs"],  # a group of tiles as one CUDA graph
     "period-50ms": ["--period", "0.05"],
 }
 
@@ -34,6 +39,21 @@ VARIANTS = {
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid``, by name (the main thread as ``main``)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = "main" if task.name == str(pid) else text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + seconds
+    return out
 
 
 def run_variant(gpu: pm.GpuInfo, extra: list[str], seconds: float, memory_mib: int) -> dict:
@@ -49,15 +69,18 @@ def run_variant(gpu: pm.GpuInfo, extra: list[str], seconds: float, memory_mib: i
             time.sleep(0.05)
         ready_s = time.monotonic() - began
         time.sleep(2.0)  # past the first stats
-        cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+        cpu0, t0, threads0 = cpu_seconds(worker.pid), time.monotonic(), thread_cpu(worker.pid)
         mark = len(lines)
         while time.monotonic() - t0 < seconds:
             time.sleep(0.5)
             lines += worker.messages()
-        cpu1, t1 = cpu_seconds(worker.pid), time.monotonic()
+        cpu1, t1, threads1 = cpu_seconds(worker.pid), time.monotonic(), thread_cpu(worker.pid)
         stats = [pm.parse_message(line)[1] for line in lines[mark:] if line.startswith("stats")]
         return {"ready_s": round(ready_s, 2),
                 "cpu_percent_of_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
+                "threads_percent_of_core": {
+                    name: round(100 * (seconds - threads0.get(name, 0.0)) / (t1 - t0), 2)
+                    for name, seconds in threads1.items()},
                 "busy": [float(s.get("busy", 0)) for s in stats],
                 "tile_ms": [float(s.get("tile_ms", 0)) for s in stats][-3:],
                 "ready_line": next(line for line in lines if line.startswith("ready"))}

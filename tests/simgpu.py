@@ -587,24 +587,28 @@ class ClockedTiles:
         self.device_free = 0.0
         self.runs = []  # (start, end) of every tile on the device
         self.waits = 0  # waits that found their tile still running (a wake-up)
+        self.launches = 0  # calls that queued tiles (one each: a group)
 
     @property
     def in_flight(self):
-        return len(self.pending)
+        return sum(count for count, _ in self.pending)
 
-    def launch(self):
-        start = max(self.clock.now, self.device_free)
-        self.device_free = start + self.seconds
-        self.pending.append(self.device_free)
-        self.runs.append((start, self.device_free))
-        self.most_in_flight = max(self.most_in_flight, len(self.pending))
+    def launch(self, count=1):
+        """``count`` tiles as one group, timed as one."""
+        self.launches += 1
+        for _ in range(count):
+            start = max(self.clock.now, self.device_free)
+            self.device_free = start + self.seconds
+            self.runs.append((start, self.device_free))
+        self.pending.append((count, self.device_free))
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
 
     def wait_one(self):
-        end = self.pending.pop(0)
+        count, end = self.pending.pop(0)
         if end > self.clock.now:
             self.waits += 1
             self.clock.now = end  # the device's time, spent while the worker waits
-        return self.seconds
+        return count * self.seconds
 
 
 class ClockedControl:

@@ -1297,6 +1297,8 @@ def test_the_worker_sleeps_while_its_tiles_run():
                               clock=lambda: clock.now)
     assert code == 0 and len(tiles.runs) > 1500
     assert tiles.waits <= len(tiles.runs) / 100, (tiles.waits, len(tiles.runs))
+    # one launch per period: the period's tiles are one group, timed by one pair of events
+    assert tiles.launches <= 10.0 / pm.KEEPALIVE_PERIOD + 1, tiles.launches
     busy = sum(min(end, 10.0) - start for start, end in tiles.runs if start < 10.0) / 10.0
     assert abs(busy - 0.75) < 0.02
 
@@ -1321,6 +1323,19 @@ def test_worker_loop_keeps_its_duty_on_the_cpu():
     assert statistics.median(early) > statistics.median(late) > 0.05, (early, late)
     assert statistics.median(early) <= 0.7
     assert reports[-1].startswith("exit reason=stop")
+
+
+@needs_torch
+def test_tiles_launched_as_a_group_are_timed_as_one():
+    tiles = pm.TorchTiles(torch, 32, "cpu")
+    tiles.launch(3)
+    tiles.launch()
+    assert tiles.in_flight == 4
+    three = tiles.wait_one()
+    assert tiles.in_flight == 1 and three > 0
+    assert math.isclose(tiles.estimate, three / 3)  # the estimate is per tile
+    tiles.wait_one()
+    assert tiles.in_flight == 0
 
 
 @needs_torch
@@ -1768,6 +1783,28 @@ def test_the_self_test_runs_end_to_end_on_a_simulated_node(log):
     table = pm.self_test_table(report)
     assert "yield_listed_s" in table and "Result: every target holds" in table
     assert node.live_workers() == []  # nothing of ours left on the GPU
+
+
+@pytest.mark.parametrize("listed, used_now, expected", [
+    ([(os.getpid(), 600 * MIB)], 0, 600),  # its own entry, whatever the memory did
+    ([(1, 600 * MIB)], 80 * GIB + 500 * MIB, 500),  # not listed as itself: the growth
+    (None, 80 * GIB + 500 * MIB, 500),  # no process list at all
+    ([], 1 * GIB, -1),  # memory fell: keep-alive left meanwhile, the growth means nothing
+    ([(os.getpid(), None)], 1 * GIB, -1),  # listed without its memory
+])
+def test_the_self_test_probe_measures_its_own_context(monkeypatch, listed, used_now, expected):
+    import pynvml
+
+    def processes(handle):
+        if listed is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in listed]
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", processes)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo",
+                        lambda handle: types.SimpleNamespace(used=used_now))
+    assert pm._probe_context_mib("handle", 80 * GIB) == expected
+    assert pm._probe_context_mib(None, 80 * GIB) == -1
 
 
 def test_the_self_test_misses_a_target_with_exit_status_1(log):
