@@ -10,7 +10,7 @@ threads of their own), and its own ``stats`` lines (busy share, tile time), and 
 variants tell where the worker's CPU goes: the default (a period's tiles as one group, one pair
 of CUDA events); without its own NVML watch (``--no-watch``); each tile launched and timed
 alone (``--group 1``, as before); a group as one CUDA graph (``--graphs``); a longer duty
-period. The GPU must be otherwise idle.
+period; no tiles and no watch (what the period's wake-up alone costs). The GPU must be otherwise idle.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ VARIANTS = {
     "tile-by-tile": ["--group", "1"],  # each tile its own launch and pair of events
     "graphs": ["--graphs"],  # a group of tiles as one CUDA graph
     "period-50ms": ["--period", "0.05"],
+    "idle-no-watch": ["--duty", "0", "--no-watch"],  # the period's wake-up alone
 }
 
 
