@@ -4331,10 +4331,11 @@ def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
 class TorchTiles:
     """Square matmul tiles on one device, launched in groups, each group timed: with one pair
     of CUDA events on a GPU (kept for reuse, waited on with blocking sync, so the CPU sleeps),
-    with the clock on the CPU (the tests). With ``graphs``, a group of k tiles is one CUDA
-    graph, launched by one call."""
+    with the clock on the CPU (the tests). Once ``use_graphs()`` is called, a group of k tiles
+    is one CUDA graph, launched by one call: on an H200 that halved the worker's CPU, as a
+    launch costs the CPU more than the waits and the events."""
 
-    def __init__(self, torch, n: int, device: str = "cuda", graphs: bool = False) -> None:
+    def __init__(self, torch, n: int, device: str = "cuda") -> None:
         self.torch = torch
         self.n = n
         self.cuda = device.startswith("cuda")
@@ -4346,29 +4347,51 @@ class TorchTiles:
         self.nbytes = 3 * self.a.numel() * self.a.element_size()
         self.pending: collections.deque = collections.deque()  # (count, start, end)
         self.events: list = []  # event pairs free for reuse
-        self.graphs: dict[int, Any] | None = {} if graphs and self.cuda else None
+        self.graphs: dict[int, Any] | None = None  # tiles in a group: its graph
+        self.graph_error = ""  # why graphs are not used, when capturing one failed
         self.estimate: float | None = None  # seconds per tile, a moving average
 
     @property
     def in_flight(self) -> int:
         return sum(count for count, _, _ in self.pending)
 
+    def use_graphs(self, counts: range) -> bool:
+        """Capture a graph for each group size in ``counts``; False (plain launches, and
+        ``graph_error`` says why) where CUDA cannot."""
+        if not self.cuda:
+            return False
+        self.graphs = {}
+        return all(self._capture(count) is not None for count in counts)
+
     def _run(self, count: int) -> None:
         torch = self.torch
-        if self.graphs is None:
-            for _ in range(count):
-                torch.mm(self.a, self.b, out=self.c)
-            return
-        graph = self.graphs.get(count)
-        if graph is None:
+        if self.graphs is not None:
+            graph = self.graphs.get(count)
+            if graph is None:
+                graph = self._capture(count)
+            if graph is not None:
+                graph.replay()
+                return
+        for _ in range(count):
+            torch.mm(self.a, self.b, out=self.c)
+
+    def _capture(self, count: int):
+        """The graph of ``count`` tiles; None, and plain launches from now on, where CUDA
+        cannot capture one (the error is kept for the worker's report)."""
+        torch = self.torch
+        try:
             torch.mm(self.a, self.b, out=self.c)  # cuBLAS set up outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for _ in range(count):
                     torch.mm(self.a, self.b, out=self.c)
-            self.graphs[count] = graph
-        graph.replay()
+        except Exception as exc:  # noqa: BLE001 - plain launches do the same work
+            self.graphs = None
+            self.graph_error = f"{type(exc).__name__}: {exc}"[:200]
+            return None
+        self.graphs[count] = graph
+        return graph
 
     def launch(self, count: int = 1) -> None:
         """Queue ``count`` tiles as one group."""
@@ -4706,7 +4729,7 @@ def setup_worker(torch, args: argparse.Namespace,
             raise ForeignWork("foreign-memory")
 
     def make(n: int) -> TorchTiles:
-        return TorchTiles(torch, n, args.device, graphs=args.graphs)
+        return TorchTiles(torch, n, args.device)
 
     if args.tile:
         tiles = calibrate_tiles(make, args.tile_ms / 1000, n=args.tile, step=args.tile,
@@ -4718,6 +4741,10 @@ def setup_worker(torch, args: argparse.Namespace,
     held = tiles.nbytes // MIB
     if not cuda:
         return tiles, [], held, 0
+    if not args.no_graphs and \
+            not tiles.use_graphs(range(1, KEEPALIVE_MAX_IN_FLIGHT + 1)):
+        _report(f"log WARNING no CUDA graphs ({tiles.graph_error}): each tile is launched "
+                "alone, which costs more CPU")
     torch.cuda.empty_cache()  # the sizes tried while calibrating
     context = _CONTEXT_MIB * MIB
     if watch is not None:
@@ -4750,9 +4777,11 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--used-before-mib", type=int, default=0,
                         help="memory used on the GPU when the daemon started this worker")
     parser.add_argument("--hide-processes", action="store_true", help=argparse.SUPPRESS)
-    # how the tiles are launched, for bench/worker_cpu.py: tiles per timed group, CUDA graphs
+    # for bench/worker_cpu.py: tiles per timed group, no CUDA graphs, s between the looks
     parser.add_argument("--group", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--graphs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-graphs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--watch-every", type=float, default=_WATCH_SECONDS,
+                        help=argparse.SUPPRESS)
     return parser
 
 
@@ -4786,7 +4815,8 @@ def _worker(argv: list[str]) -> int:
     _report(f"ready tile={tiles.n} tile_ms={(tiles.estimate or 0) * 1000:.2f} held_mib={held} "
             f"context_mib={context}")
     code = run_worker_loop(tiles, StdinControl(), duty=args.duty, report=_report,
-                           period=args.period, watch=watch, group=args.group)
+                           period=args.period, watch=watch, group=args.group,
+                           watch_every=args.watch_every)
     del ballast
     return code
 

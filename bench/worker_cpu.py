@@ -7,10 +7,11 @@ Each variant starts the real worker (``perpetual_motion.py --worker``, as the da
 an idle GPU, waits until it is ready, then reads its CPU time from /proc over ``--seconds``,
 with the CPU of each of its threads (the main thread runs the duty cycle; CUDA and NVML keep
 threads of their own), and its own ``stats`` lines (busy share, tile time), and stops it. The
-variants tell where the worker's CPU goes: the default (a period's tiles as one group, one pair
-of CUDA events); without its own NVML watch (``--no-watch``); each tile launched and timed
-alone (``--group 1``, as before); a group as one CUDA graph (``--graphs``); a longer duty
-period; no tiles and no watch (what the period's wake-up alone costs). The GPU must be otherwise idle.
+variants tell where the worker's CPU goes: the default (a period's tiles as one group, one CUDA
+graph, one pair of CUDA events); without its own NVML watch (``--no-watch``); each tile
+launched by its own call (``--no-graphs``), and timed alone too (``--group 1``, as before);
+looks every 50 ms; a longer duty period; no tiles and no watch (the period's wake-up alone).
+The GPU must be otherwise idle.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import perpetual_motion as pm  # noqa: E402
 VARIANTS = {
     "default": [],
     "no-watch": ["--no-watch"],
-    "tile-by-tile": ["--group", "1"],  # each tile its own launch and pair of events
-    "graphs": ["--graphs"],  # a group of tiles as one CUDA graph
+    "no-graphs": ["--no-graphs"],  # each tile launched by its own call
+    "tile-by-tile": ["--group", "1", "--no-graphs"],  # and each timed by its own events
+    "watch-50ms": ["--watch-every", "0.05"],
     "period-50ms": ["--period", "0.05"],
     "idle-no-watch": ["--duty", "0", "--no-watch"],  # the period's wake-up alone
 }

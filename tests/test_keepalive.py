@@ -1339,6 +1339,18 @@ def test_tiles_launched_as_a_group_are_timed_as_one():
 
 
 @needs_torch
+def test_tiles_fall_back_to_plain_launches_where_no_graph_can_be_captured():
+    tiles = pm.TorchTiles(torch, 32, "cpu")
+    assert tiles.use_graphs(range(1, 3)) is False  # no graphs on the CPU
+    tiles.cuda = True  # as if on a GPU whose capture fails (this torch has no CUDA)
+    assert tiles.use_graphs(range(1, 3)) is False
+    assert tiles.graphs is None and tiles.graph_error
+    tiles.cuda = False
+    tiles.launch(2)
+    assert tiles.wait_one() > 0  # the tiles still run, launched one by one
+
+
+@needs_torch
 def test_worker_loop_leaves_when_its_watch_sees_foreign_work():
     tiles = pm.TorchTiles(torch, 32, "cpu")
     seen = iter([""] * 5 + ["foreign-process"])
