@@ -4946,7 +4946,9 @@ def self_test(rig: SelfTestRig, gpu: GpuInfo, seconds: float, log: logging.Logge
         try:
             slot = ka.slots[0]
             _self_test_hold(rig, ka, slot)
-            figures.update(_self_test_band(rig, ka, slot, seconds))
+            band = _self_test_band(rig, ka, slot, seconds)
+            facts["readings_1s"] = band.pop("readings_1s")  # raw, for the record
+            figures.update(band)
             facts["worker_context_mib"] = slot.worker.context_mib if slot.worker else None
             for hidden in (False, True):
                 rig.hide(hidden)
@@ -5055,6 +5057,7 @@ def _self_test_band(rig: SelfTestRig, ka: GpuKeepAlive, slot: _Slot, seconds: fl
             "band_share_1s": sum(lo <= r <= hi for r in readings) / len(readings)
             if readings else None,
             "band_mean_1s": sum(readings) / len(readings) if readings else None,
+            "readings_1s": readings,
             "cpu_percent_of_core": cpu}
 
 

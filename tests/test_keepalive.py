@@ -1788,6 +1788,7 @@ def test_the_self_test_runs_end_to_end_on_a_simulated_node(log):
     facts = report["facts"]
     assert facts["compute_mode"] == "DEFAULT" and facts["per_process_util"] is True
     assert facts["samples_on_idle_per_s"] == pytest.approx(6, abs=1)  # 1/6 s samples
+    assert len(facts["readings_1s"]) >= 28  # the raw 1-s readings behind band_share_1s
     assert facts["probe_listed"]["listed"] is True and facts["probe_hidden"]["listed"] is None
     assert facts["probe_listed"]["yield"].startswith("foreign process (by process list)")
     assert facts["probe_hidden"]["yield"].startswith("foreign memory")
