@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -2636,11 +2636,42 @@ class KeepAlive:
 
     GPUs are named by their position in the node's inventory (``gpu.<i>`` in the state file).
     This base class is keep-alive switched off: the queue runs, the GPUs are left alone.
-    ``why`` says why it is off, for the state file.
+    ``why`` says why it is off, for the state file. Off, it still watches the real GPUs it is
+    given (NVML's, not declared slots): one idle for KEEPALIVE_RISK_SECONDS is at risk of
+    reclaim, marked in ``gpu.<i>.risk`` and warned about, as when keep-alive is on.
     """
 
-    def __init__(self, why: str = "disabled") -> None:
+    def __init__(self, why: str = "disabled", nvml=None, gpus: Sequence[GpuInfo] = (),
+                 log: logging.Logger | None = None) -> None:
         self.why = why
+        self._nvml = nvml
+        self._gpus = {i: gpu for i, gpu in enumerate(gpus) if not gpu.declared}
+        self._log = log or LOG
+        self._idle_since: dict[int, float] = {}
+        self._risks: dict[int, str] = {}
+        self._warned = _Throttle()
+
+    def _watch_idle(self, now: float, busy: Mapping[int, str]) -> None:
+        """Keep-alive off: a GPU of ours below the band (with a task on it, when NVML says
+        so; without one, unless NVML shows it busy) for KEEPALIVE_RISK_SECONDS is at risk."""
+        if self._nvml is None:
+            return
+        for i, gpu in self._gpus.items():
+            rate = self._nvml.util_rate(gpu)
+            util = None if rate is None else rate[1]
+            if (util is not None and util >= GPU_UTIL_TARGET) or (util is None and i in busy):
+                if self._risks.pop(i, ""):
+                    self._log.info("GPU %d: back at work: no longer at risk", gpu.number)
+                self._idle_since.pop(i, None)
+                continue
+            idle = now - self._idle_since.setdefault(i, now)
+            if idle < KEEPALIVE_RISK_SECONDS:
+                continue
+            shown = "unknown" if util is None else f"{util:.0f}%"
+            why = "a queue task leaves it idle" if i in busy else f"keep-alive off: {self.why}"
+            self._risks[i] = f"GPU {gpu.number} idle {idle / 60:.0f} min ({shown}): {why}"
+            if self._warned(f"risk/{i}", every=600.0):
+                self._log.warning("At risk of reclaim: %s", self._risks[i])
 
     def describe(self) -> str:
         """``on``, or ``off: <why>``, for the state file."""
@@ -2652,6 +2683,7 @@ class KeepAlive:
     def tick(self, now: float, busy: Mapping[int, str]) -> None:
         """One turn of the daemon loop: react to the GPUs' state. ``busy`` maps the GPUs that
         queue tasks hold to the task's id."""
+        self._watch_idle(now, busy)
 
     def release(self, gpus: Collection[int]) -> None:
         """Begin freeing ``gpus`` for a queue task: their workers stop."""
@@ -2666,7 +2698,7 @@ class KeepAlive:
 
     def gpu_fields(self) -> dict[str, str]:
         """Per-GPU keys for the state file (``gpu.<i>.util``, ``gpu.<i>.state``, ...)."""
-        return {}
+        return {f"gpu.{i}.risk": self._risks.get(i, "") for i in self._gpus}
 
     def stop(self) -> None:
         """Stop every worker and free the GPUs."""
@@ -4303,20 +4335,23 @@ def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
                    node_label: str = "") -> KeepAlive:
     """The keep-alive engine for the inventory's GPUs, or keep-alive off with a reason. Never
     raises; when the GPUs cannot be used it says why in one warning."""
+    def off(why: str) -> KeepAlive:  # the real GPUs are still watched for reclaim risk
+        return KeepAlive(why, inventory.nvml, inventory.gpus, log)
+
     if not enabled:
         log.info("Keep-alive off: disabled")
-        return KeepAlive("disabled")
+        return off("disabled")
     try:
         why = inventory.why if inventory.nvml is None or not inventory.gpus else ""
         if not why and importlib.util.find_spec("torch") is None:
             why = "torch is not installed (the workers need it)"
         if why:
             log.warning("Keep-alive off: %s", why)
-            return KeepAlive(why)
+            return off(why)
         return GpuKeepAlive(inventory.nvml, list(inventory.gpus), log, node_label=node_label)
     except Exception as exc:  # noqa: BLE001 - keep-alive must never keep the queue from running
         log.warning("Keep-alive off: unexpected error: %s", exc)
-        return KeepAlive(f"error: {exc}")
+        return off(f"error: {exc}")
 
 
 # Keep-alive: the worker process, the GPU's side #############################################

@@ -1747,6 +1747,42 @@ def test_a_gpu_left_idle_is_flagged_at_risk_loudly(log, caplog):
     assert field(ka, 0, "risk") == ""
 
 
+@pytest.mark.parametrize("why", ["disabled", "torch is not installed (the workers need it)"])
+def test_keepalive_off_still_flags_an_idle_gpu_at_risk(log, caplog, why):
+    node = sim.SimNode(gpus=2)
+    ka = pm.KeepAlive(why, node.nvml, node.nvml.gpus(), log)
+    node.foreign(1, memory=4 * GIB, util=90.0)  # somebody's job keeps GPU 1 busy
+
+    def run(seconds):
+        for _ in range(int(seconds / 0.5)):
+            node.sleep(0.5)
+            ka.tick(node.time(), {})
+
+    with caplog.at_level(logging.WARNING):
+        run(pm.KEEPALIVE_RISK_SECONDS - 10)
+        assert ka.gpu_fields() == {"gpu.0.risk": "", "gpu.1.risk": ""}
+        run(30)
+    assert ka.gpu_fields()["gpu.0.risk"] == f"GPU 0 idle 3 min (0%): keep-alive off: {why}"
+    assert ka.gpu_fields()["gpu.1.risk"] == ""
+    assert f"At risk of reclaim: GPU 0 idle 3 min (0%): keep-alive off: {why}" in caplog.text
+
+
+def test_keepalive_off_knows_nothing_of_declared_slots_and_names_an_idle_task(log):
+    declared = pm.Inventory.declare([0, 1])
+    ka = pm.KeepAlive("no NVML", declared.nvml, declared.gpus, log)
+    ka.tick(0.0, {})
+    ka.tick(pm.KEEPALIVE_RISK_SECONDS + 60, {})
+    assert ka.gpu_fields() == {}  # nothing known of them: no risk to tell
+    node = sim.scenario_idle_gpu()
+    ka = pm.KeepAlive("disabled", node.nvml, node.nvml.gpus(), log)
+    node.foreign(0, memory=4 * GIB, util=40.0)  # a queue task below the band
+    for _ in range(int((pm.KEEPALIVE_RISK_SECONDS + 30) / 0.5)):
+        node.sleep(0.5)
+        ka.tick(node.time(), {0: "task-1"})
+    assert re.fullmatch(r"GPU 0 idle 3 min \(4\d%\): a queue task leaves it idle",
+                        ka.gpu_fields()["gpu.0.risk"])
+
+
 def test_a_held_gpu_below_the_band_for_long_is_at_risk_and_warned(log, caplog):
     node = sim.scenario_idle_gpu()
     node.gpus[0].gain = 0.3  # the GPU shows a third of what the worker does: never in band
