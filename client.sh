@@ -667,10 +667,29 @@ _gpu_own_host() {  # on a loaded node state: does that daemon run on this host, 
   [ "$_gpu_val" = "$(command readlink /proc/self/ns/pid 2>/dev/null)" ]
 }
 
+_gpu_liveness_times() {  # on a loaded node state: the heartbeat ages (whole seconds) after
+  # which its daemon is not responding (_gpu_late) and dead (_gpu_stale), as the daemon publishes
+  # them (docs/protocol.md); 15 and 60 for a state without them or with values not sane
+  local late
+  _gpu_late=15 _gpu_stale=60
+  _gpu_field liveness.late_after; _gpu_seconds "$_gpu_val" || return 0
+  late=$_gpu_i
+  _gpu_field liveness.stale_after; _gpu_seconds "$_gpu_val" || return 0
+  [ "$_gpu_i" -gt "$late" ] || return 0
+  _gpu_late=$late _gpu_stale=$_gpu_i
+}
+
+_gpu_seconds() {  # _gpu_seconds VALUE: a published time of 1 s to a day (digits, a decimal
+  # fraction) in whole seconds into _gpu_i; 1 when VALUE is not one
+  case $1 in '' | .* | *. | *.*.* | *[!0-9.]*) return 1 ;; esac
+  _gpu_whole "${1%.*}" 86400 && [ "$_gpu_i" -ge 1 ]
+}
+
 _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, draining, late, dead,
   # stopped; protocol: "alive" and "not responding") and, unless alive, _gpu_why and _gpu_cause
   local pid comm='' protocol args age
   _gpu_why='' _gpu_cause=''
+  _gpu_liveness_times
   _gpu_field status
   if [ "$_gpu_val" = stopped ]; then _gpu_live=stopped; return; fi
   _gpu_live=$_gpu_val
@@ -704,7 +723,7 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
         return
       fi
       _gpu_pulse
-      if [ "$_gpu_t" -gt $((_gpu_i + 15)) ]; then  # its process runs: never dead, late
+      if [ "$_gpu_t" -gt $((_gpu_i + _gpu_late)) ]; then  # its process runs: never dead, late
         _gpu_dur $((_gpu_t - _gpu_i))
         _gpu_live=late
         case $_gpu_pstate in
@@ -727,10 +746,10 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
   [ "$_gpu_t" -gt "$_gpu_i" ] || return 0  # a heartbeat from the future: clocks differ
   age=$((_gpu_t - _gpu_i))
   _gpu_dur "$age"
-  if [ "$age" -ge 60 ]; then
+  if [ "$age" -ge "$_gpu_stale" ]; then
     _gpu_live=dead _gpu_why="no heartbeat for $_gpu_d"
     _gpu_cause='the daemon or its node died, or its cluster job ended'
-  elif [ "$age" -gt 15 ]; then  # three HEARTBEAT_SECONDS
+  elif [ "$age" -gt "$_gpu_late" ]; then
     _gpu_live=late _gpu_why="its heartbeat is $_gpu_d old"
     _gpu_cause='the daemon is stopped or hung, the shared storage stalls, or its node died'
   fi

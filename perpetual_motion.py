@@ -64,6 +64,7 @@ POLL_INTERVAL = 0.5  # seconds between looks at pending/ and commands/ (inotify 
 STOP_GRACE_SECONDS = 10.0  # seconds between SIGTERM and SIGKILL when a task is stopped
 HEARTBEAT_SECONDS = 5.0  # the node's state file is rewritten at least this often
 HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat stood still this long is dead
+HEARTBEAT_LATE_SECONDS = 3 * HEARTBEAT_SECONDS  # an older heartbeat: the daemon is not responding
 SELF_FENCE_SECONDS = 40.0  # a daemon that cannot write its heartbeat this long ends its tasks
 KILL_SCOPE = "auto"  # after a stop: "user-python", "task", "none", or "auto" (by where it runs)
 KEEPALIVE = True  # False runs the queue alone
@@ -6243,6 +6244,8 @@ class Daemon:
             "status": status, "started": self.started_text,
             "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
             "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
+            "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
+            "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
             "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.kill_scope,
             "keepalive": self.keepalive.describe(),
             "running_count": len(tasks),
