@@ -407,22 +407,42 @@ class Config:
     callback: str = TASK_CALLBACK  # --callback: run after each task ends ("": none)
     shared: bool = SHARED_QUEUE  # --shared-queue: the group may write the queue folder
 
+    def __post_init__(self) -> None:
+        # the scope in force, resolved once: "auto" says where the daemon runs
+        object.__setattr__(self, "kill_scope", resolve_kill_scope(self.kill_scope, os.environ))
+
     @property
     def instance(self) -> Path:
         return self.queue_root / self.job_id
+
+
+class Throttle:
+    """Whether a repeated message is said now: at most once per ``every`` seconds per key (or
+    once only), on the clock given."""
+
+    def __init__(self, every: float = WARNING_REPEAT_SECONDS,
+                 timefunc: Callable[[], float] = time.monotonic):
+        self.every = every
+        self.timefunc = timefunc
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str, every: float | None = None, once: bool = False) -> bool:
+        now = self.timefunc()
+        last = self._last.get(key)
+        if last is not None and (once or now - last < (self.every if every is None else every)):
+            return False
+        self._last[key] = now
+        return True
 
 
 class ThrottledLog:
     """Log a repeated warning at most once per ``WARNING_REPEAT_SECONDS`` per key."""
 
     def __init__(self, clock: Callable[[], float]):
-        self.clock = clock
-        self.last: dict[str, float] = {}
+        self.throttle = Throttle(WARNING_REPEAT_SECONDS, clock)
 
     def warning(self, key: str, message: str, *args: object, **kwargs) -> None:
-        now = self.clock()
-        if now - self.last.get(key, -1e18) >= WARNING_REPEAT_SECONDS:
-            self.last[key] = now
+        if self.throttle(key):
             LOG.warning(message, *args, **kwargs)
 
 
@@ -2793,23 +2813,6 @@ def parse_message(line: str) -> tuple[str, dict[str, str]]:
     return verb, fields
 
 
-class _Throttle:
-    """Say a repeated warning at most once per ``every`` seconds per key."""
-
-    def __init__(self, every: float = _WARN_EVERY, timefunc: Callable[[], float] = time.monotonic):
-        self.every = every
-        self.timefunc = timefunc
-        self._last: dict[str, float] = {}
-
-    def __call__(self, key: str, every: float | None = None, once: bool = False) -> bool:
-        now = self.timefunc()
-        last = self._last.get(key)
-        if last is not None and (once or now - last < (self.every if every is None else every)):
-            return False
-        self._last[key] = now
-        return True
-
-
 # Keep-alive: the NVML seam ##################################################################
 
 
@@ -2836,7 +2839,7 @@ class Nvml:
         self._putil_ts: dict[int, int] = {}
         self._no_samples: set[int] = set()
         self._no_putil: set[int] = set()
-        self._throttle = _Throttle()
+        self._throttle = Throttle(_WARN_EVERY)
 
     @classmethod
     def open(cls, log: logging.Logger, hide_processes: bool = False) -> Nvml:
@@ -3792,7 +3795,7 @@ class GpuKeepAlive(KeepAlive):
             if slot.gpu.mig:
                 slot.reason = "MIG mode: skipped"
         self._started = False
-        self._throttle = _Throttle(timefunc=timefunc)
+        self._throttle = Throttle(_WARN_EVERY, timefunc)
 
     # The seam the daemon calls
 
@@ -5817,7 +5820,6 @@ class Daemon:
         self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
                                  self.throttled, self.started, self.begin_shutdown,
                                  self.mark_changed, self.ask_sweep)
-        self.kill_scope = resolve_kill_scope(config.kill_scope, os.environ)
         self.shutdown_at = self.started + config.hours * 3600
         self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
                         if AUTO_SHUTDOWN_HARD_HOURS else None)
@@ -5876,7 +5878,7 @@ class Daemon:
             LOG.info("Keep-alive: %s", self.keepalive.describe())  # else it has warned why
         gpus = self.inventory.numbers(range(len(self.inventory.gpus))) or "none"
         LOG.info("GPUs for tasks: %s; CPU task slots: %d; kill scope after a stop: %s",
-                 gpus, MAX_CPU_TASKS, self.kill_scope)
+                 gpus, MAX_CPU_TASKS, self.config.kill_scope)
         if self.config.callback:
             LOG.info("After each task: %s", self.config.callback)
         LOG.info("Queue: %s (node %d of %d)", self.folder.root, self.config.node_rank,
@@ -6091,13 +6093,14 @@ class Daemon:
             self.kill_python(task.task_id)
 
     def kill_python(self, task_id: str = "") -> None:
-        pids = python_pids_to_kill(self.config.job_id, self.kill_scope,
+        pids = python_pids_to_kill(self.config.job_id, self.config.kill_scope,
                                    spare=self.keepalive.child_pids() | self.runner_pids(),
                                    task_id=task_id)
         if pids:
             self.write_state()  # the wait below can take CLEANUP_GRACE_SECONDS
             count = terminate(pids, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
-            LOG.info("Ended %d other Python process(es) (scope %s)", count, self.kill_scope)
+            LOG.info("Ended %d other Python process(es) (scope %s)", count,
+                     self.config.kill_scope)
 
     # -- the queue -------------------------------------------------------------------------
 
@@ -6246,7 +6249,7 @@ class Daemon:
             "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
             "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
             "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
-            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.kill_scope,
+            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.config.kill_scope,
             "keepalive": self.keepalive.describe(),
             "running_count": len(tasks),
             "current_task": first.task_id if first else "",
