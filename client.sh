@@ -85,6 +85,12 @@ gpu_use() {
   if [ -n "$_gpu_id" ]; then export JOB_ID="$_gpu_id"; fi
 }
 
+_gpu_command_list() {  # the commands into _gpu_commands, in the order gpu_help lists them and
+  # completion offers them; each is a function gpu_<command> above, completed as below
+  _gpu_commands="use list submit run status show logs tail wait retry hold release priority \
+stop clean drain resume shutdown help"
+}
+
 # Every command runs in a subshell: options, variables, traps and `cd` stay inside it.
 _gpu_main() ( _gpu_dispatch "$@" )
 
@@ -124,9 +130,7 @@ _gpu_dispatch() {  # _gpu_dispatch COMMAND ARGS...: set the subshell up, run _gp
   _gpu_bba=$'\272' _gpu_bbc=$'\274' _gpu_bbd=$'\275'
   _gpu_blank='                                                                                '
   _gpu_blank=$_gpu_blank$_gpu_blank  # 160 spaces, for _gpu_pad
-  # the commands, in the order gpu_help lists them and completion offers them
-  _gpu_commands='use list submit run status show logs tail wait retry hold release priority stop
-clean drain resume shutdown help'
+  _gpu_command_list
   _gpu_keys='' _gpu_sum=''
   _gpu_cmd=$1
   shift
@@ -667,10 +671,29 @@ _gpu_own_host() {  # on a loaded node state: does that daemon run on this host, 
   [ "$_gpu_val" = "$(command readlink /proc/self/ns/pid 2>/dev/null)" ]
 }
 
+_gpu_liveness_times() {  # on a loaded node state: the heartbeat ages (whole seconds) after
+  # which its daemon is not responding (_gpu_late) and dead (_gpu_stale), as the daemon publishes
+  # them (docs/protocol.md); 15 and 60 for a state without them or with values not sane
+  local late
+  _gpu_late=15 _gpu_stale=60
+  _gpu_field liveness.late_after; _gpu_seconds "$_gpu_val" || return 0
+  late=$_gpu_i
+  _gpu_field liveness.stale_after; _gpu_seconds "$_gpu_val" || return 0
+  [ "$_gpu_i" -gt "$late" ] || return 0
+  _gpu_late=$late _gpu_stale=$_gpu_i
+}
+
+_gpu_seconds() {  # _gpu_seconds VALUE: a published time of 1 s to a day (digits, a decimal
+  # fraction) in whole seconds into _gpu_i; 1 when VALUE is not one
+  case $1 in '' | .* | *. | *.*.* | *[!0-9.]*) return 1 ;; esac
+  _gpu_whole "${1%.*}" 86400 && [ "$_gpu_i" -ge 1 ]
+}
+
 _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, draining, late, dead,
   # stopped; protocol: "alive" and "not responding") and, unless alive, _gpu_why and _gpu_cause
   local pid comm='' protocol args age
   _gpu_why='' _gpu_cause=''
+  _gpu_liveness_times
   _gpu_field status
   if [ "$_gpu_val" = stopped ]; then _gpu_live=stopped; return; fi
   _gpu_live=$_gpu_val
@@ -704,7 +727,7 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
         return
       fi
       _gpu_pulse
-      if [ "$_gpu_t" -gt $((_gpu_i + 15)) ]; then  # its process runs: never dead, late
+      if [ "$_gpu_t" -gt $((_gpu_i + _gpu_late)) ]; then  # its process runs: never dead, late
         _gpu_dur $((_gpu_t - _gpu_i))
         _gpu_live=late
         case $_gpu_pstate in
@@ -727,10 +750,10 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
   [ "$_gpu_t" -gt "$_gpu_i" ] || return 0  # a heartbeat from the future: clocks differ
   age=$((_gpu_t - _gpu_i))
   _gpu_dur "$age"
-  if [ "$age" -ge 60 ]; then
+  if [ "$age" -ge "$_gpu_stale" ]; then
     _gpu_live=dead _gpu_why="no heartbeat for $_gpu_d"
     _gpu_cause='the daemon or its node died, or its cluster job ended'
-  elif [ "$age" -gt 15 ]; then  # three HEARTBEAT_SECONDS
+  elif [ "$age" -gt "$_gpu_late" ]; then
     _gpu_live=late _gpu_why="its heartbeat is $_gpu_d old"
     _gpu_cause='the daemon is stopped or hung, the shared storage stalls, or its node died'
   fi
@@ -897,12 +920,14 @@ _gpu_prepare() {  # _gpu_prepare DIR...: create the instance and DIRs for writin
 # The one parser, the help and the completion all read them from here.
 
 _gpu_spec() {  # _gpu_spec COMMAND: _gpu_sp_use, _gpu_sp_what, _gpu_sp_opts and _gpu_sp_more
+  # what a task asks for (gpu_retry may ask again), then how it is ordered and named
   local request="-p|--priority|PRIO|prio|run order: 0 to 999, smaller first (default 500)
 -g|--gpus|N|gpus|GPUs on each node: 0 (CPU only) to the node's count, or all (default)
 -n|--nodes|N|nodes|nodes to run on at once, one rank each: 1 (default) to all of them
 -t|--time|LIMIT|time|stop it after LIMIT of running (state timeout): 90s, 30m, 2h, 1:30:00
--e|--env|NAME=VALUE|env+|set NAME in the task's environment (repeatable)
-|--after|NAME|after+|start after NAME ended with exit 0 (repeatable); if it did not, cancel
+-e|--env|NAME=VALUE|env+|set NAME in the task's environment (repeatable)"
+  local placing="|--after|NAME|after+|start after NAME ended with exit 0 (repeatable); if it did \
+not, cancel
 |--name|NAME|name|the name gpu_status shows (default: the script's)"
   local json='|--json||json|one JSON document (schema: docs/protocol.md, "The client'"'"'s JSON")'
   _gpu_sp_opts='' _gpu_sp_more=''
@@ -919,7 +944,8 @@ creates its folder; the daemon runs its tasks when it starts)." ;;
       _gpu_sp_opts=$json ;;
     submit) _gpu_sp_use='[OPTIONS] FILE [PRIORITY] [-- ARGS...]'
       _gpu_sp_what='queue a copy of FILE, to run with ARGS where you are'
-      _gpu_sp_opts=$request
+      _gpu_sp_opts="$request
+$placing"
       _gpu_sp_more="\
 *.sh runs with bash, *.py with the daemon's Python, any other file must be executable. PRIORITY
 after FILE is -p. The copy runs, in the directory you submit from: editing FILE later changes
@@ -927,7 +953,8 @@ nothing. gpu_submit \$QUEUE_ROOT/\$JOB_ID/failed/<id> runs a finished task again
 first submitted (gpu_retry NAME does the same by name)." ;;
     run) _gpu_sp_use="[OPTIONS] [--] 'CMD'"
       _gpu_sp_what='queue a shell command, to run where you are'
-      _gpu_sp_opts=$request
+      _gpu_sp_opts="$request
+$placing"
       _gpu_sp_more="\
 Options come first: the first word that is not an option starts the command (after --, even one
 that starts with -). The task is named run_<words>.sh." ;;
@@ -965,7 +992,7 @@ return code is 0 when every task is done, else the exit code of the first task (
 given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted)." ;;
     retry) _gpu_sp_use='[OPTIONS] NAME...|--failed'
       _gpu_sp_what='queue finished tasks again: command, directory, request'
-      _gpu_sp_opts="$(printf '%s\n' "$request" | command head -n 5)
+      _gpu_sp_opts="$request
 |--failed||failed|every failed or interrupted task that was not queued again yet"
       _gpu_sp_more="\
 NAME stands for its newest finished task; each NAME is checked before anything is queued.
@@ -3765,18 +3792,18 @@ _gpu_complete_zsh() {
   fi
 }
 
+# every command of the list (its words are plain names); a file may follow gpu_submit and gpu_run
+_gpu_command_list
+_gpu_here="gpu_${_gpu_commands// / gpu_}"
 if [ -n "${ZSH_VERSION-}" ]; then
   if command -v compdef >/dev/null 2>&1; then
-    compdef _gpu_complete_zsh gpu_use gpu_list gpu_submit gpu_run gpu_status gpu_show gpu_logs \
-      gpu_tail gpu_wait gpu_retry gpu_hold gpu_release gpu_priority gpu_stop gpu_clean gpu_drain \
-      gpu_resume gpu_shutdown gpu_help
+    eval "compdef _gpu_complete_zsh $_gpu_here"
   fi
 elif command -v complete >/dev/null 2>&1; then
-  complete -F _gpu_complete_bash gpu_use gpu_list gpu_status gpu_show gpu_logs gpu_tail gpu_wait \
-    gpu_retry gpu_hold gpu_release gpu_priority gpu_stop gpu_clean gpu_drain gpu_resume \
-    gpu_shutdown gpu_help
+  eval "complete -F _gpu_complete_bash $_gpu_here"
   complete -o default -F _gpu_complete_bash gpu_submit gpu_run
 fi
+unset _gpu_here _gpu_commands
 
 if [ -n "${_gpu_restore_aliases-}" ]; then eval "$_gpu_restore_aliases"; fi
 unset _gpu_restore_aliases

@@ -64,6 +64,7 @@ POLL_INTERVAL = 0.5  # seconds between looks at pending/ and commands/ (inotify 
 STOP_GRACE_SECONDS = 10.0  # seconds between SIGTERM and SIGKILL when a task is stopped
 HEARTBEAT_SECONDS = 5.0  # the node's state file is rewritten at least this often
 HEARTBEAT_STALE_SECONDS = 60.0  # a daemon whose heartbeat stood still this long is dead
+HEARTBEAT_LATE_SECONDS = 3 * HEARTBEAT_SECONDS  # an older heartbeat: the daemon is not responding
 SELF_FENCE_SECONDS = 40.0  # a daemon that cannot write its heartbeat this long ends its tasks
 KILL_SCOPE = "auto"  # after a stop: "user-python", "task", "none", or "auto" (by where it runs)
 KEEPALIVE = True  # False runs the queue alone
@@ -81,6 +82,7 @@ MIN_WAIT_SECONDS = 0.02  # the loop never spins faster than this
 COMMAND_CLOCK_SKEW_SECONDS = 30.0  # commands sent longer than this before the start are stale
 CALLBACK_EXIT_WAIT_SECONDS = 10.0  # how long an exiting daemon waits for running callbacks
 CLEANUP_GRACE_SECONDS = 10.0  # longest wait for leftovers of a task to exit before SIGKILL
+KILL_WAIT_SECONDS = 2.0  # after a SIGKILL, how long the daemon waits for the processes to go
 BEAT_BYTES = 128  # size of a node's beat file, rewritten in place
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a record, command or state file larger than this is corrupt
 MAX_HOURS = 24 * 365  # --hours beyond this is refused
@@ -406,22 +408,42 @@ class Config:
     callback: str = TASK_CALLBACK  # --callback: run after each task ends ("": none)
     shared: bool = SHARED_QUEUE  # --shared-queue: the group may write the queue folder
 
+    def __post_init__(self) -> None:
+        # the scope in force, resolved once: "auto" says where the daemon runs
+        object.__setattr__(self, "kill_scope", resolve_kill_scope(self.kill_scope, os.environ))
+
     @property
     def instance(self) -> Path:
         return self.queue_root / self.job_id
+
+
+class Throttle:
+    """Whether a repeated message is said now: at most once per ``every`` seconds per key (or
+    once only), on the clock given."""
+
+    def __init__(self, every: float = WARNING_REPEAT_SECONDS,
+                 timefunc: Callable[[], float] = time.monotonic):
+        self.every = every
+        self.timefunc = timefunc
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str, every: float | None = None, once: bool = False) -> bool:
+        now = self.timefunc()
+        last = self._last.get(key)
+        if last is not None and (once or now - last < (self.every if every is None else every)):
+            return False
+        self._last[key] = now
+        return True
 
 
 class ThrottledLog:
     """Log a repeated warning at most once per ``WARNING_REPEAT_SECONDS`` per key."""
 
     def __init__(self, clock: Callable[[], float]):
-        self.clock = clock
-        self.last: dict[str, float] = {}
+        self.throttle = Throttle(WARNING_REPEAT_SECONDS, clock)
 
     def warning(self, key: str, message: str, *args: object, **kwargs) -> None:
-        now = self.clock()
-        if now - self.last.get(key, -1e18) >= WARNING_REPEAT_SECONDS:
-            self.last[key] = now
+        if self.throttle(key):
             LOG.warning(message, *args, **kwargs)
 
 
@@ -1185,8 +1207,8 @@ def predecessor_pids(folder: Path, job_id: str, node_rank: int) -> list[int]:
     return sorted(found)
 
 
-def terminate(pids: Iterable[int], grace: float) -> int:
-    """SIGTERM ``pids``, SIGKILL what is left after ``grace``; return how many were signalled."""
+def send_sigterm(pids: Iterable[int]) -> list:
+    """SIGTERM ``pids``; the psutil.Process of each one signalled."""
     import psutil
 
     procs = []
@@ -1197,11 +1219,19 @@ def terminate(pids: Iterable[int], grace: float) -> int:
             procs.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return procs
+
+
+def terminate(pids: Iterable[int], grace: float) -> int:
+    """SIGTERM ``pids``, SIGKILL what is left after ``grace``; return how many were signalled."""
+    import psutil
+
+    procs = send_sigterm(pids)
     _, alive = psutil.wait_procs(procs, timeout=max(grace, 0.0))
     for proc in alive:
         with contextlib.suppress(psutil.Error, OSError):
             proc.kill()
-    psutil.wait_procs(alive, timeout=2.0)
+    psutil.wait_procs(alive, timeout=KILL_WAIT_SECONDS)
     return len(procs)
 
 
@@ -1676,6 +1706,7 @@ class RunningTask:
     # (pid, start time) of every process seen below its main process: proof that an orphan
     # the daemon adopts is this task's (leftover_pids)
     lineage: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    leftovers: Leftovers | None = None  # once its main process has ended
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -1684,6 +1715,35 @@ class RunningTask:
     @property
     def label(self) -> str:
         return self.task_id if self.rank is None else f"{self.task_id} (rank {self.rank})"
+
+
+@dataclasses.dataclass
+class Leftovers:
+    """What a task's main process left running when it ended, and their countdown: SIGTERM
+    sent, SIGKILL at ``kill_at`` to those still there, then ``KILL_WAIT_SECONDS`` for them
+    to be gone. Checked at each turn of the loop; nothing waits."""
+
+    ended: float  # when the main process was seen ended
+    procs: list  # psutil.Process of each one still there
+    count: int  # how many were signalled
+    kill_at: float
+    killed: bool = False
+
+    def remain(self, now: float) -> bool:
+        """True while the countdown goes on; those that have ended are reaped."""
+        import psutil
+
+        if self.procs:
+            _, self.procs = psutil.wait_procs(self.procs, timeout=0)
+        if not self.procs or (self.killed and now >= self.kill_at):
+            return False  # (a process that outlives SIGKILL is not waited for longer)
+        if now < self.kill_at:
+            return True
+        for proc in self.procs:
+            with contextlib.suppress(psutil.Error, OSError):
+                proc.kill()
+        self.killed, self.kill_at = True, now + KILL_WAIT_SECONDS
+        return True
 
 
 class NodeTrouble(Exception):
@@ -1764,7 +1824,6 @@ class TaskRunner:
         self.tasks: dict[tuple[str, int | None], RunningTask] = {}
         self.left_alone: set[tuple[int, int]] = set()  # orphans without proof, logged once
         self.unfinished: list[list] = []  # [result, source, published] not yet done
-        self.heartbeat: Callable[[], None] | None = None  # called before a blocking wait
         self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
         # False once another daemon holds this node: it records this daemon's tasks, not this one
         self.may_record: Callable[[], bool] = lambda: True
@@ -1904,6 +1963,8 @@ class TaskRunner:
         """Ask a task to stop: SIGTERM to its group now, SIGKILL after the grace. A task whose
         process has already exited ends as it ended: the stop comes too late to be its cause."""
         if task.proc is not None and task.proc.poll() is not None:
+            if hard and task.leftovers is not None:  # what it left gets SIGKILL now
+                task.leftovers.kill_at = min(task.leftovers.kill_at, self.clock())
             return
         if task.stop_state is None:
             task.stop_state, task.stop_reason = state, reason
@@ -1936,16 +1997,26 @@ class TaskRunner:
                     signal_group(task.proc.pid, signal.SIGKILL)
                     task.kill_at = self.clock() + 3600  # once is enough
                 continue
+            if self.leftovers_remain(task):
+                continue
             ended.append((task, self._ended(task, code)))
         return ended
 
-    def _ended(self, task: RunningTask, code: int) -> TaskResult:
-        ended = self.clock()
+    def leftovers_remain(self, task: RunningTask) -> bool:
+        """For a task whose main process has ended: True while what it left running is being
+        ended (the countdown starts at the first call), False once the task can be finished."""
         try:
-            leftovers = self.end_leftovers(task)
+            if task.leftovers is None:
+                task.leftovers = self.end_leftovers(task)
+            return task.leftovers.remain(self.clock())
         except Exception:  # noqa: BLE001 - the task must be recorded whatever happens here
             LOG.exception("cannot end what %s left running", task.label)
-            leftovers = 0
+            return False
+
+    def _ended(self, task: RunningTask, code: int) -> TaskResult:
+        ended = task.leftovers.ended if task.leftovers is not None else self.clock()
+        leftovers = task.leftovers.count if task.leftovers is not None else 0
+        signal_group(task.proc.pid, signal.SIGKILL)  # whatever is left of its group
         self.tasks.pop(task.key, None)
         exit_code, signum = (None, -code) if code < 0 else (code, None)
         if task.stop_state is not None:
@@ -1990,9 +2061,10 @@ class TaskRunner:
         lineage of its tasks needed to know whose they are."""
         return os.getpid() == 1 or is_subreaper()
 
-    def end_leftovers(self, task: RunningTask) -> int:
-        """End what a finished task left behind: its process group, and whatever carries its
-        marker (even after ``setsid``). Returns how many processes were signalled."""
+    def end_leftovers(self, task: RunningTask) -> Leftovers:
+        """Start ending what a finished task left behind: SIGTERM to its process group, and to
+        whatever carries its marker (even after ``setsid``); their countdown."""
+        now = self.clock()
         signal_group(task.proc.pid, signal.SIGTERM)
         others = {f"{self.config.job_id}/{t.task_id}" for t in self.tasks.values()
                   if t.task_id != task.task_id}
@@ -2005,11 +2077,9 @@ class TaskRunner:
             LOG.warning("Left alone %d process(es) that the daemon adopted but nothing proves "
                         "to be a task's (docs/protocol.md, Start): %s", len(new),
                         describe_pids(new))
-        if left and self.heartbeat:
-            self.heartbeat()  # the wait below can take CLEANUP_GRACE_SECONDS
-        count = terminate(left, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
-        signal_group(task.proc.pid, signal.SIGKILL)
-        return count
+        procs = send_sigterm(left)
+        return Leftovers(now, procs, len(procs),
+                         now + min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
 
     def finish(self, result: TaskResult, source: str = "running") -> None:
         self.unfinished.append([result, source, False])
@@ -2824,23 +2894,6 @@ def parse_message(line: str) -> tuple[str, dict[str, str]]:
     return verb, fields
 
 
-class _Throttle:
-    """Say a repeated warning at most once per ``every`` seconds per key."""
-
-    def __init__(self, every: float = _WARN_EVERY, timefunc: Callable[[], float] = time.monotonic):
-        self.every = every
-        self.timefunc = timefunc
-        self._last: dict[str, float] = {}
-
-    def __call__(self, key: str, every: float | None = None, once: bool = False) -> bool:
-        now = self.timefunc()
-        last = self._last.get(key)
-        if last is not None and (once or now - last < (self.every if every is None else every)):
-            return False
-        self._last[key] = now
-        return True
-
-
 # Keep-alive: the NVML seam ##################################################################
 
 
@@ -2867,7 +2920,7 @@ class Nvml:
         self._putil_ts: dict[int, int] = {}
         self._no_samples: set[int] = set()
         self._no_putil: set[int] = set()
-        self._throttle = _Throttle()
+        self._throttle = Throttle(_WARN_EVERY)
 
     @classmethod
     def open(cls, log: logging.Logger, hide_processes: bool = False) -> Nvml:
@@ -3823,7 +3876,7 @@ class GpuKeepAlive(KeepAlive):
             if slot.gpu.mig:
                 slot.reason = "MIG mode: skipped"
         self._started = False
-        self._throttle = _Throttle(timefunc=timefunc)
+        self._throttle = Throttle(_WARN_EVERY, timefunc)
 
     # The seam the daemon calls
 
@@ -5949,7 +6002,6 @@ class Daemon:
         self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
                                  self.throttled, self.started, self.begin_shutdown,
                                  self.mark_changed, self.ask_sweep)
-        self.kill_scope = resolve_kill_scope(config.kill_scope, os.environ)
         self.shutdown_at = self.started + config.hours * 3600
         self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
                         if AUTO_SHUTDOWN_HARD_HOURS else None)
@@ -5969,7 +6021,6 @@ class Daemon:
         self.waiter: SignalWaiter | None = None
         self.displaced = False  # another daemon owns this node's state file
         self.running_names: list[str] = []
-        self.runner.heartbeat = self.write_state
         self.runner.may_record = lambda: not self.displaced and self.claim.other_holder() is None
         self.history = History(self.folder, clock)
 
@@ -6008,7 +6059,7 @@ class Daemon:
             LOG.info("Keep-alive: %s", self.keepalive.describe())  # else it has warned why
         gpus = self.inventory.numbers(range(len(self.inventory.gpus))) or "none"
         LOG.info("GPUs for tasks: %s; CPU task slots: %d; kill scope after a stop: %s",
-                 gpus, MAX_CPU_TASKS, self.kill_scope)
+                 gpus, MAX_CPU_TASKS, self.config.kill_scope)
         if self.config.callback:
             LOG.info("After each task: %s", self.config.callback)
         LOG.info("Queue: %s (node %d of %d)", self.folder.root, self.config.node_rank,
@@ -6223,13 +6274,14 @@ class Daemon:
             self.kill_python(task.task_id)
 
     def kill_python(self, task_id: str = "") -> None:
-        pids = python_pids_to_kill(self.config.job_id, self.kill_scope,
+        pids = python_pids_to_kill(self.config.job_id, self.config.kill_scope,
                                    spare=self.keepalive.child_pids() | self.runner_pids(),
                                    task_id=task_id)
         if pids:
             self.write_state()  # the wait below can take CLEANUP_GRACE_SECONDS
             count = terminate(pids, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
-            LOG.info("Ended %d other Python process(es) (scope %s)", count, self.kill_scope)
+            LOG.info("Ended %d other Python process(es) (scope %s)", count,
+                     self.config.kill_scope)
 
     # -- the queue -------------------------------------------------------------------------
 
@@ -6376,7 +6428,9 @@ class Daemon:
             "status": status, "started": self.started_text,
             "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
             "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
-            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.kill_scope,
+            "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
+            "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
+            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.config.kill_scope,
             "keepalive": self.keepalive.describe(),
             "running_count": len(tasks),
             "current_task": first.task_id if first else "",

@@ -63,7 +63,7 @@ setting LOCAL_WAIT_SECONDS  "15"        "local: seconds to wait for the daemon's
 # Protocol constants (docs/protocol.md) #############################################################
 
 readonly JOB_ID_RE='^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$'
-readonly HEARTBEAT_STALE_SECONDS=60  # a daemon whose heartbeat is older is dead
+readonly HEARTBEAT_STALE_SECONDS=60  # dead after this, where the daemon does not say (an old one)
 readonly SLURM_TIME_MARGIN_MINUTES=5  # the Slurm time limit leaves the daemon this long to stop
 readonly DAEMON_FILE="perpetual_motion.py"
 
@@ -417,11 +417,28 @@ read_key() {
 }
 
 #######################################
+# Prints the whole seconds after which the daemon of a node state file is dead: what the daemon
+# publishes (liveness.stale_after), or HEARTBEAT_STALE_SECONDS for a value that is missing or not
+# a number of 1 s to a day.
+# Arguments: the node state file.
+#######################################
+stale_after() {
+  local value
+  value="$(read_key "$1" 'liveness[.]stale_after')"
+  if [[ "${value}" =~ ^([0-9]{1,5})([.][0-9]+)?$ ]] && ((10#${BASH_REMATCH[1]} >= 1)) \
+    && ((10#${BASH_REMATCH[1]} <= 86400)); then
+    echo "$((10#${BASH_REMATCH[1]}))"
+  else
+    echo "${HEARTBEAT_STALE_SECONDS}"
+  fi
+}
+
+#######################################
 # Refuses to launch when a daemon of the job is alive (fresh heartbeat, not stopped), unless
 # forced. Warns about an earlier launch whose daemon has not started (still queued?).
 #######################################
 check_not_alive() {
-  local state_file status heartbeat age alive=0 started last_start=0
+  local state_file status heartbeat age stale alive=0 started last_start=0
   local -a seen=()
   for state_file in "${INSTANCE}"/nodes/node-*.state; do
     [[ -f "${state_file}" ]] || continue
@@ -433,7 +450,8 @@ check_not_alive() {
     heartbeat="$(read_key "${state_file}" heartbeat)"
     [[ "${heartbeat}" =~ ^[0-9]+([.][0-9]*)?$ && "${status}" != stopped ]] || continue
     age="$(awk -v hb="${heartbeat}" -v now="$(date +%s)" 'BEGIN { printf "%d", now - hb }')"
-    if ((age < HEARTBEAT_STALE_SECONDS)); then
+    stale="$(stale_after "${state_file}")"
+    if ((age < stale)); then
       alive=1
       seen+=("node $(read_key "${state_file}" node_rank) on $(read_key "${state_file}" host)
 (pid $(read_key "${state_file}" pid), ${status}, heartbeat ${age} s ago)")

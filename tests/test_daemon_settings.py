@@ -1,0 +1,71 @@
+"""Settings with one owner each: the kill scope is resolved once, in the daemon's Config, and
+what the state file and the stop sweep use is that; one throttle says when a repeated warning is
+said again, for the daemon's log and keep-alive's alike. In simulated time."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import FakeClock
+
+import perpetual_motion as pm
+
+CLUSTER_VARIABLES = ("SLURM_JOB_ID", "ECP_JOB_NAME", "SENSECORE_PYTORCH_NNODES", "PM_CLUSTER_JOB")
+
+
+@pytest.mark.parametrize("cluster, scope, resolved", [
+    (False, "auto", "task"),
+    (True, "auto", "user-python"),
+    (True, "task", "task"),
+    (False, "user-python", "user-python"),
+    (True, "none", "none"),
+])
+def test_the_kill_scope_is_resolved_once_in_the_config(monkeypatch, tmp_path, cluster, scope,
+                                                         resolved):
+    for name in CLUSTER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if cluster:
+        monkeypatch.setenv("PM_CLUSTER_JOB", "slurm")
+    config = pm.Config(job_id="unit", queue_root=tmp_path, kill_scope=scope, keepalive=False)
+    assert config.kill_scope == resolved
+    monkeypatch.delenv("PM_CLUSTER_JOB", raising=False)  # a later look changes nothing
+    again = pm.dataclasses.replace(config, poll_interval=0.2)
+    assert again.kill_scope == resolved
+    if resolved == "user-python":
+        return  # a daemon that may end the user's Python processes runs in a PID namespace only
+    clock = FakeClock()
+    daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep)
+    assert not hasattr(daemon, "kill_scope")  # no second copy to drift
+    assert daemon.start() is None
+    state = pm.parse_fields((tmp_path / "unit" / "nodes" / "node-0.state").read_text())
+    assert state["kill_scope"] == daemon.config.kill_scope
+
+
+def test_a_repeated_warning_is_said_once_per_period_per_key():
+    clock = FakeClock(1000.0)
+    throttle = pm.Throttle(60.0, clock)
+    assert throttle("a") and not throttle("a") and throttle("b")
+    clock.sleep(59.9)
+    assert not throttle("a")
+    clock.sleep(0.1)
+    assert throttle("a") and not throttle("a")
+    assert not throttle("b", every=600.0)
+    clock.sleep(600.0)
+    assert throttle("b", every=600.0)
+    assert throttle("c", once=True)
+    clock.sleep(10 ** 6)
+    assert not throttle("c", once=True)
+
+
+def test_the_log_and_keepalive_share_one_throttle(caplog):
+    clock = FakeClock(1000.0)
+    log = pm.ThrottledLog(clock)
+    assert isinstance(log.throttle, pm.Throttle)
+    assert log.throttle.every == pm.WARNING_REPEAT_SECONDS
+    with caplog.at_level(logging.WARNING, logger=pm.LOG.name):
+        for _ in range(3):
+            log.warning("disk", "cannot write: %s", "full")
+            clock.sleep(pm.WARNING_REPEAT_SECONDS / 2)
+    assert [r.getMessage() for r in caplog.records] == ["cannot write: full"] * 2
+    assert not hasattr(pm, "_Throttle")  # keep-alive's warnings go through the same class

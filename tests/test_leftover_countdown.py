@@ -1,0 +1,95 @@
+"""What a finished task left running is ended by a countdown, as a stopped task is: SIGTERM
+when its main process ends, SIGKILL once the grace has passed on the daemon's clock, checked at
+each turn of the loop; the loop never waits for them. In simulated time, the daemon in its own
+PID namespace (it ends processes)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import REPO, UNSHARE, needs_namespace
+
+SCRIPT = textwrap.dedent("""\
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import FakeClock
+    from queue_files import finished, result, submit
+    import perpetual_motion as pm
+    root = Path({root!r})
+    clock = FakeClock()
+    config = pm.Config(job_id="left", queue_root=root, poll_interval=0.1, hours=1.0,
+                       keepalive=False, kill_scope="none", stop_grace=5.0)
+    daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep)
+    assert daemon.start() is None
+    inst = root / "left"
+    facts = {{}}
+
+    def alive(pidfile):
+        try:
+            stat = open(f"/proc/{{int(pidfile.read_text())}}/stat").read()
+        except FileNotFoundError:
+            return False
+        return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
+
+    for case, child in [("ignores", "trap '' TERM; "), ("obeys", ""), ("hard", "trap '' TERM; ")]:
+        pidfile = root / f"{{case}}.pid"
+        task = submit(inst, f"{{case}}.sh",
+                      f"setsid bash -c \\"{{child}}echo \\\\$\\\\$ > {{pidfile}}; "
+                      "while :; do sleep 0.05; done\\" &\\n"
+                      f"while [ ! -s {{pidfile}} ]; do sleep 0.05; done\\n")
+        longest, start = 0.0, clock.now
+        ended_at = None
+        while finished(inst, task) is None and clock.now - start < 60:
+            before = time.monotonic()
+            daemon.tick()
+            longest = max(longest, time.monotonic() - before)
+            running = daemon.runner.tasks.get((task, None))
+            if ended_at is None and running is not None and running.proc is not None \\
+                    and running.proc.poll() is not None:  # its main process has ended
+                ended_at = clock.now
+                facts[case + "_alive_at_end"] = alive(pidfile)
+                if case == "hard":  # as a second Ctrl-C: SIGKILL now, for its leftovers too
+                    daemon.runner.stop(running, pm.TaskState.INTERRUPTED, "x", hard=True)
+            if ended_at is not None and clock.now - ended_at < 4.5:
+                facts[case + "_left_running"] = alive(pidfile)
+            clock.sleep(0.1)
+            time.sleep(0.01)
+        ended_at = clock.now if ended_at is None else ended_at  # (never seen running)
+        res = result(inst, task)
+        facts[case] = {{"state": finished(inst, task), "longest_tick": longest,
+                       "countdown": clock.now - ended_at,
+                       "recorded_end": float(res["ended"]) - ended_at,
+                       "gone": not alive(pidfile),
+                       "log": (inst / "logs" / f"{{task}}.log").read_text()}}
+    print(json.dumps(facts))
+    """)
+
+
+@needs_namespace
+def test_leftovers_end_by_a_countdown_on_the_daemons_clock(tmp_path):
+    root = tmp_path / "shared"
+    root.mkdir()
+    script = SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    ignores, obeys = facts["ignores"], facts["obeys"]
+    # a leftover that ignores SIGTERM: the loop goes on, SIGKILL comes after the grace (5 s)
+    assert ignores["longest_tick"] < 2.0, ignores
+    assert facts.get("ignores_alive_at_end") and facts.get("ignores_left_running"), facts
+    assert 5.0 <= ignores["countdown"] < 8.0, ignores
+    assert ignores["state"] == "done" and ignores["gone"], ignores
+    assert re.search(r"ended [12] leftover process\(es\) of the task", ignores["log"])
+    assert abs(ignores["recorded_end"]) < 0.5  # when its main process ended, not later
+    # one that obeys SIGTERM ends the countdown at once
+    assert obeys["countdown"] < 1.0 and obeys["state"] == "done" and obeys["gone"], obeys
+    assert re.search(r"ended [12] leftover process\(es\) of the task", obeys["log"])
+    hard = facts["hard"]
+    assert hard["countdown"] < 3.0 and hard["state"] == "done" and hard["gone"], hard
