@@ -2719,13 +2719,15 @@ class KeepAlive:
         self._log = log or LOG
         self._idle_since: dict[int, float] = {}
         self._risks: dict[int, str] = {}
-        self._warned = _Throttle()
+        self._now = 0.0  # the last tick's time: what the warnings are throttled by
+        self._warned = Throttle(timefunc=lambda: self._now)
 
     def _watch_idle(self, now: float, busy: Mapping[int, str]) -> None:
         """Keep-alive off: a GPU of ours below the band (with a task on it, when NVML says
         so; without one, unless NVML shows it busy) for KEEPALIVE_RISK_SECONDS is at risk."""
         if self._nvml is None:
             return
+        self._now = now
         for i, gpu in self._gpus.items():
             rate = self._nvml.util_rate(gpu)
             util = None if rate is None else rate[1]
