@@ -1883,12 +1883,15 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
     candidates: list[Candidate] = []
     waiting: tuple[str, str] | None = None  # the first that waits for a dependency or nodes
 
-    def end(name: str, why: str, into: list, state: TaskState) -> None:
+    def end(name: str, why: str, state: TaskState) -> None:
+        """Node 0 fails (or cancels) the task, and its dependants after it in the run order
+        see that in this very pass; another node passes over it."""
+        failed = state is TaskState.FAILED
         if not leader:
-            reasons[name] = f"{why} (node 0 {'fails' if into is fails else 'cancels'} it)"
+            reasons[name] = f"{why} (node 0 {'fails' if failed else 'cancels'} it)"
             return
-        into.append((name, why))
-        if TASK_ID_RE.fullmatch(name):  # its dependants see its end in this very pass
+        (fails if failed else cancels).append((name, why))
+        if TASK_ID_RE.fullmatch(name):  # (a name put there by hand ends under a fresh id)
             results.setdefault(name, state.value)
 
     for name in order:
@@ -1899,10 +1902,10 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
         why = sub if isinstance(sub, str) else never_fits(sub.request, counts,
                                                             snapshot.num_nodes)
         if why:
-            end(name, why, fails, TaskState.FAILED)
+            end(name, why, TaskState.FAILED)
             continue
         if name in cycles:
-            end(name, cycles[name], cancels, TaskState.CANCELLED)
+            end(name, cycles[name], TaskState.CANCELLED)
             continue
         blocker = dependency_blocker(sub.after, results, queued)
         if blocker.startswith("waiting"):
@@ -1910,7 +1913,7 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
             reasons[name] = blocker
             continue
         if blocker:
-            end(name, blocker, cancels, TaskState.CANCELLED)
+            end(name, blocker, TaskState.CANCELLED)
             continue
         if sub.request.gang:
             if not leader:
