@@ -832,6 +832,116 @@ class QueueFolder:
         priority = ascii_int(name[:3])
         return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)
 
+    # -- a task's moves between folders (docs/protocol.md, Claim and run) --------------------
+
+    def claim(self, name: str) -> str:
+        """Rename ``pending/<name>`` into running/ under its id (``id_for``); the id. OSError
+        when it cannot be (FileNotFoundError: another claimant took it, or it was cancelled)."""
+        task_id = self.id_for(name)
+        os.rename(self.dir("pending") / name, self.dir("running") / task_id)
+        return task_id
+
+    def unclaim(self, task_id: str) -> None:
+        """Put a claimed task that has not started back into pending/; OSError when not."""
+        os.rename(self.dir("running") / task_id, self.dir("pending") / task_id)
+
+    def cancel(self, name: str) -> str:
+        """Move ``pending/<name>`` to failed/ under its id (never an existing task's); the id.
+        OSError when it cannot be (FileNotFoundError: it is not pending any more)."""
+        task_id = self.id_for(name)
+        os.rename(self.dir("pending") / name, self.dir("failed") / task_id)
+        return task_id
+
+    def remove_record(self, task_id: str, kind: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.record(task_id, kind))
+
+    # -- what a pass of the queue reads ----------------------------------------------------
+
+    def is_held(self, name: str) -> bool:
+        """Whether ``held/<name>`` holds the task (gpu_hold; another user's holds nothing)."""
+        return self.trusted_file(self.dir("held") / name)
+
+    def has_task(self, task_id: str) -> bool:
+        """Whether a task is anywhere in the queue, looked for so that a task moving on
+        meanwhile (claimed, finished, on another node) cannot escape: its submit record, which
+        never moves, then the folders in the order a task passes them, then its result."""
+        if self.record(task_id, "submit").exists():
+            return True
+        for folder in ("pending", "running", "done", "failed"):
+            if (self.dir(folder) / task_id).exists():
+                return True
+        return self.record(task_id, "result").exists()
+
+    def submission(self, name: str) -> Submission | str:
+        """A pending task's submit record (none: a Submission of defaults), or why it cannot
+        be read."""
+        try:
+            fields = self.read_fields(self.record(name, "submit"))
+            return Submission.from_fields(fields) if fields else Submission()
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                return Submission()  # (a name too long for a record has none)
+            return f"unreadable submit record: {error_text(exc)}"
+        except (ValueError, UnicodeError) as exc:
+            return f"unreadable submit record: {error_text(exc)}"
+
+    def priorities(self, pending: Collection[str]) -> dict[str, dict[str, str]]:
+        """``priority/<id>`` of the pending tasks that have one (gpu_priority)."""
+        found = {}
+        for name in self.files("priority"):
+            if name in pending:
+                try:
+                    found[name] = self.read_fields(self.dir("priority") / name) or {}
+                except (OSError, ValueError):
+                    continue
+        return found
+
+    def read_pass(self, node: PassSnapshot, running: Collection[str],
+                  requests: dict[str, Submission | str],
+                  results: dict[str, str]) -> PassSnapshot:
+        """One pass's snapshot: ``node`` (what the node knows: the time, its load, the node
+        views, its own drain) with the queue added: pending/ and each task's submit record,
+        held/, priority/, the state of each task a pending task comes after (its result's; or
+        queued, when it has none yet and is in ``running`` or anywhere in the queue), and for
+        node 0, when a pending task spans nodes, the drains of the other nodes. ``requests``
+        and ``results`` are the caller's caches of what never changes once published, by
+        pending name and by id; ``requests`` is kept to the pending tasks."""
+        names = self.files("pending")
+        held = frozenset(self.files("held"))  # (another user's entry holds nothing)
+        priority = self.priorities(names)
+        for name in [n for n in requests if n not in names]:
+            del requests[name]
+        pending = []
+        for name in names:
+            if name not in requests:
+                requests[name] = self.submission(name)
+            pending.append(PendingTask(name, requests[name]))
+        subs = [t.submission for t in pending if isinstance(t.submission, Submission)]
+        present = set(names) | set(running)
+        found: dict[str, str] = {}
+        queued: set[str] = set()
+        for dep in sorted({dep for sub in subs for dep in sub.after}):
+            if dep not in results:
+                try:
+                    fields = self.read_fields(self.record(dep, "result"))
+                except (OSError, ValueError):
+                    fields = None
+                if fields is not None:
+                    results[dep] = fields.get("state", "?")
+            if dep in results:
+                found[dep] = results[dep]
+            elif dep in present or self.has_task(dep):
+                queued.add(dep)
+        drains = dict(node.node_drains)
+        if node.leader and any(sub.request.gang for sub in subs):
+            for rank in range(node.num_nodes):
+                why = None if rank == node.node_rank else self.drained(rank)
+                if why is not None:
+                    drains[rank] = why
+        return dataclasses.replace(node, pending=tuple(pending), held=held, priority=priority,
+                                   results=found, queued=frozenset(queued), node_drains=drains)
+
     def named_by_pending(self) -> set[str]:
         """The ids that pending tasks name in ``after``: their results must stay."""
         named: set[str] = set()
@@ -1588,6 +1698,7 @@ class Plan:
     waiting: tuple[str, str] | None  # (task id, why)
     blocked: tuple[str, ...]  # tasks that wait for GPUs (for their blocked_since)
     held_for: str | None = None  # the task the node keeps its GPUs for, past the backfill limit
+    reasons: tuple[tuple[str, str], ...] = ()  # (task id, why) of every candidate not started
 
 
 def plan_starts(candidates: Iterable[Candidate], load: NodeLoad, now: float,
@@ -1600,13 +1711,17 @@ def plan_starts(candidates: Iterable[Candidate], load: NodeLoad, now: float,
     blocked: list[str] = []
     waiting: tuple[str, str] | None = None
     held_for: str | None = None
+    reasons: list[tuple[str, str]] = []
     for candidate in candidates:
         if held_for is not None and candidate.gpus != 0:
+            reasons.append((candidate.task_id, f"the node keeps its GPUs for {held_for}, which "
+                            f"has waited {backfill_limit:g} s"))
             continue
         given = load.fit(candidate.gpus)
         if given is None:
+            reasons.append((candidate.task_id, load.wait_reason(candidate.gpus)))
             if waiting is None:
-                waiting = (candidate.task_id, load.wait_reason(candidate.gpus))
+                waiting = reasons[-1]
             if candidate.gpus != 0:
                 blocked.append(candidate.task_id)
                 since = candidate.blocked_since
@@ -1615,7 +1730,7 @@ def plan_starts(candidates: Iterable[Candidate], load: NodeLoad, now: float,
             continue
         starts.append((candidate.task_id, given))
         load = load.plus(candidate.gpus, given)
-    return Plan(tuple(starts), waiting, tuple(blocked), held_for)
+    return Plan(tuple(starts), waiting, tuple(blocked), held_for, tuple(reasons))
 
 
 def dependency_cycles(after: Mapping[str, Iterable[str]]) -> dict[str, str]:
@@ -1677,6 +1792,199 @@ def choose_gang_nodes(nodes: int, gpus: int | None, free: Mapping[int, int],
         return None
     chosen = sorted(able, key=lambda n: (-free[n], n))[:nodes]
     return tuple(sorted(chosen))
+
+
+# Placement: one queue pass ##################################################################
+#
+# A pass of the queue reads one frozen snapshot (QueueFolder.read_pass), asks ``plan_pass`` what
+# to do with it, and carries the plan out (PassApplier, beside the task runner). The planner
+# opens no file, starts no process and reads no clock: every "why does it wait?" is a function
+# of the snapshot.
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingTask:
+    """An entry of pending/ with its submit record, or why that cannot be read (it must not
+    run: it would run in another directory, with other arguments)."""
+
+    name: str
+    submission: Submission | str
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSnapshot:
+    """What one pass of the queue knows, read once at its start (QueueFolder.read_pass)."""
+
+    now: float
+    load: NodeLoad  # what this node's tasks and the ranks set aside on it use
+    pending: tuple[PendingTask, ...] = ()  # as listed; plan_pass puts them in run order
+    held: frozenset[str] = frozenset()  # entries of held/ (gpu_hold)
+    priority: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    results: Mapping[str, str] = dataclasses.field(default_factory=dict)  # ``after`` id -> state
+    queued: frozenset[str] = frozenset()  # ``after`` ids without a result that are in the queue
+    node_rank: int = 0
+    num_nodes: int = 1
+    views: Mapping[int, NodeView] = dataclasses.field(default_factory=dict)  # by node rank
+    drained: str | None = None  # why the instance is drained (gpu_drain), or None
+    node_drains: Mapping[int, str] = dataclasses.field(default_factory=dict)  # rank -> why
+    blocked_since: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    backoff_until: float = -1e18  # this node claims nothing before then (Scheduler.back_off)
+    may_start: bool = True  # False while the daemon shuts down or drains for auto-shutdown
+    backfill_limit: float = BACKFILL_LIMIT_SECONDS
+
+    @property
+    def leader(self) -> bool:
+        return self.node_rank == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    """What one pass does (``plan_pass``). Names are pending/ entries; GPUs are positions in
+    the node's inventory; nodes are node ranks, in the order of the task's ranks."""
+
+    order: tuple[str, ...] = ()  # the pending tasks in run order
+    starts: tuple[tuple[str, tuple[int, ...]], ...] = ()  # claimed here, on these GPUs
+    fails: tuple[tuple[str, str], ...] = ()  # node 0 fails them: they can never run
+    cancels: tuple[tuple[str, str], ...] = ()  # node 0 cancels them: their dependency
+    gangs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # node 0 places them on these nodes
+    waiting: tuple[str, str] | None = None  # the first task that waits, why (the state file's)
+    reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)  # each one left, why
+    blocked_since: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    candidates: tuple[Candidate, ...] = ()  # placed again when a claim is lost (PassApplier)
+
+
+def dependency_blocker(after: Iterable[str], results: Mapping[str, str],
+                       queued: Collection[str]) -> str:
+    """"" when every task it comes after has finished done; ``waiting for <id>`` while one
+    has not finished (``queued``); else why it can never start (docs/protocol.md)."""
+    for dep in after:
+        state = results.get(dep)
+        if state is None:
+            if dep in queued:
+                return f"waiting for {dep}"
+            return f"dependency {dep} not found"
+        if state != TaskState.DONE.value:
+            return f"dependency {dep} {state}"
+    return ""
+
+
+def gang_nodes(request: Request, snapshot: PassSnapshot) -> tuple[int, ...] | str:
+    """The nodes, in rank order, on which node 0 places a task that spans nodes: live nodes
+    that run and are not drained; or what it waits for."""
+    nodes = snapshot.num_nodes if request.nodes is None else request.nodes
+    live = {r: v for r, v in snapshot.views.items() if v.alive and v.status == "running"}
+    drained = {r for r in live if r in snapshot.node_drains}
+    live = {r: v for r, v in live.items() if r not in drained}
+    chosen = choose_gang_nodes(nodes, request.gpus, {r: v.gpus_free for r, v in live.items()},
+                               {r: v.gpu_count for r, v in live.items()})
+    if chosen is None:
+        return (f"waiting for {nodes} nodes, {len(live)} alive"
+                + (f" and {len(drained)} drained" if drained else ""))
+    return chosen
+
+
+def plan_pass(snapshot: PassSnapshot) -> PassPlan:
+    """One pass of the queue on one node (docs/protocol.md, "Which task starts where"): the
+    pending tasks in run order; node 0 fails what can never run and cancels what waits for a
+    failed, cancelled or missing dependency or for itself; a held task, and one that waits for
+    a dependency, is passed over; node 0 places what spans nodes (while no task before it
+    waits); the rest is placed on this node by ``plan_starts``. A drain, or a node that backs
+    off, starts nothing; nothing starts while the daemon shuts down."""
+    order = tuple(sorted((t.name for t in snapshot.pending),
+                         key=lambda name: start_order(name, snapshot.priority)))
+    if not snapshot.may_start:
+        why = "nothing new starts on this node: its daemon is shutting down"
+        return PassPlan(order, reasons=dict.fromkeys(order, why),
+                        blocked_since=dict(snapshot.blocked_since))
+    subs = {t.name: t.submission for t in snapshot.pending}
+    leader = snapshot.leader
+    queued = set(snapshot.queued) | set(order)
+    results = dict(snapshot.results)  # with the ends node 0 plans in this pass
+    counts = [snapshot.load.total]
+    if snapshot.num_nodes > 1:
+        counts += [v.gpu_count for v in snapshot.views.values()
+                   if v.rank != snapshot.node_rank and v.token]
+    cycles = dependency_cycles({n: s.after for n in order
+                                if isinstance(s := subs[n], Submission)})
+    fails: list[tuple[str, str]] = []
+    cancels: list[tuple[str, str]] = []
+    gangs: list[tuple[str, tuple[int, ...]]] = []
+    reasons: dict[str, str] = {}
+    candidates: list[Candidate] = []
+    waiting: tuple[str, str] | None = None  # the first that waits for a dependency or nodes
+
+    def end(name: str, why: str, state: TaskState) -> None:
+        """Node 0 fails (or cancels) the task, and its dependants after it in the run order
+        see that in this very pass; another node passes over it."""
+        failed = state is TaskState.FAILED
+        if not leader:
+            reasons[name] = f"{why} (node 0 {'fails' if failed else 'cancels'} it)"
+            return
+        (fails if failed else cancels).append((name, why))
+        if TASK_ID_RE.fullmatch(name):  # (a name put there by hand ends under a fresh id)
+            results.setdefault(name, state.value)
+
+    for name in order:
+        sub = subs[name]
+        if name in snapshot.held:
+            reasons[name] = "held (gpu_release lets it start)"
+            continue
+        why = sub if isinstance(sub, str) else never_fits(sub.request, counts,
+                                                            snapshot.num_nodes)
+        if why:
+            end(name, why, TaskState.FAILED)
+            continue
+        if name in cycles:
+            end(name, cycles[name], TaskState.CANCELLED)
+            continue
+        blocker = dependency_blocker(sub.after, results, queued)
+        if blocker.startswith("waiting"):
+            waiting = waiting or (name, blocker)
+            reasons[name] = blocker
+            continue
+        if blocker:
+            end(name, blocker, TaskState.CANCELLED)
+            continue
+        if sub.request.gang:
+            if not leader:
+                reasons[name] = "it spans nodes: node 0 places it"
+            elif snapshot.drained:
+                reasons[name] = f"the queue is {snapshot.drained} (gpu_resume)"
+            elif waiting:
+                reasons[name] = f"not placed while {waiting[0]} waits before it"
+            elif isinstance(nodes := gang_nodes(sub.request, snapshot), str):
+                waiting, reasons[name] = (name, nodes), nodes
+            else:
+                gangs.append((name, nodes))
+            continue
+        if sub.request.gpus is not None and sub.request.gpus > snapshot.load.total:
+            reasons[name] = (f"it asks for {sub.request.gpu_text()}, this node has "
+                             f"{snapshot.load.total}: for a node with more")
+            continue
+        candidates.append(Candidate(name, sub.request.gpus, snapshot.blocked_since.get(name)))
+    placed = plan_starts(candidates, snapshot.load, snapshot.now, snapshot.backfill_limit)
+    reasons.update(placed.reasons)
+    blocked_since = {n: snapshot.blocked_since.get(n, snapshot.now) for n in placed.blocked}
+    if not waiting or (placed.waiting and order.index(placed.waiting[0])
+                       < order.index(waiting[0])):
+        waiting = placed.waiting  # the earlier of the two
+    starts = placed.starts
+    rank = snapshot.node_rank
+    node_drained = snapshot.node_drains.get(rank)
+    if snapshot.drained or node_drained:
+        why = (f"the queue is {snapshot.drained} (gpu_resume)" if snapshot.drained else
+               f"node {rank} is {node_drained} (gpu_resume --node {rank})")
+        first = next((n for n in order if isinstance(subs[n], Submission)), None)
+        waiting = (first, why) if first else None
+        reasons.update((c.task_id, why) for c in candidates)
+        starts = ()
+    elif starts and snapshot.now < snapshot.backoff_until:
+        why = (f"this node could not prepare a task: it claims nothing for "
+               f"{snapshot.backoff_until - snapshot.now:.0f} s")
+        reasons.update((name, why) for name, _ in starts)
+        starts = ()
+    return PassPlan(order, starts, tuple(fails), tuple(cancels), tuple(gangs), waiting,
+                    reasons, blocked_since, tuple(candidates))
 
 
 # Task runner ################################################################################
@@ -1833,10 +2141,8 @@ class TaskRunner:
     def claim(self, name: str) -> str | None:
         """Rename ``pending/<name>`` into running/ under its id; the id, or None when another
         claimant took it (or it cannot be claimed: then once a warning)."""
-        source = self.folder.dir("pending") / name
-        task_id = self.folder.id_for(name)
         try:
-            os.rename(source, self.folder.dir("running") / task_id)
+            task_id = self.folder.claim(name)
         except FileNotFoundError:
             if not self.folder.dir("running").is_dir():
                 self.folder.ensure()
@@ -1850,7 +2156,7 @@ class TaskRunner:
 
     def unclaim(self, task_id: str) -> None:
         with contextlib.suppress(OSError):
-            os.rename(self.folder.dir("running") / task_id, self.folder.dir("pending") / task_id)
+            self.folder.unclaim(task_id)
 
     def add(self, task: RunningTask) -> RunningTask:
         task.gpu_text = self.inventory.numbers(task.gpus)
@@ -2153,9 +2459,8 @@ class TaskRunner:
         if name.startswith(".") or "/" in name or not regular_file(self.folder.dir("pending")
                                                                    / name):
             return None  # (a link, FIFO or folder in pending/ is no task: it stays)
-        task_id = self.folder.id_for(name)
         try:
-            os.rename(self.folder.dir("pending") / name, self.folder.dir("failed") / task_id)
+            task_id = self.folder.cancel(name)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -2226,6 +2531,110 @@ class TaskRunner:
         LOG.warning("Task %s was interrupted (%s): finished as interrupted (%d orphaned "
                     "process(es) ended)", task_id if rank is None else f"{task_id} rank {rank}",
                     reason, killed)
+
+
+class PassApplier:
+    """Carries out the plan of a queue pass (``plan_pass``) on this node: node 0 fails,
+    cancels and places tasks that span nodes, in run order; then the tasks that start are
+    claimed and handed to ``begin``. Every move of a task is one of the queue folder's
+    transitions (claim, unclaim, cancel), through the runner where it has one."""
+
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
+                 clock: Callable[[], float], throttled: ThrottledLog,
+                 begin: Callable[[RunningTask], None], owns_node: Callable[[], bool],
+                 load: Callable[[], NodeLoad], backing_off: Callable[[float], bool]):
+        self.config = config
+        self.folder = folder
+        self.runner = runner
+        self.gangs = gangs
+        self.clock = clock
+        self.throttled = throttled
+        self.begin = begin
+        self.owns_node = owns_node
+        self.load = load  # what the node's tasks use now
+        self.backing_off = backing_off  # True while the node claims nothing (after a failure)
+
+    def apply(self, plan: PassPlan, snapshot: PassSnapshot, running: list[str]) -> set[str]:
+        """Carry ``plan`` out; the pending names begun here (``running`` gains the ids of the
+        tasks placed across nodes)."""
+        subs = {t.name: t.submission for t in snapshot.pending}
+        fails, cancels, gangs = dict(plan.fails), dict(plan.cancels), dict(plan.gangs)
+        for name in plan.order:
+            if name in fails:
+                self.fail(name, fails[name])
+            elif name in cancels:
+                self.runner.cancel_pending(name, cancels[name])
+            elif name in gangs:
+                self.place(name, subs[name], gangs[name], running)
+        return self.start(plan, subs, snapshot.now, snapshot.backfill_limit)
+
+    def fail(self, name: str, why: str) -> None:
+        """Node 0 fails a pending task that can never run, at once, with the reason."""
+        try:
+            task_id = self.folder.claim(name)
+        except OSError:
+            return
+        now = self.clock()
+        LOG.warning("Task %s cannot run: %s", task_id, why)
+        try:
+            with self.folder.open_log(self.folder.log(task_id)) as log:
+                self.runner.log_lines(log, [f"task: {task_id}", f"not run: {why}"])
+        except OSError:
+            pass
+        self.runner.finish(TaskResult(task_id, TaskState.FAILED, why, None, now,
+                                      self.runner.identity.host, self.config.node_rank))
+
+    def place(self, name: str, sub: Submission, nodes: tuple[int, ...],
+              running: list[str]) -> None:
+        """Node 0 places a task that spans nodes: its placement is published, then the task
+        claimed; a claim lost takes the placement back."""
+        task_id = self.folder.id_for(name)
+        plan = GangPlan(task_id, nodes, sub.request.gpus, f"{self.clock():.6f}")
+        try:
+            self.folder.publish(self.folder.record(task_id, "gang"), format_fields(plan.fields()))
+        except OSError as exc:
+            self.throttled.warning(f"place:{name}", "cannot place %s: %s", name, exc)
+            return
+        if not self.owns_node() or self.runner.claim(name) != task_id:
+            self.folder.remove_record(task_id, "gang")
+            return
+        self.gangs.plans[task_id] = plan
+        running.append(task_id)
+        LOG.info("Task %s placed on nodes %s (ranks 0..%d)", task_id,
+                 ",".join(str(n) for n in nodes), len(nodes) - 1)
+
+    def start(self, plan: PassPlan, subs: Mapping[str, Submission | str], now: float,
+              backfill_limit: float) -> set[str]:
+        """Claim and begin the tasks that start here, in order. An entry that cannot be
+        claimed (another node took it) or was held meanwhile is left; what was planned behind
+        it is placed again on the node's load as it is then."""
+        begun: set[str] = set()
+        if not plan.starts or not self.owns_node():
+            return begun
+        starts, candidates = plan.starts, list(plan.candidates)
+        while starts:
+            lost = set()
+            for name, gpus in starts:
+                task_id = self.runner.claim(name)
+                if task_id is None:
+                    lost.add(name)  # another node took it, or it cannot be claimed
+                    break
+                if self.folder.is_held(name):
+                    # held while it was being claimed: gpu_hold saw it still pending, so it
+                    # must not start; back it goes
+                    self.runner.unclaim(task_id)
+                    lost.add(name)
+                    break
+                begun.add(name)
+                self.begin(RunningTask(task_id, subs[name], gpus, now))
+                if self.backing_off(now):
+                    return begun
+            if not lost:
+                return begun
+            candidates = [c for c in candidates if c.task_id not in lost
+                          and c.task_id not in begun]
+            starts = plan_starts(candidates, self.load(), now, backfill_limit).starts
+        return begun
 
 
 class Callbacks:
@@ -2602,8 +3011,7 @@ class Gangs:
         if started:
             return False
         try:
-            os.rename(self.folder.dir("running") / plan.task_id,
-                      self.folder.dir("pending") / plan.task_id)
+            self.folder.unclaim(plan.task_id)
         except OSError:
             return False
         LOG.warning("%s: node %s died before every rank was ready: back to pending",
@@ -5398,9 +5806,9 @@ class SignalWaiter:
 
 class Scheduler:
     """The queue pass of one node, each poll (docs/protocol.md, "Which task starts where"):
-    read pending/ and the records it needs, ask ``plan_starts`` what fits this node, claim it
-    and hand it to ``begin``. Node 0 also places tasks that span nodes, fails what can never
-    run, cancels what waits for a failed dependency, and finishes the tasks of dead nodes."""
+    the gangs' seats and watch, then one snapshot of the queue (QueueFolder.read_pass), the
+    plan for it (``plan_pass``) and the plan carried out (PassApplier). Node 0 also finishes
+    the tasks of dead nodes."""
 
     def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
                  inventory: Inventory, clock: Callable[[], float], throttled: ThrottledLog,
@@ -5425,6 +5833,8 @@ class Scheduler:
         self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
         self.backoff = 0.0
         self.last_sweep = -1e18
+        self.applier = PassApplier(config, folder, runner, gangs, clock, throttled, begin,
+                                   owns_node, self.load, lambda now: now < self.backoff_until)
 
     @property
     def is_leader(self) -> bool:
@@ -5432,9 +5842,9 @@ class Scheduler:
 
     def run(self, running: list[str], may_start: bool, drained: str | None = None,
             node_drained: str | None = None) -> None:
-        """One pass: the gangs' seats and watch, then the pending tasks in run order. A drained
-        instance (``drained``, why) starts nothing new, a drained node (``node_drained``) starts
-        nothing new itself; gangs placed before go on."""
+        """One pass: the gangs' seats and watch, then the pending tasks. A drained instance
+        (``drained``, why) starts nothing new, a drained node (``node_drained``) starts nothing
+        new itself; gangs placed before go on."""
         now = self.clock()
         self.gangs.discover(running)
         self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
@@ -5446,96 +5856,27 @@ class Scheduler:
             if now - self.last_sweep >= HEARTBEAT_SECONDS:
                 self.last_sweep = now
                 self.sweep_running(running, views)
-        pending = self.folder.files("pending")
-        held = set(self.folder.files("held"))  # (another user's entry holds nothing)
-        priority = self.priorities(pending)
-        pending.sort(key=lambda name: start_order(name, priority))
+        snapshot = self.snapshot(now, running, may_start, drained, node_drained)
         if self.is_leader:
-            self.forget_overrides(pending, held, priority)
-        self.requests = {n: self.requests[n] for n in pending if n in self.requests}
-        if not may_start:
-            self.waiting = None
-            return
-        candidates: list[Candidate] = []
-        waiting: tuple[str, str] | None = None
-        present = set(pending) | set(running)
-        cycles = dependency_cycles({n: r.after for n in pending
-                                    if isinstance(r := self.request_of(n), Submission)})
-        for name in pending:
-            if name in held:
-                continue  # gpu_hold: it waits for gpu_release
-            sub = self.request_of(name)
-            why = sub if isinstance(sub, str) else self.cannot_run(sub)
-            if why:
-                if self.is_leader:
-                    self.fail_pending(name, why)
-                continue
-            if name in cycles:
-                if self.is_leader:
-                    self.runner.cancel_pending(name, cycles[name])
-                continue
-            blocker = self.dependency(sub, present)
-            if blocker.startswith("waiting"):
-                waiting = waiting or (name, blocker)
-                continue
-            if blocker:
-                if self.is_leader:
-                    self.runner.cancel_pending(name, blocker)
-                continue
-            if sub.request.gang:
-                if self.is_leader and not drained:
-                    waiting = waiting or self.place_gang(name, sub, running)
-                continue
-            if sub.request.gpus is not None and sub.request.gpus > len(self.inventory.gpus):
-                continue  # for a node with more GPUs
-            candidates.append(Candidate(name, sub.request.gpus, self.blocked_since.get(name)))
-        plan = plan_starts(candidates, self.load(), now)
-        self.blocked_since = {n: self.blocked_since.get(n, now) for n in plan.blocked}
-        self.waiting = waiting if waiting and (not plan.waiting or pending.index(
-            waiting[0]) < pending.index(plan.waiting[0])) else plan.waiting
-        if drained or node_drained:
-            rank = self.config.node_rank
-            why = (f"the queue is {drained} (gpu_resume)" if drained else
-                   f"node {rank} is {node_drained} (gpu_resume --node {rank})")
-            first = next((n for n in pending if isinstance(self.requests.get(n), Submission)),
-                         None)
-            self.waiting = (first, why) if first else None
-            return
-        if not plan.starts or now < self.backoff_until or not self.owns_node():
-            return
-        while plan.starts:
-            lost = set()
-            for name, gpus in plan.starts:
-                task_id = self.runner.claim(name)
-                if task_id is None:
-                    lost.add(name)  # another node took it, or it cannot be claimed
-                    break
-                if self.folder.trusted_file(self.folder.dir("held") / name):
-                    # held while it was being claimed: gpu_hold saw it still pending, so it
-                    # must not start; back it goes
-                    self.runner.unclaim(task_id)
-                    lost.add(name)
-                    break
-                self.begin(RunningTask(task_id, self.requests.pop(name), gpus, now))
-                if now < self.backoff_until:
-                    return
-            if not lost:
-                return
-            # what was planned behind an entry that could not be claimed may fit now
-            candidates = [c for c in candidates if c.task_id not in lost
-                          and c.task_id in self.requests]
-            plan = plan_starts(candidates, self.load(), now)
+            self.forget_overrides([t.name for t in snapshot.pending], set(snapshot.held),
+                                  snapshot.priority)
+        plan = plan_pass(snapshot)
+        self.blocked_since = dict(plan.blocked_since)
+        self.waiting = plan.waiting
+        for name in self.applier.apply(plan, snapshot, running):
+            self.requests.pop(name, None)  # (claimed: back in pending/, it is read again)
 
-    def priorities(self, pending: list[str]) -> dict[str, dict[str, str]]:
-        """``priority/<id>`` of the pending tasks that have one (gpu_priority)."""
-        found = {}
-        for name in self.folder.files("priority"):
-            if name in pending:
-                try:
-                    found[name] = self.folder.read_fields(self.folder.dir("priority") / name) or {}
-                except (OSError, ValueError):
-                    continue
-        return found
+    def snapshot(self, now: float, running: list[str], may_start: bool,
+                 drained: str | None = None, node_drained: str | None = None) -> PassSnapshot:
+        """What this pass knows: the node's own facts, and the queue read once."""
+        rank = self.config.node_rank
+        views = self.node_views() if self.is_leader or self.config.num_nodes > 1 else {}
+        node = PassSnapshot(now=now, load=self.load(), node_rank=rank,
+                            num_nodes=self.config.num_nodes, views=dict(views), drained=drained,
+                            node_drains={rank: node_drained} if node_drained else {},
+                            blocked_since=dict(self.blocked_since),
+                            backoff_until=self.backoff_until, may_start=may_start)
+        return self.folder.read_pass(node, running, self.requests, self.results)
 
     def forget_overrides(self, pending: list[str], held: set[str],
                          priority: Mapping[str, object]) -> None:
@@ -5571,106 +5912,6 @@ class Scheduler:
         self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
                                "back to pending/; trying again with back-off", why,
                                f"; created again: {', '.join(made)}" if made else "")
-
-    def request_of(self, name: str) -> Submission | str:
-        """A pending task's submit record (cached: a published record never changes), or why
-        it cannot be read."""
-        if name not in self.requests:
-            try:
-                fields = self.folder.read_fields(self.folder.record(name, "submit"))
-                self.requests[name] = Submission.from_fields(fields) if fields else Submission()
-            except OSError as exc:
-                self.requests[name] = Submission() if exc.errno == errno.ENAMETOOLONG else \
-                    f"unreadable submit record: {error_text(exc)}"  # (too long: it has none)
-            except (ValueError, UnicodeError) as exc:
-                self.requests[name] = f"unreadable submit record: {error_text(exc)}"
-        return self.requests[name]
-
-    def cannot_run(self, sub: Submission) -> str:
-        """Why no node of the instance can ever run this request, or ""."""
-        counts = [len(self.inventory.gpus)]
-        if self.config.num_nodes > 1:
-            counts += [v.gpu_count for v in self.node_views().values()
-                       if v.rank != self.config.node_rank and v.token]
-        return never_fits(sub.request, counts, self.config.num_nodes)
-
-    def dependency(self, sub: Submission, present: set[str]) -> str:
-        """"" when every task it comes after has finished done; ``waiting for <id>`` while one
-        has not finished; else why it can never start (docs/protocol.md)."""
-        for dep in sub.after:
-            state = self.results.get(dep)
-            if state is None:
-                try:
-                    fields = self.folder.read_fields(self.folder.record(dep, "result"))
-                except (OSError, ValueError):
-                    fields = None
-                if fields is None:
-                    if dep in present or self.exists(dep):
-                        return f"waiting for {dep}"
-                    return f"dependency {dep} not found"
-                state = self.results[dep] = fields.get("state", "?")
-            if state != TaskState.DONE.value:
-                return f"dependency {dep} {state}"
-        return ""
-
-    def exists(self, task_id: str) -> bool:
-        """Whether a task is anywhere in the queue, looked for so that a task moving on
-        meanwhile (claimed, finished, on another node) cannot escape: its submit record, which
-        never moves, then the folders in the order a task passes them, then its result."""
-        if self.folder.record(task_id, "submit").exists():
-            return True
-        for folder in ("pending", "running", "done", "failed"):
-            if (self.folder.dir(folder) / task_id).exists():
-                return True
-        return self.folder.record(task_id, "result").exists()
-
-    def fail_pending(self, name: str, why: str) -> None:
-        """Node 0 fails a pending task that can never run, at once, with the reason."""
-        task_id = self.folder.id_for(name)
-        try:
-            os.rename(self.folder.dir("pending") / name, self.folder.dir("running") / task_id)
-        except OSError:
-            return
-        now = self.clock()
-        LOG.warning("Task %s cannot run: %s", task_id, why)
-        try:
-            with self.folder.open_log(self.folder.log(task_id)) as log:
-                self.runner.log_lines(log, [f"task: {task_id}", f"not run: {why}"])
-        except OSError:
-            pass
-        self.runner.finish(TaskResult(task_id, TaskState.FAILED, why, None, now,
-                                      self.runner.identity.host, self.config.node_rank))
-
-    def place_gang(self, name: str, sub: Submission,
-                   running: list[str]) -> tuple[str, str] | None:
-        """Node 0 places a task that spans nodes; what it waits for when it cannot yet."""
-        views = self.node_views()
-        nodes = self.config.num_nodes if sub.request.nodes is None else sub.request.nodes
-        live = {r: v for r, v in views.items() if v.alive and v.status == "running"}
-        drained = {r for r in live if self.folder.drained(r) is not None}
-        live = {r: v for r, v in live.items() if r not in drained}
-        free = {r: v.gpus_free for r, v in live.items()}
-        total = {r: v.gpu_count for r, v in live.items()}
-        chosen = choose_gang_nodes(nodes, sub.request.gpus, free, total)
-        if chosen is None:
-            return name, (f"waiting for {nodes} nodes, {len(live)} alive"
-                          + (f" and {len(drained)} drained" if drained else ""))
-        task_id = self.folder.id_for(name)
-        plan = GangPlan(task_id, chosen, sub.request.gpus, f"{self.clock():.6f}")
-        try:
-            self.folder.publish(self.folder.record(task_id, "gang"), format_fields(plan.fields()))
-        except OSError as exc:
-            self.throttled.warning(f"place:{name}", "cannot place %s: %s", name, exc)
-            return None
-        if not self.owns_node() or self.runner.claim(name) != task_id:
-            with contextlib.suppress(OSError):
-                os.unlink(self.folder.record(task_id, "gang"))
-            return None
-        self.gangs.plans[task_id] = plan
-        running.append(task_id)
-        LOG.info("Task %s placed on nodes %s (ranks 0..%d)", task_id,
-                 ",".join(str(n) for n in chosen), len(chosen) - 1)
-        return None
 
     def node_views(self) -> dict[int, NodeView]:
         """Every node's state, read at most once per poll interval."""

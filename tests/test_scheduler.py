@@ -213,6 +213,37 @@ def test_a_dependency_claimed_between_two_listings_is_not_taken_for_missing(node
     assert daemon.scheduler.waiting == (second, f"waiting for {first}")
 
 
+def test_a_pass_reads_the_queue_once_into_its_snapshot(tmp_path):
+    inst = tmp_path / "snap"
+    folder = pm.QueueFolder(inst)
+    folder.create("snap")
+    finished, moving = submit(inst, "finished.sh", "true\n"), submit(inst, "moving.sh", "true\n")
+    os.rename(inst / "pending" / finished, inst / "done" / finished)
+    (inst / "records" / f"{finished}.result").write_text(f"id={finished}\nstate=done\n")
+    os.rename(inst / "pending" / moving, inst / "running" / moving)  # not in the listing given
+    waits = submit(inst, "waits.sh", "true\n", gpus=1, after=(finished, moving, "500-nosuch"))
+    bad = submit(inst, "bad.sh", "true\n", gpus="x")
+    gang = submit(inst, "gang.sh", "true\n", nodes=2)
+    (inst / "held" / waits).write_text("by=me\n")
+    (inst / "priority" / bad).write_text("priority=top\ntime=1\n")
+    (inst / "drain.node-1").write_text("by=me\nreason=\ntime=1\n")
+    node = pm.PassSnapshot(now=5.0, load=pm.NodeLoad(4), num_nodes=2)
+    requests: dict = {"left-pending.sh": pm.Submission()}
+    results: dict = {}
+    snapshot = folder.read_pass(node, [], requests, results)
+    subs = {task.name: task.submission for task in snapshot.pending}
+    assert sorted(subs) == sorted([waits, bad, gang])
+    assert subs[waits].after == (finished, moving, "500-nosuch")
+    assert subs[waits].request == pm.Request(1, 1) and subs[gang].request == pm.Request(None, 2)
+    assert subs[bad].startswith("unreadable submit record: gpus='x'")
+    assert snapshot.held == {waits} and snapshot.priority == {bad: {"priority": "top",
+                                                                    "time": "1"}}
+    assert (snapshot.results, snapshot.queued) == ({finished: "done"}, {moving})
+    assert snapshot.node_drains == {1: "drained by me"}  # node 0: a task spans nodes
+    assert (snapshot.now, snapshot.load, snapshot.num_nodes) == (5.0, pm.NodeLoad(4), 2)
+    assert set(requests) == set(subs) and results == {finished: "done"}  # the caches
+
+
 def test_finished_tasks_that_pending_tasks_wait_for_are_kept(tmp_path):
     inst = tmp_path / "keep"
     needed = submit(inst, "needed.sh", "true\n")
