@@ -17,8 +17,10 @@ its budget; under 6 minutes in all, cut short at ``--deadline``):
 2. alone: a probe (fp16 matmuls, every batch timestamped) and a queue task (takes all the
    memory it can) on the GPU alone, before keep-alive starts;
 3. hold: keep-alive takes the GPU; a worker that crashes twice stops the run (exit status 3);
-4. band: NVML utilisation read once a second (and NVML's raw samples) for ``--band-seconds``
-   while held; CPU of this process and of the worker, from /proc;
+4. band: the self-test's own measurement (``perpetual_motion.py --self-test`` runs the same
+   function): the share of NVML's samples in the band by the engine's count and of NVML's 1-s
+   readings, for ``--band-seconds`` while held; beside it NVML's raw samples, and the CPU of
+   this process and of the worker, from /proc;
 5. yields: a probe starts on the held GPU, its work at once: how long until our memory is free
    and the probe's big allocation succeeds (counted from its first allocation), its throughput
    in its first second and the time until it runs at 99% of its speed alone. First with the
@@ -581,42 +583,50 @@ class Bench:
     # 4. band
 
     def band(self) -> None:
+        """The self-test's own measurement of the band (``perpetual_motion._self_test_band``:
+        one code path for the check a user runs and this benchmark), with NVML's raw samples
+        gathered once a second beside it and the CPU split into this process and the
+        worker's."""
         pid = self.slot().worker.handle.pid
+        raw_pairs: list[list] = []  # NVML's own samples
+        gathered = {"us": int(time.time() * 1e6), "next": time.monotonic() + 1.0}
+
+        def gather() -> None:
+            fresh = [[t, v] for t, v in self.backend.raw_samples(gathered["us"])
+                     if t > gathered["us"]]
+            raw_pairs.extend(fresh)
+            gathered["us"] = max([gathered["us"]] + [t for t, _ in fresh])
+
+        def sleep(seconds: float) -> None:  # asleep between ticks: the CPU counts
+            time.sleep(seconds)
+            if time.monotonic() >= gathered["next"]:
+                gather()
+                gathered["next"] += 1.0
+
+        rig = pm.SelfTestRig(self.backend.nvml, self.spawn, probe=None, hide=None,
+                             clock=self.backend.clock, sleep=sleep,
+                             cpu=self.backend.cpu_seconds)
         cpu0 = (self.backend.cpu_seconds(), self.backend.cpu_seconds(pid), time.monotonic())
-        last_us = int(time.time() * 1e6)
-        readings, raw_pairs = [], []  # raw: NVML's own samples, gathered once a second
-        next_read = time.monotonic() + 1.0
-        end = time.monotonic() + self.args.band_seconds
-        while time.monotonic() < end:  # as idle(), but asleep between ticks: the CPU counts
-            if time.monotonic() >= next_read:
-                reading = self.backend.util_rate()
-                if reading is not None:
-                    readings.append(reading)
-                fresh = [[t, v] for t, v in self.backend.raw_samples(last_us) if t > last_us]
-                raw_pairs.extend(fresh)
-                last_us = max([last_us] + [t for t, _ in fresh])
-                next_read += 1.0
-            self.tick()
-            wake = min(next_read, self.last_tick + self.args.poll, end)
-            time.sleep(max(0.0, wake - time.monotonic()))
+        try:
+            figures = pm._self_test_band(rig, self.ka, self.slot(), self.args.band_seconds)
+        except pm.CannotTest as exc:
+            raise CutShort(str(exc)) from exc
         wall = time.monotonic() - cpu0[2]
         cpu1 = (self.backend.cpu_seconds(), self.backend.cpu_seconds(pid))
-        raw_pairs.extend([t, v] for t, v in self.backend.raw_samples(last_us) if t > last_us)
+        gather()
         raw = [v for _, v in raw_pairs]
         lo, hi = pm.GPU_UTIL_TARGET, pm.GPU_UTIL_HIGH
-
-        def share(values):
-            return sum(lo <= v <= hi for v in values) / len(values) if values else None
 
         def cpu(i):
             done = None in (cpu0[i], cpu1[i])
             return None if done else 100 * (cpu1[i] - cpu0[i]) / wall
 
         self.report["band"] = {
-            "seconds": self.args.band_seconds, "readings_1s": readings,
-            "share_in_band_1s": share(readings),
-            "mean": statistics.fmean(readings) if readings else None,
-            "raw_samples": len(raw), "share_in_band_raw": share(raw),
+            "seconds": self.args.band_seconds, "readings_1s": figures["readings_1s"],
+            "share_in_band_1s": figures["band_share_1s"], "mean": figures["band_mean_1s"],
+            "share_in_band_engine": figures["band_share"],
+            "raw_samples": len(raw),
+            "share_in_band_raw": sum(lo <= v <= hi for v in raw) / len(raw) if raw else None,
             "raw_samples_us_value": raw_pairs,
             "raw_min": min(raw, default=None), "raw_max": max(raw, default=None),
             "duty_at_end": self.ka.gpu_fields()["gpu.0.duty"],
