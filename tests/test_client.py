@@ -3,9 +3,9 @@
 The first part needs no daemon: it checks what the client writes (docs/protocol.md) and what it
 prints for queue folders built by hand. The second part runs against the real daemon, always in
 its own PID namespace (the ``start_daemon`` fixture of conftest.py), since a stop makes the daemon
-kill Python processes. The commands and options of issue 10 are in test_client_cli.py, what
-gpu_status shows in test_client_status.py, what needs a daemon of protocol 2 in
-test_client_v2.py.
+kill Python processes. The commands and their options are in test_client_cli.py (with what
+needs the daemon's scheduler: dependencies, GPUs, gangs), what gpu_status shows in
+test_client_status.py.
 """
 
 from __future__ import annotations

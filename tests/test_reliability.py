@@ -1,4 +1,4 @@
-"""What a hostile tester found (issue 11): the daemon is recognised whatever started it, queue
+"""The daemon under hostile input and odd machines: it is recognised whatever started it, queue
 files that are links, FIFOs or directories neither block nor leak, numbers are ASCII and
 finite, records keep every character but the newline, a full disk at start is an error, and a
 task's escaped children end with it.
