@@ -694,7 +694,7 @@ def test_clean_removes_finished_tasks_only_and_says_what(sh):
     assert res.out == "rc=2\nrc=2\n"
 
 
-# Against the daemon of this branch ###############################################################
+# Against the real daemon, one task at a time ###################################################
 
 
 @needs_namespace
