@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the keep-alive benchmark on this machine's first GPU, from a bare machine on.
 #
-#   bench/run_on_gpu.sh [all|setup|preflight]        (default: all)
+#   bench/run_on_gpu.sh [all|setup|preflight|cpu]    (default: all)
 #
 #   setup      a Python with torch (CUDA) and nvidia-ml-py: python3 when it has them, else a
 #              virtual environment ($PM_BENCH_VENV, default ~/.cache/pm-bench-venv) with
@@ -12,10 +12,12 @@
 #   all        setup, then the self-test that users run (perpetual_motion.py --self-test: about
 #              a minute), then the whole plan of the interference figures (the preflight first;
 #              under 6 minutes).
+#   cpu        setup, then where a worker's CPU goes (bench/worker_cpu.py: the worker with its
+#              launch, watch and period varied, per thread; about 3 minutes).
 #
 # Output goes to $OUT when it is set, else to bench/results/: self-test.json and self-test.log,
 # keepalive-<GPU>-<date>.json, keepalive-bench.log (its log), keepalive-bench.stdout, setup.log
-# and children.pids. The
+# and children.pids (cpu: worker-cpu.json and worker-cpu.log). The
 # benchmark runs under a hard timeout, and every process it started is gone when this returns.
 # Exit status: the benchmark's (0 done, 2 cannot run here, 3 cut short), 124 timed out.
 set -euo pipefail
@@ -24,6 +26,7 @@ readonly TORCH_VERSION="2.9.1"
 readonly PREFLIGHT_LIMIT_SECONDS=90  # the preflight itself takes about 20 s
 readonly PLAN_LIMIT_SECONDS=400  # the plan stops itself at 330 s
 readonly SELF_TEST_LIMIT_SECONDS=240  # the self-test takes about a minute
+readonly CPU_LIMIT_SECONDS=300  # bench/worker_cpu.py takes about 3 minutes
 readonly KILL_AFTER_SECONDS=15  # from SIGTERM to SIGKILL when the limit is reached
 
 err() {
@@ -96,9 +99,9 @@ kill_leftovers() {
 main() {
   local what="${1:-all}"
   case "${what}" in
-    all | setup | preflight) ;;
+    all | setup | preflight | cpu) ;;
     *)
-      err "usage: bench/run_on_gpu.sh [all|setup|preflight]"
+      err "usage: bench/run_on_gpu.sh [all|setup|preflight|cpu]"
       return 2
       ;;
   esac
@@ -115,6 +118,15 @@ main() {
   python="$(setup "${out_dir}")" || return 2
   err "python: ${python} ($("${python}" -c 'import torch; print(torch.__version__)'))"
   [[ "${what}" == setup ]] && return 0
+  if [[ "${what}" == cpu ]]; then
+    local status=0
+    timeout --kill-after="${KILL_AFTER_SECONDS}" "${CPU_LIMIT_SECONDS}" \
+      "${python}" bench/worker_cpu.py --seconds 15 --out "${out_dir}/worker-cpu.json" \
+      >/dev/null 2>"${out_dir}/worker-cpu.log" || status=$?
+    tail -n 5 "${out_dir}/worker-cpu.log" >&2 || true
+    err "worker_cpu: exit status ${status}"
+    return "${status}"
+  fi
   local limit="${PLAN_LIMIT_SECONDS}" args=(--gpu 0 --out-dir "${out_dir}")
   if [[ "${what}" == preflight ]]; then
     limit="${PREFLIGHT_LIMIT_SECONDS}"

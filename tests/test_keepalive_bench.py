@@ -338,9 +338,18 @@ def test_an_interrupted_run_kills_every_child(tmp_path, quiet):
         kb._terminated(15, None)
 
 
-def test_run_on_gpu_without_a_gpu_says_so(tmp_path):
+@pytest.mark.skipif(nvml_works_here(), reason="checks the behaviour without a GPU")
+@pytest.mark.parametrize("what", ["preflight", "cpu"])
+def test_run_on_gpu_without_a_gpu_says_so(tmp_path, what):
     env = dict(os.environ, OUT=str(tmp_path))
-    done = subprocess.run(["bash", str(REPO / "bench" / "run_on_gpu.sh"), "preflight"],
+    done = subprocess.run(["bash", str(REPO / "bench" / "run_on_gpu.sh"), what],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2, done.stderr
     assert "no NVIDIA GPU" in done.stderr
+
+
+def test_run_on_gpu_names_what_it_can_run():
+    done = subprocess.run(["bash", str(REPO / "bench" / "run_on_gpu.sh"), "bogus"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "usage: bench/run_on_gpu.sh [all|setup|preflight|cpu]" in done.stderr
