@@ -3787,6 +3787,8 @@ class YieldRecord:
     # or "the worker's own watch"
     memory_limit: int | None = None  # bytes used at most once our memory is back
     pid: int | None = None  # the worker's PID, where NVML's process list showed it
+    not_held_below: int | None = None  # bytes used below which our memory cannot be held
+    used_at: int | None = None  # bytes used at the detection, our memory still held
     exit_after: float | None = None
     memory_after: float | None = None
     done: bool = False  # no longer followed
@@ -3957,14 +3959,18 @@ def process_list_note(slot: _Slot, reading: Reading, now: float) -> str:
     PID namespace, or a proxy that shows many processes as one (``pids_foreign``, logged
     once): processes are counted, never matched, and memory decides too."""
     worker = slot.worker
-    if worker is None or worker.ready_at is None or now - worker.ready_at < 1.0 \
-            or worker.stop_at is not None or reading.processes is None or reading.failed:
+    if worker is None or worker.ready_at is None or worker.stop_at is not None \
+            or reading.processes is None or reading.failed:
         return ""
     pids = {p.pid for p in reading.processes}
+    if worker.handle.pid in pids:  # seen under its own PID: known at once, however young
+        worker.listed, slot.pids_foreign = True, False
+        return ""
+    if now - worker.ready_at < 1.0:  # not seen yet: a young entry may come late
+        return ""
     if not pids:
         return "process list: our worker is not listed (a sandbox?): memory decides"
-    slot.pids_foreign = worker.handle.pid not in pids
-    worker.listed = not slot.pids_foreign
+    slot.pids_foreign, worker.listed = True, False
     return ""
 
 
@@ -4049,6 +4055,16 @@ def memory_back_below(slot: _Slot, worker: _Worker, used: int | None) -> int | N
     return max(limits) if limits else None
 
 
+def memory_held_bounds(worker: _Worker, used: int | None) -> tuple[int | None, int | None]:
+    """For a yield followed by memory alone: the memory used below which the leaving worker's
+    memory cannot all be held (what was used before it, and nine tenths of what it holds),
+    and ``used``, the memory used while it still held it: a job that takes more than that
+    meanwhile hides whether ours is back."""
+    below = None if worker.memory_before is None or worker.ready_at is None \
+        else worker.memory_before + int(0.9 * worker.footprint)
+    return below, used
+
+
 class Workers:
     """The keep-alive worker of each GPU: started, stopped, heard, watched and reaped. Which
     worker a GPU should have is the engine's decision (GpuKeepAlive); this carries it out."""
@@ -4095,6 +4111,8 @@ class Workers:
                                               memory_back_below(slot, worker,
                                                                 slot.memory_before_tick),
                                               worker.handle.pid if worker.listed else None,
+                                              *memory_held_bounds(worker,
+                                                                  slot.memory_before_tick),
                                               exit_after=0.0)
         else:
             if worker.ready_at is not None and now - worker.ready_at >= _STABLE_SECONDS:
@@ -4482,16 +4500,23 @@ class GpuKeepAlive(KeepAlive):
             record.exit_after = max(0.0, (slot.last_exit or now) - record.at)
         # Back: where the process list showed the worker under its PID, when its entry is
         # gone (the driver drops it with the context and its memory); else when memory used
-        # is down to the limit, which a job that takes memory meanwhile can hide: then it is
-        # not known ("?") after a minute, and not warned about.
+        # is down to the limit, or below what ours alone would keep used. A job that takes
+        # memory meanwhile can hide that: then it is not known ("?"), and not warned about.
         used = reading.memory_used
+        hidden = False
         if record.pid is not None and reading.processes is not None:
             back = record.pid not in {p.pid for p in reading.processes}
         else:
-            back = record.memory_limit is None or (used is not None and used <= record.memory_limit)
+            back = record.memory_limit is None or (used is not None and (
+                used <= record.memory_limit
+                or (record.not_held_below is not None and used < record.not_held_below)))
+            # more used than while ours was held: a job fills the GPU, and whether ours is
+            # back cannot be told by memory (not known, "?", rather than the job's end)
+            hidden = not back and used is not None and record.used_at is not None \
+                and used > record.used_at
         if back:
             record.memory_after = max(record.exit_after, now - record.at)
-        elif now - record.at <= 60.0:
+        elif now - record.at <= 60.0 and not hidden:
             return
         record.done = True
         took = max(record.exit_after, record.memory_after or 0.0)
@@ -4601,7 +4626,8 @@ class GpuKeepAlive(KeepAlive):
         self.workers.stop(slot, now, reason)
         if worker is not None and worker.ready_at is not None:
             slot.last_yield = YieldRecord(now, reason, yield_signal(reason), slot.release_below,
-                                          worker.handle.pid if worker.listed else None)
+                                          worker.handle.pid if worker.listed else None,
+                                          *memory_held_bounds(worker, slot.memory_used))
 
     def _during_task(self, slot: _Slot, now: float, reading: Reading) -> None:
         worker = slot.worker

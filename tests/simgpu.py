@@ -9,9 +9,11 @@ started, stopped or killed.
 Utilisation is sampled as NVML does it: each sample is the share of its window ``[t - w, t]``
 in which a kernel ran, computed over the kernels the workers actually run (one busy block of
 ``duty x period`` at the start of each period, periods a little late now and then, as a real
-loop is). ``w`` is the product's sample period (1/6 s to 1 s): the named scenarios
-``scenario_nvml_window`` set it. Foreign processes keep the GPU busy for ``util`` % of any window,
-independently of ours.
+loop is; the tile on the device when a worker goes runs to its end). ``w`` is the product's
+sample period (1/6 s to 1 s): the named scenarios ``scenario_nvml_window`` set it. Foreign
+processes keep the GPU busy for ``util`` % of any window, independently of ours; where our
+kernels run beside them the GPU time-slices, and ``SimGpu.progress`` gives what a foreign job
+got (its first second beside a yield, against alone).
 
 ``SimTorch`` plays torch's CUDA side for the worker's own code (``setup_worker``,
 ``_take_ballast``) on one simulated device, with a pynvml stand-in that reads the same memory.
@@ -99,6 +101,20 @@ class SimGpu:
                 idle *= 1.0 - p.util / 100
         value = 100 * (1 - idle) + self.node.rng.gauss(0, self.noise)
         return float(round(min(100.0, max(0.0, value))))
+
+    def progress(self, process: SimProcess, a: float, b: float, step: float = 0.001) -> float:
+        """GPU seconds a foreign ``process`` got in ``[a, b]``: its ``util`` share of the
+        time, halved where our kernels ran beside it (the GPU time-slices between contexts,
+        each getting half while both have work)."""
+        got = 0.0
+        t = max(a, process.start)
+        end = min(b, process.end)
+        while t < end:
+            dt = min(step, end - t)
+            ours = min(1.0, sum(w.busy_share(t, t + dt) for w in self.workers))
+            got += process.util / 100 * dt * (1.0 - ours / 2)
+            t += dt
+        return got
 
     def generate(self) -> None:
         while self.sample_t + self.node.sample_period <= self.node.now + 1e-9:
@@ -189,6 +205,7 @@ class FakeWorker:
     ready_delay = 1.0  # s from start to its ``ready`` report
     stop_delay = 0.03  # s from "stop" to its exit (about two tiles)
     free_delay = 0.02  # s from its exit to its memory and process entry being gone
+    drain = pm.KEEPALIVE_TILE_MS / 1000  # s a tile already on the device runs past the exit
     period_jitter = 0.001  # s a period may end late (the loop's own time, the scheduler)
 
     def __init__(self, node: SimNode, gpu: SimGpu, spec: pm.WorkerSpec, pid: int) -> None:
@@ -286,8 +303,9 @@ class FakeWorker:
         return duty
 
     def busy_share(self, a: float, b: float) -> float:
-        """Share of ``[a, b]`` in which its kernels ran."""
-        end = min(b, self.exit_time()[0])
+        """Share of ``[a, b]`` in which its kernels ran (the tile on the device when the
+        process went runs to its end: ``drain``)."""
+        end = min(b, self.exit_time()[0] + self.drain)
         if end <= a:
             return 0.0
         self._run_periods(end)
