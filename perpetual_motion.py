@@ -4859,10 +4859,13 @@ class TorchTiles:
     is one CUDA graph, launched by one call: on an H200 that halved the worker's CPU, as a
     launch costs the CPU more than the waits and the events."""
 
-    def __init__(self, torch, n: int, device: str = "cuda") -> None:
+    def __init__(self, torch, n: int, device: str = "cuda", blocking: bool = True) -> None:
         self.torch = torch
         self.n = n
         self.cuda = device.startswith("cuda")
+        # blocking sync puts a waiting thread to sleep, through CUDA's event thread; without
+        # it the events are asked with query() and the worker sleeps between the asks
+        self.blocking = blocking
         dtype = torch.float16 if self.cuda else torch.float32
         # randn, scaled: entries of the product stay near 1, far from fp16's maximum
         self.a = torch.randn(n, n, device=device, dtype=dtype)
@@ -4928,8 +4931,8 @@ class TorchTiles:
             start, end = self.events.pop()
         else:
             Event = self.torch.cuda.Event
-            start, end = Event(enable_timing=True, blocking=True), \
-                Event(enable_timing=True, blocking=True)
+            start, end = Event(enable_timing=True, blocking=self.blocking), \
+                Event(enable_timing=True, blocking=self.blocking)
         start.record()
         self._run(count)
         end.record()
@@ -4939,7 +4942,11 @@ class TorchTiles:
         """Wait for the oldest group; its busy time in seconds."""
         count, start, end = self.pending.popleft()
         if self.cuda:
-            end.synchronize()
+            if self.blocking:
+                end.synchronize()
+            else:
+                while not end.query():
+                    time.sleep(0.001)
             seconds = start.elapsed_time(end) / 1000
             self.events.append((start, end))
         else:
@@ -5253,7 +5260,7 @@ def setup_worker(torch, args: argparse.Namespace,
             raise ForeignWork("foreign-memory")
 
     def make(n: int) -> TorchTiles:
-        return TorchTiles(torch, n, args.device)
+        return TorchTiles(torch, n, args.device, blocking=not args.query_events)
 
     if args.tile:
         tiles = calibrate_tiles(make, args.tile_ms / 1000, n=args.tile, step=args.tile,
@@ -5301,11 +5308,13 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--used-before-mib", type=int, default=0,
                         help="memory used on the GPU when the daemon started this worker")
     parser.add_argument("--hide-processes", action="store_true", help=argparse.SUPPRESS)
-    # for bench/worker_cpu.py: tiles per timed group, no CUDA graphs, s between the looks
+    # for bench/worker_cpu.py: tiles per timed group, no CUDA graphs, s between the looks,
+    # events asked rather than waited on
     parser.add_argument("--group", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--no-graphs", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--watch-every", type=float, default=_WATCH_SECONDS,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--query-events", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

@@ -10,7 +10,8 @@ threads of their own), and its own ``stats`` lines (busy share, tile time), and 
 variants tell where the worker's CPU goes: the default (a period's tiles as one group, one CUDA
 graph, one pair of CUDA events); without its own NVML watch (``--no-watch``); each tile
 launched by its own call (``--no-graphs``), and timed alone too (``--group 1``, as before);
-looks every 50 ms; a longer duty period; no tiles and no watch (the period's wake-up alone).
+looks every 50 ms; events asked with query() instead of blocking sync; a longer duty period;
+no tiles and no watch (the period's wake-up alone).
 The GPU must be otherwise idle.
 """
 
@@ -34,6 +35,7 @@ VARIANTS = {
     "no-graphs": ["--no-graphs"],  # each tile launched by its own call
     "tile-by-tile": ["--group", "1", "--no-graphs"],  # and each timed by its own events
     "watch-50ms": ["--watch-every", "0.05"],
+    "query-events": ["--query-events"],  # no blocking sync: CUDA's event thread stays idle?
     "period-50ms": ["--period", "0.05"],
     "idle-no-watch": ["--duty", "0", "--no-watch"],  # the period's wake-up alone
 }

@@ -1340,6 +1340,33 @@ def test_tiles_launched_as_a_group_are_timed_as_one():
 
 
 @needs_torch
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_groups_events_are_waited_on_or_asked_and_kept_for_reuse(blocking):
+    class Event:
+        asked = 0
+        waited = 0
+
+        def query(self):
+            Event.asked += 1
+            return Event.asked > 2  # done at the third ask
+
+        def synchronize(self):
+            Event.waited += 1
+
+        def elapsed_time(self, end):
+            return 8.0  # ms
+
+    tiles = pm.TorchTiles(torch, 32, "cpu", blocking=blocking)
+    tiles.cuda = True  # the events' side alone, as on a GPU
+    start, end = Event(), Event()
+    tiles.pending.append((2, start, end))
+    assert tiles.wait_one() == pytest.approx(0.008)
+    assert tiles.estimate == pytest.approx(0.004)  # per tile
+    assert (Event.waited, Event.asked) == ((1, 0) if blocking else (0, 3))
+    assert tiles.events == [(start, end)]  # for the next group
+
+
+@needs_torch
 def test_tiles_fall_back_to_plain_launches_where_no_graph_can_be_captured():
     tiles = pm.TorchTiles(torch, 32, "cpu")
     assert tiles.use_graphs(range(1, 3)) is False  # no graphs on the CPU
