@@ -1887,8 +1887,9 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
     """One pass of the queue on one node (docs/protocol.md, "Which task starts where"): the
     pending tasks in run order; node 0 fails what can never run and cancels what waits for a
     failed, cancelled or missing dependency or for itself; a held task, and one that waits for
-    a dependency, is passed over; node 0 places what spans nodes (while no task before it
-    waits); the rest is placed on this node by ``plan_starts``. A drain, or a node that backs
+    a dependency, is passed over; node 0 places what spans nodes (while no task across nodes
+    before it waits for nodes: a task that waits for a dependency holds nothing up, as in
+    Slurm); the rest is placed on this node by ``plan_starts``. A drain, or a node that backs
     off, starts nothing; nothing starts while the daemon shuts down."""
     order = tuple(sorted((t.name for t in snapshot.pending),
                          key=lambda name: start_order(name, snapshot.priority)))
@@ -1912,6 +1913,7 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
     reasons: dict[str, str] = {}
     candidates: list[Candidate] = []
     waiting: tuple[str, str] | None = None  # the first that waits for a dependency or nodes
+    queue_ahead: str = ""  # the first that waits for nodes: no task across nodes passes it
 
     def end(name: str, why: str, state: TaskState) -> None:
         """Node 0 fails (or cancels) the task, and its dependants after it in the run order
@@ -1950,10 +1952,11 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
                 reasons[name] = "it spans nodes: node 0 places it"
             elif snapshot.drained:
                 reasons[name] = f"the queue is {snapshot.drained} (gpu_resume)"
-            elif waiting:
-                reasons[name] = f"not placed while {waiting[0]} waits before it"
+            elif queue_ahead:
+                reasons[name] = f"not placed while {queue_ahead} waits before it"
             elif isinstance(nodes := gang_nodes(sub.request, snapshot), str):
-                waiting, reasons[name] = (name, nodes), nodes
+                waiting, reasons[name] = waiting or (name, nodes), nodes
+                queue_ahead = name
             else:
                 gangs.append((name, nodes))
             continue
