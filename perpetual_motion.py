@@ -447,6 +447,140 @@ class ThrottledLog:
             LOG.warning(message, *args, **kwargs)
 
 
+# Records: the node's GPUs ###################################################################
+#
+# The inventory: the GPUs that this node's tasks are given, in the order of ``gpu.<i>`` in the
+# state file. NVML finds them (within CUDA_VISIBLE_DEVICES, MIG devices left out); ``--gpus``
+# restricts them, or declares slots where there is no NVML (the scheduler then runs without a
+# GPU, and keep-alive stays off). Each GPU is named to tasks by its CUDA number: its place among
+# the GPUs this process can open, in PCI bus order (tasks get CUDA_DEVICE_ORDER=PCI_BUS_ID).
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as NVML numbers it (PCI bus order)."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total: int  # bytes
+    mig: bool = False
+    cuda_index: int | None = None  # its number in CUDA_VISIBLE_DEVICES (PCI_BUS_ID order)
+    declared: bool = False  # a slot declared with --gpus where there is no NVML
+
+    @property
+    def number(self) -> int:
+        """The number tasks see it by: its CUDA number, else NVML's index."""
+        return self.index if self.cuda_index is None else self.cuda_index
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    """The node's GPUs, with the NVML seam that found them (None: declared, or none at all)."""
+
+    gpus: tuple[GpuInfo, ...]
+    nvml: object | None = None
+    why: str = ""  # why NVML is not in use, for keep-alive's "off: ..."
+
+    @classmethod
+    def declare(cls, numbers: Iterable[int], why: str = "declared slots") -> Inventory:
+        """Slots declared with ``--gpus`` where there is no NVML: nothing to hold or watch."""
+        return cls(tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
+                         for n in numbers), None, why)
+
+    def numbers(self, positions: Iterable[int]) -> str:
+        """``CUDA_VISIBLE_DEVICES`` for the GPUs at ``positions``: ``0,2``."""
+        return ",".join(str(self.gpus[i].number) for i in sorted(positions))
+
+
+def parse_gpu_list(text: str) -> int | tuple[int, ...]:
+    """``--gpus``: a count (``4``) or a list of GPU numbers (``0,2,5``); ValueError if neither."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"--gpus takes a count or a list of GPU numbers, not {text!r}")
+    numbers = tuple(int(p) for p in parts)
+    if len(numbers) == 1 and "," not in text:
+        return numbers[0]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"--gpus names a GPU twice: {text!r}")
+    return numbers
+
+
+def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
+    """The GPUs that CUDA_VISIBLE_DEVICES leaves to us: UUIDs (or their prefixes) or CUDA
+    numbers; like CUDA, the list ends at the first entry that matches none."""
+    if visible is None:
+        return gpus
+    chosen = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isascii() and entry.isdigit():
+            match = [g for g in gpus if g.number == int(entry)]
+        elif entry.startswith(("GPU-", "MIG-")):
+            match = [g for g in gpus if g.uuid.startswith(entry)]
+            if entry.startswith("MIG-"):
+                return chosen  # MIG instances: skipped
+        else:
+            match = []
+        if len(match) != 1:
+            break
+        chosen.append(match[0])
+    return chosen
+
+
+def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
+                  env: Mapping[str, str] = os.environ,
+                  open_nvml: Callable[[logging.Logger], object] | None = None) -> Inventory:
+    """The node's GPUs; ValueError when ``--gpus`` asks for GPUs that are not there."""
+    try:
+        nvml = (open_nvml or Nvml.open)(log)
+        found = nvml.gpus()
+    except NvmlUnavailable as exc:
+        nvml, found, why = None, [], str(exc)
+    else:
+        why = ""
+        # CUDA numbers the GPUs it can open; a GPU NVML cannot query (another job's, under
+        # cgroups) is not among them. With CUDA_DEVICE_ORDER=PCI_BUS_ID the order is NVML's.
+        # The default, FASTEST_FIRST, puts faster models first: on a node of one model that is
+        # the PCI bus order too, on a mixed node it may not be. Workers and tasks are given
+        # PCI_BUS_ID (workers also the UUID), so only numbers in our own CUDA_VISIBLE_DEVICES
+        # can be read otherwise than the process that set them meant.
+        found = [dataclasses.replace(g, cuda_index=n) for n, g in enumerate(found)]
+        order = env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        numeric = visible is not None and any(e.strip().isdigit() for e in visible.split(","))
+        if numeric and order != "PCI_BUS_ID" and len({g.name for g in found}) > 1:
+            log.warning("CUDA_VISIBLE_DEVICES=%s is read in PCI bus order (as nvidia-smi "
+                        "numbers GPUs), but CUDA_DEVICE_ORDER=%s may number this node's mixed "
+                        "GPU models otherwise: set CUDA_DEVICE_ORDER=PCI_BUS_ID or use UUIDs",
+                        visible, order)
+        found = _visible_gpus(found, visible)
+        for gpu in found:
+            if gpu.mig:
+                log.info("GPU %d (%s) is in MIG mode: left out", gpu.index, gpu.name)
+        found = [g for g in found if not g.mig]
+        if not found:
+            why = "no GPU visible" if visible is None or visible.strip() not in ("", "-1") \
+                else "CUDA_VISIBLE_DEVICES is empty"
+    if declared is None:
+        return Inventory(tuple(found), nvml, why)
+    if nvml is None or not found:
+        numbers = range(declared) if isinstance(declared, int) else declared
+        if why:
+            log.info("GPUs declared with --gpus: %s", why)
+        return Inventory.declare(numbers, "declared slots (no NVML)" if nvml is None
+                                 else "declared slots (no GPU visible)")
+    if isinstance(declared, int):
+        if declared > len(found):
+            raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")
+        return Inventory(tuple(found[:declared]), nvml, why)
+    by_number = {g.number: g for g in found}
+    missing = [n for n in declared if n not in by_number]
+    if missing:
+        raise ValueError(f"--gpus names GPU(s) {missing} that are not here (there are "
+                         f"{', '.join(str(n) for n in sorted(by_number))})")
+    return Inventory(tuple(by_number[n] for n in declared), nvml, why)
+
+
 # Queue folder ###############################################################################
 
 
@@ -3207,24 +3341,6 @@ class WorkerMode(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuInfo:
-    """One GPU as NVML numbers it (PCI bus order)."""
-
-    index: int
-    uuid: str
-    name: str
-    memory_total: int  # bytes
-    mig: bool = False
-    cuda_index: int | None = None  # its number in CUDA_VISIBLE_DEVICES (PCI_BUS_ID order)
-    declared: bool = False  # a slot declared with --gpus where there is no NVML
-
-    @property
-    def number(self) -> int:
-        """The number tasks see it by: its CUDA number, else NVML's index."""
-        return self.index if self.cuda_index is None else self.cuda_index
-
-
-@dataclasses.dataclass(frozen=True)
 class GpuProcess:
     """One compute process on a GPU; its pid may be from another PID namespace."""
 
@@ -4677,121 +4793,6 @@ def _mib(value: int | None) -> str:
 def _share(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
-
-# GPUs of the node ###########################################################################
-#
-# The inventory: the GPUs that this node's tasks are given, in the order of ``gpu.<i>`` in the
-# state file. NVML finds them (within CUDA_VISIBLE_DEVICES, MIG devices left out); ``--gpus``
-# restricts them, or declares slots where there is no NVML (the scheduler then runs without a
-# GPU, and keep-alive stays off). Each GPU is named to tasks by its CUDA number: its place among
-# the GPUs this process can open, in PCI bus order (tasks get CUDA_DEVICE_ORDER=PCI_BUS_ID).
-
-
-@dataclasses.dataclass(frozen=True)
-class Inventory:
-    """The node's GPUs, with the NVML seam that found them (None: declared, or none at all)."""
-
-    gpus: tuple[GpuInfo, ...]
-    nvml: object | None = None
-    why: str = ""  # why NVML is not in use, for keep-alive's "off: ..."
-
-    @classmethod
-    def declare(cls, numbers: Iterable[int], why: str = "declared slots") -> Inventory:
-        """Slots declared with ``--gpus`` where there is no NVML: nothing to hold or watch."""
-        return cls(tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
-                         for n in numbers), None, why)
-
-    def numbers(self, positions: Iterable[int]) -> str:
-        """``CUDA_VISIBLE_DEVICES`` for the GPUs at ``positions``: ``0,2``."""
-        return ",".join(str(self.gpus[i].number) for i in sorted(positions))
-
-
-def parse_gpu_list(text: str) -> int | tuple[int, ...]:
-    """``--gpus``: a count (``4``) or a list of GPU numbers (``0,2,5``); ValueError if neither."""
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isascii() and p.isdigit() for p in parts):
-        raise ValueError(f"--gpus takes a count or a list of GPU numbers, not {text!r}")
-    numbers = tuple(int(p) for p in parts)
-    if len(numbers) == 1 and "," not in text:
-        return numbers[0]
-    if len(set(numbers)) != len(numbers):
-        raise ValueError(f"--gpus names a GPU twice: {text!r}")
-    return numbers
-
-
-def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
-    """The GPUs that CUDA_VISIBLE_DEVICES leaves to us: UUIDs (or their prefixes) or CUDA
-    numbers; like CUDA, the list ends at the first entry that matches none."""
-    if visible is None:
-        return gpus
-    chosen = []
-    for entry in (e.strip() for e in visible.split(",")):
-        if entry.isascii() and entry.isdigit():
-            match = [g for g in gpus if g.number == int(entry)]
-        elif entry.startswith(("GPU-", "MIG-")):
-            match = [g for g in gpus if g.uuid.startswith(entry)]
-            if entry.startswith("MIG-"):
-                return chosen  # MIG instances: skipped
-        else:
-            match = []
-        if len(match) != 1:
-            break
-        chosen.append(match[0])
-    return chosen
-
-
-def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
-                  env: Mapping[str, str] = os.environ,
-                  open_nvml: Callable[[logging.Logger], object] | None = None) -> Inventory:
-    """The node's GPUs; ValueError when ``--gpus`` asks for GPUs that are not there."""
-    try:
-        nvml = (open_nvml or Nvml.open)(log)
-        found = nvml.gpus()
-    except NvmlUnavailable as exc:
-        nvml, found, why = None, [], str(exc)
-    else:
-        why = ""
-        # CUDA numbers the GPUs it can open; a GPU NVML cannot query (another job's, under
-        # cgroups) is not among them. With CUDA_DEVICE_ORDER=PCI_BUS_ID the order is NVML's.
-        # The default, FASTEST_FIRST, puts faster models first: on a node of one model that is
-        # the PCI bus order too, on a mixed node it may not be. Workers and tasks are given
-        # PCI_BUS_ID (workers also the UUID), so only numbers in our own CUDA_VISIBLE_DEVICES
-        # can be read otherwise than the process that set them meant.
-        found = [dataclasses.replace(g, cuda_index=n) for n, g in enumerate(found)]
-        order = env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        numeric = visible is not None and any(e.strip().isdigit() for e in visible.split(","))
-        if numeric and order != "PCI_BUS_ID" and len({g.name for g in found}) > 1:
-            log.warning("CUDA_VISIBLE_DEVICES=%s is read in PCI bus order (as nvidia-smi "
-                        "numbers GPUs), but CUDA_DEVICE_ORDER=%s may number this node's mixed "
-                        "GPU models otherwise: set CUDA_DEVICE_ORDER=PCI_BUS_ID or use UUIDs",
-                        visible, order)
-        found = _visible_gpus(found, visible)
-        for gpu in found:
-            if gpu.mig:
-                log.info("GPU %d (%s) is in MIG mode: left out", gpu.index, gpu.name)
-        found = [g for g in found if not g.mig]
-        if not found:
-            why = "no GPU visible" if visible is None or visible.strip() not in ("", "-1") \
-                else "CUDA_VISIBLE_DEVICES is empty"
-    if declared is None:
-        return Inventory(tuple(found), nvml, why)
-    if nvml is None or not found:
-        numbers = range(declared) if isinstance(declared, int) else declared
-        if why:
-            log.info("GPUs declared with --gpus: %s", why)
-        return Inventory.declare(numbers, "declared slots (no NVML)" if nvml is None
-                                 else "declared slots (no GPU visible)")
-    if isinstance(declared, int):
-        if declared > len(found):
-            raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")
-        return Inventory(tuple(found[:declared]), nvml, why)
-    by_number = {g.number: g for g in found}
-    missing = [n for n in declared if n not in by_number]
-    if missing:
-        raise ValueError(f"--gpus names GPU(s) {missing} that are not here (there are "
-                         f"{', '.join(str(n) for n in sorted(by_number))})")
-    return Inventory(tuple(by_number[n] for n in declared), nvml, why)
 
 
 def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
