@@ -3190,6 +3190,164 @@ class Gangs:
 
 
 
+# Tasks across nodes: the queue pass #########################################################
+
+
+class Scheduler:
+    """The queue pass of one node, each poll (docs/protocol.md, "Which task starts where"):
+    the gangs' seats and watch, then one snapshot of the queue (QueueFolder.read_pass), the
+    plan for it (``plan_pass``) and the plan carried out (PassApplier). Node 0 also finishes
+    the tasks of dead nodes."""
+
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
+                 inventory: Inventory, clock: Callable[[], float], throttled: ThrottledLog,
+                 begin: Callable[[RunningTask], None], owns_node: Callable[[], bool]):
+        self.config = config
+        self.folder = folder
+        self.runner = runner
+        self.gangs = gangs
+        self.inventory = inventory
+        self.clock = clock
+        self.throttled = throttled
+        self.begin = begin
+        self.owns_node = owns_node
+        self.requests: dict[str, Submission | str] = {}  # pending name -> its record or why not
+        self.results: dict[str, str] = {}  # task id -> its result's state, once known
+        self.blocked_since: dict[str, float] = {}
+        self.waiting: tuple[str, str] | None = None  # what the first stuck task waits for
+        self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
+        self.views: dict[int, NodeView] = {}
+        self.views_read = -1e18
+        self.liveness = Liveness(clock)  # the daemon gives it its monotonic clock
+        self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
+        self.backoff = 0.0
+        self.last_sweep = -1e18
+        self.applier = PassApplier(config, folder, runner, gangs, clock, throttled, begin,
+                                   owns_node, self.load, lambda now: now < self.backoff_until)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.config.node_rank == 0
+
+    def run(self, running: list[str], may_start: bool, drained: str | None = None,
+            node_drained: str | None = None) -> None:
+        """One pass: the gangs' seats and watch, then the pending tasks. A drained instance
+        (``drained``, why) starts nothing new, a drained node (``node_drained``) starts nothing
+        new itself; gangs placed before go on."""
+        now = self.clock()
+        self.gangs.discover(running)
+        self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
+                              may_start)
+        if self.is_leader:
+            views = self.node_views()
+            self.gangs.watch(views, lambda task_id, why: self.folder.publish_stop(
+                task_id, why, f"node {self.config.node_rank}", self.clock()))
+            if now - self.last_sweep >= HEARTBEAT_SECONDS:
+                self.last_sweep = now
+                self.sweep_running(running, views)
+        snapshot = self.snapshot(now, running, may_start, drained, node_drained)
+        if self.is_leader:
+            self.forget_overrides([t.name for t in snapshot.pending], set(snapshot.held),
+                                  snapshot.priority)
+        plan = plan_pass(snapshot)
+        self.blocked_since = dict(plan.blocked_since)
+        self.waiting = plan.waiting
+        for name in self.applier.apply(plan, snapshot, running):
+            self.requests.pop(name, None)  # (claimed: back in pending/, it is read again)
+
+    def snapshot(self, now: float, running: list[str], may_start: bool,
+                 drained: str | None = None, node_drained: str | None = None) -> PassSnapshot:
+        """What this pass knows: the node's own facts, and the queue read once."""
+        rank = self.config.node_rank
+        views = self.node_views() if self.is_leader or self.config.num_nodes > 1 else {}
+        node = PassSnapshot(now=now, load=self.load(), node_rank=rank,
+                            num_nodes=self.config.num_nodes, views=dict(views), drained=drained,
+                            node_drains={rank: node_drained} if node_drained else {},
+                            blocked_since=dict(self.blocked_since),
+                            backoff_until=self.backoff_until, may_start=may_start)
+        return self.folder.read_pass(node, running, self.requests, self.results)
+
+    def forget_overrides(self, pending: list[str], held: set[str],
+                         priority: Mapping[str, object]) -> None:
+        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that left pending/ (a
+        minute old at least: the task may have been queued after pending/ was listed)."""
+        waiting, now = set(pending), self.clock()
+        for folder, names in (("held", held), ("priority", self.folder.names("priority"))):
+            for name in names:
+                if name in waiting or name in priority:
+                    continue
+                path = self.folder.dir(folder) / name
+                with contextlib.suppress(OSError):
+                    if now - os.lstat(path).st_mtime > OVERRIDE_FORGET_SECONDS:
+                        os.unlink(path)
+
+    def load(self, seats: bool = True) -> NodeLoad:
+        """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""
+        tasks = list(self.runner.tasks.values())
+        taken = {gpu for task in tasks for gpu in task.gpus}
+        cpu = sum(1 for task in tasks if task.submission.request.gpus == 0)
+        gpu_tasks = sum(1 for task in tasks if task.submission.request.gpus != 0)
+        if seats:
+            taken |= self.gangs.reserved()
+            cpu += self.gangs.cpu_seats()
+            gpu_tasks += self.gangs.holds_node()
+        return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
+
+    def back_off(self, why: str) -> None:
+        """The node cannot prepare tasks (no log file, no space): claim nothing for a while."""
+        self.backoff = min(60.0, max(1.0, self.backoff * 2))
+        self.backoff_until = self.clock() + self.backoff
+        made = self.folder.ensure()
+        self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
+                               "back to pending/; trying again with back-off", why,
+                               f"; created again: {', '.join(made)}" if made else "")
+
+    def node_views(self) -> dict[int, NodeView]:
+        """Every node's state, read at most once per poll interval."""
+        now = self.clock()
+        if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
+            self.views = {r: NodeView.read(self.folder, r, self.liveness)
+                          for r in range(self.config.num_nodes)}
+            self.views_read = now
+        return self.views
+
+    def sweep_running(self, running: list[str], views: Mapping[int, NodeView]) -> None:
+        """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
+        and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
+        now = self.clock()
+        mine = {task.task_id for task in self.runner.tasks.values()}
+        mine |= {entry[0].task_id for entry in self.runner.unfinished}
+        seen = set()
+        for task_id in running:
+            if task_id in mine or self.gangs.plans.get(task_id) is not None:
+                continue
+            try:
+                run = self.folder.read_fields(self.folder.record(task_id, "run"))
+            except (OSError, ValueError):
+                continue
+            if run is None:
+                seen.add(task_id)
+                first = self.unrecorded.setdefault(task_id, now)
+                if now - first >= HEARTBEAT_STALE_SECONDS:
+                    self.runner.unclaim(task_id)
+                    LOG.warning("%s was claimed but never started (its claimer died): back to "
+                                "pending", task_id)
+                continue
+            node = ascii_int(run.get("node_rank"))
+            view = views.get(node) if node is not None else None
+            if view is None or not view.known:
+                continue  # a node this daemon does not know (or cannot read now)
+            if node == self.config.node_rank:
+                claimer_lives = run.get("daemon") == self.runner.token
+            else:
+                claimer_lives = view.alive and (view.token == run.get("daemon")
+                                                or not run.get("daemon"))  # (version 1: none)
+            if claimer_lives or self.folder.has_result(task_id):
+                continue
+            self.runner.interrupt(task_id, run, f"node {node}'s daemon died")
+        self.unrecorded = {t: s for t, s in self.unrecorded.items() if t in seen}
+
+
 # Keep-alive #################################################################################
 #
 # The daemon holds every idle GPU of the node in the band GPU_UTIL_TARGET..GPU_UTIL_HIGH and gives
@@ -5803,161 +5961,6 @@ class SignalWaiter:
         except (BlockingIOError, InterruptedError):
             pass
         self.dirs.drain()
-
-
-class Scheduler:
-    """The queue pass of one node, each poll (docs/protocol.md, "Which task starts where"):
-    the gangs' seats and watch, then one snapshot of the queue (QueueFolder.read_pass), the
-    plan for it (``plan_pass``) and the plan carried out (PassApplier). Node 0 also finishes
-    the tasks of dead nodes."""
-
-    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
-                 inventory: Inventory, clock: Callable[[], float], throttled: ThrottledLog,
-                 begin: Callable[[RunningTask], None], owns_node: Callable[[], bool]):
-        self.config = config
-        self.folder = folder
-        self.runner = runner
-        self.gangs = gangs
-        self.inventory = inventory
-        self.clock = clock
-        self.throttled = throttled
-        self.begin = begin
-        self.owns_node = owns_node
-        self.requests: dict[str, Submission | str] = {}  # pending name -> its record or why not
-        self.results: dict[str, str] = {}  # task id -> its result's state, once known
-        self.blocked_since: dict[str, float] = {}
-        self.waiting: tuple[str, str] | None = None  # what the first stuck task waits for
-        self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
-        self.views: dict[int, NodeView] = {}
-        self.views_read = -1e18
-        self.liveness = Liveness(clock)  # the daemon gives it its monotonic clock
-        self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
-        self.backoff = 0.0
-        self.last_sweep = -1e18
-        self.applier = PassApplier(config, folder, runner, gangs, clock, throttled, begin,
-                                   owns_node, self.load, lambda now: now < self.backoff_until)
-
-    @property
-    def is_leader(self) -> bool:
-        return self.config.node_rank == 0
-
-    def run(self, running: list[str], may_start: bool, drained: str | None = None,
-            node_drained: str | None = None) -> None:
-        """One pass: the gangs' seats and watch, then the pending tasks. A drained instance
-        (``drained``, why) starts nothing new, a drained node (``node_drained``) starts nothing
-        new itself; gangs placed before go on."""
-        now = self.clock()
-        self.gangs.discover(running)
-        self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
-                              may_start)
-        if self.is_leader:
-            views = self.node_views()
-            self.gangs.watch(views, lambda task_id, why: self.folder.publish_stop(
-                task_id, why, f"node {self.config.node_rank}", self.clock()))
-            if now - self.last_sweep >= HEARTBEAT_SECONDS:
-                self.last_sweep = now
-                self.sweep_running(running, views)
-        snapshot = self.snapshot(now, running, may_start, drained, node_drained)
-        if self.is_leader:
-            self.forget_overrides([t.name for t in snapshot.pending], set(snapshot.held),
-                                  snapshot.priority)
-        plan = plan_pass(snapshot)
-        self.blocked_since = dict(plan.blocked_since)
-        self.waiting = plan.waiting
-        for name in self.applier.apply(plan, snapshot, running):
-            self.requests.pop(name, None)  # (claimed: back in pending/, it is read again)
-
-    def snapshot(self, now: float, running: list[str], may_start: bool,
-                 drained: str | None = None, node_drained: str | None = None) -> PassSnapshot:
-        """What this pass knows: the node's own facts, and the queue read once."""
-        rank = self.config.node_rank
-        views = self.node_views() if self.is_leader or self.config.num_nodes > 1 else {}
-        node = PassSnapshot(now=now, load=self.load(), node_rank=rank,
-                            num_nodes=self.config.num_nodes, views=dict(views), drained=drained,
-                            node_drains={rank: node_drained} if node_drained else {},
-                            blocked_since=dict(self.blocked_since),
-                            backoff_until=self.backoff_until, may_start=may_start)
-        return self.folder.read_pass(node, running, self.requests, self.results)
-
-    def forget_overrides(self, pending: list[str], held: set[str],
-                         priority: Mapping[str, object]) -> None:
-        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that left pending/ (a
-        minute old at least: the task may have been queued after pending/ was listed)."""
-        waiting, now = set(pending), self.clock()
-        for folder, names in (("held", held), ("priority", self.folder.names("priority"))):
-            for name in names:
-                if name in waiting or name in priority:
-                    continue
-                path = self.folder.dir(folder) / name
-                with contextlib.suppress(OSError):
-                    if now - os.lstat(path).st_mtime > OVERRIDE_FORGET_SECONDS:
-                        os.unlink(path)
-
-    def load(self, seats: bool = True) -> NodeLoad:
-        """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""
-        tasks = list(self.runner.tasks.values())
-        taken = {gpu for task in tasks for gpu in task.gpus}
-        cpu = sum(1 for task in tasks if task.submission.request.gpus == 0)
-        gpu_tasks = sum(1 for task in tasks if task.submission.request.gpus != 0)
-        if seats:
-            taken |= self.gangs.reserved()
-            cpu += self.gangs.cpu_seats()
-            gpu_tasks += self.gangs.holds_node()
-        return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
-
-    def back_off(self, why: str) -> None:
-        """The node cannot prepare tasks (no log file, no space): claim nothing for a while."""
-        self.backoff = min(60.0, max(1.0, self.backoff * 2))
-        self.backoff_until = self.clock() + self.backoff
-        made = self.folder.ensure()
-        self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
-                               "back to pending/; trying again with back-off", why,
-                               f"; created again: {', '.join(made)}" if made else "")
-
-    def node_views(self) -> dict[int, NodeView]:
-        """Every node's state, read at most once per poll interval."""
-        now = self.clock()
-        if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
-            self.views = {r: NodeView.read(self.folder, r, self.liveness)
-                          for r in range(self.config.num_nodes)}
-            self.views_read = now
-        return self.views
-
-    def sweep_running(self, running: list[str], views: Mapping[int, NodeView]) -> None:
-        """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
-        and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
-        now = self.clock()
-        mine = {task.task_id for task in self.runner.tasks.values()}
-        mine |= {entry[0].task_id for entry in self.runner.unfinished}
-        seen = set()
-        for task_id in running:
-            if task_id in mine or self.gangs.plans.get(task_id) is not None:
-                continue
-            try:
-                run = self.folder.read_fields(self.folder.record(task_id, "run"))
-            except (OSError, ValueError):
-                continue
-            if run is None:
-                seen.add(task_id)
-                first = self.unrecorded.setdefault(task_id, now)
-                if now - first >= HEARTBEAT_STALE_SECONDS:
-                    self.runner.unclaim(task_id)
-                    LOG.warning("%s was claimed but never started (its claimer died): back to "
-                                "pending", task_id)
-                continue
-            node = ascii_int(run.get("node_rank"))
-            view = views.get(node) if node is not None else None
-            if view is None or not view.known:
-                continue  # a node this daemon does not know (or cannot read now)
-            if node == self.config.node_rank:
-                claimer_lives = run.get("daemon") == self.runner.token
-            else:
-                claimer_lives = view.alive and (view.token == run.get("daemon")
-                                                or not run.get("daemon"))  # (version 1: none)
-            if claimer_lives or self.folder.has_result(task_id):
-                continue
-            self.runner.interrupt(task_id, run, f"node {node}'s daemon died")
-        self.unrecorded = {t: s for t, s in self.unrecorded.items() if t in seen}
 
 
 class Commands:
