@@ -5866,217 +5866,7 @@ def self_test_main(argv: list[str]) -> int:
     return report["code"]
 
 
-# Daemon loop ################################################################################
-
-
-def node_from_environment(env: Mapping[str, str]) -> tuple[int, int]:
-    """(node rank, node count) from the variables that SCO ACP, torchrun or Slurm set;
-    ValueError when the first one that is set is not a number (``RANK=²``)."""
-    for rank_var, count_var in (("SENSECORE_PYTORCH_NODE_RANK", "SENSECORE_PYTORCH_NNODES"),
-                                ("RANK", "WORLD_SIZE"), ("SLURM_NODEID", "SLURM_NNODES")):
-        rank_text, count_text = env.get(rank_var, ""), env.get(count_var, "")
-        if not rank_text:
-            continue
-        rank, count = ascii_int(rank_text), ascii_int(count_text) if count_text else 1
-        for name, text, value in ((rank_var, rank_text, rank), (count_var, count_text, count)):
-            if value is None:
-                raise ValueError(f"{name}={text[:40]!r} in the environment is not a whole "
-                                 "number (ASCII digits); give --node-rank and --num-nodes")
-        return rank, count if count > 0 else 1
-    return 0, 1
-
-
-def in_cluster_job(env: Mapping[str, str]) -> bool:
-    """True inside a Slurm or SCO ACP job (or one that submit.sh launched for them)."""
-    return bool(env.get("SLURM_JOB_ID") or env.get("ECP_JOB_NAME")
-                or env.get("SENSECORE_PYTORCH_NNODES") or env.get("PM_CLUSTER_JOB"))
-
-
-def resolve_kill_scope(scope: str, env: Mapping[str, str]) -> str:
-    """``auto``: the seed's sweep of the user's Python processes on a cluster node, only the
-    task's own processes elsewhere (a workstation's notebooks and editors are not ours)."""
-    if scope != "auto":
-        return scope
-    return "user-python" if in_cluster_job(env) else "task"
-
-
-class DirWatch:
-    """inotify on the folders the daemon polls, where the kernel offers it: a new file wakes
-    the loop at once. It sees only this host's changes; the poll stays for shared storage."""
-
-    _IN_CREATE, _IN_MOVED_TO, _IN_NONBLOCK, _IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
-
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        self._libc = _libc()
-        if self._libc is None or os.environ.get(NO_INOTIFY_VAR):
-            return  # (the variable: as on shared storage written from other hosts, for benches)
-        try:
-            fd = self._libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
-        except AttributeError:
-            return
-        self.fd = fd if fd >= 0 else None
-
-    def watch(self, folders: Iterable[Path]) -> None:
-        if self.fd is None:
-            return
-        for folder in folders:
-            self._libc.inotify_add_watch(self.fd, os.fsencode(folder),
-                                         self._IN_CREATE | self._IN_MOVED_TO)
-
-    def drain(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                while os.read(self.fd, 65536):
-                    pass
-
-
-class SignalWaiter:
-    """Sleeps until a timeout, a signal, a child's exit or a new file in a watched folder,
-    whichever comes first.
-
-    Signal handlers only record what arrived; the loop acts on it.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self.read_fd, write_fd = os.pipe()
-        for fd in (self.read_fd, write_fd):
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        signal.set_wakeup_fd(write_fd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._record)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.dirs = DirWatch()
-
-    def _record(self, signum: int, frame: object) -> None:
-        self.received.append(signum)
-
-    def sleep(self, seconds: float) -> None:
-        fds = [self.read_fd] + ([self.dirs.fd] if self.dirs.fd is not None else [])
-        try:
-            select.select(fds, [], [], max(seconds, 0.0))
-            os.read(self.read_fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            pass
-        self.dirs.drain()
-
-
-class Commands:
-    """The commands clients publish in commands/, handled by node 0 (docs/protocol.md,
-    "Commands"): each carried out once, answered in replies/."""
-
-    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
-                 clock: Callable[[], float], throttled: ThrottledLog, started: float,
-                 shutdown: Callable[[str], None], changed: Callable[[], None],
-                 sweep: Callable[[], None]):
-        self.config = config
-        self.folder = folder
-        self.runner = runner
-        self.gangs = gangs
-        self.clock = clock
-        self.throttled = throttled
-        self.started = started
-        self.started_text = f"{started:.3f}"
-        self.shutdown = shutdown  # begins the daemon's shutdown, with the reason
-        self.changed = changed  # the state file should say so at once
-        self.sweep = sweep  # end the other Python processes (a stop_all with nothing running)
-        self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
-
-    def handle(self) -> None:
-        for name in self.folder.files("commands"):
-            if not name.endswith(".cmd"):
-                continue
-            path = self.folder.dir("commands") / name
-            reply = self.answers.get(name)
-            if reply is None:  # a command is carried out once, even if answering it fails
-                try:
-                    fields = self.folder.read_fields(path)
-                    if fields is None:
-                        continue
-                    reply = self.execute(fields)
-                except (OSError, ValueError, UnicodeError) as exc:
-                    self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
-                    reply = {"action": "", "task": "", "result": "error",
-                             "message": f"unreadable command: {exc}"}
-                reply["handled"] = f"{self.clock():.3f}"
-                self.answers[name] = reply
-            try:
-                self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
-                                    format_fields(reply))
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # the client withdrew it meanwhile; the reply tells it what happened
-            except OSError as exc:
-                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s", name,
-                                       exc)
-                continue
-            del self.answers[name]
-
-    def execute(self, fields: dict[str, str]) -> dict[str, object]:
-        action, task_id = fields.get("action", ""), fields.get("task", "")
-        reply: dict[str, object] = {"action": action, "task": task_id}
-        addressed = fields.get("daemon_started", "")
-        sent = as_float(fields.get("sent"))
-        if fields.get("sent") and sent is None:
-            raise ValueError(f"sent is not a time: {fields['sent'][:40]!r}")
-        if (addressed and addressed != self.started_text) or (
-                not addressed and sent is not None
-                and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
-            # Meant for an earlier daemon: a stale shutdown must not end this one.
-            reply.update(result="error", message="meant for an earlier daemon; ignored")
-            return reply
-        who = fields.get("sent_by") or "a client"
-        if action == "stop":
-            if not task_id or "/" in task_id or task_id.startswith("."):
-                raise ValueError("stop without a task")
-            if self.runner.cancel_pending(task_id):
-                reply.update(result="cancelled", message="removed from pending")
-            elif task_id in set(self.folder.names("running")):
-                where = self.stop_running(task_id, "stopped by user", who)
-                grace = f"SIGKILL after {self.config.stop_grace:g} s"
-                reply.update(result="stopped", message=f"SIGTERM sent, {grace}" if not where
-                             else f"stop sent to {where}: SIGTERM, {grace}")
-            else:
-                reply.update(result="not_found", message="neither pending nor running")
-        elif action == "stop_all":
-            cancelled = sum(bool(self.runner.cancel_pending(n))
-                            for n in self.folder.files("pending"))
-            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
-            for task in stopped:
-                self.stop_running(task, "stopped by user (all)", who)
-            if not stopped:
-                self.sweep()
-            reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),
-                         stopped=" ".join(stopped),
-                         message=f"{cancelled} cancelled, {len(stopped) or 'none'} stopped")
-        elif action == "shutdown":
-            self.shutdown(f"shutdown asked by {who}")
-            reply.update(result="accepted", message="the daemon is shutting down")
-        else:
-            raise ValueError(f"unknown action {action!r}")
-        return reply
-
-    def stop_running(self, task_id: str, reason: str, who: str) -> str:
-        """Stop a task in running/ wherever it runs; where, for the reply ("" for here)."""
-        self.folder.publish_stop(task_id, reason, who, self.clock())
-        here = False
-        for task in list(self.runner.tasks.values()):
-            if task.task_id == task_id and task.stop_state is None:
-                self.runner.stop(task, TaskState.STOPPED, reason)
-                task.sweep = here = True
-        self.changed()
-        plan = self.gangs.plans.get(task_id)
-        if plan is not None:
-            return f"nodes {','.join(str(n) for n in plan.nodes)}"
-        if here:
-            return ""
-        try:
-            run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
-        except (OSError, ValueError):
-            run = {}
-        return f"node {run.get('node_rank') or '?'}"
+# Node claim and commands ####################################################################
 
 
 class NodeClaim:
@@ -6209,6 +5999,219 @@ class SelfFence:
         thread = threading.Thread(target=loop, name="self-fence", daemon=True)
         thread.start()
         return thread
+
+
+class Commands:
+    """The commands clients publish in commands/, handled by node 0 (docs/protocol.md,
+    "Commands"): each carried out once, answered in replies/."""
+
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
+                 clock: Callable[[], float], throttled: ThrottledLog, started: float,
+                 shutdown: Callable[[str], None], changed: Callable[[], None],
+                 sweep: Callable[[], None]):
+        self.config = config
+        self.folder = folder
+        self.runner = runner
+        self.gangs = gangs
+        self.clock = clock
+        self.throttled = throttled
+        self.started = started
+        self.started_text = f"{started:.3f}"
+        self.shutdown = shutdown  # begins the daemon's shutdown, with the reason
+        self.changed = changed  # the state file should say so at once
+        self.sweep = sweep  # end the other Python processes (a stop_all with nothing running)
+        self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
+
+    def handle(self) -> None:
+        for name in self.folder.files("commands"):
+            if not name.endswith(".cmd"):
+                continue
+            path = self.folder.dir("commands") / name
+            reply = self.answers.get(name)
+            if reply is None:  # a command is carried out once, even if answering it fails
+                try:
+                    fields = self.folder.read_fields(path)
+                    if fields is None:
+                        continue
+                    reply = self.execute(fields)
+                except (OSError, ValueError, UnicodeError) as exc:
+                    self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
+                    reply = {"action": "", "task": "", "result": "error",
+                             "message": f"unreadable command: {exc}"}
+                reply["handled"] = f"{self.clock():.3f}"
+                self.answers[name] = reply
+            try:
+                self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
+                                    format_fields(reply))
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # the client withdrew it meanwhile; the reply tells it what happened
+            except OSError as exc:
+                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s", name,
+                                       exc)
+                continue
+            del self.answers[name]
+
+    def execute(self, fields: dict[str, str]) -> dict[str, object]:
+        action, task_id = fields.get("action", ""), fields.get("task", "")
+        reply: dict[str, object] = {"action": action, "task": task_id}
+        addressed = fields.get("daemon_started", "")
+        sent = as_float(fields.get("sent"))
+        if fields.get("sent") and sent is None:
+            raise ValueError(f"sent is not a time: {fields['sent'][:40]!r}")
+        if (addressed and addressed != self.started_text) or (
+                not addressed and sent is not None
+                and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
+            # Meant for an earlier daemon: a stale shutdown must not end this one.
+            reply.update(result="error", message="meant for an earlier daemon; ignored")
+            return reply
+        who = fields.get("sent_by") or "a client"
+        if action == "stop":
+            if not task_id or "/" in task_id or task_id.startswith("."):
+                raise ValueError("stop without a task")
+            if self.runner.cancel_pending(task_id):
+                reply.update(result="cancelled", message="removed from pending")
+            elif task_id in set(self.folder.names("running")):
+                where = self.stop_running(task_id, "stopped by user", who)
+                grace = f"SIGKILL after {self.config.stop_grace:g} s"
+                reply.update(result="stopped", message=f"SIGTERM sent, {grace}" if not where
+                             else f"stop sent to {where}: SIGTERM, {grace}")
+            else:
+                reply.update(result="not_found", message="neither pending nor running")
+        elif action == "stop_all":
+            cancelled = sum(bool(self.runner.cancel_pending(n))
+                            for n in self.folder.files("pending"))
+            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
+            for task in stopped:
+                self.stop_running(task, "stopped by user (all)", who)
+            if not stopped:
+                self.sweep()
+            reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),
+                         stopped=" ".join(stopped),
+                         message=f"{cancelled} cancelled, {len(stopped) or 'none'} stopped")
+        elif action == "shutdown":
+            self.shutdown(f"shutdown asked by {who}")
+            reply.update(result="accepted", message="the daemon is shutting down")
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        return reply
+
+    def stop_running(self, task_id: str, reason: str, who: str) -> str:
+        """Stop a task in running/ wherever it runs; where, for the reply ("" for here)."""
+        self.folder.publish_stop(task_id, reason, who, self.clock())
+        here = False
+        for task in list(self.runner.tasks.values()):
+            if task.task_id == task_id and task.stop_state is None:
+                self.runner.stop(task, TaskState.STOPPED, reason)
+                task.sweep = here = True
+        self.changed()
+        plan = self.gangs.plans.get(task_id)
+        if plan is not None:
+            return f"nodes {','.join(str(n) for n in plan.nodes)}"
+        if here:
+            return ""
+        try:
+            run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
+        except (OSError, ValueError):
+            run = {}
+        return f"node {run.get('node_rank') or '?'}"
+
+
+# Daemon loop ################################################################################
+
+
+def node_from_environment(env: Mapping[str, str]) -> tuple[int, int]:
+    """(node rank, node count) from the variables that SCO ACP, torchrun or Slurm set;
+    ValueError when the first one that is set is not a number (``RANK=²``)."""
+    for rank_var, count_var in (("SENSECORE_PYTORCH_NODE_RANK", "SENSECORE_PYTORCH_NNODES"),
+                                ("RANK", "WORLD_SIZE"), ("SLURM_NODEID", "SLURM_NNODES")):
+        rank_text, count_text = env.get(rank_var, ""), env.get(count_var, "")
+        if not rank_text:
+            continue
+        rank, count = ascii_int(rank_text), ascii_int(count_text) if count_text else 1
+        for name, text, value in ((rank_var, rank_text, rank), (count_var, count_text, count)):
+            if value is None:
+                raise ValueError(f"{name}={text[:40]!r} in the environment is not a whole "
+                                 "number (ASCII digits); give --node-rank and --num-nodes")
+        return rank, count if count > 0 else 1
+    return 0, 1
+
+
+def in_cluster_job(env: Mapping[str, str]) -> bool:
+    """True inside a Slurm or SCO ACP job (or one that submit.sh launched for them)."""
+    return bool(env.get("SLURM_JOB_ID") or env.get("ECP_JOB_NAME")
+                or env.get("SENSECORE_PYTORCH_NNODES") or env.get("PM_CLUSTER_JOB"))
+
+
+def resolve_kill_scope(scope: str, env: Mapping[str, str]) -> str:
+    """``auto``: the seed's sweep of the user's Python processes on a cluster node, only the
+    task's own processes elsewhere (a workstation's notebooks and editors are not ours)."""
+    if scope != "auto":
+        return scope
+    return "user-python" if in_cluster_job(env) else "task"
+
+
+class DirWatch:
+    """inotify on the folders the daemon polls, where the kernel offers it: a new file wakes
+    the loop at once. It sees only this host's changes; the poll stays for shared storage."""
+
+    _IN_CREATE, _IN_MOVED_TO, _IN_NONBLOCK, _IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self._libc = _libc()
+        if self._libc is None or os.environ.get(NO_INOTIFY_VAR):
+            return  # (the variable: as on shared storage written from other hosts, for benches)
+        try:
+            fd = self._libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
+        except AttributeError:
+            return
+        self.fd = fd if fd >= 0 else None
+
+    def watch(self, folders: Iterable[Path]) -> None:
+        if self.fd is None:
+            return
+        for folder in folders:
+            self._libc.inotify_add_watch(self.fd, os.fsencode(folder),
+                                         self._IN_CREATE | self._IN_MOVED_TO)
+
+    def drain(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                while os.read(self.fd, 65536):
+                    pass
+
+
+class SignalWaiter:
+    """Sleeps until a timeout, a signal, a child's exit or a new file in a watched folder,
+    whichever comes first.
+
+    Signal handlers only record what arrived; the loop acts on it.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.read_fd, write_fd = os.pipe()
+        for fd in (self.read_fd, write_fd):
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        signal.set_wakeup_fd(write_fd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._record)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.dirs = DirWatch()
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def sleep(self, seconds: float) -> None:
+        fds = [self.read_fd] + ([self.dirs.fd] if self.dirs.fd is not None else [])
+        try:
+            select.select(fds, [], [], max(seconds, 0.0))
+            os.read(self.read_fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.dirs.drain()
 
 
 class Daemon:
