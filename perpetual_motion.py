@@ -686,8 +686,9 @@ def open_regular(path: Path, flags: int, mode: int = 0o600,
     return fd
 
 
-class QueueFolder:
-    """The one place that knows the layout of ``<root>/<JOB_ID>/`` (docs/protocol.md).
+class QueueFiles:
+    """The files of one instance folder ``<root>/<JOB_ID>/``, read and written safely: its
+    folders made, files published the Maildir way, records read, entries listed.
 
     It never follows a symbolic link and never opens a FIFO or a device inside the folder:
     whoever can write ``pending/`` can run code as the daemon's user, but must get no more.
@@ -915,6 +916,27 @@ class QueueFolder:
             return []
         return sorted(found)
 
+    def remove_old(self, folder: str, now: float, max_age: float) -> int:
+        removed = 0
+        try:
+            with os.scandir(self.dir(folder)) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_file() and now - entry.stat().st_mtime > max_age:
+                            os.unlink(entry.path)
+                            removed += 1
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+        return removed
+
+
+class QueueFolder(QueueFiles):
+    """The one place that knows the layout of ``<root>/<JOB_ID>/`` (docs/protocol.md): over
+    its files (QueueFiles), the records of a task, its moves between folders, what a pass
+    of the queue reads, and the removal of finished tasks."""
+
     def record(self, task_id: str, kind: str, rank: int | None = None) -> Path:
         """``records/<id>.<kind>``, or ``records/<id>.rank<R>.<kind>`` for one rank."""
         middle = "" if rank is None else f"rank{rank}."
@@ -1116,21 +1138,6 @@ class QueueFolder:
                     with contextlib.suppress(OSError):
                         os.unlink(self.dir(folder) / name)
         return sorted(removed)
-
-    def remove_old(self, folder: str, now: float, max_age: float) -> int:
-        removed = 0
-        try:
-            with os.scandir(self.dir(folder)) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_file() and now - entry.stat().st_mtime > max_age:
-                            os.unlink(entry.path)
-                            removed += 1
-                    except OSError:
-                        continue
-        except OSError:
-            pass
-        return removed
 
 
 # Finished tasks: the summary ###############################################################
