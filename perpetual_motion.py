@@ -2272,10 +2272,7 @@ class TaskRunner:
         self.ports = PortPicker()
         self.tasks: dict[tuple[str, int | None], RunningTask] = {}
         self.left_alone: set[tuple[int, int]] = set()  # orphans without proof, logged once
-        self.unfinished: list[list] = []  # [result, source, published] not yet done
-        self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
-        # False once another daemon holds this node: it records this daemon's tasks, not this one
-        self.may_record: Callable[[], bool] = lambda: True
+        self.ends = TaskEnds(config, folder, identity, clock, throttled)
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -2528,6 +2525,49 @@ class TaskRunner:
         return Leftovers(now, procs, len(procs),
                          now + min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
 
+    # -- ends of tasks, published by TaskEnds ----------------------------------------------
+
+    @property
+    def unfinished(self) -> list[list]:
+        return self.ends.unfinished
+
+    def finish(self, result: TaskResult, source: str = "running") -> None:
+        self.ends.finish(result, source)
+
+    def retry_unfinished(self) -> None:
+        self.ends.retry_unfinished()
+
+    def cancel_pending(self, name: str, reason: str = "cancelled by user") -> str | None:
+        return self.ends.cancel_pending(name, reason)
+
+    def recover(self, owned_elsewhere: Callable[[dict[str, str]], bool]) -> None:
+        self.ends.recover(owned_elsewhere)
+
+    def interrupt(self, task_id: str, run: dict[str, str], reason: str,
+                  rank: int | None = None) -> None:
+        self.ends.interrupt(task_id, run, reason, rank)
+
+
+class TaskEnds:
+    """The end of each task, published (docs/protocol.md, Finish): its result written, then the
+    task moved to done/ or failed/, retried on each poll until it is (a full disk loses
+    nothing); a pending task cancelled; and the tasks a dead daemon left, finished as
+    interrupted (Recovery)."""
+
+    log_lines = staticmethod(TaskRunner.log_lines)
+
+    def __init__(self, config: Config, folder: QueueFolder, identity: Identity,
+                 clock: Callable[[], float], throttled: ThrottledLog):
+        self.config = config
+        self.folder = folder
+        self.identity = identity
+        self.clock = clock
+        self.throttled = throttled
+        self.unfinished: list[list] = []  # [result, source, published] not yet done
+        self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
+        # False once another daemon holds this node: it records this daemon's tasks, not this one
+        self.may_record: Callable[[], bool] = lambda: True
+
     def finish(self, result: TaskResult, source: str = "running") -> None:
         self.unfinished.append([result, source, False])
         self.retry_unfinished()
@@ -2591,8 +2631,6 @@ class TaskRunner:
             return False
         started = "" if result.started is None else f"{result.started:.3f}"
         return old.get("started", "") == started
-
-    # -- cancelling and recovery -----------------------------------------------------------
 
     def cancel_pending(self, name: str, reason: str = "cancelled by user") -> str | None:
         """Move a pending task to failed/ as cancelled; its id, or None when it is not pending
@@ -6250,7 +6288,7 @@ class Daemon:
                                  self.inventory, self.started_text)
         self.callbacks = Callbacks(config.callback, self.folder, config.job_id, clock,
                                    self.throttled)
-        self.runner.ended = self.callbacks.task_ended
+        self.runner.ends.ended = self.callbacks.task_ended
         self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
                            config.node_addr or self.identity.host)
         self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
@@ -6278,7 +6316,8 @@ class Daemon:
         self.waiter: SignalWaiter | None = None
         self.displaced = False  # another daemon owns this node's state file
         self.running_names: list[str] = []
-        self.runner.may_record = lambda: not self.displaced and self.claim.other_holder() is None
+        self.runner.ends.may_record = lambda: (not self.displaced
+                                               and self.claim.other_holder() is None)
         self.history = History(self.folder, clock)
 
     # -- start-up --------------------------------------------------------------------------
