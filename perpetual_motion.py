@@ -4574,6 +4574,126 @@ class Workers:
 # Keep-alive: the engine #####################################################################
 
 
+class GpuMeasures:
+    """How each GPU fares under keep-alive, measured at the end of each tick: the band and held
+    shares, how long the last yield took, the reclaim risk; and the ``gpu.<i>.*`` fields of
+    the state file that report them with the GPU's state."""
+
+    def __init__(self, slots: list[_Slot], log: logging.Logger, prefix: str,
+                 throttle: Throttle, timefunc: Callable[[], float]) -> None:
+        self.slots = slots
+        self.log = log
+        self.prefix = prefix
+        self._throttle = throttle
+        self.timefunc = timefunc
+
+    def gpu_fields(self) -> dict[str, str]:
+        fields = {}
+        now = self.timefunc()
+        for i, slot in enumerate(self.slots):
+            util = slot.window.mean()
+            worker = slot.worker
+            ready = worker is not None and worker.ready_at is not None
+            reason = "; ".join(part for part in (slot.reason, *slot.notes) if part)
+            record = slot.last_yield
+            fields.update({
+                f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
+                f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
+                f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
+                f"gpu.{i}.state": slot.state.value,
+                f"gpu.{i}.reason": reason,
+                f"gpu.{i}.band_10m": _share(slot.meter.share(now, 600.0, "band")),
+                f"gpu.{i}.band_1h": _share(slot.meter.share(now, 3600.0, "band")),
+                f"gpu.{i}.held_10m": _share(slot.meter.share(now, 600.0, "held")),
+                f"gpu.{i}.held_1h": _share(slot.meter.share(now, 3600.0, "held")),
+                f"gpu.{i}.last_yield": "" if record is None else record.text(),
+                f"gpu.{i}.last_yield_age": "" if record is None else f"{now - record.at:.0f}",
+                f"gpu.{i}.risk": slot.risk,
+                f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
+                f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
+                f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
+                f"gpu.{i}.history": slot.history.text(now),
+            })
+        return fields
+
+    def measure(self, slot: _Slot, now: float, reading: Reading, task_running: bool) -> None:
+        worker = slot.worker
+        held = worker is not None and worker.ready_at is not None and worker.stop_at is None
+        if slot.ticked_at is not None:
+            slot.meter.time(now, min(now - slot.ticked_at, 5.0), held)
+        slot.ticked_at = now
+        if held and reading.samples and worker.spec.mode is WorkerMode.HOLD:
+            slot.meter.samples(now, [value for _, value in reading.samples])
+        band = slot.meter.share(now, 600.0, "band")
+        held_for = slot.meter.total(now, 600.0, 3)  # s held in the last ten minutes
+        if band is not None and band < _BAND_WARN_SHARE and held_for >= 300.0:
+            if not slot.band_warned:
+                self.log.warning("%s%s: only %.0f%% of NVML's samples in the band %d-%d%% "
+                                 "over 10 min while held (%s)", self.prefix, slot.label,
+                                 100 * band, GPU_UTIL_TARGET, GPU_UTIL_HIGH,
+                                 "; ".join(slot.notes) or "no reading stands in")
+                slot.band_warned = True
+        elif band is not None and band >= _BAND_WARN_SHARE:
+            slot.band_warned = False
+        self._follow_yield(slot, now, reading)
+        self._reclaim_risk(slot, now, task_running)
+
+    def _follow_yield(self, slot: _Slot, now: float, reading: Reading) -> None:
+        """Time the last yield: until its worker is gone, and until its memory is back (not
+        followed past a minute: a job that grows meanwhile can hide our memory's return)."""
+        record = slot.last_yield
+        if record is None or record.done:
+            return
+        if record.exit_after is None:
+            if slot.worker is not None:
+                return
+            record.exit_after = max(0.0, (slot.last_exit or now) - record.at)
+        # Back: where the process list showed the worker under its PID, when its entry is
+        # gone (the driver drops it with the context and its memory); else when memory used
+        # is down to the limit, which a job that takes memory meanwhile can hide: then it is
+        # not known ("?") after a minute, and not warned about.
+        used = reading.memory_used
+        if record.pid is not None and reading.processes is not None:
+            back = record.pid not in {p.pid for p in reading.processes}
+        else:
+            back = record.memory_limit is None or (used is not None and used <= record.memory_limit)
+        if back:
+            record.memory_after = max(record.exit_after, now - record.at)
+        elif now - record.at <= 60.0:
+            return
+        record.done = True
+        took = max(record.exit_after, record.memory_after or 0.0)
+        if took > _YIELD_WARN_SECONDS:
+            self.log.warning("%s%s: yielding to %s took %.2f s (worker gone after %.2f s, "
+                             "memory back after %s)", self.prefix, slot.label, record.what, took,
+                             record.exit_after, "?" if record.memory_after is None
+                             else f"{record.memory_after:.2f} s")
+
+    def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
+        """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
+        idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts)."""
+        util = slot.window.mean()
+        if util is not None and util >= GPU_UTIL_TARGET:
+            if slot.risk:
+                self.log.info("%s%s: back at %.0f%% utilisation: no longer at risk",
+                              self.prefix, slot.label, util)
+            slot.low_for, slot.risk = None, ""
+            return
+        if slot.low_for is None:
+            slot.low_for = now
+        idle = now - slot.low_for
+        if idle < KEEPALIVE_RISK_SECONDS:
+            return
+        shown = "unknown" if util is None else f"{util:.0f}%"
+        why = "a queue task leaves it idle" if task_running else (
+            f"keep-alive {slot.state.value}" + (f": {slot.reason}" if slot.reason else ""))
+        notes = "; ".join(slot.notes)
+        slot.risk = (f"{slot.label} idle {idle / 60:.0f} min ({shown}): {why}"
+                     + (f"; {notes}" if notes else ""))
+        if self._throttle(f"risk/{slot.gpu.index}", every=600.0):
+            self.log.warning("%sAt risk of reclaim: %s", self.prefix, slot.risk)
+
+
 class GpuKeepAlive(KeepAlive):
     """Keep-alive on: one worker per GPU, driven by ``tick()`` from the daemon loop. The engine
     decides, GPU by GPU, whether to hold it, fill beside a task, or leave it to foreign work;
@@ -4606,6 +4726,7 @@ class GpuKeepAlive(KeepAlive):
                 slot.reason = "MIG mode: skipped"
         self._started = False
         self._throttle = Throttle(_WARN_EVERY, timefunc)
+        self.measures = GpuMeasures(self.slots, log, self.prefix, self._throttle, timefunc)
 
     # The seam the daemon calls
 
@@ -4695,33 +4816,7 @@ class GpuKeepAlive(KeepAlive):
             slot.low_since = None
 
     def gpu_fields(self) -> dict[str, str]:
-        fields = {}
-        now = self.timefunc()
-        for i, slot in enumerate(self.slots):
-            util = slot.window.mean()
-            worker = slot.worker
-            ready = worker is not None and worker.ready_at is not None
-            reason = "; ".join(part for part in (slot.reason, *slot.notes) if part)
-            record = slot.last_yield
-            fields.update({
-                f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
-                f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
-                f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
-                f"gpu.{i}.state": slot.state.value,
-                f"gpu.{i}.reason": reason,
-                f"gpu.{i}.band_10m": _share(slot.meter.share(now, 600.0, "band")),
-                f"gpu.{i}.band_1h": _share(slot.meter.share(now, 3600.0, "band")),
-                f"gpu.{i}.held_10m": _share(slot.meter.share(now, 600.0, "held")),
-                f"gpu.{i}.held_1h": _share(slot.meter.share(now, 3600.0, "held")),
-                f"gpu.{i}.last_yield": "" if record is None else record.text(),
-                f"gpu.{i}.last_yield_age": "" if record is None else f"{now - record.at:.0f}",
-                f"gpu.{i}.risk": slot.risk,
-                f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
-                f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
-                f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
-                f"gpu.{i}.history": slot.history.text(now),
-            })
-        return fields
+        return self.measures.gpu_fields()
 
     def stop(self) -> None:
         now = self.timefunc()
@@ -4763,86 +4858,7 @@ class GpuKeepAlive(KeepAlive):
             self._during_task(slot, now, reading)
         else:
             self._between_tasks(slot, now, reading)
-        self._measure(slot, now, reading, task_running)
-
-    # How each GPU fares: band and held shares, the last yield, the reclaim risk
-
-    def _measure(self, slot: _Slot, now: float, reading: Reading, task_running: bool) -> None:
-        worker = slot.worker
-        held = worker is not None and worker.ready_at is not None and worker.stop_at is None
-        if slot.ticked_at is not None:
-            slot.meter.time(now, min(now - slot.ticked_at, 5.0), held)
-        slot.ticked_at = now
-        if held and reading.samples and worker.spec.mode is WorkerMode.HOLD:
-            slot.meter.samples(now, [value for _, value in reading.samples])
-        band = slot.meter.share(now, 600.0, "band")
-        held_for = slot.meter.total(now, 600.0, 3)  # s held in the last ten minutes
-        if band is not None and band < _BAND_WARN_SHARE and held_for >= 300.0:
-            if not slot.band_warned:
-                self.log.warning("%s%s: only %.0f%% of NVML's samples in the band %d-%d%% "
-                                 "over 10 min while held (%s)", self.prefix, slot.label,
-                                 100 * band, GPU_UTIL_TARGET, GPU_UTIL_HIGH,
-                                 "; ".join(slot.notes) or "no reading stands in")
-                slot.band_warned = True
-        elif band is not None and band >= _BAND_WARN_SHARE:
-            slot.band_warned = False
-        self._follow_yield(slot, now, reading)
-        self._reclaim_risk(slot, now, task_running)
-
-    def _follow_yield(self, slot: _Slot, now: float, reading: Reading) -> None:
-        """Time the last yield: until its worker is gone, and until its memory is back (not
-        followed past a minute: a job that grows meanwhile can hide our memory's return)."""
-        record = slot.last_yield
-        if record is None or record.done:
-            return
-        if record.exit_after is None:
-            if slot.worker is not None:
-                return
-            record.exit_after = max(0.0, (slot.last_exit or now) - record.at)
-        # Back: where the process list showed the worker under its PID, when its entry is
-        # gone (the driver drops it with the context and its memory); else when memory used
-        # is down to the limit, which a job that takes memory meanwhile can hide: then it is
-        # not known ("?") after a minute, and not warned about.
-        used = reading.memory_used
-        if record.pid is not None and reading.processes is not None:
-            back = record.pid not in {p.pid for p in reading.processes}
-        else:
-            back = record.memory_limit is None or (used is not None and used <= record.memory_limit)
-        if back:
-            record.memory_after = max(record.exit_after, now - record.at)
-        elif now - record.at <= 60.0:
-            return
-        record.done = True
-        took = max(record.exit_after, record.memory_after or 0.0)
-        if took > _YIELD_WARN_SECONDS:
-            self.log.warning("%s%s: yielding to %s took %.2f s (worker gone after %.2f s, "
-                             "memory back after %s)", self.prefix, slot.label, record.what, took,
-                             record.exit_after, "?" if record.memory_after is None
-                             else f"{record.memory_after:.2f} s")
-
-    def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
-        """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
-        idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts)."""
-        util = slot.window.mean()
-        if util is not None and util >= GPU_UTIL_TARGET:
-            if slot.risk:
-                self.log.info("%s%s: back at %.0f%% utilisation: no longer at risk",
-                              self.prefix, slot.label, util)
-            slot.low_for, slot.risk = None, ""
-            return
-        if slot.low_for is None:
-            slot.low_for = now
-        idle = now - slot.low_for
-        if idle < KEEPALIVE_RISK_SECONDS:
-            return
-        shown = "unknown" if util is None else f"{util:.0f}%"
-        why = "a queue task leaves it idle" if task_running else (
-            f"keep-alive {slot.state.value}" + (f": {slot.reason}" if slot.reason else ""))
-        notes = "; ".join(slot.notes)
-        slot.risk = (f"{slot.label} idle {idle / 60:.0f} min ({shown}): {why}"
-                     + (f"; {notes}" if notes else ""))
-        if self._throttle(f"risk/{slot.gpu.index}", every=600.0):
-            self.log.warning("%sAt risk of reclaim: %s", self.prefix, slot.risk)
+        self.measures.measure(slot, now, reading, task_running)
 
     def _between_tasks(self, slot: _Slot, now: float, reading: Reading) -> None:
         if slot.resume_at is not None:
