@@ -6275,66 +6275,112 @@ class SignalWaiter:
         self.dirs.drain()
 
 
-class Daemon:
-    """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time."""
+class DaemonState:
+    """The part of the Daemon that publishes this node's state file and beat (docs/protocol.md:
+    it is their one writer) and keeps the queue folder tidy. Its attributes are the Daemon's."""
 
-    def __init__(self, config: Config, keepalive: KeepAlive | None = None,
-                 clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep,
-                 identity: Identity | None = None, inventory: Inventory | None = None,
-                 monotonic: Callable[[], float] | None = None):
-        self.config = config
-        self.keepalive = keepalive or KeepAlive()
-        self.inventory = inventory or Inventory(())
-        self.clock = clock
-        self.sleep = sleep
-        # other nodes' liveness and this node's fence are timed on this clock, never on the
-        # wall clock (hosts' clocks differ); simulated time drives both in tests
-        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
-        self.fence = SelfFence(self.monotonic)
-        self.beats = 0
-        self.identity = identity or Identity.here()
-        self.folder = QueueFolder(config.instance, config.shared)
-        self.throttled = ThrottledLog(clock)
-        self.started = clock()
-        self.started_text = f"{self.started:.3f}"  # as published; names this daemon's claims
-        self.claim = NodeClaim(config, self.folder, self.identity, self.started_text, clock,
-                               sleep, self.throttled)
-        self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled,
-                                 self.inventory, self.started_text)
-        self.callbacks = Callbacks(config.callback, self.folder, config.job_id, clock,
-                                   self.throttled)
-        self.runner.ends.ended = self.callbacks.task_ended
-        self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
-                           config.node_addr or self.identity.host)
-        self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
-                                   clock, self.throttled, self.begin, self.owns_node)
-        self.scheduler.liveness = Liveness(self.monotonic)
-        self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
-                                 self.throttled, self.started, self.begin_shutdown,
-                                 self.mark_changed, self.ask_sweep)
-        self.shutdown_at = self.started + config.hours * 3600
-        self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
-                        if AUTO_SHUTDOWN_HARD_HOURS else None)
-        self.stopping = ""  # why the daemon is shutting down, once it is
-        self.draining = ""  # why it starts nothing new and ends when its tasks have ended
-        # gpu_drain's, of the instance and of this node: nothing new starts, the daemon stays
-        self.user_drain: tuple[str | None, str | None] = (None, None)
-        self.sweep_now = False  # a stop_all with nothing running: end other Python processes
-        self.unsafe: str | None = None  # why the queue folder is not to be trusted now
-        self.finished = False
-        self.signals_seen = 0
-        self.last_state_write = -1e18
-        self.state_dirty = True
-        self.last_housekeeping = self.started
-        self.last_cleaning = -1e18
-        self.last_leader_check = self.started
-        self.waiter: SignalWaiter | None = None
-        self.displaced = False  # another daemon owns this node's state file
-        self.running_names: list[str] = []
-        self.runner.ends.may_record = lambda: (not self.displaced
-                                               and self.claim.other_holder() is None)
-        self.history = History(self.folder, clock)
+    # -- state -----------------------------------------------------------------------------
+
+    def write_state(self, stopped: bool = False, force: bool = False) -> None:
+        """Publish this node's state file, while this daemon owns it (docs/protocol.md)."""
+        if self.displaced or (not force and not stopped and not self.owns_node()):
+            return
+        now = self.clock()
+        tasks = sorted(self.runner.tasks.values(), key=lambda t: (t.task_id, t.rank or 0))
+        status = "stopped" if stopped else "stopping" if self.stopping else \
+            "draining" if self.draining else "running"
+        load = self.scheduler.load()
+        waiting = self.scheduler.waiting
+        first = tasks[0] if tasks else None
+        fields: dict[str, object] = {
+            "protocol": PROTOCOL_VERSION, "job_id": self.config.job_id,
+            "node_rank": self.config.node_rank, "num_nodes": self.config.num_nodes,
+            "host": self.identity.host, "pid": self.identity.pid,
+            "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
+            "node_addr": self.gangs.node_addr,
+            "status": status, "started": self.started_text,
+            "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
+            "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
+            "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
+            "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
+            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.config.kill_scope,
+            "keepalive": self.keepalive.describe(),
+            "running_count": len(tasks),
+            "current_task": first.task_id if first else "",
+            "current_task_started": f"{first.started:.3f}" if first and first.started else "",
+            "waiting.id": waiting[0] if waiting else "",
+            "waiting.reason": waiting[1] if waiting else "",
+            "cpu_slots": MAX_CPU_TASKS, "cpu_running": load.cpu_running,
+            "gpus_free": len(load.free), "gpu_count": len(self.inventory.gpus),
+            "refused": self.unsafe or "",
+        }
+        skipped = self.folder.skipped_entries()[:MAX_SKIPPED_SHOWN]
+        fields["skipped_count"] = len(skipped)
+        fields.update({f"skipped.{k}": entry for k, entry in enumerate(skipped)})
+        for k, task in enumerate(tasks):
+            fields.update({f"running.{k}.id": task.task_id, f"running.{k}.gpus": task.gpu_text,
+                           f"running.{k}.started": f"{task.started:.3f}" if task.started else "",
+                           f"running.{k}.pid": task.proc.pid if task.proc else "",
+                           f"running.{k}.rank": "" if task.rank is None else task.rank})
+        busy = self.busy_gpus()
+        reserved = self.gangs.reservations()
+        for i, gpu in enumerate(self.inventory.gpus):
+            fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
+                           f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
+                           f"gpu.{i}.reserved": "" if i in busy else reserved.get(i, ""),
+                           f"gpu.{i}.state": "off",
+                           f"gpu.{i}.reason": self.keepalive.why})
+        try:
+            fields.update(self.keepalive.gpu_fields())
+        except Exception:  # noqa: BLE001 - a GPU query must not stop the heartbeat
+            self.throttled.warning("gpufields", "cannot read the GPU state", exc_info=True)
+        if stopped:
+            fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
+                          stop_reason=self.stopping or self.draining)
+        self.write_beat()
+        try:
+            self.folder.publish(self.claim.path, format_fields(fields), durable=False)
+            self.last_state_write = now
+            self.state_dirty = False
+        except OSError as exc:
+            hint = " (an expired AFS token? renew it with aklog/krenew)" \
+                if exc.errno == errno.EACCES else ""
+            if self.folder.ensure():
+                LOG.warning("queue folders were missing: created again")
+            self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
+
+    def write_beat(self) -> None:
+        """The node's beat: a count that advances, rewritten in place (docs/protocol.md)."""
+        self.beats += 1
+        try:
+            self.folder.write_beat(self.config.node_rank, format_fields(
+                {"started": self.started_text, "beat": self.beats,
+                 "time": f"{self.clock():.3f}"}))
+        except OSError as exc:
+            self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
+            return
+        self.fence.beat()
+
+    def housekeeping(self) -> None:
+        now = self.clock()
+        self.last_housekeeping = now
+        made = self.folder.ensure()
+        if made:
+            LOG.warning("queue folders were missing: created again: %s", ", ".join(made))
+        self.folder.remove_old(".staging", now, STAGING_MAX_AGE_SECONDS)
+        self.folder.remove_old("replies", now, STAGING_MAX_AGE_SECONDS)
+        if self.is_leader and KEEP_FINISHED_DAYS and now - self.last_cleaning >= 86400:
+            self.last_cleaning = now
+            removed = self.folder.remove_finished(now - KEEP_FINISHED_DAYS * 86400)
+            if removed:
+                LOG.info("Removed %d finished task(s) older than %d days (KEEP_FINISHED_DAYS)",
+                         len(removed), KEEP_FINISHED_DAYS)
+
+
+class DaemonLifecycle(DaemonState):
+    """The part of the Daemon that starts it (the folder checked, the node claimed, what
+    predecessors left ended), yields the node to a daemon that took it over, and shuts it
+    down (a signal, an auto-shutdown, node 0 stopping). Its attributes are the Daemon's."""
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -6394,6 +6440,157 @@ class Daemon:
     @property
     def is_leader(self) -> bool:
         return self.config.node_rank == 0
+
+    # -- ownership -------------------------------------------------------------------------
+
+    def owns_node(self) -> bool:
+        """True while this daemon's claim is the one in its node's state file (one read);
+        when another daemon's is there, this one yields (docs/protocol.md)."""
+        if self.displaced:
+            return False
+        fields = self.claim.other_holder()
+        if fields is None:
+            return True
+        self.yield_node(fields)
+        return False
+
+    def yield_node(self, fields: dict[str, str]) -> None:
+        self.displaced = True
+        LOG.error("another daemon holds this instance and node: pid %s on %s, started %s; "
+                  "this one stops, and its tasks are left to that daemon",
+                  fields.get("pid", "?"), fields.get("host", "?"), fields.get("started_at", "?"))
+        self.stopping = self.stopping or "another daemon holds this instance"
+        for task in list(self.runner.tasks.values()):
+            self.runner.tasks.pop(task.key, None)
+            if task.proc is None:
+                if task.rank is None:
+                    self.runner.unclaim(task.task_id)
+            else:
+                signal_group(task.proc.pid, signal.SIGKILL)
+            self.keepalive.task_finished(task.gpus)
+        self.runner.unfinished.clear()
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def on_signal(self, name: str) -> None:
+        self.signals_seen += 1
+        if self.signals_seen == 1:
+            self.begin_shutdown(f"{name} received")
+        else:
+            LOG.info("%s received again: killing the running tasks now", name)
+            for task in list(self.runner.tasks.values()):
+                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown", hard=True)
+
+    def begin_shutdown(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = reason
+        self.state_dirty = True
+        LOG.info("Shutting down: %s", reason)
+        for task in list(self.runner.tasks.values()):
+            if task.proc is None and task.rank is None:  # its GPUs were being freed: requeue
+                self.runner.tasks.pop(task.key, None)
+                self.runner.unclaim(task.task_id)
+                self.keepalive.task_finished(task.gpus)
+            else:
+                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown")
+
+    def begin_drain(self, reason: str) -> None:
+        """Auto-shutdown: start nothing new, stop keep-alive, let the running tasks end."""
+        self.draining = reason
+        self.state_dirty = True
+        running = len(self.runner.tasks)
+        LOG.info("Auto-shutdown: %s; %s", reason, f"waiting for {running} running task(s) to "
+                 "end; nothing new starts" if running else "nothing runs")
+        self.keepalive.stop()
+
+    def follow_leader(self) -> None:
+        """A node other than 0 ends when node 0 has stopped after this node started: at once
+        after a shutdown, after its own tasks after an auto-shutdown."""
+        try:
+            fields = self.folder.read_fields(self.folder.dir("nodes") / "node-0.state") or {}
+        except (OSError, ValueError):
+            return
+        stopped = as_float(fields.get("stopped"))
+        if fields.get("status") == "stopped" and stopped is not None and stopped > self.started:
+            if fields.get("stop_reason", "").startswith("auto-shutdown"):
+                if not self.draining:
+                    self.begin_drain("node 0 reached its auto-shutdown")
+            else:
+                self.begin_shutdown("node 0 has stopped")
+
+    def close(self) -> None:
+        self.keepalive.stop()
+        self.runner.retry_unfinished()
+        self.write_state(stopped=True)
+        deadline = self.clock() + CALLBACK_EXIT_WAIT_SECONDS  # the last tasks' callbacks
+        while self.callbacks.running and self.clock() < deadline:
+            self.callbacks.poll()
+            self.sleep(MIN_WAIT_SECONDS)
+        LOG.info("Stopped: %s", self.stopping or self.draining or "loop ended")
+
+
+class Daemon(DaemonLifecycle):
+    """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time. Its
+    start-up, ownership and shut-down are DaemonLifecycle's, its state file DaemonState's."""
+
+    def __init__(self, config: Config, keepalive: KeepAlive | None = None,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep,
+                 identity: Identity | None = None, inventory: Inventory | None = None,
+                 monotonic: Callable[[], float] | None = None):
+        self.config = config
+        self.keepalive = keepalive or KeepAlive()
+        self.inventory = inventory or Inventory(())
+        self.clock = clock
+        self.sleep = sleep
+        # other nodes' liveness and this node's fence are timed on this clock, never on the
+        # wall clock (hosts' clocks differ); simulated time drives both in tests
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        self.fence = SelfFence(self.monotonic)
+        self.beats = 0
+        self.identity = identity or Identity.here()
+        self.folder = QueueFolder(config.instance, config.shared)
+        self.throttled = ThrottledLog(clock)
+        self.started = clock()
+        self.started_text = f"{self.started:.3f}"  # as published; names this daemon's claims
+        self.claim = NodeClaim(config, self.folder, self.identity, self.started_text, clock,
+                               sleep, self.throttled)
+        self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled,
+                                 self.inventory, self.started_text)
+        self.callbacks = Callbacks(config.callback, self.folder, config.job_id, clock,
+                                   self.throttled)
+        self.runner.ends.ended = self.callbacks.task_ended
+        self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
+                           config.node_addr or self.identity.host)
+        self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
+                                   clock, self.throttled, self.begin, self.owns_node)
+        self.scheduler.liveness = Liveness(self.monotonic)
+        self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
+                                 self.throttled, self.started, self.begin_shutdown,
+                                 self.mark_changed, self.ask_sweep)
+        self.shutdown_at = self.started + config.hours * 3600
+        self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
+                        if AUTO_SHUTDOWN_HARD_HOURS else None)
+        self.stopping = ""  # why the daemon is shutting down, once it is
+        self.draining = ""  # why it starts nothing new and ends when its tasks have ended
+        # gpu_drain's, of the instance and of this node: nothing new starts, the daemon stays
+        self.user_drain: tuple[str | None, str | None] = (None, None)
+        self.sweep_now = False  # a stop_all with nothing running: end other Python processes
+        self.unsafe: str | None = None  # why the queue folder is not to be trusted now
+        self.finished = False
+        self.signals_seen = 0
+        self.last_state_write = -1e18
+        self.state_dirty = True
+        self.last_housekeeping = self.started
+        self.last_cleaning = -1e18
+        self.last_leader_check = self.started
+        self.waiter: SignalWaiter | None = None
+        self.displaced = False  # another daemon owns this node's state file
+        self.running_names: list[str] = []
+        self.runner.ends.may_record = lambda: (not self.displaced
+                                               and self.claim.other_holder() is None)
+        self.history = History(self.folder, clock)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -6622,35 +6819,6 @@ class Daemon:
         self.state_dirty = True
         self.start_when_free(task)
 
-    # -- ownership -------------------------------------------------------------------------
-
-    def owns_node(self) -> bool:
-        """True while this daemon's claim is the one in its node's state file (one read);
-        when another daemon's is there, this one yields (docs/protocol.md)."""
-        if self.displaced:
-            return False
-        fields = self.claim.other_holder()
-        if fields is None:
-            return True
-        self.yield_node(fields)
-        return False
-
-    def yield_node(self, fields: dict[str, str]) -> None:
-        self.displaced = True
-        LOG.error("another daemon holds this instance and node: pid %s on %s, started %s; "
-                  "this one stops, and its tasks are left to that daemon",
-                  fields.get("pid", "?"), fields.get("host", "?"), fields.get("started_at", "?"))
-        self.stopping = self.stopping or "another daemon holds this instance"
-        for task in list(self.runner.tasks.values()):
-            self.runner.tasks.pop(task.key, None)
-            if task.proc is None:
-                if task.rank is None:
-                    self.runner.unclaim(task.task_id)
-            else:
-                signal_group(task.proc.pid, signal.SIGKILL)
-            self.keepalive.task_finished(task.gpus)
-        self.runner.unfinished.clear()
-
     # -- what commands change --------------------------------------------------------------
 
     def mark_changed(self) -> None:
@@ -6658,162 +6826,6 @@ class Daemon:
 
     def ask_sweep(self) -> None:
         self.sweep_now = True
-
-    # -- shutdown --------------------------------------------------------------------------
-
-    def on_signal(self, name: str) -> None:
-        self.signals_seen += 1
-        if self.signals_seen == 1:
-            self.begin_shutdown(f"{name} received")
-        else:
-            LOG.info("%s received again: killing the running tasks now", name)
-            for task in list(self.runner.tasks.values()):
-                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown", hard=True)
-
-    def begin_shutdown(self, reason: str) -> None:
-        if self.stopping:
-            return
-        self.stopping = reason
-        self.state_dirty = True
-        LOG.info("Shutting down: %s", reason)
-        for task in list(self.runner.tasks.values()):
-            if task.proc is None and task.rank is None:  # its GPUs were being freed: requeue
-                self.runner.tasks.pop(task.key, None)
-                self.runner.unclaim(task.task_id)
-                self.keepalive.task_finished(task.gpus)
-            else:
-                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown")
-
-    def begin_drain(self, reason: str) -> None:
-        """Auto-shutdown: start nothing new, stop keep-alive, let the running tasks end."""
-        self.draining = reason
-        self.state_dirty = True
-        running = len(self.runner.tasks)
-        LOG.info("Auto-shutdown: %s; %s", reason, f"waiting for {running} running task(s) to "
-                 "end; nothing new starts" if running else "nothing runs")
-        self.keepalive.stop()
-
-    def follow_leader(self) -> None:
-        """A node other than 0 ends when node 0 has stopped after this node started: at once
-        after a shutdown, after its own tasks after an auto-shutdown."""
-        try:
-            fields = self.folder.read_fields(self.folder.dir("nodes") / "node-0.state") or {}
-        except (OSError, ValueError):
-            return
-        stopped = as_float(fields.get("stopped"))
-        if fields.get("status") == "stopped" and stopped is not None and stopped > self.started:
-            if fields.get("stop_reason", "").startswith("auto-shutdown"):
-                if not self.draining:
-                    self.begin_drain("node 0 reached its auto-shutdown")
-            else:
-                self.begin_shutdown("node 0 has stopped")
-
-    def close(self) -> None:
-        self.keepalive.stop()
-        self.runner.retry_unfinished()
-        self.write_state(stopped=True)
-        deadline = self.clock() + CALLBACK_EXIT_WAIT_SECONDS  # the last tasks' callbacks
-        while self.callbacks.running and self.clock() < deadline:
-            self.callbacks.poll()
-            self.sleep(MIN_WAIT_SECONDS)
-        LOG.info("Stopped: %s", self.stopping or self.draining or "loop ended")
-
-    # -- state -----------------------------------------------------------------------------
-
-    def write_state(self, stopped: bool = False, force: bool = False) -> None:
-        """Publish this node's state file, while this daemon owns it (docs/protocol.md)."""
-        if self.displaced or (not force and not stopped and not self.owns_node()):
-            return
-        now = self.clock()
-        tasks = sorted(self.runner.tasks.values(), key=lambda t: (t.task_id, t.rank or 0))
-        status = "stopped" if stopped else "stopping" if self.stopping else \
-            "draining" if self.draining else "running"
-        load = self.scheduler.load()
-        waiting = self.scheduler.waiting
-        first = tasks[0] if tasks else None
-        fields: dict[str, object] = {
-            "protocol": PROTOCOL_VERSION, "job_id": self.config.job_id,
-            "node_rank": self.config.node_rank, "num_nodes": self.config.num_nodes,
-            "host": self.identity.host, "pid": self.identity.pid,
-            "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
-            "node_addr": self.gangs.node_addr,
-            "status": status, "started": self.started_text,
-            "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
-            "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
-            "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
-            "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
-            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.config.kill_scope,
-            "keepalive": self.keepalive.describe(),
-            "running_count": len(tasks),
-            "current_task": first.task_id if first else "",
-            "current_task_started": f"{first.started:.3f}" if first and first.started else "",
-            "waiting.id": waiting[0] if waiting else "",
-            "waiting.reason": waiting[1] if waiting else "",
-            "cpu_slots": MAX_CPU_TASKS, "cpu_running": load.cpu_running,
-            "gpus_free": len(load.free), "gpu_count": len(self.inventory.gpus),
-            "refused": self.unsafe or "",
-        }
-        skipped = self.folder.skipped_entries()[:MAX_SKIPPED_SHOWN]
-        fields["skipped_count"] = len(skipped)
-        fields.update({f"skipped.{k}": entry for k, entry in enumerate(skipped)})
-        for k, task in enumerate(tasks):
-            fields.update({f"running.{k}.id": task.task_id, f"running.{k}.gpus": task.gpu_text,
-                           f"running.{k}.started": f"{task.started:.3f}" if task.started else "",
-                           f"running.{k}.pid": task.proc.pid if task.proc else "",
-                           f"running.{k}.rank": "" if task.rank is None else task.rank})
-        busy = self.busy_gpus()
-        reserved = self.gangs.reservations()
-        for i, gpu in enumerate(self.inventory.gpus):
-            fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
-                           f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
-                           f"gpu.{i}.reserved": "" if i in busy else reserved.get(i, ""),
-                           f"gpu.{i}.state": "off",
-                           f"gpu.{i}.reason": self.keepalive.why})
-        try:
-            fields.update(self.keepalive.gpu_fields())
-        except Exception:  # noqa: BLE001 - a GPU query must not stop the heartbeat
-            self.throttled.warning("gpufields", "cannot read the GPU state", exc_info=True)
-        if stopped:
-            fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
-                          stop_reason=self.stopping or self.draining)
-        self.write_beat()
-        try:
-            self.folder.publish(self.claim.path, format_fields(fields), durable=False)
-            self.last_state_write = now
-            self.state_dirty = False
-        except OSError as exc:
-            hint = " (an expired AFS token? renew it with aklog/krenew)" \
-                if exc.errno == errno.EACCES else ""
-            if self.folder.ensure():
-                LOG.warning("queue folders were missing: created again")
-            self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
-
-    def write_beat(self) -> None:
-        """The node's beat: a count that advances, rewritten in place (docs/protocol.md)."""
-        self.beats += 1
-        try:
-            self.folder.write_beat(self.config.node_rank, format_fields(
-                {"started": self.started_text, "beat": self.beats,
-                 "time": f"{self.clock():.3f}"}))
-        except OSError as exc:
-            self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
-            return
-        self.fence.beat()
-
-    def housekeeping(self) -> None:
-        now = self.clock()
-        self.last_housekeeping = now
-        made = self.folder.ensure()
-        if made:
-            LOG.warning("queue folders were missing: created again: %s", ", ".join(made))
-        self.folder.remove_old(".staging", now, STAGING_MAX_AGE_SECONDS)
-        self.folder.remove_old("replies", now, STAGING_MAX_AGE_SECONDS)
-        if self.is_leader and KEEP_FINISHED_DAYS and now - self.last_cleaning >= 86400:
-            self.last_cleaning = now
-            removed = self.folder.remove_finished(now - KEEP_FINISHED_DAYS * 86400)
-            if removed:
-                LOG.info("Removed %d finished task(s) older than %d days (KEEP_FINISHED_DAYS)",
-                         len(removed), KEEP_FINISHED_DAYS)
 
 
 # Command line ###############################################################################
