@@ -12,6 +12,37 @@ moving them through ``running/`` to ``done/`` or ``failed/`` and writing their o
 ``logs/``.
 The layout of that folder is the contract in ``docs/protocol.md``. Edit the constants below to
 change the defaults; the command-line flags override them (``--help`` lists them).
+
+The banner sections below, in this order, and where each decision is made:
+
+- Settings: the constants a user edits, each with a one-line comment.
+- Records: the plain records passed between sections (``Request``, ``Submission``,
+  ``TaskResult``, ``Config``, ``Identity``). The node's GPUs: which GPUs tasks are given, by
+  which numbers (``discover_gpus``, ``Inventory``, ``GpuInfo``).
+- Queue folder: the folder's layout, every move of a task between its folders, and what in it
+  may be trusted (``QueueFolder``, over ``QueueFiles``). The finished tasks' summary that
+  gpu_status shows (``History``).
+- Processes: which processes are a task's, and how they are ended (``leftover_pids``,
+  ``python_pids_to_kill``, ``terminate``, ``signal_group``).
+- Placement: on which GPUs a task starts (``plan_starts``) and on which nodes
+  (``choose_gang_nodes``). One queue pass, a pure plan from a frozen ``PassSnapshot``: the run
+  order, and why each task waits or fails (``plan_pass``, ``gang_nodes``,
+  ``dependency_blocker``).
+- Task runner: starting, stopping and polling the tasks this node runs (``TaskRunner``); their
+  ends published (``TaskEnds``); a pass's plan carried out (``PassApplier``); the callback after
+  each task (``Callbacks``).
+- Tasks across nodes: the ranks of a task that spans nodes, and which nodes are alive
+  (``Gangs``, ``Liveness``, ``NodeView``). The queue pass of each poll: snapshot, plan, apply
+  (``Scheduler``).
+- Keep-alive: whether each GPU no task holds is held, filled beside a task or left to foreign
+  work (``GpuKeepAlive``, ``Workers``, ``DutyController``, ``foreign_work``), through the NVML
+  seam (``Nvml``); how each GPU fares (``GpuMeasures``); the worker process on the GPU's side
+  (``run_worker_loop``); ``--self-test`` (``self_test``).
+- Node claim and commands: which daemon holds a node (``NodeClaim``); ending its tasks when it
+  cannot write its heartbeat (``SelfFence``); the clients' commands (``Commands``).
+- Daemon loop: one tick at a time (``Daemon``); its start-up, yielding and shut-down
+  (``DaemonLifecycle``); the state file and the beat (``DaemonState``).
+- Command line: the flags and ``main()``.
 """
 
 from __future__ import annotations
