@@ -12,6 +12,37 @@ moving them through ``running/`` to ``done/`` or ``failed/`` and writing their o
 ``logs/``.
 The layout of that folder is the contract in ``docs/protocol.md``. Edit the constants below to
 change the defaults; the command-line flags override them (``--help`` lists them).
+
+The banner sections below, in this order, and where each decision is made:
+
+- Settings: the constants a user edits, each with a one-line comment.
+- Records: the plain records passed between sections (``Request``, ``Submission``,
+  ``TaskResult``, ``Config``, ``Identity``). The node's GPUs: which GPUs tasks are given, by
+  which numbers (``discover_gpus``, ``Inventory``, ``GpuInfo``).
+- Queue folder: the folder's layout, every move of a task between its folders, and what in it
+  may be trusted (``QueueFolder``, over ``QueueFiles``). The finished tasks' summary that
+  gpu_status shows (``History``).
+- Processes: which processes are a task's, and how they are ended (``leftover_pids``,
+  ``python_pids_to_kill``, ``terminate``, ``signal_group``).
+- Placement: on which GPUs a task starts (``plan_starts``) and on which nodes
+  (``choose_gang_nodes``). One queue pass, a pure plan from a frozen ``PassSnapshot``: the run
+  order, and why each task waits or fails (``plan_pass``, ``gang_nodes``,
+  ``dependency_blocker``).
+- Task runner: starting, stopping and polling the tasks this node runs (``TaskRunner``); their
+  ends published (``TaskEnds``); a pass's plan carried out (``PassApplier``); the callback after
+  each task (``Callbacks``).
+- Tasks across nodes: the ranks of a task that spans nodes, and which nodes are alive
+  (``Gangs``, ``Liveness``, ``NodeView``). The queue pass of each poll: snapshot, plan, apply
+  (``Scheduler``).
+- Keep-alive: whether each GPU no task holds is held, filled beside a task or left to foreign
+  work (``GpuKeepAlive``, ``Workers``, ``DutyController``, ``foreign_work``), through the NVML
+  seam (``Nvml``); how each GPU fares (``GpuMeasures``); the worker process on the GPU's side
+  (``run_worker_loop``); ``--self-test`` (``self_test``).
+- Node claim and commands: which daemon holds a node (``NodeClaim``); ending its tasks when it
+  cannot write its heartbeat (``SelfFence``); the clients' commands (``Commands``).
+- Daemon loop: one tick at a time (``Daemon``); its start-up, yielding and shut-down
+  (``DaemonLifecycle``); the state file and the beat (``DaemonState``).
+- Command line: the flags and ``main()``.
 """
 
 from __future__ import annotations
@@ -447,6 +478,140 @@ class ThrottledLog:
             LOG.warning(message, *args, **kwargs)
 
 
+# Records: the node's GPUs ###################################################################
+#
+# The inventory: the GPUs that this node's tasks are given, in the order of ``gpu.<i>`` in the
+# state file. NVML finds them (within CUDA_VISIBLE_DEVICES, MIG devices left out); ``--gpus``
+# restricts them, or declares slots where there is no NVML (the scheduler then runs without a
+# GPU, and keep-alive stays off). Each GPU is named to tasks by its CUDA number: its place among
+# the GPUs this process can open, in PCI bus order (tasks get CUDA_DEVICE_ORDER=PCI_BUS_ID).
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as NVML numbers it (PCI bus order)."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total: int  # bytes
+    mig: bool = False
+    cuda_index: int | None = None  # its number in CUDA_VISIBLE_DEVICES (PCI_BUS_ID order)
+    declared: bool = False  # a slot declared with --gpus where there is no NVML
+
+    @property
+    def number(self) -> int:
+        """The number tasks see it by: its CUDA number, else NVML's index."""
+        return self.index if self.cuda_index is None else self.cuda_index
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    """The node's GPUs, with the NVML seam that found them (None: declared, or none at all)."""
+
+    gpus: tuple[GpuInfo, ...]
+    nvml: object | None = None
+    why: str = ""  # why NVML is not in use, for keep-alive's "off: ..."
+
+    @classmethod
+    def declare(cls, numbers: Iterable[int], why: str = "declared slots") -> Inventory:
+        """Slots declared with ``--gpus`` where there is no NVML: nothing to hold or watch."""
+        return cls(tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
+                         for n in numbers), None, why)
+
+    def numbers(self, positions: Iterable[int]) -> str:
+        """``CUDA_VISIBLE_DEVICES`` for the GPUs at ``positions``: ``0,2``."""
+        return ",".join(str(self.gpus[i].number) for i in sorted(positions))
+
+
+def parse_gpu_list(text: str) -> int | tuple[int, ...]:
+    """``--gpus``: a count (``4``) or a list of GPU numbers (``0,2,5``); ValueError if neither."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"--gpus takes a count or a list of GPU numbers, not {text!r}")
+    numbers = tuple(int(p) for p in parts)
+    if len(numbers) == 1 and "," not in text:
+        return numbers[0]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"--gpus names a GPU twice: {text!r}")
+    return numbers
+
+
+def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
+    """The GPUs that CUDA_VISIBLE_DEVICES leaves to us: UUIDs (or their prefixes) or CUDA
+    numbers; like CUDA, the list ends at the first entry that matches none."""
+    if visible is None:
+        return gpus
+    chosen = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isascii() and entry.isdigit():
+            match = [g for g in gpus if g.number == int(entry)]
+        elif entry.startswith(("GPU-", "MIG-")):
+            match = [g for g in gpus if g.uuid.startswith(entry)]
+            if entry.startswith("MIG-"):
+                return chosen  # MIG instances: skipped
+        else:
+            match = []
+        if len(match) != 1:
+            break
+        chosen.append(match[0])
+    return chosen
+
+
+def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
+                  env: Mapping[str, str] = os.environ,
+                  open_nvml: Callable[[logging.Logger], object] | None = None) -> Inventory:
+    """The node's GPUs; ValueError when ``--gpus`` asks for GPUs that are not there."""
+    try:
+        nvml = (open_nvml or Nvml.open)(log)
+        found = nvml.gpus()
+    except NvmlUnavailable as exc:
+        nvml, found, why = None, [], str(exc)
+    else:
+        why = ""
+        # CUDA numbers the GPUs it can open; a GPU NVML cannot query (another job's, under
+        # cgroups) is not among them. With CUDA_DEVICE_ORDER=PCI_BUS_ID the order is NVML's.
+        # The default, FASTEST_FIRST, puts faster models first: on a node of one model that is
+        # the PCI bus order too, on a mixed node it may not be. Workers and tasks are given
+        # PCI_BUS_ID (workers also the UUID), so only numbers in our own CUDA_VISIBLE_DEVICES
+        # can be read otherwise than the process that set them meant.
+        found = [dataclasses.replace(g, cuda_index=n) for n, g in enumerate(found)]
+        order = env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        numeric = visible is not None and any(e.strip().isdigit() for e in visible.split(","))
+        if numeric and order != "PCI_BUS_ID" and len({g.name for g in found}) > 1:
+            log.warning("CUDA_VISIBLE_DEVICES=%s is read in PCI bus order (as nvidia-smi "
+                        "numbers GPUs), but CUDA_DEVICE_ORDER=%s may number this node's mixed "
+                        "GPU models otherwise: set CUDA_DEVICE_ORDER=PCI_BUS_ID or use UUIDs",
+                        visible, order)
+        found = _visible_gpus(found, visible)
+        for gpu in found:
+            if gpu.mig:
+                log.info("GPU %d (%s) is in MIG mode: left out", gpu.index, gpu.name)
+        found = [g for g in found if not g.mig]
+        if not found:
+            why = "no GPU visible" if visible is None or visible.strip() not in ("", "-1") \
+                else "CUDA_VISIBLE_DEVICES is empty"
+    if declared is None:
+        return Inventory(tuple(found), nvml, why)
+    if nvml is None or not found:
+        numbers = range(declared) if isinstance(declared, int) else declared
+        if why:
+            log.info("GPUs declared with --gpus: %s", why)
+        return Inventory.declare(numbers, "declared slots (no NVML)" if nvml is None
+                                 else "declared slots (no GPU visible)")
+    if isinstance(declared, int):
+        if declared > len(found):
+            raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")
+        return Inventory(tuple(found[:declared]), nvml, why)
+    by_number = {g.number: g for g in found}
+    missing = [n for n in declared if n not in by_number]
+    if missing:
+        raise ValueError(f"--gpus names GPU(s) {missing} that are not here (there are "
+                         f"{', '.join(str(n) for n in sorted(by_number))})")
+    return Inventory(tuple(by_number[n] for n in declared), nvml, why)
+
+
 # Queue folder ###############################################################################
 
 
@@ -552,8 +717,9 @@ def open_regular(path: Path, flags: int, mode: int = 0o600,
     return fd
 
 
-class QueueFolder:
-    """The one place that knows the layout of ``<root>/<JOB_ID>/`` (docs/protocol.md).
+class QueueFiles:
+    """The files of one instance folder ``<root>/<JOB_ID>/``, read and written safely: its
+    folders made, files published the Maildir way, records read, entries listed.
 
     It never follows a symbolic link and never opens a FIFO or a device inside the folder:
     whoever can write ``pending/`` can run code as the daemon's user, but must get no more.
@@ -781,6 +947,27 @@ class QueueFolder:
             return []
         return sorted(found)
 
+    def remove_old(self, folder: str, now: float, max_age: float) -> int:
+        removed = 0
+        try:
+            with os.scandir(self.dir(folder)) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_file() and now - entry.stat().st_mtime > max_age:
+                            os.unlink(entry.path)
+                            removed += 1
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+        return removed
+
+
+class QueueFolder(QueueFiles):
+    """The one place that knows the layout of ``<root>/<JOB_ID>/`` (docs/protocol.md): over
+    its files (QueueFiles), the records of a task, its moves between folders, what a pass
+    of the queue reads, and the removal of finished tasks."""
+
     def record(self, task_id: str, kind: str, rank: int | None = None) -> Path:
         """``records/<id>.<kind>``, or ``records/<id>.rank<R>.<kind>`` for one rank."""
         middle = "" if rank is None else f"rank{rank}."
@@ -982,21 +1169,6 @@ class QueueFolder:
                     with contextlib.suppress(OSError):
                         os.unlink(self.dir(folder) / name)
         return sorted(removed)
-
-    def remove_old(self, folder: str, now: float, max_age: float) -> int:
-        removed = 0
-        try:
-            with os.scandir(self.dir(folder)) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_file() and now - entry.stat().st_mtime > max_age:
-                            os.unlink(entry.path)
-                            removed += 1
-                    except OSError:
-                        continue
-        except OSError:
-            pass
-        return removed
 
 
 # Finished tasks: the summary ###############################################################
@@ -2134,10 +2306,7 @@ class TaskRunner:
         self.ports = PortPicker()
         self.tasks: dict[tuple[str, int | None], RunningTask] = {}
         self.left_alone: set[tuple[int, int]] = set()  # orphans without proof, logged once
-        self.unfinished: list[list] = []  # [result, source, published] not yet done
-        self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
-        # False once another daemon holds this node: it records this daemon's tasks, not this one
-        self.may_record: Callable[[], bool] = lambda: True
+        self.ends = TaskEnds(config, folder, identity, clock, throttled)
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -2390,6 +2559,49 @@ class TaskRunner:
         return Leftovers(now, procs, len(procs),
                          now + min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
 
+    # -- ends of tasks, published by TaskEnds ----------------------------------------------
+
+    @property
+    def unfinished(self) -> list[list]:
+        return self.ends.unfinished
+
+    def finish(self, result: TaskResult, source: str = "running") -> None:
+        self.ends.finish(result, source)
+
+    def retry_unfinished(self) -> None:
+        self.ends.retry_unfinished()
+
+    def cancel_pending(self, name: str, reason: str = "cancelled by user") -> str | None:
+        return self.ends.cancel_pending(name, reason)
+
+    def recover(self, owned_elsewhere: Callable[[dict[str, str]], bool]) -> None:
+        self.ends.recover(owned_elsewhere)
+
+    def interrupt(self, task_id: str, run: dict[str, str], reason: str,
+                  rank: int | None = None) -> None:
+        self.ends.interrupt(task_id, run, reason, rank)
+
+
+class TaskEnds:
+    """The end of each task, published (docs/protocol.md, Finish): its result written, then the
+    task moved to done/ or failed/, retried on each poll until it is (a full disk loses
+    nothing); a pending task cancelled; and the tasks a dead daemon left, finished as
+    interrupted (Recovery)."""
+
+    log_lines = staticmethod(TaskRunner.log_lines)
+
+    def __init__(self, config: Config, folder: QueueFolder, identity: Identity,
+                 clock: Callable[[], float], throttled: ThrottledLog):
+        self.config = config
+        self.folder = folder
+        self.identity = identity
+        self.clock = clock
+        self.throttled = throttled
+        self.unfinished: list[list] = []  # [result, source, published] not yet done
+        self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
+        # False once another daemon holds this node: it records this daemon's tasks, not this one
+        self.may_record: Callable[[], bool] = lambda: True
+
     def finish(self, result: TaskResult, source: str = "running") -> None:
         self.unfinished.append([result, source, False])
         self.retry_unfinished()
@@ -2453,8 +2665,6 @@ class TaskRunner:
             return False
         started = "" if result.started is None else f"{result.started:.3f}"
         return old.get("started", "") == started
-
-    # -- cancelling and recovery -----------------------------------------------------------
 
     def cancel_pending(self, name: str, reason: str = "cancelled by user") -> str | None:
         """Move a pending task to failed/ as cancelled; its id, or None when it is not pending
@@ -3059,6 +3269,164 @@ class Gangs:
 
 
 
+# Tasks across nodes: the queue pass #########################################################
+
+
+class Scheduler:
+    """The queue pass of one node, each poll (docs/protocol.md, "Which task starts where"):
+    the gangs' seats and watch, then one snapshot of the queue (QueueFolder.read_pass), the
+    plan for it (``plan_pass``) and the plan carried out (PassApplier). Node 0 also finishes
+    the tasks of dead nodes."""
+
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
+                 inventory: Inventory, clock: Callable[[], float], throttled: ThrottledLog,
+                 begin: Callable[[RunningTask], None], owns_node: Callable[[], bool]):
+        self.config = config
+        self.folder = folder
+        self.runner = runner
+        self.gangs = gangs
+        self.inventory = inventory
+        self.clock = clock
+        self.throttled = throttled
+        self.begin = begin
+        self.owns_node = owns_node
+        self.requests: dict[str, Submission | str] = {}  # pending name -> its record or why not
+        self.results: dict[str, str] = {}  # task id -> its result's state, once known
+        self.blocked_since: dict[str, float] = {}
+        self.waiting: tuple[str, str] | None = None  # what the first stuck task waits for
+        self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
+        self.views: dict[int, NodeView] = {}
+        self.views_read = -1e18
+        self.liveness = Liveness(clock)  # the daemon gives it its monotonic clock
+        self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
+        self.backoff = 0.0
+        self.last_sweep = -1e18
+        self.applier = PassApplier(config, folder, runner, gangs, clock, throttled, begin,
+                                   owns_node, self.load, lambda now: now < self.backoff_until)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.config.node_rank == 0
+
+    def run(self, running: list[str], may_start: bool, drained: str | None = None,
+            node_drained: str | None = None) -> None:
+        """One pass: the gangs' seats and watch, then the pending tasks. A drained instance
+        (``drained``, why) starts nothing new, a drained node (``node_drained``) starts nothing
+        new itself; gangs placed before go on."""
+        now = self.clock()
+        self.gangs.discover(running)
+        self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
+                              may_start)
+        if self.is_leader:
+            views = self.node_views()
+            self.gangs.watch(views, lambda task_id, why: self.folder.publish_stop(
+                task_id, why, f"node {self.config.node_rank}", self.clock()))
+            if now - self.last_sweep >= HEARTBEAT_SECONDS:
+                self.last_sweep = now
+                self.sweep_running(running, views)
+        snapshot = self.snapshot(now, running, may_start, drained, node_drained)
+        if self.is_leader:
+            self.forget_overrides([t.name for t in snapshot.pending], set(snapshot.held),
+                                  snapshot.priority)
+        plan = plan_pass(snapshot)
+        self.blocked_since = dict(plan.blocked_since)
+        self.waiting = plan.waiting
+        for name in self.applier.apply(plan, snapshot, running):
+            self.requests.pop(name, None)  # (claimed: back in pending/, it is read again)
+
+    def snapshot(self, now: float, running: list[str], may_start: bool,
+                 drained: str | None = None, node_drained: str | None = None) -> PassSnapshot:
+        """What this pass knows: the node's own facts, and the queue read once."""
+        rank = self.config.node_rank
+        views = self.node_views() if self.is_leader or self.config.num_nodes > 1 else {}
+        node = PassSnapshot(now=now, load=self.load(), node_rank=rank,
+                            num_nodes=self.config.num_nodes, views=dict(views), drained=drained,
+                            node_drains={rank: node_drained} if node_drained else {},
+                            blocked_since=dict(self.blocked_since),
+                            backoff_until=self.backoff_until, may_start=may_start)
+        return self.folder.read_pass(node, running, self.requests, self.results)
+
+    def forget_overrides(self, pending: list[str], held: set[str],
+                         priority: Mapping[str, object]) -> None:
+        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that left pending/ (a
+        minute old at least: the task may have been queued after pending/ was listed)."""
+        waiting, now = set(pending), self.clock()
+        for folder, names in (("held", held), ("priority", self.folder.names("priority"))):
+            for name in names:
+                if name in waiting or name in priority:
+                    continue
+                path = self.folder.dir(folder) / name
+                with contextlib.suppress(OSError):
+                    if now - os.lstat(path).st_mtime > OVERRIDE_FORGET_SECONDS:
+                        os.unlink(path)
+
+    def load(self, seats: bool = True) -> NodeLoad:
+        """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""
+        tasks = list(self.runner.tasks.values())
+        taken = {gpu for task in tasks for gpu in task.gpus}
+        cpu = sum(1 for task in tasks if task.submission.request.gpus == 0)
+        gpu_tasks = sum(1 for task in tasks if task.submission.request.gpus != 0)
+        if seats:
+            taken |= self.gangs.reserved()
+            cpu += self.gangs.cpu_seats()
+            gpu_tasks += self.gangs.holds_node()
+        return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
+
+    def back_off(self, why: str) -> None:
+        """The node cannot prepare tasks (no log file, no space): claim nothing for a while."""
+        self.backoff = min(60.0, max(1.0, self.backoff * 2))
+        self.backoff_until = self.clock() + self.backoff
+        made = self.folder.ensure()
+        self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
+                               "back to pending/; trying again with back-off", why,
+                               f"; created again: {', '.join(made)}" if made else "")
+
+    def node_views(self) -> dict[int, NodeView]:
+        """Every node's state, read at most once per poll interval."""
+        now = self.clock()
+        if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
+            self.views = {r: NodeView.read(self.folder, r, self.liveness)
+                          for r in range(self.config.num_nodes)}
+            self.views_read = now
+        return self.views
+
+    def sweep_running(self, running: list[str], views: Mapping[int, NodeView]) -> None:
+        """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
+        and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
+        now = self.clock()
+        mine = {task.task_id for task in self.runner.tasks.values()}
+        mine |= {entry[0].task_id for entry in self.runner.unfinished}
+        seen = set()
+        for task_id in running:
+            if task_id in mine or self.gangs.plans.get(task_id) is not None:
+                continue
+            try:
+                run = self.folder.read_fields(self.folder.record(task_id, "run"))
+            except (OSError, ValueError):
+                continue
+            if run is None:
+                seen.add(task_id)
+                first = self.unrecorded.setdefault(task_id, now)
+                if now - first >= HEARTBEAT_STALE_SECONDS:
+                    self.runner.unclaim(task_id)
+                    LOG.warning("%s was claimed but never started (its claimer died): back to "
+                                "pending", task_id)
+                continue
+            node = ascii_int(run.get("node_rank"))
+            view = views.get(node) if node is not None else None
+            if view is None or not view.known:
+                continue  # a node this daemon does not know (or cannot read now)
+            if node == self.config.node_rank:
+                claimer_lives = run.get("daemon") == self.runner.token
+            else:
+                claimer_lives = view.alive and (view.token == run.get("daemon")
+                                                or not run.get("daemon"))  # (version 1: none)
+            if claimer_lives or self.folder.has_result(task_id):
+                continue
+            self.runner.interrupt(task_id, run, f"node {node}'s daemon died")
+        self.unrecorded = {t: s for t, s in self.unrecorded.items() if t in seen}
+
+
 # Keep-alive #################################################################################
 #
 # The daemon holds every idle GPU of the node in the band GPU_UTIL_TARGET..GPU_UTIL_HIGH and gives
@@ -3207,24 +3575,6 @@ class GpuState(enum.Enum):
 class WorkerMode(enum.Enum):
     HOLD = "hold"  # ballast and duty cycle, leaves at the first sign of foreign work
     FILL = "fill"  # tiles only, beside a queue task
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuInfo:
-    """One GPU as NVML numbers it (PCI bus order)."""
-
-    index: int
-    uuid: str
-    name: str
-    memory_total: int  # bytes
-    mig: bool = False
-    cuda_index: int | None = None  # its number in CUDA_VISIBLE_DEVICES (PCI_BUS_ID order)
-    declared: bool = False  # a slot declared with --gpus where there is no NVML
-
-    @property
-    def number(self) -> int:
-        """The number tasks see it by: its CUDA number, else NVML's index."""
-        return self.index if self.cuda_index is None else self.cuda_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4276,6 +4626,133 @@ class Workers:
 # Keep-alive: the engine #####################################################################
 
 
+class GpuMeasures:
+    """How each GPU fares under keep-alive, measured at the end of each tick: the band and held
+    shares, how long the last yield took, the reclaim risk; and the ``gpu.<i>.*`` fields of
+    the state file that report them with the GPU's state."""
+
+    def __init__(self, slots: list[_Slot], log: logging.Logger, prefix: str,
+                 throttle: Throttle, timefunc: Callable[[], float]) -> None:
+        self.slots = slots
+        self.log = log
+        self.prefix = prefix
+        self._throttle = throttle
+        self.timefunc = timefunc
+
+    def gpu_fields(self) -> dict[str, str]:
+        fields = {}
+        now = self.timefunc()
+        for i, slot in enumerate(self.slots):
+            util = slot.window.mean()
+            worker = slot.worker
+            ready = worker is not None and worker.ready_at is not None
+            reason = "; ".join(part for part in (slot.reason, *slot.notes) if part)
+            record = slot.last_yield
+            fields.update({
+                f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
+                f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
+                f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
+                f"gpu.{i}.state": slot.state.value,
+                f"gpu.{i}.reason": reason,
+                f"gpu.{i}.band_10m": _share(slot.meter.share(now, 600.0, "band")),
+                f"gpu.{i}.band_1h": _share(slot.meter.share(now, 3600.0, "band")),
+                f"gpu.{i}.held_10m": _share(slot.meter.share(now, 600.0, "held")),
+                f"gpu.{i}.held_1h": _share(slot.meter.share(now, 3600.0, "held")),
+                f"gpu.{i}.last_yield": "" if record is None else record.text(),
+                f"gpu.{i}.last_yield_age": "" if record is None else f"{now - record.at:.0f}",
+                f"gpu.{i}.risk": slot.risk,
+                f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
+                f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
+                f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
+                f"gpu.{i}.history": slot.history.text(now),
+            })
+        return fields
+
+    def measure(self, slot: _Slot, now: float, reading: Reading, task_running: bool) -> None:
+        worker = slot.worker
+        held = worker is not None and worker.ready_at is not None and worker.stop_at is None
+        if slot.ticked_at is not None:
+            slot.meter.time(now, min(now - slot.ticked_at, 5.0), held)
+        slot.ticked_at = now
+        if held and reading.samples and worker.spec.mode is WorkerMode.HOLD:
+            slot.meter.samples(now, [value for _, value in reading.samples])
+        band = slot.meter.share(now, 600.0, "band")
+        held_for = slot.meter.total(now, 600.0, 3)  # s held in the last ten minutes
+        if band is not None and band < _BAND_WARN_SHARE and held_for >= 300.0:
+            if not slot.band_warned:
+                self.log.warning("%s%s: only %.0f%% of NVML's samples in the band %d-%d%% "
+                                 "over 10 min while held (%s)", self.prefix, slot.label,
+                                 100 * band, GPU_UTIL_TARGET, GPU_UTIL_HIGH,
+                                 "; ".join(slot.notes) or "no reading stands in")
+                slot.band_warned = True
+        elif band is not None and band >= _BAND_WARN_SHARE:
+            slot.band_warned = False
+        self._follow_yield(slot, now, reading)
+        self._reclaim_risk(slot, now, task_running)
+
+    def _follow_yield(self, slot: _Slot, now: float, reading: Reading) -> None:
+        """Time the last yield: until its worker is gone, and until its memory is back (not
+        followed past a minute: a job that grows meanwhile can hide our memory's return)."""
+        record = slot.last_yield
+        if record is None or record.done:
+            return
+        if record.exit_after is None:
+            if slot.worker is not None:
+                return
+            record.exit_after = max(0.0, (slot.last_exit or now) - record.at)
+        # Back: where the process list showed the worker under its PID, when its entry is
+        # gone (the driver drops it with the context and its memory); else when memory used
+        # is down to the limit, or below what ours alone would keep used. A job that takes
+        # memory meanwhile can hide that: then it is not known ("?"), and not warned about.
+        used = reading.memory_used
+        hidden = False
+        if record.pid is not None and reading.processes is not None:
+            back = record.pid not in {p.pid for p in reading.processes}
+        else:
+            back = record.memory_limit is None or (used is not None and (
+                used <= record.memory_limit
+                or (record.not_held_below is not None and used < record.not_held_below)))
+            # more used than while ours was held: a job fills the GPU, and whether ours is
+            # back cannot be told by memory (not known, "?", rather than the job's end)
+            hidden = not back and used is not None and record.used_at is not None \
+                and used > record.used_at
+        if back:
+            record.memory_after = max(record.exit_after, now - record.at)
+        elif now - record.at <= 60.0 and not hidden:
+            return
+        record.done = True
+        took = max(record.exit_after, record.memory_after or 0.0)
+        if took > _YIELD_WARN_SECONDS:
+            self.log.warning("%s%s: yielding to %s took %.2f s (worker gone after %.2f s, "
+                             "memory back after %s)", self.prefix, slot.label, record.what, took,
+                             record.exit_after, "?" if record.memory_after is None
+                             else f"{record.memory_after:.2f} s")
+
+    def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
+        """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
+        idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts)."""
+        util = slot.window.mean()
+        if util is not None and util >= GPU_UTIL_TARGET:
+            if slot.risk:
+                self.log.info("%s%s: back at %.0f%% utilisation: no longer at risk",
+                              self.prefix, slot.label, util)
+            slot.low_for, slot.risk = None, ""
+            return
+        if slot.low_for is None:
+            slot.low_for = now
+        idle = now - slot.low_for
+        if idle < KEEPALIVE_RISK_SECONDS:
+            return
+        shown = "unknown" if util is None else f"{util:.0f}%"
+        why = "a queue task leaves it idle" if task_running else (
+            f"keep-alive {slot.state.value}" + (f": {slot.reason}" if slot.reason else ""))
+        notes = "; ".join(slot.notes)
+        slot.risk = (f"{slot.label} idle {idle / 60:.0f} min ({shown}): {why}"
+                     + (f"; {notes}" if notes else ""))
+        if self._throttle(f"risk/{slot.gpu.index}", every=600.0):
+            self.log.warning("%sAt risk of reclaim: %s", self.prefix, slot.risk)
+
+
 class GpuKeepAlive(KeepAlive):
     """Keep-alive on: one worker per GPU, driven by ``tick()`` from the daemon loop. The engine
     decides, GPU by GPU, whether to hold it, fill beside a task, or leave it to foreign work;
@@ -4308,6 +4785,7 @@ class GpuKeepAlive(KeepAlive):
                 slot.reason = "MIG mode: skipped"
         self._started = False
         self._throttle = Throttle(_WARN_EVERY, timefunc)
+        self.measures = GpuMeasures(self.slots, log, self.prefix, self._throttle, timefunc)
 
     # The seam the daemon calls
 
@@ -4397,33 +4875,7 @@ class GpuKeepAlive(KeepAlive):
             slot.low_since = None
 
     def gpu_fields(self) -> dict[str, str]:
-        fields = {}
-        now = self.timefunc()
-        for i, slot in enumerate(self.slots):
-            util = slot.window.mean()
-            worker = slot.worker
-            ready = worker is not None and worker.ready_at is not None
-            reason = "; ".join(part for part in (slot.reason, *slot.notes) if part)
-            record = slot.last_yield
-            fields.update({
-                f"gpu.{i}.util": "" if util is None else f"{util:.0f}",
-                f"gpu.{i}.mem_used_mib": _mib(slot.memory_used),
-                f"gpu.{i}.mem_total_mib": _mib(slot.memory_total or slot.gpu.memory_total),
-                f"gpu.{i}.state": slot.state.value,
-                f"gpu.{i}.reason": reason,
-                f"gpu.{i}.band_10m": _share(slot.meter.share(now, 600.0, "band")),
-                f"gpu.{i}.band_1h": _share(slot.meter.share(now, 3600.0, "band")),
-                f"gpu.{i}.held_10m": _share(slot.meter.share(now, 600.0, "held")),
-                f"gpu.{i}.held_1h": _share(slot.meter.share(now, 3600.0, "held")),
-                f"gpu.{i}.last_yield": "" if record is None else record.text(),
-                f"gpu.{i}.last_yield_age": "" if record is None else f"{now - record.at:.0f}",
-                f"gpu.{i}.risk": slot.risk,
-                f"gpu.{i}.tile": str(worker.tile) if ready and worker.tile else "",
-                f"gpu.{i}.duty": f"{slot.controller.duty:.2f}" if ready else "",
-                f"gpu.{i}.held_mib": str(worker.held_mib) if ready and worker.held_mib else "",
-                f"gpu.{i}.history": slot.history.text(now),
-            })
-        return fields
+        return self.measures.gpu_fields()
 
     def stop(self) -> None:
         now = self.timefunc()
@@ -4465,93 +4917,7 @@ class GpuKeepAlive(KeepAlive):
             self._during_task(slot, now, reading)
         else:
             self._between_tasks(slot, now, reading)
-        self._measure(slot, now, reading, task_running)
-
-    # How each GPU fares: band and held shares, the last yield, the reclaim risk
-
-    def _measure(self, slot: _Slot, now: float, reading: Reading, task_running: bool) -> None:
-        worker = slot.worker
-        held = worker is not None and worker.ready_at is not None and worker.stop_at is None
-        if slot.ticked_at is not None:
-            slot.meter.time(now, min(now - slot.ticked_at, 5.0), held)
-        slot.ticked_at = now
-        if held and reading.samples and worker.spec.mode is WorkerMode.HOLD:
-            slot.meter.samples(now, [value for _, value in reading.samples])
-        band = slot.meter.share(now, 600.0, "band")
-        held_for = slot.meter.total(now, 600.0, 3)  # s held in the last ten minutes
-        if band is not None and band < _BAND_WARN_SHARE and held_for >= 300.0:
-            if not slot.band_warned:
-                self.log.warning("%s%s: only %.0f%% of NVML's samples in the band %d-%d%% "
-                                 "over 10 min while held (%s)", self.prefix, slot.label,
-                                 100 * band, GPU_UTIL_TARGET, GPU_UTIL_HIGH,
-                                 "; ".join(slot.notes) or "no reading stands in")
-                slot.band_warned = True
-        elif band is not None and band >= _BAND_WARN_SHARE:
-            slot.band_warned = False
-        self._follow_yield(slot, now, reading)
-        self._reclaim_risk(slot, now, task_running)
-
-    def _follow_yield(self, slot: _Slot, now: float, reading: Reading) -> None:
-        """Time the last yield: until its worker is gone, and until its memory is back (not
-        followed past a minute: a job that grows meanwhile can hide our memory's return)."""
-        record = slot.last_yield
-        if record is None or record.done:
-            return
-        if record.exit_after is None:
-            if slot.worker is not None:
-                return
-            record.exit_after = max(0.0, (slot.last_exit or now) - record.at)
-        # Back: where the process list showed the worker under its PID, when its entry is
-        # gone (the driver drops it with the context and its memory); else when memory used
-        # is down to the limit, or below what ours alone would keep used. A job that takes
-        # memory meanwhile can hide that: then it is not known ("?"), and not warned about.
-        used = reading.memory_used
-        hidden = False
-        if record.pid is not None and reading.processes is not None:
-            back = record.pid not in {p.pid for p in reading.processes}
-        else:
-            back = record.memory_limit is None or (used is not None and (
-                used <= record.memory_limit
-                or (record.not_held_below is not None and used < record.not_held_below)))
-            # more used than while ours was held: a job fills the GPU, and whether ours is
-            # back cannot be told by memory (not known, "?", rather than the job's end)
-            hidden = not back and used is not None and record.used_at is not None \
-                and used > record.used_at
-        if back:
-            record.memory_after = max(record.exit_after, now - record.at)
-        elif now - record.at <= 60.0 and not hidden:
-            return
-        record.done = True
-        took = max(record.exit_after, record.memory_after or 0.0)
-        if took > _YIELD_WARN_SECONDS:
-            self.log.warning("%s%s: yielding to %s took %.2f s (worker gone after %.2f s, "
-                             "memory back after %s)", self.prefix, slot.label, record.what, took,
-                             record.exit_after, "?" if record.memory_after is None
-                             else f"{record.memory_after:.2f} s")
-
-    def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
-        """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
-        idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts)."""
-        util = slot.window.mean()
-        if util is not None and util >= GPU_UTIL_TARGET:
-            if slot.risk:
-                self.log.info("%s%s: back at %.0f%% utilisation: no longer at risk",
-                              self.prefix, slot.label, util)
-            slot.low_for, slot.risk = None, ""
-            return
-        if slot.low_for is None:
-            slot.low_for = now
-        idle = now - slot.low_for
-        if idle < KEEPALIVE_RISK_SECONDS:
-            return
-        shown = "unknown" if util is None else f"{util:.0f}%"
-        why = "a queue task leaves it idle" if task_running else (
-            f"keep-alive {slot.state.value}" + (f": {slot.reason}" if slot.reason else ""))
-        notes = "; ".join(slot.notes)
-        slot.risk = (f"{slot.label} idle {idle / 60:.0f} min ({shown}): {why}"
-                     + (f"; {notes}" if notes else ""))
-        if self._throttle(f"risk/{slot.gpu.index}", every=600.0):
-            self.log.warning("%sAt risk of reclaim: %s", self.prefix, slot.risk)
+        self.measures.measure(slot, now, reading, task_running)
 
     def _between_tasks(self, slot: _Slot, now: float, reading: Reading) -> None:
         if slot.resume_at is not None:
@@ -4706,121 +5072,6 @@ def _mib(value: int | None) -> str:
 def _share(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
-
-# GPUs of the node ###########################################################################
-#
-# The inventory: the GPUs that this node's tasks are given, in the order of ``gpu.<i>`` in the
-# state file. NVML finds them (within CUDA_VISIBLE_DEVICES, MIG devices left out); ``--gpus``
-# restricts them, or declares slots where there is no NVML (the scheduler then runs without a
-# GPU, and keep-alive stays off). Each GPU is named to tasks by its CUDA number: its place among
-# the GPUs this process can open, in PCI bus order (tasks get CUDA_DEVICE_ORDER=PCI_BUS_ID).
-
-
-@dataclasses.dataclass(frozen=True)
-class Inventory:
-    """The node's GPUs, with the NVML seam that found them (None: declared, or none at all)."""
-
-    gpus: tuple[GpuInfo, ...]
-    nvml: object | None = None
-    why: str = ""  # why NVML is not in use, for keep-alive's "off: ..."
-
-    @classmethod
-    def declare(cls, numbers: Iterable[int], why: str = "declared slots") -> Inventory:
-        """Slots declared with ``--gpus`` where there is no NVML: nothing to hold or watch."""
-        return cls(tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
-                         for n in numbers), None, why)
-
-    def numbers(self, positions: Iterable[int]) -> str:
-        """``CUDA_VISIBLE_DEVICES`` for the GPUs at ``positions``: ``0,2``."""
-        return ",".join(str(self.gpus[i].number) for i in sorted(positions))
-
-
-def parse_gpu_list(text: str) -> int | tuple[int, ...]:
-    """``--gpus``: a count (``4``) or a list of GPU numbers (``0,2,5``); ValueError if neither."""
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isascii() and p.isdigit() for p in parts):
-        raise ValueError(f"--gpus takes a count or a list of GPU numbers, not {text!r}")
-    numbers = tuple(int(p) for p in parts)
-    if len(numbers) == 1 and "," not in text:
-        return numbers[0]
-    if len(set(numbers)) != len(numbers):
-        raise ValueError(f"--gpus names a GPU twice: {text!r}")
-    return numbers
-
-
-def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
-    """The GPUs that CUDA_VISIBLE_DEVICES leaves to us: UUIDs (or their prefixes) or CUDA
-    numbers; like CUDA, the list ends at the first entry that matches none."""
-    if visible is None:
-        return gpus
-    chosen = []
-    for entry in (e.strip() for e in visible.split(",")):
-        if entry.isascii() and entry.isdigit():
-            match = [g for g in gpus if g.number == int(entry)]
-        elif entry.startswith(("GPU-", "MIG-")):
-            match = [g for g in gpus if g.uuid.startswith(entry)]
-            if entry.startswith("MIG-"):
-                return chosen  # MIG instances: skipped
-        else:
-            match = []
-        if len(match) != 1:
-            break
-        chosen.append(match[0])
-    return chosen
-
-
-def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
-                  env: Mapping[str, str] = os.environ,
-                  open_nvml: Callable[[logging.Logger], object] | None = None) -> Inventory:
-    """The node's GPUs; ValueError when ``--gpus`` asks for GPUs that are not there."""
-    try:
-        nvml = (open_nvml or Nvml.open)(log)
-        found = nvml.gpus()
-    except NvmlUnavailable as exc:
-        nvml, found, why = None, [], str(exc)
-    else:
-        why = ""
-        # CUDA numbers the GPUs it can open; a GPU NVML cannot query (another job's, under
-        # cgroups) is not among them. With CUDA_DEVICE_ORDER=PCI_BUS_ID the order is NVML's.
-        # The default, FASTEST_FIRST, puts faster models first: on a node of one model that is
-        # the PCI bus order too, on a mixed node it may not be. Workers and tasks are given
-        # PCI_BUS_ID (workers also the UUID), so only numbers in our own CUDA_VISIBLE_DEVICES
-        # can be read otherwise than the process that set them meant.
-        found = [dataclasses.replace(g, cuda_index=n) for n, g in enumerate(found)]
-        order = env.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        numeric = visible is not None and any(e.strip().isdigit() for e in visible.split(","))
-        if numeric and order != "PCI_BUS_ID" and len({g.name for g in found}) > 1:
-            log.warning("CUDA_VISIBLE_DEVICES=%s is read in PCI bus order (as nvidia-smi "
-                        "numbers GPUs), but CUDA_DEVICE_ORDER=%s may number this node's mixed "
-                        "GPU models otherwise: set CUDA_DEVICE_ORDER=PCI_BUS_ID or use UUIDs",
-                        visible, order)
-        found = _visible_gpus(found, visible)
-        for gpu in found:
-            if gpu.mig:
-                log.info("GPU %d (%s) is in MIG mode: left out", gpu.index, gpu.name)
-        found = [g for g in found if not g.mig]
-        if not found:
-            why = "no GPU visible" if visible is None or visible.strip() not in ("", "-1") \
-                else "CUDA_VISIBLE_DEVICES is empty"
-    if declared is None:
-        return Inventory(tuple(found), nvml, why)
-    if nvml is None or not found:
-        numbers = range(declared) if isinstance(declared, int) else declared
-        if why:
-            log.info("GPUs declared with --gpus: %s", why)
-        return Inventory.declare(numbers, "declared slots (no NVML)" if nvml is None
-                                 else "declared slots (no GPU visible)")
-    if isinstance(declared, int):
-        if declared > len(found):
-            raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")
-        return Inventory(tuple(found[:declared]), nvml, why)
-    by_number = {g.number: g for g in found}
-    missing = [n for n in declared if n not in by_number]
-    if missing:
-        raise ValueError(f"--gpus names GPU(s) {missing} that are not here (there are "
-                         f"{', '.join(str(n) for n in sorted(by_number))})")
-    return Inventory(tuple(by_number[n] for n in declared), nvml, why)
 
 
 def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
@@ -5745,372 +5996,7 @@ def self_test_main(argv: list[str]) -> int:
     return report["code"]
 
 
-# Daemon loop ################################################################################
-
-
-def node_from_environment(env: Mapping[str, str]) -> tuple[int, int]:
-    """(node rank, node count) from the variables that SCO ACP, torchrun or Slurm set;
-    ValueError when the first one that is set is not a number (``RANK=²``)."""
-    for rank_var, count_var in (("SENSECORE_PYTORCH_NODE_RANK", "SENSECORE_PYTORCH_NNODES"),
-                                ("RANK", "WORLD_SIZE"), ("SLURM_NODEID", "SLURM_NNODES")):
-        rank_text, count_text = env.get(rank_var, ""), env.get(count_var, "")
-        if not rank_text:
-            continue
-        rank, count = ascii_int(rank_text), ascii_int(count_text) if count_text else 1
-        for name, text, value in ((rank_var, rank_text, rank), (count_var, count_text, count)):
-            if value is None:
-                raise ValueError(f"{name}={text[:40]!r} in the environment is not a whole "
-                                 "number (ASCII digits); give --node-rank and --num-nodes")
-        return rank, count if count > 0 else 1
-    return 0, 1
-
-
-def in_cluster_job(env: Mapping[str, str]) -> bool:
-    """True inside a Slurm or SCO ACP job (or one that submit.sh launched for them)."""
-    return bool(env.get("SLURM_JOB_ID") or env.get("ECP_JOB_NAME")
-                or env.get("SENSECORE_PYTORCH_NNODES") or env.get("PM_CLUSTER_JOB"))
-
-
-def resolve_kill_scope(scope: str, env: Mapping[str, str]) -> str:
-    """``auto``: the seed's sweep of the user's Python processes on a cluster node, only the
-    task's own processes elsewhere (a workstation's notebooks and editors are not ours)."""
-    if scope != "auto":
-        return scope
-    return "user-python" if in_cluster_job(env) else "task"
-
-
-class DirWatch:
-    """inotify on the folders the daemon polls, where the kernel offers it: a new file wakes
-    the loop at once. It sees only this host's changes; the poll stays for shared storage."""
-
-    _IN_CREATE, _IN_MOVED_TO, _IN_NONBLOCK, _IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
-
-    def __init__(self) -> None:
-        self.fd: int | None = None
-        self._libc = _libc()
-        if self._libc is None or os.environ.get(NO_INOTIFY_VAR):
-            return  # (the variable: as on shared storage written from other hosts, for benches)
-        try:
-            fd = self._libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
-        except AttributeError:
-            return
-        self.fd = fd if fd >= 0 else None
-
-    def watch(self, folders: Iterable[Path]) -> None:
-        if self.fd is None:
-            return
-        for folder in folders:
-            self._libc.inotify_add_watch(self.fd, os.fsencode(folder),
-                                         self._IN_CREATE | self._IN_MOVED_TO)
-
-    def drain(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                while os.read(self.fd, 65536):
-                    pass
-
-
-class SignalWaiter:
-    """Sleeps until a timeout, a signal, a child's exit or a new file in a watched folder,
-    whichever comes first.
-
-    Signal handlers only record what arrived; the loop acts on it.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self.read_fd, write_fd = os.pipe()
-        for fd in (self.read_fd, write_fd):
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        signal.set_wakeup_fd(write_fd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._record)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.dirs = DirWatch()
-
-    def _record(self, signum: int, frame: object) -> None:
-        self.received.append(signum)
-
-    def sleep(self, seconds: float) -> None:
-        fds = [self.read_fd] + ([self.dirs.fd] if self.dirs.fd is not None else [])
-        try:
-            select.select(fds, [], [], max(seconds, 0.0))
-            os.read(self.read_fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            pass
-        self.dirs.drain()
-
-
-class Scheduler:
-    """The queue pass of one node, each poll (docs/protocol.md, "Which task starts where"):
-    the gangs' seats and watch, then one snapshot of the queue (QueueFolder.read_pass), the
-    plan for it (``plan_pass``) and the plan carried out (PassApplier). Node 0 also finishes
-    the tasks of dead nodes."""
-
-    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
-                 inventory: Inventory, clock: Callable[[], float], throttled: ThrottledLog,
-                 begin: Callable[[RunningTask], None], owns_node: Callable[[], bool]):
-        self.config = config
-        self.folder = folder
-        self.runner = runner
-        self.gangs = gangs
-        self.inventory = inventory
-        self.clock = clock
-        self.throttled = throttled
-        self.begin = begin
-        self.owns_node = owns_node
-        self.requests: dict[str, Submission | str] = {}  # pending name -> its record or why not
-        self.results: dict[str, str] = {}  # task id -> its result's state, once known
-        self.blocked_since: dict[str, float] = {}
-        self.waiting: tuple[str, str] | None = None  # what the first stuck task waits for
-        self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
-        self.views: dict[int, NodeView] = {}
-        self.views_read = -1e18
-        self.liveness = Liveness(clock)  # the daemon gives it its monotonic clock
-        self.backoff_until = -1e18  # no claims before this: the node cannot prepare tasks
-        self.backoff = 0.0
-        self.last_sweep = -1e18
-        self.applier = PassApplier(config, folder, runner, gangs, clock, throttled, begin,
-                                   owns_node, self.load, lambda now: now < self.backoff_until)
-
-    @property
-    def is_leader(self) -> bool:
-        return self.config.node_rank == 0
-
-    def run(self, running: list[str], may_start: bool, drained: str | None = None,
-            node_drained: str | None = None) -> None:
-        """One pass: the gangs' seats and watch, then the pending tasks. A drained instance
-        (``drained``, why) starts nothing new, a drained node (``node_drained``) starts nothing
-        new itself; gangs placed before go on."""
-        now = self.clock()
-        self.gangs.discover(running)
-        self.gangs.tick_seats(self.load(seats=False), self.folder.stop_reason, self.begin,
-                              may_start)
-        if self.is_leader:
-            views = self.node_views()
-            self.gangs.watch(views, lambda task_id, why: self.folder.publish_stop(
-                task_id, why, f"node {self.config.node_rank}", self.clock()))
-            if now - self.last_sweep >= HEARTBEAT_SECONDS:
-                self.last_sweep = now
-                self.sweep_running(running, views)
-        snapshot = self.snapshot(now, running, may_start, drained, node_drained)
-        if self.is_leader:
-            self.forget_overrides([t.name for t in snapshot.pending], set(snapshot.held),
-                                  snapshot.priority)
-        plan = plan_pass(snapshot)
-        self.blocked_since = dict(plan.blocked_since)
-        self.waiting = plan.waiting
-        for name in self.applier.apply(plan, snapshot, running):
-            self.requests.pop(name, None)  # (claimed: back in pending/, it is read again)
-
-    def snapshot(self, now: float, running: list[str], may_start: bool,
-                 drained: str | None = None, node_drained: str | None = None) -> PassSnapshot:
-        """What this pass knows: the node's own facts, and the queue read once."""
-        rank = self.config.node_rank
-        views = self.node_views() if self.is_leader or self.config.num_nodes > 1 else {}
-        node = PassSnapshot(now=now, load=self.load(), node_rank=rank,
-                            num_nodes=self.config.num_nodes, views=dict(views), drained=drained,
-                            node_drains={rank: node_drained} if node_drained else {},
-                            blocked_since=dict(self.blocked_since),
-                            backoff_until=self.backoff_until, may_start=may_start)
-        return self.folder.read_pass(node, running, self.requests, self.results)
-
-    def forget_overrides(self, pending: list[str], held: set[str],
-                         priority: Mapping[str, object]) -> None:
-        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that left pending/ (a
-        minute old at least: the task may have been queued after pending/ was listed)."""
-        waiting, now = set(pending), self.clock()
-        for folder, names in (("held", held), ("priority", self.folder.names("priority"))):
-            for name in names:
-                if name in waiting or name in priority:
-                    continue
-                path = self.folder.dir(folder) / name
-                with contextlib.suppress(OSError):
-                    if now - os.lstat(path).st_mtime > OVERRIDE_FORGET_SECONDS:
-                        os.unlink(path)
-
-    def load(self, seats: bool = True) -> NodeLoad:
-        """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""
-        tasks = list(self.runner.tasks.values())
-        taken = {gpu for task in tasks for gpu in task.gpus}
-        cpu = sum(1 for task in tasks if task.submission.request.gpus == 0)
-        gpu_tasks = sum(1 for task in tasks if task.submission.request.gpus != 0)
-        if seats:
-            taken |= self.gangs.reserved()
-            cpu += self.gangs.cpu_seats()
-            gpu_tasks += self.gangs.holds_node()
-        return NodeLoad(len(self.inventory.gpus), frozenset(taken), cpu, gpu_tasks)
-
-    def back_off(self, why: str) -> None:
-        """The node cannot prepare tasks (no log file, no space): claim nothing for a while."""
-        self.backoff = min(60.0, max(1.0, self.backoff * 2))
-        self.backoff_until = self.clock() + self.backoff
-        made = self.folder.ensure()
-        self.throttled.warning("backoff", "this node cannot prepare tasks (%s)%s: the task goes "
-                               "back to pending/; trying again with back-off", why,
-                               f"; created again: {', '.join(made)}" if made else "")
-
-    def node_views(self) -> dict[int, NodeView]:
-        """Every node's state, read at most once per poll interval."""
-        now = self.clock()
-        if now - self.views_read >= min(self.config.poll_interval, HEARTBEAT_SECONDS):
-            self.views = {r: NodeView.read(self.folder, r, self.liveness)
-                          for r in range(self.config.num_nodes)}
-            self.views_read = now
-        return self.views
-
-    def sweep_running(self, running: list[str], views: Mapping[int, NodeView]) -> None:
-        """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
-        and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
-        now = self.clock()
-        mine = {task.task_id for task in self.runner.tasks.values()}
-        mine |= {entry[0].task_id for entry in self.runner.unfinished}
-        seen = set()
-        for task_id in running:
-            if task_id in mine or self.gangs.plans.get(task_id) is not None:
-                continue
-            try:
-                run = self.folder.read_fields(self.folder.record(task_id, "run"))
-            except (OSError, ValueError):
-                continue
-            if run is None:
-                seen.add(task_id)
-                first = self.unrecorded.setdefault(task_id, now)
-                if now - first >= HEARTBEAT_STALE_SECONDS:
-                    self.runner.unclaim(task_id)
-                    LOG.warning("%s was claimed but never started (its claimer died): back to "
-                                "pending", task_id)
-                continue
-            node = ascii_int(run.get("node_rank"))
-            view = views.get(node) if node is not None else None
-            if view is None or not view.known:
-                continue  # a node this daemon does not know (or cannot read now)
-            if node == self.config.node_rank:
-                claimer_lives = run.get("daemon") == self.runner.token
-            else:
-                claimer_lives = view.alive and (view.token == run.get("daemon")
-                                                or not run.get("daemon"))  # (version 1: none)
-            if claimer_lives or self.folder.has_result(task_id):
-                continue
-            self.runner.interrupt(task_id, run, f"node {node}'s daemon died")
-        self.unrecorded = {t: s for t, s in self.unrecorded.items() if t in seen}
-
-
-class Commands:
-    """The commands clients publish in commands/, handled by node 0 (docs/protocol.md,
-    "Commands"): each carried out once, answered in replies/."""
-
-    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
-                 clock: Callable[[], float], throttled: ThrottledLog, started: float,
-                 shutdown: Callable[[str], None], changed: Callable[[], None],
-                 sweep: Callable[[], None]):
-        self.config = config
-        self.folder = folder
-        self.runner = runner
-        self.gangs = gangs
-        self.clock = clock
-        self.throttled = throttled
-        self.started = started
-        self.started_text = f"{started:.3f}"
-        self.shutdown = shutdown  # begins the daemon's shutdown, with the reason
-        self.changed = changed  # the state file should say so at once
-        self.sweep = sweep  # end the other Python processes (a stop_all with nothing running)
-        self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
-
-    def handle(self) -> None:
-        for name in self.folder.files("commands"):
-            if not name.endswith(".cmd"):
-                continue
-            path = self.folder.dir("commands") / name
-            reply = self.answers.get(name)
-            if reply is None:  # a command is carried out once, even if answering it fails
-                try:
-                    fields = self.folder.read_fields(path)
-                    if fields is None:
-                        continue
-                    reply = self.execute(fields)
-                except (OSError, ValueError, UnicodeError) as exc:
-                    self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
-                    reply = {"action": "", "task": "", "result": "error",
-                             "message": f"unreadable command: {exc}"}
-                reply["handled"] = f"{self.clock():.3f}"
-                self.answers[name] = reply
-            try:
-                self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
-                                    format_fields(reply))
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # the client withdrew it meanwhile; the reply tells it what happened
-            except OSError as exc:
-                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s", name,
-                                       exc)
-                continue
-            del self.answers[name]
-
-    def execute(self, fields: dict[str, str]) -> dict[str, object]:
-        action, task_id = fields.get("action", ""), fields.get("task", "")
-        reply: dict[str, object] = {"action": action, "task": task_id}
-        addressed = fields.get("daemon_started", "")
-        sent = as_float(fields.get("sent"))
-        if fields.get("sent") and sent is None:
-            raise ValueError(f"sent is not a time: {fields['sent'][:40]!r}")
-        if (addressed and addressed != self.started_text) or (
-                not addressed and sent is not None
-                and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
-            # Meant for an earlier daemon: a stale shutdown must not end this one.
-            reply.update(result="error", message="meant for an earlier daemon; ignored")
-            return reply
-        who = fields.get("sent_by") or "a client"
-        if action == "stop":
-            if not task_id or "/" in task_id or task_id.startswith("."):
-                raise ValueError("stop without a task")
-            if self.runner.cancel_pending(task_id):
-                reply.update(result="cancelled", message="removed from pending")
-            elif task_id in set(self.folder.names("running")):
-                where = self.stop_running(task_id, "stopped by user", who)
-                grace = f"SIGKILL after {self.config.stop_grace:g} s"
-                reply.update(result="stopped", message=f"SIGTERM sent, {grace}" if not where
-                             else f"stop sent to {where}: SIGTERM, {grace}")
-            else:
-                reply.update(result="not_found", message="neither pending nor running")
-        elif action == "stop_all":
-            cancelled = sum(bool(self.runner.cancel_pending(n))
-                            for n in self.folder.files("pending"))
-            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
-            for task in stopped:
-                self.stop_running(task, "stopped by user (all)", who)
-            if not stopped:
-                self.sweep()
-            reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),
-                         stopped=" ".join(stopped),
-                         message=f"{cancelled} cancelled, {len(stopped) or 'none'} stopped")
-        elif action == "shutdown":
-            self.shutdown(f"shutdown asked by {who}")
-            reply.update(result="accepted", message="the daemon is shutting down")
-        else:
-            raise ValueError(f"unknown action {action!r}")
-        return reply
-
-    def stop_running(self, task_id: str, reason: str, who: str) -> str:
-        """Stop a task in running/ wherever it runs; where, for the reply ("" for here)."""
-        self.folder.publish_stop(task_id, reason, who, self.clock())
-        here = False
-        for task in list(self.runner.tasks.values()):
-            if task.task_id == task_id and task.stop_state is None:
-                self.runner.stop(task, TaskState.STOPPED, reason)
-                task.sweep = here = True
-        self.changed()
-        plan = self.gangs.plans.get(task_id)
-        if plan is not None:
-            return f"nodes {','.join(str(n) for n in plan.nodes)}"
-        if here:
-            return ""
-        try:
-            run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
-        except (OSError, ValueError):
-            run = {}
-        return f"node {run.get('node_rank') or '?'}"
+# Node claim and commands ####################################################################
 
 
 class NodeClaim:
@@ -6245,65 +6131,325 @@ class SelfFence:
         return thread
 
 
-class Daemon:
-    """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time."""
+class Commands:
+    """The commands clients publish in commands/, handled by node 0 (docs/protocol.md,
+    "Commands"): each carried out once, answered in replies/."""
 
-    def __init__(self, config: Config, keepalive: KeepAlive | None = None,
-                 clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep,
-                 identity: Identity | None = None, inventory: Inventory | None = None,
-                 monotonic: Callable[[], float] | None = None):
+    def __init__(self, config: Config, folder: QueueFolder, runner: TaskRunner, gangs: Gangs,
+                 clock: Callable[[], float], throttled: ThrottledLog, started: float,
+                 shutdown: Callable[[str], None], changed: Callable[[], None],
+                 sweep: Callable[[], None]):
         self.config = config
-        self.keepalive = keepalive or KeepAlive()
-        self.inventory = inventory or Inventory(())
+        self.folder = folder
+        self.runner = runner
+        self.gangs = gangs
         self.clock = clock
-        self.sleep = sleep
-        # other nodes' liveness and this node's fence are timed on this clock, never on the
-        # wall clock (hosts' clocks differ); simulated time drives both in tests
-        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
-        self.fence = SelfFence(self.monotonic)
-        self.beats = 0
-        self.identity = identity or Identity.here()
-        self.folder = QueueFolder(config.instance, config.shared)
-        self.throttled = ThrottledLog(clock)
-        self.started = clock()
-        self.started_text = f"{self.started:.3f}"  # as published; names this daemon's claims
-        self.claim = NodeClaim(config, self.folder, self.identity, self.started_text, clock,
-                               sleep, self.throttled)
-        self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled,
-                                 self.inventory, self.started_text)
-        self.callbacks = Callbacks(config.callback, self.folder, config.job_id, clock,
-                                   self.throttled)
-        self.runner.ended = self.callbacks.task_ended
-        self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
-                           config.node_addr or self.identity.host)
-        self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
-                                   clock, self.throttled, self.begin, self.owns_node)
-        self.scheduler.liveness = Liveness(self.monotonic)
-        self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
-                                 self.throttled, self.started, self.begin_shutdown,
-                                 self.mark_changed, self.ask_sweep)
-        self.shutdown_at = self.started + config.hours * 3600
-        self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
-                        if AUTO_SHUTDOWN_HARD_HOURS else None)
-        self.stopping = ""  # why the daemon is shutting down, once it is
-        self.draining = ""  # why it starts nothing new and ends when its tasks have ended
-        # gpu_drain's, of the instance and of this node: nothing new starts, the daemon stays
-        self.user_drain: tuple[str | None, str | None] = (None, None)
-        self.sweep_now = False  # a stop_all with nothing running: end other Python processes
-        self.unsafe: str | None = None  # why the queue folder is not to be trusted now
-        self.finished = False
-        self.signals_seen = 0
-        self.last_state_write = -1e18
-        self.state_dirty = True
-        self.last_housekeeping = self.started
-        self.last_cleaning = -1e18
-        self.last_leader_check = self.started
-        self.waiter: SignalWaiter | None = None
-        self.displaced = False  # another daemon owns this node's state file
-        self.running_names: list[str] = []
-        self.runner.may_record = lambda: not self.displaced and self.claim.other_holder() is None
-        self.history = History(self.folder, clock)
+        self.throttled = throttled
+        self.started = started
+        self.started_text = f"{started:.3f}"
+        self.shutdown = shutdown  # begins the daemon's shutdown, with the reason
+        self.changed = changed  # the state file should say so at once
+        self.sweep = sweep  # end the other Python processes (a stop_all with nothing running)
+        self.answers: dict[str, dict[str, object]] = {}  # replies not yet published
+
+    def handle(self) -> None:
+        for name in self.folder.files("commands"):
+            if not name.endswith(".cmd"):
+                continue
+            path = self.folder.dir("commands") / name
+            reply = self.answers.get(name)
+            if reply is None:  # a command is carried out once, even if answering it fails
+                try:
+                    fields = self.folder.read_fields(path)
+                    if fields is None:
+                        continue
+                    reply = self.execute(fields)
+                except (OSError, ValueError, UnicodeError) as exc:
+                    self.throttled.warning(f"cmd:{name}", "bad command file %s: %s", name, exc)
+                    reply = {"action": "", "task": "", "result": "error",
+                             "message": f"unreadable command: {exc}"}
+                reply["handled"] = f"{self.clock():.3f}"
+                self.answers[name] = reply
+            try:
+                self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
+                                    format_fields(reply))
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # the client withdrew it meanwhile; the reply tells it what happened
+            except OSError as exc:
+                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s", name,
+                                       exc)
+                continue
+            del self.answers[name]
+
+    def execute(self, fields: dict[str, str]) -> dict[str, object]:
+        action, task_id = fields.get("action", ""), fields.get("task", "")
+        reply: dict[str, object] = {"action": action, "task": task_id}
+        addressed = fields.get("daemon_started", "")
+        sent = as_float(fields.get("sent"))
+        if fields.get("sent") and sent is None:
+            raise ValueError(f"sent is not a time: {fields['sent'][:40]!r}")
+        if (addressed and addressed != self.started_text) or (
+                not addressed and sent is not None
+                and sent < self.started - COMMAND_CLOCK_SKEW_SECONDS):
+            # Meant for an earlier daemon: a stale shutdown must not end this one.
+            reply.update(result="error", message="meant for an earlier daemon; ignored")
+            return reply
+        who = fields.get("sent_by") or "a client"
+        if action == "stop":
+            if not task_id or "/" in task_id or task_id.startswith("."):
+                raise ValueError("stop without a task")
+            if self.runner.cancel_pending(task_id):
+                reply.update(result="cancelled", message="removed from pending")
+            elif task_id in set(self.folder.names("running")):
+                where = self.stop_running(task_id, "stopped by user", who)
+                grace = f"SIGKILL after {self.config.stop_grace:g} s"
+                reply.update(result="stopped", message=f"SIGTERM sent, {grace}" if not where
+                             else f"stop sent to {where}: SIGTERM, {grace}")
+            else:
+                reply.update(result="not_found", message="neither pending nor running")
+        elif action == "stop_all":
+            cancelled = sum(bool(self.runner.cancel_pending(n))
+                            for n in self.folder.files("pending"))
+            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
+            for task in stopped:
+                self.stop_running(task, "stopped by user (all)", who)
+            if not stopped:
+                self.sweep()
+            reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),
+                         stopped=" ".join(stopped),
+                         message=f"{cancelled} cancelled, {len(stopped) or 'none'} stopped")
+        elif action == "shutdown":
+            self.shutdown(f"shutdown asked by {who}")
+            reply.update(result="accepted", message="the daemon is shutting down")
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        return reply
+
+    def stop_running(self, task_id: str, reason: str, who: str) -> str:
+        """Stop a task in running/ wherever it runs; where, for the reply ("" for here)."""
+        self.folder.publish_stop(task_id, reason, who, self.clock())
+        here = False
+        for task in list(self.runner.tasks.values()):
+            if task.task_id == task_id and task.stop_state is None:
+                self.runner.stop(task, TaskState.STOPPED, reason)
+                task.sweep = here = True
+        self.changed()
+        plan = self.gangs.plans.get(task_id)
+        if plan is not None:
+            return f"nodes {','.join(str(n) for n in plan.nodes)}"
+        if here:
+            return ""
+        try:
+            run = self.folder.read_fields(self.folder.record(task_id, "run")) or {}
+        except (OSError, ValueError):
+            run = {}
+        return f"node {run.get('node_rank') or '?'}"
+
+
+# Daemon loop ################################################################################
+
+
+def node_from_environment(env: Mapping[str, str]) -> tuple[int, int]:
+    """(node rank, node count) from the variables that SCO ACP, torchrun or Slurm set;
+    ValueError when the first one that is set is not a number (``RANK=²``)."""
+    for rank_var, count_var in (("SENSECORE_PYTORCH_NODE_RANK", "SENSECORE_PYTORCH_NNODES"),
+                                ("RANK", "WORLD_SIZE"), ("SLURM_NODEID", "SLURM_NNODES")):
+        rank_text, count_text = env.get(rank_var, ""), env.get(count_var, "")
+        if not rank_text:
+            continue
+        rank, count = ascii_int(rank_text), ascii_int(count_text) if count_text else 1
+        for name, text, value in ((rank_var, rank_text, rank), (count_var, count_text, count)):
+            if value is None:
+                raise ValueError(f"{name}={text[:40]!r} in the environment is not a whole "
+                                 "number (ASCII digits); give --node-rank and --num-nodes")
+        return rank, count if count > 0 else 1
+    return 0, 1
+
+
+def in_cluster_job(env: Mapping[str, str]) -> bool:
+    """True inside a Slurm or SCO ACP job (or one that submit.sh launched for them)."""
+    return bool(env.get("SLURM_JOB_ID") or env.get("ECP_JOB_NAME")
+                or env.get("SENSECORE_PYTORCH_NNODES") or env.get("PM_CLUSTER_JOB"))
+
+
+def resolve_kill_scope(scope: str, env: Mapping[str, str]) -> str:
+    """``auto``: the seed's sweep of the user's Python processes on a cluster node, only the
+    task's own processes elsewhere (a workstation's notebooks and editors are not ours)."""
+    if scope != "auto":
+        return scope
+    return "user-python" if in_cluster_job(env) else "task"
+
+
+class DirWatch:
+    """inotify on the folders the daemon polls, where the kernel offers it: a new file wakes
+    the loop at once. It sees only this host's changes; the poll stays for shared storage."""
+
+    _IN_CREATE, _IN_MOVED_TO, _IN_NONBLOCK, _IN_CLOEXEC = 0x100, 0x80, 0o4000, 0o2000000
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self._libc = _libc()
+        if self._libc is None or os.environ.get(NO_INOTIFY_VAR):
+            return  # (the variable: as on shared storage written from other hosts, for benches)
+        try:
+            fd = self._libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
+        except AttributeError:
+            return
+        self.fd = fd if fd >= 0 else None
+
+    def watch(self, folders: Iterable[Path]) -> None:
+        if self.fd is None:
+            return
+        for folder in folders:
+            self._libc.inotify_add_watch(self.fd, os.fsencode(folder),
+                                         self._IN_CREATE | self._IN_MOVED_TO)
+
+    def drain(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                while os.read(self.fd, 65536):
+                    pass
+
+
+class SignalWaiter:
+    """Sleeps until a timeout, a signal, a child's exit or a new file in a watched folder,
+    whichever comes first.
+
+    Signal handlers only record what arrived; the loop acts on it.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.read_fd, write_fd = os.pipe()
+        for fd in (self.read_fd, write_fd):
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        signal.set_wakeup_fd(write_fd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._record)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.dirs = DirWatch()
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def sleep(self, seconds: float) -> None:
+        fds = [self.read_fd] + ([self.dirs.fd] if self.dirs.fd is not None else [])
+        try:
+            select.select(fds, [], [], max(seconds, 0.0))
+            os.read(self.read_fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.dirs.drain()
+
+
+class DaemonState:
+    """The part of the Daemon that publishes this node's state file and beat (docs/protocol.md:
+    it is their one writer) and keeps the queue folder tidy. Its attributes are the Daemon's."""
+
+    # -- state -----------------------------------------------------------------------------
+
+    def write_state(self, stopped: bool = False, force: bool = False) -> None:
+        """Publish this node's state file, while this daemon owns it (docs/protocol.md)."""
+        if self.displaced or (not force and not stopped and not self.owns_node()):
+            return
+        now = self.clock()
+        tasks = sorted(self.runner.tasks.values(), key=lambda t: (t.task_id, t.rank or 0))
+        status = "stopped" if stopped else "stopping" if self.stopping else \
+            "draining" if self.draining else "running"
+        load = self.scheduler.load()
+        waiting = self.scheduler.waiting
+        first = tasks[0] if tasks else None
+        fields: dict[str, object] = {
+            "protocol": PROTOCOL_VERSION, "job_id": self.config.job_id,
+            "node_rank": self.config.node_rank, "num_nodes": self.config.num_nodes,
+            "host": self.identity.host, "pid": self.identity.pid,
+            "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
+            "node_addr": self.gangs.node_addr,
+            "status": status, "started": self.started_text,
+            "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
+            "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
+            "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
+            "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
+            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.config.kill_scope,
+            "keepalive": self.keepalive.describe(),
+            "running_count": len(tasks),
+            "current_task": first.task_id if first else "",
+            "current_task_started": f"{first.started:.3f}" if first and first.started else "",
+            "waiting.id": waiting[0] if waiting else "",
+            "waiting.reason": waiting[1] if waiting else "",
+            "cpu_slots": MAX_CPU_TASKS, "cpu_running": load.cpu_running,
+            "gpus_free": len(load.free), "gpu_count": len(self.inventory.gpus),
+            "refused": self.unsafe or "",
+        }
+        skipped = self.folder.skipped_entries()[:MAX_SKIPPED_SHOWN]
+        fields["skipped_count"] = len(skipped)
+        fields.update({f"skipped.{k}": entry for k, entry in enumerate(skipped)})
+        for k, task in enumerate(tasks):
+            fields.update({f"running.{k}.id": task.task_id, f"running.{k}.gpus": task.gpu_text,
+                           f"running.{k}.started": f"{task.started:.3f}" if task.started else "",
+                           f"running.{k}.pid": task.proc.pid if task.proc else "",
+                           f"running.{k}.rank": "" if task.rank is None else task.rank})
+        busy = self.busy_gpus()
+        reserved = self.gangs.reservations()
+        for i, gpu in enumerate(self.inventory.gpus):
+            fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
+                           f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
+                           f"gpu.{i}.reserved": "" if i in busy else reserved.get(i, ""),
+                           f"gpu.{i}.state": "off",
+                           f"gpu.{i}.reason": self.keepalive.why})
+        try:
+            fields.update(self.keepalive.gpu_fields())
+        except Exception:  # noqa: BLE001 - a GPU query must not stop the heartbeat
+            self.throttled.warning("gpufields", "cannot read the GPU state", exc_info=True)
+        if stopped:
+            fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
+                          stop_reason=self.stopping or self.draining)
+        self.write_beat()
+        try:
+            self.folder.publish(self.claim.path, format_fields(fields), durable=False)
+            self.last_state_write = now
+            self.state_dirty = False
+        except OSError as exc:
+            hint = " (an expired AFS token? renew it with aklog/krenew)" \
+                if exc.errno == errno.EACCES else ""
+            if self.folder.ensure():
+                LOG.warning("queue folders were missing: created again")
+            self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
+
+    def write_beat(self) -> None:
+        """The node's beat: a count that advances, rewritten in place (docs/protocol.md)."""
+        self.beats += 1
+        try:
+            self.folder.write_beat(self.config.node_rank, format_fields(
+                {"started": self.started_text, "beat": self.beats,
+                 "time": f"{self.clock():.3f}"}))
+        except OSError as exc:
+            self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
+            return
+        self.fence.beat()
+
+    def housekeeping(self) -> None:
+        now = self.clock()
+        self.last_housekeeping = now
+        made = self.folder.ensure()
+        if made:
+            LOG.warning("queue folders were missing: created again: %s", ", ".join(made))
+        self.folder.remove_old(".staging", now, STAGING_MAX_AGE_SECONDS)
+        self.folder.remove_old("replies", now, STAGING_MAX_AGE_SECONDS)
+        if self.is_leader and KEEP_FINISHED_DAYS and now - self.last_cleaning >= 86400:
+            self.last_cleaning = now
+            removed = self.folder.remove_finished(now - KEEP_FINISHED_DAYS * 86400)
+            if removed:
+                LOG.info("Removed %d finished task(s) older than %d days (KEEP_FINISHED_DAYS)",
+                         len(removed), KEEP_FINISHED_DAYS)
+
+
+class DaemonLifecycle(DaemonState):
+    """The part of the Daemon that starts it (the folder checked, the node claimed, what
+    predecessors left ended), yields the node to a daemon that took it over, and shuts it
+    down (a signal, an auto-shutdown, node 0 stopping). Its attributes are the Daemon's."""
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -6363,6 +6509,157 @@ class Daemon:
     @property
     def is_leader(self) -> bool:
         return self.config.node_rank == 0
+
+    # -- ownership -------------------------------------------------------------------------
+
+    def owns_node(self) -> bool:
+        """True while this daemon's claim is the one in its node's state file (one read);
+        when another daemon's is there, this one yields (docs/protocol.md)."""
+        if self.displaced:
+            return False
+        fields = self.claim.other_holder()
+        if fields is None:
+            return True
+        self.yield_node(fields)
+        return False
+
+    def yield_node(self, fields: dict[str, str]) -> None:
+        self.displaced = True
+        LOG.error("another daemon holds this instance and node: pid %s on %s, started %s; "
+                  "this one stops, and its tasks are left to that daemon",
+                  fields.get("pid", "?"), fields.get("host", "?"), fields.get("started_at", "?"))
+        self.stopping = self.stopping or "another daemon holds this instance"
+        for task in list(self.runner.tasks.values()):
+            self.runner.tasks.pop(task.key, None)
+            if task.proc is None:
+                if task.rank is None:
+                    self.runner.unclaim(task.task_id)
+            else:
+                signal_group(task.proc.pid, signal.SIGKILL)
+            self.keepalive.task_finished(task.gpus)
+        self.runner.unfinished.clear()
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def on_signal(self, name: str) -> None:
+        self.signals_seen += 1
+        if self.signals_seen == 1:
+            self.begin_shutdown(f"{name} received")
+        else:
+            LOG.info("%s received again: killing the running tasks now", name)
+            for task in list(self.runner.tasks.values()):
+                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown", hard=True)
+
+    def begin_shutdown(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = reason
+        self.state_dirty = True
+        LOG.info("Shutting down: %s", reason)
+        for task in list(self.runner.tasks.values()):
+            if task.proc is None and task.rank is None:  # its GPUs were being freed: requeue
+                self.runner.tasks.pop(task.key, None)
+                self.runner.unclaim(task.task_id)
+                self.keepalive.task_finished(task.gpus)
+            else:
+                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown")
+
+    def begin_drain(self, reason: str) -> None:
+        """Auto-shutdown: start nothing new, stop keep-alive, let the running tasks end."""
+        self.draining = reason
+        self.state_dirty = True
+        running = len(self.runner.tasks)
+        LOG.info("Auto-shutdown: %s; %s", reason, f"waiting for {running} running task(s) to "
+                 "end; nothing new starts" if running else "nothing runs")
+        self.keepalive.stop()
+
+    def follow_leader(self) -> None:
+        """A node other than 0 ends when node 0 has stopped after this node started: at once
+        after a shutdown, after its own tasks after an auto-shutdown."""
+        try:
+            fields = self.folder.read_fields(self.folder.dir("nodes") / "node-0.state") or {}
+        except (OSError, ValueError):
+            return
+        stopped = as_float(fields.get("stopped"))
+        if fields.get("status") == "stopped" and stopped is not None and stopped > self.started:
+            if fields.get("stop_reason", "").startswith("auto-shutdown"):
+                if not self.draining:
+                    self.begin_drain("node 0 reached its auto-shutdown")
+            else:
+                self.begin_shutdown("node 0 has stopped")
+
+    def close(self) -> None:
+        self.keepalive.stop()
+        self.runner.retry_unfinished()
+        self.write_state(stopped=True)
+        deadline = self.clock() + CALLBACK_EXIT_WAIT_SECONDS  # the last tasks' callbacks
+        while self.callbacks.running and self.clock() < deadline:
+            self.callbacks.poll()
+            self.sleep(MIN_WAIT_SECONDS)
+        LOG.info("Stopped: %s", self.stopping or self.draining or "loop ended")
+
+
+class Daemon(DaemonLifecycle):
+    """The main loop: heartbeat, commands, the queue, keep-alive; one tick at a time. Its
+    start-up, ownership and shut-down are DaemonLifecycle's, its state file DaemonState's."""
+
+    def __init__(self, config: Config, keepalive: KeepAlive | None = None,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep,
+                 identity: Identity | None = None, inventory: Inventory | None = None,
+                 monotonic: Callable[[], float] | None = None):
+        self.config = config
+        self.keepalive = keepalive or KeepAlive()
+        self.inventory = inventory or Inventory(())
+        self.clock = clock
+        self.sleep = sleep
+        # other nodes' liveness and this node's fence are timed on this clock, never on the
+        # wall clock (hosts' clocks differ); simulated time drives both in tests
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        self.fence = SelfFence(self.monotonic)
+        self.beats = 0
+        self.identity = identity or Identity.here()
+        self.folder = QueueFolder(config.instance, config.shared)
+        self.throttled = ThrottledLog(clock)
+        self.started = clock()
+        self.started_text = f"{self.started:.3f}"  # as published; names this daemon's claims
+        self.claim = NodeClaim(config, self.folder, self.identity, self.started_text, clock,
+                               sleep, self.throttled)
+        self.runner = TaskRunner(config, self.folder, self.identity, clock, self.throttled,
+                                 self.inventory, self.started_text)
+        self.callbacks = Callbacks(config.callback, self.folder, config.job_id, clock,
+                                   self.throttled)
+        self.runner.ends.ended = self.callbacks.task_ended
+        self.gangs = Gangs(config, self.folder, self.runner, clock, self.throttled,
+                           config.node_addr or self.identity.host)
+        self.scheduler = Scheduler(config, self.folder, self.runner, self.gangs, self.inventory,
+                                   clock, self.throttled, self.begin, self.owns_node)
+        self.scheduler.liveness = Liveness(self.monotonic)
+        self.commands = Commands(config, self.folder, self.runner, self.gangs, clock,
+                                 self.throttled, self.started, self.begin_shutdown,
+                                 self.mark_changed, self.ask_sweep)
+        self.shutdown_at = self.started + config.hours * 3600
+        self.hard_at = (self.started + AUTO_SHUTDOWN_HARD_HOURS * 3600
+                        if AUTO_SHUTDOWN_HARD_HOURS else None)
+        self.stopping = ""  # why the daemon is shutting down, once it is
+        self.draining = ""  # why it starts nothing new and ends when its tasks have ended
+        # gpu_drain's, of the instance and of this node: nothing new starts, the daemon stays
+        self.user_drain: tuple[str | None, str | None] = (None, None)
+        self.sweep_now = False  # a stop_all with nothing running: end other Python processes
+        self.unsafe: str | None = None  # why the queue folder is not to be trusted now
+        self.finished = False
+        self.signals_seen = 0
+        self.last_state_write = -1e18
+        self.state_dirty = True
+        self.last_housekeeping = self.started
+        self.last_cleaning = -1e18
+        self.last_leader_check = self.started
+        self.waiter: SignalWaiter | None = None
+        self.displaced = False  # another daemon owns this node's state file
+        self.running_names: list[str] = []
+        self.runner.ends.may_record = lambda: (not self.displaced
+                                               and self.claim.other_holder() is None)
+        self.history = History(self.folder, clock)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -6591,35 +6888,6 @@ class Daemon:
         self.state_dirty = True
         self.start_when_free(task)
 
-    # -- ownership -------------------------------------------------------------------------
-
-    def owns_node(self) -> bool:
-        """True while this daemon's claim is the one in its node's state file (one read);
-        when another daemon's is there, this one yields (docs/protocol.md)."""
-        if self.displaced:
-            return False
-        fields = self.claim.other_holder()
-        if fields is None:
-            return True
-        self.yield_node(fields)
-        return False
-
-    def yield_node(self, fields: dict[str, str]) -> None:
-        self.displaced = True
-        LOG.error("another daemon holds this instance and node: pid %s on %s, started %s; "
-                  "this one stops, and its tasks are left to that daemon",
-                  fields.get("pid", "?"), fields.get("host", "?"), fields.get("started_at", "?"))
-        self.stopping = self.stopping or "another daemon holds this instance"
-        for task in list(self.runner.tasks.values()):
-            self.runner.tasks.pop(task.key, None)
-            if task.proc is None:
-                if task.rank is None:
-                    self.runner.unclaim(task.task_id)
-            else:
-                signal_group(task.proc.pid, signal.SIGKILL)
-            self.keepalive.task_finished(task.gpus)
-        self.runner.unfinished.clear()
-
     # -- what commands change --------------------------------------------------------------
 
     def mark_changed(self) -> None:
@@ -6627,162 +6895,6 @@ class Daemon:
 
     def ask_sweep(self) -> None:
         self.sweep_now = True
-
-    # -- shutdown --------------------------------------------------------------------------
-
-    def on_signal(self, name: str) -> None:
-        self.signals_seen += 1
-        if self.signals_seen == 1:
-            self.begin_shutdown(f"{name} received")
-        else:
-            LOG.info("%s received again: killing the running tasks now", name)
-            for task in list(self.runner.tasks.values()):
-                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown", hard=True)
-
-    def begin_shutdown(self, reason: str) -> None:
-        if self.stopping:
-            return
-        self.stopping = reason
-        self.state_dirty = True
-        LOG.info("Shutting down: %s", reason)
-        for task in list(self.runner.tasks.values()):
-            if task.proc is None and task.rank is None:  # its GPUs were being freed: requeue
-                self.runner.tasks.pop(task.key, None)
-                self.runner.unclaim(task.task_id)
-                self.keepalive.task_finished(task.gpus)
-            else:
-                self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown")
-
-    def begin_drain(self, reason: str) -> None:
-        """Auto-shutdown: start nothing new, stop keep-alive, let the running tasks end."""
-        self.draining = reason
-        self.state_dirty = True
-        running = len(self.runner.tasks)
-        LOG.info("Auto-shutdown: %s; %s", reason, f"waiting for {running} running task(s) to "
-                 "end; nothing new starts" if running else "nothing runs")
-        self.keepalive.stop()
-
-    def follow_leader(self) -> None:
-        """A node other than 0 ends when node 0 has stopped after this node started: at once
-        after a shutdown, after its own tasks after an auto-shutdown."""
-        try:
-            fields = self.folder.read_fields(self.folder.dir("nodes") / "node-0.state") or {}
-        except (OSError, ValueError):
-            return
-        stopped = as_float(fields.get("stopped"))
-        if fields.get("status") == "stopped" and stopped is not None and stopped > self.started:
-            if fields.get("stop_reason", "").startswith("auto-shutdown"):
-                if not self.draining:
-                    self.begin_drain("node 0 reached its auto-shutdown")
-            else:
-                self.begin_shutdown("node 0 has stopped")
-
-    def close(self) -> None:
-        self.keepalive.stop()
-        self.runner.retry_unfinished()
-        self.write_state(stopped=True)
-        deadline = self.clock() + CALLBACK_EXIT_WAIT_SECONDS  # the last tasks' callbacks
-        while self.callbacks.running and self.clock() < deadline:
-            self.callbacks.poll()
-            self.sleep(MIN_WAIT_SECONDS)
-        LOG.info("Stopped: %s", self.stopping or self.draining or "loop ended")
-
-    # -- state -----------------------------------------------------------------------------
-
-    def write_state(self, stopped: bool = False, force: bool = False) -> None:
-        """Publish this node's state file, while this daemon owns it (docs/protocol.md)."""
-        if self.displaced or (not force and not stopped and not self.owns_node()):
-            return
-        now = self.clock()
-        tasks = sorted(self.runner.tasks.values(), key=lambda t: (t.task_id, t.rank or 0))
-        status = "stopped" if stopped else "stopping" if self.stopping else \
-            "draining" if self.draining else "running"
-        load = self.scheduler.load()
-        waiting = self.scheduler.waiting
-        first = tasks[0] if tasks else None
-        fields: dict[str, object] = {
-            "protocol": PROTOCOL_VERSION, "job_id": self.config.job_id,
-            "node_rank": self.config.node_rank, "num_nodes": self.config.num_nodes,
-            "host": self.identity.host, "pid": self.identity.pid,
-            "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
-            "node_addr": self.gangs.node_addr,
-            "status": status, "started": self.started_text,
-            "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
-            "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
-            "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
-            "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
-            "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.config.kill_scope,
-            "keepalive": self.keepalive.describe(),
-            "running_count": len(tasks),
-            "current_task": first.task_id if first else "",
-            "current_task_started": f"{first.started:.3f}" if first and first.started else "",
-            "waiting.id": waiting[0] if waiting else "",
-            "waiting.reason": waiting[1] if waiting else "",
-            "cpu_slots": MAX_CPU_TASKS, "cpu_running": load.cpu_running,
-            "gpus_free": len(load.free), "gpu_count": len(self.inventory.gpus),
-            "refused": self.unsafe or "",
-        }
-        skipped = self.folder.skipped_entries()[:MAX_SKIPPED_SHOWN]
-        fields["skipped_count"] = len(skipped)
-        fields.update({f"skipped.{k}": entry for k, entry in enumerate(skipped)})
-        for k, task in enumerate(tasks):
-            fields.update({f"running.{k}.id": task.task_id, f"running.{k}.gpus": task.gpu_text,
-                           f"running.{k}.started": f"{task.started:.3f}" if task.started else "",
-                           f"running.{k}.pid": task.proc.pid if task.proc else "",
-                           f"running.{k}.rank": "" if task.rank is None else task.rank})
-        busy = self.busy_gpus()
-        reserved = self.gangs.reservations()
-        for i, gpu in enumerate(self.inventory.gpus):
-            fields.update({f"gpu.{i}.index": gpu.number, f"gpu.{i}.name": gpu.name,
-                           f"gpu.{i}.uuid": gpu.uuid, f"gpu.{i}.task": busy.get(i, ""),
-                           f"gpu.{i}.reserved": "" if i in busy else reserved.get(i, ""),
-                           f"gpu.{i}.state": "off",
-                           f"gpu.{i}.reason": self.keepalive.why})
-        try:
-            fields.update(self.keepalive.gpu_fields())
-        except Exception:  # noqa: BLE001 - a GPU query must not stop the heartbeat
-            self.throttled.warning("gpufields", "cannot read the GPU state", exc_info=True)
-        if stopped:
-            fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
-                          stop_reason=self.stopping or self.draining)
-        self.write_beat()
-        try:
-            self.folder.publish(self.claim.path, format_fields(fields), durable=False)
-            self.last_state_write = now
-            self.state_dirty = False
-        except OSError as exc:
-            hint = " (an expired AFS token? renew it with aklog/krenew)" \
-                if exc.errno == errno.EACCES else ""
-            if self.folder.ensure():
-                LOG.warning("queue folders were missing: created again")
-            self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
-
-    def write_beat(self) -> None:
-        """The node's beat: a count that advances, rewritten in place (docs/protocol.md)."""
-        self.beats += 1
-        try:
-            self.folder.write_beat(self.config.node_rank, format_fields(
-                {"started": self.started_text, "beat": self.beats,
-                 "time": f"{self.clock():.3f}"}))
-        except OSError as exc:
-            self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
-            return
-        self.fence.beat()
-
-    def housekeeping(self) -> None:
-        now = self.clock()
-        self.last_housekeeping = now
-        made = self.folder.ensure()
-        if made:
-            LOG.warning("queue folders were missing: created again: %s", ", ".join(made))
-        self.folder.remove_old(".staging", now, STAGING_MAX_AGE_SECONDS)
-        self.folder.remove_old("replies", now, STAGING_MAX_AGE_SECONDS)
-        if self.is_leader and KEEP_FINISHED_DAYS and now - self.last_cleaning >= 86400:
-            self.last_cleaning = now
-            removed = self.folder.remove_finished(now - KEEP_FINISHED_DAYS * 86400)
-            if removed:
-                LOG.info("Removed %d finished task(s) older than %d days (KEEP_FINISHED_DAYS)",
-                         len(removed), KEEP_FINISHED_DAYS)
 
 
 # Command line ###############################################################################
