@@ -1310,10 +1310,31 @@ def test_worker_loop_keeps_its_duty_on_the_cpu():
                                n_max=512, element_size=4)
     assert 32 <= tiles.n <= 512 and tiles.estimate > 0
     reports = []
-    control = ScriptedControl([(3.1, "duty 0.2"), (6.2, "stop")])
+
+    class AfterReports:
+        """duty 0.2 once two reports at 0.6 came, then stop after two more: on a loaded
+        machine a stalled loop reports late, and the phases wait for it (up to 30 s)."""
+
+        def __init__(self):
+            self.began = time.monotonic()
+            self.sent = False
+
+        def poll(self, timeout):
+            stats = [pm.parse_message(r)[1]["duty"] for r in reports if r.startswith("stats")]
+            if time.monotonic() - self.began > 30:
+                return ["stop"]
+            if stats.count("0.200") >= 3:
+                return ["stop"]
+            if stats.count("0.600") >= 3 and not self.sent:
+                self.sent = True
+                return ["duty 0.2"]
+            time.sleep(timeout)
+            return []
+
     begin = time.monotonic()
-    code = pm.run_worker_loop(tiles, control, duty=0.6, report=reports.append, period=0.05)
-    assert code == 0 and time.monotonic() - begin < 7.5
+    code = pm.run_worker_loop(tiles, AfterReports(), duty=0.6, report=reports.append,
+                              period=0.05)
+    assert code == 0 and time.monotonic() - begin < 30
     stats = [pm.parse_message(r)[1] for r in reports if r.startswith("stats")]
     early = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.6]
     late = [float(s["busy"]) for s in stats if float(s["duty"]) == 0.2]
