@@ -212,17 +212,32 @@ _gpu_whole_chars() {  # _gpu_whole_chars TEXT: TEXT less a UTF-8 sequence cut sh
   esac
 }
 
-_gpu_cut() { _gpu_fit "$1" "$2" head; }  # _gpu_cut TEXT WIDTH: TEXT in WIDTH columns, ..
-_gpu_cut_left() { _gpu_fit "$1" "$2" tail; }  # _gpu_cut_left TEXT WIDTH: ..TEXT's end
+_gpu_cut() { _gpu_fit "$1" "$2" head; }  # _gpu_cut TEXT WIDTH: TEXT in WIDTH columns, …
+_gpu_cut_left() { _gpu_fit "$1" "$2" tail; }  # _gpu_cut_left TEXT WIDTH: …TEXT's end
+
+_gpu_cut_middle() {  # _gpu_cut_middle TEXT WIDTH: TEXT, else its start…its end in WIDTH columns
+  # (the end no wider than the start: a name's seed, extension or :id part stays), into _gpu_c
+  _gpu_c=$1
+  [ "${#1}" -le "$2" ] && return 0
+  _gpu_cols "$1"
+  [ "$_gpu_cw" -le "$2" ] && return 0
+  if [ "$2" -lt 3 ]; then _gpu_cut "$1" "$2"; return; fi
+  local head tail=$((($2 - 1) / 2))
+  _gpu_fit "$1" "$(($2 - tail))" head; head=${_gpu_c%…}  # its start, in WIDTH-1-tail columns
+  _gpu_cols "$head"
+  _gpu_fit "$1" "$(($2 - _gpu_cw))" tail  # its end, in the columns the start left
+  _gpu_c=$head$_gpu_c
+}
 
 _gpu_fit() {  # _gpu_fit TEXT WIDTH head|tail: TEXT, else its longest head (tail) in whole
-  # characters that fits WIDTH columns with "..", into _gpu_c
+  # characters that fits WIDTH columns with "…" (one column, never read as a full stop), into
+  # _gpu_c
   _gpu_c=$1
   [ "${#1}" -le "$2" ] && return 0  # no character takes more columns than it has bytes
   _gpu_cols "$1"
   [ "$_gpu_cw" -le "$2" ] && return 0
-  local want=$(($2 - 2)) dots=.. n best='' part more
-  if [ "$2" -le 2 ]; then want=$2 dots=''; fi
+  local want=$(($2 - 1)) dots=… n best='' part more
+  if [ "$2" -le 1 ]; then want=$2 dots=''; fi
   n=$want
   while [ "$n" -le "${#1}" ]; do  # longer parts until one more character would not fit
     if [ "$3" = head ]; then
@@ -1647,11 +1662,14 @@ _gpu_cmd_list() {
       _gpu_js "$job"; [ -n "$job" ] || _gpu_j=null; printf '"cluster_job_id": %s}' "$_gpu_j"
       continue
     fi
-    _gpu_cut "$id" "$width"; id=$_gpu_c
-    _gpu_cut "${host:--}" 10; host=$_gpu_c
+    # printf pads bytes: what is cut (… is 3 bytes) is padded to its columns here
+    _gpu_cut_middle "$id" "$width"; [ "$_gpu_c" = "$id" ] || { _gpu_pad "$_gpu_c" "$width"
+      id=$_gpu_pd; }
+    host=${host:--}
+    _gpu_cut "$host" 10; [ "$_gpu_c" = "$host" ] || { _gpu_pad "$_gpu_c" 10; host=$_gpu_pd; }
     line=$(printf '%s %-*s  %-8s %-5s  %-10s %6s %6s  %4s %5s %5s %5s  ' "$mark" "$width" "$id" \
       "$daemon" "$nodes" "$host" "${up:--}" "${left:--}" "$run" "$pend" "$ndone" "$failed")
-    _gpu_esc "${job:--}"; _gpu_cut "$_gpu_e" "$((100 - ${#line}))"
+    _gpu_cols "$line"; _gpu_esc "${job:--}"; _gpu_cut "$_gpu_e" "$((100 - _gpu_cw))"
     _gpu_say "$line$_gpu_c"
   done
   if [ -n "$_gpu_o_json" ]; then printf '%s]}\n' "${sep:+$_gpu_nl}"; fi
@@ -2279,6 +2297,7 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
     while [ "$i" -lt "$count" ]; do
       _gpu_field "gpu.$i.index"; gpus=${_gpu_val:-$i}
       _gpu_field "gpu.$i.name"; _gpu_esc "${_gpu_val:-?}"; _gpu_cut "$_gpu_e" 19; what=$_gpu_c
+      [ "$what" = "$_gpu_e" ] || { _gpu_pad "$what" 19; what=$_gpu_pd; }  # … is 3 bytes
       printf -v line '%-4s %-19s' "$gpus" "$what"
       _gpu_field "gpu.$i.util"; printf -v what '%4s' "${_gpu_val:--}${_gpu_val:+%}"
       line="$line $what"
@@ -2450,9 +2469,10 @@ $row
 EOF
     base=${names%%"$_gpu_nl"*}; names=${names#*"$_gpu_nl"}; base=${base#*"$_gpu_fs"}
     if [ -z "$_gpu_o_long" ]; then
-      _gpu_cut_left "$base" "$width"; base=$_gpu_c
-      _gpu_cut "$node" 4; node=$_gpu_c
-      _gpu_cut "$gpus" 7; gpus=$_gpu_c
+      _gpu_cut_middle "$base" "$width"; base=$_gpu_c
+      # printf pads bytes: what is cut (… is 3 bytes) is padded to its columns here
+      _gpu_cut "$node" 4; [ "$_gpu_c" = "$node" ] || { _gpu_pad "$_gpu_c" 4; node=$_gpu_pd; }
+      _gpu_cut "$gpus" 7; [ "$_gpu_c" = "$gpus" ] || { _gpu_pad "$_gpu_c" 7; gpus=$_gpu_pd; }
     fi
     _gpu_pad "$base" "$width"
     printf -v line '%s %4s %-11s %-4s %-7s %10s %5s  ' "$_gpu_pd" "$prio" "$state" "$node" \
