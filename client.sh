@@ -3842,7 +3842,9 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
         return 0 ;;
       use) [ "$positional" -eq 0 ] || return 0 ;;
       show | logs | tail) [ "$positional" -eq 0 ] || return 0 ;;
-      wait | stop | retry) ;;
+      wait | stop | retry | hold | release) ;;
+      priority)  # NAME PRIORITY|top
+        case $positional in 0) ;; 1) printf 'top\n'; return 0 ;; *) return 0 ;; esac ;;
       *) return 0 ;;
     esac
   fi
@@ -3855,7 +3857,6 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
   _gpu_q=$_gpu_r/$JOB_ID
   {
     [ "$what" = stop ] && [ "$positional" -eq 0 ] && printf 'all\n'
-    [ "$what" = priority ] && [ "$positional" -eq 1 ] && printf 'top\n'
     for id in $(case $what in hold | release | priority) ;; *) _gpu_ls "$_gpu_q/running" ;; esac
       _gpu_ls "$_gpu_q/pending"); do
       printf '%s\n' "$id"
