@@ -7,8 +7,8 @@
 #
 # then `gpu_help` lists the commands and `gpu_COMMAND --help` explains one. It needs only bash or
 # zsh, coreutils (ls, sed, sort, date, head, tail, od, cp, mv, mkdir, dd, wc), find, xargs, grep
-# and awk (POSIX): no Python and no jq on the login machine. It writes and reads the queue folder exactly as
-# docs/protocol.md says, so it works from any host that mounts it.
+# and awk (POSIX): no Python and no jq on the login machine. It writes and reads the queue folder
+# exactly as docs/protocol.md says, so it works from any host that mounts it.
 #
 # Settings, read at every call:
 #   JOB_ID             the instance (one daemon and its queue); `gpu_use ID` sets it
