@@ -6,9 +6,9 @@
 #     source /path/to/client.sh
 #
 # then `gpu_help` lists the commands and `gpu_COMMAND --help` explains one. It needs only bash or
-# zsh, coreutils (ls, sed, sort, date, head, tail, od, cp, mv, mkdir, dd, wc), find, xargs and
-# grep: no Python and no jq on the login machine. It writes and reads the queue folder exactly as
-# docs/protocol.md says, so it works from any host that mounts it.
+# zsh, coreutils (ls, sed, sort, date, head, tail, od, cp, mv, mkdir, dd, wc), find, xargs, grep
+# and awk (POSIX): no Python and no jq on the login machine. It writes and reads the queue folder
+# exactly as docs/protocol.md says, so it works from any host that mounts it.
 #
 # Settings, read at every call:
 #   JOB_ID             the instance (one daemon and its queue); `gpu_use ID` sets it
@@ -216,17 +216,32 @@ _gpu_whole_chars() {  # _gpu_whole_chars TEXT: TEXT less a UTF-8 sequence cut sh
   esac
 }
 
-_gpu_cut() { _gpu_fit "$1" "$2" head; }  # _gpu_cut TEXT WIDTH: TEXT in WIDTH columns, ..
-_gpu_cut_left() { _gpu_fit "$1" "$2" tail; }  # _gpu_cut_left TEXT WIDTH: ..TEXT's end
+_gpu_cut() { _gpu_fit "$1" "$2" head; }  # _gpu_cut TEXT WIDTH: TEXT in WIDTH columns, …
+_gpu_cut_left() { _gpu_fit "$1" "$2" tail; }  # _gpu_cut_left TEXT WIDTH: …TEXT's end
+
+_gpu_cut_middle() {  # _gpu_cut_middle TEXT WIDTH: TEXT, else its start…its end in WIDTH columns
+  # (the end no wider than the start: a name's seed, extension or :id part stays), into _gpu_c
+  _gpu_c=$1
+  [ "${#1}" -le "$2" ] && return 0
+  _gpu_cols "$1"
+  [ "$_gpu_cw" -le "$2" ] && return 0
+  if [ "$2" -lt 3 ]; then _gpu_cut "$1" "$2"; return; fi
+  local head tail=$((($2 - 1) / 2))
+  _gpu_fit "$1" "$(($2 - tail))" head; head=${_gpu_c%…}  # its start, in WIDTH-1-tail columns
+  _gpu_cols "$head"
+  _gpu_fit "$1" "$(($2 - _gpu_cw))" tail  # its end, in the columns the start left
+  _gpu_c=$head$_gpu_c
+}
 
 _gpu_fit() {  # _gpu_fit TEXT WIDTH head|tail: TEXT, else its longest head (tail) in whole
-  # characters that fits WIDTH columns with "..", into _gpu_c
+  # characters that fits WIDTH columns with "…" (one column, never read as a full stop), into
+  # _gpu_c
   _gpu_c=$1
   [ "${#1}" -le "$2" ] && return 0  # no character takes more columns than it has bytes
   _gpu_cols "$1"
   [ "$_gpu_cw" -le "$2" ] && return 0
-  local want=$(($2 - 2)) dots=.. n best='' part more
-  if [ "$2" -le 2 ]; then want=$2 dots=''; fi
+  local want=$(($2 - 1)) dots=… n best='' part more
+  if [ "$2" -le 1 ]; then want=$2 dots=''; fi
   n=$want
   while [ "$n" -le "${#1}" ]; do  # longer parts until one more character would not fit
     if [ "$3" = head ]; then
@@ -382,7 +397,11 @@ _gpu_bounded() {  # _gpu_bounded VALUE: a count read from a file, 0..1024, into 
   esac
 }
 
-_gpu_now() { _gpu_t=$(command date +%s); }
+_gpu_now() {  # the time (epoch, whole seconds) into _gpu_t: the shell's clock, else date
+  if [ -z "${ZSH_VERSION-}" ]; then printf -v _gpu_t '%(%s)T' -1; return; fi
+  if zmodload zsh/datetime 2>/dev/null; then _gpu_t=$EPOCHSECONDS; return; fi
+  _gpu_t=$(command date +%s)
+}
 
 _gpu_sleep() {  # _gpu_sleep SECONDS: a pause that Ctrl-C always ends (see _gpu_bg)
   command sleep "$1" &
@@ -427,9 +446,18 @@ _gpu_age() {  # _gpu_age EPOCH: how long ago (from _gpu_t) into _gpu_d; clock sk
 }
 
 _gpu_date() {  # _gpu_date EPOCH [FALLBACK]: local time, to the minute, for people
-  _gpu_int "$1" || { printf '%s\n' "${2:--}"; return; }
-  command date -d "@$_gpu_i" '+%Y-%m-%d %H:%M' 2>/dev/null \
-    || command date -r "$_gpu_i" '+%Y-%m-%d %H:%M' 2>/dev/null || printf '%s\n' "${2:--}"
+  _gpu_minute "$@"
+  printf '%s\n' "$_gpu_dt"
+}
+
+_gpu_minute() {  # _gpu_minute EPOCH [FALLBACK]: _gpu_date's text into _gpu_dt
+  _gpu_dt=${2:--}
+  _gpu_int "$1" || return 0
+  if [ -z "${ZSH_VERSION-}" ]; then printf -v _gpu_dt '%(%Y-%m-%d %H:%M)T' "$_gpu_i"; return; fi
+  if zmodload zsh/datetime 2>/dev/null; then strftime -s _gpu_dt '%Y-%m-%d %H:%M' "$_gpu_i"
+    return; fi
+  _gpu_dt=$(command date -d "@$_gpu_i" '+%Y-%m-%d %H:%M' 2>/dev/null \
+    || command date -r "$_gpu_i" '+%Y-%m-%d %H:%M' 2>/dev/null) || _gpu_dt=${2:--}
 }
 
 _gpu_ranges() {  # _gpu_ranges 0,1,2,5: GPU numbers with runs joined (0-2,5) into _gpu_g
@@ -465,6 +493,14 @@ _gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, 
     | command sort -z | command tr '\n\0' '?\n'
 }
 
+_gpu_no_entries() {  # _gpu_no_entries DIR: has DIR no published name (or is it not there)?
+  [ -d "$1" ] || return 0
+  set +f  # the dispatcher's noglob, for the one pattern
+  set -- "$1"/*
+  set -f
+  [ "$#" -eq 1 ] && [ ! -e "$1" ] && [ ! -L "$1" ]
+}
+
 _gpu_count() {  # _gpu_count DIR: sets _gpu_n to the number of published names in DIR
   _gpu_n=$(_gpu_ls "$1" | command wc -l)
   _gpu_n=${_gpu_n//[!0-9]/}
@@ -475,6 +511,10 @@ _gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it c
   # shellcheck disable=SC2086  # the names of the previous file's keys
   [ -z "$_gpu_keys" ] || unset $_gpu_keys
   _gpu_keys=''
+  if [ -n "${_gpu_pre_on-}" ] && [ -n "${_gpu_pre[$1]+set}" ]; then  # read by _gpu_preload
+    eval "${_gpu_pre[$1]}"
+    return 0
+  fi
   # a regular file only (a FIFO would block); at most 20000 lines (a state file of 1024 GPUs)
   [ -f "$1" ] && [ -r "$1" ] || return 1
   {
@@ -487,6 +527,40 @@ _gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it c
       _gpu_keys="$_gpu_keys $key"
     done < "$1"
   } 2>/dev/null
+}
+
+_gpu_preload() {  # _gpu_preload FILE...: the regular, readable FILEs read by one awk into
+  # _gpu_pre (an associative array of the caller's, _gpu_pre_on set), where _gpu_load takes them
+  # from: each file as the assignments _gpu_load's own loop would make. A file awk cannot give
+  # as that loop reads it (one that holds a NUL byte, or awk failed) is left to _gpu_load.
+  local f line out list='' IFS=$_gpu_nl
+  for f in "$@"; do
+    case $f in *"$_gpu_nl"* | *"$_gpu_fs"* | -) continue ;; esac  # one name a line
+    [ -f "$f" ] && [ -r "$f" ] && list=$list$f$_gpu_nl
+  done
+  [ -n "$list" ] || return 0
+  out=$(printf '%s' "$list" | command awk -v q="'" '
+    {
+      file = $0; n = 0; bad = 0; lines = 0
+      while (lines < 20000 && (got = (getline line < file)) > 0) {
+        lines++
+        if (line ~ /\000/) { bad = 1; break }
+        eq = index(line, "=")
+        key = substr(line, 1, eq - 1)
+        if (eq < 2 || key ~ /[^a-z0-9_.]/) continue
+        gsub(/\./, "_", key)
+        value = substr(line, eq + 1)
+        gsub(q, q "\"" q "\"" q, value)
+        part[++n] = "_gpu_f_" key "=" q value q " _gpu_keys=$_gpu_keys" q " _gpu_f_" key q " "
+      }
+      close(file)
+      if (bad || got < 0) next
+      printf "%s\037", file  # the file, then its assignments, on one line
+      for (i = 1; i <= n; i++) printf "%s", part[i]
+      printf "\n"
+    }' 2>/dev/null) || return 0
+  for line in $out; do _gpu_pre[${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"}; done
+  _gpu_pre_on=1
 }
 
 _gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when absent
@@ -657,8 +731,18 @@ _gpu_instances() {  # the instances under the root, one a line
 # Daemons ###########################################################################################
 
 _gpu_node_files() {  # the node state files of the instance, by rank (node-2 before node-10)
-  _gpu_ls "$_gpu_q/nodes" | command sed -n 's/^node-\([0-9]\{1,9\}\)\.state$/\1 &/p' \
-    | command sort -n | command head -n 1024 | command sed 's/^[0-9]* //'
+  local name rank found='' IFS=$_gpu_nl
+  for name in $(_gpu_ls "$_gpu_q/nodes"); do
+    case $name in node-*.state) ;; *) continue ;; esac
+    rank=${name#node-}; rank=${rank%.state}
+    case $rank in '' | *[!0-9]* | ??????????*) continue ;; esac
+    found=$found$rank' '$name$_gpu_nl
+  done
+  case $found in
+    *"$_gpu_nl"?*)  # more than one: sorted by rank
+      printf '%s' "$found" | command sort -n | command head -n 1024 | command sed 's/^[0-9]* //' ;;
+    *) printf '%s' "${found#* }" ;;
+  esac
 }
 
 _gpu_own_host() {  # on a loaded node state: does that daemon run on this host, boot, PID space?
@@ -1267,7 +1351,7 @@ _gpu_runmap_build() {  # every running.<k> of every node state into _gpu_runmap,
   # and the ranks of the nodes whose daemon is dead or stopped into _gpu_down (" 0 3 ")
   local node k count id IFS=$_gpu_nl
   _gpu_runmap='' _gpu_down=' '
-  for node in $(_gpu_node_files); do
+  for node in ${_gpu_states-$(_gpu_node_files)}; do
     _gpu_load "$_gpu_q/nodes/$node" || continue
     node=${node#node-}; node=${node%.state}
     _gpu_liveness
@@ -1301,8 +1385,13 @@ EOF
     if [ "${rank:-0}" = 0 ]; then _gpu_rm_gpus=$gpus _gpu_rm_started=$started; fi
   done
   # the nodes in rank order: 1,0 for a gang whose rank 0 runs on node 1
-  _gpu_rm_nodes=$(printf '%s' "$nodes" | command sort -n | command sed 's/^[0-9]*://' \
-    | command paste -sd, -)
+  rest=${nodes%"$_gpu_nl"}
+  case $rest in
+    *"$_gpu_nl"* | [!0-9]* | *[!0-9]*:*)  # more than one, or a rank that is not a number
+      _gpu_rm_nodes=$(printf '%s' "$nodes" | command sort -n | command sed 's/^[0-9]*://' \
+        | command paste -sd, -) ;;
+    *) _gpu_rm_nodes=${rest#*:} ;;
+  esac
 }
 
 _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu_t_*
@@ -1314,21 +1403,18 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
   _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
   _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_jargs='' _gpu_t_retry_of=''
   _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req='' _gpu_t_env=''
+  # the loaded fields are read as _gpu_f_<key> (as _gpu_load sets them), not through _gpu_field:
+  # gpu_status reads some thirty for each row
   if _gpu_load "$_gpu_q/records/$id.submit"; then
     _gpu_t_record=1
-    _gpu_field display_name; _gpu_t_display=$_gpu_val
-    _gpu_field source; _gpu_t_source=$_gpu_val
-    _gpu_field command; _gpu_t_command=$_gpu_val
-    _gpu_field cwd; _gpu_t_cwd=$_gpu_val
-    _gpu_field gpus; _gpu_t_gpus_req=${_gpu_val:-all}
-    _gpu_field nodes; _gpu_t_nodes_req=${_gpu_val:-1}
-    _gpu_field time_limit; _gpu_whole "$_gpu_val" 31536000 && _gpu_t_time_req=$_gpu_i
+    _gpu_t_display=${_gpu_f_display_name-} _gpu_t_source=${_gpu_f_source-}
+    _gpu_t_command=${_gpu_f_command-} _gpu_t_cwd=${_gpu_f_cwd-}
+    _gpu_t_gpus_req=${_gpu_f_gpus:-all} _gpu_t_nodes_req=${_gpu_f_nodes:-1}
+    _gpu_whole "${_gpu_f_time_limit-}" 31536000 && _gpu_t_time_req=$_gpu_i
     _gpu_record_env; _gpu_t_env=$_gpu_env
-    _gpu_field after; _gpu_t_after=$_gpu_val
-    _gpu_field retry_of; _gpu_t_retry_of=$_gpu_val
-    _gpu_field submitted; _gpu_t_submitted=$_gpu_val
-    _gpu_field submitted_by; _gpu_t_by=$_gpu_val
-    _gpu_field argc; _gpu_bounded "$_gpu_val"; argc=$_gpu_i
+    _gpu_t_after=${_gpu_f_after-} _gpu_t_retry_of=${_gpu_f_retry_of-}
+    _gpu_t_submitted=${_gpu_f_submitted-} _gpu_t_by=${_gpu_f_submitted_by-}
+    _gpu_bounded "${_gpu_f_argc-}"; argc=$_gpu_i
     i=0
     while [ "$i" -lt "$argc" ]; do
       _gpu_field "arg.$i"
@@ -1349,15 +1435,13 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
     running)
       _gpu_t_state=starting  # claimed; its GPUs are being freed, or its gang is not ready
       if _gpu_load "$_gpu_q/records/$id.gang"; then
-        _gpu_field nodes; _gpu_t_nodes=$_gpu_val _gpu_t_node=$_gpu_val
+        _gpu_t_nodes=${_gpu_f_nodes-} _gpu_t_node=${_gpu_f_nodes-}
       fi
       if _gpu_load "$_gpu_q/records/$id.run" || _gpu_load "$_gpu_q/records/$id.rank0.run"; then
         _gpu_t_state=running
-        if [ -z "$_gpu_t_nodes" ]; then _gpu_field node_rank; _gpu_t_node=$_gpu_val; fi
-        _gpu_field host; _gpu_t_host=$_gpu_val
-        _gpu_field gpus; _gpu_t_gpus=$_gpu_val
-        _gpu_field started; _gpu_t_started=$_gpu_val
-        _gpu_field attempt; _gpu_t_attempt=$_gpu_val
+        [ -n "$_gpu_t_nodes" ] || _gpu_t_node=${_gpu_f_node_rank-}
+        _gpu_t_host=${_gpu_f_host-} _gpu_t_gpus=${_gpu_f_gpus-}
+        _gpu_t_started=${_gpu_f_started-} _gpu_t_attempt=${_gpu_f_attempt-}
       fi
       if _gpu_runmap_get "$id"; then  # the daemons' own view, from their state files
         _gpu_t_state=running _gpu_t_node=$_gpu_rm_nodes
@@ -1372,19 +1456,13 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
       fi ;;
     done | failed)
       if _gpu_load "$_gpu_q/records/$id.result"; then
-        _gpu_field state; _gpu_t_state=${_gpu_val:-$1}
-        _gpu_field exit_code; _gpu_t_exit=$_gpu_val
-        _gpu_field signal; _gpu_t_signal=$_gpu_val
-        _gpu_field reason; _gpu_t_reason=$_gpu_val
-        _gpu_field started; _gpu_t_started=$_gpu_val
-        _gpu_field ended; _gpu_t_ended=$_gpu_val
-        _gpu_field duration; _gpu_t_duration=$_gpu_val
-        _gpu_field host; _gpu_t_host=$_gpu_val
-        _gpu_field node_rank; _gpu_t_node=$_gpu_val
-        _gpu_field gpus; _gpu_t_gpus=$_gpu_val
-        _gpu_field attempt; _gpu_t_attempt=$_gpu_val
-        if _gpu_field nodes && [ -n "$_gpu_val" ]; then _gpu_t_nodes=$_gpu_val _gpu_t_node=$_gpu_val
-        fi
+        _gpu_t_state=${_gpu_f_state:-$1} _gpu_t_exit=${_gpu_f_exit_code-}
+        _gpu_t_signal=${_gpu_f_signal-} _gpu_t_reason=${_gpu_f_reason-}
+        _gpu_t_started=${_gpu_f_started-} _gpu_t_ended=${_gpu_f_ended-}
+        _gpu_t_duration=${_gpu_f_duration-} _gpu_t_host=${_gpu_f_host-}
+        _gpu_t_node=${_gpu_f_node_rank-} _gpu_t_gpus=${_gpu_f_gpus-}
+        _gpu_t_attempt=${_gpu_f_attempt-}
+        if [ -n "${_gpu_f_nodes-}" ]; then _gpu_t_nodes=$_gpu_f_nodes _gpu_t_node=$_gpu_f_nodes; fi
       fi ;;
   esac
 }
@@ -1611,11 +1689,14 @@ _gpu_cmd_list() {
       _gpu_js "$job"; [ -n "$job" ] || _gpu_j=null; printf '"cluster_job_id": %s}' "$_gpu_j"
       continue
     fi
-    _gpu_cut "$id" "$width"; id=$_gpu_c
-    _gpu_cut "${host:--}" 10; host=$_gpu_c
+    # printf pads bytes: what is cut (… is 3 bytes) is padded to its columns here
+    _gpu_cut_middle "$id" "$width"; [ "$_gpu_c" = "$id" ] || { _gpu_pad "$_gpu_c" "$width"
+      id=$_gpu_pd; }
+    host=${host:--}
+    _gpu_cut "$host" 10; [ "$_gpu_c" = "$host" ] || { _gpu_pad "$_gpu_c" 10; host=$_gpu_pd; }
     line=$(printf '%s %-*s  %-8s %-5s  %-10s %6s %6s  %4s %5s %5s %5s  ' "$mark" "$width" "$id" \
       "$daemon" "$nodes" "$host" "${up:--}" "${left:--}" "$run" "$pend" "$ndone" "$failed")
-    _gpu_esc "${job:--}"; _gpu_cut "$_gpu_e" "$((100 - ${#line}))"
+    _gpu_cols "$line"; _gpu_esc "${job:--}"; _gpu_cut "$_gpu_e" "$((100 - _gpu_cw))"
     _gpu_say "$line$_gpu_c"
   done
   if [ -n "$_gpu_o_json" ]; then printf '%s]}\n' "${sep:+$_gpu_nl}"; fi
@@ -2184,7 +2265,7 @@ _gpu_keepalive_figures() {  # _gpu_keepalive_figures I: how keep-alive fares on 
 _gpu_show_nodes() {  # the daemons part of gpu_status
   local state node rank count i line label host pid what gpus free slots spark drain
   local IFS=$_gpu_nl
-  state=$(_gpu_node_files)
+  state=${_gpu_states-$(_gpu_node_files)}
   if [ -z "$state" ]; then
     _gpu_line 'Daemon:   none has started for this instance yet; tasks wait in pending/'
     return
@@ -2207,17 +2288,17 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
       late) line="NOT RESPONDING on $host, pid $pid: $_gpu_why" ;;
       dead) line="DEAD on $host, pid $pid: $_gpu_why" ;;
       stopped)
-        _gpu_field stopped; line="stopped $(_gpu_date "$_gpu_val")"
+        _gpu_field stopped; _gpu_minute "$_gpu_val"; line="stopped $_gpu_dt"
         _gpu_field stop_reason; [ -n "$_gpu_val" ] && line="$line ($_gpu_val)"
         line="$line on $host, pid $pid" ;;
     esac
     _gpu_line "$label$line"
     [ -z "$_gpu_cause" ] || _gpu_line "          likely: $_gpu_cause"
     [ -z "$drain" ] || _gpu_line "          $drain"
-    _gpu_field started; line="          started $(_gpu_date "$_gpu_val")"
+    _gpu_field started; _gpu_minute "$_gpu_val"; line="          started $_gpu_dt"
     case $_gpu_live in
       alive | stopping | draining | late)
-        _gpu_field shutdown; line="$line, auto-shutdown at $(_gpu_date "$_gpu_val")" ;;
+        _gpu_field shutdown; _gpu_minute "$_gpu_val"; line="$line, auto-shutdown at $_gpu_dt" ;;
     esac
     _gpu_field heartbeat; _gpu_age "$_gpu_val"; _gpu_line "$line, heartbeat $_gpu_d ago"
     _gpu_field gpu_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i
@@ -2243,13 +2324,16 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
     while [ "$i" -lt "$count" ]; do
       _gpu_field "gpu.$i.index"; gpus=${_gpu_val:-$i}
       _gpu_field "gpu.$i.name"; _gpu_esc "${_gpu_val:-?}"; _gpu_cut "$_gpu_e" 19; what=$_gpu_c
-      line=$(printf '%-4s %-19s' "$gpus" "$what")
-      _gpu_field "gpu.$i.util"; line="$line $(printf '%4s' "${_gpu_val:--}${_gpu_val:+%}")"
+      [ "$what" = "$_gpu_e" ] || { _gpu_pad "$what" 19; what=$_gpu_pd; }  # … is 3 bytes
+      printf -v line '%-4s %-19s' "$gpus" "$what"
+      _gpu_field "gpu.$i.util"; printf -v what '%4s' "${_gpu_val:--}${_gpu_val:+%}"
+      line="$line $what"
       if [ -n "$spark" ]; then
         _gpu_field "gpu.$i.history"; _gpu_spark "$_gpu_val"; line="$line $_gpu_sp"
       fi
       _gpu_field "gpu.$i.mem_used_mib"; free=${_gpu_val:--}
-      _gpu_field "gpu.$i.mem_total_mib"; line="$line  $(printf '%13s' "$free/${_gpu_val:--}")"
+      _gpu_field "gpu.$i.mem_total_mib"; printf -v what '%13s' "$free/${_gpu_val:--}"
+      line="$line  $what"
       _gpu_field "gpu.$i.task"
       if [ -n "$_gpu_val" ]; then
         _gpu_name_of "$_gpu_val"; what=$_gpu_s
@@ -2351,37 +2435,54 @@ _gpu_row() {  # a task table row of the loaded task (_gpu_t_*) into _gpu_rows
 
 _gpu_short_names() {  # the name each row of _gpu_rows is shown by into _gpu_names: the user's
   # name, and when rows share it, :<the shortest unique start of the id's random part, >= 4>
-  local row other id base oid obase rest len hex clash IFS=$_gpu_nl
+  local row id base rest seen='' shared='' IFS=$_gpu_nl
   _gpu_names=''
   for row in $_gpu_rows; do
     id=${row%%"$_gpu_fs"*}; rest=${row#*"$_gpu_fs"}; base=${rest%%"$_gpu_fs"*}
-    if [ -n "$_gpu_o_long" ]; then
-      _gpu_esc "$id"; _gpu_names=$_gpu_names$id$_gpu_fs$_gpu_e$_gpu_nl; continue
-    fi
-    clash=''
-    for other in $_gpu_rows; do
-      oid=${other%%"$_gpu_fs"*}; rest=${other#*"$_gpu_fs"}; obase=${rest%%"$_gpu_fs"*}
-      [ "$oid" != "$id" ] && [ "$obase" = "$base" ] && clash=$clash$oid$_gpu_nl
-    done
-    if [ -n "$clash" ] && _gpu_rand "$id"; then
-      rest=$_gpu_s len=4
-      while [ "$len" -lt 8 ]; do
-        hex=${rest:0:$len}
-        for oid in $clash; do
-          _gpu_rand "$oid" && [ "${_gpu_s:0:$len}" = "$hex" ] && break
-          oid=''
-        done
-        [ -n "$oid" ] || break
-        len=$((len + 1))
-      done
-      base=$base:${rest:0:$len}
+    if [ -n "$_gpu_o_long" ]; then _gpu_esc "$id"; base=$_gpu_e
+    else
+      case $seen in *"$_gpu_nl$base$_gpu_fs"*) shared=1 ;; esac
+      seen=$seen$_gpu_nl$base$_gpu_fs
     fi
     _gpu_names=$_gpu_names$id$_gpu_fs$base$_gpu_nl
   done
+  [ -n "$shared" ] || return 0
+  # rows share a name: one pass of awk tells them apart (ids read as _gpu_is_id, _gpu_rand do)
+  rest=$(printf '%s' "$_gpu_names" | command awk -F "$_gpu_fs" '
+    function random_part(id) {  # the random part of a client id, else ""
+      if (length(id) > 122 \
+        || id !~ /^[0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9]/ \
+        || substr(id, 17) !~ /^[0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]-/ \
+        || substr(id, 31) !~ /^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-/ \
+        || substr(id, 40) !~ /^[A-Za-z0-9._-]+$/) return ""
+      return substr(id, 31, 8)
+    }
+    function clashes(i, j, len) {  # another row of the same name (whose random part starts alike)
+      return id[j] != id[i] && base[j] == base[i] \
+        && (len == 0 || (hex[j] != "" && substr(hex[j], 1, len) == substr(hex[i], 1, len)))
+    }
+    { id[NR] = $1; base[NR] = $2; hex[NR] = random_part($1) }
+    END {
+      for (i = 1; i <= NR; i++) {
+        name = base[i]
+        shared = 0
+        for (j = 1; j <= NR; j++) if (clashes(i, j, 0)) shared = 1
+        if (shared && hex[i] != "") {
+          for (len = 4; len < 8; len++) {
+            hit = 0
+            for (j = 1; j <= NR; j++) if (clashes(i, j, len)) hit = 1
+            if (!hit) break
+          }
+          name = name ":" substr(hex[i], 1, len)
+        }
+        print id[i] FS name
+      }
+    }') && _gpu_names=$rest$_gpu_nl
 }
 
-_gpu_print_rows() {  # the task table of gpu_status, from _gpu_rows and _gpu_names
-  local row id base prio state node gpus time code cmd width=4 line IFS=$_gpu_nl
+_gpu_print_rows() {  # the task table of gpu_status, from _gpu_rows and _gpu_names (row by row)
+  local row id base prio state node gpus time code cmd width=4 line names=$_gpu_names
+  local IFS=$_gpu_nl
   for row in $_gpu_names; do
     _gpu_cols "${row#*"$_gpu_fs"}"
     [ "$_gpu_cw" -gt "$width" ] && width=$_gpu_cw
@@ -2393,15 +2494,16 @@ _gpu_print_rows() {  # the task table of gpu_status, from _gpu_rows and _gpu_nam
     IFS=$_gpu_fs read -r id base prio state node gpus time code cmd <<EOF
 $row
 EOF
-    _gpu_name_of "$id"; base=$_gpu_s
+    base=${names%%"$_gpu_nl"*}; names=${names#*"$_gpu_nl"}; base=${base#*"$_gpu_fs"}
     if [ -z "$_gpu_o_long" ]; then
-      _gpu_cut_left "$base" "$width"; base=$_gpu_c
-      _gpu_cut "$node" 4; node=$_gpu_c
-      _gpu_cut "$gpus" 7; gpus=$_gpu_c
+      _gpu_cut_middle "$base" "$width"; base=$_gpu_c
+      # printf pads bytes: what is cut (… is 3 bytes) is padded to its columns here
+      _gpu_cut "$node" 4; [ "$_gpu_c" = "$node" ] || { _gpu_pad "$_gpu_c" 4; node=$_gpu_pd; }
+      _gpu_cut "$gpus" 7; [ "$_gpu_c" = "$gpus" ] || { _gpu_pad "$_gpu_c" 7; gpus=$_gpu_pd; }
     fi
     _gpu_pad "$base" "$width"
-    line=$(printf '%s %4s %-11s %-4s %-7s %10s %5s  ' "$_gpu_pd" "$prio" "$state" "$node" \
-      "$gpus" "$time" "$code")
+    printf -v line '%s %4s %-11s %-4s %-7s %10s %5s  ' "$_gpu_pd" "$prio" "$state" "$node" \
+      "$gpus" "$time" "$code"
     _gpu_cols "$line"
     if [ -z "$_gpu_o_long" ]; then _gpu_cut "$cmd" "$((100 - _gpu_cw))"; cmd=$_gpu_c; fi
     printf '%s%s\n' "$line" "$cmd"
@@ -2438,24 +2540,31 @@ _gpu_status_watch() {  # _gpu_status_watch RECENT: gpu_status --watch, until Ctr
 }
 
 _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the checked instance
-  local recent=$1 IFS=$_gpu_nl line id list pending=0 shown=0 running=0 ndone failed
+  local recent=$1 IFS=$_gpu_nl line id pending=0 shown=0 running=0 ndone failed
+  # what it shows is listed first, and the files of all of it read at once (_gpu_preload)
+  local _gpu_states _gpu_running _gpu_pending _gpu_ended _gpu_pre_on=''
+  local -A _gpu_pre
   _gpu_now
   _gpu_cache
+  _gpu_states=$(_gpu_node_files)
+  _gpu_running=$(_gpu_ls "$_gpu_q/running")
+  _gpu_pending=$(_gpu_run_order)
+  _gpu_ended=$(_gpu_recent "$recent")
+  _gpu_status_preload
   _gpu_runmap_build
-  if [ -n "$_gpu_o_json" ]; then _gpu_status_json "$recent"; return; fi
+  if [ -n "$_gpu_o_json" ]; then _gpu_status_json; return; fi
   _gpu_rows='' _gpu_orphans=''
-  for id in $(_gpu_ls "$_gpu_q/running"); do
+  for id in $_gpu_running; do
     running=$((running + 1))
     _gpu_task running "$id"; _gpu_row
   done
-  list=$(_gpu_run_order)
-  for id in $list; do
+  for id in $_gpu_pending; do
     pending=$((pending + 1))
     [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || continue
     shown=$((shown + 1))
     _gpu_task pending "$id"; _gpu_row
   done
-  for line in $(_gpu_recent "$recent"); do
+  for line in $_gpu_ended; do
     _gpu_task "${line%%/*}" "${line#*/}"; _gpu_row
   done
   _gpu_short_names
@@ -2474,6 +2583,26 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   _gpu_finished_counts; ndone=$_gpu_n failed=$_gpu_nf
   printf 'Totals:   %s running, %s pending, %s done, %s failed, stopped or cancelled\n' \
     "$running" "$pending" "$ndone" "$failed"
+}
+
+_gpu_status_preload() {  # the files gpu_status reads, of the nodes and tasks _gpu_status_text
+  # listed, read at once (_gpu_preload): as many as the table shows, gpu_status --json all
+  local node id line shown=0 paths=() IFS=$_gpu_nl
+  for node in $_gpu_states; do paths+=("$_gpu_q/nodes/$node"); done
+  for id in $_gpu_running; do
+    paths+=("$_gpu_q/records/$id.submit" "$_gpu_q/records/$id.gang" "$_gpu_q/records/$id.run"
+      "$_gpu_q/records/$id.rank0.run")
+  done
+  for id in $_gpu_pending; do
+    [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || [ -n "$_gpu_o_json" ] || break
+    shown=$((shown + 1))
+    paths+=("$_gpu_q/records/$id.submit" "$_gpu_q/priority/$id")
+  done
+  for line in $_gpu_ended; do
+    id=${line#*/}
+    paths+=("$_gpu_q/records/$id.submit" "$_gpu_q/records/$id.result")
+  done
+  _gpu_preload "${paths[@]}"
 }
 
 _gpu_jstr() {  # _gpu_jstr TEXT: a JSON string, null when TEXT is empty, into _gpu_j
@@ -2592,13 +2721,13 @@ _gpu_drain_json() {  # _gpu_drain_json [RANK]: the drain of the instance (of nod
   _gpu_dj="$_gpu_dj, \"time\": ${_gpu_dr_time:-null}}"
 }
 
-_gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protocol.md)
+_gpu_status_json() {  # gpu_status --json (docs/protocol.md) of what _gpu_status_text listed
   local node rank id line sep IFS=$_gpu_nl running=0 pending=0
   _gpu_js "$JOB_ID"; printf '{"schema": 1, "job_id": %s' "$_gpu_j"
   _gpu_js "$_gpu_q"; printf ', "queue_dir": %s, "time": %s' "$_gpu_j" "$_gpu_t"
   _gpu_drain_json; printf ', "drain": %s,\n "nodes": [' "$_gpu_dj"
   sep=''
-  for node in $(_gpu_node_files); do
+  for node in $_gpu_states; do
     rank=${node#node-}; rank=${rank%.state}
     _gpu_drain_json "$rank"
     _gpu_load "$_gpu_q/nodes/$node" || continue
@@ -2607,21 +2736,21 @@ _gpu_status_json() {  # _gpu_status_json RECENT: gpu_status --json (docs/protoco
   done
   printf '],\n "running": ['
   sep=''
-  for id in $(_gpu_ls "$_gpu_q/running"); do
+  for id in $_gpu_running; do
     running=$((running + 1))
     printf '%s\n  ' "$sep"; sep=,
     _gpu_task running "$id"; _gpu_task_json
   done
   printf '],\n "pending": ['
   sep=''
-  for id in $(_gpu_run_order); do
+  for id in $_gpu_pending; do
     pending=$((pending + 1))
     printf '%s\n  ' "$sep"; sep=,
     _gpu_task pending "$id"; _gpu_task_json
   done
   printf '],\n "recent": ['
   sep=''
-  for line in $(_gpu_recent "$1"); do
+  for line in $_gpu_ended; do
     printf '%s\n  ' "$sep"; sep=,
     _gpu_task "${line%%/*}" "${line#*/}"; _gpu_task_json
   done
@@ -3188,7 +3317,7 @@ _gpu_run_order() {  # the pending tasks in the order they start (docs/protocol.m
   list=$(_gpu_ls "$_gpu_q/pending")
   # the ids' byte order when no priority/ entry nor a name put there by hand changes it
   for id in $list; do _gpu_is_id "$id" || { rest=1; break; }; done
-  if [ -z "$rest" ] && [ -z "$(_gpu_ls "$_gpu_q/priority")" ]; then
+  if [ -z "$rest" ] && _gpu_no_entries "$_gpu_q/priority"; then
     printf '%s' "${list:+$list$_gpu_nl}"; return
   fi
   # one line a task: class, time put on top, priority, the rest of the id, then the name
@@ -3740,7 +3869,9 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
         return 0 ;;
       use) [ "$positional" -eq 0 ] || return 0 ;;
       show | logs | tail) [ "$positional" -eq 0 ] || return 0 ;;
-      wait | stop | retry) ;;
+      wait | stop | retry | hold | release) ;;
+      priority)  # NAME PRIORITY|top
+        case $positional in 0) ;; 1) printf 'top\n'; return 0 ;; *) return 0 ;; esac ;;
       *) return 0 ;;
     esac
   fi
@@ -3753,7 +3884,6 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
   _gpu_q=$_gpu_r/$JOB_ID
   {
     [ "$what" = stop ] && [ "$positional" -eq 0 ] && printf 'all\n'
-    [ "$what" = priority ] && [ "$positional" -eq 1 ] && printf 'top\n'
     for id in $(case $what in hold | release | priority) ;; *) _gpu_ls "$_gpu_q/running" ;; esac
       _gpu_ls "$_gpu_q/pending"); do
       printf '%s\n' "$id"

@@ -1103,7 +1103,7 @@ def test_e2e_queue_before_the_daemon_then_run_inspect_and_list(sh, start_daemon)
     pid = daemon.state()["pid"]
     assert f"\nDaemon:   alive on {os.uname().nodename}, pid {pid}\n" in status.out
     assert re.search(r"^train.sh +500 failed +0 +- +\S+ ago +3  train.sh$", status.out, re.M)
-    assert re.search(r"^\.\._hello_from_gpu_run.sh +500 done +0 +- +\S+ ago +0  echo hello "
+    assert re.search(r"^run_echo_hel…_gpu_run\.sh +500 done +0 +- +\S+ ago +0  echo hello "
                      r"from gpu_run$", status.out, re.M), status.out
     assert status.out.endswith("Totals:   0 running, 0 pending, 1 done, 1 failed, stopped or "
                                "cancelled\n")

@@ -189,11 +189,11 @@ def test_status_shows_how_keepalive_fares_and_a_gpu_at_risk_loudly(sh):
     start = lines.index("Node 1:   alive on node-b, pid 101")
     assert lines[start + 5:start + 9] == [
         "               in band 99% (1 h: 100%), held 50% (1 h: 96%); last yield 2m05s ago: "
-        "foreign process..",
+        "foreign process …",
         "          1    NVIDIA H200          90%   70000/143771  train.py",
         "               held 0%",
         "          !! AT RISK OF RECLAIM: GPU 1 idle 7 min (3%): keep-alive off: compute mode "
-        "EXCLUSIVE_PRO..",
+        "EXCLUSIVE_PROC…",
     ], res.out
     assert f"          !! AT RISK OF RECLAIM: {risk}" in sh.run("gpu_status -l").out
     assert yielded in sh.run("gpu_status -l").out
@@ -216,6 +216,7 @@ _gpu_cmd_probe() {
   _gpu_cols "$1"; printf 'cols %s\\n' "$_gpu_cw"
   _gpu_cut "$1" "$2"; printf 'cut %s|\\n' "$_gpu_c"
   _gpu_cut_left "$1" "$2"; printf 'left %s|\\n' "$_gpu_c"
+  _gpu_cut_middle "$1" "$2"; printf 'middle %s|\\n' "$_gpu_c"
   _gpu_pad "$1" "$2"; printf 'pad %s|\\n' "$_gpu_pd"
 }
 """
@@ -225,17 +226,46 @@ _gpu_cmd_probe() {
             assert res.rc == 0, res.err
             got = dict(line.split(" ", 1) for line in res.out.splitlines())
             assert int(got["cols"]) == width(text), text
-            cut, left = got["cut"][:-1], got["left"][:-1]
+            cut, left, middle = got["cut"][:-1], got["left"][:-1], got["middle"][:-1]
             pad = got["pad"][:-1]
             assert pad.rstrip(" ") == text and width(pad) == max(width(text), limit)
             if width(text) <= limit:
-                assert cut == left == text
+                assert cut == left == middle == text
                 continue
-            dots = ".." if limit > 2 else ""
+            dots = "…" if limit > 1 else ""
             assert cut.endswith(dots) and text.startswith(cut[:len(cut) - len(dots)])
             assert left.startswith(dots) and text.endswith(left[len(dots):])
-            for kept in (cut, left):  # no wider than asked, and short of it by less than a char
+            if limit >= 3:  # a start and an end, the end no wider than the start
+                start, end = middle.split("…")
+                assert text.startswith(start) and text.endswith(end), (text, middle)
+                if width(text) == len(text):  # one column a character: halves, the start ahead
+                    assert 1 <= width(end) <= width(start) <= width(end) + 1, (text, middle)
+            else:
+                assert middle == cut
+            for kept in (cut, left, middle):  # no wider than asked, short of it by less than a char
                 assert limit - 1 <= width(kept) <= limit, (text, limit, kept)
+
+
+def test_a_long_name_is_cut_in_the_middle_and_no_cut_reads_as_a_full_stop(sh):
+    """A name keeps its start and its end (the seed, the extension); a cut shows as one "…",
+    never as ".." after a word (the keep-alive reason of a node without a driver)."""
+    inst = make_instance(sh.root)
+    task = tid(1, "very-long-experiment-name-with-many-parts-seed3.sh")
+    submit_record(inst, task, gpus=1, command="python train.py --seed 3")
+    (inst / "pending" / task).write_text("echo\n")
+    reason = "off: NVML cannot start (NVML Shared Library Not Found): no NVIDIA driver here?"
+    write_fields(inst / "nodes" / "node-0.state", {
+        "protocol": 2, "node_rank": 0, "num_nodes": 1, "host": "node-a", "pid": 1,
+        "status": "running", "heartbeat": time.time(), "started": time.time(),
+        "keepalive": reason, "kill_scope": "task", "gpu_count": 0, "gpus_free": 0,
+        "cpu_slots": 1, "cpu_running": 0})
+    res = sh.run("gpu_status")
+    assert res.rc == 0, res.err
+    lines = res.out.splitlines()
+    assert f"          keep-alive {reason}…" in lines, res.out  # 100 columns, the rest cut
+    assert not [line for line in lines if line.endswith("..")], res.out
+    assert re.search(r"^very-long-ex…ts-seed3\.sh +500 pending ", res.out, re.M), res.out
+    assert f"keep-alive {reason}, kill scope task" in sh.run("gpu_status -l").out
 
 
 def test_status_fits_in_100_columns_and_long_shows_whole_ids_and_commands(sh):
@@ -257,10 +287,11 @@ def test_status_fits_in_100_columns_and_long_shows_whole_ids_and_commands(sh):
     assert columns(res.out) <= 100, res.out
     rows = [line for line in res.out.splitlines() if " pending " in line]
     names = [row.split()[0] for row in rows]
-    assert names[:3] == [".._lr0.001_bs512.py:0000", ".._lr0.001_bs512.py:0001",
-                         ".._lr0.001_bs512.py:0002"]
-    assert names[3].startswith("..") and names[3].endswith("-中文名字.sh")  # whole characters
-    assert all(row.endswith("..") and width(row) >= 99 for row in rows)  # the width is used
+    # cut in the middle: the start and the end (the :id part) stay
+    assert names[:3] == ["an_experimen…512.py:0000", "an_experimen…512.py:0001",
+                         "an_experimen…512.py:0002"]
+    assert names[3].startswith("500-") and "…" in names[3] and names[3].endswith("名字.sh")
+    assert all(row.endswith("…") and width(row) >= 99 for row in rows)  # the width is used
     # the columns line up on the screen, whatever the characters take
     assert len({width(row[:row.index(" 500 pending ")]) for row in rows}) == 1
     long = sh.run("gpu_status -l").out
@@ -376,7 +407,7 @@ def test_list_shows_every_instance_with_its_daemon_and_counts_in_100_columns(sh)
     assert res.out == (
         "  JOB_ID              DAEMON   NODES  HOST           UP   LEFT   RUN  PEND  DONE  FAIL"
         "  CLUSTER JOB\n"
-        "  a-very-long-inst..  late     1/1    node-a      1h00m 23h00m     1     3     2     3"
+        "  a-very-lo…aracters  late     1/1    node-a      1h00m 23h00m     1     3     2     3"
         "  -\n"
         "* exp1                alive    1/1    node-a      1h00m 23h00m     1     3     2     3"
         "  pt-abc123\n"

@@ -44,6 +44,26 @@ def pending_rows(out: str) -> list[tuple[str, str, str]]:
     return re.findall(r"^(\S+) +(\S+) (pending|held) ", out, re.M)
 
 
+def test_hold_release_and_priority_complete_the_pending_tasks(sh):
+    """Tab completion: gpu_hold, gpu_release and gpu_priority offer the pending tasks (ids and
+    names), never a running or finished one; gpu_priority's second word is "top"."""
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "logs"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    first, second = task(1), task(2, "100", "u.sh")
+    for name in (first, second):
+        (inst / "pending" / name).write_text("echo\n")
+    (inst / "running" / task(3, name="run.sh")).write_text("echo\n")
+    (inst / "done" / task(4, name="old.sh")).write_text("echo\n")
+    (inst / "logs" / f"{task(4, name='old.sh')}.log").write_text("old\n")
+    res = sh.run("for c in gpu_hold gpu_release gpu_priority; do _gpu_main complete $c ''; "
+                 "echo; done; _gpu_main complete gpu_priority t.sh ''; "
+                 "_gpu_main complete gpu_priority t.sh 5 ''; echo end")
+    assert res.rc == 0, res.err
+    offered = "\n".join(sorted([first, second, "t.sh", "u.sh"]))
+    assert res.out == f"{offered}\n\n" * 3 + "top\nend\n"
+
+
 def test_hold_release_and_priority_from_the_client(sh):
     ids = [submitted_id(sh.run(f"gpu_run --name job{n} 'echo {n}'")) for n in range(3)]
     inst = sh.root / "exp1"

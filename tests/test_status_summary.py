@@ -64,6 +64,34 @@ def test_reading_commands_cost_the_same_over_10000_finished_tasks_as_over_10(
     assert big == small, (big, small)
 
 
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tables") / "queue root"
+    build_instance(root, "short", 1, pending=1)  # 3 rows: running, pending, ended
+    build_instance(root, "long", 40, pending=25)  # 31 rows: 20 of the pending, 10 ended
+    for name in ("short", "long"):
+        summarise(root / name)
+    return root
+
+
+@needs_strace
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("command", ("gpu_status", "gpu_status --json", "gpu_status -l"))
+def test_status_starts_as_many_processes_for_31_rows_as_for_3(shell, command, tables, tmp_path):
+    """gpu_status reads the records of all the rows it shows at once and formats them in the
+    shell: no process (not even a subshell) per row."""
+    def processes(job_id: str) -> int:
+        trace = tmp_path / f"{job_id}.trace"
+        argv = ["strace", "-f", "-qq", "-e", "trace=%process", "-o", str(trace),
+                *SHELL_ARGV[shell], f"source \"$CLIENT\"; {command} >/dev/null 2>&1; true"]
+        proc = subprocess.run(argv, env=shell_env(tables, job_id, tmp_path), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return len({line.split()[0] for line in trace.read_text().splitlines()})
+
+    assert processes("long") == processes("short")
+
+
 def test_the_summary_counts_the_finished_tasks_and_names_them(tmp_path):
     inst = tmp_path / "root" / "exp1"
     build_instance(inst.parent, "exp1", 30)
