@@ -488,9 +488,16 @@ _gpu_shquote() {  # _gpu_shquote WORD: WORD as the shell would need it typed, in
 # Files #############################################################################################
 
 _gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line; a
-  # newline in a name shows as ? (protocol: one entry is one task, whatever its name holds)
-  command find "$1" -mindepth 1 -maxdepth 1 ! -name '.*' -printf '%f\0' 2>/dev/null \
-    | command sort -z | command tr '\n\0' '?\n'
+  # newline in a name shows as ? (protocol: one entry is one task, whatever its name holds).
+  # The shell's own glob, sorted in the C locale as sort(1) would: no process to start (a
+  # link is not followed, as find(1) did not)
+  [ -d "$1" ] && [ ! -L "$1" ] || return 0
+  set +f  # the dispatcher's noglob, for the one pattern
+  set -- "$1"/*
+  set -f
+  [ "$#" -eq 1 ] && [ ! -e "$1" ] && [ ! -L "$1" ] && return 0
+  set -- "${@##*/}"
+  printf '%s\n' "${@//$_gpu_nl/?}"
 }
 
 _gpu_no_entries() {  # _gpu_no_entries DIR: has DIR no published name (or is it not there)?
