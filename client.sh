@@ -1677,8 +1677,13 @@ _gpu_cmd_list() {
     _gpu_nodes; nodes=$_gpu_val
     _gpu_count "$_gpu_q/running"; run=$_gpu_n
     _gpu_count "$_gpu_q/pending"; pend=$_gpu_n
-    _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
-    _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
+    _gpu_sum=''  # this instance's summary, while it holds: no listing of a long history
+    if _gpu_cache; then
+      ndone=$_gpu_sum_done failed=$_gpu_sum_failed
+    else
+      _gpu_count "$_gpu_q/done"; ndone=$_gpu_n
+      _gpu_count "$_gpu_q/failed"; failed=$_gpu_n
+    fi
     job=''
     _gpu_load "$_gpu_q/job_id.txt" && _gpu_field cluster_job_id && job=$_gpu_val
     if [ -n "$_gpu_o_json" ]; then

@@ -64,6 +64,22 @@ def test_reading_commands_cost_the_same_over_10000_finished_tasks_as_over_10(
     assert big == small, (big, small)
 
 
+@needs_strace
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("command", ("gpu_list", "gpu_list --json"))
+def test_the_list_of_instances_costs_the_same_over_10000_finished_tasks_as_over_10(
+        shell, command, tmp_path_factory, tmp_path):
+    """gpu_list counts an instance's finished tasks from its summary while that holds."""
+    costs = []
+    for finished in (10_000, 10):
+        root = tmp_path_factory.mktemp(f"list{finished}") / "queue root"
+        build_instance(root, "exp1", finished, distinct=10)
+        summarise(root / "exp1")
+        costs.append(work(shell, shell_env(root, "exp1", tmp_path), command,
+                          tmp_path / f"{finished}.trace"))
+    assert costs[0] == costs[1], costs
+
+
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tables") / "queue root"
