@@ -849,6 +849,10 @@ class QueueFiles:
     def beat_path(self, rank: int) -> Path:
         return self.dir("nodes") / f"node-{rank}.beat"
 
+    def state_path(self, rank: int) -> Path:
+        """``nodes/node-<rank>.state``: what the daemon of that node publishes."""
+        return self.dir("nodes") / f"node-{rank}.state"
+
     def write_beat(self, rank: int, text: str) -> None:
         """Rewrite a node's beat file in place: the same BEAT_BYTES bytes over the old ones,
         which needs no new block, so the beat goes on when the disk is full. Created (the
@@ -1038,6 +1042,11 @@ class QueueFolder(QueueFiles):
         task_id = self.id_for(name)
         os.rename(self.dir("pending") / name, self.dir("failed") / task_id)
         return task_id
+
+    def finish(self, task_id: str, source: str, folder: str) -> None:
+        """Move a task from ``source`` (running/, or pending/ for one that never started) to
+        its end's folder (done/ or failed/); OSError when not (FileNotFoundError: not there)."""
+        os.rename(self.dir(source) / task_id, self.dir(folder) / task_id)
 
     def remove_record(self, task_id: str, kind: str) -> None:
         with contextlib.suppress(OSError):
@@ -2647,8 +2656,7 @@ class TaskEnds:
             entry[2] = True
             self.ended(result)
         try:
-            os.rename(self.folder.dir(source) / result.task_id,
-                      self.folder.dir(result.state.folder) / result.task_id)
+            self.folder.finish(result.task_id, source, result.state.folder)
         except FileNotFoundError:
             if not self.folder.dir(result.state.folder).is_dir():
                 raise
@@ -2711,8 +2719,7 @@ class TaskEnds:
                     run is None or old.get("started") == run.get("started")):
                 folder = TaskState(old["state"]).folder
                 with contextlib.suppress(OSError):
-                    os.rename(self.folder.dir("running") / task_id,
-                              self.folder.dir(folder) / task_id)
+                    self.folder.finish(task_id, "running", folder)
                 LOG.info("Recovered %s: moved to %s/ as its result says", task_id, folder)
                 continue
             if run is not None:
@@ -2950,7 +2957,7 @@ class NodeView:
     @classmethod
     def read(cls, folder: QueueFolder, rank: int, liveness: Liveness) -> NodeView:
         try:
-            fields = folder.read_fields(folder.dir("nodes") / f"node-{rank}.state") or {}
+            fields = folder.read_fields(folder.state_path(rank)) or {}
         except (OSError, ValueError):
             return cls(rank, alive=False, known=False)
         pulse = f"{fields.get('started')} {fields.get('heartbeat')} {folder.read_beat(rank)}"
@@ -6012,7 +6019,7 @@ class NodeClaim:
         self.clock = clock
         self.sleep = sleep
         self.throttled = throttled
-        self.path = folder.dir("nodes") / f"node-{config.node_rank}.state"
+        self.path = folder.state_path(config.node_rank)
 
     def read(self) -> dict[str, str] | None:
         try:
@@ -6577,7 +6584,7 @@ class DaemonLifecycle(DaemonState):
         """A node other than 0 ends when node 0 has stopped after this node started: at once
         after a shutdown, after its own tasks after an auto-shutdown."""
         try:
-            fields = self.folder.read_fields(self.folder.dir("nodes") / "node-0.state") or {}
+            fields = self.folder.read_fields(self.folder.state_path(0)) or {}
         except (OSError, ValueError):
             return
         stopped = as_float(fields.get("stopped"))
