@@ -490,12 +490,23 @@ _gpu_shquote() {  # _gpu_shquote WORD: WORD as the shell would need it typed, in
 _gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line; a
   # newline in a name shows as ? (protocol: one entry is one task, whatever its name holds).
   # The shell's own glob, sorted in the C locale as sort(1) would: no process to start (a
-  # link is not followed, as find(1) did not)
+  # link is not followed, as find(1) does not); find(1) and sort(1) for a history
   [ -d "$1" ] && [ ! -L "$1" ] || return 0
-  set +f  # the dispatcher's noglob, for the one pattern
-  set -- "$1"/*
-  set -f
-  [ "$#" -eq 1 ] && [ ! -e "$1" ] && [ ! -L "$1" ] && return 0
+  local dir="$1"
+  case ${dir##*/} in
+    done | failed | logs | records | names) set -- many ;;  # a history
+    *)
+      set +f  # the dispatcher's noglob, for the one pattern
+      set -- "$dir"/*
+      set -f
+      [ "$#" -eq 1 ] && [ ! -e "$1" ] && [ ! -L "$1" ] && return 0 ;;
+  esac
+  if [ "$#" -eq 1 ] && [ "$1" = many ] || [ "$#" -gt 2000 ]; then
+    # many names: the shell's work on each costs more than these three processes
+    command find "$dir" -mindepth 1 -maxdepth 1 ! -name '.*' -printf '%f\0' 2>/dev/null \
+      | command sort -z | command tr '\n\0' '?\n'
+    return 0
+  fi
   set -- "${@##*/}"
   printf '%s\n' "${@//$_gpu_nl/?}"
 }
@@ -509,8 +520,13 @@ _gpu_no_entries() {  # _gpu_no_entries DIR: has DIR no published name (or is it 
 }
 
 _gpu_count() {  # _gpu_count DIR: sets _gpu_n to the number of published names in DIR
-  _gpu_n=$(_gpu_ls "$1" | command wc -l)
-  _gpu_n=${_gpu_n//[!0-9]/}
+  _gpu_n=0
+  [ -d "$1" ] && [ ! -L "$1" ] || return 0
+  set +f  # the dispatcher's noglob, for the one pattern
+  set -- "$1"/*
+  set -f
+  [ "$#" -eq 1 ] && [ ! -e "$1" ] && [ ! -L "$1" ] && return 0
+  _gpu_n=$#
 }
 
 _gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it cannot be read
@@ -1602,6 +1618,11 @@ _gpu_summary() {  # one line about the instance in _gpu_q: its daemon and queue
   fi
   _gpu_count "$_gpu_q/running"; daemon="$daemon; $_gpu_n running"
   _gpu_count "$_gpu_q/pending"; daemon="$daemon, $_gpu_n pending"
+  _gpu_sum=''
+  if _gpu_cache; then  # the summary, while it holds: no listing of a long history
+    _gpu_say "$daemon, $_gpu_sum_done done, $_gpu_sum_failed failed"
+    return
+  fi
   _gpu_count "$_gpu_q/done"; daemon="$daemon, $_gpu_n done"
   _gpu_count "$_gpu_q/failed"; _gpu_say "$daemon, $_gpu_n failed"
 }

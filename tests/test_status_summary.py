@@ -66,10 +66,11 @@ def test_reading_commands_cost_the_same_over_10000_finished_tasks_as_over_10(
 
 @needs_strace
 @pytest.mark.parametrize("shell", SHELLS)
-@pytest.mark.parametrize("command", ("gpu_list", "gpu_list --json"))
+@pytest.mark.parametrize("command", ("gpu_list", "gpu_list --json", "gpu_use exp1"))
 def test_the_list_of_instances_costs_the_same_over_10000_finished_tasks_as_over_10(
         shell, command, tmp_path_factory, tmp_path):
-    """gpu_list counts an instance's finished tasks from its summary while that holds."""
+    """gpu_list and gpu_use count an instance's finished tasks from its summary while that
+    holds."""
     costs = []
     for finished in (10_000, 10):
         root = tmp_path_factory.mktemp(f"list{finished}") / "queue root"
