@@ -3917,13 +3917,16 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
   _gpu_q=$_gpu_r/$JOB_ID
   {
     [ "$what" = stop ] && [ "$positional" -eq 0 ] && printf 'all\n'
-    for id in $(case $what in hold | release | priority) ;; *) _gpu_ls "$_gpu_q/running" ;; esac
-      _gpu_ls "$_gpu_q/pending"); do
+    # gpu_retry takes ended tasks only: those in done/ and failed/
+    for id in $(case $what in hold | release | priority) ;; retry) ;;
+      *) _gpu_ls "$_gpu_q/running" ;; esac
+      case $what in retry) _gpu_ls "$_gpu_q/done"; _gpu_ls "$_gpu_q/failed" ;;
+        *) _gpu_ls "$_gpu_q/pending" ;; esac); do
       printf '%s\n' "$id"
       _gpu_short "$id"; printf '%s\n' "$_gpu_s"
     done
     if [ "$what" != stop ] && [ "$what" != hold ] && [ "$what" != release ] \
-      && [ "$what" != priority ]; then
+      && [ "$what" != priority ] && [ "$what" != retry ]; then
       for id in $(_gpu_ls "$_gpu_q/logs"); do
         _gpu_log_rank "$id" "${id##*.rank}" || _gpu_log_rank "$id" ''
         case $word in [0-9]*) printf '%s\n' "$_gpu_id" ;; esac

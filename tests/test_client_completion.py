@@ -74,3 +74,20 @@ def test_retry_accepts_exactly_its_options(sh):
     res = sh.run("gpu_retry -p 7 -g 0 -n 1 -t 1h -e A=b prep.py")
     assert res.rc == 0, res.err
     assert re.fullmatch(r"Submitted 007-\S+-prep\.py\n", res.out), res.out
+
+
+def test_retry_completes_the_ended_tasks_only(sh):
+    """gpu_retry takes a task that ended (done or failed): completion offers those, never a
+    pending or running one, which it would refuse."""
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "failed", "logs"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    ids = {state: f"500-20260101_00000{n}_000000000-0000000{n}-{state}.sh"
+           for n, state in enumerate(("pending", "running", "done", "failed"), start=1)}
+    for state, task_id in ids.items():
+        (inst / state / task_id).write_text("echo\n")
+        (inst / "logs" / f"{task_id}.log").write_text("")
+    res = sh.run("_gpu_main complete gpu_retry ''; echo end")
+    assert res.rc == 0, res.err
+    assert res.out == "\n".join(sorted([ids["done"], ids["failed"], "done.sh", "failed.sh"])) \
+        + "\nend\n"
