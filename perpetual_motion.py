@@ -6653,6 +6653,7 @@ class Daemon(DaemonLifecycle):
         # gpu_drain's, of the instance and of this node: nothing new starts, the daemon stays
         self.user_drain: tuple[str | None, str | None] = (None, None)
         self.sweep_now = False  # a stop_all with nothing running: end other Python processes
+        self.sweeps: list[Leftovers] = []  # those sweeps' countdowns (SIGTERM, then SIGKILL)
         self.unsafe: str | None = None  # why the queue folder is not to be trusted now
         self.finished = False
         self.signals_seen = 0
@@ -6734,10 +6735,11 @@ class Daemon(DaemonLifecycle):
             self._step("queue", self.run_queue)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
         self._step("callbacks", self.callbacks.poll)
+        self._step("sweeps", self.end_sweeps)
         if self.identity.pid == 1 or is_subreaper():
             reap_orphans(self.keepalive.child_pids() | self.runner_pids())
         if (self.stopping or self.draining or self.displaced) and not self.runner.tasks \
-                and not self.runner.unfinished:
+                and not self.runner.unfinished and not self.sweeps:
             self.finished = True
             return
         if self.state_dirty or now - self.last_state_write >= HEARTBEAT_SECONDS:
@@ -6859,14 +6861,25 @@ class Daemon(DaemonLifecycle):
             self.kill_python(task.task_id)
 
     def kill_python(self, task_id: str = "") -> None:
+        """Begin ending the other Python processes of the kill scope: SIGTERM now, SIGKILL to
+        what is left after the grace, by a countdown that each turn checks (``end_sweeps``);
+        the loop never waits for them."""
         pids = python_pids_to_kill(self.config.job_id, self.config.kill_scope,
                                    spare=self.keepalive.child_pids() | self.runner_pids(),
                                    task_id=task_id)
         if pids:
-            self.write_state()  # the wait below can take CLEANUP_GRACE_SECONDS
-            count = terminate(pids, min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
-            LOG.info("Ended %d other Python process(es) (scope %s)", count,
-                     self.config.kill_scope)
+            now = self.clock()
+            procs = send_sigterm(pids)
+            self.sweeps.append(Leftovers(now, procs, len(procs),
+                                         now + min(self.config.stop_grace,
+                                                   CLEANUP_GRACE_SECONDS)))
+
+    def end_sweeps(self) -> None:
+        for sweep in list(self.sweeps):
+            if not sweep.remain(self.clock()):
+                self.sweeps.remove(sweep)
+                LOG.info("Ended %d other Python process(es) (scope %s)", sweep.count,
+                         self.config.kill_scope)
 
     # -- the queue -------------------------------------------------------------------------
 

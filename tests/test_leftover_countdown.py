@@ -93,3 +93,59 @@ def test_leftovers_end_by_a_countdown_on_the_daemons_clock(tmp_path):
     assert re.search(r"ended [12] leftover process\(es\) of the task", obeys["log"])
     hard = facts["hard"]
     assert hard["countdown"] < 3.0 and hard["state"] == "done" and hard["gone"], hard
+
+
+SWEEP = textwrap.dedent("""\
+    import json, os, subprocess, sys, time
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import FakeClock
+    import perpetual_motion as pm
+    root = Path({root!r})
+    clock = FakeClock()
+    config = pm.Config(job_id="sweep", queue_root=root, poll_interval=0.1, hours=1.0,
+                       keepalive=False, kill_scope="user-python", stop_grace=5.0)
+    daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep)
+    assert daemon.start() is None
+    pidfile = root / "stray.pid"
+    stray = subprocess.Popen([sys.executable, "-c",
+                              "import os, signal, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); open({pidfile!r}, 'w').write(str(os.getpid()));"
+                              " time.sleep(600)"])
+    while not pidfile.exists() or not pidfile.read_text():
+        time.sleep(0.05)
+    daemon.ask_sweep()  # as a gpu_stop all with nothing running
+    longest, start, alive_at = 0.0, clock.now, {{}}
+    while stray.poll() is None and clock.now - start < 30:
+        before = time.monotonic()
+        daemon.tick()
+        longest = max(longest, time.monotonic() - before)
+        alive_at[round(clock.now - start, 1)] = stray.poll() is None
+        clock.sleep(0.1)
+        time.sleep(0.01)
+    gone_after = clock.now - start
+    for _ in range(20):  # the countdown's end is seen at the next turns
+        daemon.tick()
+        clock.sleep(0.1)
+    print(json.dumps({{"longest_tick": longest, "gone_after": gone_after,
+                      "alive_at_4": alive_at.get(4.0), "sweeps_left": len(daemon.sweeps)}}))
+    """)
+
+
+@needs_namespace
+def test_a_sweep_of_other_python_processes_ends_by_a_countdown(tmp_path):
+    """gpu_stop's sweep of the user's other Python processes: SIGTERM, then SIGKILL once the
+    grace has passed on the daemon's clock; the loop goes on meanwhile (it waited in real time,
+    up to 10 s, with no heartbeat)."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    script = SWEEP.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
+                          pidfile=str(root / "stray.pid"))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts["longest_tick"] < 2.0, facts
+    assert facts["alive_at_4"] is True, facts  # it ignores SIGTERM: alive within the grace
+    assert 5.0 <= facts["gone_after"] < 8.0, facts
+    assert facts["sweeps_left"] == 0, facts
