@@ -3487,6 +3487,17 @@ EXIT_CANNOT_TEST = 2  # the self-test's exit status: it cannot test here (no GPU
 COMPUTE_MODES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
 
 
+def reclaim_risk(label: str, low_since: float, now: float, util: float | None,
+                 why: str) -> str:
+    """What ``gpu.<i>.risk`` says of a GPU below the band since ``low_since``: "" until
+    KEEPALIVE_RISK_SECONDS have passed, then ``GPU 3 idle 7 min (4%): <why>``."""
+    idle = now - low_since
+    if idle < KEEPALIVE_RISK_SECONDS:
+        return ""
+    shown = "unknown" if util is None else f"{util:.0f}%"
+    return f"{label} idle {idle / 60:.0f} min ({shown}): {why}"
+
+
 class KeepAlive:
     """The seam between the daemon loop and the GPUs.
 
@@ -3522,12 +3533,12 @@ class KeepAlive:
                     self._log.info("GPU %d: back at work: no longer at risk", gpu.number)
                 self._idle_since.pop(i, None)
                 continue
-            idle = now - self._idle_since.setdefault(i, now)
-            if idle < KEEPALIVE_RISK_SECONDS:
-                continue
-            shown = "unknown" if util is None else f"{util:.0f}%"
             why = "a queue task leaves it idle" if i in busy else f"keep-alive off: {self.why}"
-            self._risks[i] = f"GPU {gpu.number} idle {idle / 60:.0f} min ({shown}): {why}"
+            risk = reclaim_risk(f"GPU {gpu.number}", self._idle_since.setdefault(i, now), now,
+                                util, why)
+            if not risk:
+                continue
+            self._risks[i] = risk
             if self._warned(f"risk/{i}", every=600.0):
                 self._log.warning("At risk of reclaim: %s", self._risks[i])
 
@@ -4747,15 +4758,14 @@ class GpuMeasures:
             return
         if slot.low_for is None:
             slot.low_for = now
-        idle = now - slot.low_for
-        if idle < KEEPALIVE_RISK_SECONDS:
-            return
-        shown = "unknown" if util is None else f"{util:.0f}%"
         why = "a queue task leaves it idle" if task_running else (
             f"keep-alive {slot.state.value}" + (f": {slot.reason}" if slot.reason else ""))
         notes = "; ".join(slot.notes)
-        slot.risk = (f"{slot.label} idle {idle / 60:.0f} min ({shown}): {why}"
-                     + (f"; {notes}" if notes else ""))
+        risk = reclaim_risk(slot.label, slot.low_for, now, util,
+                            why + (f"; {notes}" if notes else ""))
+        if not risk:
+            return
+        slot.risk = risk
         if self._throttle(f"risk/{slot.gpu.index}", every=600.0):
             self.log.warning("%sAt risk of reclaim: %s", self.prefix, slot.risk)
 

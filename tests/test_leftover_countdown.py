@@ -14,8 +14,9 @@ from pathlib import Path
 
 from conftest import REPO, UNSHARE, needs_namespace
 
-SCRIPT = textwrap.dedent("""\
-    import json, os, sys, time
+# A daemon on simulated time, its stop grace 5 s: the start of each script below
+DAEMON = textwrap.dedent("""\
+    import json, os, subprocess, sys, time
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from pathlib import Path
     from conftest import FakeClock
@@ -23,10 +24,13 @@ SCRIPT = textwrap.dedent("""\
     import perpetual_motion as pm
     root = Path({root!r})
     clock = FakeClock()
-    config = pm.Config(job_id="left", queue_root=root, poll_interval=0.1, hours=1.0,
-                       keepalive=False, kill_scope="none", stop_grace=5.0)
+    config = pm.Config(job_id={job!r}, queue_root=root, poll_interval=0.1, hours=1.0,
+                       keepalive=False, kill_scope={scope!r}, stop_grace=5.0)
     daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep)
     assert daemon.start() is None
+    """)
+
+SCRIPT = DAEMON + textwrap.dedent("""\
     inst = root / "left"
     facts = {{}}
 
@@ -75,7 +79,8 @@ SCRIPT = textwrap.dedent("""\
 def test_leftovers_end_by_a_countdown_on_the_daemons_clock(tmp_path):
     root = tmp_path / "shared"
     root.mkdir()
-    script = SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root))
+    script = SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
+                           job="left", scope="none")
     run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -95,18 +100,7 @@ def test_leftovers_end_by_a_countdown_on_the_daemons_clock(tmp_path):
     assert hard["countdown"] < 3.0 and hard["state"] == "done" and hard["gone"], hard
 
 
-SWEEP = textwrap.dedent("""\
-    import json, os, subprocess, sys, time
-    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-    from pathlib import Path
-    from conftest import FakeClock
-    import perpetual_motion as pm
-    root = Path({root!r})
-    clock = FakeClock()
-    config = pm.Config(job_id="sweep", queue_root=root, poll_interval=0.1, hours=1.0,
-                       keepalive=False, kill_scope="user-python", stop_grace=5.0)
-    daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep)
-    assert daemon.start() is None
+SWEEP = DAEMON + textwrap.dedent("""\
     pidfile = root / "stray.pid"
     stray = subprocess.Popen([sys.executable, "-c",
                               "import os, signal, time; signal.signal(signal.SIGTERM, "
@@ -140,7 +134,7 @@ def test_a_sweep_of_other_python_processes_ends_by_a_countdown(tmp_path):
     root = tmp_path / "shared"
     root.mkdir()
     script = SWEEP.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
-                          pidfile=str(root / "stray.pid"))
+                          job="sweep", scope="user-python", pidfile=str(root / "stray.pid"))
     run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
