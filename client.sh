@@ -487,10 +487,17 @@ _gpu_shquote() {  # _gpu_shquote WORD: WORD as the shell would need it typed, in
 
 # Files #############################################################################################
 
-_gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, one a line; a
-  # newline in a name shows as ? (protocol: one entry is one task, whatever its name holds).
-  # The shell's own glob, sorted in the C locale as sort(1) would: no process to start (a
-  # link is not followed, as find(1) does not); find(1) and sort(1) for a history
+_gpu_ls() {  # _gpu_ls DIR: _gpu_list_names's names on stdout
+  _gpu_list_names "$1"
+  printf '%s' "$_gpu_v"
+}
+
+_gpu_list_names() {  # _gpu_list_names DIR: published names in DIR (no dot-names) in run order,
+  # one a line, into _gpu_v; a newline in a name shows as ? (protocol: one entry is one task,
+  # whatever its name holds). The shell's own glob, sorted in the C locale as sort(1) would: no
+  # process to start (a link is not followed, as find(1) does not); find(1) and sort(1) for a
+  # history
+  _gpu_v=''
   [ -d "$1" ] && [ ! -L "$1" ] || return 0
   local dir="$1"
   case ${dir##*/} in
@@ -503,12 +510,13 @@ _gpu_ls() {  # _gpu_ls DIR: published names in DIR (no dot-names) in run order, 
   esac
   if [ "$#" -eq 1 ] && [ "$1" = many ] || [ "$#" -gt 2000 ]; then
     # many names: the shell's work on each costs more than these three processes
-    command find "$dir" -mindepth 1 -maxdepth 1 ! -name '.*' -printf '%f\0' 2>/dev/null \
-      | command sort -z | command tr '\n\0' '?\n'
+    _gpu_v=$(command find "$dir" -mindepth 1 -maxdepth 1 ! -name '.*' -printf '%f\0' \
+      2>/dev/null | command sort -z | command tr '\n\0' '?\n')
+    _gpu_v=${_gpu_v:+$_gpu_v$_gpu_nl}
     return 0
   fi
   set -- "${@##*/}"
-  printf '%s\n' "${@//$_gpu_nl/?}"
+  printf -v _gpu_v '%s\n' "${@//$_gpu_nl/?}"
 }
 
 _gpu_no_entries() {  # _gpu_no_entries DIR: has DIR no published name (or is it not there)?
@@ -591,38 +599,42 @@ _gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when ab
 }
 
 _gpu_cache() {  # the daemon's summary (docs/protocol.md) into _gpu_sum_*, once per command;
-  # 1 when there is none or the folders changed since it was written: then list the folders.
-  # It loads the summary (_gpu_load) and keeps _gpu_val.
-  local val="$_gpu_val"
+  # 1 when there is none or the folders changed since it was written: then list the folders
   case $_gpu_sum in ok) return 0 ;; no) return 1 ;; esac
   _gpu_sum=no
   _gpu_cache_load
-  _gpu_val=$val
   [ "$_gpu_sum" = ok ]
 }
 
-_gpu_cache_load() {  # _gpu_cache's work: _gpu_sum=ok when the summary holds
-  local dm fm lm nm stamps
-  _gpu_load "$_gpu_q/summary" || return 1
-  _gpu_field done_mtime; dm=$_gpu_val
-  _gpu_field failed_mtime; fm=$_gpu_val
-  _gpu_field logs_mtime; lm=$_gpu_val
-  _gpu_field names_mtime; nm=$_gpu_val
+_gpu_cache_load() {  # _gpu_cache's work: _gpu_sum=ok when the summary holds. Read line by line
+  # as _gpu_load reads (at most 20000), with no eval: ended.<k> in the order the daemon writes
+  local line n=0 k=0 ended='' dm='' fm='' lm='' nm='' nd='' nf='' nl='' count='' stamps
+  [ -f "$_gpu_q/summary" ] && [ -r "$_gpu_q/summary" ] || return 1
+  {
+    while [ "$n" -lt 20000 ] && { IFS= read -r line || [ -n "$line" ]; }; do
+      n=$((n + 1))
+      case $line in
+        ended."$k"=*) ended=$ended${line#*=}$_gpu_nl; k=$((k + 1)) ;;
+        done_mtime=*) dm=${line#*=} ;;
+        failed_mtime=*) fm=${line#*=} ;;
+        logs_mtime=*) lm=${line#*=} ;;
+        names_mtime=*) nm=${line#*=} ;;
+        'done'=*) nd=${line#*=} ;;
+        failed=*) nf=${line#*=} ;;
+        logs=*) nl=${line#*=} ;;
+        ended_count=*) count=${line#*=} ;;
+      esac
+    done < "$_gpu_q/summary"
+  } 2>/dev/null
   [ -n "$dm" ] && [ -n "$fm" ] && [ -n "$lm" ] && [ -n "$nm" ] || return 1
   stamps=$(command stat -c %.9Y -- "$_gpu_q/done" "$_gpu_q/failed" "$_gpu_q/logs" \
     "$_gpu_q/names" 2>/dev/null) || return 1
   [ "$stamps" = "$dm$_gpu_nl$fm$_gpu_nl$lm$_gpu_nl$nm" ] || return 1
-  _gpu_field 'done'; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_done=$_gpu_i
-  _gpu_field failed; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_failed=$_gpu_i
-  _gpu_field logs; _gpu_whole "$_gpu_val" 999999999 || return 1; _gpu_sum_logs=$_gpu_i
-  _gpu_field ended_count; _gpu_whole "$_gpu_val" 10000 || return 1
-  _gpu_sum_nended=$_gpu_i _gpu_sum_ended=''
-  local k=0
-  while [ "$k" -lt "$_gpu_sum_nended" ]; do
-    _gpu_field "ended.$k" || return 1
-    _gpu_sum_ended=$_gpu_sum_ended$_gpu_val$_gpu_nl
-    k=$((k + 1))
-  done
+  _gpu_whole "$nd" 999999999 || return 1; _gpu_sum_done=$_gpu_i
+  _gpu_whole "$nf" 999999999 || return 1; _gpu_sum_failed=$_gpu_i
+  _gpu_whole "$nl" 999999999 || return 1; _gpu_sum_logs=$_gpu_i
+  _gpu_whole "$count" 10000 && [ "$_gpu_i" -eq "$k" ] || return 1
+  _gpu_sum_nended=$k _gpu_sum_ended=$ended
   _gpu_sum=ok
 }
 
@@ -730,6 +742,8 @@ _gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance fol
   _gpu_root || return 1
   _gpu_q=$_gpu_r/$JOB_ID
   # a queue its group shares on purpose (the daemon's --shared-queue): the group reads and writes
+  # what the client writes there (a command that only reads skips the look, a process)
+  case $_gpu_cmd in status | show | logs | tail | wait) return 0 ;; esac
   [ -z "$(command find "$_gpu_q" -maxdepth 0 -perm -g+w 2>/dev/null)" ] || umask 007
 }
 
@@ -753,9 +767,17 @@ _gpu_instances() {  # the instances under the root, one a line
 
 # Daemons ###########################################################################################
 
-_gpu_node_files() {  # the node state files of the instance, by rank (node-2 before node-10)
+_gpu_node_files() {  # _gpu_node_list's files on stdout
+  local _gpu_states
+  _gpu_node_list
+  printf '%s' "$_gpu_states"
+}
+
+_gpu_node_list() {  # the node state files of the instance, by rank (node-2 before node-10), one
+  # a line, into _gpu_states
   local name rank found='' IFS=$_gpu_nl
-  for name in $(_gpu_ls "$_gpu_q/nodes"); do
+  _gpu_list_names "$_gpu_q/nodes"
+  for name in $_gpu_v; do
     case $name in node-*.state) ;; *) continue ;; esac
     rank=${name#node-}; rank=${rank%.state}
     case $rank in '' | *[!0-9]* | ??????????*) continue ;; esac
@@ -763,8 +785,9 @@ _gpu_node_files() {  # the node state files of the instance, by rank (node-2 bef
   done
   case $found in
     *"$_gpu_nl"?*)  # more than one: sorted by rank
-      printf '%s' "$found" | command sort -n | command head -n 1024 | command sed 's/^[0-9]* //' ;;
-    *) printf '%s' "${found#* }" ;;
+      _gpu_states=$(printf '%s' "$found" | command sort -n | command head -n 1024 \
+        | command sed 's/^[0-9]* //') ;;
+    *) _gpu_states=${found#* } ;;
   esac
 }
 
@@ -2406,8 +2429,10 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
   done
 }
 
-_gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newest first
-  local line id n=0 IFS=$_gpu_nl
+_gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newest first, one a
+  # line, into _gpu_v
+  local line n=0 IFS=$_gpu_nl
+  _gpu_v=''
   [ "$1" -gt 0 ] || return 0
   if _gpu_cache && { [ "$1" -le "$_gpu_sum_nended" ] \
     || [ "$_gpu_sum_nended" -ge $((_gpu_sum_done + _gpu_sum_failed)) ]; }; then
@@ -2415,12 +2440,19 @@ _gpu_recent() {  # _gpu_recent N: "DIR/ID" of the N tasks that ended last, newes
       case $line in 'done'/?* | failed/?*) ;; *) continue ;; esac
       case ${line#*/} in */*) continue ;; esac
       [ -e "$_gpu_q/$line" ] || continue
-      printf '%s\n' "$line"
+      _gpu_v=$_gpu_v$line$_gpu_nl
       n=$((n + 1))
       [ "$n" -lt "$1" ] || break
     done
     return 0
   fi
+  _gpu_v=$(_gpu_recent_results "$1")
+  _gpu_v=${_gpu_v:+$_gpu_v$_gpu_nl}
+}
+
+_gpu_recent_results() {  # _gpu_recent_results N: _gpu_recent's lines from records/ on stdout,
+  # with no summary to read them from
+  local line id n=0 IFS=$_gpu_nl
   # a result is published when its task ends: the newest results are the newest ends
   for line in $(command find "$_gpu_q/records" -maxdepth 1 -name '*.result' -printf '%T@ %f\n' \
     2>/dev/null | command sort -rn | command head -n "$(($1 * 2 + 10))"); do
@@ -2579,10 +2611,10 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   local -A _gpu_pre
   _gpu_now
   _gpu_cache
-  _gpu_states=$(_gpu_node_files)
-  _gpu_running=$(_gpu_ls "$_gpu_q/running")
-  _gpu_pending=$(_gpu_run_order)
-  _gpu_ended=$(_gpu_recent "$recent")
+  _gpu_node_list
+  _gpu_list_names "$_gpu_q/running"; _gpu_running=$_gpu_v
+  _gpu_pending_list; _gpu_pending=$_gpu_v
+  _gpu_recent "$recent"; _gpu_ended=$_gpu_v
   _gpu_status_preload
   _gpu_runmap_build
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json; return; fi
@@ -3345,14 +3377,25 @@ _gpu_cmd_priority() {
   done
 }
 
-_gpu_run_order() {  # the pending tasks in the order they start (docs/protocol.md), one a line
-  local id rest='' list IFS=$_gpu_nl
-  list=$(_gpu_ls "$_gpu_q/pending")
+_gpu_run_order() {  # _gpu_pending_list's tasks on stdout
+  _gpu_pending_list
+  printf '%s' "$_gpu_v"
+}
+
+_gpu_pending_list() {  # the pending tasks in the order they start (docs/protocol.md), one a
+  # line, into _gpu_v
+  local id rest='' IFS=$_gpu_nl
+  _gpu_list_names "$_gpu_q/pending"
   # the ids' byte order when no priority/ entry nor a name put there by hand changes it
-  for id in $list; do _gpu_is_id "$id" || { rest=1; break; }; done
-  if [ -z "$rest" ] && _gpu_no_entries "$_gpu_q/priority"; then
-    printf '%s' "${list:+$list$_gpu_nl}"; return
-  fi
+  for id in $_gpu_v; do _gpu_is_id "$id" || { rest=1; break; }; done
+  if [ -z "$rest" ] && _gpu_no_entries "$_gpu_q/priority"; then return; fi
+  _gpu_v=$(_gpu_sorted_pending "$_gpu_v")
+  _gpu_v=${_gpu_v:+$_gpu_v$_gpu_nl}
+}
+
+_gpu_sorted_pending() {  # _gpu_sorted_pending LIST: the pending tasks of LIST in run order, when
+  # priority/ entries or names put there by hand change the ids' byte order
+  local id rest list=$1 IFS=$_gpu_nl
   # one line a task: class, time put on top, priority, the rest of the id, then the name
   for id in $list; do
     rest=''
