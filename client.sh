@@ -560,39 +560,195 @@ _gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it c
   } 2>/dev/null
 }
 
-_gpu_preload() {  # _gpu_preload FILE...: the regular, readable FILEs read by one awk into
-  # _gpu_pre (an associative array of the caller's, _gpu_pre_on set), where _gpu_load takes them
-  # from: each file as the assignments _gpu_load's own loop would make. A file awk cannot give
-  # as that loop reads it (one that holds a NUL byte, or awk failed) is left to _gpu_load.
-  local f line out list='' IFS=$_gpu_nl
+_gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _gpu_pre (an
+  # associative array of the caller's, _gpu_pre_on set). An ITEM is a FILE, which _gpu_load
+  # then takes from there (the assignments its own loop would make; a file awk cannot give as
+  # that loop reads it, one that holds a NUL byte, or all when awk failed, is left to _gpu_load),
+  # or <fs>DIR/ID, a task, what _gpu_task sets of it (but the daemons' view, and held/)
+  local f dir id line out list='' prio='' IFS=$_gpu_nl
+  # a file that is not regular is never read (a FIFO would block)
+  _gpu_no_entries "$_gpu_q/priority" || prio=priority/  # gpu_priority's files
   for f in "$@"; do
-    case $f in *"$_gpu_nl"* | *"$_gpu_fs"* | -) continue ;; esac  # one name a line
-    [ -f "$f" ] && [ -r "$f" ] && list=$list$f$_gpu_nl
+    case $f in
+      "$_gpu_fs"*/*)  # the files of the task that are there, each as R, then the task as T
+        dir=${f#?} id=${f#*/}; dir=${dir%%/*}
+        case $id$_gpu_q in *"$_gpu_nl"* | *"$_gpu_fs"*) continue ;; esac
+        case $id in */*) continue ;; esac
+        case $dir in
+          running) set -- submit gang run rank0.run ;;
+          pending) set -- submit; [ -z "$prio" ] || set -- submit "$prio" ;;
+          'done' | failed) set -- submit result ;;
+          *) set -- submit ;;
+        esac
+        for line in "$@"; do
+          case $line in
+            "$prio") line=$_gpu_q/priority/$id ;;
+            *) line=$_gpu_q/records/$id.$line ;;
+          esac
+          [ ! -f "$line" ] || list=${list}R$_gpu_fs$line$_gpu_nl
+        done
+        list=${list}T$_gpu_fs$dir$_gpu_fs$id$_gpu_fs$_gpu_q/$_gpu_nl ;;
+      *"$_gpu_nl"* | *"$_gpu_fs"* | -) ;;  # one name a line
+      *) [ -f "$f" ] && [ -r "$f" ] && list=${list}F$_gpu_fs$f$_gpu_nl ;;
+    esac
   done
   [ -n "$list" ] || return 0
-  out=$(printf '%s' "$list" | command awk -v q="'" '
-    {
-      file = $0; n = 0; bad = 0; lines = 0
-      while (lines < 20000 && (got = (getline line < file)) > 0) {
-        lines++
-        if (line ~ /\000/) { bad = 1; break }
-        eq = index(line, "=")
-        key = substr(line, 1, eq - 1)
-        if (eq < 2 || key ~ /[^a-z0-9_.]/) continue
-        gsub(/\./, "_", key)
-        value = substr(line, eq + 1)
-        gsub(q, q "\"" q "\"" q, value)
-        part[++n] = "_gpu_f_" key "=" q value q " _gpu_keys=$_gpu_keys" q " _gpu_f_" key q " "
-      }
-      close(file)
-      if (bad || got < 0) next
-      printf "%s\037", file  # the file, then its assignments, on one line
-      for (i = 1; i <= n; i++) printf "%s", part[i]
-      printf "\n"
-    }' 2>/dev/null) || return 0
-  for line in $out; do _gpu_pre[${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"}; done
+  out=$(printf '%s' "$list" | command awk -F "$_gpu_fs" -v sq="'" "$_gpu_task_awk" 2>/dev/null) \
+    || return 0
+  for line in $out; do
+    case $line in
+      T"$_gpu_fs"*) line=${line#??}; _gpu_pre[$_gpu_fs${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
+      *) _gpu_pre[${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
+    esac
+  done
   _gpu_pre_on=1
 }
+
+# the awk of _gpu_preload: input lines F|R<fs>FILE, T<fs>DIR<fs>ID<fs>INSTANCE/; out for F
+# "FILE<fs>assignments" (F: shown, R: kept for the tasks), for T "T<fs>DIR/ID<fs>assignments"
+# (of _gpu_t_*, with newlines as $'\n'). It is _gpu_task's reading of the records.
+# shellcheck disable=SC2016  # $_gpu_keys is for the eval of the output
+_gpu_task_awk='
+  function lit(v,   out, i) {  # v in single quotes, for eval
+    out = ""
+    while ((i = index(v, sq)) > 0) { out = out substr(v, 1, i - 1) sq "\"" sq "\"" sq; v = substr(v, i + 1) }
+    return sq out v sq
+  }
+  function read(file, show,   line, got, lines, eq, key, value, bad, n, i) {  # a key=value file
+    n = 0; lines = 0; bad = 0
+    while (lines < 20000 && (got = (getline line < file)) > 0) {
+      lines++
+      if (line ~ /\000/) { bad = 1; gsub(/\000/, "", line) }
+      eq = index(line, "=")
+      key = substr(line, 1, eq - 1)
+      if (eq < 2 || key ~ /[^a-z0-9_.]/) continue
+      gsub(/\./, "_", key)
+      value = substr(line, eq + 1)
+      V[file, key] = value
+      part[++n] = "_gpu_f_" key "=" lit(value) " _gpu_keys=$_gpu_keys" sq " _gpu_f_" key sq " "
+    }
+    close(file)
+    if (got < 0) return
+    got_file[file] = 1
+    if (!show || bad) return
+    printf "%s\037", file
+    for (i = 1; i <= n; i++) printf "%s", part[i]
+    printf "\n"
+  }
+  function has(f) { return f in got_file }
+  function get(f, k) { return ((f, k) in V) ? V[f, k] : "" }
+  function int_of(v) {  # _gpu_int: whole seconds, "" when none
+    sub(/\..*/, "", v)
+    if (v == "" || v ~ /[^0-9]/ || length(v) >= 15) return ""
+    sub(/^0+/, "", v)
+    return v == "" ? "0" : v
+  }
+  function whole(v, max) {  # _gpu_whole: 0..max, "" when not
+    if (v == "" || v ~ /[^0-9]/) return ""
+    v = int_of(v)
+    return (v != "" && v + 0 <= max) ? v : ""
+  }
+  function bounded(v) {  # _gpu_bounded
+    if (v == "" || v ~ /[^0-9]/) return 0
+    if (length(v) >= 5) return 1024
+    v = int_of(v) + 0
+    return v > 1024 ? 1024 : v
+  }
+  function shquote(w,   out, i) {  # _gpu_shquote
+    if (w == "") return sq sq
+    if (w !~ /[^A-Za-z0-9_.\/:=,+@%^-]/) return w
+    out = ""
+    while ((i = index(w, sq)) > 0) { out = out substr(w, 1, i - 1) sq "\\" sq sq; w = substr(w, i + 1) }
+    return sq out w sq
+  }
+  function set(name, value) { TV[name] = lit(value) }
+  function setlines(name, list,   part, n, i, out) {  # a list of lines (one a line)
+    n = split(list, part, "\n")
+    out = n ? lit(part[1]) : sq sq
+    for (i = 2; i <= n; i++) out = out "$" sq "\\n" sq lit(part[i])
+    TV[name] = out
+  }
+  function task(dir, id, inst,   sub_, f, p, name, i, n, env, argv, args, src, cmd, node, nodes) {
+    for (i = 1; i <= NFIELDS; i++) TV[FIELD[i]] = sq sq
+    set("id", id); set("dir", dir); set("state", dir); set("name", id); set("gpus_req", "all")
+    set("nodes_req", 1); set("argc", 0); set("cmdline", id)
+    p = id; if ((i = index(id, "-")) > 0) p = substr(id, 1, i - 1)
+    set("prio", p ~ /^[0-9][0-9][0-9]$/ ? p : "")
+    name = id
+    if (id ~ ID && length(id) <= 122 && substr(id, 40) !~ /[^A-Za-z0-9._-]/) name = substr(id, 40)
+    set("name", name)
+    sub_ = inst "records/" id ".submit"
+    if (has(sub_)) {
+      set("record", 1)
+      set("display", get(sub_, "display_name")); set("source", src = get(sub_, "source"))
+      set("command", cmd = get(sub_, "command")); set("cwd", get(sub_, "cwd"))
+      f = get(sub_, "gpus"); set("gpus_req", f == "" ? "all" : f)
+      f = get(sub_, "nodes"); set("nodes_req", f == "" ? 1 : f)
+      set("time_req", whole(get(sub_, "time_limit"), 31536000))
+      env = ""; n = bounded(get(sub_, "envc"))
+      for (i = 0; i < n; i++) {
+        f = get(sub_, "env_" i)
+        if (index(substr(f, 2), "=") > 0) env = env (env == "" ? "" : "\n") f
+      }
+      setlines("env", env)
+      set("after", get(sub_, "after")); set("retry_of", get(sub_, "retry_of"))
+      set("submitted", get(sub_, "submitted")); set("by", get(sub_, "submitted_by"))
+      args = ""; argv = ""; n = bounded(get(sub_, "argc"))
+      for (i = 0; i < n; i++) {
+        f = get(sub_, "arg_" i)
+        args = args " " shquote(f); argv = argv (i ? "\n" : "") f
+      }
+      set("args", args); setlines("argv", argv); set("argc", n)
+    } else {
+      src = ""; cmd = ""
+    }
+    if (cmd == "") { f = src; sub(/.*\//, "", f); cmd = (f == "" ? name : f) args }
+    set("cmdline", cmd)
+    if (dir == "running") {
+      set("state", "starting")
+      nodes = ""
+      f = inst "records/" id ".gang"
+      if (has(f)) { nodes = get(f, "nodes"); set("nodes", nodes); set("node", nodes) }
+      f = inst "records/" id ".run"
+      if (!has(f)) f = inst "records/" id ".rank0.run"
+      if (has(f)) {
+        set("state", "running")
+        if (nodes == "") set("node", get(f, "node_rank"))
+        set("host", get(f, "host")); set("gpus", get(f, "gpus"))
+        set("started", get(f, "started")); set("attempt", get(f, "attempt"))
+      }
+    } else if (dir == "pending") {
+      f = inst "priority/" id
+      p = get(f, "priority")
+      if (p == "top" || p ~ /^[0-9][0-9][0-9]$/) set("prio", p)
+    } else if (dir == "done" || dir == "failed") {
+      f = inst "records/" id ".result"
+      if (has(f)) {
+        p = get(f, "state"); set("state", p == "" ? dir : p)
+        set("exit", get(f, "exit_code")); set("signal", get(f, "signal"))
+        set("reason", get(f, "reason")); set("started", get(f, "started"))
+        set("ended", get(f, "ended")); set("duration", get(f, "duration"))
+        set("host", get(f, "host")); set("node", get(f, "node_rank"))
+        set("gpus", get(f, "gpus")); set("attempt", get(f, "attempt"))
+        nodes = get(f, "nodes")
+        if (nodes != "") { set("nodes", nodes); set("node", nodes) }
+      }
+    }
+    printf "T\037%s/%s\037", dir, id
+    for (i = 1; i <= NFIELDS; i++) printf " _gpu_t_%s=%s", FIELD[i], TV[FIELD[i]]
+    printf "\n"
+  }
+  BEGIN {
+    NFIELDS = split("id dir state name prio display source command cwd gpus_req nodes_req after" \
+      " args argv argc retry_of submitted by record time_req env cmdline node host gpus started" \
+      " ended duration exit signal reason attempt nodes", FIELD, " ")
+    d = "[0-9]"; h = "[0-9a-f]"
+    ID = "^" d d d "-" d d d d d d d d "_" d d d d d d "_" d d d d d d d d d "-" h h h h h h h h "-."
+  }
+  $1 == "F" { read(substr($0, 3), 1) }
+  $1 == "R" { read(substr($0, 3), 0) }
+  $1 == "T" { task($2, $3, substr($0, length($2) + length($3) + 5)) }
+'
 
 _gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when absent
   eval "_gpu_val=\${_gpu_f_${1//./_}-}; [ -n \"\${_gpu_f_${1//./_}+set}\" ]"
@@ -606,26 +762,28 @@ _gpu_cache() {  # the daemon's summary (docs/protocol.md) into _gpu_sum_*, once 
   [ "$_gpu_sum" = ok ]
 }
 
-_gpu_cache_load() {  # _gpu_cache's work: _gpu_sum=ok when the summary holds. Read line by line
-  # as _gpu_load reads (at most 20000), with no eval: ended.<k> in the order the daemon writes
-  local line n=0 k=0 ended='' dm='' fm='' lm='' nm='' nd='' nf='' nl='' count='' stamps
+_gpu_cache_load() {  # _gpu_cache's work: _gpu_sum=ok when the summary holds. Read at once, its
+  # lines taken in as _gpu_load takes them (at most 20000) with no eval, ended.<k> in the order
+  # the daemon writes them
+  local text line n=0 k=0 ended='' dm='' fm='' lm='' nm='' nd='' nf='' nl='' count='' stamps
+  local IFS=$_gpu_nl
   [ -f "$_gpu_q/summary" ] && [ -r "$_gpu_q/summary" ] || return 1
-  {
-    while [ "$n" -lt 20000 ] && { IFS= read -r line || [ -n "$line" ]; }; do
-      n=$((n + 1))
-      case $line in
-        ended."$k"=*) ended=$ended${line#*=}$_gpu_nl; k=$((k + 1)) ;;
-        done_mtime=*) dm=${line#*=} ;;
-        failed_mtime=*) fm=${line#*=} ;;
-        logs_mtime=*) lm=${line#*=} ;;
-        names_mtime=*) nm=${line#*=} ;;
-        'done'=*) nd=${line#*=} ;;
-        failed=*) nf=${line#*=} ;;
-        logs=*) nl=${line#*=} ;;
-        ended_count=*) count=${line#*=} ;;
-      esac
-    done < "$_gpu_q/summary"
-  } 2>/dev/null
+  IFS= read -r -d '' text < "$_gpu_q/summary" 2>/dev/null
+  for line in $text; do
+    [ "$n" -lt 20000 ] || break
+    n=$((n + 1))
+    case $line in
+      ended."$k"=*) ended=$ended${line#*=}$_gpu_nl; k=$((k + 1)) ;;
+      done_mtime=*) dm=${line#*=} ;;
+      failed_mtime=*) fm=${line#*=} ;;
+      logs_mtime=*) lm=${line#*=} ;;
+      names_mtime=*) nm=${line#*=} ;;
+      'done'=*) nd=${line#*=} ;;
+      failed=*) nf=${line#*=} ;;
+      logs=*) nl=${line#*=} ;;
+      ended_count=*) count=${line#*=} ;;
+    esac
+  done
   [ -n "$dm" ] && [ -n "$fm" ] && [ -n "$lm" ] && [ -n "$nm" ] || return 1
   stamps=$(command stat -c %.9Y -- "$_gpu_q/done" "$_gpu_q/failed" "$_gpu_q/logs" \
     "$_gpu_q/names" 2>/dev/null) || return 1
@@ -1440,76 +1598,42 @@ EOF
   esac
 }
 
-_gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu_t_*
-  local id=$2 i argc
-  _gpu_t_id=$id _gpu_t_dir=$1 _gpu_t_state=$1
-  _gpu_short "$id"; _gpu_t_name=$_gpu_s
-  _gpu_t_prio=${id%%-*}
-  case $_gpu_t_prio in [0-9][0-9][0-9]) ;; *) _gpu_t_prio= ;; esac
-  _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
-  _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_jargs='' _gpu_t_retry_of=''
-  _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req='' _gpu_t_env=''
-  # the loaded fields are read as _gpu_f_<key> (as _gpu_load sets them), not through _gpu_field:
-  # gpu_status reads some thirty for each row
-  if _gpu_load "$_gpu_q/records/$id.submit"; then
-    _gpu_t_record=1
-    _gpu_t_display=${_gpu_f_display_name-} _gpu_t_source=${_gpu_f_source-}
-    _gpu_t_command=${_gpu_f_command-} _gpu_t_cwd=${_gpu_f_cwd-}
-    _gpu_t_gpus_req=${_gpu_f_gpus:-all} _gpu_t_nodes_req=${_gpu_f_nodes:-1}
-    _gpu_whole "${_gpu_f_time_limit-}" 31536000 && _gpu_t_time_req=$_gpu_i
-    _gpu_record_env; _gpu_t_env=$_gpu_env
-    _gpu_t_after=${_gpu_f_after-} _gpu_t_retry_of=${_gpu_f_retry_of-}
-    _gpu_t_submitted=${_gpu_f_submitted-} _gpu_t_by=${_gpu_f_submitted_by-}
-    _gpu_bounded "${_gpu_f_argc-}"; argc=$_gpu_i
-    i=0
-    while [ "$i" -lt "$argc" ]; do
-      _gpu_field "arg.$i"
-      _gpu_shquote "$_gpu_val"; _gpu_t_args="$_gpu_t_args $_gpu_w"
-      _gpu_js "$_gpu_val"; _gpu_t_jargs=$_gpu_t_jargs${_gpu_t_jargs:+, }$_gpu_j
-      i=$((i + 1))
+_gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu_t_*: its
+  # records as _gpu_preload read them (the caller's, else read here), the daemons' own view of a
+  # running task (their state files), held/
+  local id=$2 key=$_gpu_fs$1/$2 rest arg
+  if [ -z "${_gpu_pre_on-}" ] || [ -z "${_gpu_pre[$key]+set}" ]; then
+    local -A _gpu_pre
+    local _gpu_pre_on=''
+    _gpu_preload "$key"
+  fi
+  _gpu_t_jargs=''
+  if [ -n "${_gpu_pre_on-}" ] && [ -n "${_gpu_pre[$key]+set}" ]; then
+    eval "${_gpu_pre[$key]}"  # every _gpu_t_* but _gpu_t_jargs
+  else  # awk failed: what its id says
+    _gpu_t_id=$id _gpu_t_dir=$1 _gpu_t_state=$1 _gpu_t_name=$id _gpu_t_prio=''
+    _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
+    _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_argv='' _gpu_t_argc=0
+    _gpu_t_retry_of='' _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req=''
+    _gpu_t_env='' _gpu_t_cmdline=$id _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus=''
+    _gpu_t_started='' _gpu_t_ended='' _gpu_t_duration='' _gpu_t_exit='' _gpu_t_signal=''
+    _gpu_t_reason='' _gpu_t_attempt='' _gpu_t_nodes=''
+  fi
+  if [ "$_gpu_t_argc" -gt 0 ]; then  # the arguments as JSON, one a line in _gpu_t_argv
+    rest=$_gpu_t_argv$_gpu_nl
+    while [ -n "$rest" ]; do
+      arg=${rest%%"$_gpu_nl"*} rest=${rest#*"$_gpu_nl"}
+      _gpu_js "$arg"; _gpu_t_jargs=$_gpu_t_jargs${_gpu_t_jargs:+, }$_gpu_j
     done
   fi
-  if [ -n "$_gpu_t_command" ]; then
-    _gpu_t_cmdline=$_gpu_t_command
-  else
-    _gpu_t_cmdline=${_gpu_t_source##*/}
-    _gpu_t_cmdline=${_gpu_t_cmdline:-$_gpu_t_name}$_gpu_t_args
-  fi
-  _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus='' _gpu_t_started='' _gpu_t_ended='' _gpu_t_duration=''
-  _gpu_t_exit='' _gpu_t_signal='' _gpu_t_reason='' _gpu_t_attempt='' _gpu_t_nodes=''
   case $1 in
     running)
-      _gpu_t_state=starting  # claimed; its GPUs are being freed, or its gang is not ready
-      if _gpu_load "$_gpu_q/records/$id.gang"; then
-        _gpu_t_nodes=${_gpu_f_nodes-} _gpu_t_node=${_gpu_f_nodes-}
-      fi
-      if _gpu_load "$_gpu_q/records/$id.run" || _gpu_load "$_gpu_q/records/$id.rank0.run"; then
-        _gpu_t_state=running
-        [ -n "$_gpu_t_nodes" ] || _gpu_t_node=${_gpu_f_node_rank-}
-        _gpu_t_host=${_gpu_f_host-} _gpu_t_gpus=${_gpu_f_gpus-}
-        _gpu_t_started=${_gpu_f_started-} _gpu_t_attempt=${_gpu_f_attempt-}
-      fi
       if _gpu_runmap_get "$id"; then  # the daemons' own view, from their state files
         _gpu_t_state=running _gpu_t_node=$_gpu_rm_nodes
         _gpu_t_gpus=${_gpu_rm_gpus:-$_gpu_t_gpus}
         _gpu_t_started=${_gpu_rm_started:-$_gpu_t_started}
       fi ;;
-    pending)
-      [ ! -e "$_gpu_q/held/$id" ] || _gpu_t_state=held
-      if [ -f "$_gpu_q/priority/$id" ] && _gpu_load "$_gpu_q/priority/$id" \
-        && _gpu_field priority; then  # gpu_priority
-        case $_gpu_val in top) _gpu_t_prio=top ;; [0-9][0-9][0-9]) _gpu_t_prio=$_gpu_val ;; esac
-      fi ;;
-    done | failed)
-      if _gpu_load "$_gpu_q/records/$id.result"; then
-        _gpu_t_state=${_gpu_f_state:-$1} _gpu_t_exit=${_gpu_f_exit_code-}
-        _gpu_t_signal=${_gpu_f_signal-} _gpu_t_reason=${_gpu_f_reason-}
-        _gpu_t_started=${_gpu_f_started-} _gpu_t_ended=${_gpu_f_ended-}
-        _gpu_t_duration=${_gpu_f_duration-} _gpu_t_host=${_gpu_f_host-}
-        _gpu_t_node=${_gpu_f_node_rank-} _gpu_t_gpus=${_gpu_f_gpus-}
-        _gpu_t_attempt=${_gpu_f_attempt-}
-        if [ -n "${_gpu_f_nodes-}" ]; then _gpu_t_nodes=$_gpu_f_nodes _gpu_t_node=$_gpu_f_nodes; fi
-      fi ;;
+    pending) [ ! -e "$_gpu_q/held/$id" ] || _gpu_t_state=held ;;
   esac
 }
 
@@ -2650,24 +2774,18 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
     "$running" "$pending" "$ndone" "$failed"
 }
 
-_gpu_status_preload() {  # the files gpu_status reads, of the nodes and tasks _gpu_status_text
+_gpu_status_preload() {  # the node states and tasks gpu_status shows, of what _gpu_status_text
   # listed, read at once (_gpu_preload): as many as the table shows, gpu_status --json all
-  local node id line shown=0 paths=() IFS=$_gpu_nl
-  for node in $_gpu_states; do paths+=("$_gpu_q/nodes/$node"); done
-  for id in $_gpu_running; do
-    paths+=("$_gpu_q/records/$id.submit" "$_gpu_q/records/$id.gang" "$_gpu_q/records/$id.run"
-      "$_gpu_q/records/$id.rank0.run")
-  done
+  local node id line shown=0 items=() IFS=$_gpu_nl
+  for node in $_gpu_states; do items+=("$_gpu_q/nodes/$node"); done
+  for id in $_gpu_running; do items+=("${_gpu_fs}running/$id"); done
   for id in $_gpu_pending; do
     [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || [ -n "$_gpu_o_json" ] || break
     shown=$((shown + 1))
-    paths+=("$_gpu_q/records/$id.submit" "$_gpu_q/priority/$id")
+    items+=("${_gpu_fs}pending/$id")
   done
-  for line in $_gpu_ended; do
-    id=${line#*/}
-    paths+=("$_gpu_q/records/$id.submit" "$_gpu_q/records/$id.result")
-  done
-  _gpu_preload "${paths[@]}"
+  for line in $_gpu_ended; do items+=("$_gpu_fs$line"); done
+  _gpu_preload "${items[@]}"
 }
 
 _gpu_jstr() {  # _gpu_jstr TEXT: a JSON string, null when TEXT is empty, into _gpu_j
