@@ -564,8 +564,9 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   # associative array of the caller's, _gpu_pre_on set). An ITEM is a FILE, which _gpu_load
   # then takes from there (the assignments its own loop would make; a file awk cannot give as
   # that loop reads it, one that holds a NUL byte, or all when awk failed, is left to _gpu_load),
-  # or <fs>DIR/ID, a task, what _gpu_task sets of it (but the daemons' view, and held/)
-  local f dir id line out list='' prio='' IFS=$_gpu_nl
+  # or <fs>DIR/ID, a task, what _gpu_task sets of it: its records, held/, and for a running task
+  # the node states' view (those among the ITEMs, else all)
+  local f dir id line list out files='' tasks='' prio='' held running='' given='' IFS=$_gpu_nl
   # a file that is not regular is never read (a FIFO would block)
   _gpu_no_entries "$_gpu_q/priority" || prio=priority/  # gpu_priority's files
   for f in "$@"; do
@@ -574,9 +575,11 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
         dir=${f#?} id=${f#*/}; dir=${dir%%/*}
         case $id$_gpu_q in *"$_gpu_nl"* | *"$_gpu_fs"*) continue ;; esac
         case $id in */*) continue ;; esac
+        held=''
         case $dir in
-          running) set -- submit gang run rank0.run ;;
-          pending) set -- submit; [ -z "$prio" ] || set -- submit "$prio" ;;
+          running) set -- submit gang run rank0.run; running=1 ;;
+          pending) set -- submit; [ -z "$prio" ] || set -- submit "$prio"
+            [ ! -e "$_gpu_q/held/$id" ] || held=held ;;
           'done' | failed) set -- submit result ;;
           *) set -- submit ;;
         esac
@@ -585,30 +588,29 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
             "$prio") line=$_gpu_q/priority/$id ;;
             *) line=$_gpu_q/records/$id.$line ;;
           esac
-          [ ! -f "$line" ] || list=${list}R$_gpu_fs$line$_gpu_nl
+          [ ! -f "$line" ] || files=${files}R$_gpu_fs$line$_gpu_nl
         done
-        list=${list}T$_gpu_fs$dir$_gpu_fs$id$_gpu_fs$_gpu_q/$_gpu_nl ;;
+        tasks=${tasks}T$_gpu_fs$dir$_gpu_fs$id$_gpu_fs$held$_gpu_fs$_gpu_q/$_gpu_nl ;;
       *"$_gpu_nl"* | *"$_gpu_fs"* | -) ;;  # one name a line
-      *) [ -f "$f" ] && [ -r "$f" ] && list=${list}F$_gpu_fs$f$_gpu_nl ;;
+      "$_gpu_q"/nodes/*)  # a node state: what its daemon runs, too
+        given=1; [ -f "$f" ] && [ -r "$f" ] && files=${files}N$_gpu_fs$f$_gpu_nl ;;
+      *) [ -f "$f" ] && [ -r "$f" ] && files=${files}F$_gpu_fs$f$_gpu_nl ;;
     esac
   done
-  [ -n "$list" ] || return 0
-  out=$(printf '%s' "$list" | command awk -F "$_gpu_fs" -v sq="'" "$_gpu_task_awk" 2>/dev/null) \
-    || return 0
-  for line in $out; do
-    case $line in
-      T"$_gpu_fs"*) line=${line#??}; _gpu_pre[$_gpu_fs${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
-      *) _gpu_pre[${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
-    esac
-  done
-  _gpu_pre_on=1
-}
-
-# the awk of _gpu_preload: input lines F|R<fs>FILE, T<fs>DIR<fs>ID<fs>INSTANCE/; out for F
-# "FILE<fs>assignments" (F: shown, R: kept for the tasks), for T "T<fs>DIR/ID<fs>assignments"
-# (of _gpu_t_*, with newlines as $'\n'). It is _gpu_task's reading of the records.
-# shellcheck disable=SC2016  # $_gpu_keys is for the eval of the output
-_gpu_task_awk='
+  if [ -n "$running" ] && [ -z "$given" ]; then  # where a running task runs: the node states
+    local _gpu_states
+    _gpu_node_list
+    for f in $_gpu_states; do
+      [ ! -f "$_gpu_q/nodes/$f" ] || files=${files}N$_gpu_fs$_gpu_q/nodes/$f$_gpu_nl
+    done
+  fi
+  list=$files$tasks
+  # the awk: input lines F|N|R<fs>FILE (a file, a node state, a record), then
+  # T<fs>DIR<fs>ID<fs>held or empty<fs>INSTANCE/; out for F and N "FILE<fs>assignments", for T
+  # "T<fs>DIR/ID<fs>assignments" (of _gpu_t_*, with newlines as $'\n'). It is the one reading
+  # of a task's records, and the one writing of a task as JSON (but its log, _gpu_task_json).
+  # shellcheck disable=SC2016  # $_gpu_keys is for the eval of the output
+  local prog='
   function lit(v,   out, i) {  # v in single quotes, for eval
     out = ""
     while ((i = index(v, sq)) > 0) { out = out substr(v, 1, i - 1) sq "\"" sq "\"" sq; v = substr(v, i + 1) }
@@ -634,6 +636,17 @@ _gpu_task_awk='
     printf "%s\037", file
     for (i = 1; i <= n; i++) printf "%s", part[i]
     printf "\n"
+  }
+  function node(file,   rank, n, k, id, before_) {  # the running.<k> of a node state into RM
+    rank = file; sub(/.*\/node-/, "", rank); sub(/\.state$/, "", rank)
+    n = bounded(get(file, "running_count"))
+    for (k = 0; k < n; k++) {
+      id = get(file, "running_" k "_id")
+      if (id == "") continue
+      before_ = (id in RM) ? RM[id] "\n" : ""  # (mawk makes RM[id] before the right side)
+      RM[id] = before_ rank "\037" get(file, "running_" k "_gpus") "\037" \
+        get(file, "running_" k "_started") "\037" get(file, "running_" k "_rank")
+    }
   }
   function has(f) { return f in got_file }
   function get(f, k) { return ((f, k) in V) ? V[f, k] : "" }
@@ -661,15 +674,96 @@ _gpu_task_awk='
     while ((i = index(w, sq)) > 0) { out = out substr(w, 1, i - 1) sq "\\" sq sq; w = substr(w, i + 1) }
     return sq out w sq
   }
-  function set(name, value) { TV[name] = lit(value) }
+  function set(name, value) { R[name] = value; TV[name] = lit(value) }
   function setlines(name, list,   part, n, i, out) {  # a list of lines (one a line)
     n = split(list, part, "\n")
     out = n ? lit(part[1]) : sq sq
     for (i = 2; i <= n; i++) out = out "$" sq "\\n" sq lit(part[i])
-    TV[name] = out
+    R[name] = list; TV[name] = out
   }
-  function task(dir, id, inst,   sub_, f, p, name, i, n, env, argv, args, src, cmd, node, nodes) {
-    for (i = 1; i <= NFIELDS; i++) TV[FIELD[i]] = sq sq
+  function running(id,   part, n, i, e, nodes, k, t) {  # _gpu_t_* of a task the daemons run
+    n = split(RM[id], part, "\n")
+    for (i = 1; i <= n; i++) {
+      split(part[i], e, "\037")
+      if (e[4] == "") e[4] = 0
+      part[i] = e[4] ":" e[1]
+      if (e[4] == "0") { RV["gpus"] = e[2]; RV["started"] = e[3] }
+    }
+    for (i = 2; i <= n; i++)  # sort -n: by the rank, then the line
+      for (k = i; k > 1 && before(part[k], part[k - 1]); k--) {
+        t = part[k]; part[k] = part[k - 1]; part[k - 1] = t
+      }
+    nodes = ""
+    for (i = 1; i <= n; i++) { t = part[i]; sub(/^[0-9]*:/, "", t); nodes = nodes (i > 1 ? "," : "") t }
+    set("state", "running"); set("node", nodes)
+    if (RV["gpus"] != "") set("gpus", RV["gpus"])
+    if (RV["started"] != "") set("started", RV["started"])
+    delete RV
+  }
+  function js(v,   out, n, i, c, b, k, seq) {  # _gpu_js: v as a JSON string
+    if (v !~ /[\001-\037\177"\\\200-\377]/) return "\"" v "\""
+    out = ""; n = length(v); i = 1
+    while (i <= n) {
+      c = substr(v, i++, 1); b = ORD[c]
+      if (c == "\"" || c == "\\") out = out "\\" c
+      else if (b < 32 || b == 127) out = out sprintf("\\u%04x", b)
+      else if (b < 128) out = out c
+      else {
+        k = (b >= 194 && b <= 223) ? 1 : (b >= 224 && b <= 239) ? 2 : (b >= 240 && b <= 244) ? 3 : 0
+        seq = c
+        while (k > 0 && i <= n && ORD[c = substr(v, i, 1)] >= 128 && ORD[c] <= 191) {
+          seq = seq c; i++; k--
+        }
+        out = out ((k == 0 && length(seq) > 1) ? seq : "\\ufffd")
+      }
+    }
+    return "\"" out "\""
+  }
+  function jstr(v) { return v == "" ? "null" : js(v) }
+  function jn(v,   w, f, i) {  # _gpu_jn: v as a JSON number, else null
+    if (v == "" || v ~ /[^0-9.]/ || v ~ /^\./ || v ~ /\.$/ || v ~ /\..*\./) return "null"
+    w = v; f = ""
+    if ((i = index(v, ".")) > 0) { w = substr(v, 1, i - 1); f = substr(v, i) }
+    sub(/^0+/, "", w)
+    return (w == "" ? "0" : w) f
+  }
+  function jlist(v,   part, n, i, out, j) {  # _gpu_jlist: "0,3" as [0, 3]
+    n = split(v, part, ","); out = ""
+    for (i = 1; i <= n; i++) if ((j = jn(part[i])) != "null") out = out (out == "" ? "" : ", ") j
+    return "[" out "]"
+  }
+  function jcount(v,   j) { if (v == "all") return "\"all\""; j = jn(v); return j == "null" ? js(v) : j }
+  function json(   out, part, n, i, list) {  # the task as JSON, but its "log" (and the braces)
+    out = "\"id\": " js(R["id"]) ", \"name\": " js(R["name"]) ", \"display_name\": " \
+      jstr(R["display"]) ", \"shown_name\": " js(R["display"] == "" ? R["name"] : R["display"])
+    out = out ", \"priority\": " (R["prio"] == "top" ? "\"top\"" : jn(R["prio"])) ", \"state\": " \
+      js(R["state"]) ", \"command\": " jstr(R["command"]) ", \"source\": " jstr(R["source"])
+    n = R["argc"] ? split(R["argv"], part, "\n") : 0; list = ""
+    if (R["argc"] && n == 0) { n = 1; part[1] = "" }
+    for (i = 1; i <= n; i++) list = list (i > 1 ? ", " : "") js(part[i])
+    out = out ", \"args\": [" list "], \"cwd\": " jstr(R["cwd"]) ", \"request\": {\"gpus\": " \
+      jcount(R["gpus_req"]) ", \"nodes\": " jcount(R["nodes_req"]) ", \"time_limit\": " \
+      jn(R["time_req"]) "}"
+    n = split(R["after"], part, " "); list = ""
+    for (i = 1; i <= n; i++) list = list (i > 1 ? ", " : "") js(part[i])
+    out = out ", \"after\": [" list "]"
+    n = split(R["env"], part, "\n"); list = ""
+    for (i = 1; i <= n; i++) {
+      list = list (i > 1 ? ", " : "") js(substr(part[i], 1, index(part[i], "=") - 1)) ": " \
+        js(substr(part[i], index(part[i], "=") + 1))
+    }
+    out = out ", \"env\": {" list "}, \"retry_of\": " jstr(R["retry_of"]) ", \"submitted\": " \
+      jn(R["submitted"]) ", \"submitted_by\": " jstr(R["by"]) ", \"nodes\": " \
+      (R["node"] == "" ? "null" : jlist(R["node"])) ", \"host\": " jstr(R["host"])
+    out = out ", \"gpus\": " (R["state"] == "pending" || R["state"] == "starting" ? "null" : \
+      jlist(R["gpus"])) ", \"started\": " jn(R["started"]) ", \"ended\": " jn(R["ended"]) \
+      ", \"duration\": " jn(R["duration"]) ", \"exit_code\": " jn(R["exit"]) ", \"signal\": " \
+      jn(R["signal"]) ", \"reason\": " jstr(R["reason"])
+    return out
+  }
+  function before(a, b) { return (a + 0 < b + 0) || (a + 0 == b + 0 && a < b) }
+  function task(dir, id, inst, held,   sub_, f, p, name, i, n, env, argv, args, src, cmd, nodes) {
+    for (i = 1; i <= NFIELDS; i++) { TV[FIELD[i]] = sq sq; R[FIELD[i]] = "" }
     set("id", id); set("dir", dir); set("state", dir); set("name", id); set("gpus_req", "all")
     set("nodes_req", 1); set("argc", 0); set("cmdline", id)
     p = id; if ((i = index(id, "-")) > 0) p = substr(id, 1, i - 1)
@@ -717,7 +811,9 @@ _gpu_task_awk='
         set("host", get(f, "host")); set("gpus", get(f, "gpus"))
         set("started", get(f, "started")); set("attempt", get(f, "attempt"))
       }
+      if (id in RM) running(id)  # the daemons own view, from their state files
     } else if (dir == "pending") {
+      if (held) set("state", "held")
       f = inst "priority/" id
       p = get(f, "priority")
       if (p == "top" || p ~ /^[0-9][0-9][0-9]$/) set("prio", p)
@@ -734,6 +830,7 @@ _gpu_task_awk='
         if (nodes != "") { set("nodes", nodes); set("node", nodes) }
       }
     }
+    set("json", json())
     printf "T\037%s/%s\037", dir, id
     for (i = 1; i <= NFIELDS; i++) printf " _gpu_t_%s=%s", FIELD[i], TV[FIELD[i]]
     printf "\n"
@@ -741,14 +838,27 @@ _gpu_task_awk='
   BEGIN {
     NFIELDS = split("id dir state name prio display source command cwd gpus_req nodes_req after" \
       " args argv argc retry_of submitted by record time_req env cmdline node host gpus started" \
-      " ended duration exit signal reason attempt nodes", FIELD, " ")
+      " ended duration exit signal reason attempt nodes json", FIELD, " ")
+    for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
     d = "[0-9]"; h = "[0-9a-f]"
     ID = "^" d d d "-" d d d d d d d d "_" d d d d d d "_" d d d d d d d d d "-" h h h h h h h h "-."
   }
   $1 == "F" { read(substr($0, 3), 1) }
+  $1 == "N" { read(substr($0, 3), 1); node(substr($0, 3)) }
   $1 == "R" { read(substr($0, 3), 0) }
-  $1 == "T" { task($2, $3, substr($0, length($2) + length($3) + 5)) }
+  $1 == "T" { task($2, $3, substr($0, length($2) + length($3) + length($4) + 6), $4 == "held") }
 '
+  [ -n "$list" ] || return 0
+  out=$(printf '%s' "$list" | command awk -F "$_gpu_fs" -v sq="'" "$prog" 2>/dev/null) \
+    || return 0
+  for line in $out; do
+    case $line in
+      T"$_gpu_fs"*) line=${line#??}; _gpu_pre[$_gpu_fs${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
+      *) _gpu_pre[${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
+    esac
+  done
+  _gpu_pre_on=1
+}
 
 _gpu_field() {  # _gpu_field KEY: the loaded file's KEY into _gpu_val; 1 when absent
   eval "_gpu_val=\${_gpu_f_${1//./_}-}; [ -n \"\${_gpu_f_${1//./_}+set}\" ]"
@@ -1550,91 +1660,39 @@ _gpu_newest() {  # _gpu_newest LINES: of "DIR/ID" lines, the task submitted last
   _gpu_pick=${_gpu_pick#* }
 }
 
-_gpu_runmap_build() {  # every running.<k> of every node state into _gpu_runmap, one a line:
-  # ID<fs>NODE<fs>GPUS<fs>STARTED<fs>RANK
-  # and the ranks of the nodes whose daemon is dead or stopped into _gpu_down (" 0 3 ")
-  local node k count id IFS=$_gpu_nl
-  _gpu_runmap='' _gpu_down=' '
+_gpu_down_nodes() {  # the ranks of the nodes whose daemon is dead or stopped into _gpu_down
+  # (" 0 3 "): their running tasks are orphaned
+  local node IFS=$_gpu_nl
+  _gpu_down=' '
   for node in ${_gpu_states-$(_gpu_node_files)}; do
     _gpu_load "$_gpu_q/nodes/$node" || continue
     node=${node#node-}; node=${node%.state}
     _gpu_liveness
     case $_gpu_live in dead | stopped) _gpu_down="$_gpu_down$node " ;; esac
-    _gpu_field running_count; _gpu_bounded "$_gpu_val"; count=$_gpu_i
-    k=0
-    while [ "$k" -lt "$count" ]; do
-      _gpu_field "running.$k.id"; id=$_gpu_val
-      if [ -n "$id" ]; then
-        _gpu_runmap=$_gpu_runmap$id$_gpu_fs$node
-        _gpu_field "running.$k.gpus"; _gpu_runmap=$_gpu_runmap$_gpu_fs$_gpu_val
-        _gpu_field "running.$k.started"; _gpu_runmap=$_gpu_runmap$_gpu_fs$_gpu_val
-        _gpu_field "running.$k.rank"; _gpu_runmap=$_gpu_runmap$_gpu_fs$_gpu_val$_gpu_nl
-      fi
-      k=$((k + 1))
-    done
   done
 }
 
-_gpu_runmap_get() {  # _gpu_runmap_get ID: its nodes (rank order), rank 0's GPUs and start
-  local line rest node gpus started rank nodes='' IFS=$_gpu_nl
-  case $_gpu_runmap in *"$1$_gpu_fs"*) ;; *) return 1 ;; esac
-  _gpu_rm_gpus='' _gpu_rm_started=''
-  for line in $_gpu_runmap; do
-    case $line in "$1$_gpu_fs"*) ;; *) continue ;; esac
-    rest=${line#"$1$_gpu_fs"}
-    IFS=$_gpu_fs read -r node gpus started rank <<EOF
-$rest
-EOF
-    nodes=$nodes${rank:-0}:$node$_gpu_nl
-    if [ "${rank:-0}" = 0 ]; then _gpu_rm_gpus=$gpus _gpu_rm_started=$started; fi
-  done
-  # the nodes in rank order: 1,0 for a gang whose rank 0 runs on node 1
-  rest=${nodes%"$_gpu_nl"}
-  case $rest in
-    *"$_gpu_nl"* | [!0-9]* | *[!0-9]*:*)  # more than one, or a rank that is not a number
-      _gpu_rm_nodes=$(printf '%s' "$nodes" | command sort -n | command sed 's/^[0-9]*://' \
-        | command paste -sd, -) ;;
-    *) _gpu_rm_nodes=${rest#*:} ;;
-  esac
-}
-
-_gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu_t_*: its
-  # records as _gpu_preload read them (the caller's, else read here), the daemons' own view of a
-  # running task (their state files), held/
-  local id=$2 key=$_gpu_fs$1/$2 rest arg
+_gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu_t_*, as
+  # _gpu_preload read it (the caller's, else read here); _gpu_t_json is its JSON but its log
+  local key=$_gpu_fs$1/$2
   if [ -z "${_gpu_pre_on-}" ] || [ -z "${_gpu_pre[$key]+set}" ]; then
     local -A _gpu_pre
     local _gpu_pre_on=''
     _gpu_preload "$key"
   fi
-  _gpu_t_jargs=''
   if [ -n "${_gpu_pre_on-}" ] && [ -n "${_gpu_pre[$key]+set}" ]; then
-    eval "${_gpu_pre[$key]}"  # every _gpu_t_* but _gpu_t_jargs
+    eval "${_gpu_pre[$key]}"  # every _gpu_t_*
   else  # awk failed: what its id says
-    _gpu_t_id=$id _gpu_t_dir=$1 _gpu_t_state=$1 _gpu_t_name=$id _gpu_t_prio=''
+    _gpu_t_id=$2 _gpu_t_dir=$1 _gpu_t_state=$1 _gpu_t_name=$2 _gpu_t_prio=''
     _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
     _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_argv='' _gpu_t_argc=0
     _gpu_t_retry_of='' _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req=''
-    _gpu_t_env='' _gpu_t_cmdline=$id _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus=''
+    _gpu_t_env='' _gpu_t_cmdline=$2 _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus=''
     _gpu_t_started='' _gpu_t_ended='' _gpu_t_duration='' _gpu_t_exit='' _gpu_t_signal=''
     _gpu_t_reason='' _gpu_t_attempt='' _gpu_t_nodes=''
+    _gpu_js "$2"; _gpu_t_json="\"id\": $_gpu_j"
+    _gpu_js "$1"; _gpu_t_json="$_gpu_t_json, \"state\": $_gpu_j"
   fi
-  if [ "$_gpu_t_argc" -gt 0 ]; then  # the arguments as JSON, one a line in _gpu_t_argv
-    rest=$_gpu_t_argv$_gpu_nl
-    while [ -n "$rest" ]; do
-      arg=${rest%%"$_gpu_nl"*} rest=${rest#*"$_gpu_nl"}
-      _gpu_js "$arg"; _gpu_t_jargs=$_gpu_t_jargs${_gpu_t_jargs:+, }$_gpu_j
-    done
-  fi
-  case $1 in
-    running)
-      if _gpu_runmap_get "$id"; then  # the daemons' own view, from their state files
-        _gpu_t_state=running _gpu_t_node=$_gpu_rm_nodes
-        _gpu_t_gpus=${_gpu_rm_gpus:-$_gpu_t_gpus}
-        _gpu_t_started=${_gpu_rm_started:-$_gpu_t_started}
-      fi ;;
-    pending) [ ! -e "$_gpu_q/held/$id" ] || _gpu_t_state=held ;;
-  esac
 }
 
 _gpu_exit_of() {  # _gpu_exit_of ID: the return code of gpu_wait and gpu_tail for the ended task
@@ -2670,32 +2728,49 @@ _gpu_short_names() {  # the name each row of _gpu_rows is shown by into _gpu_nam
 }
 
 _gpu_print_rows() {  # the task table of gpu_status, from _gpu_rows and _gpu_names (row by row)
-  local row id base prio state node gpus time code cmd width=4 line names=$_gpu_names
-  local IFS=$_gpu_nl
+  local row base width=4 line names=$_gpu_names ascii='' IFS=$_gpu_nl
+  # a table of ASCII only (most are) takes a column a byte: no character is counted
+  case $_gpu_rows$_gpu_names in *[$_gpu_b80-$_gpu_bff]*) ;; *) ascii=1 ;; esac
   for row in $_gpu_names; do
-    _gpu_cols "${row#*"$_gpu_fs"}"
+    row=${row#*"$_gpu_fs"}
+    if [ -n "$ascii" ]; then _gpu_cw=${#row}; else _gpu_cols "$row"; fi
     [ "$_gpu_cw" -gt "$width" ] && width=$_gpu_cw
   done
   [ -n "$_gpu_o_long" ] || [ "$width" -le 24 ] || width=24
   printf '%-*s %4s %-11s %-4s %-7s %10s %5s  %s\n' "$width" TASK PRIO STATE NODE GPUS TIME EXIT \
     COMMAND
   for row in $_gpu_rows; do
-    IFS=$_gpu_fs read -r id base prio state node gpus time code cmd <<EOF
-$row
-EOF
+    IFS=$_gpu_fs
+    # shellcheck disable=SC2086  # the fields (id base prio state node gpus time code cmd)
+    set -- $row$_gpu_fs
+    IFS=$_gpu_nl
     base=${names%%"$_gpu_nl"*}; names=${names#*"$_gpu_nl"}; base=${base#*"$_gpu_fs"}
     if [ -z "$_gpu_o_long" ]; then
       _gpu_cut_middle "$base" "$width"; base=$_gpu_c
       # printf pads bytes: what is cut (… is 3 bytes) is padded to its columns here
-      _gpu_cut "$node" 4; [ "$_gpu_c" = "$node" ] || { _gpu_pad "$_gpu_c" 4; node=$_gpu_pd; }
-      _gpu_cut "$gpus" 7; [ "$_gpu_c" = "$gpus" ] || { _gpu_pad "$_gpu_c" 7; gpus=$_gpu_pd; }
+      if [ "${#5}" -gt 4 ]; then
+        _gpu_cut "$5" 4; [ "$_gpu_c" = "$5" ] || { _gpu_pad "$_gpu_c" 4; set -- "$1" "$2" "$3" \
+          "$4" "$_gpu_pd" "$6" "$7" "$8" "$9"; }
+      fi
+      if [ "${#6}" -gt 7 ]; then
+        _gpu_cut "$6" 7; [ "$_gpu_c" = "$6" ] || { _gpu_pad "$_gpu_c" 7; set -- "$1" "$2" "$3" \
+          "$4" "$5" "$_gpu_pd" "$7" "$8" "$9"; }
+      fi
     fi
-    _gpu_pad "$base" "$width"
-    printf -v line '%s %4s %-11s %-4s %-7s %10s %5s  ' "$_gpu_pd" "$prio" "$state" "$node" \
-      "$gpus" "$time" "$code"
-    _gpu_cols "$line"
-    if [ -z "$_gpu_o_long" ]; then _gpu_cut "$cmd" "$((100 - _gpu_cw))"; cmd=$_gpu_c; fi
-    printf '%s%s\n' "$line" "$cmd"
+    if [ -n "$ascii" ] && [ "$base" = "${base#*…}" ]; then
+      printf -v line '%-*s %4s %-11s %-4s %-7s %10s %5s  ' "$width" "$base" "$3" "$4" "$5" "$6" \
+        "$7" "$8"
+      _gpu_cw=${#line}
+    else
+      _gpu_pad "$base" "$width"
+      printf -v line '%s %4s %-11s %-4s %-7s %10s %5s  ' "$_gpu_pd" "$3" "$4" "$5" "$6" "$7" "$8"
+      _gpu_cols "$line"
+    fi
+    row=$9
+    if [ -z "$_gpu_o_long" ] && [ "${#row}" -gt "$((100 - _gpu_cw))" ]; then
+      _gpu_cut "$row" "$((100 - _gpu_cw))"; row=$_gpu_c
+    fi
+    printf '%s%s\n' "$line" "$row"
   done
 }
 
@@ -2740,8 +2815,8 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   _gpu_pending_list; _gpu_pending=$_gpu_v
   _gpu_recent "$recent"; _gpu_ended=$_gpu_v
   _gpu_status_preload
-  _gpu_runmap_build
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json; return; fi
+  _gpu_down_nodes
   _gpu_rows='' _gpu_orphans=''
   for id in $_gpu_running; do
     running=$((running + 1))
@@ -2792,60 +2867,13 @@ _gpu_jstr() {  # _gpu_jstr TEXT: a JSON string, null when TEXT is empty, into _g
   if [ -n "$1" ]; then _gpu_js "$1"; else _gpu_j=null; fi
 }
 
-_gpu_jlist() {  # _gpu_jlist 0,3: a JSON list of the numbers, [] when empty, into _gpu_j
-  local n out='' IFS=,
-  for n in $1; do _gpu_jn "$n" && out=$out${out:+, }$_gpu_j; done
-  _gpu_j="[$out]"
-}
-
-_gpu_jcount() {  # _gpu_jcount VALUE: "all", or a number (the request keys), into _gpu_j
-  if [ "$1" = all ]; then _gpu_j='"all"'; else _gpu_jn "$1" || _gpu_js "$1"; fi
-}
-
 _gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
-  local out id list='' IFS=' '
-  _gpu_js "$_gpu_t_id"; out="{\"id\": $_gpu_j"
-  _gpu_js "$_gpu_t_name"; out="$out, \"name\": $_gpu_j"
-  _gpu_jstr "$_gpu_t_display"; out="$out, \"display_name\": $_gpu_j"
-  _gpu_js "${_gpu_t_display:-$_gpu_t_name}"; out="$out, \"shown_name\": $_gpu_j"
-  if [ "$_gpu_t_prio" = top ]; then _gpu_j="\"top\""; else _gpu_jn "$_gpu_t_prio"; fi
-  out="$out, \"priority\": $_gpu_j"
-  _gpu_js "$_gpu_t_state"; out="$out, \"state\": $_gpu_j"
-  _gpu_jstr "$_gpu_t_command"; out="$out, \"command\": $_gpu_j"
-  _gpu_jstr "$_gpu_t_source"; out="$out, \"source\": $_gpu_j"
-  out="$out, \"args\": [$_gpu_t_jargs]"
-  _gpu_jstr "$_gpu_t_cwd"; out="$out, \"cwd\": $_gpu_j"
-  _gpu_jcount "$_gpu_t_gpus_req"; out="$out, \"request\": {\"gpus\": $_gpu_j"
-  _gpu_jcount "$_gpu_t_nodes_req"; out="$out, \"nodes\": $_gpu_j"
-  _gpu_jn "$_gpu_t_time_req"; out="$out, \"time_limit\": $_gpu_j}"
-  for id in $_gpu_t_after; do _gpu_js "$id"; list=$list${list:+, }$_gpu_j; done
-  out="$out, \"after\": [$list]"
-  list='' IFS=$_gpu_nl
-  for id in $_gpu_t_env; do
-    _gpu_js "${id#*=}"; list="$list${list:+, }\"${id%%=*}\": $_gpu_j"
-  done
-  out="$out, \"env\": {$list}" IFS=' '
-  _gpu_jstr "$_gpu_t_retry_of"; out="$out, \"retry_of\": $_gpu_j"
-  _gpu_jn "$_gpu_t_submitted"; out="$out, \"submitted\": $_gpu_j"
-  _gpu_jstr "$_gpu_t_by"; out="$out, \"submitted_by\": $_gpu_j"
-  if [ -n "$_gpu_t_node" ]; then _gpu_jlist "$_gpu_t_node"; else _gpu_j=null; fi
-  out="$out, \"nodes\": $_gpu_j"
-  _gpu_jstr "$_gpu_t_host"; out="$out, \"host\": $_gpu_j"
-  case $_gpu_t_state in
-    pending | starting) _gpu_j=null ;;
-    *) _gpu_jlist "$_gpu_t_gpus" ;;
-  esac
-  out="$out, \"gpus\": $_gpu_j"
-  _gpu_jn "$_gpu_t_started"; out="$out, \"started\": $_gpu_j"
-  _gpu_jn "$_gpu_t_ended"; out="$out, \"ended\": $_gpu_j"
-  _gpu_jn "$_gpu_t_duration"; out="$out, \"duration\": $_gpu_j"
-  _gpu_jn "$_gpu_t_exit"; out="$out, \"exit_code\": $_gpu_j"
-  _gpu_jn "$_gpu_t_signal"; out="$out, \"signal\": $_gpu_j"
-  _gpu_jstr "$_gpu_t_reason"; out="$out, \"reason\": $_gpu_j"
-  if [ -f "$_gpu_q/logs/$_gpu_t_id.log" ]; then _gpu_js "$_gpu_q/logs/$_gpu_t_id.log"
-  elif [ -f "$_gpu_q/logs/$_gpu_t_id.rank0.log" ]; then _gpu_js "$_gpu_q/logs/$_gpu_t_id.rank0.log"
-  else _gpu_j=null; fi
-  printf '%s, "log": %s}' "$out" "$_gpu_j"
+  local log=null
+  if [ -f "$_gpu_q/logs/$_gpu_t_id.log" ]; then _gpu_js "$_gpu_q/logs/$_gpu_t_id.log"; log=$_gpu_j
+  elif [ -f "$_gpu_q/logs/$_gpu_t_id.rank0.log" ]; then
+    _gpu_js "$_gpu_q/logs/$_gpu_t_id.rank0.log"; log=$_gpu_j
+  fi
+  printf '{%s, "log": %s}' "$_gpu_t_json" "$log"
 }
 
 _gpu_node_json() {  # _gpu_node_json RANK DRAIN: the loaded node state as one JSON object on
@@ -2957,7 +2985,6 @@ _gpu_cmd_show() {
   _gpu_newest "$_gpu_val"
   dir=${_gpu_pick%%/*} id=${_gpu_pick#*/}
   _gpu_now
-  _gpu_runmap_build
   _gpu_task "$dir" "$id"
   _gpu_say "Task:       $id"
   [ -z "$_gpu_t_display" ] || _gpu_say "Name:       $_gpu_t_display"
