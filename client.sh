@@ -460,23 +460,6 @@ _gpu_minute() {  # _gpu_minute EPOCH [FALLBACK]: _gpu_date's text into _gpu_dt
     || command date -r "$_gpu_i" '+%Y-%m-%d %H:%M' 2>/dev/null) || _gpu_dt=${2:--}
 }
 
-_gpu_ranges() {  # _gpu_ranges 0,1,2,5: GPU numbers with runs joined (0-2,5) into _gpu_g
-  local n first='' last='' IFS=,
-  _gpu_g=''
-  case $1 in *[!0-9,]*) _gpu_g=$1; return ;; esac
-  for n in $1 ''; do
-    if [ -n "$n" ] && [ -n "$last" ] && _gpu_int "$n" && [ "$_gpu_i" -eq $((last + 1)) ]; then
-      last=$_gpu_i; continue
-    fi
-    if [ -n "$first" ]; then
-      if [ "$first" = "$last" ]; then _gpu_g=$_gpu_g${_gpu_g:+,}$first
-      else _gpu_g=$_gpu_g${_gpu_g:+,}$first-$last; fi
-    fi
-    first='' last=''
-    [ -n "$n" ] && _gpu_int "$n" && first=$_gpu_i last=$_gpu_i
-  done
-}
-
 _gpu_shquote() {  # _gpu_shquote WORD: WORD as the shell would need it typed, into _gpu_w
   case $1 in
     '') _gpu_w="''" ;;
@@ -564,8 +547,8 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   # associative array of the caller's, _gpu_pre_on set). An ITEM is a FILE, which _gpu_load
   # then takes from there (the assignments its own loop would make; a file awk cannot give as
   # that loop reads it, one that holds a NUL byte, or all when awk failed, is left to _gpu_load),
-  # or <fs>DIR/ID, a task, what _gpu_task sets of it: its records, held/, and for a running task
-  # the node states' view (those among the ITEMs, else all)
+  # or <fs>DIR/ID, a task (_gpu_task), from its records, held/, and for a running task the node
+  # states' view (those among the ITEMs, else all); as _gpu_pre_want (the awk below) asks
   local f dir id line list out files='' tasks='' prio='' held running='' given='' IFS=$_gpu_nl
   # a file that is not regular is never read (a FIFO would block)
   _gpu_no_entries "$_gpu_q/priority" || prio=priority/  # gpu_priority's files
@@ -607,8 +590,9 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   list=$files$tasks
   # the awk: input lines F|N|R<fs>FILE (a file, a node state, a record), then
   # T<fs>DIR<fs>ID<fs>held or empty<fs>INSTANCE/; out for F and N "FILE<fs>assignments", for T
-  # "T<fs>DIR/ID<fs>assignments" (of _gpu_t_*, with newlines as $'\n'). It is the one reading
-  # of a task's records, and the one writing of a task as JSON (but its log, _gpu_task_json).
+  # "T<fs>DIR/ID<fs>" and what _gpu_pre_want asks for: the assignments of _gpu_t_* (newlines as
+  # $'\n'), "row" its row of gpu_status (_gpu_status_row), "json" its JSON (_gpu_task_json).
+  # It is the one reading of a task's records, and the one writing of a task's row and JSON.
   # shellcheck disable=SC2016  # $_gpu_keys is for the eval of the output
   local prog='
   function lit(v,   out, i) {  # v in single quotes, for eval
@@ -761,6 +745,64 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       jn(R["signal"]) ", \"reason\": " jstr(R["reason"])
     return out
   }
+  function esc(v,   out, n, i, c, b) {  # _gpu_esc: control characters escaped
+    if (v !~ /[\001-\037\177\302]/) return v
+    out = ""; n = length(v)
+    for (i = 1; i <= n; i++) {
+      c = substr(v, i, 1); b = ORD[c]
+      if (b == 194 && i < n && ORD[substr(v, i + 1, 1)] >= 128 && ORD[substr(v, i + 1, 1)] <= 159)
+        out = out sprintf("\\u00%02x", ORD[substr(v, ++i, 1)])
+      else if (b == 27) out = out "\\e"
+      else if (b == 9) out = out "\\t"
+      else if (b == 10) out = out "\\n"
+      else if (b == 13) out = out "\\r"
+      else if (b < 32 || b == 127) out = out sprintf("\\x%02x", b)
+      else out = out c
+    }
+    return out
+  }
+  function ranges(v,   part, n, i, x, out, first, last) {  # 0,1,2,5 as 0-2,5
+    if (v ~ /[^0-9,]/) return v
+    n = split(v, part, ","); out = ""; first = ""; last = ""
+    for (i = 1; i <= n + 1; i++) {
+      x = i <= n ? int_of(part[i]) : ""
+      if (x != "" && last != "" && x + 0 == last + 1) { last = x; continue }
+      if (first != "") out = out (out == "" ? "" : ",") (first == last ? first : first "-" last)
+      first = x; last = x
+    }
+    return out
+  }
+  function dur(v,   s, m, h) {  # _gpu_dur: 4.2s, 12m03s, 3h05m or 2d04h; - when not a number
+    if ((s = int_of(v)) == "") return "-"
+    s += 0
+    if (s < 60) return s (v ~ /\.[0-9]/ ? "." substr(v, index(v, ".") + 1, 1) : "") "s"
+    if (s < 3600) { m = s % 60; return int(s / 60) "m" (m < 10 ? "0" : "") m "s" }
+    if (s < 86400) { m = int(s % 3600 / 60); return int(s / 3600) "h" (m < 10 ? "0" : "") m "m" }
+    h = int(s % 86400 / 3600)
+    return sprintf("%d", s / 86400) "d" (h < 10 ? "0" : "") h "h"
+  }
+  function age(t,   i) {  # _gpu_age: how long ago; clock skew counts as 0
+    if ((i = int_of(t)) == "") return "-"
+    return now + 0 > i + 0 ? dur(sprintf("%d", now - i)) : "0s"
+  }
+  function row(   state, where, gpus, time, code) {  # the task as a row of gpu_status
+    state = R["state"]; where = R["node"]; gpus = R["gpus"]; time = ""; code = ""
+    if (state == "pending" || state == "held") {
+      gpus = R["gpus_req"] == "0" ? "cpu" : R["gpus_req"]
+      where = R["nodes_req"] == "1" ? "" : "x" R["nodes_req"]
+    } else {
+      gpus = gpus == "" ? "-" : ranges(gpus)
+      if (state == "running" || state == "starting") {
+        if (R["started"] != "") time = age(R["started"])
+      } else {
+        if (R["ended"] != "") time = age(R["ended"]) " ago"
+        code = R["exit"] != "" ? R["exit"] : R["signal"] != "" ? "sig" R["signal"] : "-"
+      }
+    }
+    return esc(R["id"]) FS esc(R["display"] == "" ? R["name"] : R["display"]) FS \
+      (R["prio"] == "" ? "---" : R["prio"]) FS state FS esc(where) FS esc(gpus) FS time FS code \
+      FS esc(R["cmdline"])
+  }
   function before(a, b) { return (a + 0 < b + 0) || (a + 0 == b + 0 && a < b) }
   function task(dir, id, inst, held,   sub_, f, p, name, i, n, env, argv, args, src, cmd, nodes) {
     for (i = 1; i <= NFIELDS; i++) { TV[FIELD[i]] = sq sq; R[FIELD[i]] = "" }
@@ -830,15 +872,18 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
         if (nodes != "") { set("nodes", nodes); set("node", nodes) }
       }
     }
-    set("json", json())
     printf "T\037%s/%s\037", dir, id
-    for (i = 1; i <= NFIELDS; i++) printf " _gpu_t_%s=%s", FIELD[i], TV[FIELD[i]]
-    printf "\n"
+    if (want == "row") print row()
+    else if (want == "json") print json()
+    else {
+      for (i = 1; i <= NFIELDS; i++) printf " _gpu_t_%s=%s", FIELD[i], TV[FIELD[i]]
+      printf "\n"
+    }
   }
   BEGIN {
     NFIELDS = split("id dir state name prio display source command cwd gpus_req nodes_req after" \
       " args argv argc retry_of submitted by record time_req env cmdline node host gpus started" \
-      " ended duration exit signal reason attempt nodes json", FIELD, " ")
+      " ended duration exit signal reason attempt nodes", FIELD, " ")
     for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
     d = "[0-9]"; h = "[0-9a-f]"
     ID = "^" d d d "-" d d d d d d d d "_" d d d d d d "_" d d d d d d d d d "-" h h h h h h h h "-."
@@ -849,8 +894,8 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   $1 == "T" { task($2, $3, substr($0, length($2) + length($3) + length($4) + 6), $4 == "held") }
 '
   [ -n "$list" ] || return 0
-  out=$(printf '%s' "$list" | command awk -F "$_gpu_fs" -v sq="'" "$prog" 2>/dev/null) \
-    || return 0
+  out=$(printf '%s' "$list" | command awk -F "$_gpu_fs" -v sq="'" -v want="${_gpu_pre_want-}" \
+    -v now="${_gpu_t-0}" "$prog" 2>/dev/null) || return 0
   for line in $out; do
     case $line in
       T"$_gpu_fs"*) line=${line#??}; _gpu_pre[$_gpu_fs${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
@@ -1673,14 +1718,12 @@ _gpu_down_nodes() {  # the ranks of the nodes whose daemon is dead or stopped in
 }
 
 _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu_t_*, as
-  # _gpu_preload read it (the caller's, else read here); _gpu_t_json is its JSON but its log
+  # _gpu_preload reads it
   local key=$_gpu_fs$1/$2
-  if [ -z "${_gpu_pre_on-}" ] || [ -z "${_gpu_pre[$key]+set}" ]; then
-    local -A _gpu_pre
-    local _gpu_pre_on=''
-    _gpu_preload "$key"
-  fi
-  if [ -n "${_gpu_pre_on-}" ] && [ -n "${_gpu_pre[$key]+set}" ]; then
+  local -A _gpu_pre
+  local _gpu_pre_on='' _gpu_pre_want=''
+  _gpu_preload "$key"
+  if [ -n "$_gpu_pre_on" ] && [ -n "${_gpu_pre[$key]+set}" ]; then
     eval "${_gpu_pre[$key]}"  # every _gpu_t_*
   else  # awk failed: what its id says
     _gpu_t_id=$2 _gpu_t_dir=$1 _gpu_t_state=$1 _gpu_t_name=$2 _gpu_t_prio=''
@@ -1690,8 +1733,6 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
     _gpu_t_env='' _gpu_t_cmdline=$2 _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus=''
     _gpu_t_started='' _gpu_t_ended='' _gpu_t_duration='' _gpu_t_exit='' _gpu_t_signal=''
     _gpu_t_reason='' _gpu_t_attempt='' _gpu_t_nodes=''
-    _gpu_js "$2"; _gpu_t_json="\"id\": $_gpu_j"
-    _gpu_js "$1"; _gpu_t_json="$_gpu_t_json, \"state\": $_gpu_j"
   fi
 }
 
@@ -2654,32 +2695,6 @@ _gpu_finished_counts() {  # the tasks in done/ into _gpu_n, in failed/ into _gpu
   _gpu_count "$_gpu_q/done"
 }
 
-_gpu_row() {  # a task table row of the loaded task (_gpu_t_*) into _gpu_rows
-  local state=$_gpu_t_state node=$_gpu_t_node gpus time='' code='' base
-  case $state in
-    pending | held)
-      gpus=$_gpu_t_gpus_req; [ "$gpus" = 0 ] && gpus=cpu
-      node=''; [ "$_gpu_t_nodes_req" = 1 ] || node=x$_gpu_t_nodes_req ;;
-    running | starting)
-      case "$_gpu_down" in *" ${node:-0} "*) state=orphaned; _gpu_orphans=1 ;; esac
-      if [ -n "$_gpu_t_gpus" ]; then _gpu_ranges "$_gpu_t_gpus"; gpus=$_gpu_g; else gpus=-; fi
-      [ -z "$_gpu_t_started" ] || { _gpu_age "$_gpu_t_started"; time=$_gpu_d; } ;;
-    *)
-      if [ -n "$_gpu_t_gpus" ]; then _gpu_ranges "$_gpu_t_gpus"; gpus=$_gpu_g; else gpus=-; fi
-      [ -z "$_gpu_t_ended" ] || { _gpu_age "$_gpu_t_ended"; time="$_gpu_d ago"; }
-      code=${_gpu_t_exit:-${_gpu_t_signal:+sig$_gpu_t_signal}}; code=${code:--} ;;
-  esac
-  base=${_gpu_t_display:-$_gpu_t_name}
-  _gpu_esc "$base"; base=$_gpu_e
-  _gpu_esc "$_gpu_t_id"
-  _gpu_rows=$_gpu_rows$_gpu_e$_gpu_fs$base$_gpu_fs${_gpu_t_prio:----}$_gpu_fs$state$_gpu_fs
-  _gpu_esc "$node"; node=$_gpu_e
-  _gpu_esc "$gpus"
-  _gpu_rows=$_gpu_rows$node$_gpu_fs$_gpu_e$_gpu_fs$time$_gpu_fs$code$_gpu_fs
-  _gpu_esc "$_gpu_t_cmdline"
-  _gpu_rows=$_gpu_rows$_gpu_e$_gpu_nl
-}
-
 _gpu_short_names() {  # the name each row of _gpu_rows is shown by into _gpu_names: the user's
   # name, and when rows share it, :<the shortest unique start of the id's random part, >= 4>
   local row id base rest seen='' shared='' IFS=$_gpu_nl
@@ -2806,7 +2821,7 @@ _gpu_status_watch() {  # _gpu_status_watch RECENT: gpu_status --watch, until Ctr
 _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the checked instance
   local recent=$1 IFS=$_gpu_nl line id pending=0 shown=0 running=0 ndone failed
   # what it shows is listed first, and the files of all of it read at once (_gpu_preload)
-  local _gpu_states _gpu_running _gpu_pending _gpu_ended _gpu_pre_on=''
+  local _gpu_states _gpu_running _gpu_pending _gpu_ended _gpu_pre_on='' _gpu_pre_want=row
   local -A _gpu_pre
   _gpu_now
   _gpu_cache
@@ -2814,22 +2829,23 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   _gpu_list_names "$_gpu_q/running"; _gpu_running=$_gpu_v
   _gpu_pending_list; _gpu_pending=$_gpu_v
   _gpu_recent "$recent"; _gpu_ended=$_gpu_v
+  [ -z "$_gpu_o_json" ] || _gpu_pre_want=json
   _gpu_status_preload
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json; return; fi
   _gpu_down_nodes
   _gpu_rows='' _gpu_orphans=''
   for id in $_gpu_running; do
     running=$((running + 1))
-    _gpu_task running "$id"; _gpu_row
+    _gpu_status_row running "$id"
   done
   for id in $_gpu_pending; do
     pending=$((pending + 1))
     [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || continue
     shown=$((shown + 1))
-    _gpu_task pending "$id"; _gpu_row
+    _gpu_status_row pending "$id"
   done
   for line in $_gpu_ended; do
-    _gpu_task "${line%%/*}" "${line#*/}"; _gpu_row
+    _gpu_status_row "${line%%/*}" "${line#*/}"
   done
   _gpu_short_names
   _gpu_esc "$_gpu_q"; _gpu_cut_left "$_gpu_e" "$((100 - 13 - ${#JOB_ID}))"
@@ -2847,6 +2863,26 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   _gpu_finished_counts; ndone=$_gpu_n failed=$_gpu_nf
   printf 'Totals:   %s running, %s pending, %s done, %s failed, stopped or cancelled\n' \
     "$running" "$pending" "$ndone" "$failed"
+}
+
+_gpu_status_row() {  # _gpu_status_row DIR ID: the task's row of gpu_status, as _gpu_preload
+  # wrote it (id, name, priority, state, node, GPUs, time, exit, command; escaped), into _gpu_rows;
+  # a running task whose node's daemon is down is orphaned
+  local row=${_gpu_pre[$_gpu_fs$1/$2]-} IFS=$_gpu_fs
+  if [ -z "$row" ]; then  # awk failed: what its id says
+    _gpu_esc "$2"; row=$_gpu_e$_gpu_fs$_gpu_e$_gpu_fs---$_gpu_fs$1$_gpu_fs$_gpu_fs-$_gpu_fs$_gpu_fs
+    row=$row$_gpu_fs$_gpu_e
+  fi
+  if [ "$1" = running ]; then
+    # shellcheck disable=SC2086  # the fields
+    set -- $row$_gpu_fs
+    case "$_gpu_down" in
+      *" ${5:-0} "*)
+        row=$1$_gpu_fs$2$_gpu_fs$3${_gpu_fs}orphaned$_gpu_fs$5$_gpu_fs$6$_gpu_fs$7$_gpu_fs$8
+        row=$row$_gpu_fs$9 _gpu_orphans=1 ;;
+    esac
+  fi
+  _gpu_rows=$_gpu_rows$row$_gpu_nl
 }
 
 _gpu_status_preload() {  # the node states and tasks gpu_status shows, of what _gpu_status_text
@@ -2867,13 +2903,16 @@ _gpu_jstr() {  # _gpu_jstr TEXT: a JSON string, null when TEXT is empty, into _g
   if [ -n "$1" ]; then _gpu_js "$1"; else _gpu_j=null; fi
 }
 
-_gpu_task_json() {  # the loaded task (_gpu_t_*) as one JSON object on stdout
-  local log=null
-  if [ -f "$_gpu_q/logs/$_gpu_t_id.log" ]; then _gpu_js "$_gpu_q/logs/$_gpu_t_id.log"; log=$_gpu_j
-  elif [ -f "$_gpu_q/logs/$_gpu_t_id.rank0.log" ]; then
-    _gpu_js "$_gpu_q/logs/$_gpu_t_id.rank0.log"; log=$_gpu_j
+_gpu_task_json() {  # _gpu_task_json DIR ID: the task as one JSON object on stdout, as
+  # _gpu_preload wrote it, and its log
+  local json=${_gpu_pre[$_gpu_fs$1/$2]-} log=null
+  if [ -z "$json" ]; then  # awk failed: what its id says
+    _gpu_js "$2"; json="\"id\": $_gpu_j"
+    _gpu_js "$1"; json="$json, \"state\": $_gpu_j"
   fi
-  printf '{%s, "log": %s}' "$_gpu_t_json" "$log"
+  if [ -f "$_gpu_q/logs/$2.log" ]; then _gpu_js "$_gpu_q/logs/$2.log"; log=$_gpu_j
+  elif [ -f "$_gpu_q/logs/$2.rank0.log" ]; then _gpu_js "$_gpu_q/logs/$2.rank0.log"; log=$_gpu_j; fi
+  printf '{%s, "log": %s}' "$json" "$log"
 }
 
 _gpu_node_json() {  # _gpu_node_json RANK DRAIN: the loaded node state as one JSON object on
@@ -2950,20 +2989,20 @@ _gpu_status_json() {  # gpu_status --json (docs/protocol.md) of what _gpu_status
   for id in $_gpu_running; do
     running=$((running + 1))
     printf '%s\n  ' "$sep"; sep=,
-    _gpu_task running "$id"; _gpu_task_json
+    _gpu_task_json running "$id"
   done
   printf '],\n "pending": ['
   sep=''
   for id in $_gpu_pending; do
     pending=$((pending + 1))
     printf '%s\n  ' "$sep"; sep=,
-    _gpu_task pending "$id"; _gpu_task_json
+    _gpu_task_json pending "$id"
   done
   printf '],\n "recent": ['
   sep=''
   for line in $_gpu_ended; do
     printf '%s\n  ' "$sep"; sep=,
-    _gpu_task "${line%%/*}" "${line#*/}"; _gpu_task_json
+    _gpu_task_json "${line%%/*}" "${line#*/}"
   done
   _gpu_finished_counts
   printf '],\n "counts": {"running": %s, "pending": %s, "done": %s, "failed": %s}}\n' \
