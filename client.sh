@@ -2522,27 +2522,38 @@ _gpu_pct() {  # _gpu_pct SHARE: a share (0.000 to 1.000) as a whole percentage i
   esac
 }
 
-_gpu_keepalive_figures() {  # _gpu_keepalive_figures I: how keep-alive fares on the loaded
-  # node's GPU I (band and held shares, the last yield), one line of gpu_status when known
-  local figs='' yield
-  if _gpu_field "gpu.$1.band_10m" && _gpu_pct "$_gpu_val"; then
+_gpu_gpu_keys() {  # _gpu_gpu_keys I: the loaded node state's gpu.I.<key> into _gpu_g_<key>
+  # (empty when absent), all by one eval
+  local key code=''
+  for key in index name uuid task state reason last_yield risk util mem_used_mib mem_total_mib \
+    held_mib tile duty band_10m band_1h held_10m held_1h last_yield_age history reserved; do
+    code="$code _gpu_g_$key=\${_gpu_f_gpu_$1_$key-}"
+  done
+  eval "$code"
+}
+
+# shellcheck disable=SC2154  # _gpu_gpu_keys sets the _gpu_g_* variables
+_gpu_keepalive_figures() {  # how keep-alive fares on the loaded GPU (_gpu_gpu_keys: band and
+  # held shares, the last yield), one line of gpu_status when known
+  local figs=''
+  if _gpu_pct "$_gpu_g_band_10m"; then
     figs="in band $_gpu_pc"
-    _gpu_field "gpu.$1.band_1h" && _gpu_pct "$_gpu_val" && figs="$figs (1 h: $_gpu_pc)"
+    ! _gpu_pct "$_gpu_g_band_1h" || figs="$figs (1 h: $_gpu_pc)"
   fi
-  if _gpu_field "gpu.$1.held_10m" && _gpu_pct "$_gpu_val"; then
+  if _gpu_pct "$_gpu_g_held_10m"; then
     figs="$figs${figs:+, }held $_gpu_pc"
-    _gpu_field "gpu.$1.held_1h" && _gpu_pct "$_gpu_val" && figs="$figs (1 h: $_gpu_pc)"
+    ! _gpu_pct "$_gpu_g_held_1h" || figs="$figs (1 h: $_gpu_pc)"
   fi
-  if _gpu_field "gpu.$1.last_yield" && [ -n "$_gpu_val" ]; then
-    yield=$_gpu_val
-    _gpu_field "gpu.$1.last_yield_age"; _gpu_dur "$_gpu_val"
-    figs="$figs${figs:+; }last yield $_gpu_d ago: $yield"
+  if [ -n "$_gpu_g_last_yield" ]; then
+    _gpu_dur "$_gpu_g_last_yield_age"
+    figs="$figs${figs:+; }last yield $_gpu_d ago: $_gpu_g_last_yield"
   fi
   [ -z "$figs" ] || _gpu_line "               $figs"
 }
 
+# shellcheck disable=SC2154  # _gpu_gpu_keys sets the _gpu_g_* variables
 _gpu_show_nodes() {  # the daemons part of gpu_status
-  local state node rank count i line label host pid what gpus free slots spark drain
+  local state node rank count i line label host pid what slots spark drain
   local IFS=$_gpu_nl
   state=${_gpu_states-$(_gpu_node_files)}
   if [ -z "$state" ]; then
@@ -2601,38 +2612,30 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
     fi
     i=0
     while [ "$i" -lt "$count" ]; do
-      _gpu_field "gpu.$i.index"; gpus=${_gpu_val:-$i}
-      _gpu_field "gpu.$i.name"; _gpu_esc "${_gpu_val:-?}"; _gpu_cut "$_gpu_e" 19; what=$_gpu_c
+      _gpu_gpu_keys "$i"
+      _gpu_esc "${_gpu_g_name:-?}"; _gpu_cut "$_gpu_e" 19; what=$_gpu_c
       [ "$what" = "$_gpu_e" ] || { _gpu_pad "$what" 19; what=$_gpu_pd; }  # … is 3 bytes
-      printf -v line '%-4s %-19s' "$gpus" "$what"
-      _gpu_field "gpu.$i.util"; printf -v what '%4s' "${_gpu_val:--}${_gpu_val:+%}"
-      line="$line $what"
-      if [ -n "$spark" ]; then
-        _gpu_field "gpu.$i.history"; _gpu_spark "$_gpu_val"; line="$line $_gpu_sp"
-      fi
-      _gpu_field "gpu.$i.mem_used_mib"; free=${_gpu_val:--}
-      _gpu_field "gpu.$i.mem_total_mib"; printf -v what '%13s' "$free/${_gpu_val:--}"
+      printf -v line '%-4s %-19s %4s' "${_gpu_g_index:-$i}" "$what" \
+        "${_gpu_g_util:--}${_gpu_g_util:+%}"
+      if [ -n "$spark" ]; then _gpu_spark "$_gpu_g_history"; line="$line $_gpu_sp"; fi
+      printf -v what '%13s' "${_gpu_g_mem_used_mib:--}/${_gpu_g_mem_total_mib:--}"
       line="$line  $what"
-      _gpu_field "gpu.$i.task"
-      if [ -n "$_gpu_val" ]; then
-        _gpu_name_of "$_gpu_val"; what=$_gpu_s
-        _gpu_field "gpu.$i.state"
-        [ "$_gpu_val" = filling ] && what="$what (keep-alive filling)"
+      if [ -n "$_gpu_g_task" ]; then
+        _gpu_name_of "$_gpu_g_task"; what=$_gpu_s
+        [ "$_gpu_g_state" != filling ] || what="$what (keep-alive filling)"
       else
-        _gpu_field "gpu.$i.state"; what="keep-alive ${_gpu_val:-?}"
-        if _gpu_field "gpu.$i.reserved" && [ -n "$_gpu_val" ]; then  # for a gang's rank
-          _gpu_name_of "$_gpu_val"; _gpu_field "gpu.$i.state"
-          what="reserved for $_gpu_s, keep-alive ${_gpu_val:-?}"
+        what="keep-alive ${_gpu_g_state:-?}"
+        if [ -n "$_gpu_g_reserved" ]; then  # for a gang's rank
+          _gpu_name_of "$_gpu_g_reserved"
+          what="reserved for $_gpu_s, keep-alive ${_gpu_g_state:-?}"
         fi
-        _gpu_field "gpu.$i.reason"; [ -n "$_gpu_val" ] && what="$what ($_gpu_val)"
-        _gpu_field "gpu.$i.tile"; [ -n "$_gpu_val" ] && what="$what, tile $_gpu_val"
-        _gpu_field "gpu.$i.duty"; [ -n "$_gpu_val" ] && what="$what, duty $_gpu_val"
+        [ -z "$_gpu_g_reason" ] || what="$what ($_gpu_g_reason)"
+        [ -z "$_gpu_g_tile" ] || what="$what, tile $_gpu_g_tile"
+        [ -z "$_gpu_g_duty" ] || what="$what, duty $_gpu_g_duty"
       fi
       _gpu_line "          $line  $what"
-      _gpu_keepalive_figures "$i"
-      if _gpu_field "gpu.$i.risk" && [ -n "$_gpu_val" ]; then
-        _gpu_line "          !! AT RISK OF RECLAIM: $_gpu_val"
-      fi
+      _gpu_keepalive_figures
+      [ -z "$_gpu_g_risk" ] || _gpu_line "          !! AT RISK OF RECLAIM: $_gpu_g_risk"
       i=$((i + 1))
     done
     if _gpu_field waiting.id && [ -n "$_gpu_val" ]; then
@@ -2946,15 +2949,16 @@ _gpu_node_json() {  # _gpu_node_json RANK DRAIN: the loaded node state as one JS
   printf '%s, "gpus": [' "$out"
   i=0
   while [ "$i" -lt "$count" ]; do
-    _gpu_field "gpu.$i.index"; _gpu_jn "${_gpu_val:-$i}"; out="{\"index\": $_gpu_j"
+    _gpu_gpu_keys "$i"
+    _gpu_jn "${_gpu_g_index:-$i}"; out="{\"index\": $_gpu_j"
     for key in name uuid task state reason last_yield risk; do
-      _gpu_field "gpu.$i.$key"; _gpu_jstr "$_gpu_val"; out="$out, \"$key\": $_gpu_j"
+      eval "_gpu_jstr \"\$_gpu_g_$key\""; out="$out, \"$key\": $_gpu_j"
     done
     for key in util mem_used_mib mem_total_mib held_mib tile duty band_10m band_1h held_10m \
       held_1h last_yield_age; do
-      _gpu_field "gpu.$i.$key"; _gpu_jn "$_gpu_val"; out="$out, \"$key\": $_gpu_j"
+      eval "_gpu_jn \"\$_gpu_g_$key\""; out="$out, \"$key\": $_gpu_j"
     done
-    _gpu_field "gpu.$i.history"; _gpu_jseries "$_gpu_val"; out="$out, \"history\": $_gpu_j"
+    _gpu_jseries "$_gpu_g_history"; out="$out, \"history\": $_gpu_j"
     [ "$i" -eq 0 ] || printf ', '
     printf '%s}' "$out"
     i=$((i + 1))
