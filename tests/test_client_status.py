@@ -562,6 +562,69 @@ def test_json_stays_valid_with_names_that_are_not_utf8(sh):
     assert "caf\ufffd \ufffd\ufffd\ufffd.sh" in [t["id"] for t in doc["pending"]]
 
 
+AWKS = {"mawk": ["mawk"], "gawk": ["gawk"], "busybox": ["busybox", "awk"]}
+AGES = re.compile(r"\b\d+(?:\.\d)?s\b|\b\d+m\d\ds\b|\b\d+h\d\dm\b|\b\d+d\d\dh\b")
+
+
+@pytest.mark.parametrize("awk", ["gawk", "busybox"])
+def test_every_awk_reads_and_writes_the_tasks_alike(tmp_path, awk):
+    """The client's awk programs (the one reading of a task's records, its row and its JSON) give
+    the same table, JSON and gpu_show with gawk (most clusters' awk) and BusyBox awk as with mawk
+    (Debian's), on tasks of every kind: a gang across nodes, an orphan, odd bytes, arguments."""
+    for name in ("mawk", AWKS[awk][0]):
+        if shutil.which(name) is None:
+            pytest.skip(f"{name} is not installed (.ci/run installs it)")
+    sh = make_shell("bash", tmp_path)
+    v2 = build_v2(sh.root)
+    inst = v2.inst
+    (inst / "pending" / HOSTILE).write_text("echo\n")
+    odd = tid(40, "odd.sh")
+    (inst / "pending" / odd).write_text("echo\n")
+    submit_record(inst, odd, display_name="caf\xe9 \u4e2d\u6587 \x9b", argc=3,
+                  **{"arg.0": "it's", "arg.1": "", "arg.2": "\x1b[1m"}, envc=2,
+                  **{"env.0": "LR=0.1", "env.1": 'Q="x\\y"'}, time_limit=3600)
+    (inst / "held").mkdir(exist_ok=True)
+    (inst / "held" / odd).write_text("")
+    (inst / "priority").mkdir(exist_ok=True)
+    write_fields(inst / "priority" / odd, {"priority": "top", "time": time.time()})
+    killed = tid(41, "killed.sh")
+    (inst / "failed" / killed).write_text("echo\n")
+    write_fields(inst / "records" / f"{killed}.result",
+                 {"id": killed, "state": "stopped", "signal": 9, "gpus": "0,1,2,5,7",
+                  "ended": time.time() - 7200, "duration": "3.25"}, mtime=time.time())
+    orphan = tid(42, "orphan.sh")  # runs on node 1, whose daemon stopped
+    (inst / "running" / orphan).write_text("echo\n")
+    write_fields(inst / "records" / f"{orphan}.run", {"id": orphan, "host": "node-b",
+                                                      "node_rank": 1, "gpus": "5",
+                                                      "started": time.time() - 100})
+    state = inst / "nodes" / "node-1.state"
+    state.write_text(state.read_text().replace("status=running", "status=stopped"))
+    dirs = {}
+    for name, argv in AWKS.items():
+        folder = tmp_path / f"awk-{name}"
+        folder.mkdir()
+        (folder / "awk").write_text(f"#!/bin/sh\nexec {shlex.join(argv)} \"$@\"\n")
+        (folder / "awk").chmod(0o755)
+        dirs[name] = folder
+    script = "gpu_status; gpu_status -l; gpu_show train.py; gpu_show dist.py; gpu_show killed.sh"
+
+    def shown(name: str) -> tuple[str, dict]:
+        path = f"{dirs[name]}:{os.environ['PATH']}"
+        text = sh.run(script, PATH=path)
+        assert text.rc == 0, text.err
+        doc = json.loads(sh.run("gpu_status --json", PATH=path).out)
+        del doc["time"]
+        return AGES.sub("<age>", text.out), doc
+
+    text, doc = shown("mawk")
+    assert "sweep-a" in text and "\\u009b" in text and "killed.sh" in text  # read from records
+    assert "0-2,5,7" in text and "sig9" in text and re.search(r"orphan\.sh +500 orphaned", text)
+    held = next(t for t in doc["pending"] if t["id"] == odd)
+    assert held["args"] == ["it's", "", "\x1b[1m"] and held["env"] == {"LR": "0.1", "Q": '"x\\y"'}
+    assert held["state"] == "held" and held["priority"] == "top"
+    assert (text, doc) == shown(awk)
+
+
 def test_counts_read_from_files_are_bounded(sh):
     inst = make_instance(sh.root)
     task = tid(1, "x.sh")
