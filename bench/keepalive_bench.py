@@ -855,6 +855,16 @@ def new_report(args, gpu: pm.GpuInfo) -> dict:
 
 def measure(args, backend) -> tuple[dict, int]:
     """Run the plan on ``backend``; the report and the exit status."""
+    target = pm.MEMORY_USAGE_TARGET
+    if args.memory_target is not None:  # what the engine's workers hold, for this run
+        pm.MEMORY_USAGE_TARGET = args.memory_target
+    try:
+        return _measure(args, backend)
+    finally:
+        pm.MEMORY_USAGE_TARGET = target
+
+
+def _measure(args, backend) -> tuple[dict, int]:
     report = new_report(args, backend.gpu)
     out = output_path(args, backend.gpu.name, report["date"])
 
@@ -901,6 +911,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--probe-n", type=int, default=PROBE_N)
     parser.add_argument("--deadline", type=float, default=DEADLINE_SECONDS,
                         help="s the whole plan may take; it stops there, keeping what it has")
+    parser.add_argument("--memory-target", type=float,
+                        help="share of the GPU's memory a worker holds (default the daemon's "
+                             "MEMORY_USAGE_TARGET): a small one tells what the size of what we "
+                             "hold costs a job's first second beside a yield")
     parser.add_argument("--preflight-only", action="store_true", help="stop after the preflight")
     parser.add_argument("--out", help="write the JSON to this file too")
     parser.add_argument("--out-dir", help="write it to keepalive-<GPU>-<date>.json here too, "
@@ -916,6 +930,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} is too small")
     if not (args.poll > 0 and args.deadline > 0 and args.holdoff >= 0):
         parser.error("--poll and --deadline must be positive, --holdoff not negative")
+    if args.memory_target is not None and not 0 < args.memory_target <= pm.MEMORY_USAGE_TARGET:
+        parser.error(f"--memory-target is a share above 0 and at most "
+                     f"{pm.MEMORY_USAGE_TARGET} (MEMORY_USAGE_TARGET)")
     return args
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the keep-alive benchmark on this machine's first GPU, from a bare machine on.
 #
-#   bench/run_on_gpu.sh [all|setup|preflight|cpu]    (default: all)
+#   bench/run_on_gpu.sh [all|setup|preflight|cpu|ballast]    (default: all)
 #
 #   setup      a Python with torch (CUDA) and nvidia-ml-py: python3 when it has them, else a
 #              virtual environment ($PM_BENCH_VENV, default ~/.cache/pm-bench-venv) with
@@ -14,10 +14,14 @@
 #              under 6 minutes).
 #   cpu        setup, then where a worker's CPU goes (bench/worker_cpu.py: the worker with its
 #              launch, watch and period varied, per thread; about 3 minutes).
+#   ballast    setup, then yields beside a worker that holds 5% of the GPU's memory, then beside
+#              one that holds MEMORY_USAGE_TARGET, 3 each with the process list: does the size of
+#              what keep-alive holds cost a job its first second? (about 4 minutes)
 #
 # Output goes to $OUT when it is set, else to bench/results/: self-test.json and self-test.log,
 # keepalive-<GPU>-<date>.json, keepalive-bench.log (its log), keepalive-bench.stdout, setup.log
-# and children.pids (cpu: worker-cpu.json and worker-cpu.log). The
+# and children.pids (cpu: worker-cpu.json and worker-cpu.log; ballast: keepalive-ballast-0.05.*
+# and keepalive-ballast-full.*: .json, .log, .stdout). The
 # benchmark runs under a hard timeout, and every process it started is gone when this returns.
 # Exit status: the benchmark's (0 done, 2 cannot run here, 3 cut short), 124 timed out.
 set -euo pipefail
@@ -27,6 +31,7 @@ readonly PREFLIGHT_LIMIT_SECONDS=90  # the preflight itself takes about 20 s
 readonly PLAN_LIMIT_SECONDS=400  # the plan stops itself at 330 s
 readonly SELF_TEST_LIMIT_SECONDS=240  # the self-test takes about a minute
 readonly CPU_LIMIT_SECONDS=300  # bench/worker_cpu.py takes about 3 minutes
+readonly BALLAST_LIMIT_SECONDS=150  # each of the two runs stops itself at 120 s
 readonly KILL_AFTER_SECONDS=15  # from SIGTERM to SIGKILL when the limit is reached
 
 err() {
@@ -99,9 +104,9 @@ kill_leftovers() {
 main() {
   local what="${1:-all}"
   case "${what}" in
-    all | setup | preflight | cpu) ;;
+    all | setup | preflight | cpu | ballast) ;;
     *)
-      err "usage: bench/run_on_gpu.sh [all|setup|preflight|cpu]"
+      err "usage: bench/run_on_gpu.sh [all|setup|preflight|cpu|ballast]"
       return 2
       ;;
   esac
@@ -125,6 +130,23 @@ main() {
       >/dev/null 2>"${out_dir}/worker-cpu.log" || status=$?
     tail -n 5 "${out_dir}/worker-cpu.log" >&2 || true
     err "worker_cpu: exit status ${status}"
+    return "${status}"
+  fi
+  if [[ "${what}" == ballast ]]; then
+    local status=0 target name
+    local -a args
+    for target in 0.05 full; do
+      name="${out_dir}/keepalive-ballast-${target}"
+      args=(--gpu 0 --out-dir "${out_dir}" --out "${name}.json" --band-seconds 5 --settle 5
+        --yields 3 --hidden-yields 0 --deadline 120)
+      [[ "${target}" == full ]] || args+=(--memory-target "${target}")
+      timeout --kill-after="${KILL_AFTER_SECONDS}" "${BALLAST_LIMIT_SECONDS}" \
+        "${python}" bench/keepalive_bench.py "${args[@]}" >"${name}.stdout" 2>"${name}.log" \
+        || status=$?
+      kill_leftovers "${out_dir}"
+      err "ballast ${target}: exit status ${status}"
+      tail -n 3 "${name}.log" >&2 || true
+    done
     return "${status}"
   fi
   local limit="${PLAN_LIMIT_SECONDS}" args=(--gpu 0 --out-dir "${out_dir}")

@@ -278,6 +278,28 @@ def test_the_whole_plan_on_a_simulated_gpu(tmp_path, quiet):
     assert all(w.exit_code() is not None for w in backend.node.workers)
 
 
+def test_a_memory_target_sets_what_the_workers_hold_for_the_run(tmp_path, quiet):
+    default = kb.pm.MEMORY_USAGE_TARGET
+    full, _ = kb.measure(quick_args(tmp_path), SimBackend())
+    small, code = kb.measure(quick_args(tmp_path, "--memory-target", "0.05"), SimBackend())
+    assert code == 0, small["outcome"]
+    assert (full["settings"]["memory_target"], small["settings"]["memory_target"]) == (
+        default, 0.05)
+    assert default == kb.pm.MEMORY_USAGE_TARGET  # as it was: the run alone held less
+    held = [[y["worker_footprint_mib"] for y in report["yields"]] for report in (full, small)]
+    total = full["gpu_memory_mib"]
+    assert all(mib > 0.5 * total for mib in held[0]), held
+    assert all(0 < mib < 0.1 * total for mib in held[1]), held
+
+
+@pytest.mark.parametrize("share", ["0", "x", "above"])
+def test_a_memory_target_is_a_share_up_to_the_daemons(share, capsys):
+    if share == "above":
+        share = str(kb.pm.MEMORY_USAGE_TARGET + 0.05)
+    with pytest.raises(SystemExit):
+        kb.parse_args(["--memory-target", share])
+
+
 def test_preflight_only_stops_after_the_preflight(tmp_path, quiet):
     backend = SimBackend()
     report, code = kb.measure(quick_args(tmp_path, "--preflight-only"), backend)
@@ -339,7 +361,7 @@ def test_an_interrupted_run_kills_every_child(tmp_path, quiet):
 
 
 @pytest.mark.skipif(nvml_works_here(), reason="checks the behaviour without a GPU")
-@pytest.mark.parametrize("what", ["preflight", "cpu"])
+@pytest.mark.parametrize("what", ["preflight", "cpu", "ballast"])
 def test_run_on_gpu_without_a_gpu_says_so(tmp_path, what):
     env = dict(os.environ, OUT=str(tmp_path))
     done = subprocess.run(["bash", str(REPO / "bench" / "run_on_gpu.sh"), what],
@@ -352,4 +374,4 @@ def test_run_on_gpu_names_what_it_can_run():
     done = subprocess.run(["bash", str(REPO / "bench" / "run_on_gpu.sh"), "bogus"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "usage: bench/run_on_gpu.sh [all|setup|preflight|cpu]" in done.stderr
+    assert "usage: bench/run_on_gpu.sh [all|setup|preflight|cpu|ballast]" in done.stderr
