@@ -551,7 +551,7 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   # states' view (those among the ITEMs, else all); as _gpu_pre_want (the awk below) asks
   local f dir id line list out files='' tasks='' prio='' held running='' given='' IFS=$_gpu_nl
   # a file that is not regular is never read (a FIFO would block)
-  _gpu_no_entries "$_gpu_q/priority" || prio=priority/  # gpu_priority's files
+  _gpu_no_entries "$_gpu_q/priority" || prio=1  # gpu_priority's files are there
   for f in "$@"; do
     case $f in
       "$_gpu_fs"*/*)  # the files of the task that are there, each as R, then the task as T
@@ -560,19 +560,19 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
         case $id in */*) continue ;; esac
         held=''
         case $dir in
-          running) set -- submit gang run rank0.run; running=1 ;;
-          pending) set -- submit; [ -z "$prio" ] || set -- submit "$prio"
-            [ ! -e "$_gpu_q/held/$id" ] || held=held ;;
-          'done' | failed) set -- submit result ;;
-          *) set -- submit ;;
+          running) set -- gang run rank0.run; running=1 ;;
+          'done' | failed) set -- result ;;
+          *) set -- ;;
         esac
-        for line in "$@"; do
-          case $line in
-            "$prio") line=$_gpu_q/priority/$id ;;
-            *) line=$_gpu_q/records/$id.$line ;;
-          esac
+        for line in submit "$@"; do
+          line=$_gpu_q/records/$id.$line
           [ ! -f "$line" ] || files=${files}R$_gpu_fs$line$_gpu_nl
         done
+        if [ "$dir" = pending ]; then
+          [ ! -e "$_gpu_q/held/$id" ] || held=held
+          [ -z "$prio" ] || [ ! -f "$_gpu_q/priority/$id" ] \
+            || files=${files}R$_gpu_fs$_gpu_q/priority/$id$_gpu_nl
+        fi
         tasks=${tasks}T$_gpu_fs$dir$_gpu_fs$id$_gpu_fs$held$_gpu_fs$_gpu_q/$_gpu_nl ;;
       *"$_gpu_nl"* | *"$_gpu_fs"* | -) ;;  # one name a line
       "$_gpu_q"/nodes/*)  # a node state: what its daemon runs, too
@@ -597,10 +597,12 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   local prog='
   function lit(v,   out, i) {  # v in single quotes, for eval
     out = ""
-    while ((i = index(v, sq)) > 0) { out = out substr(v, 1, i - 1) sq "\"" sq "\"" sq; v = substr(v, i + 1) }
+    while ((i = index(v, sq)) > 0) {
+      out = out substr(v, 1, i - 1) sq "\"" sq "\"" sq; v = substr(v, i + 1)
+    }
     return sq out v sq
   }
-  function read(file, show,   line, got, lines, eq, key, value, bad, n, i) {  # a key=value file
+  function read(file, show,   line, got, lines, eq, key, value, bad, n, i, assign) {  # a file
     n = 0; lines = 0; bad = 0
     while (lines < 20000 && (got = (getline line < file)) > 0) {
       lines++
@@ -611,14 +613,14 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       gsub(/\./, "_", key)
       value = substr(line, eq + 1)
       V[file, key] = value
-      part[++n] = "_gpu_f_" key "=" lit(value) " _gpu_keys=$_gpu_keys" sq " _gpu_f_" key sq " "
+      assign[++n] = "_gpu_f_" key "=" lit(value) " _gpu_keys=$_gpu_keys" sq " _gpu_f_" key sq " "
     }
     close(file)
     if (got < 0) return
     got_file[file] = 1
     if (!show || bad) return
     printf "%s\037", file
-    for (i = 1; i <= n; i++) printf "%s", part[i]
+    for (i = 1; i <= n; i++) printf "%s", assign[i]
     printf "\n"
   }
   function node(file,   rank, n, k, id, before_) {  # the running.<k> of a node state into RM
@@ -655,7 +657,9 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     if (w == "") return sq sq
     if (w !~ /[^A-Za-z0-9_.\/:=,+@%^-]/) return w
     out = ""
-    while ((i = index(w, sq)) > 0) { out = out substr(w, 1, i - 1) sq "\\" sq sq; w = substr(w, i + 1) }
+    while ((i = index(w, sq)) > 0) {
+      out = out substr(w, 1, i - 1) sq "\\" sq sq; w = substr(w, i + 1)
+    }
     return sq out w sq
   }
   function set(name, value) { R[name] = value; TV[name] = lit(value) }
@@ -665,24 +669,25 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     for (i = 2; i <= n; i++) out = out "$" sq "\\n" sq lit(part[i])
     R[name] = list; TV[name] = out
   }
-  function running(id,   part, n, i, e, nodes, k, t) {  # _gpu_t_* of a task the daemons run
-    n = split(RM[id], part, "\n")
+  function running(id,   part, n, i, e, nodes, k, t, gpus, started) {  # as the daemons say
+    n = split(RM[id], part, "\n"); gpus = ""; started = ""
     for (i = 1; i <= n; i++) {
       split(part[i], e, "\037")
       if (e[4] == "") e[4] = 0
       part[i] = e[4] ":" e[1]
-      if (e[4] == "0") { RV["gpus"] = e[2]; RV["started"] = e[3] }
+      if (e[4] == "0") { gpus = e[2]; started = e[3] }  # of rank 0
     }
     for (i = 2; i <= n; i++)  # sort -n: by the rank, then the line
       for (k = i; k > 1 && before(part[k], part[k - 1]); k--) {
         t = part[k]; part[k] = part[k - 1]; part[k - 1] = t
       }
     nodes = ""
-    for (i = 1; i <= n; i++) { t = part[i]; sub(/^[0-9]*:/, "", t); nodes = nodes (i > 1 ? "," : "") t }
+    for (i = 1; i <= n; i++) {
+      t = part[i]; sub(/^[0-9]*:/, "", t); nodes = nodes (i > 1 ? "," : "") t
+    }
     set("state", "running"); set("node", nodes)
-    if (RV["gpus"] != "") set("gpus", RV["gpus"])
-    if (RV["started"] != "") set("started", RV["started"])
-    delete RV
+    if (gpus != "") set("gpus", gpus)
+    if (started != "") set("started", started)
   }
   function js(v,   out, n, i, c, b, k, seq) {  # _gpu_js: v as a JSON string
     if (v !~ /[\001-\037\177"\\\200-\377]/) return "\"" v "\""
@@ -711,12 +716,15 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     sub(/^0+/, "", w)
     return (w == "" ? "0" : w) f
   }
-  function jlist(v,   part, n, i, out, j) {  # _gpu_jlist: "0,3" as [0, 3]
+  function jlist(v,   part, n, i, out, j) {  # "0,3" as [0, 3]
     n = split(v, part, ","); out = ""
     for (i = 1; i <= n; i++) if ((j = jn(part[i])) != "null") out = out (out == "" ? "" : ", ") j
     return "[" out "]"
   }
-  function jcount(v,   j) { if (v == "all") return "\"all\""; j = jn(v); return j == "null" ? js(v) : j }
+  function jcount(v,   j) {  # a count of a request: "all", a number, else a string
+    if (v == "all") return "\"all\""
+    return (j = jn(v)) == "null" ? js(v) : j
+  }
   function json(   out, part, n, i, list) {  # the task as JSON, but its "log" (and the braces)
     out = "\"id\": " js(R["id"]) ", \"name\": " js(R["name"]) ", \"display_name\": " \
       jstr(R["display"]) ", \"shown_name\": " js(R["display"] == "" ? R["name"] : R["display"])
@@ -853,7 +861,7 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
         set("host", get(f, "host")); set("gpus", get(f, "gpus"))
         set("started", get(f, "started")); set("attempt", get(f, "attempt"))
       }
-      if (id in RM) running(id)  # the daemons own view, from their state files
+      if (id in RM) running(id)  # the view of the daemons, from their state files
     } else if (dir == "pending") {
       if (held) set("state", "held")
       f = inst "priority/" id
@@ -886,7 +894,8 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       " ended duration exit signal reason attempt nodes", FIELD, " ")
     for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
     d = "[0-9]"; h = "[0-9a-f]"
-    ID = "^" d d d "-" d d d d d d d d "_" d d d d d d "_" d d d d d d d d d "-" h h h h h h h h "-."
+    ID = "^" d d d "-" d d d d d d d d "_" d d d d d d "_" d d d d d d d d d "-" h h h h h h h h
+    ID = ID "-."  # an id (_gpu_is_id): the name starts at its 40th byte
   }
   $1 == "F" { read(substr($0, 3), 1) }
   $1 == "N" { read(substr($0, 3), 1); node(substr($0, 3)) }
