@@ -366,6 +366,20 @@ _gpu_short() {  # _gpu_short ID: the name part of a client id (train.sh) into _g
   if _gpu_is_id "$1"; then _gpu_s=${1#*-*-*-}; else _gpu_s=$1; fi
 }
 
+_gpu_awk_ids() {  # _gpu_is_id, _gpu_short and _gpu_rand as awk functions (is_id, short,
+  # random_part) for the client's awk programs, into _gpu_aw
+  _gpu_aw='
+  function is_id(id) { return length(id) <= 122 && id ~ ID && substr(id, 40) !~ /[^A-Za-z0-9._-]/ }
+  function short(id) { return is_id(id) ? substr(id, 40) : id }  # the name starts at byte 40
+  function random_part(id) { return is_id(id) ? substr(id, 31, 8) : "" }
+  BEGIN {
+    d = "[0-9]"; h = "[0-9a-f]"
+    ID = "^" d d d "-" d d d d d d d d "_" d d d d d d "_" d d d d d d d d d "-" h h h h h h h h
+    ID = ID "-."
+  }
+'
+}
+
 _gpu_rand() {  # _gpu_rand ID: the 8 random hex digits of a client id into _gpu_s, else empty
   _gpu_s=''
   _gpu_is_id "$1" || return 1
@@ -818,9 +832,7 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     set("nodes_req", 1); set("argc", 0); set("cmdline", id)
     p = id; if ((i = index(id, "-")) > 0) p = substr(id, 1, i - 1)
     set("prio", p ~ /^[0-9][0-9][0-9]$/ ? p : "")
-    name = id
-    if (id ~ ID && length(id) <= 122 && substr(id, 40) !~ /[^A-Za-z0-9._-]/) name = substr(id, 40)
-    set("name", name)
+    set("name", name = short(id))
     sub_ = inst "records/" id ".submit"
     if (has(sub_)) {
       set("record", 1)
@@ -893,9 +905,6 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       " args argv argc retry_of submitted by record time_req env cmdline node host gpus started" \
       " ended duration exit signal reason attempt nodes", FIELD, " ")
     for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
-    d = "[0-9]"; h = "[0-9a-f]"
-    ID = "^" d d d "-" d d d d d d d d "_" d d d d d d "_" d d d d d d d d d "-" h h h h h h h h
-    ID = ID "-."  # an id (_gpu_is_id): the name starts at its 40th byte
   }
   $1 == "F" { read(substr($0, 3), 1) }
   $1 == "N" { read(substr($0, 3), 1); node(substr($0, 3)) }
@@ -903,8 +912,9 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   $1 == "T" { task($2, $3, substr($0, length($2) + length($3) + length($4) + 6), $4 == "held") }
 '
   [ -n "$list" ] || return 0
+  _gpu_awk_ids
   out=$(printf '%s' "$list" | command awk -F "$_gpu_fs" -v sq="'" -v want="${_gpu_pre_want-}" \
-    -v now="${_gpu_t-0}" "$prog" 2>/dev/null) || return 0
+    -v now="${_gpu_t-0}" "$_gpu_aw$prog" 2>/dev/null) || return 0
   for line in $out; do
     case $line in
       T"$_gpu_fs"*) line=${line#??}; _gpu_pre[$_gpu_fs${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
@@ -2721,16 +2731,9 @@ _gpu_short_names() {  # the name each row of _gpu_rows is shown by into _gpu_nam
     _gpu_names=$_gpu_names$id$_gpu_fs$base$_gpu_nl
   done
   [ -n "$shared" ] || return 0
-  # rows share a name: one pass of awk tells them apart (ids read as _gpu_is_id, _gpu_rand do)
-  rest=$(printf '%s' "$_gpu_names" | command awk -F "$_gpu_fs" '
-    function random_part(id) {  # the random part of a client id, else ""
-      if (length(id) > 122 \
-        || id !~ /^[0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9]/ \
-        || substr(id, 17) !~ /^[0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]-/ \
-        || substr(id, 31) !~ /^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-/ \
-        || substr(id, 40) !~ /^[A-Za-z0-9._-]+$/) return ""
-      return substr(id, 31, 8)
-    }
+  # rows share a name: one pass of awk tells them apart
+  _gpu_awk_ids
+  rest=$(printf '%s' "$_gpu_names" | command awk -F "$_gpu_fs" "$_gpu_aw"'
     function clashes(i, j, len) {  # another row of the same name (whose random part starts alike)
       return id[j] != id[i] && base[j] == base[i] \
         && (len == 0 || (hex[j] != "" && substr(hex[j], 1, len) == substr(hex[i], 1, len)))
@@ -4155,24 +4158,28 @@ _gpu_cmd_complete() {  # _gpu_cmd_complete COMMAND WORD WORDS...: candidates for
   fi
   _gpu_valid_id "${JOB_ID-}" || return 0
   _gpu_q=$_gpu_r/$JOB_ID
+  _gpu_awk_ids  # each id and its name; by awk: a long history has as many
+  local with_ids=''
+  case $word in [0-9]*) with_ids=1 ;; esac  # a word that starts as an id does: ids of the logs
   {
     [ "$what" = stop ] && [ "$positional" -eq 0 ] && printf 'all\n'
-    # gpu_retry takes ended tasks only: those in done/ and failed/
-    for id in $(case $what in hold | release | priority) ;; retry) ;;
-      *) _gpu_ls "$_gpu_q/running" ;; esac
+    {
+      # gpu_retry takes ended tasks only: those in done/ and failed/
+      case $what in hold | release | priority | retry) ;; *) _gpu_ls "$_gpu_q/running" ;; esac
       case $what in retry) _gpu_ls "$_gpu_q/done"; _gpu_ls "$_gpu_q/failed" ;;
-        *) _gpu_ls "$_gpu_q/pending" ;; esac); do
-      printf '%s\n' "$id"
-      _gpu_short "$id"; printf '%s\n' "$_gpu_s"
-    done
-    if [ "$what" != stop ] && [ "$what" != hold ] && [ "$what" != release ] \
-      && [ "$what" != priority ] && [ "$what" != retry ]; then
-      for id in $(_gpu_ls "$_gpu_q/logs"); do
-        _gpu_log_rank "$id" "${id##*.rank}" || _gpu_log_rank "$id" ''
-        case $word in [0-9]*) printf '%s\n' "$_gpu_id" ;; esac
-        _gpu_short "$_gpu_id"; printf '%s\n' "$_gpu_s"
-      done
-    fi
+        *) _gpu_ls "$_gpu_q/pending" ;; esac
+    } | command awk "$_gpu_aw"'{ print; print short($0) }'
+    case $what in
+      stop | hold | release | priority | retry) ;;
+      *)  # the tasks of the logs (a log of rank N is its task's: _gpu_log_rank)
+        _gpu_ls "$_gpu_q/logs" | command awk -v ids="$with_ids" "$_gpu_aw"'
+          {
+            id = $0; sub(/\.log$/, "", id)
+            if ((i = match(id, /\.rank[0-9]*$/)) > 0) id = substr(id, 1, i - 1)
+            if (ids != "") print id
+            print short(id)
+          }' ;;
+    esac
   } | command sort -u
 }
 

@@ -91,3 +91,19 @@ def test_retry_completes_the_ended_tasks_only(sh):
     assert res.rc == 0, res.err
     assert res.out == "\n".join(sorted([ids["done"], ids["failed"], "done.sh", "failed.sh"])) \
         + "\nend\n"
+
+
+def test_logs_of_every_rank_complete_as_their_task(sh):
+    """A task across nodes has a log a rank (ID.rank<N>.log): completion offers its name, and
+    its id to a word that starts as an id does, once whatever the ranks; another file in logs/
+    is offered as it is named."""
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "failed", "logs"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    gang = "500-20260101_000001_000000000-00000001-dist.py"
+    for rank in (0, 1, 12):
+        (inst / "logs" / f"{gang}.rank{rank}.log").write_text("")
+    (inst / "logs" / "by-hand.txt").write_text("")
+    res = sh.run("_gpu_main complete gpu_tail 5; echo; _gpu_main complete gpu_show d; echo end")
+    assert res.rc == 0, res.err
+    assert res.out == f"{gang}\nby-hand.txt\ndist.py\n\nby-hand.txt\ndist.py\nend\n", res.out
