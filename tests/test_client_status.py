@@ -548,6 +548,35 @@ def test_control_characters_from_files_are_printed_escaped(sh):
     assert {t["display_name"] for t in doc["pending"]} >= {"\x1b[5mblink"}
 
 
+def test_fifos_where_records_belong_never_block_the_client(sh):
+    """A FIFO where a record, a priority file, a node state or the summary belongs (the folder is
+    shared, and a FIFO's open blocks) is never read: each command ends and shows the task by
+    what the other files say."""
+    v2 = build_v2(sh.root)
+    inst = v2.inst
+    (inst / "records" / f"{v2.c}.submit").unlink()
+    os.mkfifo(inst / "records" / f"{v2.c}.submit")
+    (inst / "records" / f"{v2.f}.result").unlink()
+    os.mkfifo(inst / "records" / f"{v2.f}.result")
+    (inst / "records" / f"{v2.a}.run").unlink()
+    os.mkfifo(inst / "records" / f"{v2.a}.run")
+    (inst / "priority").mkdir(exist_ok=True)
+    os.mkfifo(inst / "priority" / v2.e)
+    (inst / "nodes" / "node-1.state").unlink()
+    os.mkfifo(inst / "nodes" / "node-1.state")
+    os.mkfifo(inst / "summary")
+    res = sh.run("gpu_status; gpu_status --json > json.out; gpu_show big.py; gpu_show prep.sh; "
+                 "gpu_show sweep-a", timeout=30)
+    assert res.rc == 0, res.err
+    assert re.search(r"^big\.py +100 pending +", res.out, re.M), res.out
+    assert re.search(r"^prep\.sh +500 done +- +- +prep\.sh --fast 'a b'$", res.out, re.M), res.out
+    assert re.search(r"^eval\.py +500 pending ", res.out, re.M), res.out
+    assert "Task:       " + v2.f in res.out and "Task:       " + v2.a in res.out
+    doc = json.loads((sh.cwd / "json.out").read_text())
+    assert {t["id"] for t in doc["pending"]} == {v2.c, v2.e}
+    assert next(t for t in doc["running"] if t["id"] == v2.a)["state"] == "running"
+
+
 def test_json_stays_valid_with_names_that_are_not_utf8(sh):
     s = build_sample(sh.root)
     odd = os.fsencode(s.inst / "pending") + b"/caf\xe9 \xff\xfe\xc3.sh"
