@@ -827,7 +827,8 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   }
   function before(a, b) { return (a + 0 < b + 0) || (a + 0 == b + 0 && a < b) }
   function task(dir, id, inst, held,   sub_, f, p, name, i, n, env, argv, args, src, cmd, nodes) {
-    for (i = 1; i <= NFIELDS; i++) { TV[FIELD[i]] = sq sq; R[FIELD[i]] = "" }
+    # one by one: gawk 5.2 aborted (double free) on this array cleared whole
+    for (i = 1; i <= NFIELDS; i++) { R[FIELD[i]] = ""; TV[FIELD[i]] = sq sq }
     set("id", id); set("dir", dir); set("state", dir); set("name", id); set("gpus_req", "all")
     set("nodes_req", 1); set("argc", 0); set("cmdline", id)
     p = id; if ((i = index(id, "-")) > 0) p = substr(id, 1, i - 1)
@@ -864,7 +865,7 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       set("state", "starting")
       nodes = ""
       f = inst "records/" id ".gang"
-      if (has(f)) { nodes = get(f, "nodes"); set("nodes", nodes); set("node", nodes) }
+      if (has(f)) { nodes = get(f, "nodes"); set("node", nodes) }
       f = inst "records/" id ".run"
       if (!has(f)) f = inst "records/" id ".rank0.run"
       if (has(f)) {
@@ -889,21 +890,22 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
         set("host", get(f, "host")); set("node", get(f, "node_rank"))
         set("gpus", get(f, "gpus")); set("attempt", get(f, "attempt"))
         nodes = get(f, "nodes")
-        if (nodes != "") { set("nodes", nodes); set("node", nodes) }
+        if (nodes != "") set("node", nodes)
       }
     }
     printf "T\037%s/%s\037", dir, id
     if (want == "row") print row()
     else if (want == "json") print json()
     else {
-      for (i = 1; i <= NFIELDS; i++) printf " _gpu_t_%s=%s", FIELD[i], TV[FIELD[i]]
+      for (i = 1; i <= NSET; i++) printf " _gpu_t_%s=%s", FIELD[i], TV[FIELD[i]]
       printf "\n"
     }
   }
   BEGIN {
-    NFIELDS = split("id dir state name prio display source command cwd gpus_req nodes_req after" \
-      " args argv argc retry_of submitted by record time_req env cmdline node host gpus started" \
-      " ended duration exit signal reason attempt nodes", FIELD, " ")
+    NFIELDS = split("state prio display source command cwd gpus_req nodes_req after args" \
+      " retry_of submitted by record time_req env node host gpus started ended duration exit" \
+      " signal reason attempt id dir name argv argc cmdline", FIELD, " ")
+    NSET = NFIELDS - 6  # the _gpu_t_* that _gpu_task sets; the rest: its row and JSON
     for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
   }
   $1 == "F" { read(substr($0, 3), 1) }
@@ -1745,13 +1747,12 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
   if [ -n "$_gpu_pre_on" ] && [ -n "${_gpu_pre[$key]+set}" ]; then
     eval "${_gpu_pre[$key]}"  # every _gpu_t_*
   else  # awk failed: what its id says
-    _gpu_t_id=$2 _gpu_t_dir=$1 _gpu_t_state=$1 _gpu_t_name=$2 _gpu_t_prio=''
-    _gpu_t_display='' _gpu_t_source='' _gpu_t_command='' _gpu_t_cwd='' _gpu_t_gpus_req=all
-    _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args='' _gpu_t_argv='' _gpu_t_argc=0
+    _gpu_t_state=$1 _gpu_t_prio='' _gpu_t_display='' _gpu_t_source='' _gpu_t_command=''
+    _gpu_t_cwd='' _gpu_t_gpus_req=all _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args=''
     _gpu_t_retry_of='' _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req=''
-    _gpu_t_env='' _gpu_t_cmdline=$2 _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus=''
-    _gpu_t_started='' _gpu_t_ended='' _gpu_t_duration='' _gpu_t_exit='' _gpu_t_signal=''
-    _gpu_t_reason='' _gpu_t_attempt='' _gpu_t_nodes=''
+    _gpu_t_env='' _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus='' _gpu_t_started=''
+    _gpu_t_ended='' _gpu_t_duration='' _gpu_t_exit='' _gpu_t_signal='' _gpu_t_reason=''
+    _gpu_t_attempt=''
   fi
 }
 
@@ -3575,11 +3576,6 @@ _gpu_cmd_priority() {
       "priority=$text${_gpu_nl}by=$_gpu_who${_gpu_nl}time=$now$_gpu_nl" || return 1
     _gpu_say "priority of $id: $text"
   done
-}
-
-_gpu_run_order() {  # _gpu_pending_list's tasks on stdout
-  _gpu_pending_list
-  printf '%s' "$_gpu_v"
 }
 
 _gpu_pending_list() {  # the pending tasks in the order they start (docs/protocol.md), one a
