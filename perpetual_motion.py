@@ -3474,6 +3474,7 @@ _IDLE_UTIL_MAX = 10  # % utilisation of a GPU with nothing of ours on it that is
 _NVML_LOOKBACK = 1.5  # s of NVML's sample buffers read at the first query (older: not now)
 _HISTORY_STEP = 10.0  # s per point of gpu.<i>.history
 _HISTORY_POINTS = 60  # points in gpu.<i>.history: ten minutes
+_RISK_MEAN_SECONDS = 60.0  # s whose mean utilisation must reach the band to end a reclaim risk
 _WARN_EVERY = 300.0  # s between two warnings about the same failing NVML query
 _SAMPLES_STALE = 3.0  # s without a new NVML sample after which NVML's 1-s rate stands in
 _BAND_BUCKET = 60.0  # s per bucket of the band and held shares (gpu.<i>.band_10m, ...)
@@ -3516,18 +3517,24 @@ class KeepAlive:
         self._log = log or LOG
         self._idle_since: dict[int, float] = {}
         self._risks: dict[int, str] = {}
+        self._history: dict[int, UtilHistory] = collections.defaultdict(UtilHistory)
         self._now = 0.0  # the last tick's time: what the warnings are throttled by
         self._warned = Throttle(timefunc=lambda: self._now)
 
     def _watch_idle(self, now: float, busy: Mapping[int, str]) -> None:
         """Keep-alive off: a GPU of ours below the band (with a task on it, when NVML says
-        so; without one, unless NVML shows it busy) for KEEPALIVE_RISK_SECONDS is at risk."""
+        so; without one, unless NVML shows it busy) for KEEPALIVE_RISK_SECONDS is at risk.
+        NVML's 1-s rate is read each tick and judged, as with keep-alive on, on the mean of
+        the last _RISK_MEAN_SECONDS."""
         if self._nvml is None:
             return
         self._now = now
         for i, gpu in self._gpus.items():
             rate = self._nvml.util_rate(gpu)
-            util = None if rate is None else rate[1]
+            util = None
+            if rate is not None:
+                self._history[i].add(now, [rate])
+                util = self._history[i].mean(now, _RISK_MEAN_SECONDS)
             if (util is not None and util >= GPU_UTIL_TARGET) or (util is None and i in busy):
                 if self._risks.pop(i, ""):
                     self._log.info("GPU %d: back at work: no longer at risk", gpu.number)
@@ -3738,10 +3745,13 @@ class Nvml:
     def _since(self, seen: dict[int, int], index: int) -> int:
         """NVML time (us) after which samples are new. At the first query: now minus the
         look-back, not 0, which returns the driver's whole buffer, with samples of processes
-        that ended long ago (a previous worker: a false yield)."""
-        if index in seen:
+        that ended long ago (a previous worker: a false yield). Again so when the last sample
+        seen is ahead of the clock: NVML stamps samples with the wall clock, which stepped
+        back (NTP, a VM resumed), and nothing would be new until it caught up."""
+        now = self._clock()
+        if index in seen and seen[index] <= (now + _NVML_LOOKBACK) * 1e6:
             return seen[index]
-        return int((self._clock() - _NVML_LOOKBACK) * 1e6)
+        return int((now - _NVML_LOOKBACK) * 1e6)
 
     def gpus(self) -> list[GpuInfo]:
         """Every GPU NVML sees, in NVML's order; raises NvmlUnavailable when it cannot say."""
@@ -3890,7 +3900,10 @@ class UtilWindow:
         samples = sorted(samples)
         if not samples:
             return
-        if rated != self.rated:  # the rate's time stamps and the buffer's do not interleave
+        # The rate's time stamps and the buffer's do not interleave; and new readings (NVML
+        # gives none twice) that are all older than the newest held mean that the wall
+        # clock stepped back: what is held is on the old clock, and would stand for now.
+        if rated != self.rated or (self.samples and samples[-1][0] <= self.samples[-1][0]):
             self.samples.clear()
             self.rated = rated
         for sample in samples:
@@ -3946,6 +3959,14 @@ class UtilHistory:
         for step in [n for n in self.points if n <= oldest]:
             del self.points[step]
 
+    def mean(self, now: float, seconds: float) -> float | None:
+        """The mean of the samples of the last ``seconds`` (in whole steps, the current one
+        too), or None when there are none."""
+        first = math.floor((now - seconds) / _HISTORY_STEP)
+        points = [point for step, point in self.points.items() if step >= first]
+        count = sum(n for _, n in points)
+        return sum(total for total, _ in points) / count if count else None
+
     def text(self, now: float) -> str:
         """Oldest first, comma-separated, the current step last; empty where nothing is known."""
         step = math.floor(now / _HISTORY_STEP)
@@ -3978,7 +3999,7 @@ class DutyController:
         newest = window.newest
         if newest is None:
             return None
-        if self.mark is None:
+        if self.mark is None or self.mark > newest:  # (ahead: the wall clock stepped back)
             self.mark = newest
             return None
         start = self.mark + _SETTLE_LAG * 1e6
@@ -4464,6 +4485,8 @@ class Workers:
         slot.worker = None
         slot.last_exit = now
         lived = now - worker.started
+        if worker.ready_at is not None and now - worker.ready_at >= _STABLE_SECONDS:
+            slot.crashes = 0  # however it ended: it held its GPU long enough
         if worker.stop_at is not None:
             self.log.info("%s%s: keep-alive worker gone (%s) %.2f s after the stop",
                           self.prefix, slot.label, worker.stop_reason, now - worker.stop_at)
@@ -4486,8 +4509,6 @@ class Workers:
                                                                   slot.memory_before_tick),
                                               exit_after=0.0)
         else:
-            if worker.ready_at is not None and now - worker.ready_at >= _STABLE_SECONDS:
-                slot.crashes = 0
             if code == EXIT_SETUP:
                 slot.tile = None  # perhaps the tiles no longer fit: calibrate again
             slot.crashes += 1
@@ -4507,7 +4528,9 @@ class Workers:
             return
         if worker.ready_at is None and now - worker.started >= _START_LIMIT:
             worker.killed_for = f"not ready after {_START_LIMIT:.0f} s"
-        elif worker.heard_at is not None and now - worker.heard_at >= _SILENT_LIMIT:
+        elif worker.ready_at is not None and now - worker.heard_at >= _SILENT_LIMIT:
+            # (before it is ready only the start limit counts: a worker may say a word and
+            # then import torch for longer than this)
             worker.killed_for = f"silent for {now - worker.heard_at:.0f} s"
         else:
             return
@@ -4748,8 +4771,11 @@ class GpuMeasures:
 
     def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
         """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
-        idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts)."""
-        util = slot.window.mean()
+        idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts).
+        It is judged on the mean of the last _RISK_MEAN_SECONDS: a short burst (a job of two
+        seconds, a probe) does not make a GPU that idles between them safe."""
+        util = None if slot.window.mean() is None else \
+            slot.history.mean(now, _RISK_MEAN_SECONDS)
         if util is not None and util >= GPU_UTIL_TARGET:
             if slot.risk:
                 self.log.info("%s%s: back at %.0f%% utilisation: no longer at risk",
@@ -4843,6 +4869,10 @@ class GpuKeepAlive(KeepAlive):
                 slot.release_done = False
             if slot.worker is not None:
                 self.workers.stop(slot, now, "queue task")
+            elif slot.last_exit is None or now - slot.last_exit >= _EXIT_GRACE:
+                # nothing of ours is on the GPU, nor just left it: the limit of an earlier
+                # stop (a yield, say) would hold the task back for a job's memory, not ours
+                slot.release_below = None
             if not slot.gpu.mig:
                 slot.set(GpuState.YIELDED, "queue task")
 
@@ -5423,7 +5453,11 @@ class _NvmlWatch:
         self.clock = clock
         self.cuda_used: Callable[[], int] | None = None
         self.calls = 0  # NVML queries made, for the benchmark
-        self.before = self.used()  # taken again just before the context (``rebase``)
+        # what is used that is not ours, taken again just before the context (``rebase``);
+        # None while it cannot be read: NVML fails and there is no CUDA to ask yet
+        self.before: int | None = None
+        with contextlib.suppress(Exception):
+            self.before = self.used()
         self.own = 0
         self.next_list = 0.0
 
@@ -5453,7 +5487,9 @@ class _NvmlWatch:
             used = self.used()
         except Exception:  # noqa: BLE001 - the daemon keeps watching too
             return ""
-        if used - self.before - self.own > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
+        if self.before is None:  # nothing to compare with yet: this is the baseline
+            self.before = used
+        elif used - self.before - self.own > KEEPALIVE_FOREIGN_MEMORY_MIB * MIB:
             return "foreign-memory"
         return ""
 
