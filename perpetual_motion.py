@@ -2384,6 +2384,15 @@ class TaskRunner:
                 message = f"the working directory {cwd} does not exist on this node"
             proc = None
             if not reason:
+                # Recorded before it starts (docs/protocol.md, Claim and run): a task running
+                # without its record would be taken for never started, and run again
+                try:
+                    self._publish_run(task, now, command, cwd, None)
+                except OSError as exc:
+                    self.log_lines(log, [f"not run: cannot write its run record "
+                                         f"({exc.strerror or exc}): back to pending"])
+                    raise NodeTrouble(f"cannot write the run record of {task.label}: "
+                                      f"{exc.strerror or exc}") from exc
                 try:
                     proc = subprocess.Popen(command, cwd=cwd, env=self._environment(task),
                                             stdin=subprocess.DEVNULL, stdout=log,
@@ -2396,23 +2405,31 @@ class TaskRunner:
                 self._fail_unstarted(task, reason, now)
                 return False
         task.proc, task.started = proc, now
-        run_fields = {"id": task.task_id, "host": self.identity.host,
-                      "node_rank": self.config.node_rank, "daemon": self.token, "pid": proc.pid,
-                      "pgid": proc.pid, "boot_id": self.identity.boot_id,
-                      "pid_ns": self.identity.pid_ns, "started": f"{now:.3f}",
-                      "started_at": now_text(now), "command": shlex.join(command), "cwd": cwd,
-                      "gpus": task.gpu_text, "attempt": task.attempt}
-        if task.rank is not None:
-            run_fields["rank"] = task.rank
-        try:
-            self.folder.publish(self.folder.record(task.task_id, "run", task.rank),
-                                format_fields(run_fields))
+        try:  # again with its pid; without it, the record still says where it runs
+            self._publish_run(task, now, command, cwd, proc.pid)
         except OSError as exc:
-            self.throttled.warning("runrecord", "cannot write the run record of %s: %s",
-                                   task.label, exc)
+            self.throttled.warning("runrecord", "cannot write the pid into the run record of "
+                                   "%s: %s", task.label, exc)
         LOG.info("Task started: %s (pid %d, GPUs %s)", task.label, proc.pid,
                  task.gpu_text or "none")
         return True
+
+    def _publish_run(self, task: RunningTask, now: float, command: list[str], cwd: str,
+                     pid: int | None) -> None:
+        """Publish ``records/<id>.run`` (or a rank's): where and when the task runs, under
+        whose claim; its ``pid`` and ``pgid`` once it has started. OSError when it cannot."""
+        fields: dict[str, object] = {
+            "id": task.task_id, "host": self.identity.host,
+            "node_rank": self.config.node_rank, "daemon": self.token,
+            "pid": "" if pid is None else pid, "pgid": "" if pid is None else pid,
+            "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
+            "started": f"{now:.3f}", "started_at": now_text(now),
+            "command": shlex.join(command), "cwd": cwd, "gpus": task.gpu_text,
+            "attempt": task.attempt}
+        if task.rank is not None:
+            fields["rank"] = task.rank
+        self.folder.publish(self.folder.record(task.task_id, "run", task.rank),
+                            format_fields(fields))
 
     def _environment(self, task: RunningTask) -> dict[str, str]:
         env = {**os.environ, **dict(task.submission.env)}  # what the daemon sets comes after

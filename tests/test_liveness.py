@@ -133,3 +133,52 @@ def test_a_full_disk_loses_nothing_and_a_node_that_cannot_beat_fences_itself(tmp
     fenced = facts["fenced_after"]  # the last beat came up to a heartbeat period before
     assert pm.SELF_FENCE_SECONDS - pm.HEARTBEAT_SECONDS <= fenced < pm.HEARTBEAT_STALE_SECONDS
     assert facts["result"][0] == "interrupted" and facts["failed"]
+
+
+UNRECORDED = textwrap.dedent("""\
+    import json, os, subprocess, sys
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from conftest import FakeClock
+    from queue_files import submit
+    from test_liveness import node, tick
+    root = __import__("pathlib").Path({root!r})
+    runs = {runs!r}
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", root], check=True)
+    inst = root / "two"
+    clock0, clock1 = FakeClock(), FakeClock()
+    one = node(root, clock1, 1, "host-one")
+    zero = node(root, clock0, 0, "host-zero")
+    task = submit(inst, "t.sh", f"echo run >> {{runs}}; while :; do sleep 0.05; done\\n", gpus=1)
+    fd = os.open(root / "fill", os.O_WRONLY | os.O_CREAT)  # the folder is full
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError:
+        os.close(fd)
+    tick([one], [clock0, clock1], 2)  # node 1 claims the task, and cannot record its run
+    tick([zero, one], [clock0, clock1], 75)  # node 0 would take it for never started
+    os.unlink(root / "fill")
+    tick([zero, one], [clock0, clock1], 70)  # (a node backs off up to 60 s)
+    with open(runs) as f:
+        count = len(f.read().splitlines())
+    where = [d for d in ("pending", "running", "done", "failed") if (inst / d / task).exists()]
+    print(json.dumps({{"runs": count, "where": where}}))
+    """)
+
+
+@needs_namespace
+def test_a_task_whose_run_cannot_be_recorded_does_not_start_and_runs_once_later(tmp_path):
+    """The run record is written before the task starts (docs/protocol.md, Claim and run):
+    a node that cannot write it (a full disk) puts the task back rather than run it
+    unrecorded, which another node would take for never started and run a second time."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    runs = tmp_path / "runs"
+    runs.touch()
+    script = UNRECORDED.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
+                               runs=str(runs))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts == {"runs": 1, "where": ["running"]}, run.stderr[-3000:]
