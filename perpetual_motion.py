@@ -1016,9 +1016,12 @@ class QueueFolder(QueueFiles):
 
     def id_for(self, name: str) -> str:
         """The id a pending entry runs (or is cancelled) under: its name when that is a client
-        id without a result; else a fresh id with its priority and name, so that a hand-dropped
-        ``train.sh`` or a finished task renamed back never collides with an earlier run."""
-        if TASK_ID_RE.fullmatch(name) and not self.has_result(name):
+        id of no other task (without a result, and in none of running/, done/ and failed/);
+        else a fresh id with its priority and name, so that a hand-dropped ``train.sh``, a
+        finished task renamed back or a copy of a running one never collides with an earlier
+        run (a claim under the id of a running task would replace it in running/)."""
+        if TASK_ID_RE.fullmatch(name) and not self.has_result(name) and not any(
+                (self.dir(folder) / name).exists() for folder in ("running", "done", "failed")):
             return name
         priority = ascii_int(name[:3])
         return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -506,11 +507,17 @@ def test_a_command_is_carried_out_once_even_if_its_reply_cannot_be_written(tmp_p
     assert executed == ["stop_all", "stop"]
 
 
-def test_an_entry_that_cannot_be_claimed_does_not_block_the_queue(tmp_path):
+def test_an_entry_that_cannot_be_claimed_does_not_block_the_queue(tmp_path, monkeypatch):
     daemon, clock, inst = started_daemon(tmp_path)
     stuck = submit(inst, "stuck.sh", "true\n", priority=1)
-    (inst / "running" / stuck).mkdir()
-    (inst / "running" / stuck / "x").write_text("")  # rename onto it fails
+    claim = daemon.runner.folder.claim
+
+    def refuse(name: str) -> str:  # its rename fails (a file system that refuses it)
+        if name == stuck:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return claim(name)
+
+    monkeypatch.setattr(daemon.runner.folder, "claim", refuse)
     after = submit(inst, "after.sh", "true\n")
     run_until(daemon, clock, lambda: (inst / "done" / after).exists())
     assert (inst / "pending" / stuck).exists()

@@ -553,6 +553,28 @@ def test_a_task_gets_the_variables_of_its_record_but_never_those_the_daemon_sets
     assert "env.0 is not NAME=VALUE of a variable a task may set" in result(inst, bad)["reason"]
 
 
+def test_a_copy_of_a_running_task_put_into_pending_runs_under_a_new_id(node, tmp_path):
+    """A task runs at most once under its id. A copy of ``running/<id>`` dropped into
+    ``pending/<id>`` (a hand-made "run it again") is a new task under a fresh id; the first
+    run goes on, keeps its GPU, and is recorded when it ends."""
+    daemon, clock, inst = node
+    out = tmp_path / "runs"
+    first = submit(inst, "long.sh", f"echo run >> '{out}'; sleep 1\n", gpus=1)
+    run_until(daemon, clock, lambda: (first, None) in daemon.runner.tasks)
+    gpus = daemon.runner.tasks[(first, None)].gpus
+    (inst / ".staging" / "copy").write_bytes((inst / "running" / first).read_bytes())
+    os.rename(inst / ".staging" / "copy", inst / "pending" / first)
+    run_until(daemon, clock, lambda: len(daemon.runner.tasks) == 2)
+    [second] = [key[0] for key in daemon.runner.tasks if key[0] != first]
+    assert second.endswith("-long.sh") and daemon.runner.tasks[(first, None)].gpus == gpus
+    assert not set(daemon.runner.tasks[(second, None)].gpus) & set(gpus)
+    run_until(daemon, clock, lambda: not daemon.runner.tasks)
+    assert sorted(os.listdir(inst / "done")) == sorted([first, second])
+    assert out.read_text() == "run\nrun\n"
+    for task in (first, second):
+        assert fields(inst / "records" / f"{task}.result")["state"] == "done"
+
+
 # Drain: running tasks go on, nothing new starts ##################################################
 
 
