@@ -747,7 +747,15 @@ class QueueFiles:
         me = user_name(self.uid)
         for path in (self.root, *(self.dir(name) for name in QUEUE_DIRS)):
             try:
-                info = os.stat(path) if path == self.root else os.lstat(path)
+                info = os.lstat(path)
+                if path == self.root and stat.S_ISLNK(info.st_mode):
+                    # The instance may be a link (to another file system, say), of its own
+                    # user's: one that another user made, they can point elsewhere later.
+                    if info.st_uid not in (self.uid, 0):
+                        return (f"{path} is a symbolic link owned by "
+                                f"{user_name(info.st_uid)}, not by {me}: its owner could "
+                                "point it elsewhere; use a folder of your own")
+                    info = os.stat(path)
             except OSError:
                 continue  # missing: created again (or its folder is missing)
             if stat.S_ISLNK(info.st_mode):  # (its target may be anybody's)
@@ -951,19 +959,33 @@ class QueueFiles:
             return []
         return sorted(found)
 
+    def open_dir(self, folder: str) -> int:
+        """A descriptor of a folder of the instance, never through a symbolic link: what is
+        removed through it is removed there, whatever the folder's path comes to name.
+        OSError when it cannot be opened (missing, a link)."""
+        return os.open(self.dir(folder), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
     def remove_old(self, folder: str, now: float, max_age: float) -> int:
+        """Remove the files of ``folder`` older than ``max_age``; how many."""
         removed = 0
         try:
-            with os.scandir(self.dir(folder)) as entries:
+            fd = self.open_dir(folder)
+        except OSError:
+            return 0
+        try:
+            with os.scandir(fd) as entries:
                 for entry in entries:
                     try:
-                        if entry.is_file() and now - entry.stat().st_mtime > max_age:
-                            os.unlink(entry.path)
+                        if entry.is_file(follow_symlinks=False) and \
+                                now - entry.stat(follow_symlinks=False).st_mtime > max_age:
+                            os.unlink(entry.name, dir_fd=fd)
                             removed += 1
                     except OSError:
                         continue
         except OSError:
             pass
+        finally:
+            os.close(fd)
         return removed
 
 
@@ -1157,29 +1179,38 @@ class QueueFolder(QueueFiles):
         published, else the file's own time, as gpu_clean judges) and that no pending task
         names in ``after``: the file in done/ or failed/, then every record and log of each one
         removed. Their ids."""
-        removed = set()
+        removed: set[str] = set()
         needed = self.named_by_pending()
-        for folder in ("done", "failed"):
-            for task_id in self.names(folder):
-                if task_id in needed:
-                    continue
-                path = self.dir(folder) / task_id
-                try:
+        fds: dict[str, int] = {}
+        try:
+            for folder in ("done", "failed", "records", "logs"):
+                fds[folder] = self.open_dir(folder)  # (a link: nothing is removed)
+            for folder in ("done", "failed"):
+                for task_id in self.names(folder):
+                    if task_id in needed:
+                        continue
                     try:
-                        ended = os.lstat(self.record(task_id, "result")).st_mtime
-                    except FileNotFoundError:
-                        ended = os.lstat(path).st_mtime
-                    if ended < before:
-                        os.unlink(path)  # gone already: renamed back into pending/, say
-                        removed.add(task_id)
-                except OSError:
-                    continue
-        for folder, pattern in (("records", RECORD_NAME_RE), ("logs", LOG_NAME_RE)):
-            for name in self.names(folder) if removed else []:
-                match = pattern.fullmatch(name)
-                if match and match.group(1) in removed:
-                    with contextlib.suppress(OSError):
-                        os.unlink(self.dir(folder) / name)
+                        try:
+                            ended = os.lstat(f"{task_id}.result",
+                                             dir_fd=fds["records"]).st_mtime
+                        except FileNotFoundError:
+                            ended = os.lstat(task_id, dir_fd=fds[folder]).st_mtime
+                        if ended < before:  # (gone already: renamed back into pending/, say)
+                            os.unlink(task_id, dir_fd=fds[folder])
+                            removed.add(task_id)
+                    except OSError:
+                        continue
+            for folder, pattern in (("records", RECORD_NAME_RE), ("logs", LOG_NAME_RE)):
+                for name in self.names(folder) if removed else []:
+                    match = pattern.fullmatch(name)
+                    if match and match.group(1) in removed:
+                        with contextlib.suppress(OSError):
+                            os.unlink(name, dir_fd=fds[folder])
+        except OSError:
+            pass
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         return sorted(removed)
 
 
@@ -6509,6 +6540,8 @@ class DaemonState:
         made = self.folder.ensure()
         if made:
             LOG.warning("queue folders were missing: created again: %s", ", ".join(made))
+        if self.folder.unsafe():  # a refused folder: nothing is removed from it either
+            return
         self.folder.remove_old(".staging", now, STAGING_MAX_AGE_SECONDS)
         self.folder.remove_old("replies", now, STAGING_MAX_AGE_SECONDS)
         if self.is_leader and KEEP_FINISHED_DAYS and now - self.last_cleaning >= 86400:

@@ -153,6 +153,59 @@ def test_a_folder_opened_to_others_while_the_daemon_runs_stops_the_queue_until_c
     assert pm.parse_fields((inst / "nodes" / "node-0.state").read_text())["refused"] == ""
 
 
+@needs_root
+def test_an_instance_that_is_another_users_link_is_refused_and_ones_own_is_followed(place, other,
+                                                                                   caplog):
+    """In a queue root where everybody makes folders, a colleague's link named as the
+    instance, pointing at a folder of the user's, is refused: they could point it elsewhere
+    later. A link of the user's own (the instance on another file system) is followed."""
+    root = place / "shared root"
+    root.mkdir()
+    root.chmod(0o1777)
+    mine = place / "mine"
+    mine.mkdir(mode=0o700)
+    made = as_other(f"ln -s '{mine}' '{root}/unit'")
+    assert made.returncode == 0, made.stderr
+    assert start(root)[2] == pm.EXIT_FAILURE
+    assert f"{root / 'unit'} is a symbolic link owned by {OTHER} (uid {other.pw_uid}), not by " \
+        "root (uid 0): its owner could point it elsewhere" in refusals(caplog)
+    assert os.listdir(mine) == []  # nothing written
+    (root / "unit").unlink()
+    (root / "unit").symlink_to(mine)
+    daemon, clock, code = start(root)
+    assert code is None
+    task = submit(root / "unit", "t.sh", "true\n")
+    run_until(daemon, clock, lambda: finished(root / "unit", task) == "done")
+    assert (mine / "done" / task).exists()
+
+
+@needs_root
+@pytest.mark.parametrize("folder", ["replies", ".staging", "done", "logs"])
+def test_housekeeping_never_removes_through_a_folder_that_is_a_link(place, folder, caplog):
+    """A folder of the instance replaced by a link (to a folder of the user's, say) is
+    refused, and the daemon's hourly removal of old replies, staging files and finished
+    tasks removes nothing through it, neither while it is refused nor through a link put
+    there after the check."""
+    daemon, clock, code = start(place)
+    assert code is None
+    inst = place / "unit"
+    outside = place / "outside"
+    outside.mkdir()
+    week_old = clock.now - 7 * 86400
+    for name in ("data.csv", f"{pm.task_id_for('old.sh')}", "x.log"):
+        (outside / name).write_text("keep\n")
+        os.utime(outside / name, (week_old, week_old))
+    shutil.rmtree(inst / folder)
+    (inst / folder).symlink_to(outside)
+    clock.sleep(3600 * 24 + 1)
+    daemon.tick()  # the pass that refuses it, and the hour's housekeeping
+    assert f"{inst / folder} is a symbolic link" in refusals(caplog)
+    daemon.housekeeping()
+    daemon.folder.remove_old(folder, clock.now, 3600)  # as if the link came after the check
+    daemon.folder.remove_finished(clock.now)
+    assert len(os.listdir(outside)) == 3, os.listdir(outside)
+
+
 # Files of another user: skipped and reported ##################################################
 
 
