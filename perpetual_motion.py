@@ -102,7 +102,9 @@ KEEPALIVE = True  # False runs the queue alone
 MAX_CPU_TASKS = 1  # tasks that ask for no GPU (-g 0) running at once on a node
 BACKFILL_LIMIT_SECONDS = 600.0  # a task waiting for GPUs this long stops later tasks jumping it
 GANG_FAIL_GRACE_SECONDS = 5.0  # after one rank of a task failed, the others get this long to end
-TAKEOVER_WATCH_SECONDS = 15.0  # how long a new daemon watches an unreachable owner's heartbeat
+# how long a new daemon watches an unreachable owner's heartbeat: as long as node 0 waits to take
+# a node for dead, so that an owner that lives but cannot beat has fenced its tasks by then
+TAKEOVER_WATCH_SECONDS = HEARTBEAT_STALE_SECONDS
 KEEP_FINISHED_DAYS = 30  # node 0 removes finished tasks this many days old, once a day (0: never)
 AUTO_SHUTDOWN_HARD_HOURS = None  # hours after which running tasks are stopped too (None: never)
 DEFAULT_PRIORITY = 500  # priority given to tasks dropped into pending/ by hand

@@ -236,6 +236,38 @@ def test_a_restart_after_a_crash_elsewhere_takes_over_once_the_heartbeat_stands_
     assert state["started"] == second.started_text
 
 
+def test_a_takeover_waits_until_an_owner_that_cannot_beat_has_fenced_its_tasks(tmp_path,
+                                                                                monkeypatch):
+    """An owner elsewhere whose storage stalls lives on and cannot beat: it kills its tasks
+    after SELF_FENCE_SECONDS. A new daemon of the node in another container, which cannot
+    see the owner's processes, must not take the node over (and count its GPUs free, and
+    record its tasks ended) before then."""
+    clock = TickingClock()
+    first = make_daemon(tmp_path, clock, identity=ELSEWHERE)
+    assert first.start() is None
+    inst = tmp_path / "unit"
+    task = submit(inst, "t.sh", "while :; do sleep 0.05; done\n")
+    run_until(first, clock, lambda: (task, None) in first.runner.tasks)
+    proc = first.runner.tasks[(task, None)].proc
+
+    def stalled(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    first.folder.write_beat = stalled  # the storage stalls: no beat, no state
+    first.write_state = lambda *args, **kwargs: None
+    clock.other = first  # it goes on (its fence with it) while the new daemon watches
+    for unseen in ("predecessor_pids", "marked_pids"):  # (another PID namespace)
+        monkeypatch.setattr(pm, unseen, lambda *args, **kwargs: [])
+    second = make_daemon(tmp_path, clock)
+    try:
+        assert second.start() is None  # it takes over in the end
+        assert proc.poll() is not None, "taken over while the task of the owner still ran"
+    finally:
+        if proc.poll() is None:
+            pm.signal_group(proc.pid, 9)
+        proc.wait()
+
+
 def test_a_heartbeat_from_the_future_does_not_block_a_new_daemon(tmp_path):
     clock = FakeClock()
     ahead = FakeClock(clock.now + 3600)  # its clock is an hour ahead

@@ -14,6 +14,8 @@ import psutil
 from conftest import DAEMON, UNSHARE, command_line, needs_namespace, read_fields, wait_for
 from queue_files import command, finished, result, submit
 
+import perpetual_motion as pm
+
 pytestmark = needs_namespace
 
 
@@ -158,8 +160,10 @@ def test_a_restart_after_kill_9_with_four_running_interrupts_them_and_keeps_the_
         daemon.wait_exit()
         assert all((inst / "pending" / t).exists() for t in waiting)
         # its heartbeat is fresh but stands still: the new daemon (another PID namespace, as a
-        # container restarted by the platform) watches it for a few periods, then takes over
-        again = start_daemon(queue_root, "crash", "--gpus", "4", wait=False).wait_alive(40)
+        # container restarted by the platform) watches it as long as a node is taken for dead
+        # after, then takes over
+        again = start_daemon(queue_root, "crash", "--gpus", "4", wait=False).wait_alive(
+            pm.TAKEOVER_WATCH_SECONDS + 25)
     finally:
         os.close(old_namespace)
     assert "takes the node over" in again.output()
