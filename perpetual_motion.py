@@ -179,6 +179,7 @@ QUEUE_DIRS = ("pending", "running", "done", "failed", "records", "logs", "comman
               "nodes", "held", "priority", "names", ".staging")
 DAEMON_PROCESS_NAME = "pm-daemon"  # every daemon and keep-alive worker names itself (prctl)
 WORKER_PROCESS_NAME = "pm-worker"
+FENCE_PROCESS_NAME = "pm-fence"  # the daemon's fence keeper (FenceKeeper)
 LOG = logging.getLogger("perpetual_motion")
 
 # Records ####################################################################################
@@ -1483,10 +1484,11 @@ def _task_marker(environ: bytes) -> str | None:
 
 
 def _is_ours(pid: int, environ: bytes) -> bool:
-    """A daemon, keep-alive worker or task callback of Perpetual Motion (of any instance): by
-    its process name, or by the variable a worker (that has not named itself yet) or a callback,
-    and all it starts, carry."""
-    return process_name(pid) in (DAEMON_PROCESS_NAME, WORKER_PROCESS_NAME) or (
+    """A daemon, its fence keeper, a keep-alive worker or a task callback of Perpetual Motion
+    (of any instance): by its process name, or by the variable a worker or keeper (that has not
+    named itself yet) or a callback, and all it starts, carry."""
+    return process_name(pid) in (DAEMON_PROCESS_NAME, WORKER_PROCESS_NAME,
+                                 FENCE_PROCESS_NAME) or (
         (b"PERPETUAL_MOTION_WORKER=" in environ or CALLBACK_VAR.encode() + b"=" in environ)
         and _task_marker(environ) is None)
 
@@ -6237,6 +6239,95 @@ class SelfFence:
         return thread
 
 
+class FenceKeeper:
+    """The self-fence in a process of its own (``--fence-keeper``), so that it fences a daemon
+    that cannot: one suspended (SIGSTOP, a debugger, Ctrl-Z) or gone without ending its tasks
+    (kill -9). The daemon tells it, one line each on a pipe, each beat it wrote (``beat``) and
+    its tasks whenever they change (``tasks <pgid>,... <marker> ...``); the keeper runs a
+    SelfFence on its own clock with them. The daemon's end (the pipe's) leaves it watching the
+    last tasks it was told of until they are fenced, or none are left. Lines that the pipe
+    cannot take at once are dropped: the daemon never waits for its keeper."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.told = ""  # the last tasks line sent
+
+    @classmethod
+    def spawn(cls) -> FenceKeeper | None:
+        """Start the keeper; None (and a warning) when it cannot be."""
+        env = {k: v for k, v in os.environ.items() if k != MARKER_VAR}
+        env["PERPETUAL_MOTION_WORKER"] = "fence-keeper"  # ours, before it has named itself
+        try:
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--fence-keeper"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                                    start_new_session=True, close_fds=True)
+        except OSError as exc:
+            LOG.warning("cannot start the fence keeper (%s): a suspended daemon's tasks are "
+                        "not fenced", exc)
+            return None
+        assert proc.stdin is not None
+        os.set_blocking(proc.stdin.fileno(), False)
+        return cls(proc)
+
+    def tell(self, beat: bool, groups: Collection[int], markers: Collection[str]) -> bool:
+        """Send a beat and the tasks (when they changed); False once the keeper is gone."""
+        line = f"tasks {','.join(map(str, sorted(groups))) or '-'} {' '.join(sorted(markers))}"
+        data = ("beat\n" if beat else "") + (f"{line}\n" if line != self.told else "")
+        if not data:
+            return self.proc.poll() is None
+        assert self.proc.stdin is not None
+        try:
+            os.write(self.proc.stdin.fileno(), data.encode())
+        except BlockingIOError:
+            return True  # it reads nothing now (itself suspended?): told at the next change
+        except OSError:
+            return False
+        self.told = line
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """The daemon ends: told no task is left, the keeper ends."""
+        self.tell(False, (), ())
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5.0)
+
+
+def fence_keeper_main(control: StdinControl | None = None, fence: SelfFence | None = None,
+                      sleep: Callable[[float], object] = time.sleep) -> int:
+    """The keeper's loop (FenceKeeper): a look each second; it ends when the daemon has ended
+    and no task of it is left to fence."""
+    control = control or StdinControl()
+    fence = fence or SelfFence(time.monotonic)
+    ended = told = False
+    while True:
+        for line in [] if ended else control.poll(1.0):
+            verb, _, rest = line.partition(" ")
+            if verb == "beat":
+                fence.beat()
+                told = False
+            elif verb == "tasks":
+                groups, _, markers = rest.partition(" ")
+                fence.groups = frozenset(int(g) for g in groups.split(",") if g.isdigit())
+                fence.markers = frozenset(markers.split())
+            elif verb == "eof":
+                ended = True
+        if not (fence.groups or fence.markers) and ended:
+            return 0
+        if fence.check():  # again each second by the markers (their proof) while late
+            fence.groups = frozenset()  # once: a process group's number may be reused
+            if not told:
+                told = True
+                LOG.error("No heartbeat for %.0f s (the daemon %s): its tasks were killed "
+                          "before other nodes may take the node for dead", fence.lapsed(),
+                          "has ended" if ended else "is suspended or stuck")
+            if ended:
+                return 0
+        if ended:
+            sleep(1.0)
+
+
 class Commands:
     """The commands clients publish in commands/, handled by node 0 (docs/protocol.md,
     "Commands"): each carried out once, answered in replies/."""
@@ -6535,6 +6626,19 @@ class DaemonState:
             self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
             return
         self.fence.beat()
+        self.tell_keeper(beat=True)
+
+    def tell_keeper(self, beat: bool) -> None:
+        """Tell the fence keeper of a beat and of the tasks; start it again (once a minute at
+        most) when it has ended."""
+        if self.keeper is None or self.keeper.tell(beat, self.fence.groups, self.fence.markers):
+            return
+        now = self.clock()
+        if now - self.keeper_started >= 60.0:
+            self.keeper_started = now
+            LOG.warning("The fence keeper ended (exit status %s): starting it again",
+                        self.keeper.proc.poll())
+            self.keeper = FenceKeeper.spawn() or self.keeper
 
     def housekeeping(self) -> None:
         now = self.clock()
@@ -6769,6 +6873,8 @@ class Daemon(DaemonLifecycle):
         self.runner.ends.may_record = lambda: (not self.displaced
                                                and self.claim.other_holder() is None)
         self.history = History(self.folder, clock)
+        self.keeper: FenceKeeper | None = None  # started by run()
+        self.keeper_started = 0.0
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -6778,6 +6884,7 @@ class Daemon(DaemonLifecycle):
         if code is not None:
             return code
         self.fence.watch()
+        self.keeper = FenceKeeper.spawn()
         try:
             while not self.finished:
                 self.tick()
@@ -6786,6 +6893,8 @@ class Daemon(DaemonLifecycle):
         finally:
             self.fence.stop.set()
             self.close()
+            if self.keeper is not None and self.finished:  # (a crash leaves it the tasks)
+                self.keeper.close()
         return 0
 
     def handle_signals(self) -> None:
@@ -6843,6 +6952,7 @@ class Daemon(DaemonLifecycle):
                 and not self.runner.unfinished and not self.sweeps:
             self.finished = True
             return
+        self._step("fence tasks", self.fence_tasks)  # those started in this turn too
         if self.state_dirty or now - self.last_state_write >= HEARTBEAT_SECONDS:
             self.write_state()
         if now - self.last_housekeeping >= 3600:
@@ -6850,12 +6960,17 @@ class Daemon(DaemonLifecycle):
 
     def self_fence(self) -> None:
         """Fence when the beat is late; the tasks it killed end as interrupted. A beat is
-        tried first: a daemon that was only suspended beats again and fences nothing."""
-        if not self.displaced and self.fence.lapsed() >= HEARTBEAT_SECONDS:
+        tried first: a daemon whose loop was only slow beats again and fences nothing. One
+        that could not beat for the fence's limit (it was suspended, say) has had its tasks
+        fenced by its keeper meanwhile: they end as interrupted too."""
+        lapsed = self.fence.lapsed()
+        if not self.displaced and lapsed >= HEARTBEAT_SECONDS:
             self.write_beat()
-        tasks = [t for t in self.runner.tasks.values() if t.proc is not None]
-        self.fence.groups = frozenset(t.proc.pid for t in tasks)
-        self.fence.markers = frozenset(f"{self.config.job_id}/{t.task_id}" for t in tasks)
+        tasks = self.fence_tasks()
+        if self.keeper is not None and lapsed >= self.fence.limit and tasks:
+            LOG.error("No heartbeat for %.0f s: the fence keeper has killed this node's tasks",
+                      lapsed)
+            self.fence.killed |= self.fence.groups
         self.fence.check()
         why = f"self-fenced: this node could not write its heartbeat for {SELF_FENCE_SECONDS:g} s"
         for task in tasks:
@@ -6864,6 +6979,14 @@ class Daemon(DaemonLifecycle):
                 LOG.error("%s: %s", task.label, why)
                 task.stop_state, task.stop_reason = TaskState.INTERRUPTED, why
                 self.runner.stop(task, TaskState.INTERRUPTED, why, hard=True)
+
+    def fence_tasks(self) -> list[RunningTask]:
+        """Give the fence, and its keeper, the tasks this daemon runs (those started); them."""
+        tasks = [t for t in self.runner.tasks.values() if t.proc is not None]
+        self.fence.groups = frozenset(t.proc.pid for t in tasks)
+        self.fence.markers = frozenset(f"{self.config.job_id}/{t.task_id}" for t in tasks)
+        self.tell_keeper(beat=False)
+        return tasks
 
     def _step(self, name: str, step: Callable[[], object]) -> None:
         try:
@@ -6886,9 +7009,9 @@ class Daemon(DaemonLifecycle):
                                    "command is taken from it until that is fixed", unsafe)
 
     def runner_pids(self) -> set[int]:
-        """The daemon's own children besides keep-alive's: tasks and callbacks."""
+        """The daemon's own children besides keep-alive's: tasks, callbacks, its keeper."""
         return ({t.proc.pid for t in self.runner.tasks.values() if t.proc is not None}
-                | self.callbacks.pids())
+                | self.callbacks.pids() | ({self.keeper.proc.pid} if self.keeper else set()))
 
     def busy_gpus(self) -> dict[int, str]:
         """The GPUs that queue tasks (and gang ranks) hold, with the task's id."""
@@ -7140,6 +7263,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         set_process_name(WORKER_PROCESS_NAME)
         return worker_main(argv[1:])
+    if argv[:1] == ["--fence-keeper"]:
+        set_process_name(FENCE_PROCESS_NAME)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a terminal's or a stop's signals: the daemon's
+        setup_logging()
+        return fence_keeper_main()
     if argv[:1] == ["--self-test-probe"] and len(argv) == 2:
         return self_test_probe(argv[1])
     if argv[:1] == ["--self-test"]:

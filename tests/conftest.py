@@ -190,7 +190,9 @@ class DaemonHandle:
         """The daemon's Python process, seen from outside its namespace."""
         try:
             for child in psutil.Process(self.proc.pid).children(recursive=True):
-                if any(arg.endswith("perpetual_motion.py") for arg in command_line(child)):
+                args = command_line(child)
+                if any(arg.endswith("perpetual_motion.py") for arg in args) \
+                        and "--fence-keeper" not in args:
                     return child
         except psutil.NoSuchProcess:
             pass

@@ -4,8 +4,10 @@ a container whose entrypoint execs the daemon), on one queue folder."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 from conftest import DAEMON, command_line, is_live, namespace_shell, needs_namespace, wait_for
@@ -89,7 +91,8 @@ def test_a_restarted_daemon_ends_what_its_predecessors_tasks_left_before_startin
 
         def daemons() -> list[psutil.Process]:
             return [p for p in psutil.Process(shell.pid).children(recursive=True)
-                    if command_line(p)[:2] == [sys.executable, str(DAEMON)]]
+                    if command_line(p)[:2] == [sys.executable, str(DAEMON)]
+                    and "--fence-keeper" not in command_line(p)]
 
         [first] = daemons()
         first.kill()
@@ -113,3 +116,36 @@ def test_a_restarted_daemon_ends_what_its_predecessors_tasks_left_before_startin
         shell.wait(20)
     assert "process(es) of tasks that an earlier daemon of this node left running" in \
         (tmp_path / "ns.log").read_text()
+
+
+def test_a_suspended_daemons_tasks_are_fenced_before_the_node_may_be_taken_for_dead(
+        queue_root, start_daemon, tmp_path):
+    """A daemon stopped (SIGSTOP, a debugger, Ctrl-Z) writes no heartbeat, and its own fence
+    is stopped with it: its fence keeper, a process of its own, kills its tasks once the beat
+    is SELF_FENCE_SECONDS late, before another node may take the node for dead and record
+    them ended. Resumed, the daemon records them interrupted."""
+    inst = queue_root / "sus"
+    ticks = tmp_path / "ticks"
+    daemon = start_daemon(queue_root, "sus")
+    [keeper] = [p for p in psutil.Process(daemon.proc.pid).children(recursive=True)
+                if "--fence-keeper" in command_line(p)]
+    wait_for(lambda: keeper.name() == pm.FENCE_PROCESS_NAME, 10, what="the keeper's name")
+    task = submit(inst, "t.sh", f"while :; do date +%s.%N >> '{ticks}'; sleep 0.2; done\n")
+    wait_for(lambda: ticks.exists(), 15, what="the task to run")
+    daemon.signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        def quiet() -> bool:
+            size = ticks.stat().st_size
+            time.sleep(1.0)
+            return ticks.stat().st_size == size
+        wait_for(quiet, pm.SELF_FENCE_SECONDS + 15, what="the task to be fenced")
+        fenced = time.monotonic() - stopped
+        assert pm.SELF_FENCE_SECONDS - 1 <= fenced < pm.HEARTBEAT_STALE_SECONDS, fenced
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert wait_for(lambda: finished(inst, task), 15, what="the task's end") == "failed"
+    res = result(inst, task)
+    assert res["state"] == "interrupted" and res["reason"].startswith("self-fenced"), res
+    daemon.stop()
+    assert not keeper.is_running(), "the keeper outlived its daemon"

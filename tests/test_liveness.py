@@ -182,3 +182,75 @@ def test_a_task_whose_run_cannot_be_recorded_does_not_start_and_runs_once_later(
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.splitlines()[-1])
     assert facts == {"runs": 1, "where": ["running"]}, run.stderr[-3000:]
+
+
+
+class PipeClosed(Exception):
+    pass
+
+
+class KeeperPipe:
+    """What the fence keeper reads, in simulated time: ``lines`` as (time, line), each read at
+    the look after its time; the pipe's end (the daemon's) at ``end``, or at ``cut`` the test
+    ends the keeper (it would watch a suspended daemon for ever)."""
+
+    def __init__(self, clock: FakeClock, lines: list[tuple[float, str]], end: float | None,
+                 cut: float = 200.0):
+        self.clock, self.lines, self.end, self.cut = clock, lines, end, cut
+
+    def poll(self, timeout: float) -> list[str]:
+        self.clock.sleep(timeout)
+        if self.clock.now >= self.cut:
+            raise PipeClosed
+        due = [line for at, line in self.lines if at <= self.clock.now]
+        self.lines = [(at, line) for at, line in self.lines if at > self.clock.now]
+        if self.end is not None and self.clock.now >= self.end:
+            due.append("eof")
+        return due
+
+
+class RecordingFence(pm.SelfFence):
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.fenced: list[float] = []
+
+    def check(self) -> bool:
+        did = super().check()
+        if did:
+            self.fenced.append(self.monotonic())
+        return did
+
+
+@pytest.mark.parametrize("daemon_ends", [False, True])
+def test_the_fence_keeper_kills_the_tasks_once_the_beat_is_late(daemon_ends, caplog):
+    """The daemon beats every 5 s, then no more (suspended; or gone, its pipe ended): the
+    keeper kills the task it was told of once the last beat is SELF_FENCE_SECONDS old, not
+    before, says so once, and ends once the daemon has ended."""
+    clock = FakeClock(0.0)
+    task = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        lines = [(0.0, f"tasks {task.pid} job/500-x-t.sh"),
+                 *((float(t), "beat") for t in range(0, 30, 5))]
+        pipe = KeeperPipe(clock, lines, 27.0 if daemon_ends else None)
+        fence = RecordingFence(clock)
+        if daemon_ends:
+            assert pm.fence_keeper_main(pipe, fence, sleep=clock.sleep) == 0
+        else:
+            with pytest.raises(PipeClosed):
+                pm.fence_keeper_main(pipe, fence, sleep=clock.sleep)
+        assert task.wait(5) == -9
+        last_beat = 25.0
+        assert last_beat + pm.SELF_FENCE_SECONDS <= fence.fenced[0] \
+            <= last_beat + pm.SELF_FENCE_SECONDS + 1.5
+        assert caplog.text.count("its tasks were killed") == 1
+    finally:
+        if task.poll() is None:
+            task.kill()
+            task.wait()
+
+
+def test_the_fence_keeper_of_a_daemon_that_ended_without_tasks_ends_at_once():
+    clock = FakeClock(0.0)
+    pipe = KeeperPipe(clock, [(0.0, "tasks - "), (0.5, "beat")], end=3.0)
+    assert pm.fence_keeper_main(pipe, pm.SelfFence(clock), sleep=clock.sleep) == 0
+    assert clock.now <= 4.0
