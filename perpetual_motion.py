@@ -2276,6 +2276,18 @@ class Leftovers:
         return True
 
 
+@dataclasses.dataclass
+class Interrupting:
+    """A task (or rank) whose daemon died, being finished as interrupted: what of it still
+    runs here has had SIGTERM, and its end is published once ``leftovers`` is over."""
+
+    task_id: str
+    run: dict[str, str]  # its run record (empty when there is none)
+    reason: str
+    rank: int | None
+    leftovers: Leftovers
+
+
 class NodeTrouble(Exception):
     """A task cannot be prepared for a reason of the node, not of the task (no log file, no
     space): it goes back to pending/ and is tried again later."""
@@ -2523,6 +2535,7 @@ class TaskRunner:
     def poll(self) -> list[tuple[RunningTask, TaskResult]]:
         """Finish every task whose process has ended; those tasks, with their results."""
         self.retry_unfinished()
+        self.ends.end_interrupted()
         ended = []
         table = process_table() if self.tasks and self.tasks_of_orphans() else {}
         trees = lineages([t.proc.pid for t in self.tasks.values() if t.proc], table)
@@ -2662,6 +2675,8 @@ class TaskEnds:
         self.clock = clock
         self.throttled = throttled
         self.unfinished: list[list] = []  # [result, source, published] not yet done
+        # tasks of dead daemons whose processes here are being ended, by (id, rank)
+        self.interrupting: dict[tuple[str, int | None], Interrupting] = {}
         self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
         # False once another daemon holds this node: it records this daemon's tasks, not this one
         self.may_record: Callable[[], bool] = lambda: True
@@ -2782,12 +2797,37 @@ class TaskEnds:
 
     def interrupt(self, task_id: str, run: dict[str, str], reason: str,
                   rank: int | None = None) -> None:
-        """Finish a task (or rank) whose daemon died: end what is left of it when it ran in
-        this very host, boot and PID namespace, note it in its log, publish it interrupted."""
-        killed = 0
+        """Finish a task (or rank) whose daemon died: when it ran in this very host, boot and
+        PID namespace, what is left of it gets SIGTERM now and SIGKILL after the stop grace, by
+        a countdown that each turn checks (``end_interrupted``): the loop, and with it the
+        heartbeat, never waits for them. Once they are gone, it is noted in its log and
+        published interrupted. A task already being interrupted is left to its countdown."""
+        key = (task_id, rank)
+        if key in self.interrupting:
+            return
+        procs = []
         if self.identity.same_machine_view(run) or (run and not run.get("host")):
-            killed = terminate(marked_pids(f"{self.config.job_id}/{task_id}"),
-                               self.config.stop_grace)
+            procs = send_sigterm(marked_pids(f"{self.config.job_id}/{task_id}"))
+        now = self.clock()
+        self.interrupting[key] = Interrupting(task_id, dict(run), reason, rank, Leftovers(
+            now, procs, len(procs), now + self.config.stop_grace))
+        self.end_interrupted()
+
+    def end_interrupted(self) -> None:
+        """Publish, as interrupted, the tasks of dead daemons whose processes here are gone
+        (or were SIGKILLed ``KILL_WAIT_SECONDS`` ago); the others' countdowns go on."""
+        for key, entry in list(self.interrupting.items()):
+            try:
+                if entry.leftovers.remain(self.clock()):
+                    continue
+            except Exception:  # noqa: BLE001 - the task must be recorded whatever happens here
+                LOG.exception("cannot end what is left of %s", entry.task_id)
+            del self.interrupting[key]
+            self._publish_interrupted(entry)
+
+    def _publish_interrupted(self, entry: Interrupting) -> None:
+        task_id, run, reason, rank = entry.task_id, entry.run, entry.reason, entry.rank
+        killed = entry.leftovers.count
         started = as_float(run.get("started"))
         now = self.clock()
         node = ascii_int(run.get("node_rank"))
@@ -6761,6 +6801,8 @@ class DaemonLifecycle(DaemonState):
             LOG.info("%s received again: killing the running tasks now", name)
             for task in list(self.runner.tasks.values()):
                 self.runner.stop(task, TaskState.INTERRUPTED, "daemon shutdown", hard=True)
+            for entry in self.runner.ends.interrupting.values():  # a dead daemon's, too
+                entry.leftovers.kill_at = min(entry.leftovers.kill_at, self.clock())
 
     def begin_shutdown(self, reason: str) -> None:
         if self.stopping:
@@ -6949,7 +6991,8 @@ class Daemon(DaemonLifecycle):
         if self.identity.pid == 1 or is_subreaper():
             reap_orphans(self.keepalive.child_pids() | self.runner_pids())
         if (self.stopping or self.draining or self.displaced) and not self.runner.tasks \
-                and not self.runner.unfinished and not self.sweeps:
+                and not self.runner.unfinished and not self.sweeps \
+                and not self.runner.ends.interrupting:
             self.finished = True
             return
         self._step("fence tasks", self.fence_tasks)  # those started in this turn too

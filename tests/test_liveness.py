@@ -20,14 +20,15 @@ import perpetual_motion as pm
 LOOP = "while :; do sleep 0.05; done\n"
 
 
-def node(root: Path, clock: FakeClock, rank: int, host: str) -> pm.Daemon:
+def node(root: Path, clock: FakeClock, rank: int, host: str, stop_grace: float = 0.5,
+         gpus: tuple[int, ...] = (0,)) -> pm.Daemon:
     config = pm.Config(job_id="two", queue_root=root, poll_interval=0.1, hours=10.0,
-                       keepalive=False, kill_scope="none", stop_grace=0.5, num_nodes=2,
+                       keepalive=False, kill_scope="none", stop_grace=stop_grace, num_nodes=2,
                        node_rank=rank)
     here = pm.Identity.here()
     daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep,
                        identity=pm.Identity(host, here.pid, here.boot_id, here.pid_ns),
-                       inventory=pm.Inventory.declare([0]))
+                       inventory=pm.Inventory.declare(list(gpus)))
     assert daemon.start() is None
     return daemon
 
@@ -254,3 +255,85 @@ def test_the_fence_keeper_of_a_daemon_that_ended_without_tasks_ends_at_once():
     pipe = KeeperPipe(clock, [(0.0, "tasks - "), (0.5, "beat")], end=3.0)
     assert pm.fence_keeper_main(pipe, pm.SelfFence(clock), sleep=clock.sleep) == 0
     assert clock.now <= 4.0
+
+
+# Node 1 dies with two tasks that outlive SIGTERM (a checkpointing handler) on the same host,
+# as the local backend runs nodes: node 0 ends them, with a stop grace of 5 s
+SLOW_TO_END = textwrap.dedent("""\
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import FakeClock
+    from queue_files import finished, result, submit
+    from test_liveness import node, tick
+    import perpetual_motion as pm
+    root = Path({root!r})
+    inst = root / "two"
+
+    def alive(pid):
+        try:
+            stat = open(f"/proc/{{pid}}/stat").read()
+        except FileNotFoundError:
+            return False
+        return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
+
+    clock0, clock1 = FakeClock(), FakeClock()
+    one = node(root, clock1, 1, "host-a", stop_grace=5.0, gpus=(0, 1))
+    theirs = [submit(inst, f"slow{{n}}.sh", "trap 'echo saving' TERM; while :; do sleep 0.05; "
+                     "done\\n", gpus=1) for n in range(2)]
+    tick([one], [clock0, clock1], 2)
+    pids = [one.runner.tasks[(t, None)].proc.pid for t in theirs]
+    # node 1's daemon dies (it ticks no more); its tasks run on
+    zero = node(root, clock0, 0, "host-a", stop_grace=5.0)
+    mine = submit(inst, "mine.sh", "while :; do sleep 0.05; done\\n", gpus=1)
+    longest, dead_at, alive_in_grace = 0.0, None, []
+    start = clock0.now
+    while not all(finished(inst, t) for t in theirs) and clock0.now - start < 150:
+        before = time.monotonic()
+        zero.tick()
+        longest = max(longest, time.monotonic() - before)
+        view = zero.scheduler.views.get(1)
+        if dead_at is None and view is not None and not view.alive:
+            dead_at = clock0.now
+        if dead_at is not None and clock0.now - dead_at < 4.0:
+            alive_in_grace.append(all(alive(pid) for pid in pids))
+        clock0.sleep(0.1)
+        time.sleep(0.01)
+    own = zero.runner.tasks.get((mine, None))
+    print(json.dumps({{
+        "longest_tick": longest,
+        "alive_in_grace": bool(alive_in_grace) and all(alive_in_grace),
+        "gone": not any(alive(pid) for pid in pids),
+        "ends": [[finished(inst, t), (result(inst, t) or {{}}).get("state"),
+                  (result(inst, t) or {{}}).get("reason"),
+                  float((result(inst, t) or {{}}).get("ended") or 0) - (dead_at or 0)]
+                 for t in theirs],
+        "logs": [(inst / "logs" / f"{{t}}.log").read_text() for t in theirs],
+        "mine_runs": own is not None and own.proc is not None and own.proc.poll() is None,
+        "mine_stop": own.stop_reason if own is not None else "gone",
+    }}))
+    """)
+
+
+@needs_namespace
+def test_node_0_goes_on_beating_while_a_dead_nodes_tasks_get_their_grace(tmp_path):
+    """The loop never waits out the stop grace of a dead node's tasks (it did, for each task in
+    turn, and wrote no heartbeat meanwhile: a grace of 40 s or more, or a few tasks, made
+    node 0 fence itself and kill its own healthy task). They get SIGTERM, SIGKILL once the
+    grace has passed on node 0's clock, and are recorded interrupted once they are gone."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    script = SLOW_TO_END.format(repo=str(REPO), tests=str(Path(__file__).parent),
+                                root=str(root))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts["longest_tick"] < 2.0, facts
+    assert facts["alive_in_grace"] and facts["gone"], facts
+    for folder, state, reason, ended_after_death in facts["ends"]:
+        assert (folder, state, reason) == ("failed", "interrupted", "node 1's daemon died")
+        assert 5.0 <= ended_after_death < 10.0, facts  # once the grace was over, not before
+    for log in facts["logs"]:
+        assert "saving" in log and "interrupted: node 1's daemon died; " in log, log
+    assert facts["mine_runs"] and not facts["mine_stop"], facts  # node 0's own task runs on
