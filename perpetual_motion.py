@@ -920,15 +920,18 @@ class QueueFiles:
                           owners=self.trusted)
         return open(fd, "ab", buffering=0)
 
-    def names(self, folder: str) -> list[str]:
+    def names(self, folder: str, missing_ok: bool = True) -> list[str]:
         """Published entries of a folder in run order (dot-names are staging, never listed).
 
-        A missing folder reads as empty; any other OSError is raised for the caller to report.
+        A missing folder reads as empty, unless ``missing_ok`` is False (then it is no proof
+        that the folder holds nothing); any other OSError is raised for the caller to report.
         """
         try:
             with os.scandir(self.dir(folder)) as entries:
                 return sorted(e.name for e in entries if not e.name.startswith("."))
         except FileNotFoundError:
+            if not missing_ok:
+                raise
             return []
 
     def files(self, folder: str) -> list[str]:
@@ -6911,7 +6914,8 @@ class Daemon(DaemonLifecycle):
         self.last_leader_check = self.started
         self.waiter: SignalWaiter | None = None
         self.displaced = False  # another daemon owns this node's state file
-        self.running_names: list[str] = []
+        self.running_names: list[str] | None = []  # None: running/ could not be listed
+        self.running_unlisted_since = 0.0  # since when it could not be
         self.runner.ends.may_record = lambda: (not self.displaced
                                                and self.claim.other_holder() is None)
         self.history = History(self.folder, clock)
@@ -7067,17 +7071,27 @@ class Daemon(DaemonLifecycle):
         of tasks that another daemon finished meanwhile."""
         for task, _ in self.runner.poll():
             self.task_ended(task)
-        self.running_names = self.folder.names("running")
-        present = set(self.running_names)
+        try:
+            self.running_names = self.folder.names("running", missing_ok=False)
+        except OSError as exc:
+            # running/ is gone for a moment (an automount, shared storage that failed once): that
+            # proves nothing about the tasks, so nothing is concluded from it this turn
+            now = self.clock()
+            if self.running_names is not None:
+                self.running_unlisted_since = now
+            self.running_names = None
+            self.throttled.warning("list-running", "cannot list running/ (%s): the tasks go on, "
+                                   "and no queue pass runs until it can be listed",
+                                   error_text(exc))
+            if isinstance(exc, FileNotFoundError) and \
+                    now - self.running_unlisted_since >= HEARTBEAT_SECONDS:
+                made = self.folder.ensure()  # gone for good (deleted by hand, say)
+                if made:
+                    LOG.warning("queue folders were missing: created again: %s", ", ".join(made))
+        present = set(self.running_names or ())
         for task in list(self.runner.tasks.values()):
-            if task.task_id not in present:
-                self.runner.tasks.pop(task.key, None)
-                if task.proc is not None:
-                    signal_group(task.proc.pid, signal.SIGKILL)
-                LOG.warning("%s was finished by another daemon (this node was taken for dead):"
-                            " its processes here are ended and nothing is recorded", task.label)
-                self.keepalive.task_finished(task.gpus)
-                self.state_dirty = True
+            if self.running_names is not None and task.task_id not in present and \
+                    self.let_go(task):
                 continue
             stop = self.folder.stop_reason(task.task_id)
             if stop is not None and task.stop_state is None:
@@ -7088,8 +7102,32 @@ class Daemon(DaemonLifecycle):
                     and self.clock() - task.started >= limit):
                 self.runner.stop(task, TaskState.TIMEOUT,
                                  f"time limit of {duration_text(limit)} reached")
-            if task.proc is None:
+            if task.proc is None and task.task_id in present:
                 self.start_when_free(task)
+
+    def let_go(self, task: RunningTask) -> bool:
+        """For a task that has left running/: True when this daemon lets go of it, because
+        another daemon finished it (its result is written, or it is in done/ or failed/: this
+        node was taken for dead), or because its process never started here (it was put back
+        into pending/). Otherwise it is kept: an entry missing from running/ alone proves
+        nothing, and a task is never killed without proof."""
+        finished = self.folder.has_result(task.task_id) or any(
+            (self.folder.dir(folder) / task.task_id).exists() for folder in ("done", "failed"))
+        if not finished and task.proc is not None:
+            self.throttled.warning(f"missing:{task.task_id}", "%s is missing from running/, but "
+                                   "no daemon has recorded its end: it goes on here", task.label)
+            return False
+        self.runner.tasks.pop(task.key, None)
+        if task.proc is not None:
+            signal_group(task.proc.pid, signal.SIGKILL)
+            LOG.warning("%s was finished by another daemon (this node was taken for dead): its "
+                        "processes here are ended and nothing is recorded", task.label)
+        else:
+            LOG.warning("%s left running/ before it started here: its GPUs are freed",
+                        task.label)
+        self.keepalive.task_finished(task.gpus)
+        self.state_dirty = True
+        return True
 
     def start_when_free(self, task: RunningTask) -> None:
         if task.stop_state is not None:
@@ -7152,6 +7190,8 @@ class Daemon(DaemonLifecycle):
 
     def run_queue(self) -> None:
         """The scheduler's pass (docs/protocol.md), after a sweep a stop_all asked for."""
+        if self.running_names is None:
+            return  # running/ could not be listed: nothing is judged on a listing not made
         if self.sweep_now:
             self.sweep_now = False
             self.kill_python()

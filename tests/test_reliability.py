@@ -8,6 +8,7 @@ In simulated time where nothing blocks; real daemons in PID namespaces where som
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -459,3 +460,82 @@ def test_an_orphan_is_taken_for_a_task_only_with_proof(tmp_path):
                          text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["ending", "finished", "seen", "|", "alien", "stranger"]
+
+
+MISSING_RUNNING = textwrap.dedent("""\
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import run_until
+    from queue_files import finished, result, submit
+    from test_daemon_unit import FakeClock, started_daemon
+    import perpetual_motion as pm
+    daemon, clock, inst = started_daemon(Path({root!r}))
+    go = Path({root!r}) / "go"
+    facts = {{}}
+
+    def task_running(task):
+        entry = daemon.runner.tasks.get((task, None))
+        return entry is not None and entry.proc is not None and entry.proc.poll() is None
+
+    def ticks(n):
+        for _ in range(n):
+            daemon.tick()
+            clock.sleep(0.1)
+            time.sleep(0.01)
+
+    # running/ is away for a moment (renamed away and back, as an automount or a failing
+    # shared storage can make it look): the task runs on and is recorded when it ends
+    task = submit(inst, "waits.sh", f"while [ ! -e {{go}} ]; do sleep 0.05; done\\n")
+    run_until(daemon, clock, lambda: task_running(task))
+    os.rename(inst / "running", inst / "running.away")
+    ticks(5)
+    facts["runs_while_away"] = task_running(task)
+    facts["count_while_away"] = pm.parse_fields(
+        (inst / "nodes" / "node-0.state").read_text())["running_count"]
+    os.rename(inst / "running.away", inst / "running")
+    ticks(5)
+    facts["runs_after"] = task_running(task)
+    go.touch()
+    run_until(daemon, clock, lambda: finished(inst, task))
+    facts["end"] = [finished(inst, task), (result(inst, task) or {{}}).get("state")]
+    go.unlink()
+
+    # another daemon finished it (this node was taken for dead): its result and failed/ say so
+    other = submit(inst, "other.sh", f"while [ ! -e {{go}} ]; do sleep 0.05; done\\n")
+    run_until(daemon, clock, lambda: task_running(other))
+    proc = daemon.runner.tasks[(other, None)].proc
+    (inst / "records" / f"{{other}}.result").write_text(pm.format_fields(
+        {{"id": other, "state": "interrupted", "reason": "node 0's daemon died"}}))
+    os.rename(inst / "running" / other, inst / "failed" / other)
+    ticks(3)
+    facts["other_let_go"] = (other, None) not in daemon.runner.tasks
+    facts["other_killed"] = proc.wait(5) in (-9, 0)  # (0: reaped by the daemon, PID 1 here)
+    facts["other_gone"] = not os.path.exists(f"/proc/{{proc.pid}}")
+    facts["other_reason"] = result(inst, other)["reason"]
+
+    # running/ deleted for good: created again once it has been missing for a heartbeat period
+    os.rmdir(inst / "running")
+    ticks(int(pm.HEARTBEAT_SECONDS / 0.1) + 5)
+    facts["made_again"] = (inst / "running").is_dir()
+    print(json.dumps(facts))
+    """)
+
+
+@needs_namespace
+def test_a_running_folder_missing_for_a_moment_kills_nothing(tmp_path):
+    """running/ that cannot be listed for a moment proves nothing: every task was SIGKILLed
+    as "finished by another daemon", with no result, and stayed in running/ for ever. A task
+    is let go only when another daemon's end of it is on record."""
+    script = MISSING_RUNNING.format(repo=str(REPO), tests=str(Path(__file__).parent),
+                                    root=str(tmp_path))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts["runs_while_away"] and facts["runs_after"], facts
+    assert facts["count_while_away"] == "1", facts
+    assert facts["end"] == ["done", "done"], facts
+    assert facts["other_let_go"] and facts["other_killed"] and facts["other_gone"], facts
+    assert facts["other_reason"] == "node 0's daemon died", facts  # its record stands
+    assert facts["made_again"], facts
