@@ -249,7 +249,8 @@ def test_sigkill_mid_task_then_restart_recovers_and_kills_the_orphans(queue_root
         wait_for(ready.exists, 15, what="victim task")
         def inside(program: str) -> list[psutil.Process]:
             return [p for p in psutil.Process(proc.pid).children(recursive=True)
-                    if program in command_line(p)[:2]]
+                    if program in command_line(p)[:2]
+                    and "--fence-keeper" not in command_line(p)]  # (the daemon's keeper)
 
         daemons = inside(str(DAEMON))
         assert len(daemons) == 1

@@ -411,7 +411,8 @@ def test_a_child_that_escaped_with_env_i_and_setsid_ends_with_its_task(queue_roo
         wait_for(ready.exists, 20, what="the task to start")
 
         def daemon() -> psutil.Process:
-            [found] = [p for p in namespace_processes(proc) if str(DAEMON) in command_line(p)]
+            [found] = [p for p in namespace_processes(proc) if str(DAEMON) in command_line(p)
+                       and "--fence-keeper" not in command_line(p)]  # (the daemon's keeper)
             return found
 
         def escaped() -> list[psutil.Process]:
