@@ -6294,6 +6294,8 @@ class FenceKeeper:
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         self.told = ""  # the last tasks line sent
+        self.unsent = b""  # what the pipe did not take yet (a long line goes in pieces)
+        self.mid_line = False  # the pipe has part of a line, whose rest begins ``unsent``
 
     @classmethod
     def spawn(cls) -> FenceKeeper | None:
@@ -6315,17 +6317,25 @@ class FenceKeeper:
     def tell(self, beat: bool, groups: Collection[int], markers: Collection[str]) -> bool:
         """Send a beat and the tasks (when they changed); False once the keeper is gone."""
         line = f"tasks {','.join(map(str, sorted(groups))) or '-'} {' '.join(sorted(markers))}"
-        data = ("beat\n" if beat else "") + (f"{line}\n" if line != self.told else "")
-        if not data:
-            return self.proc.poll() is None
+        if line != self.told:
+            self.told = line
+            self.unsent += f"{line}\n".encode()
+        if beat:
+            self.unsent += b"beat\n"
+        if len(self.unsent) > 1 << 16:  # it reads nothing (itself suspended?): the tasks
+            # count, and beats to come; the rest of a line begun is sent first, whole
+            rest = self.unsent.partition(b"\n")[0] + b"\n" if self.mid_line else b""
+            self.unsent = rest + f"{line}\n".encode()
         assert self.proc.stdin is not None
         try:
-            os.write(self.proc.stdin.fileno(), data.encode())
+            while self.unsent:
+                sent = os.write(self.proc.stdin.fileno(), self.unsent)
+                self.mid_line = not self.unsent[:sent].endswith(b"\n")
+                self.unsent = self.unsent[sent:]
         except BlockingIOError:
-            return True  # it reads nothing now (itself suspended?): told at the next change
+            pass  # the rest at the next call
         except OSError:
             return False
-        self.told = line
         return self.proc.poll() is None
 
     def close(self) -> None:

@@ -5,10 +5,14 @@ before the others may take it for dead."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -337,3 +341,32 @@ def test_node_0_goes_on_beating_while_a_dead_nodes_tasks_get_their_grace(tmp_pat
     for log in facts["logs"]:
         assert "saving" in log and "interrupted: node 1's daemon died; " in log, log
     assert facts["mine_runs"] and not facts["mine_stop"], facts  # node 0's own task runs on
+
+
+def test_the_daemon_never_waits_for_its_keeper_and_sends_it_whole_lines():
+    """A keeper that reads nothing for long (suspended itself) neither blocks the daemon nor
+    gets a broken line: what the pipe cannot take waits, the oldest dropped first, but never
+    the rest of a line the pipe has begun."""
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+    proc = types.SimpleNamespace(stdin=os.fdopen(write, "wb"), poll=lambda: None)
+    os.set_blocking(write, False)
+    keeper = pm.FenceKeeper(proc)
+    told = set()
+    for n in range(400):  # long lines: many tasks
+        markers = {f"job/500-20261204_000000_{n:09d}-{k:08x}-t.sh" for k in range(30)}
+        groups = {1000 + n, 2000 + n}
+        assert keeper.tell(n % 3 == 0, groups, markers)
+        told.add(f"tasks {','.join(map(str, sorted(groups)))} {' '.join(sorted(markers))}")
+    got = b""
+    os.set_blocking(read, False)
+    for _ in range(100):  # the keeper reads, the daemon tells on
+        with contextlib.suppress(BlockingIOError):
+            got += os.read(read, 1 << 16)
+        keeper.tell(False, groups, markers)
+    lines = got.decode().splitlines()
+    assert lines and all(line == "beat" or line in told for line in lines), \
+        [line[:60] for line in lines if line != "beat" and line not in told][:3]
+    assert lines[-1].startswith("tasks 1399,2399 ")  # the tasks as they are now, in the end
+    proc.stdin.close()
+    os.close(read)
