@@ -1042,14 +1042,18 @@ class QueueFolder(QueueFiles):
     def has_result(self, task_id: str) -> bool:
         return self.record(task_id, "result").exists()
 
+    def in_finished(self, task_id: str) -> bool:
+        """Whether the task is in done/ or failed/: its end is recorded, by whichever daemon."""
+        return any((self.dir(folder) / task_id).exists() for folder in ("done", "failed"))
+
     def id_for(self, name: str) -> str:
         """The id a pending entry runs (or is cancelled) under: its name when that is a client
         id of no other task (without a result, and in none of running/, done/ and failed/);
         else a fresh id with its priority and name, so that a hand-dropped ``train.sh``, a
         finished task renamed back or a copy of a running one never collides with an earlier
         run (a claim under the id of a running task would replace it in running/)."""
-        if TASK_ID_RE.fullmatch(name) and not self.has_result(name) and not any(
-                (self.dir(folder) / name).exists() for folder in ("running", "done", "failed")):
+        if TASK_ID_RE.fullmatch(name) and not self.has_result(name) \
+                and not (self.dir("running") / name).exists() and not self.in_finished(name):
             return name
         priority = ascii_int(name[:3])
         return task_id_for(short_name(name), DEFAULT_PRIORITY if priority is None else priority)
@@ -2280,6 +2284,18 @@ class Leftovers:
 
 
 @dataclasses.dataclass
+class Unfinished:
+    """The end of a task not yet published (a full disk, a folder away for a moment): its
+    result, the folder it is moved from, whether the result is written; since when the task
+    has been missing from that folder, with no other end of it on record."""
+
+    result: TaskResult
+    source: str
+    published: bool = False
+    missing_since: float | None = None
+
+
+@dataclasses.dataclass
 class Interrupting:
     """A task (or rank) whose daemon died, being finished as interrupted: what of it still
     runs here has had SIGTERM, and its end is published once ``leftovers`` is over."""
@@ -2642,7 +2658,7 @@ class TaskRunner:
     # -- ends of tasks, published by TaskEnds ----------------------------------------------
 
     @property
-    def unfinished(self) -> list[list]:
+    def unfinished(self) -> list[Unfinished]:
         return self.ends.unfinished
 
     def finish(self, result: TaskResult, source: str = "running") -> None:
@@ -2677,7 +2693,7 @@ class TaskEnds:
         self.identity = identity
         self.clock = clock
         self.throttled = throttled
-        self.unfinished: list[list] = []  # [result, source, published] not yet done
+        self.unfinished: list[Unfinished] = []  # ends not published yet, oldest first
         # tasks of dead daemons whose processes here are being ended, by (id, rank)
         self.interrupting: dict[tuple[str, int | None], Interrupting] = {}
         self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
@@ -2685,7 +2701,7 @@ class TaskEnds:
         self.may_record: Callable[[], bool] = lambda: True
 
     def finish(self, result: TaskResult, source: str = "running") -> None:
-        self.unfinished.append([result, source, False])
+        self.unfinished.append(Unfinished(result, source))
         self.retry_unfinished()
 
     def retry_unfinished(self) -> None:
@@ -2698,14 +2714,17 @@ class TaskEnds:
                 if self.folder.ensure():
                     self.throttled.warning("dirs", "queue folders were missing: created again")
                 self.throttled.warning("finish", "cannot record the end of %s (will retry): %s",
-                                       entry[0].task_id, exc)
+                                       entry.result.task_id, exc)
                 return
             self.unfinished.pop(0)
 
-    def publish_result(self, entry: list) -> None:
+    def publish_result(self, entry: Unfinished) -> None:
         """Write the result, then move the task from ``source`` to done/ or failed/; the
-        result only while the task is still there and has none (docs/protocol.md, Finish)."""
-        result, source, published = entry
+        result only while no other daemon has recorded this run's end (docs/protocol.md,
+        Finish). A task missing from ``source`` with no such end on record is waited for
+        (OSError: retried) up to HEARTBEAT_STALE_SECONDS, then its result is written all the
+        same: a folder away for a moment loses no end."""
+        result, source = entry.result, entry.source
         if result.rank is not None:  # one rank of a gang: node 0 finishes the task
             kind = self.folder.record(result.task_id, "result", result.rank)
             if not (self.folder.dir("running") / result.task_id).exists() or kind.exists():
@@ -2714,19 +2733,27 @@ class TaskEnds:
                 return
             self.folder.publish(kind, format_fields(result.fields()))
             return
-        if not published:
+        if not entry.published:
             if not self.may_record():
                 LOG.warning("%s ended after another daemon took this node over: its end is "
                             "left to that daemon", result.task_id)
                 return
             here = (self.folder.dir(source) / result.task_id).exists()
-            if not here or self._finished_elsewhere(result):
+            if self._finished_elsewhere(result) or (
+                    not here and self.folder.in_finished(result.task_id)):
                 LOG.warning("%s was finished by another daemon meanwhile (it took this node "
                             "over); its end here is not recorded", result.task_id)
                 return
+            if not here:
+                now = self.clock()
+                if entry.missing_since is None:
+                    entry.missing_since = now
+                if now - entry.missing_since < HEARTBEAT_STALE_SECONDS:
+                    raise FileNotFoundError(errno.ENOENT, f"{source}/ has it no more, and no "
+                                            "other end of it is on record", result.task_id)
             self.folder.publish(self.folder.record(result.task_id, "result"),
                                 format_fields(result.fields()))
-            entry[2] = True
+            entry.published = True
             self.ended(result)
         try:
             self.folder.finish(result.task_id, source, result.state.folder)
@@ -3500,7 +3527,7 @@ class Scheduler:
         and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
         now = self.clock()
         mine = {task.task_id for task in self.runner.tasks.values()}
-        mine |= {entry[0].task_id for entry in self.runner.unfinished}
+        mine |= {entry.result.task_id for entry in self.runner.unfinished}
         seen = set()
         for task_id in running:
             if task_id in mine or self.gangs.plans.get(task_id) is not None:
@@ -7121,8 +7148,7 @@ class Daemon(DaemonLifecycle):
         node was taken for dead), or because its process never started here (it was put back
         into pending/). Otherwise it is kept: an entry missing from running/ alone proves
         nothing, and a task is never killed without proof."""
-        finished = self.folder.has_result(task.task_id) or any(
-            (self.folder.dir(folder) / task.task_id).exists() for folder in ("done", "failed"))
+        finished = self.folder.has_result(task.task_id) or self.folder.in_finished(task.task_id)
         if not finished and task.proc is not None:
             self.throttled.warning(f"missing:{task.task_id}", "%s is missing from running/, but "
                                    "no daemon has recorded its end: it goes on here", task.label)

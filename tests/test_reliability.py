@@ -515,6 +515,17 @@ MISSING_RUNNING = textwrap.dedent("""\
     facts["other_gone"] = not os.path.exists(f"/proc/{{proc.pid}}")
     facts["other_reason"] = result(inst, other)["reason"]
 
+    # a task that ends while running/ is away: its end is recorded once running/ is back
+    ends = submit(inst, "ends.sh", f"while [ ! -e {{go}} ]; do sleep 0.05; done\\n")
+    run_until(daemon, clock, lambda: task_running(ends))
+    os.rename(inst / "running", inst / "running.away")
+    go.touch()
+    ticks(20)
+    os.rename(inst / "running.away", inst / "running")
+    run_until(daemon, clock, lambda: finished(inst, ends))
+    facts["ended_away"] = [finished(inst, ends), (result(inst, ends) or {{}}).get("state")]
+    go.unlink()
+
     # running/ deleted for good: created again once it has been missing for a heartbeat period
     os.rmdir(inst / "running")
     ticks(int(pm.HEARTBEAT_SECONDS / 0.1) + 5)
@@ -527,7 +538,8 @@ MISSING_RUNNING = textwrap.dedent("""\
 def test_a_running_folder_missing_for_a_moment_kills_nothing(tmp_path):
     """running/ that cannot be listed for a moment proves nothing: every task was SIGKILLed
     as "finished by another daemon", with no result, and stayed in running/ for ever. A task
-    is let go only when another daemon's end of it is on record."""
+    is let go only when another daemon's end of it is on record, and one that ends meanwhile is
+    recorded once running/ is back."""
     script = MISSING_RUNNING.format(repo=str(REPO), tests=str(Path(__file__).parent),
                                     root=str(tmp_path))
     run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
@@ -539,4 +551,5 @@ def test_a_running_folder_missing_for_a_moment_kills_nothing(tmp_path):
     assert facts["end"] == ["done", "done"], facts
     assert facts["other_let_go"] and facts["other_killed"] and facts["other_gone"], facts
     assert facts["other_reason"] == "node 0's daemon died", facts  # its record stands
+    assert facts["ended_away"] == ["done", "done"], facts
     assert facts["made_again"], facts
