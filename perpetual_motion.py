@@ -1194,16 +1194,17 @@ class QueueFolder(QueueFiles):
         fds: dict[str, int] = {}
         try:
             for folder in ("done", "failed", "records", "logs"):
-                fds[folder] = self.open_dir(folder)  # (a link: nothing is removed)
+                with contextlib.suppress(FileNotFoundError):  # (a link: nothing is removed)
+                    fds[folder] = self.open_dir(folder)
             for folder in ("done", "failed"):
-                for task_id in self.names(folder):
+                for task_id in self.names(folder) if folder in fds else []:
                     if task_id in needed:
                         continue
                     try:
                         try:
                             ended = os.lstat(f"{task_id}.result",
                                              dir_fd=fds["records"]).st_mtime
-                        except FileNotFoundError:
+                        except (FileNotFoundError, KeyError):
                             ended = os.lstat(task_id, dir_fd=fds[folder]).st_mtime
                         if ended < before:  # (gone already: renamed back into pending/, say)
                             os.unlink(task_id, dir_fd=fds[folder])
@@ -1211,7 +1212,7 @@ class QueueFolder(QueueFiles):
                     except OSError:
                         continue
             for folder, pattern in (("records", RECORD_NAME_RE), ("logs", LOG_NAME_RE)):
-                for name in self.names(folder) if removed else []:
+                for name in self.names(folder) if removed and folder in fds else []:
                     match = pattern.fullmatch(name)
                     if match and match.group(1) in removed:
                         with contextlib.suppress(OSError):
