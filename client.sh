@@ -557,6 +557,22 @@ _gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it c
   } 2>/dev/null
 }
 
+_gpu_head() {  # _gpu_head FILE BYTES: at most BYTES bytes of FILE, up to a NUL byte, into
+  # _gpu_text, read by the shell (no process); 1 when FILE is not a regular file it may read (a
+  # FIFO would block)
+  local nul
+  _gpu_text=''
+  [ -f "$1" ] && [ -r "$1" ] || return 1
+  if [ -n "${ZSH_VERSION-}" ]; then
+    { IFS= read -r -u 0 -k "$2" _gpu_text; } 2>/dev/null < "$1"
+    printf -v nul '\0'  # (zsh's $'\0' is empty)
+    _gpu_text=${_gpu_text%%"$nul"*}
+  else
+    { IFS= read -r -d '' -n "$2" _gpu_text; } 2>/dev/null < "$1"  # (it stops at a NUL)
+  fi
+  return 0
+}
+
 _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _gpu_pre (an
   # associative array of the caller's, _gpu_pre_on set). An ITEM is a FILE, which _gpu_load
   # then takes from there (the assignments its own loop would make; a file awk cannot give as
@@ -1225,15 +1241,17 @@ _gpu_liveness() {  # on a loaded node state: _gpu_live (alive, stopping, drainin
 
 _gpu_pulse() {  # the loaded node state's last sign of life into _gpu_i: its heartbeat, or the
   # time in its beat file when that is later (a full disk stops the state file, not the beat)
-  local line rank beat='' heartbeat
+  local line rank beat='' heartbeat file IFS=$_gpu_nl
   _gpu_field heartbeat; _gpu_int "$_gpu_val"; heartbeat=$_gpu_i
   _gpu_field node_rank; rank=$_gpu_val
   case $rank in '' | *[!0-9]*) ;; *)
-    {
-      while IFS= read -r line; do
+    # its BEAT_BYTES (128), as the daemon reads it: never through a link, never a FIFO
+    file=$_gpu_q/nodes/node-$rank.beat
+    if [ ! -L "$file" ] && _gpu_head "$file" 128; then
+      for line in $_gpu_text; do
         case $line in time=*) beat=${line#time=} ;; esac
-      done < "$_gpu_q/nodes/node-$rank.beat"
-    } 2>/dev/null ;;
+      done
+    fi ;;
   esac
   if _gpu_int "$beat" && [ "$_gpu_i" -gt "$heartbeat" ]; then return 0; fi
   _gpu_i=$heartbeat

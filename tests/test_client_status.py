@@ -373,6 +373,20 @@ def test_a_node_whose_disk_is_full_is_alive_by_its_beat_file(sh):
     assert "DEAD on node-a, pid 4242: no heartbeat for 10m0" in sh.run("gpu_status").out
 
 
+def test_a_beat_file_that_is_a_fifo_or_a_link_never_blocks_the_client(sh, tmp_path):
+    """Every command that judges a daemon's liveness reads its beat file: a FIFO there (or a
+    link to one) would block it for ever; it is not read, and the state file's heartbeat
+    counts."""
+    v2 = build_v2(sh.root)
+    os.mkfifo(v2.inst / "nodes" / "node-0.beat")
+    os.mkfifo(tmp_path / "elsewhere")
+    (v2.inst / "nodes" / "node-1.beat").symlink_to(tmp_path / "elsewhere")
+    res = sh.run("gpu_list; gpu_list --json > /dev/null; gpu_use exp1; gpu_status", timeout=30)
+    assert res.rc == 0, res.err
+    assert re.search(r"^\* exp1 +alive +2/2 ", res.out, re.M), res.out
+    assert "Node 0:   alive on node-a, pid 100\n" in res.out, res.out
+
+
 def test_a_daemon_that_shuts_down_is_shown_stopping(sh):
     s = build_sample(sh.root)
     state = s.inst / "nodes" / "node-0.state"
