@@ -1721,7 +1721,10 @@ _gpu_find_indexed() {  # _gpu_find_indexed NAME DIR...: _gpu_find, the finished 
     done
   fi
   [ -n "$_gpu_val" ] && return 0
-  for line in $small; do files=$files$_gpu_q/records/${line#*/}.submit$_gpu_nl; done
+  for line in $small; do  # regular files only: grep would block on a FIFO
+    line=$_gpu_q/records/${line#*/}.submit
+    [ -f "$line" ] && [ ! -L "$line" ] && files=$files$line$_gpu_nl
+  done
   if [ -n "$files" ]; then  # a --name of a pending or running task
     # shellcheck disable=SC2086,SC2013  # one file a line (the dispatcher turned globbing off)
     for id in $(command grep -lxF -e "display_name=$_gpu_base" -- $files 2>/dev/null); do
@@ -3925,7 +3928,10 @@ _gpu_cmd_clean() {
   } | command sort -rn)
   # the results that pending tasks wait for (--after) stay: their ids, one a line
   needed=$_gpu_nl$(for id in $(_gpu_ls "$_gpu_q/pending"); do
-    command sed -n 's/^after=//p' "$_gpu_q/records/$id.submit" 2>/dev/null
+    line=$_gpu_q/records/$id.submit
+    if [ -f "$line" ] && [ ! -L "$line" ]; then  # (sed would block on a FIFO)
+      command sed -n 's/^after=//p' "$line" 2>/dev/null
+    fi
   done | command tr ' ' '\n')$_gpu_nl
   stage=''
   for line in $list; do

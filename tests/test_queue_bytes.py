@@ -164,6 +164,25 @@ def test_stop_all_without_a_daemon_leaves_folders_links_and_fifos_in_pending(sh,
     assert cancelled.endswith("-task.sh")
 
 
+def test_a_fifo_where_a_pending_task_s_submit_record_belongs_never_blocks_the_client(sh):
+    """Finding a task by its --name reads the submit records of pending and running tasks, and
+    gpu_clean those of pending tasks (for --after): a FIFO there (someone else's task in a
+    shared queue) is not read, so gpu_hold, gpu_wait --timeout, gpu_stop and gpu_clean end."""
+    inst = make_instance(sh.root)
+    mine = sh.run("gpu_run --name lr0.1 'sleep 1'")
+    assert mine.rc == 0, mine.err
+    theirs = "500-20261204_231500_123456789-3f9a0c1d-theirs.sh"
+    (inst / "pending" / theirs).write_text("true\n")
+    os.mkfifo(inst / "records" / f"{theirs}.submit")
+    res = sh.run("gpu_hold lr0.1; echo \"hold=$?\"; gpu_wait --timeout 1 lr0.1; "
+                 "echo \"wait=$?\"; gpu_clean --dry-run; echo \"clean=$?\"; gpu_release lr0.1; "
+                 "gpu_stop lr0.1; echo \"stop=$?\"", timeout=30)
+    assert "hold=0\nwait=124\n" in res.out and "clean=0\n" in res.out, (res.out, res.err)
+    assert "stop=0\n" in res.out, (res.out, res.err)
+    assert (inst / "pending" / theirs).exists()
+    assert os.listdir(inst / "failed") == [mine.out.split()[-1]]  # cancelled
+
+
 # Every byte carried exactly ####################################################################
 
 
