@@ -1097,6 +1097,38 @@ _gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance fol
   [ -z "$(command find "$_gpu_q" -maxdepth 0 -perm -g+w 2>/dev/null)" ] || umask 007
 }
 
+_gpu_own_folders() {  # _gpu_own_folders DIR...: are the DIRs that exist folders the client may
+  # write and remove in, as the daemon trusts them (docs/protocol.md, "Who may write it")? Each
+  # must be a folder, not a symbolic link, owned by the user (or root) and not writable by every
+  # user; else it says why and returns 1. _gpu_gw=1 when the first DIR is group-writable
+  local line kind uid mode name IFS=$_gpu_nl
+  _gpu_gw=''
+  for line in $(command find "$@" -maxdepth 0 -printf '%y %U %m %u %p\n' 2>/dev/null); do
+    kind=${line%% *} line=${line#* }
+    uid=${line%% *} line=${line#* }
+    mode=${line%% *} line=${line#* }
+    name=${line%% *} line=${line#* }
+    case $kind in
+      l) _gpu_err "$line is a symbolic link, not a folder of the instance: the client neither" \
+           "writes nor removes anything through it"; return 1 ;;
+      d) ;;
+      *) continue ;;
+    esac
+    [ "${#mode}" -ge 4 ] || mode=0$mode
+    if [ "$uid" != "$EUID" ] && [ "$uid" != 0 ]; then
+      _gpu_err "$line is owned by $name, not by you: the client writes only into folders of" \
+        "your own (or root's), as the daemon trusts only those; use an instance of your own"
+      return 1
+    fi
+    case $mode in *[2367])
+      _gpu_err "$line is writable by every user (mode $mode): the daemon refuses it, and the" \
+        "client writes nothing there; chmod o-w it"
+      return 1 ;;
+    esac
+    if [ "$line" = "$1" ]; then case $mode in *[2367]?) _gpu_gw=1 ;; esac; fi
+  done
+}
+
 _gpu_existing_instance() {  # as _gpu_instance, and the folder must exist
   _gpu_instance || return
   [ -d "$_gpu_q" ] && return 0
@@ -3911,6 +3943,9 @@ _gpu_cmd_clean() {
     older=$((whole * 86400 + _gpu_i * 86400 / 100000))
   fi
   _gpu_existing_instance || return
+  # it removes files by their paths: never through a link put where a folder belongs
+  _gpu_own_folders "$_gpu_q" "$_gpu_q/done" "$_gpu_q/failed" "$_gpu_q/records" "$_gpu_q/logs" \
+    "$_gpu_q/.staging" || return 1
   _gpu_now
   # every finished task with the time it ended (its result's, else its own), newest first
   list=$({

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from client_helpers import Shell
+from client_helpers import SHELLS, Shell, make_instance
 from conftest import FakeClock, run_until
 from queue_files import command, finished, result, submit
 from test_daemon_unit import make_daemon
@@ -332,3 +332,34 @@ def test_gpu_logs_and_gpu_tail_never_follow_a_log_that_is_a_link(tmp_path):
         assert "TOPSECRET" not in res.out + res.err, script
         assert res.out.endswith("rc=1\n"), (script, res.out, res.err)
         assert f"{inst}/logs/{task}.log is a symbolic link: not followed" in res.err, script
+
+
+def shared_instance(root: Path, other: pwd.struct_passwd) -> Path:
+    """An instance of the user's that the colleague's group writes (--shared-queue's modes)."""
+    inst = make_instance(root)
+    for path in (inst, *inst.iterdir()):
+        if path.is_dir():
+            os.chown(path, 0, other.pw_gid)
+            path.chmod(0o2770)
+    return inst
+
+
+@needs_root
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("folder", ["logs", "records"])
+def test_gpu_clean_removes_nothing_through_a_folder_swapped_for_a_link(place, other, shell,
+                                                                        folder):
+    inst = shared_instance(place, other)
+    victim = place / "victim"
+    victim.mkdir()
+    (victim / "notes.log").write_text("my notes\n")
+    (victim / "notes.result").write_text("state=done\n")
+    swapped = as_other(f"cd '{inst}' && mv {folder} .{folder}-old && ln -s '{victim}' {folder} "
+                       "&& echo true > done/notes && touch -d '40 days ago' done/notes")
+    assert swapped.returncode == 0, swapped.stderr
+    res = Shell(shell, place, place, place).run("gpu_clean --older-than 7")
+    assert res.rc == 1, (res.out, res.err)
+    assert f"gpu_clean: {inst / folder} is a symbolic link, not a folder of the instance" \
+        in res.err, res.err
+    assert sorted(os.listdir(victim)) == ["notes.log", "notes.result"]
+    assert (inst / "done" / "notes").exists()
