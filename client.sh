@@ -535,40 +535,56 @@ _gpu_count() {  # _gpu_count DIR: sets _gpu_n to the number of published names i
 }
 
 _gpu_load() {  # _gpu_load FILE: a key=value file into _gpu_f_<key>; 1 when it cannot be read
-  local line key n=0 IFS=' '
+  local line head key n=0 IFS=' '
   # shellcheck disable=SC2086  # the names of the previous file's keys
   [ -z "$_gpu_keys" ] || unset $_gpu_keys
-  _gpu_keys=''
+  _gpu_keys='' _gpu_big=''
   if [ -n "${_gpu_pre_on-}" ] && [ -n "${_gpu_pre[$1]+set}" ]; then  # read by _gpu_preload
     eval "${_gpu_pre[$1]}"
     return 0
   fi
-  # a regular file only (a FIFO would block); at most 20000 lines (a state file of 1024 GPUs)
-  [ -f "$1" ] && [ -r "$1" ] || return 1
-  {
-    while [ "$n" -lt 20000 ] && { IFS= read -r line || [ -n "$line" ]; }; do
-      n=$((n + 1))
-      key=${line%%=*}
-      case $key in '' | *[!a-z0-9_.]* | "$line") continue ;; esac  # not a key=value line
-      key=_gpu_f_${key//./_}
-      eval "$key=\${line#*=}"
-      _gpu_keys="$_gpu_keys $key"
-    done < "$1"
-  } 2>/dev/null
+  # a regular file only (a FIFO would block), of at most MAX_RECORD_BYTES (4 MiB; protocol:
+  # a larger one is corrupt, and a sparse one would take hours: _gpu_big=1); at most 20000
+  # lines (a state file of 1024 GPUs)
+  _gpu_head "$1" 4194304 || return 1
+  IFS=$_gpu_nl
+  for line in $_gpu_text; do
+    [ "$n" -lt 20000 ] || break
+    n=$((n + 1))
+    # the key from the line's start: a pattern on a line of megabytes takes quadratic time
+    head=${line:0:128} key=${head%%=*}
+    case $key in '' | *[!a-z0-9_.]* | "$head") continue ;; esac  # not a key=value line
+    eval "_gpu_f_${key//./_}=\${line:$((${#key} + 1))}"
+    _gpu_keys="$_gpu_keys _gpu_f_${key//./_}"
+  done
+  _gpu_text=''
 }
 
-_gpu_head() {  # _gpu_head FILE BYTES: at most BYTES bytes of FILE, up to a NUL byte, into
-  # _gpu_text, read by the shell (no process); 1 when FILE is not a regular file it may read (a
-  # FIFO would block)
-  local nul
-  _gpu_text=''
+_gpu_head() {  # _gpu_head FILE MAX: FILE into _gpu_text, its NUL bytes dropped (as read(1) drops
+  # them), read by the shell (no process but for a file that holds a NUL, in bash); 1 when FILE
+  # is not a regular file it may read (a FIFO would block), or when it holds more than MAX bytes
+  # (then _gpu_big=1: never read further, a sparse file of a TiB takes no time)
+  local nul more=$(($2 + 1)) IFS
+  _gpu_text='' _gpu_big=''
   [ -f "$1" ] && [ -r "$1" ] || return 1
   if [ -n "${ZSH_VERSION-}" ]; then
-    { IFS= read -r -u 0 -k "$2" _gpu_text; } 2>/dev/null < "$1"
+    { IFS= read -r -u 0 -k "$more" _gpu_text; } 2>/dev/null < "$1"
+    if [ "${#_gpu_text}" -gt "$2" ]; then _gpu_big=1 _gpu_text=''; return 1; fi
     printf -v nul '\0'  # (zsh's $'\0' is empty)
-    _gpu_text=${_gpu_text%%"$nul"*}
-  else
-    { IFS= read -r -d '' -n "$2" _gpu_text; } 2>/dev/null < "$1"  # (it stops at a NUL)
+    case $_gpu_text in *"$nul"*)  # split on them and joined (${x//"$nul"/} takes quadratic time)
+      IFS=$nul
+      # shellcheck disable=SC2086  # split on the NUL bytes (the dispatcher turned globbing off)
+      set -- $_gpu_text
+      IFS=''
+      _gpu_text="$*" ;;
+    esac
+  elif { IFS= read -r -d '' -n "$more" _gpu_text; } 2>/dev/null < "$1"; then
+    if [ "${#_gpu_text}" -gt "$2" ]; then _gpu_big=1 _gpu_text=''; return 1; fi
+    # it stopped at a NUL byte (bash's read drops them, and does not count them)
+    nul=$(command stat -L -c %s -- "$1" 2>/dev/null)
+    case $nul in '' | *[!0-9]*) nul=0 ;; esac
+    if [ "${#nul}" -gt 15 ] || [ "$nul" -gt "$2" ]; then _gpu_big=1 _gpu_text=''; return 1; fi
+    _gpu_text=$(command head -c "$2" -- "$1" 2>/dev/null | command tr -d '\000')
   fi
   return 0
 }
@@ -617,8 +633,21 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       [ ! -f "$_gpu_q/nodes/$f" ] || files=${files}N$_gpu_fs$_gpu_q/nodes/$f$_gpu_nl
     done
   fi
+  if [ -n "$files" ]; then  # their sizes: one larger than 4 MiB is corrupt, and not read
+    line=${files#??}
+    line=${line//"$_gpu_nl"?"$_gpu_fs"/$_gpu_nl}
+    if [ "${#line}" -lt 65536 ]; then
+      # shellcheck disable=SC2086  # one file a line (the dispatcher turned globbing off)
+      out=$(command stat -L -c "S$_gpu_fs%s$_gpu_fs%n" -- $line 2>/dev/null)
+    else  # more than a command line holds
+      out=$(printf '%s' "$line" | command xargs -d '\n' -r stat -L -c "S$_gpu_fs%s$_gpu_fs%n" -- \
+        2>/dev/null)
+    fi
+    files=${out:+$out$_gpu_nl}$files
+  fi
   list=$files$tasks
-  # the awk: input lines F|N|R<fs>FILE (a file, a node state, a record), then
+  # the awk: input lines S<fs>SIZE<fs>FILE (the size of a file below), then F|N|R<fs>FILE (a
+  # file, a node state, a record), then
   # T<fs>DIR<fs>ID<fs>held or empty<fs>INSTANCE/; out for F and N "FILE<fs>assignments", for T
   # "T<fs>DIR/ID<fs>" and what _gpu_pre_want asks for: the assignments of _gpu_t_* (newlines as
   # $'\n'), "row" its row of gpu_status (_gpu_status_row), "json" its JSON (_gpu_task_json).
@@ -633,6 +662,7 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     return sq out v sq
   }
   function read(file, show,   line, got, lines, eq, key, value, bad, n, i, assign) {  # a file
+    if (file in BIG) return  # (left to _gpu_load, which tells it)
     n = 0; lines = 0; bad = 0
     while (lines < 20000 && (got = (getline line < file)) > 0) {
       lines++
@@ -924,6 +954,7 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     NSET = NFIELDS - 6  # the _gpu_t_* that _gpu_task sets; the rest: its row and JSON
     for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
   }
+  $1 == "S" { if ($2 + 0 > 4194304) BIG[substr($0, length($2) + 4)] = 1 }
   $1 == "F" { read(substr($0, 3), 1) }
   $1 == "N" { read(substr($0, 3), 1); node(substr($0, 3)) }
   $1 == "R" { read(substr($0, 3), 0) }
@@ -1277,7 +1308,7 @@ _gpu_pulse() {  # the loaded node state's last sign of life into _gpu_i: its hea
   _gpu_field heartbeat; _gpu_int "$_gpu_val"; heartbeat=$_gpu_i
   _gpu_field node_rank; rank=$_gpu_val
   case $rank in '' | *[!0-9]*) ;; *)
-    # its BEAT_BYTES (128), as the daemon reads it: never through a link, never a FIFO
+    # its BEAT_BYTES (128), as the daemon writes it: never through a link, never a FIFO
     file=$_gpu_q/nodes/node-$rank.beat
     if [ ! -L "$file" ] && _gpu_head "$file" 128; then
       for line in $_gpu_text; do
@@ -2636,10 +2667,14 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
   for node in $state; do
     rank=${node#node-}; rank=${rank%.state}
     drain=''; ! _gpu_drain_note "$rank" || drain="$_gpu_val (gpu_resume --node $rank)"
-    _gpu_load "$_gpu_q/nodes/$node" || continue
+    label="Node $rank:          "; label=${label:0:10}
+    if ! _gpu_load "$_gpu_q/nodes/$node"; then
+      [ -z "$_gpu_big" ] || _gpu_line "${label}its state file nodes/$node is larger than 4 MiB:" \
+        "corrupt, not read"
+      continue
+    fi
     _gpu_field num_nodes
-    if [ "${_gpu_val:-1}" = 1 ] && [ "$rank" = 0 ]; then label='Daemon:   '
-    else label="Node $rank:          "; label=${label:0:10}; fi
+    if [ "${_gpu_val:-1}" = 1 ] && [ "$rank" = 0 ]; then label='Daemon:   '; fi
     _gpu_liveness
     _gpu_field host; host=${_gpu_val:-?}
     _gpu_field pid; pid=${_gpu_val:-?}

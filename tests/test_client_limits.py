@@ -74,3 +74,22 @@ def test_a_task_name_longer_than_a_file_name_allows_is_refused_with_the_limit(sh
         assert res.out == "rc=2\n", (command, res.out, res.err)
         assert res.err == f"{command}: a task name has at most 240 bytes (a file name, with " \
                           f".submit, has at most 255): {name}\n", command
+
+
+def test_a_state_file_or_record_larger_than_4_mib_is_corrupt_and_never_read(sh):
+    """docs/protocol.md: a record, command or state file over MAX_RECORD_BYTES (4 MiB) is
+    corrupt. A sparse file of a TiB (no disk used) would take the client hours to read: it is
+    skipped at once, and gpu_status says so for a node's state file."""
+    v = build_v2(sh.root)
+    for path in (v.inst / "nodes" / "node-1.state", v.inst / "records" / f"{v.c}.submit"):
+        with open(path, "r+b") as f:
+            f.truncate(1 << 40)  # its lines, then NUL bytes up to a TiB
+    started = time.monotonic()
+    res = sh.run("gpu_list; gpu_list --json > /dev/null; gpu_status; gpu_status --json > /dev/null;"
+                 " gpu_show big.py; gpu_use exp1", timeout=60)
+    assert res.rc == 0, res.err
+    assert time.monotonic() - started < 30
+    assert "Node 1:   its state file nodes/node-1.state is larger than 4 MiB: corrupt, not read\n" \
+        in res.out, res.out
+    assert "Node 0:   alive on node-a, pid 100\n" in res.out, res.out
+    assert f"Task:       {v.c}\n" in res.out, res.out  # shown by what its id says
