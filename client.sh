@@ -1122,10 +1122,19 @@ _gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance fol
   _gpu_valid_id "$JOB_ID" || { _gpu_bad_id "$JOB_ID"; return 2; }
   _gpu_root || return 1
   _gpu_q=$_gpu_r/$JOB_ID
-  # a queue its group shares on purpose (the daemon's --shared-queue): the group reads and writes
-  # what the client writes there (a command that only reads skips the look, a process)
-  case $_gpu_cmd in status | show | logs | tail | wait) return 0 ;; esac
-  [ -z "$(command find "$_gpu_q" -maxdepth 0 -perm -g+w 2>/dev/null)" ] || umask 007
+  # a command that writes (records hold -e values) writes only into folders the daemon would
+  # trust: the user's (or root's), no link; one the user shares with the group on purpose (the
+  # daemon's --shared-queue) the group reads and writes too. A command that only reads skips
+  # the look, a process
+  case $_gpu_cmd in status | show | logs | tail | wait | use | list | help) return 0 ;; esac
+  set -- "$_gpu_q"
+  local dir
+  for dir in pending running 'done' failed records logs commands replies nodes held priority \
+    names .staging; do
+    set -- "$@" "$_gpu_q/$dir"
+  done
+  _gpu_own_folders "$@" || return 1
+  [ -z "$_gpu_gw" ] || umask 007
 }
 
 _gpu_own_folders() {  # _gpu_own_folders DIR...: are the DIRs that exist folders the client may
@@ -3977,10 +3986,8 @@ _gpu_cmd_clean() {
     _gpu_int "${frac:0:5}"
     older=$((whole * 86400 + _gpu_i * 86400 / 100000))
   fi
+  # it removes files by their paths: _gpu_instance checked that no folder is a link
   _gpu_existing_instance || return
-  # it removes files by their paths: never through a link put where a folder belongs
-  _gpu_own_folders "$_gpu_q" "$_gpu_q/done" "$_gpu_q/failed" "$_gpu_q/records" "$_gpu_q/logs" \
-    "$_gpu_q/.staging" || return 1
   _gpu_now
   # every finished task with the time it ended (its result's, else its own), newest first
   list=$({

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from client_helpers import SHELLS, Shell, make_instance
+from client_helpers import SHELLS, Shell, make_instance, tree
 from conftest import FakeClock, run_until
 from queue_files import command, finished, result, submit
 from test_daemon_unit import make_daemon
@@ -363,3 +363,57 @@ def test_gpu_clean_removes_nothing_through_a_folder_swapped_for_a_link(place, ot
         in res.err, res.err
     assert sorted(os.listdir(victim)) == ["notes.log", "notes.result"]
     assert (inst / "done" / "notes").exists()
+
+
+@needs_root
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("how", ["made", "linked"])
+def test_the_client_writes_nothing_into_an_instance_another_user_made_or_linked(place, other,
+                                                                              shell, how):
+    """In a queue root where everybody makes folders, a colleague makes (or links to a folder
+    of the user's) the instance the user is about to queue into: the client refuses it, before
+    it writes anything (its records hold the -e values), as the daemon would refuse it."""
+    root = place / "shared root"
+    root.mkdir()
+    root.chmod(0o1777)
+    mine = place / "mine"
+    mine.mkdir(mode=0o700)
+    target = "mkdir exp1 && chmod 2777 exp1" if how == "made" else f"ln -s '{mine}' exp1"
+    made = as_other(f"cd '{root}' && {target}")
+    assert made.returncode == 0, made.stderr
+    work = place / "work"
+    work.mkdir()
+    (work / "train.sh").write_text("echo train\n")
+    before = {**tree(root), **tree(mine)}
+    res = Shell(shell, root, place, work).run(
+        "umask 022; gpu_submit -e WANDB_API_KEY=s3cret train.sh; echo \"rc=$?\"; "
+        "gpu_run 'echo hi'; gpu_hold all; gpu_stop all; gpu_drain; gpu_clean; echo \"rc=$?\"")
+    assert res.out == "rc=1\nrc=1\n", (res.out, res.err)
+    why = (f"is owned by {OTHER}, not by you: the client writes only into folders of your own "
+           "(or root's)" if how == "made" else
+           "is a symbolic link, not a folder of the instance")
+    assert res.err.startswith(f"gpu_submit: {root / 'exp1'} {why}"), res.err
+    assert {**tree(root), **tree(mine)} == before  # nothing written
+
+
+@needs_root
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_folder_of_another_user_inside_the_user_s_instance_is_refused_too(place, other, shell):
+    inst = shared_instance(place, other)
+    made = as_other(f"cd '{inst}' && mv records .records-old && mkdir -m 2777 records")
+    assert made.returncode == 0, made.stderr
+    res = Shell(shell, place, place, place).run("gpu_run -e KEY=s3cret 'echo hi'")
+    assert res.rc == 1 and f"{inst / 'records'} is owned by {OTHER}, not by you" in res.err, \
+        res.err
+    assert os.listdir(inst / "records") == [] and os.listdir(inst / "pending") == []
+
+
+@needs_root
+@pytest.mark.parametrize("shell", SHELLS)
+def test_an_instance_the_user_shares_with_the_group_is_written_for_the_group(place, other,
+                                                                            shell):
+    inst = shared_instance(place, other)
+    res = Shell(shell, place, place, place).run("umask 077; gpu_run 'echo hi'")
+    assert res.rc == 0, res.err
+    [record] = os.listdir(inst / "records")
+    assert mode(inst / "records" / record) == 0o660
