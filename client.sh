@@ -1128,6 +1128,12 @@ _gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance fol
   # the look, a process
   case $_gpu_cmd in status | show | logs | tail | wait | use | list | help) return 0 ;; esac
   set -- "$_gpu_q"
+  # the instance may be a link of the user's own (to another file system), as the daemon takes
+  # it; one another user made is refused below (its owner could point it elsewhere)
+  if [ -L "$_gpu_q" ] && [ -n "$(command find "$_gpu_q" -maxdepth 0 \( -uid "$EUID" -o -uid 0 \) \
+    2>/dev/null)" ]; then
+    set -- "$_gpu_q/"
+  fi
   local dir
   for dir in pending running 'done' failed records logs commands replies nodes held priority \
     names .staging; do
@@ -1139,8 +1145,9 @@ _gpu_instance() {  # checks JOB_ID and the root; sets _gpu_q to the instance fol
 
 _gpu_own_folders() {  # _gpu_own_folders DIR...: are the DIRs that exist folders the client may
   # write and remove in, as the daemon trusts them (docs/protocol.md, "Who may write it")? Each
-  # must be a folder, not a symbolic link, owned by the user (or root) and not writable by every
-  # user; else it says why and returns 1. _gpu_gw=1 when the first DIR is group-writable
+  # must be a folder, not a symbolic link, owned by the user (or root, or SHARED_QUEUE_OWNER: a
+  # colleague who shares the queue with the group on purpose) and not writable by every user;
+  # else it says why and returns 1. _gpu_gw=1 when the first DIR is group-writable
   local line kind uid mode name IFS=$_gpu_nl
   _gpu_gw=''
   for line in $(command find "$@" -maxdepth 0 -printf '%y %U %m %u %p\n' 2>/dev/null); do
@@ -1155,9 +1162,11 @@ _gpu_own_folders() {  # _gpu_own_folders DIR...: are the DIRs that exist folders
       *) continue ;;
     esac
     [ "${#mode}" -ge 4 ] || mode=0$mode
-    if [ "$uid" != "$EUID" ] && [ "$uid" != 0 ]; then
+    if [ "$uid" != "$EUID" ] && [ "$uid" != 0 ] && [ "$name" != "${SHARED_QUEUE_OWNER-}" ]; then
       _gpu_err "$line is owned by $name, not by you: the client writes only into folders of" \
-        "your own (or root's), as the daemon trusts only those; use an instance of your own"
+        "your own (or root's), as the daemon trusts only those; use an instance of your own," \
+        "or, if $name shares this queue with your group on purpose (--shared-queue)," \
+        "SHARED_QUEUE_OWNER=$name"
       return 1
     fi
     case $mode in *[2367])

@@ -417,3 +417,38 @@ def test_an_instance_the_user_shares_with_the_group_is_written_for_the_group(pla
     assert res.rc == 0, res.err
     [record] = os.listdir(inst / "records")
     assert mode(inst / "records" / record) == 0o660
+
+
+@needs_root
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_colleagues_queue_shared_on_purpose_takes_tasks_once_its_owner_is_named(place, other,
+                                                                                  shell):
+    """A member of the group queues into a colleague's shared instance (--shared-queue) only
+    after naming its owner (SHARED_QUEUE_OWNER): from the folder alone the client cannot tell
+    it from one made to catch what it writes. Then it writes for the group."""
+    inst = shared_instance(place, other)
+    for path in (inst, *inst.iterdir()):
+        os.chown(path, other.pw_uid, other.pw_gid)
+    sh = Shell(shell, place, place, place)
+    refused = sh.run("gpu_run -e KEY=s3cret 'echo hi'")
+    assert refused.rc == 1 and f"if {OTHER} shares this queue with your group on purpose " \
+        f"(--shared-queue), SHARED_QUEUE_OWNER={OTHER}" in refused.err, refused.err
+    assert os.listdir(inst / "records") == []
+    res = sh.run("umask 077; gpu_run -e KEY=s3cret 'echo hi'", SHARED_QUEUE_OWNER=OTHER)
+    assert res.rc == 0, res.err
+    [record] = os.listdir(inst / "records")
+    assert mode(inst / "records" / record) == 0o660
+
+
+@needs_root
+@pytest.mark.parametrize("shell", SHELLS)
+def test_an_instance_that_is_the_users_own_link_takes_tasks(place, shell):
+    """The instance may be a link of the user's own (to another file system), as the daemon
+    takes it: the client writes through it."""
+    elsewhere = make_instance(place / "elsewhere")
+    root = place / "root"
+    root.mkdir()
+    (root / "exp1").symlink_to(elsewhere)
+    res = Shell(shell, root, place, place).run("gpu_run 'echo hi'")
+    assert res.rc == 0, res.err
+    assert len(os.listdir(elsewhere / "pending")) == 1
