@@ -3977,7 +3977,7 @@ _gpu_cmd_clean() {
   _gpu_parse any "$@" || return "$_gpu_rc"
   if [ "${#_gpu_args[@]}" -gt 0 ]; then _gpu_usage; return; fi
   local keep=0 older=0 whole frac line end dir id n=0 kept=0 stage list moved='' total=0
-  local needed waited=0 IFS=$_gpu_nl
+  local needed waited=0 real IFS=$_gpu_nl
   if [ -n "$_gpu_o_keep" ]; then
     _gpu_whole "$_gpu_o_keep" 99999999 || {
       _gpu_err "--keep wants a number of tasks, not '$_gpu_o_keep'"; return 2; }
@@ -3995,7 +3995,8 @@ _gpu_cmd_clean() {
     _gpu_int "${frac:0:5}"
     older=$((whole * 86400 + _gpu_i * 86400 / 100000))
   fi
-  # it removes files by their paths: _gpu_instance checked that no folder is a link
+  # _gpu_instance checked that no folder is a link; it removes by names from inside each
+  # folder (_gpu_in_folder), so that one swapped for a link since leads nothing elsewhere
   _gpu_existing_instance || return
   _gpu_now
   # every finished task with the time it ended (its result's, else its own), newest first
@@ -4040,10 +4041,15 @@ _gpu_cmd_clean() {
     # meanwhile (back into pending/) is not moved, and keeps its records
     _gpu_prepare || return 1
     _gpu_unique || return 1
-    stage=$_gpu_q/.staging/.clean-$_gpu_u
+    real=$(cd -P -- "$_gpu_q" && pwd -P) || { _gpu_err "cannot enter $_gpu_q"; return 1; }
+    stage=$real/.staging/.clean-$_gpu_u
     command mkdir -- "$stage" || { _gpu_err "cannot create $stage"; return 1; }
-    for line in $moved; do printf '%s\0' "$_gpu_q/${line#* }"; done \
-      | command xargs -0 -r mv -t "$stage" -- 2>/dev/null
+    for dir in 'done' failed; do
+      for line in $moved; do
+        line=${line#* }
+        [ "${line%%/*}" != "$dir" ] || printf '%s\0' "${line#*/}"
+      done | _gpu_in_folder "$real" "$dir" mv -t "$stage" -- 2>/dev/null
+    done
   fi
   for line in $moved; do
     end=${line%% *} line=${line#* } id=${line#*/}
@@ -4054,25 +4060,37 @@ _gpu_cmd_clean() {
     else _gpu_say "would remove $line (ended $_gpu_d ago)"; fi
   done
   if [ -n "$stage" ]; then
-    {
-      for id in $(_gpu_ls "$stage"); do
-        for line in submit run result stop gang retried; do
-          printf '%s\0' "$_gpu_q/records/$id.$line"
+    list=$_gpu_nl$(_gpu_ls "$stage")$_gpu_nl
+    for dir in records logs; do
+      {
+        for id in $(_gpu_ls "$stage"); do
+          if [ "$dir" = logs ]; then printf '%s\0' "$id.log"; continue; fi
+          for line in submit run result stop gang retried; do printf '%s\0' "$id.$line"; done
         done
-        printf '%s\0' "$_gpu_q/logs/$id.log"
-      done
-      list=$_gpu_nl$(_gpu_ls "$stage")$_gpu_nl
-      for line in $(command find "$_gpu_q/records" "$_gpu_q/logs" -maxdepth 1 -type f \
-        -name '*.rank[0-9]*' 2>/dev/null); do
-        id=${line##*/}; id=${id%.rank[0-9]*}
-        case $list in *"$_gpu_nl$id$_gpu_nl"*) printf '%s\0' "$line" ;; esac
-      done
-    } | command xargs -0 -r rm -f --
+        for line in $(command find "$_gpu_q/$dir" -maxdepth 1 -type f -name '*.rank[0-9]*' \
+          -printf '%f\n' 2>/dev/null); do
+          id=${line%.rank[0-9]*}
+          case $list in *"$_gpu_nl$id$_gpu_nl"*) printf '%s\0' "$line" ;; esac
+        done
+      } | _gpu_in_folder "$real" "$dir" rm -f --
+    done
     command rm -rf -- "$stage"
     _gpu_say "removed $n finished task(s) of $JOB_ID; kept $((total - n))"
   else
     _gpu_say "would remove $n finished task(s) of $JOB_ID; keep $kept"
   fi
+}
+
+_gpu_in_folder() {  # _gpu_in_folder REAL DIR CMD...: CMD on the NUL-separated names that
+  # come in, run by xargs from inside the instance's folder DIR, entered with cd -P, when it is
+  # REAL/DIR itself (REAL: the instance's own path): a folder swapped for a link since the
+  # check leads nothing elsewhere, and once inside, a swap no longer matters
+  local real=$1 dir=$2
+  shift 2
+  (
+    cd -P -- "$_gpu_q/$dir" 2>/dev/null && [ "$PWD" = "$real/$dir" ] || exit 1
+    command xargs -0 -r "$@"
+  )
 }
 
 _gpu_cluster_job() {  # print the cluster job from job_id.txt and how to delete it

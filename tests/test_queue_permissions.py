@@ -452,3 +452,37 @@ def test_an_instance_that_is_the_users_own_link_takes_tasks(place, shell):
     res = Shell(shell, root, place, place).run("gpu_run 'echo hi'")
     assert res.rc == 0, res.err
     assert len(os.listdir(elsewhere / "pending")) == 1
+
+
+@needs_root
+@pytest.mark.parametrize("shell", SHELLS)
+def test_gpu_clean_removes_nothing_through_a_folder_swapped_after_its_check(place, shell):
+    """A folder swapped for a link between gpu_clean's check and its removal (here by the
+    first xargs it runs, the worst moment) does not lead the removal elsewhere: it removes by
+    names from inside each folder, which it entered and found to be the instance's own."""
+    inst = make_instance(place)
+    old = "500-20261001_000000_000000000-00000000-notes.sh"
+    (inst / "done" / old).write_text("true\n")
+    (inst / "records" / f"{old}.result").write_text(f"id={old}\nstate=done\n")
+    (inst / "logs" / f"{old}.log").write_text("its log\n")
+    for path in (inst / "done" / old, inst / "records" / f"{old}.result"):
+        os.utime(path, (0, 0))
+    victim = place / "victim"
+    victim.mkdir()
+    for name in (f"{old}.result", f"{old}.log"):
+        (victim / name).write_text("mine\n")
+    bin_dir = place / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "xargs").write_text(f"""#!/bin/bash
+if [ ! -e '{place}/swapped' ]; then
+  touch '{place}/swapped'
+  for d in records logs; do mv '{inst}'/$d '{inst}'/.$d-old; ln -s '{victim}' '{inst}'/$d; done
+fi
+exec {shutil.which("xargs")} "$@"
+""")
+    (bin_dir / "xargs").chmod(0o755)
+    res = Shell(shell, place, place, place).run(
+        "gpu_clean --older-than 7", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert (place / "swapped").exists(), (res.out, res.err)
+    assert sorted(os.listdir(victim)) == sorted([f"{old}.result", f"{old}.log"]), res.err
+    assert not (inst / "done" / old).exists()  # the task itself is removed
