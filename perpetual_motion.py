@@ -7053,8 +7053,8 @@ class Daemon(DaemonLifecycle):
             self.write_beat()
         tasks = self.fence_tasks()
         if self.keeper is not None and lapsed >= self.fence.limit and tasks:
-            LOG.error("No heartbeat for %.0f s: the fence keeper has killed this node's tasks",
-                      lapsed)
+            LOG.error("No heartbeat for %.0f s (suspended?): this node's tasks are fenced (its "
+                      "fence keeper has killed them, or they are killed now)", lapsed)
             self.fence.killed |= self.fence.groups
         self.fence.check()
         why = f"self-fenced: this node could not write its heartbeat for {SELF_FENCE_SECONDS:g} s"
