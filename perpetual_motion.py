@@ -139,6 +139,7 @@ KEEPALIVE_MAX_IN_FLIGHT = 6  # tiles queued on a GPU at once: a stop waits for a
 KEEPALIVE_START_DUTY = 0.75  # share of each period a new worker keeps the GPU busy
 KEEPALIVE_UTIL_WINDOW = 1.5  # s of NVML utilisation samples that the controller averages
 KEEPALIVE_HOLDOFF_SECONDS = 60.0  # s a GPU must stay free of foreign work before it is taken again
+KEEPALIVE_HOLDOFF_MIN_SECONDS = 15.0  # the same after brief work: as long as it lasted, this least
 KEEPALIVE_HEADROOM = 0.1  # share of each GPU's memory that keep-alive always leaves free
 KEEPALIVE_FOREIGN_MEMORY_MIB = 256  # growth of memory not ours (MiB) that counts as foreign work
 KEEPALIVE_FOREIGN_UTIL = 5  # % SM utilisation of a process not ours that counts as foreign work
@@ -4375,6 +4376,7 @@ class _Slot:
     tile: int | None = None  # the tile size a worker calibrated here, reused by the next
     last_exit: float | None = None
     foreign_at: float | None = None  # last tick that saw foreign work
+    foreign_since: float | None = None  # first tick that saw it (since the GPU was last free)
     foreign_reason: str = ""
     crashes: int = 0
     restart_at: float | None = None
@@ -4534,6 +4536,15 @@ def foreign_work(slot: _Slot, reading: Reading, now: float) -> str:
     return ""
 
 
+def saw_foreign(slot: _Slot, now: float, reason: str) -> None:
+    """Foreign work seen at ``now``: the hold-off counts from here, and its length from the
+    first sight since the GPU was last free of it."""
+    if slot.foreign_at is None:
+        slot.foreign_since = now
+    slot.foreign_at = now
+    slot.foreign_reason = reason
+
+
 def yield_signal(reason: str) -> str:
     """Which NVML reading a reason of ``foreign_work`` (or the controller) comes from."""
     if reason.startswith("foreign utilisation"):
@@ -4620,8 +4631,7 @@ class Workers:
                                         or worker.exit_reason.startswith("foreign")):
             # (its own exit line counts too: a daemon that reaps orphans as PID 1 may have
             # taken the exit status, which then reads 0)
-            slot.foreign_at = now
-            slot.foreign_reason = worker.exit_reason or "foreign work"
+            saw_foreign(slot, now, worker.exit_reason or "foreign work")
             slot.set(GpuState.YIELDED, slot.foreign_reason)
             self.log.info("%s%s: worker saw %s and left", self.prefix, slot.label,
                           slot.foreign_reason)
@@ -5044,7 +5054,7 @@ class GpuKeepAlive(KeepAlive):
             if slot.worker is not None:
                 self.workers.stop(slot, now, "queue task ended")
             slot.resume_at = now + KEEPALIVE_RESUME_AFTER_TASK
-            slot.foreign_at = None
+            slot.foreign_at = slot.foreign_since = None
             slot.low_since = None
 
     def gpu_fields(self) -> dict[str, str]:
@@ -5121,14 +5131,15 @@ class GpuKeepAlive(KeepAlive):
             return
         if slot.restart_at is not None and now < slot.restart_at:
             return
-        if slot.foreign_at is not None and now - slot.foreign_at < self.holdoff:
-            left = self.holdoff - (now - slot.foreign_at)
+        holdoff = self._holdoff(slot)
+        if slot.foreign_at is not None and now - slot.foreign_at < holdoff:
+            left = holdoff - (now - slot.foreign_at)
             slot.set(GpuState.YIELDED, f"{slot.foreign_reason}; hold-off {left:.0f} s")
             return
         if slot.foreign_at is not None:
             self.log.info("%s%s: free of foreign work for %.0f s: taking it again",
-                          self.prefix, slot.label, self.holdoff)
-            slot.foreign_at = None
+                          self.prefix, slot.label, holdoff)
+            slot.foreign_at = slot.foreign_since = None
         slot.restart_at = None
         total, used = reading.memory_total, reading.memory_used
         total = total or slot.gpu.memory_total
@@ -5152,12 +5163,23 @@ class GpuKeepAlive(KeepAlive):
         spec = WorkerSpec(WorkerMode.HOLD, memory, KEEPALIVE_START_DUTY, tile=slot.tile or 0)
         self.workers.start(slot, now, spec, reading)
 
+    def _holdoff(self, slot: _Slot) -> float:
+        """How long the GPU must stay free of foreign work before it is taken again: as long
+        as the work lasted, at least KEEPALIVE_HOLDOFF_MIN_SECONDS and at most the hold-off.
+        A long job that ends may be followed by its next step, and gets the whole hold-off; a
+        brief one (a probe, a health check every minute) would, with that, keep the GPU away
+        for good and leave it idle until the cluster reclaims it."""
+        if slot.foreign_at is None:
+            return 0.0
+        lasted = slot.foreign_at - (slot.foreign_since if slot.foreign_since is not None
+                                    else slot.foreign_at)
+        return min(self.holdoff, max(KEEPALIVE_HOLDOFF_MIN_SECONDS, lasted))
+
     def _yield(self, slot: _Slot, now: float, reason: str) -> None:
         """Foreign work is on the GPU: our worker goes, and the hold-off starts (again)."""
         if slot.foreign_at is None or slot.foreign_reason != reason:
             self.log.info("%s%s: %s: yielding", self.prefix, slot.label, reason)
-        slot.foreign_at = now
-        slot.foreign_reason = reason
+        saw_foreign(slot, now, reason)
         if slot.worker is not None and slot.worker.stop_at is None:
             self._stop_for(slot, now, reason)
         slot.set(GpuState.YIELDED, reason)
@@ -5226,8 +5248,7 @@ class GpuKeepAlive(KeepAlive):
             if worker.spec.mode is WorkerMode.FILL:
                 self._stop_filler(slot, now, "the task keeps the GPU busy")
             else:  # busy beyond what we do, by something NVML does not list
-                slot.foreign_at = now
-                slot.foreign_reason = f"GPU busy ({util:.0f}%) without us"
+                saw_foreign(slot, now, f"GPU busy ({util:.0f}%) without us")
                 self._stop_for(slot, now, slot.foreign_reason)
                 slot.set(GpuState.YIELDED, slot.foreign_reason)
 

@@ -272,21 +272,40 @@ def test_the_workers_exit_line_counts_when_its_status_is_lost(log):
     assert ka.slots[0].crashes == 0 and ka.slots[0].foreign_at is not None
 
 
-def test_holdoff_is_respected_to_the_tick(log):
-    node = sim.scenario_idle_gpu()
-    ka = start(node, log)
-    sim.run(node, ka, 10)
-    job = node.foreign(0, start=node.now + 0.05, end=node.now + 20.05)
+def holdoff_after(node, ka, lasting: float) -> float:
+    """Seconds from the last tick that could see a foreign job ``lasting`` s until the GPU
+    is taken again."""
+    workers = len(node.workers)
+    job = node.foreign(0, start=node.now + 0.05, end=node.now + 0.05 + lasting)
     last_seen = spawned_at = None
     while spawned_at is None and node.now < job.end + 200:
         sim.run(node, ka, 0.1)
         if job.alive(node.now):
             last_seen = node.now  # the last tick that could see the job
-        if len(node.workers) == 2:
-            spawned_at = node.workers[1].started
-    assert spawned_at is not None
-    assert spawned_at - last_seen >= pm.KEEPALIVE_HOLDOFF_SECONDS
-    assert spawned_at - last_seen <= pm.KEEPALIVE_HOLDOFF_SECONDS + 0.1 + 1e-6
+        if len(node.workers) > workers:
+            spawned_at = node.workers[-1].started
+    assert spawned_at is not None and last_seen is not None
+    return spawned_at - last_seen
+
+
+def test_holdoff_is_respected_to_the_tick(log):
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    waited = holdoff_after(node, ka, 100.0)
+    assert pm.KEEPALIVE_HOLDOFF_SECONDS <= waited <= pm.KEEPALIVE_HOLDOFF_SECONDS + 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("lasting, holdoff", [(2.0, pm.KEEPALIVE_HOLDOFF_MIN_SECONDS),
+                                              (30.0, 30.0)])
+def test_a_brief_job_earns_a_hold_off_as_long_as_it_lasted(log, lasting, holdoff):
+    """A job that ends after a few seconds is not waited for a whole minute: a probe or a
+    health check every minute would otherwise keep the GPU idle for good."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    waited = holdoff_after(node, ka, lasting)
+    assert holdoff - 0.2 <= waited <= holdoff + 0.1 + 1e-6
 
 
 @pytest.mark.parametrize("worker_watch", [False, True])
@@ -309,14 +328,29 @@ def test_holdoff_starts_again_when_foreign_work_returns(log):
     ka = start(node, log, holdoff=30)
     sim.run(node, ka, 10)
     t0 = node.now
-    node.foreign(0, start=t0 + 0.05, end=t0 + 5)
-    node.foreign(0, start=t0 + 25, end=t0 + 26)  # back inside the hold-off
-    sim.run(node, ka, 50)
+    node.foreign(0, start=t0 + 0.05, end=t0 + 40)
+    node.foreign(0, start=t0 + 60, end=t0 + 61)  # back inside the hold-off, briefly
+    sim.run(node, ka, 85)
     assert len(node.workers) == 1
     assert field(ka, 0, "reason").startswith("foreign process; hold-off")
     sim.run(node, ka, 10)
     assert len(node.workers) == 2
-    assert node.workers[1].started >= t0 + 26 + 30
+    assert node.workers[1].started >= t0 + 61 + 30  # the whole hold-off: it lasted 61 s
+
+
+def test_brief_jobs_in_quick_succession_count_as_one(log):
+    """A job of 1 s every 10 s never leaves the GPU free for its 15-s hold-off: the work
+    counts as lasting since the first, and the hold-off grows to the whole of it."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    t0 = node.now
+    for k in range(12):
+        node.foreign(0, start=t0 + 10 * k, end=t0 + 10 * k + 1)
+    sim.run(node, ka, 111 + pm.KEEPALIVE_HOLDOFF_SECONDS - 1)
+    assert len(node.workers) == 1
+    sim.run(node, ka, 2)
+    assert len(node.workers) == 2
 
 
 def test_a_gpu_busy_without_listed_processes_is_let_go(log):
@@ -2136,16 +2170,33 @@ def test_a_hidden_job_that_takes_part_of_what_ours_left_still_times_the_yield(lo
     assert re.search(r"memory back 0\.\d\d s$", field(ka, 0, "last_yield"))
 
 
-def test_brief_bursts_do_not_hide_a_gpu_left_idle(log, caplog):
-    """A short job every 45 s for 2 s (a health check, a probe) makes keep-alive yield and
-    restarts its hold-off each time, so the GPU idles about 96% of the time. The reclaim risk
-    is judged on the last minute's mean, so the bursts do not hide it: it is flagged."""
+def test_brief_bursts_leave_the_gpu_held_between_them(log):
+    """A short job every 45 s for 2 s (a health check, a probe) makes keep-alive yield each
+    time; with a whole minute's hold-off after each, the GPU would idle 96% of the time. The
+    hold-off is as long as the burst (at least 15 s), so the GPU is held between them."""
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
     sim.run(node, ka, 10)
     first = node.now
     for k in range(40):  # 30 minutes of 2-s bursts every 45 s
         node.foreign(0, start=first + 45 * k, end=first + 45 * k + 2, memory=GIB, util=100)
+    busy = []
+    sim.run(node, ka, 1800, poll=0.5, each=lambda: busy.append(node.gpus[0].util(node.now)))
+    assert len(node.workers) >= 40  # held again after each burst
+    assert all(w.exit_code() is not None for w in node.workers[:-1])  # and yielded to each
+    assert sum(busy) / len(busy) > 40  # (below the band all the same: still flagged)
+
+
+def test_brief_bursts_that_keep_the_gpu_away_do_not_hide_it_idle(log, caplog):
+    """A 1-s job every 12 s keeps the GPU from being free for its hold-off, so it idles
+    about 92% of the time. The reclaim risk is judged on the last minute's mean, so the
+    bursts do not hide it: it is flagged."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    first = node.now
+    for k in range(150):  # 30 minutes of 1-s bursts every 12 s
+        node.foreign(0, start=first + 12 * k, end=first + 12 * k + 1, memory=GIB, util=100)
     risks, busy = [], []
 
     def each():
