@@ -2170,43 +2170,44 @@ def test_a_hidden_job_that_takes_part_of_what_ours_left_still_times_the_yield(lo
     assert re.search(r"memory back 0\.\d\d s$", field(ka, 0, "last_yield"))
 
 
-def test_brief_bursts_leave_the_gpu_held_between_them(log):
-    """A short job every 45 s for 2 s (a health check, a probe) makes keep-alive yield each
-    time; with a whole minute's hold-off after each, the GPU would idle 96% of the time. The
-    hold-off is as long as the burst (at least 15 s), so the GPU is held between them."""
+def run_bursts(log, every: float, lasting: float):
+    """Half an hour of a foreign job of ``lasting`` s every ``every`` s on a held GPU: the
+    node, the GPU's mean utilisation, and its reclaim risk at each tick."""
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
     sim.run(node, ka, 10)
     first = node.now
-    for k in range(40):  # 30 minutes of 2-s bursts every 45 s
-        node.foreign(0, start=first + 45 * k, end=first + 45 * k + 2, memory=GIB, util=100)
-    busy = []
-    sim.run(node, ka, 1800, poll=0.5, each=lambda: busy.append(node.gpus[0].util(node.now)))
+    for k in range(int(1800 // every)):
+        node.foreign(0, start=first + every * k, end=first + every * k + lasting, memory=GIB,
+                     util=100)
+    busy, risks = [], []
+
+    def each():
+        busy.append(node.gpus[0].util(node.now))
+        risks.append(field(ka, 0, "risk"))
+
+    sim.run(node, ka, 1800, poll=0.5, each=each)
+    return node, sum(busy) / len(busy), risks
+
+
+def test_brief_bursts_leave_the_gpu_held_between_them(log):
+    """A short job every 45 s for 2 s (a health check, a probe) makes keep-alive yield each
+    time; with a whole minute's hold-off after each, the GPU would idle 96% of the time. The
+    hold-off is as long as the burst (at least 15 s), so the GPU is held between them."""
+    node, busy, _ = run_bursts(log, every=45, lasting=2)
     assert len(node.workers) >= 40  # held again after each burst
     assert all(w.exit_code() is not None for w in node.workers[:-1])  # and yielded to each
-    assert sum(busy) / len(busy) > 40  # (below the band all the same: still flagged)
+    assert busy > 40  # (below the band all the same: still flagged)
 
 
 def test_brief_bursts_that_keep_the_gpu_away_do_not_hide_it_idle(log, caplog):
     """A 1-s job every 12 s keeps the GPU from being free for its hold-off, so it idles
     about 92% of the time. The reclaim risk is judged on the last minute's mean, so the
     bursts do not hide it: it is flagged."""
-    node = sim.scenario_idle_gpu()
-    ka = start(node, log)
-    sim.run(node, ka, 10)
-    first = node.now
-    for k in range(150):  # 30 minutes of 1-s bursts every 12 s
-        node.foreign(0, start=first + 12 * k, end=first + 12 * k + 1, memory=GIB, util=100)
-    risks, busy = [], []
-
-    def each():
-        risks.append(field(ka, 0, "risk"))
-        busy.append(node.gpus[0].util(node.now))
-
     with caplog.at_level(logging.WARNING):
-        sim.run(node, ka, 1800, poll=0.5, each=each)
+        node, busy, risks = run_bursts(log, every=12, lasting=1)
     assert len(node.workers) == 1  # never held again after the first burst
-    assert sum(busy) / len(busy) < 10  # the GPU idles
+    assert busy < 10  # the GPU idles
     assert any(risks) or "At risk of reclaim" in caplog.text
 
 
