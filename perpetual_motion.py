@@ -721,6 +721,9 @@ def open_regular(path: Path, flags: int, mode: int = 0o600,
     return fd
 
 
+_LISTING_REUSE_SECONDS = 5.0  # longest a folder's listing is reused while its stat stands still
+
+
 class QueueFiles:
     """The files of one instance folder ``<root>/<JOB_ID>/``, read and written safely: its
     folders made, files published the Maildir way, records read, entries listed.
@@ -740,6 +743,10 @@ class QueueFiles:
         self.file_mode = 0o640 if shared else 0o600
         self.skipped: set[str] = set()  # entries not regular files, warned about once each
         self.refused: dict[str, dict[str, str]] = {}  # folder -> entry -> why it is skipped
+        # folder -> (its stat before it was last listed, when, what files() found)
+        self.listed: dict[str, tuple[tuple[int, ...], float, list[str]]] = {}
+        self.monotonic: Callable[[], float] = time.monotonic  # (the age of those listings)
+        self.last_pending: PendingQueue | None = None  # pending/ as read_pass last read it
 
     def trusted(self, uid: int) -> bool:
         """Whether a file owned by ``uid`` may be read as a task, record or command."""
@@ -938,7 +945,25 @@ class QueueFiles:
     def files(self, folder: str) -> list[str]:
         """Like names(), but only regular files the daemon's user owns (``trusted``): a link,
         FIFO, directory or device in the folder, or a file of another user, is skipped, with
-        one warning for each (tasks and commands are files), and reported (``refused``)."""
+        one warning for each (tasks and commands are files), and reported (``refused``).
+
+        A folder whose own stat (modification and change times, inode) is as it was before
+        it was last listed, less than ``_LISTING_REUSE_SECONDS`` ago, has the same entries:
+        that listing is given again, and a pending/ of thousands of tasks costs a stat, not
+        thousands, per poll. (A file system that keeps times in whole seconds may change a
+        folder twice within one: such a change shows within that many seconds.)"""
+        try:
+            info = os.stat(self.dir(folder))
+            key: tuple[int, ...] | None = (info.st_dev, info.st_ino, info.st_mtime_ns,
+                                           info.st_ctime_ns)
+        except OSError:
+            key = None
+        last = self.listed.pop(folder, None)
+        now = self.monotonic()
+        if key is not None and last is not None and last[0] == key \
+                and now - last[1] < _LISTING_REUSE_SECONDS:
+            self.listed[folder] = last
+            return list(last[2])
         found = []
         refused = self.refused[folder] = {}
         try:
@@ -964,7 +989,10 @@ class QueueFiles:
                         LOG.warning("[%s] skipping %s: %s", folder, entry.name, why)
         except FileNotFoundError:
             return []
-        return sorted(found)
+        found.sort()
+        if key is not None:
+            self.listed[folder] = (key, now, found)
+        return list(found)
 
     def open_dir(self, folder: str) -> int:
         """A descriptor of a folder of the instance, never through a symbolic link: what is
@@ -1140,20 +1168,16 @@ class QueueFolder(QueueFiles):
         and ``results`` are the caller's caches of what never changes once published, by
         pending name and by id; ``requests`` is kept to the pending tasks."""
         names = self.files("pending")
+        queue = self.last_pending
+        # (the caller drops a name from ``requests`` to have its record read again)
+        if queue is None or queue.names != names or len(requests) != len(names):
+            queue = self.last_pending = PendingQueue.read(names, requests, self.submission)
         held = frozenset(self.files("held"))  # (another user's entry holds nothing)
-        priority = self.priorities(names)
-        for name in [n for n in requests if n not in names]:
-            del requests[name]
-        pending = []
-        for name in names:
-            if name not in requests:
-                requests[name] = self.submission(name)
-            pending.append(PendingTask(name, requests[name]))
-        subs = [t.submission for t in pending if isinstance(t.submission, Submission)]
-        present = set(names) | set(running)
+        priority = self.priorities(queue.listed)
+        present = queue.listed | set(running)
         found: dict[str, str] = {}
         queued: set[str] = set()
-        for dep in sorted({dep for sub in subs for dep in sub.after}):
+        for dep in queue.after:
             if dep not in results:
                 try:
                     fields = self.read_fields(self.record(dep, "result"))
@@ -1166,12 +1190,12 @@ class QueueFolder(QueueFiles):
             elif dep in present or self.has_task(dep):
                 queued.add(dep)
         drains = dict(node.node_drains)
-        if node.leader and any(sub.request.gang for sub in subs):
+        if node.leader and queue.gang:
             for rank in range(node.num_nodes):
                 why = None if rank == node.node_rank else self.drained(rank)
                 if why is not None:
                     drains[rank] = why
-        return dataclasses.replace(node, pending=tuple(pending), held=held, priority=priority,
+        return dataclasses.replace(node, pending=queue.pending, held=held, priority=priority,
                                    results=found, queued=frozenset(queued), node_drains=drains)
 
     def named_by_pending(self) -> set[str]:
@@ -2040,6 +2064,33 @@ class PendingTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class PendingQueue:
+    """pending/ as listed, with each entry's submit record; what a pass reads of it again
+    only when the listing changed (QueueFolder.read_pass)."""
+
+    names: list[str]
+    pending: tuple[PendingTask, ...]
+    listed: frozenset[str]
+    after: tuple[str, ...]  # the ids that the tasks come after, sorted
+    gang: bool  # a task spans nodes
+
+    @classmethod
+    def read(cls, names: list[str], requests: dict[str, Submission | str],
+             submission: Callable[[str], Submission | str]) -> PendingQueue:
+        """The entries ``names`` with their records: ``requests`` (the caller's cache, kept to
+        the entries listed), else ``submission(name)``."""
+        listed = frozenset(names)
+        for name in [n for n in requests if n not in listed]:
+            del requests[name]
+        pending = tuple(PendingTask(name, requests[name] if name in requests else
+                                    requests.setdefault(name, submission(name)))
+                        for name in names)
+        subs = [t.submission for t in pending if isinstance(t.submission, Submission)]
+        return cls(names, pending, listed, tuple(sorted({d for sub in subs for d in sub.after})),
+                   any(sub.request.gang for sub in subs))
+
+
+@dataclasses.dataclass(frozen=True)
 class PassSnapshot:
     """What one pass of the queue knows, read once at its start (QueueFolder.read_pass)."""
 
@@ -2904,6 +2955,8 @@ class PassApplier:
     def apply(self, plan: PassPlan, snapshot: PassSnapshot, running: list[str]) -> set[str]:
         """Carry ``plan`` out; the pending names begun here (``running`` gains the ids of the
         tasks placed across nodes)."""
+        if not (plan.fails or plan.cancels or plan.gangs or plan.starts):
+            return set()
         subs = {t.name: t.submission for t in snapshot.pending}
         fails, cancels, gangs = dict(plan.fails), dict(plan.cancels), dict(plan.gangs)
         for name in plan.order:
@@ -3428,6 +3481,7 @@ class Scheduler:
         self.results: dict[str, str] = {}  # task id -> its result's state, once known
         self.blocked_since: dict[str, float] = {}
         self.waiting: tuple[str, str] | None = None  # what the first stuck task waits for
+        self.last_plan: tuple[PassSnapshot, PassPlan, float] | None = None  # (Scheduler.plan)
         self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
         self.views: dict[int, NodeView] = {}
         self.views_read = -1e18
@@ -3462,11 +3516,33 @@ class Scheduler:
         if self.is_leader:
             self.forget_overrides([t.name for t in snapshot.pending], set(snapshot.held),
                                   snapshot.priority)
-        plan = plan_pass(snapshot)
+        plan = self.plan(snapshot)
         self.blocked_since = dict(plan.blocked_since)
         self.waiting = plan.waiting
         for name in self.applier.apply(plan, snapshot, running):
             self.requests.pop(name, None)  # (claimed: back in pending/, it is read again)
+
+    def plan(self, snapshot: PassSnapshot) -> PassPlan:
+        """``plan_pass`` of the snapshot; or the last pass's plan, when that plan changed
+        nothing (no start, failure, cancel or placement), the snapshot is the same but for the
+        time, and nothing that the time decides has come due (a task reaching the backfill
+        limit, a back-off ending). A queue of thousands of waiting tasks is then planned once,
+        not at every poll."""
+        last = self.last_plan
+        if (last is not None and snapshot.now < last[2]
+                and dataclasses.replace(snapshot, now=0.0) == last[0]):
+            return last[1]
+        plan = plan_pass(snapshot)
+        self.last_plan = None
+        if not (plan.starts or plan.fails or plan.cancels or plan.gangs):
+            due = min((since + snapshot.backfill_limit for since in plan.blocked_since.values()),
+                      default=math.inf)
+            if snapshot.backoff_until > snapshot.now:
+                due = min(due, snapshot.backoff_until)
+            # the next pass reads the blocked tasks' times from this plan
+            same = dataclasses.replace(snapshot, now=0.0, blocked_since=plan.blocked_since)
+            self.last_plan = (same, plan, due)
+        return plan
 
     def snapshot(self, now: float, running: list[str], may_start: bool,
                  drained: str | None = None, node_drained: str | None = None) -> PassSnapshot:

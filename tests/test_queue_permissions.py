@@ -486,3 +486,27 @@ exec {shutil.which("xargs")} "$@"
     assert (place / "swapped").exists(), (res.out, res.err)
     assert sorted(os.listdir(victim)) == sorted([f"{old}.result", f"{old}.log"]), res.err
     assert not (inst / "done" / old).exists()  # the task itself is removed
+
+
+@needs_root
+def test_a_listing_is_reused_only_while_its_folder_stands_still_and_for_seconds(place, other):
+    """pending/ listed again at every poll costs a stat per task: while the folder's own
+    stat stands still its listing is reused, but each change shows at once, and what changed
+    only inside a file (its owner) shows within seconds."""
+    folder = pm.QueueFolder(place / "unit")
+    folder.create("unit")
+    clock = FakeClock(1000.0)
+    folder.monotonic = clock
+    first = submit(place / "unit", "a.sh", "true\n")
+    assert folder.files("pending") == [first]
+    second = submit(place / "unit", "b.sh", "true\n")
+    assert folder.files("pending") == sorted([first, second])  # a new entry: at once
+    give(place / "unit" / "pending" / second, other)  # (the folder's stat stands still)
+    clock.sleep(pm._LISTING_REUSE_SECONDS - 0.5)
+    assert folder.files("pending") == sorted([first, second])
+    assert folder.refused["pending"] == {}
+    clock.sleep(1.0)
+    assert folder.files("pending") == [first]
+    assert second in folder.refused["pending"]
+    os.unlink(place / "unit" / "pending" / first)
+    assert folder.files("pending") == []  # an entry gone: at once

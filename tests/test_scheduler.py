@@ -654,3 +654,46 @@ def test_an_unreadable_drain_file_still_drains(node, tmp_path):
     assert (inst / "pending" / task).exists()
     (inst / "drain").rmdir()
     run_until(daemon, clock, lambda: (inst / "done" / task).exists())
+
+
+def test_a_waiting_queue_is_planned_again_only_when_something_changed(node, tmp_path,
+                                                                      monkeypatch):
+    """A queue that only waits is not planned at every poll; but each plan the scheduler
+    acts on is the one plan_pass gives for that moment: when a task reaches the backfill
+    limit with nothing else changed, and when the queue changes."""
+    daemon, clock, inst = node
+    gate = tmp_path / "gate"
+    plan_pass, planned = pm.plan_pass, []
+    monkeypatch.setattr(pm, "plan_pass", lambda snap: planned.append(snap) or plan_pass(snap))
+    plan, stale = daemon.scheduler.plan, []
+
+    def checked(snapshot):  # (the daemon's tick would catch an assertion here)
+        got = plan(snapshot)
+        if got != plan_pass(snapshot):
+            stale.append(snapshot.now)
+        return got
+
+    monkeypatch.setattr(daemon.scheduler, "plan", checked)
+    ids = [submit(inst, f"t{i}.sh", gate_script(gate, tmp_path / "out"), gpus=1)
+           for i in range(4)]
+    run_until(daemon, clock, lambda: len(running_ids(daemon)) == 4)
+    whole = submit(inst, "whole.sh", "true\n", gpus=4)
+    after = submit(inst, "after.sh", "true\n", gpus=1)
+    run_until(daemon, clock, lambda: daemon.scheduler.waiting is not None
+              and daemon.scheduler.waiting[0] == whole)
+    planned.clear()
+    for _ in range(50):
+        daemon.tick()
+        clock.sleep(0.1)
+    assert len(planned) <= 2  # (the second pass takes in the times the first gave)
+    reasons = daemon.scheduler.last_plan[1].reasons
+    assert reasons[after] == "waiting for 1 GPU, 0 free"
+    clock.sleep(pm.BACKFILL_LIMIT_SECONDS)
+    daemon.tick()
+    reasons = daemon.scheduler.last_plan[1].reasons
+    assert reasons[after].startswith(f"the node keeps its GPUs for {whole}")
+    late = submit(inst, "late.sh", "true\n", gpus=0)
+    run_until(daemon, clock, lambda: finished(inst, late))
+    gate.write_text("")
+    run_until(daemon, clock, lambda: all(finished(inst, t) for t in [*ids, whole, after]))
+    assert stale == []
