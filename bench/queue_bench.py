@@ -2,6 +2,7 @@
 """Queue benchmark: submit-to-start latency, drain rate, idle CPU; nq beside it. Prints JSON.
 
     python3 bench/queue_bench.py [--samples 20] [--drain 500] [--slots 8] [--idle-seconds 30]
+                                 [--waiting 1000 5000] [--parts latency,drain,idle,waiting,nq]
 
 The daemon runs for real (keep-alive off, kill scope none) inside its own PID namespace when
 ``unshare`` allows it, on a temporary queue root, with ``--slots`` declared GPU slots
@@ -179,7 +180,7 @@ def idle_cpu(root: Path, finished: int, seconds: float, log: Path) -> dict:
     proc = start_daemon(root, "idle", pm.POLL_INTERVAL, log)
     try:
         daemon = daemon_process(proc)
-        time.sleep(2)  # past start-up
+        time.sleep(15)  # past start-up and the summary's first read of the finished tasks
         before = cpu_seconds(daemon.pid)
         t0 = time.time()
         time.sleep(seconds)
@@ -191,6 +192,40 @@ def idle_cpu(root: Path, finished: int, seconds: float, log: Path) -> dict:
             "cpu_percent_of_one_core": round(100 * used / elapsed, 4), "target_percent": 1.0}
 
 
+def waiting_cpu(root: Path, waiting: int, seconds: float, log: Path, slots: int) -> dict:
+    """The daemon's CPU while ``waiting`` one-GPU tasks wait behind a task that holds all
+    ``slots`` GPUs (a sweep queued on a busy node): the same queue at every poll."""
+    job = f"waiting{waiting}"
+    inst = root / job
+    gate = root / f"{job}.gate"
+    busy = submit(inst, "busy.sh", f"while [ ! -e '{gate}' ]; do sleep 0.5; done\n",
+                  gpus=slots, priority=0)
+    proc = start_daemon(root, job, pm.POLL_INTERVAL, log, slots)
+    try:
+        daemon = daemon_process(proc)
+        deadline = time.time() + 30
+        while not (inst / "running" / busy).exists():
+            if time.time() > deadline:
+                raise SystemExit("the busy task did not start")
+            time.sleep(0.05)
+        for i in range(waiting):
+            submit(inst, f"w{i}.sh", "true\n", gpus=1)
+        time.sleep(5)  # past reading their records
+        before = cpu_seconds(daemon.pid)
+        t0 = time.time()
+        time.sleep(seconds)
+        used = cpu_seconds(daemon.pid) - before
+        elapsed = time.time() - t0
+        left = len(os.listdir(inst / "pending"))
+    finally:
+        gate.touch()
+        stop(proc)
+    if left != waiting:
+        raise SystemExit(f"{waiting - left} of the waiting tasks started")
+    return {"waiting_tasks": waiting, "seconds": round(elapsed, 1),
+            "cpu_percent_of_one_core": round(100 * used / elapsed, 4), "target_percent": 1.0}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20)
@@ -199,21 +234,33 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="drains to take the median of")
     parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--finished", type=int, default=10_000)
+    parser.add_argument("--waiting", type=int, nargs="+", default=[1000, 5000],
+                        help="tasks waiting behind a busy node, for the CPU while they wait")
+    parser.add_argument("--parts", default="latency,drain,idle,waiting,nq",
+                        help="which figures to take (comma-separated)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     root = Path(tempfile.mkdtemp(prefix="pm-bench-"))
     try:
         log = root / "daemon.log"
-        report = {
+        report: dict[str, object] = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                        f"Python {platform.python_version()}",
-            "latency": latency(root, args.samples, pm.POLL_INTERVAL, log),
-            "latency_poll_only": latency(root, args.samples, pm.POLL_INTERVAL, log,
-                                         inotify=False),
-            "drain": drain(root, args.drain, args.slots, log, args.repeat),
-            "idle": idle_cpu(root, args.finished, args.idle_seconds, log),
-            "nq": nq_figures(root, args.samples, args.drain),
         }
+        if "latency" in parts:
+            report["latency"] = latency(root, args.samples, pm.POLL_INTERVAL, log)
+            report["latency_poll_only"] = latency(root, args.samples, pm.POLL_INTERVAL, log,
+                                                  inotify=False)
+        if "drain" in parts:
+            report["drain"] = drain(root, args.drain, args.slots, log, args.repeat)
+        if "idle" in parts:
+            report["idle"] = idle_cpu(root, args.finished, args.idle_seconds, log)
+        if "waiting" in parts:
+            report["waiting"] = [waiting_cpu(root, n, args.idle_seconds, log, args.slots)
+                                 for n in args.waiting]
+        if "nq" in parts:
+            report["nq"] = nq_figures(root, args.samples, args.drain)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(report, indent=2))
