@@ -4869,9 +4869,11 @@ class Workers:
 
     @staticmethod
     def backoff(slot: _Slot, now: float) -> float:
-        """Schedule the restart after a crash: KEEPALIVE_RESTART_SECONDS, doubling per crash."""
-        delay = min(KEEPALIVE_RESTART_MAX_SECONDS,
-                    KEEPALIVE_RESTART_SECONDS * 2 ** (slot.crashes - 1))
+        """Schedule the restart after a crash: KEEPALIVE_RESTART_SECONDS, doubling per crash
+        up to KEEPALIVE_RESTART_MAX_SECONDS. The doubling stops there: past a thousand
+        crashes (days of a worker that cannot start) 2 ** n no longer fits a float."""
+        doublings = min(slot.crashes - 1, 60)
+        delay = min(KEEPALIVE_RESTART_MAX_SECONDS, KEEPALIVE_RESTART_SECONDS * 2 ** doublings)
         slot.restart_at = now + delay
         return delay
 

@@ -686,6 +686,32 @@ def test_a_worker_that_cannot_start_is_retried(log, caplog):
     assert field(ka, 0, "state") == "holding"
 
 
+def test_a_worker_that_never_starts_is_retried_for_ever_without_breaking_the_tick(
+        log, monkeypatch):
+    """Past a thousand failed starts (three and a half days at the longest back-off), the
+    back-off stays at its longest: the tick never raises, and the other GPUs are still looked
+    after. (The back-off is shortened here, so that a thousand starts take minutes.)"""
+    monkeypatch.setattr(pm, "KEEPALIVE_RESTART_SECONDS", 1.0)
+    monkeypatch.setattr(pm, "KEEPALIVE_RESTART_MAX_SECONDS", 1.0)
+    node = sim.scenario_two_idle_gpus(window=1.0)
+    job = node.foreign(1)  # GPU 1: somebody else's job, for now
+
+    def spawn(info, spec):
+        if info.index == 0:
+            raise OSError("no such interpreter")
+        return node.spawn(info, spec)
+
+    ka = pm.GpuKeepAlive(node.nvml, node.nvml.gpus(), log, spawn=spawn, timefunc=node.time,
+                         delayfunc=node.sleep)
+    ka.start()
+    sim.run(node, ka, 1200, poll=1.0)
+    assert ka.slots[0].crashes > 1100
+    assert field(ka, 0, "reason") == "worker did not start; retry in 1 s"
+    job.end = node.now
+    sim.run(node, ka, pm.KEEPALIVE_HOLDOFF_SECONDS + 5, poll=1.0)
+    assert field(ka, 1, "state") == "holding"
+
+
 def test_tick_survives_a_broken_worker_handle(log, caplog):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
