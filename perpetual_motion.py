@@ -4943,7 +4943,7 @@ class GpuMeasures:
         elif band is not None and band >= _BAND_WARN_SHARE:
             slot.band_warned = False
         self._follow_yield(slot, now, reading)
-        self._reclaim_risk(slot, now, task_running)
+        self.judge_risk(slot, now, task_running)
 
     def _follow_yield(self, slot: _Slot, now: float, reading: Reading) -> None:
         """Time the last yield: until its worker is gone, and until its memory is back (not
@@ -4983,7 +4983,7 @@ class GpuMeasures:
                              record.exit_after, "?" if record.memory_after is None
                              else f"{record.memory_after:.2f} s")
 
-    def _reclaim_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
+    def judge_risk(self, slot: _Slot, now: float, task_running: bool) -> None:
         """A GPU below the band for KEEPALIVE_RISK_SECONDS is at risk of being reclaimed as
         idle: marked in gpu.<i>.risk, and a WARNING (again every ten minutes while it lasts).
         It is judged on the mean of the last _RISK_MEAN_SECONDS: a short burst (a job of two
@@ -5067,12 +5067,17 @@ class GpuKeepAlive(KeepAlive):
             return
         now = self.timefunc()
         for i, slot in enumerate(self.slots):
+            task_running = i in busy or slot.released_at is not None
             try:
-                self._tick_slot(slot, now, i in busy or slot.released_at is not None)
+                self._tick_slot(slot, now, task_running)
             except Exception:  # noqa: BLE001 - one GPU's trouble must never stop the daemon
                 if self._throttle(f"tick/{slot.gpu.index}"):
                     self.log.exception("%s%s: keep-alive error", self.prefix, slot.label)
                 self.workers.abandon(slot, now)
+                # a GPU whose every tick fails is idle all the same: it is judged on what
+                # is known of its utilisation (nothing new: unknown), and flagged at risk
+                with contextlib.suppress(Exception):
+                    self.measures.judge_risk(slot, now, task_running)
 
     def release(self, gpus: Collection[int]) -> None:
         now = self.timefunc()

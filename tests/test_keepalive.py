@@ -730,6 +730,27 @@ def test_tick_survives_a_broken_worker_handle(log, caplog):
     assert field(ka, 0, "state") == "holding" and len(node.workers) == 2
 
 
+def test_a_gpu_whose_tick_fails_every_time_is_still_flagged_at_risk(log, caplog):
+    node = sim.scenario_two_idle_gpus()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    listed = node.nvml.compute_processes
+
+    def broken(info):
+        if info.index == 0:
+            raise RuntimeError("unexpected answer")
+        return listed(info)
+
+    node.nvml.compute_processes = broken
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, pm.KEEPALIVE_RISK_SECONDS + 30, poll=0.5)
+    assert field(ka, 0, "state") == "off" and "error" in field(ka, 0, "reason")
+    assert re.fullmatch(r"GPU 0 idle \d+ min \(\d+%\): keep-alive off: keep-alive error; .*",
+                        field(ka, 0, "risk"))
+    assert "At risk of reclaim: GPU 0" in caplog.text
+    assert field(ka, 1, "state") == "holding" and field(ka, 1, "risk") == ""
+
+
 def test_mig_devices_are_skipped(log):
     node = sim.scenario_mig_device()
     ka = start(node, log)
