@@ -3661,6 +3661,7 @@ _FILLER_START_DUTY = 0.5  # a filler starts gently: the task may come back to wo
 _SETTLE_LAG = 0.3  # s from a duty change to the first utilisation sample that reflects it
 _EXIT_GRACE = 3.0  # s a departed worker still counts as ours in NVML's lists
 _KILL_GRACE = 0.5  # s from "stop" to SIGKILL for a worker that does not exit
+_KILLED_LIMIT = 5.0  # s after SIGKILL a worker still there is stuck (in the driver, unkillable)
 _NVML_FAIL_SECONDS = 10.0  # s of unanswered NVML queries after which a GPU is let go
 _RELEASE_POLL = 0.01  # s between looks at the memory while release() waits
 _CONTEXT_MIB = 600  # MiB a worker's CUDA context takes beside its tensors, where not measured
@@ -4360,6 +4361,7 @@ class _Worker:
     stop_at: float | None = None
     stop_reason: str = ""
     killed_for: str = ""  # why the engine killed it (a crash, for the backoff)
+    killed_at: float | None = None  # when the engine first sent it SIGKILL
     exit_reason: str = ""
     exit_time: float | None = None  # the worker's wall clock when it left
     listed: bool = False  # NVML's process list has shown it under its own PID
@@ -4691,7 +4693,9 @@ class Workers:
         code = worker.handle.exit_code()
         if code is None:
             if worker.stop_at is not None and now - worker.stop_at >= _KILL_GRACE:
-                worker.handle.kill()
+                self.kill(worker, now)
+            if worker.killed_at is not None and now - worker.killed_at >= _KILLED_LIMIT:
+                self._stuck(slot, worker)
             return
         for line in worker.handle.messages():
             self._on_message(slot, worker, line, now)
@@ -4748,7 +4752,23 @@ class Workers:
             return
         self.log.warning("%s%s: keep-alive worker %s: killed", self.prefix, slot.label,
                          worker.killed_for)
+        self.kill(worker, now)
+
+    def kill(self, worker: _Worker, now: float) -> None:
+        """SIGKILL to a worker (again, where it is still there)."""
+        if worker.killed_at is None:
+            worker.killed_at = now
         worker.handle.kill()
+
+    def _stuck(self, slot: _Slot, worker: _Worker) -> None:
+        """A worker still there _KILLED_LIMIT after SIGKILL is stuck in the driver (a wedged
+        CUDA call, a GPU that fell off the bus): the GPU idles, and no new worker can be
+        started there while it holds the memory. Said, once; its memory counts as ours."""
+        reason = (f"worker (pid {worker.handle.pid}) does not end after SIGKILL (stuck in the "
+                  "driver?); its memory stays held")
+        if slot.reason != reason:
+            self.log.warning("%s%s: keep-alive %s", self.prefix, slot.label, reason)
+        slot.set(GpuState.OFF, reason)
 
     def _on_message(self, slot: _Slot, worker: _Worker, line: str, now: float) -> None:
         worker.heard_at = now
@@ -4832,7 +4852,7 @@ class Workers:
         worker.stop_at = now
         worker.stop_reason = reason
         if worker.ready_at is None:
-            worker.handle.kill()  # still setting up: it reads no commands yet
+            self.kill(worker, now)  # still setting up: it reads no commands yet
         else:
             worker.handle.stop()
         slot.release_below = memory_back_below(slot, worker, slot.memory_used)
@@ -4925,7 +4945,8 @@ class GpuMeasures:
 
     def measure(self, slot: _Slot, now: float, reading: Reading, task_running: bool) -> None:
         worker = slot.worker
-        held = worker is not None and worker.ready_at is not None and worker.stop_at is None
+        held = worker is not None and worker.ready_at is not None and worker.stop_at is None \
+            and worker.killed_at is None
         if slot.ticked_at is not None:
             slot.meter.time(now, min(now - slot.ticked_at, 5.0), held)
         slot.ticked_at = now
@@ -5112,7 +5133,7 @@ class GpuKeepAlive(KeepAlive):
             begun = slot.released_at if slot.released_at is not None else now
             if not done and now - begun >= self.release_timeout:
                 if slot.worker is not None:
-                    slot.worker.handle.kill()
+                    self.workers.kill(slot.worker, now)
                 slot.release_below = None
                 self.log.warning("%s%s: keep-alive memory not released within %.1f s; "
                                  "starting the task anyway", self.prefix, slot.label,
@@ -5153,7 +5174,7 @@ class GpuKeepAlive(KeepAlive):
             now = self.timefunc()
             for slot in self.slots:
                 if slot.worker is not None and now >= deadline:
-                    slot.worker.handle.kill()
+                    self.workers.kill(slot.worker, now)
                 self.workers.reap(slot, now)
             if now >= deadline + 1.0:
                 break
@@ -5209,7 +5230,8 @@ class GpuKeepAlive(KeepAlive):
             return
         worker = slot.worker
         if worker is not None:
-            if worker.stop_at is None and worker.ready_at is not None:
+            if worker.stop_at is None and worker.ready_at is not None \
+                    and worker.killed_at is None:
                 self._control(slot, worker, now)
             return
         if slot.restart_at is not None and now < slot.restart_at:
@@ -5299,7 +5321,7 @@ class GpuKeepAlive(KeepAlive):
                 self._stop_filler(slot, now, "the task needs the memory")
             elif task_util is not None and task_util >= GPU_UTIL_THRESHOLD:
                 self._stop_filler(slot, now, f"the task is busy again ({task_util}%)")
-            elif worker.ready_at is not None:
+            elif worker.ready_at is not None and worker.killed_at is None:
                 self._control(slot, worker, now)
             return
         if slot.restart_at is not None and now < slot.restart_at:

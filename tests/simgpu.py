@@ -224,6 +224,9 @@ class FakeWorker:
         self.kill_at: float | None = None
         self.crash_at: float | None = None
         self.silent_at = INF  # from then on it reports nothing (hung), but lives on
+        self.hung_at = INF  # from then on it is stuck in a CUDA call: no kernel, no command read,
+        # no report
+        self.unkillable = False  # SIGKILL does not end it (a process stuck in the driver)
         self.crash_code = 1
         self.stuck = False  # ignores "stop"
         self.status_lost = False  # another waitpid() took its exit status: it reads 0
@@ -305,7 +308,7 @@ class FakeWorker:
     def busy_share(self, a: float, b: float) -> float:
         """Share of ``[a, b]`` in which its kernels ran (the tile on the device when the
         process went runs to its end: ``drain``)."""
-        end = min(b, self.exit_time()[0] + self.drain)
+        end = min(b, self.exit_time()[0] + self.drain, self.hung_at)
         if end <= a:
             return 0.0
         self._run_periods(end)
@@ -324,6 +327,8 @@ class FakeWorker:
         if now >= self.exit_time()[0]:
             return False
         self.sent.append((now, line))
+        if now >= self.hung_at:
+            return True  # the pipe takes it; the worker never reads it
         verb, _, value = line.partition(" ")
         if verb == "duty":
             self.duties.append((now, float(value)))
@@ -335,7 +340,7 @@ class FakeWorker:
         now = self.node.now
         out = []
         end, code = self.exit_time()
-        heard_until = min(now, end, self.silent_at)
+        heard_until = min(now, end, self.silent_at, self.hung_at)
         if heard_until >= self.ready_at and self.ready_at < end and "ready" not in self.delivered:
             self.delivered.add("ready")
             out.append(f"ready tile={getattr(self.spec, 'tile', 0) or 16384} tile_ms=4.00 "
@@ -362,6 +367,8 @@ class FakeWorker:
         self.send("stop")
 
     def kill(self) -> None:
+        if self.unkillable:
+            return
         if self.kill_at is None and self.node.now < self.exit_time()[0]:
             self.kill_at = self.node.now
 

@@ -869,6 +869,30 @@ def test_a_silent_worker_is_killed_and_its_memory_freed(log, caplog):
     assert len(node.workers) == 2 and field(ka, 0, "state") == "holding"
 
 
+def test_a_worker_stuck_in_the_driver_that_survives_its_kill_is_not_shown_holding(log, caplog):
+    """A worker hung in a CUDA call may not end on SIGKILL (uninterruptible in the driver): the
+    GPU idles, and its state says so, with a warning, rather than ``holding``."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    worker = node.workers[0]
+    worker.hung_at = node.now
+    worker.unkillable = True
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, pm._SILENT_LIMIT + 10)
+    assert "silent for" in caplog.text
+    assert field(ka, 0, "state") == "off"
+    assert field(ka, 0, "reason") == (f"worker (pid {worker.pid}) does not end after SIGKILL "
+                                      "(stuck in the driver?); its memory stays held")
+    assert caplog.text.count("does not end after SIGKILL") == 1
+    sent = len(worker.sent)
+    sim.run(node, ka, pm.KEEPALIVE_RISK_SECONDS + 10)
+    assert len(worker.sent) == sent  # no duty for a worker that is gone in all but name
+    assert field(ka, 0, "state") == "off" and len(node.workers) == 1
+    assert "keep-alive off: worker (pid" in field(ka, 0, "risk")
+    assert field(ka, 0, "held_10m") != "" and float(field(ka, 0, "held_10m")) < 0.2
+
+
 def test_a_daemon_that_stalls_does_not_make_a_worker_look_silent(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
