@@ -5746,13 +5746,33 @@ class _NvmlWatch:
         return ""
 
 
+_report_fd: int | None = None  # a worker's own descriptor for its reports (else stdout's)
+
+
+def report_on_own_descriptor() -> None:
+    """In a worker process, before anything else runs: the reports keep the pipe to the
+    daemon, on a descriptor of their own, and stdout becomes stderr (the daemon's log). A
+    library that logs to stdout (cuBLASLt does, with CUBLASLT_LOG_LEVEL set) writes through a
+    buffer of its own, which ends mid-line: in the same pipe its text would glue itself to
+    the reports, and a ``ready`` lost so would have the worker killed as hung. A newline
+    first ends what may have been written before."""
+    global _report_fd
+    try:
+        fd = os.dup(1)
+        os.dup2(2, 1)
+        os.write(fd, b"\n")
+    except OSError:
+        return  # stdout stays the channel
+    _report_fd = fd
+
+
 def _report(line: str) -> None:
     """One line up to the daemon. It never blocks: when the daemon does not read (stalled on
     slow storage), the pipe fills and lines are dropped, rather than the duty cycle and the
     watch stopping. A line is short enough for the pipe to take whole or not at all."""
     data = (line[:2000] + "\n").encode(errors="replace")
     try:
-        fd = sys.stdout.fileno()
+        fd = sys.stdout.fileno() if _report_fd is None else _report_fd
         if os.get_blocking(fd):
             os.set_blocking(fd, False)
         os.write(fd, data)
@@ -7508,6 +7528,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         set_process_name(WORKER_PROCESS_NAME)
+        report_on_own_descriptor()
         return worker_main(argv[1:])
     if argv[:1] == ["--fence-keeper"]:
         set_process_name(FENCE_PROCESS_NAME)

@@ -1635,6 +1635,43 @@ def test_real_worker_process_on_the_cpu():
 
 
 @needs_torch
+def test_a_library_writing_to_the_workers_stdout_does_not_garble_its_reports(tmp_path):
+    """A library in the worker that logs to stdout (cuBLASLt does, with CUBLASLT_LOG_LEVEL
+    set) writes through its own buffer, which ends mid-line: such output must not glue
+    itself to the worker's reports, or ``ready`` is lost and the worker killed as hung."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, threading, time\n"
+        "def chatter():\n"
+        "    while True:\n"
+        "        os.write(1, b'I! library log: a buffer that ends mid-')\n"
+        "        time.sleep(0.2)\n"
+        "        os.write(1, b'line\\n')\n"
+        "        time.sleep(0.005)\n"
+        "if os.environ.get('PERPETUAL_MOTION_WORKER'):\n"
+        "    threading.Thread(target=chatter, daemon=True).start()\n"
+        "    time.sleep(0.05)\n")
+    argv = pm.worker_command(["cpu-test", "--device", "cpu", "--tile", "64", "--period", "0.05"])
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}",
+               PERPETUAL_MOTION_WORKER="cpu-test")
+    worker = pm.WorkerProcess(argv, env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while sum(line.startswith("stats ") for line in lines) < 5:
+            assert worker.exit_code() is None, lines
+            assert time.monotonic() < deadline, f"reports garbled: {lines[-5:]}"
+            time.sleep(0.05)
+            lines += worker.messages()
+        ready = [pm.parse_message(line)[1] for line in lines if line.startswith("ready ")]
+        assert ready and ready[0]["tile"] == "64", lines[:5]
+        # (what the library wrote before the worker's code ran may come first)
+        reports = lines[next(i for i, line in enumerate(lines) if line.startswith("ready ")):]
+        assert all(line.split()[0] in ("ready", "stats") for line in reports), reports
+    finally:
+        worker.kill()
+
+
+@needs_torch
 def test_real_worker_leaves_when_the_daemon_goes():
     argv = pm.worker_command(["cpu-test", "--device", "cpu", "--tile", "64", "--period", "0.05"])
     worker = pm.WorkerProcess(argv, dict(os.environ, PYTHONPATH=str(REPO)))
