@@ -2602,6 +2602,15 @@ class TaskRunner:
             task.kill_at = self.clock() + (0.0 if hard else self.config.stop_grace)
             LOG.info("Stopping %s (%s): %s", task.label, reason, signal_name(sig))
 
+    def kill(self, task: RunningTask) -> None:
+        """SIGKILL to all that runs of a task whose end another daemon records: its process
+        group, and every process with its marker (a child that left the group with
+        ``setsid``), so that nothing of it outlives its recorded end on this node."""
+        signal_group(task.proc.pid, signal.SIGKILL)
+        for pid in marked_pids(f"{self.config.job_id}/{task.task_id}"):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
     # -- polling and finishing -------------------------------------------------------------
 
     def poll(self) -> list[tuple[RunningTask, TaskResult]]:
@@ -6974,7 +6983,7 @@ class DaemonLifecycle(DaemonState):
                 if task.rank is None:
                     self.runner.unclaim(task.task_id)
             else:
-                signal_group(task.proc.pid, signal.SIGKILL)
+                self.runner.kill(task)
             self.keepalive.task_finished(task.gpus)
         self.runner.unfinished.clear()
 
@@ -7302,7 +7311,7 @@ class Daemon(DaemonLifecycle):
             return False
         self.runner.tasks.pop(task.key, None)
         if task.proc is not None:
-            signal_group(task.proc.pid, signal.SIGKILL)
+            self.runner.kill(task)
             LOG.warning("%s was finished by another daemon (this node was taken for dead): its "
                         "processes here are ended and nothing is recorded", task.label)
         else:

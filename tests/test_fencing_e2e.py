@@ -149,3 +149,50 @@ def test_a_suspended_daemons_tasks_are_fenced_before_the_node_may_be_taken_for_d
     assert res["state"] == "interrupted" and res["reason"].startswith("self-fenced"), res
     daemon.stop()
     assert not keeper.is_running(), "the keeper outlived its daemon"
+
+
+def test_a_task_finished_by_another_daemon_ends_here_with_what_left_its_group(
+        queue_root, start_daemon):
+    """Node 0 took this node for dead and recorded its task interrupted (storage that node 0
+    could not read it through, say) while the task ran on here. The daemon, seeing that end,
+    must end all of the task here, also a child that left its process group with setsid:
+    killing the group alone left that child running on the GPU after the task's end."""
+    inst = queue_root / "letgo"
+    daemon = start_daemon(queue_root, "letgo", "--gpus", "1")
+    task = submit(inst, "t.sh", "setsid sleep 321 & while :; do sleep 0.2; done\n", gpus=1)
+    wait_for(lambda: processes(daemon, "sleep", "321"), 15, what="the escaped child")
+    [child] = processes(daemon, "sleep", "321")
+    (inst / "records" / f"{task}.result").write_text(pm.format_fields(
+        {"id": task, "state": "interrupted", "reason": "node 1's daemon died"}))
+    (inst / "running" / task).rename(inst / "failed" / task)
+    wait_for(lambda: "was finished by another daemon" in daemon.output(), 15,
+             what="the daemon to let go of the task")
+    wait_for(lambda: not is_live(child), 5, what="the escaped child to end")
+    assert result(inst, task)["reason"] == "node 1's daemon died"  # its record stands
+
+
+def test_a_displaced_daemon_ends_what_left_its_tasks_groups(queue_root, tmp_path):
+    """Another daemon took the node (its claim is in the state file): this one publishes
+    nothing and ends its tasks, also a child that left a task's group with setsid. The new
+    owner ended what it could see at its start, before this task began: nobody else ends it.
+    The daemon is not PID 1 here (bash is), so its namespace outlives it."""
+    inst = queue_root / "yield"
+    daemon = f"{sys.executable} '{DAEMON}' --job-id yield --queue-root '{queue_root}' {FAST}"
+    task = submit(inst, "t.sh", "setsid sleep 322 & while :; do sleep 0.2; done\n", gpus=1)
+    with namespace_shell(f"{daemon} & wait $!; sleep 300", tmp_path / "ns.log") as shell:
+        def sleeper() -> list[psutil.Process]:
+            return [p for p in psutil.Process(shell.pid).children(recursive=True)
+                    if command_line(p) == ["sleep", "322"]]
+        wait_for(sleeper, 20, what="the escaped child")
+        [child] = sleeper()
+        state = inst / "nodes" / "node-0.state"
+        fields = pm.parse_fields(state.read_text())
+        fields.update(started=f"{time.time():.3f}", pid="4242", host="elsewhere")
+        staged = inst / ".staging" / "claim"
+        staged.write_text(pm.format_fields(fields))
+        staged.rename(state)
+        wait_for(lambda: "another daemon holds this instance and node" in
+                 (tmp_path / "ns.log").read_text(), 15, what="the daemon to yield")
+        wait_for(lambda: not is_live(child), 5, what="the escaped child to end")
+        assert task in {p.name for p in (inst / "running").iterdir()}  # left to the new owner
+        assert result(inst, task) is None
