@@ -105,6 +105,9 @@ GANG_FAIL_GRACE_SECONDS = 5.0  # after one rank of a task failed, the others get
 # how long a new daemon watches an unreachable owner's heartbeat: as long as node 0 waits to take
 # a node for dead, so that an owner that lives but cannot beat has fenced its tasks by then
 TAKEOVER_WATCH_SECONDS = HEARTBEAT_STALE_SECONDS
+# hosts' clocks may differ by up to this: an owner elsewhere is taken for gone without that watch
+# only when its heartbeat is older than this plus HEARTBEAT_STALE_SECONDS on this host's clock
+CLOCK_SKEW_LIMIT_SECONDS = 3600.0
 KEEP_FINISHED_DAYS = 30  # node 0 removes finished tasks this many days old, once a day (0: never)
 AUTO_SHUTDOWN_HARD_HOURS = None  # hours after which running tasks are stopped too (None: never)
 DEFAULT_PRIORITY = 500  # priority given to tasks dropped into pending/ by hand
@@ -6373,7 +6376,9 @@ class NodeClaim:
 
         On this host, boot and PID namespace the owner's pid is checked. Elsewhere its
         heartbeat is watched for TAKEOVER_WATCH_SECONDS: only a heartbeat that advances proves
-        a live owner (clocks of hosts differ, so its age proves nothing but staleness)."""
+        a live owner, and only one older than any difference of hosts' clocks
+        (CLOCK_SKEW_LIMIT_SECONDS) proves a dead one without the watch: a clock five minutes
+        ahead of the owner's sees its fresh heartbeat five minutes old."""
         fields = self.read()
         if not fields or fields.get("status") == "stopped" or self.is_mine(fields):
             return None
@@ -6383,7 +6388,8 @@ class NodeClaim:
             return who if pid is not None and pid_is_owner(
                 pid, as_float(fields.get("started"))) else None
         first = as_float(fields.get("heartbeat"))
-        if first is None or self.clock() - first >= HEARTBEAT_STALE_SECONDS:
+        if first is None or \
+                self.clock() - first >= HEARTBEAT_STALE_SECONDS + CLOCK_SKEW_LIMIT_SECONDS:
             return None
         LOG.info("The state file names a daemon elsewhere (%s): watching its heartbeat for "
                  "%.0f s", who, TAKEOVER_WATCH_SECONDS)

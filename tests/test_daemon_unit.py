@@ -280,10 +280,18 @@ def test_a_heartbeat_from_the_future_does_not_block_a_new_daemon(tmp_path):
 
 
 def test_a_stale_heartbeat_elsewhere_is_taken_over_at_once(tmp_path):
+    """Older than any difference of hosts' clocks: no watch. A younger one that looks stale
+    here may come from a host whose clock is behind: it is watched."""
     clock = FakeClock()
     first = make_daemon(tmp_path, clock, identity=ELSEWHERE)
     first.start()
     clock.sleep(pm.HEARTBEAT_STALE_SECONDS + 1)
+    before = clock.now
+    assert make_daemon(tmp_path, clock).start() is None
+    assert clock.now - before == pytest.approx(pm.TAKEOVER_WATCH_SECONDS, abs=1.5)
+    first = make_daemon(tmp_path, clock, identity=ELSEWHERE)
+    first.start()
+    clock.sleep(pm.HEARTBEAT_STALE_SECONDS + pm.CLOCK_SKEW_LIMIT_SECONDS + 1)
     second = make_daemon(tmp_path, clock)
     before = clock.now
     assert second.start() is None and clock.now == before

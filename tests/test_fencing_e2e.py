@@ -196,3 +196,29 @@ def test_a_displaced_daemon_ends_what_left_its_tasks_groups(queue_root, tmp_path
         wait_for(lambda: not is_live(child), 5, what="the escaped child to end")
         assert task in {p.name for p in (inst / "running").iterdir()}  # left to the new owner
         assert result(inst, task) is None
+
+
+def test_a_daemon_whose_clock_is_ahead_does_not_take_a_live_node_over(queue_root, start_daemon,
+                                                                       tmp_path):
+    """A second daemon for the same node starts in another container (a job launched twice, or
+    requeued) on a host whose clock is five minutes ahead: the owner's fresh heartbeat looks
+    five minutes old there. It must watch the heartbeat advance and refuse (exit 3), not take
+    the node over at once, record the owner's running task interrupted and end it."""
+    inst = queue_root / "skew"
+    skewed = tmp_path / "skewed"
+    skewed.mkdir()
+    (skewed / "sitecustomize.py").write_text(
+        "import time\n_time = time.time\ntime.time = lambda: _time() + 300.0\n")
+    owner = start_daemon(queue_root, "skew")
+    ticks = tmp_path / "ticks"
+    task = submit(inst, "t.sh", f"while :; do date +%s.%N >> '{ticks}'; sleep 0.2; done\n")
+    wait_for(lambda: ticks.exists(), 15, what="the task to run")
+    second = start_daemon(queue_root, "skew", env={"PYTHONPATH": str(skewed)}, wait=False)
+    wait_for(lambda: second.proc.poll() is not None or "[INFO] Queue: " in second.output(),
+             pm.TAKEOVER_WATCH_SECONDS + 15, what="the second daemon to refuse or start")
+    assert second.wait_exit() == pm.EXIT_ALREADY_RUNNING, second.output()
+    assert "whose heartbeat advances" in second.output()
+    size = ticks.stat().st_size
+    wait_for(lambda: ticks.stat().st_size > size, 5, what="the task to go on")
+    assert owner.proc.poll() is None and result(inst, task) is None
+    assert task in {p.name for p in (inst / "running").iterdir()}
