@@ -3495,6 +3495,8 @@ class Scheduler:
         self.waiting: tuple[str, str] | None = None  # what the first stuck task waits for
         self.last_plan: tuple[PassSnapshot, PassPlan, float] | None = None  # (Scheduler.plan)
         self.unrecorded: dict[str, float] = {}  # node 0: running/ entries without a record
+        self.overrides_gone: dict[tuple[str, str], float] = {}  # node 0: since when an entry
+        # of held/ or priority/ (folder, id) has had no task in pending/
         self.views: dict[int, NodeView] = {}
         self.views_read = -1e18
         self.liveness = Liveness(clock)  # the daemon gives it its monotonic clock
@@ -3570,17 +3572,21 @@ class Scheduler:
 
     def forget_overrides(self, pending: list[str], held: set[str],
                          priority: Mapping[str, object]) -> None:
-        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that left pending/ (a
-        minute old at least: the task may have been queued after pending/ was listed)."""
+        """Node 0 removes ``held/<id>`` and ``priority/<id>`` of tasks that no pass has seen in
+        pending/ for OVERRIDE_FORGET_SECONDS of its own clock (a task may be queued after
+        pending/ was listed, or be out of it for a moment: claimed, and put back as held). The
+        entry's file time is not compared with this clock: hosts' clocks differ."""
         waiting, now = set(pending), self.clock()
+        gone = {}
         for folder, names in (("held", held), ("priority", self.folder.names("priority"))):
             for name in names:
                 if name in waiting or name in priority:
                     continue
-                path = self.folder.dir(folder) / name
-                with contextlib.suppress(OSError):
-                    if now - os.lstat(path).st_mtime > OVERRIDE_FORGET_SECONDS:
-                        os.unlink(path)
+                since = gone[folder, name] = self.overrides_gone.get((folder, name), now)
+                if now - since > OVERRIDE_FORGET_SECONDS:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.folder.dir(folder) / name)
+        self.overrides_gone = gone
 
     def load(self, seats: bool = True) -> NodeLoad:
         """What this node's tasks (and, with ``seats``, its gangs' reservations) use now."""

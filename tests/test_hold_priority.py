@@ -3,13 +3,16 @@ the order they start in, their dependants, and a start that races with the chang
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 from client_helpers import INSTALLED, SHELLS, Shell, make_shell, submitted_id, wait_finished
-from conftest import needs_namespace, read_fields
+from conftest import REPO, UNSHARE, needs_namespace, read_fields
 
 import perpetual_motion as pm
 
@@ -154,3 +157,49 @@ def test_a_task_put_into_pending_by_hand_has_the_default_priority(sh):
     assert [row[0] for row in pending_rows(sh.run("gpu_status").out)] == [
         "p500", "by-hand.sh", "p600"]
     assert ids[0].startswith("600-")
+
+
+HELD_WHILE_CLAIMED = """\
+import json, os, sys, time
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+from pathlib import Path
+from queue_files import finished, submit
+from test_daemon_unit import FakeClock, make_daemon
+import perpetual_motion as pm
+root = Path({root!r})
+clock = FakeClock(time.time() + 300)  # node 0's clock is five minutes ahead of the storage's
+daemon = make_daemon(root, clock, num_nodes=2)
+assert daemon.start() is None
+inst = root / "unit"
+held = submit(inst, "held.sh", "true\\n", gpus=0)
+(inst / "held" / held).write_text("by=tester@test\\ntime=0\\n")
+os.rename(inst / "pending" / held, inst / "running" / held)  # node 1 claims it, sees the hold
+for _ in range(30):
+    daemon.tick(); clock.sleep(0.1)
+os.rename(inst / "running" / held, inst / "pending" / held)  # ... and puts it back
+for _ in range(30):
+    daemon.tick(); clock.sleep(0.1); time.sleep(0.01)
+facts = {{"hold": (inst / "held" / held).exists(), "pending": (inst / "pending" / held).exists(),
+          "ran": finished(inst, held)}}
+if facts["pending"]:  # gone for a minute of node 0's own clock: forgotten
+    os.rename(inst / "pending" / held, inst / "failed" / held)
+    for _ in range(int(pm.OVERRIDE_FORGET_SECONDS / 0.5) + 5):
+        daemon.tick(); clock.sleep(0.5)
+    facts["forgotten"] = not (inst / "held" / held).exists()
+print(json.dumps(facts))
+"""
+
+
+@needs_namespace
+def test_a_hold_outlives_a_moment_out_of_pending_whatever_node_0s_clock(tmp_path):
+    """Node 0 forgets the hold of a task that has left pending/ for a minute. A minute judged by
+    the hold file's time against node 0's clock was no minute when that clock was ahead: the
+    hold went the moment its task was claimed by another node (which put it back, held), and
+    the held task then ran."""
+    script = HELD_WHILE_CLAIMED.format(repo=str(REPO), tests=str(REPO / "tests"),
+                                       root=str(tmp_path))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts == {"hold": True, "pending": True, "ran": None, "forgotten": True}, facts
