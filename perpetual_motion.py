@@ -1541,18 +1541,12 @@ def _own_pids() -> Iterator[int]:
                 continue
 
 
-def marked_pids(marker_prefix: str) -> list[int]:
-    """This user's processes whose environment carries ``MARKER_VAR=<marker_prefix>...``."""
-    needle = f"{MARKER_VAR}={marker_prefix}".encode()
-    found = []
-    for pid in _own_pids():
-        if pid == os.getpid():
-            continue
-        for item in _proc_environ(pid).split(b"\0"):
-            if item.startswith(needle):
-                found.append(pid)
-                break
-    return found
+def marked_pids(marker: str) -> list[int]:
+    """This user's processes whose environment carries ``MARKER_VAR=<marker>``, exactly: the
+    marker of a task whose id begins with this task's id (``<id>.sh``) is another task's."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    return [pid for pid in _own_pids()
+            if pid != os.getpid() and needle in _proc_environ(pid).split(b"\0")]
 
 
 def predecessor_pids(folder: Path, job_id: str, node_rank: int) -> list[int]:

@@ -11,7 +11,7 @@ import time
 
 import psutil
 from conftest import DAEMON, command_line, is_live, namespace_shell, needs_namespace, wait_for
-from queue_files import finished, result, submit
+from queue_files import command, finished, result, submit
 
 import perpetual_motion as pm
 
@@ -222,3 +222,28 @@ def test_a_daemon_whose_clock_is_ahead_does_not_take_a_live_node_over(queue_root
     wait_for(lambda: ticks.stat().st_size > size, 5, what="the task to go on")
     assert owner.proc.poll() is None and result(inst, task) is None
     assert task in {p.name for p in (inst / "running").iterdir()}
+
+
+def test_stopping_a_task_ends_no_task_whose_id_begins_with_its_id(queue_root, start_daemon,
+                                                                  tmp_path):
+    """A file put into pending/ by hand may be named like a client id that extends another
+    task's (``<id>.sh``, a copy of a task's file): it is that name's own task. A stop of the
+    first task ends what carries the first task's marker, and only that: a marker that merely
+    begins with it is another task's."""
+    inst = queue_root / "prefix"
+    daemon = start_daemon(queue_root, "prefix", "--gpus", "2", "--kill-scope", "task")
+    first = submit(inst, "t.sh", "sleep 331 & wait\n", gpus=1)
+    wait_for(lambda: processes(daemon, "sleep", "331"), 15, what="the first task")
+    second = f"{first}.sh"
+    (inst / "records" / f"{second}.submit").write_text(pm.format_fields({"gpus": 1}))
+    staged = inst / ".staging" / "copy"
+    staged.write_text("sleep 332 & wait\n")
+    staged.rename(inst / "pending" / second)
+    wait_for(lambda: processes(daemon, "sleep", "332"), 15, what="the second task")
+    [other] = processes(daemon, "sleep", "332")
+    name = command(inst, "stop", first)
+    wait_for(lambda: (inst / "replies" / f"{name}.reply").exists(), 15, what="the reply")
+    assert wait_for(lambda: finished(inst, first), 15, what="the stop") == "failed"
+    time.sleep(3)  # the stop's sweep of the task's processes (SIGTERM, then SIGKILL) is over
+    assert is_live(other), "a stop ended another task's process"
+    assert finished(inst, second) is None
