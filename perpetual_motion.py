@@ -848,9 +848,13 @@ class QueueFiles:
                 made.append(name)
         return made
 
-    def publish(self, target: Path, text: str, durable: bool = True) -> None:
+    def publish(self, target: Path, text: str, durable: bool = True,
+                still: Callable[[], bool] = lambda: True) -> bool:
         """Write ``text`` to ``target`` the Maildir way: staged, fsynced, closed, renamed.
-        ``durable=False`` skips the fsync, for files rewritten every few seconds anyway."""
+        ``durable=False`` skips the fsync, for files rewritten every few seconds anyway.
+        ``still()`` is asked once the file is written, just before the rename: when it says
+        False (the write took long on stalled storage, and what it was for is void now),
+        nothing is published and the result is False."""
         staged = self.dir(".staging") / f".{unique_name()}.{target.name[:60]}"
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
         try:
@@ -862,11 +866,15 @@ class QueueFiles:
                     os.fsync(fd)
             finally:
                 os.close(fd)  # AFS and NFS report a full disk or quota here
+            if not still():
+                os.unlink(staged)
+                return False
             os.rename(staged, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(staged)
             raise
+        return True
 
     def beat_path(self, rank: int) -> Path:
         return self.dir("nodes") / f"node-{rank}.beat"
@@ -2786,11 +2794,14 @@ class TaskEnds:
         result, source = entry.result, entry.source
         if result.rank is not None:  # one rank of a gang: node 0 finishes the task
             kind = self.folder.record(result.task_id, "result", result.rank)
-            if not (self.folder.dir("running") / result.task_id).exists() or kind.exists():
+
+            def open_rank() -> bool:
+                return (self.folder.dir("running") / result.task_id).exists() \
+                    and not kind.exists()
+            if not (open_rank() and self.folder.publish(kind, format_fields(result.fields()),
+                                                        still=open_rank)):
                 LOG.warning("%s rank %d: the task was finished meanwhile; its end is not "
                             "recorded", result.task_id, result.rank)
-                return
-            self.folder.publish(kind, format_fields(result.fields()))
             return
         if not entry.published:
             if not self.may_record():
@@ -2798,8 +2809,11 @@ class TaskEnds:
                             "left to that daemon", result.task_id)
                 return
             here = (self.folder.dir(source) / result.task_id).exists()
-            if self._finished_elsewhere(result) or (
-                    not here and self.folder.in_finished(result.task_id)):
+
+            def elsewhere() -> bool:
+                return self._finished_elsewhere(result) or (
+                    not here and self.folder.in_finished(result.task_id))
+            if elsewhere():
                 LOG.warning("%s was finished by another daemon meanwhile (it took this node "
                             "over); its end here is not recorded", result.task_id)
                 return
@@ -2810,8 +2824,15 @@ class TaskEnds:
                 if now - entry.missing_since < HEARTBEAT_STALE_SECONDS:
                     raise FileNotFoundError(errno.ENOENT, f"{source}/ has it no more, and no "
                                             "other end of it is on record", result.task_id)
-            self.folder.publish(self.folder.record(result.task_id, "result"),
-                                format_fields(result.fields()))
+            # asked again once the result is written: a write that hung on stalled storage
+            # comes back after another daemon may have recorded this run's end meanwhile
+            if not self.folder.publish(self.folder.record(result.task_id, "result"),
+                                       format_fields(result.fields()),
+                                       still=lambda: not self._finished_elsewhere(result)):
+                LOG.warning("%s was finished by another daemon while its end was written here "
+                            "(this node was taken for dead); its end here is not recorded",
+                            result.task_id)
+                return
             entry.published = True
             self.ended(result)
         try:

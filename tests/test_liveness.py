@@ -370,3 +370,59 @@ def test_the_daemon_never_waits_for_its_keeper_and_sends_it_whole_lines():
     assert lines[-1].startswith("tasks 1399,2399 ")  # the tasks as they are now, in the end
     proc.stdin.close()
     os.close(read)
+
+
+STALLED_RESULT = textwrap.dedent("""\
+    import json, os, sys
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import FakeClock
+    from queue_files import finished, result, submit
+    from test_liveness import node, tick
+    root = Path({root!r})
+    inst = root / "two"
+    gate = root / "gate"
+    clock0, clock1 = FakeClock(), FakeClock()
+    one = node(root, clock1, 1, "host-one")
+    zero = node(root, clock0, 0, "host-zero")
+    task = submit(inst, "t.sh", f"while [ ! -e {{gate}} ]; do sleep 0.05; done\\n", gpus=1)
+    tick([one, zero], [clock0, clock1], 2)
+    assert (task, None) in one.runner.tasks
+    fsync = os.fsync
+
+    def stalling_fsync(fd):
+        # the shared storage stalls while node 1 writes the task's result: node 1 hangs in
+        # the write for 70 s, node 0 goes on and takes node 1 for dead meanwhile
+        if os.readlink(f"/proc/self/fd/{{fd}}").endswith(f"{{task}}.result"):
+            os.fsync = fsync
+            tick([zero], [clock0], 70)
+        fsync(fd)
+
+    os.fsync = stalling_fsync
+    gate.touch()
+    for _ in range(100):
+        tick([one], [clock1], 0.5)
+        if finished(inst, task) and os.fsync is fsync:
+            break
+    tick([zero, one], [clock0, clock1], 3)
+    print(json.dumps({{"where": finished(inst, task), "result": result(inst, task),
+                       "stalled": os.fsync is fsync}}))
+    """)
+
+
+@needs_namespace
+def test_a_result_written_through_a_stall_does_not_replace_node_0s(tmp_path):
+    """Node 1's task ends; writing its result hangs on stalled storage for longer than node 0
+    waits before it takes node 1 for dead and records the task interrupted. When the write goes
+    through, node 1 must not put its result over node 0's: the task was recorded twice, its
+    result said done while it lay in failed/."""
+    script = STALLED_RESULT.format(repo=str(REPO), tests=str(Path(__file__).parent),
+                                   root=str(tmp_path))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts["stalled"], facts
+    assert facts["where"] == "failed", facts
+    assert (facts["result"]["state"], facts["result"]["reason"]) == \
+        ("interrupted", "node 1's daemon died"), facts
