@@ -6868,9 +6868,14 @@ class DaemonState:
                           stop_reason=self.stopping or self.draining)
         self.write_beat()
         try:
-            self.folder.publish(self.claim.path, format_fields(fields), durable=False)
-            self.last_state_write = now
-            self.state_dirty = False
+            # the owner is read again once the file is written: a write that hung on stalled
+            # storage may come back after another daemon took the node over meanwhile
+            if self.folder.publish(self.claim.path, format_fields(fields), durable=False,
+                                   still=lambda: force or self.claim.other_holder() is None):
+                self.last_state_write = now
+                self.state_dirty = False
+            else:
+                self.owns_node()  # (it yields)
         except OSError as exc:
             hint = " (an expired AFS token? renew it with aklog/krenew)" \
                 if exc.errno == errno.EACCES else ""

@@ -426,3 +426,58 @@ def test_a_result_written_through_a_stall_does_not_replace_node_0s(tmp_path):
     assert facts["where"] == "failed", facts
     assert (facts["result"]["state"], facts["result"]["reason"]) == \
         ("interrupted", "node 1's daemon died"), facts
+
+
+STALLED_STATE = textwrap.dedent("""\
+    import json, os, sys
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import FakeClock
+    from queue_files import submit
+    from test_liveness import LOOP, node, tick
+    import perpetual_motion as pm
+    root = Path({root!r})
+    inst = root / "two"
+    clock_a, clock_b = FakeClock(), FakeClock()
+    old = node(root, clock_a, 1, "host-one")
+    close = os.close
+    new = []
+
+    def stalling_close(fd):
+        # the shared storage stalls while the old daemon writes its state file: it hangs in
+        # the write; a new daemon for the node, in another container, takes the node over
+        # meanwhile (its heartbeat stood still) and runs a task
+        if os.readlink(f"/proc/self/fd/{{fd}}").endswith(".node-1.state") and not new:
+            os.close = close
+            new.append(node(root, clock_b, 1, "host-two"))
+            task = submit(inst, "t.sh", LOOP, gpus=1)
+            tick(new, [clock_b], 2)
+            new.append(task)
+        close(fd)
+
+    os.close = stalling_close
+    old.write_state()  # its check of the owner comes before the write that hangs
+    assert new, "no stall"
+    new, task = new
+    tick([old, new], [clock_a, clock_b], 3)
+    state = pm.parse_fields((inst / "nodes" / "node-1.state").read_text())
+    entry = new.runner.tasks.get((task, None))
+    print(json.dumps({{"owner": state["host"], "old_displaced": old.displaced,
+                       "new_displaced": new.displaced,
+                       "runs": entry is not None and entry.proc.poll() is None}}))
+    """)
+
+
+@needs_namespace
+def test_a_state_written_through_a_stall_does_not_take_the_node_back(tmp_path):
+    """A daemon's state file write hangs on stalled storage; a new daemon of the node takes it
+    over meanwhile and starts a task. When the old write goes through it must not put the old
+    daemon's claim back over the new owner's: the new owner yielded, and its task was killed."""
+    script = STALLED_STATE.format(repo=str(REPO), tests=str(Path(__file__).parent),
+                                  root=str(tmp_path))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts == {"owner": "host-two", "old_displaced": True, "new_displaced": False,
+                     "runs": True}, facts
