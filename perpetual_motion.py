@@ -6621,7 +6621,7 @@ class Commands:
             if reply is None:  # a command is carried out once, even if answering it fails
                 try:
                     fields = self.folder.read_fields(path)
-                    if fields is None:
+                    if fields is None or self.for_new_owner(fields):
                         continue
                     reply = self.execute(fields)
                 except (OSError, ValueError, UnicodeError) as exc:
@@ -6641,6 +6641,19 @@ class Commands:
                                        exc)
                 continue
             del self.answers[name]
+
+    def for_new_owner(self, fields: dict[str, str]) -> bool:
+        """True for a command meant for the daemon whose claim is now in node 0's state file:
+        one that took the node over, which this daemon has not seen yet (it yields at its next
+        look). That daemon carries it out; this one leaves it where it is."""
+        addressed = fields.get("daemon_started", "")
+        if not addressed or addressed == self.started_text:
+            return False
+        try:
+            state = self.folder.read_fields(self.folder.state_path(self.config.node_rank))
+        except (OSError, ValueError):
+            return False
+        return bool(state) and state.get("started") == addressed
 
     def execute(self, fields: dict[str, str]) -> dict[str, object]:
         action, task_id = fields.get("action", ""), fields.get("task", "")

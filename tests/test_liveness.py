@@ -481,3 +481,45 @@ def test_a_state_written_through_a_stall_does_not_take_the_node_back(tmp_path):
     facts = json.loads(run.stdout.splitlines()[-1])
     assert facts == {"owner": "host-two", "old_displaced": True, "new_displaced": False,
                      "runs": True}, facts
+
+
+COMMAND_AT_TAKEOVER = textwrap.dedent("""\
+    import json, os, sys
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import FakeClock
+    from queue_files import submit
+    from test_liveness import node, tick
+    import perpetual_motion as pm
+    root = Path({root!r})
+    inst = root / "two"
+    clock_a, clock_b = FakeClock(), FakeClock()
+    clock_b.now += 5  # (its start comes later)
+    old = node(root, clock_a, 0, "host-one")
+    (inst / "drain").write_text("by=t\\nreason=t\\ntime=0\\n")  # nothing starts meanwhile
+    task = submit(inst, "t.sh", "true\\n", gpus=1)
+    new = node(root, clock_b, 0, "host-two")  # the old one stood still for the watch
+    # the client addresses the node's daemon as the state file names it: the new one
+    (inst / "commands" / "stop.cmd").write_text(pm.format_fields({{
+        "action": "stop", "task": task, "sent": f"{{clock_b.now:.3f}}", "sent_by": "t@t",
+        "daemon_started": new.started_text}}))
+    tick([old], [clock_a], 0.5)  # the old one's next turn, before it has seen the new claim
+    tick([old, new], [clock_a, clock_b], 2)
+    reply = pm.parse_fields((inst / "replies" / "stop.reply").read_text())
+    print(json.dumps({{"result": reply.get("result"), "old_displaced": old.displaced,
+                       "cancelled": (inst / "failed" / task).exists()}}))
+    """)
+
+
+@needs_namespace
+def test_a_command_for_the_daemon_that_took_node_0_over_is_left_to_it(tmp_path):
+    """A new daemon took node 0 over; a client sends it a stop. The old daemon, in its turn
+    before it sees the new claim, must leave the command to the daemon it is meant for: it
+    answered it "meant for an earlier daemon" and removed it, and the task was never stopped."""
+    script = COMMAND_AT_TAKEOVER.format(repo=str(REPO), tests=str(Path(__file__).parent),
+                                        root=str(tmp_path))
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts == {"result": "cancelled", "old_displaced": True, "cancelled": True}, facts
