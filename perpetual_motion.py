@@ -4832,7 +4832,8 @@ class Workers:
                 worker.exit_reason = fields.get("reason", "").replace("-", " ")
                 worker.exit_time = float(fields["t"]) if "t" in fields else None
             elif verb == "log":
-                level = getattr(logging, fields["level"].upper(), logging.INFO)
+                level = logging.getLevelName(fields["level"].upper())
+                level = level if isinstance(level, int) else logging.INFO  # (a name of no level)
                 self.log.log(level, "%s%s worker: %s", self.prefix, slot.label, fields["text"])
         except (ValueError, KeyError):
             self.log.debug("%s%s: unreadable worker line %r", self.prefix, slot.label, line)

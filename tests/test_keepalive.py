@@ -997,6 +997,20 @@ def test_a_worker_that_logs_during_a_slow_setup_is_not_killed_as_silent(log, cap
     assert field(ka, 0, "state") == "holding"
 
 
+@pytest.mark.parametrize("level", ["BASIC_FORMAT", "root", "shutdown"])
+def test_a_worker_line_of_an_odd_log_level_is_logged_and_harms_nothing(log, caplog, level):
+    """``log <level> <text>`` of a level that names no level (but some other attribute of
+    the logging module) is logged at INFO, and the worker goes on holding its GPU."""
+    node = sim.scenario_idle_gpu()
+    node.on_spawn = says_early(f"log {level} text of an odd level", at=3.0)
+    ka = start(node, log)
+    with caplog.at_level(logging.INFO):
+        sim.run(node, ka, 10)
+    assert "GPU 0 worker: text of an odd level" in caplog.text
+    assert len(node.workers) == 1 and node.workers[0].kill_at is None
+    assert field(ka, 0, "state") == "holding"
+
+
 def test_a_worker_that_held_the_gpu_for_long_resets_the_crash_count(log, caplog):
     """A worker that held its GPU for 10 minutes resets the crash count, however it ends:
     one stopped for a queue task after an hour leaves the next crash, an hour later, the
