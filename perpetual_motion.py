@@ -531,6 +531,9 @@ class Inventory:
         return ",".join(str(self.gpus[i].number) for i in sorted(positions))
 
 
+_MAX_GPUS = 1024  # GPUs of a node at most: what other nodes and the client read from a state file
+
+
 def parse_gpu_list(text: str) -> int | tuple[int, ...]:
     """``--gpus``: a count (``4``) or a list of GPU numbers (``0,2,5``); ValueError if neither."""
     parts = [p.strip() for p in text.split(",")]
@@ -538,7 +541,11 @@ def parse_gpu_list(text: str) -> int | tuple[int, ...]:
         raise ValueError(f"--gpus takes a count or a list of GPU numbers, not {text!r}")
     numbers = tuple(int(p) for p in parts)
     if len(numbers) == 1 and "," not in text:
+        if numbers[0] > _MAX_GPUS:
+            raise ValueError(f"--gpus: a node has at most {_MAX_GPUS} GPUs, not {text!r}")
         return numbers[0]
+    if max(numbers) >= _MAX_GPUS:
+        raise ValueError(f"--gpus: GPU numbers go from 0 to {_MAX_GPUS - 1}, not {text!r}")
     if len(set(numbers)) != len(numbers):
         raise ValueError(f"--gpus names a GPU twice: {text!r}")
     return numbers

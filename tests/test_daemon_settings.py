@@ -69,3 +69,18 @@ def test_the_log_and_keepalive_share_one_throttle(caplog):
             clock.sleep(pm.WARNING_REPEAT_SECONDS / 2)
     assert [r.getMessage() for r in caplog.records] == ["cannot write: full"] * 2
     assert not hasattr(pm, "_Throttle")  # keep-alive's warnings go through the same class
+
+
+@pytest.mark.parametrize("gpus", ["99999999999999999999", "1025", "0,1,1024"])
+def test_a_gpu_count_or_number_past_what_a_node_can_have_is_refused(tmp_path, gpus):
+    """``--gpus 99999999999999999999`` (a count pasted twice, say) would declare that many
+    slots: the daemon never came up, and took the machine's memory trying."""
+    args = pm.parse_args(["--job-id", "unit", "--queue-root", str(tmp_path), "--gpus", gpus])
+    message = pm.config_from_args(args)
+    assert isinstance(message, str) and "--gpus" in message and "1024" in message
+    assert not (tmp_path / "unit").exists()
+
+
+@pytest.mark.parametrize("gpus, parsed", [("0", 0), ("1024", 1024), ("0,2,1023", (0, 2, 1023))])
+def test_gpu_counts_and_numbers_a_node_can_have_are_taken(gpus, parsed):
+    assert pm.parse_gpu_list(gpus) == parsed
