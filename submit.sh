@@ -66,6 +66,7 @@ readonly JOB_ID_RE='^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$'
 readonly HEARTBEAT_STALE_SECONDS=60  # dead after this, where the daemon does not say (an old one)
 readonly SLURM_TIME_MARGIN_MINUTES=5  # the Slurm time limit leaves the daemon this long to stop
 readonly DAEMON_FILE="perpetual_motion.py"
+readonly MAX_COUNT=1024  # GPUs per node and nodes at most (the daemon and the client take no more)
 
 # Exit codes, as the daemon's: 2 for a bad argument or setting, 3 when a live daemon holds the job.
 readonly EXIT_USAGE=2
@@ -147,8 +148,8 @@ Usage: ${PROG} [options] <JOB_ID> [GPUS] [NODES]
 Launch the Perpetual Motion daemon for the queue <QUEUE_ROOT>/<JOB_ID>/ as a cluster job.
 
   JOB_ID   1-64 characters of A-Z a-z 0-9 . _ -, not starting with . or -
-  GPUS     GPUs per node (default 2; 0 allowed with slurm and local)
-  NODES    nodes (default 1); every node runs a daemon, node 0 runs the queue
+  GPUS     GPUs per node (default 2; 0 allowed with slurm and local; at most 1024)
+  NODES    nodes (default 1, at most 1024); every node runs a daemon, node 0 runs the queue
 
 Options:
   -b, --backend B   sco (SCO ACP, default), slurm (sbatch + srun) or local (this machine)
@@ -313,12 +314,16 @@ validate() {
   esac
   [[ "${JOB_ID}" =~ ${JOB_ID_RE} ]] \
     || die_usage "bad JOB_ID '${JOB_ID}': 1-64 characters of A-Z a-z 0-9 . _ -, not starting with . or -"
-  [[ "${GPUS}" =~ ^(0|[1-9][0-9]*)$ ]] \
-    || die_usage "bad GPUS '${GPUS}': a whole number"
+  # at most 4 digits first: bash's arithmetic wraps longer numbers (2**64 + 1 is 1)
+  if ! [[ "${GPUS}" =~ ^(0|[1-9][0-9]{0,3})$ ]] || ((GPUS > MAX_COUNT)); then
+    die_usage "bad GPUS '${GPUS}': a whole number, at most ${MAX_COUNT}"
+  fi
   if [[ "${GPUS}" == 0 && "${BACKEND}" == sco ]]; then
     die_usage "GPUS must be at least 1 on SCO ACP"
   fi
-  [[ "${NODES}" =~ ^[1-9][0-9]*$ ]] || die_usage "bad NODES '${NODES}': a whole number, at least 1"
+  if ! [[ "${NODES}" =~ ^[1-9][0-9]{0,3}$ ]] || ((NODES > MAX_COUNT)); then
+    die_usage "bad NODES '${NODES}': a whole number, at least 1 and at most ${MAX_COUNT}"
+  fi
   if [[ -n "${HOURS_FLAG}" ]]; then
     AUTO_SHUTDOWN_HOURS="${HOURS_FLAG}"
   fi

@@ -214,6 +214,11 @@ def test_help_lists_options_and_every_setting(tmp_path):
     (["ok", "0"], "GPUS must be at least 1"),
     (["ok", "2", "0"], "bad NODES"),
     (["ok", "2", "1.5"], "bad NODES"),
+    # past what a job can have: bash's arithmetic wraps such numbers (2**64 + 1 nodes is 1)
+    (["ok", "1025"], "bad GPUS"),
+    (["ok", "99999999999999999999"], "bad GPUS"),
+    (["ok", "2", "1025"], "bad NODES"),
+    (["ok", "2", "18446744073709551617"], "bad NODES"),
     (["--backend", "pbs", "ok"], "unknown backend"),
 ])
 def test_bad_arguments_exit_2_before_anything_happens(tmp_path, args, message):
