@@ -27,10 +27,20 @@
 # control characters escaped (\e, \x07), so no file can drive the terminal.
 
 # Aliases are expanded while a file is read: read this one without them (restored at the end).
+# In zsh also without warn_create_global and warn_nested_var, which would warn of the names this
+# file sets while it is read (and unsets) when a plugin manager sources it from a function.
 if [ -n "${ZSH_VERSION-}" ]; then
-  if [[ -o aliases ]]; then _gpu_restore_aliases='setopt aliases'; unsetopt aliases; fi
+  typeset -g _gpu_restore_options=':'  # typeset -g: no warning
+  [[ ! -o aliases ]] || typeset -g _gpu_restore_options="$_gpu_restore_options; setopt aliases"
+  [[ ! -o warn_create_global ]] \
+    || typeset -g _gpu_restore_options="$_gpu_restore_options; setopt warn_create_global"
+  if [[ -o warn_nested_var ]] 2>/dev/null; then  # zsh 5.3 and later
+    typeset -g _gpu_restore_options="$_gpu_restore_options; setopt warn_nested_var"
+    unsetopt warn_nested_var
+  fi
+  unsetopt aliases warn_create_global
 elif shopt -q expand_aliases 2>/dev/null; then
-  _gpu_restore_aliases='shopt -s expand_aliases'; shopt -u expand_aliases
+  _gpu_restore_options='shopt -s expand_aliases'; shopt -u expand_aliases
 fi
 
 # Where this file is, for the submit.conf beside it: kept in a function, not in a variable.
@@ -4342,5 +4352,5 @@ elif command -v complete >/dev/null 2>&1; then
 fi
 unset _gpu_here _gpu_commands
 
-if [ -n "${_gpu_restore_aliases-}" ]; then eval "$_gpu_restore_aliases"; fi
-unset _gpu_restore_aliases
+if [ -n "${_gpu_restore_options-}" ]; then eval "$_gpu_restore_options"; fi
+unset _gpu_restore_options

@@ -845,6 +845,34 @@ echo "survived"
                                     "missing: 2\nbad id: 2\noptions kept\nsurvived\n"), res.err
 
 
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_options_that_change_how_code_reads_neither_break_nor_warn(tmp_path):
+    """A zsh user's hygiene options (warn_create_global warns of every global a function
+    creates) and those that change words and arrays: sourcing is silent, from a function as
+    plugin managers source, and the commands work."""
+    sh = make_shell("zsh", tmp_path)
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    build_sample(sh.root)
+    script = """
+setopt warn_create_global warn_nested_var ksh_arrays no_clobber sh_word_split extended_glob \
+  glob_subst rc_quotes nounset err_return pipefail
+setopt > "$HOME/before"
+source "$CLIENT"
+load() { source "$CLIENT"; }
+load
+in_a_function() { gpu_use exp1; }
+in_a_function >/dev/null
+gpu_submit job.sh >/dev/null
+gpu_status >/dev/null
+gpu_show prep >/dev/null
+gpu_list >/dev/null
+setopt > "$HOME/after"
+cmp -s "$HOME/before" "$HOME/after" && echo "options kept"
+"""
+    res = sh.run(script, source=False)
+    assert (res.rc, res.out, res.err) == (0, "options kept\n", "")
+
+
 TRAPS = {  # the user's traps write one line each time they run
     "bash": "set -ET\ntrap 'echo ERR >> \"$HOME/traps\"' ERR\n"
             "trap 'echo DEBUG >> \"$HOME/traps\"' DEBUG\n"
