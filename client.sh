@@ -2421,7 +2421,7 @@ _gpu_cmd_submit() {
   _gpu_parse split "$@" || return "$_gpu_rc"
   set -- "${_gpu_args[@]}"
   if [ "$#" -lt 1 ] || [ "$#" -gt 2 ]; then _gpu_usage; return; fi
-  local file=$1 source name dir cwd=$PWD cmdline='' gpus='' nodes='' time='' env=''
+  local file=$1 source base name dir cwd=$PWD cmdline='' gpus='' nodes='' time='' env=''
   local display=$_gpu_o_name
   local retry_of='' i=0
   if [ "$#" -eq 2 ] && [ -n "$_gpu_o_prio" ]; then
@@ -2438,7 +2438,8 @@ _gpu_cmd_submit() {
   if [ ! -f "$file" ]; then _gpu_err "$file is not a regular file"; return 2; fi
   if [ ! -r "$file" ]; then _gpu_err "cannot read $file"; return 2; fi
   _gpu_short "${file##*/}"  # a resubmitted task (gpu_submit failed/<id>) keeps its name
-  _gpu_safe_name "$_gpu_s"
+  base=$_gpu_s
+  _gpu_safe_name "$base"
   name=$_gpu_s
   [ "${#name}" -gt 80 ] && name=${name:$((${#name} - 80))}  # keep the end: the extension
   case $name in
@@ -2481,6 +2482,11 @@ _gpu_cmd_submit() {
           "at priority $_gpu_p"
       fi ;;
   esac
+  # a file name the task name cannot hold ('my train.sh', 训练.sh) names the task as --name
+  # does, exactly: my_train.sh and ______.sh would not find it, or would find others too
+  if [ -z "$display" ] && [ "$base" != "$name" ] && _gpu_check_display "$base" 2>/dev/null; then
+    display=$base
+  fi
   _gpu_request "$gpus" "$nodes" "$time" "$env" || return 2
   _gpu_resolve_after || return 1
   _gpu_request_keys "$display" "$retry_of" "${_gpu_rest[@]}"

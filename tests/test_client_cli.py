@@ -130,6 +130,35 @@ def test_submit_takes_options_and_script_arguments(sh):
     assert tree(sh.root) == before
 
 
+def test_a_script_is_found_by_its_own_file_name_when_the_task_name_cannot_hold_it(sh):
+    """A task name keeps A-Z a-z 0-9 . _ - only: 'my train.sh' is queued as my_train.sh and
+    训练.sh as ______.sh (as 学习.sh is). The file's own name is the task's name too, exactly,
+    so the name the user typed finds it and no other."""
+    make_instance(sh.root)
+    for name in ("my train.sh", "训练.sh", "学习.sh", "it's.sh", "-x y.sh"):
+        (sh.cwd / name).write_text("echo hi\n")
+    ids = {name: submitted_id(sh.run(f"gpu_submit {shlex.quote(prefix + name)}"))
+           for name, prefix in (("my train.sh", ""), ("训练.sh", ""), ("学习.sh", ""),
+                                ("it's.sh", ""), ("-x y.sh", "./"))}
+    assert ids["训练.sh"].endswith("-______.sh") and ids["学习.sh"].endswith("-______.sh")
+    records = {name: read_fields(sh.root / "exp1" / "records" / f"{task}.submit")
+               for name, task in ids.items()}
+    assert {name: r["display_name"] for name, r in records.items()} == {
+        "my train.sh": "my train.sh", "训练.sh": "训练.sh", "学习.sh": "学习.sh",
+        "it's.sh": "it's.sh", "-x y.sh": ""}  # --name takes no leading -: no name of its own
+    res = sh.run("gpu_show 'my train.sh'")
+    assert res.rc == 0 and res.out.startswith(f"Task:       {ids['my train.sh']}\n"), res.err
+    res = sh.run("gpu_stop 训练.sh")
+    assert (res.rc, res.out) == (0, f"cancelled {ids['训练.sh']} (it was pending)\n"), res.err
+    assert sorted(listing(sh.root / "exp1" / "pending")) == sorted(
+        task for name, task in ids.items() if name != "训练.sh")
+    status = sh.run("gpu_status").out
+    assert "学习.sh" in status and "it's.sh" in status and "______" not in status
+    res = sh.run("gpu_submit --name mine 'my train.sh'")  # --name wins
+    assert read_fields(sh.root / "exp1" / "records" / f"{submitted_id(res)}.submit")[
+        "display_name"] == "mine"
+
+
 def test_a_file_that_cannot_run_is_refused_at_submit_time(sh):
     make_instance(sh.root)
     notes = sh.cwd / "notes.txt"
