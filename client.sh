@@ -15,7 +15,8 @@
 #   QUEUE_ROOT         the queue root on shared storage; when it is not set, the QUEUE_ROOT= line of
 #                      submit.conf beside this file (or of the file $SUBMIT_CONF names), read as
 #                      text and never run; else $HOME/gpu_queue, as the daemon's default
-#   GPU_REPLY_TIMEOUT  seconds gpu_stop and gpu_shutdown wait for the daemon's reply (default 15)
+#   GPU_REPLY_TIMEOUT  seconds gpu_stop and gpu_shutdown wait for the daemon's reply (default 15,
+#                      at most 86400)
 #
 # Every command runs in a subshell with its own options, so the user's `set -e`, `set -u`,
 # `set -o pipefail`, aliases and zsh options neither break it nor are changed by it, and it leaves
@@ -3751,8 +3752,12 @@ sent_by=$_gpu_who
 "
 }
 
-_gpu_timeout() {  # GPU_REPLY_TIMEOUT in tenths of a second into _gpu_wait
-  _gpu_int "${GPU_REPLY_TIMEOUT:-15}" || _gpu_i=15
+_gpu_timeout() {  # GPU_REPLY_TIMEOUT in tenths of a second into _gpu_wait; 2 if it is no
+  # number of seconds (checked before a command is sent: none is sent then)
+  if ! _gpu_whole "${GPU_REPLY_TIMEOUT:-15}" 86400; then
+    _gpu_err "GPU_REPLY_TIMEOUT wants whole seconds from 0 to 86400, not '$GPU_REPLY_TIMEOUT'"
+    return 2
+  fi
   _gpu_wait=$((_gpu_i * 10))
 }
 
@@ -3950,6 +3955,7 @@ _gpu_cmd_stop() {
     _gpu_stop_offline "$name" "$matches"
     return
   fi
+  _gpu_timeout || return
   [ "$_gpu_live" != late ] || _gpu_err "the daemon of $JOB_ID is not responding ($_gpu_why;" \
     "likely $_gpu_cause): asking it all the same"
   if [ "$name" = all ]; then
@@ -3961,7 +3967,6 @@ _gpu_cmd_stop() {
       sent=$sent$_gpu_u$_gpu_nl
     done
   fi
-  _gpu_timeout
   for u in $sent; do
     _gpu_answer "$u" || { rc=1; continue; }
     _gpu_field result
@@ -4220,8 +4225,8 @@ _gpu_cmd_shutdown() {
     _gpu_err "no daemon is alive for $JOB_ID${_gpu_why:+ ($_gpu_why)}: nothing to shut down"
     rc=1
   else
+    _gpu_timeout || return
     _gpu_send shutdown || return 1
-    _gpu_timeout
     if ! _gpu_answer "$_gpu_u"; then
       rc=1
     elif _gpu_field result && [ "$_gpu_val" = accepted ]; then

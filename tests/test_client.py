@@ -691,6 +691,21 @@ def test_a_command_without_a_reply_is_withdrawn(sh):
     assert fields == {"action": "stop", "task": s.pending[0], "daemon_started": started}
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "2.5", "1e3", "99999999"])
+def test_a_reply_timeout_that_is_no_number_of_seconds_is_refused_before_asking(sh, value):
+    """GPU_REPLY_TIMEOUT=abc waited 15 s and then said 'no reply within abc s'."""
+    s = build_sample(sh.root)
+    before = tree(s.inst)
+    for command in ("gpu_stop eval", "gpu_stop all", "gpu_shutdown"):
+        start = time.monotonic()
+        res = sh.run(f"{command}; echo \"rc=$?\"", GPU_REPLY_TIMEOUT=value)
+        assert time.monotonic() - start < 5
+        name = command.split()[0]
+        assert (res.out, res.err) == ("rc=2\n", f"{name}: GPU_REPLY_TIMEOUT wants whole seconds "
+                                                 f"from 0 to 86400, not '{value}'\n")
+        assert tree(s.inst) == before  # no command was sent
+
+
 def test_a_command_the_daemon_took_without_answering_is_reported(tmp_path):
     shell = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
     s = build_sample(shell.root)
