@@ -1531,7 +1531,9 @@ first submitted (gpu_retry NAME does the same by name)." ;;
 $placing"
       _gpu_sp_more="\
 Options come first: the first word that is not an option starts the command (after --, even one
-that starts with -). The task is named run_<words>.sh." ;;
+that starts with -). The words are joined with spaces into one line that bash reads (as pueue add
+does): quote a word that holds a space twice, gpu_run \"python a.py --tag 'my run'\". The task is
+named run_<words>.sh." ;;
     status) _gpu_sp_use='[-l] [-r N] [-w] [--json]'
       _gpu_sp_what='daemons, GPUs, running, pending and recent tasks'
       _gpu_sp_opts="-l|--long||long|full task ids and whole commands (lines wider than 100)

@@ -97,7 +97,9 @@ def test_gpu_run_never_queues_an_option_by_accident(sh):
     assert task.startswith("001-") and task.endswith("-run_echo_hi.sh")
     task = submitted_id(sh.run("gpu_run -- -x --weird 'a b'"))
     record = read_fields(sh.root / "exp1" / "records" / f"{task}.submit")
-    assert record["command"] == "-x --weird a b"
+    assert record["command"] == "-x --weird a b"  # one line, as its help says
+    assert "The words are joined with spaces into one line that bash reads" in sh.run(
+        "gpu_run --help").out
     # options come first: after the first word everything is the command's
     task = submitted_id(sh.run("gpu_run --name lr1 -g 0 --priority=7 python a.py --lr 1 -p 2"))
     record = read_fields(sh.root / "exp1" / "records" / f"{task}.submit")
