@@ -5421,8 +5421,7 @@ def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
     def off(why: str) -> KeepAlive:  # the real GPUs are still watched for reclaim risk
         return KeepAlive(why, inventory.nvml, inventory.gpus, log)
 
-    if not enabled:
-        log.info("Keep-alive off: disabled")
+    if not enabled:  # the daemon says so at start, among its settings
         return off("disabled")
     try:
         why = inventory.why if inventory.nvml is None or not inventory.gpus else ""

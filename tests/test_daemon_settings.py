@@ -84,3 +84,16 @@ def test_a_gpu_count_or_number_past_what_a_node_can_have_is_refused(tmp_path, gp
 @pytest.mark.parametrize("gpus, parsed", [("0", 0), ("1024", 1024), ("0,2,1023", (0, 2, 1023))])
 def test_gpu_counts_and_numbers_a_node_can_have_are_taken(gpus, parsed):
     assert pm.parse_gpu_list(gpus) == parsed
+
+
+def test_keepalive_switched_off_is_said_once_at_start(tmp_path, caplog):
+    """--no-keepalive logged 'Keep-alive off: disabled' and then 'Keep-alive: off: disabled'."""
+    clock = FakeClock()
+    config = pm.Config(job_id="unit", queue_root=tmp_path, keepalive=False, kill_scope="task")
+    with caplog.at_level(logging.INFO, logger=pm.LOG.name):
+        # as main() does: the engine first, then the daemon with it
+        keepalive = pm.make_keepalive(config.keepalive, pm.LOG, pm.Inventory.declare([]))
+        daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep, keepalive=keepalive)
+        assert daemon.start() is None
+    said = [r.getMessage() for r in caplog.records if "eep-alive" in r.getMessage()]
+    assert said == ["Keep-alive: off: disabled"]
