@@ -159,6 +159,28 @@ def test_a_task_put_into_pending_by_hand_has_the_default_priority(sh):
     assert ids[0].startswith("600-")
 
 
+
+@pytest.mark.parametrize("by_hand", ["by-hand.sh", ""])
+def test_a_long_queue_is_shown_in_run_order(sh, by_hand):
+    """A queue of a hundred tasks (looked over at once, not id by id): in the ids' order, and
+    with a name put there by hand among them, that one after the tasks of priority 500."""
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "logs"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    ids = [task(n, "600" if n % 2 else "500", f"t{n}.sh") for n in range(100)]
+    for name in [*ids, *([by_hand] if by_hand else [])]:
+        (inst / "pending" / name).write_text("true\n")
+    res = sh.run("gpu_status -l")
+    rows = [re.sub(r"^[0-9]{3}-[0-9_]{25}-[0-9a-f]{8}-", "", row[0])
+            for row in pending_rows(res.out)]
+    shown = [f"t{n}.sh" for n in range(0, 100, 2)] + ([by_hand] if by_hand else []) \
+        + [f"t{n}.sh" for n in range(1, 100, 2)]
+    assert rows == shown, res.out
+    assert "Totals:   0 running, %d pending" % len(shown) in res.out
+    res = sh.run("gpu_status")
+    assert "... and %d more pending" % (len(shown) - 20) in res.out, res.out
+
+
 HELD_WHILE_CLAIMED = """\
 import json, os, sys, time
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
