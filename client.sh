@@ -535,6 +535,13 @@ _gpu_no_entries() {  # _gpu_no_entries DIR: has DIR no published name (or is it 
   [ "$#" -eq 1 ] && [ ! -e "$1" ] && [ ! -L "$1" ]
 }
 
+_gpu_holding() {  # _gpu_holding LIST TEXT: the lines of LIST that may hold TEXT, into _gpu_v:
+  # all of a short LIST; of a long one, those that hold it (one grep, not a test a line)
+  _gpu_lines "$1"
+  if [ "$_gpu_n" -le 64 ]; then _gpu_v=$1; return; fi
+  _gpu_v=$(printf '%s' "$1" | LC_ALL=C command grep -F -e "$2")
+}
+
 _gpu_lines() {  # _gpu_lines LIST: the number of lines of LIST, none empty, into _gpu_n
   local IFS=$_gpu_nl
   # shellcheck disable=SC2086  # the lines (the dispatcher's noglob is on)
@@ -1772,7 +1779,9 @@ _gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the tasks NAME names i
     _gpu_find_indexed "$name" "$@"; return
   fi
   for dir in "$@"; do
-    for id in $(_gpu_ls "$_gpu_q/$dir"); do
+    _gpu_list_names "$_gpu_q/$dir"
+    _gpu_holding "$_gpu_v" "$_gpu_base"
+    for id in $_gpu_v; do
       if [ "$id" = "$name" ] || _gpu_matches "$id"; then _gpu_val=$_gpu_val$dir/$id$_gpu_nl; fi
     done
   done
@@ -1787,7 +1796,8 @@ _gpu_find() {  # _gpu_find NAME DIR...: "DIR/ID" lines of the tasks NAME names i
 
 _gpu_find_indexed() {  # _gpu_find_indexed NAME DIR...: _gpu_find, the finished tasks looked up
   # in names/ (only while the summary holds), the others listed
-  local name=$1 dir id line dirs=' ' small='' files='' display='' IFS=$_gpu_nl
+  local name=$1 dir id line dirs=' ' listed='' small='' display='' IFS=$_gpu_nl
+  local -a records
   shift
   _gpu_val=''
   for dir in "$@"; do
@@ -1796,8 +1806,10 @@ _gpu_find_indexed() {  # _gpu_find_indexed NAME DIR...: _gpu_find, the finished 
         dirs="$dirs$dir "
         [ -e "$_gpu_q/$dir/$name" ] && _gpu_val=$_gpu_val$dir/$name$_gpu_nl ;;
       *)
-        for id in $(_gpu_ls "$_gpu_q/$dir"); do
-          small=$small$dir/$id$_gpu_nl
+        _gpu_list_names "$_gpu_q/$dir"
+        listed=$listed$dir$_gpu_nl small=$small$_gpu_v
+        _gpu_holding "$_gpu_v" "$_gpu_base"
+        for id in $_gpu_v; do
           if [ "$id" = "$name" ] || _gpu_matches "$id"; then _gpu_val=$_gpu_val$dir/$id$_gpu_nl
           fi
         done ;;
@@ -1822,16 +1834,20 @@ _gpu_find_indexed() {  # _gpu_find_indexed NAME DIR...: _gpu_find, the finished 
     done
   fi
   [ -n "$_gpu_val" ] && return 0
-  for line in $small; do  # regular files only: grep would block on a FIFO
-    line=$_gpu_q/records/${line#*/}.submit
-    [ -f "$line" ] && [ ! -L "$line" ] && files=$files$line$_gpu_nl
+  records=()  # (an array: a string grown a file at a time is copied whole each time)
+  for id in $small; do  # regular files only: grep would block on a FIFO
+    line=$_gpu_q/records/$id.submit
+    [ -f "$line" ] && [ ! -L "$line" ] && records+=("$line")
   done
-  if [ -n "$files" ]; then  # a --name of a pending or running task
-    # shellcheck disable=SC2086,SC2013  # one file a line (the dispatcher turned globbing off)
-    for id in $(command grep -lxF -e "display_name=$_gpu_base" -- $files 2>/dev/null); do
+  if [ "${#records[@]}" -gt 0 ]; then  # a --name of a pending or running task
+    # shellcheck disable=SC2013  # one file a line (the dispatcher turned globbing off)
+    for id in $(printf '%s\0' "${records[@]}" \
+      | command xargs -0 grep -lxF -e "display_name=$_gpu_base" -- 2>/dev/null); do
       id=${id##*/}; id=${id%.submit}
       _gpu_hex_ok "$id" || continue
-      for line in $small; do [ "${line#*/}" = "$id" ] && display=$display$line$_gpu_nl; done
+      for dir in $listed; do
+        [ -e "$_gpu_q/$dir/$id" ] && display=$display$dir/$id$_gpu_nl
+      done
     done
   fi
   _gpu_val=$display

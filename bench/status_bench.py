@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Client benchmark: `gpu_status` and friends on an instance of many finished tasks. Prints JSON.
 
-    python3 bench/status_bench.py [--finished 10000 100000] [--runs 7]
+    python3 bench/status_bench.py [--finished 10000 100000] [--runs 7] [--pending 20]
 
 The instance folder is built directly, as a long-lived daemon of protocol 2 would have left it:
 every finished task has its submit, run and result records and its log, with the result records'
@@ -103,7 +103,7 @@ def build_instance(root: Path, job_id: str, finished: int, now: float | None = N
     write(records / f"{running}.submit", {"id": running, "name": "running.sh", "gpus": 2,
                                           "command": "python train.py --epochs 90"})
     for n in range(pending):
-        tid = task_id(finished + 1 + n, f"next{n}.sh", priority=100 + n)
+        tid = task_id(finished + 1 + n, f"next{n}.sh", priority=100 + n % 900)
         ids["pending"].append(tid)
         (inst / "pending" / tid).write_text("echo next\n")
         write(records / f"{tid}.submit", {"id": tid, "name": f"next{n}.sh", "gpus": 1,
@@ -162,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finished", type=int, nargs="+", default=[10_000, 100_000],
                         help="finished tasks, one instance each (10000 100000)")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per command (7)")
+    parser.add_argument("--pending", type=int, default=20, help="pending tasks (20)")
     args = parser.parse_args(argv)
     shells = [name for name in SHELLS if shutil.which(name)]
     report: dict[str, object] = {
         "benchmark": "client commands on instances with a long history",
-        "pending_tasks": 20, "gpus": 8, "runs": args.runs, "host": platform.node(),
+        "pending_tasks": args.pending, "gpus": 8, "runs": args.runs, "host": platform.node(),
         "cpus": os.cpu_count(), "machine": platform.machine(),
         "load_before": os.getloadavg(), "targets_s": TARGETS, "sizes": [],
     }
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="status-bench-") as tmp:
             root = Path(tmp)
             start = time.perf_counter()
-            build_instance(root, "bench", finished)
+            build_instance(root, "bench", finished, pending=args.pending)
             built = time.perf_counter() - start
             start = time.perf_counter()
             summarise(root / "bench")

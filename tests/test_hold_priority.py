@@ -16,6 +16,9 @@ from conftest import REPO, UNSHARE, needs_namespace, read_fields
 
 import perpetual_motion as pm
 
+sys.path.insert(0, str(REPO / "bench"))
+from status_bench import summarise  # noqa: E402
+
 
 @pytest.fixture(params=SHELLS)
 def sh(request, tmp_path) -> Shell:
@@ -176,9 +179,35 @@ def test_a_long_queue_is_shown_in_run_order(sh, by_hand):
     shown = [f"t{n}.sh" for n in range(0, 100, 2)] + ([by_hand] if by_hand else []) \
         + [f"t{n}.sh" for n in range(1, 100, 2)]
     assert rows == shown, res.out
-    assert "Totals:   0 running, %d pending" % len(shown) in res.out
+    assert f"Totals:   0 running, {len(shown)} pending" in res.out
     res = sh.run("gpu_status")
-    assert "... and %d more pending" % (len(shown) - 20) in res.out, res.out
+    assert f"... and {len(shown) - 20} more pending" in res.out, res.out
+
+
+
+@pytest.mark.parametrize("summary", [False, True])
+def test_a_task_of_a_long_queue_is_found_by_its_name_or_the_name_it_was_given(sh, summary):
+    """In a queue of a hundred tasks (looked over with one grep, not id by id) a task is
+    found by its script's name, with or without the extension, and by its --name: with the
+    summary of finished tasks that node 0 keeps, and without."""
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "failed", "logs", "records", ".staging"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    ids = [task(n, "500", f"t{n}.sh") for n in range(100)]
+    for name in ids:
+        (inst / "pending" / name).write_text(f"echo {name}\n")
+    named = task(100, "500", "x.sh")
+    (inst / "pending" / named).write_text("echo named\n")
+    (inst / "records" / f"{named}.submit").write_text(
+        f"id={named}\nname=x.sh\ndisplay_name=my run\n")
+    if summary:
+        summarise(inst)
+        assert (inst / "names").is_dir()
+    for asked, found in (("t42.sh", ids[42]), ("t7", ids[7]), ("my run", named)):
+        res = sh.run(f"gpu_show '{asked}'")
+        assert res.rc == 0 and found in res.out, (asked, res.out, res.err)
+    res = sh.run("gpu_show t100.sh")
+    assert res.rc == 1 and "no such task" in res.err
 
 
 HELD_WHILE_CLAIMED = """\
