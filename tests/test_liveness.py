@@ -125,16 +125,23 @@ STORAGE = textwrap.dedent("""\
     """)
 
 
+def scenario(template: str, root: Path, **more: str) -> tuple[dict, str]:
+    """Run a scenario script (``template``, formatted with the repository, the tests and
+    ``root``) in a PID namespace of its own; the facts it prints last, and its stderr's end."""
+    script = template.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
+                             **more)
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1]), run.stderr[-3000:]
+
+
 @needs_namespace
 def test_a_full_disk_loses_nothing_and_a_node_that_cannot_beat_fences_itself(tmp_path):
     root = tmp_path / "shared"
     root.mkdir()
-    script = STORAGE.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root))
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
-    assert facts["after_full"] == [True, True, False], run.stderr[-3000:]
+    facts, err = scenario(STORAGE, root)
+    assert facts["after_full"] == [True, True, False], err
     fenced = facts["fenced_after"]  # the last beat came up to a heartbeat period before
     assert pm.SELF_FENCE_SECONDS - pm.HEARTBEAT_SECONDS <= fenced < pm.HEARTBEAT_STALE_SECONDS
     assert facts["result"][0] == "interrupted" and facts["failed"]
@@ -180,13 +187,8 @@ def test_a_task_whose_run_cannot_be_recorded_does_not_start_and_runs_once_later(
     root.mkdir()
     runs = tmp_path / "runs"
     runs.touch()
-    script = UNRECORDED.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
-                               runs=str(runs))
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
-    assert facts == {"runs": 1, "where": ["running"]}, run.stderr[-3000:]
+    facts, err = scenario(UNRECORDED, root, runs=str(runs))
+    assert facts == {"runs": 1, "where": ["running"]}, err
 
 
 
@@ -327,12 +329,7 @@ def test_node_0_goes_on_beating_while_a_dead_nodes_tasks_get_their_grace(tmp_pat
     grace has passed on node 0's clock, and are recorded interrupted once they are gone."""
     root = tmp_path / "shared"
     root.mkdir()
-    script = SLOW_TO_END.format(repo=str(REPO), tests=str(Path(__file__).parent),
-                                root=str(root))
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
+    facts, err = scenario(SLOW_TO_END, root)
     assert facts["longest_tick"] < 2.0, facts
     assert facts["alive_in_grace"] and facts["gone"], facts
     for folder, state, reason, ended_after_death in facts["ends"]:
@@ -416,12 +413,7 @@ def test_a_result_written_through_a_stall_does_not_replace_node_0s(tmp_path):
     waits before it takes node 1 for dead and records the task interrupted. When the write goes
     through, node 1 must not put its result over node 0's: the task was recorded twice, its
     result said done while it lay in failed/."""
-    script = STALLED_RESULT.format(repo=str(REPO), tests=str(Path(__file__).parent),
-                                   root=str(tmp_path))
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
+    facts, err = scenario(STALLED_RESULT, tmp_path)
     assert facts["stalled"], facts
     assert facts["where"] == "failed", facts
     assert (facts["result"]["state"], facts["result"]["reason"]) == \
@@ -473,12 +465,7 @@ def test_a_state_written_through_a_stall_does_not_take_the_node_back(tmp_path):
     """A daemon's state file write hangs on stalled storage; a new daemon of the node takes it
     over meanwhile and starts a task. When the old write goes through it must not put the old
     daemon's claim back over the new owner's: the new owner yielded, and its task was killed."""
-    script = STALLED_STATE.format(repo=str(REPO), tests=str(Path(__file__).parent),
-                                  root=str(tmp_path))
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
+    facts, err = scenario(STALLED_STATE, tmp_path)
     assert facts == {"owner": "host-two", "old_displaced": True, "new_displaced": False,
                      "runs": True}, facts
 
@@ -516,10 +503,5 @@ def test_a_command_for_the_daemon_that_took_node_0_over_is_left_to_it(tmp_path):
     """A new daemon took node 0 over; a client sends it a stop. The old daemon, in its turn
     before it sees the new claim, must leave the command to the daemon it is meant for: it
     answered it "meant for an earlier daemon" and removed it, and the task was never stopped."""
-    script = COMMAND_AT_TAKEOVER.format(repo=str(REPO), tests=str(Path(__file__).parent),
-                                        root=str(tmp_path))
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
+    facts, err = scenario(COMMAND_AT_TAKEOVER, tmp_path)
     assert facts == {"result": "cancelled", "old_displaced": True, "cancelled": True}, facts
