@@ -127,8 +127,13 @@ def test_a_suspended_daemons_tasks_are_fenced_before_the_node_may_be_taken_for_d
     inst = queue_root / "sus"
     ticks = tmp_path / "ticks"
     daemon = start_daemon(queue_root, "sus")
-    [keeper] = [p for p in psutil.Process(daemon.proc.pid).children(recursive=True)
-                if "--fence-keeper" in command_line(p)]
+
+    def the_keeper() -> psutil.Process | None:  # (it starts a moment after the daemon is up)
+        found = [p for p in psutil.Process(daemon.proc.pid).children(recursive=True)
+                 if "--fence-keeper" in command_line(p)]
+        return found[0] if len(found) == 1 else None
+
+    keeper = wait_for(the_keeper, 10, what="the fence keeper")
     wait_for(lambda: keeper.name() == pm.FENCE_PROCESS_NAME, 10, what="the keeper's name")
     task = submit(inst, "t.sh", f"while :; do date +%s.%N >> '{ticks}'; sleep 0.2; done\n")
     wait_for(lambda: ticks.exists(), 15, what="the task to run")
