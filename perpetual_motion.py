@@ -519,16 +519,29 @@ class Inventory:
     gpus: tuple[GpuInfo, ...]
     nvml: object | None = None
     why: str = ""  # why NVML is not in use, for keep-alive's "off: ..."
+    nvml_error: str = ""  # why NVML could not start ("" when it did, or was not asked)
+    kernel_gpus: int = 0  # NVIDIA GPUs the kernel shows, counted where NVML could not start
 
     @classmethod
-    def declare(cls, numbers: Iterable[int], why: str = "declared slots") -> Inventory:
+    def declare(cls, numbers: Iterable[int], why: str = "declared slots", nvml_error: str = "",
+                kernel_gpus: int = 0) -> Inventory:
         """Slots declared with ``--gpus`` where there is no NVML: nothing to hold or watch."""
         return cls(tuple(GpuInfo(n, "", "declared slot", 0, cuda_index=n, declared=True)
-                         for n in numbers), None, why)
+                         for n in numbers), None, why, nvml_error, kernel_gpus)
+
+    @property
+    def blind(self) -> bool:
+        """NVML could not start on a node whose kernel shows NVIDIA GPUs: they are there, and
+        keep-alive can neither hold nor watch them."""
+        return bool(self.nvml_error and self.kernel_gpus)
 
     def numbers(self, positions: Iterable[int]) -> str:
         """``CUDA_VISIBLE_DEVICES`` for the GPUs at ``positions``: ``0,2``."""
         return ",".join(str(self.gpus[i].number) for i in sorted(positions))
+
+    def all_numbers(self) -> str:
+        """``CUDA_VISIBLE_DEVICES`` of every GPU here: ``0,1,2``."""
+        return self.numbers(range(len(self.gpus)))
 
 
 _MAX_GPUS = 1024  # GPUs of a node at most: what other nodes and the client read from a state file
@@ -572,15 +585,36 @@ def _visible_gpus(gpus: list[GpuInfo], visible: str | None) -> list[GpuInfo]:
     return chosen
 
 
+def kernel_gpus(root: Path = Path("/")) -> int:
+    """How many NVIDIA GPUs the kernel shows, NVML aside: the driver's entries under
+    /proc/driver/nvidia/gpus (one per PCI device; a container gets its own), else the device
+    files /dev/nvidia<N> (a GPU proxy's sandbox may have only these); 0 where neither is."""
+    try:
+        return len(list((root / "proc/driver/nvidia/gpus").iterdir()))
+    except OSError:
+        pass
+    try:
+        return sum(1 for p in (root / "dev").iterdir() if re.fullmatch(r"nvidia\d+", p.name))
+    except OSError:
+        return 0
+
+
 def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
                   env: Mapping[str, str] = os.environ,
-                  open_nvml: Callable[[logging.Logger], object] | None = None) -> Inventory:
+                  open_nvml: Callable[[logging.Logger], object] | None = None,
+                  kernel: Callable[[], int] = kernel_gpus) -> Inventory:
     """The node's GPUs; ValueError when ``--gpus`` asks for GPUs that are not there."""
+    error, seen = "", 0
     try:
         nvml = (open_nvml or Nvml.open)(log)
         found = nvml.gpus()
     except NvmlUnavailable as exc:
-        nvml, found, why = None, [], str(exc)
+        nvml, found, why, error = None, [], str(exc), str(exc)
+        seen = kernel()
+        if seen:  # a driver fault, not a node without GPUs: say what is left unwatched
+            error = f"NVML cannot start ({exc.__cause__ or exc})"
+            why = (f"{error}, though the kernel shows {seen} NVIDIA GPU(s): neither held nor "
+                   "watched (NVML is asked again every minute)")
     else:
         why = ""
         # CUDA numbers the GPUs it can open; a GPU NVML cannot query (another job's, under
@@ -607,13 +641,14 @@ def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
             why = "no GPU visible" if visible is None or visible.strip() not in ("", "-1") \
                 else "CUDA_VISIBLE_DEVICES is empty"
     if declared is None:
-        return Inventory(tuple(found), nvml, why)
+        return Inventory(tuple(found), nvml, why, error, seen)
     if nvml is None or not found:
         numbers = range(declared) if isinstance(declared, int) else declared
-        if why:
+        if why and not seen:
             log.info("GPUs declared with --gpus: %s", why)
-        return Inventory.declare(numbers, "declared slots (no NVML)" if nvml is None
-                                 else "declared slots (no GPU visible)")
+        return Inventory.declare(numbers, f"declared slots: {why}" if seen else
+                                 "declared slots (no NVML)" if nvml is None
+                                 else "declared slots (no GPU visible)", error, seen)
     if isinstance(declared, int):
         if declared > len(found):
             raise ValueError(f"--gpus {declared}: this node has {len(found)} GPU(s)")
@@ -3703,6 +3738,7 @@ _EXIT_GRACE = 3.0  # s a departed worker still counts as ours in NVML's lists
 _KILL_GRACE = 0.5  # s from "stop" to SIGKILL for a worker that does not exit
 _KILLED_LIMIT = 5.0  # s after SIGKILL a worker still there is stuck (in the driver, unkillable)
 _NVML_FAIL_SECONDS = 10.0  # s of unanswered NVML queries after which a GPU is let go
+_NVML_RETRY_SECONDS = 60.0  # s between two tries to start NVML, while it could not
 _RELEASE_POLL = 0.01  # s between looks at the memory while release() waits
 _CONTEXT_MIB = 600  # MiB a worker's CUDA context takes beside its tensors, where not measured
 _CONTEXT_MAX_MIB = 1024  # a context measured larger than this includes somebody else's memory
@@ -3754,10 +3790,15 @@ class KeepAlive:
     """
 
     def __init__(self, why: str = "disabled", nvml=None, gpus: Sequence[GpuInfo] = (),
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None, blind: str = "") -> None:
         self.why = why
         self._nvml = nvml
         self._gpus = {i: gpu for i, gpu in enumerate(gpus) if not gpu.declared}
+        # NVML could not start (why), yet the kernel shows NVIDIA GPUs: every GPU of the node
+        # is left idle unseen, so each one without a task counts as at risk
+        self.blind = blind
+        self._slots = tuple(gpus)
+        self._blind_since: float | None = None
         self._log = log or LOG
         self._idle_since: dict[int, float] = {}
         self._risks: dict[int, str] = {}
@@ -3771,6 +3812,8 @@ class KeepAlive:
         NVML's 1-s rate is read each tick and judged, as with keep-alive on, on the mean of
         the last _RISK_MEAN_SECONDS."""
         if self._nvml is None:
+            if self.blind:
+                self._watch_blind(now, busy)
             return
         self._now = now
         for i, gpu in self._gpus.items():
@@ -3790,6 +3833,30 @@ class KeepAlive:
             if not risk:
                 continue
             self._risks[i] = risk
+            if self._warned(f"risk/{i}", every=600.0):
+                self._log.warning("At risk of reclaim: %s", self._risks[i])
+
+    def _watch_blind(self, now: float, busy: Mapping[int, str]) -> None:
+        """NVML could not start on a node with NVIDIA GPUs: a GPU without a queue task is
+        neither held nor watched, and after KEEPALIVE_RISK_SECONDS it is at risk; on a node
+        whose GPUs are not in the inventory at all (no ``--gpus``), the warning stands alone."""
+        self._now = now
+        self._blind_since = self._blind_since if self._blind_since is not None else now
+        if not self._slots:
+            if now - self._blind_since >= KEEPALIVE_RISK_SECONDS and \
+                    self._warned("risk/node", every=600.0):
+                self._log.warning("At risk of reclaim: keep-alive off: %s", self.why)
+            return
+        for i, gpu in enumerate(self._slots):
+            if i in busy:
+                self._risks.pop(i, None)
+                self._idle_since.pop(i, None)
+                continue
+            since = self._idle_since.setdefault(i, now)
+            if now - since < KEEPALIVE_RISK_SECONDS:
+                continue
+            minutes = (now - since) / 60
+            self._risks[i] = f"GPU {gpu.number} unwatched {minutes:.0f} min: {self.blind}"
             if self._warned(f"risk/{i}", every=600.0):
                 self._log.warning("At risk of reclaim: %s", self._risks[i])
 
@@ -3818,10 +3885,11 @@ class KeepAlive:
 
     def gpu_fields(self) -> dict[str, str]:
         """Per-GPU keys for the state file (``gpu.<i>.util``, ``gpu.<i>.state``, ...)."""
-        return {f"gpu.{i}.risk": self._risks.get(i, "") for i in self._gpus}
+        watched = range(len(self._slots)) if self.blind else self._gpus
+        return {f"gpu.{i}.risk": self._risks.get(i, "") for i in watched}
 
-    def stop(self) -> None:
-        """Stop every worker and free the GPUs."""
+    def stop(self, why: str = "stopped") -> None:
+        """Stop every worker and free the GPUs; ``why`` is what ``describe()`` says then."""
 
     def child_pids(self) -> set[int]:
         """PIDs of the worker processes (the daemon as PID 1 must not reap them itself)."""
@@ -5088,7 +5156,8 @@ class GpuKeepAlive(KeepAlive):
                  holdoff: float = KEEPALIVE_HOLDOFF_SECONDS,
                  filler: bool = KEEPALIVE_FILLER, node_label: str = "",
                  release_timeout: float = RELEASE_TIMEOUT_SECONDS) -> None:
-        super().__init__("")
+        # once stopped (the auto-shutdown's drain), the GPUs are watched as with keep-alive off
+        super().__init__("", nvml, gpus, log)
         self.release_timeout = release_timeout
         self.nvml = nvml
         self.log = log
@@ -5109,13 +5178,14 @@ class GpuKeepAlive(KeepAlive):
     # The seam the daemon calls
 
     def describe(self) -> str:
-        return "on"
+        return f"off: {self.why}" if self.why else "on"
 
     def child_pids(self) -> set[int]:
         return {slot.worker.handle.pid for slot in self.slots if slot.worker is not None}
 
     def start(self) -> None:
         self._started = True
+        self.why = ""
         names = ", ".join(f"{s.gpu.index}: {s.gpu.name}" for s in self.slots if not s.gpu.mig)
         self.log.info("%sKeep-alive on for GPU %s", self.prefix, names)
         for slot in self.slots:
@@ -5126,6 +5196,8 @@ class GpuKeepAlive(KeepAlive):
         """``now`` is the daemon's clock, which may be the wall clock. The engine keeps time by
         its own ``timefunc`` (monotonic), the one ``release()`` and ``task_finished()`` use."""
         if not self._started:
+            if self.why:  # stopped: what is left idle is at risk all the same
+                self._watch_idle(now, busy)
             return
         now = self.timefunc()
         for i, slot in enumerate(self.slots):
@@ -5203,9 +5275,13 @@ class GpuKeepAlive(KeepAlive):
             slot.low_since = None
 
     def gpu_fields(self) -> dict[str, str]:
-        return self.measures.gpu_fields()
+        fields = self.measures.gpu_fields()
+        if self.why:
+            fields.update(super().gpu_fields())
+        return fields
 
-    def stop(self) -> None:
+    def stop(self, why: str = "stopped") -> None:
+        self.why = why
         now = self.timefunc()
         for slot in self.slots:
             if slot.worker is not None:
@@ -5419,7 +5495,8 @@ def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
     """The keep-alive engine for the inventory's GPUs, or keep-alive off with a reason. Never
     raises; when the GPUs cannot be used it says why in one warning."""
     def off(why: str) -> KeepAlive:  # the real GPUs are still watched for reclaim risk
-        return KeepAlive(why, inventory.nvml, inventory.gpus, log)
+        blind = inventory.nvml_error if inventory.blind and enabled else ""
+        return KeepAlive(why, inventory.nvml, inventory.gpus, log, blind)
 
     if not enabled:  # the daemon says so at start, among its settings
         return off("disabled")
@@ -6984,7 +7061,7 @@ class DaemonLifecycle(DaemonState):
         self.keepalive.start()
         if self.keepalive.describe() == "on" or not self.config.keepalive:
             LOG.info("Keep-alive: %s", self.keepalive.describe())  # else it has warned why
-        gpus = self.inventory.numbers(range(len(self.inventory.gpus))) or "none"
+        gpus = self.inventory.all_numbers() or "none"
         LOG.info("GPUs for tasks: %s; CPU task slots: %d; kill scope after a stop: %s",
                  gpus, MAX_CPU_TASKS, self.config.kill_scope)
         if self.config.callback:
@@ -7073,7 +7150,7 @@ class DaemonLifecycle(DaemonState):
         running = len(self.runner.tasks)
         LOG.info("Auto-shutdown: %s; %s", reason, f"waiting for {running} running task(s) to "
                  "end; nothing new starts" if running else "nothing runs")
-        self.keepalive.stop()
+        self.keepalive.stop(f"stopped for the auto-shutdown ({reason})")
 
     def follow_leader(self) -> None:
         """A node other than 0 ends when node 0 has stopped after this node started: at once
@@ -7109,10 +7186,17 @@ class Daemon(DaemonLifecycle):
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
                  identity: Identity | None = None, inventory: Inventory | None = None,
-                 monotonic: Callable[[], float] | None = None):
+                 monotonic: Callable[[], float] | None = None,
+                 open_nvml: Callable[[logging.Logger], object] | None = None,
+                 engine: Callable[[Inventory], KeepAlive] | None = None):
         self.config = config
         self.keepalive = keepalive or KeepAlive()
         self.inventory = inventory or Inventory(())
+        # while NVML could not start it is asked again (open_nvml); once it answers,
+        # keep-alive is made for the GPUs it found (engine)
+        self.open_nvml = open_nvml or Nvml.open
+        label = f"node {config.node_rank}" if config.num_nodes > 1 else ""
+        self.engine = engine or (lambda found: make_keepalive(True, LOG, found, label))
         self.clock = clock
         self.sleep = sleep
         # other nodes' liveness and this node's fence are timed on this clock, never on the
@@ -7166,6 +7250,7 @@ class Daemon(DaemonLifecycle):
         self.history = History(self.folder, clock)
         self.keeper: FenceKeeper | None = None  # started by run()
         self.keeper_started = 0.0
+        self.nvml_asked = self.monotonic()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -7234,6 +7319,9 @@ class Daemon(DaemonLifecycle):
         if not self.displaced and not self.unsafe and \
                 self.fence.lapsed() < SELF_FENCE_SECONDS and self.owns_node():
             self._step("queue", self.run_queue)
+        if self.inventory.nvml_error and self.config.keepalive and not self.stopping \
+                and not self.draining:
+            self._step("nvml", self.ask_nvml_again)
         self._step("keepalive", lambda: self.keepalive.tick(now, self.busy_gpus()))
         self._step("callbacks", self.callbacks.poll)
         self._step("sweeps", self.end_sweeps)
@@ -7249,6 +7337,40 @@ class Daemon(DaemonLifecycle):
             self.write_state()
         if now - self.last_housekeeping >= 3600:
             self._step("housekeeping", self.housekeeping)
+
+    def ask_nvml_again(self) -> None:
+        """NVML could not start, so keep-alive is off: ask it again every
+        _NVML_RETRY_SECONDS. Once it answers with the GPUs this node was given (the same
+        numbers, or any where it was given none), keep-alive starts on them; GPUs other than
+        those are left to a restart of the daemon, and said so."""
+        if self.monotonic() - self.nvml_asked < _NVML_RETRY_SECONDS:
+            return
+        self.nvml_asked = self.monotonic()
+        try:
+            nvml = self.open_nvml(LOG)
+        except NvmlUnavailable:
+            return
+        try:
+            found = discover_gpus(self.config.gpus, LOG, open_nvml=lambda log: nvml)
+        except ValueError as exc:
+            found, why = None, str(exc)
+        else:
+            why = found.why
+            if not why and self.inventory.gpus and \
+                    found.all_numbers() != self.inventory.all_numbers():
+                why = (f"it shows GPU(s) {found.all_numbers()}, not those of this daemon's "
+                       f"tasks ({self.inventory.all_numbers()})")
+        if found is None or why:
+            self.throttled.warning("nvml", "NVML answers now, but keep-alive stays off: %s; "
+                                   "restart the daemon to hold the GPUs", why)
+            return
+        self.inventory = self.runner.inventory = self.scheduler.inventory = found
+        self.keepalive.stop()
+        self.keepalive = self.engine(found)
+        self.keepalive.start()
+        LOG.warning("NVML answers now: keep-alive %s for GPU(s) %s", self.keepalive.describe(),
+                    found.all_numbers())
+        self.state_dirty = True
 
     def self_fence(self) -> None:
         """Fence when the beat is late; the tasks it killed end as interrupted. A beat is

@@ -1072,6 +1072,146 @@ def test_declared_slots_without_nvml_keep_keepalive_off(caplog):
     assert [g.number for g in inventory.gpus] == [0, 2, 5]
 
 
+def nvml_that_cannot_start(log):
+    raise pm.NvmlUnavailable("NVML cannot start") from RuntimeError(
+        "Driver/library version mismatch")
+
+
+def test_the_kernel_shows_gpus_nvml_does_not(tmp_path):
+    assert pm.kernel_gpus(tmp_path) == 0
+    (tmp_path / "dev").mkdir()
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "nvidia-caps"):
+        (tmp_path / "dev" / name).touch()
+    assert pm.kernel_gpus(tmp_path) == 2  # a GPU proxy's sandbox: device files alone
+    for bus in ("0000:1b:00.0", "0000:43:00.0", "0000:52:00.0"):
+        (tmp_path / "proc/driver/nvidia/gpus" / bus).mkdir(parents=True)
+    assert pm.kernel_gpus(tmp_path) == 3  # the driver's own list comes first
+
+
+def test_gpus_that_nvml_cannot_open_are_flagged_at_risk_with_the_reason(caplog):
+    """NVML failing at start on a node with GPUs (a driver/library version mismatch, say)
+    left keep-alive 'off: declared slots (no NVML)': the reason lost, the GPUs idle with no
+    risk shown and no warning after the first, until the cluster reclaimed them."""
+    log = logging.getLogger("test-make")
+    inventory = pm.discover_gpus(2, log, env={}, open_nvml=nvml_that_cannot_start,
+                                 kernel=lambda: 2)
+    assert inventory.blind and [g.number for g in inventory.gpus] == [0, 1]
+    ka = pm.make_keepalive(True, log, inventory)
+    assert "Driver/library version mismatch" in ka.describe()
+    assert "the kernel shows 2 NVIDIA GPU(s)" in ka.describe()
+    ka.start()
+    with caplog.at_level(logging.WARNING, logger="test-make"):
+        ka.tick(1000.0, {1: "t1"})
+        assert ka.gpu_fields() == {"gpu.0.risk": "", "gpu.1.risk": ""}
+        ka.tick(1000.0 + pm.KEEPALIVE_RISK_SECONDS, {1: "t1"})
+        ka.tick(1000.0 + pm.KEEPALIVE_RISK_SECONDS + 60, {1: "t1"})
+    fields = ka.gpu_fields()
+    assert fields["gpu.0.risk"] == ("GPU 0 unwatched 4 min: NVML cannot start "
+                                    "(Driver/library version mismatch)")
+    assert fields["gpu.1.risk"] == ""  # a queue task has it
+    warned = [r.getMessage() for r in caplog.records if "At risk" in r.getMessage()]
+    assert len(warned) == 1 and "GPU 0 unwatched 3 min" in warned[0]
+    # without --gpus no GPU is in the inventory: the node's own warning says it
+    inventory = pm.discover_gpus(None, log, env={}, open_nvml=nvml_that_cannot_start,
+                                 kernel=lambda: 8)
+    ka = pm.make_keepalive(True, log, inventory)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="test-make"):
+        for t in (0, 60, pm.KEEPALIVE_RISK_SECONDS, pm.KEEPALIVE_RISK_SECONDS + 60):
+            ka.tick(1000.0 + t, {})
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "kernel shows 8 NVIDIA GPU(s)" in warned[0], warned
+    # switched off by the user, or no NVIDIA GPU at all: nothing is at risk
+    assert pm.make_keepalive(False, log, pm.discover_gpus(
+        2, log, env={}, open_nvml=nvml_that_cannot_start, kernel=lambda: 2)).blind == ""
+    inventory = pm.discover_gpus(2, log, env={}, open_nvml=nvml_that_cannot_start,
+                                 kernel=lambda: 0)
+    assert not inventory.blind
+    assert pm.make_keepalive(True, log, inventory).describe() == "off: declared slots (no NVML)"
+
+
+@pytest.mark.parametrize("declared", [2, None])
+def test_keepalive_starts_once_nvml_answers_after_failing_at_start(tmp_path, caplog,
+                                                                    declared):
+    """NVML that failed at start (the driver still loading, say) was never asked again:
+    keep-alive stayed off for the whole job."""
+    from conftest import FakeClock
+
+    node = sim.SimNode(gpus=2)
+    answers = {"now": False, "asked": 0}
+
+    def open_nvml(log):
+        answers["asked"] += 1
+        if not answers["now"]:
+            nvml_that_cannot_start(log)
+        return node.nvml
+
+    inventory = pm.discover_gpus(declared, pm.LOG, env={}, open_nvml=open_nvml,
+                                 kernel=lambda: 2)
+    config = pm.Config(job_id="unit", queue_root=tmp_path, kill_scope="task", gpus=declared)
+    clock = FakeClock()
+    daemon = pm.Daemon(config, pm.make_keepalive(True, pm.LOG, inventory), clock=clock,
+                       sleep=clock.sleep, inventory=inventory, open_nvml=open_nvml,
+                       engine=lambda found: sim.engine(node, pm.LOG))
+    assert daemon.start() is None
+
+    def tick(seconds):
+        for _ in range(int(seconds / 0.5)):
+            clock.sleep(0.5)
+            node.sleep(0.5)
+            daemon.tick()
+
+    def state():
+        return pm.parse_fields((tmp_path / "unit" / "nodes" / "node-0.state").read_text())
+
+    tick(130)
+    assert type(daemon.keepalive) is pm.KeepAlive and answers["asked"] == 1 + 2  # each minute
+    assert "the kernel shows 2 NVIDIA GPU(s)" in state()["keepalive"]
+    answers["now"] = True
+    with caplog.at_level(logging.INFO, logger=pm.LOG.name):
+        tick(60)
+    assert type(daemon.keepalive) is pm.GpuKeepAlive
+    assert "NVML answers now: keep-alive on for GPU(s) 0,1" in caplog.text
+    assert daemon.inventory is daemon.runner.inventory is daemon.scheduler.inventory
+    assert [g.uuid for g in daemon.inventory.gpus] == [g.uuid for g in node.nvml.gpus()]
+    asked = answers["asked"]
+    tick(90)
+    assert answers["asked"] == asked  # once is enough
+    fields = state()
+    assert fields["keepalive"] == "on" and fields["gpu_count"] == "2"
+    assert fields["gpu.0.state"] == fields["gpu.1.state"] == "holding", fields
+    daemon.keepalive.stop()
+
+
+def test_nvml_that_answers_with_other_gpus_leaves_keepalive_off_and_says_why(tmp_path, caplog):
+    from conftest import FakeClock
+
+    node = sim.SimNode(gpus=2)
+    answers = {"now": False}
+
+    def open_nvml(log):
+        if not answers["now"]:
+            nvml_that_cannot_start(log)
+        return node.nvml
+
+    inventory = pm.discover_gpus((0, 5), pm.LOG, env={}, open_nvml=open_nvml, kernel=lambda: 2)
+    config = pm.Config(job_id="unit", queue_root=tmp_path, kill_scope="task", gpus=(0, 5))
+    clock = FakeClock()
+    daemon = pm.Daemon(config, pm.make_keepalive(True, pm.LOG, inventory), clock=clock,
+                       sleep=clock.sleep, inventory=inventory, open_nvml=open_nvml,
+                       engine=lambda found: sim.engine(node, pm.LOG))
+    assert daemon.start() is None
+    answers["now"] = True
+    with caplog.at_level(logging.WARNING, logger=pm.LOG.name):
+        for _ in range(150):
+            clock.sleep(0.5)
+            daemon.tick()
+    assert type(daemon.keepalive) is pm.KeepAlive and not node.workers
+    said = [r.getMessage() for r in caplog.records if "NVML answers now" in r.getMessage()]
+    assert len(said) == 1 and "GPU(s) [5] that are not here" in said[0], said
+    assert "restart the daemon" in said[0]
+
+
 def test_make_keepalive_disabled(caplog):
     log = logging.getLogger("test-make")
     with caplog.at_level(logging.DEBUG, logger="test-make"):
@@ -2210,6 +2350,32 @@ def test_keepalive_off_still_flags_an_idle_gpu_at_risk(log, caplog, why):
     assert re.fullmatch(risk, ka.gpu_fields()["gpu.0.risk"])                # minute's mean)
     assert ka.gpu_fields()["gpu.1.risk"] == ""
     assert re.search(f"At risk of reclaim: {risk}", caplog.text)
+
+
+def test_gpus_let_go_for_the_auto_shutdown_drain_are_still_watched(log, caplog):
+    """The auto-shutdown's drain stops keep-alive while tasks run on: the engine then stopped
+    looking at the GPUs, so one left idle for hours (and the job, with the task) was at risk
+    unseen, and the state file still said keep-alive was on."""
+    node = sim.SimNode(gpus=2)
+    ka = start(node, log)
+    sim.run(node, ka, 30)
+    assert field(ka, 0, "state") == field(ka, 1, "state") == "holding"
+    ka.stop("stopped for the auto-shutdown (auto-shutdown after 24h)")
+    assert not node.live_workers(0) and not node.live_workers(1)
+    assert ka.describe() == "off: stopped for the auto-shutdown (auto-shutdown after 24h)"
+    node.foreign(1, memory=4 * GIB, util=90.0)  # the running task keeps GPU 1 busy
+    with caplog.at_level(logging.WARNING):
+        for _ in range(int((pm.KEEPALIVE_RISK_SECONDS + 30) / 0.5)):
+            node.sleep(0.5)
+            ka.tick(node.time(), {1: "task-1"})
+    assert not node.live_workers(0)  # nothing is held again
+    risk = field(ka, 0, "risk")
+    assert re.fullmatch(r"GPU 0 idle 3 min \([0-5]%\): keep-alive off: stopped for the "
+                        r"auto-shutdown \(auto-shutdown after 24h\)", risk), risk
+    assert field(ka, 1, "risk") == ""
+    assert "At risk of reclaim: GPU 0 idle 3 min" in caplog.text
+    ka.start()  # started again (a new engine's life): the engine's own view counts
+    assert ka.describe() == "on"
 
 
 def test_keepalive_off_knows_nothing_of_declared_slots_and_names_an_idle_task(log):
