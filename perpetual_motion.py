@@ -445,6 +445,7 @@ class Config:
     node_addr: str = ""  # --node-addr: how other nodes reach this one; "": the host name
     callback: str = TASK_CALLBACK  # --callback: run after each task ends ("": none)
     shared: bool = SHARED_QUEUE  # --shared-queue: the group may write the queue folder
+    launch: str = ""  # --launch: names the launch that started the job's daemons ("": unknown)
 
     def __post_init__(self) -> None:
         # the scope in force, resolved once: "auto" says where the daemon runs
@@ -6924,7 +6925,7 @@ class DaemonState:
             "host": self.identity.host, "pid": self.identity.pid,
             "boot_id": self.identity.boot_id, "pid_ns": self.identity.pid_ns,
             "node_addr": self.gangs.node_addr,
-            "status": status, "started": self.started_text,
+            "status": status, "started": self.started_text, "launch": self.config.launch,
             "started_at": now_text(self.started), "shutdown": f"{self.shutdown_at:.3f}",
             "shutdown_at": now_text(self.shutdown_at), "heartbeat": f"{now:.3f}",
             "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
@@ -7154,10 +7155,16 @@ class DaemonLifecycle(DaemonState):
 
     def follow_leader(self) -> None:
         """A node other than 0 ends when node 0 has stopped after this node started: at once
-        after a shutdown, after its own tasks after an auto-shutdown."""
+        after a shutdown, after its own tasks after an auto-shutdown. Where both name their
+        launch (``--launch``), a node 0 of another launch is an earlier run's, whatever the
+        clocks say: this launch's node 0 has not written its state yet. Without it, "after"
+        is read on the clocks, as node 0's stop time against this node's start."""
         try:
             fields = self.folder.read_fields(self.folder.state_path(0)) or {}
         except (OSError, ValueError):
+            return
+        theirs = fields.get("launch", "")
+        if self.config.launch and theirs and theirs != self.config.launch:
             return
         stopped = as_float(fields.get("stopped"))
         if fields.get("status") == "stopped" and stopped is not None and stopped > self.started:
@@ -7659,6 +7666,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="accept a queue folder that the group may write, and tasks, "
                              "records and commands of its members: everyone in the group can "
                              "run code as you (default SHARED_QUEUE)")
+    parser.add_argument("--launch", default="", metavar="ID",
+                        help="names the launch that started this daemon, the same on every "
+                             "node of the job (submit.sh sets it): a node other than 0 then "
+                             "ends with its own launch's node 0 only, whatever the clocks say")
     parser.add_argument("--force", action="store_true",
                         help="start even if the state file says a daemon is alive")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -7690,13 +7701,16 @@ def config_from_args(args: argparse.Namespace) -> Config | str:
         gpus = None if args.gpus is None else parse_gpu_list(args.gpus)
     except ValueError as exc:
         return str(exc)
+    if args.launch and not valid_job_id(args.launch):
+        return (f"invalid --launch {args.launch!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "not starting with '.' or '-'")
     root = args.queue_root or default_queue_root()
     return Config(job_id=args.job_id, queue_root=root.expanduser().absolute(),
                   gpus=gpus, node_addr=args.node_addr, poll_interval=args.poll_interval,
                   hours=args.hours,
                   keepalive=KEEPALIVE and not args.no_keepalive, kill_scope=args.kill_scope,
                   stop_grace=args.stop_grace, node_rank=rank, num_nodes=count, force=args.force,
-                  callback=args.callback, shared=args.shared_queue)
+                  callback=args.callback, shared=args.shared_queue, launch=args.launch)
 
 
 def setup_logging() -> None:

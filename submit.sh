@@ -82,6 +82,7 @@ FORCE=0
 DRY_RUN=0
 HOURS_FLAG=""
 LAUNCH_TIME=""
+LAUNCH_ID=""  # names this launch to every daemon it starts (--launch)
 INSTANCE=""
 LAUNCHER=""
 TMP_DIR=""
@@ -531,6 +532,7 @@ save_job_id() {
     echo "gpus=${GPUS}"
     echo "nodes=${NODES}"
     echo "submitted=${LAUNCH_TIME}"
+    echo "launch=${LAUNCH_ID}"
     echo "submitted_at=$(date '+%F %T %z')"
     echo "submitted_by=${USER:-$(id -un)}@$(hostname)"
     printf '%s\n' "$@"
@@ -550,7 +552,8 @@ daemon_command() {
   if ((FORCE)); then
     extra+=(--force)
   fi
-  quote_all "${PYTHON}" "${DAEMON_FILE}" --job-id "${JOB_ID}" --queue-root "${QUEUE_ROOT}"
+  quote_all "${PYTHON}" "${DAEMON_FILE}" --job-id "${JOB_ID}" --queue-root "${QUEUE_ROOT}" \
+    --launch "${LAUNCH_ID}"
   # Without --hours the daemon's own constant rules, so that editing it takes effect.
   if [[ -n "${AUTO_SHUTDOWN_HOURS}" ]]; then
     printf ' --hours %s' "$(quote "${AUTO_SHUTDOWN_HOURS}")"
@@ -915,6 +918,7 @@ main() {
   TMP_DIR="$(mktemp -d)"
   trap cleanup EXIT
   LAUNCH_TIME="$(date +%s)"  # before the launch: a daemon's start is never earlier
+  LAUNCH_ID="${LAUNCH_TIME}-$$-${RANDOM}"
   if ((DRY_RUN)); then
     echo "# dry run: ${BACKEND}, JOB_ID=${JOB_ID}, GPUS=${GPUS}, NODES=${NODES};" \
       "queue ${INSTANCE}; nothing is written"

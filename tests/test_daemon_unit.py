@@ -77,8 +77,10 @@ def test_bad_arguments_are_refused_with_a_message():
     assert "at most" in pm.config_from_args(pm.parse_args(["--hours", "1e9"]))
     assert "does not fit" in pm.config_from_args(
         pm.parse_args(["--node-rank", "2", "--num-nodes", "2"]))
-    config = pm.config_from_args(pm.parse_args(["--job-id", "ok", "--hours", "0.002"]))
-    assert config.hours == 0.002
+    assert "invalid --launch" in pm.config_from_args(pm.parse_args(["--launch", "a b\n"]))
+    config = pm.config_from_args(pm.parse_args(["--job-id", "ok", "--hours", "0.002",
+                                                "--launch", "1733380000-42-7"]))
+    assert config.hours == 0.002 and config.launch == "1733380000-42-7"
 
 
 def test_publish_is_atomic_and_leaves_no_staging(tmp_path):

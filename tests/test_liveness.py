@@ -25,10 +25,10 @@ LOOP = "while :; do sleep 0.05; done\n"
 
 
 def node(root: Path, clock: FakeClock, rank: int, host: str, stop_grace: float = 0.5,
-         gpus: tuple[int, ...] = (0,)) -> pm.Daemon:
+         gpus: tuple[int, ...] = (0,), launch: str = "") -> pm.Daemon:
     config = pm.Config(job_id="two", queue_root=root, poll_interval=0.1, hours=10.0,
                        keepalive=False, kill_scope="none", stop_grace=stop_grace, num_nodes=2,
-                       node_rank=rank)
+                       node_rank=rank, launch=launch)
     here = pm.Identity.here()
     daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep,
                        identity=pm.Identity(host, here.pid, here.boot_id, here.pid_ns),
@@ -74,6 +74,45 @@ def test_a_skewed_clock_neither_kills_a_live_node_nor_keeps_a_dead_one(tmp_path,
     assert finished(inst, task) == "failed"
     assert (result(inst, task)["state"], result(inst, task)["reason"]) == \
         ("interrupted", "node 1's daemon died")
+
+
+def stop(daemons, clocks) -> None:
+    """Shut ``daemons`` down as gpu_shutdown does, tick them until they end, and close them."""
+    for daemon in daemons:
+        daemon.begin_shutdown("gpu_shutdown")
+    for _ in range(40):
+        tick([d for d in daemons if not d.finished], clocks, 0.5)
+    assert all(d.finished for d in daemons)
+    for daemon in daemons:
+        daemon.close()
+
+
+def test_a_node_whose_clock_is_behind_follows_its_own_launchs_node_0(tmp_path):
+    """A relaunch a minute after a clean shutdown, node 1 up before node 0: node 1, its clock
+    5 minutes behind node 0's, read the earlier run's stop as later than its own start and
+    exited at once ("node 0 has stopped"), leaving the new job without it."""
+    clock0, clock1 = FakeClock(), FakeClock()
+    clock1.now -= 300
+    first = [node(tmp_path, clock0, 0, "host-zero", launch="100-1-1"),
+             node(tmp_path, clock1, 1, "host-one", launch="100-1-1")]
+    tick(first, [clock0, clock1], 5)
+    stop(first[:1], [clock0, clock1])
+    tick(first[1:], [clock0, clock1], pm.HEARTBEAT_SECONDS + 1)
+    assert first[1].stopping == "node 0 has stopped"  # its own launch's node 0
+    stop(first[1:], [clock0, clock1])
+    for clock in (clock0, clock1):
+        clock.sleep(60)
+    one = node(tmp_path, clock1, 1, "host-one", launch="160-2-2")
+    tick([one], [clock0, clock1], 3 * pm.HEARTBEAT_SECONDS)
+    assert not one.stopping and not one.draining  # node 0's stop was the earlier launch's
+    zero = node(tmp_path, clock0, 0, "host-zero", launch="160-2-2")
+    task = submit(tmp_path / "two", "t.sh", "exit 0\n", gpus=1)
+    tick([zero, one], [clock0, clock1], 3 * pm.HEARTBEAT_SECONDS)
+    assert finished(tmp_path / "two", task) == "done" and not one.stopping
+    stop([zero], [clock0, clock1])
+    tick([one], [clock0, clock1], pm.HEARTBEAT_SECONDS + 1)
+    assert one.stopping == "node 0 has stopped"
+    stop([one], [clock0, clock1])
 
 
 STORAGE = textwrap.dedent("""\

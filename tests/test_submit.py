@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -363,8 +364,10 @@ def test_the_example_settings_launch_the_originals_sco_job(tmp_path):
     launch = run_submit(env, "exp1")
     assert (launch.returncode, launch.stderr) == (2, placeholders)
     assert not (tmp_path / "sco-calls.jsonl").exists()
-    assert "exec python3 perpetual_motion.py --job-id exp1 --queue-root " \
-           '/mnt/afs/YOUR_NAME/gpu_queue "${node_flags[@]}"' in launcher
+    assert [line for line in launcher if re.fullmatch(
+        "exec python3 perpetual_motion.py --job-id exp1 --queue-root "
+        r'/mnt/afs/YOUR_NAME/gpu_queue --launch [0-9]+-[0-9]+-[0-9]+ "\$\{node_flags\[@\]\}"',
+        line)], launcher
     # Every name in it, set or commented out, is a setting of submit.sh.
     names = {line.lstrip("#").split("=", 1)[0] for line in example.read_text().splitlines()
              if "=" in line and line.lstrip("#")[:1].isupper()}
@@ -438,8 +441,13 @@ def test_sco_worker_command_survives_quoting(tmp_path):
                             timeout=30, env=base_env(tmp_path))
     assert worker.returncode == 0, worker.stderr
     got = json.loads(seen.read_text())
+    launch = got["argv"][6]
     assert got["argv"] == ["perpetual_motion.py", "--job-id", "exp1", "--queue-root", str(root),
+                           "--launch", launch,
                            "--hours", "1.5", "--kill-scope", "task", "--poll-interval", "2"]
+    # every node of the launch gets the name that job_id.txt records; a relaunch another
+    assert f"launch={launch}\n" in (root / "exp1" / "job_id.txt").read_text()
+    assert re.fullmatch(r"[0-9]+-[0-9]+-[0-9]+", launch)
     assert got["cwd"] == str(code)
     assert got["conda"] == "torch env"
     assert got["env"] == ["exp1", str(root)]
