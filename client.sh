@@ -2616,6 +2616,13 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID [CLAIM]: queue the finished task DIR
   # with CLAIM, only after taking its records/ID.retried (3: another retry took it)
   local dir=$1 old=$2 cwd name i=0 IFS=' '
   local -a args
+  # the script to queue again is copied: only the file the daemon moved there, never through a
+  # link (another member of a shared queue could point it at a file of yours) or from a FIFO
+  if [ -h "$_gpu_q/$dir/$old" ] || [ ! -f "$_gpu_q/$dir/$old" ]; then
+    _gpu_err "$dir/$old is not a regular file (a link, say): a finished task is the file the" \
+      "daemon moved there; not queued again"
+    return 1
+  fi
   _gpu_task "$dir" "$old"
   _gpu_priority "${_gpu_o_prio:-${_gpu_t_prio:-500}}" || return 2
   _gpu_request "$_gpu_t_gpus_req" "$_gpu_t_nodes_req" \

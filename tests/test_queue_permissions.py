@@ -334,6 +334,30 @@ def test_gpu_logs_and_gpu_tail_never_follow_a_log_that_is_a_link(tmp_path):
         assert f"{inst}/logs/{task}.log is a symbolic link: not followed" in res.err, script
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("how", ["name", "--failed"])
+def test_gpu_retry_never_copies_a_finished_task_that_is_a_link(tmp_path, shell, how):
+    """A link in done/ or failed/ (another member of a shared queue can make one) was copied by
+    gpu_retry into pending/: the file it pointed at, a private key say, became a task that the
+    group could read, and that the daemon would run."""
+    sh = Shell(shell, tmp_path / "root", tmp_path, tmp_path)
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "failed", "records", "logs", "nodes"):
+        (inst / folder).mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_text("TOPSECRET\n")
+    task = f"500-{pm.unique_name()}-t.sh"
+    folder = "done" if how == "name" else "failed"
+    (inst / folder / task).symlink_to(secret)
+    (inst / "records" / f"{task}.result").write_text(
+        f"id={task}\nstate={'done' if how == 'name' else 'failed'}\n")
+    res = sh.run(f"gpu_retry {task if how == 'name' else '--failed'}; echo \"rc=$?\"",
+                 timeout=20)
+    assert res.out.endswith("rc=1\n"), (res.out, res.err)
+    assert f"{folder}/{task} is not a regular file (a link, say)" in res.err
+    assert tree(inst / "pending") == {} and not list((inst / "records").glob("*.submit"))
+
+
 def shared_instance(root: Path, other: pwd.struct_passwd) -> Path:
     """An instance of the user's that the colleague's group writes (--shared-queue's modes)."""
     inst = make_instance(root)
