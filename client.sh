@@ -2783,6 +2783,8 @@ _gpu_show_nodes() {  # the daemons part of gpu_status
       line="$line${line:+, }CPU tasks $_gpu_val of $slots"
     fi
     [ -z "$line" ] || _gpu_line "          $line"
+    # a node whose GPUs keep-alive cannot see at all (NVML fails, no --gpus)
+    ! _gpu_field risk || [ -z "$_gpu_val" ] || _gpu_line "          !! AT RISK OF RECLAIM: $_gpu_val"
     spark=
     [ "$count" -gt 0 ] && _gpu_field gpu.0.history && spark=1
     if [ "$count" -gt 0 ] && [ -n "$spark" ]; then
@@ -3105,7 +3107,7 @@ _gpu_node_json() {  # _gpu_node_json RANK DRAIN: the loaded node state as one JS
   for i in heartbeat started shutdown stopped; do
     _gpu_field "$i"; _gpu_jn "$_gpu_val"; out="$out, \"$i\": $_gpu_j"
   done
-  for i in stop_reason keepalive kill_scope node_addr; do
+  for i in stop_reason keepalive risk kill_scope node_addr; do
     _gpu_field "$i"; _gpu_jstr "$_gpu_val"; out="$out, \"$i\": $_gpu_j"
   done
   for i in num_nodes gpus_free cpu_slots cpu_running; do

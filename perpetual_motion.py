@@ -3800,6 +3800,7 @@ class KeepAlive:
         self.blind = blind
         self._slots = tuple(gpus)
         self._blind_since: float | None = None
+        self.node_risk = ""  # the node's own risk, where its GPUs are not in the inventory
         self._log = log or LOG
         self._idle_since: dict[int, float] = {}
         self._risks: dict[int, str] = {}
@@ -3844,9 +3845,11 @@ class KeepAlive:
         self._now = now
         self._blind_since = self._blind_since if self._blind_since is not None else now
         if not self._slots:
-            if now - self._blind_since >= KEEPALIVE_RISK_SECONDS and \
-                    self._warned("risk/node", every=600.0):
-                self._log.warning("At risk of reclaim: keep-alive off: %s", self.why)
+            minutes = (now - self._blind_since) / 60
+            if minutes * 60 >= KEEPALIVE_RISK_SECONDS:
+                self.node_risk = f"every GPU of the node unwatched {minutes:.0f} min: {self.blind}"
+                if self._warned("risk/node", every=600.0):
+                    self._log.warning("At risk of reclaim: %s", self.node_risk)
             return
         for i, gpu in enumerate(self._slots):
             if i in busy:
@@ -6931,7 +6934,7 @@ class DaemonState:
             "liveness.late_after": f"{HEARTBEAT_LATE_SECONDS:g}",
             "liveness.stale_after": f"{HEARTBEAT_STALE_SECONDS:g}",
             "poll_interval": f"{self.config.poll_interval:g}", "kill_scope": self.config.kill_scope,
-            "keepalive": self.keepalive.describe(),
+            "keepalive": self.keepalive.describe(), "risk": self.keepalive.node_risk,
             "running_count": len(tasks),
             "current_task": first.task_id if first else "",
             "current_task_started": f"{first.started:.3f}" if first and first.started else "",

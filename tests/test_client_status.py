@@ -205,6 +205,25 @@ def test_status_shows_how_keepalive_fares_and_a_gpu_at_risk_loudly(sh):
     assert gpus[1]["risk"] == risk and gpus[1]["band_10m"] is None
 
 
+def test_status_shows_a_node_whose_gpus_keepalive_cannot_see_at_risk(sh):
+    """NVML that cannot start on a node whose kernel shows GPUs, and no --gpus: no GPU row can
+    carry the risk, so the node's own `risk` says it, as loudly."""
+    v = build_v2(sh.root)
+    state = v.inst / "nodes" / "node-1.state"
+    risk = ("every GPU of the node unwatched 7 min: NVML cannot start (Driver/library version "
+            "mismatch)")
+    state.write_text(state.read_text() + f"risk={risk}\n")
+    res = sh.run("gpu_status -l")
+    assert res.rc == 0 and res.err == "", res.err
+    lines = res.out.splitlines()
+    node_1 = lines[lines.index("Node 1:   alive on node-b, pid 101"):]
+    assert f"          !! AT RISK OF RECLAIM: {risk}" in node_1[:4], res.out
+    assert sum("AT RISK" in line for line in lines) == 1
+    assert columns(sh.run("gpu_status").out) <= 100
+    nodes = json.loads(sh.run("gpu_status --json").out)["nodes"]
+    assert nodes[1]["risk"] == risk and not nodes[0]["risk"]
+
+
 WIDE_TEXTS = ["plain ascii text", "训练模型的名字", "한국어 이름", "ｆｕｌｌ ｗｉｄｔｈ",
               "ひらがな カタカナ", "😀 rocket 🚀 x", "混合 mixed テキスト 42", "▁▂▃▄▅▆▇█ narrow",
               "é ü ñ ç", "𠀀𠀁 ext-B", "a中b文c字d"]

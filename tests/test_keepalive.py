@@ -1120,7 +1120,10 @@ def test_gpus_that_nvml_cannot_open_are_flagged_at_risk_with_the_reason(caplog):
         for t in (0, 60, pm.KEEPALIVE_RISK_SECONDS, pm.KEEPALIVE_RISK_SECONDS + 60):
             ka.tick(1000.0 + t, {})
     warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 1 and "kernel shows 8 NVIDIA GPU(s)" in warned[0], warned
+    assert ka.node_risk == ("every GPU of the node unwatched 4 min: NVML cannot start "
+                            "(Driver/library version mismatch)")
+    assert warned == ["At risk of reclaim: every GPU of the node unwatched 3 min: NVML cannot "
+                      "start (Driver/library version mismatch)"], warned
     # switched off by the user, or no NVIDIA GPU at all: nothing is at risk
     assert pm.make_keepalive(False, log, pm.discover_gpus(
         2, log, env={}, open_nvml=nvml_that_cannot_start, kernel=lambda: 2)).blind == ""
