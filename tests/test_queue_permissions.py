@@ -316,14 +316,19 @@ def test_a_shared_queue_is_made_for_the_group(place):
 # The client #################################################################################
 
 
-def test_gpu_logs_and_gpu_tail_never_follow_a_log_that_is_a_link(tmp_path):
-    sh = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
+def instance_and_secret(tmp_path: Path, shell: str = "bash") -> tuple[Shell, Path, Path, str]:
+    """A client shell, a bare instance of its, a file of the user's to keep, a task id."""
+    sh = Shell(shell, tmp_path / "root", tmp_path, tmp_path)
     inst = sh.root / "exp1"
     for folder in ("pending", "running", "done", "failed", "records", "logs", "nodes"):
         (inst / folder).mkdir(parents=True)
     secret = tmp_path / "secret"
     secret.write_text("TOPSECRET\n")
-    task = f"500-{pm.unique_name()}-t.sh"
+    return sh, inst, secret, f"500-{pm.unique_name()}-t.sh"
+
+
+def test_gpu_logs_and_gpu_tail_never_follow_a_log_that_is_a_link(tmp_path):
+    sh, inst, secret, task = instance_and_secret(tmp_path)
     (inst / "done" / task).write_text("true\n")
     (inst / "records" / f"{task}.result").write_text(f"id={task}\nstate=done\n")
     (inst / "logs" / f"{task}.log").symlink_to(secret)
@@ -340,13 +345,7 @@ def test_gpu_retry_never_copies_a_finished_task_that_is_a_link(tmp_path, shell, 
     """A link in done/ or failed/ (another member of a shared queue can make one) was copied by
     gpu_retry into pending/: the file it pointed at, a private key say, became a task that the
     group could read, and that the daemon would run."""
-    sh = Shell(shell, tmp_path / "root", tmp_path, tmp_path)
-    inst = sh.root / "exp1"
-    for folder in ("pending", "running", "done", "failed", "records", "logs", "nodes"):
-        (inst / folder).mkdir(parents=True)
-    secret = tmp_path / "secret"
-    secret.write_text("TOPSECRET\n")
-    task = f"500-{pm.unique_name()}-t.sh"
+    sh, inst, secret, task = instance_and_secret(tmp_path, shell)
     folder = "done" if how == "name" else "failed"
     (inst / folder / task).symlink_to(secret)
     (inst / "records" / f"{task}.result").write_text(
