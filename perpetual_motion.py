@@ -381,6 +381,7 @@ class TaskResult:
     gpus: str = ""  # the GPU numbers it had
     rank: int | None = None  # for one rank of a task that spans nodes
     extra: tuple[tuple[str, str], ...] = ()  # more keys: the ranks of a task that spans nodes
+    found: float | None = None  # when an end that no daemon saw was found (``ended``: unseen_end)
 
     def fields(self) -> dict[str, object]:
         duration = "" if self.started is None else f"{self.ended - self.started:.3f}"
@@ -394,10 +395,23 @@ class TaskResult:
             "host": self.host, "node_rank": self.node_rank, "attempt": self.attempt,
             "gpus": self.gpus,
         }
+        if self.found is not None:
+            fields["found"] = f"{self.found:.3f}"
         if self.rank is not None:
             fields["rank"] = self.rank
         fields.update(self.extra)
         return fields
+
+
+def unseen_end(started: float | None, found: float, *known: float | None) -> float:
+    """When a task ended whose end no daemon saw (its daemon died; docs/protocol.md,
+    Recovery): the last moment it is known to have run, the latest of ``known`` (its daemon's
+    last beat, its log's last write), never before it started; ``found``, when its end was
+    found, where nothing is known."""
+    times = [t for t in known if t is not None]
+    if not times:
+        return found
+    return max(times) if started is None else max(*times, started)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1122,6 +1136,39 @@ class QueueFolder(QueueFiles):
         return self.dir("logs") / (f"{task_id}.log" if rank is None else
                                    f"{task_id}.rank{rank}.log")
 
+    def log_written(self, task_id: str, rank: int | None = None) -> float | None:
+        """When a task's (or rank's) log was last written, on the clock of the daemon that ran
+        it: the log's modification time (the storage's clock) less how far ahead that clock
+        was when the daemon published the run record (its own modification time against its
+        ``started``). None when it cannot be told."""
+        run_path = self.record(task_id, "run", rank)
+        try:
+            run = self.read_fields(run_path) or {}
+            published = os.stat(run_path, follow_symlinks=False).st_mtime
+            log = os.stat(self.log(task_id, rank), follow_symlinks=False)
+        except (OSError, ValueError):
+            return None
+        started = as_float(run.get("started"))
+        if started is None or not stat.S_ISREG(log.st_mode):
+            return None
+        return log.st_mtime - (published - started)
+
+    def last_beat(self, rank: int, daemon: str) -> float | None:
+        """When the daemon whose ``started`` is ``daemon`` last beat on node ``rank``, on its
+        clock: the later of its state file's ``heartbeat`` and its beat file's ``time``, each
+        while it still names that daemon; None when neither does (or cannot be read)."""
+        times = []
+        with contextlib.suppress(OSError, ValueError):
+            state = self.read_fields(self.state_path(rank)) or {}
+            if state.get("started") == daemon:
+                times.append(as_float(state.get("heartbeat")))
+        with contextlib.suppress(ValueError):
+            beat = parse_fields(self.read_beat(rank))
+            if beat.get("started") == daemon:
+                times.append(as_float(beat.get("time")))
+        known = [t for t in times if t is not None]
+        return max(known) if known else None
+
     def has_result(self, task_id: str) -> bool:
         return self.record(task_id, "result").exists()
 
@@ -1598,6 +1645,14 @@ def marked_pids(marker: str) -> list[int]:
     needle = f"{MARKER_VAR}={marker}".encode()
     return [pid for pid in _own_pids()
             if pid != os.getpid() and needle in _proc_environ(pid).split(b"\0")]
+
+
+def task_of(pid: int) -> str | None:
+    """The id of the task whose marker a process carries (``<job>/<id>``), or None."""
+    marker = _task_marker(_proc_environ(pid))
+    if marker is None:
+        return None
+    return marker.partition("/")[2] or None
 
 
 def predecessor_pids(folder: Path, job_id: str, node_rank: int) -> list[int]:
@@ -2806,6 +2861,11 @@ class TaskEnds:
         self.unfinished: list[Unfinished] = []  # ends not published yet, oldest first
         # tasks of dead daemons whose processes here are being ended, by (id, rank)
         self.interrupting: dict[tuple[str, int | None], Interrupting] = {}
+        # the last beat of the daemon this one replaced on its node, by its ``started`` (its
+        # state file names this daemon since); and when this daemon's start ended what tasks
+        # of it still ran here, by task id: when those tasks last ran (unseen_end)
+        self.last_beats: dict[str, float] = {}
+        self.ran_until: dict[str, float] = {}
         self.ended: Callable[[TaskResult], None] = lambda result: None  # a task's result is out
         # False once another daemon holds this node: it records this daemon's tasks, not this one
         self.may_record: Callable[[], bool] = lambda: True
@@ -2922,6 +2982,28 @@ class TaskEnds:
         self.ended(result)
         return task_id
 
+    def remember_predecessor(self) -> None:
+        """Note when the daemon that held this node last beat, before this daemon's first
+        beat replaces its state and beat files: its tasks ended no earlier (Recovery)."""
+        try:
+            fields = self.folder.read_fields(self.folder.state_path(self.config.node_rank))
+        except (OSError, ValueError):
+            return
+        daemon = (fields or {}).get("started", "")
+        beat = self.folder.last_beat(self.config.node_rank, daemon) if daemon else None
+        if beat is not None:
+            self.last_beats[daemon] = beat
+
+    def last_beat(self, run: Mapping[str, str]) -> float | None:
+        """When the daemon that claimed a run (its record's ``daemon``) last beat, on its
+        clock; None when that is not known any more."""
+        daemon, node = run.get("daemon", ""), ascii_int(run.get("node_rank"))
+        if not daemon or node is None:
+            return None
+        if daemon in self.last_beats:
+            return self.last_beats[daemon]
+        return self.folder.last_beat(node, daemon)
+
     def recover(self, owned_elsewhere: Callable[[dict[str, str]], bool]) -> None:
         """Finish the tasks of this node that a dead daemon left in running/: those whose run
         record names this node (docs/protocol.md, Recovery). ``owned_elsewhere(run)`` is True
@@ -2979,20 +3061,27 @@ class TaskEnds:
             self._publish_interrupted(entry)
 
     def _publish_interrupted(self, entry: Interrupting) -> None:
+        """Publish the end of a task (or rank) whose daemon died: ``ended`` when it last ran
+        as far as is known (its processes ended here now, or at this daemon's start; else its
+        daemon's last beat or its log's last write), ``found`` now (docs/protocol.md)."""
         task_id, run, reason, rank = entry.task_id, entry.run, entry.reason, entry.rank
         killed = entry.leftovers.count
         started = as_float(run.get("started"))
         now = self.clock()
+        ended = unseen_end(started, now, now if killed else self.ran_until.get(task_id),
+                           self.last_beat(run), self.folder.log_written(task_id, rank))
         node = ascii_int(run.get("node_rank"))
-        result = TaskResult(task_id, TaskState.INTERRUPTED, reason, started, now,
+        result = TaskResult(task_id, TaskState.INTERRUPTED, reason, started, ended,
                             run.get("host") or self.identity.host,
                             self.config.node_rank if node is None else node,
                             attempt=ascii_int(run.get("attempt")) or 1,
-                            gpus=run.get("gpus", ""), rank=rank)
+                            gpus=run.get("gpus", ""), rank=rank, found=now)
+        line = f"interrupted: {reason}; {killed} orphaned process(es) ended"
+        if ended != now:
+            line += f"; last known to run at {now_text(ended)}"
         try:
             with self.folder.open_log(self.folder.log(task_id, rank)) as log:
-                self.log_lines(log, [f"interrupted: {reason}; {killed} orphaned process(es) "
-                                      "ended"])
+                self.log_lines(log, [line])
         except OSError:
             pass
         self.finish(result)
@@ -3513,13 +3602,16 @@ class Gangs:
         first_bad = cause or ends[0]
         starts = [v for v in (as_float(e.get("started")) for e in ends.values()) if v is not None]
         stops = [v for v in (as_float(e.get("ended")) for e in ends.values()) if v is not None]
+        # the task's end was seen unless no rank's was (their nodes died): then it is found too
+        found = [as_float(e.get("found")) for e in ends.values()]
         lead = ends.get(0, {})
         lead_node = ascii_int(lead.get("node_rank"))
         result = TaskResult(plan.task_id, state, reason, min(starts) if starts else None,
                             max(stops) if stops else self.clock(), lead.get("host", ""),
                             plan.nodes[0] if lead_node is None else lead_node,
                             ascii_int(first_bad.get("exit_code")), ascii_int(first_bad.get(
-                                "signal")), gpus=lead.get("gpus", ""), extra=tuple(extra))
+                                "signal")), gpus=lead.get("gpus", ""), extra=tuple(extra),
+                            found=None if None in found else max(found))
         LOG.info("Task ended: %s: %s (%s)", plan.task_id, state.value, reason)
         self.runner.finish(result)
         self.plans.pop(plan.task_id, None)
@@ -7054,6 +7146,7 @@ class DaemonLifecycle(DaemonState):
                       "gpu_shutdown, or start with --force if it is really gone.",
                       self.config.job_id, self.config.node_rank, owner)
             return EXIT_ALREADY_RUNNING
+        self.runner.ends.remember_predecessor()  # (before this daemon's beat replaces it)
         self.write_state(force=True)
         self.end_predecessors()
         self.runner.recover(lambda run: ascii_int(run.get("node_rank")) not in
@@ -7085,7 +7178,10 @@ class DaemonLifecycle(DaemonState):
         if pids:
             LOG.warning("Ending %d process(es) of tasks that an earlier daemon of this node left "
                         "running: %s", len(pids), describe_pids(pids))
+            tasks = {task_of(pid) for pid in pids} - {None}
             terminate(pids, self.config.stop_grace)
+            # those tasks ran until now: their ends are recorded so (Recovery)
+            self.runner.ends.ran_until.update(dict.fromkeys(tasks, self.clock()))
 
     @property
     def is_leader(self) -> bool:

@@ -26,6 +26,8 @@ from conftest import (
 )
 from queue_files import command, finished, result, submit
 
+import perpetual_motion as pm
+
 pytestmark = needs_namespace
 
 
@@ -268,6 +270,37 @@ def test_sigkill_mid_task_then_restart_recovers_and_kills_the_orphans(queue_root
         assert "orphaned process(es) ended" in (inst / "logs" / f"{victim}.log").read_text()
         proc.wait(20)
         assert "second-exit=0" in log.read_text()
+
+
+def test_tasks_of_a_daemon_killed_and_started_again_later_end_when_they_last_ran(
+        queue_root, start_daemon):
+    """kill -9 takes the daemon down with its PID namespace (it is its PID 1), and its tasks
+    with it. The daemon started for the node later records them interrupted, ended when they
+    were last known to run (its predecessor's last beat, or a task's last line in its log),
+    not at the restart; and found at the restart."""
+    inst = queue_root / "later"
+    first = start_daemon(queue_root, "later", "--gpus", "2")
+    chatty = submit(inst, "chatty.sh", "while :; do echo tick; sleep 0.1; done\n", gpus=1)
+    quiet = submit(inst, "quiet.sh", "sleep 300\n", gpus=1)
+    log = inst / "logs" / f"{chatty}.log"
+    wait_for(lambda: (inst / "records" / f"{quiet}.run").exists() and log.exists()
+             and "tick" in log.read_text(), 15, what="both tasks to run")
+    time.sleep(1.0)
+    first.signal(signal.SIGKILL)
+    killed = time.time()
+    first.wait_exit()
+    time.sleep(3.0)
+    restarted = time.time()
+    start_daemon(queue_root, "later", "--gpus", "2", "--force")
+    res = {task: wait_finished(inst, task) and result(inst, task) for task in (chatty, quiet)}
+    assert killed - 1.0 <= float(res[chatty]["ended"]) <= killed + 0.5  # its last line
+    assert killed - pm.HEARTBEAT_SECONDS - 1.0 <= float(res[quiet]["ended"]) <= killed + 0.5
+    for task, end in res.items():
+        assert (finished(inst, task), end["state"], end["reason"]) == \
+            ("failed", "interrupted", "daemon died")
+        assert float(end["duration"]) == pytest.approx(
+            float(end["ended"]) - float(end["started"]), abs=0.01)
+        assert float(end["found"]) >= restarted
 
 
 def test_corrupt_files_are_logged_and_skipped(queue_root, start_daemon):

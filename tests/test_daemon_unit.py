@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,86 @@ def test_recovery_finishes_a_half_done_move_and_fails_an_orphan_as_interrupted(t
     result = pm.parse_fields((inst / "records" / f"{orphan}.result").read_text())
     assert (result["state"], result["reason"]) == ("interrupted", "daemon died")
     assert float(result["duration"]) == pytest.approx(10.0)
+
+
+def dead_predecessor(inst: Path, task: str, last_beat: float, log_written: float | None,
+                     where: dict[str, object]) -> None:
+    """Node 0's daemon (``where``: its host, boot and PID namespace) ran ``task`` for 10 minutes
+    and died at ``last_beat``: its state file was last replaced 4 s before its last beat (which
+    the beat file holds); the task's log was last written at ``log_written`` (None: none)."""
+    daemon = f"{last_beat - 3600:.3f}"
+    run = inst / "records" / f"{task}.run"
+    run.write_text(pm.format_fields({"id": task, **where, "node_rank": 0, "daemon": daemon,
+                                     "started": f"{last_beat - 600:.3f}", "attempt": 1}))
+    os.utime(run, (last_beat - 600, last_beat - 600))  # (the storage's clock is the daemon's)
+    (inst / "running" / task).write_text("true\n")
+    (inst / "nodes" / "node-0.state").write_text(pm.format_fields({
+        "protocol": 2, "job_id": "unit", "node_rank": 0, **where, "pid": 2**22 + 7,
+        "status": "running", "started": daemon, "heartbeat": f"{last_beat - 4:.3f}"}))
+    (inst / "nodes" / "node-0.beat").write_text(pm.format_fields(
+        {"started": daemon, "beat": 99, "time": f"{last_beat:.3f}"}).ljust(pm.BEAT_BYTES))
+    if log_written is not None:
+        log = inst / "logs" / f"{task}.log"
+        log.write_text("[perpetual-motion] task: x\nepoch 7\n")
+        os.utime(log, (log_written, log_written))
+
+
+@pytest.mark.parametrize("log_after_beat, ended_after_beat", [
+    (None, 0.0),  # no log: the last beat
+    (-100.0, 0.0),  # a log last written before it: the last beat still
+    (30.0, 30.0),  # the task wrote on after its daemon's last beat (until its fence)
+])
+def test_a_task_whose_daemon_died_ended_when_it_was_last_known_to_run(
+        tmp_path, log_after_beat, ended_after_beat):
+    """The daemon was killed (-9) and a daemon came back for the node 26 minutes later: the
+    task it ran is recorded interrupted, ended when it was last known to run (the dead
+    daemon's last beat, or its log's last write when later), not when it was found; and when
+    it was found."""
+    clock = FakeClock()
+    inst = tmp_path / "unit"
+    pm.QueueFolder(inst).create("unit")
+    task = pm.task_id_for("lost.sh")
+    last_beat = clock.now - 26 * 60
+    dead_predecessor(inst, task, last_beat,
+                     None if log_after_beat is None else last_beat + log_after_beat,
+                     {"host": "elsewhere"})
+    daemon = make_daemon(tmp_path, clock)
+    assert daemon.start() is None  # (it watches the old heartbeat stand still, then takes over)
+    res = pm.parse_fields((inst / "records" / f"{task}.result").read_text())
+    assert (res["state"], res["reason"]) == ("interrupted", "daemon died")
+    assert float(res["ended"]) == pytest.approx(last_beat + ended_after_beat, abs=0.01)
+    assert float(res["duration"]) == pytest.approx(600 + ended_after_beat, abs=0.01)
+    assert float(res["found"]) >= last_beat + 26 * 60  # when this daemon recorded it
+    assert float(res["found"]) == pytest.approx(clock.now, abs=1)
+
+
+def test_a_task_that_ran_on_until_the_next_daemon_ended_it_ended_then(tmp_path):
+    """The daemon was killed (-9) but its task ran on here (the daemon was not PID 1 of its
+    namespace, and its fence keeper had not fenced it yet): the next daemon of the node ends
+    it at its start; the task ran until then, not only until its daemon's last beat."""
+    clock = FakeClock()
+    inst = tmp_path / "unit"
+    pm.QueueFolder(inst).create("unit")
+    task = pm.task_id_for("lost.sh")
+    last_beat = clock.now - 30
+    here = pm.Identity.here()
+    dead_predecessor(inst, task, last_beat, None,
+                     {"host": here.host, "boot_id": here.boot_id, "pid_ns": here.pid_ns})
+    env = dict(os.environ, **{pm.MARKER_VAR: f"unit/{task}", "QUEUE_DIR": str(inst),
+                              "PM_NODE_RANK": "0"})
+    left = subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
+    try:
+        assert make_daemon(tmp_path, clock).start() is None  # (its owner is gone: at once)
+        assert left.wait(5) is not None
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+    res = pm.parse_fields((inst / "records" / f"{task}.result").read_text())
+    assert (res["state"], res["reason"]) == ("interrupted", "daemon died")
+    assert float(res["ended"]) == pytest.approx(clock.now, abs=1)  # not its last beat's
+    assert float(res["duration"]) == pytest.approx(630, abs=1)
+    assert float(res["ended"]) <= float(res["found"]) == pytest.approx(clock.now, abs=1)
     assert os.listdir(inst / "running") == []
 
 
@@ -615,3 +696,26 @@ def test_the_state_file_names_the_gang_a_gpu_is_set_aside_for():
     plan = pm.GangPlan("500-20270101_000000_000000001-00000001-g.sh", (0, 1), 1, "p")
     gangs.seats = {plan.task_id: pm.GangSeat(plan, 0, pm.Submission(), reserved=(2,))}
     assert gangs.reservations() == {2: plan.task_id}
+
+
+@pytest.mark.parametrize("rank_0_found, found", [(None, None), (205.0, 210.0)])
+def test_a_gang_is_found_ended_only_when_no_daemon_saw_any_of_its_ranks_end(rank_0_found, found):
+    """Both nodes of a gang died: its end is when its ranks last ran, found when the last of
+    them was. One rank whose end its daemon saw (stopped, say) makes the gang's end seen."""
+    gangs = pm.Gangs.__new__(pm.Gangs)
+    results: list[pm.TaskResult] = []
+    gangs.runner = types.SimpleNamespace(finish=results.append)
+    gangs.folder = types.SimpleNamespace(stop_reason=lambda task_id: None)
+    gangs.plans, gangs.clock = {}, lambda: 300.0
+    plan = pm.GangPlan("500-20270101_000000_000000001-00000001-g.sh", (1, 2), 1, "p")
+    ends = {0: {"state": "interrupted", "reason": "node 1's daemon died", "started": "100",
+                "ended": "150", "found": "" if rank_0_found is None else str(rank_0_found)},
+            1: {"state": "interrupted", "reason": "node 2's daemon died", "started": "101",
+                "ended": "160", "found": "210"}}
+    if rank_0_found is None:
+        ends[0].update(state="stopped", reason="rank 1 lost: node 2's daemon died")
+    gangs._finish_gang(plan, ends)
+    [res] = results
+    assert (res.state, res.started, res.ended, res.found) == (
+        pm.TaskState.INTERRUPTED, 100.0, 160.0, found)
+    assert ("found" in res.fields()) is (found is not None)

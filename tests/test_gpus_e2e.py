@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -157,6 +158,7 @@ def test_a_restart_after_kill_9_with_four_running_interrupts_them_and_keeps_the_
     old_namespace = os.open(f"/proc/{daemon.daemon_process().pid}/ns/pid", os.O_RDONLY)
     try:
         daemon.signal(signal.SIGKILL)  # PID 1 of its namespace: its tasks go with it
+        killed = time.time()
         daemon.wait_exit()
         assert all((inst / "pending" / t).exists() for t in waiting)
         # its heartbeat is fresh but stands still: the new daemon (another PID namespace, as a
@@ -171,6 +173,9 @@ def test_a_restart_after_kill_9_with_four_running_interrupts_them_and_keeps_the_
         assert wait_for(lambda t=task_id: finished(inst, t), 15, what=task_id) == "failed"
         res = result(inst, task_id)
         assert (res["state"], res["reason"]) == ("interrupted", "daemon died")
+        # they ended with their daemon (its last beat), found a minute later
+        assert killed - pm.HEARTBEAT_SECONDS - 1.0 <= float(res["ended"]) <= killed + 0.001, res
+        assert float(res["found"]) >= killed + pm.TAKEOVER_WATCH_SECONDS, res
     for task_id in waiting:
         assert wait_for(lambda t=task_id: finished(inst, t), 15, what=task_id) == "done"
     assert again.stop() == 0

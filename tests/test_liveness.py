@@ -115,6 +115,32 @@ def test_a_node_whose_clock_is_behind_follows_its_own_launchs_node_0(tmp_path):
     stop([one], [clock0, clock1])
 
 
+@pytest.mark.parametrize("skew", [0.0, 3600.0, -3600.0])
+def test_node_0_records_a_dead_nodes_task_ended_at_that_nodes_last_beat(tmp_path, skew):
+    """Node 1's daemon dies; node 0 records its task interrupted a minute later. The task
+    ended, as far as anyone knows, at node 1's last beat, on node 1's clock as its start is
+    (its duration is right whatever the clocks); when node 0 found it is ``found``, on node
+    0's clock."""
+    inst, task, zero, one, clock0, clock1 = on_node_1(tmp_path, skew)
+    tick([zero, one], [clock0, clock1], 30)
+    proc = one.runner.tasks[(task, None)].proc
+    proc.kill()  # node 1's daemon dies (it ticks no more); its task with it
+    proc.wait()
+    died = clock0.now
+    state = pm.parse_fields((inst / "nodes" / "node-1.state").read_text())
+    beat = pm.parse_fields((inst / "nodes" / "node-1.beat").read_text())
+    last_beat = max(float(state["heartbeat"]), float(beat["time"]))
+    started = float(pm.parse_fields((inst / "records" / f"{task}.run").read_text())["started"])
+    tick([zero], [clock0], pm.HEARTBEAT_STALE_SECONDS + 2 * pm.HEARTBEAT_SECONDS)
+    res = result(inst, task)
+    assert (res["state"], res["reason"]) == ("interrupted", "node 1's daemon died")
+    assert float(res["ended"]) == pytest.approx(last_beat, abs=0.01)
+    assert float(res["duration"]) == pytest.approx(last_beat - started, abs=0.01)
+    assert 30 <= float(res["duration"]) <= 32
+    assert died + pm.HEARTBEAT_STALE_SECONDS - pm.HEARTBEAT_SECONDS - 1 \
+        <= float(res["found"]) <= clock0.now + 0.001  # once node 0 took node 1 for dead
+
+
 STORAGE = textwrap.dedent("""\
     import json, os, subprocess, sys, time
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})

@@ -13,6 +13,8 @@ from pathlib import Path
 from conftest import needs_namespace, read_fields, wait_for
 from queue_files import command, finished, result, submit
 
+import perpetual_motion as pm
+
 pytestmark = needs_namespace
 
 
@@ -88,6 +90,7 @@ def test_a_gang_rank_whose_node_dies_fails_the_task_and_loses_nothing(queue_root
     later = [submit(inst, f"later{i}.sh", "true\n", gpus=1, priority=900) for i in range(3)]
     wait_for(lambda: len(os.listdir(out)) == 2, 20, what="both ranks to start")
     nodes[1].signal(signal.SIGKILL)  # node 1's daemon (and its namespace) dies
+    killed = time.time()
     nodes[1].wait_exit()
     t0 = time.monotonic()
     assert wait_for(lambda: finished(inst, task), 90, what="the task to fail") == "failed"
@@ -96,6 +99,9 @@ def test_a_gang_rank_whose_node_dies_fails_the_task_and_loses_nothing(queue_root
     assert (res["rank.1.state"], res["rank.1.reason"]) == ("interrupted", "node 1's daemon died")
     assert res["rank.0.state"] == "stopped"
     assert (res["state"], res["reason"]) == ("interrupted", "rank 1: node 1's daemon died")
+    rank_1 = read_fields(inst / "records" / f"{task}.rank1.result")  # ended at its last beat
+    assert killed - pm.HEARTBEAT_SECONDS - 1.0 <= float(rank_1["ended"]) <= killed + 0.001, rank_1
+    assert float(rank_1["found"]) >= killed + pm.HEARTBEAT_STALE_SECONDS - pm.HEARTBEAT_SECONDS
     for task_id in later:  # the queue goes on, on node 0
         assert wait_for(lambda t=task_id: finished(inst, t), 20, what=task_id) == "done"
 
