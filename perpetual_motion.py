@@ -404,10 +404,10 @@ class TaskResult:
 
 
 def unseen_end(started: float | None, found: float, *known: float | None) -> float:
-    """When a task ended whose end no daemon saw (its daemon died; docs/protocol.md,
-    Recovery): the last moment it is known to have run, the latest of ``known`` (its daemon's
-    last beat, its log's last write), never before it started; ``found``, when its end was
-    found, where nothing is known."""
+    """When a task ended whose end no daemon saw (its daemon died, or was suspended while its
+    fence killed it; docs/protocol.md, Recovery): the last moment it is known to have run,
+    the latest of ``known`` (its daemon's last beat or look at it, its log's last write),
+    never before it started; ``found``, when its end was found, where nothing is known."""
     times = [t for t in known if t is not None]
     if not times:
         return found
@@ -2400,6 +2400,8 @@ class RunningTask:
     # the daemon adopts is this task's (leftover_pids)
     lineage: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     leftovers: Leftovers | None = None  # once its main process has ended
+    seen: float | None = None  # when a turn of the loop last saw its main process run
+    fenced: bool = False  # killed by the fence while this daemon could not look: its end unseen
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -2728,6 +2730,7 @@ class TaskRunner:
                 continue
             code = task.proc.poll()
             if code is None:
+                task.seen = self.clock()
                 if table:  # what it started so far, without what has ended since
                     task.lineage = {seen for seen in task.lineage
                                     if table.get(seen[0], (0, -1))[1] == seen[1]}
@@ -2755,6 +2758,10 @@ class TaskRunner:
     def _ended(self, task: RunningTask, code: int) -> TaskResult:
         ended = task.leftovers.ended if task.leftovers is not None else self.clock()
         leftovers = task.leftovers.count if task.leftovers is not None else 0
+        found = None
+        if task.fenced:  # (suspended, or its loop stuck, while the fence killed it)
+            found, ended = ended, unseen_end(task.started, ended, task.seen,
+                                             self.folder.log_written(task.task_id, task.rank))
         signal_group(task.proc.pid, signal.SIGKILL)  # whatever is left of its group
         self.tasks.pop(task.key, None)
         exit_code, signum = (None, -code) if code < 0 else (code, None)
@@ -2782,17 +2789,17 @@ class TaskRunner:
                 self.log_lines(log, lines)
         except OSError:
             pass
-        result = self.result_of(task, state, reason, started, ended, exit_code, signum)
+        result = self.result_of(task, state, reason, started, ended, exit_code, signum, found)
         LOG.info("Task ended: %s: %s (%s)", task.label, state.value, reason)
         self.finish(result)
         return result
 
     def result_of(self, task: RunningTask, state: TaskState, reason: str, started: float | None,
-                ended: float, exit_code: int | None = None,
-                signum: int | None = None) -> TaskResult:
+                  ended: float, exit_code: int | None = None, signum: int | None = None,
+                  found: float | None = None) -> TaskResult:
         return TaskResult(task.task_id, state, reason, started, ended, self.identity.host,
                           self.config.node_rank, exit_code, signum, task.attempt, task.gpu_text,
-                          task.rank)
+                          task.rank, found=found)
 
     @staticmethod
     def tasks_of_orphans() -> bool:
@@ -7498,6 +7505,7 @@ class Daemon(DaemonLifecycle):
                 self.fence.killed.discard(task.proc.pid)
                 LOG.error("%s: %s", task.label, why)
                 task.stop_state, task.stop_reason = TaskState.INTERRUPTED, why
+                task.fenced = True
                 self.runner.stop(task, TaskState.INTERRUPTED, why, hard=True)
 
     def fence_tasks(self) -> list[RunningTask]:

@@ -123,7 +123,8 @@ def test_a_suspended_daemons_tasks_are_fenced_before_the_node_may_be_taken_for_d
     """A daemon stopped (SIGSTOP, a debugger, Ctrl-Z) writes no heartbeat, and its own fence
     is stopped with it: its fence keeper, a process of its own, kills its tasks once the beat
     is SELF_FENCE_SECONDS late, before another node may take the node for dead and record
-    them ended. Resumed, the daemon records them interrupted."""
+    them ended. Resumed, the daemon records them interrupted, ended when it last saw them run
+    (before it was stopped), found once it was resumed."""
     inst = queue_root / "sus"
     ticks = tmp_path / "ticks"
     daemon = start_daemon(queue_root, "sus")
@@ -138,7 +139,7 @@ def test_a_suspended_daemons_tasks_are_fenced_before_the_node_may_be_taken_for_d
     task = submit(inst, "t.sh", f"while :; do date +%s.%N >> '{ticks}'; sleep 0.2; done\n")
     wait_for(lambda: ticks.exists(), 15, what="the task to run")
     daemon.signal(signal.SIGSTOP)
-    stopped = time.monotonic()
+    stopped, stopped_at = time.monotonic(), time.time()
     try:
         def quiet() -> bool:
             size = ticks.stat().st_size
@@ -148,10 +149,13 @@ def test_a_suspended_daemons_tasks_are_fenced_before_the_node_may_be_taken_for_d
         fenced = time.monotonic() - stopped
         assert pm.SELF_FENCE_SECONDS - 1 <= fenced < pm.HEARTBEAT_STALE_SECONDS, fenced
     finally:
+        resumed_at = time.time()
         daemon.signal(signal.SIGCONT)
     assert wait_for(lambda: finished(inst, task), 15, what="the task's end") == "failed"
     res = result(inst, task)
     assert res["state"] == "interrupted" and res["reason"].startswith("self-fenced"), res
+    assert stopped_at - 1.0 <= float(res["ended"]) <= stopped_at + 0.001, res
+    assert float(res["found"]) >= resumed_at, res
     daemon.stop()
     assert not keeper.is_running(), "the keeper outlived its daemon"
 

@@ -328,6 +328,47 @@ def test_the_fence_keeper_of_a_daemon_that_ended_without_tasks_ends_at_once():
     assert clock.now <= 4.0
 
 
+class TellingKeeper:
+    """A fence keeper that takes what the daemon tells it; the test does its kill."""
+
+    proc = types.SimpleNamespace(poll=lambda: None)
+
+    def tell(self, beat, groups, markers) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_task_fenced_while_its_daemon_was_suspended_ended_when_last_seen(tmp_path):
+    """The daemon is suspended (SIGSTOP) for 26 minutes; its fence keeper kills its task
+    SELF_FENCE_SECONDS after its last beat. Resumed, the daemon records the task interrupted
+    (self-fenced), ended when it last saw it run, not when it was resumed; found then."""
+    inst = tmp_path / "two"
+    clock = FakeClock()
+    zero = node(tmp_path, clock, 0, "host-zero")
+    zero.keeper = TellingKeeper()
+    task = submit(inst, "t.sh", LOOP, gpus=1)
+    tick([zero], [clock], 10)
+    entry = zero.runner.tasks[(task, None)]
+    assert entry.proc.poll() is None
+    last_seen = clock.now - 0.5  # its last turn
+    suspended = clock.now
+    clock.sleep(pm.SELF_FENCE_SECONDS)
+    pm.signal_group(entry.proc.pid, 9)  # the keeper fences it
+    entry.proc.wait()
+    clock.sleep(26 * 60 - pm.SELF_FENCE_SECONDS)
+    resumed = clock.now
+    tick([zero], [clock], 2)
+    res = result(inst, task)
+    assert (res["state"], res["reason"]) == (
+        "interrupted", f"self-fenced: this node could not write its heartbeat for "
+                       f"{pm.SELF_FENCE_SECONDS:g} s")
+    assert last_seen - 0.001 <= float(res["ended"]) <= suspended + 0.001  # (ms in records)
+    assert resumed - 0.001 <= float(res["found"]) <= resumed + 2
+    assert float(res["duration"]) < 11
+
+
 # Node 1 dies with two tasks that outlive SIGTERM (a checkpointing handler) on the same host,
 # as the local backend runs nodes: node 0 ends them, with a stop grace of 5 s
 SLOW_TO_END = textwrap.dedent("""\
