@@ -839,8 +839,8 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       (R["node"] == "" ? "null" : jlist(R["node"])) ", \"host\": " jstr(R["host"])
     out = out ", \"gpus\": " (R["state"] == "pending" || R["state"] == "starting" ? "null" : \
       jlist(R["gpus"])) ", \"started\": " jn(R["started"]) ", \"ended\": " jn(R["ended"]) \
-      ", \"duration\": " jn(R["duration"]) ", \"exit_code\": " jn(R["exit"]) ", \"signal\": " \
-      jn(R["signal"]) ", \"reason\": " jstr(R["reason"])
+      ", \"found\": " jn(R["found"]) ", \"duration\": " jn(R["duration"]) ", \"exit_code\": " \
+      jn(R["exit"]) ", \"signal\": " jn(R["signal"]) ", \"reason\": " jstr(R["reason"])
     return out
   }
   function esc(v,   out, n, i, c, b) {  # _gpu_esc: control characters escaped
@@ -963,6 +963,7 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
         set("exit", get(f, "exit_code")); set("signal", get(f, "signal"))
         set("reason", get(f, "reason")); set("started", get(f, "started"))
         set("ended", get(f, "ended")); set("duration", get(f, "duration"))
+        set("found", get(f, "found"))
         set("host", get(f, "host")); set("node", get(f, "node_rank"))
         set("gpus", get(f, "gpus")); set("attempt", get(f, "attempt"))
         nodes = get(f, "nodes")
@@ -979,8 +980,8 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   }
   BEGIN {
     NFIELDS = split("state prio display source command cwd gpus_req nodes_req after args" \
-      " retry_of submitted by record time_req env node host gpus started ended duration exit" \
-      " signal reason attempt id dir name argv argc cmdline", FIELD, " ")
+      " retry_of submitted by record time_req env node host gpus started ended duration found" \
+      " exit signal reason attempt id dir name argv argc cmdline", FIELD, " ")
     NSET = NFIELDS - 6  # the _gpu_t_* that _gpu_task sets; the rest: its row and JSON
     for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
   }
@@ -1894,8 +1895,8 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
     _gpu_t_cwd='' _gpu_t_gpus_req=all _gpu_t_nodes_req=1 _gpu_t_after='' _gpu_t_args=''
     _gpu_t_retry_of='' _gpu_t_submitted='' _gpu_t_by='' _gpu_t_record='' _gpu_t_time_req=''
     _gpu_t_env='' _gpu_t_node='' _gpu_t_host='' _gpu_t_gpus='' _gpu_t_started=''
-    _gpu_t_ended='' _gpu_t_duration='' _gpu_t_exit='' _gpu_t_signal='' _gpu_t_reason=''
-    _gpu_t_attempt=''
+    _gpu_t_ended='' _gpu_t_duration='' _gpu_t_found='' _gpu_t_exit='' _gpu_t_signal=''
+    _gpu_t_reason='' _gpu_t_attempt=''
   fi
 }
 
@@ -3261,7 +3262,10 @@ _gpu_cmd_show() {
   [ -z "$_gpu_t_started" ] || _gpu_say "Started:    $(_gpu_date "$_gpu_t_started")"
   if [ -n "$_gpu_t_ended" ]; then
     _gpu_dur "$_gpu_t_duration"
-    _gpu_say "Ended:      $(_gpu_date "$_gpu_t_ended")${_gpu_t_duration:+, after $_gpu_d}"
+    what="$(_gpu_date "$_gpu_t_ended")${_gpu_t_duration:+, after $_gpu_d}"
+    # an end no daemon saw: when it last ran, as far as is known (docs/protocol.md, Recovery)
+    [ -z "$_gpu_t_found" ] || what="$what (last known to run; found $(_gpu_date "$_gpu_t_found"))"
+    _gpu_say "Ended:      $what"
   fi
   if [ -n "$_gpu_t_exit" ]; then
     _gpu_say "Exit:       exit code $_gpu_t_exit"

@@ -482,6 +482,33 @@ def test_show_prints_everything_about_one_task(sh):
                                             "tasks)\n")
 
 
+def test_show_and_json_tell_an_end_no_daemon_saw_from_one_seen(sh):
+    """A task whose daemon died ended when it last ran (``ended``), and was found so later
+    (``found``): gpu_show says both, the JSON has both; a result without ``found`` (every end
+    seen, and every result of a daemon before it) reads as before."""
+    v = build_v2(sh.root)
+    lost = tid(18, "lost.sh")
+    submit_record(v.inst, lost, gpus=1, command="python lost.py")
+    (v.inst / "failed" / lost).write_text("echo\n")
+    write_fields(v.inst / "records" / f"{lost}.result", {
+        "id": lost, "state": "interrupted", "exit_code": "", "signal": "",
+        "reason": "daemon died", "started": v.now - 7200, "ended": v.now - 6600,
+        "duration": "600.000", "found": v.now - 5040, "host": "node-a", "node_rank": 0,
+        "attempt": 1, "gpus": "1"}, mtime=v.now - 5040)
+    out = sh.run("gpu_show lost").out.splitlines()
+    assert "State:      interrupted (daemon died)" in out
+    assert f"Ended:      {local(v.now - 6600)}, after 10m00s (last known to run; found " \
+        f"{local(v.now - 5040)})" in out, out
+    assert f"Ended:      {local(v.now - 3900)}, after 1m40s" in \
+        sh.run("gpu_show prep").out.splitlines()
+    recent = {t["id"]: t for t in json.loads(sh.run("gpu_status --json").out)["recent"]}
+    assert (recent[lost]["ended"], recent[lost]["found"], recent[lost]["duration"]) == (
+        pytest.approx(v.now - 6600, abs=0.01), pytest.approx(v.now - 5040, abs=0.01), 600.0)
+    assert (recent[v.f]["found"], recent[v.f]["duration"]) == (None, 100.0)
+    [row] = [line for line in sh.run("gpu_status").out.splitlines() if line.startswith("lost")]
+    assert row.split()[2:7] == ["interrupted", "0", "1", "1h50m", "ago"], row  # since it ended
+
+
 def local(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
 
