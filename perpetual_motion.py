@@ -1719,6 +1719,21 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def signal_task_group(pgid: int, leader_start: int, sig: int) -> bool:
+    """Signal the process group that a task's main process (PID ``pgid``, started at
+    ``leader_start``: ``_start_time``'s clock ticks) leads, only while that number can still be
+    the group's; False when it is not signalled. The kernel gives the number of an ended
+    process to a new one only once no process has it as its PID, process group or session:
+    while the leader is there (a zombie too) or gone with its group not yet empty, the group is
+    the task's. Another process under that PID (another start time) means that the group had
+    ended and its number went to someone else, who may lead a group of its own (a task started
+    since, a user's shell job): that group is left alone."""
+    holder = _start_time(pgid)
+    if holder != -1 and holder != leader_start:
+        return False
+    return signal_group(pgid, sig)
+
+
 def _is_python(proc) -> bool:
     pattern = re.compile(r"python[0-9.]*")
     try:
@@ -2402,6 +2417,8 @@ class RunningTask:
     leftovers: Leftovers | None = None  # once its main process has ended
     seen: float | None = None  # when a turn of the loop last saw its main process run
     fenced: bool = False  # killed by the fence while this daemon could not look: its end unseen
+    leader_start: int = -1  # when its main process started (_start_time): the proof that a
+    # process group of its PID's number is still its own (signal_task_group)
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -2632,6 +2649,7 @@ class TaskRunner:
                 self._fail_unstarted(task, reason, now)
                 return False
         task.proc, task.started = proc, now
+        task.leader_start = _start_time(proc.pid)  # (not reaped yet: this very process)
         try:  # again with its pid; without it, the record still says where it runs
             self._publish_run(task, now, command, cwd, proc.pid)
         except OSError as exc:
@@ -2703,7 +2721,7 @@ class TaskRunner:
             return  # not started: it ends before its process starts
         if hard or task.kill_at is None:
             sig = signal.SIGKILL if hard else signal.SIGTERM
-            signal_group(task.proc.pid, sig)
+            self.signal_group(task, sig)
             task.kill_at = self.clock() + (0.0 if hard else self.config.stop_grace)
             LOG.info("Stopping %s (%s): %s", task.label, reason, signal_name(sig))
 
@@ -2711,10 +2729,17 @@ class TaskRunner:
         """SIGKILL to all that runs of a task whose end another daemon records: its process
         group, and every process with its marker (a child that left the group with
         ``setsid``), so that nothing of it outlives its recorded end on this node."""
-        signal_group(task.proc.pid, signal.SIGKILL)
+        self.signal_group(task, signal.SIGKILL)
         for pid in marked_pids(f"{self.config.job_id}/{task.task_id}"):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def signal_group(task: RunningTask, sig: int) -> bool:
+        """Signal a started task's process group, while its number is still the group's: a
+        main process that has been reaped (its leftovers counted down, say) no longer keeps
+        the number from going to another process (signal_task_group)."""
+        return signal_task_group(task.proc.pid, task.leader_start, sig)
 
     # -- polling and finishing -------------------------------------------------------------
 
@@ -2736,7 +2761,7 @@ class TaskRunner:
                                     if table.get(seen[0], (0, -1))[1] == seen[1]}
                     task.lineage |= trees[task.proc.pid]
                 if task.kill_at is not None and self.clock() >= task.kill_at:
-                    signal_group(task.proc.pid, signal.SIGKILL)
+                    self.signal_group(task, signal.SIGKILL)
                     task.kill_at = self.clock() + 3600  # once is enough
                 continue
             if self.leftovers_remain(task):
@@ -2762,7 +2787,7 @@ class TaskRunner:
         if task.fenced:  # (suspended, or its loop stuck, while the fence killed it)
             found, ended = ended, unseen_end(task.started, ended, task.seen,
                                              self.folder.log_written(task.task_id, task.rank))
-        signal_group(task.proc.pid, signal.SIGKILL)  # whatever is left of its group
+        self.signal_group(task, signal.SIGKILL)  # whatever is left of its group
         self.tasks.pop(task.key, None)
         exit_code, signum = (None, -code) if code < 0 else (code, None)
         if task.stop_state is not None:
@@ -2811,7 +2836,7 @@ class TaskRunner:
         """Start ending what a finished task left behind: SIGTERM to its process group, and to
         whatever carries its marker (even after ``setsid``); their countdown."""
         now = self.clock()
-        signal_group(task.proc.pid, signal.SIGTERM)
+        self.signal_group(task, signal.SIGTERM)
         others = {f"{self.config.job_id}/{t.task_id}" for t in self.tasks.values()
                   if t.task_id != task.task_id}
         spare = {t.proc.pid for t in self.tasks.values() if t.proc is not None}
