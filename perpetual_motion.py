@@ -6649,7 +6649,8 @@ class SelfFence:
     """A daemon that cannot keep its node's liveness current ends its own tasks before other
     nodes may declare it dead (docs/protocol.md, Fencing): once its beat has not been written
     for SELF_FENCE_SECONDS of its monotonic clock, every task's process group and every
-    process with a task's marker get SIGKILL. ``check()`` runs on each turn of the loop and,
+    process with a task's marker get SIGKILL (a group only while its number is still the task's:
+    signal_task_group). ``check()`` runs on each turn of the loop and,
     in a running daemon, on a thread of its own too: a loop stuck in a write to hung storage
     cannot fence, the thread can (it only reads /proc and sends signals)."""
 
@@ -6657,7 +6658,9 @@ class SelfFence:
         self.monotonic = monotonic
         self.limit = limit
         self.last_beat = monotonic()
-        self.groups: frozenset[int] = frozenset()  # the running tasks' process groups
+        # the running tasks' process groups: (pgid, the start time of its leader, the task's
+        # main process), so that a number that went to another process is not killed
+        self.groups: frozenset[tuple[int, int]] = frozenset()
         self.markers: frozenset[str] = frozenset()  # and their markers (<job>/<id>)
         self.fenced_at: float | None = None  # when it last fenced (None: beating)
         self.killed: set[int] = set()  # the process groups it killed, until the loop saw them
@@ -6678,9 +6681,9 @@ class SelfFence:
         if self.fenced_at is not None and self.monotonic() - self.fenced_at < 1.0:
             return False
         self.fenced_at = self.monotonic()
-        for pgid in self.groups:
+        for pgid, leader_start in self.groups:
             self.killed.add(pgid)
-            signal_group(pgid, signal.SIGKILL)
+            signal_task_group(pgid, leader_start, signal.SIGKILL)
         for marker in self.markers:
             for pid in marked_pids(marker):
                 with contextlib.suppress(OSError):
@@ -6708,7 +6711,8 @@ class FenceKeeper:
     """The self-fence in a process of its own (``--fence-keeper``), so that it fences a daemon
     that cannot: one suspended (SIGSTOP, a debugger, Ctrl-Z) or gone without ending its tasks
     (kill -9). The daemon tells it, one line each on a pipe, each beat it wrote (``beat``) and
-    its tasks whenever they change (``tasks <pgid>,... <marker> ...``); the keeper runs a
+    its tasks whenever they change (``tasks <pgid>:<start>,... <marker> ...``, ``<start>`` the
+    start time of the group's leader, the task's main process); the keeper runs a
     SelfFence on its own clock with them. The daemon's end (the pipe's) leaves it watching the
     last tasks it was told of until they are fenced, or none are left. Lines that the pipe
     cannot take at once are dropped: the daemon never waits for its keeper."""
@@ -6736,9 +6740,11 @@ class FenceKeeper:
         os.set_blocking(proc.stdin.fileno(), False)
         return cls(proc)
 
-    def tell(self, beat: bool, groups: Collection[int], markers: Collection[str]) -> bool:
+    def tell(self, beat: bool, groups: Collection[tuple[int, int]],
+             markers: Collection[str]) -> bool:
         """Send a beat and the tasks (when they changed); False once the keeper is gone."""
-        line = f"tasks {','.join(map(str, sorted(groups))) or '-'} {' '.join(sorted(markers))}"
+        line = (f"tasks {','.join(f'{pgid}:{start}' for pgid, start in sorted(groups)) or '-'}"
+                f" {' '.join(sorted(markers))}")
         if line != self.told:
             self.told = line
             self.unsent += f"{line}\n".encode()
@@ -6769,6 +6775,16 @@ class FenceKeeper:
             self.proc.wait(timeout=5.0)
 
 
+def _told_group(text: str) -> tuple[int, int]:
+    """``<pgid>:<start>`` of a keeper's tasks line; a start that is missing or no number is
+    unknown (-1): that group is then killed only once no process holds its number."""
+    pgid, _, start = text.partition(":")
+    try:
+        return int(pgid), int(start)
+    except ValueError:
+        return int(pgid), -1
+
+
 def fence_keeper_main(control: StdinControl | None = None, fence: SelfFence | None = None,
                       sleep: Callable[[float], object] = time.sleep) -> int:
     """The keeper's loop (FenceKeeper): a look each second; it ends when the daemon has ended
@@ -6784,7 +6800,8 @@ def fence_keeper_main(control: StdinControl | None = None, fence: SelfFence | No
                 told = False
             elif verb == "tasks":
                 groups, _, markers = rest.partition(" ")
-                fence.groups = frozenset(int(g) for g in groups.split(",") if g.isdigit())
+                fence.groups = frozenset(_told_group(g) for g in groups.split(",")
+                                         if g.partition(":")[0].isdigit())
                 fence.markers = frozenset(markers.split())
             elif verb == "eof":
                 ended = True
@@ -7522,7 +7539,7 @@ class Daemon(DaemonLifecycle):
         if self.keeper is not None and lapsed >= self.fence.limit and tasks:
             LOG.error("No heartbeat for %.0f s (suspended?): this node's tasks are fenced (its "
                       "fence keeper has killed them, or they are killed now)", lapsed)
-            self.fence.killed |= self.fence.groups
+            self.fence.killed |= {pgid for pgid, _ in self.fence.groups}
         self.fence.check()
         why = f"self-fenced: this node could not write its heartbeat for {SELF_FENCE_SECONDS:g} s"
         for task in tasks:
@@ -7536,7 +7553,7 @@ class Daemon(DaemonLifecycle):
     def fence_tasks(self) -> list[RunningTask]:
         """Give the fence, and its keeper, the tasks this daemon runs (those started); them."""
         tasks = [t for t in self.runner.tasks.values() if t.proc is not None]
-        self.fence.groups = frozenset(t.proc.pid for t in tasks)
+        self.fence.groups = frozenset((t.proc.pid, t.leader_start) for t in tasks)
         self.fence.markers = frozenset(f"{self.config.job_id}/{t.task_id}" for t in tasks)
         self.tell_keeper(beat=False)
         return tasks

@@ -301,7 +301,7 @@ def test_the_fence_keeper_kills_the_tasks_once_the_beat_is_late(daemon_ends, cap
     clock = FakeClock(0.0)
     task = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
-        lines = [(0.0, f"tasks {task.pid} job/500-x-t.sh"),
+        lines = [(0.0, f"tasks {task.pid}:{pm._start_time(task.pid)} job/500-x-t.sh"),
                  *((float(t), "beat") for t in range(0, 30, 5))]
         pipe = KeeperPipe(clock, lines, 27.0 if daemon_ends else None)
         fence = RecordingFence(clock)
@@ -458,9 +458,9 @@ def test_the_daemon_never_waits_for_its_keeper_and_sends_it_whole_lines():
     told = set()
     for n in range(400):  # long lines: many tasks
         markers = {f"job/500-20261204_000000_{n:09d}-{k:08x}-t.sh" for k in range(30)}
-        groups = {1000 + n, 2000 + n}
+        groups = {(1000 + n, 7), (2000 + n, 8)}
         assert keeper.tell(n % 3 == 0, groups, markers)
-        told.add(f"tasks {','.join(map(str, sorted(groups)))} {' '.join(sorted(markers))}")
+        told.add(f"tasks {1000 + n}:7,{2000 + n}:8 {' '.join(sorted(markers))}")
     got = b""
     os.set_blocking(read, False)
     for _ in range(100):  # the keeper reads, the daemon tells on
@@ -470,7 +470,7 @@ def test_the_daemon_never_waits_for_its_keeper_and_sends_it_whole_lines():
     lines = got.decode().splitlines()
     assert lines and all(line == "beat" or line in told for line in lines), \
         [line[:60] for line in lines if line != "beat" and line not in told][:3]
-    assert lines[-1].startswith("tasks 1399,2399 ")  # the tasks as they are now, in the end
+    assert lines[-1].startswith("tasks 1399:7,2399:8 ")  # the tasks as they are now, in the end
     proc.stdin.close()
     os.close(read)
 

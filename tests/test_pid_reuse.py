@@ -24,14 +24,15 @@ PRELUDE = textwrap.dedent("""\
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from pathlib import Path
     import psutil
-    from conftest import FakeClock
+    from conftest import FakeClock, command_line
     from queue_files import finished, result, submit
     import perpetual_motion as pm
     root = Path({root!r})
     clock = FakeClock()
     config = pm.Config(job_id="reuse", queue_root=root, poll_interval=0.1, hours=1.0,
                        keepalive=False, kill_scope="none", stop_grace=3.0)
-    daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep)
+    daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep,
+                       inventory=pm.Inventory.declare(range(2)))
     assert daemon.start() is None
     inst = root / "reuse"
 
@@ -85,6 +86,7 @@ LEFTOVER = PRELUDE + textwrap.dedent("""\
                     (inst / "running" / task).rename(inst / "failed" / task)
             clock.sleep(0.1)
             time.sleep(0.01)
+        time.sleep(0.5)  # (a SIGKILL takes a moment)
         facts[case] = {{"stranger_alive": alive(stranger), "leftover_alive": alive(left),
                         "state": finished(inst, task)}}
         if alive(stranger):
@@ -114,3 +116,60 @@ def test_a_group_whose_number_went_to_another_process_is_not_signalled(tmp_path)
                              "state": "done"}, facts
     assert facts["finished_elsewhere"] == {"stranger_alive": True, "leftover_alive": False,
                                            "state": "failed"}, facts
+
+
+# The daemon runs two tasks and tells its fence keeper of them (here a pipe the test reads as
+# the keeper would), then dies (kill -9): its pipe ends. One task ends meanwhile and is reaped
+# (by init, here the test) and its number goes to a stranger that leads a group of its own; the
+# other still runs, with a child that carries no marker. The keeper fences what it was told of
+# once the beat is SELF_FENCE_SECONDS late (on a simulated clock).
+KEEPER = PRELUDE + textwrap.dedent("""\
+    import types
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    daemon.keeper = pm.FenceKeeper(types.SimpleNamespace(stdin=os.fdopen(write, "wb"),
+                                                         poll=lambda: None))
+    gate = root / "gate"
+    ends = submit(inst, "ends.sh", f"while [ ! -e {{gate}} ]; do sleep 0.05; done\\n", gpus=1)
+    runs = submit(inst, "runs.sh", "env -u PERPETUAL_MOTION_TASK sleep 600 & wait\\n", gpus=1)
+    start = clock.now
+    while len([t for t in daemon.runner.tasks.values() if t.proc is not None]) < 2 \\
+            or not [p for p in psutil.process_iter() if command_line(p) == ["sleep", "600"]]:
+        assert clock.now - start < 60, "the tasks did not start"
+        daemon.tick()
+        clock.sleep(0.1)
+        time.sleep(0.01)
+    daemon.tick()  # the keeper is told of both
+    [unmarked] = [p for p in psutil.process_iter() if command_line(p) == ["sleep", "600"]]
+    ended = daemon.runner.tasks[(ends, None)].proc
+    daemon.keeper.proc.stdin.close()  # the daemon dies
+    gate.touch()
+    ended.wait(10)  # reaped, as init reaps an orphan
+    stranger = take_pid(ended.pid)
+    keeper_clock = FakeClock(0.0)
+    code = pm.fence_keeper_main(pm.StdinControl(read), pm.SelfFence(keeper_clock),
+                                sleep=keeper_clock.sleep)
+    task = psutil.Process(daemon.runner.tasks[(runs, None)].proc.pid)
+    until = time.monotonic() + 5  # (a SIGKILL takes a moment)
+    while (alive(task) or alive(unmarked)) and time.monotonic() < until:
+        time.sleep(0.05)
+    print(json.dumps({{"code": code, "fenced_after": keeper_clock.now,
+                      "stranger_alive": alive(stranger), "unmarked_alive": alive(unmarked),
+                      "task_alive": alive(task)}}))
+    for proc in (stranger, unmarked):
+        if alive(proc):
+            proc.kill()
+    """)
+
+
+def test_the_fence_keeper_signals_no_group_whose_number_went_to_another_process(tmp_path):
+    """The keeper killed each process group it was told of by its number alone: a task that
+    ended while its daemon could not beat (the daemon gone, its orphans reaped by init) left a
+    number that the kernel may give to another group's leader, which the keeper then killed.
+    The groups that are still the tasks' it fences as before."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    facts = scenario(KEEPER, root)
+    assert facts["code"] == 0 and facts["fenced_after"] >= 40.0, facts
+    assert facts["stranger_alive"], facts
+    assert not facts["task_alive"] and not facts["unmarked_alive"], facts
