@@ -1762,7 +1762,9 @@ def python_pids_to_kill(job_id: str, scope: str, spare: Iterable[int] = (),
     if scope == "task":
         return marked_pids(f"{job_id}/{task_id}") if task_id else []
     me = psutil.Process()
-    keep = {me.pid} | {p.pid for p in me.parents()} | set(spare)
+    # PID 1 too, which the daemon need not descend from (a shell entered into a container with
+    # docker exec): a container's init that handles SIGTERM takes the container down with it
+    keep = {me.pid, 1} | {p.pid for p in me.parents()} | set(spare)
     uid = os.getuid()
     own_marker = f"{MARKER_VAR}={job_id}/{task_id}".encode()
     victims = []
