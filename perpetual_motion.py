@@ -1845,6 +1845,31 @@ def leftover_pids(marker: str, others: Collection[str] = (), spare: Collection[i
     return sorted(taken), sorted(left)
 
 
+def foreign_proc() -> str:
+    """Why /proc is not this process's PID namespace's, or "" when it is: a namespace made
+    without a /proc of its own (``unshare --pid --fork`` without ``--mount-proc``) sees the
+    processes of the namespace above under their numbers there. Every proof that a process
+    is a task's is read through /proc, and every signal goes by this namespace's numbers, so a
+    daemon must not run there. ``NSpid`` in /proc/self/status lists this process's PID in each
+    namespace from /proc's down to its own: one number, its own PID, when they are the same."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            nspid = next((line.split()[1:] for line in f if line.startswith(b"NSpid:")), None)
+    except OSError as exc:
+        if not os.path.exists("/proc/1"):
+            return ""  # no /proc at all: nothing is found through it
+        return f"this process is not among the processes /proc shows ({error_text(exc)})"
+    if nspid is None:  # Linux before 4.1
+        try:
+            nspid = [os.readlink("/proc/self").encode()]
+        except OSError:
+            return ""
+    if nspid != [str(os.getpid()).encode()]:
+        return (f"/proc shows the processes of another PID namespace (this process is pid "
+                f"{nspid[0].decode(errors='replace')} there, {os.getpid()} in its own)")
+    return ""
+
+
 def _uid(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}").st_uid
@@ -7179,6 +7204,12 @@ class DaemonLifecycle(DaemonState):
 
     def start(self) -> int | None:
         """Prepare the instance; an exit code when the daemon must not run."""
+        foreign = foreign_proc()
+        if foreign:
+            LOG.error("refusing to run: %s. Which processes are a task's is read there: mount "
+                      "this PID namespace's own /proc (unshare --mount-proc; a container has "
+                      "its own)", foreign)
+            return EXIT_FAILURE
         for step in ("check", "create", "check"):  # (before anything is written into it)
             try:
                 self.unsafe = self.folder.unsafe()

@@ -80,3 +80,26 @@ def test_the_sweep_spares_the_pid_1_of_its_namespace(tmp_path):
     finally:
         outer.kill()  # --kill-child takes the namespace down with it
         outer.wait()
+
+
+def test_a_daemon_whose_proc_is_another_namespaces_refuses_to_start(tmp_path):
+    """A PID namespace without its own /proc (``unshare --pid --fork`` without
+    ``--mount-proc``): /proc shows the processes of the namespace above, under their numbers
+    there. Every proof the daemon has (markers, sessions, start times, children) is read
+    through /proc, and every signal goes by its own namespace's numbers: a task's leftover that
+    carried its marker ran on after the task was recorded done, and a number read in /proc
+    names another process in the daemon's namespace. Here the namespace above is the test's
+    own, so nothing outside it can be touched."""
+    queue_root = tmp_path / "queue"
+    queue_root.mkdir()
+    log = tmp_path / "daemon.log"
+    inner = ["unshare", "--pid", "--fork", sys.executable, str(REPO / "perpetual_motion.py"),
+             "--job-id", "nest", "--queue-root", str(queue_root), "--poll-interval", "0.1",
+             "--no-keepalive"]
+    with open(log, "wb") as out:
+        run = subprocess.run([*UNSHARE, "timeout", "20", *inner], stdout=out,
+                             stderr=subprocess.STDOUT, timeout=60)
+    text = log.read_text()
+    assert run.returncode == 1, text
+    assert "/proc shows the processes of another PID namespace" in text, text
+    assert not (queue_root / "nest" / "nodes" / "node-0.state").exists()
