@@ -2437,6 +2437,7 @@ class RunningTask:
     stop_state: TaskState | None = None  # STOPPED or INTERRUPTED once a stop was asked for
     stop_reason: str = ""
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM
+    hard: bool = False  # stopped with SIGKILL at once: what it leaves gets no grace either
     sweep: bool = False  # a user stopped it: end other Python processes once it has ended
     # (pid, start time) of every process seen below its main process: proof that an orphan
     # the daemon adopts is this task's (leftover_pids)
@@ -2737,7 +2738,9 @@ class TaskRunner:
 
     def stop(self, task: RunningTask, state: TaskState, reason: str, hard: bool = False) -> None:
         """Ask a task to stop: SIGTERM to its group now, SIGKILL after the grace. A task whose
-        process has already exited ends as it ended: the stop comes too late to be its cause."""
+        process has already exited ends as it ended: the stop comes too late to be its cause.
+        A hard stop leaves no grace to what the task leaves either (end_leftovers)."""
+        task.hard = task.hard or hard
         if task.proc is not None and task.proc.poll() is not None:
             if hard and task.leftovers is not None:  # what it left gets SIGKILL now
                 task.leftovers.kill_at = min(task.leftovers.kill_at, self.clock())
@@ -2876,8 +2879,8 @@ class TaskRunner:
                         "to be a task's (docs/protocol.md, Start): %s", len(new),
                         describe_pids(new))
         procs = send_sigterm(left)
-        return Leftovers(now, procs, len(procs),
-                         now + min(self.config.stop_grace, CLEANUP_GRACE_SECONDS))
+        grace = 0.0 if task.hard else min(self.config.stop_grace, CLEANUP_GRACE_SECONDS)
+        return Leftovers(now, procs, len(procs), now + grace)
 
     # -- ends of tasks, published by TaskEnds ----------------------------------------------
 

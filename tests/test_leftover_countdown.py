@@ -143,3 +143,48 @@ def test_a_sweep_of_other_python_processes_ends_by_a_countdown(tmp_path):
     assert facts["alive_at_4"] is True, facts  # it ignores SIGTERM: alive within the grace
     assert 5.0 <= facts["gone_after"] < 8.0, facts
     assert facts["sweeps_left"] == 0, facts
+
+
+HARD = DAEMON + textwrap.dedent("""\
+    inst = root / "hard"
+    pidfile = root / "child.pid"
+    task = submit(inst, "t.sh", f"setsid bash -c \\"trap '' TERM; echo \\\\$\\\\$ > {{pidfile}}; "
+                                "while :; do sleep 0.05; done\\" &\\n"
+                                "trap '' TERM; while :; do sleep 0.05; done\\n")
+    start = clock.now
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert clock.now - start < 30, "the task did not start"
+        daemon.tick()
+        clock.sleep(0.1)
+        time.sleep(0.01)
+    child = int(pidfile.read_text())
+    daemon.on_signal("SIGTERM")  # a shutdown: SIGTERM, which both ignore
+    daemon.tick()
+    daemon.on_signal("SIGINT")  # again: killing the running tasks now
+    second = clock.now
+    while finished(inst, task) is None and clock.now - second < 30:
+        daemon.tick()
+        clock.sleep(0.1)
+        time.sleep(0.01)
+    print(json.dumps({{"ended_after": clock.now - second, "state": finished(inst, task),
+                      "child_gone": not os.path.exists(f"/proc/{{child}}")
+                      or open(f"/proc/{{child}}/stat").read().rpartition(")")[2].split()[0]
+                      == "Z"}}))
+    """)
+
+
+@needs_namespace
+def test_a_second_signal_kills_what_a_task_left_without_a_new_grace(tmp_path):
+    """A second SIGINT (or SIGTERM) kills the running tasks now: their groups got SIGKILL, but
+    what left a task's group (a child that called setsid) got SIGTERM only once the task's main
+    process had died, and the whole grace again before its SIGKILL."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    script = HARD.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
+                         job="hard", scope="none")
+    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert facts["state"] == "failed" and facts["child_gone"], facts
+    assert facts["ended_after"] < 3.0, facts  # at most KILL_WAIT_SECONDS, not the 5 s grace
