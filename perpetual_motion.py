@@ -2769,6 +2769,8 @@ class TaskRunner:
         """Signal a started task's process group, while its number is still the group's: a
         main process that has been reaped (its leftovers counted down, say) no longer keeps
         the number from going to another process (signal_task_group)."""
+        if task.proc.returncode is None:  # not reaped: the number is its own, whatever /proc says
+            return signal_group(task.proc.pid, sig)
         return signal_task_group(task.proc.pid, task.leader_start, sig)
 
     # -- polling and finishing -------------------------------------------------------------
