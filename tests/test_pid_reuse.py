@@ -32,7 +32,7 @@ PRELUDE = textwrap.dedent("""\
     config = pm.Config(job_id="reuse", queue_root=root, poll_interval=0.1, hours=1.0,
                        keepalive=False, kill_scope="none", stop_grace=3.0)
     daemon = pm.Daemon(config, clock=clock, sleep=clock.sleep,
-                       inventory=pm.Inventory.declare(range(2)))
+                       inventory=pm.Inventory.declare(range(3)))
     assert daemon.start() is None
     inst = root / "reuse"
 
@@ -118,45 +118,55 @@ def test_a_group_whose_number_went_to_another_process_is_not_signalled(tmp_path)
                                            "state": "failed"}, facts
 
 
-# The daemon runs two tasks and tells its fence keeper of them (here a pipe the test reads as
-# the keeper would), then dies (kill -9): its pipe ends. One task ends meanwhile and is reaped
-# (by init, here the test) and its number goes to a stranger that leads a group of its own; the
-# other still runs, with a child that carries no marker. The keeper fences what it was told of
-# once the beat is SELF_FENCE_SECONDS late (on a simulated clock).
+# The daemon runs three tasks and tells its fence keeper of them (here a pipe the test reads as
+# the keeper would), then dies (kill -9): its pipe ends. Meanwhile the main process of two of
+# them ends and is reaped (by init, here the test): one task leaves nothing, and its number goes
+# to a stranger that leads a group of its own; the other leaves a child without its marker in
+# its group. The third still runs, with a child without its marker. The keeper fences what it
+# was told of once the beat is SELF_FENCE_SECONDS late (on a simulated clock).
 KEEPER = PRELUDE + textwrap.dedent("""\
     import types
     read, write = os.pipe()
     os.set_blocking(write, False)
     daemon.keeper = pm.FenceKeeper(types.SimpleNamespace(stdin=os.fdopen(write, "wb"),
-                                                         poll=lambda: None))
+                                                         poll=lambda: None, pid=-1))
     gate = root / "gate"
-    ends = submit(inst, "ends.sh", f"while [ ! -e {{gate}} ]; do sleep 0.05; done\\n", gpus=1)
-    runs = submit(inst, "runs.sh", "env -u PERPETUAL_MOTION_TASK sleep 600 & wait\\n", gpus=1)
+    wait = f"while [ ! -e {{gate}} ]; do sleep 0.05; done\\n"
+    unmarked = "env -u PERPETUAL_MOTION_TASK sleep"
+    ends = submit(inst, "ends.sh", wait, gpus=1)
+    leaves = submit(inst, "leaves.sh", f"{{unmarked}} 601 &\\n{{wait}}", gpus=1)
+    runs = submit(inst, "runs.sh", f"{{unmarked}} 602 & wait\\n", gpus=1)
+
+    def sleeper(seconds):
+        found = [p for p in psutil.process_iter() if command_line(p) == ["sleep", seconds]]
+        return found[0] if found else None
+
     start = clock.now
-    while len([t for t in daemon.runner.tasks.values() if t.proc is not None]) < 2 \\
-            or not [p for p in psutil.process_iter() if command_line(p) == ["sleep", "600"]]:
+    while len([t for t in daemon.runner.tasks.values() if t.proc is not None]) < 3 \\
+            or not sleeper("601") or not sleeper("602"):
         assert clock.now - start < 60, "the tasks did not start"
         daemon.tick()
         clock.sleep(0.1)
         time.sleep(0.01)
-    daemon.tick()  # the keeper is told of both
-    [unmarked] = [p for p in psutil.process_iter() if command_line(p) == ["sleep", "600"]]
-    ended = daemon.runner.tasks[(ends, None)].proc
+    daemon.tick()  # the keeper is told of all three
+    left, child = sleeper("601"), sleeper("602")
     daemon.keeper.proc.stdin.close()  # the daemon dies
     gate.touch()
-    ended.wait(10)  # reaped, as init reaps an orphan
+    ended = daemon.runner.tasks[(ends, None)].proc
+    for task_id in (ends, leaves):
+        daemon.runner.tasks[(task_id, None)].proc.wait(10)  # reaped, as init reaps an orphan
     stranger = take_pid(ended.pid)
     keeper_clock = FakeClock(0.0)
     code = pm.fence_keeper_main(pm.StdinControl(read), pm.SelfFence(keeper_clock),
                                 sleep=keeper_clock.sleep)
     task = psutil.Process(daemon.runner.tasks[(runs, None)].proc.pid)
     until = time.monotonic() + 5  # (a SIGKILL takes a moment)
-    while (alive(task) or alive(unmarked)) and time.monotonic() < until:
+    while (alive(task) or alive(child) or alive(left)) and time.monotonic() < until:
         time.sleep(0.05)
     print(json.dumps({{"code": code, "fenced_after": keeper_clock.now,
-                      "stranger_alive": alive(stranger), "unmarked_alive": alive(unmarked),
-                      "task_alive": alive(task)}}))
-    for proc in (stranger, unmarked):
+                      "stranger_alive": alive(stranger), "task_alive": alive(task),
+                      "child_alive": alive(child), "left_alive": alive(left)}}))
+    for proc in (stranger, task, child, left):
         if alive(proc):
             proc.kill()
     """)
@@ -172,4 +182,6 @@ def test_the_fence_keeper_signals_no_group_whose_number_went_to_another_process(
     facts = scenario(KEEPER, root)
     assert facts["code"] == 0 and facts["fenced_after"] >= 40.0, facts
     assert facts["stranger_alive"], facts
-    assert not facts["task_alive"] and not facts["unmarked_alive"], facts
+    # a running task's group, and a group whose leader has ended but that still has members
+    assert not facts["task_alive"] and not facts["child_alive"], facts
+    assert not facts["left_alive"], facts
