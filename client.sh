@@ -3033,13 +3033,18 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   if _gpu_drain_note; then
     _gpu_line "Queue:    $_gpu_val (gpu_resume)"
   fi
-  if [ -n "$_gpu_rows" ]; then _gpu_print_rows; else printf 'Tasks:    none\n'; fi
+  _gpu_finished_counts; ndone=$_gpu_n failed=$_gpu_nf
+  if [ -n "$_gpu_rows" ]; then _gpu_print_rows
+  elif [ $((ndone + failed)) -eq 0 ]; then printf 'Tasks:    none\n'
+  elif [ "$recent" -eq 0 ]; then  # there are finished tasks, only none was asked for
+    printf 'Tasks:    none running or pending (-r 0: %s finished not listed)\n' \
+      "$((ndone + failed))"
+  else printf 'Tasks:    none running or pending\n'; fi
   [ "$shown" -ge "$pending" ] \
     || printf '          ... and %s more pending (gpu_status -l lists them all)\n' \
       "$((pending - shown))"
   [ -z "$_gpu_orphans" ] \
     || printf 'orphaned: its daemon is not alive; a new daemon marks it interrupted\n'
-  _gpu_finished_counts; ndone=$_gpu_n failed=$_gpu_nf
   printf 'Totals:   %s running, %s pending, %s done, %s failed, stopped or cancelled\n' \
     "$running" "$pending" "$ndone" "$failed"
 }

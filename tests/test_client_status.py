@@ -95,6 +95,30 @@ def test_status_of_a_protocol_1_instance(sh):
     assert " ago " not in sh.run("gpu_status --recent=0").out
 
 
+def test_status_r_0_never_says_there_are_no_tasks_when_finished_ones_exist(sh):
+    s = build_sample(sh.root)
+    (s.inst / "running" / s.running).unlink()
+    for task in s.pending:
+        (s.inst / "pending" / task).unlink()
+    res = sh.run("gpu_status -r 0")
+    assert res.rc == 0 and res.err == ""
+    assert res.out.splitlines()[-2:] == [
+        "Tasks:    none running or pending (-r 0: 5 finished not listed)",
+        "Totals:   0 running, 0 pending, 2 done, 3 failed, stopped or cancelled",
+    ]
+    assert sh.run("gpu_status").out.count(" ago ") == 5  # the default lists them
+    for result in (s.inst / "records").glob("*.result"):  # ended, no telling when
+        result.unlink()
+    assert sh.run("gpu_status").out.splitlines()[-2] == "Tasks:    none running or pending"
+    for folder in ("done", "failed"):
+        for task in (s.inst / folder).iterdir():
+            task.unlink()
+    assert sh.run("gpu_status -r 0").out.splitlines()[-2:] == [
+        "Tasks:    none",
+        "Totals:   0 running, 0 pending, 0 done, 0 failed, stopped or cancelled",
+    ]
+
+
 def test_status_watch_redraws_every_two_seconds_until_ctrl_c(sh):
     s = build_sample(sh.root)
     res = sh.run("gpu_status -w --json; echo \"rc=$?\"")
