@@ -1571,14 +1571,16 @@ one: any command takes that form as NAME." ;;
 |--rank|R|rank|the log of rank R of a task that spans nodes (default 0)
 -a|--all||all|list every log, not only the newest 20"
       _gpu_sp_more="\
-PATTERN is a task NAME, else any part of a task id (gpu_logs run_echo)." ;;
+PATTERN is a task NAME, else any part of a task id (gpu_logs run_echo). When it stands for
+several tasks, the log written last is printed, and stderr says whose." ;;
     tail) _gpu_sp_use='[-n N] [--rank R] [NAME]'
       _gpu_sp_what="follow a task's log until it ends; return its exit code"
       _gpu_sp_opts="-n|--lines|N|lines|start with the last N lines (default 40)
 |--rank|R|rank|the log of rank R of a task that spans nodes (default 0)"
       _gpu_sp_more="\
-Without NAME: the running task whose log moved last, else the newest log. A pending task is
-waited for. Ctrl-C stops following; the task goes on." ;;
+Without NAME: the running task whose log moved last, else the newest log. A NAME of several
+tasks: the newest running one, else the pending one that starts first, else the log written last
+(stderr says which). A pending task is waited for. Ctrl-C stops following; the task goes on." ;;
     wait) _gpu_sp_use='[--timeout S] NAME...'
       _gpu_sp_what='wait until tasks end; 0 when all are done'
       _gpu_sp_opts='|--timeout|S|timeout|give up after S seconds (return code 124)'
@@ -3280,10 +3282,24 @@ _gpu_cmd_show() {
   [ -z "$_gpu_t_attempt" ] || [ "$_gpu_t_attempt" = 1 ] || _gpu_say "Attempt:    $_gpu_t_attempt"
   _gpu_task_logs "$id" all
   for line in $_gpu_tl; do _gpu_say "Log:        $_gpu_q/logs/$line"; done
-  line=$(printf '%s' "$others" | command grep -c .)
-  [ "$line" -le 1 ] || _gpu_err "$1 names $line tasks; this is the one submitted last" \
-    "(gpu_status lists them)"
+  _gpu_lines "$others"; _gpu_named=$_gpu_n
+  _gpu_which "$1" 'the one submitted last'
   return 0
+}
+
+_gpu_which() {  # _gpu_which NAME WHICH: when NAME names several tasks (_gpu_named), say which
+  # one the command took (WHICH)
+  [ "$_gpu_named" -le 1 ] || _gpu_err "$1 names $_gpu_named tasks; this is $2" \
+    "(gpu_status lists them)"
+}
+
+_gpu_which_log() {  # _gpu_which_log PATTERN: _gpu_which for the log _gpu_log_of found
+  if [ "$_gpu_by" = part ]; then
+    [ "$_gpu_named" -le 1 ] || _gpu_err "$1 is in the ids of $_gpu_named logs; this is the" \
+      "log of $_gpu_id, written last (gpu_logs lists the logs)"
+  else
+    _gpu_which "$1" "the log of $_gpu_id, written last"
+  fi
 }
 
 _gpu_log_rank() {  # _gpu_log_rank FILE WANT: the task id of log FILE into _gpu_id when it is
@@ -3302,11 +3318,15 @@ _gpu_log_rank() {  # _gpu_log_rank FILE WANT: the task id of log FILE into _gpu_
 }
 
 _gpu_log_of() {  # _gpu_log_of PATTERN RANK: the newest log PATTERN names (a task NAME, else any
-  # part of an id) into _gpu_log, its task into _gpu_id; 1 when there is none
-  local f sub='' ids line files='' IFS=$_gpu_nl
+  # part of an id) into _gpu_log, its task into _gpu_id; 1 when there is none. How it was found
+  # into _gpu_by (name or part), and into _gpu_named how many tasks the NAME names (those whose
+  # logs' ids hold the part)
+  local f sub='' subs=0 ids line files='' IFS=$_gpu_nl
   _gpu_split_name "$1"
+  _gpu_by=name _gpu_named=0
   if _gpu_key_ok "$_gpu_base" && _gpu_cache && _gpu_find "$1" pending running 'done' failed
   then  # the tasks NAME names, found without listing logs/: the newest of their logs
+    _gpu_lines "$_gpu_val"; _gpu_named=$_gpu_n
     for line in $_gpu_val; do
       _gpu_task_logs "${line#*/}" "$2"
       files=$files$_gpu_tl
@@ -3328,21 +3348,31 @@ _gpu_log_of() {  # _gpu_log_of PATTERN RANK: the newest log PATTERN names (a tas
     _gpu_log_rank "$f" "$2" || continue
     if [ "$_gpu_id" = "$1" ] || _gpu_matches "$_gpu_id"; then
       _gpu_log=$_gpu_q/logs/$f
+      _gpu_named_count "$1"
       return 0
     fi
-    [ -n "$sub" ] || case $_gpu_id in *"$1"*) sub=$f ;; esac
+    case $_gpu_id in *"$1"*) subs=$((subs + 1)); [ -n "$sub" ] || sub=$f ;; esac
   done
   ids=$_gpu_nl$(_gpu_display_ids)$_gpu_nl
   if [ "$ids" != "$_gpu_nl$_gpu_nl" ]; then
     for f in $(command ls -1t -- "$_gpu_q/logs" 2>/dev/null); do
       case $f in *.log) ;; *) continue ;; esac
       _gpu_log_rank "$f" "$2" || continue
-      case $ids in *"$_gpu_nl$_gpu_id$_gpu_nl"*) _gpu_log=$_gpu_q/logs/$f; return 0 ;; esac
+      case $ids in
+        *"$_gpu_nl$_gpu_id$_gpu_nl"*) _gpu_log=$_gpu_q/logs/$f; _gpu_named_count "$1"; return 0 ;;
+      esac
     done
   fi
   [ -n "$sub" ] || return 1
   _gpu_log_rank "$sub" "$2"
   _gpu_log=$_gpu_q/logs/$sub
+  _gpu_by=part _gpu_named=$subs
+}
+
+_gpu_named_count() {  # _gpu_named_count NAME: how many tasks NAME names into _gpu_named
+  local _gpu_val
+  _gpu_find "$1" pending running 'done' failed
+  _gpu_lines "$_gpu_val"; _gpu_named=$_gpu_n
 }
 
 _gpu_no_log() {  # _gpu_no_log NAME RANK: why NAME has no log; returns 1
@@ -3387,7 +3417,9 @@ _gpu_cmd_logs() {
     _gpu_plain_log "$_gpu_log" || return 1
     if [ -n "$_gpu_lines" ]; then command tail -n "$_gpu_lines" -- "$_gpu_log"
     else command cat -- "$_gpu_log"; fi
-    return
+    set -- "$1" "$?"
+    _gpu_which_log "$1"
+    return "$2"
   fi
   local perms size day time name total shown=0 limit=20 running r files='' id IFS=$_gpu_nl
   if [ -z "$_gpu_o_all" ] && _gpu_cache; then
@@ -3529,13 +3561,19 @@ _gpu_cmd_tail() {
       case $_gpu_val in
         *running/*)
           _gpu_newest "$(printf '%s' "$_gpu_val" | command grep '^running/')"
-          id=${_gpu_pick#*/} ;;
-        *) id=${_gpu_val%%"$_gpu_nl"*}; id=${id#*/} pending=1 ;;
+          id=${_gpu_pick#*/} f='the newest running one' ;;
+        *) id=${_gpu_val%%"$_gpu_nl"*}; id=${id#*/} pending=1
+          f='the pending one that starts first' ;;
       esac
+      _gpu_named_count "$1"
+      _gpu_which "$1" "$f"
     elif _gpu_log_of "$1" "$_gpu_rank"; then
       id=$_gpu_id
+      _gpu_which_log "$1"
     elif [ -z "$_gpu_rank" ] && _gpu_find "$1" failed 'done'; then
       _gpu_newest "$_gpu_val"; id=${_gpu_pick#*/}  # it ended without a log (cancelled)
+      _gpu_lines "$_gpu_val"; _gpu_named=$_gpu_n
+      _gpu_which "$1" 'the one submitted last'
     else
       _gpu_no_log "$1" "$_gpu_rank"; return 1
     fi

@@ -39,7 +39,7 @@ from client_helpers import (
     wait_finished,
     write_fields,
 )
-from conftest import DAEMON, namespace_shell, needs_namespace, read_fields, wait_for
+from conftest import DAEMON, REPO, namespace_shell, needs_namespace, read_fields, wait_for
 
 COMMANDS = ["use", "list", "submit", "run", "status", "show", "logs", "tail", "wait", "retry",
             "hold", "release", "priority", "stop", "clean", "shutdown", "help"]
@@ -438,6 +438,58 @@ def test_logs_matches_any_part_of_an_id_and_prints_the_last_lines(sh):
     assert sh.run("gpu_logs train").out == "[perpetual-motion] task: x\nepoch 1\n"
     res = sh.run("gpu_logs -n x train; echo \"rc=$?\"")
     assert (res.out, res.err) == ("rc=2\n", "gpu_logs: -n wants a number of lines, not 'x'\n")
+
+
+@pytest.mark.parametrize("summary", [False, True], ids=["folders", "summary"])
+def test_logs_and_tail_say_which_of_the_tasks_a_name_names_they_took(sh, summary):
+    s = build_sample(sh.root)
+    runs = [tid(20, "run_echo_hello.sh"), tid(21, "run_echo_world.sh")]
+    for n, task in enumerate(runs):
+        log = s.inst / "logs" / f"{task}.log"
+        log.write_text(f"{task}\n")
+        os.utime(log, (s.now - 60 + n, s.now - 60 + n))
+    if summary:  # the finished tasks looked up in names/, as while a daemon runs
+        sys.path.insert(0, str(REPO / "bench"))
+        from status_bench import summarise
+        summarise(s.inst)
+        assert (s.inst / "summary").exists()
+    several = "train names {} tasks; this is {} (gpu_status lists them)\n"
+    res = sh.run("gpu_show train >/dev/null")
+    assert res.err == "gpu_show: " + several.format(4, "the one submitted last")
+    res = sh.run("gpu_logs train")  # the newest log: the running task's
+    assert (res.rc, res.out) == (0, "[perpetual-motion] task: x\nepoch 1\n")
+    assert res.err == "gpu_logs: " + several.format(4, f"the log of {s.running}, written last")
+    for one in ("prep", "train.sh:00000005", s.failed[0]):
+        assert sh.run(f"gpu_logs -n 1 {one}").err == ""
+    res = sh.run("gpu_logs run_echo")  # a part of two ids
+    assert res.out == f"{runs[1]}\n"
+    assert res.err == (f"gpu_logs: run_echo is in the ids of 2 logs; this is the log of {runs[1]}, "
+                       "written last (gpu_logs lists the logs)\n")
+    assert sh.run("gpu_logs echo_hel").err == ""
+
+    write_fields(s.inst / "records" / f"{s.running}.result", {"id": s.running, "state": "done"})
+    res = sh.run("gpu_tail -n 1 train")  # ended: its last line at once
+    assert (res.rc, res.out) == (0, "epoch 1\n")
+    assert res.err.startswith("gpu_tail: " + several.format(4, "the newest running one")
+                              + f"gpu_tail: following {s.inst}/logs/{s.running}.log"), res.err
+    (s.inst / "running" / s.running).unlink()  # it ended (it is done below)
+    proc = sh.popen("gpu_tail train")  # pending: waited for
+    try:
+        assert proc.stderr.readline() == "gpu_tail: " + several.format(
+            3, "the pending one that starts first")
+        assert proc.stderr.readline() == (f"gpu_tail: task {s.pending[1]} is pending: waiting for "
+                                          "it to start\n")
+    finally:
+        end_session(proc)
+    (s.inst / "pending" / s.pending[1]).unlink()
+    (s.inst / "done" / s.running).write_text("sleep 1000\n")
+    if summary:
+        summarise(s.inst)
+    res = sh.run("gpu_tail -n 1 train")  # all finished: the log written last
+    assert (res.rc, res.out) == (0, "epoch 1\n")
+    assert res.err.startswith("gpu_tail: " + several.format(
+        3, f"the log of {s.running}, written last") + "gpu_tail: following "), res.err
+    assert sh.run(f"gpu_tail -n 1 {s.done[1]}").err.startswith("gpu_tail: following ")
 
 
 def test_names_given_with_name_name_the_task(sh):
