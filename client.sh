@@ -436,13 +436,39 @@ _gpu_sleep() {  # _gpu_sleep SECONDS: a pause that Ctrl-C always ends (see _gpu_
 _gpu_bg() {  # _gpu_bg FUNCTION ARGS...: run a loop that waits for the queue as a background job
   # and wait for it: its return code. Bash takes a Ctrl-C for handled when the foreground child
   # it waits for ends normally (one that was just exiting), and goes on; the wait builtin
-  # returns at once for a trapped signal, and the trap ends the job.
+  # returns at once for a trapped signal, and the trap ends the job. The loop ends too when the
+  # shell that ran the command is gone (_gpu_shell_lives), which no trap here can see.
+  _gpu_caller
   "$@" &
   _gpu_job=$!
   trap 'kill "$_gpu_job" 2>/dev/null; exit 130' INT
   trap 'kill "$_gpu_job" 2>/dev/null; exit 129' HUP
   trap 'kill "$_gpu_job" 2>/dev/null; exit 143' TERM
   wait "$_gpu_job"
+}
+
+_gpu_caller() {  # in the command's subshell: its PID into _gpu_sub and its parent's, the shell
+  # that ran the command, into _gpu_parent; both empty without /proc, and when that shell runs
+  # the command itself (zsh -c does so for its last command: the traps of _gpu_bg are its own)
+  local stat IFS=' '
+  _gpu_sub='' _gpu_parent=''
+  { IFS= read -r stat < /proc/self/stat; } 2>/dev/null || return 0
+  # shellcheck disable=SC2086  # the PID, then the fields after the name (state, parent, ...)
+  set -- ${stat%% (*} ${stat##*) }
+  [ "$#" -ge 3 ] && [ "$1" != "$$" ] || return 0
+  _gpu_sub=$1 _gpu_parent=$3
+}
+
+_gpu_shell_lives() {  # is the shell that ran the command (_gpu_caller) still there? A SIGTERM or
+  # SIGHUP sent to that shell alone (a job's script, a shell whose parent ends it) ends it and
+  # none of its children: the command's subshell, orphaned, gets another parent. Its loops look
+  # here between two polls, and end (1) when it is gone; unknown (no /proc) counts as there
+  local stat IFS=' '
+  [ -n "${_gpu_sub-}" ] || return 0
+  { IFS= read -r stat < "/proc/$_gpu_sub/stat"; } 2>/dev/null || return 1  # the subshell is gone
+  # shellcheck disable=SC2086  # the fields after the name
+  set -- ${stat##*) }
+  [ "${2-}" = "$_gpu_parent" ]
 }
 
 _gpu_dur() {  # _gpu_dur SECONDS: 4.2s, 12m03s, 3h05m or 2d04h into _gpu_d; - when not a number
@@ -1580,7 +1606,8 @@ several tasks, the log written last is printed, and stderr says whose." ;;
       _gpu_sp_more="\
 Without NAME: the running task whose log moved last, else the newest log. A NAME of several
 tasks: the newest running one, else the pending one that starts first, else the log written last
-(stderr says which). A pending task is waited for. Ctrl-C stops following; the task goes on." ;;
+(stderr says which). A pending task is waited for. Ctrl-C stops following, as does the end of
+the shell; the task goes on." ;;
     wait) _gpu_sp_use='[--timeout S] NAME...'
       _gpu_sp_what='wait until tasks end; 0 when all are done'
       _gpu_sp_opts='|--timeout|S|timeout|give up after S seconds (return code 124)'
@@ -2996,6 +3023,7 @@ _gpu_status_watch() {  # _gpu_status_watch RECENT: gpu_status --watch, until Ctr
       "$(command date '+%Y-%m-%d %H:%M:%S')" "$frame"
     [ -n "$clear" ] || printf '\n'
     _gpu_sleep 2
+    _gpu_shell_lives || return 1
   done
 }
 
@@ -3507,6 +3535,7 @@ _gpu_follow() {  # _gpu_follow ID LOG LINES: print the last LINES lines of LOG, 
     fi
     [ -z "$ended" ] || break
     command sleep 0.5
+    _gpu_shell_lives || return 1
   done
   _gpu_exit_of "$1"
   _gpu_field state; what=$_gpu_val
@@ -3523,7 +3552,10 @@ _gpu_wait_pending() {  # _gpu_wait_pending ID: wait until pending task ID starts
     _gpu_track "$1" || return 0
     snap=$_gpu_snap
   fi
-  while [ -e "$_gpu_q/pending/$1" ]; do command sleep 0.5; done
+  while [ -e "$_gpu_q/pending/$1" ]; do
+    command sleep 0.5
+    _gpu_shell_lives || return 1
+  done
   _gpu_id=$1
   [ -n "$snap" ] || return 0
   while ! _gpu_follow_rename "$1" "$snap"; do
@@ -3531,6 +3563,7 @@ _gpu_wait_pending() {  # _gpu_wait_pending ID: wait until pending task ID starts
     if [ "$tries" -gt 20 ]; then _gpu_err "task $1 left pending/ and cannot be found"; return 1
     fi
     command sleep 0.5
+    _gpu_shell_lives || return 1
   done
 }
 
@@ -3692,6 +3725,7 @@ _gpu_wait_loop() {  # the loop of gpu_wait, on the arrays of _gpu_cmd_wait
       fi
     fi
     command sleep 0.5
+    _gpu_shell_lives || return 1
   done
   i=0
   while [ "$i" -lt "$n" ]; do

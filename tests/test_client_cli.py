@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 
+import psutil
 import pytest
 from client_helpers import (
     CLIENT,
@@ -32,6 +33,7 @@ from client_helpers import (
     listing,
     make_instance,
     make_shell,
+    session_members,
     submit_record,
     submitted_id,
     tid,
@@ -375,6 +377,36 @@ def test_tail_with_sigint_ignored_returns_when_the_task_ends_and_leaves_nothing(
         left = end_session(proc)
     assert left == []
     assert out == "[perpetual-motion] exited with status 0 after 7200.0 s\nrc=0\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+@pytest.mark.parametrize("command", ["gpu_tail train", "gpu_tail eval", "gpu_wait train",
+                                     "gpu_status --watch"])
+def test_following_and_waiting_end_when_their_shell_is_killed(sh, command, signum):
+    """A shell (a job's script, a terminal's shell that its parent ends) killed with SIGTERM or
+    SIGHUP alone: what it followed or waited for ends with it, and nothing is left polling."""
+    build_sample(sh.root)  # train runs, eval is pending: neither ends
+
+    def living() -> list[str]:  # orphans are reaped by PID 1, which may take its time
+        found = []
+        for member in session_members(proc.pid):
+            try:
+                if member.status() != psutil.STATUS_ZOMBIE:
+                    found.append(" ".join(member.cmdline()))
+            except psutil.Error:
+                pass
+        return found
+
+    proc = sh.popen(f"{command}; echo \"rc=$?\"")
+    try:
+        # the shell, the command's subshell, its loop (and a sleep of the loop)
+        wait_for(lambda: len(living()) >= 3, 10, what=f"{command} to poll")
+        time.sleep(0.5)
+        os.kill(proc.pid, signum)
+        proc.wait(10)  # bash dies of the signal; zsh exits 1 after SIGHUP
+        wait_for(lambda: not living(), 5, what=f"{command} to end with its shell")
+    finally:
+        end_session(proc)
 
 
 def test_tail_without_a_name_follows_the_running_task_else_the_newest_log(sh):
