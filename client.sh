@@ -644,69 +644,54 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
   # associative array of the caller's, _gpu_pre_on set). An ITEM is a FILE, which _gpu_load
   # then takes from there (the assignments its own loop would make; a file awk cannot give as
   # that loop reads it, one that holds a NUL byte, or all when awk failed, is left to _gpu_load),
-  # or <fs>DIR/ID, a task (_gpu_task), from its records, held/, and for a running task the node
-  # states' view (those among the ITEMs, else all); as _gpu_pre_want (the awk below) asks
-  local f dir id line list out files tasks prio='' held running='' given='' IFS=$_gpu_nl
-  # what awk reads, gathered in arrays (a string grown a line at a time is copied whole each
-  # time: 5,000 pending tasks took seconds): its file lines, its task lines, the files to stat
-  local -a fl tl sl
-  # a file that is not regular is never read (a FIFO would block)
+  # or tasks (_gpu_task), from their records, held/, and for running tasks the node states' view
+  # (those among the ITEMs, else all): <fs>DIR/ID lines, or <fs>DIR and a line of each ID in
+  # DIR; as _gpu_pre_want (the awk below) asks. For json, the tasks' JSON lists go into
+  # _gpu_pre_json instead (_gpu_status_json)
+  local f line out files tasks='' prio='' held='' logs='' running='' given=''
+  local want=${_gpu_pre_want-} IFS=$_gpu_nl
+  local -a fl st
   _gpu_no_entries "$_gpu_q/priority" || prio=1  # gpu_priority's files are there
+  _gpu_no_entries "$_gpu_q/held" || held=1
+  [ "$want" != json ] || logs=1
+  _gpu_pre_json=''
+  # the tasks go to awk as they are, a section of lines each: the shell does nothing a task (a
+  # loop over 5,000 pending tasks took seconds)
   for f in "$@"; do
     case $f in
-      "$_gpu_fs"*/*)  # the files of the task that are there, each as R, then the task as T
-        dir=${f#?} id=${f#*/}; dir=${dir%%/*}
-        case $id$_gpu_q in *"$_gpu_nl"* | *"$_gpu_fs"*) continue ;; esac
-        case $id in */*) continue ;; esac
-        held=''
-        case $dir in
-          running) set -- gang run rank0.run; running=1 ;;
-          'done' | failed) set -- result ;;
-          *) set -- ;;
+      "$_gpu_fs"?*)
+        case $_gpu_q in *"$_gpu_nl"* | *"$_gpu_fs"*) want=''; continue ;; esac  # (none is read)
+        f=${f#?} line=${f%%"$_gpu_nl"*}
+        case $line in
+          */*) line='' ;;  # DIR/ID lines
+          *) f=${f#"$line"} ;;  # DIR, then its ids
         esac
-        for line in submit "$@"; do
-          line=$_gpu_q/records/$id.$line
-          [ ! -f "$line" ] || { fl+=("R$_gpu_fs$line"); sl+=("$line"); }
-        done
-        if [ "$dir" = pending ]; then
-          [ ! -e "$_gpu_q/held/$id" ] || held=held
-          if [ -n "$prio" ] && [ -f "$_gpu_q/priority/$id" ]; then
-            fl+=("R$_gpu_fs$_gpu_q/priority/$id"); sl+=("$_gpu_q/priority/$id")
-          fi
-        fi
-        tl+=("T$_gpu_fs$dir$_gpu_fs$id$_gpu_fs$held$_gpu_fs$_gpu_q/") ;;
+        case $line in running) running=1 ;; '') case $f in running/*) running=1 ;; esac ;; esac
+        tasks=$tasks/$_gpu_fs$line$_gpu_fs$_gpu_q/$_gpu_nl$f$_gpu_nl ;;
       *"$_gpu_nl"* | *"$_gpu_fs"* | -) ;;  # one name a line
       "$_gpu_q"/nodes/*)  # a node state: what its daemon runs, too
-        given=1; [ -f "$f" ] && [ -r "$f" ] && { fl+=("N$_gpu_fs$f"); sl+=("$f"); } ;;
-      *) [ -f "$f" ] && [ -r "$f" ] && { fl+=("F$_gpu_fs$f"); sl+=("$f"); } ;;
+        given=1; [ -f "$f" ] && [ -r "$f" ] && fl+=("N$_gpu_fs$f") ;;
+      *) [ -f "$f" ] && [ -r "$f" ] && fl+=("F$_gpu_fs$f") ;;
     esac
   done
   if [ -n "$running" ] && [ -z "$given" ]; then  # where a running task runs: the node states
     local _gpu_states
     _gpu_node_list
     for f in $_gpu_states; do
-      [ -f "$_gpu_q/nodes/$f" ] || continue
-      fl+=("N$_gpu_fs$_gpu_q/nodes/$f"); sl+=("$_gpu_q/nodes/$f")
+      [ -f "$_gpu_q/nodes/$f" ] && fl+=("N$_gpu_fs$_gpu_q/nodes/$f")
     done
   fi
-  files=${fl[*]-} tasks=${tl[*]-}  # (one a line: IFS is a newline)
-  files=${files:+$files$_gpu_nl} tasks=${tasks:+$tasks$_gpu_nl}
-  if [ "${#sl[@]}" -gt 0 ]; then  # their sizes: one larger than 4 MiB is corrupt, and not read
-    line=${sl[*]}
-    if [ "${#line}" -lt 65536 ]; then
-      out=$(command stat -L -c "S$_gpu_fs%s$_gpu_fs%n" -- "${sl[@]}" 2>/dev/null)
-    else  # more than a command line holds
-      out=$(printf '%s' "$line" | command xargs -d '\n' -r stat -L -c "S$_gpu_fs%s$_gpu_fs%n" -- \
-        2>/dev/null)
-    fi
-    files=${out:+$out$_gpu_nl}$files
-  fi
-  list=$files$tasks
-  # the awk: input lines S<fs>SIZE<fs>FILE (the size of a file below), then F|N|R<fs>FILE (a
-  # file, a node state, a record), then
-  # T<fs>DIR<fs>ID<fs>held or empty<fs>INSTANCE/; out for F and N "FILE<fs>assignments", for T
+  files=${fl[*]-}  # (one a line: IFS is a newline)
+  files=${files:+$files$_gpu_nl}
+  [ -n "$files$tasks" ] || return 0
+  # the awk: input lines S<fs>SIZE<fs>TYPE<fs>FILE (a file that is there: one is read only when
+  # it is a regular file, a record only of at most 4 MiB), then F|N<fs>FILE (a file, a node
+  # state), then the sections of tasks: /<fs>DIR<fs>INSTANCE/ (no id holds a slash), then a line
+  # an ID (DIR/ID when DIR is empty). Out for F and N "FILE<fs>assignments", for a task
   # "T<fs>DIR/ID<fs>" and what _gpu_pre_want asks for: the assignments of _gpu_t_* (newlines as
-  # $'\n'), "row" its row of gpu_status (_gpu_status_row), "json" its JSON (_gpu_task_json).
+  # $'\n'), "row" its row of gpu_status (_gpu_status_row); for "json", one last line "J<fs>",
+  # the lists of gpu_status --json, their newlines as <rs> (\036); for "files" the files of the
+  # tasks to stat, one a line.
   # It is the one reading of a task's records, and the one writing of a task's row and JSON.
   # shellcheck disable=SC2016  # $_gpu_keys is for the eval of the output
   local prog='
@@ -726,10 +711,11 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       eq = index(line, "=")
       key = substr(line, 1, eq - 1)
       if (eq < 2 || key ~ /[^a-z0-9_.]/) continue
-      gsub(/\./, "_", key)
+      if (index(key, ".")) gsub(/\./, "_", key)
       value = substr(line, eq + 1)
       V[file, key] = value
-      assign[++n] = "_gpu_f_" key "=" lit(value) " _gpu_keys=$_gpu_keys" sq " _gpu_f_" key sq " "
+      if (show) assign[++n] = "_gpu_f_" key "=" lit(value) " _gpu_keys=$_gpu_keys" sq " _gpu_f_" \
+        key sq " "
     }
     close(file)
     if (got < 0) return
@@ -751,6 +737,10 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     }
   }
   function has(f) { return f in got_file }
+  function record(f) {  # a record of a task, read when it is a regular file: is it there?
+    if (!(f in tried)) { tried[f] = 1; if (f in REG) read(f, 0) }
+    return f in got_file
+  }
   function get(f, k) { return ((f, k) in V) ? V[f, k] : "" }
   function int_of(v) {  # _gpu_int: whole seconds, "" when none
     sub(/\..*/, "", v)
@@ -778,8 +768,10 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
     }
     return sq out w sq
   }
-  function set(name, value) { R[name] = value; TV[name] = lit(value) }
+  function set(name, value) { R[name] = value; if (want == "") TV[name] = lit(value) }
   function setlines(name, list,   part, n, i, out) {  # a list of lines (one a line)
+    R[name] = list
+    if (want != "") return  # (the quoted form is for _gpu_task alone)
     n = split(list, part, "\n")
     out = n ? lit(part[1]) : sq sq
     for (i = 2; i <= n; i++) out = out "$" sq "\\n" sq lit(part[i])
@@ -928,16 +920,17 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       FS esc(R["cmdline"])
   }
   function before(a, b) { return (a + 0 < b + 0) || (a + 0 == b + 0 && a < b) }
-  function task(dir, id, inst, held,   sub_, f, p, name, i, n, env, argv, args, src, cmd, nodes) {
+  function task(dir, id, inst,   sub_, f, p, name, i, n, env, argv, args, src, cmd, nodes, lg) {
     # one by one: gawk 5.2 aborted (double free) on this array cleared whole
-    for (i = 1; i <= NFIELDS; i++) { R[FIELD[i]] = ""; TV[FIELD[i]] = sq sq }
+    for (i = 1; i <= NFIELDS; i++) R[FIELD[i]] = ""
+    if (want == "") for (i = 1; i <= NFIELDS; i++) TV[FIELD[i]] = sq sq
     set("id", id); set("dir", dir); set("state", dir); set("name", id); set("gpus_req", "all")
     set("nodes_req", 1); set("argc", 0); set("cmdline", id)
     p = id; if ((i = index(id, "-")) > 0) p = substr(id, 1, i - 1)
     set("prio", p ~ /^[0-9][0-9][0-9]$/ ? p : "")
     set("name", name = short(id))
     sub_ = inst "records/" id ".submit"
-    if (has(sub_)) {
+    if (record(sub_)) {
       set("record", 1)
       set("display", get(sub_, "display_name")); set("source", src = get(sub_, "source"))
       set("command", cmd = get(sub_, "command")); set("cwd", get(sub_, "cwd"))
@@ -967,10 +960,10 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       set("state", "starting")
       nodes = ""
       f = inst "records/" id ".gang"
-      if (has(f)) { nodes = get(f, "nodes"); set("node", nodes) }
+      if (record(f)) { nodes = get(f, "nodes"); set("node", nodes) }
       f = inst "records/" id ".run"
-      if (!has(f)) f = inst "records/" id ".rank0.run"
-      if (has(f)) {
+      if (!record(f)) f = inst "records/" id ".rank0.run"
+      if (record(f)) {
         set("state", "running")
         if (nodes == "") set("node", get(f, "node_rank"))
         set("host", get(f, "host")); set("gpus", get(f, "gpus"))
@@ -978,13 +971,14 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       }
       if (id in RM) running(id)  # the view of the daemons, from their state files
     } else if (dir == "pending") {
-      if (held) set("state", "held")
+      if ((inst "held/" id) in THERE) set("state", "held")
       f = inst "priority/" id
+      record(f)
       p = get(f, "priority")
       if (p == "top" || p ~ /^[0-9][0-9][0-9]$/) set("prio", p)
     } else if (dir == "done" || dir == "failed") {
       f = inst "records/" id ".result"
-      if (has(f)) {
+      if (record(f)) {
         p = get(f, "state"); set("state", p == "" ? dir : p)
         set("exit", get(f, "exit_code")); set("signal", get(f, "signal"))
         set("reason", get(f, "reason")); set("started", get(f, "started"))
@@ -996,35 +990,102 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
         if (nodes != "") set("node", nodes)
       }
     }
+    if (want == "json") {  # into its list, with its log
+      f = inst "logs/" id; lg = (f ".log") in REG ? js(f ".log") : \
+        (f ".rank0.log") in REG ? js(f ".rank0.log") : "null"
+      list(dir)
+      printf "%s  {%s, \"log\": %s}", (items++ ? "," : "") RS_, json(), lg
+      return
+    }
     printf "T\037%s/%s\037", dir, id
     if (want == "row") print row()
-    else if (want == "json") print json()
     else {
       for (i = 1; i <= NSET; i++) printf " _gpu_t_%s=%s", FIELD[i], TV[FIELD[i]]
       printf "\n"
     }
   }
+  function list(dir,   k) {  # --json: end the lists before the one of DIR (running, pending,
+    # else recent), begin the lists up to it; the first begins the last line of the output
+    k = dir == "running" ? 1 : dir == "pending" ? 2 : 3
+    while (LISTS < k) {
+      printf "%s\"%s\": [", LISTS ? "]," RS_ " " : "J" FS, LIST[++LISTS]
+      items = 0
+    }
+  }
+  function files(dir, id, inst,   r) {  # the files task ID may have, for stat to look at
+    if (!index(id, "/") && !index(id, FS)) {
+      r = inst "records/" id
+      print r ".submit"
+      if (dir == "running") { print r ".gang"; print r ".run"; print r ".rank0.run" }
+      else if (dir == "done" || dir == "failed") print r ".result"
+      else if (dir == "pending") {
+        if (held) print inst "held/" id
+        if (prio) print inst "priority/" id
+      }
+    }
+    if (logs) { print inst "logs/" id ".log"; print inst "logs/" id ".rank0.log" }
+  }
+  function lost(dir, id, inst,   f, lg) {  # a task awk cannot read (its id holds the field
+    # separator or a slash): for --json, what its id says, as _gpu_task_json does without awk
+    if (want != "json") return
+    f = inst "logs/" id; lg = (f ".log") in REG ? js(f ".log") : \
+      (f ".rank0.log") in REG ? js(f ".rank0.log") : "null"
+    list(dir)
+    printf "%s  {\"id\": %s, \"state\": %s, \"log\": %s}", (items++ ? "," : "") RS_, js(id), \
+      js(dir), lg
+  }
   BEGIN {
+    split("running pending recent", LIST, " "); RS_ = "\036"
     NFIELDS = split("state prio display source command cwd gpus_req nodes_req after args" \
       " retry_of submitted by record time_req env node host gpus started ended duration found" \
       " exit signal reason attempt id dir name argv argc cmdline", FIELD, " ")
     NSET = NFIELDS - 6  # the _gpu_t_* that _gpu_task sets; the rest: its row and JSON
     for (i = 1; i < 256; i++) ORD[sprintf("%c", i)] = i
   }
-  $1 == "S" { if ($2 + 0 > 4194304) BIG[substr($0, length($2) + 4)] = 1 }
+  $1 == "/" && NF == 3 { SECTION = 1; DIR = $2; INST = $3; next }
+  SECTION {  # a task
+    if ($0 == "") next
+    if (DIR != "") { dir = DIR; id = $0 }
+    else { dir = $0; sub(/\/.*/, "", dir); id = substr($0, length(dir) + 2) }
+    if (want == "files") files(dir, id, INST)
+    else if (index(id, "/") || index(id, FS)) lost(dir, id, INST)
+    else task(dir, id, INST)
+    next
+  }
+  want == "files" { if ($1 == "F" || $1 == "N") print substr($0, 3); next }
+  $1 == "S" {
+    f = substr($0, length($2) + length($3) + 5)
+    THERE[f] = 1
+    if ($3 ~ /^regular/) REG[f] = 1
+    if ($2 + 0 > 4194304) BIG[f] = 1
+  }
   $1 == "F" { read(substr($0, 3), 1) }
   $1 == "N" { read(substr($0, 3), 1); node(substr($0, 3)) }
-  $1 == "R" { read(substr($0, 3), 0) }
-  $1 == "T" { task($2, $3, substr($0, length($2) + length($3) + length($4) + 6), $4 == "held") }
+  END { if (want == "json") { list(""); printf "]\n" } }
 '
-  [ -n "$list" ] || return 0
   _gpu_awk_ids
-  out=$(printf '%s' "$list" | command awk -F "$_gpu_fs" -v sq="'" -v want="${_gpu_pre_want-}" \
-    -v now="${_gpu_t-0}" "$_gpu_aw$prog" 2>/dev/null) || return 0
-  for line in $out; do
-    case $line in
-      T"$_gpu_fs"*) line=${line#??}; _gpu_pre[$_gpu_fs${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
-      *) _gpu_pre[${line%%"$_gpu_fs"*}]=${line#*"$_gpu_fs"} ;;
+  # which files are there, what they are (a FIFO would block) and their sizes: awk names them,
+  # stat looks; the instance first, which is there (a stat that does not say so cannot be used:
+  # BSD's; then the shell looks at each)
+  out=$({ printf '%s\n' "$_gpu_q"; printf '%s' "$files$tasks" | command awk -F "$_gpu_fs" \
+    -v want=files -v held="$held" -v prio="$prio" -v logs="$logs" "$_gpu_aw$prog" 2>/dev/null
+    } | command xargs -d '\n' -r stat -L -c "S$_gpu_fs%s$_gpu_fs%F$_gpu_fs%n" -- 2>/dev/null)
+  line=${out%%"$_gpu_nl"*}
+  if [ "${line##*"$_gpu_fs"}" != "$_gpu_q" ]; then
+    for f in $(printf '%s' "$files$tasks" | command awk -F "$_gpu_fs" -v want=files \
+      -v held="$held" -v prio="$prio" -v logs="$logs" "$_gpu_aw$prog" 2>/dev/null); do
+      if [ -f "$f" ]; then st+=("S${_gpu_fs}0${_gpu_fs}regular file$_gpu_fs$f")
+      elif [ -e "$f" ]; then st+=("S${_gpu_fs}0$_gpu_fs-$_gpu_fs$f"); fi
+    done
+    out=${st[*]-}
+  fi
+  out=$(printf '%s\n%s' "$out" "$files$tasks" | command awk -F "$_gpu_fs" -v sq="'" \
+    -v want="$want" -v now="${_gpu_t-0}" "$_gpu_aw$prog" 2>/dev/null) || return 0
+  for f in $out; do
+    case $f in
+      T"$_gpu_fs"*) f=${f#??}; _gpu_pre[$_gpu_fs${f%%"$_gpu_fs"*}]=${f#*"$_gpu_fs"} ;;
+      J"$_gpu_fs"*) _gpu_pre_json=${f#??} ;;  # the last line
+      *) _gpu_pre[${f%%"$_gpu_fs"*}]=${f#*"$_gpu_fs"} ;;
     esac
   done
   _gpu_pre_on=1
@@ -1915,7 +1976,7 @@ _gpu_task() {  # _gpu_task DIR ID: what is known of the task ID in DIR into _gpu
   # _gpu_preload reads it
   local key=$_gpu_fs$1/$2
   local -A _gpu_pre
-  local _gpu_pre_on='' _gpu_pre_want=''
+  local _gpu_pre_on='' _gpu_pre_want='' _gpu_pre_json=''
   _gpu_preload "$key"
   if [ -n "$_gpu_pre_on" ] && [ -n "${_gpu_pre[$key]+set}" ]; then
     eval "${_gpu_pre[$key]}"  # every _gpu_t_*
@@ -3031,6 +3092,7 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   local recent=$1 IFS=$_gpu_nl line id pending=0 shown=0 running=0 ndone failed
   # what it shows is listed first, and the files of all of it read at once (_gpu_preload)
   local _gpu_states _gpu_running _gpu_pending _gpu_ended _gpu_pre_on='' _gpu_pre_want=row
+  local _gpu_pre_json=''
   local -A _gpu_pre
   _gpu_now
   _gpu_cache
@@ -3101,15 +3163,20 @@ _gpu_status_row() {  # _gpu_status_row DIR ID: the task's row of gpu_status, as 
 
 _gpu_status_preload() {  # the node states and tasks gpu_status shows, of what _gpu_status_text
   # listed, read at once (_gpu_preload): as many as the table shows, gpu_status --json all
-  local node id line shown=0 items=() IFS=$_gpu_nl
+  local node id shown=0 pending='' items=() IFS=$_gpu_nl
   for node in $_gpu_states; do items+=("$_gpu_q/nodes/$node"); done
-  for id in $_gpu_running; do items+=("${_gpu_fs}running/$id"); done
-  for id in $_gpu_pending; do
-    [ "$shown" -lt 20 ] || [ -n "$_gpu_o_long" ] || [ -n "$_gpu_o_json" ] || break
-    shown=$((shown + 1))
-    items+=("${_gpu_fs}pending/$id")
-  done
-  for line in $_gpu_ended; do items+=("$_gpu_fs$line"); done
+  [ -z "$_gpu_running" ] || items+=("${_gpu_fs}running$_gpu_nl$_gpu_running")
+  if [ -n "$_gpu_o_long$_gpu_o_json" ]; then
+    pending=$_gpu_pending
+  else
+    for id in $_gpu_pending; do
+      [ "$shown" -lt 20 ] || break
+      shown=$((shown + 1))
+      pending=$pending$id$_gpu_nl
+    done
+  fi
+  [ -z "$pending" ] || items+=("${_gpu_fs}pending$_gpu_nl$pending")
+  [ -z "$_gpu_ended" ] || items+=("$_gpu_fs$_gpu_ended")
   _gpu_preload "${items[@]}"
 }
 
@@ -3117,13 +3184,11 @@ _gpu_jstr() {  # _gpu_jstr TEXT: a JSON string, null when TEXT is empty, into _g
   if [ -n "$1" ]; then _gpu_js "$1"; else _gpu_j=null; fi
 }
 
-_gpu_task_json() {  # _gpu_task_json DIR ID: the task as one JSON object on stdout, as
-  # _gpu_preload wrote it, and its log
-  local json=${_gpu_pre[$_gpu_fs$1/$2]-} log=null
-  if [ -z "$json" ]; then  # awk failed: what its id says
-    _gpu_js "$2"; json="\"id\": $_gpu_j"
-    _gpu_js "$1"; json="$json, \"state\": $_gpu_j"
-  fi
+_gpu_task_json() {  # _gpu_task_json DIR ID: the task as one JSON object on stdout when awk
+  # failed (_gpu_preload writes them all): what its id says, and its log
+  local json log=null
+  _gpu_js "$2"; json="\"id\": $_gpu_j"
+  _gpu_js "$1"; json="$json, \"state\": $_gpu_j"
   if [ -f "$_gpu_q/logs/$2.log" ]; then _gpu_js "$_gpu_q/logs/$2.log"; log=$_gpu_j
   elif [ -f "$_gpu_q/logs/$2.rank0.log" ]; then _gpu_js "$_gpu_q/logs/$2.rank0.log"; log=$_gpu_j; fi
   printf '{%s, "log": %s}' "$json" "$log"
@@ -3199,6 +3264,16 @@ _gpu_status_json() {  # gpu_status --json (docs/protocol.md) of what _gpu_status
     printf '%s\n  ' "$sep"; sep=,
     _gpu_node_json "$rank" "$_gpu_dj"
   done
+  if [ -n "$_gpu_pre_json" ]; then  # the lists, as _gpu_preload's awk wrote them
+    printf '],\n '
+    printf '%s' "$_gpu_pre_json" | command tr '\036' '\n'
+    _gpu_lines "$_gpu_running"; running=$_gpu_n
+    _gpu_lines "$_gpu_pending"; pending=$_gpu_n
+    _gpu_finished_counts
+    printf ',\n "counts": {"running": %s, "pending": %s, "done": %s, "failed": %s}}\n' \
+      "$running" "$pending" "$_gpu_n" "$_gpu_nf"
+    return
+  fi
   printf '],\n "running": ['
   sep=''
   for id in $_gpu_running; do

@@ -109,6 +109,34 @@ def test_status_starts_as_many_processes_for_31_rows_as_for_3(shell, command, ta
     assert processes("long") == processes("short")
 
 
+@needs_strace
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("command", ("gpu_status", "gpu_status --json", "gpu_status -l"))
+def test_status_leaves_every_file_of_a_row_to_stat_and_awk(shell, command, tables, tmp_path):
+    """The shell itself looks at no file of a task (its records, held/, priority/, its log):
+    stat and awk take those of all the rows at once, so a long queue costs the shell no work a
+    task (gpu_status --json took about 0.5 ms a pending task, 10 s and more for 5,000)."""
+    def looks(job_id: str) -> int:
+        trace = tmp_path / f"{job_id}.trace"
+        argv = ["strace", "-f", "-qq", "-e", "trace=execve,%%stat,access,faccessat,faccessat2,"
+                "open,openat", "-o", str(trace),
+                *SHELL_ARGV[shell], f"source \"$CLIENT\"; {command} >/dev/null 2>&1; true"]
+        proc = subprocess.run(argv, env=shell_env(tables, job_id, tmp_path), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        others, count = set(), 0  # the processes that run another program (stat, awk, ...)
+        for line in trace.read_text().splitlines():
+            pid, call = line.split(None, 1)
+            if call.startswith("execve("):
+                if "= 0" in call and not re.match(r'execve\("[^"]*/(bash|zsh)"', call):
+                    others.add(pid)
+            elif pid not in others and re.search(r"/(records|logs|held|priority)/", call):
+                count += 1
+        return count
+
+    assert looks("long") == looks("short") == 0
+
+
 def test_the_summary_counts_the_finished_tasks_and_names_them(tmp_path):
     inst = tmp_path / "root" / "exp1"
     build_instance(inst.parent, "exp1", 30)
