@@ -75,16 +75,22 @@ SCRIPT = DAEMON + textwrap.dedent("""\
     """)
 
 
-@needs_namespace
-def test_leftovers_end_by_a_countdown_on_the_daemons_clock(tmp_path):
+def facts_of(tmp_path: Path, template: str, **fields) -> dict:
+    """Run ``template`` (a daemon on simulated time, formatted with ``fields``) in a PID
+    namespace of its own, over a shared folder under ``tmp_path``; what it printed last."""
     root = tmp_path / "shared"
     root.mkdir()
-    script = SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
-                           job="left", scope="none")
+    script = template.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
+                             **{k: v.format(root=root) for k, v in fields.items()})
     run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@needs_namespace
+def test_leftovers_end_by_a_countdown_on_the_daemons_clock(tmp_path):
+    facts = facts_of(tmp_path, SCRIPT, job="left", scope="none")
     ignores, obeys = facts["ignores"], facts["obeys"]
     # a leftover that ignores SIGTERM: the loop goes on, SIGKILL comes after the grace (5 s)
     assert ignores["longest_tick"] < 2.0, ignores
@@ -131,14 +137,8 @@ def test_a_sweep_of_other_python_processes_ends_by_a_countdown(tmp_path):
     """gpu_stop's sweep of the user's other Python processes: SIGTERM, then SIGKILL once the
     grace has passed on the daemon's clock; the loop goes on meanwhile (it waited in real time,
     up to 10 s, with no heartbeat)."""
-    root = tmp_path / "shared"
-    root.mkdir()
-    script = SWEEP.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
-                          job="sweep", scope="user-python", pidfile=str(root / "stray.pid"))
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
+    facts = facts_of(tmp_path, SWEEP, job="sweep", scope="user-python",
+                     pidfile="{root}/stray.pid")
     assert facts["longest_tick"] < 2.0, facts
     assert facts["alive_at_4"] is True, facts  # it ignores SIGTERM: alive within the grace
     assert 5.0 <= facts["gone_after"] < 8.0, facts
@@ -178,13 +178,6 @@ def test_a_second_signal_kills_what_a_task_left_without_a_new_grace(tmp_path):
     """A second SIGINT (or SIGTERM) kills the running tasks now: their groups got SIGKILL, but
     what left a task's group (a child that called setsid) got SIGTERM only once the task's main
     process had died, and the whole grace again before its SIGKILL."""
-    root = tmp_path / "shared"
-    root.mkdir()
-    script = HARD.format(repo=str(REPO), tests=str(Path(__file__).parent), root=str(root),
-                         job="hard", scope="none")
-    run = subprocess.run([*UNSHARE, sys.executable, "-c", script], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.splitlines()[-1])
+    facts = facts_of(tmp_path, HARD, job="hard", scope="none")
     assert facts["state"] == "failed" and facts["child_gone"], facts
     assert facts["ended_after"] < 3.0, facts  # at most KILL_WAIT_SECONDS, not the 5 s grace
