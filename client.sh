@@ -3914,26 +3914,52 @@ _gpu_pending_list() {  # the pending tasks in the order they start (docs/protoco
 }
 
 _gpu_sorted_pending() {  # _gpu_sorted_pending LIST: the pending tasks of LIST in run order, when
-  # priority/ entries or names put there by hand change the ids' byte order
-  local id rest list=$1 IFS=$_gpu_nl
-  # one line a task: class, time put on top, priority, the rest of the id, then the name
-  for id in $list; do
-    rest=''
-    if [ -f "$_gpu_q/priority/$id" ] && _gpu_load "$_gpu_q/priority/$id" && _gpu_field priority
-    then
-      if [ "$_gpu_val" = top ]; then
-        _gpu_field time; rest=0$_gpu_fs${_gpu_val:-0}${_gpu_fs}000$_gpu_fs${id//$_gpu_fs/_}
-      elif _gpu_whole "$_gpu_val" 999 && _gpu_is_id "$id"; then
-        rest=1$_gpu_fs~$_gpu_fs$(printf %03d "$_gpu_i")$_gpu_fs${id#???-}
-      fi
+  # priority/ entries or names put there by hand change the ids' byte order. The shell reads the
+  # priority/ entries (a few); one awk gives every task its sort key (a queue of thousands)
+  local entry name list=$1 entries='' n=0 IFS=$_gpu_nl
+  set +f  # the dispatcher's noglob, for the one pattern
+  set -- "$_gpu_q/priority"/*
+  set -f
+  for entry in "$@"; do
+    name=${entry##*/}
+    case $name in *"$_gpu_nl"*) continue ;; esac  # no line of LIST is this name
+    if ! { [ -f "$entry" ] && _gpu_load "$entry" && _gpu_field priority; }; then continue; fi
+    if [ "$_gpu_val" = top ]; then
+      _gpu_field time
+      entries=$entries${_gpu_nl}top$_gpu_fs${_gpu_val//$_gpu_fs/_}$_gpu_fs$name
+    elif _gpu_whole "$_gpu_val" 999; then
+      entries=$entries${_gpu_nl}number$_gpu_fs$(printf %03d "$_gpu_i")$_gpu_fs$name
+    else continue
     fi
-    if [ -z "$rest" ]; then
-      # a name put there by hand: DEFAULT_PRIORITY, after the client ids of it
-      if _gpu_is_id "$id"; then rest=1$_gpu_fs~$_gpu_fs${id%%-*}$_gpu_fs${id#???-}
-      else rest=1$_gpu_fs~${_gpu_fs}500$_gpu_fs~${id//$_gpu_fs/_}; fi
-    fi
-    printf '%s\n' "$rest$_gpu_fs$id"
-  done | command sort -t "$_gpu_fs" -k1,1 -k2,2r -k3,3 -k4,4 | command cut -d "$_gpu_fs" -f5-
+    n=$((n + 1))
+  done
+  _gpu_awk_ids
+  printf '%s\n' "${entries#"$_gpu_nl"}" "$list" | command awk -v n="$n" -v fs="$_gpu_fs" "$_gpu_aw"'
+    function seconds(text) {  # as the daemon reads a time: a finite decimal number, else 0
+      if (length(text) > 70 || text !~ /^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$/)
+        return 0
+      text += 0
+      return (text > 1e308 || text < -1e308) ? 0 : sprintf("%.17g", text)
+    }
+    NR <= n {  # kind, value, name of a priority/ entry
+      i = index($0, fs); kind = substr($0, 1, i - 1); rest = substr($0, i + 1)
+      i = index(rest, fs); entry[substr(rest, i + 1)] = kind fs substr(rest, 1, i - 1)
+      next
+    }
+    $0 != "" {  # as the daemon orders them (start_order): class, time put on top (the last
+      # first), priority, then the id without its priority; a name put there by hand has
+      # DEFAULT_PRIORITY and comes after the client ids of its priority
+      id = $0; key = ""
+      flat = id; gsub(fs, "_", flat)
+      rest = is_id(id) ? substr(id, 5) : "~" flat
+      if (id in entry) {
+        i = index(entry[id], fs); kind = substr(entry[id], 1, i - 1)
+        value = substr(entry[id], i + 1)
+        key = kind == "top" ? "0" fs seconds(value) fs "000" fs flat : "1" fs "0" fs value fs rest
+      }
+      if (key == "") key = "1" fs "0" fs (is_id(id) ? substr(id, 1, 3) : "500") fs rest
+      print key fs id
+    }' | command sort -t "$_gpu_fs" -k1,1 -k2,2gr -k3,3 -k4,4 | command cut -d "$_gpu_fs" -f5-
 }
 
 # Commands: stopping and cleaning ###################################################################

@@ -185,6 +185,41 @@ def test_a_long_queue_is_shown_in_run_order(sh, by_hand):
 
 
 
+def test_the_client_shows_a_long_queue_with_priority_entries_in_the_daemons_order(sh):
+    """Two hundred pending tasks and priority/ entries of every kind (on top at times that
+    sort apart only as numbers, a number for a client id and for a name put there by hand, a
+    priority that is no number, a time that is none, a FIFO, an entry of a task gone): the
+    client lists them in the order the daemon starts them (``start_order``)."""
+    inst = sh.root / "exp1"
+    for folder in ("pending", "running", "done", "logs", "priority"):
+        (inst / folder).mkdir(parents=True, exist_ok=True)
+    ids = [task(n, ("500", "600", "100")[n % 3], f"t{n}.sh") for n in range(200)]
+    by_hand = ["by-hand.sh", "hand2.sh", "zz.sh"]
+    for name in [*ids, *by_hand]:
+        (inst / "pending" / name).write_text("true\n")
+    entries = {
+        ids[150]: "priority=top\ntime=99.5\n",  # before 100.25 as text, after it as a number
+        ids[151]: "priority=top\ntime=100.25\n",
+        "zz.sh": "priority=top\ntime=1e1\n",
+        ids[152]: "priority=top\ntime=soon\n",  # no time: put on top at 0
+        ids[7]: "priority=042\n",
+        "hand2.sh": "priority=50\n",  # a name put there by hand takes its number too
+        ids[8]: "priority=high\n",  # no number: the id's own priority
+        ids[9]: "priority=1000\n",
+        task(999, "100", "gone.sh"): "priority=0\n",
+    }
+    for name, text in entries.items():
+        (inst / "priority" / name).write_text(text)
+    os.mkfifo(inst / "priority" / ids[10])  # never read: it would block
+    overrides = pm.QueueFolder(inst).priorities(set(ids) | set(by_hand))
+    expected = sorted([*ids, *by_hand], key=lambda name: pm.start_order(name, overrides))
+    assert expected[:4] == [ids[151], ids[150], "zz.sh", ids[152]]  # (the daemon's order)
+    res = sh.run("gpu_status -l")
+    assert res.rc == 0, res.err
+    shown = [row[0] for row in pending_rows(res.out)]
+    assert shown == expected, res.out
+
+
 @pytest.mark.parametrize("summary", [False, True])
 def test_a_task_of_a_long_queue_is_found_by_its_name_or_the_name_it_was_given(sh, summary):
     """In a queue of a hundred tasks (looked over with one grep, not id by id) a task is
