@@ -2417,6 +2417,10 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
 # Task runner ################################################################################
 
 
+_END_UNSEEN_SECONDS = 10.0  # s between the loop's last look at a running task and the look that
+# found it ended, beyond which its end counts as unseen (its result gets ``found``)
+
+
 @dataclasses.dataclass
 class RunningTask:
     """A task, or one rank of a task that spans nodes, that this daemon runs (mutable: its
@@ -2816,7 +2820,10 @@ class TaskRunner:
         ended = task.leftovers.ended if task.leftovers is not None else self.clock()
         leftovers = task.leftovers.count if task.leftovers is not None else 0
         found = None
-        if task.fenced:  # (suspended, or its loop stuck, while the fence killed it)
+        # killed by the fence, or ended while the loop could not look (the daemon suspended,
+        # its loop stuck in a write): it ended when it was last known to run, not when found
+        last_look = task.seen if task.seen is not None else task.started
+        if task.fenced or (last_look is not None and ended - last_look > _END_UNSEEN_SECONDS):
             found, ended = ended, unseen_end(task.started, ended, task.seen,
                                              self.folder.log_written(task.task_id, task.rank))
         self.signal_group(task, signal.SIGKILL)  # whatever is left of its group

@@ -369,6 +369,38 @@ def test_a_task_fenced_while_its_daemon_was_suspended_ended_when_last_seen(tmp_p
     assert float(res["duration"]) < 11
 
 
+def test_a_task_that_ended_while_its_daemon_was_suspended_ended_when_last_seen(tmp_path):
+    """The daemon is suspended for 30 s (less than SELF_FENCE_SECONDS: nothing is fenced), and
+    its task exits meanwhile, with status 0. Resumed, the daemon records it done, ended when it
+    last saw it run (its end was not seen), found when resumed: not a run 30 s longer."""
+    inst = tmp_path / "two"
+    clock = FakeClock()
+    zero = node(tmp_path, clock, 0, "host-zero")
+    zero.keeper = TellingKeeper()
+    go = tmp_path / "go"
+    task = submit(inst, "t.sh", f"while [ ! -e '{go}' ]; do sleep 0.05; done\n", gpus=1)
+    tick([zero], [clock], 10)
+    entry = zero.runner.tasks[(task, None)]
+    assert entry.proc.poll() is None
+    last_seen = clock.now - 0.5  # its last turn
+    suspended = clock.now
+    clock.sleep(30)
+    go.touch()
+    entry.proc.wait()
+    resumed = clock.now
+    tick([zero], [clock], 2)
+    res = result(inst, task)
+    assert (res["state"], res["reason"]) == ("done", "exit status 0")
+    assert last_seen - 0.001 <= float(res["ended"]) <= suspended + 0.001, res
+    assert resumed - 0.001 <= float(res["found"]) <= resumed + 2, res
+    assert float(res["duration"]) < 11
+    # a task whose end the loop saw at once has no ``found``
+    quick = submit(inst, "q.sh", "exit 3\n", gpus=1)
+    tick([zero], [clock], 5)
+    res = result(inst, quick)
+    assert (res["state"], res["reason"], res.get("found")) == ("failed", "exit status 3", None)
+
+
 # Node 1 dies with two tasks that outlive SIGTERM (a checkpointing handler) on the same host,
 # as the local backend runs nodes: node 0 ends them, with a stop grace of 5 s
 SLOW_TO_END = textwrap.dedent("""\
