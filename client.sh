@@ -975,7 +975,8 @@ _gpu_preload() {  # _gpu_preload ITEM...: files and tasks read by one awk into _
       f = inst "priority/" id
       record(f)
       p = get(f, "priority")
-      if (p == "top" || p ~ /^[0-9][0-9][0-9]$/) set("prio", p)
+      if (p == "top") set("prio", p)  # else a number as the daemon reads it: 7, 042, 500
+      else if (p ~ /^[0-9][0-9]?[0-9]?$/) set("prio", sprintf("%03d", p + 0))
     } else if (dir == "done" || dir == "failed") {
       f = inst "records/" id ".result"
       if (record(f)) {
@@ -3927,7 +3928,7 @@ _gpu_sorted_pending() {  # _gpu_sorted_pending LIST: the pending tasks of LIST i
     if [ "$_gpu_val" = top ]; then
       _gpu_field time
       entries=$entries${_gpu_nl}top$_gpu_fs${_gpu_val//$_gpu_fs/_}$_gpu_fs$name
-    elif _gpu_whole "$_gpu_val" 999; then
+    elif [ "${#_gpu_val}" -le 3 ] && _gpu_whole "$_gpu_val" 999; then  # as the daemon: 7, 042
       entries=$entries${_gpu_nl}number$_gpu_fs$(printf %03d "$_gpu_i")$_gpu_fs$name
     else continue
     fi

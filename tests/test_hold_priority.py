@@ -206,6 +206,8 @@ def test_the_client_shows_a_long_queue_with_priority_entries_in_the_daemons_orde
         "hand2.sh": "priority=50\n",  # a name put there by hand takes its number too
         ids[8]: "priority=high\n",  # no number: the id's own priority
         ids[9]: "priority=1000\n",
+        ids[11]: "priority=0050\n",  # four digits: no number, as for the daemon
+        ids[12]: "priority=7\n",
         task(999, "100", "gone.sh"): "priority=0\n",
     }
     for name, text in entries.items():
@@ -218,6 +220,9 @@ def test_the_client_shows_a_long_queue_with_priority_entries_in_the_daemons_orde
     assert res.rc == 0, res.err
     shown = [row[0] for row in pending_rows(res.out)]
     assert shown == expected, res.out
+    prio = {row[0]: row[1] for row in pending_rows(res.out)}
+    assert (prio[ids[12]], prio[ids[11]], prio["hand2.sh"], prio[ids[150]]) == (
+        "007", "100", "050", "top")
 
 
 @pytest.mark.parametrize("summary", [False, True])
