@@ -3954,13 +3954,13 @@ class KeepAlive:
     """
 
     def __init__(self, why: str = "disabled", nvml=None, gpus: Sequence[GpuInfo] = (),
-                 log: logging.Logger | None = None, blind: str = "") -> None:
+                 log: logging.Logger | None = None, blind_why: str = "") -> None:
         self.why = why
         self._nvml = nvml
         self._gpus = {i: gpu for i, gpu in enumerate(gpus) if not gpu.declared}
         # NVML could not start (why), yet the kernel shows NVIDIA GPUs: every GPU of the node
         # is left idle unseen, so each one without a task counts as at risk
-        self.blind = blind
+        self.blind_why = blind_why
         self._slots = tuple(gpus)
         self._blind_since: float | None = None
         self.node_risk = ""  # the node's own risk, where its GPUs are not in the inventory
@@ -3977,7 +3977,7 @@ class KeepAlive:
         NVML's 1-s rate is read each tick and judged, as with keep-alive on, on the mean of
         the last _RISK_MEAN_SECONDS."""
         if self._nvml is None:
-            if self.blind:
+            if self.blind_why:
                 self._watch_blind(now, busy)
             return
         self._now = now
@@ -4010,7 +4010,8 @@ class KeepAlive:
         if not self._slots:
             minutes = (now - self._blind_since) / 60
             if minutes * 60 >= KEEPALIVE_RISK_SECONDS:
-                self.node_risk = f"every GPU of the node unwatched {minutes:.0f} min: {self.blind}"
+                self.node_risk = (f"every GPU of the node unwatched {minutes:.0f} min: "
+                                  f"{self.blind_why}")
                 if self._warned("risk/node", every=600.0):
                     self._log.warning("At risk of reclaim: %s", self.node_risk)
             return
@@ -4023,7 +4024,7 @@ class KeepAlive:
             if now - since < KEEPALIVE_RISK_SECONDS:
                 continue
             minutes = (now - since) / 60
-            self._risks[i] = f"GPU {gpu.number} unwatched {minutes:.0f} min: {self.blind}"
+            self._risks[i] = f"GPU {gpu.number} unwatched {minutes:.0f} min: {self.blind_why}"
             if self._warned(f"risk/{i}", every=600.0):
                 self._log.warning("At risk of reclaim: %s", self._risks[i])
 
@@ -4052,7 +4053,7 @@ class KeepAlive:
 
     def gpu_fields(self) -> dict[str, str]:
         """Per-GPU keys for the state file (``gpu.<i>.util``, ``gpu.<i>.state``, ...)."""
-        watched = range(len(self._slots)) if self.blind else self._gpus
+        watched = range(len(self._slots)) if self.blind_why else self._gpus
         return {f"gpu.{i}.risk": self._risks.get(i, "") for i in watched}
 
     def stop(self, why: str = "stopped") -> None:
@@ -5662,8 +5663,8 @@ def make_keepalive(enabled: bool, log: logging.Logger, inventory: Inventory,
     """The keep-alive engine for the inventory's GPUs, or keep-alive off with a reason. Never
     raises; when the GPUs cannot be used it says why in one warning."""
     def off(why: str) -> KeepAlive:  # the real GPUs are still watched for reclaim risk
-        blind = inventory.nvml_error if inventory.blind and enabled else ""
-        return KeepAlive(why, inventory.nvml, inventory.gpus, log, blind)
+        blind_why = inventory.nvml_error if inventory.blind and enabled else ""
+        return KeepAlive(why, inventory.nvml, inventory.gpus, log, blind_why)
 
     if not enabled:  # the daemon says so at start, among its settings
         return off("disabled")

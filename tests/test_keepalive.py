@@ -1126,7 +1126,7 @@ def test_gpus_that_nvml_cannot_open_are_flagged_at_risk_with_the_reason(caplog):
                       "start (Driver/library version mismatch)"], warned
     # switched off by the user, or no NVIDIA GPU at all: nothing is at risk
     assert pm.make_keepalive(False, log, pm.discover_gpus(
-        2, log, env={}, open_nvml=nvml_that_cannot_start, kernel=lambda: 2)).blind == ""
+        2, log, env={}, open_nvml=nvml_that_cannot_start, kernel=lambda: 2)).blind_why == ""
     inventory = pm.discover_gpus(2, log, env={}, open_nvml=nvml_that_cannot_start,
                                  kernel=lambda: 0)
     assert not inventory.blind
