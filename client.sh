@@ -3696,7 +3696,8 @@ _gpu_tail_task() {  # _gpu_tail_task ID PENDING: gpu_tail of task ID (still pend
     _gpu_wait_pending "$id" || return 1
     id=$_gpu_id
   fi
-  if [ -n "$_gpu_rank" ]; then log=$_gpu_q/logs/$id.rank$_gpu_rank.log
+  # rank 0 of a task on one node is the task itself, as for gpu_logs (_gpu_log_rank)
+  if [ -n "$_gpu_rank" ] && [ "$_gpu_rank" != 0 ]; then log=$_gpu_q/logs/$id.rank$_gpu_rank.log
   elif [ -f "$_gpu_q/logs/$id.rank0.log" ] || [ -f "$_gpu_q/records/$id.gang" ]; then
     log=$_gpu_q/logs/$id.rank0.log
   else

@@ -447,6 +447,21 @@ def test_tail_and_logs_take_a_rank(sh):
     assert err.startswith(f"gpu_tail: following {v.inst}/logs/{v.g}.rank1.log (Ctrl-C to stop)\n")
 
 
+def test_tail_of_rank_0_of_a_task_on_one_node_follows_its_log(sh):
+    """--rank 0 is the default made explicit: for a task on one node, its own log."""
+    s = build_sample(sh.root)
+    proc = sh.popen("gpu_tail --rank 0 -n 1 train; echo \"rc=$?\"")
+    try:
+        time.sleep(1)
+        write_fields(s.inst / "records" / f"{s.running}.result", {"id": s.running,
+                                                                  "state": "done"})
+        out, err = finish(proc)
+    finally:
+        end_session(proc)
+    assert out == "epoch 1\nrc=0\n"
+    assert f"gpu_tail: following {s.inst}/logs/{s.running}.log (Ctrl-C to stop)\n" in err
+
+
 # gpu_logs #########################################################################################
 
 
