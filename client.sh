@@ -1682,8 +1682,10 @@ given) that did not succeed, 1 when it had none (stopped, cancelled, interrupted
       _gpu_sp_opts="$request
 |--failed||failed|every failed or interrupted task that was not queued again yet"
       _gpu_sp_more="\
-NAME stands for its newest finished task; each NAME is checked before anything is queued.
---failed leaves out the tasks that were stopped or cancelled, and those retried before." ;;
+NAME stands for its newest finished task; each NAME is checked before anything is queued. A retry
+keeps the task's own priority, GPUs, nodes, time limit and variables (not the defaults above);
+options change them, -t none drops the time limit. --failed leaves out the tasks that were
+stopped or cancelled, and those retried before." ;;
     hold) _gpu_sp_use='NAME...'
       _gpu_sp_what='keep pending tasks from starting until gpu_release'
       _gpu_sp_more="\
