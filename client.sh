@@ -1589,7 +1589,7 @@ _gpu_prepare() {  # _gpu_prepare DIR...: create the instance and DIRs for writin
   _gpu_unique || return 1
   # the daemon writes the same marker; whoever comes second leaves the first one in place
   _gpu_write "$_gpu_q/.staging/.$_gpu_u.json" "{
-  \"protocol\": 1,
+  \"protocol\": 2,
   \"job_id\": \"$JOB_ID\"
 }
 " && command mv -n -- "$_gpu_q/.staging/.$_gpu_u.json" "$_gpu_q/control.json"

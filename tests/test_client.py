@@ -84,7 +84,7 @@ def test_submit_publishes_a_copy_with_its_record(sh):
                       "source": str(script), "command": "", "cwd": str(sh.cwd), "gpus": "all",
                       "nodes": "1", "after": "", "argc": "0", "retry_of": "",
                       "time_limit": "", "envc": "0"}
-    assert json.loads((inst / "control.json").read_text()) == {"protocol": 1, "job_id": "exp1"}
+    assert json.loads((inst / "control.json").read_text()) == {"protocol": 2, "job_id": "exp1"}
     assert listing(inst / ".staging") == []
     assert listing(inst) == [".staging", "control.json", "pending", "records"]
 
