@@ -3932,7 +3932,8 @@ _gpu_sorted_pending() {  # _gpu_sorted_pending LIST: the pending tasks of LIST i
       _gpu_field time
       entries=$entries${_gpu_nl}top$_gpu_fs${_gpu_val//$_gpu_fs/_}$_gpu_fs$name
     elif [ "${#_gpu_val}" -le 3 ] && _gpu_whole "$_gpu_val" 999; then  # as the daemon: 7, 042
-      entries=$entries${_gpu_nl}number$_gpu_fs$(printf %03d "$_gpu_i")$_gpu_fs$name
+      case $_gpu_i in ?) _gpu_i=00$_gpu_i ;; ??) _gpu_i=0$_gpu_i ;; esac  # (no process a task)
+      entries=$entries${_gpu_nl}number$_gpu_fs$_gpu_i$_gpu_fs$name
     else continue
     fi
     n=$((n + 1))
