@@ -619,6 +619,8 @@ def discover_gpus(declared: int | tuple[int, ...] | None, log: logging.Logger,
                   open_nvml: Callable[[logging.Logger], object] | None = None,
                   kernel: Callable[[], int] = kernel_gpus) -> Inventory:
     """The node's GPUs; ValueError when ``--gpus`` asks for GPUs that are not there."""
+    if declared == 0 or declared == ():  # a daemon for CPU tasks: the node's GPUs are not its own
+        return Inventory.declare((), "no GPUs (--gpus 0)")
     error, seen = "", 0
     try:
         nvml = (open_nvml or Nvml.open)(log)

@@ -1327,6 +1327,24 @@ GPUS = [
 ]
 
 
+def test_a_daemon_given_no_gpus_says_so_and_leaves_the_nodes_gpus_alone(monkeypatch):
+    """``--gpus 0`` (a daemon for CPU tasks): keep-alive is off because no GPU was given, not
+    on with nothing to hold, nor off for want of NVML; and GPUs that NVML cannot open are no
+    risk of this daemon's."""
+    monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS))
+    log = logging.getLogger("test-make")
+    for declared in (0, ()):
+        inventory, ka = inventory_and_keepalive(log, declared=declared)
+        assert inventory.gpus == () and ka.describe() == "off: no GPUs (--gpus 0)"
+    inventory = pm.discover_gpus(0, log, env={}, open_nvml=nvml_that_cannot_start,
+                                 kernel=lambda: 2)
+    assert not inventory.blind
+    ka = pm.make_keepalive(True, log, inventory)
+    ka.tick(1000.0, {})
+    ka.tick(1000.0 + pm.KEEPALIVE_RISK_SECONDS + 60, {})
+    assert (ka.describe(), ka.node_risk) == ("off: no GPUs (--gpus 0)", "")
+
+
 def test_inventory_skips_mig_and_honours_visible_devices(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(GPUS))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
