@@ -52,7 +52,8 @@ else
   _gpu_here=${BASH_SOURCE[0]-}
 fi
 case $_gpu_here in */*) _gpu_here=${_gpu_here%/*} ;; *) _gpu_here=. ;; esac
-_gpu_here=$(CDPATH='' builtin cd -- "${_gpu_here:-/}" 2>/dev/null && builtin pwd -P) \
+# (cd's output, of CDPATH or of a zsh chpwd hook, is no part of the path)
+_gpu_here=$(CDPATH='' builtin cd -- "${_gpu_here:-/}" >/dev/null 2>&1 && builtin pwd -P) \
   || _gpu_here=''
 _gpu_here=${_gpu_here//\'/\'\\\'\'}
 eval "_gpu_client_dir() { _gpu_dir='$_gpu_here'; }"
@@ -426,6 +427,11 @@ _gpu_now() {  # the time (epoch, whole seconds) into _gpu_t: the shell's clock, 
   if [ -z "${ZSH_VERSION-}" ]; then printf -v _gpu_t '%(%s)T' -1; return; fi
   if zmodload zsh/datetime 2>/dev/null; then _gpu_t=$EPOCHSECONDS; return; fi
   _gpu_t=$(command date +%s)
+}
+
+_gpu_cd() {  # _gpu_cd DIR: cd -P into DIR (in a subshell): never through CDPATH, the user's cd
+  # function, or with the output of a zsh chpwd hook
+  CDPATH='' builtin cd -P -- "$1" >/dev/null 2>&1 || return
 }
 
 _gpu_sleep() {  # _gpu_sleep SECONDS: a pause that Ctrl-C always ends (see _gpu_bg)
@@ -3439,7 +3445,7 @@ _gpu_log_of() {  # _gpu_log_of PATTERN RANK: the newest log PATTERN names (a tas
     done
     if [ -n "$files" ]; then
       # shellcheck disable=SC2086  # one name a line (the dispatcher turned globbing off)
-      f=$(cd -- "$_gpu_q/logs" 2>/dev/null && command ls -1t -- $files 2>/dev/null \
+      f=$(_gpu_cd "$_gpu_q/logs" && command ls -1t -- $files 2>/dev/null \
         | command head -n 1)
       if [ -n "$f" ]; then
         _gpu_log_rank "$f" "$2"
@@ -3545,7 +3551,7 @@ _gpu_cmd_logs() {
   [ -z "$_gpu_o_all" ] || limit=$total
   [ -n "$files" ] || files=.  # the whole folder
   # shellcheck disable=SC2086  # one name a line (the dispatcher turned globbing off)
-  files=$(cd -- "$_gpu_q/logs" 2>/dev/null && command ls -goth --time-style='+%Y-%m-%d %H:%M' \
+  files=$(_gpu_cd "$_gpu_q/logs" && command ls -goth --time-style='+%Y-%m-%d %H:%M' \
     -- $files 2>/dev/null | command head -n "$((limit + 1))")
   running=$_gpu_nl$(_gpu_ls "$_gpu_q/running")$_gpu_nl
   printf '%6s  %-16s  %s\n' SIZE MODIFIED TASK
@@ -4294,7 +4300,7 @@ _gpu_cmd_clean() {
     # meanwhile (back into pending/) is not moved, and keeps its records
     _gpu_prepare || return 1
     _gpu_unique || return 1
-    real=$(cd -P -- "$_gpu_q" && pwd -P) || { _gpu_err "cannot enter $_gpu_q"; return 1; }
+    real=$(_gpu_cd "$_gpu_q" && builtin pwd -P) || { _gpu_err "cannot enter $_gpu_q"; return 1; }
     stage=$real/.staging/.clean-$_gpu_u
     command mkdir -- "$stage" || { _gpu_err "cannot create $stage"; return 1; }
     for dir in 'done' failed; do
@@ -4341,7 +4347,7 @@ _gpu_in_folder() {  # _gpu_in_folder REAL DIR CMD...: CMD on the NUL-separated n
   local real=$1 dir=$2
   shift 2
   (
-    cd -P -- "$_gpu_q/$dir" 2>/dev/null && [ "$PWD" = "$real/$dir" ] || exit 1
+    _gpu_cd "$_gpu_q/$dir" && [ "$PWD" = "$real/$dir" ] || exit 1
     command xargs -0 -r "$@"
   )
 }

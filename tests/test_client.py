@@ -998,6 +998,36 @@ alias ls
         + "aliases still on\n"), res.err
 
 
+CD_PRINTS = {  # a user's shell where cd prints where it went
+    "bash": 'cd() { builtin cd "$@" && echo "now in $PWD"; }\n',
+    "zsh": 'chpwd() { echo "now in $PWD"; }\n',
+}
+
+
+def test_a_cd_that_prints_changes_neither_the_client_folder_nor_clean(sh, tmp_path):
+    """The user's cd function (bash) or chpwd hook (zsh) prints on every cd: the client still
+    finds the submit.conf beside it, and gpu_clean removes the tasks it says it removes."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(CLIENT, checkout / "client.sh")
+    (checkout / "submit.conf").write_text(f"QUEUE_ROOT='{sh.root}'\n")
+    s = build_sample(sh.root)
+    sh = Shell(sh.name, sh.root, sh.home, sh.cwd, client=checkout / "client.sh")
+    script = CD_PRINTS[sh.name] + """
+source "$CLIENT"
+gpu_status | command head -n 1
+gpu_clean --keep 1
+"""
+    res = sh.run(script, source=False, QUEUE_ROOT=None)
+    assert res.rc == 0, res.err
+    lines = res.out.splitlines()
+    assert lines[0] == f"Instance: exp1 ({s.inst})", res.out
+    assert lines[-1] == "removed 4 finished task(s) of exp1; kept 1", res.out
+    assert "now in" not in res.out
+    assert listing(s.inst / "done") + listing(s.inst / "failed") == [s.failed[2]]
+    assert listing(s.inst / ".staging") == []
+
+
 def test_bash_completes_commands_options_task_names_and_instances(tmp_path):
     shell = Shell("bash", tmp_path / "root", tmp_path, tmp_path)
     s = build_sample(shell.root)
