@@ -2737,7 +2737,7 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID [CLAIM]: queue the finished task DIR
   name=$_gpu_s
   _gpu_after=''
   _gpu_request_keys "$_gpu_t_display" "$old" "${args[@]}"
-  if [ -n "${3-}" ] && ! _gpu_claim_retry "$old" "$name"; then return 3; fi
+  if [ -n "${3-}" ]; then _gpu_claim_retry "$old" "$name" || return; fi
   if ! _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$_gpu_t_source" "$_gpu_t_command" \
       "$_gpu_q/$dir/$old" ""; then
     [ -z "${3-}" ] || command rm -f -- "$_gpu_q/records/$old.retried"
@@ -2748,8 +2748,19 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID [CLAIM]: queue the finished task DIR
 
 _gpu_claim_retry() {  # _gpu_claim_retry ID NAME: create records/ID.retried, saying NAME, only
   # if it does not exist (O_EXCL, as noclobber opens): of several gpu_retry --failed at once,
-  # exactly one queues ID again
-  (set -C; printf 'id=%s\nretry=%s\n' "$1" "$2" >"$_gpu_q/records/$1.retried") 2>/dev/null
+  # exactly one queues ID again (3 for the others). 1 when it cannot be written (a full disk, a
+  # read-only file system): said, and no claim is left behind to keep ID from a later retry
+  local file=$_gpu_q/records/$1.retried
+  if ! _gpu_msg=$(command dd of="$file" conv=excl status=none </dev/null 2>&1); then
+    if [ -e "$file" ] || [ -L "$file" ]; then return 3; fi
+    _gpu_msg=${_gpu_msg%%"$_gpu_nl"*}
+    _gpu_err "cannot create $file: $1 is not queued again${_gpu_msg:+ ($_gpu_msg)}"
+    return 1
+  fi
+  _gpu_write "$file" "id=$1
+retry=$2
+" && return 0
+  _gpu_failed "$file" "cannot write $file: $1 is not queued again"
 }
 
 # Commands: reading the queue #######################################################################

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, wait_for
+from conftest import REPO, UNSHARE, wait_for
 
 CLIENT = REPO / "client.sh"
 SHELL_ARGV = {"bash": ["bash", "--norc", "--noprofile", "-c"], "zsh": ["zsh", "-f", "-c"]}
@@ -358,6 +358,30 @@ def build_v2(root: Path, job_id: str = "exp1") -> V2:
     node(1, "node-b", [(g, "0,1", now - 590, "0")],
          [(g, "yielded", "queue task"), (g, "yielded", "queue task")], 0, None)
     return V2(inst, now, a, b, g, c, e, f, h)
+
+
+def run_on_a_full_disk(sh: Shell, script: str, after: Path, job_id: str = "exp1") -> Result:
+    """Run script (client.sh sourced) with the instance job_id of sh.root copied onto a full
+    file system: a small tmpfs, mounted in a mount namespace of the script's own (it goes when
+    the script ends, whatever happens); QUEUE_ROOT is that file system, and ``$QUEUE_ROOT/fill``
+    is what fills it. The instance as the script left it is copied to ``after``."""
+    full = after.parent / f"{after.name}.mount"
+    full.mkdir()
+    wrapper = ('mount -t tmpfs -o size=256k tmpfs "$FULL" || exit 99\n'
+               'cp -a "$SRC" "$FULL/" || exit 98\n'
+               'head -c 4M /dev/zero > "$FULL/fill" 2>/dev/null\n'
+               '"$@" > "$FULL.out" 2> "$FULL.err"; echo "$?" > "$FULL.rc"\n'
+               'cp -a "$FULL/$JOB" "$AFTER"\n')
+    env = sh.env(job_id, QUEUE_ROOT=str(full), FULL=str(full), SRC=str(sh.root / job_id),
+                 JOB=job_id, AFTER=str(after))
+    proc = subprocess.run([*UNSHARE, "bash", "-c", wrapper, "wrapper", *sh.argv(script)],
+                          env=env, cwd=sh.cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr}")
+    assert proc.returncode == 0, proc.stderr
+    return Result(int(Path(f"{full}.rc").read_text()), Path(f"{full}.out").read_text(),
+                  Path(f"{full}.err").read_text())
 
 
 # An interactive shell on a terminal ###############################################################

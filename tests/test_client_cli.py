@@ -33,6 +33,7 @@ from client_helpers import (
     listing,
     make_instance,
     make_shell,
+    run_on_a_full_disk,
     session_members,
     submit_record,
     submitted_id,
@@ -752,6 +753,27 @@ def test_retry_of_several_names_and_of_every_failed_task(sh):
     res = sh.run("gpu_retry --failed")
     assert (res.rc, res.out) == (0, "no failed task to retry\n")
     assert len(listing(inst / "pending")) == 3
+
+
+@needs_namespace
+def test_retry_failed_on_a_full_disk_says_so_and_leaves_no_claim_behind(sh, tmp_path):
+    """A claim (records/ID.retried) that cannot be written is no claim: once there is room,
+    gpu_retry --failed queues the task."""
+    s = build_sample(sh.root)
+    after = tmp_path / "after"
+    res = run_on_a_full_disk(sh, "gpu_retry --failed; echo \"rc=$?\"\n"
+                                 "command ls \"$QUEUE_ROOT/exp1/records\" | command grep -c "
+                                 "retried\n"
+                                 "command rm -f \"$QUEUE_ROOT/fill\"\n"
+                                 "gpu_retry --failed 2>/dev/null | command sed 's/-.*-/-ID-/'",
+                             after)
+    assert res.out == "rc=1\n0\nSubmitted 500-ID-bad.sh\n", res.err
+    err = res.err.splitlines()
+    assert err[0] == "gpu_retry: left out 2 stopped or cancelled task(s)"
+    assert err[1].startswith(f"gpu_retry: cannot write {tmp_path}/after.mount/exp1/records/"
+                             f"{s.failed[1]}.retried: {s.failed[1]} is not queued again (dd: ")
+    assert err[1].endswith("No space left on device)") and len(err) == 2, res.err
+    assert listing(after / "records").count(f"{s.failed[1]}.retried") == 1
 
 
 def test_retry_failed_from_three_shells_at_once_queues_each_task_once(sh, tmp_path):
