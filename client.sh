@@ -4055,7 +4055,8 @@ _gpu_answer() {  # _gpu_answer U: the reply to command U, loaded; else withdraw 
 _gpu_cancel_here() {  # _gpu_cancel_here NAME: cancel pending/NAME without a daemon (protocol
   # "Finish"): it becomes failed/<id> (a fresh id unless NAME is a client id without a result),
   # never over an existing file; the id into _gpu_id. 2 when failed/<id> exists, 1 when NAME
-  # left pending/ meanwhile
+  # left pending/ meanwhile, 3 when it cannot be renamed (why into _gpu_msg), 4 when its result
+  # cannot be written (said): then it is put back, still pending, else 5 (left in failed/)
   local name=$1 prio
   _gpu_id=$name
   if _gpu_renamed "$name"; then
@@ -4066,10 +4067,10 @@ _gpu_cancel_here() {  # _gpu_cancel_here NAME: cancel pending/NAME without a dae
     _gpu_id=$prio-$_gpu_u-$_gpu_s
   fi
   [ -e "$_gpu_q/failed/$_gpu_id" ] && return 2
-  command mv -n -- "$_gpu_q/pending/$name" "$_gpu_q/failed/$_gpu_id" 2>/dev/null
+  _gpu_msg=$(command mv -n -- "$_gpu_q/pending/$name" "$_gpu_q/failed/$_gpu_id" 2>&1)
   if [ -e "$_gpu_q/pending/$name" ]; then
     [ -e "$_gpu_q/failed/$_gpu_id" ] && return 2
-    return 1
+    return 3
   fi
   [ -e "$_gpu_q/failed/$_gpu_id" ] || return 1  # a daemon took it meanwhile
   _gpu_unique || return 0
@@ -4085,8 +4086,11 @@ duration=
 host=${_gpu_who#*@}
 node_rank=
 attempt=1
-"
-  return 0
+" && return 0
+  # without its result it would read as failed (and gpu_retry --failed would queue it again)
+  command mv -n -- "$_gpu_q/failed/$_gpu_id" "$_gpu_q/pending/$name" 2>/dev/null
+  [ -e "$_gpu_q/pending/$name" ] && [ ! -e "$_gpu_q/failed/$_gpu_id" ] && return 4
+  return 5
 }
 
 _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon is alive
@@ -4103,6 +4107,10 @@ _gpu_stop_offline() {  # _gpu_stop_offline NAME MATCHES: gpu_stop when no daemon
             count=$((count + 1)) ;;
           2) _gpu_err "$name is not cancelled: failed/$_gpu_id exists already (rename or" \
               "remove one of them)"; rc=1 ;;
+          3) _gpu_err "cannot cancel $name: it stays pending (${_gpu_msg%%"$_gpu_nl"*})"; rc=1 ;;
+          4) _gpu_err "$name is not cancelled: it stays pending"; rc=1 ;;
+          5) _gpu_err "$name is in failed/$_gpu_id without a result (it reads as failed):" \
+              "move it back into pending/ or remove it"; rc=1 ;;
           *) _gpu_err "$name left pending/ meanwhile (a daemon took it?)"; rc=1 ;;
         esac ;;
       running/*)

@@ -37,6 +37,7 @@ from client_helpers import (
     listing,
     local_minute,
     make_shell,
+    run_on_a_full_disk,
     session_members,
     shell_env,
     submitted_id,
@@ -556,6 +557,38 @@ def test_stop_without_a_live_daemon_cancels_pending_tasks_itself(sh):
     res = sh.run("gpu_stop bad; echo \"rc=$?\"")
     assert (res.out, res.err) == ("rc=1\n", "gpu_stop: task bad is no longer pending or running: "
                                             "it has finished\n")
+
+
+@needs_namespace
+def test_a_cancel_without_a_daemon_on_a_full_disk_leaves_the_task_pending(sh, tmp_path):
+    """Without its result a cancelled task would read as failed, and gpu_retry --failed would
+    queue it again: on a full disk the cancel fails, says so, and the task stays pending."""
+    s = build_sample(sh.root, alive=False)
+    after = tmp_path / "after"
+    res = run_on_a_full_disk(sh, "gpu_stop eval zz_manual; echo \"rc=$?\"\n"
+                                 "command rm -f \"$QUEUE_ROOT/fill\"\n"
+                                 "gpu_stop eval >/dev/null 2>&1; echo \"rc=$?\"", after)
+    assert res.out == "rc=1\nrc=0\n", res.err
+    lines = res.err.splitlines()
+    assert lines[0].startswith("gpu_stop: no daemon is alive for exp1 "), res.err
+    assert "No space left on device" in lines[1] and "No space left on device" in lines[3]
+    assert lines[2] == f"gpu_stop: {s.pending[0]} is not cancelled: it stays pending"
+    assert lines[4] == "gpu_stop: zz_manual.sh is not cancelled: it stays pending"
+    assert listing(after / "pending") == sorted(s.pending[1:])  # eval, cancelled with room
+    assert listing(after / "failed") == sorted([*s.failed, s.pending[0]])
+    assert read_fields(after / "records" / f"{s.pending[0]}.result")["state"] == "cancelled"
+    assert listing(after / ".staging") == []
+
+
+def test_a_cancel_that_cannot_move_the_task_says_why(sh, tmp_path):
+    s = build_sample(sh.root, alive=False)
+    fake_tool(tmp_path / "bin", "mv", 'echo "mv: cannot move: Read-only file system" >&2; exit 1')
+    res = sh.run("gpu_stop eval; echo \"rc=$?\"", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert res.out == "rc=1\n"
+    assert res.err.splitlines()[1:] == [
+        f"gpu_stop: cannot cancel {s.pending[0]}: it stays pending (mv: cannot move: Read-only "
+        "file system)"], res.err
+    assert listing(s.inst / "pending") == sorted(s.pending)
 
 
 def test_stop_of_several_names_without_a_live_daemon(sh):
