@@ -1602,6 +1602,13 @@ _gpu_prepare() {  # _gpu_prepare DIR...: create the instance and DIRs for writin
   command rm -f -- "$_gpu_q/.staging/.$_gpu_u.json"
 }
 
+_gpu_unprepare() {  # after a first task that could not be queued: remove the instance folder
+  # _gpu_prepare created, as far as it is empty (a daemon that started there meanwhile keeps it)
+  [ -n "$_gpu_created" ] || return 0
+  command rmdir -- "$_gpu_q/.staging" "$_gpu_q/pending" "$_gpu_q/records" "$_gpu_q" 2>/dev/null
+  return 0
+}
+
 # Options ###########################################################################################
 # Each command's arguments, what it does, and its options, one a line: SHORT|LONG|ARG|VAR|HELP
 # (SHORT may be empty, ARG is empty for a flag, VAR ends in + when the option may be repeated).
@@ -2522,8 +2529,8 @@ _gpu_enqueue() {  # _gpu_enqueue NAME PRIORITY CWD SOURCE COMMAND FILE TEXT: pub
   case $3 in
     *"$_gpu_nl"*) _gpu_err "the current directory's name has a newline: cd elsewhere"; return 2 ;;
   esac
-  _gpu_prepare pending records || return 1
-  _gpu_unique || return 1
+  _gpu_prepare pending records || { _gpu_unprepare; return 1; }
+  _gpu_unique || { _gpu_unprepare; return 1; }
   _gpu_whoami
   id=$prio-$_gpu_u-$name
   _gpu_put "$_gpu_q/records/$id.submit" "id=$id
@@ -2535,15 +2542,16 @@ cwd=$3
 $_gpu_x
 submitted=$_gpu_epoch
 submitted_by=$_gpu_who
-" || return 1
+" || { _gpu_unprepare; return 1; }
   staged=$_gpu_q/.staging/.$id
   if [ -n "$6" ]; then _gpu_copy "$6" "$staged"; else _gpu_write "$staged" "$7"; fi || {
     command rm -f -- "$_gpu_q/records/$id.submit"
     _gpu_failed "$staged" "cannot write the task into $_gpu_q/.staging"
+    _gpu_unprepare
     return 1
   }
   _gpu_publish "$staged" "$_gpu_q/pending/$id" \
-    || { command rm -f -- "$_gpu_q/records/$id.submit"; return 1; }
+    || { command rm -f -- "$_gpu_q/records/$id.submit"; _gpu_unprepare; return 1; }
   printf 'Submitted %s\n' "$id"
   _gpu_dead_note
 }

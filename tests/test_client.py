@@ -36,6 +36,7 @@ from client_helpers import (
     end_session,
     listing,
     local_minute,
+    make_instance,
     make_shell,
     run_on_a_full_disk,
     session_members,
@@ -209,6 +210,25 @@ def test_a_write_that_fails_at_flush_or_close_publishes_nothing(sh, tmp_path, sc
                         r"output file: Disk quota exceeded\)\n", res.err), res.err
     assert (listing(inst / "pending"), listing(inst / "records")) == ([], [])
     assert listing(inst / ".staging") == []
+
+
+def test_a_first_task_that_cannot_be_written_leaves_no_instance_behind(sh, tmp_path):
+    """A submit to an instance that does not exist yet creates it; when the task cannot be
+    written (a full disk) the folder goes too, and gpu_list shows no instance that never was.
+    An instance that existed stays."""
+    (sh.cwd / "job.sh").write_text("echo hi\n")
+    fake_tool(tmp_path / "bin", "dd", 'case "$*" in *of=*)\n'
+              '  echo "dd: error writing: No space left on device" >&2; exit 1 ;; esac')
+    path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    res = sh.run("gpu_submit job.sh; echo \"rc=$?\"; gpu_run 'echo hi'; echo \"rc=$?\"",
+                 PATH=path)
+    assert res.out == "rc=1\nrc=1\n", res.err
+    assert res.err.count("No space left on device") == 2, res.err
+    assert listing(sh.root) == []
+    make_instance(sh.root)
+    before = tree(sh.root)
+    assert sh.run("gpu_submit job.sh", PATH=path).rc == 1
+    assert tree(sh.root) == before
 
 
 def test_a_rename_that_nfs_reports_failed_but_did_counts_as_done(sh, tmp_path):
