@@ -29,17 +29,20 @@
 
 # Aliases are expanded while a file is read: read this one without them (restored at the end).
 # In zsh also without warn_create_global and warn_nested_var, which would warn of the names this
-# file sets while it is read (and unsets) when a plugin manager sources it from a function.
+# file sets while it is read (and unsets) when a plugin manager sources it from a function, and
+# without csh_junkie_quotes, under which a quoted text of several lines does not parse.
 if [ -n "${ZSH_VERSION-}" ]; then
   typeset -g _gpu_restore_options=':'  # typeset -g: no warning
   [[ ! -o aliases ]] || typeset -g _gpu_restore_options="$_gpu_restore_options; setopt aliases"
   [[ ! -o warn_create_global ]] \
     || typeset -g _gpu_restore_options="$_gpu_restore_options; setopt warn_create_global"
+  [[ ! -o csh_junkie_quotes ]] \
+    || typeset -g _gpu_restore_options="$_gpu_restore_options; setopt csh_junkie_quotes"
   if [[ -o warn_nested_var ]] 2>/dev/null; then  # zsh 5.3 and later
     typeset -g _gpu_restore_options="$_gpu_restore_options; setopt warn_nested_var"
     unsetopt warn_nested_var
   fi
-  unsetopt aliases warn_create_global
+  unsetopt aliases warn_create_global csh_junkie_quotes
 elif shopt -q expand_aliases 2>/dev/null; then
   _gpu_restore_options='shopt -s expand_aliases'; shopt -u expand_aliases
 fi

@@ -916,14 +916,14 @@ echo "survived"
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_zsh_options_that_change_how_code_reads_neither_break_nor_warn(tmp_path):
     """A zsh user's hygiene options (warn_create_global warns of every global a function
-    creates) and those that change words and arrays: sourcing is silent, from a function as
+    creates) and those that change words, quotes and arrays: sourcing is silent, from a function as
     plugin managers source, and the commands work."""
     sh = make_shell("zsh", tmp_path)
     (sh.cwd / "job.sh").write_text("echo hi\n")
     build_sample(sh.root)
     script = """
 setopt warn_create_global warn_nested_var ksh_arrays no_clobber sh_word_split extended_glob \
-  glob_subst rc_quotes nounset err_return pipefail
+  glob_subst rc_quotes csh_junkie_quotes nounset err_return pipefail
 setopt > "$HOME/before"
 source "$CLIENT"
 load() { source "$CLIENT"; }
