@@ -1237,6 +1237,11 @@ _gpu_root_value() {  # the queue root into _gpu_r, and " (from FILE)" into _gpu_
 _gpu_root() {  # sets _gpu_r to the queue root; 1 when it does not exist
   _gpu_root_value || return 1
   [ -d "$_gpu_r" ] && return 0
+  if [ -e "$_gpu_r" ]; then
+    _gpu_err "the queue root $_gpu_r$_gpu_from is not a folder (set QUEUE_ROOT, or the" \
+      "QUEUE_ROOT= line of submit.conf beside client.sh)"
+    return 1
+  fi
   _gpu_err "the queue root $_gpu_r$_gpu_from does not exist (shared storage not mounted? set" \
     "QUEUE_ROOT, or the QUEUE_ROOT= line of submit.conf beside client.sh)"
   return 1

@@ -335,6 +335,9 @@ BAD_INPUTS = [  # (script, rc, the message on stderr)
     ("QUEUE_ROOT=$QUEUE_ROOT/typo gpu_list", 1,
      "gpu_list: the queue root {root}/typo does not exist (shared storage not mounted? set "
      "QUEUE_ROOT, or the QUEUE_ROOT= line of submit.conf beside client.sh)\n"),
+    ("QUEUE_ROOT=$PWD/job.sh gpu_status", 1,
+     "gpu_status: the queue root {cwd}/job.sh is not a folder (set QUEUE_ROOT, or the "
+     "QUEUE_ROOT= line of submit.conf beside client.sh)\n"),
     ("gpu_stop nosuch", 1, "gpu_stop: no such task: nosuch (gpu_status lists the tasks)\n"),
     ("gpu_submit job.sh --lr 1", 2, "gpu_submit: unknown option --lr: arguments for the script "
      "go after --, as in gpu_submit job.sh -- --lr ...\n"),
@@ -366,7 +369,7 @@ def test_bad_input_is_refused_with_a_message_and_nothing_written(sh, script, rc,
     top = sh.root.parent
     before = tree(top)
     res = sh.run(script + "\necho \"rc=$?\"")
-    assert (res.out, res.err) == (f"rc={rc}\n", message.format(root=sh.root))
+    assert (res.out, res.err) == (f"rc={rc}\n", message.format(root=sh.root, cwd=sh.cwd))
     assert tree(top) == before
 
 
