@@ -2948,18 +2948,19 @@ class TaskEnds:
         self.retry_unfinished()
 
     def retry_unfinished(self) -> None:
-        """Publish results and moves that failed before (a full disk): nothing is lost."""
-        while self.unfinished:
-            entry = self.unfinished[0]
+        """Publish results and moves that failed before (a full disk): nothing is lost. Each
+        is tried on its own: one that cannot be published (a folder sits where its result
+        belongs) keeps no other task's end from being recorded."""
+        for entry in list(self.unfinished):
             try:
                 self.publish_result(entry)
             except OSError as exc:
                 if self.folder.ensure():
                     self.throttled.warning("dirs", "queue folders were missing: created again")
-                self.throttled.warning("finish", "cannot record the end of %s (will retry): %s",
-                                       entry.result.task_id, exc)
-                return
-            self.unfinished.pop(0)
+                self.throttled.warning(f"finish:{entry.result.task_id}", "cannot record the end "
+                                       "of %s (will retry): %s", entry.result.task_id, exc)
+                continue
+            self.unfinished[:] = [e for e in self.unfinished if e is not entry]
 
     def publish_result(self, entry: Unfinished) -> None:
         """Write the result, then move the task from ``source`` to done/ or failed/; the

@@ -215,6 +215,25 @@ def test_links_in_the_queue_folder_are_never_followed(tmp_path, caplog):
     assert len(warnings_about(caplog, "x.cmd")) == 1
 
 
+def test_a_folder_where_a_result_belongs_keeps_no_other_task_s_end_from_being_recorded(
+        tmp_path, caplog):
+    daemon, clock, inst = started_daemon(tmp_path)
+    go = tmp_path / "go"
+    blocked = submit(inst, "blocked.sh", f"while [ ! -e '{go}' ]; do sleep 0.02; done\n",
+                     priority=1)
+    run_until(daemon, clock, lambda: (inst / "records" / f"{blocked}.run").exists())
+    (inst / "records" / f"{blocked}.result").mkdir()  # made while it runs
+    go.touch()
+    run_until(daemon, clock, lambda: not daemon.runner.tasks)
+    later = submit(inst, "later.sh", "true\n", priority=2)
+    run_until(daemon, clock, lambda: finished(inst, later) == "done")
+    assert result(inst, later)["state"] == "done"
+    assert os.listdir(inst / "running") == [blocked]  # its end waits, and is not lost
+    assert warnings_about(caplog, f"cannot record the end of {blocked}")
+    (inst / "records" / f"{blocked}.result").rmdir()
+    run_until(daemon, clock, lambda: finished(inst, blocked) == "done")
+
+
 @needs_namespace
 def test_fifos_in_the_queue_folder_never_block_the_daemon(queue_root, start_daemon):
     inst = queue_root / "fifo"
