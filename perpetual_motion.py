@@ -2667,6 +2667,12 @@ class TaskRunner:
                 try:
                     self._publish_run(task, now, command, cwd, None)
                 except OSError as exc:
+                    if exc.errno == errno.EISDIR:  # a folder where the record belongs
+                        LOG.error("cannot write the run record of %s: %s", task.label, exc)
+                        reason = f"cannot write its run record: {exc.strerror or exc}"
+                        self.log_lines(log, [f"not run: {reason}"])
+                        self._fail_unstarted(task, reason, now)
+                        return False
                     self.log_lines(log, [f"not run: cannot write its run record "
                                          f"({exc.strerror or exc}): back to pending"])
                     raise NodeTrouble(f"cannot write the run record of {task.label}: "

@@ -234,6 +234,18 @@ def test_a_folder_where_a_result_belongs_keeps_no_other_task_s_end_from_being_re
     run_until(daemon, clock, lambda: finished(inst, blocked) == "done")
 
 
+def test_a_folder_where_a_run_record_belongs_fails_that_task_and_the_queue_goes_on(tmp_path):
+    daemon, clock, inst = started_daemon(tmp_path)
+    ran = tmp_path / "ran"
+    bad = submit(inst, "bad.sh", f"touch '{ran}'\n", priority=1)
+    (inst / "records" / f"{bad}.run").mkdir()
+    after = submit(inst, "after.sh", "true\n", priority=2)
+    run_until(daemon, clock, lambda: finished(inst, after) == "done")
+    assert finished(inst, bad) == "failed" and not ran.exists()
+    assert result(inst, bad)["reason"] == "cannot write its run record: Is a directory"
+    assert (inst / "logs" / f"{bad}.log").read_text().count("not run:") == 1
+
+
 @needs_namespace
 def test_fifos_in_the_queue_folder_never_block_the_daemon(queue_root, start_daemon):
     inst = queue_root / "fifo"
