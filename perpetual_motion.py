@@ -179,6 +179,7 @@ KILL_SCOPES = ("auto", "user-python", "task", "none")
 EXIT_FAILURE = 1  # the daemon cannot run: no psutil, an unwritable queue folder
 EXIT_USAGE = 2  # bad arguments, bad JOB_ID
 EXIT_ALREADY_RUNNING = 3  # a live daemon holds this instance and node
+NAME_MAX = 255  # bytes in a file name (Linux's file systems, AFS and NFS alike)
 QUEUE_DIRS = ("pending", "running", "done", "failed", "records", "logs", "commands", "replies",
               "nodes", "held", "priority", "names", ".staging")
 DAEMON_PROCESS_NAME = "pm-daemon"  # every daemon and keep-alive worker names itself (prctl)
@@ -1035,7 +1036,7 @@ class QueueFiles:
             self.listed[folder] = last
             return list(last[2])
         found = []
-        refused = self.refused[folder] = {}
+        self.refused[folder] = {}
         try:
             with os.scandir(self.dir(folder)) as entries:
                 for entry in entries:
@@ -1053,16 +1054,21 @@ class QueueFiles:
                         continue
                     except OSError as exc:
                         why = error_text(exc)
-                    refused[entry.name] = why
-                    if f"{folder}/{entry.name}" not in self.skipped:
-                        self.skipped.add(f"{folder}/{entry.name}")
-                        LOG.warning("[%s] skipping %s: %s", folder, entry.name, why)
+                    self.skip(folder, entry.name, why)
         except FileNotFoundError:
             return []
         found.sort()
         if key is not None:
             self.listed[folder] = (key, now, found)
         return list(found)
+
+    def skip(self, folder: str, name: str, why: str) -> None:
+        """An entry of ``folder`` that is left where it is, untouched: reported in the state
+        file (``refused``, until the folder is listed again) and warned about once."""
+        self.refused.setdefault(folder, {})[name] = why
+        if f"{folder}/{name}" not in self.skipped:
+            self.skipped.add(f"{folder}/{name}")
+            LOG.warning("[%s] skipping %s: %s", folder, name, why)
 
     def open_dir(self, folder: str) -> int:
         """A descriptor of a folder of the instance, never through a symbolic link: what is
@@ -6893,6 +6899,10 @@ class Commands:
     def handle(self) -> None:
         for name in self.folder.files("commands"):
             if not name.endswith(".cmd"):
+                continue
+            if len(os.fsencode(name)) - len(".cmd") + len(".reply") > NAME_MAX:
+                # it could never be answered, so it would be carried out again at each start
+                self.folder.skip("commands", name, "a name too long for its reply")
                 continue
             path = self.folder.dir("commands") / name
             reply = self.answers.get(name)

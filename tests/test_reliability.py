@@ -180,6 +180,22 @@ def test_a_directory_named_cmd_gets_no_reply_and_one_warning(tmp_path, caplog):
     assert (inst / "commands" / "d.cmd").is_dir()
 
 
+def test_a_command_too_long_to_be_answered_is_skipped_not_carried_out_at_each_start(tmp_path,
+                                                                                   caplog):
+    daemon, clock, inst = started_daemon(tmp_path)
+    name = "x" * 251 + ".cmd"  # its reply, x...x.reply, would be 257 bytes long
+    (inst / "commands" / name).write_text("action=shutdown\n")  # (no time: for any daemon)
+    for _ in range(5):
+        daemon.tick()
+        clock.sleep(0.1)
+    assert not daemon.stopping and (inst / "commands" / name).exists()
+    assert os.listdir(inst / "replies") == []
+    assert len(warnings_about(caplog, "a name too long for its reply")) == 1
+    daemon.write_state(force=True)
+    assert read_fields(inst / "nodes" / "node-0.state")["skipped.0"] == \
+        f"commands/{name}: a name too long for its reply"
+
+
 def test_links_in_the_queue_folder_are_never_followed(tmp_path, caplog):
     daemon, clock, inst = started_daemon(tmp_path)
     secret = tmp_path / "secret"
