@@ -191,8 +191,12 @@ LOG = logging.getLogger("perpetual_motion")
 
 
 def now_text(epoch: float) -> str:
-    """A time for people: local time to the second."""
-    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+    """A time for people: local time to the second (the number itself for a time no calendar
+    holds: one read from a record may be ``1e300``)."""
+    try:
+        return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):
+        return f"{epoch:.3f}"
 
 
 def parse_fields(text: str) -> dict[str, str]:

@@ -323,6 +323,23 @@ def test_corrupt_files_are_logged_and_skipped(queue_root, start_daemon):
     assert "[WARNING]" in daemon.output()
 
 
+@pytest.mark.parametrize("started", ["1e300", "-1e300"])
+def test_a_run_record_with_a_time_no_calendar_holds_does_not_stop_a_start(queue_root,
+                                                                          start_daemon, started):
+    inst = queue_root / "far"
+    for folder in ("running", "records", "logs"):
+        (inst / folder).mkdir(parents=True)
+    task = pm.task_id_for("t.sh")
+    (inst / "running" / task).write_text("true\n")
+    (inst / "records" / f"{task}.run").write_text(pm.format_fields(
+        {"id": task, "node_rank": "0", "host": "elsewhere", "started": started}))
+    (inst / "logs" / f"{task}.log").write_text("it printed\n")  # so it is known to have run
+    daemon = start_daemon(queue_root, "far")
+    assert wait_finished(inst, task) == "failed"
+    assert result(inst, task)["state"] == "interrupted"
+    assert "Traceback" not in daemon.output()
+
+
 def test_ten_concurrent_stop_commands_are_all_honoured(queue_root, start_daemon):
     inst = queue_root / "many"
     blocker = submit(inst, "block.sh", "sleep 60\n", priority=0)
