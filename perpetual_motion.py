@@ -6925,6 +6925,14 @@ class Commands:
             try:
                 self.folder.publish(self.folder.dir("replies") / f"{name[:-4]}.reply",
                                     format_fields(reply))
+            except OSError as exc:
+                # (replies/ or .staging/ missing: made again, and the answer kept for the next
+                # poll; the command is not carried out twice)
+                made = self.folder.ensure() if isinstance(exc, FileNotFoundError) else []
+                self.throttled.warning(f"reply:{name}", "cannot answer command %s: %s%s", name,
+                                       exc, f"; created again: {', '.join(made)}" if made else "")
+                continue
+            try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass  # the client withdrew it meanwhile; the reply tells it what happened

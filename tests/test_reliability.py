@@ -196,6 +196,21 @@ def test_a_command_too_long_to_be_answered_is_skipped_not_carried_out_at_each_st
         f"commands/{name}: a name too long for its reply"
 
 
+def test_a_command_is_carried_out_once_while_the_replies_folder_is_missing(tmp_path):
+    daemon, clock, inst = started_daemon(tmp_path)
+    (inst / "replies").rmdir()  # removed by hand, say
+    name = command(inst, "stop_all")
+    for _ in range(5):
+        daemon.tick()
+        clock.sleep(0.1)
+    later = submit(inst, "later.sh", "true\n")  # queued after the stop_all was carried out
+    run_until(daemon, clock, lambda: finished(inst, later))
+    assert finished(inst, later) == "done"
+    answer = read_fields(inst / "replies" / f"{name}.reply")
+    assert (answer["result"], answer["cancelled_count"]) == ("ok", "0")
+    assert not (inst / "commands" / f"{name}.cmd").exists()
+
+
 def test_links_in_the_queue_folder_are_never_followed(tmp_path, caplog):
     daemon, clock, inst = started_daemon(tmp_path)
     secret = tmp_path / "secret"
