@@ -957,7 +957,10 @@ class QueueFiles:
         path = self.beat_path(rank)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError) and regular_file(path):
+                raise
+            # missing, or a link, FIFO or socket at its name: replaced (a folder cannot be)
             self.publish(path, data.decode(), durable=False)
             return
         try:
@@ -7179,7 +7182,7 @@ class DaemonState:
         if stopped:
             fields.update(stopped=f"{now:.3f}", stopped_at=now_text(now),
                           stop_reason=self.stopping or self.draining)
-        self.write_beat()
+        beat = self.write_beat()
         try:
             # the owner is read again once the file is written: a write that hung on stalled
             # storage may come back after another daemon took the node over meanwhile
@@ -7187,6 +7190,9 @@ class DaemonState:
                                    still=lambda: force or self.claim.other_holder() is None):
                 self.last_state_write = now
                 self.state_dirty = False
+                if not beat:  # (a folder where the beat file belongs): the state file is
+                    self.fence.beat()  # a pulse too, so the storage is not hung
+                    self.tell_keeper(beat=True)
             else:
                 self.owns_node()  # (it yields)
         except OSError as exc:
@@ -7196,8 +7202,9 @@ class DaemonState:
                 LOG.warning("queue folders were missing: created again")
             self.throttled.warning("state", "cannot write the heartbeat: %s%s", exc, hint)
 
-    def write_beat(self) -> None:
-        """The node's beat: a count that advances, rewritten in place (docs/protocol.md)."""
+    def write_beat(self) -> bool:
+        """The node's beat: a count that advances, rewritten in place (docs/protocol.md);
+        whether it was written."""
         self.beats += 1
         try:
             self.folder.write_beat(self.config.node_rank, format_fields(
@@ -7205,9 +7212,10 @@ class DaemonState:
                  "time": f"{self.clock():.3f}"}))
         except OSError as exc:
             self.throttled.warning("beat", "cannot write the heartbeat (beat file): %s", exc)
-            return
+            return False
         self.fence.beat()
         self.tell_keeper(beat=True)
+        return True
 
     def tell_keeper(self, beat: bool) -> None:
         """Tell the fence keeper of a beat and of the tasks; start it again (once a minute at

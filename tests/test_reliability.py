@@ -277,6 +277,25 @@ def test_a_folder_where_a_run_record_belongs_fails_that_task_and_the_queue_goes_
     assert (inst / "logs" / f"{bad}.log").read_text().count("not run:") == 1
 
 
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "link"])
+def test_an_odd_entry_where_the_beat_file_belongs_never_fences_the_tasks(tmp_path, kind):
+    daemon, clock, inst = started_daemon(tmp_path)
+    go = tmp_path / "go"
+    task = submit(inst, "t.sh", f"while [ ! -e '{go}' ]; do sleep 0.02; done\n")
+    run_until(daemon, clock, lambda: daemon.runner.tasks)
+    beat = inst / "nodes" / "node-0.beat"
+    beat.unlink()
+    {"directory": beat.mkdir, "FIFO": lambda: os.mkfifo(beat),
+     "link": lambda: beat.symlink_to(tmp_path / "elsewhere")}[kind]()
+    for _ in range(int(2 * pm.SELF_FENCE_SECONDS / 0.1)):
+        daemon.tick()
+        clock.sleep(0.1)
+    go.touch()
+    run_until(daemon, clock, lambda: finished(inst, task))
+    assert result(inst, task)["state"] == "done"
+    assert not (tmp_path / "elsewhere").exists()
+
+
 @needs_namespace
 def test_fifos_in_the_queue_folder_never_block_the_daemon(queue_root, start_daemon):
     inst = queue_root / "fifo"
