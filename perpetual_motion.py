@@ -6987,9 +6987,16 @@ class Commands:
         elif action == "stop_all":
             cancelled = sum(bool(self.runner.cancel_pending(n))
                             for n in self.folder.files("pending"))
-            stopped = [t for t in self.folder.names("running") if not self.folder.has_result(t)]
-            for task in stopped:
-                self.stop_running(task, "stopped by user (all)", who)
+            stopped = []
+            for task in self.folder.names("running"):
+                try:  # (an entry whose name is too long for a record stops no other task)
+                    if self.folder.has_result(task):
+                        continue
+                    self.stop_running(task, "stopped by user (all)", who)
+                except OSError as exc:
+                    self.throttled.warning(f"stop:{task}", "cannot stop %s: %s", task, exc)
+                    continue
+                stopped.append(task)
             if not stopped:
                 self.sweep()
             reply.update(result="ok", cancelled_count=cancelled, stopped_count=len(stopped),

@@ -211,6 +211,19 @@ def test_a_command_is_carried_out_once_while_the_replies_folder_is_missing(tmp_p
     assert not (inst / "commands" / f"{name}.cmd").exists()
 
 
+def test_stop_all_stops_the_running_tasks_beside_a_name_too_long_for_a_record(tmp_path):
+    daemon, clock, inst = started_daemon(tmp_path)
+    task = submit(inst, "t.sh", "sleep 30\n")
+    run_until(daemon, clock, lambda: daemon.runner.tasks)
+    (inst / "running" / ("0" * 255)).write_text("put there by hand\n")  # sorts first
+    name = command(inst, "stop_all")
+    run_until(daemon, clock, lambda: (inst / "replies" / f"{name}.reply").exists())
+    answer = read_fields(inst / "replies" / f"{name}.reply")
+    assert (answer["result"], answer["stopped"]) == ("ok", task)
+    run_until(daemon, clock, lambda: finished(inst, task))
+    assert result(inst, task)["state"] == "stopped"
+
+
 def test_links_in_the_queue_folder_are_never_followed(tmp_path, caplog):
     daemon, clock, inst = started_daemon(tmp_path)
     secret = tmp_path / "secret"
