@@ -756,6 +756,18 @@ def regular_file(path: Path) -> bool:
         return False
 
 
+def exists(path: Path) -> bool:
+    """``path.exists()``, but False for a name too long to be a file's (an id in a record, or
+    an entry put there by hand, that ``<id>.result`` cannot be named after): no such file is
+    there. Other errors are raised, as they prove nothing."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
+
+
 def open_regular(path: Path, flags: int, mode: int = 0o600,
                  owners: Callable[[int], bool] | None = None) -> int:
     """Open a queue file as a descriptor, never following a symbolic link and never blocking on
@@ -1185,11 +1197,11 @@ class QueueFolder(QueueFiles):
         return max(known) if known else None
 
     def has_result(self, task_id: str) -> bool:
-        return self.record(task_id, "result").exists()
+        return exists(self.record(task_id, "result"))
 
     def in_finished(self, task_id: str) -> bool:
         """Whether the task is in done/ or failed/: its end is recorded, by whichever daemon."""
-        return any((self.dir(folder) / task_id).exists() for folder in ("done", "failed"))
+        return any(exists(self.dir(folder) / task_id) for folder in ("done", "failed"))
 
     def id_for(self, name: str) -> str:
         """The id a pending entry runs (or is cancelled) under: its name when that is a client
@@ -1242,12 +1254,12 @@ class QueueFolder(QueueFiles):
         """Whether a task is anywhere in the queue, looked for so that a task moving on
         meanwhile (claimed, finished, on another node) cannot escape: its submit record, which
         never moves, then the folders in the order a task passes them, then its result."""
-        if self.record(task_id, "submit").exists():
+        if exists(self.record(task_id, "submit")):
             return True
         for folder in ("pending", "running", "done", "failed"):
-            if (self.dir(folder) / task_id).exists():
+            if exists(self.dir(folder) / task_id):
                 return True
-        return self.record(task_id, "result").exists()
+        return exists(self.record(task_id, "result"))
 
     def submission(self, name: str) -> Submission | str:
         """A pending task's submit record (none: a Submission of defaults), or why it cannot

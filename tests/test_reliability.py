@@ -224,6 +224,16 @@ def test_stop_all_stops_the_running_tasks_beside_a_name_too_long_for_a_record(tm
     assert result(inst, task)["state"] == "stopped"
 
 
+def test_a_dependency_too_long_for_a_file_name_cancels_its_task_and_holds_up_no_other(tmp_path):
+    daemon, clock, inst = started_daemon(tmp_path)
+    unknown = "x" * 300  # written by hand: no file can be named after it
+    waits = submit(inst, "waits.sh", "true\n", priority=900, after=(unknown,))
+    first = submit(inst, "first.sh", "true\n", priority=1)
+    run_until(daemon, clock, lambda: finished(inst, first) and finished(inst, waits))
+    assert finished(inst, first) == "done"
+    assert result(inst, waits)["reason"] == f"dependency {unknown} not found"
+
+
 def test_links_in_the_queue_folder_are_never_followed(tmp_path, caplog):
     daemon, clock, inst = started_daemon(tmp_path)
     secret = tmp_path / "secret"
