@@ -112,6 +112,7 @@ KEEP_FINISHED_DAYS = 30  # node 0 removes finished tasks this many days old, onc
 AUTO_SHUTDOWN_HARD_HOURS = None  # hours after which running tasks are stopped too (None: never)
 DEFAULT_PRIORITY = 500  # priority given to tasks dropped into pending/ by hand
 RELEASE_TIMEOUT_SECONDS = 30.0  # longest wait for keep-alive to free the GPUs before a task
+# starts (at most 40: a claimed task not started 45 s after its claim is let go, and queued again)
 STAGING_MAX_AGE_SECONDS = 86400.0  # leftover staging files and old replies are removed after this
 WARNING_REPEAT_SECONDS = 60.0  # the same warning is logged at most once per this many seconds
 MIN_WAIT_SECONDS = 0.02  # the loop never spins faster than this
@@ -2446,6 +2447,14 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
 
 _END_UNSEEN_SECONDS = 10.0  # s between the loop's last look at a running task and the look that
 # found it ended, beyond which its end counts as unseen (its result gets ``found``)
+# Node 0 puts a claimed task without a .run record back into pending/ once it has seen it so for
+# HEARTBEAT_STALE_SECONDS (its claimer died). A claimer that has not written the record by
+# _CLAIM_START_SECONDS after its claim (its loop stalled on storage, its GPUs slow to be freed)
+# lets the task go instead of starting it; one whose record was written later than
+# _CLAIM_PROVE_SECONDS after the claim starts the task only while it is still in running/.
+# (RELEASE_TIMEOUT_SECONDS stays below _CLAIM_START_SECONDS.)
+_CLAIM_START_SECONDS = HEARTBEAT_STALE_SECONDS - 15.0
+_CLAIM_PROVE_SECONDS = HEARTBEAT_STALE_SECONDS - 25.0
 
 
 @dataclasses.dataclass
@@ -2702,6 +2711,10 @@ class TaskRunner:
                                          f"({exc.strerror or exc}): back to pending"])
                     raise NodeTrouble(f"cannot write the run record of {task.label}: "
                                       f"{exc.strerror or exc}") from exc
+                if not self._claim_holds(task):
+                    self.log_lines(log, ["not run: put back into pending/ while this node "
+                                         "prepared it (node 0 took its claim for a dead one's)"])
+                    return False
                 try:
                     proc = subprocess.Popen(command, cwd=cwd, env=self._environment(task),
                                             stdin=subprocess.DEVNULL, stdout=log,
@@ -2723,6 +2736,25 @@ class TaskRunner:
         LOG.info("Task started: %s (pid %d, GPUs %s)", task.label, proc.pid,
                  task.gpu_text or "none")
         return True
+
+    def _claim_holds(self, task: RunningTask) -> bool:
+        """After its .run record is written: whether the task may start here. A record written
+        late after the claim may have come after node 0 put the task back into pending/ (it
+        found no record for HEARTBEAT_STALE_SECONDS): then the task is another claimant's to
+        run, and this node drops it and its record (if the record is still its own)."""
+        waited = self.clock() - task.claimed
+        if task.rank is not None or waited < _CLAIM_PROVE_SECONDS \
+                or os.path.lexists(self.folder.dir("running") / task.task_id):
+            return True
+        LOG.error("%s was put back into pending/ while this node prepared it (%.0f s after its "
+                  "claim): not started here", task.label, waited)
+        with contextlib.suppress(OSError, ValueError):
+            run = self.folder.read_fields(self.folder.record(task.task_id, "run"))
+            if run is not None and run.get("daemon") == self.token \
+                    and run.get("host") == self.identity.host and not run.get("pid"):
+                self.folder.remove_record(task.task_id, "run")
+        self.tasks.pop(task.key, None)
+        return False
 
     def _publish_run(self, task: RunningTask, now: float, command: list[str], cwd: str,
                      pid: int | None) -> None:
@@ -3873,6 +3905,28 @@ class Scheduler:
             self.views_read = now
         return self.views
 
+    def put_back_unstarted(self, task_id: str) -> None:
+        """Put a claimed task that no .run record shows started back into pending/; should its
+        claimer have written the record meanwhile (it was only slow), it goes back into
+        running/ for that claimer to start (which starts it only while it is there)."""
+        try:
+            self.folder.unclaim(task_id)
+        except OSError:
+            return
+        try:
+            started = self.folder.read_fields(self.folder.record(task_id, "run")) is not None
+        except (OSError, ValueError):
+            started = True  # something is there: a record that cannot be read now
+        if started:
+            with contextlib.suppress(OSError):
+                os.rename(self.folder.dir("pending") / task_id,
+                          self.folder.dir("running") / task_id)
+                LOG.warning("%s was claimed long ago, and its claimer has just recorded its "
+                            "start: left in running/", task_id)
+                return
+        LOG.warning("%s was claimed but never started (its claimer died): back to pending",
+                    task_id)
+
     def sweep_running(self, running: list[str], views: Mapping[int, NodeView]) -> None:
         """Node 0 finishes the tasks of a node whose daemon died and that no daemon took over,
         and puts back what a claimer left unstarted (docs/protocol.md, Recovery)."""
@@ -3891,9 +3945,7 @@ class Scheduler:
                 seen.add(task_id)
                 first = self.unrecorded.setdefault(task_id, now)
                 if now - first >= HEARTBEAT_STALE_SECONDS:
-                    self.runner.unclaim(task_id)
-                    LOG.warning("%s was claimed but never started (its claimer died): back to "
-                                "pending", task_id)
+                    self.put_back_unstarted(task_id)
                 continue
             node = ascii_int(run.get("node_rank"))
             view = views.get(node) if node is not None else None
@@ -7763,6 +7815,18 @@ class Daemon(DaemonLifecycle):
                                                      f"{task.stop_reason} (before it started)",
                                                      None, now))
             self.keepalive.task_finished(task.gpus)
+            self.state_dirty = True
+            return
+        waited = self.clock() - task.claimed
+        if task.rank is None and waited >= _CLAIM_START_SECONDS:
+            # node 0 takes such a claim for a dead daemon's and puts the task back into
+            # pending/, perhaps already (another node may have claimed it since): this node
+            # lets go of it, touching nothing in the folder, and leaves the put back to node 0
+            self.runner.tasks.pop(task.key, None)
+            self.keepalive.task_finished(task.gpus)
+            LOG.warning("%s was claimed %.0f s ago and has not started (its GPUs not freed, or "
+                        "this daemon stalled): let go, node 0 puts it back into pending/",
+                        task.label, waited)
             self.state_dirty = True
             return
         if not self.keepalive.released(task.gpus):

@@ -401,6 +401,74 @@ def test_a_task_that_ended_while_its_daemon_was_suspended_ended_when_last_seen(t
     assert (res["state"], res["reason"], res.get("found")) == ("failed", "exit status 3", None)
 
 
+def test_a_claim_its_node_cannot_start_in_time_is_let_go_and_the_task_runs_once(tmp_path):
+    """Node 1 claims a task whose GPUs it cannot get freed (its loop stalled, say). Node 0
+    takes a claim without a .run record for HEARTBEAT_STALE_SECONDS for a dead daemon's and
+    puts the task back: node 1 lets it go before that, without a record, so the task is never
+    started by node 1 after node 0 has given it to another node, and it runs once."""
+    inst = tmp_path / "two"
+    ran = tmp_path / "ran"
+    clock0, clock1 = FakeClock(), FakeClock()
+    one = node(tmp_path, clock1, 1, "host-one")
+    one.keepalive.released = lambda gpus: False  # its GPUs are never freed
+    task = submit(inst, "t.sh", f"echo ran >> '{ran}'\n", gpus=1)
+    tick([one], [clock0, clock1], 2)
+    assert {t.task_id for t in one.runner.tasks.values()} == {task}
+    zero = node(tmp_path, clock0, 0, "host-zero")
+    tick([zero, one], [clock0, clock1], pm._CLAIM_START_SECONDS)
+    assert one.runner.tasks == {}  # let go, and nothing written
+    assert (inst / "running" / task).exists() and not (inst / "records" / f"{task}.run").exists()
+    del one.keepalive.released  # (freed now: either node may run it)
+    tick([zero, one], [clock0, clock1], pm.HEARTBEAT_STALE_SECONDS + 5)
+    assert finished(inst, task) == "done"
+    assert ran.read_text() == "ran\n"
+
+
+def test_a_claim_put_back_while_its_run_record_was_written_is_not_started(tmp_path):
+    """Node 1's write of the .run record hangs (stalled storage) long after its claim, and
+    node 0 puts the task back into pending/ meanwhile: node 1 does not start it, takes back its
+    record, and the task runs once, on the node that claims it next."""
+    inst = tmp_path / "two"
+    ran = tmp_path / "ran"
+    clock0, clock1 = FakeClock(), FakeClock()
+    one = node(tmp_path, clock1, 1, "host-one")
+    zero = node(tmp_path, clock0, 0, "host-zero")
+    publish = one.runner._publish_run
+
+    def stalled(task, *args):
+        clock1.sleep(pm.HEARTBEAT_STALE_SECONDS)
+        zero.scheduler.put_back_unstarted(task.task_id)  # node 0 has seen no record for that long
+        assert (inst / "pending" / task.task_id).exists()
+        publish(task, *args)
+        one.runner._publish_run = publish
+
+    one.runner._publish_run = stalled
+    task = submit(inst, "t.sh", f"echo ran >> '{ran}'\n", gpus=1)
+    tick([one], [clock0, clock1], 0.5)  # one turn
+    assert one.runner._publish_run is publish  # (node 1 claimed it)
+    assert one.runner.tasks == {} and (inst / "pending" / task).exists()
+    assert not (inst / "records" / f"{task}.run").exists()
+    tick([zero, one], [clock0, clock1], 5)
+    assert finished(inst, task) == "done"
+    assert ran.read_text() == "ran\n"
+
+
+def test_node_0_leaves_a_claim_whose_start_is_recorded_as_it_puts_it_back(tmp_path):
+    """The claimer's .run record comes just after node 0 looked for it: node 0, having put the
+    task back into pending/, finds the record and returns the task to running/."""
+    inst = tmp_path / "two"
+    clock0 = FakeClock()
+    zero = node(tmp_path, clock0, 0, "host-zero")
+    task = submit(inst, "t.sh", "true\n", gpus=1)
+    (inst / "pending" / task).rename(inst / "running" / task)
+    (inst / "records" / f"{task}.run").write_text(f"id={task}\nnode_rank=1\ndaemon=1\n")
+    zero.scheduler.put_back_unstarted(task)
+    assert (inst / "running" / task).exists() and not (inst / "pending" / task).exists()
+    (inst / "records" / f"{task}.run").unlink()
+    zero.scheduler.put_back_unstarted(task)
+    assert (inst / "pending" / task).exists()
+
+
 # Node 1 dies with two tasks that outlive SIGTERM (a checkpointing handler) on the same host,
 # as the local backend runs nodes: node 0 ends them, with a stop grace of 5 s
 SLOW_TO_END = textwrap.dedent("""\
