@@ -3101,7 +3101,16 @@ class TaskEnds:
                                                                    / name):
             return None  # (a link, FIFO or folder in pending/ is no task: it stays)
         try:
-            task_id = self.folder.cancel(name)
+            try:
+                task_id = self.folder.cancel(name)
+            except FileNotFoundError:
+                if not os.path.lexists(self.folder.dir("pending") / name):
+                    return None  # claimed or cancelled meanwhile
+                made = self.folder.ensure()  # failed/ was missing (removed by hand)
+                if made:
+                    LOG.warning("queue folders were missing: created again (%s)",
+                                ", ".join(made))
+                task_id = self.folder.cancel(name)
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -211,6 +211,22 @@ def test_a_command_is_carried_out_once_while_the_replies_folder_is_missing(tmp_p
     assert not (inst / "commands" / f"{name}.cmd").exists()
 
 
+def test_a_pending_task_is_cancelled_while_the_failed_folder_is_missing(tmp_path):
+    """failed/ removed by hand: a stop of a pending (held) task creates it again and cancels
+    the task, instead of answering that no such task exists and letting it run later."""
+    daemon, clock, inst = started_daemon(tmp_path)
+    task = submit(inst, "t.sh", "true\n")
+    (inst / "held").mkdir(exist_ok=True)
+    (inst / "held" / task).write_text("by=tester@test\n")
+    daemon.tick()
+    (inst / "failed").rmdir()
+    name = command(inst, "stop", task)
+    run_until(daemon, clock, lambda: (inst / "replies" / f"{name}.reply").exists())
+    answer = read_fields(inst / "replies" / f"{name}.reply")
+    assert answer["result"] == "cancelled", answer
+    assert finished(inst, task) == "failed" and result(inst, task)["state"] == "cancelled"
+
+
 def test_stop_all_stops_the_running_tasks_beside_a_name_too_long_for_a_record(tmp_path):
     daemon, clock, inst = started_daemon(tmp_path)
     task = submit(inst, "t.sh", "sleep 30\n")
