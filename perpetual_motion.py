@@ -4065,6 +4065,7 @@ class KeepAlive:
         self._history: dict[int, UtilHistory] = collections.defaultdict(UtilHistory)
         self._now = 0.0  # the last tick's time: what the warnings are throttled by
         self._warned = Throttle(timefunc=lambda: self._now)
+        self._daemon_now: float | None = None  # the daemon's last ``now``, which may step back
 
     def _watch_idle(self, now: float, busy: Mapping[int, str]) -> None:
         """Keep-alive off: a GPU of ours below the band (with a task on it, when NVML says
@@ -4130,10 +4131,19 @@ class KeepAlive:
     def start(self) -> None:
         """Start holding the idle GPUs."""
 
+    def _steady(self, now: float) -> float:
+        """The daemon's ``now`` (perhaps the wall clock) made steady: a step back (an NTP
+        step, a VM resumed) counts as no time, so that an idle GPU's time below the band
+        never goes negative and hides its risk until the clock catches up."""
+        last, self._daemon_now = self._daemon_now, now
+        if last is None:
+            return now
+        return self._now + max(0.0, now - last)
+
     def tick(self, now: float, busy: Mapping[int, str]) -> None:
         """One turn of the daemon loop: react to the GPUs' state. ``busy`` maps the GPUs that
         queue tasks hold to the task's id."""
-        self._watch_idle(now, busy)
+        self._watch_idle(self._steady(now), busy)
 
     def release(self, gpus: Collection[int]) -> None:
         """Begin freeing ``gpus`` for a queue task: their workers stop."""
@@ -5459,8 +5469,8 @@ class GpuKeepAlive(KeepAlive):
         """``now`` is the daemon's clock, which may be the wall clock. The engine keeps time by
         its own ``timefunc`` (monotonic), the one ``release()`` and ``task_finished()`` use."""
         if not self._started:
-            if self.why:  # stopped: what is left idle is at risk all the same
-                self._watch_idle(now, busy)
+            if self.why:  # stopped: what is left idle is at risk all the same (timed by
+                self._watch_idle(self.timefunc(), busy)  # the engine's own clock)
             return
         now = self.timefunc()
         for i, slot in enumerate(self.slots):

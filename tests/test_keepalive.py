@@ -2399,6 +2399,29 @@ def test_gpus_let_go_for_the_auto_shutdown_drain_are_still_watched(log, caplog):
     assert ka.describe() == "on"
 
 
+@pytest.mark.parametrize("how", ["disabled", "drained"])
+def test_an_idle_gpu_is_flagged_at_risk_when_the_wall_clock_steps_back(log, caplog, how):
+    """With keep-alive off (or stopped for the auto-shutdown's drain) the GPUs were watched
+    on the daemon's wall clock: a step back of an hour (NTP, a VM resumed) made an idle GPU's
+    time below the band negative, and it went unflagged for that hour."""
+    node = sim.SimNode(gpus=1)
+    if how == "disabled":
+        ka = pm.KeepAlive("disabled", node.nvml, node.nvml.gpus(), log)
+    else:
+        ka = start(node, log)
+        sim.run(node, ka, 20)
+        ka.stop("stopped for the auto-shutdown (auto-shutdown after 24h)")
+    step = 0.0
+    with caplog.at_level(logging.WARNING):
+        for _ in range(int((pm.KEEPALIVE_RISK_SECONDS + 60) / 0.5)):
+            node.sleep(0.5)
+            if node.now >= 1060.0:
+                step = 3600.0  # the wall clock steps back an hour, once
+            ka.tick(node.time() - step, {})
+    assert ka.gpu_fields()["gpu.0.risk"].startswith("GPU 0 idle "), ka.gpu_fields()
+    assert "At risk of reclaim: GPU 0 idle" in caplog.text
+
+
 def test_keepalive_off_knows_nothing_of_declared_slots_and_names_an_idle_task(log):
     declared = pm.Inventory.declare([0, 1])
     ka = pm.KeepAlive("no NVML", declared.nvml, declared.gpus, log)
