@@ -4746,6 +4746,7 @@ class _Worker:
     exit_reason: str = ""
     exit_time: float | None = None  # the worker's wall clock when it left
     listed: bool = False  # NVML's process list has shown it under its own PID
+    stuck_said: bool = False  # warned of as stuck in the driver (once per worker)
 
     @property
     def footprint(self) -> int:
@@ -5147,7 +5148,8 @@ class Workers:
         started there while it holds the memory. Said, once; its memory counts as ours."""
         reason = (f"worker (pid {worker.handle.pid}) does not end after SIGKILL (stuck in the "
                   "driver?); its memory stays held")
-        if slot.reason != reason:
+        if not worker.stuck_said:  # (the GPU's reason may change meanwhile: a yield, a task)
+            worker.stuck_said = True
             self.log.warning("%s%s: keep-alive %s", self.prefix, slot.label, reason)
         slot.set(GpuState.OFF, reason)
 

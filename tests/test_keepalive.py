@@ -893,6 +893,22 @@ def test_a_worker_stuck_in_the_driver_that_survives_its_kill_is_not_shown_holdin
     assert field(ka, 0, "held_10m") != "" and float(field(ka, 0, "held_10m")) < 0.2
 
 
+def test_a_worker_stuck_in_the_driver_during_a_yield_is_warned_about_once(log, caplog):
+    """A worker that ignores its stop and survives its SIGKILL while foreign work stays on the
+    GPU: the yield and the stuck worker set the GPU's reason in turn at every tick, and the
+    warning, said whenever the reason changed, came twice a second for as long as it lasted."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    worker = node.workers[0]
+    worker.stuck = worker.unkillable = True
+    node.foreign(0, memory=4 * GIB, util=60.0)
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, 60, poll=0.5)
+    assert caplog.text.count("does not end after SIGKILL") == 1
+    assert field(ka, 0, "state") in ("off", "yielded")
+
+
 def test_a_daemon_that_stalls_does_not_make_a_worker_look_silent(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
