@@ -4572,6 +4572,8 @@ class DutyController:
         self.duty = duty
         self.mark: float | None = None  # NVML time of the last change
         self.last_util: float | None = None
+        self.judged_duty: float | None = None  # the duty in force while last_util was measured
+        self.judged_at: float | None = None  # NVML time of the newest sample last_util saw
 
     def reset(self, window: UtilWindow, duty: float | None = None) -> None:
         """The worker starts (or restarts) applying ``duty`` now."""
@@ -4595,10 +4597,10 @@ class DutyController:
             return None
         if GPU_UTIL_TARGET <= util <= GPU_UTIL_HIGH:
             if newest - start < _HOLD_WINDOW * 1e6:
-                self.last_util = util
+                self.last_util, self.judged_duty, self.judged_at = util, self.duty, newest
                 return None
             util = window.mean(_HOLD_WINDOW, after=start)
-        self.last_util = util
+        self.last_util, self.judged_duty, self.judged_at = util, self.duty, newest
         duty = band_step(util, self.duty)
         if abs(duty - self.duty) < 1e-9:
             return None
@@ -4856,6 +4858,8 @@ class _Slot:
     risk: str = ""  # the reclaim risk shown in gpu.<i>.risk, "" when none
     band_warned: bool = False
     pids_foreign: bool = False  # NVML lists our worker under another PID
+    task_busy_at: float | None = None  # NVML time since which the filler's estimate of the
+    # task's utilisation (without per-process figures) has stayed at the threshold
 
     @property
     def label(self) -> str:
@@ -5029,6 +5033,17 @@ def task_utilisation(worker: _Worker, reading: Reading) -> int | None:
         ours = 100 * (worker.busy if worker.busy is not None else worker.spec.duty)
         del top[min(top, key=lambda pid: abs(top[pid] - ours))]
     return max(top.values(), default=None)
+
+
+def task_utilisation_beside(controller: DutyController) -> int | None:
+    """Where NVML has no per-process figure for the task (not supported, or not sampled): its
+    share of the time the filler leaves free, from the GPU's utilisation as the controller last
+    judged it (on samples taken after its last change) less the filler's duty then; None
+    before a judgement, or where the filler leaves too little time to tell."""
+    util, ours = controller.last_util, controller.judged_duty
+    if util is None or ours is None or ours > 0.9:
+        return None
+    return round(100 * max(0.0, util / 100 - ours) / (1.0 - ours))
 
 
 def memory_back_below(slot: _Slot, worker: _Worker, used: int | None) -> int | None:
@@ -5709,6 +5724,8 @@ class GpuKeepAlive(KeepAlive):
             if worker.stop_at is not None:
                 return
             task_util = task_utilisation(worker, reading)
+            if task_util is None:
+                task_util = self._task_busy_beside(slot)
             if total and used is not None and total - used < KEEPALIVE_HEADROOM * total:
                 self._stop_filler(slot, now, "the task needs the memory")
             elif task_util is not None and task_util >= GPU_UTIL_THRESHOLD:
@@ -5732,6 +5749,21 @@ class GpuKeepAlive(KeepAlive):
             self.workers.start(slot, now, spec, reading)
         elif slot.state is not GpuState.YIELDED or not slot.reason.startswith("queue task"):
             slot.set(GpuState.YIELDED, "queue task")
+
+    @staticmethod
+    def _task_busy_beside(slot: _Slot) -> int | None:
+        """The task's utilisation estimated beside the filler (``task_utilisation_beside``),
+        once it has stayed at GPU_UTIL_THRESHOLD or more over judgements a whole window apart:
+        one judgement alone may straddle a duty change."""
+        estimate = task_utilisation_beside(slot.controller)
+        judged_at = slot.controller.judged_at
+        if estimate is None or judged_at is None or estimate < GPU_UTIL_THRESHOLD:
+            slot.task_busy_at = None
+            return estimate
+        if slot.task_busy_at is None or slot.task_busy_at > judged_at:
+            slot.task_busy_at = judged_at
+        return estimate if judged_at - slot.task_busy_at >= KEEPALIVE_UTIL_WINDOW * 1e6 \
+            else None
 
     def _control(self, slot: _Slot, worker: _Worker, now: float) -> None:
         duty = slot.controller.decide(slot.window)

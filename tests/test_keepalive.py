@@ -618,6 +618,29 @@ def test_filler_tells_its_own_samples_from_the_tasks_without_its_pid(log):
     assert filler.stop_at is not None
 
 
+@pytest.mark.parametrize("putil", ["not supported", "task not sampled"])
+def test_filler_leaves_a_busy_task_where_nvml_has_no_per_process_utilisation(log, putil):
+    """Without NVML's per-process utilisation (not supported, or the task is not sampled),
+    the filler never knew the task was busy again: it stayed beside a task at 60% for good,
+    taking GPU time from it, since the two together stayed below the duty's floor rule."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 5)
+    sim.release(node, ka)
+    task = node.foreign(0, util=10, memory=GIB, sampled=putil != "task not sampled")
+    if putil == "not supported":
+        node.gpus[0].broken.add("putil")
+    sim.run(node, ka, 70, task_running=True)
+    assert field(ka, 0, "state") == "filling"
+    filler = node.workers[1]
+    sim.run(node, ka, 20, task_running=True)
+    assert filler.stop_at is None  # its own share is not taken for the task's
+    task.util = 60
+    sim.run(node, ka, 5, task_running=True)
+    assert filler.stop_at is not None, "the filler kept taking GPU time from the busy task"
+    assert field(ka, 0, "reason").startswith("queue task (the task is busy again (")
+
+
 @pytest.mark.parametrize("filler_mib, tile", [(1024, 0), (2048, 16384)])
 def test_filler_reuses_the_calibrated_tile_when_it_fits(log, monkeypatch, filler_mib, tile):
     monkeypatch.setattr(pm, "KEEPALIVE_FILLER_MIB", filler_mib)
