@@ -5741,12 +5741,13 @@ class GpuKeepAlive(KeepAlive):
         room = total is not None and used is not None and \
             total - used - need >= KEEPALIVE_HEADROOM * total
         if idle_long and room:
-            self.log.info("%s%s: the task has left it below %d%% for %.0f s: filling",
-                          self.prefix, slot.label, GPU_UTIL_THRESHOLD, now - slot.low_since)
             fits = slot.tile is not None and 3 * slot.tile ** 2 * 2 <= KEEPALIVE_FILLER_MIB * MIB
             spec = WorkerSpec(WorkerMode.FILL, KEEPALIVE_FILLER_MIB, _FILLER_START_DUTY,
                               KEEPALIVE_FILLER_MIB, tile=slot.tile if fits else 0)
             self.workers.start(slot, now, spec, reading)
+            if slot.worker is not None:  # (a compute mode that refuses it is said once, there)
+                self.log.info("%s%s: the task has left it below %d%% for %.0f s: filling",
+                              self.prefix, slot.label, GPU_UTIL_THRESHOLD, now - slot.low_since)
         elif slot.state is not GpuState.YIELDED or not slot.reason.startswith("queue task"):
             slot.set(GpuState.YIELDED, "queue task")
 

@@ -563,6 +563,24 @@ def test_filler_is_not_started_when_switched_off(log):
     assert len(node.workers) == 1
 
 
+def test_filler_is_not_announced_at_every_tick_where_the_compute_mode_refuses_it(log, caplog):
+    """On a GPU whose compute mode keep-alive does not hold, a task that left it idle had
+    "filling" logged at every tick (twice a second, for the whole task), though no filler
+    ever started."""
+    node = sim.scenario_exclusive_process_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 5)
+    sim.release(node, ka, [1])
+    node.foreign(1, util=10, memory=GIB)  # the task, idle
+    with caplog.at_level(logging.INFO):
+        for _ in range(int(120 / 0.5)):
+            node.sleep(0.5)
+            ka.tick(node.time(), {1: "task-1"})
+    assert not node.workers_on(1)
+    assert "filling" not in caplog.text
+    assert field(ka, 1, "reason") == "compute mode EXCLUSIVE_PROCESS: skipped"
+
+
 def test_filler_needs_room_in_memory(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
