@@ -5345,7 +5345,8 @@ class GpuMeasures:
     def measure(self, slot: _Slot, now: float, reading: Reading, task_running: bool) -> None:
         worker = slot.worker
         held = worker is not None and worker.ready_at is not None and worker.stop_at is None \
-            and worker.killed_at is None
+            and worker.killed_at is None and worker.spec.mode is WorkerMode.HOLD  # (a filler
+        # beside a queue task is not: the task has the GPU, and its samples are not judged)
         if slot.ticked_at is not None:
             slot.meter.time(now, min(now - slot.ticked_at, 5.0), held)
         slot.ticked_at = now

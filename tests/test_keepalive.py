@@ -581,6 +581,22 @@ def test_filler_is_not_announced_at_every_tick_where_the_compute_mode_refuses_it
     assert field(ka, 1, "reason") == "compute mode EXCLUSIVE_PROCESS: skipped"
 
 
+def test_time_beside_a_task_with_a_filler_is_not_held_time(log, caplog):
+    """A filler's time counted as held while only a held GPU's samples are judged for the
+    band: after a few seconds held and minutes of filling, the band share rested on those
+    few seconds (a new worker finding its duty) and warned that keep-alive missed the band."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 3)
+    sim.release(node, ka)
+    node.foreign(0, util=10, memory=GIB)  # the task, idle
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, 400, task_running=True, poll=0.5)
+    assert field(ka, 0, "state") == "filling"
+    assert float(field(ka, 0, "held_10m")) < 0.05
+    assert "in the band" not in caplog.text
+
+
 def test_filler_needs_room_in_memory(log):
     node = sim.scenario_idle_gpu()
     ka = start(node, log)
