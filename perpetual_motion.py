@@ -4011,6 +4011,7 @@ _START_LIMIT = 120.0  # s a worker may take to become ready before it is killed
 _SILENT_LIMIT = 10.0  # s without a report after which a ready worker is killed
 _IDLE_UTIL_MAX = 10  # % utilisation of a GPU with nothing of ours on it that is somebody's work
 _NVML_LOOKBACK = 1.5  # s of NVML's sample buffers read at the first query (older: not now)
+_MODE_RECHECK_SECONDS = 10.0  # s between looks at the compute mode of a GPU that is held
 _HISTORY_STEP = 10.0  # s per point of gpu.<i>.history
 _HISTORY_POINTS = 60  # points in gpu.<i>.history: ten minutes
 _RISK_MEAN_SECONDS = 60.0  # s whose mean utilisation must reach the band to end a reclaim risk
@@ -4858,6 +4859,7 @@ class _Slot:
     risk: str = ""  # the reclaim risk shown in gpu.<i>.risk, "" when none
     band_warned: bool = False
     pids_foreign: bool = False  # NVML lists our worker under another PID
+    mode_asked_at: float | None = None  # when the compute mode of the held GPU was last read
     task_busy_at: float | None = None  # NVML time since which the filler's estimate of the
     # task's utilisation (without per-process figures) has stayed at the threshold
 
@@ -5639,7 +5641,7 @@ class GpuKeepAlive(KeepAlive):
         worker = slot.worker
         if worker is not None:
             if worker.stop_at is None and worker.ready_at is not None \
-                    and worker.killed_at is None:
+                    and worker.killed_at is None and not self._mode_changed(slot, now):
                 self._control(slot, worker, now)
             return
         if slot.restart_at is not None and now < slot.restart_at:
@@ -5675,6 +5677,26 @@ class GpuKeepAlive(KeepAlive):
             return
         spec = WorkerSpec(WorkerMode.HOLD, memory, KEEPALIVE_START_DUTY, tile=slot.tile or 0)
         self.workers.start(slot, now, spec, reading)
+
+    def _mode_changed(self, slot: _Slot, now: float) -> bool:
+        """A held GPU whose compute mode is no longer DEFAULT (set to EXCLUSIVE_PROCESS for a
+        job meanwhile, say): while our context is there, every other process's context fails,
+        so the worker goes, and the GPU is skipped as at a start. Asked every
+        _MODE_RECHECK_SECONDS; a mode that cannot be read leaves the worker where it is."""
+        if slot.mode_asked_at is not None and now - slot.mode_asked_at < _MODE_RECHECK_SECONDS:
+            return False
+        slot.mode_asked_at = now
+        mode = self.nvml.compute_mode(slot.gpu)
+        if mode is None or mode == 0:
+            return False
+        reason = f"compute mode {COMPUTE_MODES.get(mode, mode)}: skipped"
+        self.log.warning("%s%s: %s (keep-alive needs DEFAULT): worker stopped", self.prefix,
+                         slot.label, reason)
+        self.workers.stop(slot, now, reason)
+        slot.set(GpuState.OFF, reason)
+        # asked again as a worker would start, once our own samples have left the window
+        slot.restart_at = now + KEEPALIVE_RESTART_SECONDS
+        return True
 
     def _holdoff(self, slot: _Slot) -> float:
         """How long the GPU must stay free of foreign work before it is taken again: as long

@@ -2135,6 +2135,28 @@ def test_each_nvml_error_degrades_to_the_next_best_reading(log, error, queries, 
     assert field(ka, 0, "state") == state
 
 
+def test_a_held_gpu_set_to_exclusive_process_is_let_go_and_taken_back_at_default(log, caplog):
+    """The compute mode was read only when a worker started: a GPU set to EXCLUSIVE_PROCESS
+    while held (for a job, by its prolog) kept our context, so every other process's context
+    on it failed, for as long as the worker lived."""
+    node = sim.scenario_idle_gpu()
+    ka = start(node, log)
+    sim.run(node, ka, 10)
+    assert field(ka, 0, "state") == "holding"
+    node.gpus[0].compute_mode = 3
+    with caplog.at_level(logging.WARNING):
+        sim.run(node, ka, pm._MODE_RECHECK_SECONDS + 1)
+    assert not node.live_workers(0)
+    assert field(ka, 0, "state") == "off"
+    assert field(ka, 0, "reason") == "compute mode EXCLUSIVE_PROCESS: skipped"
+    assert caplog.text.count("compute mode EXCLUSIVE_PROCESS: skipped") == 1
+    sim.run(node, ka, 30)
+    assert len(node.workers) == 1  # not taken while the mode stays
+    node.gpus[0].compute_mode = 0
+    sim.run(node, ka, 5)
+    assert field(ka, 0, "state") == "holding" and len(node.live_workers(0)) == 1
+
+
 def test_a_compute_mode_nvml_cannot_read_is_held_only_when_the_setting_says(log, monkeypatch):
     node = sim.scenario_idle_gpu()
     node.gpus[0].broken.add("compute mode")
