@@ -2448,11 +2448,14 @@ def plan_pass(snapshot: PassSnapshot) -> PassPlan:
 _END_UNSEEN_SECONDS = 10.0  # s between the loop's last look at a running task and the look that
 # found it ended, beyond which its end counts as unseen (its result gets ``found``)
 # Node 0 puts a claimed task without a .run record back into pending/ once it has seen it so for
-# HEARTBEAT_STALE_SECONDS (its claimer died). A claimer that has not written the record by
-# _CLAIM_START_SECONDS after its claim (its loop stalled on storage, its GPUs slow to be freed)
-# lets the task go instead of starting it; one whose record was written later than
+# _UNSTARTED_CLAIM_SECONDS (its claimer died): HEARTBEAT_STALE_SECONDS, and 60 s more, since a
+# record made on another host may stay unseen here that long (NFS caches a lookup that found
+# nothing until the folder's attributes expire, acdirmax). A claimer that has not written the
+# record by _CLAIM_START_SECONDS after its claim (its loop stalled on storage, its GPUs slow to be
+# freed) lets the task go instead of starting it; one whose record was written later than
 # _CLAIM_PROVE_SECONDS after the claim starts the task only while it is still in running/.
 # (RELEASE_TIMEOUT_SECONDS stays below _CLAIM_START_SECONDS.)
+_UNSTARTED_CLAIM_SECONDS = HEARTBEAT_STALE_SECONDS + 60.0
 _CLAIM_START_SECONDS = HEARTBEAT_STALE_SECONDS - 15.0
 _CLAIM_PROVE_SECONDS = HEARTBEAT_STALE_SECONDS - 25.0
 
@@ -3953,7 +3956,7 @@ class Scheduler:
             if run is None:
                 seen.add(task_id)
                 first = self.unrecorded.setdefault(task_id, now)
-                if now - first >= HEARTBEAT_STALE_SECONDS:
+                if now - first >= _UNSTARTED_CLAIM_SECONDS:
                     self.put_back_unstarted(task_id)
                 continue
             node = ascii_int(run.get("node_rank"))

@@ -233,7 +233,7 @@ UNRECORDED = textwrap.dedent("""\
     except OSError:
         os.close(fd)
     tick([one], [clock0, clock1], 2)  # node 1 claims the task, and cannot record its run
-    tick([zero, one], [clock0, clock1], 75)  # node 0 would take it for never started
+    tick([zero, one], [clock0, clock1], 135)  # node 0 would take it for never started
     os.unlink(root / "fill")
     tick([zero, one], [clock0, clock1], 70)  # (a node backs off up to 60 s)
     with open(runs) as f:
@@ -403,7 +403,7 @@ def test_a_task_that_ended_while_its_daemon_was_suspended_ended_when_last_seen(t
 
 def test_a_claim_its_node_cannot_start_in_time_is_let_go_and_the_task_runs_once(tmp_path):
     """Node 1 claims a task whose GPUs it cannot get freed (its loop stalled, say). Node 0
-    takes a claim without a .run record for HEARTBEAT_STALE_SECONDS for a dead daemon's and
+    takes a claim without a .run record for _UNSTARTED_CLAIM_SECONDS for a dead daemon's and
     puts the task back: node 1 lets it go before that, without a record, so the task is never
     started by node 1 after node 0 has given it to another node, and it runs once."""
     inst = tmp_path / "two"
@@ -419,7 +419,7 @@ def test_a_claim_its_node_cannot_start_in_time_is_let_go_and_the_task_runs_once(
     assert one.runner.tasks == {}  # let go, and nothing written
     assert (inst / "running" / task).exists() and not (inst / "records" / f"{task}.run").exists()
     del one.keepalive.released  # (freed now: either node may run it)
-    tick([zero, one], [clock0, clock1], pm.HEARTBEAT_STALE_SECONDS + 5)
+    tick([zero, one], [clock0, clock1], pm._UNSTARTED_CLAIM_SECONDS + 5)
     assert finished(inst, task) == "done"
     assert ran.read_text() == "ran\n"
 

@@ -429,7 +429,7 @@ def test_a_claim_whose_claimer_died_before_starting_it_goes_back_to_pending(node
     (inst / "running" / task).write_text("true\n")  # claimed, never started, no record
     daemon.tick()
     assert (inst / "running" / task).exists()
-    clock.sleep(pm.HEARTBEAT_STALE_SECONDS + pm.HEARTBEAT_SECONDS)
+    clock.sleep(pm._UNSTARTED_CLAIM_SECONDS + pm.HEARTBEAT_SECONDS)
     run_until(daemon, clock, lambda: (inst / "done" / task).exists(), limit=120)
 
 
