@@ -577,6 +577,29 @@ _gpu_holding() {  # _gpu_holding LIST TEXT: the lines of LIST that may hold TEXT
   _gpu_v=$(printf '%s' "$1" | LC_ALL=C command grep -F -e "$2")
 }
 
+_gpu_minus() {  # _gpu_minus LIST LINES: the lines of LIST that are none of LINES, in
+  # their order, into _gpu_v (a few LINES: the shell's patterns; many: one awk)
+  local line list=$_gpu_nl$1 IFS=$_gpu_nl
+  _gpu_v=$1
+  [ -n "$1" ] && [ -n "${2//$_gpu_nl/}" ] || return 0
+  _gpu_lines "$2"
+  if [ "$_gpu_n" -gt 64 ]; then
+    line=${2#"$_gpu_nl"}
+    _gpu_v=$(printf '%s\n%s\n%s' "$_gpu_n" "${line%"$_gpu_nl"}" "$1" | command awk '
+      NR == 1 { n = $0 + 1; next }
+      NR <= n { drop[$0] = 1; next }
+      !($0 in drop)')
+    _gpu_v=${_gpu_v:+$_gpu_v$_gpu_nl}
+    return 0
+  fi
+  for line in $2; do
+    case $list in
+      *"$_gpu_nl$line$_gpu_nl"*) list=${list/"$_gpu_nl$line$_gpu_nl"/$_gpu_nl} ;;
+    esac
+  done
+  _gpu_v=${list#"$_gpu_nl"}
+}
+
 _gpu_lines() {  # _gpu_lines LIST: the number of lines of LIST, none empty, into _gpu_n
   local IFS=$_gpu_nl
   # shellcheck disable=SC2086  # the lines (the dispatcher's noglob is on)
@@ -3131,11 +3154,20 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   local _gpu_pre_json=''
   local -A _gpu_pre
   _gpu_now
-  _gpu_cache
   _gpu_node_list
-  _gpu_list_names "$_gpu_q/running"; _gpu_running=$_gpu_v
+  # listed in the order a task passes the folders, so that one the daemon moves meanwhile is
+  # listed at least once (pending/, then running/, then the summary's look at done/ and
+  # failed/), and shown only where it was listed last
   _gpu_pending_list; _gpu_pending=$_gpu_v
+  _gpu_list_names "$_gpu_q/running"; _gpu_running=$_gpu_v
   _gpu_recent "$recent"; _gpu_ended=$_gpu_v
+  if [ -n "$_gpu_ended" ] && [ -n "$_gpu_running$_gpu_pending" ]; then
+    line=$_gpu_nl$_gpu_ended
+    line=${line//"${_gpu_nl}done/"/$_gpu_nl}; line=${line//"${_gpu_nl}failed/"/$_gpu_nl}
+    _gpu_minus "$_gpu_running" "$line"; _gpu_running=$_gpu_v
+    _gpu_minus "$_gpu_pending" "$line"; _gpu_pending=$_gpu_v
+  fi
+  _gpu_minus "$_gpu_pending" "$_gpu_running"; _gpu_pending=$_gpu_v
   [ -z "$_gpu_o_json" ] || _gpu_pre_want=json
   _gpu_status_preload
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json; return; fi

@@ -946,3 +946,39 @@ def test_a_gpu_set_aside_for_a_waiting_rank_says_for_which_task(sh):
     assert re.search(r"^ +3 .* reserved for \S+, keep-alive \S+", res.out, re.M), res.out
     assert not re.search(r"^ +3 .*  keep-alive \S+ *$", res.out, re.M)
 
+
+
+def test_status_shows_each_task_once_while_the_daemon_claims_and_finishes_tasks(sh):
+    """A task claimed (pending -> running) and another finished (running -> done) while
+    gpu_status lists the folders: each is shown once, where it is after the move, never twice
+    and never not at all. The move happens just after the first of the two listings, whichever
+    gpu_status makes first."""
+    inst = make_instance(sh.root)
+    claimed, finished, waiting = tid(1, "claimed.sh"), tid(2, "finished.sh"), tid(3, "later.sh")
+    for task in (claimed, waiting):
+        submit_record(inst, task)
+        (inst / "pending" / task).write_text("true\n")
+    submit_record(inst, finished)
+    (inst / "running" / finished).write_text("true\n")
+    copy = ("functions[_gpu_list_names_real]=$functions[_gpu_list_names]" if sh.name == "zsh"
+            else 'eval "$(declare -f _gpu_list_names | sed 1s/_names/_names_real/)"')
+    script = f"""{copy}
+_gpu_list_names() {{
+  _gpu_list_names_real "$1"
+  case ${{1##*/}}:${{moved-}} in
+    pending: | running:)
+      moved=1
+      command mv "$Q/pending/{claimed}" "$Q/running/{claimed}"
+      printf 'id={finished}\\nstate=done\\nexit_code=0\\nended=1800000001\\n' \\
+        > "$Q/records/{finished}.result"
+      command mv "$Q/running/{finished}" "$Q/done/{finished}" ;;
+  esac
+}}
+gpu_status --json -r 100
+"""
+    res = sh.run(script, Q=str(inst))
+    assert res.rc == 0 and res.err == "", res.err
+    doc = json.loads(res.out)
+    shown = {key: [t["id"] for t in doc[key]] for key in ("running", "pending", "recent")}
+    assert shown == {"running": [claimed], "pending": [waiting], "recent": [finished]}
+    assert doc["counts"] == {"running": 1, "pending": 1, "done": 1, "failed": 0}
