@@ -2745,6 +2745,7 @@ _gpu_cmd_retry() {
     case $rc in
       0) count=$((count + 1)) ;;
       3) ;;  # another gpu_retry --failed queues it
+      4) [ -n "$_gpu_o_failed" ] || return 1 ;;  # removed meanwhile: no longer a failed task
       *) return "$rc" ;;
     esac
   done
@@ -2755,6 +2756,7 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID [CLAIM]: queue the finished task DIR
   # with CLAIM, only after taking its records/ID.retried (3: another retry took it)
   local dir=$1 old=$2 cwd name i=0 IFS=' '
   local -a args
+  _gpu_retry_gone "$dir" "$old" && return 4
   # the script to queue again is copied: only the file the daemon moved there, never through a
   # link (another member of a shared queue could point it at a file of yours) or from a FIFO
   if [ -h "$_gpu_q/$dir/$old" ] || [ ! -f "$_gpu_q/$dir/$old" ]; then
@@ -2780,9 +2782,16 @@ _gpu_retry_one() {  # _gpu_retry_one DIR ID [CLAIM]: queue the finished task DIR
   if ! _gpu_enqueue "$name" "$_gpu_p" "$cwd" "$_gpu_t_source" "$_gpu_t_command" \
       "$_gpu_q/$dir/$old" ""; then
     [ -z "${3-}" ] || command rm -f -- "$_gpu_q/records/$old.retried"
+    _gpu_retry_gone "$dir" "$old" && return 4
     return 1
   fi
   _gpu_err "a retry of $old: it runs in $cwd, at priority $_gpu_p"
+}
+
+_gpu_retry_gone() {  # _gpu_retry_gone DIR ID: has the finished task left DIR since it was
+  # listed (gpu_clean removed it, say)? Said when so
+  [ ! -e "$_gpu_q/$1/$2" ] && [ ! -h "$_gpu_q/$1/$2" ] || return 1
+  _gpu_err "$2 is no longer in $1/ (removed meanwhile): not queued again"
 }
 
 _gpu_claim_retry() {  # _gpu_claim_retry ID NAME: create records/ID.retried, saying NAME, only

@@ -802,6 +802,42 @@ def test_retry_failed_from_three_shells_at_once_queues_each_task_once(sh, tmp_pa
     assert (res.rc, res.out) == (0, "no failed task to retry\n")
 
 
+def test_retry_failed_beside_a_clean_says_which_task_was_removed_and_retries_the_others(sh):
+    """gpu_clean removes failed tasks while gpu_retry --failed queues them again: one removed
+    after the listing (before or after its claim) is said to be gone, not called a link, and
+    the others are queued all the same."""
+    inst = make_instance(sh.root)
+    gone, late, kept = tid(1, "gone.sh"), tid(2, "late.sh"), tid(3, "kept.sh")
+    for task in (gone, late, kept):
+        (inst / "failed" / task).write_text("exit 1\n")
+        submit_record(inst, task, command="")
+        write_fields(inst / "records" / f"{task}.result", {"id": task, "state": "failed"})
+    copy = ("functions[_gpu_{0}_real]=$functions[_gpu_{0}]" if sh.name == "zsh"
+            else 'eval "$(declare -f _gpu_{0} | sed 1s/_gpu_{0}/_gpu_{0}_real/)"')
+    res = sh.run(f"""{copy.format("retry_one")}
+{copy.format("claim_retry")}
+_gpu_retry_one() {{  # gpu_clean takes {gone} away once gpu_retry has listed it
+  [ "$2" != {gone} ] || command rm -f "$Q/failed/$2" "$Q/records/$2.submit"
+  _gpu_retry_one_real "$@"
+}}
+_gpu_claim_retry() {{  # and {late} once it has claimed it
+  _gpu_claim_retry_real "$@" || return
+  [ "$1" != {late} ] || command rm -f "$Q/failed/$1" "$Q/records/$1.submit"
+}}
+gpu_retry --failed
+""", Q=str(inst))
+    assert res.rc == 0, res.err
+    assert "link" not in res.err
+    assert f"gpu_retry: {gone} is no longer in failed/ (removed meanwhile): not queued again\n" \
+        in res.err
+    assert f"gpu_retry: {late} is no longer in failed/ (removed meanwhile): not queued again\n" \
+        in res.err
+    again = [read_fields(inst / "records" / f"{t}.submit")["retry_of"]
+             for t in listing(inst / "pending")]
+    assert again == [kept]
+    assert not (inst / "records" / f"{late}.retried").exists()
+
+
 # gpu_clean ########################################################################################
 
 
