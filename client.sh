@@ -3970,6 +3970,12 @@ _gpu_cmd_priority() {
     _gpu_unique || return 1
     _gpu_put "$_gpu_q/priority/$id" \
       "priority=$text${_gpu_nl}by=$_gpu_who${_gpu_nl}time=$now$_gpu_nl" || return 1
+    # claimed meanwhile, it has started: the entry stays (node 0 forgets it), and would order
+    # the task again were the task put back into pending/
+    if [ ! -e "$_gpu_q/pending/$id" ]; then
+      _gpu_err "task $id started before its priority was set"
+      return 1
+    fi
     _gpu_say "priority of $id: $text"
   done
 }

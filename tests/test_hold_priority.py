@@ -102,6 +102,27 @@ def test_hold_release_and_priority_from_the_client(sh):
     assert {p: p.read_bytes() for p in inst.rglob("*") if p.is_file()} == before
 
 
+def test_a_priority_given_as_the_task_starts_says_it_started(sh):
+    """The daemon claims the task just as gpu_priority publishes its priority: the priority no
+    longer changes anything, and gpu_priority says the task started, as gpu_hold does."""
+    ids = [submitted_id(sh.run(f"gpu_run --name job{n} 'echo {n}'")) for n in range(2)]
+    inst = sh.root / "exp1"
+    (inst / "running").mkdir(exist_ok=True)
+    copy = ("functions[_gpu_put_real]=$functions[_gpu_put]" if sh.name == "zsh"
+            else 'eval "$(declare -f _gpu_put | sed 1s/_gpu_put/_gpu_put_real/)"')
+    res = sh.run(f"""{copy}
+_gpu_put() {{  # the daemon claims job1 as its priority is published
+  _gpu_put_real "$@" || return
+  case $1 in */priority/*) command mv "$Q/pending/${{1##*/}}" "$Q/running/${{1##*/}}" ;; esac
+}}
+gpu_priority job1 top
+""", Q=str(inst))
+    assert (res.rc, res.out) == (1, ""), res
+    assert res.err == f"gpu_priority: task {ids[1]} started before its priority was set\n"
+    res = sh.run("gpu_priority job0 top")
+    assert (res.rc, res.out) == (0, f"priority of {ids[0]}: top\n"), res
+
+
 @needs_namespace
 @pytest.mark.parametrize("shell", INSTALLED)
 def test_a_held_task_waits_with_its_dependants_and_a_new_priority_orders_the_starts(
