@@ -3555,11 +3555,17 @@ _gpu_named_count() {  # _gpu_named_count NAME: how many tasks NAME names into _g
   _gpu_lines "$_gpu_val"; _gpu_named=$_gpu_n
 }
 
-_gpu_no_log() {  # _gpu_no_log NAME RANK: why NAME has no log; returns 1
+_gpu_no_log() {  # _gpu_no_log NAME RANK: why NAME has no log; returns 1. 0 when the task
+  # started since _gpu_log_of looked and its log is there now (set as _gpu_log_of sets it)
+  _gpu_sum=''  # the summary is looked at again: a task may have ended since
   if [ -n "$2" ] && _gpu_log_of "$1" ''; then
     _gpu_err "task $_gpu_id has no log of rank $2 (gpu_show $1 says where it ran)"
   elif _gpu_find "$1" pending; then
     _gpu_err "task $1 is still pending: it has no log yet (gpu_tail $1 waits for it)"
+  elif _gpu_find "$1" running failed 'done' && _gpu_log_of "$1" "$2"; then
+    return 0
+  elif _gpu_find "$1" running; then
+    _gpu_err "task $1 is starting: it has no log yet (gpu_tail $1 follows it)"
   elif _gpu_find "$1" failed 'done'; then
     _gpu_err "task $1 has no log: it never ran (cancelled)"
   else
@@ -3593,7 +3599,7 @@ _gpu_cmd_logs() {
   _gpu_existing_instance || return
   if [ "$#" -eq 1 ]; then
     _gpu_check_name "$1" || return
-    _gpu_log_of "$1" "$_gpu_rank" || { _gpu_no_log "$1" "$_gpu_rank"; return 1; }
+    _gpu_log_of "$1" "$_gpu_rank" || _gpu_no_log "$1" "$_gpu_rank" || return 1
     _gpu_plain_log "$_gpu_log" || return 1
     if [ -n "$_gpu_lines" ]; then command tail -n "$_gpu_lines" -- "$_gpu_log"
     else command cat -- "$_gpu_log"; fi
@@ -3759,8 +3765,11 @@ _gpu_cmd_tail() {
       _gpu_newest "$_gpu_val"; id=${_gpu_pick#*/}  # it ended without a log (cancelled)
       _gpu_lines "$_gpu_val"; _gpu_named=$_gpu_n
       _gpu_which "$1" 'the one submitted last'
+    elif _gpu_no_log "$1" "$_gpu_rank"; then  # it started meanwhile: its log is there now
+      id=$_gpu_id
+      _gpu_which_log "$1"
     else
-      _gpu_no_log "$1" "$_gpu_rank"; return 1
+      return 1
     fi
   fi
   _gpu_bg _gpu_tail_task "$id" "$pending"

@@ -488,6 +488,39 @@ def test_logs_matches_any_part_of_an_id_and_prints_the_last_lines(sh):
     assert (res.out, res.err) == ("rc=2\n", "gpu_logs: -n wants a number of lines, not 'x'\n")
 
 
+def test_logs_of_a_task_that_starts_as_it_looks_is_its_log_or_says_it_is_starting(sh):
+    """The daemon claims a pending task just after gpu_logs found no log for it: one that ran
+    at once has its log printed (not "it never ran (cancelled)"), one that is starting is said
+    to be starting (not "no such task")."""
+    inst = make_instance(sh.root)
+    quick, slow = tid(1, "quick.sh"), tid(2, "slow.sh")
+    for task in (quick, slow):
+        submit_record(inst, task)
+        (inst / "pending" / task).write_text("echo hi\n")
+    copy = ("functions[_gpu_log_of_real]=$functions[_gpu_log_of]" if sh.name == "zsh"
+            else 'eval "$(declare -f _gpu_log_of | sed 1s/_gpu_log_of/_gpu_log_of_real/)"')
+    script = f"""{copy}
+_gpu_log_of() {{  # the daemon claims the task just after the first look for its log
+  _gpu_log_of_real "$@" && return
+  [ -e "$Q/pending/$1" ] || return 1
+  if [ "$1" = {quick} ]; then  # ... and runs it at once
+    printf 'hi\\n' > "$Q/logs/$1.log"
+    printf 'id=%s\\nstate=done\\nexit_code=0\\n' "$1" > "$Q/records/$1.result"
+    command mv "$Q/pending/$1" "$Q/done/$1"
+  else
+    command mv "$Q/pending/$1" "$Q/running/$1"
+  fi
+  return 1
+}}
+"""
+    res = sh.run(script + f"gpu_logs {quick}", Q=str(inst))
+    assert (res.rc, res.out, res.err) == (0, "hi\n", ""), res
+    res = sh.run(script + f"gpu_logs {slow}", Q=str(inst))
+    assert (res.rc, res.out) == (1, ""), res
+    assert res.err == f"gpu_logs: task {slow} is starting: it has no log yet (gpu_tail {slow} " \
+        "follows it)\n"
+
+
 @pytest.mark.parametrize("summary", [False, True], ids=["folders", "summary"])
 def test_logs_and_tail_say_which_of_the_tasks_a_name_names_they_took(sh, summary):
     s = build_sample(sh.root)
