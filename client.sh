@@ -2727,13 +2727,18 @@ _gpu_cmd_retry() {
     for name in "$@"; do  # every name is checked before anything is queued
       _gpu_check_name "$name" || return
       if ! _gpu_find "$name" 'done' failed; then
+        rc=1
         if _gpu_find "$name" pending running; then
           _gpu_err "task $name has not finished yet (gpu_wait $name waits for it)"
-        else
-          _gpu_err "no such task: $name (gpu_status lists the tasks)"
+        else  # it may have ended between the two looks: looked for again (the summary too)
+          _gpu_sum=''
+          if _gpu_find "$name" 'done' failed; then rc=0
+          else _gpu_err "no such task: $name (gpu_status lists the tasks)"; fi
         fi
-        [ "$#" -eq 1 ] || _gpu_err "nothing was queued"
-        return 1
+        if [ "$rc" -ne 0 ]; then
+          [ "$#" -eq 1 ] || _gpu_err "nothing was queued"
+          return 1
+        fi
       fi
       _gpu_newest "$_gpu_val"
       picks=$picks$_gpu_pick$_gpu_nl

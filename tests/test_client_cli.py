@@ -835,6 +835,31 @@ def test_retry_failed_from_three_shells_at_once_queues_each_task_once(sh, tmp_pa
     assert (res.rc, res.out) == (0, "no failed task to retry\n")
 
 
+def test_retry_of_a_task_that_ends_as_it_is_looked_for_queues_it_again(sh):
+    """The task was running when gpu_retry looked among the finished ones, and had finished when
+    it looked among the pending and running ones: it is queued again, not 'no such task'."""
+    inst = make_instance(sh.root)
+    task = tid(1, "ends.sh")
+    submit_record(inst, task, command="")
+    (inst / "running" / task).write_text("exit 1\n")
+    copy = ("functions[_gpu_find_real]=$functions[_gpu_find]" if sh.name == "zsh"
+            else 'eval "$(declare -f _gpu_find | sed 1s/_gpu_find/_gpu_find_real/)"')
+    res = sh.run(f"""{copy}
+_gpu_find() {{  # the task ends just after the first look among the finished tasks
+  _gpu_find_real "$@" && return
+  if [ "$2" = done ] && [ -e "$Q/running/{task}" ]; then
+    printf 'id={task}\\nstate=failed\\nexit_code=1\\n' > "$Q/records/{task}.result"
+    command mv "$Q/running/{task}" "$Q/failed/{task}"
+  fi
+  return 1
+}}
+gpu_retry ends
+""", Q=str(inst))
+    assert res.rc == 0, res
+    assert [read_fields(inst / "records" / f"{t}.submit")["retry_of"]
+            for t in listing(inst / "pending")] == [task]
+
+
 def test_retry_failed_beside_a_clean_says_which_task_was_removed_and_retries_the_others(sh):
     """gpu_clean removes failed tasks while gpu_retry --failed queues them again: one removed
     after the listing (before or after its claim) is said to be gone, not called a link, and
