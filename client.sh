@@ -578,14 +578,17 @@ _gpu_holding() {  # _gpu_holding LIST TEXT: the lines of LIST that may hold TEXT
 }
 
 _gpu_minus() {  # _gpu_minus LIST LINES: the lines of LIST that are none of LINES, in
-  # their order, into _gpu_v (a few LINES: the shell's patterns; many: one awk)
+  # their order, into _gpu_v (a few LINES in a short LIST: the shell's patterns; else one awk)
   local line list=$_gpu_nl$1 IFS=$_gpu_nl
   _gpu_v=$1
   [ -n "$1" ] && [ -n "${2//$_gpu_nl/}" ] || return 0
+  _gpu_lines "$1"; line=$_gpu_n
   _gpu_lines "$2"
-  if [ "$_gpu_n" -gt 64 ]; then
-    line=${2#"$_gpu_nl"}
-    _gpu_v=$(printf '%s\n%s\n%s' "$_gpu_n" "${line%"$_gpu_nl"}" "$1" | command awk '
+  # (a pattern a line of LINES goes over all of LIST: one awk is cheaper beyond a few of them)
+  if [ "$_gpu_n" -gt 64 ] || [ $((_gpu_n * line)) -gt 20000 ]; then
+    line=${2#"$_gpu_nl"}; line=${line%"$_gpu_nl"}
+    list=${line//[!"$_gpu_nl"]/}  # the lines awk counts, empty ones too
+    _gpu_v=$(printf '%s\n%s\n%s' "$((${#list} + 1))" "$line" "$1" | command awk '
       NR == 1 { n = $0 + 1; next }
       NR <= n { drop[$0] = 1; next }
       !($0 in drop)')
@@ -3175,13 +3178,13 @@ _gpu_status_text() {  # _gpu_status_text RECENT: gpu_status (--json too) of the 
   _gpu_pending_list; _gpu_pending=$_gpu_v
   _gpu_list_names "$_gpu_q/running"; _gpu_running=$_gpu_v
   _gpu_recent "$recent"; _gpu_ended=$_gpu_v
+  line=''
   if [ -n "$_gpu_ended" ] && [ -n "$_gpu_running$_gpu_pending" ]; then
     line=$_gpu_nl$_gpu_ended
     line=${line//"${_gpu_nl}done/"/$_gpu_nl}; line=${line//"${_gpu_nl}failed/"/$_gpu_nl}
     _gpu_minus "$_gpu_running" "$line"; _gpu_running=$_gpu_v
-    _gpu_minus "$_gpu_pending" "$line"; _gpu_pending=$_gpu_v
   fi
-  _gpu_minus "$_gpu_pending" "$_gpu_running"; _gpu_pending=$_gpu_v
+  _gpu_minus "$_gpu_pending" "$_gpu_running${line#"$_gpu_nl"}"; _gpu_pending=$_gpu_v
   [ -z "$_gpu_o_json" ] || _gpu_pre_want=json
   _gpu_status_preload
   if [ -n "$_gpu_o_json" ]; then _gpu_status_json; return; fi
