@@ -2743,7 +2743,7 @@ class TaskRunner:
     def _claim_holds(self, task: RunningTask) -> bool:
         """After its .run record is written: whether the task may start here. A record written
         late after the claim may have come after node 0 put the task back into pending/ (it
-        found no record for HEARTBEAT_STALE_SECONDS): then the task is another claimant's to
+        found no record for _UNSTARTED_CLAIM_SECONDS): then the task is another claimant's to
         run, and this node drops it and its record (if the record is still its own)."""
         waited = self.clock() - task.claimed
         if task.rank is not None or waited < _CLAIM_PROVE_SECONDS \
